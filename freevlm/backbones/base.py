@@ -1,0 +1,200 @@
+"""What every BLIP-2 backbone shares: the image path (ViT -> Q-Former -> projection) and the prompt layout.
+
+A backbone adapter exposes a frozen Hugging Face BLIP-2 as the pieces the early-exit engine and the trainers need:
+start a request (image + prompt), embed a token, run LM layer i with a cache of ours, apply the frozen head, and
+build an exit layer of the LM's own class. One subclass per language-model family (`blip2_opt.py`, `blip2_t5.py`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..decoding.kv import KVView
+
+
+@dataclass
+class Context:
+    """Per-request state that does not change while decoding (image features, masks, encoder output)."""
+
+    prompt_ids: torch.Tensor  # [B, L0] tokens the decoder starts from (returned at the front of `sequences`)
+    prompt_embeds: torch.Tensor  # [B, L0, H] their input embeddings (image features scattered in)
+    key_mask: torch.Tensor  # [B, capacity] bool: slot holds a real token (False for left padding)
+    extra: dict = field(default_factory=dict)  # family-specific (positions, encoder output, cross K/V)
+
+    @property
+    def capacity(self) -> int:
+        return self.key_mask.shape[1]
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep/reorder rows (beam search)."""
+        self.prompt_ids = self.prompt_ids.index_select(0, index)
+        self.prompt_embeds = self.prompt_embeds.index_select(0, index)
+        self.key_mask = self.key_mask.index_select(0, index)
+        for key, value in self.extra.items():
+            if isinstance(value, torch.Tensor):
+                self.extra[key] = value.index_select(0, index)
+            elif isinstance(value, dict):
+                self.extra[key] = {k: tuple(t.index_select(0, index) for t in kv) for k, kv in value.items()}
+
+
+class Blip2Backbone:
+    """Base adapter around a `Blip2ForConditionalGeneration`; subclasses fill in the language-model family."""
+
+    family: str = ""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.lm = model.language_model
+        self.config = model.config
+
+    # --- sizes -------------------------------------------------------------------------------------------------
+    layers: nn.ModuleList  # the LM (decoder) layers that exits hang off
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm.get_output_embeddings().weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.get_output_embeddings().weight.device
+
+    # --- the image path and the prompt ------------------------------------------------------------------------
+    def image_prompt_embeds(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embeddings of `input_ids` with the projected Q-Former outputs in place of the image tokens.
+
+        Follows Hugging Face's `Blip2ForConditionalGeneration.generate`: the prompt carries `num_query_tokens`
+        image placeholder tokens that are replaced by image features. A prompt without them gets them prepended.
+        Returns (input_ids, inputs_embeds, attention_mask), all with the image tokens included.
+        """
+        model, cfg = self.model, self.config
+        image_embeds = model.vision_model(pixel_values, return_dict=True).last_hidden_state
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        query_tokens = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        query_output = model.qformer(
+            query_embeds=query_tokens,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_mask,
+            return_dict=True,
+        ).last_hidden_state
+        image_features = model.language_projection(query_output.to(image_embeds.dtype))
+
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        image_token = cfg.image_token_index
+        has_image_tokens = image_token is not None and bool((input_ids == image_token).any())
+        if not has_image_tokens:
+            fill = image_token if image_token is not None else 0
+            n, q = input_ids.shape[0], cfg.num_query_tokens
+            input_ids = torch.cat([input_ids.new_full((n, q), fill), input_ids], dim=1)
+            attention_mask = torch.cat([attention_mask.new_ones((n, q)), attention_mask], dim=1)
+        inputs_embeds = self.lm.get_input_embeddings()(input_ids)
+        image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+        if has_image_tokens:
+            slots = (input_ids == image_token).unsqueeze(-1)
+            inputs_embeds = inputs_embeds.masked_scatter(slots, image_features)
+        else:
+            inputs_embeds = torch.cat([image_features, inputs_embeds[:, image_features.shape[1] :]], dim=1)
+        return input_ids, inputs_embeds, attention_mask
+
+    # --- family-specific pieces (see blip2_opt.py / blip2_t5.py) -----------------------------------------------
+    def start(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        max_new_tokens: int,
+        decoder_input_ids: torch.Tensor | None = None,
+    ) -> Context:
+        """Encode image + prompt; the context's slots hold the prompt and up to `max_new_tokens` new tokens."""
+        raise NotImplementedError
+
+    def embed_prompt(self, ctx: Context) -> torch.Tensor:
+        """Hidden states entering layer 0 for every prompt slot, `[B, L0, H]`."""
+        raise NotImplementedError
+
+    def embed(self, ctx: Context, token_ids: torch.Tensor, rows: torch.Tensor | None, start: int) -> torch.Tensor:
+        """Hidden states entering layer 0 for new tokens `[n, q]` at slots `[start, start + q)` of `rows`."""
+        raise NotImplementedError
+
+    def run_layer(
+        self,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        ctx: Context,
+        cache: KVView,
+        mask: torch.Tensor | None,
+        rows: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One LM (or exit) layer over slots `[cache.start, cache.start + q)`; `mask` is bool `[n, 1, q, k]`."""
+        raise NotImplementedError
+
+    def kv_projection(self, layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Only the self-attention K/V a layer would cache for `hidden` (CALM-style state propagation)."""
+        raise NotImplementedError
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The frozen final norm (and anything between it and the head)."""
+        raise NotImplementedError
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.lm.get_output_embeddings()
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits from features taken before the final norm (the classifier C_N of the paper)."""
+        return self.lm_head(self.final_norm(hidden))
+
+    def new_layer(self) -> nn.Module:
+        """A fresh layer of the LM's own class and config (for exits)."""
+        raise NotImplementedError
+
+    def head_parameters(self) -> int:
+        """Parameters touched to turn features into logits (norm + head), for speed accounting."""
+        return sum(p.numel() for p in self.final_norm_modules()) + self.lm_head.weight.numel()
+
+    def final_norm_modules(self) -> list[nn.Parameter]:
+        return []
+
+    def kv_parameters(self, layer: nn.Module) -> int:
+        """Parameters touched by `kv_projection`."""
+        raise NotImplementedError
+
+    # --- identity ----------------------------------------------------------------------------------------------
+    def fingerprint(self) -> dict:
+        """What exits trained on this backbone depend on: the LM's architecture and a digest of its weights.
+
+        The digest (mean |w| per LM layer and of the head) survives dtype casts and device moves but not a
+        different checkpoint.
+        """
+        text_cfg = self.config.text_config.to_dict()
+        arch = {k: text_cfg.get(k) for k in sorted(text_cfg) if not k.startswith("_") and k != "transformers_version"}
+        arch = {k: v for k, v in arch.items() if isinstance(v, (int, float, str, bool, type(None)))}
+        with torch.no_grad():
+            digest = [float(p.float().abs().mean()) for p in (self.layers[0].parameters())] + [
+                float(self.layers[-1].parameters().__next__().float().abs().mean()),
+                float(self.lm_head.weight.float().abs().mean()),
+            ]
+        arch_hash = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return {
+            "family": self.family,
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "vocab_size": self.lm_head.weight.shape[0],
+            "architecture_hash": arch_hash,
+            "weight_digest": digest,
+        }

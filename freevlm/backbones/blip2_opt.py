@@ -1,0 +1,79 @@
+"""BLIP-2 with an OPT (decoder-only) language model.
+
+The prompt (image tokens + text, left-padded) is the start of the decoder's own sequence. OPT adds learned
+position embeddings at the input, computed from the attention mask as Hugging Face does, so a slot's position is
+the number of real tokens before it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.opt.modeling_opt import OPTDecoderLayer
+
+from ..decoding.kv import KVView
+from .base import Blip2Backbone, Context
+
+
+class Blip2OPTBackbone(Blip2Backbone):
+    family = "opt"
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.decoder = self.lm.model.decoder
+        self.layers = self.decoder.layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.lm.config.hidden_size
+
+    def start(self, pixel_values, input_ids, attention_mask, max_new_tokens, decoder_input_ids=None) -> Context:
+        input_ids, embeds, attention_mask = self.image_prompt_embeds(pixel_values, input_ids, attention_mask)
+        batch, prompt_len = input_ids.shape
+        key_mask = torch.ones(batch, prompt_len + max_new_tokens, dtype=torch.bool, device=embeds.device)
+        key_mask[:, :prompt_len] = attention_mask.bool()
+        counts = key_mask.long()
+        positions = (torch.cumsum(counts, dim=1) * counts - 1).long()  # Hugging Face's OPT position ids
+        return Context(input_ids, embeds, key_mask, {"positions": positions})
+
+    def _add_positions(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.decoder.project_in is not None:
+            embeds = self.decoder.project_in(embeds)
+        return embeds + self.decoder.embed_positions(None, 0, position_ids=positions)
+
+    def embed_prompt(self, ctx: Context) -> torch.Tensor:
+        length = ctx.prompt_embeds.shape[1]
+        return self._add_positions(ctx.prompt_embeds, ctx.extra["positions"][:, :length])
+
+    def embed(self, ctx, token_ids, rows, start):
+        positions = ctx.extra["positions"]
+        positions = positions if rows is None else positions[rows]
+        embeds = self.decoder.embed_tokens(token_ids)
+        return self._add_positions(embeds, positions[:, start : start + token_ids.shape[1]])
+
+    def run_layer(self, layer, hidden, ctx, cache: KVView, mask, rows):
+        return layer(hidden, attention_mask=mask, past_key_values=cache)
+
+    def kv_projection(self, layer: OPTDecoderLayer, hidden):
+        attn = layer.self_attn
+        normed = layer.self_attn_layer_norm(hidden) if layer.do_layer_norm_before else hidden
+        shape = (*hidden.shape[:-1], attn.num_heads, attn.head_dim)
+        return attn.k_proj(normed).view(shape).transpose(1, 2), attn.v_proj(normed).view(shape).transpose(1, 2)
+
+    def kv_parameters(self, layer: OPTDecoderLayer) -> int:
+        modules = [layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn_layer_norm]
+        return sum(p.numel() for m in modules for p in m.parameters())
+
+    def final_norm(self, hidden):
+        if self.decoder.final_layer_norm is not None:
+            hidden = self.decoder.final_layer_norm(hidden)
+        if self.decoder.project_out is not None:
+            hidden = self.decoder.project_out(hidden)
+        return hidden
+
+    def final_norm_modules(self):
+        modules = [m for m in (self.decoder.final_layer_norm, self.decoder.project_out) if m is not None]
+        return [p for m in modules for p in m.parameters()]
+
+    def new_layer(self) -> nn.Module:
+        return OPTDecoderLayer(self.lm.config, layer_idx=0)

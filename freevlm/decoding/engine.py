@@ -1,0 +1,215 @@
+"""The early-exit forward pass: run a token up the LM only as far as it needs, keeping every cache correct.
+
+One call of `EarlyExitDecoder.step` takes the new tokens of some rows (the whole prompt at prefill, one token per
+row afterwards) up the layer stack. At each live exit the policy decides per row; rows that leave are compacted out
+and the layers above them do not run for them at this step.
+
+A token that left at depth e has no K/V in layers e..N-1. With `kv="recompute"` (exact) its hidden state h_e is
+kept in `pending`; when a later token of the same row goes deeper, the pending tokens join it at the depth where
+they stopped and run the skipped layers together with it - one call per layer, batched along the sequence axis -
+so every cache ends up as the full model would have built it. The running window of a layer call therefore covers
+slots [lo, end): for each row the slots at or above its fill level are real work; slots below it (only present
+because another row needed them) are computed but neither written to the cache nor used. Exit layers keep caches
+of their own, filled the same way.
+
+With `kv="propagate"` (CALM-style, approximate) a leaving token's K/V in the deeper layers are projected from h_e
+right away, so nothing is ever pending.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..backbones.base import Blip2Backbone, Context
+from .kv import KVView, LayerKV
+from .policies import ExitPolicy
+
+KV_MODES = ("recompute", "propagate")
+
+
+@dataclass
+class WorkCounter:
+    """What the engine actually ran, for speed accounting (parameters touched, not assumed)."""
+
+    layer_calls: int = 0  # backbone layer calls (any number of rows/slots each)
+    exit_calls: int = 0  # exit layer calls
+    head_calls: int = 0  # vocabulary head evaluations (one batched call each)
+    kv_projections: int = 0  # propagate-mode K/V projections of skipped layers
+    catchup_slots: int = 0  # slot-layers run for tokens caught up from an earlier step
+    params_touched: int = 0
+
+
+class EarlyExitDecoder:
+    """Caches and pending states of one batch; `step` runs new tokens up the stack."""
+
+    def __init__(
+        self,
+        backbone: Blip2Backbone,
+        exits: dict[int, nn.Module],
+        policy: ExitPolicy,
+        kv_mode: str,
+        ctx: Context,
+        capacity: int,
+    ):
+        if kv_mode not in KV_MODES:
+            raise ValueError(f"kv must be one of {KV_MODES}, got {kv_mode!r}")
+        self.backbone, self.exits, self.policy, self.kv_mode, self.ctx = backbone, exits, policy, kv_mode, ctx
+        self.num_layers = backbone.num_layers
+        self.batch_size = ctx.prompt_ids.shape[0]
+        self.capacity = capacity
+        self.live = sorted(policy.live_exits(sorted(exits)))
+        self.kv = [LayerKV(self.batch_size, capacity) for _ in range(self.num_layers)]
+        self.exit_kv = {i: LayerKV(self.batch_size, capacity) for i in self.live}
+        self.pending: torch.Tensor | None = None  # [B, capacity, H] hidden state of each not-yet-caught-up slot
+        self.unpadded = bool(ctx.key_mask.all())
+        self.work = WorkCounter()
+        self._layer_params = [sum(p.numel() for p in layer.parameters()) for layer in backbone.layers]
+        self._exit_params = {i: sum(p.numel() for p in exits[i].parameters()) for i in self.live}
+        self._head_params = backbone.head_parameters()
+
+    # --- helpers ----------------------------------------------------------------------------------------------
+    def attention_mask(self, rows: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
+        """Bool `[n, 1, q, k]`: causal over slots, padding keys hidden, every query sees at least itself."""
+        if end - start == 1 and self.unpadded:
+            return None
+        key_ok = self.ctx.key_mask[:, :end] if rows is None else self.ctx.key_mask[rows, :end]
+        device = key_ok.device
+        q_pos = torch.arange(start, end, device=device)[:, None]
+        k_pos = torch.arange(end, device=device)[None, :]
+        mask = ((k_pos <= q_pos)[None] & key_ok[:, None, :]) | (k_pos == q_pos)[None]
+        return mask[:, None]
+
+    @staticmethod
+    def _valid(fill: list[int], start: int, end: int, device) -> torch.Tensor | None:
+        """Bool `[n, q]`: slot is real work for the row (at or above its fill level); None when all are."""
+        if all(f <= start for f in fill):
+            return None
+        slots = torch.arange(start, end)[None, :]
+        return (slots >= torch.tensor(fill)[:, None]).to(device)
+
+    def _rows_arg(self, rows: torch.Tensor) -> torch.Tensor | None:
+        return None if len(rows) == self.batch_size else rows
+
+    def _run(self, layer, kv: LayerKV, x, rows, start, end, fill) -> torch.Tensor:
+        valid = self._valid(fill, start, end, x.device)
+        rows_arg = self._rows_arg(rows)
+        view = KVView(kv, rows_arg, start, valid)
+        out = self.backbone.run_layer(layer, x, self.ctx, view, self.attention_mask(rows_arg, start, end), rows_arg)
+        for b in rows.tolist():
+            kv.filled[b] = end
+        return out
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.work.head_calls += 1
+        self.work.params_touched += self._head_params
+        return self.backbone.head(hidden)
+
+    # --- the step ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, rows: torch.Tensor, x: torch.Tensor, new_start: int, step: int):
+        """Run new slots `[new_start, new_start + q)` of `rows` up the stack.
+
+        Returns (tokens `[n]`, exit layer `[n]`, logits `[n, V]`) for the last new slot of each row, in `rows` order;
+        the exit layer is `num_layers` for tokens that went through the whole LM.
+        """
+        n, end = len(rows), new_start + x.shape[1]
+        device = x.device
+        tokens = torch.empty(n, dtype=torch.long, device=device)
+        exit_at = torch.full((n,), self.num_layers, dtype=torch.long, device=device)
+        all_logits: torch.Tensor | None = None
+        out_idx = torch.arange(n, device=device)  # where each active row's results go
+        lo = new_start
+        prev_fill: list[int] | None = None
+        for depth in range(self.num_layers):
+            fill = [self.kv[depth].filled[b] for b in rows.tolist()]
+            x, lo = self._join_pending(x, rows, fill, prev_fill, lo, end)
+            if depth in self.exit_kv:
+                leave, logits = self._exit(depth, x, rows, lo, end, step)
+                if leave is not None:
+                    all_logits = self._emit(all_logits, logits, out_idx[leave], tokens, exit_at, depth)
+                    self._park(x[leave], rows[leave], depth, lo, end)
+                    keep = ~leave
+                    rows, x, out_idx = rows[keep], x[keep], out_idx[keep]
+                    fill = [f for f, k in zip(fill, keep.tolist()) if k]
+                    if len(rows) == 0:
+                        return tokens, exit_at, all_logits
+                    if min(fill) > lo:  # the rows that left needed the lowest slots; the others do not
+                        x, lo = x[:, min(fill) - lo :], min(fill)
+            x = self._run(self.backbone.layers[depth], self.kv[depth], x, rows, lo, end, fill)
+            self.work.layer_calls += 1
+            self.work.params_touched += self._layer_params[depth]
+            self.work.catchup_slots += new_start - lo
+            prev_fill = fill
+        logits = self._head(x[:, -1])
+        all_logits = self._emit(all_logits, logits, out_idx, tokens, exit_at, self.num_layers)
+        return tokens, exit_at, all_logits
+
+    def _join_pending(self, x, rows, fill, prev_fill, lo, end):
+        """Bring in the pending tokens whose hidden state stopped at this depth (fill <= slot < previous fill)."""
+        start = min(fill)
+        if prev_fill is None or fill == prev_fill:
+            return x, lo
+        pending = self.pending if len(rows) == self.batch_size else self.pending[rows]
+        joiners_are_prefix = len(set(fill)) == 1 and set(prev_fill) == {lo}
+        if start < lo:
+            x = torch.cat([pending[:, start:lo], x], dim=1)
+            lo = start
+        if not joiners_are_prefix:
+            slots = torch.arange(lo, end)[None, :]
+            joins = (slots >= torch.tensor(fill)[:, None]) & (slots < torch.tensor(prev_fill)[:, None])
+            x = torch.where(joins.to(x.device)[..., None], pending[:, lo:end], x)
+        return x, lo
+
+    def _exit(self, depth, x, rows, lo, end, step):
+        """Run exit `depth` over the slots its cache lacks; ask the policy. Returns (leave mask or None, logits)."""
+        kv = self.exit_kv[depth]
+        exit_fill = [kv.filled[b] for b in rows.tolist()]
+        start = min(exit_fill)
+        y = self._run(self.exits[depth].layer, kv, x[:, start - lo :], rows, start, end, exit_fill)
+        self.work.exit_calls += 1
+        self.work.params_touched += self._exit_params[depth]
+        logits = self._head(y[:, -1]) if self.policy.needs_logits(depth) else None
+        leave = self.policy.decide(depth, logits, step, rows)
+        if not bool(leave.any()):  # the one host sync per exit reached
+            return None, None
+        if logits is None:
+            logits = self._head(y[leave, -1])
+        else:
+            logits = logits[leave]
+        return leave, logits
+
+    def _emit(self, all_logits, logits, where, tokens, exit_at, depth):
+        tokens[where] = logits.argmax(dim=-1)
+        exit_at[where] = depth
+        if all_logits is None:
+            all_logits = logits.new_empty(len(tokens), logits.shape[-1])
+        all_logits[where] = logits
+        return all_logits
+
+    def _park(self, x, rows, depth, lo, end):
+        """Tokens of rows that left at `depth`: keep their state (recompute) or fill deeper K/V now (propagate)."""
+        if self.kv_mode == "recompute":
+            if self.pending is None:
+                self.pending = x.new_zeros(self.batch_size, self.capacity, x.shape[-1])
+            valid = self._valid([self.kv[depth].filled[b] for b in rows.tolist()], lo, end, x.device)
+            window = self.pending[rows, lo:end]
+            self.pending[rows, lo:end] = x if valid is None else torch.where(valid[..., None], x, window)
+            return
+        # propagate: every cache is full below `lo`, so the new slots are the whole window
+        for d in range(depth, self.num_layers):
+            self._write_projected(self.backbone.layers[d], self.kv[d], x, rows, lo)
+            self.work.params_touched += self.backbone.kv_parameters(self.backbone.layers[d])
+        for i in self.live:
+            if i > depth:
+                self._write_projected(self.exits[i].layer, self.exit_kv[i], x, rows, lo)
+                self.work.params_touched += self.backbone.kv_parameters(self.exits[i].layer)
+
+    def _write_projected(self, layer, kv: LayerKV, x, rows, lo):
+        keys, values = self.backbone.kv_projection(layer, x)
+        kv.write(self._rows_arg(rows), lo, keys, values, None)
+        self.work.kv_projections += 1
+        for b in rows.tolist():
+            kv.filled[b] = lo + x.shape[1]

@@ -1,0 +1,125 @@
+"""Greedy generation on top of the early-exit engine, with Hugging Face's stopping rules and honest stats."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..backbones.base import Blip2Backbone
+from .engine import EarlyExitDecoder, WorkCounter
+from .policies import ExitPolicy
+
+
+@dataclass
+class DecodeStats:
+    """How a `generate` call went: where tokens left, what ran, how long it took."""
+
+    num_layers: int
+    tokens: int  # generated tokens (EOS included, padding after it excluded)
+    steps: int  # forward passes (the prefill counts as the first)
+    exit_histogram: dict[int, int]  # LM layer -> tokens that left there (num_layers = final layer)
+    mean_layers_per_token: float  # LM layers each token ran at its own step
+    analytic_speedup: float  # the paper's: N / mean(i + 1 for a token leaving at exit i, N at the final layer)
+    ideal_speedup: float  # parameters touched per step by the full model over those touched by this run
+    work: WorkCounter = field(default_factory=WorkCounter)
+    seconds_total: float = 0.0
+    seconds_prefill: float = 0.0  # image encoding + prompt + first token
+    seconds_decode: float = 0.0  # every later token
+
+    def as_dict(self) -> dict:
+        out = {k: v for k, v in self.__dict__.items() if k != "work"}
+        out["work"] = dict(self.work.__dict__)
+        return out
+
+
+@dataclass
+class GenerateOutput:
+    sequences: torch.Tensor  # [B, prompt + T] like Hugging Face's generate (T5: decoder start + T)
+    exit_layers: torch.Tensor  # [B, T] LM layer each generated token left at (N = final; -1 after EOS)
+    stats: DecodeStats
+    decoder: EarlyExitDecoder | None = field(default=None, repr=False)  # caches, only with `return_decoder=True`
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def greedy_generate(
+    backbone: Blip2Backbone,
+    exits: dict[int, nn.Module],
+    policy: ExitPolicy,
+    kv_mode: str,
+    pixel_values: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    max_new_tokens: int,
+    eos_token_id: list[int],
+    pad_token_id: int,
+    return_decoder: bool = False,
+) -> GenerateOutput:
+    device = backbone.device
+    _sync(device)
+    t0 = time.perf_counter()
+    ctx = backbone.start(pixel_values, input_ids, attention_mask, max_new_tokens)
+    decoder = EarlyExitDecoder(backbone, exits, policy, kv_mode, ctx, ctx.capacity)
+    batch, prompt_len = ctx.prompt_ids.shape
+    generated = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    exit_layers = torch.full((batch, max_new_tokens), -1, dtype=torch.long, device=device)
+    eos = torch.tensor(eos_token_id, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    rows = torch.arange(batch, device=device)
+    tokens, exited, _ = decoder.step(rows, backbone.embed_prompt(ctx), 0, step=0)
+    generated[:, 0], exit_layers[:, 0] = tokens, exited
+    done |= torch.isin(tokens, eos)
+    _sync(device)
+    t_prefill = time.perf_counter()
+
+    length = 1
+    while length < max_new_tokens and not bool(done.all()):
+        rows = (~done).nonzero().squeeze(1)
+        rows_arg = None if len(rows) == batch else rows
+        x = backbone.embed(ctx, generated[rows, length - 1 : length], rows_arg, prompt_len + length - 1)
+        tokens, exited, _ = decoder.step(rows, x, prompt_len + length - 1, step=length)
+        generated[rows, length], exit_layers[rows, length] = tokens, exited
+        done[rows] |= torch.isin(tokens, eos)
+        length += 1
+    _sync(device)
+    t_end = time.perf_counter()
+
+    exit_layers = exit_layers[:, :length]
+    stats = summarize(backbone, decoder, exit_layers, length)
+    stats.seconds_total, stats.seconds_prefill, stats.seconds_decode = t_end - t0, t_prefill - t0, t_end - t_prefill
+    sequences = torch.cat([ctx.prompt_ids, generated[:, :length]], dim=1)
+    return GenerateOutput(sequences, exit_layers, stats, decoder if return_decoder else None)
+
+
+def analytic_speedup(exit_layers: list[int], num_layers: int) -> float:
+    """The paper's speedup: total LM layers over the mean layers used per token, an exit counting as one layer."""
+    if not exit_layers:
+        return 1.0
+    used = [num_layers if e >= num_layers else e + 1 for e in exit_layers]
+    return num_layers * len(used) / sum(used)
+
+
+def summarize(backbone: Blip2Backbone, decoder: EarlyExitDecoder, exit_layers: torch.Tensor, steps: int):
+    n = backbone.num_layers
+    real = [int(e) for e in exit_layers.flatten().tolist() if e >= 0]
+    full_step = sum(decoder._layer_params) + decoder._head_params
+    per_step = decoder.work.params_touched / max(steps, 1)
+    return DecodeStats(
+        num_layers=n,
+        tokens=len(real),
+        steps=steps,
+        exit_histogram=dict(sorted(Counter(real).items())),
+        mean_layers_per_token=sum(real) / max(len(real), 1),
+        analytic_speedup=analytic_speedup(real, n),
+        ideal_speedup=full_step / per_step if per_step else 1.0,
+        work=decoder.work,
+    )

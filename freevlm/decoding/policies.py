@@ -1,0 +1,84 @@
+"""Exit policies: at each exit a token reaches, decide whether it leaves there.
+
+The engine asks a policy which exits it may consult (`live_exits`: only those exit layers are run and kept
+cached), then, exit by exit, whether each row's token leaves. A policy that needs the exit's vocabulary logits says
+so (`needs_logits`); otherwise the engine skips the head until a token actually leaves.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ExitPolicy:
+    """Never leaves early: every token goes through all LM layers."""
+
+    def live_exits(self, exit_layers: list[int]) -> list[int]:
+        return []
+
+    def validate(self, exit_layers: list[int], num_layers: int) -> None:
+        """Raise a clear error if this policy cannot work with these exits."""
+
+    def needs_logits(self, layer: int) -> bool:
+        return False
+
+    def decide(self, layer: int, logits: torch.Tensor | None, step: int, rows: torch.Tensor) -> torch.Tensor:
+        """Bool `[n]`: which of `rows` leave at exit `layer` for generation step `step`."""
+        return torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
+
+
+class ConfidencePolicy(ExitPolicy):
+    """FREE / DeeBERT: leave at the first exit whose max softmax probability is >= threshold.
+
+    Threshold 1.0 never leaves early (exits are not even run), even where a probability rounds to 1.0.
+    """
+
+    def __init__(self, threshold: float):
+        self.threshold = validate_threshold(threshold)
+
+    def live_exits(self, exit_layers):
+        return [] if self.threshold >= 1.0 else list(exit_layers)
+
+    def needs_logits(self, layer):
+        return True
+
+    def decide(self, layer, logits, step, rows):
+        return max_probability(logits) >= self.threshold
+
+
+class FixedSchedulePolicy(ExitPolicy):
+    """Every token leaves at a layer given in advance: one layer for all steps, or one per step (cycled).
+
+    For benchmarks and the per-layer quality curve (force every token out at each exit in turn). A layer equal to
+    the LM depth means the final layer.
+    """
+
+    def __init__(self, layers: int | list[int]):
+        self.schedule = [layers] if isinstance(layers, int) else list(layers)
+        if not self.schedule:
+            raise ValueError("FixedSchedulePolicy needs at least one layer")
+
+    def validate(self, exit_layers: list[int], num_layers: int) -> None:
+        unknown = sorted({x for x in self.schedule if x not in exit_layers and x != num_layers})
+        if unknown:
+            raise ValueError(f"forced exit layers {unknown} have no exit (exits: {exit_layers}, final: {num_layers})")
+
+    def live_exits(self, exit_layers):
+        return [i for i in exit_layers if i in self.schedule]
+
+    def decide(self, layer, logits, step, rows):
+        target = self.schedule[step % len(self.schedule)]
+        return torch.full((len(rows),), layer == target, dtype=torch.bool, device=rows.device)
+
+
+def max_probability(logits: torch.Tensor) -> torch.Tensor:
+    """max softmax probability per row, without materialising the softmax: 1 / sum(exp(l - max l))."""
+    logits = logits.float()
+    top = logits.max(dim=-1, keepdim=True).values
+    return 1.0 / torch.exp(logits - top).sum(dim=-1)
+
+
+def validate_threshold(threshold: float) -> float:
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
+    return float(threshold)

@@ -1,0 +1,191 @@
+"""EarlyExitVLM: a frozen Hugging Face BLIP-2 plus FREE exits, with generation and save/load of the exits."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .backbones import Blip2Backbone, load_backbone
+from .decoding.generate import GenerateOutput, greedy_generate
+from .decoding.policies import ConfidencePolicy, ExitPolicy, validate_threshold
+from .exits import ExitConfig, ExitLayer
+
+WEIGHTS_NAME = "exits.safetensors"
+CONFIG_NAME = "exits_config.json"
+MODES = ("full", "early_exit", "speculative")
+
+
+class CheckpointMismatchError(ValueError):
+    """Exits trained for another backbone (or another exit layout) than the one they are loaded onto."""
+
+
+class EarlyExitVLM(nn.Module):
+    """Exits attached to a BLIP-2. Only the exits are submodules: `.parameters()` are the trainable ones.
+
+    The backbone stays the user's object (`self.model`); move it yourself. Exits are created on the backbone's
+    device and dtype.
+    """
+
+    def __init__(self, model: nn.Module, exit_config: ExitConfig):
+        super().__init__()
+        backbone = load_backbone(model)
+        exit_config.validate(backbone.num_layers)
+        object.__setattr__(self, "model", model)  # not a submodule: the backbone is frozen and not ours to save
+        self.backbone: Blip2Backbone = backbone
+        self.exit_config = exit_config
+        self.exits = nn.ModuleDict(
+            {str(i): ExitLayer(self._new_exit_layer(i), i) for i in sorted(exit_config.exit_layers)}
+        )
+
+    def _new_exit_layer(self, at: int) -> nn.Module:
+        backbone, init = self.backbone, self.exit_config.init
+        if init == "copy_last":
+            layer = copy.deepcopy(backbone.layers[-1])
+        elif init == "copy_next":
+            layer = copy.deepcopy(backbone.layers[at])
+        else:
+            layer = backbone.new_layer()
+            layer.apply(backbone.lm._init_weights)
+        layer = layer.to(device=backbone.device, dtype=backbone.dtype)
+        layer.requires_grad_(True)
+        return layer
+
+    @classmethod
+    def from_backbone(cls, model: nn.Module, exit_config: ExitConfig) -> "EarlyExitVLM":
+        return cls(model, exit_config)
+
+    @property
+    def exit_layers(self) -> list[int]:
+        return sorted(int(k) for k in self.exits)
+
+    def exit_dict(self) -> dict[int, ExitLayer]:
+        return {int(k): v for k, v in self.exits.items()}
+
+    # --- save / load -------------------------------------------------------------------------------------------
+    def save_exits(self, path: str | os.PathLike) -> None:
+        """Write `exits.safetensors` + `exits_config.json` into folder `path`, each atomically (temp + rename)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.exits.state_dict().items()}
+        tmp = path / (WEIGHTS_NAME + ".tmp")
+        save_file(state, str(tmp))
+        os.replace(tmp, path / WEIGHTS_NAME)
+        meta = {"exit_config": self.exit_config.to_dict(), "backbone": self.backbone.fingerprint()}
+        tmp = path / (CONFIG_NAME + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, path / CONFIG_NAME)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path: str | os.PathLike) -> "EarlyExitVLM":
+        """Attach exits saved by `save_exits` to `model`; a clear error if they were trained on another backbone."""
+        path = Path(path)
+        config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+        for f in (config_file, weights_file):
+            if not f.is_file():
+                raise FileNotFoundError(f"no exits checkpoint at {path}: {f.name} is missing")
+        try:
+            meta = json.loads(config_file.read_text())
+            exit_config = ExitConfig(**meta["exit_config"])
+            saved = meta["backbone"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointMismatchError(f"{config_file} is not a freevlm exits config: {err}") from err
+        ee = cls(model, exit_config)
+        check_fingerprint(saved, ee.backbone.fingerprint(), path)
+        state = load_file(str(weights_file), device=str(ee.backbone.device))
+        missing, unexpected = ee.exits.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise CheckpointMismatchError(
+                f"{weights_file} does not match exits {ee.exit_layers}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        return ee
+
+    # --- generation --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 30,
+        num_beams: int = 1,
+        threshold: float = 0.8,
+        mode: str = "early_exit",
+        kv: str = "recompute",
+        policy: ExitPolicy | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        return_decoder: bool = False,
+    ) -> GenerateOutput:
+        """Greedy decoding where each token leaves at the first exit its policy accepts.
+
+        `mode="full"` runs every layer (exits ignored); `mode="early_exit"` uses `policy` or, by default, the
+        confidence policy at `threshold`. Returns sequences like Hugging Face's `generate`, the layer each token
+        left at, and stats (layers run, analytic and ideal speedup, wall-clock). `return_decoder=True` keeps the
+        engine (every layer's KV cache) on the output, for inspection.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        validate_threshold(threshold)
+        if num_beams != 1:
+            raise NotImplementedError("beam search with exits is not implemented yet (num_beams must be 1)")
+        if mode == "speculative":
+            raise NotImplementedError("speculative mode is not implemented yet")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if pixel_values is None or pixel_values.dim() != 4:
+            raise ValueError("pixel_values must be a [batch, channels, height, width] tensor")
+        batch = pixel_values.shape[0]
+        if input_ids is None:
+            input_ids = self._default_prompt(batch, pixel_values.device)
+        if input_ids.shape[0] != batch:
+            raise ValueError(f"input_ids has {input_ids.shape[0]} rows but pixel_values has {batch} images")
+        if mode == "full":
+            policy = ExitPolicy()
+        elif policy is None:
+            policy = ConfidencePolicy(threshold)
+        policy.validate(self.exit_layers, self.backbone.num_layers)
+        eos, pad = self._special_tokens(eos_token_id, pad_token_id)
+        return greedy_generate(
+            self.backbone, self.exit_dict(), policy, kv, pixel_values, input_ids, attention_mask,
+            max_new_tokens, eos, pad, return_decoder,
+        )  # fmt: skip
+
+    def _default_prompt(self, batch: int, device) -> torch.Tensor:
+        """Hugging Face's default: the image tokens, then BOS for decoder-only LMs."""
+        cfg = self.backbone.config
+        ids = [cfg.image_token_index if cfg.image_token_index is not None else 0] * cfg.num_query_tokens
+        bos = cfg.text_config.bos_token_id
+        if self.backbone.family == "opt" and bos is not None:
+            ids.append(bos)
+        return torch.tensor([ids] * batch, dtype=torch.long, device=device)
+
+    def _special_tokens(self, eos_token_id, pad_token_id) -> tuple[list[int], int]:
+        gen_cfg = self.backbone.lm.generation_config
+        eos = eos_token_id if eos_token_id is not None else gen_cfg.eos_token_id
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        pad = pad_token_id if pad_token_id is not None else gen_cfg.pad_token_id
+        if pad is None:
+            pad = eos[0] if eos else 0
+        return eos, pad
+
+
+def check_fingerprint(saved: dict, current: dict, path) -> None:
+    """Exact match on architecture; the weight digest may differ only by casting noise."""
+    for key in ("family", "num_layers", "hidden_size", "vocab_size", "architecture_hash"):
+        if saved.get(key) != current.get(key):
+            raise CheckpointMismatchError(
+                f"exits at {path} were trained for another backbone: {key} is {saved.get(key)!r} there, "
+                f"{current.get(key)!r} here"
+            )
+    a, b = saved.get("weight_digest", []), current.get("weight_digest", [])
+    if len(a) != len(b) or any(not math.isclose(x, y, rel_tol=1e-2, abs_tol=1e-6) for x, y in zip(a, b)):
+        raise CheckpointMismatchError(
+            f"exits at {path} were trained for another backbone: same architecture, different weights"
+        )

@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+from freevlm.decoding.policies import ExitPolicy
+from freevlm.tiny import tiny_blip2
+
+torch.set_num_threads(2)
+
+
+class RandomPolicy(ExitPolicy):
+    """Leaves at each live exit with probability `p`, row by row, from a seeded generator (mixed schedules)."""
+
+    def __init__(self, p: float = 0.4, seed: int = 0):
+        self.p = p
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def live_exits(self, exit_layers):
+        return list(exit_layers)
+
+    def decide(self, layer, logits, step, rows):
+        return torch.rand(len(rows), generator=self.gen) < self.p
+
+
+class TokenHashPolicy(ExitPolicy):
+    """Leaves when two logits picked by (layer, step) compare one way: depends on the row alone, yet well mixed."""
+
+    def live_exits(self, exit_layers):
+        return list(exit_layers)
+
+    def needs_logits(self, layer):
+        return True
+
+    def decide(self, layer, logits, step, rows):
+        return logits[:, 10 + layer] > logits[:, 20 + step % 7]
+
+
+@pytest.fixture(scope="session")
+def opt_model():
+    return tiny_blip2("opt", seed=0)
+
+
+@pytest.fixture(scope="session")
+def t5_model():
+    return tiny_blip2("t5", seed=0)
+
+
+@pytest.fixture(params=["opt", "t5"])
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def model(family, opt_model, t5_model):
+    return opt_model if family == "opt" else t5_model

@@ -1,0 +1,198 @@
+"""The decoding engine: equal to Hugging Face where no exit is taken, really skips layers, keeps caches exact."""
+
+import pytest
+import torch
+from conftest import RandomPolicy, TokenHashPolicy
+
+from freevlm import EarlyExitVLM, ExitConfig
+from freevlm.decoding.policies import FixedSchedulePolicy
+from freevlm.tiny import tiny_blip2, tiny_inputs
+
+MAX_NEW = 10
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("batch,pad", [(1, False), (3, True)])
+def test_full_and_threshold_one_equal_hf_generate(family, seed, batch, pad):
+    model = tiny_blip2(family, seed=seed, num_layers=4)
+    ee = EarlyExitVLM.from_backbone(model, ExitConfig([1, 2, 3]))
+    pv, ids, mask = tiny_inputs(model, batch=batch, prompt_len=2 + seed % 3, seed=seed, pad=pad)
+    ref = model.generate(
+        pixel_values=pv, input_ids=ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False, num_beams=1
+    )
+    full = ee.generate(pv, ids, mask, max_new_tokens=MAX_NEW, mode="full")
+    never = ee.generate(pv, ids, mask, max_new_tokens=MAX_NEW, threshold=1.0)
+    assert torch.equal(full.sequences, ref)
+    assert torch.equal(never.sequences, ref)
+    real = never.exit_layers[never.exit_layers >= 0]
+    assert (real == model.config.text_config.num_hidden_layers if family == "opt" else real == 4).all()
+
+
+def test_images_change_the_output(model):
+    """Guards the dead-vision-path trap: two images with the same prompt give different LM inputs."""
+    ee = EarlyExitVLM.from_backbone(model, ExitConfig([2]))
+    pv, ids, mask = tiny_inputs(model, batch=2, seed=3)
+    ids[1], mask[1] = ids[0], mask[0]
+    _, embeds, _ = ee.backbone.image_prompt_embeds(pv, ids, mask)
+    assert not torch.allclose(embeds[0], embeds[1], atol=1e-3)
+
+
+def test_threshold_zero_leaves_at_first_exit_and_runs_nothing_above(model):
+    ee = EarlyExitVLM.from_backbone(model, ExitConfig([2, 3]))
+    calls = [0] * ee.backbone.num_layers
+    hooks = [
+        layer.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, layer in enumerate(ee.backbone.layers)
+    ]
+    exit3_calls = []
+    hooks.append(ee.exits["3"].layer.register_forward_hook(lambda *_: exit3_calls.append(1)))
+    try:
+        pv, ids, mask = tiny_inputs(model, batch=2, seed=1)
+        out = ee.generate(pv, ids, mask, max_new_tokens=MAX_NEW, threshold=0.0)
+    finally:
+        for h in hooks:
+            h.remove()
+    real = out.exit_layers[out.exit_layers >= 0]
+    assert (real == 2).all()
+    assert calls[0] == calls[1] == out.stats.steps
+    assert calls[2:] == [0] * (ee.backbone.num_layers - 2)
+    assert exit3_calls == []
+    assert out.stats.analytic_speedup == pytest.approx(4 / 3)
+
+
+def _reference_caches(ee, out, pv, ids, mask):
+    """Per-layer K/V and hidden states of the full model run once over prompt + generated tokens."""
+    model, backbone = ee.model, ee.backbone
+    generated = out.sequences[:, out.decoder.ctx.prompt_ids.shape[1] :]
+    if backbone.family == "opt":
+        ids_all, embeds, mask_all = backbone.image_prompt_embeds(pv, ids, mask)
+        gen_embeds = backbone.lm.get_input_embeddings()(generated[:, :-1])
+        embeds = torch.cat([embeds, gen_embeds], dim=1)
+        mask_all = torch.cat([mask_all, torch.ones_like(generated[:, :-1])], dim=1)
+        res = backbone.lm(inputs_embeds=embeds, attention_mask=mask_all, use_cache=True, output_hidden_states=True)
+        cache = res.past_key_values
+    else:
+        _, embeds, mask_all = backbone.image_prompt_embeds(pv, ids, mask)
+        dec_ids = out.sequences[:, :-1]
+        res = backbone.lm(
+            inputs_embeds=embeds, attention_mask=mask_all, decoder_input_ids=dec_ids,
+            use_cache=True, output_hidden_states=True,
+        )  # fmt: skip
+        cache = res.past_key_values.self_attention_cache
+    hidden = res.hidden_states if backbone.family == "opt" else res.decoder_hidden_states
+    return [(cache.layers[j].keys, cache.layers[j].values) for j in range(backbone.num_layers)], hidden
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_recompute_caches_equal_full_model(family, batch, seed):
+    model = tiny_blip2(family, seed=seed, num_layers=6)
+    ee = EarlyExitVLM.from_backbone(model, ExitConfig([1, 3, 4]))
+    pv, ids, mask = tiny_inputs(model, batch=batch, seed=seed, pad=True)
+    out = ee.generate(
+        pv, ids, mask, max_new_tokens=12, policy=RandomPolicy(0.4, seed), eos_token_id=[], return_decoder=True
+    )
+    hist = out.stats.exit_histogram
+    assert len(hist) >= 3, f"schedule not mixed enough to test catch-up: {hist}"
+    assert out.stats.work.catchup_slots > 0
+    decoder = out.decoder
+    ref, hidden = _reference_caches(ee, out, pv, ids, mask)
+    key_ok = decoder.ctx.key_mask
+    checked = 0
+    for j, (ref_k, ref_v) in enumerate(ref):
+        kv = decoder.kv[j]
+        for b in range(batch):
+            n = kv.filled[b]
+            real = key_ok[b, :n]  # padding slots hold K/V nobody reads
+            assert torch.allclose(kv.keys[b, :, :n][:, real], ref_k[b, :, :n][:, real], atol=1e-5), (j, b)
+            assert torch.allclose(kv.values[b, :, :n][:, real], ref_v[b, :, :n][:, real], atol=1e-5), (j, b)
+            checked += n
+    total = ref[0][0].shape[2]
+    assert checked > batch * total * ee.backbone.num_layers // 2
+    # the exit layers' own caches: E_i run over the full model's hidden_states[i]
+    for i, kv in decoder.exit_kv.items():
+        ref_kv = _exit_reference(ee, i, hidden[i], decoder)
+        for b in range(batch):
+            n = kv.filled[b]
+            real = key_ok[b, :n]
+            assert torch.allclose(kv.keys[b, :, :n][:, real], ref_kv[0][b, :, :n][:, real], atol=1e-5), (i, b)
+
+
+def _exit_reference(ee, i, hidden_i, decoder):
+    from freevlm.decoding.kv import KVView, LayerKV
+
+    batch, length = hidden_i.shape[:2]
+    kv = LayerKV(batch, length)
+    mask = decoder.attention_mask(None, 0, length)
+    ee.backbone.run_layer(ee.exits[str(i)].layer, hidden_i, decoder.ctx, KVView(kv, None, 0, None), mask, None)
+    return kv.keys, kv.values
+
+
+def test_tokens_after_catch_up_are_the_full_models_choice(family):
+    """A token that goes through all layers after others left early gets the full model's greedy token."""
+    model = tiny_blip2(family, seed=4, num_layers=6)
+    ee = EarlyExitVLM.from_backbone(model, ExitConfig([2, 4]))
+    pv, ids, mask = tiny_inputs(model, batch=1, seed=4)
+    schedule = [2, 4, 2, 2, 6, 4, 6, 2, 6]
+    out = ee.generate(
+        pv, ids, mask, max_new_tokens=len(schedule), policy=FixedSchedulePolicy(schedule), eos_token_id=[]
+    )
+    assert out.exit_layers[0].tolist() == schedule
+    prompt_len = out.sequences.shape[1] - len(schedule)
+    for t, layer in enumerate(schedule):
+        if layer == 6:
+            prefix = out.sequences[:, : prompt_len + t]
+            assert int(out.sequences[0, prompt_len + t]) == _full_next_token(ee, pv, ids, prefix)
+
+
+def _full_next_token(ee, pv, ids, prefix) -> int:
+    backbone = ee.backbone
+    if backbone.family == "opt":
+        _, embeds, mask = backbone.image_prompt_embeds(pv, prefix, None)
+        logits = backbone.lm(inputs_embeds=embeds, attention_mask=mask).logits
+    else:
+        _, embeds, mask = backbone.image_prompt_embeds(pv, ids, None)
+        logits = backbone.lm(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=prefix).logits
+    return int(logits[0, -1].argmax())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_batched_rows_equal_rows_decoded_alone(family, seed):
+    model = tiny_blip2(family, seed=seed, num_layers=6)
+    ee = EarlyExitVLM.from_backbone(model, ExitConfig([1, 3, 4]))
+    pv, ids, mask = tiny_inputs(model, batch=3, seed=seed, pad=True)
+    # random models are equally unsure at every exit; a policy that reads only the row's own logits mixes exits
+    batched = ee.generate(pv, ids, mask, max_new_tokens=MAX_NEW, policy=TokenHashPolicy(), eos_token_id=[])
+    assert len(batched.stats.exit_histogram) >= 2, batched.stats.exit_histogram
+    steps_with_mixed_rows = (batched.exit_layers != batched.exit_layers[:1]).any(0).sum()
+    assert steps_with_mixed_rows > 0
+    for b in range(3):
+        keep = mask[b].bool()
+        alone = ee.generate(
+            pv[b : b + 1], ids[b : b + 1, keep], mask[b : b + 1, keep],
+            max_new_tokens=MAX_NEW, policy=TokenHashPolicy(), eos_token_id=[],
+        )  # fmt: skip
+        steps = MAX_NEW
+        assert torch.equal(batched.sequences[b, -steps:], alone.sequences[0, -steps:])
+        assert torch.equal(batched.exit_layers[b], alone.exit_layers[0])
+
+
+def test_propagate_fills_every_cache_and_never_pends(model):
+    ee = EarlyExitVLM.from_backbone(model, ExitConfig([1, 2, 3]))
+    pv, ids, mask = tiny_inputs(model, batch=2, seed=5, pad=True)
+    out = ee.generate(
+        pv, ids, mask, max_new_tokens=8, policy=RandomPolicy(0.5, 1), kv="propagate", eos_token_id=[], return_decoder=True
+    )
+    dec = out.decoder
+    assert len(out.stats.exit_histogram) >= 2
+    assert dec.pending is None and dec.work.catchup_slots == 0 and dec.work.kv_projections > 0
+    fills = {tuple(kv.filled) for kv in dec.kv}
+    assert len(fills) == 1  # all layers equally filled: nothing left behind
+
+
+def test_propagate_at_threshold_one_is_the_full_model(model):
+    ee = EarlyExitVLM.from_backbone(model, ExitConfig([1, 2]))
+    pv, ids, mask = tiny_inputs(model, batch=2, seed=6, pad=True)
+    a = ee.generate(pv, ids, mask, max_new_tokens=8, threshold=1.0, kv="propagate")
+    b = ee.generate(pv, ids, mask, max_new_tokens=8, mode="full")
+    assert torch.equal(a.sequences, b.sequences)
