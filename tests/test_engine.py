@@ -196,3 +196,22 @@ def test_propagate_at_threshold_one_is_the_full_model(model):
     a = ee.generate(pv, ids, mask, max_new_tokens=8, threshold=1.0, kv="propagate")
     b = ee.generate(pv, ids, mask, max_new_tokens=8, mode="full")
     assert torch.equal(a.sequences, b.sequences)
+
+
+def test_features_are_the_full_models_hidden_states(model):
+    """`features` (the training-time pass) equals Hugging Face's forward: the last state gives its logits."""
+    ee = EarlyExitVLM.from_backbone(model, ExitConfig([2]))
+    pv, ids, mask = tiny_inputs(model, batch=2, seed=7, pad=True)
+    backbone = ee.backbone
+    if backbone.family == "opt":
+        states, ctx, _ = backbone.features(pv, ids, mask)
+        _, embeds, full_mask = backbone.image_prompt_embeds(pv, ids, mask)
+        ref = backbone.lm(inputs_embeds=embeds, attention_mask=full_mask).logits
+    else:
+        dec = torch.tensor([[0, 5, 6, 7], [0, 8, 9, 10]])
+        states, ctx, _ = backbone.features(pv, ids, mask, decoder_input_ids=dec)
+        _, embeds, full_mask = backbone.image_prompt_embeds(pv, ids, mask)
+        ref = backbone.lm(inputs_embeds=embeds, attention_mask=full_mask, decoder_input_ids=dec).logits
+    assert len(states) == backbone.num_layers + 1
+    real = ctx.key_mask[:, : states[-1].shape[1]]
+    assert torch.allclose(backbone.head(states[-1])[real], ref[real], atol=1e-5)

@@ -17,6 +17,18 @@ from torch import nn
 from ..decoding.kv import KVView
 
 
+def causal_padding_mask(key_ok: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Bool `[n, 1, q, k]` for queries at slots [start, end) over keys [0, end): causal, padding keys hidden.
+
+    Every query may always see itself, so a padding slot's query never attends to nothing (no NaN).
+    """
+    device = key_ok.device
+    q_pos = torch.arange(start, end, device=device)[:, None]
+    k_pos = torch.arange(end, device=device)[None, :]
+    mask = ((k_pos <= q_pos)[None] & key_ok[:, None, :end]) | (k_pos == q_pos)[None]
+    return mask[:, None]
+
+
 @dataclass
 class Context:
     """Per-request state that does not change while decoding (image features, masks, encoder output)."""
@@ -136,12 +148,37 @@ class Blip2Backbone:
         layer: nn.Module,
         hidden: torch.Tensor,
         ctx: Context,
-        cache: KVView,
+        cache: KVView | None,
         mask: torch.Tensor | None,
         rows: torch.Tensor | None,
     ) -> torch.Tensor:
-        """One LM (or exit) layer over slots `[cache.start, cache.start + q)`; `mask` is bool `[n, 1, q, k]`."""
+        """One LM (or exit) layer over slots `[cache.start, cache.start + q)`; `mask` is bool `[n, 1, q, k]`.
+
+        Without a cache the layer sees just `hidden` (slots from 0), as in training.
+        """
         raise NotImplementedError
+
+    def features(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+    ) -> tuple[list[torch.Tensor], Context, torch.Tensor]:
+        """Hidden states h_0..h_N (before the final norm) of the whole sequence in one pass, for training.
+
+        Decoder-only: `input_ids` is prompt + target (teacher forcing). Encoder-decoder: `input_ids` is the prompt
+        and `decoder_input_ids` the shifted target. Returns (hidden states, context, attention mask) so exit
+        layers can be run over `hidden[i]` with `run_layer(exit, hidden[i], ctx, None, mask, None)`.
+        """
+        ctx = self.start(pixel_values, input_ids, attention_mask, 0, decoder_input_ids)
+        hidden = self.embed_prompt(ctx)
+        mask = causal_padding_mask(ctx.key_mask, 0, hidden.shape[1])
+        states = [hidden]
+        for layer in self.layers:
+            hidden = self.run_layer(layer, hidden, ctx, None, mask, None)
+            states.append(hidden)
+        return states, ctx, mask
 
     def kv_projection(self, layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Only the self-attention K/V a layer would cache for `hidden` (CALM-style state propagation)."""

@@ -97,22 +97,25 @@ class Blip2T5Backbone(Blip2Backbone):
         keys, values = store[key]
         return (keys, values) if rows is None else (keys[rows], values[rows])
 
-    def run_layer(self, layer, hidden, ctx, cache: KVView, mask, rows):
+    def run_layer(self, layer, hidden, ctx, cache: KVView | None, mask, rows):
         query_len = hidden.shape[1]
-        end = cache.start + query_len
+        start = 0 if cache is None else cache.start
         bias_module = self.layers[0].layer[0].SelfAttention
-        position_bias = bias_module.compute_bias(query_len, end, device=hidden.device, past_seen_tokens=cache.start)
-        position_bias = position_bias.to(hidden.dtype)
+        position_bias = bias_module.compute_bias(
+            query_len, start + query_len, device=hidden.device, past_seen_tokens=start
+        ).to(hidden.dtype)
         encoder_mask = ctx.extra["encoder_mask"]
         encoder_mask = encoder_mask if rows is None else encoder_mask[rows]
-        cross_keys, cross_values = self._cross_kv(layer, ctx, rows)
+        view = None
+        if cache is not None:  # cross K/V come from the view, projected once per request
+            view = _T5CacheView(cache, *self._cross_kv(layer, ctx, rows))
         hidden, _, _ = layer(
             hidden,
             attention_mask=mask,
             position_bias=position_bias,
-            encoder_hidden_states=ctx.extra["encoder_out"],  # unused: cross K/V come from the view
+            encoder_hidden_states=ctx.extra["encoder_out"],
             encoder_attention_mask=encoder_mask,
-            past_key_values=_T5CacheView(cache, cross_keys, cross_values),
+            past_key_values=view,
         )
         return hidden
 

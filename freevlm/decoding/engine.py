@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..backbones.base import Blip2Backbone, Context
+from ..backbones.base import Blip2Backbone, Context, causal_padding_mask
 from .kv import KVView, LayerKV
 from .policies import ExitPolicy
 
@@ -72,15 +72,11 @@ class EarlyExitDecoder:
 
     # --- helpers ----------------------------------------------------------------------------------------------
     def attention_mask(self, rows: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
-        """Bool `[n, 1, q, k]`: causal over slots, padding keys hidden, every query sees at least itself."""
+        """Bool `[n, 1, q, k]` (None where plain full attention is the same: one new slot, no padding)."""
         if end - start == 1 and self.unpadded:
             return None
-        key_ok = self.ctx.key_mask[:, :end] if rows is None else self.ctx.key_mask[rows, :end]
-        device = key_ok.device
-        q_pos = torch.arange(start, end, device=device)[:, None]
-        k_pos = torch.arange(end, device=device)[None, :]
-        mask = ((k_pos <= q_pos)[None] & key_ok[:, None, :]) | (k_pos == q_pos)[None]
-        return mask[:, None]
+        key_ok = self.ctx.key_mask if rows is None else self.ctx.key_mask[rows]
+        return causal_padding_mask(key_ok, start, end)
 
     @staticmethod
     def _valid(fill: list[int], start: int, end: int, device) -> torch.Tensor | None:

@@ -1,0 +1,1 @@
+"""Subcommands of the `freevlm` CLI, one module per area."""

@@ -1,0 +1,81 @@
+"""`freevlm caption` (a real checkpoint from a local folder) and `freevlm tiny-run` (a random model, no files)."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..data.images import load_image
+from ..model import MODES, EarlyExitVLM
+from ..exits import ExitConfig
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("caption", help="caption images with early exits")
+    p.add_argument("--backbone", required=True, help="folder of a BLIP-2 saved with save_pretrained")
+    p.add_argument("--exits", help="folder of exits saved by EarlyExitVLM.save_exits (default: no exits)")
+    p.add_argument("--image", required=True, nargs="+", help="image file(s)")
+    p.add_argument("--prompt", default="", help="text prompt after the image (e.g. 'a photo of')")
+    p.add_argument("--threshold", type=float, default=0.8, help="confidence needed to leave at an exit, in [0, 1]")
+    p.add_argument("--mode", choices=MODES, default="early_exit")
+    p.add_argument("--kv", choices=("recompute", "propagate"), default="recompute")
+    p.add_argument("--max-new-tokens", type=int, default=30)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--trace", action="store_true", help="print each token with the LM layer it left at")
+    p.set_defaults(func=caption)
+
+    p = sub.add_parser("tiny-run", help="early-exit generation on a small random BLIP-2 (no files needed)")
+    p.add_argument("--family", choices=("opt", "t5"), default="opt")
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.set_defaults(func=tiny_run)
+
+
+def caption(args: argparse.Namespace) -> int:
+    from ..hub import load_blip2
+
+    images = [load_image(path) for path in args.image]  # fail on a bad image before loading any weights
+    bundle = load_blip2(args.backbone, device=args.device)
+    if args.exits:
+        ee = EarlyExitVLM.from_pretrained(bundle.model, args.exits)
+    elif args.mode == "early_exit" and args.threshold < 1.0:
+        raise ValueError("--exits is required for early exits (or use --mode full)")
+    else:
+        ee = EarlyExitVLM(bundle.model, ExitConfig([1]))  # a placeholder exit that full mode never runs
+    inputs = bundle.inputs(images, [args.prompt] * len(images))
+    out = ee.generate(
+        **inputs, max_new_tokens=args.max_new_tokens, threshold=args.threshold, mode=args.mode, kv=args.kv
+    )
+    prompt_len = out.sequences.shape[1] - out.exit_layers.shape[1]
+    for path, seq, layers in zip(args.image, out.sequences, out.exit_layers):
+        new = seq[prompt_len:]
+        print(f"{path}: {bundle.decode(new[None])[0]}")
+        if args.trace:
+            for token, layer in zip(new.tolist(), layers.tolist()):
+                if layer >= 0:
+                    print(f"  {bundle.tokenizer.decode([token])!r:>16}  layer {layer}")
+    s = out.stats
+    print(f"analytic speedup {s.analytic_speedup:.2f}x, {s.mean_layers_per_token:.1f} of {s.num_layers} layers per token, "
+          f"{s.seconds_total:.2f}s")
+    return 0
+
+
+def tiny_run(args: argparse.Namespace) -> int:
+    """Random weights, so the words mean nothing; what it shows is where tokens leave and what that saves."""
+    from ..tiny import tiny_blip2, tiny_inputs
+
+    model = tiny_blip2(args.family, num_layers=args.layers, hidden_size=128)
+    exits = list(range(3, args.layers, 3))
+    ee = EarlyExitVLM.from_backbone(model, ExitConfig(exits))
+    pv, ids, mask = tiny_inputs(model, batch=1)
+    full = ee.generate(pv, ids, mask, max_new_tokens=args.max_new_tokens, mode="full", eos_token_id=[])
+    print(f"tiny random BLIP-2 ({args.family}, {args.layers} LM layers), exits at {exits}")
+    for threshold in (1.0, 0.02, 0.0):
+        out = ee.generate(pv, ids, mask, max_new_tokens=args.max_new_tokens, threshold=threshold, eos_token_id=[])
+        s = out.stats
+        same = torch.equal(out.sequences, full.sequences)
+        print(f"threshold {threshold:4.2f}: exit layers {out.exit_layers[0].tolist()}")
+        print(f"                 analytic speedup {s.analytic_speedup:.2f}x, ideal {s.ideal_speedup:.2f}x, "
+              f"same tokens as the full model: {same}")
+    return 0
