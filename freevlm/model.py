@@ -43,6 +43,7 @@ class EarlyExitVLM(nn.Module):
         self.exits = nn.ModuleDict(
             {str(i): ExitLayer(self._new_exit_layer(i), i) for i in sorted(exit_config.exit_layers)}
         )
+        self.eval()  # like Hugging Face's from_pretrained: inference mode until a trainer calls .train()
 
     def _new_exit_layer(self, at: int) -> nn.Module:
         backbone, init = self.backbone, self.exit_config.init
