@@ -105,6 +105,18 @@ class EarlyExitDecoder:
 
     # --- the step ---------------------------------------------------------------------------------------------
     @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> None:
+        """Run prompt slots `[0, q)` of every row through every layer and every live exit; predict nothing.
+
+        The prompt is encoded by the whole model (as an encoder would be); only new tokens may leave early.
+        """
+        rows = torch.arange(self.batch_size, device=x.device)
+        for depth in range(self.num_layers):
+            if depth in self.exit_kv:
+                self._run(self.exits[depth].layer, self.exit_kv[depth], x, rows, 0, x.shape[1], self.exit_kv[depth].filled)
+            x = self._run(self.backbone.layers[depth], self.kv[depth], x, rows, 0, x.shape[1], self.kv[depth].filled)
+
+    @torch.no_grad()
     def step(self, rows: torch.Tensor, x: torch.Tensor, new_start: int, step: int):
         """Run new slots `[new_start, new_start + q)` of `rows` up the stack.
 

@@ -27,7 +27,7 @@ class DecodeStats:
     ideal_speedup: float  # parameters touched per step by the full model over those touched by this run
     work: WorkCounter = field(default_factory=WorkCounter)
     seconds_total: float = 0.0
-    seconds_prefill: float = 0.0  # image encoding + prompt + first token
+    seconds_prefill: float = 0.0  # image encoding + prompt (always through every layer) + first token
     seconds_decode: float = 0.0  # every later token
 
     def as_dict(self) -> dict:
@@ -75,7 +75,10 @@ def greedy_generate(
     done = torch.zeros(batch, dtype=torch.bool, device=device)
 
     rows = torch.arange(batch, device=device)
-    tokens, exited, _ = decoder.step(rows, backbone.embed_prompt(ctx), 0, step=0)
+    prompt = backbone.embed_prompt(ctx)
+    if prompt_len > 1:
+        decoder.encode(prompt[:, :-1])
+    tokens, exited, _ = decoder.step(rows, prompt[:, -1:], prompt_len - 1, step=0)
     generated[:, 0], exit_layers[:, 0] = tokens, exited
     done |= torch.isin(tokens, eos)
     _sync(device)
