@@ -1,0 +1,1 @@
+"""Evaluation: official caption metrics, VQA accuracy, VisDial ranking, speed, threshold sweeps and plots."""
