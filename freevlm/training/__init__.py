@@ -1,0 +1,24 @@
+"""Training: stage 1 backbone fine-tuning, stage 2 FREE exit training (GAN + CE / KD / CapFilt), CapFilt."""
+
+from .common import LoopConfig, TrainingDiverged
+from .data import CaptionCollator, CaptionDataset, Record, load_coco_captions, split_records, write_coco_captions
+from .exits import ExitTrainConfig, evaluate_exits, kd_loss, train_exits
+from .finetune import FinetuneConfig, evaluate_captions, finetune
+
+__all__ = [
+    "CaptionCollator",
+    "CaptionDataset",
+    "ExitTrainConfig",
+    "FinetuneConfig",
+    "LoopConfig",
+    "Record",
+    "TrainingDiverged",
+    "evaluate_captions",
+    "evaluate_exits",
+    "finetune",
+    "kd_loss",
+    "load_coco_captions",
+    "split_records",
+    "train_exits",
+    "write_coco_captions",
+]

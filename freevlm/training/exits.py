@@ -1,0 +1,308 @@
+"""Stage 2: FREE exit training. The backbone is frozen; each exit E_i is a generator, each D_i a discriminator.
+
+Per batch (paper section 3.3):
+  1. the frozen backbone runs once under `no_grad`: h_0..h_N on every position;
+  2. E_i(h_i) for every exit, on the whole sequence (exits are causal layers that attend over it);
+  3. D step: sum_i BCE(D_i(h_N), 1) + BCE(D_i(E_i(h_i).detach()), 0);
+  4. G step: sum_i  adv_weight * -log D_i(E_i(h_i))  +  anchor_weight * anchor_i, where the anchor is
+     `ce` (labels), `kd` (KL to the final layer's soft labels) or `capfilt` (CE on CapFilt pseudo-captions).
+Losses and features use text positions only (those that predict a target token): never query tokens, prompt, pad.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..exits import ExitConfig, FeatureDiscriminator
+from ..model import CheckpointMismatchError, EarlyExitVLM, check_fingerprint
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .common import (
+    DivergenceGuard,
+    LoopConfig,
+    Progress,
+    Runtime,
+    autocast,
+    batch_stream,
+    grad_scaler,
+    logger,
+    make_scheduler,
+    optimizer_step,
+    total_steps,
+)
+from .data import IGNORE, CaptionCollator, CaptionDataset
+
+ANCHORS = ("ce", "kd", "capfilt")
+KD_DIRECTIONS = ("exit_to_final", "final_to_exit")
+
+
+@dataclass
+class ExitTrainConfig(LoopConfig):
+    """Stage-2 settings. Defaults follow the paper where it says (Adam, batch 16, 3 epochs, D hidden 3072)."""
+
+    output_dir: str = "runs/exits"
+    exit_layers: tuple[int, ...] = ()
+    init: str = "copy_last"
+    anchor: str = "kd"
+    adversarial: bool = True  # False: anchor only (the paper's "w/o adversarial" ablation)
+    adv_weight: float = 1.0
+    anchor_weight: float = 1.0
+    temperature: float = 1.0  # kd only; the KL is scaled by T^2 so its gradient size does not depend on T
+    kd_direction: str = "exit_to_final"  # paper eq. 5: KL(p_i || p_N); "final_to_exit" is Hinton's KL(p_N || p_i)
+    disc_hidden: int = 3072
+    disc_lr: float | None = None  # default: lr
+    d_warn_window: int = 200  # steps of D accuracy at ~100% or ~50% before warning
+
+    def validate(self) -> None:
+        super().validate()
+        if self.anchor not in ANCHORS:
+            raise ValueError(f"unknown anchor {self.anchor!r}, expected one of {ANCHORS}")
+        if self.kd_direction not in KD_DIRECTIONS:
+            raise ValueError(f"unknown kd_direction {self.kd_direction!r}, expected one of {KD_DIRECTIONS}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+def kd_loss(exit_logits: torch.Tensor, final_logits: torch.Tensor, temperature: float = 1.0,
+            direction: str = "exit_to_final") -> torch.Tensor:  # fmt: skip
+    """Mean over positions of the KL between exit and final-layer distributions at `temperature`, times T^2."""
+    log_exit = F.log_softmax(exit_logits.float() / temperature, dim=-1)
+    log_final = F.log_softmax(final_logits.float() / temperature, dim=-1)
+    if direction == "exit_to_final":
+        kl = (log_exit.exp() * (log_exit - log_final)).sum(-1)
+    else:
+        kl = (log_final.exp() * (log_final - log_exit)).sum(-1)
+    return kl.mean() * temperature**2
+
+
+def make_discriminators(ee: EarlyExitVLM, hidden: int) -> nn.ModuleDict:
+    """One D_i per exit, keyed like `ee.exits`, in float32 on the backbone's device."""
+    size = ee.backbone.hidden_size
+    return nn.ModuleDict({k: FeatureDiscriminator(size, hidden) for k in ee.exits}).to(ee.backbone.device)
+
+
+def exit_features(ee: EarlyExitVLM, states: list[torch.Tensor], ctx, mask: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+    """E_i(h_i) at text positions, `[n_text, H]` per exit."""
+    return {k: ee.backbone.run_layer(e.layer, states[e.at], ctx, None, mask, None)[text] for k, e in ee.exits.items()}
+
+
+def backbone_features(ee: EarlyExitVLM, batch: dict[str, torch.Tensor]):
+    """h_0..h_N of the frozen backbone (no graph), its context and attention mask."""
+    with torch.no_grad():
+        return ee.backbone.features(
+            batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch.get("decoder_input_ids")
+        )
+
+
+@torch.no_grad()
+def evaluate_exits(ee: EarlyExitVLM, dataset: CaptionDataset, batch_size: int = 16, runtime: Runtime | None = None) -> dict[str, float]:
+    """Held-out `kl/exit_i` = KL(p_i || p_N) per text token, `token_acc/exit_i` and `token_acc/final`
+    (argmax against the target token), token-weighted over the whole set (and over processes)."""
+    rank, world = (runtime.rank, runtime.world) if runtime is not None else (0, 1)
+    collate = CaptionCollator.for_model(ee.backbone.config)
+    was_training = ee.training
+    ee.eval()
+    keys = list(ee.exits)
+    sums = torch.zeros(2 * len(keys) + 2, dtype=torch.float64)  # kl per exit, acc per exit, acc final, tokens
+    indices = list(range(rank, len(dataset), world))
+    for start in range(0, len(indices), batch_size):
+        batch = collate([dataset[i] for i in indices[start : start + batch_size]])
+        batch = {k: v.to(ee.backbone.device) for k, v in batch.items()}
+        states, ctx, mask = backbone_features(ee, batch)
+        text = batch["targets"] != IGNORE
+        targets = batch["targets"][text]
+        final_logits = ee.backbone.head(states[-1][text]).float()
+        for j, feats in enumerate(exit_features(ee, states, ctx, mask, text).values()):
+            logits = ee.backbone.head(feats).float()
+            sums[j] += kd_loss(logits, final_logits).double() * len(targets)
+            sums[len(keys) + j] += (logits.argmax(-1) == targets).sum().double()
+        sums[-2] += (final_logits.argmax(-1) == targets).sum().double()
+        sums[-1] += len(targets)
+    if runtime is not None:
+        sums = runtime.sum(sums).cpu()
+    ee.train(was_training)
+    n = max(sums[-1].item(), 1.0)
+    out = {f"kl/exit_{k}": sums[j].item() / n for j, k in enumerate(keys)}
+    out.update({f"token_acc/exit_{k}": sums[len(keys) + j].item() / n for j, k in enumerate(keys)})
+    out["token_acc/final"] = sums[-2].item() / n
+    return out
+
+
+class DiscriminatorMonitor:
+    """Warns (once per exit and kind) when D_i's accuracy sits at ~100% — the exit cannot produce features D
+    mistakes for h_N (generator collapse or too strong a D) — or at ~50% — D learns nothing — for `window` steps."""
+
+    def __init__(self, keys: list[str], window: int):
+        self.window = window
+        self.history = {k: deque(maxlen=window) for k in keys}
+        self.warned: set[tuple[str, str]] = set()
+
+    def update(self, accuracy: dict[str, float], step: int) -> None:
+        for k, acc in accuracy.items():
+            hist = self.history[k]
+            hist.append(acc)
+            if len(hist) < self.window:
+                continue
+            if min(hist) >= 0.99 and (k, "high") not in self.warned:
+                self.warned.add((k, "high"))
+                logger.warning("step %d: discriminator of exit %s has been ~100%% accurate for %d steps: the exit's "
+                               "features are easy to tell from h_N (generator collapse?)", step, k, self.window)  # fmt: skip
+            if max(abs(a - 0.5) for a in hist) <= 0.02 and (k, "chance") not in self.warned:
+                self.warned.add((k, "chance"))
+                logger.warning("step %d: discriminator of exit %s has been at ~50%% accuracy for %d steps: "
+                               "it is not learning (check disc_lr)", step, k, self.window)  # fmt: skip
+
+
+def train_exits(model: nn.Module, train_set: CaptionDataset, config: ExitTrainConfig,
+                dev_set: CaptionDataset | None = None) -> EarlyExitVLM:  # fmt: skip
+    """Attach exits at `config.exit_layers` to the (frozen) BLIP-2 `model` and train them; returns the exits.
+
+    Writes checkpoints under `<output_dir>/checkpoints`, TensorBoard scalars under `<output_dir>/tensorboard`, and
+    the final exits (loadable with `EarlyExitVLM.from_pretrained`) under `<output_dir>/exits`.
+    """
+    config.validate()
+    runtime = Runtime(cpu=config.cpu)
+    out_dir, ckpt_dir = Path(config.output_dir), Path(config.output_dir) / "checkpoints"
+    torch.manual_seed(config.seed)  # identical exits and discriminators on every process
+
+    model.to(runtime.device).eval().requires_grad_(False)  # the backbone is frozen in stage 2
+    ee = EarlyExitVLM(model, ExitConfig(list(config.exit_layers), config.init))
+    discs = make_discriminators(ee, config.disc_hidden)
+    runtime.broadcast_([*ee.exits.parameters(), *discs.parameters()])
+    g_params, d_params = list(ee.exits.parameters()), list(discs.parameters())
+    g_opt = torch.optim.AdamW(g_params, lr=config.lr, weight_decay=config.weight_decay)
+    d_opt = torch.optim.AdamW(d_params, lr=config.disc_lr or config.lr, weight_decay=config.weight_decay)
+    total = total_steps(config, len(train_set), runtime.world)
+    g_sched, d_sched = make_scheduler(g_opt, config, total), make_scheduler(d_opt, config, total)
+    scaler = grad_scaler(config, runtime.device)
+    guard = DivergenceGuard(config.max_nonfinite_steps)
+
+    step = 0
+    if config.resume:
+        path = latest_checkpoint(ckpt_dir)
+        if path is None:
+            raise FileNotFoundError(f"resume: no checkpoint under {ckpt_dir}")
+        state = load_checkpoint(path, runtime)
+        _check_resume(state, ee, config, path)
+        ee.exits.load_state_dict(state["exits"])
+        discs.load_state_dict(state["discriminators"])
+        for obj, key in ((g_opt, "g_opt"), (d_opt, "d_opt"), (g_sched, "g_sched"), (d_sched, "d_sched"), (scaler, "scaler")):
+            obj.load_state_dict(state[key])
+        step, guard.skipped = state["step"], state["nonfinite_skipped"]
+        logger.info("resumed from %s at step %d", path, step)
+    else:
+        if latest_checkpoint(ckpt_dir) is not None:
+            raise FileExistsError(f"{ckpt_dir} already holds checkpoints: resume, or pick another output_dir")
+        torch.manual_seed(config.seed + runtime.rank)  # dropout differs per process; resumed runs restore RNG
+
+    ee.exits.train()
+    collate = CaptionCollator.for_model(model.config)
+    stream = batch_stream(train_set, collate, config, runtime, step)
+    progress = Progress(config, runtime, total, step, str(out_dir / "tensorboard"))
+    monitor = DiscriminatorMonitor(list(ee.exits), config.d_warn_window)
+    keys = list(ee.exits)
+
+    while step < total:
+        batch = next(stream)
+        with autocast(config, runtime.device):
+            states, ctx, mask = backbone_features(ee, batch)
+            text = batch["targets"] != IGNORE
+            real, targets = states[-1][text], batch["targets"][text]
+            fakes = exit_features(ee, states, ctx, mask, text)
+        zero = real.new_zeros((), dtype=torch.float32)
+
+        # D step: h_N is real (label 1), E_i(h_i) detached is fake (label 0)
+        d_loss, d_acc = zero, {}
+        if config.adversarial:
+            with autocast(config, runtime.device):
+                for k, fake in fakes.items():
+                    d_real, d_fake = discs[k](real).float(), discs[k](fake.detach()).float()
+                    d_loss = d_loss + F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real)) \
+                        + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))  # fmt: skip
+                    d_acc[k] = 0.5 * ((d_real > 0).float().mean() + (d_fake < 0).float().mean()).detach()
+        ok = guard.ok({"discriminator loss": d_loss}, step, runtime)
+        if ok and config.adversarial:
+            d_opt.zero_grad(set_to_none=True)
+            scaler.scale(d_loss).backward()
+            optimizer_step(d_opt, d_params, scaler, runtime, config.grad_clip)
+
+        # G step: fool the updated D_i, anchored to the labels or to the final layer's soft labels
+        adv, anchor = zero, zero
+        if ok:
+            discs.requires_grad_(False)
+            with autocast(config, runtime.device):
+                final_logits = ee.backbone.head(real) if config.anchor == "kd" else None
+                for k, fake in fakes.items():
+                    if config.adversarial:
+                        d_out = discs[k](fake).float()
+                        adv = adv + F.binary_cross_entropy_with_logits(d_out, torch.ones_like(d_out))  # -log D_i(E_i)
+                    logits = ee.backbone.head(fake)
+                    if config.anchor == "kd":
+                        anchor = anchor + kd_loss(logits, final_logits, config.temperature, config.kd_direction)
+                    else:
+                        anchor = anchor + F.cross_entropy(logits.float(), targets)
+                g_loss = config.adv_weight * adv + config.anchor_weight * anchor
+            discs.requires_grad_(True)
+            ok = guard.ok({"generator loss": g_loss}, step, runtime)
+        if ok:
+            g_opt.zero_grad(set_to_none=True)
+            scaler.scale(g_loss).backward()
+            optimizer_step(g_opt, g_params, scaler, runtime, config.grad_clip)
+            scaler.update()
+        g_sched.step()  # a skipped step still advances schedule and data: reruns see the same batch at each step
+        d_sched.step()
+        step += 1
+
+        # bookkeeping: progress bar, TensorBoard, D monitor, dev evaluation, checkpoints
+        progress.step({"d": d_loss.item(), "adv": adv.item(), config.anchor: anchor.item()} if ok else None)
+        if ok and d_acc:
+            monitor.update(dict(zip(d_acc, torch.stack(list(d_acc.values())).tolist())), step)
+        if step % config.log_every == 0 or step == total:
+            values = torch.stack([d_loss.detach(), adv.detach(), anchor.detach(), *[d_acc.get(k, zero) for k in keys]])
+            values = (runtime.sum(values.float()) / runtime.world).tolist()
+            scalars = {"train/d_loss": values[0], "train/g_adv_loss": values[1], "train/anchor_loss": values[2],
+                       "train/g_loss": config.adv_weight * values[1] + config.anchor_weight * values[2],
+                       "train/lr": g_sched.get_last_lr()[0], "train/nonfinite_skipped": guard.skipped}  # fmt: skip
+            if config.adversarial:
+                scalars.update({f"train/d_acc/exit_{k}": values[3 + j] for j, k in enumerate(keys)})
+            progress.scalars(scalars, step)
+        if dev_set is not None and ((config.eval_every and step % config.eval_every == 0) or step == total):
+            metrics = evaluate_exits(ee, dev_set, config.batch_size, runtime)
+            progress.scalars({f"dev/{k}": v for k, v in metrics.items()}, step)
+            if runtime.is_main and step == total:
+                (out_dir / "dev_metrics.json").write_text(json.dumps(metrics, indent=2))
+        if step % config.checkpoint_every == 0 or step == total:
+            state = {"step": step, "config": asdict(config), "exit_layers": ee.exit_layers,
+                     "backbone": ee.backbone.fingerprint(), "exits": ee.exits.state_dict(),
+                     "discriminators": discs.state_dict(), "g_opt": g_opt.state_dict(), "d_opt": d_opt.state_dict(),
+                     "g_sched": g_sched.state_dict(), "d_sched": d_sched.state_dict(), "scaler": scaler.state_dict(),
+                     "nonfinite_skipped": guard.skipped}  # fmt: skip
+            save_checkpoint(ckpt_dir, step, state, runtime, config.keep_checkpoints,
+                            write_extra=lambda folder: ee.save_exits(folder / "exits"))  # fmt: skip
+
+    progress.close()
+    if runtime.is_main:
+        ee.save_exits(out_dir / "exits")
+    runtime.barrier()
+    ee.eval()
+    return ee
+
+
+def _check_resume(state: dict, ee: EarlyExitVLM, config: ExitTrainConfig, path: Path) -> None:
+    """Refuse a checkpoint made for other exits or another backbone; note other changed settings."""
+    if list(state["exit_layers"]) != ee.exit_layers:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} has exits at layers {list(state['exit_layers'])}, but this run asks for "
+            f"{ee.exit_layers}: use the same exit layers to resume, or start a new output_dir"
+        )
+    check_fingerprint(state["backbone"], ee.backbone.fingerprint(), path)
+    saved, now = state["config"], asdict(config)
+    changed = sorted(k for k in now if k not in ("resume", "max_steps", "epochs", "progress") and saved.get(k) != now[k])
+    if changed:
+        logger.warning("resuming %s with changed settings: %s", path, ", ".join(changed))

@@ -1,0 +1,64 @@
+"""Offline pieces for the training tests: a word-level tokenizer that fits the tiny models' vocabularies, an image
+processor, and a small synthetic image-caption set (coloured shapes) written in COCO captions format."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import BlipImageProcessorPil, PreTrainedTokenizerFast
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+SHAPES = ("circle", "square", "triangle")
+SIDES = ("left", "right")
+WORDS = ["a", "photo", "of", "on", "the", "question", "answer", "what", "color", "is", "shape", "big", "small",
+         *COLORS, *SHAPES, *SIDES]  # fmt: skip
+
+
+def make_tokenizer(family: str) -> PreTrainedTokenizerFast:
+    """Special tokens where the tiny configs expect them (OPT: pad 1, bos 2, eos 3; T5: pad 0, eos 1)."""
+    if family == "opt":
+        specials = ["<unk>", "<pad>", "<s>", "</s>"]
+        template = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    else:
+        specials = ["<pad>", "</s>", "<unk>"]
+        template = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    vocab = {tok: i for i, tok in enumerate(specials + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = template
+    kwargs = {"bos_token": "<s>"} if family == "opt" else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>", **kwargs)
+
+
+def make_image_processor(size: int = 32) -> BlipImageProcessorPil:
+    return BlipImageProcessorPil(size={"height": size, "width": size})
+
+
+def write_shapes(folder: Path, n: int, seed: int = 0, name: str = "captions.json") -> Path:
+    """`n` images of one coloured shape on the left or right, captioned "a <color> <shape> on the <side>"."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    images, annotations = [], []
+    for i in range(n):
+        color, shape, side = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(SIDES)
+        img = Image.new("RGB", (32, 32), (128, 128, 128))
+        draw = ImageDraw.Draw(img)
+        x = 2 if side == "left" else 17
+        box = (x, 8, x + 13, 21)
+        if shape == "circle":
+            draw.ellipse(box, fill=COLORS[color])
+        elif shape == "square":
+            draw.rectangle(box, fill=COLORS[color])
+        else:
+            draw.polygon([(x, 21), (x + 13, 21), (x + 6, 8)], fill=COLORS[color])
+        file = f"img_{seed}_{i:04d}.png"
+        img.save(folder / file)
+        images.append({"id": i, "file_name": file})
+        annotations.append({"id": i, "image_id": i, "caption": f"a {color} {shape} on the {side}"})
+    path = folder / name
+    path.write_text(json.dumps({"images": images, "annotations": annotations}))
+    return path
