@@ -1,0 +1,237 @@
+"""The evaluation loop: records in, predictions, official metrics and a speed report out.
+
+Works on any `EarlyExitVLM` plus a processor - an object with `inputs(images, prompts) -> model inputs`,
+`decode(token_ids) -> texts` and (for VisDial) a Hugging Face `tokenizer`; `hub.Blip2Bundle` is one, and the
+demo passes its own in-memory one. `threshold` runs the confidence policy; `layer` instead forces every token out
+at that exit (or the final layer), for the per-layer ("mid-crisis") curve.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..data.images import load_image
+from ..data.records import CaptionRecord, VisDialRecord, VQARecord
+from ..decoding.policies import ConfidencePolicy, FixedSchedulePolicy
+from ..model import EarlyExitVLM
+from .captions import caption_metrics
+from .likelihood import option_log_likelihoods
+from .speed import SpeedMeter, SpeedReport
+from .visdial import visdial_metrics
+from .vqa import vqa_scores
+
+CAPTION_PROMPT = "a photo of"
+VQA_PROMPT = "Question: {question} Short answer:"
+
+
+@dataclass
+class EvalResult:
+    task: str
+    threshold: float | None  # None when `layer` forced the exits
+    layer: int | None
+    metric: str  # the primary metric (what a sweep optimises)
+    score: float | None  # its value (None without labels)
+    quality: dict
+    speed: SpeedReport
+    agreement_with_full: float | None  # fraction of outputs identical to the full model's (None if not run)
+    predictions: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self, predictions: bool = True) -> dict:
+        out = {k: v for k, v in self.__dict__.items() if k not in ("speed", "predictions")}
+        out["speed"] = self.speed.as_dict()
+        if predictions:
+            out["predictions"] = self.predictions
+        return out
+
+
+@dataclass
+class _Generated:
+    texts: list[str]
+    full_texts: list[str] | None
+    exit_layers: list[list[int]]
+    speed: SpeedReport
+
+
+def _policy(threshold: float, layer: int | None):
+    return FixedSchedulePolicy(layer) if layer is not None else ConfidencePolicy(threshold)
+
+
+@torch.no_grad()
+def generate_texts(
+    ee: EarlyExitVLM,
+    processor,
+    images: Sequence[Path],
+    prompts: Sequence[str],
+    threshold: float = 0.8,
+    layer: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 30,
+    kv: str = "recompute",
+    compare_full: bool = True,
+) -> _Generated:
+    """Early-exit answers for every (image, prompt); with `compare_full`, the full model on the same batches in
+    alternating order, for wall-clock ratios measured in this run (one untimed warm-up of each mode first)."""
+    meter = SpeedMeter(ee.backbone.num_layers)
+    texts: list[str] = []
+    full_texts: list[str] | None = [] if compare_full else None
+    exit_layers: list[list[int]] = []
+    policy = _policy(threshold, layer)
+    for b, start in enumerate(range(0, len(images), batch_size)):
+        batch = [load_image(p) for p in images[start : start + batch_size]]
+        inputs = processor.inputs(batch, list(prompts[start : start + batch_size]))
+        run = dict(inputs, max_new_tokens=max_new_tokens, kv=kv)
+        early = lambda: ee.generate(**run, mode="early_exit", policy=policy)  # noqa: E731
+        full = lambda: ee.generate(**run, mode="full")  # noqa: E731
+        if compare_full and b == 0:
+            early(), full()  # warm-up: lazy initialisation and allocator growth stay out of the timings
+        if compare_full:
+            if b % 2 == 0:
+                f_out, out = full(), early()
+            else:
+                out, f_out = early(), full()
+            full_texts += _new_text(processor, f_out)
+            meter.add(out, f_out)
+        else:
+            out = early()
+            meter.add(out)
+        texts += _new_text(processor, out)
+        exit_layers += [[int(e) for e in row if e >= 0] for row in out.exit_layers.tolist()]
+    return _Generated(texts, full_texts, exit_layers, meter.report())
+
+
+def _new_text(processor, out) -> list[str]:
+    prompt_len = out.sequences.shape[1] - out.exit_layers.shape[1]
+    return processor.decode(out.sequences[:, prompt_len:])
+
+
+def _agreement(gen: _Generated) -> float | None:
+    if gen.full_texts is None:
+        return None
+    return sum(a == b for a, b in zip(gen.texts, gen.full_texts)) / max(len(gen.texts), 1)
+
+
+def _predictions(ids, gen: _Generated, **extra) -> list[dict]:
+    rows = []
+    for i, key in enumerate(ids):
+        row = {"id": key, "prediction": gen.texts[i], "exit_layers": gen.exit_layers[i]}
+        if gen.full_texts is not None:
+            row["full_prediction"] = gen.full_texts[i]
+        rows.append(row | {k: v[i] for k, v in extra.items()})
+    return rows
+
+
+def evaluate_captions(
+    ee: EarlyExitVLM,
+    processor,
+    records: Sequence[CaptionRecord],
+    threshold: float = 0.8,
+    layer: int | None = None,
+    prompt: str = CAPTION_PROMPT,
+    spice: bool | None = None,
+    **generate_kwargs,
+) -> EvalResult:
+    """COCO metrics of the captions (per NoCaps domain too, when records carry one)."""
+    t0 = time.perf_counter()
+    gen = generate_texts(ee, processor, [r.image for r in records], [prompt] * len(records), threshold, layer,
+                         **generate_kwargs)  # fmt: skip
+    keys = list(range(len(records)))  # records may repeat an image id across files; scoring keys stay unique
+    quality, score = {}, None
+    if all(r.references for r in records):
+        domains = {k: r.domain for k, r in zip(keys, records)} if all(r.domain for r in records) else None
+        quality = caption_metrics({k: r.references for k, r in zip(keys, records)}, dict(zip(keys, gen.texts)),
+                                  groups=domains, spice=spice)  # fmt: skip
+        score = quality["all"]["CIDEr"]
+    elif any(r.references for r in records):
+        raise ValueError("some caption records have references and some do not: score a labelled split")
+    preds = _predictions([r.image_id for r in records], gen)
+    return EvalResult("captions", None if layer is not None else threshold, layer, "CIDEr", score, quality,
+                      gen.speed, _agreement(gen), preds, time.perf_counter() - t0)  # fmt: skip
+
+
+def evaluate_vqa(
+    ee: EarlyExitVLM,
+    processor,
+    records: Sequence[VQARecord],
+    threshold: float = 0.8,
+    layer: int | None = None,
+    prompt: str = VQA_PROMPT,
+    metric: str = "vqa",
+    max_new_tokens: int = 10,
+    **generate_kwargs,
+) -> EvalResult:
+    """VQA accuracy (official; `metric="exact"` for GQA), overall and per answer/question type."""
+    t0 = time.perf_counter()
+    prompts = [prompt.format(question=r.question) for r in records]
+    gen = generate_texts(ee, processor, [r.image for r in records], prompts, threshold, layer,
+                         max_new_tokens=max_new_tokens, **generate_kwargs)  # fmt: skip
+    quality, score = {}, None
+    if all(r.answers for r in records):
+        s = vqa_scores(gen.texts, [r.answers for r in records], [r.answer_type for r in records],
+                       [r.question_type for r in records], metric=metric)  # fmt: skip
+        quality = {k: v for k, v in s.as_dict().items() if k != "per_question"}
+        quality["metric"] = metric
+        answerable = [r.answerable for r in records]
+        if all(a is not None for a in answerable):  # VizWiz: accuracy on answerable / unanswerable questions
+            for flag, name in ((True, "answerable"), (False, "unanswerable")):
+                vals = [v for v, a in zip(s.per_question, answerable) if a is flag]
+                quality[f"accuracy_{name}"] = sum(vals) / len(vals) if vals else None
+        score = s.accuracy
+        per_question = {"accuracy": s.per_question}
+    elif any(r.answers for r in records):
+        raise ValueError("some questions have answers and some do not: score a labelled split")
+    else:
+        per_question = {}
+    preds = _predictions([r.question_id for r in records], gen, **per_question)
+    return EvalResult("vqa", None if layer is not None else threshold, layer, "accuracy", score, quality,
+                      gen.speed, _agreement(gen), preds, time.perf_counter() - t0)  # fmt: skip
+
+
+def visdial_prompt(record: VisDialRecord) -> str:
+    turns = " ".join(f"Question: {q}? Answer: {a}." for q, a in record.history)
+    return f"{record.caption}. {turns} Question: {record.question}? Answer:".replace("  ", " ")
+
+
+def evaluate_visdial(
+    ee: EarlyExitVLM,
+    processor,
+    records: Sequence[VisDialRecord],
+    threshold: float = 0.8,
+    layer: int | None = None,
+    option_batch_size: int = 50,
+    max_new_tokens: int = 10,
+    **generate_kwargs,
+) -> EvalResult:
+    """Rank each round's options by early-exit log-likelihood (MRR, R@k, mean rank, NDCG); the speed report
+    comes from generating each round's answer, early exit against full."""
+    t0 = time.perf_counter()
+    prompts = [visdial_prompt(r) for r in records]
+    scores = []
+    for r, prompt in zip(records, prompts):
+        image = load_image(r.image)
+        scores.append(option_log_likelihoods(ee, processor, image, prompt, r.options, threshold, layer, option_batch_size))
+    quality = visdial_metrics(scores, [r.gt_index for r in records], [r.relevance for r in records])
+    gen = generate_texts(ee, processor, [r.image for r in records], prompts, threshold, layer,
+                         max_new_tokens=max_new_tokens, **generate_kwargs)  # fmt: skip
+    ranked = [max(range(len(s)), key=lambda i: s[i]) for s in scores]
+    preds = _predictions([f"{r.image_id}:{r.round}" for r in records], gen,
+                         top_option=[r.options[i] for r, i in zip(records, ranked)])  # fmt: skip
+    score = quality.get("mrr")
+    return EvalResult("visdial", None if layer is not None else threshold, layer, "mrr", score, quality,
+                      gen.speed, _agreement(gen), preds, time.perf_counter() - t0)  # fmt: skip
+
+
+EVALUATORS = {"captions": evaluate_captions, "vqa": evaluate_vqa, "visdial": evaluate_visdial}
+
+
+def evaluate(task: str, ee: EarlyExitVLM, processor, records: Sequence, threshold: float = 0.8, **kwargs) -> EvalResult:
+    if task not in EVALUATORS:
+        raise ValueError(f"unknown task {task!r}: one of {sorted(EVALUATORS)}")
+    if not records:
+        raise ValueError("no records to evaluate")
+    return EVALUATORS[task](ee, processor, records, threshold, **kwargs)

@@ -1,0 +1,36 @@
+"""A word-level tokenizer and image processor sized for `freevlm.tiny` models, so the evaluation runs end to end
+through `hub.Blip2Bundle` without any downloaded files."""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import BlipImageProcessorPil, PreTrainedTokenizerFast
+
+from freevlm.hub import Blip2Bundle
+
+WORDS = ("a photo of question short answer what color is the square how many it red blue green one two yes no "
+         "there any people big small circle triangle").split() + [":", "?", ".", ","]  # fmt: skip
+
+
+def tiny_bundle(model) -> Blip2Bundle:
+    cfg = model.config
+    family = cfg.text_config.model_type
+    special = ["<pad>", "</s>", "<unk>"] if family == "t5" else ["<unk>", "<pad>", "<s>", "</s>"]
+    vocab = {tok: i for i, tok in enumerate(special + WORDS)}
+    size = cfg.text_config.vocab_size
+    assert len(vocab) < size - 1
+    vocab["<image>"] = cfg.image_token_index
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if family == "t5":
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+        names = dict(pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    else:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+        names = dict(pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, **names)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    side = cfg.vision_config.image_size
+    images = BlipImageProcessorPil(size={"height": side, "width": side})
+    return Blip2Bundle(model, tokenizer, images)
