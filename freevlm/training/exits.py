@@ -256,7 +256,8 @@ def train_exits(model: nn.Module, train_set: CaptionDataset, config: ExitTrainCo
             optimizer_step(g_opt, g_params, scaler, runtime, config.grad_clip)
             scaler.update()
         g_sched.step()  # a skipped step still advances schedule and data: reruns see the same batch at each step
-        d_sched.step()
+        if config.adversarial:
+            d_sched.step()
         step += 1
 
         # bookkeeping: progress bar, TensorBoard, D monitor, dev evaluation, checkpoints

@@ -1,0 +1,199 @@
+"""Stage 2 (FREE exit training) on a tiny BLIP-2 fine-tuned on synthetic shapes captions."""
+
+import logging
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from training_helpers import make_image_processor, make_tokenizer, write_shapes
+
+from freevlm import CheckpointMismatchError, EarlyExitVLM, ExitConfig
+from freevlm.tiny import tiny_blip2
+from freevlm.training import (
+    CaptionDataset,
+    ExitTrainConfig,
+    FinetuneConfig,
+    TrainingDiverged,
+    evaluate_exits,
+    finetune,
+    load_coco_captions,
+    split_records,
+    train_exits,
+)
+from freevlm.training import exits as exits_module
+from freevlm.training.exits import DiscriminatorMonitor, kd_loss
+
+QUIET = dict(progress=False, checkpoint_every=10_000, log_every=10)
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """A tiny OPT BLIP-2 whose LM was fine-tuned (stage 1, LM trained too) so its final layer is confident: the
+    exits then have a real distribution to match. Returns (model, train set, dev set)."""
+    folder = tmp_path_factory.mktemp("shapes")
+    records = load_coco_captions(write_shapes(folder / "data", 96))
+    train, dev = split_records(records, 0.25, seed=0)
+    model = tiny_blip2("opt", seed=0)
+    tok, proc = make_tokenizer("opt"), make_image_processor()
+    train_set, dev_set = (CaptionDataset(r, tok, proc, model.config) for r in (train, dev))
+    config = FinetuneConfig(output_dir=str(folder / "ft"), max_steps=40, batch_size=8, lr=3e-3, warmup_steps=5,
+                            train_lm=True, tensorboard=False, **QUIET)  # fmt: skip
+    finetune(model, train_set, config)
+    return model, train_set, dev_set
+
+
+@pytest.fixture(scope="module")
+def kd_run(shapes, tmp_path_factory):
+    """A few hundred steps of GAN + KD exit training from fresh exits; records what tests compare."""
+    model, train_set, dev_set = shapes
+    out = tmp_path_factory.mktemp("kd")
+    before_backbone = snapshot(model)
+    untrained = evaluate_exits(EarlyExitVLM(model, ExitConfig([1, 2], "fresh")), dev_set)
+    # adv_weight 0.1: this LM's KL is ~100x smaller than a real captioner's CE, so at weight 1 the adversarial term
+    # alone would steer the (Adam-normalised) updates
+    config = ExitTrainConfig(output_dir=str(out), exit_layers=(1, 2), init="fresh", anchor="kd", max_steps=150,
+                             batch_size=8, lr=1e-3, disc_lr=1e-3, adv_weight=0.1, disc_hidden=256, warmup_steps=5,
+                             **QUIET)  # fmt: skip
+    ee = train_exits(model, train_set, config, dev_set=dev_set)
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    return {"ee": ee, "model": model, "before_backbone": before_backbone, "untrained": untrained,
+            "trained": evaluate_exits(ee, dev_set), "events": events, "out": out}  # fmt: skip
+
+
+def test_kd_lowers_heldout_kl_and_discriminator_trains(kd_run):
+    untrained, trained = kd_run["untrained"], kd_run["trained"]
+    for i in (1, 2):
+        before, after = untrained[f"kl/exit_{i}"], trained[f"kl/exit_{i}"]
+        assert after < 0.2 * before, f"exit {i}: held-out KL {before:.4f} -> {after:.4f}"
+    d_loss = [e.value for e in kd_run["events"].Scalars("train/d_loss")]
+    d_acc = [e.value for e in kd_run["events"].Scalars("train/d_acc/exit_1")]
+    assert len(d_loss) == 15
+    assert max(d_loss) - min(d_loss) > 0.1, d_loss
+    assert len(set(round(a, 3) for a in d_acc)) > 3, d_acc  # D's decisions change as it and the exits train
+    for tag in ("train/g_adv_loss", "train/anchor_loss", "train/lr", "dev/kl/exit_1", "dev/token_acc/exit_2"):
+        assert tag in kd_run["events"].Tags()["scalars"]
+    assert (kd_run["out"] / "dev_metrics.json").is_file()
+
+
+def test_backbone_bit_identical_and_only_exit_layers_trainable(kd_run):
+    after = snapshot(kd_run["model"])
+    assert after.keys() == kd_run["before_backbone"].keys()
+    assert all(torch.equal(after[k], kd_run["before_backbone"][k]) for k in after)
+    ee = kd_run["ee"]
+    one_layer = sum(p.numel() for p in ee.backbone.layers[-1].parameters())
+    assert sum(p.numel() for p in ee.parameters() if p.requires_grad) == 2 * one_layer
+    assert not any(p.requires_grad for p in kd_run["model"].parameters())
+
+
+def test_saved_exits_load_and_generate(kd_run, shapes):
+    model = shapes[0]
+    loaded = EarlyExitVLM.from_pretrained(model, kd_run["out"] / "exits")
+    for k, v in kd_run["ee"].exits.state_dict().items():
+        assert torch.equal(loaded.exits.state_dict()[k], v)
+    pixel_values = shapes[1][0]["pixel_values"][None]
+    out = loaded.generate(pixel_values, max_new_tokens=5, threshold=0.5)
+    assert out.sequences.shape[0] == 1
+
+
+def _ce_config(out, **kw):
+    base = dict(output_dir=str(out), exit_layers=(1, 3), anchor="ce", max_steps=12, batch_size=4, lr=1e-3,
+                disc_hidden=64, checkpoint_every=6, progress=False, log_every=4)  # fmt: skip
+    return ExitTrainConfig(**{**base, **kw})
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_kill_equals_uninterrupted_run(shapes, tmp_path, monkeypatch):
+    model, train_set, _ = shapes
+    full = train_exits(model, train_set, _ce_config(tmp_path / "full"))
+    full_state = {k: v.clone() for k, v in full.exits.state_dict().items()}
+    full_discs = torch.load(tmp_path / "full/checkpoints/step-00000012/state.pt", weights_only=True)["discriminators"]
+
+    real_save = exits_module.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        path = real_save(*args, **kwargs)
+        raise Killed(path)
+
+    monkeypatch.setattr(exits_module, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train_exits(model, train_set, _ce_config(tmp_path / "killed"))
+    monkeypatch.setattr(exits_module, "save_checkpoint", real_save)
+    assert (tmp_path / "killed/checkpoints/latest").read_text() == "step-00000006"
+    with pytest.raises(FileExistsError, match="resume"):
+        train_exits(model, train_set, _ce_config(tmp_path / "killed"))
+    resumed = train_exits(model, train_set, _ce_config(tmp_path / "killed", resume=True))
+
+    assert not all(torch.equal(full_state[k], v) for k, v in EarlyExitVLM(model, ExitConfig([1, 3])).exits.state_dict().items())
+    for k, v in resumed.exits.state_dict().items():
+        torch.testing.assert_close(v, full_state[k], rtol=1e-5, atol=1e-6)
+    resumed_discs = torch.load(tmp_path / "killed/checkpoints/step-00000012/state.pt", weights_only=True)["discriminators"]
+    for k, v in resumed_discs.items():
+        torch.testing.assert_close(v, full_discs[k], rtol=1e-5, atol=1e-6)
+
+    with pytest.raises(CheckpointMismatchError, match=r"exits at layers \[1, 3\].*asks for \[1, 2\]"):
+        train_exits(model, train_set, _ce_config(tmp_path / "killed", exit_layers=(1, 2), resume=True, max_steps=14))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train_exits(model, train_set, _ce_config(tmp_path / "nothing", resume=True))
+
+
+def test_without_adversarial_term_discriminators_stay_untouched(shapes, tmp_path):
+    model, train_set, _ = shapes
+    ee = train_exits(model, train_set, _ce_config(tmp_path, adversarial=False, max_steps=4, checkpoint_every=4))
+    state = torch.load(tmp_path / "checkpoints/step-00000004/state.pt", weights_only=True)
+    torch.manual_seed(0)  # the trainer builds the discriminators right after seeding with config.seed
+    EarlyExitVLM(model, ExitConfig([1, 3]))
+    fresh = exits_module.make_discriminators(ee, 64).state_dict()
+    assert all(torch.equal(state["discriminators"][k], v) for k, v in fresh.items())
+    assert not state["d_opt"]["state"]
+
+
+def test_nonfinite_losses_are_skipped_then_abort(shapes, tmp_path, monkeypatch, caplog):
+    model, train_set, _ = shapes
+    monkeypatch.setattr(exits_module, "kd_loss", lambda *a, **k: torch.tensor(float("nan")))
+    config = _ce_config(tmp_path, anchor="kd", max_steps=6, max_nonfinite_steps=3)
+    with caplog.at_level(logging.WARNING, logger="freevlm.training"):
+        with pytest.raises(TrainingDiverged, match="4 steps had non-finite losses.*generator loss"):
+            train_exits(model, train_set, config)
+    assert "step 0: non-finite generator loss, step skipped (1 skipped so far)" in caplog.text
+
+
+def test_t5_exit_training_keeps_backbone_and_lowers_ce(tmp_path):
+    model = tiny_blip2("t5", seed=1)
+    records = load_coco_captions(write_shapes(tmp_path / "data", 24, seed=1))
+    data = CaptionDataset(records, make_tokenizer("t5"), make_image_processor(), model.config)
+    before = snapshot(model)
+    config = _ce_config(tmp_path / "run", exit_layers=(1, 2), max_steps=30, lr=3e-3, log_every=5, checkpoint_every=30)
+    ee = train_exits(model, data, config)
+    assert all(torch.equal(v, before[k]) for k, v in snapshot(model).items())
+    one_layer = sum(p.numel() for p in ee.backbone.layers[-1].parameters())
+    assert sum(p.numel() for p in ee.exits.parameters()) == 2 * one_layer
+    events = EventAccumulator(str(tmp_path / "run/tensorboard"))
+    events.Reload()
+    ce = [e.value for e in events.Scalars("train/anchor_loss")]
+    assert ce[-1] < 0.7 * ce[0], ce
+
+
+def test_kd_loss_is_paper_kl_and_zero_on_equal_logits():
+    a, b = torch.randn(5, 11), torch.randn(5, 11)
+    p, q = a.softmax(-1), b.softmax(-1)
+    expected = (p * (p / q).log()).sum(-1).mean()
+    torch.testing.assert_close(kd_loss(a, b), expected)
+    torch.testing.assert_close(kd_loss(a, b, direction="final_to_exit"), (q * (q / p).log()).sum(-1).mean())
+    assert kd_loss(a, a, temperature=2.0).abs() < 1e-6
+
+
+def test_discriminator_monitor_warns_on_collapse_and_chance(caplog):
+    monitor = DiscriminatorMonitor(["3", "6"], window=5)
+    with caplog.at_level(logging.WARNING, logger="freevlm.training"):
+        for step in range(8):
+            monitor.update({"3": 1.0, "6": 0.5 + 0.01 * (step % 2)}, step)
+    assert caplog.text.count("exit 3 has been ~100% accurate") == 1
+    assert caplog.text.count("exit 6 has been at ~50% accuracy") == 1
