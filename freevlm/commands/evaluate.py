@@ -1,0 +1,106 @@
+"""`freevlm eval` (one threshold) and `freevlm sweep` (thresholds chosen on a dev split): metrics, speed, plots."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..data.specs import FORMATS, DatasetSpec, read_dataset
+from ..eval.evaluate import CAPTION_PROMPT, VQA_PROMPT, evaluate
+from ..eval.sweep import DEFAULT_THRESHOLDS, sweep, write_sweep
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", required=True, help="folder of a BLIP-2 saved with save_pretrained")
+    p.add_argument("--exits", required=True, help="folder of exits saved by EarlyExitVLM.save_exits")
+    p.add_argument("--format", required=True, choices=sorted(FORMATS), help="dataset format")
+    p.add_argument("--files", required=True, nargs="+",
+                   help="annotation file(s): " + "; ".join(f"{k}: {v[1]}" for k, v in FORMATS.items()))  # fmt: skip
+    p.add_argument("--images", required=True, help="folder the dataset's image paths are relative to")
+    p.add_argument("--split", help="Karpathy split (train/val/test/restval) or NoCaps domain")
+    p.add_argument("--limit", type=int, help="evaluate only the first N records")
+    p.add_argument("--out", required=True, help="output folder (results.json, predictions, plots)")
+    p.add_argument("--prompt", help=f"prompt (captions: {CAPTION_PROMPT!r}; VQA: {VQA_PROMPT!r} with {{question}})")
+    p.add_argument("--max-new-tokens", type=int, help="default: 30 for captions, 10 for answers")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--kv", choices=("recompute", "propagate"), default="recompute")
+    p.add_argument("--no-full", action="store_true", help="do not time the full model beside early exit")
+    p.add_argument("--timing-repeats", type=int, default=1, help="decode each batch N times per mode, keep the fastest")
+    p.add_argument("--device", default="cpu")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate early exits at one threshold: official metrics + speed vs full model")
+    _common(p)
+    p.add_argument("--threshold", type=float, default=0.8)
+    p.set_defaults(func=run_eval)
+
+    p = sub.add_parser("sweep", help="sweep thresholds, choose the best on a dev split, plot quality vs speedup")
+    _common(p)
+    p.add_argument("--thresholds", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS))
+    p.add_argument("--dev-files", nargs="+", help="dev annotation file(s) (default: hold out --dev-fraction)")
+    p.add_argument("--dev-split", help="dev split of the same files (e.g. Karpathy 'val')")
+    p.add_argument("--dev-fraction", type=float, default=0.2)
+    p.add_argument("--no-per-layer", action="store_true", help="skip the per-layer (forced exit) curve")
+    p.set_defaults(func=run_sweep)
+
+
+def _spec(args, files=None, split=None) -> DatasetSpec:
+    return DatasetSpec(args.format, list(files or args.files), args.images, split or args.split, args.limit)
+
+
+def _eval_kwargs(args, task: str) -> dict:
+    kw = dict(batch_size=args.batch_size, kv=args.kv, compare_full=not args.no_full,
+              timing_repeats=args.timing_repeats)  # fmt: skip
+    if args.max_new_tokens:
+        kw["max_new_tokens"] = args.max_new_tokens
+    if args.prompt is not None:
+        if task == "visdial":
+            raise ValueError("--prompt does not apply to VisDial (the prompt is built from caption and history)")
+        kw["prompt"] = args.prompt
+    if task == "vqa":
+        kw["metric"] = "exact" if args.format == "gqa" else "vqa"
+    return kw
+
+
+def _load(args):
+    from ..hub import load_blip2
+    from ..model import EarlyExitVLM
+
+    bundle = load_blip2(args.backbone, device=args.device)
+    return EarlyExitVLM.from_pretrained(bundle.model, args.exits), bundle
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    spec = _spec(args)
+    records = read_dataset(spec)  # a broken dataset fails before any weights load
+    ee, bundle = _load(args)
+    result = evaluate(spec.task, ee, bundle, records, args.threshold, **_eval_kwargs(args, spec.task))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result.as_dict(predictions=False), indent=2))
+    (out / "predictions.json").write_text(json.dumps(result.predictions, indent=1))
+    s = result.speed
+    print(f"{spec.format} ({len(records)} records), threshold {args.threshold:g}: {result.metric} {result.score}")
+    print(f"analytic speedup {s.analytic_speedup:.2f}x, {s.mean_layers_per_token:.2f} of {s.num_layers} layers per "
+          f"token, exits {s.exit_histogram}")  # fmt: skip
+    if s.wallclock_speedup is not None:
+        print(f"wall-clock speedup vs full model: end to end {s.wallclock_speedup:.2f}x, "
+              f"per decode step {s.decode_speedup:.2f}x; same output as full: {result.agreement_with_full:.1%}")  # fmt: skip
+    print(f"wrote {out / 'results.json'}")
+    return 0
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    spec = _spec(args)
+    records = read_dataset(spec)
+    dev = read_dataset(_spec(args, args.dev_files, args.dev_split)) if (args.dev_files or args.dev_split) else None
+    ee, bundle = _load(args)
+    result = sweep(ee, bundle, spec.task, records, dev, args.thresholds, args.dev_fraction,
+                   per_layer=not args.no_per_layer, progress=print, **_eval_kwargs(args, spec.task))  # fmt: skip
+    paths = write_sweep(result, args.out)
+    print(f"best threshold on dev: {result.best_threshold:g}")
+    for name, path in paths.items():
+        print(f"wrote {name}: {path}")
+    return 0

@@ -1,0 +1,69 @@
+"""`freevlm eval` and `freevlm sweep` on a tiny BLIP-2 saved to disk, with fixture datasets in public formats."""
+
+import json
+
+import pytest
+
+import dataset_files as files
+from freevlm import EarlyExitVLM, ExitConfig
+from freevlm.cli import main
+from freevlm.hub import load_blip2
+from freevlm.tiny import tiny_blip2
+from tiny_processor import tiny_bundle
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    model = tiny_blip2("opt", seed=2, num_layers=4)
+    bundle = tiny_bundle(model)
+    model.save_pretrained(root / "backbone")
+    bundle.tokenizer.save_pretrained(root / "backbone")
+    bundle.image_processor.save_pretrained(root / "backbone")
+    # exits built on the reloaded backbone: the fingerprint of an in-memory model differs from its reloaded copy
+    # (config `dtype` None vs "float32"), reported to the backbone owner
+    reloaded = load_blip2(root / "backbone").model
+    EarlyExitVLM(reloaded, ExitConfig([1, 2], init="fresh")).save_exits(root / "exits")
+    return root
+
+
+@pytest.mark.slow
+def test_eval_captions_cli(checkpoint, tmp_path, capsys):
+    path = files.karpathy(tmp_path)
+    out = tmp_path / "out"
+    code = main(["eval", "--backbone", str(checkpoint / "backbone"), "--exits", str(checkpoint / "exits"),
+                 "--format", "coco-karpathy", "--files", str(path), "--images", str(tmp_path), "--split", "train",
+                 "--out", str(out), "--threshold", "0.0", "--max-new-tokens", "4", "--prompt", "a photo of"])  # fmt: skip
+    assert code == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["task"] == "captions" and result["metric"] == "CIDEr"
+    assert set(result["quality"]["all"]) >= {"Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE"}
+    assert result["speed"]["exit_histogram"] == {"1": result["speed"]["tokens"]}  # threshold 0: first exit
+    assert result["speed"]["analytic_speedup"] == pytest.approx(2.0)
+    assert len(json.loads((out / "predictions.json").read_text())) == 2  # train + restval
+    assert "analytic speedup 2.00x" in capsys.readouterr().out
+
+
+def test_sweep_vqa_cli(checkpoint, tmp_path):
+    q, a = files.vqa(tmp_path)
+    out = tmp_path / "out"
+    code = main(["sweep", "--backbone", str(checkpoint / "backbone"), "--exits", str(checkpoint / "exits"),
+                 "--format", "vqav2", "--files", str(q), str(a), "--images", str(tmp_path / "val2014"),
+                 "--dev-files", str(q), str(a), "--thresholds", "0.5", "1.0", "--out", str(out),
+                 "--max-new-tokens", "2"])  # fmt: skip
+    assert code == 0
+    result = json.loads((out / "results.json").read_text())
+    assert [r["threshold"] for r in result["test"]] == [0.5, 1.0]
+    assert [r["layer"] for r in result["per_layer"]] == [1, 2, 4]
+    assert (out / "quality_vs_speedup.png").is_file() and (out / "per_layer.png").is_file()
+
+
+def test_cli_names_a_broken_dataset(checkpoint, tmp_path, capsys):
+    q, a = files.vqa(tmp_path)
+    (tmp_path / "val2014" / "COCO_val2014_000000000073.jpg").unlink()
+    code = main(["eval", "--backbone", str(checkpoint / "backbone"), "--exits", str(checkpoint / "exits"),
+                 "--format", "vqav2", "--files", str(q), str(a), "--images", str(tmp_path / "val2014"),
+                 "--out", str(tmp_path / "out")])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "question #2 (id 730)" in err and "COCO_val2014_000000000073.jpg" in err

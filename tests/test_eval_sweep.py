@@ -1,0 +1,105 @@
+"""The evaluation loop and the sweep end to end on a tiny random BLIP-2 with exits, on fixture datasets."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import dataset_files as files
+from freevlm import EarlyExitVLM, ExitConfig
+from freevlm.data.records import VQARecord
+from freevlm.data.visdial import read_visdial
+from freevlm.data.vqa import read_vqa
+from freevlm.eval.evaluate import evaluate_visdial, evaluate_vqa
+from freevlm.eval.sweep import sweep, write_sweep
+from freevlm.tiny import tiny_blip2
+from tiny_processor import tiny_bundle
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = tiny_blip2("opt", seed=1, num_layers=6)
+    ee = EarlyExitVLM(model, ExitConfig([2, 4], init="fresh"))
+    return ee, tiny_bundle(model)
+
+
+def vqa_records(tmp_path, n=10):
+    records = []
+    for i in range(n):
+        image = files.write_image(tmp_path / f"{i}.png", (25 * i, 255 - 20 * i, 90))
+        answers = ["red"] * (i % 4) + ["blue"] * (10 - i % 4)
+        records.append(VQARecord(image, i, "what color is the square ?", answers, ["other", "yes/no"][i % 2]))
+    return records
+
+
+def test_evaluate_vqa_reports_quality_and_speed(tiny, tmp_path):
+    ee, bundle = tiny
+    records = vqa_records(tmp_path, 4)
+    result = evaluate_vqa(ee, bundle, records, threshold=0.0, prompt="question : {question} answer :",
+                          max_new_tokens=4, batch_size=2)  # fmt: skip
+    speed = result.speed
+    # threshold 0: every token leaves at the first exit (layer 2 of 6)
+    assert speed.exit_histogram == {2: speed.tokens} and speed.tokens > 0
+    assert speed.analytic_speedup == pytest.approx(6 / 3)
+    assert speed.full_seconds["total"] > 0 and speed.wallclock_speedup > 0 and speed.decode_speedup > 0
+    assert speed.ideal_speedup > 1.0  # fewer parameters touched than the full model
+    assert len(result.predictions) == 4 and all("full_prediction" in p for p in result.predictions)
+    assert set(result.quality["per_answer_type"]) == {"other", "yes/no"}
+    expected = sum(p["accuracy"] for p in result.predictions) / 4
+    assert result.score == pytest.approx(expected)
+    full = evaluate_vqa(ee, bundle, records, threshold=1.0, prompt="question : {question} answer :",
+                        max_new_tokens=4, batch_size=2)  # fmt: skip
+    assert full.speed.exit_histogram == {6: full.speed.tokens} and full.speed.analytic_speedup == 1.0
+    assert full.agreement_with_full == 1.0  # threshold 1.0 is the full model
+
+
+def test_sweep_writes_json_and_plots(tiny, tmp_path):
+    ee, bundle = tiny
+    records = vqa_records(tmp_path, 10)
+    lines = []
+    result = sweep(ee, bundle, "vqa", records, thresholds=(0.0, 0.05, 1.0), prompt="question : {question} answer :",
+                   max_new_tokens=3, batch_size=4, progress=lines.append)  # fmt: skip
+    assert len(result.dev) == len(result.test) == 3
+    assert [r.layer for r in result.per_layer] == [2, 4, 6]
+    assert len(result.dev[0].predictions) == 2 and len(result.test[0].predictions) == 8  # 20% held out as dev
+    assert result.best_threshold in (0.0, 0.05, 1.0)
+    best = max(result.dev, key=lambda r: (r.score, r.speed.analytic_speedup))
+    assert result.best_threshold == best.threshold
+    # forcing the final layer is the full model, so it equals threshold 1.0
+    assert result.per_layer[-1].score == result.test[-1].score
+    assert [p["prediction"] for p in result.per_layer[-1].predictions] == [p["prediction"] for p in result.test[-1].predictions]
+    paths = write_sweep(result, tmp_path / "out")
+    data = json.loads(paths["results"].read_text())
+    assert data["best_threshold"] == result.best_threshold
+    assert [row["threshold"] for row in data["test"]] == [0.0, 0.05, 1.0]
+    assert data["test"][0]["speed"]["analytic_speedup"] == pytest.approx(2.0)
+    assert data["test"][0]["speed"]["wallclock_speedup"] > 0
+    for name in ("quality_vs_speedup", "per_layer"):
+        png = paths[name]
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(png) as im:
+            assert im.size[0] > 300 and im.size[1] > 200
+    assert len(lines) == 6
+
+
+def test_evaluate_visdial_ranks_options(tiny, tmp_path):
+    ee, bundle = tiny
+    path, dense = files.visdial(tmp_path)
+    records = read_visdial(path, tmp_path / "images", dense=dense)
+    result = evaluate_visdial(ee, bundle, records, threshold=0.5, max_new_tokens=3, batch_size=3)
+    q = result.quality
+    assert q["rounds"] == 6 and q["ndcg_rounds"] == 1
+    assert 0 < q["mrr"] <= 1 and 1 <= q["mean_rank"] <= 4 and q["r@10"] == 1.0
+    assert result.score == q["mrr"] and result.speed.tokens > 0
+
+
+def test_vqa_reader_to_evaluation(tiny, tmp_path):
+    """The real VQAv2 layout read from disk goes through the loop; the metric there is the official one."""
+    ee, bundle = tiny
+    q, a = files.vqa(tmp_path)
+    records = read_vqa(q, a, tmp_path / "val2014")
+    result = evaluate_vqa(ee, bundle, records, threshold=0.5, max_new_tokens=2, compare_full=False)
+    assert result.speed.full_seconds is None and result.agreement_with_full is None
+    assert set(result.quality["per_answer_type"]) == {"other", "number", "yes/no"}
+    assert 0.0 <= result.score <= 1.0
