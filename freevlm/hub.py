@@ -14,6 +14,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+# beside config.json: the BLIP-2's `vision_model` is one of ours (written by `freevlm.demo.backbone.save_backbone`)
+BACKBONE_MARKER = "freevlm_backbone.json"
+
 
 @dataclass
 class Blip2Bundle:
@@ -59,7 +62,10 @@ def load_blip2(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype 
     if model_type != "blip-2":
         raise ValueError(f"{path} holds a '{model_type}' model, not a BLIP-2 (model_type 'blip-2')")
     try:
-        model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        if (path / BACKBONE_MARKER).is_file():
+            model = _load_with_custom_vision(path, dtype)
+        else:
+            model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"{path} is not a loadable BLIP-2 checkpoint: {err}") from err
     try:
@@ -68,3 +74,30 @@ def load_blip2(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype 
     except (OSError, ValueError) as err:
         raise ValueError(f"{path} has no tokenizer/image processor saved beside the model: {err}") from err
     return Blip2Bundle(model.to(device).eval(), tokenizer, image_processor)
+
+
+def _load_with_custom_vision(path: Path, dtype: torch.dtype | None) -> torch.nn.Module:
+    """A BLIP-2 whose image encoder is not a ViT: `from_pretrained` would build a ViT, so rebuild and load here."""
+    from safetensors.torch import load_file
+    from transformers import Blip2Config, GenerationConfig
+
+    from .demo.backbone import model_from_config
+
+    marker = json.loads((path / BACKBONE_MARKER).read_text())
+    if marker.get("vision_model") != "efficientnet-lite0":
+        raise ValueError(f"{path / BACKBONE_MARKER} names an unknown vision model {marker.get('vision_model')!r}")
+    model = model_from_config(Blip2Config.from_pretrained(path), pretrained_encoder=False)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise OSError(f"no *.safetensors weights in {path}")
+    state = {key: value for file in files for key, value in load_file(file).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    current = model.state_dict()
+    loaded = {current[key].data_ptr() for key in state if key in current}
+    untied = [key for key in missing if current[key].data_ptr() not in loaded]  # tied weights are saved once
+    if untied or unexpected:
+        raise ValueError(f"weights in {path} do not fit the model: missing {untied[:5]}, unexpected {unexpected[:5]}")
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+        model.language_model.generation_config = model.generation_config
+    return model.to(dtype) if dtype is not None else model

@@ -125,6 +125,21 @@ class EfficientNetVisionEncoder(nn.Module):
         self.blocks.eval()
         return self
 
+    @torch.no_grad()
+    def frozen_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The frozen feature map `[B, 112, h, w]`: the same for an image at every step, so trainers may cache it."""
+        return self.blocks(self.stem(pixel_values.to(self.projection.weight.dtype)))
+
+    def embed(self, fmap: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """Trainable part: feature map -> tokens `[B, h*w, hidden_size]` (position embedding, projection, norm)."""
+        tokens = fmap.flatten(2).transpose(1, 2)
+        pos = self.position_embedding
+        if interpolate_pos_encoding or tokens.shape[1] != pos.shape[1]:
+            side = int(pos.shape[1] ** 0.5)
+            pos = F.interpolate(pos.transpose(1, 2).reshape(1, -1, side, side), size=fmap.shape[-2:], mode="bicubic")
+            pos = pos.flatten(2).transpose(1, 2)
+        return self.layernorm(self.projection(tokens + pos))
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -134,15 +149,7 @@ class EfficientNetVisionEncoder(nn.Module):
         interpolate_pos_encoding: bool = False,
         **kwargs,
     ) -> BaseModelOutputWithPooling | tuple:
-        with torch.no_grad():
-            fmap = self.blocks(self.stem(pixel_values.to(self.projection.weight.dtype)))
-        tokens = fmap.flatten(2).transpose(1, 2)  # [B, h*w, 112]
-        pos = self.position_embedding
-        if interpolate_pos_encoding or tokens.shape[1] != pos.shape[1]:
-            side = int(pos.shape[1] ** 0.5)
-            pos = F.interpolate(pos.transpose(1, 2).reshape(1, -1, side, side), size=fmap.shape[-2:], mode="bicubic")
-            pos = pos.flatten(2).transpose(1, 2)
-        hidden = self.layernorm(self.projection(tokens + pos))
+        hidden = self.embed(self.frozen_features(pixel_values), interpolate_pos_encoding)
         pooled = hidden.mean(1)
         if return_dict is False:
             return (hidden, pooled)

@@ -1,0 +1,152 @@
+"""The demo's small BLIP-2: real Hugging Face classes, a frozen pretrained EfficientNet-Lite0 as image encoder.
+
+No BLIP-2 weights can be had here, so the demo trains its own. A ViT trained from scratch learns only the caption
+prior in minutes on a CPU; a frozen pretrained encoder grounds (DESIGN.md section 6), so `vision_model` is
+`EfficientNetVisionEncoder` while the Q-Former, projection and LM (OPT, or T5 by argument) are Hugging Face's.
+The tokenizer is word-level over the shapes-world and easy-VQA words, built offline with `tokenizers`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from transformers import (
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2QFormerConfig,
+    Blip2VisionConfig,
+    GenerationConfig,
+    OPTConfig,
+    PreTrainedTokenizerFast,
+    T5Config,
+)
+
+from ..data import easyvqa, shapes
+from ..hub import BACKBONE_MARKER, Blip2Bundle
+from ..vision.efficientnet import IMAGENET_MEAN, IMAGENET_STD, EfficientNetVisionEncoder
+
+PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
+SPECIALS = (PAD, BOS, EOS, UNK, IMAGE)  # ids 0..4
+PROMPT_WORDS = ("a", "photo", "of", "question", "answer", "short", "caption", ":", ",", ".")
+
+
+def vocabulary() -> list[str]:
+    """Special tokens, then every word of the shapes world, easy-VQA and the training prompts."""
+    words = set(shapes.vocabulary()) | set(easyvqa.vocabulary()) | set(PROMPT_WORDS)
+    return list(SPECIALS) + sorted(words - set(SPECIALS))
+
+
+def build_tokenizer(family: str = "opt") -> PreTrainedTokenizerFast:
+    """Word-level tokenizer; OPT-style prompts start with <s>, T5-style inputs end with </s>."""
+    vocab = {word: i for i, word in enumerate(vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    if family == "opt":
+        tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
+                                                           special_tokens=[(BOS, vocab[BOS])])  # fmt: skip
+    else:
+        tok.post_processor = processors.TemplateProcessing(single=f"$A {EOS}", pair=f"$A $B {EOS}",
+                                                           special_tokens=[(EOS, vocab[EOS])])  # fmt: skip
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK,
+        extra_special_tokens={"image_token": IMAGE}, padding_side="left",
+    )  # fmt: skip
+
+
+def build_image_processor(image_size: int = 128):
+    """Hugging Face's BLIP image processor at `image_size` with ImageNet statistics (what EfficientNet saw)."""
+    try:  # the default class needs torchvision; its PIL twin is the same processor without it
+        from transformers import BlipImageProcessorPil as Processor
+    except ImportError:
+        from transformers import BlipImageProcessor as Processor
+    return Processor(size={"height": image_size, "width": image_size}, image_mean=IMAGENET_MEAN,
+                     image_std=IMAGENET_STD, do_convert_rgb=True)  # fmt: skip
+
+
+def demo_config(
+    family: str = "opt",
+    num_layers: int = 12,
+    hidden_size: int = 256,
+    num_heads: int = 4,
+    num_query_tokens: int = 16,
+    qformer_hidden_size: int = 128,
+    qformer_layers: int = 2,
+    image_size: int = 128,
+    max_positions: int = 128,
+) -> Blip2Config:
+    """BLIP-2 config of the demo model; token ids match `build_tokenizer`. Dropout off: minutes of training only.
+
+    The vision config describes the tokens the EfficientNet encoder hands the Q-Former (its `hidden_size`); the ViT
+    it would build is replaced (and `initializer_range` is set so even that one is not dead).
+    """
+    vocab_size = len(vocabulary())
+    pad, bos, eos, image = (SPECIALS.index(t) for t in (PAD, BOS, EOS, IMAGE))
+    vision = Blip2VisionConfig(hidden_size=qformer_hidden_size, intermediate_size=2 * qformer_hidden_size,
+                               num_hidden_layers=1, num_attention_heads=2, image_size=image_size, patch_size=16,
+                               initializer_range=0.02)  # fmt: skip
+    qformer = Blip2QFormerConfig(
+        hidden_size=qformer_hidden_size, num_hidden_layers=qformer_layers, num_attention_heads=4,
+        intermediate_size=4 * qformer_hidden_size, encoder_hidden_size=qformer_hidden_size, vocab_size=vocab_size,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=max_positions,
+    )  # fmt: skip
+    if family == "opt":
+        text = OPTConfig(
+            vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+            ffn_dim=4 * hidden_size, word_embed_proj_dim=hidden_size, max_position_embeddings=max_positions,
+            dropout=0.0, attention_dropout=0.0, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
+        )  # fmt: skip
+    elif family == "t5":
+        # encoder and decoder of equal depth: unequal depths break Hugging Face's own T5 cache
+        text = T5Config(
+            vocab_size=vocab_size, d_model=hidden_size, d_kv=hidden_size // num_heads, d_ff=4 * hidden_size,
+            num_layers=num_layers, num_decoder_layers=num_layers, num_heads=num_heads, dropout_rate=0.0,
+            feed_forward_proj="gated-gelu", decoder_start_token_id=pad, eos_token_id=eos, pad_token_id=pad,
+        )  # fmt: skip
+    else:
+        raise ValueError(f"unknown family {family!r}: 'opt' or 't5'")
+    return Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
+                       num_query_tokens=num_query_tokens, image_token_index=image)  # fmt: skip
+
+
+def generation_config(config: Blip2Config, max_new_tokens: int = 24) -> GenerationConfig:
+    text = config.text_config
+    ids = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")  # T5 has no BOS, OPT no start
+    return GenerationConfig(max_new_tokens=max_new_tokens, **{name: getattr(text, name, None) for name in ids})
+
+
+def model_from_config(config: Blip2Config, pretrained_encoder: bool = True) -> Blip2ForConditionalGeneration:
+    """A BLIP-2 whose `vision_model` is the EfficientNet encoder, query tokens drawn (not the dead zero default)."""
+    model = Blip2ForConditionalGeneration(config)
+    vision = config.vision_config
+    model.vision_model = EfficientNetVisionEncoder(vision.hidden_size, vision.image_size, pretrained_encoder)
+    with torch.no_grad():
+        model.query_tokens.normal_(std=0.02)
+    gen = generation_config(config)
+    model.generation_config = gen
+    model.language_model.generation_config = gen
+    return model
+
+
+def build_backbone(family: str = "opt", seed: int = 0, **config_kwargs) -> Blip2Bundle:
+    """A fresh demo BLIP-2 (eval mode) with its tokenizer and image processor; sizes as in `demo_config`."""
+    torch.manual_seed(seed)
+    config = demo_config(family, **config_kwargs)
+    model = model_from_config(config)
+    return Blip2Bundle(model.eval(), build_tokenizer(family), build_image_processor(config.vision_config.image_size))
+
+
+def save_backbone(bundle: Blip2Bundle, path: str | os.PathLike) -> Path:
+    """`save_pretrained` folder + a marker naming the encoder, so `freevlm.hub.load_blip2(path)` rebuilds it."""
+    path = Path(path)
+    bundle.model.save_pretrained(path)
+    bundle.tokenizer.save_pretrained(path)
+    bundle.image_processor.save_pretrained(path)
+    marker = {"vision_model": "efficientnet-lite0", "family": bundle.model.config.text_config.model_type}
+    (path / BACKBONE_MARKER).write_text(json.dumps(marker, indent=2))
+    return path

@@ -1,0 +1,78 @@
+"""The demo's small BLIP-2: ids agree across tokenizer and configs, the image matters, save + load_blip2 round-trips,
+and the early-exit engine runs on it."""
+
+import pytest
+import torch
+
+from freevlm import EarlyExitVLM, ExitConfig
+from freevlm.data import easyvqa, shapes
+from freevlm.demo.backbone import IMAGE, build_backbone, save_backbone
+from freevlm.hub import BACKBONE_MARKER, load_blip2
+from freevlm.vision.efficientnet import EfficientNetVisionEncoder
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return build_backbone("opt", seed=0, num_layers=10, hidden_size=64)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [shapes.render(e.scene) for e in shapes.generate_split("test", 2, seed=0)]
+
+
+def test_token_ids_agree_with_the_configs(bundle):
+    tok, cfg, model = bundle.tokenizer, bundle.model.config, bundle.model
+    assert len(tok) == cfg.text_config.vocab_size
+    assert tok.convert_tokens_to_ids(IMAGE) == cfg.image_token_index
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        assert getattr(tok, name) == getattr(cfg.text_config, name) == getattr(model.generation_config, name)
+        assert getattr(model.language_model.generation_config, name) == getattr(tok, name)
+    assert tok("a photo of")["input_ids"][0] == tok.bos_token_id  # OPT-style prompt
+    words = " ".join(shapes.vocabulary() + easyvqa.vocabulary())
+    assert tok.unk_token_id not in tok(words, add_special_tokens=False)["input_ids"]
+    assert tok.decode(tok("what color is the shape?", add_special_tokens=False)["input_ids"]) == \
+        "what color is the shape ?"  # fmt: skip
+
+
+def test_model_uses_the_frozen_efficientnet_and_sees_the_image(bundle, images):
+    model = bundle.model
+    assert isinstance(model.vision_model, EfficientNetVisionEncoder)
+    assert model.query_tokens.std() > 0.01  # drawn, not Hugging Face's dead zeros
+    inputs = bundle.inputs(images, ["a photo of"] * 2)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert (logits[0, -1] - logits[1, -1]).abs().max() > 1e-3  # two images, two answers
+
+
+def test_save_and_load_blip2_round_trip(bundle, images, tmp_path):
+    save_backbone(bundle, tmp_path / "backbone")
+    assert (tmp_path / "backbone" / BACKBONE_MARKER).is_file()
+    loaded = load_blip2(tmp_path / "backbone")
+    assert isinstance(loaded.model.vision_model, EfficientNetVisionEncoder)
+    prompts = ["a photo of", "question : how many shapes are there ? answer :"]
+    inputs = bundle.inputs(images, prompts)
+    assert all(torch.equal(v, loaded.inputs(images, prompts)[k]) for k, v in inputs.items())
+    with torch.no_grad():
+        assert torch.equal(bundle.model(**inputs).logits, loaded.model(**inputs).logits)
+    out = bundle.model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, loaded.model.generate(**inputs, max_new_tokens=6, do_sample=False))
+    assert loaded.decode(out) == bundle.decode(out)
+
+
+def test_early_exit_engine_runs_on_the_demo_backbone(bundle, images):
+    ee = EarlyExitVLM.from_backbone(bundle.model, ExitConfig([3, 6, 9]))
+    inputs = bundle.inputs(images, ["a photo of"] * 2)
+    full = ee.generate(**inputs, max_new_tokens=6, threshold=1.0)
+    hf = bundle.model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    n = min(full.sequences.shape[1], hf.shape[1])
+    assert torch.equal(full.sequences[:, :n], hf[:, :n])
+    early = ee.generate(**inputs, max_new_tokens=6, threshold=0.0)
+    assert early.sequences.shape[0] == 2 and early.exit_layers is not None
+
+
+def test_t5_variant_builds_and_generates(images):
+    t5 = build_backbone("t5", num_layers=2, hidden_size=64)
+    assert t5.tokenizer("a photo of")["input_ids"][-1] == t5.tokenizer.eos_token_id  # T5-style input
+    out = t5.model.generate(**t5.inputs(images, ["a photo of"] * 2), max_new_tokens=4, do_sample=False)
+    assert out.shape[0] == 2 and out[0, 0] == t5.model.config.text_config.decoder_start_token_id

@@ -1,0 +1,67 @@
+"""EfficientNet-Lite0: the package's weights load strictly and classify; the BLIP-2 encoder around it stays frozen."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from freevlm.vision.efficientnet import IMAGENET_MEAN, IMAGENET_STD, EfficientNetVisionEncoder, efficientnet_lite0
+
+CAT_CLASSES = set(range(281, 286))  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+def _normalise(image: Image.Image, size: int) -> torch.Tensor:
+    x = torch.from_numpy(np.array(image.convert("RGB").resize((size, size), Image.BICUBIC))).float() / 255
+    x = (x - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    return x.permute(2, 0, 1)[None]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return EfficientNetVisionEncoder(hidden_size=48)
+
+
+def test_imagenet_weights_load_strictly_and_see_a_cat():
+    from skimage import data
+
+    net = efficientnet_lite0()  # load_state_dict(strict=True) inside: any missing/unexpected key raises
+    assert net._fc.weight.shape == (1000, 1280)  # the package ships the classifier head
+    with torch.no_grad():
+        probs = net(_normalise(Image.fromarray(data.chelsea()), 224)).softmax(-1)[0]
+    top5 = set(probs.topk(5).indices.tolist())
+    assert probs.argmax().item() in CAT_CLASSES and len(top5 & CAT_CLASSES) >= 3
+    with torch.no_grad():
+        coffee = net(_normalise(Image.fromarray(data.coffee()), 224)).argmax().item()
+    assert coffee in (967, 968)  # espresso, cup
+
+
+def test_encoder_output_like_a_hugging_face_vision_model(encoder):
+    pixels = torch.randn(2, 3, 128, 128)
+    out = encoder(pixels, return_dict=True)
+    assert out.last_hidden_state.shape == (2, 64, 48)  # 8x8 map after block 10
+    assert out.pooler_output.shape == (2, 48)
+    assert torch.equal(encoder(pixels, return_dict=False)[0], out.last_hidden_state)
+    small = encoder(torch.randn(1, 3, 96, 96), interpolate_pos_encoding=True).last_hidden_state
+    assert small.shape == (1, 36, 48)
+
+
+def test_backbone_frozen_and_kept_in_eval_mode(encoder):
+    trainable = {name for name, p in encoder.named_parameters() if p.requires_grad}
+    assert trainable == {"position_embedding", "projection.weight", "projection.bias", "layernorm.weight",
+                         "layernorm.bias"}  # fmt: skip
+    parent = torch.nn.Sequential(encoder)
+    parent.train()
+    assert encoder.training and not encoder.blocks.training and not encoder.stem.training
+    stats = [m.running_mean.clone() for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    encoder(torch.randn(2, 3, 128, 128)).last_hidden_state.sum().backward()
+    after = [m.running_mean for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(torch.equal(a, b) for a, b in zip(stats, after))  # BatchNorm statistics untouched in train mode
+    assert encoder.projection.weight.grad is not None
+    assert all(p.grad is None for p in encoder.blocks.parameters())
+    parent.eval()
+
+
+def test_different_images_give_different_tokens(encoder):
+    a = encoder(torch.zeros(1, 3, 128, 128)).last_hidden_state
+    b = encoder(torch.ones(1, 3, 128, 128)).last_hidden_state
+    assert (a - b).abs().max() > 1e-2
