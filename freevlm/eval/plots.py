@@ -13,14 +13,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 def plot_quality_vs_speedup(points: list[dict], metric: str, path: str | os.PathLike, title: str = "") -> None:
     """`points`: {"threshold", "score", "analytic_speedup", "wallclock_speedup" (may be None)} per threshold."""
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    pts = sorted(points, key=lambda p: p["analytic_speedup"])
+    pts = sorted(points, key=lambda p: (p["analytic_speedup"], p["threshold"]))
     ax.plot([p["analytic_speedup"] for p in pts], [p["score"] for p in pts], "o-", label="analytic (paper)")
+    labels: dict[tuple[float, float], list[str]] = {}  # thresholds landing on one point share one label
     for p in pts:
-        ax.annotate(f"{p['threshold']:g}", (p["analytic_speedup"], p["score"]), textcoords="offset points",
-                    xytext=(4, 4), fontsize=8)  # fmt: skip
-    timed = [p for p in pts if p.get("wallclock_speedup") is not None]
+        labels.setdefault((round(p["analytic_speedup"], 4), round(p["score"], 4)), []).append(f"{p['threshold']:g}")
+    for (x, y), names in labels.items():
+        ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    timed = sorted((p for p in pts if p.get("wallclock_speedup") is not None), key=lambda p: p["wallclock_speedup"])
     if timed:
-        ax.plot([p["wallclock_speedup"] for p in timed], [p["score"] for p in timed], "s--",
+        ax.plot([p["wallclock_speedup"] for p in timed], [p["score"] for p in timed], "s:", alpha=0.8,
                 label="measured wall-clock")  # fmt: skip
     ax.axvline(1.0, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("speedup over the full model (x)")
