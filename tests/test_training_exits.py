@@ -26,6 +26,15 @@ from freevlm.training.exits import DiscriminatorMonitor, kd_loss
 QUIET = dict(progress=False, checkpoint_every=10_000, log_every=10)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and far more so when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

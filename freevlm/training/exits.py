@@ -255,10 +255,10 @@ def train_exits(model: nn.Module, train_set: CaptionDataset, config: ExitTrainCo
             scaler.scale(g_loss).backward()
             optimizer_step(g_opt, g_params, scaler, runtime, config.grad_clip)
             scaler.update()
-        g_sched.step()  # a skipped step still advances schedule and data: reruns see the same batch at each step
-        if config.adversarial:
-            d_sched.step()
-        step += 1
+            g_sched.step()
+            if config.adversarial:
+                d_sched.step()
+        step += 1  # a skipped step still consumes its batch: reruns see the same batch at each step
 
         # bookkeeping: progress bar, TensorBoard, D monitor, dev evaluation, checkpoints
         progress.step({"d": d_loss.item(), "adv": adv.item(), config.anchor: anchor.item()} if ok else None)

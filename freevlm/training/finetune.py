@@ -176,8 +176,8 @@ def finetune(model: nn.Module, train_set: CaptionDataset, config: FinetuneConfig
             scaler.scale(loss).backward()
             optimizer_step(optimizer, params, scaler, runtime, config.grad_clip)
             scaler.update()
-        scheduler.step()  # a skipped step still advances schedule and data
-        step += 1
+            scheduler.step()
+        step += 1  # a skipped step still consumes its batch
 
         progress.step({"loss": loss.item()} if ok else None)
         if step % config.log_every == 0 or step == total:
