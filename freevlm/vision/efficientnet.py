@@ -113,6 +113,8 @@ class EfficientNetVisionEncoder(nn.Module):
         self.blocks = nn.Sequential(*net._blocks[:FEATURE_BLOCKS])
         self.stem.requires_grad_(False)
         self.blocks.requires_grad_(False)
+        self.stem.to(memory_format=torch.channels_last)  # about 2x faster depthwise convs on CPU
+        self.blocks.to(memory_format=torch.channels_last)
         grid = -(-image_size // 16)
         self.position_embedding = nn.Parameter(torch.randn(1, grid * grid, FEATURE_CHANNELS) * 0.02)
         self.projection = nn.Linear(FEATURE_CHANNELS, hidden_size)
@@ -128,7 +130,8 @@ class EfficientNetVisionEncoder(nn.Module):
     @torch.no_grad()
     def frozen_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The frozen feature map `[B, 112, h, w]`: the same for an image at every step, so trainers may cache it."""
-        return self.blocks(self.stem(pixel_values.to(self.projection.weight.dtype)))
+        x = pixel_values.to(self.projection.weight.dtype).contiguous(memory_format=torch.channels_last)
+        return self.blocks(self.stem(x))
 
     def embed(self, fmap: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         """Trainable part: feature map -> tokens `[B, h*w, hidden_size]` (position embedding, projection, norm)."""
