@@ -8,7 +8,7 @@ import os
 import sys
 
 # modules that define `register(subparsers)`; each adds its own subcommands
-COMMAND_MODULES = ("freevlm.commands.generate", "freevlm.commands.evaluate")
+COMMAND_MODULES = ("freevlm.commands.generate", "freevlm.commands.evaluate", "freevlm.commands.train")
 
 
 class UserError(Exception):

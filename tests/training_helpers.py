@@ -62,3 +62,36 @@ def write_shapes(folder: Path, n: int, seed: int = 0, name: str = "captions.json
     path = folder / name
     path.write_text(json.dumps({"images": images, "annotations": annotations}))
     return path
+
+
+def save_tiny_clip(folder: Path) -> Path:
+    """A random CLIP (32 px images) with a word tokenizer that ends every text with </s> (CLIP pools there)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    specials = ["<unk>", "<pad>", "<s>", "</s>"]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 2), ("</s>", 3)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", model_max_length=32)  # fmt: skip
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(specials) + len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=2, eos_token_id=3, pad_token_id=1),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2),
+        projection_dim=16,
+    )  # fmt: skip
+    CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_blip2(folder: Path, family: str = "opt", seed: int = 0) -> Path:
+    """A tiny BLIP-2 folder that `load_blip2` reads (model + tokenizer + image processor)."""
+    from freevlm.tiny import tiny_blip2
+
+    tiny_blip2(family, seed=seed).save_pretrained(folder)
+    make_tokenizer(family).save_pretrained(folder)
+    make_image_processor().save_pretrained(folder)
+    return folder

@@ -1,0 +1,171 @@
+"""`freevlm finetune` (stage 1), `freevlm train-exits` (stage 2, FREE) and `freevlm capfilt` (pseudo-captions).
+
+Training commands run under `accelerate launch` unchanged (e.g. `accelerate launch --multi_gpu --num_processes 2 -m
+freevlm.cli train-exits ...`; on a host without GPUs that gives CPU processes, while accelerate's own `--cpu` starts
+only one). `--batch-size` is per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from ..cli import UserError
+
+
+def _loop_args(p: argparse.ArgumentParser, default_lr: float, default_epochs: int) -> None:
+    p.add_argument("--backbone", required=True, help="folder of a BLIP-2 saved with save_pretrained (+ tokenizer, processor)")
+    p.add_argument("--captions", required=True, help="COCO captions JSON (captions_*.json or Karpathy dataset_coco.json)")
+    p.add_argument("--image-root", help="folder the JSON's image paths are relative to (default: the JSON's folder)")
+    p.add_argument("--split", help="Karpathy split to use (train, restval, val, test)")
+    p.add_argument("--prompt", default="a photo of", help="prompt before each caption ('' for none)")
+    p.add_argument("--dev-captions", help="COCO captions JSON for the dev split (default: --dev-fraction of --captions)")
+    p.add_argument("--dev-fraction", type=float, default=0.2, help="images held out for dev when no --dev-captions (paper: 0.2)")
+    p.add_argument("--max-target-tokens", type=int, help="refuse captions longer than this many tokens")
+    p.add_argument("--output", dest="output_dir", required=True, help="run folder: checkpoints, tensorboard, result")
+    p.add_argument("--epochs", type=int, default=default_epochs)
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=16, help="per process")
+    p.add_argument("--lr", type=float, default=default_lr)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--schedule", choices=("constant", "linear", "cosine"), default="cosine")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="0 to disable")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=("no", "bf16", "fp16"), default="no", help="autocast dtype")
+    p.add_argument("--cpu", action="store_true", help="train on CPU even if an accelerator is present")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=0, help="dev evaluation interval in steps (0: only at the end)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--max-nonfinite-steps", type=int, default=10, help="abort after this many skipped NaN/inf steps")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="stage 1: fine-tune the BLIP-2 backbone on captions (cross-entropy)")
+    _loop_args(p, default_lr=1e-5, default_epochs=10)
+    p.add_argument("--train-vision", action="store_true", help="also train the vision encoder")
+    p.add_argument("--freeze-qformer", dest="train_qformer", action="store_false")
+    p.add_argument("--freeze-projection", dest="train_projection", action="store_false")
+    p.add_argument("--train-lm", action="store_true", help="also train the language model (not LAVIS's default)")
+    p.set_defaults(func=finetune_command)
+
+    p = sub.add_parser("train-exits", help="stage 2: train FREE exits (GAN + ce | kd | capfilt anchor)")
+    _loop_args(p, default_lr=1e-5, default_epochs=3)
+    p.add_argument("--exit-layers", type=int, nargs="+", required=True, help="LM layers to attach exits to")
+    p.add_argument("--init", choices=("copy_last", "copy_next", "fresh"), default="copy_last")
+    p.add_argument("--anchor", choices=("ce", "kd", "capfilt"), default="kd",
+                   help="ce: labels; kd: final layer's soft labels; capfilt: --captions from `freevlm capfilt`")
+    p.add_argument("--no-adversarial", dest="adversarial", action="store_false", help="anchor only (ablation)")
+    p.add_argument("--adv-weight", type=float, default=1.0)
+    p.add_argument("--anchor-weight", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="kd temperature")
+    p.add_argument("--kd-direction", choices=("exit_to_final", "final_to_exit"), default="exit_to_final")
+    p.add_argument("--disc-hidden", type=int, default=3072, help="discriminator hidden size")
+    p.add_argument("--disc-lr", type=float, help="discriminator learning rate (default: --lr)")
+    p.add_argument("--d-warn-window", type=int, default=200)
+    p.set_defaults(func=train_exits_command)
+
+    p = sub.add_parser("capfilt", help="pseudo-captions: sample N captions per image, keep the scorer's top k")
+    p.add_argument("--backbone", required=True, help="folder of the (fine-tuned) BLIP-2")
+    p.add_argument("--scorer", required=True, help="clip:PATH (CLIPModel folder) or itm:PATH (Blip2ForImageTextRetrieval)")
+    p.add_argument("--images", nargs="+", help="image files")
+    p.add_argument("--captions", help="take the images from this COCO captions JSON instead (its captions are ignored)")
+    p.add_argument("--image-root", help="folder the --captions image paths are relative to")
+    p.add_argument("--output", required=True, help="COCO captions JSON to write")
+    p.add_argument("--prompt", default="a photo of")
+    p.add_argument("--num-samples", type=int, default=10)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=capfilt_command)
+
+
+def _config(cls, args: argparse.Namespace, **extra):
+    """The dataclass `cls` filled from the parsed arguments that name its fields (unset ones keep defaults)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+    values.update(extra)
+    if values.get("grad_clip") == 0:
+        values["grad_clip"] = None
+    return cls(**values)
+
+
+def _datasets(args: argparse.Namespace, bundle):
+    from ..training import CaptionDataset, load_coco_captions, split_records
+
+    records = load_coco_captions(args.captions, args.image_root, args.prompt, args.split)
+    if args.dev_captions:
+        train, dev = records, load_coco_captions(args.dev_captions, args.image_root, args.prompt, args.split)
+    elif args.dev_fraction > 0:
+        train, dev = split_records(records, args.dev_fraction, args.seed)
+    else:
+        train, dev = records, []
+
+    def dataset(recs, source):
+        return CaptionDataset(recs, bundle.tokenizer, bundle.image_processor, bundle.model.config,
+                              args.max_target_tokens, source=source)  # fmt: skip
+
+    return dataset(train, args.captions), (dataset(dev, f"dev split of {args.captions}") if dev else None)
+
+
+def _run(train) -> int:
+    from ..training import TrainingDiverged
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        train()
+    except (TrainingDiverged, FileExistsError) as err:
+        raise UserError(str(err)) from err
+    return 0
+
+
+def finetune_command(args: argparse.Namespace) -> int:
+    from ..hub import load_blip2
+    from ..training import FinetuneConfig, finetune
+
+    bundle = load_blip2(args.backbone)
+    train_set, dev_set = _datasets(args, bundle)
+    config = _config(FinetuneConfig, args)
+    return _run(lambda: finetune(bundle.model, train_set, config, dev_set, save_with=(bundle.tokenizer, bundle.image_processor)))
+
+
+def train_exits_command(args: argparse.Namespace) -> int:
+    from ..hub import load_blip2
+    from ..training import ExitTrainConfig, train_exits
+
+    bundle = load_blip2(args.backbone)
+    train_set, dev_set = _datasets(args, bundle)
+    config = _config(ExitTrainConfig, args, exit_layers=tuple(args.exit_layers))
+    return _run(lambda: train_exits(bundle.model, train_set, config, dev_set))
+
+
+def capfilt_command(args: argparse.Namespace) -> int:
+    from ..hub import load_blip2
+    from ..training.capfilt import CapFiltConfig, capfilt, load_scorer
+
+    if bool(args.images) == bool(args.captions):
+        raise UserError("give exactly one of --images or --captions")
+    if args.captions:
+        from ..training import load_coco_captions
+
+        paths = list(dict.fromkeys(r.image for r in load_coco_captions(args.captions, args.image_root)))
+    else:
+        paths = args.images
+    paths = [str(Path(p).resolve()) for p in paths]
+    config = _config(CapFiltConfig, args)
+    scorer = load_scorer(args.scorer, args.device)
+    bundle = load_blip2(args.backbone, device=args.device)
+    entries = capfilt(bundle, paths, scorer, args.output, config)
+    print(json.dumps({"images": len(paths), "captions": len(entries), "output": args.output}))
+    return 0

@@ -1,0 +1,150 @@
+"""CapFilt, the training commands end to end, and 2-process training under `accelerate launch`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from training_helpers import save_tiny_blip2, save_tiny_clip, write_shapes
+
+from freevlm import EarlyExitVLM
+from freevlm.cli import main
+from freevlm.hub import load_blip2
+from freevlm.training import load_coco_captions
+from freevlm.training.capfilt import CapFiltConfig, capfilt, load_scorer, rank_captions, sample_captions
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return {"backbone": save_tiny_blip2(root / "backbone"), "clip": save_tiny_clip(root / "clip"),
+            "captions": write_shapes(root / "data", 24), "root": root}  # fmt: skip
+
+
+class LengthScorer:
+    """Prefers short captions: makes the expected ranking obvious."""
+
+    def score(self, image, texts):
+        return torch.tensor([-float(len(t)) for t in texts])
+
+
+def test_rank_captions_keeps_top_k_distinct_best_first():
+    image = Image.new("RGB", (32, 32))
+    ranked = rank_captions(LengthScorer(), image, ["a red circle", "a dog", "", "a dog", "a big blue square"], top_k=2)
+    assert ranked == [("a dog", -5.0), ("a red circle", -12.0)]
+
+
+def test_capfilt_samples_scores_and_writes_coco(files, tmp_path):
+    bundle = load_blip2(files["backbone"])
+    records = load_coco_captions(files["captions"])
+    paths = list(dict.fromkeys(r.image for r in records))[:3]
+    config = CapFiltConfig(num_samples=5, top_k=2, max_new_tokens=6)
+    torch.manual_seed(0)
+    samples = sample_captions(bundle, [Image.open(p).convert("RGB") for p in paths], config)
+    assert [len(s) for s in samples] == [5, 5, 5] and len({c for s in samples for c in s}) > 3  # really sampled
+    scorer = load_scorer(f"clip:{files['clip']}")
+    out = tmp_path / "pseudo.json"
+    entries = capfilt(bundle, paths, scorer, out, config, progress=False)
+    assert {e["image"] for e in entries} == set(paths)
+    for path in paths:
+        mine = [e for e in entries if e["image"] == path]
+        assert 1 <= len(mine) <= 2 and mine[0]["score"] >= mine[-1]["score"]
+        image = Image.open(path).convert("RGB")
+        torch.testing.assert_close(scorer.score(image, [e["caption"] for e in mine]),
+                                   torch.tensor([e["score"] for e in mine]), rtol=1e-4, atol=1e-5)  # fmt: skip
+    assert [(r.image, r.target) for r in load_coco_captions(out)] == [(e["image"], e["caption"]) for e in entries]
+    with pytest.raises(ValueError, match="clip:PATH"):
+        load_scorer("siglip:/x")
+    with pytest.raises(ValueError, match="top_k"):
+        capfilt(bundle, paths, scorer, out, CapFiltConfig(num_samples=2, top_k=3))
+
+
+def test_blip2_itm_scorer(tmp_path):
+    from training_helpers import make_image_processor, make_tokenizer
+    from transformers import Blip2ForImageTextRetrieval
+
+    from freevlm.tiny import blip2_config
+
+    config = blip2_config("opt")
+    config.qformer_config.use_qformer_text_input = True  # the Q-Former's text path, which ITM needs
+    torch.manual_seed(0)
+    model = Blip2ForImageTextRetrieval(config)
+    with torch.no_grad():
+        model.query_tokens.normal_(std=0.02)
+    model.save_pretrained(tmp_path)
+    make_tokenizer("opt").save_pretrained(tmp_path)
+    make_image_processor().save_pretrained(tmp_path)
+    scorer = load_scorer(f"itm:{tmp_path}")
+    image, texts = Image.new("RGB", (32, 32), (200, 0, 0)), ["a red circle", "a blue square on the left"]
+    scores = scorer.score(image, texts)
+    assert scores.shape == (2,) and ((scores > 0) & (scores < 1)).all() and scores[0] != scores[1]
+    for text, score in zip(texts, scores):  # batching and padding do not change a caption's score
+        torch.testing.assert_close(scorer.score(image, [text]), score[None], rtol=1e-4, atol=1e-5)
+
+
+def test_cli_finetune_capfilt_train_exits_and_resume(files, tmp_path, capsys):
+    loop = ["--batch-size", "4", "--no-progress", "--dev-fraction", "0.25", "--lr", "1e-3"]
+    assert main(["finetune", "--backbone", str(files["backbone"]), "--captions", str(files["captions"]),
+                 "--output", str(tmp_path / "ft"), "--max-steps", "3", *loop]) == 0  # fmt: skip
+    tuned = tmp_path / "ft/model"
+    assert json.loads((tmp_path / "ft/dev_metrics.json").read_text())["loss"] > 0
+
+    pseudo = tmp_path / "pseudo.json"
+    assert main(["capfilt", "--backbone", str(tuned), "--scorer", f"clip:{files['clip']}", "--captions",
+                 str(files["captions"]), "--output", str(pseudo), "--num-samples", "3", "--max-new-tokens", "5"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"] == 24
+
+    run = tmp_path / "exits"
+
+    def train_exits(*extra, layers=("1", "2")):
+        return main(["train-exits", "--backbone", str(tuned), "--captions", str(pseudo), "--anchor", "capfilt",
+                     "--exit-layers", *layers, "--disc-hidden", "32", "--checkpoint-every", "2", "--output", str(run),
+                     *loop, *extra])  # fmt: skip
+
+    assert train_exits("--max-steps", "2") == 0
+    assert train_exits("--max-steps", "4", "--resume") == 0
+    assert (run / "checkpoints/latest").read_text() == "step-00000004"
+    EarlyExitVLM.from_pretrained(load_blip2(tuned).model, run / "exits")
+
+    assert train_exits("--max-steps", "6") == 2  # checkpoints there, no --resume
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert train_exits("--max-steps", "6", "--resume", layers=("2", "3")) == 2
+    assert "exits at layers [1, 2], but this run asks for [2, 3]" in capsys.readouterr().err
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"images": [], "annotations": []}))
+    assert main(["train-exits", "--backbone", str(tuned), "--captions", str(empty), "--exit-layers", "1",
+                 "--output", str(tmp_path / "e")]) == 2  # fmt: skip
+    assert "empty.json is empty" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_run_loads_with_from_pretrained(files, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts ONE process (accelerate 1.15); on a host without GPUs
+    `--multi_gpu` is what gives 2 CPU processes (DistributedType.MULTI_CPU). Our own `--cpu` pins the device."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "freevlm.cli", "train-exits",
+           "--backbone", str(files["backbone"]), "--captions", str(files["captions"]), "--exit-layers", "1", "3",
+           "--anchor", "kd", "--batch-size", "4", "--max-steps", "4", "--checkpoint-every", "2", "--lr", "1e-3",
+           "--disc-hidden", "32", "--no-progress", "--cpu", "--output", str(out)]  # fmt: skip
+    if torch.cuda.is_available():
+        pytest.skip("--multi_gpu would start GPU processes here")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints/step-00000004").glob("rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]
+    model = load_blip2(files["backbone"]).model
+    ee = EarlyExitVLM.from_pretrained(model, out / "exits")
+    fresh = EarlyExitVLM(model, ee.exit_config)
+    assert not all(torch.equal(v, fresh.exits.state_dict()[k]) for k, v in ee.exits.state_dict().items())
