@@ -112,7 +112,7 @@ def sample_scene(rng: random.Random, image_size: int = 64, ood: bool = False, ma
 
 def _well_placed(objects: list[ShapeObject], image_size: int) -> bool:
     """Unambiguous scenes: no overlap; no object astride the vertical midline ('which side'); pairs clearly
-    further apart along one axis ('left of' / 'above'); every object named uniquely by colour + shape, by
+    further apart along one axis ('left of' / 'above') and never at the same x ('from left to right'); every object named uniquely by colour + shape, by
     size + shape (colour questions) and by size + colour (shape questions).
     """
     margin = image_size * 0.06
@@ -121,7 +121,7 @@ def _well_placed(objects: list[ShapeObject], image_size: int) -> bool:
     for i, a in enumerate(objects):
         for b in objects[i + 1 :]:
             dx, dy = abs(a.x - b.x), abs(a.y - b.y)
-            if max(dx, dy) < a.radius + b.radius + 2 or abs(dx - dy) < margin:
+            if max(dx, dy) < a.radius + b.radius + 2 or abs(dx - dy) < margin or dx < 2:  # dx: left-to-right order
                 return False
             if (a.colour, a.shape) == (b.colour, b.shape):
                 return False
