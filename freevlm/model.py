@@ -13,7 +13,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .backbones import Blip2Backbone, load_backbone
+from .decoding.beam import beam_generate
 from .decoding.generate import GenerateOutput, greedy_generate
+from .decoding.speculative import speculative_generate
 from .decoding.policies import ConfidencePolicy, ExitPolicy, validate_threshold
 from .exits import ExitConfig, ExitLayer
 
@@ -122,22 +124,30 @@ class EarlyExitVLM(nn.Module):
         policy: ExitPolicy | None = None,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
+        batch_policy: str = "per_row",
+        max_draft: int = 6,
+        length_penalty: float = 1.0,
+        early_stopping: bool | str = False,
         return_decoder: bool = False,
     ) -> GenerateOutput:
         """Greedy decoding where each token leaves at the first exit its policy accepts.
 
         `mode="full"` runs every layer (exits ignored); `mode="early_exit"` uses `policy` or, by default, the
-        confidence policy at `threshold`. Returns sequences like Hugging Face's `generate`, the layer each token
-        left at, and stats (layers run, analytic and ideal speedup, wall-clock). `return_decoder=True` keeps the
-        engine (every layer's KV cache) on the output, for inspection.
+        confidence policy at `threshold`; `mode="speculative"` lets confident exits draft up to `max_draft` tokens
+        that the final layer verifies (greedy output identical to the full model's). `num_beams > 1` runs beam
+        search (`length_penalty`, `early_stopping` as in Hugging Face) with every beam leaving at its own exit.
+        In a batch each row leaves at its own exit (`batch_policy="per_row"`) unless `"slowest"` makes the step
+        wait for its slowest row. Returns sequences like Hugging Face's `generate`, the layer each token left at,
+        and stats (layers run, analytic and ideal speedup, wall-clock). `return_decoder=True` keeps the engine
+        (every layer's KV cache) on the output, for inspection.
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         validate_threshold(threshold)
-        if num_beams != 1:
-            raise NotImplementedError("beam search with exits is not implemented yet (num_beams must be 1)")
-        if mode == "speculative":
-            raise NotImplementedError("speculative mode is not implemented yet")
+        if not isinstance(num_beams, int) or num_beams < 1:
+            raise ValueError(f"num_beams must be a positive integer, got {num_beams!r}")
+        if mode == "speculative" and (num_beams > 1 or policy is not None):
+            raise ValueError("speculative mode is greedy with the confidence policy: no num_beams, no policy")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if pixel_values is None or pixel_values.dim() != 4:
@@ -153,10 +163,13 @@ class EarlyExitVLM(nn.Module):
             policy = ConfidencePolicy(threshold)
         policy.validate(self.exit_layers, self.backbone.num_layers)
         eos, pad = self._special_tokens(eos_token_id, pad_token_id)
-        return greedy_generate(
-            self.backbone, self.exit_dict(), policy, kv, pixel_values, input_ids, attention_mask,
-            max_new_tokens, eos, pad, return_decoder,
-        )  # fmt: skip
+        args = (self.exit_dict(), policy, kv, pixel_values, input_ids, attention_mask, max_new_tokens, eos, pad)
+        if mode == "speculative":
+            return speculative_generate(self.backbone, self.exit_dict(), threshold, kv, *args[3:], max_draft,
+                                        return_decoder)  # fmt: skip
+        if num_beams > 1:
+            return beam_generate(self.backbone, *args, num_beams, length_penalty, early_stopping, batch_policy)
+        return greedy_generate(self.backbone, *args, batch_policy, return_decoder)
 
     def _default_prompt(self, batch: int, device) -> torch.Tensor:
         """Hugging Face's default: the image tokens, then BOS for decoder-only LMs."""

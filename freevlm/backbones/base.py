@@ -219,7 +219,8 @@ class Blip2Backbone:
         different checkpoint.
         """
         text_cfg = self.config.text_config.to_dict()
-        arch = {k: text_cfg.get(k) for k in sorted(text_cfg) if not k.startswith("_") and k != "transformers_version"}
+        ignored = {"transformers_version", "dtype", "torch_dtype"}  # a cast or a save/load round trip changes these
+        arch = {k: text_cfg.get(k) for k in sorted(text_cfg) if not k.startswith("_") and k not in ignored}
         arch = {k: v for k, v in arch.items() if isinstance(v, (int, float, str, bool, type(None)))}
         with torch.no_grad():
             digest = [float(p.float().abs().mean()) for p in (self.layers[0].parameters())] + [

@@ -28,12 +28,27 @@ from .kv import KVView, LayerKV
 from .policies import ExitPolicy
 
 KV_MODES = ("recompute", "propagate")
+BATCH_POLICIES = ("per_row", "slowest")
+
+
+@dataclass
+class StepResult:
+    """What one step produced for its rows (in the order they were given)."""
+
+    tokens: torch.Tensor  # [n] greedy token of the last new slot, from the layer each row left at
+    exit_at: torch.Tensor  # [n] that layer (num_layers = final)
+    logits: torch.Tensor  # [n, V] the logits it came from
+    # speculative verification: for rows that reached the final layer, its greedy choice at every window slot
+    verified_rows: torch.Tensor | None = None  # [m] indices into the step's rows
+    window_start: int = 0  # first slot of the window
+    verified_tokens: torch.Tensor | None = None  # [m, window] final-layer argmax at slots window_start..
 
 
 @dataclass
 class WorkCounter:
     """What the engine actually ran, for speed accounting (parameters touched, not assumed)."""
 
+    steps: int = 0  # engine steps (one per generated token in plain decoding; the prompt's last slot counts)
     layer_calls: int = 0  # backbone layer calls (any number of rows/slots each)
     exit_calls: int = 0  # exit layer calls
     head_calls: int = 0  # vocabulary head evaluations (one batched call each)
@@ -53,10 +68,14 @@ class EarlyExitDecoder:
         kv_mode: str,
         ctx: Context,
         capacity: int,
+        batch_policy: str = "per_row",
     ):
         if kv_mode not in KV_MODES:
             raise ValueError(f"kv must be one of {KV_MODES}, got {kv_mode!r}")
+        if batch_policy not in BATCH_POLICIES:
+            raise ValueError(f"batch_policy must be one of {BATCH_POLICIES}, got {batch_policy!r}")
         self.backbone, self.exits, self.policy, self.kv_mode, self.ctx = backbone, exits, policy, kv_mode, ctx
+        self.batch_policy = batch_policy
         self.num_layers = backbone.num_layers
         self.batch_size = ctx.prompt_ids.shape[0]
         self.capacity = capacity
@@ -117,14 +136,15 @@ class EarlyExitDecoder:
             x = self._run(self.backbone.layers[depth], self.kv[depth], x, rows, 0, x.shape[1], self.kv[depth].filled)
 
     @torch.no_grad()
-    def step(self, rows: torch.Tensor, x: torch.Tensor, new_start: int, step: int):
+    def step(self, rows: torch.Tensor, x: torch.Tensor, new_start: int, step: int, verify: bool = False) -> StepResult:
         """Run new slots `[new_start, new_start + q)` of `rows` up the stack.
 
-        Returns (tokens `[n]`, exit layer `[n]`, logits `[n, V]`) for the last new slot of each row, in `rows` order;
-        the exit layer is `num_layers` for tokens that went through the whole LM.
+        With `verify`, rows that reach the final layer also get its greedy choice at every slot of the window that
+        was caught up with them (speculative mode: that catch-up is the verification pass).
         """
         n, end = len(rows), new_start + x.shape[1]
         device = x.device
+        self.work.steps += 1
         tokens = torch.empty(n, dtype=torch.long, device=device)
         exit_at = torch.full((n,), self.num_layers, dtype=torch.long, device=device)
         all_logits: torch.Tensor | None = None
@@ -143,7 +163,7 @@ class EarlyExitDecoder:
                     rows, x, out_idx = rows[keep], x[keep], out_idx[keep]
                     fill = [f for f, k in zip(fill, keep.tolist()) if k]
                     if len(rows) == 0:
-                        return tokens, exit_at, all_logits
+                        return StepResult(tokens, exit_at, all_logits)
                     if min(fill) > lo:  # the rows that left needed the lowest slots; the others do not
                         x, lo = x[:, min(fill) - lo :], min(fill)
             x = self._run(self.backbone.layers[depth], self.kv[depth], x, rows, lo, end, fill)
@@ -151,9 +171,13 @@ class EarlyExitDecoder:
             self.work.params_touched += self._layer_params[depth]
             self.work.catchup_slots += new_start - lo
             prev_fill = fill
-        logits = self._head(x[:, -1])
-        all_logits = self._emit(all_logits, logits, out_idx, tokens, exit_at, self.num_layers)
-        return tokens, exit_at, all_logits
+        if not verify:
+            logits = self._head(x[:, -1])
+            all_logits = self._emit(all_logits, logits, out_idx, tokens, exit_at, self.num_layers)
+            return StepResult(tokens, exit_at, all_logits)
+        window_logits = self._head(x)
+        all_logits = self._emit(all_logits, window_logits[:, -1], out_idx, tokens, exit_at, self.num_layers)
+        return StepResult(tokens, exit_at, all_logits, out_idx, lo, window_logits.argmax(dim=-1))
 
     def _join_pending(self, x, rows, fill, prev_fill, lo, end):
         """Bring in the pending tokens whose hidden state stopped at this depth (fill <= slot < previous fill)."""
@@ -181,6 +205,8 @@ class EarlyExitDecoder:
         self.work.params_touched += self._exit_params[depth]
         logits = self._head(y[:, -1]) if self.policy.needs_logits(depth) else None
         leave = self.policy.decide(depth, logits, step, rows)
+        if self.batch_policy == "slowest":  # the step waits for its slowest row: all leave or none
+            leave = leave & leave.all()
         if not bool(leave.any()):  # the one host sync per exit reached
             return None, None
         if logits is None:
@@ -214,6 +240,18 @@ class EarlyExitDecoder:
             if i > depth:
                 self._write_projected(self.exits[i].layer, self.exit_kv[i], x, rows, lo)
                 self.work.params_touched += self.backbone.kv_parameters(self.exits[i].layer)
+
+    def crop_row(self, row: int, length: int) -> None:
+        """Forget slots at or after `length` of one row in every cache (a rejected speculative draft)."""
+        for kv in [*self.kv, *self.exit_kv.values()]:
+            kv.filled[row] = min(kv.filled[row], length)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Rows follow `index` (beam search): caches and pending states of row index[i] move to row i."""
+        for kv in [*self.kv, *self.exit_kv.values()]:
+            kv.reorder(index)
+        if self.pending is not None:
+            self.pending = self.pending.index_select(0, index)
 
     def _write_projected(self, layer, kv: LayerKV, x, rows, lo):
         keys, values = self.backbone.kv_projection(layer, x)

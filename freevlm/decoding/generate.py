@@ -29,6 +29,7 @@ class DecodeStats:
     seconds_total: float = 0.0
     seconds_prefill: float = 0.0  # image encoding + prompt (always through every layer) + first token
     seconds_decode: float = 0.0  # every later token
+    speculative: dict | None = None  # drafted / accepted_drafts / verifications / acceptance_rate
 
     def as_dict(self) -> dict:
         out = {k: v for k, v in self.__dict__.items() if k != "work"}
@@ -61,13 +62,14 @@ def greedy_generate(
     max_new_tokens: int,
     eos_token_id: list[int],
     pad_token_id: int,
+    batch_policy: str = "per_row",
     return_decoder: bool = False,
 ) -> GenerateOutput:
     device = backbone.device
     _sync(device)
     t0 = time.perf_counter()
     ctx = backbone.start(pixel_values, input_ids, attention_mask, max_new_tokens)
-    decoder = EarlyExitDecoder(backbone, exits, policy, kv_mode, ctx, ctx.capacity)
+    decoder = EarlyExitDecoder(backbone, exits, policy, kv_mode, ctx, ctx.capacity, batch_policy)
     batch, prompt_len = ctx.prompt_ids.shape
     generated = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     exit_layers = torch.full((batch, max_new_tokens), -1, dtype=torch.long, device=device)
@@ -78,9 +80,9 @@ def greedy_generate(
     prompt = backbone.embed_prompt(ctx)
     if prompt_len > 1:
         decoder.encode(prompt[:, :-1])
-    tokens, exited, _ = decoder.step(rows, prompt[:, -1:], prompt_len - 1, step=0)
-    generated[:, 0], exit_layers[:, 0] = tokens, exited
-    done |= torch.isin(tokens, eos)
+    result = decoder.step(rows, prompt[:, -1:], prompt_len - 1, step=0)
+    generated[:, 0], exit_layers[:, 0] = result.tokens, result.exit_at
+    done |= torch.isin(result.tokens, eos)
     _sync(device)
     t_prefill = time.perf_counter()
 
@@ -89,15 +91,15 @@ def greedy_generate(
         rows = (~done).nonzero().squeeze(1)
         rows_arg = None if len(rows) == batch else rows
         x = backbone.embed(ctx, generated[rows, length - 1 : length], rows_arg, prompt_len + length - 1)
-        tokens, exited, _ = decoder.step(rows, x, prompt_len + length - 1, step=length)
-        generated[rows, length], exit_layers[rows, length] = tokens, exited
-        done[rows] |= torch.isin(tokens, eos)
+        result = decoder.step(rows, x, prompt_len + length - 1, step=length)
+        generated[rows, length], exit_layers[rows, length] = result.tokens, result.exit_at
+        done[rows] |= torch.isin(result.tokens, eos)
         length += 1
     _sync(device)
     t_end = time.perf_counter()
 
     exit_layers = exit_layers[:, :length]
-    stats = summarize(backbone, decoder, exit_layers, length)
+    stats = summarize(backbone, decoder, exit_layers)
     stats.seconds_total, stats.seconds_prefill, stats.seconds_decode = t_end - t0, t_prefill - t0, t_end - t_prefill
     sequences = torch.cat([ctx.prompt_ids, generated[:, :length]], dim=1)
     return GenerateOutput(sequences, exit_layers, stats, decoder if return_decoder else None)
@@ -111,8 +113,8 @@ def analytic_speedup(exit_layers: list[int], num_layers: int) -> float:
     return num_layers * len(used) / sum(used)
 
 
-def summarize(backbone: Blip2Backbone, decoder: EarlyExitDecoder, exit_layers: torch.Tensor, steps: int):
-    n = backbone.num_layers
+def summarize(backbone: Blip2Backbone, decoder: EarlyExitDecoder, exit_layers: torch.Tensor) -> DecodeStats:
+    n, steps = backbone.num_layers, decoder.work.steps
     real = [int(e) for e in exit_layers.flatten().tolist() if e >= 0]
     full_step = sum(decoder._layer_params) + decoder._head_params
     per_step = decoder.work.params_touched / max(steps, 1)

@@ -58,10 +58,6 @@ class LayerKV:
         self.values[rows, :, start:end] = values
         return self.keys[rows, :, :end], self.values[rows, :, :end]
 
-    def crop(self, length: int) -> None:
-        """Forget every slot at or after `length` (rejected speculative drafts)."""
-        self.filled = [min(f, length) for f in self.filled]
-
     def reorder(self, index: torch.Tensor) -> None:
         """Rows follow `index` (beam search picks which hypothesis each row continues)."""
         order = index.tolist()

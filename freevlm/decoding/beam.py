@@ -1,0 +1,149 @@
+"""Beam search with exits: every beam is a row of the engine, so each beam leaves at its own exit.
+
+The search itself follows Hugging Face's vectorised beam search step for step (top 2k continuations per item,
+finished hypotheses kept with the length penalty `score / generated_length ** length_penalty`, the same
+`early_stopping` rules), so with no exit taken it returns exactly what `generate(num_beams=k)` returns.
+
+A beam's score when its token left early: the token's log-probability under the exit it left at (log-softmax of
+that exit's logits through the frozen head), added to the beam's running score like any other token's. Beams are
+reordered after each step; the engine's caches and pending states move with them.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from ..backbones.base import Blip2Backbone
+from .engine import EarlyExitDecoder
+from .generate import GenerateOutput, _sync, summarize
+from .policies import ExitPolicy
+
+
+def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`tensor[b, index[b, j], ...]` for `[batch, beams, ...]` tensors."""
+    while index.dim() < tensor.dim():
+        index = index.unsqueeze(-1)
+    return torch.take_along_dim(tensor, index, dim=1)
+
+
+@torch.no_grad()
+def beam_generate(
+    backbone: Blip2Backbone,
+    exits: dict[int, nn.Module],
+    policy: ExitPolicy,
+    kv_mode: str,
+    pixel_values: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    max_new_tokens: int,
+    eos_token_id: list[int],
+    pad_token_id: int,
+    num_beams: int,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
+    batch_policy: str = "per_row",
+) -> GenerateOutput:
+    device = backbone.device
+    _sync(device)
+    t0 = time.perf_counter()
+    k = num_beams
+    batch = pixel_values.shape[0]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    expand = lambda t: t.repeat_interleave(k, dim=0)  # noqa: E731 - as Hugging Face expands inputs per beam
+    ctx = backbone.start(expand(pixel_values), expand(input_ids), expand(attention_mask), max_new_tokens)
+    decoder = EarlyExitDecoder(backbone, exits, policy, kv_mode, ctx, ctx.capacity, batch_policy)
+    prompt_len = ctx.prompt_ids.shape[1]
+    eos = torch.tensor(eos_token_id, dtype=torch.long, device=device)
+    keep = max(2, 1 + len(eos_token_id)) * k  # candidates per item, so k unfinished ones always remain
+    top_k_mask = torch.arange(keep, device=device) < k
+
+    # Hugging Face fills unused positions with pad, or EOS where pad is 0 (its `pad or eos` quirk)
+    fill = (pad_token_id or eos_token_id[0]) if eos_token_id else -1
+    running = torch.full((batch, k, max_new_tokens), fill, dtype=torch.long, device=device)
+    running_exits = torch.full((batch, k, max_new_tokens), -1, dtype=torch.long, device=device)
+    running_scores = torch.zeros(batch, k, device=device)
+    running_scores[:, 1:] = -1e9  # all beams start identical: only the first one may spread
+    finished, finished_exits = running.clone(), running_exits.clone()
+    finished_scores = torch.full((batch, k), -1e9, device=device)
+    is_finished = torch.zeros(batch, k, dtype=torch.bool, device=device)
+    improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
+    rows = torch.arange(batch * k, device=device)
+
+    prompt = backbone.embed_prompt(ctx)
+    if prompt_len > 1:
+        decoder.encode(prompt[:, :-1])
+    x = prompt[:, -1:]
+    t_prefill = None
+    for t in range(max_new_tokens):
+        result = decoder.step(rows, x, prompt_len - 1 + t, step=t)
+        if t_prefill is None:
+            _sync(device)
+            t_prefill = time.perf_counter()
+        log_probs = torch.log_softmax(result.logits.float(), dim=-1).view(batch, k, -1)
+        vocab = log_probs.shape[-1]
+        scores = (log_probs + running_scores[..., None]).view(batch, -1)
+        top_scores, top_index = torch.topk(scores, keep)
+        source = top_index // vocab  # which beam each candidate extends
+        tokens = top_index % vocab
+        cand = _gather(running, source)
+        cand[:, :, t] = tokens
+        cand_exits = _gather(running_exits, source)
+        cand_exits[:, :, t] = _gather(result.exit_at.view(batch, k), source)
+        hits_eos = torch.isin(tokens, eos) if len(eos_token_id) else torch.zeros_like(tokens, dtype=torch.bool)
+        hits_stop = hits_eos | (t + 1 >= max_new_tokens)
+
+        # the best k candidates that did not stop keep running
+        alive_scores = top_scores + hits_stop.float() * -1e9
+        next_index = torch.topk(alive_scores, k)[1]
+        running = _gather(cand, next_index)
+        running_exits = _gather(cand_exits, next_index)
+        running_scores = _gather(alive_scores, next_index)
+        beam_rows = _gather(source, next_index) + torch.arange(batch, device=device)[:, None] * k
+
+        # candidates that stopped compete with the finished hypotheses, length-normalised
+        just_finished = hits_stop & top_k_mask[None, :]
+        normed = top_scores / ((t + 1) ** length_penalty)
+        normed = normed + (is_finished.all(-1, keepdim=True) & (early_stopping is True)).float() * -1e9
+        normed = normed + (~improvable).float() * -1e9 + (~just_finished).float() * -1e9
+        merged_scores = torch.cat([finished_scores, normed], dim=1)
+        best = torch.topk(merged_scores, k)[1]
+        finished = _gather(torch.cat([finished, cand], dim=1), best)
+        finished_exits = _gather(torch.cat([finished_exits, cand_exits], dim=1), best)
+        finished_scores = _gather(merged_scores, best)
+        is_finished = _gather(torch.cat([is_finished, just_finished], dim=1), best)
+
+        decoder.reorder(beam_rows.flatten())
+        improvable = _still_improvable(
+            improvable, running_scores, finished_scores, is_finished, t + 1, max_new_tokens, early_stopping,
+            length_penalty,
+        )  # fmt: skip
+        open_beams = not (bool(is_finished.all()) and early_stopping is True)
+        if not (bool(improvable.any()) and open_beams and not bool(hits_stop.all())):
+            break
+        x = backbone.embed(ctx, running[:, :, t].reshape(-1, 1), None, prompt_len + t)
+    _sync(device)
+    t_end = time.perf_counter()
+
+    best_seq, best_exits = finished[:, 0], finished_exits[:, 0]
+    length = int((best_exits >= 0).sum(dim=1).max())
+    exit_layers = best_exits[:, :length]
+    stats = summarize(backbone, decoder, exit_layers)
+    stats.seconds_total, stats.seconds_prefill, stats.seconds_decode = t_end - t0, t_prefill - t0, t_end - t_prefill
+    sequences = torch.cat([ctx.prompt_ids.view(batch, k, -1)[:, 0], best_seq[:, :length]], dim=1)
+    return GenerateOutput(sequences, exit_layers, stats)
+
+
+def _still_improvable(improvable, running_scores, finished_scores, is_finished, generated, max_new_tokens,
+                      early_stopping, length_penalty) -> torch.Tensor:  # fmt: skip
+    """Hugging Face's heuristic: can the best running beam still beat the worst finished hypothesis?"""
+    if early_stopping == "never" and length_penalty > 0.0:
+        best_length = max_new_tokens
+    else:
+        best_length = generated
+    best_running = running_scores[:, :1] / (best_length**length_penalty)
+    worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], -1.0e9)
+    return improvable & (best_running > worst_finished).any(dim=-1, keepdim=True)
