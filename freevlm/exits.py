@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 EXIT_INITS = ("copy_last", "copy_next", "fresh")
+EXIT_KINDS = ("layer", "linear", "head")
 
 
 @dataclass
@@ -30,6 +31,7 @@ class ExitConfig:
 
     exit_layers: list[int] = field(default_factory=list)
     init: str = "copy_last"
+    kind: str = "layer"  # "layer": FREE's exit layer; "linear": a vocabulary head per exit; "head": none (MuE)
 
     def validate(self, num_layers: int) -> None:
         layers = list(self.exit_layers)
@@ -47,6 +49,8 @@ class ExitConfig:
             raise ValueError(f"exit layers are duplicated: {dupes}")
         if self.init not in EXIT_INITS:
             raise ValueError(f"unknown exit init '{self.init}', expected one of {EXIT_INITS}")
+        if self.kind not in EXIT_KINDS:
+            raise ValueError(f"unknown exit kind '{self.kind}', expected one of {EXIT_KINDS}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,10 +59,61 @@ class ExitConfig:
 class ExitLayer(nn.Module):
     """E_i: one LM-config layer at LM depth `at`; logits come from the backbone's frozen head."""
 
+    needs_cache = True  # an attention layer: the engine keeps its KV cache
+
     def __init__(self, layer: nn.Module, at: int):
         super().__init__()
         self.layer = layer
         self.at = at
+
+    def logits(self, backbone, features: torch.Tensor) -> torch.Tensor:
+        return backbone.head(features)
+
+    def logit_parameters(self, backbone) -> int:
+        return backbone.head_parameters()
+
+    def extra_repr(self) -> str:
+        return f"at={self.at}"
+
+
+class LinearExit(nn.Module):
+    """A vocabulary-sized linear classifier on the frozen-normed h_i (DeeBERT/PABEE/LeeBERT-style exits).
+
+    Starts as a copy of the LM head (its bias, if any, dropped); H x V trainable parameters per exit.
+    """
+
+    needs_cache = False
+
+    def __init__(self, lm_head: nn.Linear, at: int):
+        super().__init__()
+        self.classifier = nn.Linear(lm_head.in_features, lm_head.out_features, bias=False)
+        self.classifier.weight.data.copy_(lm_head.weight.data)
+        self.at = at
+
+    def logits(self, backbone, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(backbone.final_norm(features))
+
+    def logit_parameters(self, backbone) -> int:
+        return self.classifier.weight.numel() + sum(p.numel() for p in backbone.final_norm_modules())
+
+    def extra_repr(self) -> str:
+        return f"at={self.at}"
+
+
+class HeadExit(nn.Module):
+    """No trainable part: h_i straight into the frozen final norm + head (MuE)."""
+
+    needs_cache = False
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at = at
+
+    def logits(self, backbone, features: torch.Tensor) -> torch.Tensor:
+        return backbone.head(features)
+
+    def logit_parameters(self, backbone) -> int:
+        return backbone.head_parameters()
 
     def extra_repr(self) -> str:
         return f"at={self.at}"

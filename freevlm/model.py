@@ -17,7 +17,7 @@ from .decoding.beam import beam_generate
 from .decoding.generate import GenerateOutput, greedy_generate
 from .decoding.speculative import speculative_generate
 from .decoding.policies import ConfidencePolicy, ExitPolicy, validate_threshold
-from .exits import ExitConfig, ExitLayer
+from .exits import ExitConfig, ExitLayer, HeadExit, LinearExit
 
 WEIGHTS_NAME = "exits.safetensors"
 CONFIG_NAME = "exits_config.json"
@@ -42,10 +42,16 @@ class EarlyExitVLM(nn.Module):
         object.__setattr__(self, "model", model)  # not a submodule: the backbone is frozen and not ours to save
         self.backbone: Blip2Backbone = backbone
         self.exit_config = exit_config
-        self.exits = nn.ModuleDict(
-            {str(i): ExitLayer(self._new_exit_layer(i), i) for i in sorted(exit_config.exit_layers)}
-        )
+        self.exits = nn.ModuleDict({str(i): self._new_exit(i) for i in sorted(exit_config.exit_layers)})
         self.eval()  # like Hugging Face's from_pretrained: inference mode until a trainer calls .train()
+
+    def _new_exit(self, at: int) -> nn.Module:
+        if self.exit_config.kind == "linear":
+            head = self.backbone.lm_head
+            return LinearExit(head, at).to(device=head.weight.device, dtype=head.weight.dtype)
+        if self.exit_config.kind == "head":
+            return HeadExit(at)
+        return ExitLayer(self._new_exit_layer(at), at)
 
     def _new_exit_layer(self, at: int) -> nn.Module:
         backbone, init = self.backbone, self.exit_config.init

@@ -17,7 +17,7 @@ class RandomPolicy(ExitPolicy):
     def live_exits(self, exit_layers):
         return list(exit_layers)
 
-    def decide(self, layer, logits, step, rows):
+    def decide(self, layer, logits, step, rows, hidden=None):
         return torch.rand(len(rows), generator=self.gen) < self.p
 
 
@@ -30,7 +30,7 @@ class TokenHashPolicy(ExitPolicy):
     def needs_logits(self, layer):
         return True
 
-    def decide(self, layer, logits, step, rows):
+    def decide(self, layer, logits, step, rows, hidden=None):
         return logits[:, 10 + layer] > logits[:, 20 + step % 7]
 
 

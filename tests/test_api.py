@@ -143,3 +143,20 @@ def test_tiny_run_prints_exit_layers_and_speedup(capsys):
     assert main(["tiny-run", "--layers", "6", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "exit layers [6, 6, 6, 6]" in out and "analytic speedup" in out
+
+
+def test_linear_and_head_exits(tmp_path, model):
+    """A linear exit starts as a copy of the LM head, so before training it answers like the head-only exit."""
+    linear = EarlyExitVLM.from_backbone(model, ExitConfig([2], kind="linear"))
+    head = EarlyExitVLM.from_backbone(model, ExitConfig([2], kind="head"))
+    vocab, hidden = model.get_output_embeddings().weight.shape
+    assert sum(p.numel() for p in linear.parameters()) == vocab * hidden
+    assert sum(p.numel() for p in head.parameters()) == 0
+    pv, ids, mask = tiny_inputs(model, batch=2, seed=4, pad=True)
+    a = linear.generate(pv, ids, mask, max_new_tokens=6, threshold=0.0, return_decoder=True)
+    b = head.generate(pv, ids, mask, max_new_tokens=6, threshold=0.0)
+    assert torch.equal(a.sequences, b.sequences)
+    assert (a.exit_layers[a.exit_layers >= 0] == 2).all()
+    assert a.decoder.exit_kv == {}  # no attention in these exits: nothing to cache
+    linear.save_exits(tmp_path)
+    assert EarlyExitVLM.from_pretrained(model, tmp_path).exit_config.kind == "linear"

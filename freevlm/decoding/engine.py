@@ -80,13 +80,17 @@ class EarlyExitDecoder:
         self.batch_size = ctx.prompt_ids.shape[0]
         self.capacity = capacity
         self.live = sorted(policy.live_exits(sorted(exits)))
+        self.live_set = set(self.live)
         self.kv = [LayerKV(self.batch_size, capacity) for _ in range(self.num_layers)]
-        self.exit_kv = {i: LayerKV(self.batch_size, capacity) for i in self.live}
+        self.exit_kv = {i: LayerKV(self.batch_size, capacity) for i in self.live if exits[i].needs_cache}
         self.pending: torch.Tensor | None = None  # [B, capacity, H] hidden state of each not-yet-caught-up slot
         self.unpadded = bool(ctx.key_mask.all())
         self.work = WorkCounter()
         self._layer_params = [sum(p.numel() for p in layer.parameters()) for layer in backbone.layers]
-        self._exit_params = {i: sum(p.numel() for p in exits[i].parameters()) for i in self.live}
+        self._exit_params = {
+            i: sum(p.numel() for p in exits[i].layer.parameters()) if exits[i].needs_cache else 0 for i in self.live
+        }
+        self._exit_logit_params = {i: exits[i].logit_parameters(backbone) for i in self.live}
         self._head_params = backbone.head_parameters()
 
     # --- helpers ----------------------------------------------------------------------------------------------
@@ -131,7 +135,7 @@ class EarlyExitDecoder:
         """
         rows = torch.arange(self.batch_size, device=x.device)
         for depth in range(self.num_layers):
-            if depth in self.exit_kv:
+            if depth in self.exit_kv:  # exits with a cache of their own see the prompt too
                 self._run(self.exits[depth].layer, self.exit_kv[depth], x, rows, 0, x.shape[1], self.exit_kv[depth].filled)
             x = self._run(self.backbone.layers[depth], self.kv[depth], x, rows, 0, x.shape[1], self.kv[depth].filled)
 
@@ -154,7 +158,7 @@ class EarlyExitDecoder:
         for depth in range(self.num_layers):
             fill = [self.kv[depth].filled[b] for b in rows.tolist()]
             x, lo = self._join_pending(x, rows, fill, prev_fill, lo, end)
-            if depth in self.exit_kv:
+            if depth in self.live_set:
                 leave, logits = self._exit(depth, x, rows, lo, end, step)
                 if leave is not None:
                     all_logits = self._emit(all_logits, logits, out_idx[leave], tokens, exit_at, depth)
@@ -196,24 +200,32 @@ class EarlyExitDecoder:
         return x, lo
 
     def _exit(self, depth, x, rows, lo, end, step):
-        """Run exit `depth` over the slots its cache lacks; ask the policy. Returns (leave mask or None, logits)."""
-        kv = self.exit_kv[depth]
-        exit_fill = [kv.filled[b] for b in rows.tolist()]
-        start = min(exit_fill)
-        y = self._run(self.exits[depth].layer, kv, x[:, start - lo :], rows, start, end, exit_fill)
-        self.work.exit_calls += 1
+        """Run exit `depth` (an exit layer over the slots its cache lacks, or nothing); ask the policy.
+
+        Returns (leave mask or None, logits of the rows that leave)."""
+        exit_module = self.exits[depth]
+        y = x
+        if exit_module.needs_cache:
+            kv = self.exit_kv[depth]
+            exit_fill = [kv.filled[b] for b in rows.tolist()]
+            start = min(exit_fill)
+            y = self._run(exit_module.layer, kv, x[:, start - lo :], rows, start, end, exit_fill)
+            self.work.exit_calls += 1
         self.work.params_touched += self._exit_params[depth]
-        logits = self._head(y[:, -1]) if self.policy.needs_logits(depth) else None
-        leave = self.policy.decide(depth, logits, step, rows)
+        logits = self._exit_logits(depth, y[:, -1]) if self.policy.needs_logits(depth) else None
+        leave = self.policy.decide(depth, logits, step, rows, x[:, -1])
         if self.batch_policy == "slowest":  # the step waits for its slowest row: all leave or none
             leave = leave & leave.all()
         if not bool(leave.any()):  # the one host sync per exit reached
             return None, None
-        if logits is None:
-            logits = self._head(y[leave, -1])
-        else:
-            logits = logits[leave]
+        logits = self._exit_logits(depth, y[leave, -1]) if logits is None else logits[leave]
         return leave, logits
+
+    def _exit_logits(self, depth: int, features: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits at an exit: the frozen head (FREE, MuE) or the exit's own classifier."""
+        self.work.head_calls += 1
+        self.work.params_touched += self._exit_logit_params[depth]
+        return self.exits[depth].logits(self.backbone, features)
 
     def _emit(self, all_logits, logits, where, tokens, exit_at, depth):
         tokens[where] = logits.argmax(dim=-1)
@@ -236,7 +248,7 @@ class EarlyExitDecoder:
         for d in range(depth, self.num_layers):
             self._write_projected(self.backbone.layers[d], self.kv[d], x, rows, lo)
             self.work.params_touched += self.backbone.kv_parameters(self.backbone.layers[d])
-        for i in self.live:
+        for i in self.exit_kv:
             if i > depth:
                 self._write_projected(self.exits[i].layer, self.exit_kv[i], x, rows, lo)
                 self.work.params_touched += self.backbone.kv_parameters(self.exits[i].layer)

@@ -22,8 +22,14 @@ class ExitPolicy:
     def needs_logits(self, layer: int) -> bool:
         return False
 
-    def decide(self, layer: int, logits: torch.Tensor | None, step: int, rows: torch.Tensor) -> torch.Tensor:
-        """Bool `[n]`: which of `rows` leave at exit `layer` for generation step `step`."""
+    def decide(
+        self, layer: int, logits: torch.Tensor | None, step: int, rows: torch.Tensor, hidden: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Bool `[n]`: which of `rows` (batch row ids) leave at exit `layer` for generation step `step`.
+
+        `logits` `[n, V]` are the exit's (None unless `needs_logits`); `hidden` `[n, H]` is the LM state the exit
+        read (h_layer of the current token), for policies that compare states across layers.
+        """
         return torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
 
 
@@ -42,7 +48,7 @@ class ConfidencePolicy(ExitPolicy):
     def needs_logits(self, layer):
         return True
 
-    def decide(self, layer, logits, step, rows):
+    def decide(self, layer, logits, step, rows, hidden=None):
         return max_probability(logits) >= self.threshold
 
 
@@ -66,7 +72,7 @@ class FixedSchedulePolicy(ExitPolicy):
     def live_exits(self, exit_layers):
         return [i for i in exit_layers if i in self.schedule]
 
-    def decide(self, layer, logits, step, rows):
+    def decide(self, layer, logits, step, rows, hidden=None):
         target = self.schedule[step % len(self.schedule)]
         return torch.full((len(rows),), layer == target, dtype=torch.bool, device=rows.device)
 

@@ -39,8 +39,8 @@ class DraftPolicy(ExitPolicy):
     def needs_logits(self, layer):
         return True
 
-    def decide(self, layer, logits, step, rows):
-        return self.confidence.decide(layer, logits, step, rows) & ~self.must_verify.to(rows.device)[rows]
+    def decide(self, layer, logits, step, rows, hidden=None):
+        return self.confidence.decide(layer, logits, step, rows, hidden) & ~self.must_verify.to(rows.device)[rows]
 
 
 @torch.no_grad()
