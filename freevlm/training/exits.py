@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..exits import ExitConfig, FeatureDiscriminator
+from ..exits import ExitConfig, ExitLayer, FeatureDiscriminator
 from ..model import CheckpointMismatchError, EarlyExitVLM, check_fingerprint
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .common import (
@@ -88,8 +88,11 @@ def make_discriminators(ee: EarlyExitVLM, hidden: int) -> nn.ModuleDict:
 
 
 def exit_features(ee: EarlyExitVLM, states: list[torch.Tensor], ctx, mask: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
-    """E_i(h_i) at text positions, `[n_text, H]` per exit."""
-    return {k: ee.backbone.run_layer(e.layer, states[e.at], ctx, None, mask, None)[text] for k, e in ee.exits.items()}
+    """E_i(h_i) at text positions, `[n_text, H]` per exit; h_i itself for exits without a layer (linear, head)."""
+    return {
+        k: (ee.backbone.run_layer(e.layer, states[e.at], ctx, None, mask, None) if isinstance(e, ExitLayer) else states[e.at])[text]
+        for k, e in ee.exits.items()
+    }
 
 
 def backbone_features(ee: EarlyExitVLM, batch: dict[str, torch.Tensor]):
@@ -118,8 +121,8 @@ def evaluate_exits(ee: EarlyExitVLM, dataset: CaptionDataset, batch_size: int = 
         text = batch["targets"] != IGNORE
         targets = batch["targets"][text]
         final_logits = ee.backbone.head(states[-1][text]).float()
-        for j, feats in enumerate(exit_features(ee, states, ctx, mask, text).values()):
-            logits = ee.backbone.head(feats).float()
+        for j, (k, feats) in enumerate(exit_features(ee, states, ctx, mask, text).items()):
+            logits = ee.exits[k].logits(ee.backbone, feats).float()
             sums[j] += kd_loss(logits, final_logits).double() * len(targets)
             sums[len(keys) + j] += (logits.argmax(-1) == targets).sum().double()
         sums[-2] += (final_logits.argmax(-1) == targets).sum().double()
