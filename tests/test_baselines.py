@@ -302,3 +302,82 @@ def test_methods_registry():
         get_method("pabee").policy(0.5)
     with pytest.raises(ValueError, match="unknown method"):
         get_method("calm")
+
+
+# --- sweeps per method, the comparison, the CLI --------------------------------------------------------------
+def _vqa_records(tmp_path, n=10):
+    import dataset_files as files
+    from freevlm.data.records import VQARecord
+
+    return [VQARecord(files.write_image(tmp_path / f"{i}.png", (25 * i, 255 - 20 * i, 90)), i, "what color ?",
+                      ["red"] * (i % 4) + ["blue"] * (10 - i % 4), "other") for i in range(n)]  # fmt: skip
+
+
+def test_compare_methods_writes_one_curve_per_method_and_a_table(tmp_path):
+    from PIL import Image
+    from tiny_processor import tiny_bundle
+
+    from freevlm.eval.evaluate import evaluate_vqa
+    from freevlm.eval.sweep import compare_methods, method_parameters, write_comparison
+
+    model = tiny_blip2("opt", seed=1, num_layers=6)
+    runs = {name: EarlyExitVLM(model, ExitConfig([2, 4], init="fresh", kind=get_method(name).exit_kind))
+            for name in ("free", "deeblip", "pabee", "mue")}  # fmt: skip
+    bundle, records = tiny_bundle(model), _vqa_records(tmp_path)
+    with pytest.raises(ValueError, match="kind 'linear'.*these exits are 'layer'"):
+        evaluate_vqa(runs["free"], bundle, records[:1], 0.5, method="deeblip", max_new_tokens=1)
+    thresholds = {"free": (0.0, 1.0), "deeblip": (0.0, 1.0), "pabee": (1, 2, 3), "mue": (0.0, 1.0)}
+    results = compare_methods(runs, bundle, "vqa", records, thresholds=thresholds, prompt="question : {question} answer :",
+                              max_new_tokens=2, batch_size=4)  # fmt: skip
+    assert list(results) == list(runs)
+    for name, result in results.items():
+        assert result.method == name and [r.threshold for r in result.test] == list(thresholds[name])
+        assert len(result.dev[0].predictions) == 2 and len(result.test[0].predictions) == 8  # the same split for all
+    # the rule's knob reaches the engine: threshold 0 / patience 1 leave at the first exit, 1.0 / 3 never leave
+    for name in ("free", "deeblip"):
+        assert set(results[name].test[0].speed.exit_histogram) == {2}
+    assert set(results["pabee"].test[0].speed.exit_histogram) == {2}
+    assert set(results["pabee"].test[2].speed.exit_histogram) == {6}
+    assert set(results["mue"].test[0].speed.exit_histogram) == {4}  # cos >= 0 at the second exit (first has no pair)
+    assert set(results["mue"].test[1].speed.exit_histogram) == {6}
+
+    params = method_parameters(runs)
+    assert params["mue"] == 0 and params["deeblip"] == params["pabee"] == 2 * 99 * 64
+    assert params["free"] == 2 * exit_parameters_from_config(model.config.text_config, "layer")
+    paths = write_comparison(results, tmp_path / "cmp", params)
+    data = json.loads(paths["json"].read_text())
+    assert [row["method"] for row in data["table"]] == list(runs)
+    for row in data["table"]:
+        result = results[row["method"]]
+        assert row["threshold"] == result.best_threshold and row["score"] == result.best_test.score
+        assert row["trainable_parameters"] == params[row["method"]] and row["wallclock_speedup"] > 0
+    table = paths["table"].read_text().splitlines()
+    assert len(table) == 2 + len(runs) and "| pabee | patience" in table[4]
+    with Image.open(paths["plot"]) as im:
+        assert im.size[0] > 300
+
+
+def test_sweep_cli_method_mue_and_pabee(tmp_path):
+    import dataset_files as files
+    from tiny_processor import tiny_bundle
+
+    from freevlm.cli import main
+    from freevlm.hub import load_blip2
+
+    model = tiny_blip2("opt", seed=2, num_layers=4)
+    bundle = tiny_bundle(model)
+    for part in (model, bundle.tokenizer, bundle.image_processor):
+        part.save_pretrained(tmp_path / "backbone")
+    EarlyExitVLM(load_blip2(tmp_path / "backbone").model, ExitConfig([1, 2], kind="linear")).save_exits(tmp_path / "ex")
+    q, a = files.vqa(tmp_path)
+    common = ["sweep", "--backbone", str(tmp_path / "backbone"), "--format", "vqav2", "--files", str(q), str(a),
+              "--images", str(tmp_path / "val2014"), "--dev-files", str(q), str(a), "--max-new-tokens", "2",
+              "--no-per-layer", "--no-full"]  # fmt: skip
+    assert main([*common, "--method", "mue", "--out", str(tmp_path / "mue")]) == 0
+    mue = json.loads((tmp_path / "mue/results.json").read_text())
+    assert mue["method"] == "mue" and [r["threshold"] for r in mue["test"]] == list(get_method("mue").thresholds)
+    assert main([*common, "--method", "pabee", "--exits", str(tmp_path / "ex"), "--thresholds", "1", "3",
+                 "--out", str(tmp_path / "pabee")]) == 0  # fmt: skip
+    pabee = json.loads((tmp_path / "pabee/results.json").read_text())
+    assert pabee["rule"].startswith("patience") and set(pabee["test"][0]["speed"]["exit_histogram"]) == {"1"}
+    assert main([*common, "--method", "deeblip", "--out", str(tmp_path / "x")]) == 2  # no --exits

@@ -8,12 +8,18 @@ from pathlib import Path
 
 from ..data.specs import FORMATS, DatasetSpec, read_dataset
 from ..eval.evaluate import CAPTION_PROMPT, VQA_PROMPT, evaluate
-from ..eval.sweep import DEFAULT_THRESHOLDS, sweep, write_sweep
+from ..eval.sweep import sweep, write_sweep
+from ..methods import METHODS, get_method
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", required=True, help="folder of a BLIP-2 saved with save_pretrained")
-    p.add_argument("--exits", required=True, help="folder of exits saved by EarlyExitVLM.save_exits")
+    p.add_argument("--exits", help="folder of exits saved by EarlyExitVLM.save_exits (MuE: optional)")
+    p.add_argument("--method", choices=sorted(METHODS), default="free",
+                   help="early-exit method: its exit kind and exit rule (" + "; ".join(
+                       f"{m.name}: {m.rule}" for m in METHODS.values()) + ")")  # fmt: skip
+    p.add_argument("--exit-layers", type=int, nargs="+",
+                   help="MuE without --exits: LM layers to compare states at (default: every layer)")
     p.add_argument("--format", required=True, choices=sorted(FORMATS), help="dataset format")
     p.add_argument("--files", required=True, nargs="+",
                    help="annotation file(s): " + "; ".join(f"{k}: {v[1]}" for k, v in FORMATS.items()))  # fmt: skip
@@ -33,12 +39,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate early exits at one threshold: official metrics + speed vs full model")
     _common(p)
-    p.add_argument("--threshold", type=float, default=0.8)
+    p.add_argument("--threshold", type=float, default=0.8, help="the --method rule's knob")
     p.set_defaults(func=run_eval)
 
     p = sub.add_parser("sweep", help="sweep thresholds, choose the best on a dev split, plot quality vs speedup")
     _common(p)
-    p.add_argument("--thresholds", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS))
+    p.add_argument("--thresholds", type=float, nargs="+", help="default: the --method's grid")
     p.add_argument("--dev-files", nargs="+", help="dev annotation file(s) (default: hold out --dev-fraction)")
     p.add_argument("--dev-split", help="dev split of the same files (e.g. Karpathy 'val')")
     p.add_argument("--dev-fraction", type=float, default=0.2)
@@ -53,6 +59,8 @@ def _spec(args, files=None, split=None) -> DatasetSpec:
 def _eval_kwargs(args, task: str) -> dict:
     kw = dict(batch_size=args.batch_size, kv=args.kv, compare_full=not args.no_full,
               timing_repeats=args.timing_repeats)  # fmt: skip
+    if args.command != "sweep":  # sweep passes the method itself
+        kw["method"] = args.method
     if args.max_new_tokens:
         kw["max_new_tokens"] = args.max_new_tokens
     if args.prompt is not None:
@@ -65,11 +73,21 @@ def _eval_kwargs(args, task: str) -> dict:
 
 
 def _load(args):
+    """The backbone and the method's exits: loaded from --exits, or (MuE, which trains nothing) built here."""
+    from ..backbones import load_backbone
+    from ..cli import UserError
+    from ..exits import ExitConfig
     from ..hub import load_blip2
     from ..model import EarlyExitVLM
 
+    kind = get_method(args.method).exit_kind
+    if args.exits is None and kind != "head":
+        raise UserError(f"--method {args.method} needs --exits (trained {kind!r} exits)")
     bundle = load_blip2(args.backbone, device=args.device)
-    return EarlyExitVLM.from_pretrained(bundle.model, args.exits), bundle
+    if args.exits is not None:
+        return EarlyExitVLM.from_pretrained(bundle.model, args.exits), bundle
+    n = load_backbone(bundle.model).num_layers
+    return EarlyExitVLM(bundle.model, ExitConfig(args.exit_layers or list(range(1, n)), kind="head")), bundle
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -98,9 +116,10 @@ def run_sweep(args: argparse.Namespace) -> int:
     dev = read_dataset(_spec(args, args.dev_files, args.dev_split)) if (args.dev_files or args.dev_split) else None
     ee, bundle = _load(args)
     result = sweep(ee, bundle, spec.task, records, dev, args.thresholds, args.dev_fraction,
-                   per_layer=not args.no_per_layer, progress=print, **_eval_kwargs(args, spec.task))  # fmt: skip
+                   per_layer=not args.no_per_layer, progress=print, method=args.method,
+                   **_eval_kwargs(args, spec.task))  # fmt: skip
     paths = write_sweep(result, args.out)
-    print(f"best threshold on dev: {result.best_threshold:g}")
+    print(f"{args.method}: best threshold on dev: {result.best_threshold:g}")
     for name, path in paths.items():
         print(f"wrote {name}: {path}")
     return 0

@@ -2,8 +2,9 @@
 
 Works on any `EarlyExitVLM` plus a processor - an object with `inputs(images, prompts) -> model inputs`,
 `decode(token_ids) -> texts` and (for VisDial) a Hugging Face `tokenizer`; `hub.Blip2Bundle` is one, and the
-demo passes its own in-memory one. `threshold` runs the confidence policy; `layer` instead forces every token out
-at that exit (or the final layer), for the per-layer ("mid-crisis") curve.
+demo passes its own in-memory one. `threshold` is the knob of `method`'s exit rule (FREE: the confidence policy;
+see `freevlm.methods`); `layer` instead forces every token out at that exit (or the final layer), for the
+per-layer ("mid-crisis") curve.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 
 from ..data.images import load_image
 from ..data.records import CaptionRecord, VisDialRecord, VQARecord
-from ..decoding.policies import ConfidencePolicy, FixedSchedulePolicy
+from ..decoding.policies import FixedSchedulePolicy
+from ..methods import get_method
 from ..model import EarlyExitVLM
 from .captions import caption_metrics
 from .likelihood import option_log_likelihoods
@@ -58,8 +60,12 @@ class _Generated:
     speed: SpeedReport
 
 
-def _policy(threshold: float, layer: int | None):
-    return FixedSchedulePolicy(layer) if layer is not None else ConfidencePolicy(threshold)
+def _policy(ee: EarlyExitVLM, threshold: float, layer: int | None, method: str):
+    spec = get_method(method)
+    if ee.exit_config.kind != spec.exit_kind:
+        raise ValueError(f"method {method!r} runs on exits of kind {spec.exit_kind!r}, but these exits are "
+                         f"{ee.exit_config.kind!r}")  # fmt: skip
+    return FixedSchedulePolicy(layer) if layer is not None else spec.policy(threshold)
 
 
 @torch.no_grad()
@@ -75,6 +81,7 @@ def generate_texts(
     kv: str = "recompute",
     compare_full: bool = True,
     timing_repeats: int = 1,
+    method: str = "free",
 ) -> _Generated:
     """Early-exit answers for every (image, prompt); with `compare_full`, the full model on the same batches in
     alternating order, for wall-clock ratios measured in this run (one untimed warm-up of each mode first).
@@ -86,7 +93,7 @@ def generate_texts(
     texts: list[str] = []
     full_texts: list[str] | None = [] if compare_full else None
     exit_layers: list[list[int]] = []
-    policy = _policy(threshold, layer)
+    policy = _policy(ee, threshold, layer, method)
     for b, start in enumerate(range(0, len(images), batch_size)):
         batch = [load_image(p) for p in images[start : start + batch_size]]
         inputs = processor.inputs(batch, list(prompts[start : start + batch_size]))
@@ -218,6 +225,9 @@ def evaluate_visdial(
 ) -> EvalResult:
     """Rank each round's options by early-exit log-likelihood (MRR, R@k, mean rank, NDCG); the speed report
     comes from generating each round's answer, early exit against full."""
+    if generate_kwargs.get("method", "free") != "free":
+        raise ValueError("VisDial option ranking applies FREE's confidence rule to exit layers; "
+                         f"method {generate_kwargs['method']!r} is not supported there")  # fmt: skip
     t0 = time.perf_counter()
     prompts = [visdial_prompt(r) for r in records]
     scores = []

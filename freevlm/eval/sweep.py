@@ -1,5 +1,6 @@
 """Threshold sweeps: pick the threshold on a held-out dev split (as the paper does), report it on the test
-records, and trace the per-layer curve; results go to JSON and PNG plots."""
+records, and trace the per-layer curve; results go to JSON and PNG plots. `compare_methods` runs one sweep per
+early-exit method (FREE and the baselines) on the same records and writes one plot and one table for all."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..methods import CONFIDENCE_GRID, get_method, trainable_parameters
 from ..model import EarlyExitVLM
 from .evaluate import EvalResult, evaluate
-from .plots import plot_per_layer, plot_quality_vs_speedup
+from .plots import plot_methods, plot_per_layer, plot_quality_vs_speedup
 
-DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+DEFAULT_THRESHOLDS = CONFIDENCE_GRID
 
 
 @dataclass
@@ -26,15 +28,22 @@ class SweepResult:
     dev: list[EvalResult]
     test: list[EvalResult]
     per_layer: list[EvalResult] = field(default_factory=list)
+    method: str = "free"
+
+    @property
+    def best_test(self) -> EvalResult:
+        return next(r for r in self.test if r.threshold == self.best_threshold)
 
     def as_dict(self) -> dict:
         return {
+            "method": self.method,
+            "rule": get_method(self.method).rule,
             "task": self.task,
             "metric": self.metric,
             "num_layers": self.num_layers,
             "best_threshold": self.best_threshold,
             "selection": "highest dev score; ties go to the higher dev analytic speedup",
-            "best_test": next(r.as_dict(predictions=False) for r in self.test if r.threshold == self.best_threshold),
+            "best_test": self.best_test.as_dict(predictions=False),
             "dev": [r.as_dict(predictions=False) for r in self.dev],
             "test": [r.as_dict(predictions=False) for r in self.test],
             "per_layer": [r.as_dict(predictions=False) for r in self.per_layer],
@@ -69,13 +78,15 @@ def sweep(
     task: str,
     records: Sequence,
     dev_records: Sequence | None = None,
-    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    thresholds: Sequence[float] | None = None,
     dev_fraction: float = 0.2,
     per_layer: bool = True,
     progress=None,
+    method: str = "free",
     **eval_kwargs,
 ) -> SweepResult:
-    """Evaluate every threshold on dev and test records, and (with `per_layer`) every exit forced in turn.
+    """Evaluate every threshold of `method`'s exit rule (default: the method's grid) on dev and test records, and
+    (with `per_layer`) every exit forced in turn.
 
     Without `dev_records`, a seeded `dev_fraction` of `records` is held out as dev and the rest is the test set.
     Test runs time the full model beside early exit (`compare_full`); dev and per-layer runs only count layers.
@@ -83,18 +94,20 @@ def sweep(
     if dev_records is None:
         dev_records, records = split_dev(records, dev_fraction)
     say = progress or (lambda msg: None)
+    thresholds = get_method(method).thresholds if thresholds is None else thresholds
+    eval_kwargs["method"] = method
     dev, test = [], []
     for t in thresholds:
         dev.append(evaluate(task, ee, processor, dev_records, t, **dict(eval_kwargs, compare_full=False)))
         test.append(evaluate(task, ee, processor, records, t, **eval_kwargs))
-        say(f"threshold {t:g}: dev {dev[-1].metric} {dev[-1].score}, test {test[-1].score}, "
+        say(f"{method} threshold {t:g}: dev {dev[-1].metric} {dev[-1].score}, test {test[-1].score}, "
             f"analytic speedup {test[-1].speed.analytic_speedup:.2f}x, wall-clock {test[-1].speed.wallclock_speedup}")  # fmt: skip
     layers = []
     if per_layer:
         for layer in ee.exit_layers + [ee.backbone.num_layers]:
             layers.append(evaluate(task, ee, processor, records, layer=layer, **dict(eval_kwargs, compare_full=False)))
             say(f"layer {layer}: {layers[-1].metric} {layers[-1].score}")
-    return SweepResult(task, test[0].metric, ee.backbone.num_layers, choose_threshold(dev), dev, test, layers)
+    return SweepResult(task, test[0].metric, ee.backbone.num_layers, choose_threshold(dev), dev, test, layers, method)
 
 
 def write_sweep(result: SweepResult, out_dir: str | os.PathLike) -> dict[str, Path]:
@@ -112,10 +125,79 @@ def write_sweep(result: SweepResult, out_dir: str | os.PathLike) -> dict[str, Pa
                    "wallclock_speedup": r.speed.wallclock_speedup} for r in scored]  # fmt: skip
         paths["quality_vs_speedup"] = out / "quality_vs_speedup.png"
         plot_quality_vs_speedup(points, result.metric, paths["quality_vs_speedup"],
-                                f"{result.task}: {result.metric} vs speedup (best on dev: {result.best_threshold:g})")  # fmt: skip
+                                f"{result.method}, {result.task}: {result.metric} vs speedup "
+                                f"(best on dev: {result.best_threshold:g})")  # fmt: skip
     layered = [r for r in result.per_layer if r.score is not None]
     if layered:
         paths["per_layer"] = out / "per_layer.png"
         plot_per_layer([{"layer": r.layer, "score": r.score} for r in layered], result.metric, result.num_layers,
                        paths["per_layer"])  # fmt: skip
     return paths
+
+
+def compare_methods(
+    runs: dict[str, EarlyExitVLM],
+    processor,
+    task: str,
+    records: Sequence,
+    dev_records: Sequence | None = None,
+    thresholds: dict[str, Sequence[float]] | None = None,
+    dev_fraction: float = 0.2,
+    progress=None,
+    **eval_kwargs,
+) -> dict[str, SweepResult]:
+    """One sweep per method (`runs`: method name -> its exits on the shared backbone), all on the same dev and
+    test records; `thresholds` overrides a method's default grid."""
+    if dev_records is None:
+        dev_records, records = split_dev(records, dev_fraction)
+    thresholds = thresholds or {}
+    return {
+        name: sweep(ee, processor, task, records, dev_records, thresholds.get(name), per_layer=False,
+                    progress=progress, method=name, **eval_kwargs)  # fmt: skip
+        for name, ee in runs.items()
+    }
+
+
+def comparison_table(results: dict[str, SweepResult], params: dict[str, int]) -> list[dict]:
+    """One row per method at its best dev threshold: test quality, analytic and measured speedup, parameters."""
+    rows = []
+    for name, result in results.items():
+        best = result.best_test
+        rows.append({"method": name, "rule": get_method(name).rule, "threshold": result.best_threshold,
+                     "metric": result.metric, "score": best.score, "analytic_speedup": best.speed.analytic_speedup,
+                     "wallclock_speedup": best.speed.wallclock_speedup, "trainable_parameters": params.get(name)})  # fmt: skip
+    return rows
+
+
+def write_comparison(results: dict[str, SweepResult], out_dir: str | os.PathLike,
+                     params: dict[str, int] | None = None) -> dict[str, Path]:  # fmt: skip
+    """comparison.json (table + every sweep), comparison.md (the table) and comparison.png (one curve per
+    method: quality against analytic speedup, measured wall-clock speedup dotted). `params`: trainable
+    parameters per method (`method_parameters`, or the training runs' `method.json`)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = comparison_table(results, params or {})
+    paths = {"json": out / "comparison.json", "table": out / "comparison.md", "plot": out / "comparison.png"}
+    paths["json"].write_text(json.dumps({"table": table, "sweeps": {k: r.as_dict() for k, r in results.items()}},
+                                        indent=2))  # fmt: skip
+    metric = next(iter(results.values())).metric
+    lines = [f"| method | rule | best dev threshold | test {metric} | analytic speedup | measured speedup | "
+             "trainable parameters |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in table:
+        wall = "-" if row["wallclock_speedup"] is None else f"{row['wallclock_speedup']:.2f}x"
+        score = "-" if row["score"] is None else f"{row['score']:.4g}"
+        n = "-" if row["trainable_parameters"] is None else f"{row['trainable_parameters']:,}"
+        lines.append(f"| {row['method']} | {row['rule']} | {row['threshold']:g} | {score} | "
+                     f"{row['analytic_speedup']:.2f}x | {wall} | {n} |")  # fmt: skip
+    paths["table"].write_text("\n".join(lines) + "\n")
+    curves = {name: [{"threshold": r.threshold, "score": r.score, "analytic_speedup": r.speed.analytic_speedup,
+                      "wallclock_speedup": r.speed.wallclock_speedup} for r in result.test if r.score is not None]
+              for name, result in results.items()}  # fmt: skip
+    plot_methods(curves, metric, paths["plot"], {name: r.best_threshold for name, r in results.items()})
+    return paths
+
+
+def method_parameters(runs: dict[str, EarlyExitVLM]) -> dict[str, int]:
+    """Trainable parameters of each method's exits (LeeBLIP's learned loss weights, a few scalars that only
+    training uses, are in its `method.json`)."""
+    return {name: trainable_parameters(ee.exits) for name, ee in runs.items()}
