@@ -1,4 +1,5 @@
-"""`freevlm finetune` (stage 1), `freevlm train-exits` (stage 2, FREE) and `freevlm capfilt` (pseudo-captions).
+"""`freevlm finetune` (stage 1), `freevlm train-exits` (stage 2, FREE), `freevlm train-baseline` (the paper's
+baselines' exits) and `freevlm capfilt` (pseudo-captions).
 
 Training commands run under `accelerate launch` unchanged (e.g. `accelerate launch --multi_gpu --num_processes 2 -m
 freevlm.cli train-exits ...`; on a host without GPUs that gives CPU processes, while accelerate's own `--cpu` starts
@@ -14,6 +15,7 @@ import logging
 from pathlib import Path
 
 from ..cli import UserError
+from ..training.baselines import BASELINES
 
 
 def _loop_args(p: argparse.ArgumentParser, default_lr: float, default_epochs: int) -> None:
@@ -72,6 +74,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--disc-lr", type=float, help="discriminator learning rate (default: --lr)")
     p.add_argument("--d-warn-window", type=int, default=200)
     p.set_defaults(func=train_exits_command)
+
+    p = sub.add_parser("train-baseline", help="train a baseline's linear exits (DeeBLIP, PABEE-BLIP, LeeBLIP)")
+    _loop_args(p, default_lr=1e-4, default_epochs=3)
+    p.add_argument("--method", choices=BASELINES, required=True, help="whose loss trains the exits (MuE trains none)")
+    p.add_argument("--exit-layers", type=int, nargs="+", required=True, help="LM layers to attach exits to")
+    p.add_argument("--temperature", type=float, default=1.0, help="leeblip: distillation temperature")
+    p.add_argument("--weight-lr", type=float, default=1e-2, help="leeblip: learning rate of the distillation weights")
+    p.add_argument("--meta-fraction", type=float, default=0.1, help="leeblip: training records held out as meta batches")
+    p.set_defaults(func=train_baseline_command)
 
     p = sub.add_parser("capfilt", help="pseudo-captions: sample N captions per image, keep the scorer's top k")
     p.add_argument("--backbone", required=True, help="folder of the (fine-tuned) BLIP-2")
@@ -148,6 +159,16 @@ def train_exits_command(args: argparse.Namespace) -> int:
     train_set, dev_set = _datasets(args, bundle)
     config = _config(ExitTrainConfig, args, exit_layers=tuple(args.exit_layers))
     return _run(lambda: train_exits(bundle.model, train_set, config, dev_set))
+
+
+def train_baseline_command(args: argparse.Namespace) -> int:
+    from ..hub import load_blip2
+    from ..training.baselines import BaselineTrainConfig, train_baseline
+
+    bundle = load_blip2(args.backbone)
+    train_set, dev_set = _datasets(args, bundle)
+    config = _config(BaselineTrainConfig, args, exit_layers=tuple(args.exit_layers))
+    return _run(lambda: train_baseline(bundle.model, train_set, config, dev_set))
 
 
 def capfilt_command(args: argparse.Namespace) -> int:
