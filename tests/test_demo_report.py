@@ -1,0 +1,142 @@
+"""The demo report: JSON round trip, Markdown numbers equal the results' values, one coloured span per token in the
+HTML, and the page rendered by headless Chromium into a non-blank screenshot."""
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+from PIL import Image, ImageDraw, ImageStat
+
+from freevlm.demo.report import FINAL_COLOUR, fmt, fmt_speedup, fmt_threshold, layer_colours, write_report
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+def _caption_quality(cider, speedup, layers):
+    full = {"BLEU-4": 0.612, "METEOR": 0.401, "CIDEr": 2.345, "ROUGE-L": 0.77, "exact_match": 0.35}
+    free = {"BLEU-4": 0.598, "METEOR": 0.395, "CIDEr": cider, "exact_match": 0.33, "analytic_speedup": speedup,
+            "measured_decode_speedup": speedup - 0.4, "measured_end_to_end_speedup": speedup - 0.7,
+            "mean_layers_per_token": layers, "exit_histogram": {"3": 120, "6": 30, "9": 10, "12": 50}}  # fmt: skip
+    return {"full": full, "free": free, "spice": "unavailable: stanford-corenlp-3.6.0.jar missing"}
+
+
+def fake_results(out_dir):
+    """A results dict in the pipeline's schema, with two drawn sample images and one plot."""
+    (out_dir / "samples").mkdir(parents=True)
+    for i, (colour, shape) in enumerate([((220, 30, 30), "circle"), ((30, 30, 220), "square")]):
+        img = Image.new("RGB", (64, 64), (235, 235, 235))
+        draw = ImageDraw.Draw(img)
+        (draw.ellipse if shape == "circle" else draw.rectangle)((12, 16, 40, 44), fill=colour)
+        draw.polygon([(44, 50), (60, 50), (52, 36)], fill=(30, 180, 30))
+        img.save(out_dir / f"samples/{i}.png")
+    plot = Image.new("RGB", (320, 200), "white")
+    ImageDraw.Draw(plot).line([(10, 190), (300, 20)], fill="black", width=3)
+    plot.save(out_dir / "quality_vs_speedup.png")
+    words = [("a", 3), ("large", 6), ("red", 3), ("circle", 12), ("to", 3), ("the", 3), ("left", 9), ("of", 3),
+             ("a", 3), ("small", 12), ("green", 6), ("triangle", 12)]  # fmt: skip
+    return {
+        "config": {"family": "opt", "quick": True, "seed": 0},
+        "backbone": {"family": "opt", "num_layers": 12, "hidden_size": 256, "train_steps": 900, "train_seconds": 240.0,
+                     "vision_encoder": "EfficientNet-Lite0 (ImageNet weights, frozen)", "final_loss": 0.3127, "cached": False},
+        "exits": {"exit_layers": [3, 6, 9], "trainable_parameters": 2371584,
+                  "variants": {"free": {"anchor": "kd", "adversarial": True, "steps": 300, "seconds": 60.0},
+                               "free_no_adversarial": {"anchor": "kd", "adversarial": False, "steps": 300, "seconds": 41.5}}},
+        "sweep": {"metric": "CIDEr", "chosen_threshold": 0.8,
+                  "points": [{"threshold": t, "score": s, "analytic_speedup": a, "measured_speedup": m}
+                             for t, s, a, m in [(0.5, 1.9, 3.1, 2.2), (0.8, 2.31, 2.4, 1.75), (1.0, 2.35, 1.0, 0.97)]]},
+        "captioning": {"test": _caption_quality(2.3311, 2.4, 5.125), "ood": _caption_quality(1.7, 2.2, 5.9)},
+        "vqa": {"shapes": {"full": {"accuracy": 0.913}, "free": {"accuracy": 0.905, "analytic_speedup": 2.6, "measured_decode_speedup": 2.05}},
+                "easyvqa": {"full": {"accuracy": 0.71}, "free": {"accuracy": 0.7, "analytic_speedup": 1.9, "measured_decode_speedup": 1.5}}},
+        "speculative": {"threshold": 0.8, "measured_decode_speedup": 1.63, "acceptance_rate": 0.912, "identical_to_full": True},
+        "ablation": [{"variant": "free", "threshold": 0.8, "CIDEr": 2.31, "analytic_speedup": 2.4, "measured_decode_speedup": 1.8},
+                     {"variant": "free_no_adversarial", "threshold": 0.9, "CIDEr": 2.2, "analytic_speedup": 1.9,
+                      "measured_decode_speedup": 1.4}],
+        "per_layer": [{"layer": layer, "CIDEr": c} for layer, c in [(3, 0.8), (6, 1.5), (9, 2.0), (12, 2.35)]],
+        "targets": [{"name": "measured decode speedup >= 2.0x at >= 99% of full CIDEr (test)", "met": False, "value": "2.00x at 99.4%"},
+                    {"name": "speculative >= 1.5x, identical captions", "met": True, "value": "1.63x, identical"}],
+        "samples": [{"image": "samples/0.png", "split": "test", "tokens": [{"text": w, "layer": la} for w, la in words],
+                     "full_caption": "a large red circle to the left of a small green triangle", "references": ["..."]},
+                    {"image": "samples/1.png", "split": "ood", "tokens": [{"text": w, "layer": la} for w, la in words[:4]],
+                     "full_caption": "a large blue square", "references": ["..."]}],
+        "plots": {"sweep": "quality_vs_speedup.png", "per_layer": "per_layer.png"},  # per_layer.png absent: skipped
+        "timing": {"total_seconds": 530.0},
+    }
+
+
+def md_row(markdown, first_cells):
+    """The cells of the Markdown table row that starts with `first_cells`."""
+    for line in markdown.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[: len(first_cells)] == first_cells:
+            return cells
+    raise AssertionError(f"no row starting {first_cells}")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    results = fake_results(out)
+    return results, write_report(results, out), out
+
+
+def test_json_round_trips_and_files_exist(report):
+    results, paths, out = report
+    assert json.loads(paths["json"].read_text()) == results
+    assert {p.name for p in paths.values()} == {"results.json", "report.md", "index.html", "exit_histogram.png"}
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_markdown_numbers_are_the_results(report):
+    results, paths, _ = report
+    md = paths["markdown"].read_text()
+    full, free = results["captioning"]["test"]["full"], results["captioning"]["test"]["free"]
+    row = md_row(md, ["test", "FREE @ 0.8"])
+    assert row[2:5] == [fmt(free["BLEU-4"]), fmt(free["METEOR"]), "n/a"]  # FREE has no ROUGE-L in the dict
+    assert row[5] == fmt(free["CIDEr"]) == "2.331"
+    assert row[7] == f"{100 * free['CIDEr'] / full['CIDEr']:.1f}%"
+    assert row[8:] == [fmt_speedup(free["analytic_speedup"]), fmt_speedup(free["measured_decode_speedup"]),
+                       fmt_speedup(free["measured_end_to_end_speedup"]), fmt(free["mean_layers_per_token"])]  # fmt: skip
+    assert md_row(md, ["test", "full model"])[5] == fmt(full["CIDEr"])
+    spec = results["speculative"]
+    assert md_row(md, [fmt_threshold(spec["threshold"])]) == ["0.8", "1.63x", "0.912", "yes"]
+    assert md_row(md, ["easy-VQA (external)"])[1:3] == [fmt(0.71), fmt(0.7)]
+    assert md_row(md, ["FREE without the adversarial term"]) == ["FREE without the adversarial term", "0.9", "2.200", "1.90x", "1.40x"]
+    assert md_row(md, ["0.8", "2.310"])[-1] == "chosen" and md_row(md, ["1", "2.350"])[-1] == ""
+    assert md_row(md, ["12 (final)", "50"]) == ["12 (final)", "50", f"{100 * 50 / 210:.1f}%"]
+    assert "2,371,584 trainable parameters" in md and "EfficientNet-Lite0 (ImageNet weights, frozen)" in md
+    assert "**NOT met**: measured decode speedup" in md and "**met**: speculative" in md
+    assert "SPICE on test: unavailable: stanford-corenlp-3.6.0.jar missing" in md
+    assert "![sweep](quality_vs_speedup.png)" in md and "per_layer.png" not in md
+    assert "![exit histogram](exit_histogram.png)" in md and "[index.html](index.html)" in md
+    assert "## Early-exit methods" not in md  # no results["methods"]: section skipped
+
+
+def test_html_colours_every_token_by_its_layer(report):
+    results, paths, _ = report
+    page = paths["html"].read_text()
+    spans = re.findall(r'<span class="tok[^"]*" data-layer="(\d+)"[^>]*style="background:([^"]+)">([^<]*)</span>', page)
+    tokens = [t for s in results["samples"] for t in s["tokens"]]
+    assert [(int(layer), text) for layer, _, text in spans] == [(t["layer"], t["text"]) for t in tokens]
+    colours = layer_colours([3, 6, 9], 12)
+    assert all(colour == colours[int(layer)] for layer, colour, _ in spans)
+    assert len(set(colours.values())) == 4 and colours[12] == FINAL_COLOUR
+    assert "layer 12 (final: no early exit)" in page and 'src="samples/0.png"' in page
+    assert "http://" not in page and "https://" not in page  # self-contained
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (Debian package `chromium`; scripts/setup.sh installs it as root)")
+def test_headless_chromium_renders_a_non_blank_page(report, tmp_path):
+    _, paths, _ = report
+    shot = paths["html"].parent / "screenshot.png"
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,1600",
+           paths["html"].resolve().as_uri()]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and shot.is_file(), result.stderr[-2000:]
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1200, 1600)
+    assert max(ImageStat.Stat(image).var) > 100  # not a blank page
+    assert len(image.getcolors(1 << 24)) > 50  # text, token colours and images, not a flat fill
