@@ -134,9 +134,20 @@ def test_headless_chromium_renders_a_non_blank_page(report, tmp_path):
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,1600",
            paths["html"].resolve().as_uri()]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and shot.is_file(), result.stderr[-2000:]
     image = Image.open(shot).convert("RGB")
     assert image.size == (1200, 1600)
     assert max(ImageStat.Stat(image).var) > 100  # not a blank page
     assert len(image.getcolors(1 << 24)) > 50  # text, token colours and images, not a flat fill
+
+
+def test_missing_sections_are_skipped(tmp_path):
+    paths = write_report({}, tmp_path / "empty")
+    assert set(paths) == {"json", "markdown", "html"} and "## " not in paths["markdown"].read_text()
+    partial = {"captioning": {"test": {"full": {"CIDEr": 1.5}}},
+               "samples": [{"image": "a.png", "tokens": [{"text": " a", "layer": 2}, {"text": "b", "layer": 4}]}]}  # fmt: skip
+    paths = write_report(partial, tmp_path / "partial")
+    md, page = paths["markdown"].read_text(), paths["html"].read_text()
+    assert md_row(md, ["test", "full model"])[2] == "1.500" and "## VQA" not in md and "exit_histogram" not in md
+    assert re.findall(r'data-layer="(\d)"', page) == ["2", "4"] and "final: no early exit" in page  # 4: highest seen

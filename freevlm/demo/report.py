@@ -153,7 +153,7 @@ def _caption_rows(results: dict) -> tuple[list[str], list[list[str]], list[str]]
                      fmt_speedup(free.get("analytic_speedup")), fmt_speedup(free.get("measured_decode_speedup")),
                      fmt_speedup(free.get("measured_end_to_end_speedup")), fmt(free.get("mean_layers_per_token"))])  # fmt: skip
         if split in SPLIT_NOTES:
-            notes.append(SPLIT_NOTES[split])
+            notes.insert(0, SPLIT_NOTES[split])
         if isinstance(s.get("spice"), str):
             notes.append(f"SPICE on {name}: {s['spice']}")
     return headers, rows, notes
@@ -228,8 +228,8 @@ def _targets(results: dict) -> list[tuple[bool, str]]:
 def markdown_report(results: dict, plots: dict[str, str]) -> str:
     """The Markdown summary; `plots` maps a caption to an image file (relative to the report folder)."""
     out = ["# freevlm demo report", "",
-           "Every number here was measured by this run of `freevlm demo` and is also in `results.json`. "
-           "Samples with each token coloured by the layer it left at: [index.html](index.html).", ""]  # fmt: skip
+           ("Every number here was measured by this run of `freevlm demo` and is also in `results.json`. "
+            "Samples with each token coloured by the layer it left at: [index.html](index.html)."), ""]  # fmt: skip
     out += [f"- {line}" for line in trained_summary(results)] + [""]
     if results.get("targets"):
         out += ["## Targets", ""] + [f"- **{'met' if met else 'NOT met'}**: {text}" for met, text in _targets(results)] + [""]
@@ -398,8 +398,8 @@ def html_report(results: dict, plots: dict[str, str]) -> str:
              '<meta name="viewport" content="width=device-width, initial-scale=1">',
              "<title>freevlm demo report</title>", f"<style>{CSS}</style></head><body><main>",
              "<h1>freevlm demo: BLIP-2 with FREE early exits</h1>",
-             '<p class="sub">Every number on this page was measured by this run (<a href="results.json">results.json</a>, '
-             '<a href="report.md">report.md</a>).</p>',
+             ('<p class="sub">Every number on this page was measured by this run '
+              '(<a href="results.json">results.json</a>, <a href="report.md">report.md</a>).</p>'),
              '<ul class="trained">' + "".join(f"<li>{_e(line)}</li>" for line in trained_summary(results)) + "</ul>",
              _cards(results)]  # fmt: skip
 
