@@ -63,11 +63,11 @@ def test_save_and_load_blip2_round_trip(bundle, images, tmp_path):
 def test_early_exit_engine_runs_on_the_demo_backbone(bundle, images):
     ee = EarlyExitVLM.from_backbone(bundle.model, ExitConfig([3, 6, 9]))
     inputs = bundle.inputs(images, ["a photo of"] * 2)
-    full = ee.generate(**inputs, max_new_tokens=6, threshold=1.0)
-    hf = bundle.model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    full = ee.generate(**inputs, max_new_tokens=4, threshold=1.0)
+    hf = bundle.model.generate(**inputs, max_new_tokens=4, do_sample=False)
     n = min(full.sequences.shape[1], hf.shape[1])
     assert torch.equal(full.sequences[:, :n], hf[:, :n])
-    early = ee.generate(**inputs, max_new_tokens=6, threshold=0.0)
+    early = ee.generate(**inputs, max_new_tokens=4, threshold=0.0)
     assert early.sequences.shape[0] == 2 and early.exit_layers is not None
 
 
