@@ -8,7 +8,12 @@ import os
 import sys
 
 # modules that define `register(subparsers)`; each adds its own subcommands
-COMMAND_MODULES = ("freevlm.commands.generate", "freevlm.commands.evaluate", "freevlm.commands.train")
+COMMAND_MODULES = (
+    "freevlm.commands.generate",
+    "freevlm.commands.evaluate",
+    "freevlm.commands.train",
+    "freevlm.commands.demo",
+)
 
 
 class UserError(Exception):

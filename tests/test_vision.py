@@ -65,3 +65,16 @@ def test_different_images_give_different_tokens(encoder):
     a = encoder(torch.zeros(1, 3, 128, 128)).last_hidden_state
     b = encoder(torch.ones(1, 3, 128, 128)).last_hidden_state
     assert (a - b).abs().max() > 1e-2
+
+
+def test_cached_frozen_features_equal_computed_ones():
+    from freevlm.vision.efficientnet import EfficientNetVisionEncoder
+
+    encoder = EfficientNetVisionEncoder(hidden_size=32, image_size=64, pretrained=False)
+    pixels = torch.randn(3, 3, 64, 64)
+    plain = encoder.frozen_features(pixels)
+    encoder.cache_frozen_features()
+    first = encoder.frozen_features(pixels)
+    again = encoder.frozen_features(pixels[[2, 0]])  # served from the cache, in the asked order
+    assert torch.allclose(first, plain, atol=1e-6) and torch.allclose(again, plain[[2, 0]], atol=1e-6)
+    assert len(encoder._feature_cache) == 3

@@ -8,6 +8,8 @@ just the caption prior.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -119,7 +121,13 @@ class EfficientNetVisionEncoder(nn.Module):
         self.position_embedding = nn.Parameter(torch.randn(1, grid * grid, FEATURE_CHANNELS) * 0.02)
         self.projection = nn.Linear(FEATURE_CHANNELS, hidden_size)
         self.layernorm = nn.LayerNorm(hidden_size)
+        self._feature_cache: dict[bytes, torch.Tensor] | None = None
         self.train(False)
+
+    def cache_frozen_features(self, enabled: bool = True) -> None:
+        """Memoise the frozen feature map of each image (keyed by its pixels): a trainer sees every image many
+        times, and the frozen convolutions are most of a small model's step on a CPU."""
+        self._feature_cache = {} if enabled else None
 
     def train(self, mode: bool = True) -> EfficientNetVisionEncoder:
         super().train(mode)
@@ -129,7 +137,18 @@ class EfficientNetVisionEncoder(nn.Module):
 
     @torch.no_grad()
     def frozen_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The frozen feature map `[B, 112, h, w]`: the same for an image at every step, so trainers may cache it."""
+        """The frozen feature map `[B, 112, h, w]`: the same for an image at every step (see `cache_frozen_features`)."""
+        cache = self._feature_cache
+        if cache is None:
+            return self._frozen(pixel_values)
+        keys = [hashlib.blake2b(row.numpy().tobytes(), digest_size=16).digest() for row in pixel_values.detach().cpu()]
+        missing = [i for i, key in enumerate(keys) if key not in cache]
+        if missing:
+            for i, fmap in zip(missing, self._frozen(pixel_values[missing])):
+                cache[keys[i]] = fmap.contiguous()
+        return torch.stack([cache[key] for key in keys])
+
+    def _frozen(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = pixel_values.to(self.projection.weight.dtype).contiguous(memory_format=torch.channels_last)
         return self.blocks(self.stem(x))
 
