@@ -13,7 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "~/.cache/freevlm/demo)")  # fmt: skip
     p.add_argument("--fresh", action="store_true", help="retrain instead of reusing the cache")
     p.add_argument("--family", choices=("opt", "t5"), default="opt", help="the LM of the small BLIP-2")
-    p.add_argument("--no-baselines", action="store_true", help="skip DeeBLIP / PABEE-BLIP / LeeBLIP / MuE")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="skip DeeBLIP / PABEE-BLIP / LeeBLIP / MuE (--quick always skips them)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=demo)
 
@@ -24,7 +25,9 @@ def demo(args: argparse.Namespace) -> int:
     from ..demo.pipeline import DemoConfig, run_demo
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    overrides = dict(out=args.out, fresh=args.fresh, family=args.family, seed=args.seed, methods=not args.no_baselines)
+    overrides = dict(out=args.out, fresh=args.fresh, family=args.family, seed=args.seed)
+    if args.no_baselines:
+        overrides["methods"] = False
     if args.cache:
         overrides["cache"] = args.cache
     config = DemoConfig.quick_config(**overrides) if args.quick else DemoConfig(**overrides)
