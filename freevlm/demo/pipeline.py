@@ -250,6 +250,7 @@ class Demo:
         (in a batch, the step runs every layer as soon as one row needs it)."""
         cfg, bundle, ee = self.cfg, self.bundle, self.ee["free"]
         self.fast = dict(batch_size=cfg.eval_batch, max_new_tokens=24, compare_full=False)
+        self.cider = dict(self.fast, only=["CIDEr"], spice=False)  # dev sweeps need one number
         self.timed = dict(batch_size=1, max_new_tokens=24, timing_repeats=cfg.timing_repeats)
         dev, test, ood = self.captions["dev"], self.captions["test"], self.captions["ood"]
         chosen, dev_runs = self._choose_threshold(ee, dev)
@@ -258,7 +259,7 @@ class Demo:
             "points": [{"threshold": r.threshold, "score": r.score, "analytic_speedup": r.speed.analytic_speedup,
                         "measured_speedup": None} for r in dev_runs],
         }  # fmt: skip
-        per_layer = [evaluate_captions(ee, bundle, dev, layer=layer, **self.fast)
+        per_layer = [evaluate_captions(ee, bundle, dev, layer=layer, **self.cider)
                      for layer in [*ee.exit_layers, self.num_layers]]  # fmt: skip
         self.results["per_layer"] = [{"layer": r.layer, "CIDEr": r.score} for r in per_layer]
         self.say(f"dev sweep: chosen threshold {chosen}; per-layer CIDEr {self.results['per_layer']}")
@@ -293,7 +294,7 @@ class Demo:
         self._plots(dev_runs, per_layer)
 
     def _choose_threshold(self, ee: EarlyExitVLM, dev) -> tuple[float, list]:
-        runs = [evaluate_captions(ee, self.bundle, dev, t, **self.fast) for t in self.cfg.thresholds]
+        runs = [evaluate_captions(ee, self.bundle, dev, t, **self.cider) for t in self.cfg.thresholds]
         return choose_threshold(runs), runs
 
     def _speculative(self, records, threshold: float) -> dict:
@@ -395,7 +396,7 @@ class Demo:
 
 def _caption_quality(run) -> dict:
     q = run.quality.get("all", {})
-    return {k: q.get(k) for k in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")}
+    return {"BLEU-4": q.get("Bleu_4"), "METEOR": q.get("METEOR"), "ROUGE-L": q.get("ROUGE_L"), "CIDEr": q.get("CIDEr")}
 
 
 def _exact(run, records) -> float:

@@ -42,12 +42,14 @@ def caption_metrics(
     predictions: Mapping[Hashable, str],
     groups: Mapping[Hashable, str] | None = None,
     spice: bool | None = None,
+    only: Sequence[str] | None = None,
 ) -> dict:
     """Scores of `predictions` (one caption per id) against `references` (several per id).
 
     Returns `{"all": {metric: value}}` plus one entry per group name when `groups` maps ids to names. Values are
     pycocoevalcap's (BLEU etc. in [0, 1], CIDEr unscaled). `spice=None` runs SPICE when its jars are present;
-    where it cannot run, "SPICE" is None and "SPICE_unavailable" says why.
+    where it cannot run, "SPICE" is None and "SPICE_unavailable" says why. `only` (e.g. `["CIDEr"]`) runs just
+    those scorers: a threshold sweep needs one number, and METEOR starts a JVM per call.
     """
     if set(references) != set(predictions):
         missing = sorted(map(str, set(references) ^ set(predictions)))[:5]
@@ -68,6 +70,8 @@ def caption_metrics(
         raise RuntimeError(reason)
     use_spice = reason is None if spice is None else spice
     scorers = _scorers(use_spice)
+    if only is not None:
+        scorers = [(s, m) for s, m in scorers if set(m if isinstance(m, tuple) else (m,)) & set(only)]
     out = {}
     for name, keys in subsets.items():
         g, r = {k: gts[k] for k in keys}, {k: res[k] for k in keys}

@@ -150,6 +150,7 @@ def evaluate_captions(
     layer: int | None = None,
     prompt: str = CAPTION_PROMPT,
     spice: bool | None = None,
+    only: Sequence[str] | None = None,
     **generate_kwargs,
 ) -> EvalResult:
     """COCO metrics of the captions (per NoCaps domain too, when records carry one)."""
@@ -161,7 +162,7 @@ def evaluate_captions(
     if all(r.references for r in records):
         domains = {k: r.domain for k, r in zip(keys, records)} if all(r.domain for r in records) else None
         quality = caption_metrics({k: r.references for k, r in zip(keys, records)}, dict(zip(keys, gen.texts)),
-                                  groups=domains, spice=spice)  # fmt: skip
+                                  groups=domains, spice=spice, only=only)  # fmt: skip
         score = quality["all"]["CIDEr"]
     elif any(r.references for r in records):
         raise ValueError("some caption records have references and some do not: score a labelled split")
