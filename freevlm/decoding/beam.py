@@ -73,13 +73,12 @@ def beam_generate(
     improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
     rows = torch.arange(batch * k, device=device)
 
-    prompt = backbone.embed_prompt(ctx)
-    if prompt_len > 1:
-        decoder.encode(prompt[:, :-1])
-    x = prompt[:, -1:]
     t_prefill = None
     for t in range(max_new_tokens):
-        result = decoder.step(rows, x, prompt_len - 1 + t, step=t)
+        if t == 0:
+            result = decoder.prefill(backbone.embed_prompt(ctx))
+        else:
+            result = decoder.step(rows, x, prompt_len - 1 + t, step=t)
         if t_prefill is None:
             _sync(device)
             t_prefill = time.perf_counter()

@@ -140,6 +140,16 @@ class EarlyExitDecoder:
             x = self._run(self.backbone.layers[depth], self.kv[depth], x, rows, 0, x.shape[1], self.kv[depth].filled)
 
     @torch.no_grad()
+    def prefill(self, prompt: torch.Tensor) -> StepResult:
+        """The prompt and the first new token. With live exits, all but the last prompt slot first go through every
+        layer (`encode`) and only the last slot's prediction may leave early; without, one pass does it all."""
+        rows = torch.arange(self.batch_size, device=prompt.device)
+        if self.live and prompt.shape[1] > 1:
+            self.encode(prompt[:, :-1])
+            return self.step(rows, prompt[:, -1:], prompt.shape[1] - 1, step=0)
+        return self.step(rows, prompt, 0, step=0)
+
+    @torch.no_grad()
     def step(self, rows: torch.Tensor, x: torch.Tensor, new_start: int, step: int, verify: bool = False) -> StepResult:
         """Run new slots `[new_start, new_start + q)` of `rows` up the stack.
 

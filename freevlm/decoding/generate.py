@@ -76,11 +76,7 @@ def greedy_generate(
     eos = torch.tensor(eos_token_id, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
 
-    rows = torch.arange(batch, device=device)
-    prompt = backbone.embed_prompt(ctx)
-    if prompt_len > 1:
-        decoder.encode(prompt[:, :-1])
-    result = decoder.step(rows, prompt[:, -1:], prompt_len - 1, step=0)
+    result = decoder.prefill(backbone.embed_prompt(ctx))
     generated[:, 0], exit_layers[:, 0] = result.tokens, result.exit_at
     done |= torch.isin(result.tokens, eos)
     _sync(device)
