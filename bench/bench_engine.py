@@ -75,7 +75,7 @@ def main() -> None:
     schedules = {
         f"all at {half}": FixedSchedulePolicy(half),
         f"mixed {mixed}": FixedSchedulePolicy(mixed),
-        f"mixed + checks at every exit": ForcedWithChecks(mixed),
+        "mixed + checks at every exit": ForcedWithChecks(mixed),
     }
     runs = {"full": lambda: ours(mode="full").stats.seconds_decode}
     stats = {}

@@ -64,7 +64,7 @@ def test_threshold_zero_leaves_at_first_exit_and_runs_nothing_above(model):
 
 def _reference_caches(ee, out, pv, ids, mask):
     """Per-layer K/V and hidden states of the full model run once over prompt + generated tokens."""
-    model, backbone = ee.model, ee.backbone
+    backbone = ee.backbone
     generated = out.sequences[:, out.decoder.ctx.prompt_ids.shape[1] :]
     if backbone.family == "opt":
         ids_all, embeds, mask_all = backbone.image_prompt_embeds(pv, ids, mask)

@@ -73,7 +73,7 @@ def beam_generate(
     improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
     rows = torch.arange(batch * k, device=device)
 
-    t_prefill = None
+    t_prefill, x = None, None  # x: the next step's input embeddings, set at the end of each iteration
     for t in range(max_new_tokens):
         if t == 0:
             result = decoder.prefill(backbone.embed_prompt(ctx))

@@ -18,7 +18,7 @@ right away, so nothing is ever pending.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn

@@ -299,7 +299,7 @@ class Demo:
 
     def _speculative(self, records, threshold: float) -> dict:
         """Speculative mode at the chosen threshold, timed against the full model on the same batches."""
-        ee, bundle, cfg = self.ee["free"], self.bundle, self.cfg
+        ee, bundle = self.ee["free"], self.bundle
         spec_s = full_s = 0.0
         identical, drafted, accepted = True, 0, 0
         for record in records:  # one request at a time, as for the timed captioning runs
