@@ -125,9 +125,13 @@ def trained_summary(results: dict) -> list[str]:
         layers = ", ".join(str(x) for x in e.get("exit_layers", []))
         lines.append(f"Exits at LM layers {layers}; {fmt(e.get('trainable_parameters'))} trainable parameters.")
         for name, v in (e.get("variants") or {}).items():
-            adv = "with" if v.get("adversarial") else "without"
-            lines.append(f"Exit variant `{name}`: {v.get('anchor', '?')} anchor, {adv} adversarial term, "
-                         f"{fmt(v.get('steps'))} steps, {fmt_seconds(v.get('seconds'))}.")  # fmt: skip
+            if "method" in v:  # a baseline: linear exits trained with that method's loss
+                recipe = f"{v['method']} loss on linear exits"
+            else:
+                adv = "with" if v.get("adversarial") else "without"
+                recipe = f"{v.get('anchor', '?')} anchor, {adv} adversarial term"
+            lines.append(f"Exit variant `{name}`: {recipe}, {fmt(v.get('steps'))} steps, "
+                         f"{fmt_seconds(v.get('seconds'))}.")  # fmt: skip
     if c:
         lines.append("Run settings: " + ", ".join(f"{k}={v}" for k, v in c.items()) + ".")
     total = (results.get("timing") or {}).get("total_seconds")
