@@ -29,7 +29,7 @@ from torch.utils.data import Subset
 from ..exits import ExitConfig
 from ..methods import trainable_parameters
 from ..model import EarlyExitVLM
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import resume_or_start, save_checkpoint
 from .common import (
     DivergenceGuard,
     LoopConfig,
@@ -82,7 +82,9 @@ class DistillationWeights(nn.Module):
         return {k: a.exp() for k, a in self.log_weights.items()}
 
 
-def exit_logits(ee: EarlyExitVLM, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+def exit_logits(
+    ee: EarlyExitVLM, batch: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """(logits per exit, final-layer logits, targets) at the text positions of `batch`."""
     states, ctx, mask = backbone_features(ee, batch)
     text = batch["targets"] != IGNORE
@@ -182,11 +184,9 @@ def train_baseline(model: nn.Module, train_set: CaptionDataset, config: Baseline
     guard = DivergenceGuard(config.max_nonfinite_steps)
 
     step = 0
-    if config.resume:
-        path = latest_checkpoint(ckpt_dir)
-        if path is None:
-            raise FileNotFoundError(f"resume: no checkpoint under {ckpt_dir}")
-        state = load_checkpoint(path, runtime)
+    resumed = resume_or_start(ckpt_dir, runtime, config.resume, config.seed)
+    if resumed is not None:
+        path, state = resumed
         _check_resume(state, ee, config, path)
         if state["config"]["method"] != config.method:
             raise ValueError(f"checkpoint {path} was trained as {state['config']['method']!r}, not {config.method!r}")
@@ -196,10 +196,6 @@ def train_baseline(model: nn.Module, train_set: CaptionDataset, config: Baseline
             obj.load_state_dict(state[key])
         step, guard.skipped = state["step"], state["nonfinite_skipped"]
         logger.info("resumed from %s at step %d", path, step)
-    else:
-        if latest_checkpoint(ckpt_dir) is not None:
-            raise FileExistsError(f"{ckpt_dir} already holds checkpoints: resume, or pick another output_dir")
-        torch.manual_seed(config.seed + runtime.rank)
 
     ee.exits.train()
     collate = CaptionCollator.for_model(model.config)
@@ -231,7 +227,11 @@ def train_baseline(model: nn.Module, train_set: CaptionDataset, config: Baseline
         if step % config.log_every == 0 or step == total:
             values = torch.stack([loss.detach(), *[ce[k].detach() for k in keys], *[kd[k].detach() for k in keys]])
             values = (runtime.sum(values.float()) / runtime.world).tolist()
-            scalars = {"train/loss": values[0], "train/lr": sched.get_last_lr()[0], "train/nonfinite_skipped": guard.skipped}
+            scalars = {
+                "train/loss": values[0],
+                "train/lr": sched.get_last_lr()[0],
+                "train/nonfinite_skipped": guard.skipped,
+            }
             scalars.update({f"train/ce/exit_{k}": values[1 + j] for j, k in enumerate(keys)})
             scalars.update({f"train/kd/exit_{k}": values[1 + len(keys) + j] for j, k in enumerate(keys)})
             if leeblip:

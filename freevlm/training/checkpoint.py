@@ -90,3 +90,21 @@ def load_checkpoint(path: str | os.PathLike, runtime: Runtime) -> dict:
     else:
         logger.warning("%s has no RNG state for process %d: resuming with a fresh seed", path, runtime.rank)
     return state
+
+
+def resume_or_start(
+    directory: str | os.PathLike, runtime: Runtime, resume: bool, seed: int
+) -> tuple[Path, dict] | None:
+    """Resuming: the newest checkpoint's folder and state, RNG restored. Starting: None, after reseeding per process.
+
+    A new run refuses a folder that already holds checkpoints: it would mix its checkpoints with the old run's.
+    """
+    path = latest_checkpoint(directory)
+    if resume:
+        if path is None:
+            raise FileNotFoundError(f"resume: no checkpoint under {directory}")
+        return path, load_checkpoint(path, runtime)
+    if path is not None:
+        raise FileExistsError(f"{directory} already holds checkpoints: resume, or pick another output_dir")
+    torch.manual_seed(seed + runtime.rank)  # dropout differs per process; a resumed run restores its RNG instead
+    return None

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..exits import ExitConfig, ExitLayer, FeatureDiscriminator
 from ..model import CheckpointMismatchError, EarlyExitVLM, check_fingerprint
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import resume_or_start, save_checkpoint
 from .common import (
     DivergenceGuard,
     LoopConfig,
@@ -87,10 +87,16 @@ def make_discriminators(ee: EarlyExitVLM, hidden: int) -> nn.ModuleDict:
     return nn.ModuleDict({k: FeatureDiscriminator(size, hidden) for k in ee.exits}).to(ee.backbone.device)
 
 
-def exit_features(ee: EarlyExitVLM, states: list[torch.Tensor], ctx, mask: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+def exit_features(
+    ee: EarlyExitVLM, states: list[torch.Tensor], ctx, mask: torch.Tensor, text: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """E_i(h_i) at text positions, `[n_text, H]` per exit; h_i itself for exits without a layer (linear, head)."""
     return {
-        k: (ee.backbone.run_layer(e.layer, states[e.at], ctx, None, mask, None) if isinstance(e, ExitLayer) else states[e.at])[text]
+        k: (
+            ee.backbone.run_layer(e.layer, states[e.at], ctx, None, mask, None)
+            if isinstance(e, ExitLayer)
+            else states[e.at]
+        )[text]
         for k, e in ee.exits.items()
     }
 
@@ -104,7 +110,9 @@ def backbone_features(ee: EarlyExitVLM, batch: dict[str, torch.Tensor]):
 
 
 @torch.no_grad()
-def evaluate_exits(ee: EarlyExitVLM, dataset: CaptionDataset, batch_size: int = 16, runtime: Runtime | None = None) -> dict[str, float]:
+def evaluate_exits(
+    ee: EarlyExitVLM, dataset: CaptionDataset, batch_size: int = 16, runtime: Runtime | None = None
+) -> dict[str, float]:
     """Held-out `kl/exit_i` = KL(p_i || p_N) per text token, `token_acc/exit_i` and `token_acc/final`
     (argmax against the target token), token-weighted over the whole set (and over processes)."""
     rank, world = (runtime.rank, runtime.world) if runtime is not None else (0, 1)
@@ -187,22 +195,22 @@ def train_exits(model: nn.Module, train_set: CaptionDataset, config: ExitTrainCo
     guard = DivergenceGuard(config.max_nonfinite_steps)
 
     step = 0
-    if config.resume:
-        path = latest_checkpoint(ckpt_dir)
-        if path is None:
-            raise FileNotFoundError(f"resume: no checkpoint under {ckpt_dir}")
-        state = load_checkpoint(path, runtime)
+    resumed = resume_or_start(ckpt_dir, runtime, config.resume, config.seed)
+    if resumed is not None:
+        path, state = resumed
         _check_resume(state, ee, config, path)
         ee.exits.load_state_dict(state["exits"])
         discs.load_state_dict(state["discriminators"])
-        for obj, key in ((g_opt, "g_opt"), (d_opt, "d_opt"), (g_sched, "g_sched"), (d_sched, "d_sched"), (scaler, "scaler")):
+        for obj, key in (
+            (g_opt, "g_opt"),
+            (d_opt, "d_opt"),
+            (g_sched, "g_sched"),
+            (d_sched, "d_sched"),
+            (scaler, "scaler"),
+        ):
             obj.load_state_dict(state[key])
         step, guard.skipped = state["step"], state["nonfinite_skipped"]
         logger.info("resumed from %s at step %d", path, step)
-    else:
-        if latest_checkpoint(ckpt_dir) is not None:
-            raise FileExistsError(f"{ckpt_dir} already holds checkpoints: resume, or pick another output_dir")
-        torch.manual_seed(config.seed + runtime.rank)  # dropout differs per process; resumed runs restore RNG
 
     ee.exits.train()
     collate = CaptionCollator.for_model(model.config)
@@ -307,6 +315,8 @@ def _check_resume(state: dict, ee: EarlyExitVLM, config: ExitTrainConfig, path: 
         )
     check_fingerprint(state["backbone"], ee.backbone.fingerprint(), path)
     saved, now = state["config"], asdict(config)
-    changed = sorted(k for k in now if k not in ("resume", "max_steps", "epochs", "progress") and saved.get(k) != now[k])
+    changed = sorted(
+        k for k in now if k not in ("resume", "max_steps", "epochs", "progress") and saved.get(k) != now[k]
+    )
     if changed:
         logger.warning("resuming %s with changed settings: %s", path, ", ".join(changed))

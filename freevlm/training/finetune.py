@@ -20,7 +20,7 @@ from torch import nn
 
 from ..backbones import load_backbone
 from ..model import CheckpointMismatchError
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import resume_or_start, save_checkpoint
 from .common import (
     DivergenceGuard,
     LoopConfig,
@@ -86,7 +86,9 @@ def caption_loss(backbone, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
 
 
 @torch.no_grad()
-def evaluate_captions(model: nn.Module, dataset: CaptionDataset, batch_size: int = 16, runtime: Runtime | None = None) -> dict[str, float]:
+def evaluate_captions(
+    model: nn.Module, dataset: CaptionDataset, batch_size: int = 16, runtime: Runtime | None = None
+) -> dict[str, float]:
     """Held-out per-token `loss` and `token_acc` of the final layer."""
     rank, world = (runtime.rank, runtime.world) if runtime is not None else (0, 1)
     backbone = load_backbone(model)
@@ -134,7 +136,8 @@ def finetune(model: nn.Module, train_set: CaptionDataset, config: FinetuneConfig
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and n != "query_tokens"]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.dim() < 2 or n == "query_tokens")]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=config.lr
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
     )
     total = total_steps(config, len(train_set), runtime.world)
     scheduler = make_scheduler(optimizer, config, total)
@@ -142,11 +145,9 @@ def finetune(model: nn.Module, train_set: CaptionDataset, config: FinetuneConfig
     guard = DivergenceGuard(config.max_nonfinite_steps)
 
     step = 0
-    if config.resume:
-        path = latest_checkpoint(ckpt_dir)
-        if path is None:
-            raise FileNotFoundError(f"resume: no checkpoint under {ckpt_dir}")
-        state = load_checkpoint(path, runtime)
+    resumed = resume_or_start(ckpt_dir, runtime, config.resume, config.seed)
+    if resumed is not None:
+        path, state = resumed
         if sorted(state["trainable"]) != sorted(names):
             raise CheckpointMismatchError(
                 f"checkpoint {path} trained other parameters than this run would ({len(state['trainable'])} vs "
@@ -158,10 +159,6 @@ def finetune(model: nn.Module, train_set: CaptionDataset, config: FinetuneConfig
         scaler.load_state_dict(state["scaler"])
         step, guard.skipped = state["step"], state["nonfinite_skipped"]
         logger.info("resumed from %s at step %d", path, step)
-    else:
-        if latest_checkpoint(ckpt_dir) is not None:
-            raise FileExistsError(f"{ckpt_dir} already holds checkpoints: resume, or pick another output_dir")
-        torch.manual_seed(config.seed + runtime.rank)
 
     _set_modes(model, config)
     stream = batch_stream(train_set, CaptionCollator.for_model(model.config), config, runtime, step)
