@@ -2,10 +2,16 @@
 
 Schedule: half the tokens leave at the middle layer, the rest go to the final layer. Two versions:
   - per row: each row's token leaves with probability 1/2, independently (rows compact at the middle layer);
+    with batch_policy="slowest" the step waits for its slowest row (the batch leaves only if every row does);
   - per step: on alternate steps every row leaves (the batch moves together).
 Both KV strategies. Goal: >= 1.3x tokens/s over the full model.
 
-    python bench/bench_batch.py [--batch 8] [--tokens 16] [--layers 24] [--hidden 2048]
+"ideal" is the most a schedule allows: parameters touched per step by the full model over those touched by the run
+(LM layers any row needs, the exit layer, every vocabulary head, K/V projections; a catch-up rides along with the
+next token for free). The exit layer and the head put it below the 1.33x of "half the tokens skip half the layers":
+it approaches 1.3x only for LMs whose vocabulary head is small next to their depth (see --preset).
+
+    python bench/bench_batch.py [--preset opt-350m|opt-1.3b|opt-2.7b] [--batch 8] [--tokens 16] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -13,10 +19,12 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import big_blip2, inputs, interleaved, setup_threads
+from common import PRESETS, big_blip2, inputs, interleaved, setup_threads
 
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.decoding.policies import ExitPolicy, FixedSchedulePolicy
+
+GOAL = 1.3
 
 
 class HalfAtMiddle(ExitPolicy):
@@ -34,41 +42,55 @@ class HalfAtMiddle(ExitPolicy):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="opt-350m", help="OPT size (layers x hidden)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--layers", type=int, default=24)
-    parser.add_argument("--hidden", type=int, default=2048)
     args = parser.parse_args()
     setup_threads()
-    n, mid = args.layers, args.layers // 2
-    model = big_blip2(num_layers=n, hidden_size=args.hidden)
+    n, hidden, heads = PRESETS[args.preset]
+    mid = n // 2
+    model = big_blip2(num_layers=n, hidden_size=hidden, num_heads=heads)
     ee = EarlyExitVLM.from_backbone(model, ExitConfig([mid]))
     pv, ids, mask = inputs(model, batch=args.batch)
     layer_params = sum(p.numel() for p in ee.backbone.layers[0].parameters())
-    print(f"BLIP-2 with OPT {n} x {args.hidden} (vocabulary head = {ee.backbone.head_parameters() / layer_params:.2f} "
-          f"layers), exit at {mid}, batch {args.batch}, {args.tokens} new tokens, {torch.get_num_threads()} threads")
+    print(f"BLIP-2 with OPT {n} x {hidden} ({args.preset}; vocabulary head = "
+          f"{ee.backbone.head_parameters() / layer_params:.2f} layers), exit at {mid}, batch {args.batch}, "
+          f"{args.tokens} new tokens, {torch.get_num_threads()} threads")  # fmt: skip
 
     def run(**kw):
-        out = ee.generate(pv, ids, mask, max_new_tokens=args.tokens, eos_token_id=[], **kw)
-        return out
+        return ee.generate(pv, ids, mask, max_new_tokens=args.tokens, eos_token_id=[], **kw).stats
 
-    policies = {"per row": lambda: HalfAtMiddle(mid), "per step": lambda: FixedSchedulePolicy([mid, n])}
-    runs = {"full": lambda: run(mode="full").stats.seconds_decode}
-    hist = {}
-    for name, make in policies.items():
-        for kv in ("recompute", "propagate"):
-            hist[(name, kv)] = run(policy=make(), kv=kv).stats
-            runs[(name, kv)] = lambda make=make, kv=kv: run(policy=make(), kv=kv).stats.seconds_decode
+    variants = {  # name -> generate arguments (the policy is made fresh per run so every run sees the same exits)
+        ("per row", "recompute"): lambda: {"policy": HalfAtMiddle(mid), "kv": "recompute"},
+        ("per row", "propagate"): lambda: {"policy": HalfAtMiddle(mid), "kv": "propagate"},
+        ("per row, slowest", "recompute"): lambda: {
+            "policy": HalfAtMiddle(mid),
+            "kv": "recompute",
+            "batch_policy": "slowest",
+        },
+        ("per step", "recompute"): lambda: {"policy": FixedSchedulePolicy([mid, n]), "kv": "recompute"},
+        ("per step", "propagate"): lambda: {"policy": FixedSchedulePolicy([mid, n]), "kv": "propagate"},
+    }
+    runs = {"full": lambda: run(mode="full").seconds_decode}
+    stats = {}
+    for key, make in variants.items():
+        stats[key] = run(**make())
+        runs[key] = lambda make=make: run(**make()).seconds_decode
     times = interleaved(runs, args.repeats)
     decoded = args.batch * (args.tokens - 1)  # decode-only: the first token comes with the prefill
     full_tps = decoded / times["full"]
     print(f"full model: {full_tps:.1f} tokens/s (decode only, median of {args.repeats})")
-    print(f"{'schedule':10s} {'kv':10s} {'tokens/s':>9s} {'speedup':>8s} {'ideal':>7s}  histogram")
-    for key, s in hist.items():
-        tps = decoded / times[key]
-        print(f"{key[0]:10s} {key[1]:10s} {tps:9.1f} {tps / full_tps:7.2f}x {s.ideal_speedup:6.2f}x  {s.exit_histogram}")
-    print("speedup = tokens/s over the full model's in this run (goal >= 1.3x); ideal = parameters touched per step")
+    print(f"{'schedule':17s} {'kv':10s} {'tokens/s':>9s} {'speedup':>8s} {'ideal':>7s} {'of ideal':>9s}  histogram")
+    for key, s in stats.items():
+        speedup = times["full"] / times[key]
+        print(f"{key[0]:17s} {key[1]:10s} {decoded / times[key]:9.1f} {speedup:7.2f}x {s.ideal_speedup:6.2f}x "
+              f"{speedup / s.ideal_speedup:9.2f}  {s.exit_histogram}")  # fmt: skip
+    best = max(variants, key=lambda k: times["full"] / times[k])
+    best_ideal = max(s.ideal_speedup for s in stats.values())
+    print(f"best: {' / '.join(best)} at {times['full'] / times[best]:.2f}x (goal >= {GOAL}x); "
+          f"the best ideal of these schedules at this size is {best_ideal:.2f}x"
+          + ("" if best_ideal >= GOAL else ": the goal is above what half-at-the-middle allows here"))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -46,8 +46,10 @@ def main() -> None:
     tokens = args.tokens
     layer_params = sum(p.numel() for p in ee.backbone.layers[0].parameters())
     head_params = ee.backbone.head_parameters()
-    print(f"BLIP-2 with OPT {n} x {args.hidden}, vocabulary {model.config.text_config.vocab_size}, "
-          f"exits at {exits}, batch 1, {tokens} new tokens, {torch.get_num_threads()} threads")
+    print(
+        f"BLIP-2 with OPT {n} x {args.hidden}, vocabulary {model.config.text_config.vocab_size}, "
+        f"exits at {exits}, batch 1, {tokens} new tokens, {torch.get_num_threads()} threads"
+    )
     print(f"one vocabulary head = {head_params / layer_params:.2f} LM layers of parameters\n")
 
     def ours(**kw):
@@ -55,8 +57,11 @@ def main() -> None:
 
     # --- 1. no exit taken vs Hugging Face generate -------------------------------------------------------------
     with torch.no_grad():
-        hf = lambda: model.generate(  # noqa: E731
-            pixel_values=pv, input_ids=ids, attention_mask=mask, max_new_tokens=tokens,
+        hf = lambda: model.generate(
+            pixel_values=pv,
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=tokens,
             do_sample=False,
         )
         assert torch.equal(hf(), ours(threshold=1.0).sequences), "threshold 1.0 must equal HF generate"
@@ -65,8 +70,10 @@ def main() -> None:
             args.repeats,
         )
     print("1. no exit taken (end-to-end seconds, median)")
-    print(f"   Hugging Face generate {times['hf']:.3f}s | freevlm threshold 1.0 {times['threshold_1']:.3f}s "
-          f"| freevlm full {times['full']:.3f}s")
+    print(
+        f"   Hugging Face generate {times['hf']:.3f}s | freevlm threshold 1.0 {times['threshold_1']:.3f}s "
+        f"| freevlm full {times['full']:.3f}s"
+    )
     print(f"   time ratio freevlm(threshold 1.0) / HF = {times['threshold_1'] / times['hf']:.3f}  (goal <= 1.0)\n")
 
     # --- 2. forced schedules: measured decode speedup vs ideal --------------------------------------------------
@@ -89,8 +96,10 @@ def main() -> None:
     print(f"   {'schedule':34s} {'kv':10s} {'measured':>9s} {'ideal':>7s} {'ratio':>7s} {'analytic':>9s}  histogram")
     for key, s in stats.items():
         measured = times["full"] / times[key]
-        print(f"   {key[0]:34s} {key[1]:10s} {measured:8.2f}x {s.ideal_speedup:6.2f}x {measured / s.ideal_speedup:7.2f} "
-              f"{s.analytic_speedup:8.2f}x  {s.exit_histogram}")
+        print(
+            f"   {key[0]:34s} {key[1]:10s} {measured:8.2f}x {s.ideal_speedup:6.2f}x {measured / s.ideal_speedup:7.2f} "
+            f"{s.analytic_speedup:8.2f}x  {s.exit_histogram}"
+        )
     print("   ratio = measured / ideal (goal >= 0.9)")
 
 

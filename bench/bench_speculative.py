@@ -56,12 +56,16 @@ def main() -> None:
         stats[t] = out.stats
         runs[t] = lambda t=t: run(mode="speculative", threshold=t, max_draft=args.max_draft).stats.seconds_decode
     times = interleaved(runs, args.repeats)
-    print(f"{'threshold':>9s} {'speedup':>8s} {'accept':>7s} {'drafted':>8s} {'accepted':>9s} {'verify':>7s}  (identical "
-          "output: checked)")
+    print(
+        f"{'threshold':>9s} {'speedup':>8s} {'accept':>7s} {'drafted':>8s} {'accepted':>9s} {'verify':>7s}  (identical "
+        "output: checked)"
+    )
     for t, s in stats.items():
         spec = s.speculative
-        print(f"{t:9.2f} {times['full'] / times[t]:7.2f}x {spec['acceptance_rate']:7.2f} {spec['drafted']:8d} "
-              f"{spec['accepted_drafts']:9d} {spec['verifications']:7d}")
+        print(
+            f"{t:9.2f} {times['full'] / times[t]:7.2f}x {spec['acceptance_rate']:7.2f} {spec['drafted']:8d} "
+            f"{spec['accepted_drafts']:9d} {spec['verifications']:7d}"
+        )
     print("speedup: decode-only time of the full model over speculative mode, medians, same run")
 
 

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import statistics
 import time
+
 import torch
 
 from freevlm.tiny import tiny_blip2, tiny_inputs
 
+# OPT sizes (layers, hidden, heads); OPT-2.7B is the language model of BLIP-2's smaller OPT checkpoint.
+PRESETS = {"opt-350m": (24, 1024, 16), "opt-1.3b": (24, 2048, 32), "opt-2.7b": (32, 2560, 32)}
 
-def big_blip2(num_layers: int = 24, hidden_size: int = 1024, vocab_size: int = 50272, family: str = "opt"):
-    """OPT-350m-sized LM (24 x 1024, OPT's vocabulary) behind a tiny vision path; EOS disabled so every run
-    generates the same number of tokens."""
+
+def big_blip2(
+    num_layers: int = 24, hidden_size: int = 1024, vocab_size: int = 50272, family: str = "opt", num_heads: int = 16
+):
+    """A random OPT LM of a real size (default OPT-350m's 24 x 1024) with OPT's vocabulary, behind a tiny vision
+    path; EOS disabled so every run generates the same number of tokens."""
     model = tiny_blip2(
-        family, num_layers=num_layers, hidden_size=hidden_size, vocab_size=vocab_size, num_heads=16,
+        family, num_layers=num_layers, hidden_size=hidden_size, vocab_size=vocab_size, num_heads=num_heads,
         num_query_tokens=32,
     )  # fmt: skip
     for cfg in (model.generation_config, model.language_model.generation_config):
