@@ -11,14 +11,11 @@ reordered after each step; the engine's caches and pending states move with them
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import nn
 
 from ..backbones.base import Blip2Backbone
-from .engine import EarlyExitDecoder
-from .generate import GenerateOutput, _sync, summarize
+from .generate import GenerateOutput, Request
 from .policies import ExitPolicy
 
 
@@ -46,18 +43,15 @@ def beam_generate(
     early_stopping: bool | str = False,
     batch_policy: str = "per_row",
 ) -> GenerateOutput:
-    device = backbone.device
-    _sync(device)
-    t0 = time.perf_counter()
     k = num_beams
     batch = pixel_values.shape[0]
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     expand = lambda t: t.repeat_interleave(k, dim=0)  # noqa: E731 - as Hugging Face expands inputs per beam
-    ctx = backbone.start(expand(pixel_values), expand(input_ids), expand(attention_mask), max_new_tokens)
-    decoder = EarlyExitDecoder(backbone, exits, policy, kv_mode, ctx, ctx.capacity, batch_policy)
+    req = Request.start(backbone, exits, policy, kv_mode, expand(pixel_values), expand(input_ids),
+                        expand(attention_mask), max_new_tokens, eos_token_id, batch_policy)  # fmt: skip
+    ctx, decoder, device = req.ctx, req.decoder, backbone.device
     prompt_len = ctx.prompt_ids.shape[1]
-    eos = torch.tensor(eos_token_id, dtype=torch.long, device=device)
     keep = max(2, 1 + len(eos_token_id)) * k  # candidates per item, so k unfinished ones always remain
     top_k_mask = torch.arange(keep, device=device) < k
 
@@ -73,15 +67,13 @@ def beam_generate(
     improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
     rows = torch.arange(batch * k, device=device)
 
-    t_prefill, x = None, None  # x: the next step's input embeddings, set at the end of each iteration
+    x = None  # the next step's input embeddings, set at the end of each iteration
     for t in range(max_new_tokens):
         if t == 0:
             result = decoder.prefill(backbone.embed_prompt(ctx))
         else:
             result = decoder.step(rows, x, prompt_len - 1 + t, step=t)
-        if t_prefill is None:
-            _sync(device)
-            t_prefill = time.perf_counter()
+        req.prefilled()
         log_probs = torch.log_softmax(result.logits.float(), dim=-1).view(batch, k, -1)
         vocab = log_probs.shape[-1]
         scores = (log_probs + running_scores[..., None]).view(batch, -1)
@@ -92,7 +84,7 @@ def beam_generate(
         cand[:, :, t] = tokens
         cand_exits = _gather(running_exits, source)
         cand_exits[:, :, t] = _gather(result.exit_at.view(batch, k), source)
-        hits_eos = torch.isin(tokens, eos) if len(eos_token_id) else torch.zeros_like(tokens, dtype=torch.bool)
+        hits_eos = torch.isin(tokens, req.eos) if len(eos_token_id) else torch.zeros_like(tokens, dtype=torch.bool)
         hits_stop = hits_eos | (t + 1 >= max_new_tokens)
 
         # the best k candidates that did not stop keep running
@@ -124,14 +116,11 @@ def beam_generate(
         if not (bool(improvable.any()) and open_beams and not bool(hits_stop.all())):
             break
         x = backbone.embed(ctx, running[:, :, t].reshape(-1, 1), None, prompt_len + t)
-    _sync(device)
-    t_end = time.perf_counter()
 
     best_seq, best_exits = finished[:, 0], finished_exits[:, 0]
     length = int((best_exits >= 0).sum(dim=1).max())
     exit_layers = best_exits[:, :length]
-    stats = summarize(backbone, decoder, exit_layers)
-    stats.seconds_total, stats.seconds_prefill, stats.seconds_decode = t_end - t0, t_prefill - t0, t_end - t_prefill
+    stats = req.finish(exit_layers)
     sequences = torch.cat([ctx.prompt_ids.view(batch, k, -1)[:, 0], best_seq[:, :length]], dim=1)
     return GenerateOutput(sequences, exit_layers, stats)
 

@@ -1,4 +1,6 @@
-"""Greedy generation on top of the early-exit engine, with Hugging Face's stopping rules and honest stats."""
+"""Greedy generation on top of the early-exit engine, with Hugging Face's stopping rules and honest stats.
+
+`Request` is the set-up and the clock that greedy, beam and speculative search share."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..backbones.base import Blip2Backbone
+from ..backbones.base import Blip2Backbone, Context
 from .engine import EarlyExitDecoder, WorkCounter
 from .policies import ExitPolicy
 
@@ -50,6 +52,47 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass
+class Request:
+    """What every search sets up alike: the backbone's context, the engine over it, the EOS ids, and a clock
+    that syncs the device before each reading (so the seconds count finished work, not queued kernels)."""
+
+    backbone: Blip2Backbone
+    ctx: Context
+    decoder: EarlyExitDecoder
+    eos: torch.Tensor  # EOS token ids on the device
+    t0: float
+    t_prefill: float | None = None
+
+    @classmethod
+    def start(cls, backbone: Blip2Backbone, exits: dict[int, nn.Module], policy: ExitPolicy, kv_mode: str,
+              pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+              max_new_tokens: int, eos_token_id: list[int], batch_policy: str = "per_row") -> Request:  # fmt: skip
+        """Start the clock, encode image and prompt with room for `max_new_tokens` slots, build the engine."""
+        _sync(backbone.device)
+        t0 = time.perf_counter()
+        ctx = backbone.start(pixel_values, input_ids, attention_mask, max_new_tokens)
+        decoder = EarlyExitDecoder(backbone, exits, policy, kv_mode, ctx, ctx.capacity, batch_policy)
+        eos = torch.tensor(eos_token_id, dtype=torch.long, device=backbone.device)
+        return cls(backbone, ctx, decoder, eos, t0)
+
+    def prefilled(self) -> None:
+        """The first token is out: what ran so far (image, prompt, first token) is the prefill. Only the first
+        call counts, so a search may call it on every iteration."""
+        if self.t_prefill is None:
+            _sync(self.backbone.device)
+            self.t_prefill = time.perf_counter()
+
+    def finish(self, exit_layers: torch.Tensor) -> DecodeStats:
+        """Stop the clock; the stats of the generated tokens (`exit_layers`, -1 where none)."""
+        _sync(self.backbone.device)
+        t_end = time.perf_counter()
+        stats = summarize(self.backbone, self.decoder, exit_layers)
+        stats.seconds_total, stats.seconds_prefill = t_end - self.t0, self.t_prefill - self.t0
+        stats.seconds_decode = t_end - self.t_prefill
+        return stats
+
+
 @torch.no_grad()
 def greedy_generate(
     backbone: Blip2Backbone,
@@ -65,22 +108,18 @@ def greedy_generate(
     batch_policy: str = "per_row",
     return_decoder: bool = False,
 ) -> GenerateOutput:
-    device = backbone.device
-    _sync(device)
-    t0 = time.perf_counter()
-    ctx = backbone.start(pixel_values, input_ids, attention_mask, max_new_tokens)
-    decoder = EarlyExitDecoder(backbone, exits, policy, kv_mode, ctx, ctx.capacity, batch_policy)
+    req = Request.start(backbone, exits, policy, kv_mode, pixel_values, input_ids, attention_mask, max_new_tokens,
+                        eos_token_id, batch_policy)  # fmt: skip
+    ctx, decoder, device = req.ctx, req.decoder, backbone.device
     batch, prompt_len = ctx.prompt_ids.shape
     generated = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     exit_layers = torch.full((batch, max_new_tokens), -1, dtype=torch.long, device=device)
-    eos = torch.tensor(eos_token_id, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
 
     result = decoder.prefill(backbone.embed_prompt(ctx))
     generated[:, 0], exit_layers[:, 0] = result.tokens, result.exit_at
-    done |= torch.isin(result.tokens, eos)
-    _sync(device)
-    t_prefill = time.perf_counter()
+    done |= torch.isin(result.tokens, req.eos)
+    req.prefilled()
 
     length = 1
     while length < max_new_tokens and not bool(done.all()):
@@ -89,14 +128,11 @@ def greedy_generate(
         x = backbone.embed(ctx, generated[rows, length - 1 : length], rows_arg, prompt_len + length - 1)
         result = decoder.step(rows, x, prompt_len + length - 1, step=length)
         generated[rows, length], exit_layers[rows, length] = result.tokens, result.exit_at
-        done[rows] |= torch.isin(result.tokens, eos)
+        done[rows] |= torch.isin(result.tokens, req.eos)
         length += 1
-    _sync(device)
-    t_end = time.perf_counter()
 
     exit_layers = exit_layers[:, :length]
-    stats = summarize(backbone, decoder, exit_layers)
-    stats.seconds_total, stats.seconds_prefill, stats.seconds_decode = t_end - t0, t_prefill - t0, t_end - t_prefill
+    stats = req.finish(exit_layers)
     sequences = torch.cat([ctx.prompt_ids, generated[:, :length]], dim=1)
     return GenerateOutput(sequences, exit_layers, stats, decoder if return_decoder else None)
 

@@ -15,14 +15,11 @@ draft rejected). Each engine call takes the rows that sit at the same slot, lowe
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import nn
 
 from ..backbones.base import Blip2Backbone
-from .engine import EarlyExitDecoder
-from .generate import GenerateOutput, _sync, summarize
+from .generate import GenerateOutput, Request
 from .policies import ConfidencePolicy, ExitPolicy
 
 
@@ -62,15 +59,12 @@ def speculative_generate(
         raise ValueError("speculative mode verifies drafts by recomputing them: it needs kv='recompute'")
     if not isinstance(max_draft, int) or max_draft < 1:
         raise ValueError(f"max_draft must be a positive integer, got {max_draft!r}")
-    device = backbone.device
-    _sync(device)
-    t0 = time.perf_counter()
-    ctx = backbone.start(pixel_values, input_ids, attention_mask, max_new_tokens + max_draft + 1)
-    batch, prompt_len = ctx.prompt_ids.shape
-    policy = DraftPolicy(threshold, batch)
-    decoder = EarlyExitDecoder(backbone, exits, policy, kv_mode, ctx, ctx.capacity)
-    num_layers = backbone.num_layers
+    policy = DraftPolicy(threshold, pixel_values.shape[0])
     width = max_new_tokens + max_draft + 1
+    req = Request.start(backbone, exits, policy, kv_mode, pixel_values, input_ids, attention_mask, width, eos_token_id)
+    ctx, decoder, device = req.ctx, req.decoder, backbone.device
+    batch, prompt_len = ctx.prompt_ids.shape
+    num_layers = backbone.num_layers
     generated = torch.full((batch, width), pad_token_id, dtype=torch.long, device=device)
     exit_layers = torch.full((batch, width), -1, dtype=torch.long, device=device)
     eos = set(eos_token_id)
@@ -82,7 +76,6 @@ def speculative_generate(
     prompt = backbone.embed_prompt(ctx)
     if prompt_len > 1:
         decoder.encode(prompt[:, :-1])
-    t_prefill = None
     while not all(finished):
         # the rows that sit at the lowest slot go next, together
         slot_of = {b: prompt_len - 1 + accepted[b] + drafts[b] for b in range(batch) if not finished[b]}
@@ -91,8 +84,10 @@ def speculative_generate(
         rows = torch.tensor(group, device=device)
         for b in group:
             last = generated[b, accepted[b] + drafts[b] - 1] if accepted[b] + drafts[b] else None
-            policy.must_verify[b] = drafts[b] >= max_draft or accepted[b] + drafts[b] >= max_new_tokens or (
-                last is not None and int(last) in eos
+            policy.must_verify[b] = (
+                drafts[b] >= max_draft
+                or accepted[b] + drafts[b] >= max_new_tokens
+                or (last is not None and int(last) in eos)
             )
         if slot == prompt_len - 1:
             x = prompt[rows, -1:]
@@ -127,16 +122,11 @@ def speculative_generate(
             finished[b] = _finish_row(generated, exit_layers, b, accepted, eos, max_new_tokens, pad_token_id)
             if finished[b]:  # tokens verified past EOS or past max_new_tokens were dropped: so are their slots
                 decoder.crop_row(b, prompt_len - 1 + accepted[b])
-        if t_prefill is None:
-            _sync(device)
-            t_prefill = time.perf_counter()
-    _sync(device)
-    t_end = time.perf_counter()
+        req.prefilled()
 
     length = max(accepted)
     exit_layers = exit_layers[:, :length]
-    stats = summarize(backbone, decoder, exit_layers)
-    stats.seconds_total, stats.seconds_prefill, stats.seconds_decode = t_end - t0, t_prefill - t0, t_end - t_prefill
+    stats = req.finish(exit_layers)
     stats.speculative = dict(counts, acceptance_rate=counts["accepted_drafts"] / max(counts["drafted"], 1))
     sequences = torch.cat([ctx.prompt_ids, generated[:, :length]], dim=1)
     return GenerateOutput(sequences, exit_layers, stats, decoder if return_decoder else None)
