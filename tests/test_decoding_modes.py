@@ -55,6 +55,18 @@ def test_speculative_really_rejects_and_accepts(family):
     assert 0 < totals["accepted_drafts"] < totals["drafted"], totals
 
 
+def test_verification_steps_evaluate_no_exit_head(family):
+    """Threshold 0 and max_draft 1: steps alternate draft (one head, at the first exit) and verify (the final
+    head only - the decision to go to the final layer is made, so no exit's head is asked)."""
+    ee = drafting_model(family, 0)
+    pv, ids, mask = tiny_inputs(ee.model, batch=1, seed=0)
+    out = ee.generate(pv, ids, mask, max_new_tokens=10, mode="speculative", threshold=0.0, max_draft=1,
+                      eos_token_id=[], return_decoder=True)  # fmt: skip
+    work = out.decoder.work
+    assert out.stats.speculative["verifications"] > 0
+    assert work.head_calls == work.steps
+
+
 def test_after_rejected_drafts_caches_hold_exactly_the_accepted_tokens(family):
     ee = drafting_model(family, 1)
     pv, ids, mask = tiny_inputs(ee.model, batch=2, seed=1, pad=True)

@@ -24,19 +24,26 @@ from .policies import ConfidencePolicy, ExitPolicy
 
 
 class DraftPolicy(ExitPolicy):
-    """Leave at the first confident exit, unless the row must verify now (then go to the final layer)."""
+    """Leave at the first confident exit, unless the row must verify now (then go to the final layer).
+
+    When every row of a step must verify, no exit is asked: the exit layers still run (their caches must cover the
+    slot) but no vocabulary head is evaluated for a decision that is already made.
+    """
 
     def __init__(self, threshold: float, batch_size: int):
         self.confidence = ConfidencePolicy(threshold)
         self.must_verify = torch.zeros(batch_size, dtype=torch.bool)
+        self.all_verify = False  # every row of the current step must verify
 
     def live_exits(self, exit_layers):
         return self.confidence.live_exits(exit_layers)
 
     def needs_logits(self, layer):
-        return True
+        return not self.all_verify
 
     def decide(self, layer, logits, step, rows, hidden=None):
+        if logits is None:
+            return torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
         return self.confidence.decide(layer, logits, step, rows, hidden) & ~self.must_verify.to(rows.device)[rows]
 
 
@@ -89,6 +96,7 @@ def speculative_generate(
                 or accepted[b] + drafts[b] >= max_new_tokens
                 or (last is not None and int(last) in eos)
             )
+        policy.all_verify = bool(policy.must_verify[group].all())
         if slot == prompt_len - 1:
             x = prompt[rows, -1:]
         else:
