@@ -1,12 +1,12 @@
 """Engine overhead and real speedup at batch 1, measured side by side in one run.
 
 1. threshold 1.0 (no exit taken) vs Hugging Face `generate` on the same model: time ratio (goal: not slower).
-2. forced exit schedules on a 24-layer, 1024-wide OPT with OPT's 50272-token vocabulary (random weights):
+2. forced exit schedules on an OPT-sized LM (default OPT-350m, 24 x 1024) with OPT's vocabulary (random weights):
    measured decode speedup over the full model, divided by the ideal speedup (parameters touched per token,
    full model over early exit: layers, exit layers, every vocabulary head evaluated, catch-up included).
    Goal >= 0.9, for both KV strategies. The paper's analytic speedup is printed beside it.
 
-    python bench/bench_engine.py [--tokens 32] [--repeats 3]
+    python bench/bench_engine.py [--preset opt-350m|opt-1.3b|opt-2.7b] [--tokens 32] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import big_blip2, inputs, interleaved, setup_threads
+from common import PRESETS, big_blip2, inputs, interleaved, setup_threads
 
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.decoding.policies import FixedSchedulePolicy
@@ -34,12 +34,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--layers", type=int, default=24)
-    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="opt-350m", help="OPT size (layers x hidden)")
     args = parser.parse_args()
     setup_threads()
-    n = args.layers
-    model = big_blip2(num_layers=n, hidden_size=args.hidden)
+    n, hidden, heads = PRESETS[args.preset]
+    model = big_blip2(num_layers=n, hidden_size=hidden, num_heads=heads)
     exits = [n // 4, n // 2, 3 * n // 4]
     ee = EarlyExitVLM.from_backbone(model, ExitConfig(exits))
     pv, ids, mask = inputs(model)
@@ -47,7 +46,7 @@ def main() -> None:
     layer_params = sum(p.numel() for p in ee.backbone.layers[0].parameters())
     head_params = ee.backbone.head_parameters()
     print(
-        f"BLIP-2 with OPT {n} x {args.hidden}, vocabulary {model.config.text_config.vocab_size}, "
+        f"BLIP-2 with OPT {n} x {hidden} ({args.preset}), vocabulary {model.config.text_config.vocab_size}, "
         f"exits at {exits}, batch 1, {tokens} new tokens, {torch.get_num_threads()} threads"
     )
     print(f"one vocabulary head = {head_params / layer_params:.2f} LM layers of parameters\n")
