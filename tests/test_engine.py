@@ -217,3 +217,46 @@ def test_features_are_the_full_models_hidden_states(model):
     assert len(states) == backbone.num_layers + 1
     real = ctx.key_mask[:, : states[-1].shape[1]]
     assert torch.allclose(backbone.head(states[-1])[real], ref[real], atol=1e-5)
+
+
+def _host_syncs_in_steps(ee, monkeypatch, *args, **kwargs) -> tuple[int, int]:
+    """Count tensor-to-host reads (`tolist`, `item`, `bool`, `int`, `float`) made inside engine steps."""
+    from freevlm.decoding.engine import EarlyExitDecoder
+
+    count, inside = [0], [False]
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, **kw):
+            count[0] += inside[0]
+            return _original(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    step = EarlyExitDecoder.step
+
+    def counted_step(self, *a, **kw):
+        inside[0] = True
+        try:
+            return step(self, *a, **kw)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(EarlyExitDecoder, "step", counted_step)
+    out = ee.generate(*args, **kwargs)
+    monkeypatch.undo()
+    return count[0], out.stats.steps
+
+
+@pytest.mark.parametrize("kv", ["recompute", "propagate"])
+def test_host_syncs_per_step_do_not_grow_with_depth(family, kv, monkeypatch):
+    """DESIGN.md: no host sync per layer (on a GPU each one stalls the launch queue). A step may read its row ids
+    once and each exit's leave/continue decision once; twice the layers must not mean more syncs."""
+    counts = []
+    for depth in (4, 8):
+        ee = EarlyExitVLM.from_backbone(tiny_blip2(family, num_layers=depth), ExitConfig([1, 2]))
+        pv, ids, mask = tiny_inputs(ee.model, batch=3, seed=0, pad=True)
+        syncs, steps = _host_syncs_in_steps(ee, monkeypatch, pv, ids, mask, max_new_tokens=MAX_NEW,
+                                            policy=RandomPolicy(0.4), kv=kv, eos_token_id=[])  # fmt: skip
+        assert syncs <= steps * (1 + 2), (depth, syncs, steps)
+        counts.append(syncs)
+    assert counts[0] == counts[1], counts

@@ -112,12 +112,12 @@ class EarlyExitDecoder:
     def _rows_arg(self, rows: torch.Tensor) -> torch.Tensor | None:
         return None if len(rows) == self.batch_size else rows
 
-    def _run(self, layer, kv: LayerKV, x, rows, start, end, fill) -> torch.Tensor:
+    def _run(self, layer, kv: LayerKV, x, rows, ids, start, end, fill) -> torch.Tensor:
         valid = self._valid(fill, start, end, x.device)
         rows_arg = self._rows_arg(rows)
         view = KVView(kv, rows_arg, start, valid)
         out = self.backbone.run_layer(layer, x, self.ctx, view, self.attention_mask(rows_arg, start, end), rows_arg)
-        for b in rows.tolist():
+        for b in ids:
             kv.filled[b] = end
         return out
 
@@ -133,11 +133,13 @@ class EarlyExitDecoder:
 
         The prompt is encoded by the whole model (as an encoder would be); only new tokens may leave early.
         """
-        rows = torch.arange(self.batch_size, device=x.device)
+        rows, ids = torch.arange(self.batch_size, device=x.device), list(range(self.batch_size))
         for depth in range(self.num_layers):
             if depth in self.exit_kv:  # exits with a cache of their own see the prompt too
-                self._run(self.exits[depth].layer, self.exit_kv[depth], x, rows, 0, x.shape[1], self.exit_kv[depth].filled)
-            x = self._run(self.backbone.layers[depth], self.kv[depth], x, rows, 0, x.shape[1], self.kv[depth].filled)
+                exit_kv = self.exit_kv[depth]
+                self._run(self.exits[depth].layer, exit_kv, x, rows, ids, 0, x.shape[1], exit_kv.filled)
+            kv = self.kv[depth]
+            x = self._run(self.backbone.layers[depth], kv, x, rows, ids, 0, x.shape[1], kv.filled)
 
     @torch.no_grad()
     def prefill(self, prompt: torch.Tensor) -> StepResult:
@@ -158,6 +160,7 @@ class EarlyExitDecoder:
         """
         n, end = len(rows), new_start + x.shape[1]
         device = x.device
+        ids = rows.tolist()  # host copy of the row ids: fill levels are looked up without a sync per layer
         self.work.steps += 1
         tokens = torch.empty(n, dtype=torch.long, device=device)
         exit_at = torch.full((n,), self.num_layers, dtype=torch.long, device=device)
@@ -166,21 +169,22 @@ class EarlyExitDecoder:
         lo = new_start
         prev_fill: list[int] | None = None
         for depth in range(self.num_layers):
-            fill = [self.kv[depth].filled[b] for b in rows.tolist()]
+            fill = [self.kv[depth].filled[b] for b in ids]
             x, lo = self._join_pending(x, rows, fill, prev_fill, lo, end)
             if depth in self.live_set:
-                leave, logits = self._exit(depth, x, rows, lo, end, step)
+                leave, leaves, logits = self._exit(depth, x, rows, ids, lo, end, step)
                 if leave is not None:
                     all_logits = self._emit(all_logits, logits, out_idx[leave], tokens, exit_at, depth)
-                    self._park(x[leave], rows[leave], depth, lo, end)
+                    self._park(x[leave], rows[leave], [b for b, out in zip(ids, leaves) if out], depth, lo, end)
                     keep = ~leave
                     rows, x, out_idx = rows[keep], x[keep], out_idx[keep]
-                    fill = [f for f, k in zip(fill, keep.tolist()) if k]
+                    ids = [b for b, out in zip(ids, leaves) if not out]
+                    fill = [f for f, out in zip(fill, leaves) if not out]
                     if len(rows) == 0:
                         return StepResult(tokens, exit_at, all_logits)
                     if min(fill) > lo:  # the rows that left needed the lowest slots; the others do not
                         x, lo = x[:, min(fill) - lo :], min(fill)
-            x = self._run(self.backbone.layers[depth], self.kv[depth], x, rows, lo, end, fill)
+            x = self._run(self.backbone.layers[depth], self.kv[depth], x, rows, ids, lo, end, fill)
             self.work.layer_calls += 1
             self.work.params_touched += self._layer_params[depth]
             self.work.catchup_slots += new_start - lo
@@ -209,27 +213,28 @@ class EarlyExitDecoder:
             x = torch.where(joins.to(x.device)[..., None], pending[:, lo:end], x)
         return x, lo
 
-    def _exit(self, depth, x, rows, lo, end, step):
+    def _exit(self, depth, x, rows, ids, lo, end, step):
         """Run exit `depth` (an exit layer over the slots its cache lacks, or nothing); ask the policy.
 
-        Returns (leave mask or None, logits of the rows that leave)."""
+        Returns (leave mask or None, the same as a host list, logits of the rows that leave)."""
         exit_module = self.exits[depth]
         y = x
         if exit_module.needs_cache:
             kv = self.exit_kv[depth]
-            exit_fill = [kv.filled[b] for b in rows.tolist()]
+            exit_fill = [kv.filled[b] for b in ids]
             start = min(exit_fill)
-            y = self._run(exit_module.layer, kv, x[:, start - lo :], rows, start, end, exit_fill)
+            y = self._run(exit_module.layer, kv, x[:, start - lo :], rows, ids, start, end, exit_fill)
             self.work.exit_calls += 1
         self.work.params_touched += self._exit_params[depth]
         logits = self._exit_logits(depth, y[:, -1]) if self.policy.needs_logits(depth) else None
         leave = self.policy.decide(depth, logits, step, rows, x[:, -1])
         if self.batch_policy == "slowest":  # the step waits for its slowest row: all leave or none
             leave = leave & leave.all()
-        if not bool(leave.any()):  # the one host sync per exit reached
-            return None, None
+        leaves = leave.tolist()  # the one host sync per exit reached: leaving or not is a branch
+        if not any(leaves):
+            return None, None, None
         logits = self._exit_logits(depth, y[leave, -1]) if logits is None else logits[leave]
-        return leave, logits
+        return leave, leaves, logits
 
     def _exit_logits(self, depth: int, features: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits at an exit: the frozen head (FREE, MuE) or the exit's own classifier."""
@@ -245,22 +250,22 @@ class EarlyExitDecoder:
         all_logits[where] = logits
         return all_logits
 
-    def _park(self, x, rows, depth, lo, end):
+    def _park(self, x, rows, ids, depth, lo, end):
         """Tokens of rows that left at `depth`: keep their state (recompute) or fill deeper K/V now (propagate)."""
         if self.kv_mode == "recompute":
             if self.pending is None:
                 self.pending = x.new_zeros(self.batch_size, self.capacity, x.shape[-1])
-            valid = self._valid([self.kv[depth].filled[b] for b in rows.tolist()], lo, end, x.device)
+            valid = self._valid([self.kv[depth].filled[b] for b in ids], lo, end, x.device)
             window = self.pending[rows, lo:end]
             self.pending[rows, lo:end] = x if valid is None else torch.where(valid[..., None], x, window)
             return
         # propagate: every cache is full below `lo`, so the new slots are the whole window
         for d in range(depth, self.num_layers):
-            self._write_projected(self.backbone.layers[d], self.kv[d], x, rows, lo)
+            self._write_projected(self.backbone.layers[d], self.kv[d], x, rows, ids, lo)
             self.work.params_touched += self.backbone.kv_parameters(self.backbone.layers[d])
         for i in self.exit_kv:
             if i > depth:
-                self._write_projected(self.exits[i].layer, self.exit_kv[i], x, rows, lo)
+                self._write_projected(self.exits[i].layer, self.exit_kv[i], x, rows, ids, lo)
                 self.work.params_touched += self.backbone.kv_parameters(self.exits[i].layer)
 
     def crop_row(self, row: int, length: int) -> None:
@@ -275,9 +280,9 @@ class EarlyExitDecoder:
         if self.pending is not None:
             self.pending = self.pending.index_select(0, index)
 
-    def _write_projected(self, layer, kv: LayerKV, x, rows, lo):
+    def _write_projected(self, layer, kv: LayerKV, x, rows, ids, lo):
         keys, values = self.backbone.kv_projection(layer, x)
         kv.write(self._rows_arg(rows), lo, keys, values, None)
         self.work.kv_projections += 1
-        for b in rows.tolist():
+        for b in ids:
             kv.filled[b] = lo + x.shape[1]
