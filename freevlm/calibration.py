@@ -98,7 +98,7 @@ class Calibration:
         }
 
 
-def _check_unit_interval(name: str, value: float) -> float:
+def check_unit_interval(name: str, value: float) -> float:
     value = float(value)
     if not 0.0 < value < 1.0:
         raise ValueError(f"{name} must be in (0, 1), got {value:g}")
@@ -135,8 +135,8 @@ def calibrate_threshold(
     Guarantee (samples i.i.d.): P(true risk of the returned threshold > tolerance) <= 1 - confidence. The same
     bound holds jointly for every threshold in `certified`.
     """
-    tolerance = _check_unit_interval("tolerance", tolerance)
-    confidence = _check_unit_interval("confidence", confidence)
+    tolerance = check_unit_interval("tolerance", tolerance)
+    confidence = check_unit_interval("confidence", confidence)
     if p_value not in P_VALUES:
         raise ValueError(f"p_value must be one of {P_VALUES}, got {p_value!r}")
     if not losses:

@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "freevlm.commands.evaluate",
     "freevlm.commands.train",
     "freevlm.commands.demo",
+    "freevlm.commands.calibrate",
 )
 
 

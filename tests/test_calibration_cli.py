@@ -1,0 +1,102 @@
+"""`freevlm calibrate` on a tiny BLIP-2 saved to disk: the calibration JSON, and one clear error per bad input."""
+
+import json
+
+import pytest
+
+import dataset_files as files
+from freevlm import EarlyExitVLM, ExitConfig
+from freevlm.cli import main
+from freevlm.commands.calibrate import calibrate_exits
+from freevlm.hub import load_blip2
+from freevlm.tiny import tiny_blip2
+from tiny_processor import tiny_bundle
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    model = tiny_blip2("opt", seed=2, num_layers=4)
+    bundle = tiny_bundle(model)
+    model.save_pretrained(root / "backbone")
+    bundle.tokenizer.save_pretrained(root / "backbone")
+    bundle.image_processor.save_pretrained(root / "backbone")
+    reloaded = load_blip2(root / "backbone").model  # exits fingerprinted against the reloaded backbone
+    EarlyExitVLM(reloaded, ExitConfig([1, 2], init="fresh")).save_exits(root / "exits")
+    return root
+
+
+def _args(checkpoint, tmp_path, *extra):
+    q, a = files.vqa(tmp_path)
+    return ["calibrate", "--backbone", str(checkpoint / "backbone"), "--exits", str(checkpoint / "exits"),
+            "--format", "vqav2", "--files", str(q), str(a), "--images", str(tmp_path / "val2014"),
+            "--max-new-tokens", "2", "--out", str(tmp_path / "calib" / "calib.json"), *extra]  # fmt: skip
+
+
+def test_calibrate_writes_a_valid_calibration_json(checkpoint, tmp_path, capsys):
+    code = main(_args(checkpoint, tmp_path, "--thresholds", "0.0", "1.0", "--tolerance", "0.7", "--confidence", "0.9"))
+    assert code == 0
+    report = json.loads((tmp_path / "calib" / "calib.json").read_text())
+    assert report["loss"] == "consistency" and report["method"] == "free" and report["task"] == "vqa"
+    assert report["n"] == 3 and report["tolerance"] == 0.7 and report["confidence"] == 0.9
+    assert report["p_value_method"] == "binomial"
+    assert report["tested_order"] == [1.0, 0.0]  # safest first
+    top, low = report["per_threshold"]
+    # 1.0 never exits early, so it matches the full model on all 3 questions: p = P(Bin(3, 0.7) <= 0) = 0.3^3
+    assert top["empirical_risk"] == 0.0 and top["p_value"] == pytest.approx(0.3**3) and top["certified"]
+    assert top["analytic_speedup"] == pytest.approx(1.0)
+    assert low["analytic_speedup"] == pytest.approx(2.0)  # threshold 0: every token leaves at exit 1 of 4 layers
+    assert 0.0 <= low["empirical_risk"] <= 1.0 and 0.0 <= low["p_value"] <= 1.0
+    expected = 0.0 if low["certified"] else 1.0
+    assert report["threshold"] == expected and report["certified"] == [1.0] + [0.0] * low["certified"]
+    assert "with probability at most 0.1" in report["guarantee"]
+    out = capsys.readouterr().out
+    assert f"certified threshold: {expected:g}" in out and "calib.json" in out
+
+
+def test_calibrate_metric_loss_against_the_full_model(checkpoint, tmp_path):
+    code = main(_args(checkpoint, tmp_path, "--loss", "metric", "--thresholds", "0.0", "1.0", "--tolerance", "0.5"))
+    assert code == 0
+    report = json.loads((tmp_path / "calib" / "calib.json").read_text())
+    assert report["loss"] == "metric" and "VQA accuracy" in report["loss_definition"]
+    top = report["per_threshold"][0]
+    assert top["threshold"] == 1.0 and top["empirical_risk"] == 0.0  # the full model loses nothing to itself
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--tolerance", "0"], "--tolerance must be in (0, 1), got 0"),
+        (["--tolerance", "1.2"], "--tolerance must be in (0, 1), got 1.2"),
+        (["--confidence", "1"], "--confidence must be in (0, 1), got 1"),
+        (["--confidence", "-0.5"], "--confidence must be in (0, 1), got -0.5"),
+    ],
+)
+def test_bad_tolerance_or_confidence_fails_before_loading(tmp_path, capsys, extra, message):
+    args = _args(tmp_path / "no-such-checkpoint", tmp_path, *extra)
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_empty_calibration_set_is_an_error(checkpoint, tmp_path, capsys):
+    q = files.write_json(tmp_path / "questions.json", {"questions": []})
+    args = ["calibrate", "--backbone", str(checkpoint / "backbone"), "--exits", str(checkpoint / "exits"),
+            "--format", "vqav2", "--files", str(q), "--images", str(tmp_path), "--out", str(tmp_path / "c.json")]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "questions.json: no records" in err  # the reader refuses it, naming the file
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_calibrate_exits_refuses_no_records():
+    with pytest.raises(ValueError, match="the calibration set is empty"):
+        calibrate_exits(None, None, "vqa", [], tolerance=0.1, confidence=0.9)
+
+
+def test_metric_loss_needs_labels(checkpoint, tmp_path, capsys):
+    q, _ = files.vqa(tmp_path)
+    args = ["calibrate", "--backbone", str(checkpoint / "backbone"), "--exits", str(checkpoint / "exits"),
+            "--format", "vqav2", "--files", str(q), "--images", str(tmp_path / "val2014"), "--loss", "metric",
+            "--thresholds", "1.0", "--max-new-tokens", "1", "--out", str(tmp_path / "c.json")]  # fmt: skip
+    assert main(args) == 2
+    assert "--loss metric needs an answer for every calibration question" in capsys.readouterr().err
