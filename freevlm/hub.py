@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors import SafetensorError, safe_open
 
 # beside config.json: the BLIP-2's `vision_model` is one of ours (written by `freevlm.demo.backbone.save_backbone`)
 BACKBONE_MARKER = "freevlm_backbone.json"
@@ -56,24 +57,90 @@ def load_blip2(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype 
     from transformers import AutoImageProcessor, AutoTokenizer, Blip2ForConditionalGeneration
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no model at {path}: expected a folder with config.json (from save_pretrained)")
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    if model_type != "blip-2":
-        raise ValueError(f"{path} holds a '{model_type}' model, not a BLIP-2 (model_type 'blip-2')")
+    check_blip2_folder(path)
     try:
         if (path / BACKBONE_MARKER).is_file():
             model = _load_with_custom_vision(path, dtype)
         else:
             model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"{path} is not a loadable BLIP-2 checkpoint: {err}") from err
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
+        raise ValueError(f"{path} is not a loadable BLIP-2 checkpoint: {_first_line(err)}") from err
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         image_processor = AutoImageProcessor.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise ValueError(f"{path} has no tokenizer/image processor saved beside the model: {err}") from err
     return Blip2Bundle(model.to(device).eval(), tokenizer, image_processor)
+
+
+# files `save_pretrained` writes for a tokenizer (a fast tokenizer.json, or a slow one's vocabulary)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_blip2_folder(path: str | os.PathLike):
+    """The folder's BLIP-2 config, after checking (without loading any weights) that everything `load_blip2`
+    reads is there and readable: config.json of a BLIP-2, weights whose safetensors headers parse and whose
+    size matches them, a tokenizer and an image processor. Each problem is one error naming the file."""
+    from transformers import Blip2Config
+
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no model at {path}: expected a folder with config.json (from save_pretrained)")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ValueError(f"{config_file} is not a valid model config: {err}") from err
+    if model_type != "blip-2":
+        raise ValueError(f"{path} holds a '{model_type}' model, not a BLIP-2 (model_type 'blip-2')")
+    if not any((path / name).is_file() for name in WEIGHT_FILES) and not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(f"{path} has config.json but no weights (model.safetensors or pytorch_model.bin)")
+    for file in sorted(path.glob("*.safetensors")):
+        check_safetensors(file)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...): save the "
+                                "tokenizer beside the model (tokenizer.save_pretrained(folder))")  # fmt: skip
+    if not (path / "preprocessor_config.json").is_file():
+        raise FileNotFoundError(f"{path} has no preprocessor_config.json: save the image processor beside the model "
+                                "(image_processor.save_pretrained(folder))")  # fmt: skip
+    try:
+        return Blip2Config.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"{config_file} is not a valid BLIP-2 config: {_first_line(err)}") from err
+
+
+def check_safetensors(file: str | os.PathLike) -> None:
+    """A clear error if `file` is not a complete safetensors file (bad header, or shorter than its header says)."""
+    file = Path(file)
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{file} is damaged or not a safetensors file ({_first_line(err)}): copy it again") from err
+
+
+def load_exits(model, path: str | os.PathLike):
+    """`EarlyExitVLM.from_pretrained(model, path)`, with a damaged weights file reported as one clear error."""
+    from .model import WEIGHTS_NAME, EarlyExitVLM
+
+    weights = Path(path) / WEIGHTS_NAME
+    if weights.is_file():
+        check_safetensors(weights)
+    return EarlyExitVLM.from_pretrained(model, path)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def lm_num_layers(config) -> int:
+    """The number of LM layers exits can sit between (OPT: decoder layers; T5: decoder blocks), from the config."""
+    text = config.text_config
+    if getattr(text, "is_encoder_decoder", False):
+        return text.num_decoder_layers if text.num_decoder_layers is not None else text.num_layers
+    return text.num_hidden_layers
 
 
 def _load_with_custom_vision(path: Path, dtype: torch.dtype | None) -> torch.nn.Module:

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..argtypes import device, number, open_fraction, output_dir, positive_int
 from ..data.specs import FORMATS, DatasetSpec, read_dataset
 from ..eval.evaluate import CAPTION_PROMPT, VQA_PROMPT, evaluate
 from ..eval.sweep import sweep, write_sweep
@@ -18,36 +19,36 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=sorted(METHODS), default="free",
                    help="early-exit method: its exit kind and exit rule (" + "; ".join(
                        f"{m.name}: {m.rule}" for m in METHODS.values()) + ")")  # fmt: skip
-    p.add_argument("--exit-layers", type=int, nargs="+",
+    p.add_argument("--exit-layers", type=positive_int, nargs="+",
                    help="MuE without --exits: LM layers to compare states at (default: every layer)")
     p.add_argument("--format", required=True, choices=sorted(FORMATS), help="dataset format")
     p.add_argument("--files", required=True, nargs="+",
                    help="annotation file(s): " + "; ".join(f"{k}: {v[1]}" for k, v in FORMATS.items()))  # fmt: skip
     p.add_argument("--images", required=True, help="folder the dataset's image paths are relative to")
     p.add_argument("--split", help="Karpathy split (train/val/test/restval) or NoCaps domain")
-    p.add_argument("--limit", type=int, help="evaluate only the first N records")
-    p.add_argument("--out", required=True, help="output folder (results.json, predictions, plots)")
+    p.add_argument("--limit", type=positive_int, help="evaluate only the first N records")
+    p.add_argument("--out", type=output_dir, required=True, help="output folder (results.json, predictions, plots)")
     p.add_argument("--prompt", help=f"prompt (captions: {CAPTION_PROMPT!r}; VQA: {VQA_PROMPT!r} with {{question}})")
-    p.add_argument("--max-new-tokens", type=int, help="default: 30 for captions, 10 for answers")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=positive_int, help="default: 30 for captions, 10 for answers")
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--kv", choices=("recompute", "propagate"), default="recompute")
     p.add_argument("--no-full", action="store_true", help="do not time the full model beside early exit")
-    p.add_argument("--timing-repeats", type=int, default=1, help="decode each batch N times per mode, keep the fastest")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--timing-repeats", type=positive_int, default=1, help="decode each batch N times per mode, keep the fastest")
+    p.add_argument("--device", type=device, default="cpu")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate early exits at one threshold: official metrics + speed vs full model")
     _common(p)
-    p.add_argument("--threshold", type=float, default=0.8, help="the --method rule's knob")
+    p.add_argument("--threshold", type=number(), default=0.8, help="the --method rule's knob")
     p.set_defaults(func=run_eval)
 
     p = sub.add_parser("sweep", help="sweep thresholds, choose the best on a dev split, plot quality vs speedup")
     _common(p)
-    p.add_argument("--thresholds", type=float, nargs="+", help="default: the --method's grid")
+    p.add_argument("--thresholds", type=number(), nargs="+", help="default: the --method's grid")
     p.add_argument("--dev-files", nargs="+", help="dev annotation file(s) (default: hold out --dev-fraction)")
     p.add_argument("--dev-split", help="dev split of the same files (e.g. Karpathy 'val')")
-    p.add_argument("--dev-fraction", type=float, default=0.2)
+    p.add_argument("--dev-fraction", type=open_fraction, default=0.2, help="in (0, 1)")
     p.add_argument("--no-per-layer", action="store_true", help="skip the per-layer (forced exit) curve")
     p.set_defaults(func=run_sweep)
 
@@ -72,12 +73,30 @@ def _eval_kwargs(args, task: str) -> dict:
     return kw
 
 
+def _check_before_loading(args, thresholds) -> None:
+    """What can be refused before any weights load: each threshold against the method's rule, the backbone folder,
+    and the exit layers against its depth."""
+    from ..cli import UserError
+    from ..exits import ExitConfig
+    from ..hub import check_blip2_folder, lm_num_layers
+
+    method = get_method(args.method)
+    for t in thresholds:
+        try:
+            method.policy(t)  # each rule checks its knob (a confidence in [0, 1], a whole-number patience...)
+        except ValueError as err:
+            raise UserError(f"--method {args.method}: threshold {t:g} is not valid: {err}") from err
+    config = check_blip2_folder(args.backbone)
+    if args.exits is None and args.exit_layers:
+        ExitConfig(list(args.exit_layers), kind="head").validate(lm_num_layers(config))
+
+
 def _load(args):
     """The backbone and the method's exits: loaded from --exits, or (MuE, which trains nothing) built here."""
     from ..backbones import load_backbone
     from ..cli import UserError
     from ..exits import ExitConfig
-    from ..hub import load_blip2
+    from ..hub import load_blip2, load_exits
     from ..model import EarlyExitVLM
 
     kind = get_method(args.method).exit_kind
@@ -85,12 +104,13 @@ def _load(args):
         raise UserError(f"--method {args.method} needs --exits (trained {kind!r} exits)")
     bundle = load_blip2(args.backbone, device=args.device)
     if args.exits is not None:
-        return EarlyExitVLM.from_pretrained(bundle.model, args.exits), bundle
+        return load_exits(bundle.model, args.exits), bundle
     n = load_backbone(bundle.model).num_layers
     return EarlyExitVLM(bundle.model, ExitConfig(args.exit_layers or list(range(1, n)), kind="head")), bundle
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    _check_before_loading(args, [args.threshold])
     spec = _spec(args)
     records = read_dataset(spec)  # a broken dataset fails before any weights load
     ee, bundle = _load(args)
@@ -111,6 +131,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
+    _check_before_loading(args, args.thresholds or [])
     spec = _spec(args)
     records = read_dataset(spec)
     dev = read_dataset(_spec(args, args.dev_files, args.dev_split)) if (args.dev_files or args.dev_split) else None

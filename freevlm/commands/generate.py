@@ -6,6 +6,7 @@ import argparse
 
 import torch
 
+from ..argtypes import device, integer, positive_int, unit_interval
 from ..data.images import load_image
 from ..model import MODES, EarlyExitVLM
 from ..exits import ExitConfig
@@ -17,33 +18,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exits", help="folder of exits saved by EarlyExitVLM.save_exits (default: no exits)")
     p.add_argument("--image", required=True, nargs="+", help="image file(s)")
     p.add_argument("--prompt", default="", help="text prompt after the image (e.g. 'a photo of')")
-    p.add_argument("--threshold", type=float, default=0.8, help="confidence needed to leave at an exit, in [0, 1]")
+    p.add_argument("--threshold", type=unit_interval, default=0.8, help="confidence needed to leave at an exit, in [0, 1]")
     p.add_argument("--mode", choices=MODES, default="early_exit")
     p.add_argument("--kv", choices=("recompute", "propagate"), default="recompute")
-    p.add_argument("--max-new-tokens", type=int, default=30)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-new-tokens", type=positive_int, default=30)
+    p.add_argument("--device", type=device, default="cpu")
     p.add_argument("--trace", action="store_true", help="print each token with the LM layer it left at")
     p.set_defaults(func=caption)
 
     p = sub.add_parser("tiny-run", help="early-exit generation on a small random BLIP-2 (no files needed)")
     p.add_argument("--family", choices=("opt", "t5"), default="opt")
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--layers", type=integer(low=4), default=12, help="LM layers (>= 4: exits go every 3 layers)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=12)
     p.set_defaults(func=tiny_run)
 
 
 def caption(args: argparse.Namespace) -> int:
-    from ..hub import load_blip2
+    from ..hub import check_blip2_folder, load_blip2, load_exits
+    from ..inputs import validate_generate_inputs
 
     images = [load_image(path) for path in args.image]  # fail on a bad image before loading any weights
+    check_blip2_folder(args.backbone)
+    if not args.exits and args.mode == "early_exit" and args.threshold < 1.0:
+        raise ValueError("--exits is required for early exits (or use --mode full)")
     bundle = load_blip2(args.backbone, device=args.device)
     if args.exits:
-        ee = EarlyExitVLM.from_pretrained(bundle.model, args.exits)
-    elif args.mode == "early_exit" and args.threshold < 1.0:
-        raise ValueError("--exits is required for early exits (or use --mode full)")
+        ee = load_exits(bundle.model, args.exits)
     else:
         ee = EarlyExitVLM(bundle.model, ExitConfig([1]))  # a placeholder exit that full mode never runs
     inputs = bundle.inputs(images, [args.prompt] * len(images))
+    validate_generate_inputs(ee.backbone, inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"],
+                             args.max_new_tokens)  # too long a prompt fails here, not after decoding  # fmt: skip
     out = ee.generate(
         **inputs, max_new_tokens=args.max_new_tokens, threshold=args.threshold, mode=args.mode, kv=args.kv
     )

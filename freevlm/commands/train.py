@@ -14,6 +14,10 @@ import json
 import logging
 from pathlib import Path
 
+from ..argtypes import (
+    device, fraction, nonnegative_float, nonnegative_int, number, open_fraction, output_dir, output_file,
+    positive_float, positive_int,
+)  # fmt: skip
 from ..cli import UserError
 from ..training.baselines import BASELINES
 
@@ -25,26 +29,27 @@ def _loop_args(p: argparse.ArgumentParser, default_lr: float, default_epochs: in
     p.add_argument("--split", help="Karpathy split to use (train, restval, val, test)")
     p.add_argument("--prompt", default="a photo of", help="prompt before each caption ('' for none)")
     p.add_argument("--dev-captions", help="COCO captions JSON for the dev split (default: --dev-fraction of --captions)")
-    p.add_argument("--dev-fraction", type=float, default=0.2, help="images held out for dev when no --dev-captions (paper: 0.2)")
-    p.add_argument("--max-target-tokens", type=int, help="refuse captions longer than this many tokens")
-    p.add_argument("--output", dest="output_dir", required=True, help="run folder: checkpoints, tensorboard, result")
-    p.add_argument("--epochs", type=int, default=default_epochs)
-    p.add_argument("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=int, default=16, help="per process")
-    p.add_argument("--lr", type=float, default=default_lr)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--dev-fraction", type=fraction, default=0.2,
+                   help="images held out for dev when no --dev-captions, in [0, 1) (paper: 0.2)")
+    p.add_argument("--max-target-tokens", type=positive_int, help="refuse captions longer than this many tokens")
+    p.add_argument("--output", dest="output_dir", type=output_dir, required=True, help="run folder: checkpoints, tensorboard, result")
+    p.add_argument("--epochs", type=positive_int, default=default_epochs)
+    p.add_argument("--max-steps", type=positive_int, help="stop after this many steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="per process")
+    p.add_argument("--lr", type=positive_float, default=default_lr)
+    p.add_argument("--weight-decay", type=nonnegative_float)
+    p.add_argument("--warmup-steps", type=nonnegative_int, default=0)
     p.add_argument("--schedule", choices=("constant", "linear", "cosine"), default="cosine")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="0 to disable")
+    p.add_argument("--grad-clip", type=nonnegative_float, default=1.0, help="0 to disable")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=("no", "bf16", "fp16"), default="no", help="autocast dtype")
     p.add_argument("--cpu", action="store_true", help="train on CPU even if an accelerator is present")
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--keep-checkpoints", type=int, default=2)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--eval-every", type=int, default=0, help="dev evaluation interval in steps (0: only at the end)")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
-    p.add_argument("--max-nonfinite-steps", type=int, default=10, help="abort after this many skipped NaN/inf steps")
+    p.add_argument("--checkpoint-every", type=positive_int, default=500)
+    p.add_argument("--keep-checkpoints", type=positive_int, default=2)
+    p.add_argument("--log-every", type=positive_int, default=10)
+    p.add_argument("--eval-every", type=nonnegative_int, default=0, help="dev evaluation interval in steps (0: only at the end)")
+    p.add_argument("--num-workers", type=nonnegative_int, default=0, help="DataLoader workers")
+    p.add_argument("--max-nonfinite-steps", type=nonnegative_int, default=10, help="abort after this many skipped NaN/inf steps")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
@@ -61,27 +66,27 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("train-exits", help="stage 2: train FREE exits (GAN + ce | kd | capfilt anchor)")
     _loop_args(p, default_lr=1e-5, default_epochs=3)
-    p.add_argument("--exit-layers", type=int, nargs="+", required=True, help="LM layers to attach exits to")
+    p.add_argument("--exit-layers", type=positive_int, nargs="+", required=True, help="LM layers to attach exits to")
     p.add_argument("--init", choices=("copy_last", "copy_next", "fresh"), default="copy_last")
     p.add_argument("--anchor", choices=("ce", "kd", "capfilt"), default="kd",
                    help="ce: labels; kd: final layer's soft labels; capfilt: --captions from `freevlm capfilt`")
     p.add_argument("--no-adversarial", dest="adversarial", action="store_false", help="anchor only (ablation)")
-    p.add_argument("--adv-weight", type=float, default=1.0)
-    p.add_argument("--anchor-weight", type=float, default=1.0)
-    p.add_argument("--temperature", type=float, default=1.0, help="kd temperature")
+    p.add_argument("--adv-weight", type=nonnegative_float, default=1.0)
+    p.add_argument("--anchor-weight", type=nonnegative_float, default=1.0)
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="kd temperature")
     p.add_argument("--kd-direction", choices=("exit_to_final", "final_to_exit"), default="exit_to_final")
-    p.add_argument("--disc-hidden", type=int, default=3072, help="discriminator hidden size")
-    p.add_argument("--disc-lr", type=float, help="discriminator learning rate (default: --lr)")
-    p.add_argument("--d-warn-window", type=int, default=200)
+    p.add_argument("--disc-hidden", type=positive_int, default=3072, help="discriminator hidden size")
+    p.add_argument("--disc-lr", type=positive_float, help="discriminator learning rate (default: --lr)")
+    p.add_argument("--d-warn-window", type=positive_int, default=200)
     p.set_defaults(func=train_exits_command)
 
     p = sub.add_parser("train-baseline", help="train a baseline's linear exits (DeeBLIP, PABEE-BLIP, LeeBLIP)")
     _loop_args(p, default_lr=1e-4, default_epochs=3)
     p.add_argument("--method", choices=BASELINES, required=True, help="whose loss trains the exits (MuE trains none)")
-    p.add_argument("--exit-layers", type=int, nargs="+", required=True, help="LM layers to attach exits to")
-    p.add_argument("--temperature", type=float, default=1.0, help="leeblip: distillation temperature")
-    p.add_argument("--weight-lr", type=float, default=1e-2, help="leeblip: learning rate of the distillation weights")
-    p.add_argument("--meta-fraction", type=float, default=0.1, help="leeblip: training records held out as meta batches")
+    p.add_argument("--exit-layers", type=positive_int, nargs="+", required=True, help="LM layers to attach exits to")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="leeblip: distillation temperature")
+    p.add_argument("--weight-lr", type=positive_float, default=1e-2, help="leeblip: learning rate of the distillation weights")
+    p.add_argument("--meta-fraction", type=open_fraction, default=0.1, help="leeblip: training records held out as meta batches")
     p.set_defaults(func=train_baseline_command)
 
     p = sub.add_parser("capfilt", help="pseudo-captions: sample N captions per image, keep the scorer's top k")
@@ -90,16 +95,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", nargs="+", help="image files")
     p.add_argument("--captions", help="take the images from this COCO captions JSON instead (its captions are ignored)")
     p.add_argument("--image-root", help="folder the --captions image paths are relative to")
-    p.add_argument("--output", required=True, help="COCO captions JSON to write")
+    p.add_argument("--output", type=output_file, required=True, help="COCO captions JSON to write")
     p.add_argument("--prompt", default="a photo of")
-    p.add_argument("--num-samples", type=int, default=10)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-samples", type=positive_int, default=10)
+    p.add_argument("--top-k", type=positive_int, default=2)
+    p.add_argument("--top-p", type=number(0, 1, low_open=True), default=0.9)
+    p.add_argument("--temperature", type=positive_float, default=1.0)
+    p.add_argument("--max-new-tokens", type=positive_int, default=30)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device, default="cpu")
     p.set_defaults(func=capfilt_command)
 
 
@@ -112,22 +117,60 @@ def _config(cls, args: argparse.Namespace, **extra):
     return cls(**values)
 
 
-def _datasets(args: argparse.Namespace, bundle):
-    from ..training import CaptionDataset, load_coco_captions, split_records
+def _records(args: argparse.Namespace):
+    """Training and dev records, read and split before any weights load (a broken file fails in seconds)."""
+    from ..training import load_coco_captions, split_records
 
     records = load_coco_captions(args.captions, args.image_root, args.prompt, args.split)
     if args.dev_captions:
-        train, dev = records, load_coco_captions(args.dev_captions, args.image_root, args.prompt, args.split)
-    elif args.dev_fraction > 0:
-        train, dev = split_records(records, args.dev_fraction, args.seed)
-    else:
-        train, dev = records, []
+        return records, load_coco_captions(args.dev_captions, args.image_root, args.prompt, args.split)
+    if args.dev_fraction == 0:
+        return records, []
+    train, dev = split_records(records, args.dev_fraction, args.seed)
+    images = len({r.image for r in records})
+    if not train or not dev:
+        raise UserError(f"--dev-fraction {args.dev_fraction:g} of the {images} image(s) in {args.captions} leaves "
+                        f"{'no training' if not train else 'no dev'} images: give more images, another "
+                        "--dev-fraction, --dev-captions, or --dev-fraction 0 for no dev split")  # fmt: skip
+    return train, dev
+
+
+def _datasets(args: argparse.Namespace, bundle, records):
+    from ..training import CaptionDataset
 
     def dataset(recs, source):
         return CaptionDataset(recs, bundle.tokenizer, bundle.image_processor, bundle.model.config,
                               args.max_target_tokens, source=source)  # fmt: skip
 
+    train, dev = records
     return dataset(train, args.captions), (dataset(dev, f"dev split of {args.captions}") if dev else None)
+
+
+# what a finished run leaves in --output (a new run refuses a folder that already holds one)
+PRODUCTS = {"finetune": ("model",), "train-exits": ("exits",), "train-baseline": ("exits", "method.json")}
+
+
+def _prepare(args: argparse.Namespace, config_cls, kind: str, **extra):
+    """Everything a training command can check before loading weights: its settings, the run folder (nothing in
+    it is overwritten; a resume has a readable checkpoint of the same kind), the backbone folder, the exit layers,
+    and the captions. Returns the config and the (train, dev) records."""
+    from ..exits import ExitConfig
+    from ..hub import check_blip2_folder, lm_num_layers
+    from ..training.checkpoint import check_resumable
+
+    config = _config(config_cls, args, **extra)
+    config.validate()
+    check_resumable(args.output_dir, args.resume, kind)
+    out = Path(args.output_dir)
+    if not args.resume:
+        found = [name for name in PRODUCTS[kind] if (out / name).exists()]
+        if found:
+            raise UserError(f"{args.output_dir} already holds {found[0]} (from an earlier run?), which this run would "
+                            "replace: pick another --output, or move it away")  # fmt: skip
+    blip2_config = check_blip2_folder(args.backbone)
+    if "exit_layers" in extra:
+        ExitConfig(list(extra["exit_layers"])).validate(lm_num_layers(blip2_config))
+    return config, _records(args)
 
 
 def _run(train) -> int:
@@ -145,9 +188,9 @@ def finetune_command(args: argparse.Namespace) -> int:
     from ..hub import load_blip2
     from ..training import FinetuneConfig, finetune
 
+    config, records = _prepare(args, FinetuneConfig, "finetune")
     bundle = load_blip2(args.backbone)
-    train_set, dev_set = _datasets(args, bundle)
-    config = _config(FinetuneConfig, args)
+    train_set, dev_set = _datasets(args, bundle, records)
     return _run(lambda: finetune(bundle.model, train_set, config, dev_set, save_with=(bundle.tokenizer, bundle.image_processor)))
 
 
@@ -155,9 +198,9 @@ def train_exits_command(args: argparse.Namespace) -> int:
     from ..hub import load_blip2
     from ..training import ExitTrainConfig, train_exits
 
+    config, records = _prepare(args, ExitTrainConfig, "train-exits", exit_layers=tuple(args.exit_layers))
     bundle = load_blip2(args.backbone)
-    train_set, dev_set = _datasets(args, bundle)
-    config = _config(ExitTrainConfig, args, exit_layers=tuple(args.exit_layers))
+    train_set, dev_set = _datasets(args, bundle, records)
     return _run(lambda: train_exits(bundle.model, train_set, config, dev_set))
 
 
@@ -165,9 +208,9 @@ def train_baseline_command(args: argparse.Namespace) -> int:
     from ..hub import load_blip2
     from ..training.baselines import BaselineTrainConfig, train_baseline
 
+    config, records = _prepare(args, BaselineTrainConfig, "train-baseline", exit_layers=tuple(args.exit_layers))
     bundle = load_blip2(args.backbone)
-    train_set, dev_set = _datasets(args, bundle)
-    config = _config(BaselineTrainConfig, args, exit_layers=tuple(args.exit_layers))
+    train_set, dev_set = _datasets(args, bundle, records)
     return _run(lambda: train_baseline(bundle.model, train_set, config, dev_set))
 
 
@@ -175,16 +218,23 @@ def capfilt_command(args: argparse.Namespace) -> int:
     from ..hub import load_blip2
     from ..training.capfilt import CapFiltConfig, capfilt, load_scorer
 
+    from ..hub import check_blip2_folder
+
     if bool(args.images) == bool(args.captions):
         raise UserError("give exactly one of --images or --captions")
+    config = _config(CapFiltConfig, args)
+    config.validate()
     if args.captions:
         from ..training import load_coco_captions
 
         paths = list(dict.fromkeys(r.image for r in load_coco_captions(args.captions, args.image_root)))
     else:
         paths = args.images
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} image file(s) not found, first: {missing[0]}")
     paths = [str(Path(p).resolve()) for p in paths]
-    config = _config(CapFiltConfig, args)
+    check_blip2_folder(args.backbone)
     scorer = load_scorer(args.scorer, args.device)
     bundle = load_blip2(args.backbone, device=args.device)
     entries = capfilt(bundle, paths, scorer, args.output, config)

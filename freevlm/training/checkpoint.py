@@ -80,13 +80,69 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     return path
 
 
+class CheckpointError(ValueError):
+    """A training checkpoint that cannot be resumed: a damaged file, or one written by another kind of run."""
+
+
+# keys of state.pt each trainer writes: what tells a finetune checkpoint from an exits or a baseline one
+STATE_KEYS = {
+    "finetune": ("step", "config", "trainable", "optimizer"),
+    "train-exits": ("step", "config", "exit_layers", "exits", "discriminators", "g_opt", "d_opt"),
+    "train-baseline": ("step", "config", "exit_layers", "exits", "weights"),
+}
+
+
+def read_state(file: str | os.PathLike, map_location="cpu", weights_only: bool = True, mmap: bool = False) -> dict:
+    """`torch.load` of a checkpoint file, with every way the file can be broken (empty, truncated, not a torch
+    file) turned into one `CheckpointError` that names it."""
+    file = Path(file)
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint file missing: {file}")
+    if file.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint file {file} is empty (a crash while writing?): delete its folder "
+                              f"{file.parent} to resume from an older checkpoint, or start a new --output")  # fmt: skip
+    try:
+        state = torch.load(file, map_location=map_location, weights_only=weights_only, mmap=mmap)
+    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, zipfile errors... for bad files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint file {file} is damaged or not a freevlm checkpoint ({first}): delete "
+                              f"{file.parent} to resume from an older checkpoint, or start a new --output") from err  # fmt: skip
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint file {file} holds a {type(state).__name__}, not a training state")
+    return state
+
+
+def check_state(state: dict, kind: str, path: str | os.PathLike) -> None:
+    """Refuse a checkpoint that another kind of run wrote (e.g. `train-exits --resume` in a finetune run folder)."""
+    missing = [k for k in STATE_KEYS[kind] if k not in state]
+    if missing:
+        made_by = [name for name, keys in STATE_KEYS.items() if all(k in state for k in keys)]
+        by = f"it was written by `freevlm {made_by[0]}`" if made_by else f"it lacks {', '.join(missing)}"
+        raise CheckpointError(f"checkpoint {path} cannot be resumed by `freevlm {kind}`: {by}")
+
+
+def check_resumable(output_dir: str | os.PathLike, resume: bool, kind: str) -> None:
+    """Before any weights load: a new run needs a run folder without checkpoints; a resumed one needs a complete,
+    readable checkpoint of its own kind there. (The file is memory-mapped, not read, so this is cheap.)"""
+    directory = Path(output_dir) / "checkpoints"
+    path = latest_checkpoint(directory)
+    if not resume:
+        if path is not None:
+            raise CheckpointError(f"{output_dir} already holds checkpoints of another run: add --resume to "
+                                  "continue it, or pick another --output")  # fmt: skip
+        return
+    if path is None:
+        raise CheckpointError(f"--resume: no checkpoint under {directory}")
+    check_state(read_state(path / "state.pt", mmap=True), kind, path)
+
+
 def load_checkpoint(path: str | os.PathLike, runtime: Runtime) -> dict:
     """The saved state; also restores this process's RNG (a warning if the run had fewer processes)."""
     path = Path(path)
-    state = torch.load(path / "state.pt", map_location=runtime.device, weights_only=True)
+    state = read_state(path / "state.pt", map_location=runtime.device)
     rng_file = path / f"rng-{runtime.rank}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(read_state(rng_file, weights_only=False))
     else:
         logger.warning("%s has no RNG state for process %d: resuming with a fresh seed", path, runtime.rank)
     return state
@@ -98,6 +154,7 @@ def resume_or_start(
     """Resuming: the newest checkpoint's folder and state, RNG restored. Starting: None, after reseeding per process.
 
     A new run refuses a folder that already holds checkpoints: it would mix its checkpoints with the old run's.
+    A new run creates `directory` (and so the run folder above it) before the first step.
     """
     path = latest_checkpoint(directory)
     if resume:
@@ -106,5 +163,7 @@ def resume_or_start(
         return path, load_checkpoint(path, runtime)
     if path is not None:
         raise FileExistsError(f"{directory} already holds checkpoints: resume, or pick another output_dir")
+    if runtime.is_main:  # the run folder exists from the start, so whatever the run writes at its end has a place
+        Path(directory).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed + runtime.rank)  # dropout differs per process; a resumed run restores its RNG instead
     return None

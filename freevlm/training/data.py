@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data.images import ImageError, load_image
+from ..data.records import DatasetError, require, require_list
 
 IGNORE = -100
 
@@ -57,25 +58,41 @@ def load_coco_captions(
     root = Path(image_root) if image_root is not None else path.parent
     records: list[Record] = []
     if isinstance(data, dict) and "annotations" in data and "images" in data:  # official COCO format
-        files = {img["id"]: img["file_name"] for img in data["images"]}
-        for ann in data["annotations"]:
-            if ann["image_id"] not in files:
-                raise ValueError(f"{path}: annotation {ann.get('id')} names image_id {ann['image_id']} with no image")
-            records.append(Record(str(root / files[ann["image_id"]]), prompt, ann["caption"].strip(), ann["image_id"]))
+        files = {}
+        for i, img in enumerate(require_list(data, "images", path, "the file")):
+            files[require(img, "id", path, f"image #{i}")] = require(img, "file_name", path, f"image #{i}")
+        for i, ann in enumerate(require_list(data, "annotations", path, "the file")):
+            where = f"annotation #{i} (id {ann.get('id')})" if isinstance(ann, dict) else f"annotation #{i}"
+            image_id = require(ann, "image_id", path, where)
+            if image_id not in files:
+                raise ValueError(f"{path}: {where} names image_id {image_id} with no image")
+            caption = _caption(require(ann, "caption", path, where), path, where)
+            records.append(Record(str(root / files[image_id]), prompt, caption, image_id))
     elif isinstance(data, dict) and isinstance(data.get("images"), list) and data["images"] and "sentences" in data["images"][0]:
-        for img in data["images"]:  # Karpathy split
+        for i, img in enumerate(data["images"]):  # Karpathy split
             if split is not None and img.get("split") != split:
                 continue
-            file = Path(img.get("filepath", "")) / img["filename"]
+            file = Path(img.get("filepath", "")) / require(img, "filename", path, f"image #{i}")
             image_id = img.get("cocoid", img.get("imgid"))
-            for sent in img["sentences"]:
-                records.append(Record(str(root / file), prompt, sent["raw"].strip(), image_id))
+            for j, sent in enumerate(require_list(img, "sentences", path, f"image #{i}")):
+                where = f"sentence #{j} of image #{i} ({file})"
+                records.append(Record(str(root / file), prompt, _caption(require(sent, "raw", path, where), path, where),
+                                      image_id))  # fmt: skip
     else:
         raise ValueError(
             f"{path} is not a COCO captions file: expected 'images' + 'annotations' (captions_*.json) or "
             "'images' with 'sentences' (Karpathy dataset_coco.json)"
         )
     return records
+
+
+def _caption(value, path: Path, where: str) -> str:
+    """A caption to train on: a non-empty string (an empty target would train the model to stop at once)."""
+    if not isinstance(value, str):
+        raise DatasetError(f"{path}: {where} has a caption that is {type(value).__name__}, not text: {value!r}")
+    if not value.strip():
+        raise DatasetError(f"{path}: {where} has an empty caption")
+    return value.strip()
 
 
 def write_coco_captions(path: str | os.PathLike, entries: list[dict]) -> None:

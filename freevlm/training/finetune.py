@@ -186,6 +186,7 @@ def finetune(model: nn.Module, train_set: CaptionDataset, config: FinetuneConfig
             _set_modes(model, config)
             progress.scalars({f"dev/{k}": v for k, v in metrics.items()}, step)
             if runtime.is_main and step == total:
+                out_dir.mkdir(parents=True, exist_ok=True)
                 (out_dir / "dev_metrics.json").write_text(json.dumps(metrics, indent=2))
         if step % config.checkpoint_every == 0 or step == total:
             trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,138 @@
+"""Checks on what `EarlyExitVLM.generate` is given, before any layer runs: a `ValueError` naming the argument
+instead of a raw torch error from deep inside, and one warning for what is legal but suspicious.
+
+    validate_generate_inputs(ee.backbone, pixel_values, input_ids, attention_mask, max_new_tokens)
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+
+class InputWarning(UserWarning):
+    """Inputs that run but probably do not mean what the caller wanted (NaN pixels, rows with no tokens...)."""
+
+
+def validate_generate_inputs(
+    backbone,
+    pixel_values: torch.Tensor,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 30,
+) -> None:
+    """Raise `ValueError` for inputs the backbone cannot take; warn (once per call) about suspicious ones.
+
+    `backbone` is the adapter (`ee.backbone`): only its Hugging Face `model` and `config` are read.
+    Errors: pixel_values not a float [batch, channels, height, width] tensor, the wrong number of channels, a
+    size the vision encoder cannot take; input_ids not an integer [batch, length] tensor, ids outside the
+    vocabulary; attention_mask without input_ids, or of another shape; a prompt that leaves no room for
+    `max_new_tokens` within the language model's positions. Warnings: non-finite pixels, mask rows that attend
+    to nothing, an image size far from the one the encoder was built for.
+    """
+    model, cfg = backbone.model, backbone.config
+    _check_pixels(model, cfg, pixel_values)
+    if input_ids is None:
+        if attention_mask is not None:
+            raise ValueError("attention_mask was given without input_ids: the default prompt has its own mask; "
+                             "pass the input_ids the mask belongs to, or no mask")  # fmt: skip
+        prompt_len = cfg.num_query_tokens + 1
+    else:
+        _check_ids(model, cfg, pixel_values, input_ids)
+        prompt_len = input_ids.shape[1]
+        if cfg.image_token_index is None or not bool((input_ids == cfg.image_token_index).any()):
+            prompt_len += cfg.num_query_tokens  # the image tokens are put in front
+        if attention_mask is not None:
+            _check_mask(input_ids, attention_mask)
+    _check_length(cfg, prompt_len, max_new_tokens)
+
+
+def _check_pixels(model, cfg, pixel_values) -> None:
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+        shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+        raise ValueError(f"pixel_values must be a [batch, channels, height, width] tensor, got {shape}")
+    if not pixel_values.is_floating_point():
+        raise ValueError(f"pixel_values must be floating point (the image processor's output), got {pixel_values.dtype}")
+    if pixel_values.shape[0] == 0:
+        raise ValueError("pixel_values holds no images (batch size 0)")
+    channels = _vision_channels(model, cfg)
+    if pixel_values.shape[1] != channels:
+        raise ValueError(f"pixel_values has {pixel_values.shape[1]} channel(s), the vision encoder takes {channels} "
+                         "(RGB): convert images with .convert('RGB') before the image processor")  # fmt: skip
+    size = getattr(cfg.vision_config, "image_size", None)
+    height, width = pixel_values.shape[-2:]
+    if size and (height, width) != (size, size):
+        if _is_vit(model):
+            raise ValueError(f"pixel_values are {height}x{width} but the vision encoder takes {size}x{size} images: "
+                             "use the model's image processor")  # fmt: skip
+        if not (size / 2 <= min(height, width) and max(height, width) <= size * 2):
+            warnings.warn(f"pixel_values are {height}x{width}, far from the {size}x{size} the vision encoder was "
+                          "trained on: use the model's image processor", InputWarning, stacklevel=3)  # fmt: skip
+    if not bool(torch.isfinite(pixel_values).all()):
+        bad = (~torch.isfinite(pixel_values)).flatten(1).any(1).nonzero().flatten().tolist()
+        warnings.warn(f"pixel_values of image(s) {bad[:8]} hold NaN or inf: their tokens will be meaningless",
+                      InputWarning, stacklevel=3)  # fmt: skip
+
+
+def _is_vit(model) -> bool:
+    from transformers import Blip2VisionModel
+
+    return isinstance(getattr(model, "vision_model", None), Blip2VisionModel)
+
+
+def _vision_channels(model, cfg) -> int:
+    conv = getattr(getattr(getattr(model, "vision_model", None), "embeddings", None), "patch_embedding", None)
+    if isinstance(conv, torch.nn.Conv2d):
+        return conv.in_channels
+    return getattr(cfg.vision_config, "num_channels", 3)
+
+
+def _vocab_size(model, cfg) -> int:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return embeddings.num_embeddings if isinstance(embeddings, torch.nn.Embedding) else cfg.text_config.vocab_size
+
+
+def _check_ids(model, cfg, pixel_values, input_ids) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a [batch, length] tensor of token ids, got {shape}")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids (torch.long), got {input_ids.dtype}")
+    if input_ids.shape[0] != pixel_values.shape[0]:
+        raise ValueError(f"input_ids has {input_ids.shape[0]} rows but pixel_values has {pixel_values.shape[0]} images")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids is empty (length 0): give at least the image tokens or BOS")
+    vocab = _vocab_size(model, cfg)
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab:
+        bad = low if low < 0 else high
+        raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab}): "
+                         "use the model's own tokenizer")  # fmt: skip
+
+
+def _check_mask(input_ids, attention_mask) -> None:
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {shape}")
+    if attention_mask.is_floating_point() and not bool(torch.isfinite(attention_mask).all()):
+        raise ValueError("attention_mask holds NaN or inf: it must be 0 (padding) or 1 (token)")
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+    empty = (attention_mask == 0).all(1).nonzero().flatten().tolist()
+    if empty:
+        warnings.warn(f"attention_mask rows {empty[:8]} are all zero: those prompts are empty and their tokens "
+                      "depend on the image alone", InputWarning, stacklevel=4)  # fmt: skip
+
+
+def _check_length(cfg, prompt_len: int, max_new_tokens: int) -> None:
+    """Decoder-only LMs have learned positions: prompt + new tokens must fit in them (T5's are relative)."""
+    text = cfg.text_config
+    if getattr(text, "is_encoder_decoder", False):
+        return
+    limit = getattr(text, "max_position_embeddings", None)
+    if isinstance(limit, int) and isinstance(max_new_tokens, int) and prompt_len + max_new_tokens > limit:
+        room = limit - prompt_len
+        fix = f"max_new_tokens can be at most {room}" if room > 0 else "shorten the prompt"
+        raise ValueError(f"the prompt ({prompt_len} tokens, image tokens included) plus max_new_tokens="
+                         f"{max_new_tokens} exceeds the language model's {limit} positions: {fix}")  # fmt: skip
