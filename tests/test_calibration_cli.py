@@ -7,7 +7,7 @@ import pytest
 import dataset_files as files
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.cli import main
-from freevlm.commands.calibrate import calibrate_exits
+from freevlm.commands.calibrate import calibrate_exits, per_caption_cider
 from freevlm.hub import load_blip2
 from freevlm.tiny import tiny_blip2
 from tiny_processor import tiny_bundle
@@ -100,3 +100,25 @@ def test_metric_loss_needs_labels(checkpoint, tmp_path, capsys):
             "--thresholds", "1.0", "--max-new-tokens", "1", "--out", str(tmp_path / "c.json")]  # fmt: skip
     assert main(args) == 2
     assert "--loss metric needs an answer for every calibration question" in capsys.readouterr().err
+
+
+def test_per_caption_cider_scores_each_caption_alone():
+    refs = [["a red square", "a square"], ["a blue circle", "a circle"]]
+    good = per_caption_cider(refs, ["a red square", "a blue circle"])
+    mixed = per_caption_cider(refs, ["a red square", "two green triangles"])
+    assert good[0] > 0 and good[1] > 0 and mixed[1] == 0.0
+    assert mixed[0] == pytest.approx(good[0])  # document frequencies come from the references only
+
+
+@pytest.mark.slow
+def test_calibrate_captions_with_the_cider_drop(checkpoint, tmp_path):
+    path = files.karpathy(tmp_path)
+    out = tmp_path / "c.json"
+    code = main(["calibrate", "--backbone", str(checkpoint / "backbone"), "--exits", str(checkpoint / "exits"),
+                 "--format", "coco-karpathy", "--files", str(path), "--images", str(tmp_path), "--split", "train",
+                 "--loss", "metric", "--thresholds", "0", "1", "--max-new-tokens", "3", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["task"] == "captions" and report["n"] == 2 and "CIDEr" in report["loss_definition"]
+    assert report["per_threshold"][0]["empirical_risk"] == 0.0
+    assert report["certified"] == [] and report["threshold"] == 1.0  # 2 captions cannot certify 5% at 95%

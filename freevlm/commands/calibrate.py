@@ -57,30 +57,42 @@ def never_exits(method: str) -> tuple[float, bool]:
     return float(grid[-1]), grid[-1] > grid[0]
 
 
-def _per_caption_cider(references: list[list[str]], captions: list[str]) -> list[float]:
+def per_caption_cider(references: Sequence[Sequence[str]] | dict, captions: Sequence[str]) -> list[float]:
+    """CIDEr of each caption against its references (pycocoevalcap's CIDEr-D, unscaled: 1.0 is 100 on the
+    paper's scale). Document frequencies come from the references alone, so a caption's score does not depend on
+    the other captions. `references` may be the PTB-tokenized dict an earlier call built (see `_tokenized`)."""
     from pycocoevalcap.cider.cider import Cider
 
-    from ..eval.captions import tokenize
-
-    keys = range(len(captions))
-    gts = tokenize(dict(zip(keys, references)))
-    res = tokenize({k: [c] for k, c in zip(keys, captions)})
+    gts = references if isinstance(references, dict) else _tokenized(references)
+    if len(gts) != len(captions):
+        raise ValueError(f"{len(captions)} captions but {len(gts)} reference lists")
+    res = _tokenized([[c] for c in captions])
     _, scores = Cider().compute_score(gts, res)  # one score per key, in `gts` order
     return [float(s) for s in scores]
 
 
-def _metric_per_record(task: str, records: Sequence, texts: list[str], vqa_metric: str) -> list[float]:
+def _tokenized(captions: Sequence[Sequence[str]]) -> dict:
+    from ..eval.captions import tokenize
+
+    return tokenize(dict(enumerate(captions)))
+
+
+def _check_metric_labels(task: str, records: Sequence) -> None:
+    if task == "vqa" and not all(r.answers for r in records):
+        raise ValueError("--loss metric needs an answer for every calibration question")
+    if task == "captions" and not all(r.references for r in records):
+        raise ValueError("--loss metric needs reference captions for every calibration image")
+    if task not in ("vqa", "captions"):
+        raise ValueError(f"--loss metric is not defined for {task} (no per-record score); use --loss consistency")
+
+
+def _metric_per_record(task: str, labels, texts: list[str], vqa_metric: str) -> list[float]:
+    """`labels`: the VQA answer lists, or the captions' tokenized references."""
     if task == "vqa":
         from ..eval.vqa import vqa_scores
 
-        if not all(r.answers for r in records):
-            raise ValueError("--loss metric needs an answer for every calibration question")
-        return vqa_scores(texts, [r.answers for r in records], metric=vqa_metric).per_question
-    if task == "captions":
-        if not all(r.references for r in records):
-            raise ValueError("--loss metric needs reference captions for every calibration image")
-        return _per_caption_cider([r.references for r in records], texts)
-    raise ValueError(f"--loss metric is not defined for {task} (no per-record score); use --loss consistency")
+        return vqa_scores(texts, labels, metric=vqa_metric).per_question
+    return per_caption_cider(labels, texts)
 
 
 def calibrate_exits(
@@ -105,6 +117,10 @@ def calibrate_exits(
         raise ValueError(f"unknown loss {loss!r}: one of {LOSSES}")
     if not records:
         raise ValueError("the calibration set is empty: no records to run the exits on")
+    labels = None
+    if loss == "metric":
+        _check_metric_labels(task, records)  # before any model runs
+        labels = [r.answers for r in records] if task == "vqa" else _tokenized([r.references for r in records])
     safe, higher_is_safer = never_exits(method)
     grid = sorted({float(t) for t in (get_method(method).thresholds if thresholds is None else thresholds)},
                   reverse=higher_is_safer)  # fmt: skip
@@ -122,11 +138,11 @@ def calibrate_exits(
         if full_texts is None:
             full_texts = [row["full_prediction"] for row in result.predictions]
             if loss == "metric":
-                full_metric = _metric_per_record(task, records, full_texts, vqa_metric)
+                full_metric = _metric_per_record(task, labels, full_texts, vqa_metric)
         if loss == "consistency":
             losses[t] = [float(a != b) for a, b in zip(texts, full_texts)]
         else:
-            early = _metric_per_record(task, records, texts, vqa_metric)
+            early = _metric_per_record(task, labels, texts, vqa_metric)
             losses[t] = [min(1.0, max(0.0, f - e)) for f, e in zip(full_metric, early)]
         results[t] = result
         say(f"threshold {t:g}: {loss} risk {sum(losses[t]) / len(losses[t]):.4f}, "
