@@ -121,7 +121,7 @@ def test_recompute_caches_equal_full_model(family, batch, seed):
 
 
 def _exit_reference(ee, i, hidden_i, decoder):
-    from freevlm.decoding.kv import KVView, LayerKV
+    from freevlm.cache_utils import KVView, LayerKV
 
     batch, length = hidden_i.shape[:2]
     kv = LayerKV(batch, length)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..decoding.kv import KVView
+from ..cache_utils import KVView
 
 
 def causal_padding_mask(key_ok: torch.Tensor, start: int, end: int) -> torch.Tensor:

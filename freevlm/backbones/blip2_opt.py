@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers.models.opt.modeling_opt import OPTDecoderLayer
 
-from ..decoding.kv import KVView
+from ..cache_utils import KVView
 from .base import Blip2Backbone, Context
 
 

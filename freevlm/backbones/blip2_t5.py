@@ -13,7 +13,7 @@ from torch import nn
 from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.t5.modeling_t5 import T5Block
 
-from ..decoding.kv import KVView
+from ..cache_utils import KVView
 from .base import Blip2Backbone, Context
 
 

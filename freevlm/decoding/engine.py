@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..backbones.base import Blip2Backbone, Context, causal_padding_mask
-from .kv import KVView, LayerKV
+from ..cache_utils import KVView, LayerKV
 from .policies import ExitPolicy
 
 KV_MODES = ("recompute", "propagate")
