@@ -39,5 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m freevlm.cli`: run the package's copy, whose UserError the commands raise
+    from freevlm.cli import main as package_main
+
+    sys.exit(package_main())
