@@ -12,6 +12,9 @@ the guarantee reads "early exit costs at most `tolerance` of X relative to the f
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
+import itertools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,13 +22,31 @@ from pathlib import Path
 from ..calibration import Calibration, calibrate_threshold, check_unit_interval
 from ..data.specs import FORMATS, DatasetSpec, read_dataset
 from ..eval.evaluate import CAPTION_PROMPT, VQA_PROMPT, EvalResult, evaluate
-from ..methods import METHODS, get_method
+from ..methods import METHODS, get_method, trainable_parameters
 
 LOSSES = ("consistency", "metric")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="certify an exit threshold: early-exit risk <= tolerance with a confidence")
+    _common(p)
+    p.add_argument("--out", required=True, help="calibration JSON to write")
+    p.set_defaults(func=run_calibrate)
+
+    p = sub.add_parser("place-exits", help="choose exit layers among trained ones: most speedup at a certified risk")
+    _common(p)
+    p.add_argument("--candidates", type=int, nargs="+", help="trained exit layers to choose from (default: all)")
+    p.add_argument("--budget-exits", type=int, help="at most this many exits")
+    p.add_argument("--budget-parameters", type=int, help="at most this many trainable exit parameters")
+    p.add_argument("--speedup", choices=SPEEDUPS, default="ideal",
+                   help="what to maximise: ideal (parameters touched, counted by the engine), analytic (the "
+                        "paper's N / layers per token), wallclock (measured here)")  # fmt: skip
+    p.add_argument("--max-placements", type=int, default=64, help="refuse budgets that allow more placements")
+    p.add_argument("--out", required=True, help="placement JSON to write")
+    p.set_defaults(func=run_place_exits)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", required=True, help="folder of a BLIP-2 saved with save_pretrained")
     p.add_argument("--exits", help="folder of exits saved by EarlyExitVLM.save_exits (MuE: optional)")
     p.add_argument("--method", choices=sorted(METHODS), default="free", help="early-exit method (its rule and grid)")
@@ -41,13 +62,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tolerance", type=float, default=0.05, help="the risk (mean loss) to stay under, in (0, 1)")
     p.add_argument("--confidence", type=float, default=0.95, help="probability the guarantee holds, in (0, 1)")
     p.add_argument("--thresholds", type=float, nargs="+", help="grid to certify (default: the --method's grid)")
-    p.add_argument("--out", required=True, help="calibration JSON to write")
     p.add_argument("--prompt", help=f"prompt (captions: {CAPTION_PROMPT!r}; VQA: {VQA_PROMPT!r} with {{question}})")
     p.add_argument("--max-new-tokens", type=int, help="default: 30 for captions, 10 for answers")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--kv", choices=("recompute", "propagate"), default="recompute")
     p.add_argument("--device", default="cpu")
-    p.set_defaults(func=run_calibrate)
+
+
+def _generation_kwargs(args: argparse.Namespace) -> dict:
+    kw = dict(batch_size=args.batch_size, kv=args.kv)
+    if args.max_new_tokens:
+        kw["max_new_tokens"] = args.max_new_tokens
+    if args.prompt is not None:
+        kw["prompt"] = args.prompt
+    return kw
+
+
+def _records(args: argparse.Namespace) -> tuple[DatasetSpec, list]:
+    """The calibration records, after checking what can be checked before any weights load."""
+    check_unit_interval("--tolerance", args.tolerance)
+    check_unit_interval("--confidence", args.confidence)
+    spec = DatasetSpec(args.format, list(args.files), args.images, args.split, args.limit)
+    records = read_dataset(spec)
+    if not records:
+        raise ValueError(f"the calibration set is empty: {', '.join(args.files)} has no records")
+    return spec, records
 
 
 def never_exits(method: str) -> tuple[float, bool]:
@@ -107,10 +146,15 @@ def calibrate_exits(
     method: str = "free",
     vqa_metric: str = "vqa",
     progress=None,
+    full_outputs: Sequence[str] | None = None,
+    time_every_run: bool = False,
     **eval_kwargs,
 ) -> tuple[Calibration, dict[float, EvalResult]]:
-    """Run `ee` over `records` at each threshold (safest first; the first run also runs the full model, which
-    every loss is measured against) and certify thresholds with `calibrate_threshold`."""
+    """Run `ee` over `records` at each threshold (safest first) and certify thresholds with `calibrate_threshold`.
+
+    Losses are measured against the full model's outputs: `full_outputs` when given (already decoded, e.g. by an
+    earlier call on the same records), otherwise the first run decodes the full model beside the exits.
+    `time_every_run` decodes the full model beside every run, for measured (work and wall-clock) speedups."""
     tolerance = check_unit_interval("tolerance", tolerance)
     confidence = check_unit_interval("confidence", confidence)
     if loss not in LOSSES:
@@ -128,14 +172,18 @@ def calibrate_exits(
     if task == "captions":
         eval_kwargs.setdefault("only", ["CIDEr"])  # the sweep's score only: METEOR starts a JVM per call
     results: dict[float, EvalResult] = {}
-    full_texts: list[str] | None = None
-    full_metric: list[float] | None = None
+    full_texts = list(full_outputs) if full_outputs is not None else None
+    if full_texts is not None and len(full_texts) != len(records):
+        raise ValueError(f"{len(full_texts)} full-model outputs for {len(records)} records")
+    full_metric = None
+    if full_texts is not None and loss == "metric":
+        full_metric = _metric_per_record(task, labels, full_texts, vqa_metric)
     losses: dict[float, list[float]] = {}
     for t in grid:
-        result = evaluate(task, ee, processor, records, t, method=method, compare_full=full_texts is None,
-                          **eval_kwargs)  # fmt: skip
+        result = evaluate(task, ee, processor, records, t, method=method,
+                          compare_full=time_every_run or full_texts is None, **eval_kwargs)  # fmt: skip
         texts = [row["prediction"] for row in result.predictions]
-        if full_texts is None:
+        if full_texts is None:  # the first run decoded the full model too
             full_texts = [row["full_prediction"] for row in result.predictions]
             if loss == "metric":
                 full_metric = _metric_per_record(task, labels, full_texts, vqa_metric)
@@ -166,22 +214,12 @@ def calibration_report(calibration: Calibration, results: dict[float, EvalResult
 def run_calibrate(args: argparse.Namespace) -> int:
     from .evaluate import _load
 
-    check_unit_interval("--tolerance", args.tolerance)  # fail before any weights load
-    check_unit_interval("--confidence", args.confidence)
-    spec = DatasetSpec(args.format, list(args.files), args.images, args.split, args.limit)
-    records = read_dataset(spec)
-    if not records:
-        raise ValueError(f"the calibration set is empty: {', '.join(args.files)} has no records")
+    spec, records = _records(args)
     ee, bundle = _load(args)
     task = spec.task
-    kw = dict(batch_size=args.batch_size, kv=args.kv)
-    if args.max_new_tokens:
-        kw["max_new_tokens"] = args.max_new_tokens
-    if args.prompt is not None:
-        kw["prompt"] = args.prompt
     calibration, results = calibrate_exits(
         ee, bundle, task, records, args.tolerance, args.confidence, args.loss, args.thresholds, args.method,
-        vqa_metric="exact" if args.format == "gqa" else "vqa", progress=print, **kw,
+        vqa_metric="exact" if args.format == "gqa" else "vqa", progress=print, **_generation_kwargs(args),
     )  # fmt: skip
     report = calibration_report(calibration, results, method=args.method, rule=get_method(args.method).rule,
                                 task=task, format=args.format, files=list(args.files), split=args.split,
@@ -196,6 +234,165 @@ def run_calibrate(args: argparse.Namespace) -> int:
     else:
         print(f"certified threshold: none; use {calibration.threshold:g} (never exit early)")
     print(calibration.guarantee)
+    print(f"wrote {out}")
+    return 0
+
+
+# --- exit placement --------------------------------------------------------------------------------------------
+SPEEDUPS = ("ideal", "analytic", "wallclock")
+
+
+def exits_subset(ee, layers: Sequence[int]):
+    """A view of `ee` with only the exits at `layers`: the trained exit modules are shared, nothing is copied, and
+    the engine runs exactly what an `EarlyExitVLM` built with those exits alone would run."""
+    layers = sorted(int(i) for i in layers)
+    missing = sorted(set(layers) - set(ee.exit_layers))
+    if missing or not layers:
+        raise ValueError(f"no trained exit at layers {missing or layers} (trained exits: {ee.exit_layers})")
+    sub = copy.copy(ee)
+    sub._modules = dict(ee._modules)  # its own module registry, so replacing `exits` leaves `ee` whole
+    sub.exits = type(ee.exits)({str(i): ee.exits[str(i)] for i in layers})
+    sub.exit_config = dataclasses.replace(ee.exit_config, exit_layers=layers)
+    return sub
+
+
+def candidate_placements(
+    parameters: dict[int, int], budget_exits: int | None = None, budget_parameters: int | None = None
+) -> list[tuple[int, ...]]:
+    """Every non-empty set of candidate layers (`parameters`: layer -> trainable parameters of its exit) within
+    the budget: at most `budget_exits` exits and at most `budget_parameters` trainable parameters."""
+    if budget_exits is None and budget_parameters is None:
+        raise ValueError("give a budget: a number of exits or of trainable parameters")
+    if budget_exits is not None and budget_exits < 1:
+        raise ValueError(f"the exit budget must be at least 1, got {budget_exits}")
+    layers = sorted(parameters)
+    most = len(layers) if budget_exits is None else min(budget_exits, len(layers))
+    sets = [c for k in range(1, most + 1) for c in itertools.combinations(layers, k)
+            if budget_parameters is None or sum(parameters[i] for i in c) <= budget_parameters]  # fmt: skip
+    if not sets:
+        raise ValueError(f"no exit fits a budget of {budget_parameters:,} trainable parameters "
+                         f"(the smallest exit has {min(parameters.values()):,})")  # fmt: skip
+    return sets
+
+
+@dataclasses.dataclass
+class Placement:
+    layers: tuple[int, ...]
+    parameters: int  # trainable parameters of these exits
+    calibration: Calibration
+    speedup: float  # at the certified threshold (1.0: nothing certified, the full model runs)
+    speedups: dict[str, float | None]  # every kind of speedup at that threshold
+
+    def as_dict(self) -> dict:
+        c = self.calibration
+        return {"layers": list(self.layers), "trainable_parameters": self.parameters, "threshold": c.threshold,
+                "certified": bool(c.certified), "risk": c.risks.get(c.threshold), "speedup": self.speedup,
+                "speedups": self.speedups}  # fmt: skip
+
+
+def _speedups(results: dict[float, EvalResult], threshold: float) -> dict[str, float | None]:
+    if threshold not in results:  # the fallback was not in the grid: it never exits early
+        return {"ideal": 1.0, "analytic": 1.0, "wallclock": None}
+    s = results[threshold].speed
+    return {"ideal": s.ideal_speedup, "analytic": s.analytic_speedup, "wallclock": s.wallclock_speedup}
+
+
+def place_exits(
+    ee,
+    processor,
+    task: str,
+    records: Sequence,
+    tolerance: float,
+    confidence: float,
+    budget_exits: int | None = None,
+    budget_parameters: int | None = None,
+    speedup: str = "ideal",
+    max_placements: int = 64,
+    progress=None,
+    **calibrate_kwargs,
+) -> tuple[Placement, list[Placement], float]:
+    """Choose where exits go: certify a threshold for every placement (set of `ee`'s trained exits) within the
+    budget on `records`, and keep the one with the largest `speedup` at its certified threshold.
+
+    `speedup`: "ideal" (parameters the full model touches over those early exit touches, counted by the engine:
+    exit layers, heads and KV catch-up included), "analytic" (the paper's N / mean layers per token; blind to the
+    cost of exits a token passes), or "wallclock" (measured here; noisy on a shared machine). Each placement is
+    certified at 1 - (1 - confidence) / m for m placements (Bonferroni), so the chosen placement's threshold keeps
+    the guarantee at `confidence` although it was picked on the same data. Returns (best, all placements, the
+    per-placement confidence).
+    """
+    check_unit_interval("tolerance", tolerance)
+    check_unit_interval("confidence", confidence)
+    if speedup not in SPEEDUPS:
+        raise ValueError(f"unknown speedup {speedup!r}: one of {SPEEDUPS}")
+    parameters = {i: trainable_parameters(m) for i, m in ee.exit_dict().items()}
+    sets = candidate_placements(parameters, budget_exits, budget_parameters)
+    if len(sets) > max_placements:
+        raise ValueError(f"{len(sets)} placements fit the budget, more than max_placements={max_placements}: "
+                         "offer fewer candidate layers or a smaller budget")  # fmt: skip
+    say = progress or (lambda msg: None)
+    each = 1.0 - (1.0 - confidence) / len(sets)
+    placements, full_outputs = [], calibrate_kwargs.pop("full_outputs", None)
+    for layers in sets:
+        calibration, results = calibrate_exits(exits_subset(ee, layers), processor, task, records, tolerance, each,
+                                               full_outputs=full_outputs, time_every_run=speedup != "analytic",
+                                               **calibrate_kwargs)  # fmt: skip
+        if full_outputs is None:  # the first placement's first run decoded the full model: reuse it
+            first = results[calibration.tested[0]]
+            full_outputs = [row["full_prediction"] for row in first.predictions]
+        speeds = _speedups(results, calibration.threshold)
+        value = speeds[speedup] if speeds[speedup] is not None else 1.0
+        placements.append(Placement(layers, sum(parameters[i] for i in layers), calibration, value, speeds))
+        say(f"exits {list(layers)}: threshold {calibration.threshold:g} "
+            f"({'certified' if calibration.certified else 'none certified'}), {speedup} speedup {value:.2f}x")  # fmt: skip
+    best = max(placements, key=lambda p: (p.speedup, -p.parameters, -len(p.layers)))
+    return best, placements, each
+
+
+def _placement_guarantee(best: Placement, confidence: float, m: int) -> str:
+    c = best.calibration
+    if not c.certified:
+        return (f"no placement could be certified at risk <= {c.tolerance:g} with confidence {confidence:g} "
+                f"(each of {m} tested at {c.confidence:.4g}) from {c.n} samples")  # fmt: skip
+    return (f"if the {c.n} calibration samples and future inputs are i.i.d. from one distribution, the mean loss of "
+            f"exits {list(best.layers)} at threshold {c.threshold:g} exceeds {c.tolerance:g} with probability at "
+            f"most {1 - confidence:.3g} over the draw of the calibration set (each of the {m} placements tested at "
+            f"{1 - c.confidence:.3g}, Bonferroni)")  # fmt: skip
+
+
+def run_place_exits(args: argparse.Namespace) -> int:
+    from .evaluate import _load
+
+    if args.budget_exits is None and args.budget_parameters is None:
+        raise ValueError("give a budget: --budget-exits N or --budget-parameters P")
+    spec, records = _records(args)
+    ee, bundle = _load(args)
+    if args.candidates:
+        ee = exits_subset(ee, args.candidates)
+    best, placements, each = place_exits(
+        ee, bundle, spec.task, records, args.tolerance, args.confidence, args.budget_exits, args.budget_parameters,
+        args.speedup, args.max_placements, progress=print, loss=args.loss, thresholds=args.thresholds,
+        method=args.method, vqa_metric="exact" if args.format == "gqa" else "vqa", **_generation_kwargs(args),
+    )  # fmt: skip
+    report = {
+        "method": args.method, "task": spec.task, "format": args.format, "files": list(args.files),
+        "loss": args.loss, "loss_definition": _LOSS_TEXT[args.loss], "tolerance": args.tolerance,
+        "confidence": args.confidence, "n": best.calibration.n, "candidates": ee.exit_layers,
+        "budget": {"exits": args.budget_exits, "trainable_parameters": args.budget_parameters},
+        "speedup": args.speedup, "placements_tested": len(placements), "confidence_per_placement": each,
+        "guarantee": _placement_guarantee(best, args.confidence, len(placements)),
+        "chosen": best.as_dict(),
+        "alternatives": sorted((p.as_dict() for p in placements), key=lambda d: -d["speedup"]),
+    }  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    if best.calibration.certified and best.calibration.threshold != never_exits(args.method)[0]:
+        print(f"chosen exits: {list(best.layers)} at threshold {best.calibration.threshold:g}, {args.speedup} "
+              f"speedup {best.speedup:.2f}x ({len(placements)} placements tested)")  # fmt: skip
+    else:
+        print(f"no placement certifies a threshold that exits early ({len(placements)} tested): keep the full model")
+    print(report["guarantee"])
     print(f"wrote {out}")
     return 0
 
