@@ -314,8 +314,8 @@ def place_exits(
     """Choose where exits go: certify a threshold for every placement (set of `ee`'s trained exits) within the
     budget on `records`, and keep the one with the largest `speedup` at its certified threshold.
 
-    `speedup`: "ideal" (parameters the full model touches over those early exit touches, counted by the engine:
-    exit layers, heads and KV catch-up included), "analytic" (the paper's N / mean layers per token; blind to the
+    `speedup`: "ideal" (parameters the full model reads over those early exit reads, counted by the engine: exit
+    layers and heads included - the cost of a weight-bound decode step), "analytic" (the paper's N / mean layers per token; blind to the
     cost of exits a token passes), or "wallclock" (measured here; noisy on a shared machine). Each placement is
     certified at 1 - (1 - confidence) / m for m placements (Bonferroni), so the chosen placement's threshold keeps
     the guarantee at `confidence` although it was picked on the same data. Returns (best, all placements, the
