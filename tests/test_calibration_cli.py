@@ -7,7 +7,7 @@ import pytest
 import dataset_files as files
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.cli import main
-from freevlm.commands.calibrate import calibrate_exits, per_caption_cider
+from freevlm.commands.calibrate import calibrate_exits, never_exits, per_caption_cider
 from freevlm.hub import load_blip2
 from freevlm.tiny import tiny_blip2
 from tiny_processor import tiny_bundle
@@ -122,3 +122,9 @@ def test_calibrate_captions_with_the_cider_drop(checkpoint, tmp_path):
     assert report["task"] == "captions" and report["n"] == 2 and "CIDEr" in report["loss_definition"]
     assert report["per_threshold"][0]["empirical_risk"] == 0.0
     assert report["certified"] == [] and report["threshold"] == 1.0  # 2 captions cannot certify 5% at 95%
+
+
+def test_each_method_is_tested_from_its_never_exit_end():
+    assert never_exits("free") == (1.0, True)  # max probability >= 1.0 never leaves early
+    assert never_exits("deeblip_entropy") == (0.0, False)  # entropy < 0 never holds: lower is safer
+    assert never_exits("pabee") == (1000.0, True)
