@@ -1,6 +1,8 @@
 """Stage 2 (FREE exit training) on a tiny BLIP-2 fine-tuned on synthetic shapes captions."""
 
+import json
 import logging
+import math
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from training_helpers import make_image_processor, make_tokenizer, write_shapes
 
 from freevlm import CheckpointMismatchError, EarlyExitVLM, ExitConfig
+from freevlm.exits import FeatureDiscriminator
 from freevlm.tiny import tiny_blip2
 from freevlm.training import (
     CaptionDataset,
@@ -21,7 +24,16 @@ from freevlm.training import (
     train_exits,
 )
 from freevlm.training import exits as exits_module
-from freevlm.training.exits import DiscriminatorMonitor, kd_loss
+from freevlm.training.data import IGNORE, CaptionCollator
+from freevlm.training.exits import (
+    DiscriminatorMonitor,
+    adversarial_loss,
+    backbone_features,
+    discriminator_loss,
+    exit_features,
+    kd_loss,
+    make_discriminators,
+)
 
 QUIET = dict(progress=False, checkpoint_every=10_000, log_every=10)
 
@@ -74,19 +86,98 @@ def kd_run(shapes, tmp_path_factory):
             "trained": evaluate_exits(ee, dev_set), "events": events, "out": out}  # fmt: skip
 
 
-def test_kd_lowers_heldout_kl_and_discriminator_trains(kd_run):
+def test_kd_lowers_heldout_kl_and_logs_discriminator(kd_run):
     untrained, trained = kd_run["untrained"], kd_run["trained"]
     for i in (1, 2):
         before, after = untrained[f"kl/exit_{i}"], trained[f"kl/exit_{i}"]
         assert after < 0.2 * before, f"exit {i}: held-out KL {before:.4f} -> {after:.4f}"
-    d_loss = [e.value for e in kd_run["events"].Scalars("train/d_loss")]
-    d_acc = [e.value for e in kd_run["events"].Scalars("train/d_acc/exit_1")]
-    assert len(d_loss) == 15
-    assert max(d_loss) - min(d_loss) > 0.1, d_loss
-    assert len(set(round(a, 3) for a in d_acc)) > 3, d_acc  # D's decisions change as it and the exits train
-    for tag in ("train/g_adv_loss", "train/anchor_loss", "train/lr", "dev/kl/exit_1", "dev/token_acc/exit_2"):
+    # D's accuracy in a GAN run depends on who is ahead at that step (bench/bench_discriminator.py): the tests below
+    # check that D learns and that the exits' adversarial term moves it; here only that it is measured and logged
+    assert len(kd_run["events"].Scalars("train/d_loss")) == 15
+    for tag in ("train/g_adv_loss", "train/anchor_loss", "train/lr", "train/d_acc/exit_1", "dev/kl/exit_1",
+                "dev/token_acc/exit_2", "dev/d_acc/exit_1", "dev/d_loss/exit_2"):  # fmt: skip
         assert tag in kd_run["events"].Tags()["scalars"]
-    assert (kd_run["out"] / "dev_metrics.json").is_file()
+    dev = json.loads((kd_run["out"] / "dev_metrics.json").read_text())
+    assert 0 <= dev["d_acc/exit_1"] <= 1 and dev["d_loss/exit_1"] > 0
+
+
+CHANCE = 2 * math.log(2)  # D's loss (BCE on real + on fake) when it cannot tell them apart
+
+
+@pytest.fixture(scope="module")
+def d_alone(shapes, tmp_path_factory):
+    """The trainer with nothing to move the exits (adversarial and anchor weights 0): D trains alone on frozen,
+    untrained exits. Returns the fresh exits, the trained discriminators and the held-out metrics."""
+    model, train_set, dev_set = shapes
+    out = tmp_path_factory.mktemp("d_alone")
+    config = ExitTrainConfig(output_dir=str(out), exit_layers=(1, 2), init="fresh", max_steps=60, batch_size=8,
+                             lr=1e-3, disc_lr=1e-3, adv_weight=0.0, anchor_weight=0.0, disc_hidden=256,
+                             warmup_steps=5, schedule="constant", **QUIET)  # fmt: skip
+    ee = train_exits(model, train_set, config, dev_set=dev_set)
+    discs = make_discriminators(ee, 256)
+    discs.load_state_dict(torch.load(out / "checkpoints/step-00000060/state.pt", weights_only=True)["discriminators"])
+    return {"ee": ee, "discs": discs, "dev": json.loads((out / "dev_metrics.json").read_text())}
+
+
+def test_discriminator_separates_untrained_exits_from_final_features(d_alone, shapes):
+    torch.manual_seed(0)  # the trainer builds the exits right after seeding with config.seed
+    fresh = EarlyExitVLM(shapes[0], ExitConfig([1, 2], "fresh")).exits.state_dict()
+    assert all(torch.equal(v, fresh[k]) for k, v in d_alone["ee"].exits.state_dict().items())  # only D trained
+    for i in (1, 2):  # on held-out captions: 100% in this setup, measured on every machine tried
+        assert d_alone["dev"][f"d_acc/exit_{i}"] >= 0.9, d_alone["dev"]
+        assert d_alone["dev"][f"d_loss/exit_{i}"] < 0.5 * CHANCE, d_alone["dev"]
+
+
+def test_adversarial_term_moves_exits_until_a_fixed_discriminator_is_fooled(d_alone, shapes):
+    """The G side of the game: descending `adversarial_loss` moves the exit features to where D says "real", and
+    D's held-out loss responds (rises past chance). A few exit steps undo what D learned in 60."""
+    ee, discs, (_, train_set, dev_set) = d_alone["ee"], d_alone["discs"], shapes
+    ee.exits.train()
+    batch = CaptionCollator.for_model(ee.backbone.config)([train_set[i] for i in range(16)])
+    states, ctx, mask = backbone_features(ee, batch)
+    text = batch["targets"] != IGNORE
+    d_before = {k: v.clone() for k, v in discs.state_dict().items()}
+    opt = torch.optim.Adam(ee.exits.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(10):
+        loss = adversarial_loss(discs, exit_features(ee, states, ctx, mask, text))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0], losses
+    assert all(torch.equal(v, d_before[k]) for k, v in discs.state_dict().items())
+    moved = evaluate_exits(ee, dev_set, discriminators=discs)
+    for i in (1, 2):
+        assert moved[f"d_loss/exit_{i}"] > CHANCE > d_alone["dev"][f"d_loss/exit_{i}"], moved
+        assert moved[f"d_acc/exit_{i}"] <= 0.6, moved
+
+
+def test_discriminator_and_adversarial_losses_train_opposite_sides():
+    """Labels and detaching, exactly: D's loss trains D only (h_N real), G's adversarial loss trains the exits only."""
+    torch.manual_seed(0)
+    discs = torch.nn.ModuleDict({"1": FeatureDiscriminator(4, 8)})
+    with torch.no_grad():  # D_1 says "real" iff the first coordinate is positive
+        discs["1"].net[0].weight.zero_()
+        discs["1"].net[0].weight[0, 0] = 1.0
+        discs["1"].net[0].bias.zero_()
+        discs["1"].net[2].weight.zero_()
+        discs["1"].net[2].weight[0, 0] = 1.0
+        discs["1"].net[2].bias.zero_()
+    real = torch.tensor([[20.0, 0, 0, 0], [12.0, 1, 0, 0]])
+    fake = (-real).requires_grad_(True)
+    loss, acc = discriminator_loss(discs, real, {"1": fake})
+    assert acc["1"].item() == 1.0 and loss.item() < 0.1
+    loss.backward()
+    assert fake.grad is None and discs["1"].net[2].weight.grad is not None
+    swapped_loss, swapped_acc = discriminator_loss(discs, -real, {"1": real})
+    assert swapped_acc["1"].item() == 0.0 and swapped_loss.item() > 5
+    discs.zero_grad(set_to_none=True)
+    adv = adversarial_loss(discs, {"1": fake})
+    adv.backward()
+    assert adv.item() > 2  # -log D(fake) is large where D calls the fakes fake
+    assert fake.grad[:, 0].lt(0).all()  # descending it raises the coordinate D reads as "real"
+    assert all(p.grad is None and p.requires_grad for p in discs.parameters())
 
 
 def test_backbone_bit_identical_and_only_exit_layers_trainable(kd_run):

@@ -109,18 +109,50 @@ def backbone_features(ee: EarlyExitVLM, batch: dict[str, torch.Tensor]):
         )
 
 
+def discriminator_loss(
+    discs: nn.ModuleDict, real: torch.Tensor, fakes: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """D step: sum_i BCE(D_i(h_N), 1) + BCE(D_i(E_i(h_i)), 0), and each D_i's accuracy (mean of its accuracy on
+    real and on fake features). Fakes are detached: this loss trains D only."""
+    loss, acc = real.new_zeros((), dtype=torch.float32), {}
+    for k, fake in fakes.items():
+        d_real, d_fake = discs[k](real).float(), discs[k](fake.detach()).float()
+        loss = loss + F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real)) \
+            + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))  # fmt: skip
+        acc[k] = 0.5 * ((d_real > 0).float().mean() + (d_fake < 0).float().mean()).detach()
+    return loss, acc
+
+
+def adversarial_loss(discs: nn.ModuleDict, fakes: dict[str, torch.Tensor]) -> torch.Tensor:
+    """G's adversarial term sum_i -log D_i(E_i(h_i)). D's weights take no gradient: this loss trains the exits only."""
+    discs.requires_grad_(False)
+    loss = 0.0
+    for k, fake in fakes.items():
+        d_fake = discs[k](fake).float()
+        loss = loss + F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
+    discs.requires_grad_(True)
+    return loss
+
+
 @torch.no_grad()
 def evaluate_exits(
-    ee: EarlyExitVLM, dataset: CaptionDataset, batch_size: int = 16, runtime: Runtime | None = None
-) -> dict[str, float]:
+    ee: EarlyExitVLM, dataset: CaptionDataset, batch_size: int = 16, runtime: Runtime | None = None,
+    discriminators: nn.ModuleDict | None = None,
+) -> dict[str, float]:  # fmt: skip
     """Held-out `kl/exit_i` = KL(p_i || p_N) per text token, `token_acc/exit_i` and `token_acc/final`
-    (argmax against the target token), token-weighted over the whole set (and over processes)."""
+    (argmax against the target token), token-weighted over the whole set (and over processes).
+
+    With `discriminators`, also each D_i's held-out `d_acc/exit_i` and `d_loss/exit_i` (h_N vs E_i(h_i)): the
+    training batch's D accuracy mixes D's progress with the exits' last move, this one does not."""
     rank, world = (runtime.rank, runtime.world) if runtime is not None else (0, 1)
     collate = CaptionCollator.for_model(ee.backbone.config)
     was_training = ee.training
     ee.eval()
     keys = list(ee.exits)
-    sums = torch.zeros(2 * len(keys) + 2, dtype=torch.float64)  # kl per exit, acc per exit, acc final, tokens
+    kinds = ["kl", "token_acc"] + (["d_acc", "d_loss"] if discriminators is not None else [])
+    names = [f"{kind}/exit_{k}" for kind in kinds for k in keys] + ["token_acc/final"]
+    sums = dict.fromkeys(names, 0.0)
+    tokens = 0
     indices = list(range(rank, len(dataset), world))
     for start in range(0, len(indices), batch_size):
         batch = collate([dataset[i] for i in indices[start : start + batch_size]])
@@ -128,26 +160,32 @@ def evaluate_exits(
         states, ctx, mask = backbone_features(ee, batch)
         text = batch["targets"] != IGNORE
         targets = batch["targets"][text]
+        n = len(targets)
         final_logits = ee.backbone.head(states[-1][text]).float()
-        for j, (k, feats) in enumerate(exit_features(ee, states, ctx, mask, text).items()):
+        fakes = exit_features(ee, states, ctx, mask, text)
+        for k, feats in fakes.items():
             logits = ee.exits[k].logits(ee.backbone, feats).float()
-            sums[j] += kd_loss(logits, final_logits).double() * len(targets)
-            sums[len(keys) + j] += (logits.argmax(-1) == targets).sum().double()
-        sums[-2] += (final_logits.argmax(-1) == targets).sum().double()
-        sums[-1] += len(targets)
+            sums[f"kl/exit_{k}"] += kd_loss(logits, final_logits).item() * n
+            sums[f"token_acc/exit_{k}"] += (logits.argmax(-1) == targets).sum().item()
+            if discriminators is not None:
+                loss, acc = discriminator_loss(discriminators, states[-1][text], {k: feats})
+                sums[f"d_loss/exit_{k}"] += loss.item() * n
+                sums[f"d_acc/exit_{k}"] += acc[k].item() * n
+        sums["token_acc/final"] += (final_logits.argmax(-1) == targets).sum().item()
+        tokens += n
+    totals = torch.tensor([*sums.values(), tokens], dtype=torch.float64)
     if runtime is not None:
-        sums = runtime.sum(sums).cpu()
+        totals = runtime.sum(totals).cpu()
     ee.train(was_training)
-    n = max(sums[-1].item(), 1.0)
-    out = {f"kl/exit_{k}": sums[j].item() / n for j, k in enumerate(keys)}
-    out.update({f"token_acc/exit_{k}": sums[len(keys) + j].item() / n for j, k in enumerate(keys)})
-    out["token_acc/final"] = sums[-2].item() / n
-    return out
+    n = max(totals[-1].item(), 1.0)
+    return {name: totals[j].item() / n for j, name in enumerate(names)}
 
 
 class DiscriminatorMonitor:
     """Warns (once per exit and kind) when D_i's accuracy sits at ~100% — the exit cannot produce features D
-    mistakes for h_N (generator collapse or too strong a D) — or at ~50% — D learns nothing — for `window` steps."""
+    mistakes for h_N (generator collapse or too strong a D) — or at ~50% for `window` steps. 50% does not mean the
+    exits match h_N: a D that learns but is outrun by the exits each step sits there too (bench/bench_discriminator.py
+    tells the cases apart with a D trained on frozen exits)."""
 
     def __init__(self, keys: list[str], window: int):
         self.window = window
@@ -167,7 +205,8 @@ class DiscriminatorMonitor:
             if max(abs(a - 0.5) for a in hist) <= 0.02 and (k, "chance") not in self.warned:
                 self.warned.add((k, "chance"))
                 logger.warning("step %d: discriminator of exit %s has been at ~50%% accuracy for %d steps: "
-                               "it is not learning (check disc_lr)", step, k, self.window)  # fmt: skip
+                               "it learns nothing or the exits outrun it (compare dev/d_acc; see bench/bench_discriminator.py)",
+                               step, k, self.window)  # fmt: skip
 
 
 def train_exits(model: nn.Module, train_set: CaptionDataset, config: ExitTrainConfig,
@@ -232,11 +271,7 @@ def train_exits(model: nn.Module, train_set: CaptionDataset, config: ExitTrainCo
         d_loss, d_acc = zero, {}
         if config.adversarial:
             with autocast(config, runtime.device):
-                for k, fake in fakes.items():
-                    d_real, d_fake = discs[k](real).float(), discs[k](fake.detach()).float()
-                    d_loss = d_loss + F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real)) \
-                        + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))  # fmt: skip
-                    d_acc[k] = 0.5 * ((d_real > 0).float().mean() + (d_fake < 0).float().mean()).detach()
+                d_loss, d_acc = discriminator_loss(discs, real, fakes)
         ok = guard.ok({"discriminator loss": d_loss}, step, runtime)
         if ok and config.adversarial:
             d_opt.zero_grad(set_to_none=True)
@@ -246,20 +281,17 @@ def train_exits(model: nn.Module, train_set: CaptionDataset, config: ExitTrainCo
         # G step: fool the updated D_i, anchored to the labels or to the final layer's soft labels
         adv, anchor = zero, zero
         if ok:
-            discs.requires_grad_(False)
             with autocast(config, runtime.device):
                 final_logits = ee.backbone.head(real) if config.anchor == "kd" else None
-                for k, fake in fakes.items():
-                    if config.adversarial:
-                        d_out = discs[k](fake).float()
-                        adv = adv + F.binary_cross_entropy_with_logits(d_out, torch.ones_like(d_out))  # -log D_i(E_i)
+                if config.adversarial:
+                    adv = adversarial_loss(discs, fakes)
+                for fake in fakes.values():
                     logits = ee.backbone.head(fake)
                     if config.anchor == "kd":
                         anchor = anchor + kd_loss(logits, final_logits, config.temperature, config.kd_direction)
                     else:
                         anchor = anchor + F.cross_entropy(logits.float(), targets)
                 g_loss = config.adv_weight * adv + config.anchor_weight * anchor
-            discs.requires_grad_(True)
             ok = guard.ok({"generator loss": g_loss}, step, runtime)
         if ok:
             g_opt.zero_grad(set_to_none=True)
@@ -285,7 +317,7 @@ def train_exits(model: nn.Module, train_set: CaptionDataset, config: ExitTrainCo
                 scalars.update({f"train/d_acc/exit_{k}": values[3 + j] for j, k in enumerate(keys)})
             progress.scalars(scalars, step)
         if dev_set is not None and ((config.eval_every and step % config.eval_every == 0) or step == total):
-            metrics = evaluate_exits(ee, dev_set, config.batch_size, runtime)
+            metrics = evaluate_exits(ee, dev_set, config.batch_size, runtime, discs if config.adversarial else None)
             progress.scalars({f"dev/{k}": v for k, v in metrics.items()}, step)
             if runtime.is_main and step == total:
                 (out_dir / "dev_metrics.json").write_text(json.dumps(metrics, indent=2))
