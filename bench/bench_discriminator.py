@@ -8,7 +8,7 @@ Runs (same seed, data and fresh exits):
 After each run a *probe* - a fresh D trained on the run's final, frozen exits - says whether those exits really look
 like h_N (probe ~50%) or the run's own D is just being outrun each step (run's D <= 50%, probe ~100%).
 
-    python bench/bench_discriminator.py [--steps 150] [--init fresh|copy_last] [--disc-hidden 256] [--threads 1]
+    python bench/bench_discriminator.py [--steps 150] [--init fresh|copy_last] [--disc-hidden 256] [--disc-r1 0]
 """
 
 from __future__ import annotations
@@ -102,19 +102,20 @@ def main() -> None:
     p.add_argument("--every", type=int, default=15, help="held-out evaluation every this many steps")
     p.add_argument("--init", default="fresh", help="exit init: fresh (as the test) or copy_last (the default)")
     p.add_argument("--disc-hidden", type=int, default=256, help="D's hidden size (the paper: 3072)")
+    p.add_argument("--disc-r1", type=float, default=0.0, help="R1 penalty on D in the GAN runs (0: the paper's GAN)")
     p.add_argument("--probe-steps", type=int, default=60)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     runs = {
         "D alone (exits frozen)": dict(adv_weight=0.0, anchor_weight=0.0),
-        "GAN+KD w=1.0": dict(adv_weight=1.0),
-        "GAN+KD w=0.1": dict(adv_weight=0.1),
+        "GAN+KD w=1.0": dict(adv_weight=1.0, disc_r1=args.disc_r1),
+        "GAN+KD w=0.1": dict(adv_weight=0.1, disc_r1=args.disc_r1),
         "KD only": dict(adversarial=False),
     }
     with tempfile.TemporaryDirectory() as tmp:
         model, train_set, dev_set = shapes_setup(Path(tmp))
-        print(f"init={args.init} disc_hidden={args.disc_hidden} steps={args.steps} lr=disc_lr=1e-3 batch 8, "
+        print(f"init={args.init} disc_hidden={args.disc_hidden} disc_r1={args.disc_r1} steps={args.steps} lr=1e-3, "
               f"held-out: {len(dev_set)} captions")  # fmt: skip
         summary = []
         for name, kw in runs.items():

@@ -265,6 +265,20 @@ def test_nonfinite_losses_are_skipped_then_abort(shapes, tmp_path, monkeypatch, 
     assert "step 0: non-finite generator loss, step skipped (1 skipped so far)" in caplog.text
 
 
+def test_r1_penalty_is_half_gamma_times_squared_gradient_at_real_features():
+    torch.manual_seed(0)
+    discs = torch.nn.ModuleDict({"1": FeatureDiscriminator(6, 16)})
+    real, fakes = torch.randn(5, 6), {"1": torch.randn(5, 6)}
+    plain, _ = discriminator_loss(discs, real, fakes)
+    penalised, _ = discriminator_loss(discs, real, fakes, r1=10.0)
+    grads = torch.stack([torch.autograd.functional.jacobian(lambda x: discs["1"](x[None])[0], x) for x in real])
+    torch.testing.assert_close(penalised - plain, 5.0 * grads.pow(2).sum(-1).mean())
+    (penalised - plain).backward()  # the penalty alone trains D: its graph is kept
+    assert discs["1"].net[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="disc_r1"):
+        ExitTrainConfig(disc_r1=-1.0).validate()
+
+
 def test_t5_exit_training_keeps_backbone_and_lowers_ce(tmp_path):
     model = tiny_blip2("t5", seed=1)
     records = load_coco_captions(write_shapes(tmp_path / "data", 24, seed=1))

@@ -57,6 +57,7 @@ class ExitTrainConfig(LoopConfig):
     kd_direction: str = "exit_to_final"  # paper eq. 5: KL(p_i || p_N); "final_to_exit" is Hinton's KL(p_N || p_i)
     disc_hidden: int = 3072
     disc_lr: float | None = None  # default: lr
+    disc_r1: float = 0.0  # > 0: R1 penalty on D (not in the paper) so D and the exits settle instead of chasing
     d_warn_window: int = 200  # steps of D accuracy at ~100% or ~50% before warning
 
     def validate(self) -> None:
@@ -67,6 +68,8 @@ class ExitTrainConfig(LoopConfig):
             raise ValueError(f"unknown kd_direction {self.kd_direction!r}, expected one of {KD_DIRECTIONS}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.disc_r1 < 0:
+            raise ValueError(f"disc_r1 must be >= 0, got {self.disc_r1}")
 
 
 def kd_loss(exit_logits: torch.Tensor, final_logits: torch.Tensor, temperature: float = 1.0,
@@ -110,15 +113,22 @@ def backbone_features(ee: EarlyExitVLM, batch: dict[str, torch.Tensor]):
 
 
 def discriminator_loss(
-    discs: nn.ModuleDict, real: torch.Tensor, fakes: dict[str, torch.Tensor]
+    discs: nn.ModuleDict, real: torch.Tensor, fakes: dict[str, torch.Tensor], r1: float = 0.0
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """D step: sum_i BCE(D_i(h_N), 1) + BCE(D_i(E_i(h_i)), 0), and each D_i's accuracy (mean of its accuracy on
-    real and on fake features). Fakes are detached: this loss trains D only."""
+    real and on fake features). Fakes are detached: this loss trains D only.
+
+    `r1` > 0 adds (r1 / 2) * E||grad_h D_i(h_N)||^2 (Mescheder et al., 2018): without it the exits and D chase each
+    other round h_N instead of settling (bench/bench_discriminator.py measures it)."""
     loss, acc = real.new_zeros((), dtype=torch.float32), {}
+    real = real.detach().requires_grad_(r1 > 0)
     for k, fake in fakes.items():
         d_real, d_fake = discs[k](real).float(), discs[k](fake.detach()).float()
         loss = loss + F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real)) \
             + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))  # fmt: skip
+        if r1 > 0:
+            (grad,) = torch.autograd.grad(d_real.sum(), real, create_graph=True)
+            loss = loss + r1 / 2 * grad.float().pow(2).sum(-1).mean()
         acc[k] = 0.5 * ((d_real > 0).float().mean() + (d_fake < 0).float().mean()).detach()
     return loss, acc
 
@@ -204,9 +214,9 @@ class DiscriminatorMonitor:
                                "features are easy to tell from h_N (generator collapse?)", step, k, self.window)  # fmt: skip
             if max(abs(a - 0.5) for a in hist) <= 0.02 and (k, "chance") not in self.warned:
                 self.warned.add((k, "chance"))
-                logger.warning("step %d: discriminator of exit %s has been at ~50%% accuracy for %d steps: "
-                               "it learns nothing or the exits outrun it (compare dev/d_acc; see bench/bench_discriminator.py)",
-                               step, k, self.window)  # fmt: skip
+                logger.warning("step %d: discriminator of exit %s has been at ~50%% accuracy for %d steps: it "
+                               "learns nothing or the exits outrun it (see bench/bench_discriminator.py)", step, k,
+                               self.window)  # fmt: skip
 
 
 def train_exits(model: nn.Module, train_set: CaptionDataset, config: ExitTrainConfig,
@@ -271,7 +281,7 @@ def train_exits(model: nn.Module, train_set: CaptionDataset, config: ExitTrainCo
         d_loss, d_acc = zero, {}
         if config.adversarial:
             with autocast(config, runtime.device):
-                d_loss, d_acc = discriminator_loss(discs, real, fakes)
+                d_loss, d_acc = discriminator_loss(discs, real, fakes, config.disc_r1)
         ok = guard.ok({"discriminator loss": d_loss}, step, runtime)
         if ok and config.adversarial:
             d_opt.zero_grad(set_to_none=True)
