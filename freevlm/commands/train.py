@@ -122,6 +122,9 @@ def _records(args: argparse.Namespace):
     from ..training import load_coco_captions, split_records
 
     records = load_coco_captions(args.captions, args.image_root, args.prompt, args.split)
+    if not records:
+        split = f" (split {args.split!r})" if args.split else ""
+        raise UserError(f"{args.captions}{split} is empty: no (image, caption) records to train on")
     if args.dev_captions:
         return records, load_coco_captions(args.dev_captions, args.image_root, args.prompt, args.split)
     if args.dev_fraction == 0:
