@@ -91,13 +91,17 @@ def test_recompute_caches_equal_full_model(family, batch, seed):
     model = tiny_blip2(family, seed=seed, num_layers=6)
     ee = EarlyExitVLM.from_backbone(model, ExitConfig([1, 3, 4]))
     pv, ids, mask = tiny_inputs(model, batch=batch, seed=seed, pad=True)
-    out = ee.generate(
-        pv, ids, mask, max_new_tokens=12, policy=RandomPolicy(0.4, seed), eos_token_id=[], return_decoder=True
-    )
+    out = ee.generate(pv, ids, mask, max_new_tokens=12, policy=RandomPolicy(0.4, seed), eos_token_id=[],
+                      return_decoder=True, batch_policy="per_row")  # fmt: skip
     hist = out.stats.exit_histogram
     assert len(hist) >= 3, f"schedule not mixed enough to test catch-up: {hist}"
     assert out.stats.work.catchup_slots > 0
-    decoder = out.decoder
+    _assert_caches_equal_full_model(ee, out, pv, ids, mask)
+
+
+def _assert_caches_equal_full_model(ee, out, pv, ids, mask):
+    """Every layer's and every exit layer's K/V, as far as filled, equal the full model's (padding slots aside)."""
+    decoder, batch = out.decoder, pv.shape[0]
     ref, hidden = _reference_caches(ee, out, pv, ids, mask)
     key_ok = decoder.ctx.key_mask
     checked = 0
@@ -158,13 +162,17 @@ def _full_next_token(ee, pv, ids, prefix) -> int:
     return int(logits[0, -1].argmax())
 
 
+@pytest.mark.parametrize("batch_policy", ["per_row", "ride_along"])
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_batched_rows_equal_rows_decoded_alone(family, seed):
+def test_batched_rows_equal_rows_decoded_alone(family, seed, batch_policy):
+    """Rows compacted out of the deeper layers (per_row) or riding along through them (ride_along): either way a
+    row's tokens and exits are what it gets decoded alone."""
     model = tiny_blip2(family, seed=seed, num_layers=6)
     ee = EarlyExitVLM.from_backbone(model, ExitConfig([1, 3, 4]))
     pv, ids, mask = tiny_inputs(model, batch=3, seed=seed, pad=True)
     # random models are equally unsure at every exit; a policy that reads only the row's own logits mixes exits
-    batched = ee.generate(pv, ids, mask, max_new_tokens=MAX_NEW, policy=TokenHashPolicy(), eos_token_id=[])
+    batched = ee.generate(pv, ids, mask, max_new_tokens=MAX_NEW, policy=TokenHashPolicy(), eos_token_id=[],
+                          batch_policy=batch_policy)  # fmt: skip
     assert len(batched.stats.exit_histogram) >= 2, batched.stats.exit_histogram
     steps_with_mixed_rows = (batched.exit_layers != batched.exit_layers[:1]).any(0).sum()
     assert steps_with_mixed_rows > 0
@@ -182,9 +190,8 @@ def test_batched_rows_equal_rows_decoded_alone(family, seed):
 def test_propagate_fills_every_cache_and_never_pends(model):
     ee = EarlyExitVLM.from_backbone(model, ExitConfig([1, 2, 3]))
     pv, ids, mask = tiny_inputs(model, batch=2, seed=5, pad=True)
-    out = ee.generate(
-        pv, ids, mask, max_new_tokens=8, policy=RandomPolicy(0.5, 1), kv="propagate", eos_token_id=[], return_decoder=True
-    )
+    out = ee.generate(pv, ids, mask, max_new_tokens=8, policy=RandomPolicy(0.5, 1), kv="propagate", eos_token_id=[],
+                      return_decoder=True, batch_policy="per_row")  # fmt: skip
     dec = out.decoder
     assert len(out.stats.exit_histogram) >= 2
     assert dec.pending is None and dec.work.catchup_slots == 0 and dec.work.kv_projections > 0
@@ -247,8 +254,9 @@ def _host_syncs_in_steps(ee, monkeypatch, *args, **kwargs) -> tuple[int, int]:
     return count[0], out.stats.steps
 
 
+@pytest.mark.parametrize("batch_policy", ["per_row", "ride_along"])
 @pytest.mark.parametrize("kv", ["recompute", "propagate"])
-def test_host_syncs_per_step_do_not_grow_with_depth(family, kv, monkeypatch):
+def test_host_syncs_per_step_do_not_grow_with_depth(family, kv, batch_policy, monkeypatch):
     """DESIGN.md: no host sync per layer (on a GPU each one stalls the launch queue). A step may read its row ids
     once and each exit's leave/continue decision once; twice the layers must not mean more syncs."""
     counts = []
@@ -256,7 +264,43 @@ def test_host_syncs_per_step_do_not_grow_with_depth(family, kv, monkeypatch):
         ee = EarlyExitVLM.from_backbone(tiny_blip2(family, num_layers=depth), ExitConfig([1, 2]))
         pv, ids, mask = tiny_inputs(ee.model, batch=3, seed=0, pad=True)
         syncs, steps = _host_syncs_in_steps(ee, monkeypatch, pv, ids, mask, max_new_tokens=MAX_NEW,
-                                            policy=RandomPolicy(0.4), kv=kv, eos_token_id=[])  # fmt: skip
+                                            policy=RandomPolicy(0.4), kv=kv, eos_token_id=[],
+                                            batch_policy=batch_policy)  # fmt: skip
         assert syncs <= steps * (1 + 2), (depth, syncs, steps)
         counts.append(syncs)
     assert counts[0] == counts[1], counts
+
+
+def test_ride_along_rows_fill_deeper_caches_exactly(family):
+    """A row that left rides along while another row goes on: its deeper K/V are computed for real (nothing
+    pends for it), and every cache equals the full model's."""
+    model = tiny_blip2(family, seed=1, num_layers=6)
+    ee = EarlyExitVLM.from_backbone(model, ExitConfig([1, 3, 4]))
+    pv, ids, mask = tiny_inputs(model, batch=3, seed=1, pad=True)
+    out = ee.generate(pv, ids, mask, max_new_tokens=10, policy=TokenHashPolicy(), eos_token_id=[],
+                      batch_policy="ride_along", return_decoder=True)  # fmt: skip
+    left_early = out.exit_layers < ee.backbone.num_layers
+    assert left_early.any() and (~left_early).any()
+    _assert_caches_equal_full_model(ee, out, pv, ids, mask)
+
+
+class _NeverAllLeave(RandomPolicy):
+    """Row 0 always leaves at the first exit, row 1 never does: riding along never saves a layer."""
+
+    def decide(self, layer, logits, step, rows, hidden=None):
+        return rows == 0
+
+
+def test_auto_gate_stops_consulting_exits_that_do_not_pay(family):
+    """batch_policy="auto" with several rows: once consulting exits has saved nothing, the step runs like the full
+    model (probing again later), and the exit caches catch up exactly from the inputs kept meanwhile."""
+    model = tiny_blip2(family, seed=2, num_layers=6)
+    ee = EarlyExitVLM.from_backbone(model, ExitConfig([2, 4]))
+    pv, ids, mask = tiny_inputs(model, batch=2, seed=2, pad=True)
+    steps = 20
+    out = ee.generate(pv, ids, mask, max_new_tokens=steps, policy=_NeverAllLeave(), eos_token_id=[],
+                      return_decoder=True)  # fmt: skip
+    consulted = (out.exit_layers[0] < ee.backbone.num_layers).sum()
+    assert consulted == 2  # the first step, then the probe at step 16
+    assert out.decoder.work.exit_calls < 2 * consulted + 2
+    _assert_caches_equal_full_model(ee, out, pv, ids, mask)

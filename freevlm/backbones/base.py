@@ -7,7 +7,9 @@ build an exit layer of the LM's own class. One subclass per language-model famil
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 from dataclasses import dataclass, field
 
@@ -27,6 +29,14 @@ def causal_padding_mask(key_ok: torch.Tensor, start: int, end: int) -> torch.Ten
     k_pos = torch.arange(end, device=device)[None, :]
     mask = ((k_pos <= q_pos)[None] & key_ok[:, None, :end]) | (k_pos == q_pos)[None]
     return mask[:, None]
+
+
+@functools.cache
+def cache_keyword(layer_class: type) -> str:
+    """The keyword a Hugging Face layer takes its cache by: `cache` in current releases, `past_key_values` in
+    older ones (there deprecated; passing the old name warns on every call and breaks when it is removed)."""
+    params = inspect.signature(layer_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 @dataclass

@@ -12,7 +12,7 @@ from torch import nn
 from transformers.models.opt.modeling_opt import OPTDecoderLayer
 
 from ..cache_utils import KVView
-from .base import Blip2Backbone, Context
+from .base import Blip2Backbone, Context, cache_keyword
 
 
 class Blip2OPTBackbone(Blip2Backbone):
@@ -52,7 +52,7 @@ class Blip2OPTBackbone(Blip2Backbone):
         return self._add_positions(embeds, positions[:, start : start + token_ids.shape[1]])
 
     def run_layer(self, layer, hidden, ctx, cache: KVView, mask, rows):
-        return layer(hidden, attention_mask=mask, past_key_values=cache)
+        return layer(hidden, attention_mask=mask, **{cache_keyword(type(layer)): cache})
 
     def kv_projection(self, layer: OPTDecoderLayer, hidden):
         attn = layer.self_attn

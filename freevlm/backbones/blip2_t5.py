@@ -14,7 +14,7 @@ from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.t5.modeling_t5 import T5Block
 
 from ..cache_utils import KVView
-from .base import Blip2Backbone, Context
+from .base import Blip2Backbone, Context, cache_keyword
 
 
 class _Always:
@@ -98,26 +98,37 @@ class Blip2T5Backbone(Blip2Backbone):
         return (keys, values) if rows is None else (keys[rows], values[rows])
 
     def run_layer(self, layer, hidden, ctx, cache: KVView | None, mask, rows):
-        query_len = hidden.shape[1]
         start = 0 if cache is None else cache.start
-        bias_module = self.layers[0].layer[0].SelfAttention
-        position_bias = bias_module.compute_bias(
-            query_len, start + query_len, device=hidden.device, past_seen_tokens=start
-        ).to(hidden.dtype)
-        encoder_mask = ctx.extra["encoder_mask"]
-        encoder_mask = encoder_mask if rows is None else encoder_mask[rows]
+        bias, cross_bias, encoder_mask = self._window_constants(ctx, rows, start, hidden)
         view = None
         if cache is not None:  # cross K/V come from the view, projected once per request
             view = _T5CacheView(cache, *self._cross_kv(layer, ctx, rows))
         hidden, _, _ = layer(
             hidden,
             attention_mask=mask,
-            position_bias=position_bias,
+            position_bias=bias,
             encoder_hidden_states=ctx.extra["encoder_out"],
             encoder_attention_mask=encoder_mask,
-            past_key_values=view,
+            encoder_decoder_position_bias=cross_bias,
+            **{cache_keyword(type(layer)): view},
         )
         return hidden
+
+    def _window_constants(self, ctx: Context, rows, start: int, hidden: torch.Tensor):
+        """Self-attention position bias (block 0 owns it), the cross-attention bias (zeros, as Hugging Face passes
+        from block 0 on) and the encoder mask of `rows`: the same for every layer call over one window, so they are
+        made once per window, not once per layer."""
+        query_len = hidden.shape[1]
+        key = (rows, start, query_len, hidden.dtype)
+        memo = ctx.extra.get("window")
+        if memo is not None and memo[0][0] is rows and memo[0][1:] == key[1:]:
+            return memo[1]
+        bias_module = self.layers[0].layer[0].SelfAttention
+        bias = bias_module.compute_bias(query_len, start + query_len, device=hidden.device, past_seen_tokens=start)
+        encoder_mask = ctx.extra["encoder_mask"] if rows is None else ctx.extra["encoder_mask"][rows]
+        cross_bias = hidden.new_zeros(1, bias_module.n_heads, query_len, encoder_mask.shape[-1])
+        ctx.extra["window"] = (key, (bias.to(hidden.dtype), cross_bias, encoder_mask))
+        return ctx.extra["window"][1]
 
     def kv_projection(self, layer: T5Block, hidden):
         attn = layer.layer[0].SelfAttention

@@ -28,7 +28,23 @@ from ..cache_utils import KVView, LayerKV
 from .policies import ExitPolicy
 
 KV_MODES = ("recompute", "propagate")
-BATCH_POLICIES = ("per_row", "slowest")
+BATCH_POLICIES = ("auto", "per_row", "ride_along", "slowest")
+# "auto": one row decides alone; up to this many rows ride along (gated), more compact (see `resolve_batch_policy`)
+COMPACT_FROM_ROWS = 64
+
+
+def resolve_batch_policy(batch_policy: str, batch_size: int) -> str:
+    """What "auto" means for a batch of this size.
+
+    At small batches a layer costs what it costs for one row (it is bound by reading its weights), so taking rows
+    out of a layer saves nothing: rows that left ride along (their deeper K/V get filled exactly, no catch-up later)
+    behind a gate that stops consulting exits while they do not pay. Only large batches compact.
+    """
+    if batch_policy != "auto":
+        return batch_policy
+    if batch_size == 1:
+        return "per_row"
+    return "ride_along" if batch_size < COMPACT_FROM_ROWS else "per_row"
 
 
 @dataclass
@@ -42,6 +58,25 @@ class StepResult:
     verified_rows: torch.Tensor | None = None  # [m] indices into the step's rows
     window_start: int = 0  # first slot of the window
     verified_tokens: torch.Tensor | None = None  # [m, window] final-layer argmax at slots window_start..
+
+
+class ExitGate:
+    """Rows riding along save layers only at a step where every row leaves at one exit; at small batches that is
+    rare, and each exit consulted costs its layer and a vocabulary head. The gate keeps the parameters saved over the
+    steps that consulted exits (negative when nothing was saved: the exits' own cost) and stops consulting while that
+    total is not positive, probing again every `probe_every` steps. Parameters, not seconds: deterministic."""
+
+    def __init__(self, full_step_params: int, probe_every: int = 16):
+        self.full_step_params, self.probe_every = full_step_params, probe_every
+        self.saved = 0
+        self.consulted = 0
+
+    def open(self, step: int) -> bool:
+        return self.consulted == 0 or self.saved > 0 or step % self.probe_every == 0
+
+    def record(self, params_touched: int) -> None:
+        self.consulted += 1
+        self.saved += self.full_step_params - params_touched
 
 
 @dataclass
@@ -75,9 +110,9 @@ class EarlyExitDecoder:
         if batch_policy not in BATCH_POLICIES:
             raise ValueError(f"batch_policy must be one of {BATCH_POLICIES}, got {batch_policy!r}")
         self.backbone, self.exits, self.policy, self.kv_mode, self.ctx = backbone, exits, policy, kv_mode, ctx
-        self.batch_policy = batch_policy
         self.num_layers = backbone.num_layers
         self.batch_size = ctx.prompt_ids.shape[0]
+        self.batch_policy = resolve_batch_policy(batch_policy, self.batch_size)
         self.capacity = capacity
         self.live = sorted(policy.live_exits(sorted(exits)))
         self.live_set = set(self.live)
@@ -92,14 +127,26 @@ class EarlyExitDecoder:
         }
         self._exit_logit_params = {i: exits[i].logit_parameters(backbone) for i in self.live}
         self._head_params = backbone.head_parameters()
+        full_step = sum(self._layer_params) + self._head_params
+        self.gate = ExitGate(full_step) if batch_policy == "auto" and self.batch_policy == "ride_along" else None
+        # inputs of exit layers skipped while the gate was closed, so their caches can catch up when it reopens
+        self.exit_inputs: dict[int, torch.Tensor] = {}
+        self._mask_memo: tuple | None = None
 
     # --- helpers ----------------------------------------------------------------------------------------------
     def attention_mask(self, rows: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
-        """Bool `[n, 1, q, k]` (None where plain full attention is the same: one new slot, no padding)."""
+        """Bool `[n, 1, q, k]` (None where plain full attention is the same: one new slot, no padding).
+
+        Built once per (rows, window): the layers of a step share it."""
         if end - start == 1 and self.unpadded:
             return None
+        memo = self._mask_memo
+        if memo is not None and memo[0] is rows and memo[1] == start and memo[2] == end:
+            return memo[3]
         key_ok = self.ctx.key_mask if rows is None else self.ctx.key_mask[rows]
-        return causal_padding_mask(key_ok, start, end)
+        mask = causal_padding_mask(key_ok, start, end)
+        self._mask_memo = (rows, start, end, mask)
+        return mask
 
     @staticmethod
     def _valid(fill: list[int], start: int, end: int, device) -> torch.Tensor | None:
@@ -162,40 +209,58 @@ class EarlyExitDecoder:
         device = x.device
         ids = rows.tolist()  # host copy of the row ids: fill levels are looked up without a sync per layer
         self.work.steps += 1
+        touched_before = self.work.params_touched
+        consult = self.gate is None or self.gate.open(step)
         tokens = torch.empty(n, dtype=torch.long, device=device)
         exit_at = torch.full((n,), self.num_layers, dtype=torch.long, device=device)
         all_logits: torch.Tensor | None = None
         out_idx = torch.arange(n, device=device)  # where each active row's results go
+        # ride along: rows whose token is out but who still run the layers a deeper row needs (device and host)
+        emitted, emitted_ids = torch.zeros(n, dtype=torch.bool, device=device), [False] * n
         lo = new_start
         prev_fill: list[int] | None = None
+
+        def done(result: StepResult) -> StepResult:
+            if self.gate is not None and consult:
+                self.gate.record(self.work.params_touched - touched_before)
+            return result
+
         for depth in range(self.num_layers):
             fill = [self.kv[depth].filled[b] for b in ids]
             x, lo = self._join_pending(x, rows, fill, prev_fill, lo, end)
-            if depth in self.live_set:
-                leave, leaves, logits = self._exit(depth, x, rows, ids, lo, end, step)
+            if depth in self.live_set and not consult:
+                self._skip_exit(depth, x, rows, ids, lo, end, fill)
+            elif depth in self.live_set:
+                leave, leaves, logits = self._exit(depth, x, rows, ids, lo, end, step, emitted)
                 if leave is not None:
                     all_logits = self._emit(all_logits, logits, out_idx[leave], tokens, exit_at, depth)
-                    self._park(x[leave], rows[leave], [b for b, out in zip(ids, leaves) if out], depth, lo, end)
-                    keep = ~leave
-                    rows, x, out_idx = rows[keep], x[keep], out_idx[keep]
-                    ids = [b for b, out in zip(ids, leaves) if not out]
-                    fill = [f for f, out in zip(fill, leaves) if not out]
-                    if len(rows) == 0:
-                        return StepResult(tokens, exit_at, all_logits)
-                    if min(fill) > lo:  # the rows that left needed the lowest slots; the others do not
-                        x, lo = x[:, min(fill) - lo :], min(fill)
+                    if self.batch_policy == "ride_along":
+                        emitted, emitted_ids = emitted | leave, [a or b for a, b in zip(emitted_ids, leaves)]
+                        if all(emitted_ids):  # every row's token is out: nobody needs the layers above
+                            self._park(x, rows, ids, depth, lo, end)
+                            return done(StepResult(tokens, exit_at, all_logits))
+                    else:
+                        self._park(x[leave], rows[leave], [b for b, out in zip(ids, leaves) if out], depth, lo, end)
+                        keep = ~leave
+                        rows, x, out_idx, emitted = rows[keep], x[keep], out_idx[keep], emitted[keep]
+                        ids = [b for b, out in zip(ids, leaves) if not out]
+                        fill = [f for f, out in zip(fill, leaves) if not out]
+                        if len(rows) == 0:
+                            return done(StepResult(tokens, exit_at, all_logits))
+                        if min(fill) > lo:  # the rows that left needed the lowest slots; the others do not
+                            x, lo = x[:, min(fill) - lo :], min(fill)
             x = self._run(self.backbone.layers[depth], self.kv[depth], x, rows, ids, lo, end, fill)
             self.work.layer_calls += 1
             self.work.params_touched += self._layer_params[depth]
             self.work.catchup_slots += new_start - lo
             prev_fill = fill
+        last, where = (x[:, -1], out_idx) if not any(emitted_ids) else (x[~emitted, -1], out_idx[~emitted])
         if not verify:
-            logits = self._head(x[:, -1])
-            all_logits = self._emit(all_logits, logits, out_idx, tokens, exit_at, self.num_layers)
-            return StepResult(tokens, exit_at, all_logits)
+            all_logits = self._emit(all_logits, self._head(last), where, tokens, exit_at, self.num_layers)
+            return done(StepResult(tokens, exit_at, all_logits))
         window_logits = self._head(x)
         all_logits = self._emit(all_logits, window_logits[:, -1], out_idx, tokens, exit_at, self.num_layers)
-        return StepResult(tokens, exit_at, all_logits, out_idx, lo, window_logits.argmax(dim=-1))
+        return done(StepResult(tokens, exit_at, all_logits, out_idx, lo, window_logits.argmax(dim=-1)))
 
     def _join_pending(self, x, rows, fill, prev_fill, lo, end):
         """Bring in the pending tokens whose hidden state stopped at this depth (fill <= slot < previous fill)."""
@@ -213,8 +278,9 @@ class EarlyExitDecoder:
             x = torch.where(joins.to(x.device)[..., None], pending[:, lo:end], x)
         return x, lo
 
-    def _exit(self, depth, x, rows, ids, lo, end, step):
-        """Run exit `depth` (an exit layer over the slots its cache lacks, or nothing); ask the policy.
+    def _exit(self, depth, x, rows, ids, lo, end, step, emitted):
+        """Run exit `depth` (an exit layer over the slots its cache lacks, or nothing); ask the policy which rows
+        leave (rows in `emitted` already did, at a lower exit).
 
         Returns (leave mask or None, the same as a host list, logits of the rows that leave)."""
         exit_module = self.exits[depth]
@@ -223,11 +289,16 @@ class EarlyExitDecoder:
             kv = self.exit_kv[depth]
             exit_fill = [kv.filled[b] for b in ids]
             start = min(exit_fill)
+            if start < lo:  # the gate skipped this exit for some slots: their inputs were kept
+                rows_arg = self._rows_arg(rows)
+                kept = self.exit_inputs[depth] if rows_arg is None else self.exit_inputs[depth][rows_arg]
+                x = torch.cat([kept[:, start:lo], x], dim=1)
+                lo = start
             y = self._run(exit_module.layer, kv, x[:, start - lo :], rows, ids, start, end, exit_fill)
             self.work.exit_calls += 1
         self.work.params_touched += self._exit_params[depth]
         logits = self._exit_logits(depth, y[:, -1]) if self.policy.needs_logits(depth) else None
-        leave = self.policy.decide(depth, logits, step, rows, x[:, -1])
+        leave = self.policy.decide(depth, logits, step, rows, x[:, -1]) & ~emitted
         if self.batch_policy == "slowest":  # the step waits for its slowest row: all leave or none
             leave = leave & leave.all()
         leaves = leave.tolist()  # the one host sync per exit reached: leaving or not is a branch
@@ -235,6 +306,20 @@ class EarlyExitDecoder:
             return None, None, None
         logits = self._exit_logits(depth, y[leave, -1]) if logits is None else logits[leave]
         return leave, leaves, logits
+
+    def _skip_exit(self, depth, x, rows, ids, lo, end, fill) -> None:
+        """The gate is closed: keep the exit layer's inputs for the slots its cache will need when it reopens."""
+        if not self.exits[depth].needs_cache:
+            return
+        if depth not in self.exit_inputs:
+            self.exit_inputs[depth] = x.new_zeros(self.batch_size, self.capacity, x.shape[-1])
+        self._keep(self.exit_inputs[depth], x, rows, lo, end, fill)
+
+    def _keep(self, store: torch.Tensor, x, rows, lo, end, fill) -> None:
+        """`store[rows, lo:end] = x` where the slot is real work for the row (at or above its fill level)."""
+        valid = self._valid(fill, lo, end, x.device)
+        window = store[rows, lo:end]
+        store[rows, lo:end] = x if valid is None else torch.where(valid[..., None], x, window)
 
     def _exit_logits(self, depth: int, features: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits at an exit: the frozen head (FREE, MuE) or the exit's own classifier."""
@@ -255,9 +340,7 @@ class EarlyExitDecoder:
         if self.kv_mode == "recompute":
             if self.pending is None:
                 self.pending = x.new_zeros(self.batch_size, self.capacity, x.shape[-1])
-            valid = self._valid([self.kv[depth].filled[b] for b in ids], lo, end, x.device)
-            window = self.pending[rows, lo:end]
-            self.pending[rows, lo:end] = x if valid is None else torch.where(valid[..., None], x, window)
+            self._keep(self.pending, x, rows, lo, end, [self.kv[depth].filled[b] for b in ids])
             return
         # propagate: every cache is full below `lo`, so the new slots are the whole window
         for d in range(depth, self.num_layers):
