@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -13,15 +14,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .backbones import Blip2Backbone, load_backbone
-from .decoding.beam import beam_generate
-from .decoding.generate import GenerateOutput, greedy_generate
-from .decoding.speculative import speculative_generate
-from .decoding.policies import ConfidencePolicy, ExitPolicy, validate_threshold
+from .decoding.config import MODES, SEARCH, DecodeConfig, search_name  # noqa: F401 - MODES: the CLI's --mode
+from .decoding.generate import GenerateOutput
+from .decoding.policies import ConfidencePolicy, ExitPolicy
 from .exits import ExitConfig, ExitLayer, HeadExit, LinearExit
+from .inputs import validate_generate_inputs
 
 WEIGHTS_NAME = "exits.safetensors"
 CONFIG_NAME = "exits_config.json"
-MODES = ("full", "early_exit", "speculative")
 
 
 class CheckpointMismatchError(ValueError):
@@ -130,11 +130,13 @@ class EarlyExitVLM(nn.Module):
         policy: ExitPolicy | None = None,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
-        batch_policy: str = "per_row",
+        batch_policy: str = "auto",
         max_draft: int = 6,
         length_penalty: float = 1.0,
         early_stopping: bool | str = False,
         return_decoder: bool = False,
+        static: bool | None = None,
+        config: DecodeConfig | None = None,
     ) -> GenerateOutput:
         """Greedy decoding where each token leaves at the first exit its policy accepts.
 
@@ -142,40 +144,39 @@ class EarlyExitVLM(nn.Module):
         confidence policy at `threshold`; `mode="speculative"` lets confident exits draft up to `max_draft` tokens
         that the final layer verifies (greedy output identical to the full model's). `num_beams > 1` runs beam
         search (`length_penalty`, `early_stopping` as in Hugging Face) with every beam leaving at its own exit.
-        In a batch each row leaves at its own exit (`batch_policy="per_row"`) unless `"slowest"` makes the step
-        wait for its slowest row. Returns sequences like Hugging Face's `generate`, the layer each token left at,
-        and stats (layers run, analytic and ideal speedup, wall-clock). `return_decoder=True` keeps the engine
-        (every layer's KV cache) on the output, for inspection.
+        In a batch each row leaves at its own exit; `batch_policy` says what the step does with rows that left while
+        others go on: `"per_row"` takes them out, `"ride_along"` keeps them in the layers a deeper row needs,
+        `"slowest"` makes every row wait for the slowest, `"auto"` picks by batch size (`"per_row"` in speculative
+        mode). `static` switches the engine's static-shape path (None: the engine decides from the device).
+        Returns sequences like Hugging Face's `generate`, the layer each token left at, and stats (layers run,
+        analytic and ideal speedup, wall-clock). `return_decoder=True` keeps the engine (every layer's KV cache) on
+        the output, for inspection.
+
+        The options may instead come as one `config=DecodeConfig(...)` (freevlm.decoding.config); keywords that
+        are given too must agree with it.
         """
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        validate_threshold(threshold)
-        if not isinstance(num_beams, int) or num_beams < 1:
-            raise ValueError(f"num_beams must be a positive integer, got {num_beams!r}")
-        if mode == "speculative" and (num_beams > 1 or policy is not None):
-            raise ValueError("speculative mode is greedy with the confidence policy: no num_beams, no policy")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        if pixel_values is None or pixel_values.dim() != 4:
-            raise ValueError("pixel_values must be a [batch, channels, height, width] tensor")
-        batch = pixel_values.shape[0]
+        options = DecodeConfig(
+            max_new_tokens=max_new_tokens, num_beams=num_beams, threshold=threshold, mode=mode, kv=kv, policy=policy,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, batch_policy=batch_policy, max_draft=max_draft,
+            length_penalty=length_penalty, early_stopping=early_stopping, return_decoder=return_decoder,
+            static=static,
+        )  # fmt: skip
+        config = options if config is None else _merge(config, options)
+        config.validate()
+        validate_generate_inputs(self.backbone, pixel_values, input_ids, attention_mask, config.max_new_tokens)
         if input_ids is None:
-            input_ids = self._default_prompt(batch, pixel_values.device)
-        if input_ids.shape[0] != batch:
-            raise ValueError(f"input_ids has {input_ids.shape[0]} rows but pixel_values has {batch} images")
-        if mode == "full":
+            input_ids = self._default_prompt(pixel_values.shape[0], pixel_values.device)
+        if config.mode == "full":
             policy = ExitPolicy()
-        elif policy is None:
-            policy = ConfidencePolicy(threshold)
+        elif config.policy is None:
+            policy = ConfidencePolicy(config.threshold)
+        else:
+            policy = config.policy
         policy.validate(self.exit_layers, self.backbone.num_layers)
-        eos, pad = self._special_tokens(eos_token_id, pad_token_id)
-        args = (self.exit_dict(), policy, kv, pixel_values, input_ids, attention_mask, max_new_tokens, eos, pad)
-        if mode == "speculative":
-            return speculative_generate(self.backbone, self.exit_dict(), threshold, kv, *args[3:], max_draft,
-                                        return_decoder)  # fmt: skip
-        if num_beams > 1:
-            return beam_generate(self.backbone, *args, num_beams, length_penalty, early_stopping, batch_policy)
-        return greedy_generate(self.backbone, *args, batch_policy, return_decoder)
+        eos, pad = self._special_tokens(config.eos_token_id, config.pad_token_id)
+        config = replace(config, eos_token_id=eos, pad_token_id=pad)
+        search = SEARCH[search_name(config)]
+        return search(self.backbone, self.exit_dict(), policy, config, pixel_values, input_ids, attention_mask)
 
     def _default_prompt(self, batch: int, device) -> torch.Tensor:
         """Hugging Face's default: the image tokens, then BOS for decoder-only LMs."""
@@ -194,6 +195,15 @@ class EarlyExitVLM(nn.Module):
         if pad is None:
             pad = eos[0] if eos else 0
         return eos, pad
+
+
+def _merge(config: DecodeConfig, keywords: DecodeConfig) -> DecodeConfig:
+    """`config`, refusing keywords set away from their defaults to something else (which should win is unclear)."""
+    conflicts = {k: v for k, v in keywords.changed().items() if getattr(config, k) != v}
+    if conflicts:
+        given = ", ".join(f"{k}={v!r} (config has {getattr(config, k)!r})" for k, v in conflicts.items())
+        raise ValueError(f"generate got both config= and other values for its options: {given}; pass one or the other")
+    return config
 
 
 def check_fingerprint(saved: dict, current: dict, path) -> None:

@@ -119,7 +119,8 @@ def test_beam_search_with_exits_reports_per_token_layers(family):
     model = tiny_blip2(family, seed=2, num_layers=6)
     ee = EarlyExitVLM.from_backbone(model, ExitConfig([1, 3]))
     pv, ids, mask = tiny_inputs(model, batch=2, seed=2, pad=True)
-    out = ee.generate(pv, ids, mask, max_new_tokens=8, num_beams=3, policy=TokenHashPolicy(), eos_token_id=[])
+    out = ee.generate(pv, ids, mask, max_new_tokens=8, num_beams=3, policy=TokenHashPolicy(), eos_token_id=[],
+                      batch_policy="per_row")  # fmt: skip
     assert out.exit_layers.shape == (2, 8)
     assert set(out.exit_layers.unique().tolist()) <= {1, 3, 6}
     assert len(out.stats.exit_histogram) >= 2
@@ -130,7 +131,7 @@ def test_slowest_batch_policy_keeps_rows_in_step(family):
     ee = EarlyExitVLM.from_backbone(model, ExitConfig([1, 2, 4]))
     pv, ids, mask = tiny_inputs(model, batch=3, seed=3, pad=True)
     kwargs = dict(max_new_tokens=8, policy=TokenHashPolicy(), eos_token_id=[])
-    per_row = ee.generate(pv, ids, mask, **kwargs)
+    per_row = ee.generate(pv, ids, mask, batch_policy="per_row", **kwargs)
     slowest = ee.generate(pv, ids, mask, batch_policy="slowest", **kwargs)
     assert (slowest.exit_layers == slowest.exit_layers[:1]).all()  # every step: one layer for the whole batch
     assert (per_row.exit_layers != per_row.exit_layers[:1]).any()

@@ -11,12 +11,17 @@ reordered after each step; the engine's caches and pending states move with them
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from ..backbones.base import Blip2Backbone
 from .generate import GenerateOutput, Request
 from .policies import ExitPolicy
+
+if TYPE_CHECKING:  # config.py imports the searches
+    from .config import DecodeConfig
 
 
 def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -31,32 +36,26 @@ def beam_generate(
     backbone: Blip2Backbone,
     exits: dict[int, nn.Module],
     policy: ExitPolicy,
-    kv_mode: str,
+    config: DecodeConfig,
     pixel_values: torch.Tensor,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    max_new_tokens: int,
-    eos_token_id: list[int],
-    pad_token_id: int,
-    num_beams: int,
-    length_penalty: float = 1.0,
-    early_stopping: bool | str = False,
-    batch_policy: str = "per_row",
 ) -> GenerateOutput:
-    k = num_beams
+    k, max_new_tokens, eos_token_id = config.num_beams, config.max_new_tokens, config.eos_token_id
+    length_penalty, early_stopping = config.length_penalty, config.early_stopping
     batch = pixel_values.shape[0]
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     expand = lambda t: t.repeat_interleave(k, dim=0)  # noqa: E731 - as Hugging Face expands inputs per beam
-    req = Request.start(backbone, exits, policy, kv_mode, expand(pixel_values), expand(input_ids),
-                        expand(attention_mask), max_new_tokens, eos_token_id, batch_policy)  # fmt: skip
+    inputs = expand(pixel_values), expand(input_ids), expand(attention_mask)
+    req = Request.start(backbone, exits, policy, config, *inputs)
     ctx, decoder, device = req.ctx, req.decoder, backbone.device
     prompt_len = ctx.prompt_ids.shape[1]
     keep = max(2, 1 + len(eos_token_id)) * k  # candidates per item, so k unfinished ones always remain
     top_k_mask = torch.arange(keep, device=device) < k
 
     # Hugging Face fills unused positions with pad, or EOS where pad is 0 (its `pad or eos` quirk)
-    fill = (pad_token_id or eos_token_id[0]) if eos_token_id else -1
+    fill = (config.pad_token_id or eos_token_id[0]) if eos_token_id else -1
     running = torch.full((batch, k, max_new_tokens), fill, dtype=torch.long, device=device)
     running_exits = torch.full((batch, k, max_new_tokens), -1, dtype=torch.long, device=device)
     running_scores = torch.zeros(batch, k, device=device)
@@ -122,7 +121,7 @@ def beam_generate(
     exit_layers = best_exits[:, :length]
     stats = req.finish(exit_layers)
     sequences = torch.cat([ctx.prompt_ids.view(batch, k, -1)[:, 0], best_seq[:, :length]], dim=1)
-    return GenerateOutput(sequences, exit_layers, stats)
+    return GenerateOutput(sequences, exit_layers, stats, decoder if config.return_decoder else None)
 
 
 def _still_improvable(improvable, running_scores, finished_scores, is_finished, generated, max_new_tokens,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -14,6 +15,9 @@ from torch import nn
 from ..backbones.base import Blip2Backbone, Context
 from .engine import EarlyExitDecoder, WorkCounter
 from .policies import ExitPolicy
+
+if TYPE_CHECKING:  # config.py imports the searches
+    from .config import DecodeConfig
 
 
 @dataclass
@@ -65,15 +69,16 @@ class Request:
     t_prefill: float | None = None
 
     @classmethod
-    def start(cls, backbone: Blip2Backbone, exits: dict[int, nn.Module], policy: ExitPolicy, kv_mode: str,
+    def start(cls, backbone: Blip2Backbone, exits: dict[int, nn.Module], policy: ExitPolicy, config: DecodeConfig,
               pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-              max_new_tokens: int, eos_token_id: list[int], batch_policy: str = "per_row") -> Request:  # fmt: skip
-        """Start the clock, encode image and prompt with room for `max_new_tokens` slots, build the engine."""
+              slots: int | None = None) -> Request:  # fmt: skip
+        """Start the clock, encode image and prompt with room for `slots` new tokens (default
+        `config.max_new_tokens`), build the engine: the one place it is built, so its options come from `config`."""
         _sync(backbone.device)
         t0 = time.perf_counter()
-        ctx = backbone.start(pixel_values, input_ids, attention_mask, max_new_tokens)
-        decoder = EarlyExitDecoder(backbone, exits, policy, kv_mode, ctx, ctx.capacity, batch_policy)
-        eos = torch.tensor(eos_token_id, dtype=torch.long, device=backbone.device)
+        ctx = backbone.start(pixel_values, input_ids, attention_mask, slots or config.max_new_tokens)
+        decoder = EarlyExitDecoder(backbone, exits, policy, config.kv, ctx, ctx.capacity, config.batch_policy)
+        eos = torch.tensor(config.eos_token_id, dtype=torch.long, device=backbone.device)
         return cls(backbone, ctx, decoder, eos, t0)
 
     def prefilled(self) -> None:
@@ -98,18 +103,13 @@ def greedy_generate(
     backbone: Blip2Backbone,
     exits: dict[int, nn.Module],
     policy: ExitPolicy,
-    kv_mode: str,
+    config: DecodeConfig,
     pixel_values: torch.Tensor,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    max_new_tokens: int,
-    eos_token_id: list[int],
-    pad_token_id: int,
-    batch_policy: str = "per_row",
-    return_decoder: bool = False,
 ) -> GenerateOutput:
-    req = Request.start(backbone, exits, policy, kv_mode, pixel_values, input_ids, attention_mask, max_new_tokens,
-                        eos_token_id, batch_policy)  # fmt: skip
+    req = Request.start(backbone, exits, policy, config, pixel_values, input_ids, attention_mask)
+    max_new_tokens, pad_token_id = config.max_new_tokens, config.pad_token_id
     ctx, decoder, device = req.ctx, req.decoder, backbone.device
     batch, prompt_len = ctx.prompt_ids.shape
     generated = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
@@ -134,7 +134,7 @@ def greedy_generate(
     exit_layers = exit_layers[:, :length]
     stats = req.finish(exit_layers)
     sequences = torch.cat([ctx.prompt_ids, generated[:, :length]], dim=1)
-    return GenerateOutput(sequences, exit_layers, stats, decoder if return_decoder else None)
+    return GenerateOutput(sequences, exit_layers, stats, decoder if config.return_decoder else None)
 
 
 def analytic_speedup(exit_layers: list[int], num_layers: int) -> float:

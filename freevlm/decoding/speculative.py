@@ -15,12 +15,18 @@ draft rejected). Each engine call takes the rows that sit at the same slot, lowe
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from ..backbones.base import Blip2Backbone
 from .generate import GenerateOutput, Request
 from .policies import ConfidencePolicy, ExitPolicy
+
+if TYPE_CHECKING:  # config.py imports the searches
+    from .config import DecodeConfig
 
 
 class DraftPolicy(ExitPolicy):
@@ -30,8 +36,8 @@ class DraftPolicy(ExitPolicy):
     slot) but no vocabulary head is evaluated for a decision that is already made.
     """
 
-    def __init__(self, threshold: float, batch_size: int):
-        self.confidence = ConfidencePolicy(threshold)
+    def __init__(self, confidence: ConfidencePolicy, batch_size: int):
+        self.confidence = confidence
         self.must_verify = torch.zeros(batch_size, dtype=torch.bool)
         self.all_verify = False  # every row of the current step must verify
 
@@ -51,30 +57,24 @@ class DraftPolicy(ExitPolicy):
 def speculative_generate(
     backbone: Blip2Backbone,
     exits: dict[int, nn.Module],
-    threshold: float,
-    kv_mode: str,
+    policy: ConfidencePolicy,
+    config: DecodeConfig,
     pixel_values: torch.Tensor,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    max_new_tokens: int,
-    eos_token_id: list[int],
-    pad_token_id: int,
-    max_draft: int = 6,
-    return_decoder: bool = False,
 ) -> GenerateOutput:
-    if kv_mode != "recompute":
-        raise ValueError("speculative mode verifies drafts by recomputing them: it needs kv='recompute'")
-    if not isinstance(max_draft, int) or max_draft < 1:
-        raise ValueError(f"max_draft must be a positive integer, got {max_draft!r}")
-    policy = DraftPolicy(threshold, pixel_values.shape[0])
+    if config.batch_policy == "auto":  # rows sit at their own slots: there is no shared step to ride along in
+        config = replace(config, batch_policy="per_row")
+    max_new_tokens, max_draft, pad_token_id = config.max_new_tokens, config.max_draft, config.pad_token_id
+    policy = DraftPolicy(policy, pixel_values.shape[0])
     width = max_new_tokens + max_draft + 1
-    req = Request.start(backbone, exits, policy, kv_mode, pixel_values, input_ids, attention_mask, width, eos_token_id)
+    req = Request.start(backbone, exits, policy, config, pixel_values, input_ids, attention_mask, slots=width)
     ctx, decoder, device = req.ctx, req.decoder, backbone.device
     batch, prompt_len = ctx.prompt_ids.shape
     num_layers = backbone.num_layers
     generated = torch.full((batch, width), pad_token_id, dtype=torch.long, device=device)
     exit_layers = torch.full((batch, width), -1, dtype=torch.long, device=device)
-    eos = set(eos_token_id)
+    eos = set(config.eos_token_id)
     accepted = [0] * batch  # verified tokens per row
     drafts = [0] * batch  # unverified tokens after them
     finished = [False] * batch
@@ -137,7 +137,7 @@ def speculative_generate(
     stats = req.finish(exit_layers)
     stats.speculative = dict(counts, acceptance_rate=counts["accepted_drafts"] / max(counts["drafted"], 1))
     sequences = torch.cat([ctx.prompt_ids, generated[:, :length]], dim=1)
-    return GenerateOutput(sequences, exit_layers, stats, decoder if return_decoder else None)
+    return GenerateOutput(sequences, exit_layers, stats, decoder if config.return_decoder else None)
 
 
 def _finish_row(generated, exit_layers, b, accepted, eos, max_new_tokens, pad_token_id) -> bool:

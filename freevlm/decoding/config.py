@@ -1,0 +1,103 @@
+"""`DecodeConfig`: every option of `EarlyExitVLM.generate` in one dataclass, checked once, and the table that maps
+a config to its search (greedy, beam or speculative), like Hugging Face's `GenerationConfig` and
+`GenerationMixin`. Searches read what they need from the config, so an option cannot get lost on the way."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from .beam import beam_generate
+from .engine import BATCH_POLICIES, KV_MODES
+from .generate import greedy_generate
+from .policies import ExitPolicy, validate_threshold
+from .speculative import speculative_generate
+
+MODES = ("full", "early_exit", "speculative")
+
+
+@dataclass
+class DecodeConfig:
+    """How to decode; the defaults are `EarlyExitVLM.generate`'s (see its docstring for what each option does).
+
+    `eos_token_id` / `pad_token_id` may be None (the model's generation config decides); searches get them
+    resolved: `eos_token_id` a list, `pad_token_id` an int. `static` (None: the engine decides from the device)
+    selects the engine's static-shape path.
+    """
+
+    max_new_tokens: int = 30
+    num_beams: int = 1
+    threshold: float = 0.8
+    mode: str = "early_exit"
+    kv: str = "recompute"
+    policy: ExitPolicy | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    batch_policy: str = "auto"
+    max_draft: int = 6
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    return_decoder: bool = False
+    static: bool | None = None
+
+    def validate(self) -> None:
+        """Raise a `ValueError` naming the first bad option and what it may be."""
+        for name in ("max_new_tokens", "num_beams", "max_draft"):
+            _check_positive_int(name, getattr(self, name))
+        validate_threshold(self.threshold)
+        _check_choice("mode", self.mode, MODES)
+        _check_choice("kv", self.kv, KV_MODES)
+        _check_choice("batch_policy", self.batch_policy, BATCH_POLICIES)
+        if self.policy is not None and not isinstance(self.policy, ExitPolicy):
+            raise ValueError(f"policy must be an ExitPolicy (freevlm.decoding.policies) or None, got {self.policy!r}")
+        eos = [self.eos_token_id] if isinstance(self.eos_token_id, int) else self.eos_token_id
+        if eos is not None and not (isinstance(eos, (list, tuple)) and all(_is_int(t) and t >= 0 for t in eos)):
+            raise ValueError(f"eos_token_id must be a token id, a list of them, or None, got {self.eos_token_id!r}")
+        if self.pad_token_id is not None and not (_is_int(self.pad_token_id) and self.pad_token_id >= 0):
+            raise ValueError(f"pad_token_id must be a token id or None, got {self.pad_token_id!r}")
+        if not isinstance(self.length_penalty, (int, float)) or isinstance(self.length_penalty, bool):
+            raise ValueError(f"length_penalty must be a number, got {self.length_penalty!r}")
+        _check_choice("early_stopping", self.early_stopping, (True, False, "never"))
+        _check_choice("return_decoder", self.return_decoder, (True, False))
+        _check_choice("static", self.static, (True, False, None))
+        if self.mode == "speculative":
+            self._validate_speculative()
+
+    def _validate_speculative(self) -> None:
+        if self.num_beams > 1 or self.policy is not None:
+            raise ValueError("mode='speculative' is greedy with the confidence policy: no num_beams, no policy")
+        if self.kv != "recompute":
+            raise ValueError("mode='speculative' verifies drafts by recomputing them: it needs kv='recompute'")
+        if self.batch_policy == "ride_along":  # rows at different slots never share a step to ride along in
+            raise ValueError("batch_policy='ride_along' does not apply to mode='speculative': use 'per_row' or "
+                             "'slowest' (or 'auto')")  # fmt: skip
+
+    def changed(self) -> dict:
+        """The options that differ from their defaults."""
+        default = DecodeConfig()
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: value for name, value in values.items() if value != getattr(default, name)}
+
+
+SEARCH = {"greedy": greedy_generate, "beam": beam_generate, "speculative": speculative_generate}
+
+
+def search_name(config: DecodeConfig) -> str:
+    """The key of `SEARCH` that runs `config`."""
+    if config.mode == "speculative":
+        return "speculative"
+    return "beam" if config.num_beams > 1 else "greedy"
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_positive_int(name: str, value) -> None:
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_choice(name: str, value, allowed: tuple) -> None:
+    # `is`, not `==`: 1 == True and 0 == False, but early_stopping=1 is not a documented value
+    if not any(value is a or (isinstance(a, str) and value == a) for a in allowed):
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
