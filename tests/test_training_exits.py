@@ -119,11 +119,16 @@ def d_alone(shapes, tmp_path_factory):
     return {"ee": ee, "discs": discs, "dev": json.loads((out / "dev_metrics.json").read_text())}
 
 
+def fresh_exits(model) -> EarlyExitVLM:
+    """The exits `d_alone` starts from: the trainer builds them right after seeding with config.seed."""
+    torch.manual_seed(0)
+    return EarlyExitVLM(model, ExitConfig([1, 2], "fresh"))
+
+
 def test_discriminator_separates_untrained_exits_from_final_features(d_alone, shapes):
-    torch.manual_seed(0)  # the trainer builds the exits right after seeding with config.seed
-    fresh = EarlyExitVLM(shapes[0], ExitConfig([1, 2], "fresh")).exits.state_dict()
+    fresh = fresh_exits(shapes[0]).exits.state_dict()
     assert all(torch.equal(v, fresh[k]) for k, v in d_alone["ee"].exits.state_dict().items())  # only D trained
-    for i in (1, 2):  # on held-out captions: 100% in this setup, measured on every machine tried
+    for i in (1, 2):  # on held-out captions; 100% (loss ~0.3) here with 1 or 2 threads
         assert d_alone["dev"][f"d_acc/exit_{i}"] >= 0.9, d_alone["dev"]
         assert d_alone["dev"][f"d_loss/exit_{i}"] < 0.5 * CHANCE, d_alone["dev"]
 
@@ -131,7 +136,8 @@ def test_discriminator_separates_untrained_exits_from_final_features(d_alone, sh
 def test_adversarial_term_moves_exits_until_a_fixed_discriminator_is_fooled(d_alone, shapes):
     """The G side of the game: descending `adversarial_loss` moves the exit features to where D says "real", and
     D's held-out loss responds (rises past chance). A few exit steps undo what D learned in 60."""
-    ee, discs, (_, train_set, dev_set) = d_alone["ee"], d_alone["discs"], shapes
+    (model, train_set, dev_set), discs = shapes, d_alone["discs"]
+    ee = fresh_exits(model)  # the exits D was trained against, in a copy this test may move
     ee.exits.train()
     batch = CaptionCollator.for_model(ee.backbone.config)([train_set[i] for i in range(16)])
     states, ctx, mask = backbone_features(ee, batch)
