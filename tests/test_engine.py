@@ -125,11 +125,12 @@ def _assert_caches_equal_full_model(ee, out, pv, ids, mask):
 
 
 def _exit_reference(ee, i, hidden_i, decoder):
+    from freevlm.backbones.base import causal_padding_mask
     from freevlm.cache_utils import KVView, LayerKV
 
     batch, length = hidden_i.shape[:2]
     kv = LayerKV(batch, length)
-    mask = decoder.attention_mask(None, 0, length)
+    mask = causal_padding_mask(decoder.ctx.key_mask, 0, length)
     ee.backbone.run_layer(ee.exits[str(i)].layer, hidden_i, decoder.ctx, KVView(kv, None, 0, None), mask, None)
     return kv.keys, kv.values
 
@@ -229,6 +230,7 @@ def test_features_are_the_full_models_hidden_states(model):
 def _host_syncs_in_steps(ee, monkeypatch, *args, **kwargs) -> tuple[int, int]:
     """Count tensor-to-host reads (`tolist`, `item`, `bool`, `int`, `float`) made inside engine steps."""
     from freevlm.decoding.engine import EarlyExitDecoder
+    from freevlm.decoding.static import StaticDecoder
 
     count, inside = [0], [False]
     for name in ("tolist", "item", "__bool__", "__int__", "__float__"):
@@ -239,16 +241,15 @@ def _host_syncs_in_steps(ee, monkeypatch, *args, **kwargs) -> tuple[int, int]:
             return _original(self, *a, **kw)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
-    step = EarlyExitDecoder.step
-
-    def counted_step(self, *a, **kw):
+    def counted_step(self, *a, _step, **kw):
         inside[0] = True
         try:
-            return step(self, *a, **kw)
+            return _step(self, *a, **kw)
         finally:
             inside[0] = False
 
-    monkeypatch.setattr(EarlyExitDecoder, "step", counted_step)
+    for engine in (EarlyExitDecoder, StaticDecoder):
+        monkeypatch.setattr(engine, "step", lambda self, *a, _step=engine.step, **kw: counted_step(self, *a, _step=_step, **kw))
     out = ee.generate(*args, **kwargs)
     monkeypatch.undo()
     return count[0], out.stats.steps
@@ -302,5 +303,5 @@ def test_auto_gate_stops_consulting_exits_that_do_not_pay(family):
                       return_decoder=True)  # fmt: skip
     consulted = (out.exit_layers[0] < ee.backbone.num_layers).sum()
     assert consulted == 2  # the first step, then the probe at step 16
-    assert out.decoder.work.exit_calls < 2 * consulted + 2
+    assert out.decoder.work.exit_calls <= 2 * consulted + 2  # each exit when consulted, one catch-up each
     _assert_caches_equal_full_model(ee, out, pv, ids, mask)

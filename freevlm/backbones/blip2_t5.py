@@ -99,7 +99,7 @@ class Blip2T5Backbone(Blip2Backbone):
 
     def run_layer(self, layer, hidden, ctx, cache: KVView | None, mask, rows):
         start = 0 if cache is None else cache.start
-        bias, cross_bias, encoder_mask = self._window_constants(ctx, rows, start, hidden)
+        bias, cross_bias, encoder_mask = self._window_constants(ctx, rows, start, hidden, cache)
         view = None
         if cache is not None:  # cross K/V come from the view, projected once per request
             view = _T5CacheView(cache, *self._cross_kv(layer, ctx, rows))
@@ -114,17 +114,18 @@ class Blip2T5Backbone(Blip2Backbone):
         )
         return hidden
 
-    def _window_constants(self, ctx: Context, rows, start: int, hidden: torch.Tensor):
+    def _window_constants(self, ctx: Context, rows, start: int, hidden: torch.Tensor, cache):
         """Self-attention position bias (block 0 owns it), the cross-attention bias (zeros, as Hugging Face passes
         from block 0 on) and the encoder mask of `rows`: the same for every layer call over one window, so they are
         made once per window, not once per layer."""
         query_len = hidden.shape[1]
-        key = (rows, start, query_len, hidden.dtype)
+        key_len = getattr(cache, "key_length", start + query_len)  # a static cache shows every slot
+        key = (rows, start, query_len, key_len, hidden.dtype)
         memo = ctx.extra.get("window")
         if memo is not None and memo[0][0] is rows and memo[0][1:] == key[1:]:
             return memo[1]
         bias_module = self.layers[0].layer[0].SelfAttention
-        bias = bias_module.compute_bias(query_len, start + query_len, device=hidden.device, past_seen_tokens=start)
+        bias = bias_module.compute_bias(query_len, key_len, device=hidden.device, past_seen_tokens=start)
         encoder_mask = ctx.extra["encoder_mask"] if rows is None else ctx.extra["encoder_mask"][rows]
         cross_bias = hidden.new_zeros(1, bias_module.n_heads, query_len, encoder_mask.shape[-1])
         ctx.extra["window"] = (key, (bias.to(hidden.dtype), cross_bias, encoder_mask))

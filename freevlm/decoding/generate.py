@@ -14,6 +14,7 @@ from torch import nn
 
 from ..backbones.base import Blip2Backbone, Context
 from .engine import EarlyExitDecoder, WorkCounter
+from .static import StaticDecoder, static_decoder, uniform_batch_policy
 from .policies import ExitPolicy
 
 if TYPE_CHECKING:  # config.py imports the searches
@@ -77,7 +78,7 @@ class Request:
         _sync(backbone.device)
         t0 = time.perf_counter()
         ctx = backbone.start(pixel_values, input_ids, attention_mask, slots or config.max_new_tokens)
-        decoder = EarlyExitDecoder(backbone, exits, policy, config.kv, ctx, ctx.capacity, config.batch_policy)
+        decoder = build_engine(backbone, exits, policy, config, ctx)
         eos = torch.tensor(config.eos_token_id, dtype=torch.long, device=backbone.device)
         return cls(backbone, ctx, decoder, eos, t0)
 
@@ -96,6 +97,21 @@ class Request:
         stats.seconds_total, stats.seconds_prefill = t_end - self.t0, self.t_prefill - self.t0
         stats.seconds_decode = t_end - self.t_prefill
         return stats
+
+
+def build_engine(backbone: Blip2Backbone, exits: dict[int, nn.Module], policy: ExitPolicy, config: DecodeConfig,
+                 ctx: Context) -> EarlyExitDecoder | StaticDecoder:  # fmt: skip
+    """The static engine wherever rows move together (on CUDA with its segments captured as graphs), the general
+    one where rows are compacted (large batches) or speculative rows sit at different slots."""
+    batch = ctx.prompt_ids.shape[0]
+    uniform = uniform_batch_policy(config.batch_policy, batch) and (config.mode != "speculative" or batch == 1)
+    if config.static and not uniform:
+        raise ValueError(f"static=True needs rows that move together: batch_policy={config.batch_policy!r} with "
+                         f"{batch} rows compacts them (use 'ride_along' or 'slowest')")  # fmt: skip
+    if uniform and config.static is not False:
+        graphs = backbone.device.type == "cuda" and backbone.family == "opt"
+        return static_decoder(backbone, exits, policy, config.kv, ctx, config.batch_policy, graphs)
+    return EarlyExitDecoder(backbone, exits, policy, config.kv, ctx, ctx.capacity, config.batch_policy)
 
 
 @torch.no_grad()

@@ -1,0 +1,447 @@
+"""The static engine: every row of the batch runs the same layers at a step, so a step is a few fixed-shape calls.
+
+Where rows ride along (batch 1, `batch_policy` "ride_along", "slowest", or "auto" below the compaction size),
+every layer is filled to the same slot for every row: a layer's fill level is one number, the K/V buffers are
+allocated once per request and written at a slot tensor (`index_copy_`), attention reads the whole buffer under one
+bool mask built once per step, and no row is ever gathered out of a cache.
+
+A step runs *segments*: the layers between two live exits, then the exit layer and the vocabulary head at its end.
+Pending tokens (recompute) join at the start of the segment above the exit they stopped at, so the window of slots a
+segment runs is the same for all its layers. Between segments the host reads one thing: which rows leave (one sync
+per exit reached). On CUDA each (segment, window bucket) is captured once as a CUDA graph and replayed; windows are
+padded up to a bucket of 1, 2, 4, 8, 16, 32 or 64 slots (a padded slot sits after the real ones: its K/V land in slots
+no query can see yet and are overwritten when those slots are computed). On the CPU the same functions run eagerly
+on exact windows.
+
+Per-row compaction (large batches) and speculative decoding of rows at different slots stay with the general
+engine in `engine.py`, which keeps a fill level per row.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+
+import torch
+from torch import nn
+
+from ..backbones.base import Blip2Backbone, Context
+from .engine import ExitGate, StepResult, WorkCounter, resolve_batch_policy
+from .policies import ExitPolicy
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def window_bucket(size: int) -> int | None:
+    """The padded window a graph is captured for; None above the largest bucket (run eagerly)."""
+    return next((b for b in BUCKETS if b >= size), None)
+
+
+def uniform_batch_policy(batch_policy: str, batch_size: int) -> bool:
+    """Whether every row runs the same layers at every step under this batch policy (the static engine's case)."""
+    return resolve_batch_policy(batch_policy, batch_size) in ("ride_along", "slowest") or batch_size == 1
+
+
+class StaticKV:
+    """One attention layer's K/V for the whole batch, `[batch, heads, slots, head_dim]`, filled to one slot."""
+
+    def __init__(self, batch_size: int, slots: int):
+        self.batch_size, self.slots = batch_size, slots
+        self.fill = 0
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    @property
+    def filled(self) -> list[int]:
+        """Per-row fill levels, like `LayerKV.filled` (all equal here)."""
+        return [self.fill] * self.batch_size
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """In place: captured graphs keep writing into these very buffers."""
+        if self.keys is not None:
+            self.keys.copy_(self.keys.index_select(0, index))
+            self.values.copy_(self.values.index_select(0, index))
+
+
+class StaticView:
+    """What a Hugging Face attention module sees as its cache for one call: writes at `slots`, reads every slot."""
+
+    def __init__(self, kv: StaticKV, slots: torch.Tensor, start: int):
+        self.kv, self.slots, self.start = kv, slots, start
+        self.key_length = kv.slots
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        kv = self.kv
+        if kv.keys is None:
+            shape = (kv.batch_size, key_states.shape[1], kv.slots, key_states.shape[3])
+            kv.keys, kv.values = key_states.new_zeros(shape), value_states.new_zeros(shape)
+        kv.keys.index_copy_(2, self.slots, key_states)
+        kv.values.index_copy_(2, self.slots, value_states)
+        return kv.keys, kv.values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.start
+
+
+class SegmentRunner:
+    """Runs a segment function; on CUDA captures it once per key as a CUDA graph and replays it.
+
+    The first replay of every graph is checked against an eager run of the same inputs (the writes are the same
+    values at the same slots, so running both is harmless); a mismatch or a capture error switches graphs off for
+    this engine with a warning instead of decoding wrong tokens.
+    """
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.graphs: dict[tuple, tuple] = {}
+        self.pool = None
+
+    def __call__(self, key: tuple, fn, *inputs: torch.Tensor):
+        if not self.enabled:
+            return fn(*inputs)
+        if key not in self.graphs:
+            try:
+                self.graphs[key] = self._capture(fn, inputs)
+            except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager
+                warnings.warn(f"freevlm: CUDA graph capture failed ({err}); decoding eagerly", stacklevel=2)
+                self.enabled = False
+                return fn(*inputs)
+            expected = fn(*inputs)
+            graph, static_inputs, static_out = self.graphs[key]
+            graph.replay()
+            if not all(torch.allclose(a.float(), b.float(), atol=1e-2, rtol=1e-2) for a, b in zip(expected, static_out)):
+                warnings.warn("freevlm: a CUDA graph replay disagreed with eager execution; decoding eagerly", stacklevel=2)
+                self.enabled = False
+            return expected
+        graph, static_inputs, static_out = self.graphs[key]
+        for buf, value in zip(static_inputs, inputs):
+            buf.copy_(value)
+        graph.replay()
+        return static_out
+
+    def _capture(self, fn, inputs):
+        static_inputs = [t.clone() for t in inputs]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn(*static_inputs)  # warm-up: lazy allocations and library handles happen outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            static_out = fn(*static_inputs)
+        return graph, static_inputs, static_out
+
+
+class StaticDecoder:
+    """Caches and pending states of a batch whose rows move together; `step` runs a new token up the stack."""
+
+    def __init__(
+        self,
+        backbone: Blip2Backbone,
+        exits: dict[int, nn.Module],
+        policy: ExitPolicy,
+        kv_mode: str,
+        ctx: Context,
+        capacity: int,
+        batch_policy: str = "auto",
+        graphs: bool = False,
+    ):
+        self.backbone, self.exits, self.policy, self.kv_mode, self.ctx = backbone, exits, policy, kv_mode, ctx
+        self.num_layers = backbone.num_layers
+        self.batch_size = ctx.prompt_ids.shape[0]
+        if not uniform_batch_policy(batch_policy, self.batch_size):
+            raise ValueError(f"the static engine needs rows that move together, not batch_policy={batch_policy!r}")
+        self.batch_policy = resolve_batch_policy(batch_policy, self.batch_size)
+        self.live = sorted(policy.live_exits(sorted(exits)))
+        self.capacity = capacity
+        slots = capacity + (BUCKETS[-1] if graphs else 0)  # padded windows may run past the last real slot
+        self.kv = [StaticKV(self.batch_size, slots) for _ in range(self.num_layers)]
+        self.exit_kv = {i: StaticKV(self.batch_size, slots) for i in self.live if exits[i].needs_cache}
+        self.pending: torch.Tensor | None = None  # [B, slots, H] hidden state of each not-yet-caught-up slot
+        self.exit_inputs: dict[int, torch.Tensor] = {}  # exit layer inputs kept while the gate is closed
+        self.key_ok = torch.ones(self.batch_size, slots, dtype=torch.bool, device=ctx.key_mask.device)
+        self.runner = SegmentRunner(graphs)
+        self._layer_params = [sum(p.numel() for p in layer.parameters()) for layer in backbone.layers]
+        self._exit_params = {
+            i: sum(p.numel() for p in exits[i].layer.parameters()) if exits[i].needs_cache else 0 for i in self.live
+        }
+        self._exit_logit_params = {i: exits[i].logit_parameters(backbone) for i in self.live}
+        self._head_params = backbone.head_parameters()
+        self._gated = batch_policy == "auto" and self.batch_policy == "ride_along"
+        self.restart(ctx, policy)
+
+    def restart(self, ctx: Context, policy: ExitPolicy) -> None:
+        """A new request on the same buffers (and the same captured graphs): nothing is filled yet."""
+        self.ctx, self.policy = ctx, policy
+        self.key_ok[:, : ctx.capacity].copy_(ctx.key_mask)
+        self.key_ok[:, ctx.capacity :] = True
+        for kv in [*self.kv, *self.exit_kv.values()]:
+            kv.fill = 0
+        self.work = WorkCounter()
+        self.gate = ExitGate(sum(self._layer_params) + self._head_params) if self._gated else None
+
+    # --- windows ------------------------------------------------------------------------------------------------
+    def _window(self, start: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot ids `[size]` and the bool mask `[B, 1, size, slots]` of a window: causal, padding keys hidden, a
+        query always sees itself. Built once per window and shared by every layer of the segment."""
+        device = self.key_ok.device
+        slots = torch.arange(start, start + size, device=device)
+        keys = torch.arange(self.key_ok.shape[1], device=device)
+        visible = (keys[None, :] <= slots[:, None])[None] & self.key_ok[:, None, :]
+        mask = visible | (keys[None, :] == slots[:, None])[None]
+        return slots, mask[:, None]
+
+    def attention_mask(self, rows: torch.Tensor | None, start: int, end: int) -> torch.Tensor:
+        """Bool mask of queries `[start, end)` over every slot (for callers that run a layer over our caches)."""
+        return self._window(start, end - start)[1]
+
+    # --- segments -----------------------------------------------------------------------------------------------
+    def _layers(self, first: int, last: int, keep: tuple[int, ...], x, slots, mask, start: int):
+        """LM layers `first..last-1` over one window; exit inputs of `keep` (gate closed) are stored on the way."""
+        for depth in range(first, last):
+            if depth in keep:
+                self.exit_inputs[depth].index_copy_(1, slots, x)
+            view = StaticView(self.kv[depth], slots, start)
+            x = self.backbone.run_layer(self.backbone.layers[depth], x, self.ctx, view, mask, None)
+        return x
+
+    def _exit_features(self, depth: int, x, slots, mask, start: int, last: torch.Tensor):
+        """The exit's output at the last real slot of each row (its layer fills its own cache on the way)."""
+        exit_module = self.exits[depth]
+        if exit_module.needs_cache:
+            view = StaticView(self.exit_kv[depth], slots, start)
+            x = self.backbone.run_layer(exit_module.layer, x, self.ctx, view, mask, None)
+        return x.index_select(1, last).squeeze(1)
+
+    def _segment_fn(self, first: int, last: int, exit_depth: int | None, keep: tuple[int, ...], start: int,
+                    with_logits: bool):  # fmt: skip
+        def run(x, slots, mask, last_slot):
+            x = self._layers(first, last, keep, x, slots, mask, start)
+            if exit_depth is None:
+                return (x,)
+            features = self._exit_features(exit_depth, x, slots, mask, start, last_slot)
+            if not with_logits:
+                return x, features
+            return x, features, self.exits[exit_depth].logits(self.backbone, features)
+
+        return run
+
+    def _run_segment(self, first, last, exit_depth, keep, x, start, with_logits):
+        size = x.shape[1]
+        bucket = window_bucket(size) if self.runner.enabled else None
+        if bucket is not None and bucket > size:
+            x = torch.cat([x, x.new_zeros(x.shape[0], bucket - size, x.shape[2])], dim=1)
+        padded = x.shape[1]
+        slots, mask = self._window(start, padded)
+        last_slot = torch.full((1,), size - 1, dtype=torch.long, device=x.device)
+        fn = self._segment_fn(first, last, exit_depth, keep, start, with_logits)
+        if bucket is None or self.backbone.family != "opt":  # T5's position bias depends on the start: eager
+            out = fn(x, slots, mask, last_slot)
+        else:
+            out = self.runner((first, last, exit_depth, keep, with_logits, bucket), fn, x, slots, mask, last_slot)
+        self.work.layer_calls += last - first
+        self.work.params_touched += sum(self._layer_params[first:last])
+        return (out[0][:, :size], *out[1:])
+
+    # --- the request --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> None:
+        """Prompt slots `[0, q)` of every row through every layer and every live exit's layer; predict nothing."""
+        q = x.shape[1]
+        slots, mask = self._window(0, q)
+        last = torch.full((1,), q - 1, dtype=torch.long, device=x.device)
+        bounds = [0, *[i for i in self.live if i in self.exit_kv], self.num_layers]
+        for first, last_layer in zip(bounds, bounds[1:]):
+            x = self._layers(first, last_layer, (), x, slots, mask, 0)
+            if last_layer in self.exit_kv:
+                self._exit_features(last_layer, x, slots, mask, 0, last)
+        for kv in [*self.kv, *self.exit_kv.values()]:
+            kv.fill = q
+
+    @torch.no_grad()
+    def prefill(self, prompt: torch.Tensor) -> StepResult:
+        rows = torch.arange(self.batch_size, device=prompt.device)
+        if self.live and prompt.shape[1] > 1:
+            self.encode(prompt[:, :-1])
+            return self.step(rows, prompt[:, -1:], prompt.shape[1] - 1, step=0)
+        return self.step(rows, prompt, 0, step=0)
+
+    @torch.no_grad()
+    def step(self, rows: torch.Tensor, x: torch.Tensor, new_start: int, step: int, verify: bool = False) -> StepResult:
+        """New slots `[new_start, new_start + q)` of `rows` up the stack (see `EarlyExitDecoder.step`).
+
+        Every row runs (shapes stay the same); rows not asked for (finished ones) ride along from the start and
+        never hold the batch back."""
+        n, end, device = self.batch_size, new_start + x.shape[1], x.device
+        asked = rows
+        if len(rows) != n:
+            x = x.new_zeros(n, *x.shape[1:]).index_copy_(0, rows, x)
+            rows = torch.arange(n, device=device)
+        self.work.steps += 1
+        touched_before = self.work.params_touched
+        consult = self.gate is None or self.gate.open(step)
+        exits = [i for i in self.live if consult]
+        keep = () if consult else tuple(i for i in self.live if i in self.exit_kv)
+        for i in keep:
+            if i not in self.exit_inputs:
+                self.exit_inputs[i] = x.new_zeros(n, self.kv[0].slots, x.shape[-1])
+        tokens = torch.empty(n, dtype=torch.long, device=device)
+        exit_at = torch.full((n,), self.num_layers, dtype=torch.long, device=device)
+        all_logits: torch.Tensor | None = None
+        emitted = torch.ones(n, dtype=torch.bool, device=device).index_fill_(0, asked, False)
+        emitted_ids = [True] * n  # the same on the host
+        for b in asked.tolist() if len(asked) != n else range(n):
+            emitted_ids[b] = False
+        any_emitted = len(asked) != n
+        lo = new_start
+        # segments end at the exits consulted and wherever pending tokens join (fill levels differ)
+        joins = [i for i in self.live if self.kv[i].fill != self.kv[i - 1].fill]
+        bounds = [0, *sorted(set(exits) | set(joins)), self.num_layers]
+
+        def done(result: StepResult) -> StepResult:
+            if self.gate is not None and consult:
+                self.gate.record(self.work.params_touched - touched_before)
+            if len(asked) == n:
+                return result
+            return StepResult(result.tokens[asked], result.exit_at[asked], result.logits[asked])
+
+        for first, last in zip(bounds, bounds[1:]):
+            x, lo = self._join_pending(x, first, lo)
+            self.work.catchup_slots += (new_start - lo) * (last - first)
+            exit_depth = last if last < self.num_layers and consult else None
+            if exit_depth is not None:
+                self._catch_up_exit(exit_depth, lo)
+            with_logits = exit_depth is not None and self.policy.needs_logits(exit_depth)
+            out = self._run_segment(first, last, exit_depth, keep, x, lo, with_logits)
+            x = out[0]
+            for kv in self.kv[first:last]:
+                kv.fill = end
+            if exit_depth is None:
+                continue
+            features, logits = out[1], (out[2] if with_logits else None)
+            if exit_depth in self.exit_kv:
+                self.exit_kv[exit_depth].fill = end
+                self.work.exit_calls += 1
+            self.work.params_touched += self._exit_params[exit_depth]
+            if logits is not None:
+                self._count_head(exit_depth)
+            leave = self.policy.decide(exit_depth, logits, step, rows, x[:, -1]) & ~emitted
+            if self.batch_policy == "slowest":
+                leave = leave & leave.all()
+            leaves = leave.tolist()  # the one host sync per exit reached
+            if not any(leaves):
+                continue
+            if logits is None:
+                logits = self.exits[exit_depth].logits(self.backbone, features[leave])
+                self._count_head(exit_depth)
+            else:
+                logits = logits[leave]
+            all_logits = self._emit(all_logits, logits, leave, tokens, exit_at, exit_depth)
+            emitted, any_emitted = emitted | leave, True
+            emitted_ids = [a or b for a, b in zip(emitted_ids, leaves)]
+            if all(emitted_ids):  # every row's token is out: nobody needs the layers above
+                self._park(x, exit_depth, lo, end)
+                return done(StepResult(tokens, exit_at, all_logits))
+        stay = ~emitted
+        self._count_head(None)
+        if not verify:
+            logits = self.backbone.head(x[:, -1] if not any_emitted else x[stay, -1])
+            where = stay if any_emitted else torch.ones_like(stay)
+            all_logits = self._emit(all_logits, logits, where, tokens, exit_at, self.num_layers)
+            return done(StepResult(tokens, exit_at, all_logits))
+        if len(asked) != n:
+            raise ValueError("speculative verification in the static engine needs every row at every step")
+        window_logits = self.backbone.head(x)
+        all_logits = self._emit(all_logits, window_logits[:, -1], stay, tokens, exit_at, self.num_layers)
+        verified = stay.nonzero().squeeze(1)
+        return done(StepResult(tokens, exit_at, all_logits, verified, lo, window_logits[stay].argmax(dim=-1)))
+
+    def _count_head(self, depth: int | None) -> None:
+        self.work.head_calls += 1
+        self.work.params_touched += self._head_params if depth is None else self._exit_logit_params[depth]
+
+    def _join_pending(self, x: torch.Tensor, depth: int, lo: int) -> tuple[torch.Tensor, int]:
+        """Pending tokens that stopped below `depth` (slots from the layer's fill level up) join the window."""
+        fill = self.kv[depth].fill
+        if fill >= lo:
+            return x, lo
+        return torch.cat([self.pending[:, fill:lo], x], dim=1), fill
+
+    def _catch_up_exit(self, depth: int, lo: int) -> None:
+        """An exit skipped while the gate was closed runs over the inputs kept meanwhile, up to the window."""
+        kv = self.exit_kv.get(depth)
+        if kv is None or kv.fill >= lo:
+            return
+        kept = self.exit_inputs[depth][:, kv.fill : lo]
+        slots, mask = self._window(kv.fill, lo - kv.fill)
+        last = torch.zeros(1, dtype=torch.long, device=kept.device)
+        self._exit_features(depth, kept, slots, mask, kv.fill, last)
+        self.work.exit_calls += 1
+        kv.fill = lo
+
+    def _emit(self, all_logits, logits, where: torch.Tensor, tokens, exit_at, depth):
+        tokens[where] = logits.argmax(dim=-1)
+        exit_at[where] = depth
+        if all_logits is None:
+            all_logits = logits.new_empty(len(tokens), logits.shape[-1])
+        all_logits[where] = logits
+        return all_logits
+
+    def _park(self, x: torch.Tensor, depth: int, lo: int, end: int) -> None:
+        """Every row left at `depth`: keep the window's states (recompute) or fill the deeper K/V now (propagate)."""
+        if self.kv_mode == "recompute":
+            if self.pending is None:
+                self.pending = x.new_zeros(self.batch_size, self.kv[0].slots, x.shape[-1])
+            self.pending[:, lo:end] = x
+            return
+        slots = torch.arange(lo, end, device=x.device)
+        for d in range(depth, self.num_layers):
+            self._write_projected(self.backbone.layers[d], self.kv[d], x, slots, lo)
+        for i, kv in self.exit_kv.items():
+            if i > depth:
+                self._write_projected(self.exits[i].layer, kv, x, slots, lo)
+
+    def _write_projected(self, layer, kv: StaticKV, x, slots, lo) -> None:
+        keys, values = self.backbone.kv_projection(layer, x)
+        StaticView(kv, slots, lo).update(keys, values)
+        kv.fill = lo + x.shape[1]
+        self.work.kv_projections += 1
+        self.work.params_touched += self.backbone.kv_parameters(layer)
+
+    def crop_row(self, row: int, length: int) -> None:
+        """Forget slots at or after `length` (a rejected speculative draft); rows move together, so all rows."""
+        for kv in [*self.kv, *self.exit_kv.values()]:
+            kv.fill = min(kv.fill, length)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Rows follow `index` (beam search)."""
+        for kv in [*self.kv, *self.exit_kv.values()]:
+            kv.reorder(index)
+        for kept in [self.pending, *self.exit_inputs.values()]:
+            if kept is not None:
+                kept.copy_(kept.index_select(0, index))
+
+
+_POOL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # HF model -> {shape key: StaticDecoder}
+
+
+def static_decoder(backbone: Blip2Backbone, exits: dict[int, nn.Module], policy: ExitPolicy, kv_mode: str,
+                   ctx: Context, batch_policy: str, graphs: bool) -> StaticDecoder:  # fmt: skip
+    """The static engine for a request. With CUDA graphs, engines (buffers and captured graphs) are kept per model
+    and shape and reused by later requests: capturing costs more than a request saves. The capacity is rounded
+    up to a multiple of 64 slots so that prompts of similar length share one."""
+    if not graphs:
+        return StaticDecoder(backbone, exits, policy, kv_mode, ctx, ctx.capacity, batch_policy)
+    capacity = -(-ctx.capacity // 64) * 64
+    live = tuple(sorted(policy.live_exits(sorted(exits))))
+    key = (ctx.prompt_ids.shape[0], capacity, live, tuple(id(exits[i]) for i in live), kv_mode, batch_policy,
+           backbone.dtype, str(backbone.device))  # fmt: skip
+    engines = _POOL.setdefault(backbone.model, {})
+    if key in engines:
+        engine = engines[key]
+        engine.restart(ctx, policy)
+        return engine
+    engine = engines[key] = StaticDecoder(backbone, exits, policy, kv_mode, ctx, capacity, batch_policy, graphs=True)
+    return engine
