@@ -19,6 +19,7 @@ import torch
 from ..data.images import load_image
 from ..data.records import CaptionRecord, VisDialRecord, VQARecord
 from ..decoding.policies import FixedSchedulePolicy
+from ..inputs import validate_generate_inputs
 from ..methods import get_method
 from ..model import EarlyExitVLM
 from .captions import caption_metrics
@@ -97,6 +98,8 @@ def generate_texts(
     for b, start in enumerate(range(0, len(images), batch_size)):
         batch = [load_image(p) for p in images[start : start + batch_size]]
         inputs = processor.inputs(batch, list(prompts[start : start + batch_size]))
+        validate_generate_inputs(ee.backbone, inputs["pixel_values"], inputs["input_ids"],
+                                 inputs.get("attention_mask"), max_new_tokens)  # e.g. too long a prompt: before decoding  # fmt: skip
         run = dict(inputs, max_new_tokens=max_new_tokens, kv=kv)
         early = lambda: ee.generate(**run, mode="early_exit", policy=policy)  # noqa: E731
         full = lambda: ee.generate(**run, mode="full")  # noqa: E731

@@ -64,7 +64,9 @@ class LoopConfig:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
-        for name in ("epochs", "log_every", "keep_checkpoints"):
+        if self.max_steps is None and self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1 (or set max_steps), got {self.epochs}: nothing would be trained")
+        for name in ("log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_every", "num_workers", "max_nonfinite_steps"):
@@ -234,23 +236,44 @@ def optimizer_step(
     scaler.step(optimizer)
 
 
+_listeners: list = []  # (callback, bar description) pairs installed by `progress_hook`
+
+
+@contextlib.contextmanager
+def progress_hook(callback=None, desc: str | None = None):
+    """Within the block, every training loop calls `callback(step, total, postfix)` after each step and names its
+    bar `desc`: how a caller (the demo) shows and tests progress without a field in the checkpointed config."""
+    entry = (callback, desc)
+    _listeners.append(entry)
+    try:
+        yield
+    finally:
+        _listeners.remove(entry)
+
+
 class Progress:
-    """tqdm bar + TensorBoard scalars, on the main process only."""
+    """tqdm bar + TensorBoard scalars (+ `progress_hook` callbacks), on the main process only."""
 
     def __init__(self, config: LoopConfig, runtime: Runtime, total: int, start: int, log_dir: str):
         self.bar = self.writer = None
+        self.step_count, self.total = start, total
+        self.callbacks = [cb for cb, _ in _listeners if cb is not None] if runtime.is_main else []
         if not runtime.is_main:
             return
         if config.progress:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+            desc = next((d for _, d in reversed(_listeners) if d), "train")
+            self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True)
         if config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir)
 
     def step(self, postfix: dict[str, float] | None = None) -> None:
+        self.step_count += 1
+        for callback in self.callbacks:
+            callback(self.step_count, self.total, postfix or {})
         if self.bar is not None:
             self.bar.update(1)
             if postfix:
