@@ -266,3 +266,10 @@ def test_train_exits_resume_of_a_finetune_run(files, finetune_run, capsys):
 def test_resume_without_checkpoints(files, tmp_path, capsys):
     code, err = run(train_argv(files, "finetune", tmp_path / "empty", "--resume"), capsys)
     assert code == 2 and "--resume: no checkpoint under" in err
+
+
+def test_empty_dev_captions_are_named(files, tmp_path, capsys):
+    empty = tmp_path / "dev.json"
+    empty.write_text(json.dumps({"images": [], "annotations": []}))
+    code, err = run(train_argv(files, "finetune", tmp_path / "run", "--dev-captions", str(empty)), capsys)
+    assert code == 2 and f"--dev-captions {empty} is empty" in err

@@ -126,7 +126,10 @@ def _records(args: argparse.Namespace):
         split = f" (split {args.split!r})" if args.split else ""
         raise UserError(f"{args.captions}{split} is empty: no (image, caption) records to train on")
     if args.dev_captions:
-        return records, load_coco_captions(args.dev_captions, args.image_root, args.prompt, args.split)
+        dev = load_coco_captions(args.dev_captions, args.image_root, args.prompt, args.split)
+        if not dev:
+            raise UserError(f"--dev-captions {args.dev_captions} is empty: no (image, caption) records to evaluate on")
+        return records, dev
     if args.dev_fraction == 0:
         return records, []
     train, dev = split_records(records, args.dev_fraction, args.seed)
