@@ -33,18 +33,18 @@ def integer(low: int | None = None, high: int | None = None) -> Callable[[str], 
 def number(low: float | None = None, high: float | None = None, low_open: bool = False,
            high_open: bool = False) -> Callable[[str], float]:  # fmt: skip
     """A finite float in the range from `low` to `high` (each bound optional, closed unless `*_open`)."""
-    where = _range(low, high, low_open, high_open)
+    where = " " + _range(low, high, low_open, high_open) if low is not None or high is not None else ""
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a finite number {where}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"must be a finite number{where}, got {text!r}") from None
         bad = not math.isfinite(value)
         bad = bad or (low is not None and (value <= low if low_open else value < low))
         bad = bad or (high is not None and (value >= high if high_open else value > high))
         if bad:
-            raise argparse.ArgumentTypeError(f"must be a finite number {where}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be a finite number{where}, got {text!r}")
         return value
 
     parse.__name__ = "number"
