@@ -258,7 +258,7 @@ def _host_syncs_in_steps(ee, monkeypatch, *args, **kwargs) -> tuple[int, int]:
 @pytest.mark.parametrize("batch_policy", ["per_row", "ride_along"])
 @pytest.mark.parametrize("kv", ["recompute", "propagate"])
 def test_host_syncs_per_step_do_not_grow_with_depth(family, kv, batch_policy, monkeypatch):
-    """DESIGN.md: no host sync per layer (on a GPU each one stalls the launch queue). A step may read its row ids
+    """docs/DESIGN.md: no host sync per layer (on a GPU each one stalls the launch queue). A step may read its row ids
     once and each exit's leave/continue decision once; twice the layers must not mean more syncs."""
     counts = []
     for depth in (4, 8):

@@ -180,18 +180,22 @@ class StaticDecoder:
         for kv in [*self.kv, *self.exit_kv.values()]:
             kv.fill = 0
         self.work = WorkCounter()
+        self._windows: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # this step's windows
         self.gate = ExitGate(sum(self._layer_params) + self._head_params) if self._gated else None
 
     # --- windows ------------------------------------------------------------------------------------------------
     def _window(self, start: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Slot ids `[size]` and the bool mask `[B, 1, size, slots]` of a window: causal, padding keys hidden, a
         query always sees itself. Built once per window and shared by every layer of the segment."""
+        if (start, size) in self._windows:
+            return self._windows[(start, size)]
         device = self.key_ok.device
         slots = torch.arange(start, start + size, device=device)
         keys = torch.arange(self.key_ok.shape[1], device=device)
         visible = (keys[None, :] <= slots[:, None])[None] & self.key_ok[:, None, :]
         mask = visible | (keys[None, :] == slots[:, None])[None]
-        return slots, mask[:, None]
+        self._windows[(start, size)] = slots, mask[:, None]
+        return self._windows[(start, size)]
 
     def attention_mask(self, rows: torch.Tensor | None, start: int, end: int) -> torch.Tensor:
         """Bool mask of queries `[start, end)` over every slot (for callers that run a layer over our caches)."""
@@ -275,6 +279,7 @@ class StaticDecoder:
         Every row runs (shapes stay the same); rows not asked for (finished ones) ride along from the start and
         never hold the batch back."""
         n, end, device = self.batch_size, new_start + x.shape[1], x.device
+        self._windows = {}
         asked = rows
         if len(rows) != n:
             x = x.new_zeros(n, *x.shape[1:]).index_copy_(0, rows, x)
@@ -294,7 +299,6 @@ class StaticDecoder:
         emitted_ids = [True] * n  # the same on the host
         for b in asked.tolist() if len(asked) != n else range(n):
             emitted_ids[b] = False
-        any_emitted = len(asked) != n
         lo = new_start
         # segments end at the exits consulted and wherever pending tokens join (fill levels differ)
         joins = [i for i in self.live if self.kv[i].fill != self.kv[i - 1].fill]
@@ -333,13 +337,11 @@ class StaticDecoder:
             leaves = leave.tolist()  # the one host sync per exit reached
             if not any(leaves):
                 continue
-            if logits is None:
-                logits = self.exits[exit_depth].logits(self.backbone, features[leave])
+            if logits is None:  # every row's (a head costs the same for 1 row as for a few; no mask gather)
+                logits = self.exits[exit_depth].logits(self.backbone, features)
                 self._count_head(exit_depth)
-            else:
-                logits = logits[leave]
             all_logits = self._emit(all_logits, logits, leave, tokens, exit_at, exit_depth)
-            emitted, any_emitted = emitted | leave, True
+            emitted = emitted | leave
             emitted_ids = [a or b for a, b in zip(emitted_ids, leaves)]
             if all(emitted_ids):  # every row's token is out: nobody needs the layers above
                 self._park(x, exit_depth, lo, end)
@@ -347,9 +349,8 @@ class StaticDecoder:
         stay = ~emitted
         self._count_head(None)
         if not verify:
-            logits = self.backbone.head(x[:, -1] if not any_emitted else x[stay, -1])
-            where = stay if any_emitted else torch.ones_like(stay)
-            all_logits = self._emit(all_logits, logits, where, tokens, exit_at, self.num_layers)
+            logits = self.backbone.head(x[:, -1])
+            all_logits = self._emit(all_logits, logits, stay, tokens, exit_at, self.num_layers)
             return done(StepResult(tokens, exit_at, all_logits))
         if len(asked) != n:
             raise ValueError("speculative verification in the static engine needs every row at every step")
@@ -382,12 +383,13 @@ class StaticDecoder:
         kv.fill = lo
 
     def _emit(self, all_logits, logits, where: torch.Tensor, tokens, exit_at, depth):
-        tokens[where] = logits.argmax(dim=-1)
-        exit_at[where] = depth
+        """Rows in `where` take their token from `logits` (every row's): selects, not masked gathers or writes,
+        which would make the host wait for the device."""
+        tokens.copy_(torch.where(where, logits.argmax(dim=-1), tokens))
+        exit_at.masked_fill_(where, depth)
         if all_logits is None:
-            all_logits = logits.new_empty(len(tokens), logits.shape[-1])
-        all_logits[where] = logits
-        return all_logits
+            return logits.clone()
+        return torch.where(where[:, None], logits, all_logits)
 
     def _park(self, x: torch.Tensor, depth: int, lo: int, end: int) -> None:
         """Every row left at `depth`: keep the window's states (recompute) or fill the deeper K/V now (propagate)."""
