@@ -86,7 +86,8 @@ class EarlyExitVLM(nn.Module):
         tmp = path / (WEIGHTS_NAME + ".tmp")
         save_file(state, str(tmp))
         os.replace(tmp, path / WEIGHTS_NAME)
-        meta = {"exit_config": self.exit_config.to_dict(), "backbone": self.backbone.fingerprint()}
+        meta = {"exit_config": self.exit_config.to_dict(), "backbone": self.backbone.fingerprint(),
+                "weights_digest": exits_weights_digest(state)}  # fmt: skip
         tmp = path / (CONFIG_NAME + ".tmp")
         tmp.write_text(json.dumps(meta, indent=2))
         os.replace(tmp, path / CONFIG_NAME)
@@ -108,6 +109,8 @@ class EarlyExitVLM(nn.Module):
         ee = cls(model, exit_config)
         check_fingerprint(saved, ee.backbone.fingerprint(), path)
         state = load_file(str(weights_file), device=str(ee.backbone.device))
+        if "weights_digest" in meta:  # folders saved before the digest existed load unchecked
+            check_exits_weights(meta["weights_digest"], state, weights_file)
         missing, unexpected = ee.exits.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise CheckpointMismatchError(
@@ -218,4 +221,21 @@ def check_fingerprint(saved: dict, current: dict, path) -> None:
     if len(a) != len(b) or any(not math.isclose(x, y, rel_tol=1e-2, abs_tol=1e-6) for x, y in zip(a, b)):
         raise CheckpointMismatchError(
             f"exits at {path} were trained for another backbone: same architecture, different weights"
+        )
+
+
+def exits_weights_digest(state: dict) -> dict[str, float]:
+    """Mean |w| of every exit tensor: written beside the weights (exits_config.json), it ties the config to the
+    weights file it was saved with. Survives dtype casts and device moves, not a different file."""
+    return {k: float(v.detach().double().abs().mean()) if v.numel() else 0.0 for k, v in sorted(state.items())}
+
+
+def check_exits_weights(saved: dict, state: dict, weights_file) -> None:
+    """A `CheckpointMismatchError` if the loaded exit weights are not those the config was saved with."""
+    now = exits_weights_digest(state)
+    bad = [k for k in now if k not in saved or not math.isclose(saved[k], now[k], rel_tol=1e-2, abs_tol=1e-6)]
+    if bad or set(saved) != set(now):
+        raise CheckpointMismatchError(
+            f"{weights_file} is not the weights file saved with its exits_config.json (tensor {(bad or ['names'])[0]} "
+            "differs): the weights come from another run or backbone; copy the exits folder whole"
         )
