@@ -317,3 +317,11 @@ def test_discriminator_monitor_warns_on_collapse_and_chance(caplog):
             monitor.update({"3": 1.0, "6": 0.5 + 0.01 * (step % 2)}, step)
     assert caplog.text.count("exit 3 has been ~100% accurate") == 1
     assert caplog.text.count("exit 6 has been at ~50% accuracy") == 1
+
+
+@pytest.mark.parametrize("name", ["disc_hidden", "d_warn_window"])
+def test_config_refuses_sizes_below_one(name):
+    from freevlm.training.exits import ExitTrainConfig
+
+    with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+        ExitTrainConfig(**{name: 0}).validate()

@@ -70,6 +70,9 @@ class ExitTrainConfig(LoopConfig):
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.disc_r1 < 0:
             raise ValueError(f"disc_r1 must be >= 0, got {self.disc_r1}")
+        for name in ("disc_hidden", "d_warn_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
 
 
 def kd_loss(exit_logits: torch.Tensor, final_logits: torch.Tensor, temperature: float = 1.0,
