@@ -160,3 +160,16 @@ def test_linear_and_head_exits(tmp_path, model):
     assert a.decoder.exit_kv == {}  # no attention in these exits: nothing to cache
     linear.save_exits(tmp_path)
     assert EarlyExitVLM.from_pretrained(model, tmp_path).exit_config.kind == "linear"
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_generation_uses_no_deprecated_transformers_call(model, static):
+    """A deprecated keyword warns now and breaks when transformers removes it: every engine path must be clean."""
+    import warnings
+
+    ee = EarlyExitVLM.from_backbone(model, ExitConfig([1, 2]))
+    pv, ids, mask = tiny_inputs(model, batch=2, seed=0, pad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        ee.generate(pv, ids, mask, max_new_tokens=4, threshold=0.0, batch_policy="slowest", static=static)
+        ee.generate(pv, ids, mask, max_new_tokens=4, threshold=0.0, batch_policy="per_row", kv="propagate")
