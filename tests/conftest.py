@@ -34,6 +34,16 @@ class TokenHashPolicy(ExitPolicy):
         return logits[:, 10 + layer] > logits[:, 20 + step % 7]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and far more so when other jobs share the cores (training test
+    modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def opt_model():
     return tiny_blip2("opt", seed=0)

@@ -20,12 +20,7 @@ from freevlm.training.baselines import BaselineTrainConfig, evaluate_baseline, t
 QUIET = dict(progress=False, checkpoint_every=10_000, log_every=5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def one_hot_logits(tokens, vocab=7, peak=5.0):

@@ -5,7 +5,6 @@ more steps than --checkpoint-every, --resume - ends with the model on disk, and 
 import itertools
 
 import pytest
-import torch
 from training_helpers import save_tiny_blip2, write_shapes
 
 from freevlm.cli import main
@@ -17,12 +16,7 @@ EXTRA = {"finetune": [], "train-exits": ["--exit-layers", "2", "--disc-hidden", 
          "train-baseline": ["--exit-layers", "2", "--method", "deeblip"]}  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 from training_helpers import save_tiny_blip2, write_shapes
 
 from freevlm import EarlyExitVLM
@@ -11,12 +10,7 @@ from freevlm.cli import main
 from freevlm.hub import load_blip2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,7 @@ from freevlm.training import load_coco_captions
 from freevlm.training.capfilt import CapFiltConfig, capfilt, load_scorer, rank_captions, sample_captions
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
