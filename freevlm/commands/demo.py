@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,15 +17,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-baselines", action="store_true",
                    help="skip DeeBLIP / PABEE-BLIP / LeeBLIP / MuE (--quick always skips them)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="PyTorch threads (default: all cores on an idle machine, 1 on a busy "
+                                               "one, where more threads wait on each other)")  # fmt: skip
     p.set_defaults(func=demo)
 
 
 def demo(args: argparse.Namespace) -> int:
     import torch
 
-    from ..demo.pipeline import DemoConfig, run_demo
+    from ..demo.pipeline import DemoConfig, default_threads, run_demo
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    threads = args.threads or default_threads()
+    torch.set_num_threads(max(1, threads))
+    print(f"PyTorch threads: {torch.get_num_threads()} (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     overrides = dict(out=args.out, fresh=args.fresh, family=args.family, seed=args.seed)
     if args.no_baselines:
         overrides["methods"] = False

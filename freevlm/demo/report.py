@@ -134,9 +134,10 @@ def trained_summary(results: dict) -> list[str]:
                          f"{fmt_seconds(v.get('seconds'))}.")  # fmt: skip
     if c:
         lines.append("Run settings: " + ", ".join(f"{k}={v}" for k, v in c.items()) + ".")
-    total = (results.get("timing") or {}).get("total_seconds")
-    if total is not None:
-        lines.append(f"Whole run: {fmt_seconds(total)}.")
+    timing = results.get("timing") or {}
+    if timing.get("total_seconds") is not None:
+        stages = ", ".join(f"{k} {fmt_seconds(v)}" for k, v in (timing.get("stages") or {}).items())
+        lines.append(f"Whole run: {fmt_seconds(timing['total_seconds'])}" + (f" ({stages})." if stages else "."))
     return lines
 
 
@@ -160,6 +161,8 @@ def _caption_rows(results: dict) -> tuple[list[str], list[list[str]], list[str]]
             notes.insert(0, SPLIT_NOTES[split])
         if isinstance(s.get("spice"), str):
             notes.append(f"SPICE on {name}: {s['spice']}")
+    if results.get("speed_protocol"):
+        notes.append(f"How speed is measured in every table: {results['speed_protocol']}.")
     return headers, rows, notes
 
 
@@ -215,8 +218,24 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]], list[st
         rows = [[str(m.get("method")), fmt_threshold(m.get("threshold")), fmt(m.get("quality")),
                  fmt_speedup(m.get("analytic_speedup")), fmt_speedup(m.get("measured_speedup")),
                  fmt(m.get("trainable_parameters"))] for m in results["methods"]]  # fmt: skip
+        notes = [f"Measured speedup: {results['methods_speed']}."] if results.get("methods_speed") else []
         out.append(("Early-exit methods compared (each at its best dev threshold)",
-                    ["method", "threshold", "quality", "analytic speedup", "measured speedup", "trainable parameters"], rows, []))  # fmt: skip
+                    ["method", "threshold", "quality", "analytic speedup", "measured speedup", "trainable parameters"], rows, notes))  # fmt: skip
+
+    conf = results.get("confidence") or {}
+    rows = []
+    for group in ("per_layer", "variants", "methods"):
+        for name, row in (conf.get(group) or {}).items():
+            diff = "" if "diff_ci" not in row else f"{row['diff_vs_first']:+.3f} [{row['diff_ci'][0]:.3f}, {row['diff_ci'][1]:.3f}]"
+            rows.append([group.replace("_", " "), name, fmt(row["mean"]), f"[{row['ci'][0]:.3f}, {row['ci'][1]:.3f}]",
+                         diff, row.get("verdict", "")])  # fmt: skip
+    if rows:
+        out.append(("95% bootstrap intervals over test images", ["group", "name", "CIDEr-D", "interval",
+                     "difference to the group's first row", "verdict"], rows, [conf.get("metric", "")]))  # fmt: skip
+    if results.get("claims"):
+        rows = [[c["claim"], c["verdict"], c["evidence"]] for c in results["claims"]]
+        out.append(("The paper's claims, judged on this run", ["claim", "verdict", "evidence"], rows,
+                    ["Supported only where a paired 95% interval excludes no difference."]))  # fmt: skip
 
     for split, counts in _histograms(results).items():
         total = sum(counts.values())

@@ -1,0 +1,54 @@
+"""The demo shows progress: training loops call the `progress_hook` callback after every step, and evaluation
+through the demo's ticking processor reports the images done; both with growing counts up to the total."""
+
+import pytest
+
+from freevlm import EarlyExitVLM, ExitConfig
+from freevlm.data import shapes
+from freevlm.data.coco import read_coco_captions
+from freevlm.demo.backbone import build_backbone
+from freevlm.demo.pipeline import _Ticking
+from freevlm.eval.evaluate import CAPTION_PROMPT, evaluate_captions
+from freevlm.training.common import progress_hook
+from freevlm.training.data import CaptionDataset, Record
+from freevlm.training.exits import ExitTrainConfig, train_exits
+from freevlm.training.finetune import FinetuneConfig, finetune
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    shapes.write_split(root, "train", 8, seed=0)
+    records = read_coco_captions(root / "captions_train.json", root)
+    bundle = build_backbone("opt", seed=0, num_layers=4, hidden_size=64)
+    train = CaptionDataset([Record(str(r.image), CAPTION_PROMPT, r.references[0], r.image_id) for r in records],
+                           bundle.tokenizer, bundle.image_processor, bundle.model.config)  # fmt: skip
+    return bundle, train, records
+
+
+def _calls(run) -> list[tuple[int, int]]:
+    seen = []
+    with progress_hook(lambda step, total, postfix: seen.append((step, total)), desc="test"):
+        run()
+    return seen
+
+
+def test_training_loops_report_every_step(world, tmp_path):
+    bundle, train, _ = world
+    common = dict(max_steps=3, batch_size=4, progress=False, tensorboard=False, checkpoint_every=3)
+    seen = _calls(lambda: finetune(bundle.model, train, FinetuneConfig(output_dir=str(tmp_path / "ft"), **common)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    bundle.model.requires_grad_(False)
+    config = ExitTrainConfig(output_dir=str(tmp_path / "ex"), exit_layers=(1, 2), disc_hidden=32, **common)
+    assert _calls(lambda: train_exits(bundle.model, train, config)) == [(1, 3), (2, 3), (3, 3)]
+    assert _calls(lambda: None) == []  # the hook is gone after its block
+
+
+def test_evaluation_reports_images_done(world):
+    bundle, _, records = world
+    ee = EarlyExitVLM(bundle.model, ExitConfig(exit_layers=(1, 2)))
+    done = []
+    processor = _Ticking(bundle, len(records), "test", show=False, callback=done.append)
+    evaluate_captions(ee, processor, records[:5], 0.9, batch_size=2, max_new_tokens=3, compare_full=False)
+    processor.close()
+    assert done == [2, 4, 5]
