@@ -19,25 +19,12 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import PRESETS, big_blip2, inputs, interleaved, setup_threads
+from common import PRESETS, HalfAtMiddle, big_blip2, inputs, interleaved, setup_threads
 
 from freevlm import EarlyExitVLM, ExitConfig
-from freevlm.decoding.policies import ExitPolicy, FixedSchedulePolicy
+from freevlm.decoding.policies import FixedSchedulePolicy
 
 GOAL = 1.0  # the default batch policy must never make a batch slower than the full model
-
-
-class HalfAtMiddle(ExitPolicy):
-    """Each row's token leaves at `layer` with probability 1/2 (seeded per call)."""
-
-    def __init__(self, layer: int, seed: int = 0):
-        self.layer, self.gen = layer, torch.Generator().manual_seed(seed)
-
-    def live_exits(self, exit_layers):
-        return [self.layer]
-
-    def decide(self, layer, logits, step, rows, hidden=None):
-        return (torch.rand(len(rows), generator=self.gen) < 0.5).to(rows.device)
 
 
 def main() -> None:

@@ -18,10 +18,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import PRESETS, bandwidth_floor_seconds, big_blip2, inputs, interleaved, setup_threads
+from common import PRESETS, HalfAtMiddle, bandwidth_floor_seconds, big_blip2, inputs, interleaved, setup_threads
 
 from freevlm import EarlyExitVLM, ExitConfig
-from freevlm.decoding.policies import ExitPolicy, FixedSchedulePolicy
+from freevlm.decoding.policies import FixedSchedulePolicy
 
 
 class ForcedWithChecks(FixedSchedulePolicy):
@@ -32,19 +32,6 @@ class ForcedWithChecks(FixedSchedulePolicy):
 
     def needs_logits(self, layer):
         return True
-
-
-class HalfAtMiddle(ExitPolicy):
-    """Each row's token leaves at `layer` with probability 1/2 (seeded per run, so every run sees the same)."""
-
-    def __init__(self, layer: int, seed: int = 0):
-        self.layer, self.gen = layer, torch.Generator().manual_seed(seed)
-
-    def live_exits(self, exit_layers):
-        return [self.layer]
-
-    def decide(self, layer, logits, step, rows, hidden=None):
-        return (torch.rand(len(rows), generator=self.gen) < 0.5).to(rows.device)
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from freevlm.decoding.policies import ExitPolicy
 from freevlm.tiny import tiny_blip2, tiny_inputs
 
 # LM sizes: (family, layers, hidden, heads, vocabulary). OPT-2.7B and FlanT5-XL are the LMs of BLIP-2's smaller
@@ -77,7 +78,7 @@ def bandwidth_floor_seconds(model, device: str) -> tuple[float, float]:
     lm = model.language_model
     weight_bytes = sum(p.numel() * p.element_size() for p in lm.parameters() if p is not lm.get_input_embeddings().weight)
     weight_bytes += lm.get_output_embeddings().weight.numel() * lm.get_output_embeddings().weight.element_size()
-    size = min(weight_bytes, 2**30) // 4
+    size = min(max(weight_bytes, 2**28), 2**30) // 4  # large enough to measure bandwidth, not call overhead
     src = torch.empty(size, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -88,3 +89,16 @@ def bandwidth_floor_seconds(model, device: str) -> tuple[float, float]:
     sync()
     bytes_per_s = 2 * src.numel() * 4 * reps / (time.perf_counter() - start)  # a copy reads and writes
     return weight_bytes / bytes_per_s, bytes_per_s
+
+
+class HalfAtMiddle(ExitPolicy):
+    """Each row's token leaves at `layer` with probability 1/2 (seeded per run, so every run sees the same)."""
+
+    def __init__(self, layer: int, seed: int = 0):
+        self.layer, self.gen = layer, torch.Generator().manual_seed(seed)
+
+    def live_exits(self, exit_layers):
+        return [self.layer]
+
+    def decide(self, layer, logits, step, rows, hidden=None):
+        return (torch.rand(len(rows), generator=self.gen) < 0.5).to(rows.device)

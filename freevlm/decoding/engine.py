@@ -80,6 +80,31 @@ class ExitGate:
 
 
 @dataclass
+class ParamCosts:
+    """Parameters each piece of a step touches: what `WorkCounter.params_touched` adds up (a weight-bound step
+    costs what it reads)."""
+
+    layers: list[int]  # per LM layer
+    exit_layers: dict[int, int]  # per live exit: its own layer (0 for exits without one)
+    exit_logits: dict[int, int]  # per live exit: what turns its features into logits
+    head: int  # final norm + vocabulary head
+
+    @classmethod
+    def of(cls, backbone: Blip2Backbone, exits: dict[int, nn.Module], live: list[int]) -> ParamCosts:
+        count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+        return cls(
+            layers=[count(layer) for layer in backbone.layers],
+            exit_layers={i: count(exits[i].layer) if exits[i].needs_cache else 0 for i in live},
+            exit_logits={i: exits[i].logit_parameters(backbone) for i in live},
+            head=backbone.head_parameters(),
+        )
+
+    @property
+    def full_step(self) -> int:
+        return sum(self.layers) + self.head
+
+
+@dataclass
 class WorkCounter:
     """What the engine actually ran, for speed accounting (parameters touched, not assumed)."""
 
@@ -121,14 +146,9 @@ class EarlyExitDecoder:
         self.pending: torch.Tensor | None = None  # [B, capacity, H] hidden state of each not-yet-caught-up slot
         self.unpadded = bool(ctx.key_mask.all())
         self.work = WorkCounter()
-        self._layer_params = [sum(p.numel() for p in layer.parameters()) for layer in backbone.layers]
-        self._exit_params = {
-            i: sum(p.numel() for p in exits[i].layer.parameters()) if exits[i].needs_cache else 0 for i in self.live
-        }
-        self._exit_logit_params = {i: exits[i].logit_parameters(backbone) for i in self.live}
-        self._head_params = backbone.head_parameters()
-        full_step = sum(self._layer_params) + self._head_params
-        self.gate = ExitGate(full_step) if batch_policy == "auto" and self.batch_policy == "ride_along" else None
+        self.costs = ParamCosts.of(backbone, exits, self.live)
+        gated = batch_policy == "auto" and self.batch_policy == "ride_along"
+        self.gate = ExitGate(self.costs.full_step) if gated else None
         # inputs of exit layers skipped while the gate was closed, so their caches can catch up when it reopens
         self.exit_inputs: dict[int, torch.Tensor] = {}
         self._mask_memo: tuple | None = None
@@ -170,7 +190,7 @@ class EarlyExitDecoder:
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         self.work.head_calls += 1
-        self.work.params_touched += self._head_params
+        self.work.params_touched += self.costs.head
         return self.backbone.head(hidden)
 
     # --- the step ---------------------------------------------------------------------------------------------
@@ -251,7 +271,7 @@ class EarlyExitDecoder:
                             x, lo = x[:, min(fill) - lo :], min(fill)
             x = self._run(self.backbone.layers[depth], self.kv[depth], x, rows, ids, lo, end, fill)
             self.work.layer_calls += 1
-            self.work.params_touched += self._layer_params[depth]
+            self.work.params_touched += self.costs.layers[depth]
             self.work.catchup_slots += new_start - lo
             prev_fill = fill
         last, where = (x[:, -1], out_idx) if not any(emitted_ids) else (x[~emitted, -1], out_idx[~emitted])
@@ -296,7 +316,7 @@ class EarlyExitDecoder:
                 lo = start
             y = self._run(exit_module.layer, kv, x[:, start - lo :], rows, ids, start, end, exit_fill)
             self.work.exit_calls += 1
-        self.work.params_touched += self._exit_params[depth]
+        self.work.params_touched += self.costs.exit_layers[depth]
         logits = self._exit_logits(depth, y[:, -1]) if self.policy.needs_logits(depth) else None
         leave = self.policy.decide(depth, logits, step, rows, x[:, -1]) & ~emitted
         if self.batch_policy == "slowest":  # the step waits for its slowest row: all leave or none
@@ -324,7 +344,7 @@ class EarlyExitDecoder:
     def _exit_logits(self, depth: int, features: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits at an exit: the frozen head (FREE, MuE) or the exit's own classifier."""
         self.work.head_calls += 1
-        self.work.params_touched += self._exit_logit_params[depth]
+        self.work.params_touched += self.costs.exit_logits[depth]
         return self.exits[depth].logits(self.backbone, features)
 
     def _emit(self, all_logits, logits, where, tokens, exit_at, depth):

@@ -164,7 +164,7 @@ def analytic_speedup(exit_layers: list[int], num_layers: int) -> float:
 def summarize(backbone: Blip2Backbone, decoder: EarlyExitDecoder, exit_layers: torch.Tensor) -> DecodeStats:
     n, steps = backbone.num_layers, decoder.work.steps
     real = [int(e) for e in exit_layers.flatten().tolist() if e >= 0]
-    full_step = sum(decoder._layer_params) + decoder._head_params
+    full_step = decoder.costs.full_step
     per_step = decoder.work.params_touched / max(steps, 1)
     return DecodeStats(
         num_layers=n,

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..backbones.base import Blip2Backbone, Context
-from .engine import ExitGate, StepResult, WorkCounter, resolve_batch_policy
+from .engine import ExitGate, ParamCosts, StepResult, WorkCounter, resolve_batch_policy
 from .policies import ExitPolicy
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -163,12 +163,7 @@ class StaticDecoder:
         self.exit_inputs: dict[int, torch.Tensor] = {}  # exit layer inputs kept while the gate is closed
         self.key_ok = torch.ones(self.batch_size, slots, dtype=torch.bool, device=ctx.key_mask.device)
         self.runner = SegmentRunner(graphs)
-        self._layer_params = [sum(p.numel() for p in layer.parameters()) for layer in backbone.layers]
-        self._exit_params = {
-            i: sum(p.numel() for p in exits[i].layer.parameters()) if exits[i].needs_cache else 0 for i in self.live
-        }
-        self._exit_logit_params = {i: exits[i].logit_parameters(backbone) for i in self.live}
-        self._head_params = backbone.head_parameters()
+        self.costs = ParamCosts.of(backbone, exits, self.live)
         self._gated = batch_policy == "auto" and self.batch_policy == "ride_along"
         self.restart(ctx, policy)
 
@@ -181,7 +176,7 @@ class StaticDecoder:
             kv.fill = 0
         self.work = WorkCounter()
         self._windows: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # this step's windows
-        self.gate = ExitGate(sum(self._layer_params) + self._head_params) if self._gated else None
+        self.gate = ExitGate(self.costs.full_step) if self._gated else None
 
     # --- windows ------------------------------------------------------------------------------------------------
     def _window(self, start: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,7 +241,7 @@ class StaticDecoder:
         else:
             out = self.runner((first, last, exit_depth, keep, with_logits, bucket), fn, x, slots, mask, last_slot)
         self.work.layer_calls += last - first
-        self.work.params_touched += sum(self._layer_params[first:last])
+        self.work.params_touched += sum(self.costs.layers[first:last])
         return (out[0][:, :size], *out[1:])
 
     # --- the request --------------------------------------------------------------------------------------------
@@ -328,7 +323,7 @@ class StaticDecoder:
             if exit_depth in self.exit_kv:
                 self.exit_kv[exit_depth].fill = end
                 self.work.exit_calls += 1
-            self.work.params_touched += self._exit_params[exit_depth]
+            self.work.params_touched += self.costs.exit_layers[exit_depth]
             if logits is not None:
                 self._count_head(exit_depth)
             leave = self.policy.decide(exit_depth, logits, step, rows, x[:, -1]) & ~emitted
@@ -361,7 +356,7 @@ class StaticDecoder:
 
     def _count_head(self, depth: int | None) -> None:
         self.work.head_calls += 1
-        self.work.params_touched += self._head_params if depth is None else self._exit_logit_params[depth]
+        self.work.params_touched += self.costs.head if depth is None else self.costs.exit_logits[depth]
 
     def _join_pending(self, x: torch.Tensor, depth: int, lo: int) -> tuple[torch.Tensor, int]:
         """Pending tokens that stopped below `depth` (slots from the layer's fill level up) join the window."""
