@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ class Blip2Bundle:
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         cfg = self.model.config
+        warn_small_images(images, self.image_processor)
         pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         self.tokenizer.padding_side = "left"
         text = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
@@ -50,6 +52,17 @@ class Blip2Bundle:
 
     def decode(self, token_ids: torch.Tensor) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
+
+
+def warn_small_images(images: list[Image.Image], image_processor) -> None:
+    """One warning when an image is far smaller than what the processor resizes to: upscaled many times over, it
+    holds little the model can see (a thumbnail passed by mistake)."""
+    size = getattr(image_processor, "size", None) or {}
+    target = min(size.get("height", 0), size.get("width", 0)) or size.get("shortest_edge", 0)
+    small = [i for i, image in enumerate(images) if target and min(image.size) * 4 < target]
+    if small:
+        warnings.warn(f"image(s) {small[:8]} are under a quarter of the {target} px the image processor resizes "
+                      "to: upscaled that far they carry little detail", stacklevel=3)  # fmt: skip
 
 
 def load_blip2(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None) -> Blip2Bundle:

@@ -130,3 +130,20 @@ def test_exits_weights_from_another_run_are_refused(tmp_path, opt_model):
     for load in (load_exits, EarlyExitVLM.from_pretrained):
         with pytest.raises(CheckpointMismatchError, match="is not the weights file saved with its exits_config.json"):
             load(opt_model, mine)
+
+
+def test_a_thumbnail_far_below_the_processor_size_warns_once():
+    from PIL import Image
+
+    from freevlm.hub import warn_small_images
+
+    class Processor:
+        size = {"height": 224, "width": 224}
+
+    with pytest.warns(UserWarning, match=r"image\(s\) \[1\] are under a quarter of the 224 px"):
+        warn_small_images([Image.new("RGB", (200, 180)), Image.new("RGB", (40, 40))], Processor())
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_small_images([Image.new("RGB", (200, 180))], Processor())
