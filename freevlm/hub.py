@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from safetensors import SafetensorError, safe_open
 
+from .inputs import InputWarning
+
 # beside config.json: the BLIP-2's `vision_model` is one of ours (written by `freevlm.demo.backbone.save_backbone`)
 BACKBONE_MARKER = "freevlm_backbone.json"
 
@@ -62,7 +64,7 @@ def warn_small_images(images: list[Image.Image], image_processor) -> None:
     small = [i for i, image in enumerate(images) if target and min(image.size) * 4 < target]
     if small:
         warnings.warn(f"image(s) {small[:8]} are under a quarter of the {target} px the image processor resizes "
-                      "to: upscaled that far they carry little detail", stacklevel=3)  # fmt: skip
+                      "to: upscaled that far they carry little detail", InputWarning, stacklevel=3)  # fmt: skip
 
 
 def load_blip2(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None) -> Blip2Bundle:

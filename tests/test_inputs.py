@@ -136,11 +136,12 @@ def test_a_thumbnail_far_below_the_processor_size_warns_once():
     from PIL import Image
 
     from freevlm.hub import warn_small_images
+    from freevlm.inputs import InputWarning
 
     class Processor:
         size = {"height": 224, "width": 224}
 
-    with pytest.warns(UserWarning, match=r"image\(s\) \[1\] are under a quarter of the 224 px"):
+    with pytest.warns(InputWarning, match=r"image\(s\) \[1\] are under a quarter of the 224 px"):
         warn_small_images([Image.new("RGB", (200, 180)), Image.new("RGB", (40, 40))], Processor())
     import warnings
 
