@@ -114,9 +114,9 @@ class DemoConfig:
 
     @classmethod
     def quick_config(cls, **overrides) -> DemoConfig:
-        quick = {"quick": True, "train_images": 1200, "dev_images": 24, "test_images": 30, "ood_images": 20,
-                 "vqa_test_questions": 30, "easyvqa_train": 400, "backbone_steps": 120, "backbone_batch": 16,
-                 "exit_steps": 40, "exit_batch": 16, "baseline_steps": 30, "thresholds": (0.5, 0.7, 0.9, 1.0),
+        quick = {"quick": True, "train_images": 1200, "dev_images": 16, "test_images": 20, "ood_images": 12,
+                 "vqa_test_questions": 20, "easyvqa_train": 400, "backbone_steps": 80, "backbone_batch": 16,
+                 "exit_steps": 20, "exit_batch": 16, "baseline_steps": 30, "thresholds": (0.5, 0.9, 1.0),
                  "methods": False, "timing_repeats": 1, "speculative_images": 10, "timing_images": 10}  # fmt: skip
         return cls(**(quick | overrides))
 
