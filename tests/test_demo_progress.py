@@ -52,3 +52,14 @@ def test_evaluation_reports_images_done(world):
     evaluate_captions(ee, processor, records[:5], 0.9, batch_size=2, max_new_tokens=3, compare_full=False)
     processor.close()
     assert done == [2, 4, 5]
+
+
+def test_batched_evaluation_decodes_what_batch_1_does(world):
+    """Quality runs must not depend on the batch size: under "auto" a small batch's gate would turn exits off."""
+    bundle, _, records = world
+    ee = EarlyExitVLM(bundle.model, ExitConfig(exit_layers=(1, 2)))
+    runs = [evaluate_captions(ee, bundle, records[:6], 0.02, batch_size=size, max_new_tokens=4, compare_full=False)
+            for size in (1, 3)]  # fmt: skip
+    assert runs[0].predictions == runs[1].predictions
+    assert runs[0].speed.exit_histogram == runs[1].speed.exit_histogram
+    assert len(runs[0].speed.exit_histogram) >= 3  # rows leave at different exits

@@ -405,17 +405,17 @@ class Demo:
         return run, timed
 
     def _captions(self, name: str, ee: EarlyExitVLM, records, *args, **kwargs):
-        """`evaluate_captions` with a progress bar named `name`; batched runs decode as batch 1 would (`_PerRow`)."""
+        """`evaluate_captions` with a progress bar named `name` (batched runs decode as batch 1 would)."""
         processor = self.processor(name, len(records))
         try:
-            return evaluate_captions(_PerRow(ee), processor, records, *args, **kwargs)
+            return evaluate_captions(ee, processor, records, *args, **kwargs)
         finally:
             processor.close()
 
     def _vqa(self, name: str, ee: EarlyExitVLM, records, *args, **kwargs):
         processor = self.processor(name, len(records))
         try:
-            return evaluate_vqa(_PerRow(ee), processor, records, *args, **kwargs)
+            return evaluate_vqa(ee, processor, records, *args, **kwargs)
         finally:
             processor.close()
 
@@ -635,21 +635,6 @@ def _speed(run) -> dict:
     return {"analytic_speedup": s.analytic_speedup, "measured_decode_speedup": s.decode_speedup,
             "measured_end_to_end_speedup": s.wallclock_speedup, "mean_layers_per_token": s.mean_layers_per_token,
             "exit_histogram": {str(k): v for k, v in s.exit_histogram.items()}}  # fmt: skip
-
-
-class _PerRow:
-    """An `EarlyExitVLM` whose `generate` lets every row of a batch exit on its own (`batch_policy="per_row"`), so a
-    batched quality run decodes exactly what one request at a time gets; under "auto", rows of a small batch ride
-    along behind a gate that stops consulting exits, and batched captions are then mostly the final layer's."""
-
-    def __init__(self, ee: EarlyExitVLM):
-        self._ee = ee
-
-    def __getattr__(self, name):
-        return getattr(self._ee, name)
-
-    def generate(self, *args, **kwargs):
-        return self._ee.generate(*args, **dict(kwargs, batch_policy="per_row"))
 
 
 class _Ticking:

@@ -100,7 +100,10 @@ def generate_texts(
         inputs = processor.inputs(batch, list(prompts[start : start + batch_size]))
         validate_generate_inputs(ee.backbone, inputs["pixel_values"], inputs["input_ids"],
                                  inputs.get("attention_mask"), max_new_tokens)  # e.g. too long a prompt: before decoding  # fmt: skip
-        run = dict(inputs, max_new_tokens=max_new_tokens, kv=kv)
+        # every row decodes what it would alone: rows ride along (exact with recompute; "auto"'s gate would turn
+        # exits off in small batches), or are compacted where propagate makes riding along differ
+        batch_policy = "ride_along" if kv == "recompute" else "per_row"
+        run = dict(inputs, max_new_tokens=max_new_tokens, kv=kv, batch_policy=batch_policy)
         early = lambda: ee.generate(**run, mode="early_exit", policy=policy)  # noqa: E731
         full = lambda: ee.generate(**run, mode="full")  # noqa: E731
         if compare_full and b == 0:
