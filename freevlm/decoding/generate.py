@@ -109,6 +109,7 @@ def build_engine(backbone: Blip2Backbone, exits: dict[int, nn.Module], policy: E
         raise ValueError(f"static=True needs rows that move together: batch_policy={config.batch_policy!r} with "
                          f"{batch} rows compacts them (use 'ride_along' or 'slowest')")  # fmt: skip
     if uniform and config.static is not False:
+        # T5's position bias depends on the window's start slot, which a captured graph would freeze: eager
         graphs = backbone.device.type == "cuda" and backbone.family == "opt"
         return static_decoder(backbone, exits, policy, config.kv, ctx, config.batch_policy, graphs)
     return EarlyExitDecoder(backbone, exits, policy, config.kv, ctx, ctx.capacity, config.batch_policy)

@@ -192,10 +192,6 @@ class StaticDecoder:
         self._windows[(start, size)] = slots, mask[:, None]
         return self._windows[(start, size)]
 
-    def attention_mask(self, rows: torch.Tensor | None, start: int, end: int) -> torch.Tensor:
-        """Bool mask of queries `[start, end)` over every slot (for callers that run a layer over our caches)."""
-        return self._window(start, end - start)[1]
-
     # --- segments -----------------------------------------------------------------------------------------------
     def _layers(self, first: int, last: int, keep: tuple[int, ...], x, slots, mask, start: int):
         """LM layers `first..last-1` over one window; exit inputs of `keep` (gate closed) are stored on the way."""
@@ -236,7 +232,7 @@ class StaticDecoder:
         slots, mask = self._window(start, padded)
         last_slot = torch.full((1,), size - 1, dtype=torch.long, device=x.device)
         fn = self._segment_fn(first, last, exit_depth, keep, start, with_logits)
-        if bucket is None or self.backbone.family != "opt":  # T5's position bias depends on the start: eager
+        if bucket is None:
             out = fn(x, slots, mask, last_slot)
         else:
             out = self.runner((first, last, exit_depth, keep, with_logits, bucket), fn, x, slots, mask, last_slot)
