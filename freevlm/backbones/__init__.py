@@ -8,9 +8,6 @@ from .base import Blip2Backbone, Context
 from .blip2_opt import Blip2OPTBackbone
 from .blip2_t5 import Blip2T5Backbone
 
-FAMILIES = {"opt": Blip2OPTBackbone, "t5": Blip2T5Backbone}
-
-
 def load_backbone(model: nn.Module) -> Blip2Backbone:
     """The adapter for a Hugging Face `Blip2ForConditionalGeneration`; a clear error for anything else."""
     from transformers import Blip2ForConditionalGeneration
@@ -28,4 +25,4 @@ def load_backbone(model: nn.Module) -> Blip2Backbone:
     raise TypeError(f"unsupported BLIP-2 language model '{model_type}': freevlm supports OPT and T5/FlanT5")
 
 
-__all__ = ["Blip2Backbone", "Context", "FAMILIES", "load_backbone"]
+__all__ = ["Blip2Backbone", "Context", "load_backbone"]

@@ -52,17 +52,6 @@ class Context:
     def capacity(self) -> int:
         return self.key_mask.shape[1]
 
-    def select(self, index: torch.Tensor) -> None:
-        """Keep/reorder rows (beam search)."""
-        self.prompt_ids = self.prompt_ids.index_select(0, index)
-        self.prompt_embeds = self.prompt_embeds.index_select(0, index)
-        self.key_mask = self.key_mask.index_select(0, index)
-        for key, value in self.extra.items():
-            if isinstance(value, torch.Tensor):
-                self.extra[key] = value.index_select(0, index)
-            elif isinstance(value, dict):
-                self.extra[key] = {k: tuple(t.index_select(0, index) for t in kv) for k, kv in value.items()}
-
 
 class Blip2Backbone:
     """Base adapter around a `Blip2ForConditionalGeneration`; subclasses fill in the language-model family."""
