@@ -1,8 +1,10 @@
-"""What every BLIP-2 backbone shares: the image path (ViT -> Q-Former -> projection) and the prompt layout.
+"""What every backbone adapter provides (`Backbone`), and what every BLIP-2 shares: the image path (ViT -> Q-Former
+-> projection) and the prompt layout (`Blip2Backbone`).
 
-A backbone adapter exposes a frozen Hugging Face BLIP-2 as the pieces the early-exit engine and the trainers need:
-start a request (image + prompt), embed a token, run LM layer i with a cache of ours, apply the frozen head, and
-build an exit layer of the LM's own class. One subclass per language-model family (`blip2_opt.py`, `blip2_t5.py`).
+A backbone adapter exposes a frozen Hugging Face vision-language model as the pieces the early-exit engine and the
+trainers need: start a request (image + prompt), embed a token, run LM layer i with a cache of ours, apply the frozen
+head, and build an exit layer of the LM's own class. One subclass per model and language-model family
+(`blip2_opt.py`, `blip2_t5.py`, `instructblip.py`, `llava.py`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ def cache_keyword(layer_class: type) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def decoder_positions(key_mask: torch.Tensor) -> torch.Tensor:
+    """Position of every slot of a left-padded decoder-only sequence: the number of real tokens before it, as
+    Hugging Face's `generate` derives it from the attention mask (padding slots get -1; no real token sees them)."""
+    counts = key_mask.long()
+    return torch.cumsum(counts, dim=1) * counts - 1
+
+
 @dataclass
 class Context:
     """Per-request state that does not change while decoding (image features, masks, encoder output)."""
@@ -53,10 +62,15 @@ class Context:
         return self.key_mask.shape[1]
 
 
-class Blip2Backbone:
-    """Base adapter around a `Blip2ForConditionalGeneration`; subclasses fill in the language-model family."""
+class Backbone:
+    """What the engine, the exits and the trainers use of a frozen model; one subclass per model and LM family.
 
-    family: str = ""
+    `model` is the user's Hugging Face model, `lm` the part that owns the vocabulary head and the generation config,
+    `config` the model's config as the rest of freevlm reads it (BLIP-2's names for the prompt layout:
+    `num_query_tokens` image tokens of id `image_token_index` per image, and `text_config`).
+    """
+
+    family: str = ""  # the LM family: exits are saved with it, and the engine picks per-family paths by it
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -82,47 +96,17 @@ class Blip2Backbone:
     def device(self) -> torch.device:
         return self.lm.get_output_embeddings().weight.device
 
-    # --- the image path and the prompt ------------------------------------------------------------------------
+    # --- family-specific pieces (see blip2_opt.py for an example) -----------------------------------------------
     def image_prompt_embeds(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Embeddings of `input_ids` with the projected Q-Former outputs in place of the image tokens.
+        """Embeddings of the prompt with image features in place of its image tokens.
 
-        Follows Hugging Face's `Blip2ForConditionalGeneration.generate`: the prompt carries `num_query_tokens`
-        image placeholder tokens that are replaced by image features. A prompt without them gets them prepended.
-        Returns (input_ids, inputs_embeds, attention_mask), all with the image tokens included.
+        Returns (input_ids, inputs_embeds, attention_mask), all with the image tokens included: `inputs_embeds`
+        is what the model's own `generate` feeds its language model.
         """
-        model, cfg = self.model, self.config
-        image_embeds = model.vision_model(pixel_values, return_dict=True).last_hidden_state
-        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        query_tokens = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        query_output = model.qformer(
-            query_embeds=query_tokens,
-            encoder_hidden_states=image_embeds,
-            encoder_attention_mask=image_mask,
-            return_dict=True,
-        ).last_hidden_state
-        image_features = model.language_projection(query_output.to(image_embeds.dtype))
+        raise NotImplementedError
 
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        image_token = cfg.image_token_index
-        has_image_tokens = image_token is not None and bool((input_ids == image_token).any())
-        if not has_image_tokens:
-            fill = image_token if image_token is not None else 0
-            n, q = input_ids.shape[0], cfg.num_query_tokens
-            input_ids = torch.cat([input_ids.new_full((n, q), fill), input_ids], dim=1)
-            attention_mask = torch.cat([attention_mask.new_ones((n, q)), attention_mask], dim=1)
-        inputs_embeds = self.lm.get_input_embeddings()(input_ids)
-        image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
-        if has_image_tokens:
-            slots = (input_ids == image_token).unsqueeze(-1)
-            inputs_embeds = inputs_embeds.masked_scatter(slots, image_features)
-        else:
-            inputs_embeds = torch.cat([image_features, inputs_embeds[:, image_features.shape[1] :]], dim=1)
-        return input_ids, inputs_embeds, attention_mask
-
-    # --- family-specific pieces (see blip2_opt.py / blip2_t5.py) -----------------------------------------------
     def start(
         self,
         pixel_values: torch.Tensor,
@@ -179,8 +163,11 @@ class Blip2Backbone:
             states.append(hidden)
         return states, ctx, mask
 
-    def kv_projection(self, layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Only the self-attention K/V a layer would cache for `hidden` (CALM-style state propagation)."""
+    def kv_projection(
+        self, layer: nn.Module, hidden: torch.Tensor, ctx: Context, rows: torch.Tensor | None, start: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Only the self-attention K/V a layer would cache for `hidden` at slots `[start, start + q)` of `rows`
+        (CALM-style state propagation; the slots matter where keys carry their position, as with rotary ones)."""
         raise NotImplementedError
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -235,3 +222,44 @@ class Blip2Backbone:
             "architecture_hash": arch_hash,
             "weight_digest": digest,
         }
+
+
+class Blip2Backbone(Backbone):
+    """A `Blip2ForConditionalGeneration`; subclasses fill in the language-model family."""
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The projected Q-Former outputs, `[B, num_query_tokens, H]`: what replaces the image tokens."""
+        model = self.model
+        image_embeds = model.vision_model(pixel_values, return_dict=True).last_hidden_state
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        query_tokens = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        query_output = model.qformer(
+            query_embeds=query_tokens,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_mask,
+            return_dict=True,
+        ).last_hidden_state
+        return model.language_projection(query_output.to(image_embeds.dtype))
+
+    def image_prompt_embeds(self, pixel_values, input_ids, attention_mask):
+        """Follows Hugging Face's `Blip2ForConditionalGeneration.generate`: the prompt carries `num_query_tokens`
+        image placeholder tokens that are replaced by image features. A prompt without them gets them prepended."""
+        cfg = self.config
+        image_features = self.image_features(pixel_values)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        image_token = cfg.image_token_index
+        has_image_tokens = image_token is not None and bool((input_ids == image_token).any())
+        if not has_image_tokens:
+            fill = image_token if image_token is not None else 0
+            n, q = input_ids.shape[0], cfg.num_query_tokens
+            input_ids = torch.cat([input_ids.new_full((n, q), fill), input_ids], dim=1)
+            attention_mask = torch.cat([attention_mask.new_ones((n, q)), attention_mask], dim=1)
+        inputs_embeds = self.lm.get_input_embeddings()(input_ids)
+        image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+        if has_image_tokens:
+            slots = (input_ids == image_token).unsqueeze(-1)
+            inputs_embeds = inputs_embeds.masked_scatter(slots, image_features)
+        else:
+            inputs_embeds = torch.cat([image_features, inputs_embeds[:, image_features.shape[1] :]], dim=1)
+        return input_ids, inputs_embeds, attention_mask

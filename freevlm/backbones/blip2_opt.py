@@ -3,6 +3,8 @@
 The prompt (image tokens + text, left-padded) is the start of the decoder's own sequence. OPT adds learned
 position embeddings at the input, computed from the attention mask as Hugging Face does, so a slot's position is
 the number of real tokens before it.
+
+This is the adapter to read when adding a family: each method is the family's version of a `Backbone` piece.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from torch import nn
 from transformers.models.opt.modeling_opt import OPTDecoderLayer
 
 from ..cache_utils import KVView
-from .base import Blip2Backbone, Context, cache_keyword
+from .base import Blip2Backbone, Context, cache_keyword, decoder_positions
 
 
 class Blip2OPTBackbone(Blip2Backbone):
@@ -32,9 +34,7 @@ class Blip2OPTBackbone(Blip2Backbone):
         batch, prompt_len = input_ids.shape
         key_mask = torch.ones(batch, prompt_len + max_new_tokens, dtype=torch.bool, device=embeds.device)
         key_mask[:, :prompt_len] = attention_mask.bool()
-        counts = key_mask.long()
-        positions = (torch.cumsum(counts, dim=1) * counts - 1).long()  # Hugging Face's OPT position ids
-        return Context(input_ids, embeds, key_mask, {"positions": positions})
+        return Context(input_ids, embeds, key_mask, {"positions": decoder_positions(key_mask)})
 
     def _add_positions(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self.decoder.project_in is not None:
@@ -54,7 +54,7 @@ class Blip2OPTBackbone(Blip2Backbone):
     def run_layer(self, layer, hidden, ctx, cache: KVView, mask, rows):
         return layer(hidden, attention_mask=mask, **{cache_keyword(type(layer)): cache})
 
-    def kv_projection(self, layer: OPTDecoderLayer, hidden):
+    def kv_projection(self, layer: OPTDecoderLayer, hidden, ctx, rows, start):
         attn = layer.self_attn
         normed = layer.self_attn_layer_norm(hidden) if layer.do_layer_norm_before else hidden
         shape = (*hidden.shape[:-1], attn.num_heads, attn.head_dim)

@@ -131,7 +131,7 @@ class Blip2T5Backbone(Blip2Backbone):
         ctx.extra["window"] = (key, (bias.to(hidden.dtype), cross_bias, encoder_mask))
         return ctx.extra["window"][1]
 
-    def kv_projection(self, layer: T5Block, hidden):
+    def kv_projection(self, layer: T5Block, hidden, ctx, rows, start):
         attn = layer.layer[0].SelfAttention
         normed = layer.layer[0].layer_norm(hidden)
         shape = (*hidden.shape[:-1], attn.n_heads, attn.key_value_proj_dim)

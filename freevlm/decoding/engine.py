@@ -384,8 +384,9 @@ class EarlyExitDecoder:
             self.pending = self.pending.index_select(0, index)
 
     def _write_projected(self, layer, kv: LayerKV, x, rows, ids, lo):
-        keys, values = self.backbone.kv_projection(layer, x)
-        kv.write(self._rows_arg(rows), lo, keys, values, None)
+        rows_arg = self._rows_arg(rows)
+        keys, values = self.backbone.kv_projection(layer, x, self.ctx, rows_arg, lo)
+        kv.write(rows_arg, lo, keys, values, None)
         self.work.kv_projections += 1
         for b in ids:
             kv.filled[b] = lo + x.shape[1]

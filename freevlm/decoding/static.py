@@ -397,7 +397,7 @@ class StaticDecoder:
                 self._write_projected(self.exits[i].layer, kv, x, slots, lo)
 
     def _write_projected(self, layer, kv: StaticKV, x, slots, lo) -> None:
-        keys, values = self.backbone.kv_projection(layer, x)
+        keys, values = self.backbone.kv_projection(layer, x, self.ctx, None, lo)
         StaticView(kv, slots, lo).update(keys, values)
         kv.fill = lo + x.shape[1]
         self.work.kv_projections += 1
