@@ -28,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
     setup_threads()
     if args.backbone:
-        from freevlm.hub import load_blip2
+        from freevlm.loading import load_blip2
         from freevlm.tiny import tiny_inputs
 
         bundle = load_blip2(args.backbone)

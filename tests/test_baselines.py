@@ -357,7 +357,7 @@ def test_sweep_cli_method_mue_and_pabee(tmp_path):
     from tiny_processor import tiny_bundle
 
     from freevlm.cli import main
-    from freevlm.hub import load_blip2
+    from freevlm.loading import load_blip2
 
     model = tiny_blip2("opt", seed=2, num_layers=4)
     bundle = tiny_bundle(model)

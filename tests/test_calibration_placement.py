@@ -11,7 +11,7 @@ from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.cli import main
 from freevlm.commands.calibrate import candidate_placements, exits_subset
 from freevlm.decoding.policies import FixedSchedulePolicy
-from freevlm.hub import load_blip2
+from freevlm.loading import load_blip2
 from freevlm.tiny import tiny_blip2, tiny_inputs
 from tiny_processor import tiny_bundle
 

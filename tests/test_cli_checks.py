@@ -162,7 +162,7 @@ def test_backbone_without_tokenizer_says_so(files, tmp_path, capsys):
 
 def test_truncated_exits_weights(files, tmp_path, capsys):
     from freevlm import EarlyExitVLM, ExitConfig
-    from freevlm.hub import load_blip2
+    from freevlm.loading import load_blip2
 
     EarlyExitVLM(load_blip2(files["backbone"]).model, ExitConfig([2])).save_exits(tmp_path / "exits")
     _truncate(tmp_path / "exits" / "exits.safetensors")

@@ -7,7 +7,7 @@ import torch
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.data import easyvqa, shapes
 from freevlm.demo.backbone import IMAGE, build_backbone, save_backbone
-from freevlm.hub import BACKBONE_MARKER, load_blip2
+from freevlm.loading import BACKBONE_MARKER, load_blip2
 from freevlm.vision.efficientnet import EfficientNetVisionEncoder
 
 

@@ -7,7 +7,7 @@ import pytest
 import dataset_files as files
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.cli import main
-from freevlm.hub import load_blip2
+from freevlm.loading import load_blip2
 from freevlm.tiny import tiny_blip2
 from tiny_processor import tiny_bundle
 

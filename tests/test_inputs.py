@@ -119,7 +119,7 @@ def test_exits_weights_from_another_run_are_refused(tmp_path, opt_model):
     import shutil
 
     from freevlm import EarlyExitVLM, ExitConfig
-    from freevlm.hub import load_exits
+    from freevlm.loading import load_exits
     from freevlm.model import CheckpointMismatchError
 
     mine, other = tmp_path / "mine", tmp_path / "other"
@@ -135,7 +135,7 @@ def test_exits_weights_from_another_run_are_refused(tmp_path, opt_model):
 def test_a_thumbnail_far_below_the_processor_size_warns_once():
     from PIL import Image
 
-    from freevlm.hub import warn_small_images
+    from freevlm.loading import warn_small_images
     from freevlm.inputs import InputWarning
 
     class Processor:

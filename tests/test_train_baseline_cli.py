@@ -7,7 +7,7 @@ from training_helpers import save_tiny_blip2, write_shapes
 
 from freevlm import EarlyExitVLM
 from freevlm.cli import main
-from freevlm.hub import load_blip2
+from freevlm.loading import load_blip2
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,7 +12,7 @@ from training_helpers import save_tiny_blip2, save_tiny_clip, write_shapes
 
 from freevlm import EarlyExitVLM
 from freevlm.cli import main
-from freevlm.hub import load_blip2
+from freevlm.loading import load_blip2
 from freevlm.training import load_coco_captions
 from freevlm.training.capfilt import CapFiltConfig, capfilt, load_scorer, rank_captions, sample_captions
 

@@ -1,12 +1,12 @@
 """A word-level tokenizer and image processor sized for `freevlm.tiny` models, so the evaluation runs end to end
-through `hub.Blip2Bundle` without any downloaded files."""
+through `loading.Blip2Bundle` without any downloaded files."""
 
 from __future__ import annotations
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import BlipImageProcessorPil, PreTrainedTokenizerFast
 
-from freevlm.hub import Blip2Bundle
+from freevlm.loading import Blip2Bundle
 
 WORDS = ("a photo of question short answer what color is the square how many it red blue green one two yes no "
          "there any people big small circle triangle").split() + [":", "?", ".", ","]  # fmt: skip

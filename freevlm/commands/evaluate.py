@@ -78,7 +78,7 @@ def _check_before_loading(args, thresholds) -> None:
     and the exit layers against its depth."""
     from ..cli import UserError
     from ..exits import ExitConfig
-    from ..hub import check_blip2_folder, lm_num_layers
+    from ..loading import check_blip2_folder, lm_num_layers
 
     method = get_method(args.method)
     for t in thresholds:
@@ -96,7 +96,7 @@ def _load(args):
     from ..backbones import load_backbone
     from ..cli import UserError
     from ..exits import ExitConfig
-    from ..hub import load_blip2, load_exits
+    from ..loading import load_blip2, load_exits
     from ..model import EarlyExitVLM
 
     kind = get_method(args.method).exit_kind

@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def caption(args: argparse.Namespace) -> int:
-    from ..hub import check_blip2_folder, load_blip2, load_exits
+    from ..loading import check_blip2_folder, load_blip2, load_exits
     from ..inputs import validate_generate_inputs
 
     images = [load_image(path) for path in args.image]  # fail on a bad image before loading any weights

@@ -161,7 +161,7 @@ def _prepare(args: argparse.Namespace, config_cls, kind: str, **extra):
     it is overwritten; a resume has a readable checkpoint of the same kind), the backbone folder, the exit layers,
     and the captions. Returns the config and the (train, dev) records."""
     from ..exits import ExitConfig
-    from ..hub import check_blip2_folder, lm_num_layers
+    from ..loading import check_blip2_folder, lm_num_layers
     from ..training.checkpoint import check_resumable
 
     config = _config(config_cls, args, **extra)
@@ -191,7 +191,7 @@ def _run(train) -> int:
 
 
 def finetune_command(args: argparse.Namespace) -> int:
-    from ..hub import load_blip2
+    from ..loading import load_blip2
     from ..training import FinetuneConfig, finetune
 
     config, records = _prepare(args, FinetuneConfig, "finetune")
@@ -201,7 +201,7 @@ def finetune_command(args: argparse.Namespace) -> int:
 
 
 def train_exits_command(args: argparse.Namespace) -> int:
-    from ..hub import load_blip2
+    from ..loading import load_blip2
     from ..training import ExitTrainConfig, train_exits
 
     config, records = _prepare(args, ExitTrainConfig, "train-exits", exit_layers=tuple(args.exit_layers))
@@ -211,7 +211,7 @@ def train_exits_command(args: argparse.Namespace) -> int:
 
 
 def train_baseline_command(args: argparse.Namespace) -> int:
-    from ..hub import load_blip2
+    from ..loading import load_blip2
     from ..training.baselines import BaselineTrainConfig, train_baseline
 
     config, records = _prepare(args, BaselineTrainConfig, "train-baseline", exit_layers=tuple(args.exit_layers))
@@ -221,10 +221,10 @@ def train_baseline_command(args: argparse.Namespace) -> int:
 
 
 def capfilt_command(args: argparse.Namespace) -> int:
-    from ..hub import load_blip2
+    from ..loading import load_blip2
     from ..training.capfilt import CapFiltConfig, capfilt, load_scorer
 
-    from ..hub import check_blip2_folder
+    from ..loading import check_blip2_folder
 
     if bool(args.images) == bool(args.captions):
         raise UserError("give exactly one of --images or --captions")

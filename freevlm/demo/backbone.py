@@ -1,8 +1,9 @@
 """The demo's small BLIP-2: real Hugging Face classes, a frozen pretrained EfficientNet-Lite0 as image encoder.
 
 No BLIP-2 weights can be had here, so the demo trains its own. A ViT trained from scratch learns only the caption
-prior in minutes on a CPU; a frozen pretrained encoder grounds (DESIGN.md section 6), so `vision_model` is
-`EfficientNetVisionEncoder` while the Q-Former, projection and LM (OPT, or T5 by argument) are Hugging Face's.
+prior in minutes on a CPU; a frozen pretrained encoder grounds (measured: see `freevlm.vision.efficientnet`), so
+`vision_model` is `EfficientNetVisionEncoder` while the Q-Former, projection and LM (OPT, or T5 by argument) are
+Hugging Face's.
 The tokenizer is word-level over the shapes-world and easy-VQA words, built offline with `tokenizers`.
 """
 
@@ -26,7 +27,7 @@ from transformers import (
 )
 
 from ..data import easyvqa, shapes
-from ..hub import BACKBONE_MARKER, Blip2Bundle
+from ..loading import BACKBONE_MARKER, Blip2Bundle
 from ..vision.efficientnet import IMAGENET_MEAN, IMAGENET_STD, EfficientNetVisionEncoder
 
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
@@ -120,12 +121,12 @@ def generation_config(config: Blip2Config, max_new_tokens: int = 24) -> Generati
     return GenerationConfig(max_new_tokens=max_new_tokens, **{name: getattr(text, name, None) for name in ids})
 
 
-def model_from_config(config: Blip2Config, pretrained_encoder: bool = True) -> Blip2ForConditionalGeneration:
+def model_from_config(config: Blip2Config) -> Blip2ForConditionalGeneration:
     """A BLIP-2 whose `vision_model` is the EfficientNet encoder, query tokens drawn (not the dead zero default) and
     the Q-Former's cross-attention initialised so that the image reaches its output (`init_cross_attention`)."""
     model = Blip2ForConditionalGeneration(config)
     vision = config.vision_config
-    model.vision_model = EfficientNetVisionEncoder(vision.hidden_size, vision.image_size, pretrained_encoder)
+    model.vision_model = EfficientNetVisionEncoder(vision.hidden_size, vision.image_size, pretrained=True)
     with torch.no_grad():
         model.query_tokens.normal_(std=0.02)
     init_cross_attention(model.qformer)
@@ -162,11 +163,12 @@ def build_backbone(family: str = "opt", seed: int = 0, **config_kwargs) -> Blip2
 
 
 def save_backbone(bundle: Blip2Bundle, path: str | os.PathLike) -> Path:
-    """`save_pretrained` folder + a marker naming the encoder, so `freevlm.hub.load_blip2(path)` rebuilds it."""
+    """`save_pretrained` folder + a marker naming the encoder, so `freevlm.loading.load_blip2(path)` rebuilds it
+    (from `freevlm.vision.VISION_MODELS`)."""
     path = Path(path)
     bundle.model.save_pretrained(path)
     bundle.tokenizer.save_pretrained(path)
     bundle.image_processor.save_pretrained(path)
-    marker = {"vision_model": "efficientnet-lite0", "family": bundle.model.config.text_config.model_type}
+    marker = {"vision_model": bundle.model.vision_model.name, "family": bundle.model.config.text_config.model_type}
     (path / BACKBONE_MARKER).write_text(json.dumps(marker, indent=2))
     return path

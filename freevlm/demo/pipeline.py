@@ -35,7 +35,7 @@ from ..eval.captions import spice_unavailable_reason
 from ..eval.evaluate import CAPTION_PROMPT, VQA_PROMPT, evaluate_captions, evaluate_vqa
 from ..eval.plots import plot_per_layer, plot_quality_vs_speedup
 from ..eval.sweep import choose_threshold, method_parameters
-from ..hub import Blip2Bundle, load_blip2
+from ..loading import Blip2Bundle, load_blip2
 from ..model import EarlyExitVLM
 from ..methods import get_method
 from ..training.baselines import BaselineTrainConfig, train_baseline

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from ..data.images import load_image
-from ..hub import Blip2Bundle
+from ..loading import Blip2Bundle
 from .data import write_coco_captions
 
 

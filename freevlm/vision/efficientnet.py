@@ -2,8 +2,9 @@
 
 The package ships a state dict only (lukemelas-style key names: `_conv_stem`, `_blocks.i._depthwise_conv`, ...), so
 the module is written here to load it strictly. A frozen pretrained image encoder is BLIP-2's own recipe and the
-only one that grounds a small BLIP-2 in minutes on a CPU (DESIGN.md section 6): a ViT trained from scratch learns
-just the caption prior.
+only one that grounds a small BLIP-2 in minutes on a CPU. Measured on 2 cores (12-layer OPT, 5 minutes on 6000
+shapes images): a ViT trained from scratch gave one caption for every image (word accuracy 0.64, the caption
+prior); this encoder, frozen, reached 0.83.
 """
 
 from __future__ import annotations
@@ -113,6 +114,8 @@ class EfficientNetVisionEncoder(nn.Module):
     `last_hidden_state` `[B, tokens, hidden_size]` like Hugging Face's vision models; the frozen part stays in eval
     mode (BatchNorm statistics untouched) even when the parent model trains.
     """
+
+    name = "efficientnet-lite0"  # in `freevlm.vision.VISION_MODELS` and in the marker of a saved checkpoint
 
     def __init__(self, hidden_size: int, image_size: int = 128, pretrained: bool = True):
         super().__init__()

@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 
 from .inputs import InputWarning
 
-# beside config.json: the BLIP-2's `vision_model` is one of ours (written by `freevlm.demo.backbone.save_backbone`)
+# beside config.json: the BLIP-2's `vision_model` is not a ViT but the encoder this file names (see `freevlm.vision`)
 BACKBONE_MARKER = "freevlm_backbone.json"
 
 
@@ -159,16 +159,23 @@ def lm_num_layers(config) -> int:
 
 
 def _load_with_custom_vision(path: Path, dtype: torch.dtype | None) -> torch.nn.Module:
-    """A BLIP-2 whose image encoder is not a ViT: `from_pretrained` would build a ViT, so rebuild and load here."""
+    """A BLIP-2 whose image encoder is not a ViT: `from_pretrained` would build a ViT, so rebuild and load here.
+
+    The marker names the encoder, found in the registry `freevlm.vision.VISION_MODELS` (this loader imports no
+    model builder: the demo's is a layer above it).
+    """
     from safetensors.torch import load_file
-    from transformers import Blip2Config, GenerationConfig
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, GenerationConfig
 
-    from .demo.backbone import model_from_config
+    from .vision import VISION_MODELS
 
-    marker = json.loads((path / BACKBONE_MARKER).read_text())
-    if marker.get("vision_model") != "efficientnet-lite0":
-        raise ValueError(f"{path / BACKBONE_MARKER} names an unknown vision model {marker.get('vision_model')!r}")
-    model = model_from_config(Blip2Config.from_pretrained(path), pretrained_encoder=False)
+    name = json.loads((path / BACKBONE_MARKER).read_text()).get("vision_model")
+    if name not in VISION_MODELS:
+        raise ValueError(f"{path / BACKBONE_MARKER} names an unknown vision model {name!r}: one of {list(VISION_MODELS)}")
+    config = Blip2Config.from_pretrained(path)
+    model = Blip2ForConditionalGeneration(config)
+    vision = config.vision_config
+    model.vision_model = VISION_MODELS[name](vision.hidden_size, vision.image_size, pretrained=False)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise OSError(f"no *.safetensors weights in {path}")
