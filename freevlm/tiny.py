@@ -1,21 +1,32 @@
-"""Small random BLIP-2 models built from configs (tests, the quick-start command, benchmarks).
+"""Small random vision-language models built from configs (tests, the quick-start command, benchmarks).
 
 Built from a config, Hugging Face's BLIP-2 has a dead vision path: the vision config's default
 `initializer_range` is 1e-10 and `query_tokens` start at zero, so images cannot change the output. We pass a real
 initializer range and draw the query tokens, so the image matters in every model built here.
+
+`tiny_model(family)` builds any supported family: "opt", "t5" (BLIP-2) or "llama", "mistral", "qwen2" (LLaVA).
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers import (
     Blip2Config,
     Blip2ForConditionalGeneration,
     Blip2QFormerConfig,
     Blip2VisionConfig,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    MistralConfig,
     OPTConfig,
+    Qwen2Config,
     T5Config,
 )
+
+LLAVA_TEXT_CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
 
 
 def blip2_config(
@@ -66,7 +77,62 @@ def tiny_blip2(family: str = "opt", seed: int = 0, **config_kwargs) -> Blip2ForC
     return model.eval()
 
 
-def tiny_inputs(model: Blip2ForConditionalGeneration, batch: int = 1, prompt_len: int = 3, seed: int = 0, pad: bool = False):
+def llava_config(
+    family: str = "llama",
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    vocab_size: int = 99,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    image_size: int = 16,
+    sliding_window: int | None = None,
+) -> LlavaConfig:
+    """A LLaVA with a 2-layer CLIP tower (4 image tokens at the default size) and a grouped-query LM of `family`.
+    `sliding_window` turns on Mistral's window (every layer) or Qwen2's (layers from 1 up)."""
+    if family not in LLAVA_TEXT_CONFIGS:
+        raise ValueError(f"unknown LLaVA language model {family!r}: one of {sorted(LLAVA_TEXT_CONFIGS)}")
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
+        patch_size=8, projection_dim=32,
+    )  # fmt: skip
+    window = {}
+    if family == "mistral":
+        window = {"sliding_window": sliding_window}
+    elif family == "qwen2" and sliding_window is not None:
+        window = {"use_sliding_window": True, "sliding_window": sliding_window, "max_window_layers": 1}
+    text = LLAVA_TEXT_CONFIGS[family](
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0, **window,
+    )  # fmt: skip
+    return LlavaConfig(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=vocab_size - 1,
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )  # fmt: skip
+
+
+def tiny_llava(family: str = "llama", seed: int = 0, **config_kwargs) -> LlavaForConditionalGeneration:
+    """A random LLaVA in eval mode."""
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(llava_config(family, **config_kwargs)).eval()
+
+
+def tiny_model(family: str = "opt", seed: int = 0, **config_kwargs) -> nn.Module:
+    """A random model of any supported family (see the module docstring)."""
+    if family in LLAVA_TEXT_CONFIGS:
+        return tiny_llava(family, seed, **config_kwargs)
+    return tiny_blip2(family, seed, **config_kwargs)
+
+
+@torch.no_grad()
+def image_tokens(model: nn.Module, pixel_values: torch.Tensor) -> int:
+    """Image tokens a prompt holds per image: LLaVA's feature count (asked of the model), BLIP-2's query tokens."""
+    if isinstance(model, LlavaForConditionalGeneration):
+        return len(model.model.get_image_features(pixel_values=pixel_values[:1]).pooler_output[0])
+    return model.config.num_query_tokens
+
+
+def tiny_inputs(model: nn.Module, batch: int = 1, prompt_len: int = 3, seed: int = 0, pad: bool = False):
     """Random images and prompts in Hugging Face's layout: image tokens, then text; left padding if `pad`."""
     gen = torch.Generator().manual_seed(seed)
     cfg = model.config
@@ -74,8 +140,8 @@ def tiny_inputs(model: Blip2ForConditionalGeneration, batch: int = 1, prompt_len
     pixel_values = torch.randn(batch, 3, size, size, generator=gen)
     vocab = cfg.text_config.vocab_size
     text = torch.randint(4, vocab - 1, (batch, prompt_len), generator=gen)
-    image = torch.full((batch, cfg.num_query_tokens), cfg.image_token_index)
-    mask = torch.ones(batch, cfg.num_query_tokens + prompt_len, dtype=torch.long)
+    image = torch.full((batch, image_tokens(model, pixel_values)), cfg.image_token_index)
+    mask = torch.ones(batch, image.shape[1] + prompt_len, dtype=torch.long)
     input_ids = torch.cat([image, text], dim=1)
     if pad and batch > 1:
         pad_id = cfg.text_config.pad_token_id

@@ -1,28 +1,41 @@
-"""Backbone adapters, one per language-model family."""
+"""Backbone adapters, one per model and language-model family."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from .base import Blip2Backbone, Context
+from .base import Backbone, Blip2Backbone, Context
 from .blip2_opt import Blip2OPTBackbone
 from .blip2_t5 import Blip2T5Backbone
+from .llava import LANGUAGE_MODELS as LLAVA_LANGUAGE_MODELS
+from .llava import LlavaBackbone
 
-def load_backbone(model: nn.Module) -> Blip2Backbone:
-    """The adapter for a Hugging Face `Blip2ForConditionalGeneration`; a clear error for anything else."""
-    from transformers import Blip2ForConditionalGeneration
+T5_TYPES = ("t5", "mt5", "umt5")
+SUPPORTED = (
+    "Blip2ForConditionalGeneration (OPT, T5/FlanT5), "
+    f"LlavaForConditionalGeneration ({', '.join(LLAVA_LANGUAGE_MODELS)})"
+)
 
-    if not isinstance(model, Blip2ForConditionalGeneration):
+
+def load_backbone(model: nn.Module) -> Backbone:
+    """The adapter for a supported Hugging Face model; a clear error naming what is supported for anything else."""
+    from transformers import Blip2ForConditionalGeneration, LlavaForConditionalGeneration
+
+    if not isinstance(model, (Blip2ForConditionalGeneration, LlavaForConditionalGeneration)):
         raise TypeError(
-            f"freevlm needs a Hugging Face Blip2ForConditionalGeneration, got {type(model).__name__}. "
-            "Load one with Blip2ForConditionalGeneration.from_pretrained(local_path)."
+            f"freevlm does not support {type(model).__name__}: it supports {SUPPORTED}. Load one with its "
+            "from_pretrained(local_path)."
         )
     model_type = model.config.text_config.model_type
-    if model_type in ("opt",):
+    if isinstance(model, LlavaForConditionalGeneration):
+        if model_type not in LLAVA_LANGUAGE_MODELS:
+            raise TypeError(f"unsupported LLaVA language model '{model_type}': freevlm supports {SUPPORTED}")
+        return LlavaBackbone(model)
+    if model_type == "opt":
         return Blip2OPTBackbone(model)
-    if model_type in ("t5", "mt5", "umt5"):
+    if model_type in T5_TYPES:
         return Blip2T5Backbone(model)
-    raise TypeError(f"unsupported BLIP-2 language model '{model_type}': freevlm supports OPT and T5/FlanT5")
+    raise TypeError(f"unsupported BLIP-2 language model '{model_type}': freevlm supports {SUPPORTED}")
 
 
-__all__ = ["Blip2Backbone", "Context", "load_backbone"]
+__all__ = ["Backbone", "Blip2Backbone", "Context", "load_backbone"]
