@@ -4,7 +4,8 @@ Built from a config, Hugging Face's BLIP-2 has a dead vision path: the vision co
 `initializer_range` is 1e-10 and `query_tokens` start at zero, so images cannot change the output. We pass a real
 initializer range and draw the query tokens, so the image matters in every model built here.
 
-`tiny_model(family)` builds any supported family: "opt", "t5" (BLIP-2) or "llama", "mistral", "qwen2" (LLaVA).
+`tiny_model(family)` builds any supported family: "opt", "t5" (BLIP-2), "instructblip-opt", "instructblip-t5"
+or "llama", "mistral", "qwen2" (LLaVA).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from transformers import (
     Blip2QFormerConfig,
     Blip2VisionConfig,
     CLIPVisionConfig,
+    InstructBlipConfig,
+    InstructBlipForConditionalGeneration,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -77,6 +80,38 @@ def tiny_blip2(family: str = "opt", seed: int = 0, **config_kwargs) -> Blip2ForC
     return model.eval()
 
 
+def tiny_instructblip(family: str = "opt", seed: int = 0, **config_kwargs) -> InstructBlipForConditionalGeneration:
+    """A random InstructBLIP (the BLIP-2 of `blip2_config` with InstructBLIP's classes) whose images and
+    instructions do change its outputs."""
+    blip2 = blip2_config(family, **config_kwargs)
+    vision, qformer = blip2.vision_config.to_dict(), blip2.qformer_config.to_dict()
+    for sub in (vision, qformer):
+        sub.pop("model_type")
+    config = InstructBlipConfig(
+        vision_config=vision, qformer_config=qformer, text_config=blip2.text_config.to_dict(),
+        num_query_tokens=blip2.num_query_tokens, image_token_index=blip2.image_token_index,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = InstructBlipForConditionalGeneration(config)
+    with torch.no_grad():
+        model.query_tokens.normal_(std=0.02)
+    return model.eval()
+
+
+def tiny_instruction(model: InstructBlipForConditionalGeneration, batch: int = 1, length: int = 4, seed: int = 0,
+                     pad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Random Q-Former instructions `(qformer_input_ids, qformer_attention_mask)`; right padding if `pad`, as
+    the Q-Former's BERT tokenizer pads."""
+    gen = torch.Generator().manual_seed(seed + 1000)
+    ids = torch.randint(1, model.config.qformer_config.vocab_size, (batch, length), generator=gen)
+    mask = torch.ones_like(ids)
+    if pad:
+        for b in range(1, batch):
+            n_pad = min(b, length - 1)
+            ids[b, length - n_pad :], mask[b, length - n_pad :] = 0, 0
+    return ids, mask
+
+
 def llava_config(
     family: str = "llama",
     num_layers: int = 4,
@@ -121,6 +156,8 @@ def tiny_model(family: str = "opt", seed: int = 0, **config_kwargs) -> nn.Module
     """A random model of any supported family (see the module docstring)."""
     if family in LLAVA_TEXT_CONFIGS:
         return tiny_llava(family, seed, **config_kwargs)
+    if family.startswith("instructblip-"):
+        return tiny_instructblip(family.removeprefix("instructblip-"), seed, **config_kwargs)
     return tiny_blip2(family, seed, **config_kwargs)
 
 

@@ -7,21 +7,28 @@ from torch import nn
 from .base import Backbone, Blip2Backbone, Context
 from .blip2_opt import Blip2OPTBackbone
 from .blip2_t5 import Blip2T5Backbone
+from .instructblip import InstructBlipOPTBackbone, InstructBlipT5Backbone
 from .llava import LANGUAGE_MODELS as LLAVA_LANGUAGE_MODELS
 from .llava import LlavaBackbone
 
 T5_TYPES = ("t5", "mt5", "umt5")
 SUPPORTED = (
-    "Blip2ForConditionalGeneration (OPT, T5/FlanT5), "
+    "Blip2ForConditionalGeneration (OPT, T5/FlanT5), InstructBlipForConditionalGeneration (OPT, T5/FlanT5), "
     f"LlavaForConditionalGeneration ({', '.join(LLAVA_LANGUAGE_MODELS)})"
 )
 
 
 def load_backbone(model: nn.Module) -> Backbone:
     """The adapter for a supported Hugging Face model; a clear error naming what is supported for anything else."""
-    from transformers import Blip2ForConditionalGeneration, LlavaForConditionalGeneration
+    from transformers import (
+        Blip2ForConditionalGeneration,
+        InstructBlipForConditionalGeneration,
+        LlavaForConditionalGeneration,
+    )
 
-    if not isinstance(model, (Blip2ForConditionalGeneration, LlavaForConditionalGeneration)):
+    blip = {Blip2ForConditionalGeneration: (Blip2OPTBackbone, Blip2T5Backbone),
+            InstructBlipForConditionalGeneration: (InstructBlipOPTBackbone, InstructBlipT5Backbone)}  # fmt: skip
+    if not isinstance(model, (*blip, LlavaForConditionalGeneration)):
         raise TypeError(
             f"freevlm does not support {type(model).__name__}: it supports {SUPPORTED}. Load one with its "
             "from_pretrained(local_path)."
@@ -31,11 +38,12 @@ def load_backbone(model: nn.Module) -> Backbone:
         if model_type not in LLAVA_LANGUAGE_MODELS:
             raise TypeError(f"unsupported LLaVA language model '{model_type}': freevlm supports {SUPPORTED}")
         return LlavaBackbone(model)
+    opt, t5 = next(adapters for cls, adapters in blip.items() if isinstance(model, cls))
     if model_type == "opt":
-        return Blip2OPTBackbone(model)
+        return opt(model)
     if model_type in T5_TYPES:
-        return Blip2T5Backbone(model)
-    raise TypeError(f"unsupported BLIP-2 language model '{model_type}': freevlm supports {SUPPORTED}")
+        return t5(model)
+    raise TypeError(f"unsupported {type(model).__name__} language model '{model_type}': freevlm supports {SUPPORTED}")
 
 
 __all__ = ["Backbone", "Blip2Backbone", "Context", "load_backbone"]
