@@ -171,7 +171,7 @@ def _load_with_custom_vision(path: Path, dtype: torch.dtype | None) -> torch.nn.
 
     name = json.loads((path / BACKBONE_MARKER).read_text()).get("vision_model")
     if name not in VISION_MODELS:
-        raise ValueError(f"{path / BACKBONE_MARKER} names an unknown vision model {name!r}: one of {list(VISION_MODELS)}")
+        raise ValueError(f"{path / BACKBONE_MARKER} names an unknown vision model {name!r} (not in {list(VISION_MODELS)})")
     config = Blip2Config.from_pretrained(path)
     model = Blip2ForConditionalGeneration(config)
     vision = config.vision_config

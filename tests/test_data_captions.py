@@ -7,6 +7,7 @@ from freevlm.data.coco import read_coco_captions, read_karpathy
 from freevlm.data.nocaps import read_nocaps
 from freevlm.data.records import DatasetError
 from freevlm.data.specs import DatasetSpec, read_dataset
+from freevlm.training import Record, load_coco_captions, split_records
 
 
 def test_karpathy_splits_round_trip(tmp_path):
@@ -48,6 +49,28 @@ def test_empty_split_is_an_error(tmp_path):
         read_karpathy(path, tmp_path, "test")
 
 
+def test_training_records_come_from_the_same_reader(tmp_path):
+    """One reader for evaluation and training: Karpathy `train` includes `restval` in both, one record per caption."""
+    path = files.karpathy(tmp_path)
+    records = load_coco_captions(path, split="train", prompt="p")
+    assert [(r.image_id, r.target) for r in records] == [(1, "A red square number 0."), (1, "a square 0"),
+                                                        (2, "A red square number 1."), (2, "a square 1")]  # fmt: skip
+    assert [r.image for r in records[::2]] == [str(r.image) for r in read_karpathy(path, tmp_path, "train")]
+    with pytest.raises(DatasetError, match="unknown Karpathy split None"):
+        load_coco_captions(path)  # all splits at once would train on the test images
+
+
+def test_split_records_holds_out_whole_images(tmp_path):
+    records = [Record(f"{i % 5}.png", "", f"caption {i}") for i in range(20)]
+    kept, held = split_records(records, 0.4, seed=3)
+    assert len({r.image for r in held}) == 2 and not {r.image for r in held} & {r.image for r in kept}
+    assert kept == [r for r in records if r not in held] and held == [r for r in records if r in held]  # in order
+    assert split_records(records, 0.4, seed=3) == (kept, held) != split_records(records, 0.4, seed=4)
+    assert len(split_records(records, 0.01)[1]) == 4  # at least one image
+    with pytest.raises(ValueError, match="fraction must be in"):
+        split_records(records, 1.0)
+
+
 def test_official_captions_round_trip(tmp_path):
     path = files.coco_captions(tmp_path)
     records = read_coco_captions(path, tmp_path / "images")
@@ -62,7 +85,7 @@ def test_official_captions_errors(tmp_path):
     data = json.loads(path.read_text())
     del data["annotations"][3]["caption"]
     path.write_text(json.dumps(data))
-    with pytest.raises(DatasetError, match=r"captions\.json: annotation #3 has no 'caption' field"):
+    with pytest.raises(DatasetError, match=r"captions\.json: annotation #3 \(id 103\) has no 'caption' field"):
         read_coco_captions(path, tmp_path / "images")
     data = json.loads(files.coco_captions(tmp_path).read_text())
     data["annotations"] = [a for a in data["annotations"] if a["image_id"] != 12]

@@ -1,4 +1,5 @@
-"""COCO captions: Karpathy's `dataset_coco.json` (with its splits) and the official `captions_*.json`.
+"""COCO captions: Karpathy's `dataset_coco.json` (with its splits) and the official `captions_*.json`, for
+evaluation and training alike (`read_captions` tells the two apart).
 
 NoCaps ships in the official COCO layout plus a `domain` per image, so `read_coco_captions` reads it too
 (see `nocaps.py`).
@@ -15,6 +16,25 @@ from .records import CaptionRecord, DatasetError, image_path, nonempty, read_jso
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 
 
+def read_captions(
+    path: str | os.PathLike, image_root: str | os.PathLike, split: str | None = None, check_images: bool = True,
+    allow_empty: bool = False,
+) -> list[CaptionRecord]:  # fmt: skip
+    """Images and captions from either layout, told apart by content: Karpathy's `dataset_coco.json` (`split`
+    picks one; `train` includes `restval`) or the official `captions_*.json`. `allow_empty`: the caller reports an
+    empty file itself."""
+    path = Path(path)
+    data = read_json(path)
+    if isinstance(data, dict) and "annotations" in data and "images" in data:
+        records = _official(data, path, image_root, check_images)
+    elif isinstance(data, dict) and isinstance(data.get("images"), list) and "sentences" in (data["images"] or [{}])[0]:
+        records = _karpathy(data, path, image_root, split, check_images)
+    else:
+        raise DatasetError(f"{path} is not a COCO captions file: expected 'images' + 'annotations' (captions_*.json) "
+                           "or 'images' with 'sentences' (Karpathy dataset_coco.json)")  # fmt: skip
+    return records if allow_empty else nonempty(records, path, "this file" if split is None else f"split {split!r}")
+
+
 def read_karpathy(
     path: str | os.PathLike, image_root: str | os.PathLike, split: str, check_images: bool = True
 ) -> list[CaptionRecord]:
@@ -23,10 +43,13 @@ def read_karpathy(
     The image lives at `image_root/filepath/filename` (`filepath` is absent in the Flickr files).
     """
     path = Path(path)
+    return nonempty(_karpathy(read_json(path), path, image_root, split, check_images), path, f"split {split!r}")
+
+
+def _karpathy(data, path: Path, image_root: str | os.PathLike, split: str | None, check_images: bool) -> list:
     if split not in KARPATHY_SPLITS:
         raise DatasetError(f"unknown Karpathy split {split!r}: one of {KARPATHY_SPLITS}")
     wanted = {"train", "restval"} if split == "train" else {split}
-    data = read_json(path)
     records = []
     for i, image in enumerate(require_list(data, "images", path, "the file")):
         where = f"image #{i}"
@@ -36,12 +59,12 @@ def read_karpathy(
         image_id = image.get("cocoid", image.get("imgid", i))
         where = f"image #{i} (id {image_id}, {name})"
         sentences = require_list(image, "sentences", path, where)
-        refs = [require(s, "raw", path, f"sentence #{j} of {where}") for j, s in enumerate(sentences)]
+        refs = [_caption(s, "raw", path, f"sentence #{j} of {where}") for j, s in enumerate(sentences)]
         if not refs:
             raise DatasetError(f"{path}: {where} has no sentences")
         file = image_path(image_root, os.path.join(image.get("filepath", ""), name), path, where, check_images)
         records.append(CaptionRecord(file, image_id, refs))
-    return nonempty(records, path, f"split {split!r}")
+    return records
 
 
 def read_coco_captions(
@@ -52,15 +75,24 @@ def read_coco_captions(
     `domain` keeps only images whose `domain` field equals it (NoCaps).
     """
     path = Path(path)
-    data = read_json(path)
+    records = _official(read_json(path), path, image_root, check_images, domain)
+    return nonempty(records, path, "this file" if domain is None else f"domain {domain!r}")
+
+
+def _official(data, path: Path, image_root: str | os.PathLike, check_images: bool, domain: str | None = None) -> list:
+    images = require_list(data, "images", path, "the file")
+    ids = {require(image, "id", path, f"image #{i}") for i, image in enumerate(images)}
     refs: dict[int, list[str]] = defaultdict(list)
     if "annotations" in data:
         for i, ann in enumerate(require_list(data, "annotations", path, "the file")):
-            where = f"annotation #{i}"
-            refs[require(ann, "image_id", path, where)].append(require(ann, "caption", path, where))
+            where = f"annotation #{i} (id {ann.get('id')})" if isinstance(ann, dict) else f"annotation #{i}"
+            image_id = require(ann, "image_id", path, where)
+            if image_id not in ids:
+                raise DatasetError(f"{path}: {where} names image_id {image_id} with no image")
+            refs[image_id].append(_caption(ann, "caption", path, where))
     records = []
-    for i, image in enumerate(require_list(data, "images", path, "the file")):
-        image_id = require(image, "id", path, f"image #{i}")
+    for i, image in enumerate(images):
+        image_id = image["id"]
         where = f"image #{i} (id {image_id})"
         name = require(image, "file_name", path, where)
         if domain is not None and require(image, "domain", path, where) != domain:
@@ -69,4 +101,14 @@ def read_coco_captions(
             raise DatasetError(f"{path}: {where} has no caption in 'annotations'")
         file = image_path(image_root, name, path, where, check_images)
         records.append(CaptionRecord(file, image_id, list(refs.get(image_id, [])), image.get("domain")))
-    return nonempty(records, path, "this file" if domain is None else f"domain {domain!r}")
+    return records
+
+
+def _caption(obj, key: str, path: Path, where: str) -> str:
+    """A caption, stripped: non-empty text (an empty training target would teach the model to stop at once)."""
+    value = require(obj, key, path, where)
+    if not isinstance(value, str):
+        raise DatasetError(f"{path}: {where} has a caption that is {type(value).__name__}, not text: {value!r}")
+    if not value.strip():
+        raise DatasetError(f"{path}: {where} has an empty caption")
+    return value.strip()

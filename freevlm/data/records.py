@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,3 +88,14 @@ def nonempty(records: list, path: Path, what: str) -> list:
     if not records:
         raise DatasetError(f"{path}: no records for {what}")
     return records
+
+
+def split_records(records: Sequence, fraction: float, seed: int = 0) -> tuple[list, list]:
+    """(kept, held out), each in the records' order: a seeded random `fraction` of the images (at least one) held
+    out with all their records, so no held-out image is also in the kept part (the paper: 80/20 by image)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"the held-out fraction must be in (0, 1), got {fraction}")
+    images = sorted({r.image for r in records})
+    random.Random(seed).shuffle(images)
+    held = set(images[: max(1, round(len(images) * fraction))])
+    return [r for r in records if r.image not in held], [r for r in records if r.image in held]

@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..eval.sweep import markdown_table
+
 CAPTION_METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE", "exact_match")
 SPLIT_NAMES = {"test": "test", "ood": "OOD"}
 SPLIT_NOTES = {"ood": "OOD: the out-of-distribution split, colour-shape combinations never seen in training (like NoCaps' out-domain)."}
@@ -93,12 +95,6 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 # ---------------------------------------------------------------- Markdown
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _final_layer(results: dict) -> int | None:
@@ -257,7 +253,7 @@ def markdown_report(results: dict, plots: dict[str, str]) -> str:
     if results.get("targets"):
         out += ["## Targets", ""] + [f"- **{'met' if met else 'NOT met'}**: {text}" for met, text in _targets(results)] + [""]
     for title, headers, rows, notes in tables(results):
-        out += [f"## {title}", "", _table(headers, rows), ""]
+        out += [f"## {title}", "", markdown_table(headers, rows), ""]
         out += [f"- {n}" for n in notes] + ([""] if notes else [])
     if plots:
         out += ["## Plots", ""] + [f"![{name}]({file})\n" for name, file in plots.items()]

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..methods import CONFIDENCE_GRID, get_method, trainable_parameters
+from ..data.records import split_records
+from ..methods import get_method, trainable_parameters
 from ..model import EarlyExitVLM
 from .evaluate import EvalResult, evaluate
 from .plots import plot_methods, plot_per_layer, plot_quality_vs_speedup
-
-DEFAULT_THRESHOLDS = CONFIDENCE_GRID
 
 
 @dataclass
@@ -50,18 +48,12 @@ class SweepResult:
         }
 
 
-def split_dev(records: Sequence, fraction: float = 0.2, seed: int = 0) -> tuple[list, list]:
-    """(dev, rest): a seeded random `fraction` of the records held out for choosing the threshold."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"dev fraction must be in (0, 1), got {fraction}")
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    n_dev = max(1, round(fraction * len(records)))
-    if n_dev >= len(records):
+def split_dev(records: Sequence, fraction: float) -> tuple[list, list]:
+    """(dev, test): a seeded `fraction` of the images held out, with their records, for choosing the threshold."""
+    test, dev = split_records(records, fraction)
+    if not test:
         raise ValueError(f"{len(records)} records are too few to hold out a dev split")
-    dev = sorted(order[:n_dev])
-    rest = sorted(order[n_dev:])
-    return [records[i] for i in dev], [records[i] for i in rest]
+    return dev, test
 
 
 def choose_threshold(dev: Sequence[EvalResult]) -> float:
@@ -88,7 +80,8 @@ def sweep(
     """Evaluate every threshold of `method`'s exit rule (default: the method's grid) on dev and test records, and
     (with `per_layer`) every exit forced in turn.
 
-    Without `dev_records`, a seeded `dev_fraction` of `records` is held out as dev and the rest is the test set.
+    Without `dev_records`, a seeded `dev_fraction` of the images in `records` is held out as dev (with all their
+    records) and the rest is the test set.
     Test runs time the full model beside early exit (`compare_full`); dev and per-layer runs only count layers.
     """
     if dev_records is None:
@@ -181,15 +174,16 @@ def write_comparison(results: dict[str, SweepResult], out_dir: str | os.PathLike
     paths["json"].write_text(json.dumps({"table": table, "sweeps": {k: r.as_dict() for k, r in results.items()}},
                                         indent=2))  # fmt: skip
     metric = next(iter(results.values())).metric
-    lines = [f"| method | rule | best dev threshold | test {metric} | analytic speedup | measured speedup | "
-             "trainable parameters |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for row in table:
-        wall = "-" if row["wallclock_speedup"] is None else f"{row['wallclock_speedup']:.2f}x"
-        score = "-" if row["score"] is None else f"{row['score']:.4g}"
-        n = "-" if row["trainable_parameters"] is None else f"{row['trainable_parameters']:,}"
-        lines.append(f"| {row['method']} | {row['rule']} | {row['threshold']:g} | {score} | "
-                     f"{row['analytic_speedup']:.2f}x | {wall} | {n} |")  # fmt: skip
-    paths["table"].write_text("\n".join(lines) + "\n")
+    headers = ["method", "rule", "best dev threshold", f"test {metric}", "analytic speedup", "measured speedup",
+               "trainable parameters"]  # fmt: skip
+
+    def cell(value, spec: str, unit: str = "") -> str:
+        return "-" if value is None else f"{value:{spec}}{unit}"
+
+    rows = [[row["method"], row["rule"], cell(row["threshold"], "g"), cell(row["score"], ".4g"),
+             cell(row["analytic_speedup"], ".2f", "x"), cell(row["wallclock_speedup"], ".2f", "x"),
+             cell(row["trainable_parameters"], ",")] for row in table]  # fmt: skip
+    paths["table"].write_text(markdown_table(headers, rows) + "\n")
     curves = {name: [{"threshold": r.threshold, "score": r.score, "analytic_speedup": r.speed.analytic_speedup,
                       "wallclock_speedup": r.speed.wallclock_speedup} for r in result.test if r.score is not None]
               for name, result in results.items()}  # fmt: skip
@@ -201,3 +195,9 @@ def method_parameters(runs: dict[str, EarlyExitVLM]) -> dict[str, int]:
     """Trainable parameters of each method's exits (LeeBLIP's learned loss weights, a few scalars that only
     training uses, are in its `method.json`)."""
     return {name: trainable_parameters(ee.exits) for name, ee in runs.items()}
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A GitHub Markdown table (the comparison here, every table of the demo's report)."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])

@@ -1,7 +1,8 @@
 """Training: stage 1 backbone fine-tuning, stage 2 FREE exit training (GAN + CE / KD / CapFilt), CapFilt."""
 
+from ..data.records import split_records
 from .common import LoopConfig, TrainingDiverged
-from .data import CaptionCollator, CaptionDataset, Record, load_coco_captions, split_records, write_coco_captions
+from .data import CaptionCollator, CaptionDataset, Record, load_coco_captions, write_coco_captions
 from .exits import ExitTrainConfig, evaluate_exits, kd_loss, train_exits
 from .finetune import FinetuneConfig, evaluate_captions, finetune
 

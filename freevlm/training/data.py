@@ -1,4 +1,5 @@
-"""Caption / VQA records, a COCO-captions reader and writer, and the collate that lays out prompts and targets.
+"""Training records (read from COCO captions by `freevlm.data.coco`), a captions writer, and the collate that lays
+out prompts and targets.
 
 Training data is a list of plain `Record`s (image path, prompt, target text) so any reader can feed the trainers.
 The collate produces the exact layout the backbone adapters expect (`Blip2Backbone.features`):
@@ -16,15 +17,14 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
+from ..data.coco import read_captions
 from ..data.images import ImageError, load_image
-from ..data.records import DatasetError, require, require_list
 
 IGNORE = -100
 
@@ -43,56 +43,12 @@ def load_coco_captions(
     path: str | os.PathLike, image_root: str | os.PathLike | None = None, prompt: str = "a photo of",
     split: str | None = None,
 ) -> list[Record]:  # fmt: skip
-    """Records from a COCO captions file: official `captions_*.json` or Karpathy `dataset_coco.json`.
-
-    Image paths are taken relative to `image_root` (default: the JSON's folder). `split` filters Karpathy entries
-    (e.g. "train", "restval", "val", "test"). One record per caption.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"captions file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-    root = Path(image_root) if image_root is not None else path.parent
-    records: list[Record] = []
-    if isinstance(data, dict) and "annotations" in data and "images" in data:  # official COCO format
-        files = {}
-        for i, img in enumerate(require_list(data, "images", path, "the file")):
-            files[require(img, "id", path, f"image #{i}")] = require(img, "file_name", path, f"image #{i}")
-        for i, ann in enumerate(require_list(data, "annotations", path, "the file")):
-            where = f"annotation #{i} (id {ann.get('id')})" if isinstance(ann, dict) else f"annotation #{i}"
-            image_id = require(ann, "image_id", path, where)
-            if image_id not in files:
-                raise ValueError(f"{path}: {where} names image_id {image_id} with no image")
-            caption = _caption(require(ann, "caption", path, where), path, where)
-            records.append(Record(str(root / files[image_id]), prompt, caption, image_id))
-    elif isinstance(data, dict) and isinstance(data.get("images"), list) and data["images"] and "sentences" in data["images"][0]:
-        for i, img in enumerate(data["images"]):  # Karpathy split
-            if split is not None and img.get("split") != split:
-                continue
-            file = Path(img.get("filepath", "")) / require(img, "filename", path, f"image #{i}")
-            image_id = img.get("cocoid", img.get("imgid"))
-            for j, sent in enumerate(require_list(img, "sentences", path, f"image #{i}")):
-                where = f"sentence #{j} of image #{i} ({file})"
-                records.append(Record(str(root / file), prompt, _caption(require(sent, "raw", path, where), path, where),
-                                      image_id))  # fmt: skip
-    else:
-        raise ValueError(
-            f"{path} is not a COCO captions file: expected 'images' + 'annotations' (captions_*.json) or "
-            "'images' with 'sentences' (Karpathy dataset_coco.json)"
-        )
-    return records
-
-
-def _caption(value, path: Path, where: str) -> str:
-    """A caption to train on: a non-empty string (an empty target would train the model to stop at once)."""
-    if not isinstance(value, str):
-        raise DatasetError(f"{path}: {where} has a caption that is {type(value).__name__}, not text: {value!r}")
-    if not value.strip():
-        raise DatasetError(f"{path}: {where} has an empty caption")
-    return value.strip()
+    """One record per caption of a COCO captions file, official or Karpathy (`split`: its `train` includes
+    `restval`), read by `freevlm.data.coco.read_captions`. Image paths are relative to `image_root` (default: the
+    JSON's folder); missing images are reported by `CaptionDataset`, all at once."""
+    root = Path(path).parent if image_root is None else image_root
+    images = read_captions(path, root, split, check_images=False, allow_empty=True)
+    return [Record(str(r.image), prompt, caption, r.image_id) for r in images for caption in r.references]
 
 
 def write_coco_captions(path: str | os.PathLike, entries: list[dict]) -> None:
@@ -116,15 +72,6 @@ def write_coco_captions(path: str | os.PathLike, entries: list[dict]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps({"images": images, "annotations": annotations}, indent=1))
     os.replace(tmp, path)
-
-
-def split_records(records: list[Record], dev_fraction: float, seed: int = 0) -> tuple[list[Record], list[Record]]:
-    """Train/dev split by image (the paper: 80/20), so no dev image is seen in training."""
-    images = sorted({r.image for r in records})
-    random.Random(seed).shuffle(images)
-    n_dev = int(round(len(images) * dev_fraction))
-    dev_images = set(images[:n_dev])
-    return [r for r in records if r.image not in dev_images], [r for r in records if r.image in dev_images]
 
 
 def model_max_length(text_config) -> int | None:
