@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..calibration import Calibration, calibrate_threshold, check_unit_interval
 from ..data.specs import FORMATS, DatasetSpec, read_dataset
+from ..decoding.config import KV_MODES, DecodeConfig
 from ..eval.evaluate import CAPTION_PROMPT, VQA_PROMPT, EvalResult, evaluate
 from ..methods import METHODS, get_method, trainable_parameters
 
@@ -65,7 +66,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", help=f"prompt (captions: {CAPTION_PROMPT!r}; VQA: {VQA_PROMPT!r} with {{question}})")
     p.add_argument("--max-new-tokens", type=int, help="default: 30 for captions, 10 for answers")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--kv", choices=("recompute", "propagate"), default="recompute")
+    p.add_argument("--kv", choices=KV_MODES, default=DecodeConfig.kv)
     p.add_argument("--device", default="cpu")
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..argtypes import device, number, open_fraction, output_dir, positive_int
 from ..data.specs import FORMATS, DatasetSpec, read_dataset
+from ..decoding.config import KV_MODES, DecodeConfig
 from ..eval.evaluate import CAPTION_PROMPT, VQA_PROMPT, evaluate
 from ..eval.sweep import sweep, write_sweep
 from ..methods import METHODS, get_method
@@ -31,7 +32,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", help=f"prompt (captions: {CAPTION_PROMPT!r}; VQA: {VQA_PROMPT!r} with {{question}})")
     p.add_argument("--max-new-tokens", type=positive_int, help="default: 30 for captions, 10 for answers")
     p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--kv", choices=("recompute", "propagate"), default="recompute")
+    p.add_argument("--kv", choices=KV_MODES, default=DecodeConfig.kv)
     p.add_argument("--no-full", action="store_true", help="do not time the full model beside early exit")
     p.add_argument("--timing-repeats", type=positive_int, default=1, help="decode each batch N times per mode, keep the fastest")
     p.add_argument("--device", type=device, default="cpu")

@@ -8,8 +8,9 @@ import torch
 
 from ..argtypes import device, integer, positive_int, unit_interval
 from ..data.images import load_image
-from ..model import MODES, EarlyExitVLM
+from ..decoding.config import KV_MODES, MODES, DecodeConfig
 from ..exits import ExitConfig
+from ..model import EarlyExitVLM
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,10 +19,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exits", help="folder of exits saved by EarlyExitVLM.save_exits (default: no exits)")
     p.add_argument("--image", required=True, nargs="+", help="image file(s)")
     p.add_argument("--prompt", default="", help="text prompt after the image (e.g. 'a photo of')")
-    p.add_argument("--threshold", type=unit_interval, default=0.8, help="confidence needed to leave at an exit, in [0, 1]")
-    p.add_argument("--mode", choices=MODES, default="early_exit")
-    p.add_argument("--kv", choices=("recompute", "propagate"), default="recompute")
-    p.add_argument("--max-new-tokens", type=positive_int, default=30)
+    p.add_argument("--threshold", type=unit_interval, default=DecodeConfig.threshold,
+                   help="confidence needed to leave at an exit, in [0, 1]")
+    p.add_argument("--mode", choices=MODES, default=DecodeConfig.mode)
+    p.add_argument("--kv", choices=KV_MODES, default=DecodeConfig.kv)
+    p.add_argument("--max-new-tokens", type=positive_int, default=DecodeConfig.max_new_tokens)
     p.add_argument("--device", type=device, default="cpu")
     p.add_argument("--trace", action="store_true", help="print each token with the LM layer it left at")
     p.set_defaults(func=caption)
