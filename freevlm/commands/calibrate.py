@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..calibration import Calibration, calibrate_threshold, check_unit_interval
-from ..data.specs import FORMATS, DatasetSpec, read_dataset
-from ..decoding.config import KV_MODES, DecodeConfig
-from ..eval.evaluate import CAPTION_PROMPT, VQA_PROMPT, EvalResult, evaluate
-from ..methods import METHODS, get_method, trainable_parameters
+from ..data.specs import DatasetSpec, read_dataset
+from ..eval.evaluate import EvalResult, evaluate
+from ..methods import get_method, trainable_parameters
+from .evaluate import dataset_arguments, load_model
 
 LOSSES = ("consistency", "metric")
 
@@ -48,26 +48,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", required=True, help="folder of a BLIP-2 saved with save_pretrained")
-    p.add_argument("--exits", help="folder of exits saved by EarlyExitVLM.save_exits (MuE: optional)")
-    p.add_argument("--method", choices=sorted(METHODS), default="free", help="early-exit method (its rule and grid)")
-    p.add_argument("--exit-layers", type=int, nargs="+", help="MuE without --exits: LM layers to compare states at")
-    p.add_argument("--format", required=True, choices=sorted(FORMATS), help="calibration dataset format")
-    p.add_argument("--files", required=True, nargs="+", help="annotation file(s) of the calibration set")
-    p.add_argument("--images", required=True, help="folder the dataset's image paths are relative to")
-    p.add_argument("--split", help="Karpathy split or NoCaps domain")
-    p.add_argument("--limit", type=int, help="use only the first N records")
+    dataset_arguments(p)
     p.add_argument("--loss", choices=LOSSES, default="consistency",
                    help="consistency: output differs from the full model's (no labels needed); metric: clipped "
                         "per-record drop of VQA accuracy / CIDEr below the full model's")  # fmt: skip
     p.add_argument("--tolerance", type=float, default=0.05, help="the risk (mean loss) to stay under, in (0, 1)")
     p.add_argument("--confidence", type=float, default=0.95, help="probability the guarantee holds, in (0, 1)")
     p.add_argument("--thresholds", type=float, nargs="+", help="grid to certify (default: the --method's grid)")
-    p.add_argument("--prompt", help=f"prompt (captions: {CAPTION_PROMPT!r}; VQA: {VQA_PROMPT!r} with {{question}})")
-    p.add_argument("--max-new-tokens", type=int, help="default: 30 for captions, 10 for answers")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--kv", choices=KV_MODES, default=DecodeConfig.kv)
-    p.add_argument("--device", default="cpu")
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict:
@@ -213,10 +200,8 @@ def calibration_report(calibration: Calibration, results: dict[float, EvalResult
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from .evaluate import _load
-
     spec, records = _records(args)
-    ee, bundle = _load(args)
+    ee, bundle = load_model(args)
     task = spec.task
     calibration, results = calibrate_exits(
         ee, bundle, task, records, args.tolerance, args.confidence, args.loss, args.thresholds, args.method,
@@ -362,12 +347,10 @@ def _placement_guarantee(best: Placement, confidence: float, m: int) -> str:
 
 
 def run_place_exits(args: argparse.Namespace) -> int:
-    from .evaluate import _load
-
     if args.budget_exits is None and args.budget_parameters is None:
         raise ValueError("give a budget: --budget-exits N or --budget-parameters P")
     spec, records = _records(args)
-    ee, bundle = _load(args)
+    ee, bundle = load_model(args)
     if args.candidates:
         ee = exits_subset(ee, args.candidates)
     best, placements, each = place_exits(

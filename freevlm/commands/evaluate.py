@@ -14,7 +14,8 @@ from ..eval.sweep import sweep, write_sweep
 from ..methods import METHODS, get_method
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def dataset_arguments(p: argparse.ArgumentParser) -> None:
+    """Backbone, exits, method, dataset and decoding: what every command that runs exits over a dataset takes."""
     p.add_argument("--backbone", required=True, help="folder of a BLIP-2 saved with save_pretrained")
     p.add_argument("--exits", help="folder of exits saved by EarlyExitVLM.save_exits (MuE: optional)")
     p.add_argument("--method", choices=sorted(METHODS), default="free",
@@ -27,15 +28,19 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="annotation file(s): " + "; ".join(f"{k}: {v[1]}" for k, v in FORMATS.items()))  # fmt: skip
     p.add_argument("--images", required=True, help="folder the dataset's image paths are relative to")
     p.add_argument("--split", help="Karpathy split (train/val/test/restval) or NoCaps domain")
-    p.add_argument("--limit", type=positive_int, help="evaluate only the first N records")
-    p.add_argument("--out", type=output_dir, required=True, help="output folder (results.json, predictions, plots)")
+    p.add_argument("--limit", type=positive_int, help="use only the first N records")
     p.add_argument("--prompt", help=f"prompt (captions: {CAPTION_PROMPT!r}; VQA: {VQA_PROMPT!r} with {{question}})")
     p.add_argument("--max-new-tokens", type=positive_int, help="default: 30 for captions, 10 for answers")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--kv", choices=KV_MODES, default=DecodeConfig.kv)
+    p.add_argument("--device", type=device, default="cpu")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    dataset_arguments(p)
+    p.add_argument("--out", type=output_dir, required=True, help="output folder (results.json, predictions, plots)")
     p.add_argument("--no-full", action="store_true", help="do not time the full model beside early exit")
     p.add_argument("--timing-repeats", type=positive_int, default=1, help="decode each batch N times per mode, keep the fastest")
-    p.add_argument("--device", type=device, default="cpu")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -92,7 +97,7 @@ def _check_before_loading(args, thresholds) -> None:
         ExitConfig(list(args.exit_layers), kind="head").validate(lm_num_layers(config))
 
 
-def _load(args):
+def load_model(args: argparse.Namespace) -> tuple:
     """The backbone and the method's exits: loaded from --exits, or (MuE, which trains nothing) built here."""
     from ..backbones import load_backbone
     from ..cli import UserError
@@ -114,7 +119,7 @@ def run_eval(args: argparse.Namespace) -> int:
     _check_before_loading(args, [args.threshold])
     spec = _spec(args)
     records = read_dataset(spec)  # a broken dataset fails before any weights load
-    ee, bundle = _load(args)
+    ee, bundle = load_model(args)
     result = evaluate(spec.task, ee, bundle, records, args.threshold, **_eval_kwargs(args, spec.task))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -136,7 +141,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     spec = _spec(args)
     records = read_dataset(spec)
     dev = read_dataset(_spec(args, args.dev_files, args.dev_split)) if (args.dev_files or args.dev_split) else None
-    ee, bundle = _load(args)
+    ee, bundle = load_model(args)
     result = sweep(ee, bundle, spec.task, records, dev, args.thresholds, args.dev_fraction,
                    per_layer=not args.no_per_layer, progress=print, method=args.method,
                    **_eval_kwargs(args, spec.task))  # fmt: skip
