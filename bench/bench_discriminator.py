@@ -34,13 +34,8 @@ from freevlm.training import (  # noqa: E402
     split_records,
     train_exits,
 )
-from freevlm.training.data import IGNORE, CaptionCollator  # noqa: E402
-from freevlm.training.exits import (  # noqa: E402
-    backbone_features,
-    discriminator_loss,
-    exit_features,
-    make_discriminators,
-)
+from freevlm.training.data import CaptionCollator  # noqa: E402
+from freevlm.training.exits import discriminator_loss, make_discriminators  # noqa: E402
 
 
 def shapes_setup(folder: Path):
@@ -84,11 +79,9 @@ def probe(ee, train_set, dev_set, args) -> dict[str, float]:
     gen = torch.Generator().manual_seed(1)
     for _ in range(args.probe_steps):
         batch = collate([train_set[i] for i in torch.randint(len(train_set), (8,), generator=gen).tolist()])
-        states, ctx, mask = backbone_features(ee, batch)
-        text = batch["targets"] != IGNORE
         with torch.no_grad():
-            fakes = exit_features(ee, states, ctx, mask, text)
-        loss, _ = discriminator_loss(discs, states[-1][text], fakes)
+            out = ee(batch)
+        loss, _ = discriminator_loss(discs, out.final_features, out.features)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

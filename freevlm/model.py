@@ -6,7 +6,8 @@ import copy
 import json
 import math
 import os
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -22,6 +23,29 @@ from .inputs import validate_generate_inputs
 
 WEIGHTS_NAME = "exits.safetensors"
 CONFIG_NAME = "exits_config.json"
+IGNORE_INDEX = -100  # a `targets` entry that is not text (image, prompt, pad): Hugging Face's label convention
+
+
+@dataclass
+class ExitOutputs:
+    """`EarlyExitVLM.forward` at the text positions of a batch, each `[n_text, ...]` (rows flattened in order).
+
+    Logits are computed on first use, under the autocast and grad mode of that moment: the discriminators read
+    features only, and a CE anchor never needs the final layer's logits."""
+
+    features: dict[str, torch.Tensor]  # per exit: E_i(h_i), or h_i itself for exits without a layer (linear, head)
+    final_features: torch.Tensor  # h_N
+    targets: torch.Tensor
+    model: EarlyExitVLM = field(repr=False)
+
+    @cached_property
+    def logits(self) -> dict[str, torch.Tensor]:
+        """Per exit, through its own `.logits` (the frozen head for FREE, a classifier for linear exits)."""
+        return {k: self.model.exits[k].logits(self.model.backbone, f) for k, f in self.features.items()}
+
+    @cached_property
+    def final_logits(self) -> torch.Tensor:
+        return self.model.backbone.head(self.final_features)
 
 
 class CheckpointMismatchError(ValueError):
@@ -35,10 +59,13 @@ class EarlyExitVLM(nn.Module):
     device and dtype.
     """
 
-    def __init__(self, model: nn.Module, exit_config: ExitConfig):
+    def __init__(self, model: nn.Module, exit_config: ExitConfig | None = None):
         super().__init__()
         backbone = load_backbone(model)
-        exit_config.validate(backbone.num_layers)
+        if exit_config is None:  # no exits: the backbone alone, as stage 1 trains it
+            exit_config = ExitConfig()
+        else:
+            exit_config.validate(backbone.num_layers)
         object.__setattr__(self, "model", model)  # not a submodule: the backbone is frozen and not ours to save
         self.backbone: Blip2Backbone = backbone
         self.exit_config = exit_config
@@ -76,6 +103,23 @@ class EarlyExitVLM(nn.Module):
 
     def exit_dict(self) -> dict[int, ExitLayer]:
         return {int(k): v for k, v in self.exits.items()}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> ExitOutputs:
+        """Teacher forcing, in the spirit of nanoGPT's `model(X, Y)`: the backbone runs once over the whole sequence
+        (h_0..h_N), each exit over its h_i, and what training and ranking read is kept at the text positions
+        (`batch["targets"]` other than `IGNORE_INDEX`). A frozen backbone records no graph (no parameter of it
+        requires one), so only the exits, or the parts stage 1 trains, get gradients."""
+        backbone = self.backbone
+        states, ctx, mask = backbone.features(
+            batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch.get("decoder_input_ids")
+        )
+        text = batch["targets"] != IGNORE_INDEX
+        features = {
+            k: (backbone.run_layer(e.layer, states[e.at], ctx, None, mask, None) if isinstance(e, ExitLayer)
+                else states[e.at])[text]
+            for k, e in self.exits.items()
+        }  # fmt: skip
+        return ExitOutputs(features, states[-1][text], batch["targets"][text], self)
 
     # --- save / load -------------------------------------------------------------------------------------------
     def save_exits(self, path: str | os.PathLike) -> None:

@@ -11,10 +11,10 @@ from transformers import OPTConfig
 
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.decoding.baseline_policies import EntropyPolicy, PatiencePolicy, SimilarityPolicy, entropy
-from freevlm.methods import METHODS, exit_parameters_from_config, get_method, trainable_parameters
+from freevlm.methods import METHODS, get_method, trainable_parameters
 from freevlm.tiny import tiny_blip2, tiny_inputs
 from freevlm.training import CaptionDataset, load_coco_captions, split_records
-from freevlm.training import baselines as baselines_module
+from freevlm.training import loop as loop_module
 from freevlm.training.baselines import BaselineTrainConfig, evaluate_baseline, train_baseline
 
 QUIET = dict(progress=False, checkpoint_every=10_000, log_every=5)
@@ -228,15 +228,15 @@ def test_leeblip_resume_after_kill_equals_uninterrupted_run(shapes, tmp_path, mo
     train_baseline(model, train_set, _config(tmp_path / "full", "leeblip", **cfg))
     full = torch.load(tmp_path / "full/checkpoints/step-00000008/state.pt", weights_only=True)
 
-    real_save = baselines_module.save_checkpoint
+    real_save = loop_module.save_checkpoint
 
     def save_then_die(*args, **kwargs):
         raise Killed(real_save(*args, **kwargs))
 
-    monkeypatch.setattr(baselines_module, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         train_baseline(model, train_set, _config(tmp_path / "killed", "leeblip", **cfg))
-    monkeypatch.setattr(baselines_module, "save_checkpoint", real_save)
+    monkeypatch.setattr(loop_module, "save_checkpoint", real_save)
     with pytest.raises(FileExistsError, match="resume"):
         train_baseline(model, train_set, _config(tmp_path / "killed", "leeblip", **cfg))
     with pytest.raises(ValueError, match="trained as 'leeblip'"):
@@ -259,6 +259,27 @@ def test_bad_baseline_configs_are_refused(shapes, tmp_path):
 
 
 # --- parameter counts ----------------------------------------------------------------------------------------
+def exit_parameters_from_config(text_config, kind: str) -> int:
+    """Trainable parameters of ONE exit of `kind` on an LM with `text_config`, counted from modules built on the
+    meta device, so a 2.7B-sized LM costs no memory: a decoder layer of the LM's class ("layer", FREE), a
+    vocabulary-sized head without bias ("linear": DeeBLIP, PABEE-BLIP, LeeBLIP), nothing ("head": MuE)."""
+    if kind == "head":
+        return 0
+    if kind == "linear":
+        return text_config.hidden_size * text_config.vocab_size
+    with torch.device("meta"):
+        if text_config.model_type == "opt":
+            from transformers.models.opt.modeling_opt import OPTDecoderLayer
+
+            layer = OPTDecoderLayer(text_config, layer_idx=0)
+        else:
+            from transformers.models.t5.modeling_t5 import T5Block
+
+            cfg = text_config.__class__(**{**text_config.to_dict(), "is_decoder": True})
+            layer = T5Block(cfg, has_relative_attention_bias=False, layer_idx=0)
+    return sum(p.numel() for p in layer.parameters())
+
+
 @pytest.mark.parametrize("family", ["opt", "t5"])
 def test_trainable_parameter_counts_match_the_modules_trained(family):
     model = tiny_blip2(family, seed=0)

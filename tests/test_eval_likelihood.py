@@ -58,3 +58,32 @@ def test_exits_change_the_scores(opt_model):
     assert first != pytest.approx(final, abs=1e-3)
     with pytest.raises(ValueError, match="layer 3 has no exit"):
         option_log_likelihoods(ee, bundle, image, PROMPT, OPTIONS, layer=3)
+
+
+def test_linear_exits_score_through_their_own_classifier_under_their_method(opt_model):
+    """Baselines rank too: a linear exit's distribution is its own classifier on h_i (the frozen head would give
+    another), and the method's rule picks the exit (DeeBLIP's confidence, PABEE's patience)."""
+    bundle = tiny_bundle(opt_model)
+    ee = EarlyExitVLM(opt_model, ExitConfig([1, 2], kind="linear"))
+    torch.manual_seed(0)
+    for e in ee.exits.values():  # untrained classifiers equal the LM head: move them away from it
+        e.classifier.weight.data += 0.5 * torch.randn_like(e.classifier.weight)
+    image = Image.new("RGB", (32, 32), (10, 200, 40))
+    ref = []
+    for option in OPTIONS:  # Hugging Face's h_1 of prompt + option through exit 1's classifier
+        inputs = bundle.inputs([image], [PROMPT])
+        target = torch.tensor([bundle.tokenizer(" " + option, add_special_tokens=False)["input_ids"]])
+        out = opt_model(pixel_values=inputs["pixel_values"], input_ids=torch.cat([inputs["input_ids"], target], 1),
+                        attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(target)], 1),
+                        output_hidden_states=True)  # fmt: skip
+        h1 = out.language_model_outputs.hidden_states[1][0, inputs["input_ids"].shape[1] - 1 : -1]
+        logp = torch.log_softmax(ee.exits["1"].logits(ee.backbone, h1).float(), -1)
+        ref.append(logp.gather(-1, target[0][:, None]).sum().item())
+    forced = option_log_likelihoods(ee, bundle, image, PROMPT, OPTIONS, layer=1)
+    assert forced == pytest.approx(ref, abs=1e-4)
+    assert forced != pytest.approx(option_log_likelihoods(EarlyExitVLM(opt_model, ExitConfig([1, 2])), bundle, image,
+                                                          PROMPT, OPTIONS, layer=1), abs=1e-3)  # fmt: skip
+    assert option_log_likelihoods(ee, bundle, image, PROMPT, OPTIONS, threshold=0.0, method="deeblip") == forced
+    assert option_log_likelihoods(ee, bundle, image, PROMPT, OPTIONS, threshold=1, method="pabee") == forced
+    never = option_log_likelihoods(ee, bundle, image, PROMPT, OPTIONS, threshold=1000, method="pabee")
+    assert never == pytest.approx(option_log_likelihoods(ee, bundle, image, PROMPT, OPTIONS, layer=4), abs=1e-6)

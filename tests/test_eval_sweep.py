@@ -12,6 +12,7 @@ from freevlm.data.visdial import read_visdial
 from freevlm.data.vqa import read_vqa
 from freevlm.eval.evaluate import evaluate_visdial, evaluate_vqa
 from freevlm.eval.sweep import sweep, write_sweep
+from freevlm.methods import get_method
 from freevlm.tiny import tiny_blip2
 from tiny_processor import tiny_bundle
 
@@ -91,6 +92,19 @@ def test_evaluate_visdial_ranks_options(tiny, tmp_path):
     assert q["rounds"] == 6 and q["ndcg_rounds"] == 1
     assert 0 < q["mrr"] <= 1 and 1 <= q["mean_rank"] <= 4 and q["r@10"] == 1.0
     assert result.score == q["mrr"] and result.speed.tokens > 0
+
+
+@pytest.mark.parametrize("method", ["deeblip", "pabee", "mue"])
+def test_evaluate_visdial_ranks_options_for_baselines(tiny, tmp_path, method):
+    """Every method ranks (linear and head exits score through their own `.logits`) under its own rule."""
+    ee, bundle = tiny
+    spec = get_method(method)
+    baseline = EarlyExitVLM(ee.model, ExitConfig([2, 4], kind=spec.exit_kind))
+    path, dense = files.visdial(tmp_path)
+    records = read_visdial(path, tmp_path / "images", dense=dense)
+    result = evaluate_visdial(baseline, bundle, records, threshold=spec.thresholds[0], max_new_tokens=3, batch_size=3,
+                              method=method)  # fmt: skip
+    assert result.quality["rounds"] == 6 and 0 < result.score <= 1 and result.speed.tokens > 0
 
 
 def test_vqa_reader_to_evaluation(tiny, tmp_path):

@@ -24,13 +24,12 @@ from freevlm.training import (
     train_exits,
 )
 from freevlm.training import exits as exits_module
-from freevlm.training.data import IGNORE, CaptionCollator
+from freevlm.training import loop as loop_module
+from freevlm.training.data import CaptionCollator
 from freevlm.training.exits import (
     DiscriminatorMonitor,
     adversarial_loss,
-    backbone_features,
     discriminator_loss,
-    exit_features,
     kd_loss,
     make_discriminators,
 )
@@ -134,13 +133,11 @@ def test_adversarial_term_moves_exits_until_a_fixed_discriminator_is_fooled(d_al
     ee = fresh_exits(model)  # the exits D was trained against, in a copy this test may move
     ee.exits.train()
     batch = CaptionCollator.for_model(ee.backbone.config)([train_set[i] for i in range(16)])
-    states, ctx, mask = backbone_features(ee, batch)
-    text = batch["targets"] != IGNORE
     d_before = {k: v.clone() for k, v in discs.state_dict().items()}
     opt = torch.optim.Adam(ee.exits.parameters(), lr=1e-3)
     losses = []
     for _ in range(10):
-        loss = adversarial_loss(discs, exit_features(ee, states, ctx, mask, text))
+        loss = adversarial_loss(discs, ee(batch).features)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -216,16 +213,16 @@ def test_resume_after_kill_equals_uninterrupted_run(shapes, tmp_path, monkeypatc
     full_state = {k: v.clone() for k, v in full.exits.state_dict().items()}
     full_discs = torch.load(tmp_path / "full/checkpoints/step-00000012/state.pt", weights_only=True)["discriminators"]
 
-    real_save = exits_module.save_checkpoint
+    real_save = loop_module.save_checkpoint
 
     def save_then_die(*args, **kwargs):
         path = real_save(*args, **kwargs)
         raise Killed(path)
 
-    monkeypatch.setattr(exits_module, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         train_exits(model, train_set, _ce_config(tmp_path / "killed"))
-    monkeypatch.setattr(exits_module, "save_checkpoint", real_save)
+    monkeypatch.setattr(loop_module, "save_checkpoint", real_save)
     assert (tmp_path / "killed/checkpoints/latest").read_text() == "step-00000006"
     with pytest.raises(FileExistsError, match="resume"):
         train_exits(model, train_set, _ce_config(tmp_path / "killed"))

@@ -18,9 +18,8 @@ import torch
 
 from ..data.images import load_image
 from ..data.records import CaptionRecord, VisDialRecord, VQARecord
-from ..decoding.policies import FixedSchedulePolicy
 from ..inputs import validate_generate_inputs
-from ..methods import get_method
+from ..methods import exit_rule, get_method
 from ..model import EarlyExitVLM
 from .captions import caption_metrics
 from .likelihood import option_log_likelihoods
@@ -66,7 +65,7 @@ def _policy(ee: EarlyExitVLM, threshold: float, layer: int | None, method: str):
     if ee.exit_config.kind != spec.exit_kind:
         raise ValueError(f"method {method!r} runs on exits of kind {spec.exit_kind!r}, but these exits are "
                          f"{ee.exit_config.kind!r}")  # fmt: skip
-    return FixedSchedulePolicy(layer) if layer is not None else spec.policy(threshold)
+    return exit_rule(method, threshold, layer)
 
 
 @torch.no_grad()
@@ -230,20 +229,16 @@ def evaluate_visdial(
     max_new_tokens: int = 10,
     **generate_kwargs,
 ) -> EvalResult:
-    """Rank each round's options by early-exit log-likelihood (MRR, R@k, mean rank, NDCG); the speed report
-    comes from generating each round's answer, early exit against full."""
-    if generate_kwargs.get("method", "free") != "free":
-        raise ValueError("VisDial option ranking applies FREE's confidence rule to exit layers; "
-                         f"method {generate_kwargs['method']!r} is not supported there")  # fmt: skip
+    """Rank each round's options by early-exit log-likelihood under `method`'s exit rule (MRR, R@k, mean rank,
+    NDCG); the speed report comes from generating each round's answer, early exit against full."""
     t0 = time.perf_counter()
     prompts = [visdial_prompt(r) for r in records]
-    scores = []
-    for r, prompt in zip(records, prompts):
-        image = load_image(r.image)
-        scores.append(option_log_likelihoods(ee, processor, image, prompt, r.options, threshold, layer, option_batch_size))
-    quality = visdial_metrics(scores, [r.gt_index for r in records], [r.relevance for r in records])
     gen = generate_texts(ee, processor, [r.image for r in records], prompts, threshold, layer,
                          max_new_tokens=max_new_tokens, **generate_kwargs)  # fmt: skip
+    method = generate_kwargs.get("method", "free")
+    scores = [option_log_likelihoods(ee, processor, load_image(r.image), prompt, r.options, threshold, layer,
+                                     option_batch_size, method) for r, prompt in zip(records, prompts)]  # fmt: skip
+    quality = visdial_metrics(scores, [r.gt_index for r in records], [r.relevance for r in records])
     ranked = [max(range(len(s)), key=lambda i: s[i]) for s in scores]
     preds = _predictions([f"{r.image_id}:{r.round}" for r in records], gen,
                          top_option=[r.options[i] for r, i in zip(records, ranked)])  # fmt: skip

@@ -11,40 +11,27 @@ in the loss, over text positions only:
     down the gradient of the CE on a held-out meta batch through a one-step look-ahead. The loss is linear in
     w_i, so that gradient is exact and cheap: dL_meta/dw_i = -lr * <grad L_meta(theta'), grad KD_i(theta)>
     (a weight grows while its distillation pulls the exit where held-out data wants it).
-The backbone runs once per batch under `no_grad` (h_0..h_N); checkpoints, resume, logging and the data order are
-stage 2's (`training.exits`), so these runs save and load like FREE's.
+Each is an objective of the one training loop (`training.loop`), so these runs save and resume like FREE's.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Subset
+from torch.utils.data import Dataset, Subset
 
 from ..exits import ExitConfig
 from ..methods import trainable_parameters
-from ..model import EarlyExitVLM
-from .checkpoint import resume_or_start, save_checkpoint
-from .common import (
-    DivergenceGuard,
-    LoopConfig,
-    Progress,
-    Runtime,
-    autocast,
-    batch_stream,
-    grad_scaler,
-    logger,
-    make_scheduler,
-    optimizer_step,
-    total_steps,
-)
-from .data import IGNORE, CaptionCollator, CaptionDataset
-from .exits import _check_resume, backbone_features, evaluate_exits, exit_features, kd_loss
+from ..model import EarlyExitVLM, ExitOutputs
+from .common import LoopConfig, Runtime, autocast, batch_stream, make_scheduler
+from .data import CaptionCollator, CaptionDataset
+from .exits import evaluate_exits, kd_loss
+from .loop import ExitObjective, token_means, train
 
 BASELINES = ("deeblip", "pabee", "leeblip")
 
@@ -82,23 +69,10 @@ class DistillationWeights(nn.Module):
         return {k: a.exp() for k, a in self.log_weights.items()}
 
 
-def exit_logits(
-    ee: EarlyExitVLM, batch: dict[str, torch.Tensor]
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """(logits per exit, final-layer logits, targets) at the text positions of `batch`."""
-    states, ctx, mask = backbone_features(ee, batch)
-    text = batch["targets"] != IGNORE
-    feats = exit_features(ee, states, ctx, mask, text)
-    with torch.no_grad():
-        final = ee.backbone.head(states[-1][text])
-    return {k: ee.exits[k].logits(ee.backbone, f) for k, f in feats.items()}, final, batch["targets"][text]
-
-
-def per_exit_losses(logits: dict[str, torch.Tensor], final: torch.Tensor, targets: torch.Tensor,
-                    temperature: float = 1.0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:  # fmt: skip
+def per_exit_losses(out: ExitOutputs, temperature: float = 1.0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """CE_i against the labels and KD_i = T^2 KL(p_N || p_i) per exit."""
-    ce = {k: F.cross_entropy(v.float(), targets) for k, v in logits.items()}
-    kd = {k: kd_loss(v, final, temperature, "final_to_exit") for k, v in logits.items()}
+    ce = {k: F.cross_entropy(v.float(), out.targets) for k, v in out.logits.items()}
+    kd = {k: kd_loss(v, out.final_logits, temperature, "final_to_exit") for k, v in out.logits.items()}
     return ce, kd
 
 
@@ -116,33 +90,19 @@ def baseline_loss(method: str, ce: dict[str, torch.Tensor], kd: dict[str, torch.
     raise ValueError(f"unknown baseline {method!r}, expected one of {BASELINES}")
 
 
-@torch.no_grad()
-def evaluate_baseline(ee: EarlyExitVLM, dataset: CaptionDataset, temperature: float = 1.0, batch_size: int = 16,
+def evaluate_baseline(ee: EarlyExitVLM, dataset: Dataset, temperature: float = 1.0, batch_size: int = 16,
                       runtime: Runtime | None = None) -> dict[str, float]:  # fmt: skip
     """Held-out `ce/exit_i`, `kd/exit_i` (KL(p_N || p_i) at `temperature`, x T^2) per text token, plus stage 2's
     `kl/exit_i` and token accuracies; token-weighted over the set."""
-    rank, world = (runtime.rank, runtime.world) if runtime is not None else (0, 1)
-    collate = CaptionCollator.for_model(ee.backbone.config)
-    was_training = ee.training
-    ee.eval()
-    keys = list(ee.exits)
-    sums = torch.zeros(2 * len(keys) + 1, dtype=torch.float64)
-    indices = list(range(rank, len(dataset), world))
-    for start in range(0, len(indices), batch_size):
-        batch = collate([dataset[i] for i in indices[start : start + batch_size]])
-        logits, final, targets = exit_logits(ee, {k: v.to(ee.backbone.device) for k, v in batch.items()})
-        ce, kd = per_exit_losses(logits, final, targets, temperature)
-        for j, k in enumerate(keys):
-            sums[j] += ce[k].double() * len(targets)
-            sums[len(keys) + j] += kd[k].double() * len(targets)
-        sums[-1] += len(targets)
-    if runtime is not None:
-        sums = runtime.sum(sums).cpu()
-    ee.train(was_training)
-    n = max(sums[-1].item(), 1.0)
-    out = {f"ce/exit_{k}": sums[j].item() / n for j, k in enumerate(keys)}
-    out.update({f"kd/exit_{k}": sums[len(keys) + j].item() / n for j, k in enumerate(keys)})
-    return out | evaluate_exits(ee, dataset, batch_size, runtime)
+    names = [f"{kind}/exit_{k}" for kind in ("ce", "kd") for k in ee.exits]
+
+    def sums(out: ExitOutputs) -> dict[str, float]:
+        ce, kd = per_exit_losses(out, temperature)
+        n = len(out.targets)
+        return {f"{kind}/exit_{k}": v.item() * n for kind, losses in (("ce", ce), ("kd", kd))
+                for k, v in losses.items()}  # fmt: skip
+
+    return token_means(ee, dataset, names, sums, batch_size, runtime) | evaluate_exits(ee, dataset, batch_size, runtime)
 
 
 def split_meta(dataset: CaptionDataset, fraction: float, seed: int) -> tuple[Subset, Subset]:
@@ -152,133 +112,94 @@ def split_meta(dataset: CaptionDataset, fraction: float, seed: int) -> tuple[Sub
     return Subset(dataset, sorted(order[n_meta:])), Subset(dataset, sorted(order[:n_meta]))
 
 
+class Baseline(ExitObjective):
+    """DeeBLIP, PABEE-BLIP or LeeBLIP (`config.method`) on linear exits; LeeBLIP also learns its weights."""
+
+    def __init__(self, model: nn.Module, config: BaselineTrainConfig, runtime: Runtime, train_set: Dataset):
+        self.leeblip = config.method == "leeblip"
+        data, self.meta = split_meta(train_set, config.meta_fraction, config.seed) if self.leeblip else (train_set, None)
+        if self.meta is not None and len(self.meta) < config.batch_size * runtime.world:
+            raise ValueError(f"LeeBLIP's meta split has {len(self.meta)} records, fewer than one batch "
+                             f"({config.batch_size} x {runtime.world} process(es)): raise meta_fraction")  # fmt: skip
+        super().__init__(model, ExitConfig(list(config.exit_layers), kind="linear"), config, runtime, data)
+        self.weights = DistillationWeights(list(self.ee.exits)).to(runtime.device)
+        runtime.broadcast_(list(self.ee.exits.parameters()))
+        self.params = list(self.ee.exits.parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.w_opt = torch.optim.Adam(self.weights.parameters(), lr=config.weight_lr)
+        self.sched = make_scheduler(self.opt, config, self.total)
+        self.parts.update(weights=self.weights, opt=self.opt, w_opt=self.w_opt, sched=self.sched, scaler=self.scaler)
+
+    def load_state_dict(self, state: dict, path: Path) -> None:
+        if state["config"]["method"] != self.config.method:
+            raise ValueError(f"checkpoint {path} was trained as {state['config']['method']!r}, not {self.config.method!r}")
+        super().load_state_dict(state, path)
+
+    def begin(self, step: int) -> None:
+        super().begin(step)
+        if self.leeblip:
+            collate = CaptionCollator.for_model(self.ee.backbone.config)
+            self.meta_stream = batch_stream(self.meta, collate, self.config, self.runtime, step)
+
+    def step(self, batch: dict, step: int) -> tuple[dict[str, float] | None, dict[str, torch.Tensor]]:
+        config = self.config
+        with autocast(config, self.runtime.device):
+            ce, kd = per_exit_losses(self.ee(batch), config.temperature)
+            w = {k: v.detach() for k, v in self.weights.weights().items()}
+            loss = baseline_loss(config.method, ce, kd, w)
+        ok = self.guard.ok({"exit loss": loss}, step, self.runtime)
+        if ok:
+            lr = self.sched.get_last_lr()[0]
+            kd_grads = torch.autograd.grad(sum(kd.values()), self.params, retain_graph=True) if self.leeblip else None
+            self.optimizer_step(loss, self.opt, self.params)
+            self.scaler.update()
+            self.sched.step()
+            if self.leeblip:
+                self._update_weights(next(self.meta_stream), kd_grads, lr)
+        losses = {"train/loss": loss, **{f"train/ce/exit_{k}": v for k, v in ce.items()},
+                  **{f"train/kd/exit_{k}": v for k, v in kd.items()}}  # fmt: skip
+        return ({"loss": loss.item()} if ok else None), losses
+
+    def scalars(self, means: dict[str, float]) -> dict[str, float]:
+        scalars = {"train/lr": self.sched.get_last_lr()[0]}
+        if self.leeblip:
+            scalars.update({f"train/kd_weight/exit_{k}": float(v.detach()) for k, v in self.weights.weights().items()})
+        return scalars
+
+    def evaluate(self, dataset: Dataset) -> dict[str, float]:
+        return evaluate_baseline(self.ee, dataset, self.config.temperature, self.config.batch_size, self.runtime)
+
+    def finish(self, out_dir: Path) -> EarlyExitVLM:
+        if self.runtime.is_main:
+            info = {"method": self.config.method, "exit_layers": self.ee.exit_layers,
+                    "trainable_parameters": trainable_parameters([self.ee.exits, self.weights] if self.leeblip
+                                                                 else self.ee.exits)}  # fmt: skip
+            if self.leeblip:
+                info["kd_weights"] = {k: float(v.detach()) for k, v in self.weights.weights().items()}
+            (out_dir / "method.json").write_text(json.dumps(info, indent=2))
+        return super().finish(out_dir)
+
+    def _update_weights(self, meta_batch: dict, kd_grads: tuple[torch.Tensor, ...], lr: float) -> None:
+        """LeeBERT's cross-level step: dL_meta/da_i = w_i * -lr * <grad_i CE_meta(theta'), grad_i KD_i(theta)>, with
+        theta' the exits after this step and grad_i restricted to exit i's own parameters."""
+        with autocast(self.config, self.runtime.device):
+            out = self.ee(meta_batch)
+            meta_loss = sum(F.cross_entropy(v.float(), out.targets) for v in out.logits.values())
+        meta_grads = torch.autograd.grad(meta_loss, self.params)
+        owner = {id(p): k for k, e in self.ee.exits.items() for p in e.parameters()}
+        align = {k: torch.zeros((), device=self.runtime.device) for k in self.weights.log_weights}
+        for p, g_meta, g_kd in zip(self.params, meta_grads, kd_grads):
+            align[owner[id(p)]] = align[owner[id(p)]] + (g_meta.float() * g_kd.float()).sum()
+        self.w_opt.zero_grad(set_to_none=True)
+        for k, a in self.weights.log_weights.items():
+            a.grad = (a.detach().exp() * -lr * align[k]).to(a.dtype)
+        self.runtime.average_gradients(list(self.weights.parameters()))
+        self.w_opt.step()
+
+
 def train_baseline(model: nn.Module, train_set: CaptionDataset, config: BaselineTrainConfig,
                    dev_set: CaptionDataset | None = None) -> EarlyExitVLM:  # fmt: skip
     """Attach linear exits at `config.exit_layers` to the frozen `model` and train them with `config.method`'s
-    loss. Writes checkpoints, TensorBoard scalars, `<output_dir>/exits` (loadable with
-    `EarlyExitVLM.from_pretrained`) and `<output_dir>/method.json` (method, trainable parameters, learned
-    weights)."""
-    config.validate()
-    runtime = Runtime(cpu=config.cpu)
-    out_dir, ckpt_dir = Path(config.output_dir), Path(config.output_dir) / "checkpoints"
-    torch.manual_seed(config.seed)
-    leeblip = config.method == "leeblip"
-    if runtime.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-
-    model.to(runtime.device).eval().requires_grad_(False)
-    ee = EarlyExitVLM(model, ExitConfig(list(config.exit_layers), kind="linear"))
-    keys = list(ee.exits)
-    weights = DistillationWeights(keys).to(runtime.device)
-    runtime.broadcast_(list(ee.exits.parameters()))
-    params, w_params = list(ee.exits.parameters()), list(weights.parameters())
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    w_opt = torch.optim.Adam(w_params, lr=config.weight_lr)
-    data, meta = split_meta(train_set, config.meta_fraction, config.seed) if leeblip else (train_set, None)
-    if meta is not None and len(meta) < config.batch_size * runtime.world:
-        raise ValueError(f"LeeBLIP's meta split has {len(meta)} records, fewer than one batch "
-                         f"({config.batch_size} x {runtime.world} process(es)): raise meta_fraction")  # fmt: skip
-    total = total_steps(config, len(data), runtime.world)
-    sched = make_scheduler(opt, config, total)
-    scaler = grad_scaler(config, runtime.device)
-    guard = DivergenceGuard(config.max_nonfinite_steps)
-
-    step = 0
-    resumed = resume_or_start(ckpt_dir, runtime, config.resume, config.seed)
-    if resumed is not None:
-        path, state = resumed
-        _check_resume(state, ee, config, path)
-        if state["config"]["method"] != config.method:
-            raise ValueError(f"checkpoint {path} was trained as {state['config']['method']!r}, not {config.method!r}")
-        ee.exits.load_state_dict(state["exits"])
-        weights.load_state_dict(state["weights"])
-        for obj, key in ((opt, "opt"), (w_opt, "w_opt"), (sched, "sched"), (scaler, "scaler")):
-            obj.load_state_dict(state[key])
-        step, guard.skipped = state["step"], state["nonfinite_skipped"]
-        logger.info("resumed from %s at step %d", path, step)
-
-    ee.exits.train()
-    collate = CaptionCollator.for_model(model.config)
-    stream = batch_stream(data, collate, config, runtime, step)
-    meta_stream = batch_stream(meta, collate, config, runtime, step) if leeblip else None
-    progress = Progress(config, runtime, total, step, str(out_dir / "tensorboard"))
-
-    while step < total:
-        batch = next(stream)
-        with autocast(config, runtime.device):
-            logits, final, targets = exit_logits(ee, batch)
-            ce, kd = per_exit_losses(logits, final, targets, config.temperature)
-            w = {k: v.detach() for k, v in weights.weights().items()}
-            loss = baseline_loss(config.method, ce, kd, w)
-        ok = guard.ok({"exit loss": loss}, step, runtime)
-        if ok:
-            lr = sched.get_last_lr()[0]
-            kd_grads = torch.autograd.grad(sum(kd.values()), params, retain_graph=True) if leeblip else None
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            optimizer_step(opt, params, scaler, runtime, config.grad_clip)
-            scaler.update()
-            sched.step()
-            if leeblip:
-                _update_weights(ee, weights, w_opt, next(meta_stream), kd_grads, params, lr, runtime, config)
-        step += 1
-
-        progress.step({"loss": loss.item()} if ok else None)
-        if step % config.log_every == 0 or step == total:
-            values = torch.stack([loss.detach(), *[ce[k].detach() for k in keys], *[kd[k].detach() for k in keys]])
-            values = (runtime.sum(values.float()) / runtime.world).tolist()
-            scalars = {
-                "train/loss": values[0],
-                "train/lr": sched.get_last_lr()[0],
-                "train/nonfinite_skipped": guard.skipped,
-            }
-            scalars.update({f"train/ce/exit_{k}": values[1 + j] for j, k in enumerate(keys)})
-            scalars.update({f"train/kd/exit_{k}": values[1 + len(keys) + j] for j, k in enumerate(keys)})
-            if leeblip:
-                scalars.update({f"train/kd_weight/exit_{k}": float(v.detach()) for k, v in weights.weights().items()})
-            progress.scalars(scalars, step)
-        if dev_set is not None and ((config.eval_every and step % config.eval_every == 0) or step == total):
-            metrics = evaluate_baseline(ee, dev_set, config.temperature, config.batch_size, runtime)
-            progress.scalars({f"dev/{k}": v for k, v in metrics.items()}, step)
-            if runtime.is_main and step == total:
-                (out_dir / "dev_metrics.json").write_text(json.dumps(metrics, indent=2))
-        if step % config.checkpoint_every == 0 or step == total:
-            state = {"step": step, "config": asdict(config), "exit_layers": ee.exit_layers,
-                     "backbone": ee.backbone.fingerprint(), "exits": ee.exits.state_dict(),
-                     "weights": weights.state_dict(), "opt": opt.state_dict(), "w_opt": w_opt.state_dict(),
-                     "sched": sched.state_dict(), "scaler": scaler.state_dict(),
-                     "nonfinite_skipped": guard.skipped}  # fmt: skip
-            save_checkpoint(ckpt_dir, step, state, runtime, config.keep_checkpoints,
-                            write_extra=lambda folder: ee.save_exits(folder / "exits"))  # fmt: skip
-
-    progress.close()
-    if runtime.is_main:
-        ee.save_exits(out_dir / "exits")
-        info = {"method": config.method, "exit_layers": ee.exit_layers,
-                "trainable_parameters": trainable_parameters([ee.exits, weights] if leeblip else ee.exits)}  # fmt: skip
-        if leeblip:
-            info["kd_weights"] = {k: float(v.detach()) for k, v in weights.weights().items()}
-        (out_dir / "method.json").write_text(json.dumps(info, indent=2))
-    runtime.barrier()
-    ee.eval()
-    return ee
-
-
-def _update_weights(ee: EarlyExitVLM, weights: DistillationWeights, w_opt: torch.optim.Optimizer, meta_batch: dict,
-                    kd_grads: tuple[torch.Tensor, ...], params: list[nn.Parameter], lr: float, runtime: Runtime,
-                    config: BaselineTrainConfig) -> None:  # fmt: skip
-    """LeeBERT's cross-level step: dL_meta/da_i = w_i * -lr * <grad_i CE_meta(theta'), grad_i KD_i(theta)>, with
-    theta' the exits after this step and grad_i restricted to exit i's own parameters."""
-    with autocast(config, runtime.device):
-        logits, _, targets = exit_logits(ee, meta_batch)
-        meta_loss = sum(F.cross_entropy(v.float(), targets) for v in logits.values())
-    meta_grads = torch.autograd.grad(meta_loss, params)
-    owner = {id(p): k for k, e in ee.exits.items() for p in e.parameters()}
-    align = {k: torch.zeros((), device=runtime.device) for k in weights.log_weights}
-    for p, g_meta, g_kd in zip(params, meta_grads, kd_grads):
-        align[owner[id(p)]] = align[owner[id(p)]] + (g_meta.float() * g_kd.float()).sum()
-    w_opt.zero_grad(set_to_none=True)
-    for k, a in weights.log_weights.items():
-        a.grad = (a.detach().exp() * -lr * align[k]).to(a.dtype)
-    runtime.average_gradients(list(weights.parameters()))
-    w_opt.step()
+    loss. Writes `<output_dir>/exits` (loadable with `EarlyExitVLM.from_pretrained`) and
+    `<output_dir>/method.json` (method, trainable parameters, learned weights) beside the loop's outputs."""
+    return train(lambda runtime: Baseline(model, config, runtime, train_set), config, dev_set)

@@ -1,5 +1,5 @@
-"""What both training stages share: the loop's config, processes (Accelerate), data order, LR schedule, autocast,
-and the divergence guard.
+"""The training loop's parts: its config, processes (Accelerate), data order, LR schedule, autocast, the
+divergence guard and progress.
 
 Gradients are averaged across processes explicitly (one all-reduce of the flattened gradients per optimizer step)
 rather than through DDP: exit training alternates two optimizers over modules that are not called through their
@@ -197,11 +197,6 @@ def autocast(config: LoopConfig, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def grad_scaler(config: LoopConfig, device: torch.device) -> torch.amp.GradScaler:
-    """Loss scaling, needed for fp16 only (a no-op otherwise)."""
-    return torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-
-
 class DivergenceGuard:
     """Skips (and counts) steps whose losses are not finite; raises `TrainingDiverged` past `max_skipped`."""
 
@@ -222,18 +217,6 @@ class DivergenceGuard:
                 f"more than max_nonfinite_steps={self.max_skipped}; lower the learning rate or use bf16/fp32"
             )
         return False
-
-
-def optimizer_step(
-    optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], scaler: torch.amp.GradScaler,
-    runtime: Runtime, grad_clip: float | None,
-) -> None:  # fmt: skip
-    """Average gradients over processes, unscale, clip, step."""
-    runtime.average_gradients(params)
-    scaler.unscale_(optimizer)
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    scaler.step(optimizer)
 
 
 _listeners: list = []  # (callback, bar description) pairs installed by `progress_hook`

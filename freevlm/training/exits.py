@@ -1,42 +1,29 @@
 """Stage 2: FREE exit training. The backbone is frozen; each exit E_i is a generator, each D_i a discriminator.
 
 Per batch (paper section 3.3):
-  1. the frozen backbone runs once under `no_grad`: h_0..h_N on every position;
-  2. E_i(h_i) for every exit, on the whole sequence (exits are causal layers that attend over it);
-  3. D step: sum_i BCE(D_i(h_N), 1) + BCE(D_i(E_i(h_i).detach()), 0);
-  4. G step: sum_i  adv_weight * -log D_i(E_i(h_i))  +  anchor_weight * anchor_i, where the anchor is
+  1. `EarlyExitVLM.forward`: the frozen backbone runs once (h_0..h_N on every position, no graph), each exit
+     E_i over h_i of the whole sequence (exits are causal layers that attend over it);
+  2. D step: sum_i BCE(D_i(h_N), 1) + BCE(D_i(E_i(h_i).detach()), 0);
+  3. G step: sum_i  adv_weight * -log D_i(E_i(h_i))  +  anchor_weight * anchor_i, where the anchor is
      `ce` (labels), `kd` (KL to the final layer's soft labels) or `capfilt` (CE on CapFilt pseudo-captions).
 Losses and features use text positions only (those that predict a target token): never query tokens, prompt, pad.
 """
 
 from __future__ import annotations
 
-import json
 from collections import deque
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
-from ..exits import ExitConfig, ExitLayer, FeatureDiscriminator
-from ..model import CheckpointMismatchError, EarlyExitVLM, check_fingerprint
-from .checkpoint import resume_or_start, save_checkpoint
-from .common import (
-    DivergenceGuard,
-    LoopConfig,
-    Progress,
-    Runtime,
-    autocast,
-    batch_stream,
-    grad_scaler,
-    logger,
-    make_scheduler,
-    optimizer_step,
-    total_steps,
-)
-from .data import IGNORE, CaptionCollator, CaptionDataset
+from ..exits import ExitConfig, FeatureDiscriminator
+from ..model import EarlyExitVLM, ExitOutputs
+from .common import LoopConfig, Runtime, autocast, logger, make_scheduler
+from .data import CaptionDataset
+from .loop import ExitObjective, token_means, train
 
 ANCHORS = ("ce", "kd", "capfilt")
 KD_DIRECTIONS = ("exit_to_final", "final_to_exit")
@@ -93,28 +80,6 @@ def make_discriminators(ee: EarlyExitVLM, hidden: int) -> nn.ModuleDict:
     return nn.ModuleDict({k: FeatureDiscriminator(size, hidden) for k in ee.exits}).to(ee.backbone.device)
 
 
-def exit_features(
-    ee: EarlyExitVLM, states: list[torch.Tensor], ctx, mask: torch.Tensor, text: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """E_i(h_i) at text positions, `[n_text, H]` per exit; h_i itself for exits without a layer (linear, head)."""
-    return {
-        k: (
-            ee.backbone.run_layer(e.layer, states[e.at], ctx, None, mask, None)
-            if isinstance(e, ExitLayer)
-            else states[e.at]
-        )[text]
-        for k, e in ee.exits.items()
-    }
-
-
-def backbone_features(ee: EarlyExitVLM, batch: dict[str, torch.Tensor]):
-    """h_0..h_N of the frozen backbone (no graph), its context and attention mask."""
-    with torch.no_grad():
-        return ee.backbone.features(
-            batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch.get("decoder_input_ids")
-        )
-
-
 def discriminator_loss(
     discs: nn.ModuleDict, real: torch.Tensor, fakes: dict[str, torch.Tensor], r1: float = 0.0
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -147,9 +112,8 @@ def adversarial_loss(discs: nn.ModuleDict, fakes: dict[str, torch.Tensor]) -> to
     return loss
 
 
-@torch.no_grad()
 def evaluate_exits(
-    ee: EarlyExitVLM, dataset: CaptionDataset, batch_size: int = 16, runtime: Runtime | None = None,
+    ee: EarlyExitVLM, dataset: Dataset, batch_size: int = 16, runtime: Runtime | None = None,
     discriminators: nn.ModuleDict | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """Held-out `kl/exit_i` = KL(p_i || p_N) per text token, `token_acc/exit_i` and `token_acc/final`
@@ -157,41 +121,23 @@ def evaluate_exits(
 
     With `discriminators`, also each D_i's held-out `d_acc/exit_i` and `d_loss/exit_i` (h_N vs E_i(h_i)): the
     training batch's D accuracy mixes D's progress with the exits' last move, this one does not."""
-    rank, world = (runtime.rank, runtime.world) if runtime is not None else (0, 1)
-    collate = CaptionCollator.for_model(ee.backbone.config)
-    was_training = ee.training
-    ee.eval()
-    keys = list(ee.exits)
     kinds = ["kl", "token_acc"] + (["d_acc", "d_loss"] if discriminators is not None else [])
-    names = [f"{kind}/exit_{k}" for kind in kinds for k in keys] + ["token_acc/final"]
-    sums = dict.fromkeys(names, 0.0)
-    tokens = 0
-    indices = list(range(rank, len(dataset), world))
-    for start in range(0, len(indices), batch_size):
-        batch = collate([dataset[i] for i in indices[start : start + batch_size]])
-        batch = {k: v.to(ee.backbone.device) for k, v in batch.items()}
-        states, ctx, mask = backbone_features(ee, batch)
-        text = batch["targets"] != IGNORE
-        targets = batch["targets"][text]
-        n = len(targets)
-        final_logits = ee.backbone.head(states[-1][text]).float()
-        fakes = exit_features(ee, states, ctx, mask, text)
-        for k, feats in fakes.items():
-            logits = ee.exits[k].logits(ee.backbone, feats).float()
-            sums[f"kl/exit_{k}"] += kd_loss(logits, final_logits).item() * n
-            sums[f"token_acc/exit_{k}"] += (logits.argmax(-1) == targets).sum().item()
+    names = [f"{kind}/exit_{k}" for kind in kinds for k in ee.exits] + ["token_acc/final"]
+
+    def sums(out: ExitOutputs) -> dict[str, float]:
+        n, final_logits = len(out.targets), out.final_logits.float()
+        values = {"token_acc/final": (final_logits.argmax(-1) == out.targets).sum().item()}
+        for k, logits in out.logits.items():
+            logits = logits.float()
+            values[f"kl/exit_{k}"] = kd_loss(logits, final_logits).item() * n
+            values[f"token_acc/exit_{k}"] = (logits.argmax(-1) == out.targets).sum().item()
             if discriminators is not None:
-                loss, acc = discriminator_loss(discriminators, states[-1][text], {k: feats})
-                sums[f"d_loss/exit_{k}"] += loss.item() * n
-                sums[f"d_acc/exit_{k}"] += acc[k].item() * n
-        sums["token_acc/final"] += (final_logits.argmax(-1) == targets).sum().item()
-        tokens += n
-    totals = torch.tensor([*sums.values(), tokens], dtype=torch.float64)
-    if runtime is not None:
-        totals = runtime.sum(totals).cpu()
-    ee.train(was_training)
-    n = max(totals[-1].item(), 1.0)
-    return {name: totals[j].item() / n for j, name in enumerate(names)}
+                loss, acc = discriminator_loss(discriminators, out.final_features, {k: out.features[k]})
+                values[f"d_loss/exit_{k}"] = loss.item() * n
+                values[f"d_acc/exit_{k}"] = acc[k].item() * n
+        return values
+
+    return token_means(ee, dataset, names, sums, batch_size, runtime)
 
 
 class DiscriminatorMonitor:
@@ -222,146 +168,74 @@ class DiscriminatorMonitor:
                                self.window)  # fmt: skip
 
 
-def train_exits(model: nn.Module, train_set: CaptionDataset, config: ExitTrainConfig,
-                dev_set: CaptionDataset | None = None) -> EarlyExitVLM:  # fmt: skip
-    """Attach exits at `config.exit_layers` to the (frozen) BLIP-2 `model` and train them; returns the exits.
+class FreeGAN(ExitObjective):
+    """FREE's objective: D_i against E_i, the exits anchored by `config.anchor`."""
 
-    Writes checkpoints under `<output_dir>/checkpoints`, TensorBoard scalars under `<output_dir>/tensorboard`, and
-    the final exits (loadable with `EarlyExitVLM.from_pretrained`) under `<output_dir>/exits`.
-    """
-    config.validate()
-    runtime = Runtime(cpu=config.cpu)
-    out_dir, ckpt_dir = Path(config.output_dir), Path(config.output_dir) / "checkpoints"
-    torch.manual_seed(config.seed)  # identical exits and discriminators on every process
+    def __init__(self, model: nn.Module, config: ExitTrainConfig, runtime: Runtime, data: Dataset):
+        super().__init__(model, ExitConfig(list(config.exit_layers), config.init), config, runtime, data)
+        self.discs = make_discriminators(self.ee, config.disc_hidden)
+        runtime.broadcast_([*self.ee.exits.parameters(), *self.discs.parameters()])
+        self.g_params, self.d_params = list(self.ee.exits.parameters()), list(self.discs.parameters())
+        self.g_opt = torch.optim.AdamW(self.g_params, lr=config.lr, weight_decay=config.weight_decay)
+        self.d_opt = torch.optim.AdamW(self.d_params, lr=config.disc_lr or config.lr, weight_decay=config.weight_decay)
+        self.g_sched = make_scheduler(self.g_opt, config, self.total)
+        self.d_sched = make_scheduler(self.d_opt, config, self.total)
+        self.parts.update(discriminators=self.discs, g_opt=self.g_opt, d_opt=self.d_opt, g_sched=self.g_sched,
+                          d_sched=self.d_sched, scaler=self.scaler)  # fmt: skip
+        self.monitor = DiscriminatorMonitor(list(self.ee.exits), config.d_warn_window)
 
-    model.to(runtime.device).eval().requires_grad_(False)  # the backbone is frozen in stage 2
-    ee = EarlyExitVLM(model, ExitConfig(list(config.exit_layers), config.init))
-    discs = make_discriminators(ee, config.disc_hidden)
-    runtime.broadcast_([*ee.exits.parameters(), *discs.parameters()])
-    g_params, d_params = list(ee.exits.parameters()), list(discs.parameters())
-    g_opt = torch.optim.AdamW(g_params, lr=config.lr, weight_decay=config.weight_decay)
-    d_opt = torch.optim.AdamW(d_params, lr=config.disc_lr or config.lr, weight_decay=config.weight_decay)
-    total = total_steps(config, len(train_set), runtime.world)
-    g_sched, d_sched = make_scheduler(g_opt, config, total), make_scheduler(d_opt, config, total)
-    scaler = grad_scaler(config, runtime.device)
-    guard = DivergenceGuard(config.max_nonfinite_steps)
-
-    step = 0
-    resumed = resume_or_start(ckpt_dir, runtime, config.resume, config.seed)
-    if resumed is not None:
-        path, state = resumed
-        _check_resume(state, ee, config, path)
-        ee.exits.load_state_dict(state["exits"])
-        discs.load_state_dict(state["discriminators"])
-        for obj, key in (
-            (g_opt, "g_opt"),
-            (d_opt, "d_opt"),
-            (g_sched, "g_sched"),
-            (d_sched, "d_sched"),
-            (scaler, "scaler"),
-        ):
-            obj.load_state_dict(state[key])
-        step, guard.skipped = state["step"], state["nonfinite_skipped"]
-        logger.info("resumed from %s at step %d", path, step)
-
-    ee.exits.train()
-    collate = CaptionCollator.for_model(model.config)
-    stream = batch_stream(train_set, collate, config, runtime, step)
-    progress = Progress(config, runtime, total, step, str(out_dir / "tensorboard"))
-    monitor = DiscriminatorMonitor(list(ee.exits), config.d_warn_window)
-    keys = list(ee.exits)
-
-    while step < total:
-        batch = next(stream)
-        with autocast(config, runtime.device):
-            states, ctx, mask = backbone_features(ee, batch)
-            text = batch["targets"] != IGNORE
-            real, targets = states[-1][text], batch["targets"][text]
-            fakes = exit_features(ee, states, ctx, mask, text)
-        zero = real.new_zeros((), dtype=torch.float32)
+    def step(self, batch: dict, step: int) -> tuple[dict[str, float] | None, dict[str, torch.Tensor]]:
+        config, device = self.config, self.runtime.device
+        with autocast(config, device):
+            out = self.ee(batch)
+        zero = out.final_features.new_zeros((), dtype=torch.float32)
 
         # D step: h_N is real (label 1), E_i(h_i) detached is fake (label 0)
         d_loss, d_acc = zero, {}
         if config.adversarial:
-            with autocast(config, runtime.device):
-                d_loss, d_acc = discriminator_loss(discs, real, fakes, config.disc_r1)
-        ok = guard.ok({"discriminator loss": d_loss}, step, runtime)
+            with autocast(config, device):
+                d_loss, d_acc = discriminator_loss(self.discs, out.final_features, out.features, config.disc_r1)
+        ok = self.guard.ok({"discriminator loss": d_loss}, step, self.runtime)
         if ok and config.adversarial:
-            d_opt.zero_grad(set_to_none=True)
-            scaler.scale(d_loss).backward()
-            optimizer_step(d_opt, d_params, scaler, runtime, config.grad_clip)
+            self.optimizer_step(d_loss, self.d_opt, self.d_params)
 
         # G step: fool the updated D_i, anchored to the labels or to the final layer's soft labels
         adv, anchor = zero, zero
         if ok:
-            with autocast(config, runtime.device):
-                final_logits = ee.backbone.head(real) if config.anchor == "kd" else None
+            with autocast(config, device):
                 if config.adversarial:
-                    adv = adversarial_loss(discs, fakes)
-                for fake in fakes.values():
-                    logits = ee.backbone.head(fake)
+                    adv = adversarial_loss(self.discs, out.features)
+                for logits in out.logits.values():
                     if config.anchor == "kd":
-                        anchor = anchor + kd_loss(logits, final_logits, config.temperature, config.kd_direction)
+                        anchor = anchor + kd_loss(logits, out.final_logits, config.temperature, config.kd_direction)
                     else:
-                        anchor = anchor + F.cross_entropy(logits.float(), targets)
+                        anchor = anchor + F.cross_entropy(logits.float(), out.targets)
                 g_loss = config.adv_weight * adv + config.anchor_weight * anchor
-            ok = guard.ok({"generator loss": g_loss}, step, runtime)
+            ok = self.guard.ok({"generator loss": g_loss}, step, self.runtime)
         if ok:
-            g_opt.zero_grad(set_to_none=True)
-            scaler.scale(g_loss).backward()
-            optimizer_step(g_opt, g_params, scaler, runtime, config.grad_clip)
-            scaler.update()
-            g_sched.step()
+            self.optimizer_step(g_loss, self.g_opt, self.g_params)
+            self.scaler.update()
+            self.g_sched.step()
             if config.adversarial:
-                d_sched.step()
-        step += 1  # a skipped step still consumes its batch: reruns see the same batch at each step
+                self.d_sched.step()
+            if d_acc:
+                self.monitor.update(dict(zip(d_acc, torch.stack(list(d_acc.values())).tolist())), step + 1)
+        losses = {"train/d_loss": d_loss, "train/g_adv_loss": adv, "train/anchor_loss": anchor}
+        if config.adversarial:
+            losses.update({f"train/d_acc/exit_{k}": d_acc.get(k, zero) for k in self.ee.exits})
+        return ({"d": d_loss.item(), "adv": adv.item(), config.anchor: anchor.item()} if ok else None), losses
 
-        # bookkeeping: progress bar, TensorBoard, D monitor, dev evaluation, checkpoints
-        progress.step({"d": d_loss.item(), "adv": adv.item(), config.anchor: anchor.item()} if ok else None)
-        if ok and d_acc:
-            monitor.update(dict(zip(d_acc, torch.stack(list(d_acc.values())).tolist())), step)
-        if step % config.log_every == 0 or step == total:
-            values = torch.stack([d_loss.detach(), adv.detach(), anchor.detach(), *[d_acc.get(k, zero) for k in keys]])
-            values = (runtime.sum(values.float()) / runtime.world).tolist()
-            scalars = {"train/d_loss": values[0], "train/g_adv_loss": values[1], "train/anchor_loss": values[2],
-                       "train/g_loss": config.adv_weight * values[1] + config.anchor_weight * values[2],
-                       "train/lr": g_sched.get_last_lr()[0], "train/nonfinite_skipped": guard.skipped}  # fmt: skip
-            if config.adversarial:
-                scalars.update({f"train/d_acc/exit_{k}": values[3 + j] for j, k in enumerate(keys)})
-            progress.scalars(scalars, step)
-        if dev_set is not None and ((config.eval_every and step % config.eval_every == 0) or step == total):
-            metrics = evaluate_exits(ee, dev_set, config.batch_size, runtime, discs if config.adversarial else None)
-            progress.scalars({f"dev/{k}": v for k, v in metrics.items()}, step)
-            if runtime.is_main and step == total:
-                (out_dir / "dev_metrics.json").write_text(json.dumps(metrics, indent=2))
-        if step % config.checkpoint_every == 0 or step == total:
-            state = {"step": step, "config": asdict(config), "exit_layers": ee.exit_layers,
-                     "backbone": ee.backbone.fingerprint(), "exits": ee.exits.state_dict(),
-                     "discriminators": discs.state_dict(), "g_opt": g_opt.state_dict(), "d_opt": d_opt.state_dict(),
-                     "g_sched": g_sched.state_dict(), "d_sched": d_sched.state_dict(), "scaler": scaler.state_dict(),
-                     "nonfinite_skipped": guard.skipped}  # fmt: skip
-            save_checkpoint(ckpt_dir, step, state, runtime, config.keep_checkpoints,
-                            write_extra=lambda folder: ee.save_exits(folder / "exits"))  # fmt: skip
+    def scalars(self, means: dict[str, float]) -> dict[str, float]:
+        g_loss = self.config.adv_weight * means["train/g_adv_loss"] + self.config.anchor_weight * means["train/anchor_loss"]
+        return {"train/g_loss": g_loss, "train/lr": self.g_sched.get_last_lr()[0]}
 
-    progress.close()
-    if runtime.is_main:
-        ee.save_exits(out_dir / "exits")
-    runtime.barrier()
-    ee.eval()
-    return ee
+    def evaluate(self, dataset: Dataset) -> dict[str, float]:
+        discs = self.discs if self.config.adversarial else None
+        return evaluate_exits(self.ee, dataset, self.config.batch_size, self.runtime, discs)
 
 
-def _check_resume(state: dict, ee: EarlyExitVLM, config: ExitTrainConfig, path: Path) -> None:
-    """Refuse a checkpoint made for other exits or another backbone; note other changed settings."""
-    if list(state["exit_layers"]) != ee.exit_layers:
-        raise CheckpointMismatchError(
-            f"checkpoint {path} has exits at layers {list(state['exit_layers'])}, but this run asks for "
-            f"{ee.exit_layers}: use the same exit layers to resume, or start a new output_dir"
-        )
-    check_fingerprint(state["backbone"], ee.backbone.fingerprint(), path)
-    saved, now = state["config"], asdict(config)
-    changed = sorted(
-        k for k in now if k not in ("resume", "max_steps", "epochs", "progress") and saved.get(k) != now[k]
-    )
-    if changed:
-        logger.warning("resuming %s with changed settings: %s", path, ", ".join(changed))
+def train_exits(model: nn.Module, train_set: CaptionDataset, config: ExitTrainConfig,
+                dev_set: CaptionDataset | None = None) -> EarlyExitVLM:  # fmt: skip
+    """Attach exits at `config.exit_layers` to the (frozen) BLIP-2 `model` and train them; returns the exits,
+    also written to `<output_dir>/exits` (loadable with `EarlyExitVLM.from_pretrained`)."""
+    return train(lambda runtime: FreeGAN(model, config, runtime, train_set), config, dev_set)

@@ -2,39 +2,26 @@
 
 LAVIS recipe by default: the language model stays frozen; the Q-Former (with its query tokens) and the language
 projection are trained, the vision encoder optionally. Frozen parts are kept in eval mode (no dropout), as LAVIS
-does, so their outputs are those inference will see. The loss is computed through the same backbone adapter the
-exits use, so both stages share one definition of "text positions".
+does, so their outputs are those inference will see. The loss is read from `EarlyExitVLM.forward`, as the exits'
+losses are, so both stages share one definition of "text positions".
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
-from ..backbones import load_backbone
-from ..model import CheckpointMismatchError
-from .checkpoint import resume_or_start, save_checkpoint
-from .common import (
-    DivergenceGuard,
-    LoopConfig,
-    Progress,
-    Runtime,
-    autocast,
-    batch_stream,
-    grad_scaler,
-    logger,
-    make_scheduler,
-    optimizer_step,
-    total_steps,
-)
-from .data import IGNORE, CaptionCollator, CaptionDataset
+from ..model import CheckpointMismatchError, EarlyExitVLM, ExitOutputs
+from .common import LoopConfig, Runtime, autocast, make_scheduler
+from .data import CaptionDataset
+from .loop import Objective, token_means, train
 
 PARTS = {  # config flag -> parameter-name prefixes of Blip2ForConditionalGeneration
     "train_vision": ("vision_model.",),
@@ -74,136 +61,93 @@ def select_trainable(model: nn.Module, config: FinetuneConfig) -> list[str]:
     return names
 
 
-def caption_loss(backbone, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of the final layer on text positions (mean per token), and the number of correct tokens."""
-    states, _, _ = backbone.features(
-        batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch.get("decoder_input_ids")
-    )
-    text = batch["targets"] != IGNORE
-    logits = backbone.head(states[-1][text]).float()
-    targets = batch["targets"][text]
-    return F.cross_entropy(logits, targets), (logits.argmax(-1) == targets).sum()
-
-
-@torch.no_grad()
 def evaluate_captions(
-    model: nn.Module, dataset: CaptionDataset, batch_size: int = 16, runtime: Runtime | None = None
+    model: nn.Module, dataset: Dataset, batch_size: int = 16, runtime: Runtime | None = None
 ) -> dict[str, float]:
-    """Held-out per-token `loss` and `token_acc` of the final layer."""
-    rank, world = (runtime.rank, runtime.world) if runtime is not None else (0, 1)
-    backbone = load_backbone(model)
-    collate = CaptionCollator.for_model(model.config)
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(3, dtype=torch.float64)  # loss * tokens, correct, tokens
-    indices = list(range(rank, len(dataset), world))
-    for start in range(0, len(indices), batch_size):
-        batch = collate([dataset[i] for i in indices[start : start + batch_size]])
-        batch = {k: v.to(backbone.device) for k, v in batch.items()}
-        n = int((batch["targets"] != IGNORE).sum())
-        loss, correct = caption_loss(backbone, batch)
-        sums += torch.tensor([loss.item() * n, correct.item(), n], dtype=torch.float64)
-    if runtime is not None:
-        sums = runtime.sum(sums).cpu()
-    model.train(was_training)
-    n = max(sums[2].item(), 1.0)
-    return {"loss": sums[0].item() / n, "token_acc": sums[1].item() / n}
+    """Held-out per-token `loss` and `token_acc` of the final layer of `model` (a BLIP-2, or an `EarlyExitVLM`)."""
+    ee = model if isinstance(model, EarlyExitVLM) else EarlyExitVLM(model)
+
+    def sums(out: ExitOutputs) -> dict[str, float]:
+        logits = out.final_logits.float()
+        loss = F.cross_entropy(logits, out.targets).item() * len(out.targets)
+        return {"loss": loss, "token_acc": (logits.argmax(-1) == out.targets).sum().item()}
+
+    return token_means(ee, dataset, ["loss", "token_acc"], sums, batch_size, runtime)
 
 
-def _set_modes(model: nn.Module, config: FinetuneConfig) -> None:
-    """Train mode for the trained parts, eval mode (no dropout) for the frozen ones."""
-    model.eval()
-    for flag, prefixes in PARTS.items():
-        if getattr(config, flag):
-            for prefix in prefixes:
-                module_name = prefix.rstrip(".")
-                if module_name != "query_tokens":
-                    model.get_submodule(module_name).train()
+class Finetune(Objective):
+    """Cross-entropy of the final layer on the parts of the backbone `config` trains."""
+
+    def __init__(self, model: nn.Module, config: FinetuneConfig, runtime: Runtime, data: Dataset, save_with: tuple):
+        super().__init__(config, runtime, data)
+        self.model, self.save_with = model.to(runtime.device), save_with
+        self.ee = EarlyExitVLM(model)
+        self.names = select_trainable(model, config)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        runtime.broadcast_(self.params)
+        decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and n != "query_tokens"]
+        no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.dim() < 2 or n == "query_tokens")]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.lr,
+        )
+        self.scheduler = make_scheduler(self.optimizer, config, self.total)
+        self.parts.update(optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler)
+
+    def state_dict(self) -> dict:
+        trainable = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+        return {"trainable": trainable, **super().state_dict()}
+
+    def load_state_dict(self, state: dict, path: Path) -> None:
+        if sorted(state["trainable"]) != sorted(self.names):
+            raise CheckpointMismatchError(
+                f"checkpoint {path} trained other parameters than this run would ({len(state['trainable'])} vs "
+                f"{len(self.names)} tensors): use the same train_* settings to resume"
+            )
+        self.model.load_state_dict(state["trainable"], strict=False)
+        super().load_state_dict(state, path)
+
+    def begin(self, step: int) -> None:
+        """Train mode for the trained parts, eval mode (no dropout) for the frozen ones."""
+        self.model.eval()
+        for flag, prefixes in PARTS.items():
+            if getattr(self.config, flag):
+                for prefix in prefixes:
+                    if prefix != "query_tokens":
+                        self.model.get_submodule(prefix.rstrip(".")).train()
+
+    def step(self, batch: dict, step: int) -> tuple[dict[str, float] | None, dict[str, torch.Tensor]]:
+        with autocast(self.config, self.runtime.device):
+            out = self.ee(batch)
+            loss = F.cross_entropy(out.final_logits.float(), out.targets)
+        ok = self.guard.ok({"caption loss": loss}, step, self.runtime)
+        if ok:
+            self.optimizer_step(loss, self.optimizer, self.params)
+            self.scaler.update()
+            self.scheduler.step()
+        return ({"loss": loss.item()} if ok else None), {"train/loss": loss}
+
+    def scalars(self, means: dict[str, float]) -> dict[str, float]:
+        return {"train/lr": self.scheduler.get_last_lr()[0]}
+
+    def evaluate(self, dataset: Dataset) -> dict[str, float]:
+        return evaluate_captions(self.ee, dataset, self.config.batch_size, self.runtime)
+
+    def finish(self, out_dir: Path) -> nn.Module:
+        self.model.eval()
+        if self.runtime.is_main:  # assembled beside, then renamed: a crash never leaves half a model folder
+            final, tmp = out_dir / "model", out_dir / ".model.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.model.save_pretrained(tmp)
+            for obj in self.save_with:
+                obj.save_pretrained(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        return self.model
 
 
 def finetune(model: nn.Module, train_set: CaptionDataset, config: FinetuneConfig,
              dev_set: CaptionDataset | None = None, save_with: tuple = ()) -> nn.Module:  # fmt: skip
     """Fine-tune `model` in place; returns it. The result goes to `<output_dir>/model` with `save_pretrained`,
     together with every object in `save_with` (tokenizer, image processor) so the folder loads with `load_blip2`."""
-    config.validate()
-    runtime = Runtime(cpu=config.cpu)
-    out_dir, ckpt_dir = Path(config.output_dir), Path(config.output_dir) / "checkpoints"
-    model.to(runtime.device)
-    backbone = load_backbone(model)
-    names = select_trainable(model, config)
-    params = [p for p in model.parameters() if p.requires_grad]
-    runtime.broadcast_(params)
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and n != "query_tokens"]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.dim() < 2 or n == "query_tokens")]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr,
-    )
-    total = total_steps(config, len(train_set), runtime.world)
-    scheduler = make_scheduler(optimizer, config, total)
-    scaler = grad_scaler(config, runtime.device)
-    guard = DivergenceGuard(config.max_nonfinite_steps)
-
-    step = 0
-    resumed = resume_or_start(ckpt_dir, runtime, config.resume, config.seed)
-    if resumed is not None:
-        path, state = resumed
-        if sorted(state["trainable"]) != sorted(names):
-            raise CheckpointMismatchError(
-                f"checkpoint {path} trained other parameters than this run would ({len(state['trainable'])} vs "
-                f"{len(names)} tensors): use the same train_* settings to resume"
-            )
-        model.load_state_dict(state["trainable"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step, guard.skipped = state["step"], state["nonfinite_skipped"]
-        logger.info("resumed from %s at step %d", path, step)
-
-    _set_modes(model, config)
-    stream = batch_stream(train_set, CaptionCollator.for_model(model.config), config, runtime, step)
-    progress = Progress(config, runtime, total, step, str(out_dir / "tensorboard"))
-    while step < total:
-        batch = next(stream)
-        with autocast(config, runtime.device):
-            loss, _ = caption_loss(backbone, batch)
-        ok = guard.ok({"caption loss": loss}, step, runtime)
-        if ok:
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            optimizer_step(optimizer, params, scaler, runtime, config.grad_clip)
-            scaler.update()
-            scheduler.step()
-        step += 1  # a skipped step still consumes its batch
-
-        progress.step({"loss": loss.item()} if ok else None)
-        if step % config.log_every == 0 or step == total:
-            mean = (runtime.sum(loss.detach().float().reshape(1)) / runtime.world).item()
-            progress.scalars({"train/loss": mean, "train/lr": scheduler.get_last_lr()[0],
-                              "train/nonfinite_skipped": guard.skipped}, step)  # fmt: skip
-        if dev_set is not None and ((config.eval_every and step % config.eval_every == 0) or step == total):
-            metrics = evaluate_captions(model, dev_set, config.batch_size, runtime)
-            _set_modes(model, config)
-            progress.scalars({f"dev/{k}": v for k, v in metrics.items()}, step)
-            if runtime.is_main and step == total:
-                out_dir.mkdir(parents=True, exist_ok=True)
-                (out_dir / "dev_metrics.json").write_text(json.dumps(metrics, indent=2))
-        if step % config.checkpoint_every == 0 or step == total:
-            trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-            state = {"step": step, "config": asdict(config), "trainable": trainable, "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                     "nonfinite_skipped": guard.skipped}  # fmt: skip
-            save_checkpoint(ckpt_dir, step, state, runtime, config.keep_checkpoints)
-
-    progress.close()
-    model.eval()
-    if runtime.is_main:  # assembled beside, then renamed: a crash never leaves half a model folder
-        final, tmp = out_dir / "model", out_dir / ".model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        for obj in save_with:
-            obj.save_pretrained(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    runtime.barrier()
-    return model
+    return train(lambda runtime: Finetune(model, config, runtime, train_set, save_with), config, dev_set)
