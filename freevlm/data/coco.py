@@ -18,21 +18,25 @@ KARPATHY_SPLITS = ("train", "restval", "val", "test")
 
 def read_captions(
     path: str | os.PathLike, image_root: str | os.PathLike, split: str | None = None, check_images: bool = True,
-    allow_empty: bool = False,
+    domain: str | None = None, allow_empty: bool = False,
 ) -> list[CaptionRecord]:  # fmt: skip
-    """Images and captions from either layout, told apart by content: Karpathy's `dataset_coco.json` (`split`
-    picks one; `train` includes `restval`) or the official `captions_*.json`. `allow_empty`: the caller reports an
-    empty file itself."""
+    """Images and their captions from either layout, told apart by content: Karpathy's `dataset_coco.json` (`split`
+    picks one; `train` includes `restval`) or the official `captions_*.json` (`domain`: NoCaps). `allow_empty`:
+    the caller reports an empty file itself."""
     path = Path(path)
     data = read_json(path)
-    if isinstance(data, dict) and "annotations" in data and "images" in data:
-        records = _official(data, path, image_root, check_images)
-    elif isinstance(data, dict) and isinstance(data.get("images"), list) and "sentences" in (data["images"] or [{}])[0]:
-        records = _karpathy(data, path, image_root, split, check_images)
-    else:
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DatasetError(f"{path} is not a COCO captions file: expected 'images' + 'annotations' (captions_*.json) "
                            "or 'images' with 'sentences' (Karpathy dataset_coco.json)")  # fmt: skip
-    return records if allow_empty else nonempty(records, path, "this file" if split is None else f"split {split!r}")
+    if "sentences" in (data["images"] or [{}])[0]:
+        records = _karpathy(data, path, image_root, split, check_images)
+    elif split is not None:
+        raise DatasetError(f"{path} is an official COCO file, which has no splits (split {split!r})")
+    else:
+        records = _official(data, path, image_root, check_images, domain)
+    if allow_empty:
+        return records
+    return nonempty(records, path, f"split {split!r}" if split else f"domain {domain!r}" if domain else "this file")
 
 
 def read_karpathy(
@@ -42,11 +46,10 @@ def read_karpathy(
 
     The image lives at `image_root/filepath/filename` (`filepath` is absent in the Flickr files).
     """
-    path = Path(path)
-    return nonempty(_karpathy(read_json(path), path, image_root, split, check_images), path, f"split {split!r}")
+    return read_captions(path, image_root, split, check_images)
 
 
-def _karpathy(data, path: Path, image_root: str | os.PathLike, split: str | None, check_images: bool) -> list:
+def _karpathy(data: dict, path: Path, image_root: str | os.PathLike, split: str | None, check_images: bool) -> list:
     if split not in KARPATHY_SPLITS:
         raise DatasetError(f"unknown Karpathy split {split!r}: one of {KARPATHY_SPLITS}")
     wanted = {"train", "restval"} if split == "train" else {split}
@@ -74,12 +77,10 @@ def read_coco_captions(
 
     `domain` keeps only images whose `domain` field equals it (NoCaps).
     """
-    path = Path(path)
-    records = _official(read_json(path), path, image_root, check_images, domain)
-    return nonempty(records, path, "this file" if domain is None else f"domain {domain!r}")
+    return read_captions(path, image_root, check_images=check_images, domain=domain)
 
 
-def _official(data, path: Path, image_root: str | os.PathLike, check_images: bool, domain: str | None = None) -> list:
+def _official(data: dict, path: Path, image_root: str | os.PathLike, check_images: bool, domain: str | None) -> list:
     images = require_list(data, "images", path, "the file")
     ids = {require(image, "id", path, f"image #{i}") for i, image in enumerate(images)}
     refs: dict[int, list[str]] = defaultdict(list)
