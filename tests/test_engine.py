@@ -3,8 +3,10 @@
 import pytest
 import torch
 from conftest import RandomPolicy, TokenHashPolicy
+from transformers import DynamicCache
 
 from freevlm import EarlyExitVLM, ExitConfig
+from freevlm.backbones.base import cache_keyword, decoder_positions
 from freevlm.decoding.policies import FixedSchedulePolicy
 from freevlm.tiny import tiny_blip2, tiny_inputs
 
@@ -66,13 +68,16 @@ def _reference_caches(ee, out, pv, ids, mask):
     """Per-layer K/V and hidden states of the full model run once over prompt + generated tokens."""
     backbone = ee.backbone
     generated = out.sequences[:, out.decoder.ctx.prompt_ids.shape[1] :]
-    if backbone.family == "opt":
+    decoder_only = not backbone.lm.config.is_encoder_decoder
+    if decoder_only:
         ids_all, embeds, mask_all = backbone.image_prompt_embeds(pv, ids, mask)
         gen_embeds = backbone.lm.get_input_embeddings()(generated[:, :-1])
         embeds = torch.cat([embeds, gen_embeds], dim=1)
         mask_all = torch.cat([mask_all, torch.ones_like(generated[:, :-1])], dim=1)
-        res = backbone.lm(inputs_embeds=embeds, attention_mask=mask_all, use_cache=True, output_hidden_states=True)
-        cache = res.past_key_values
+        full_cache = {cache_keyword(type(backbone.lm)): DynamicCache()}  # keeps every slot, sliding windows too
+        res = backbone.lm(inputs_embeds=embeds, attention_mask=mask_all, position_ids=decoder_positions(mask_all),
+                          use_cache=True, output_hidden_states=True, **full_cache)  # fmt: skip
+        cache = _cache_of(res)
     else:
         _, embeds, mask_all = backbone.image_prompt_embeds(pv, ids, mask)
         dec_ids = out.sequences[:, :-1]
@@ -80,9 +85,14 @@ def _reference_caches(ee, out, pv, ids, mask):
             inputs_embeds=embeds, attention_mask=mask_all, decoder_input_ids=dec_ids,
             use_cache=True, output_hidden_states=True,
         )  # fmt: skip
-        cache = res.past_key_values.self_attention_cache
-    hidden = res.hidden_states if backbone.family == "opt" else res.decoder_hidden_states
+        cache = _cache_of(res).self_attention_cache
+    hidden = res.hidden_states if decoder_only else res.decoder_hidden_states
     return [(cache.layers[j].keys, cache.layers[j].values) for j in range(backbone.num_layers)], hidden
+
+
+def _cache_of(output):
+    """The cache a Hugging Face forward returned (`cache` in current releases, `past_key_values` before)."""
+    return output["cache"] if "cache" in output else output.past_key_values
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -1,0 +1,257 @@
+"""LLaVA (Llama, Mistral, Qwen2 LMs) and InstructBLIP (OPT, T5 LMs) on the same engine: what tests/test_engine.py,
+test_decoding_modes.py and test_static_engine.py show for BLIP-2, shown for these families (their helpers reused).
+
+Mistral and Qwen2 run with sliding windows shorter than the sequences, so the window is exercised everywhere.
+"""
+
+from contextlib import nullcontext
+
+import pytest
+import torch
+from conftest import RandomPolicy, TokenHashPolicy
+from test_engine import _assert_caches_equal_full_model
+
+from freevlm import CheckpointMismatchError, EarlyExitVLM, ExitConfig
+from freevlm.backbones import load_backbone
+from freevlm.backbones.base import causal_padding_mask
+from freevlm.cache_utils import KVView, LayerKV
+from freevlm.decoding.policies import FixedSchedulePolicy
+from freevlm.decoding.static import StaticDecoder
+from freevlm.tiny import tiny_inputs, tiny_instruction, tiny_model
+
+FAMILIES = ["llama", "mistral", "qwen2", "instructblip-opt", "instructblip-t5"]
+WINDOWS = {"mistral": 4, "qwen2": 3}  # Qwen2's from layer 1 up: full and windowed layers mixed
+MAX_NEW = 10
+
+
+@pytest.fixture(params=FAMILIES)
+def new_family(request):
+    return request.param
+
+
+class Case:
+    """A tiny model of `family` with exits, random inputs, and the InstructBLIP instruction where there is one."""
+
+    def __init__(self, family, seed=0, batch=1, pad=False, num_layers=4, exits=(1, 2, 3), sharpen=False):
+        window = {"sliding_window": WINDOWS[family]} if family in WINDOWS else {}
+        self.model = tiny_model(family, seed=seed, num_layers=num_layers, **window)
+        self.ee = EarlyExitVLM.from_backbone(self.model, ExitConfig(list(exits)))
+        if sharpen:  # sharper logits: exits are often confident, so thresholds in (0, 1) really exit
+            with torch.no_grad():
+                _final_norm(self.ee.backbone).weight.mul_(6)
+        self.inputs = tiny_inputs(self.model, batch=batch, seed=seed, pad=pad)
+        self.hf_inputs = dict(zip(("pixel_values", "input_ids", "attention_mask"), self.inputs))
+        self.instruction = None
+        if family.startswith("instructblip"):
+            self.instruction = tiny_instruction(self.model, batch, seed=seed, pad=pad)
+            self.hf_inputs.update(qformer_input_ids=self.instruction[0], qformer_attention_mask=self.instruction[1])
+
+    def instructed(self):
+        """The block every request of this case runs in (InstructBLIP's Q-Former reads the instruction)."""
+        return nullcontext() if self.instruction is None else self.ee.backbone.instruction(*self.instruction)
+
+    def generate(self, **kwargs):
+        with self.instructed():
+            return self.ee.generate(*self.inputs, **kwargs)
+
+    def hf_generate(self, **kwargs):
+        return self.model.generate(**self.hf_inputs, do_sample=False, **kwargs)
+
+
+def _final_norm(backbone):
+    return backbone.text.norm if hasattr(backbone, "text") else backbone.decoder.final_layer_norm
+
+
+@pytest.mark.filterwarnings("error::FutureWarning")
+@pytest.mark.parametrize("batch,pad", [(1, False), (3, True)])
+def test_full_and_threshold_one_equal_hf_generate(new_family, batch, pad):
+    """On the engine each batch gets by default (the static one here; tests below hold it to the general one)."""
+    case = Case(new_family, seed=FAMILIES.index(new_family), batch=batch, pad=pad)
+    ref = case.hf_generate(max_new_tokens=MAX_NEW, num_beams=1)
+    assert torch.equal(case.generate(max_new_tokens=MAX_NEW, mode="full").sequences, ref)
+    never = case.generate(max_new_tokens=MAX_NEW, threshold=1.0)
+    assert torch.equal(never.sequences, ref)
+    assert (never.exit_layers[never.exit_layers >= 0] == 4).all()
+
+
+def test_beam_search_without_exits_equals_hugging_face(new_family):
+    case = Case(new_family, seed=2, batch=2, pad=True)
+    kwargs = dict(max_new_tokens=8, num_beams=3, length_penalty=0.6)
+    assert torch.equal(case.generate(threshold=1.0, **kwargs).sequences, case.hf_generate(**kwargs))
+
+
+def test_speculative_equals_full_greedy_at_every_threshold(new_family):
+    case = Case(new_family, seed=3, batch=3, pad=True, num_layers=6, exits=(1, 2, 4), sharpen=True)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # exits nudged off the last layer: their drafts are sometimes right, sometimes wrong
+        for p in case.ee.exits.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    full = case.generate(max_new_tokens=12, mode="full")
+    drafted = 0
+    for threshold in (0.0, 0.6):
+        out = case.generate(max_new_tokens=12, mode="speculative", threshold=threshold, max_draft=4)
+        assert torch.equal(out.sequences, full.sequences), threshold
+        drafted += out.stats.speculative["drafted"]
+    assert drafted > 0
+
+
+@pytest.mark.parametrize("batch_policy", ["per_row", "ride_along"])
+def test_recompute_caches_equal_full_model(new_family, batch_policy):
+    """A random mixed schedule (rows compacted or riding along): every layer's and exit layer's K/V equal the full
+    model's - rotary keys at their slots' positions, catch-up windows included."""
+    case = Case(new_family, seed=3, batch=3, pad=True, num_layers=6, exits=(1, 3, 4))
+    policy = RandomPolicy(0.4, 3) if batch_policy == "per_row" else TokenHashPolicy()
+    with case.instructed():
+        out = case.ee.generate(*case.inputs, max_new_tokens=12, policy=policy, eos_token_id=[], return_decoder=True,
+                               batch_policy=batch_policy)  # fmt: skip
+        assert len(out.stats.exit_histogram) >= 2, out.stats.exit_histogram
+        if batch_policy == "per_row":
+            assert out.stats.work.catchup_slots > 0
+        _assert_caches_equal_full_model(case.ee, out, *case.inputs)
+
+
+def test_threshold_zero_leaves_at_first_exit_and_runs_nothing_above(new_family):
+    case = Case(new_family, seed=1, batch=2, exits=(2, 3))
+    backbone = case.ee.backbone
+    calls = [0] * backbone.num_layers
+    hooks = [layer.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, layer in enumerate(backbone.layers)]  # fmt: skip
+    exit3_calls = []
+    hooks.append(case.ee.exits["3"].layer.register_forward_hook(lambda *_: exit3_calls.append(1)))
+    try:
+        out = case.generate(max_new_tokens=MAX_NEW, threshold=0.0)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert (out.exit_layers[out.exit_layers >= 0] == 2).all()
+    encode_calls = 0 if new_family.endswith("t5") else 1  # the prompt but its last slot, once (T5: no such slots)
+    assert calls[0] == calls[1] == out.stats.steps + encode_calls
+    assert calls[2:] == [encode_calls] * (backbone.num_layers - 2)
+    assert len(exit3_calls) == encode_calls
+
+
+@pytest.mark.parametrize("kv", ["recompute", "propagate"])
+def test_static_engine_equals_general(new_family, kv):
+    case = Case(new_family, seed=1, batch=3, pad=True, num_layers=6, exits=(1, 3, 4), sharpen=True)
+    policy = TokenHashPolicy() if kv == "recompute" else FixedSchedulePolicy([1, 6, 3, 3, 4, 6, 1, 1, 6, 4])
+    kw = dict(max_new_tokens=10, kv=kv, batch_policy="ride_along", eos_token_id=[], policy=policy)
+    static = case.generate(static=True, return_decoder=True, **kw)
+    general = case.generate(static=False, **kw)
+    assert isinstance(static.decoder, StaticDecoder)
+    assert torch.equal(static.sequences, general.sequences)
+    assert torch.equal(static.exit_layers, general.exit_layers)
+    assert len(static.stats.exit_histogram) >= 2
+
+
+@pytest.mark.parametrize("family", ["opt", "t5", *FAMILIES])
+def test_kv_projection_is_what_the_layer_caches(family):
+    """Propagate mode's K/V of a skipped layer: for rotary LMs the keys are rotated by the slots' positions."""
+    case = Case(family, seed=4, batch=3, pad=True)
+    backbone = case.ee.backbone
+    with case.instructed():
+        ctx = backbone.start(*case.inputs, max_new_tokens=8)
+    start, length = 2, 4  # a window that does not start at slot 0
+    rows = torch.tensor([0, 2])
+    x = backbone.embed(ctx, torch.randint(4, 90, (2, length)), rows, start)
+    kv = LayerKV(3, start + length)
+    mask = causal_padding_mask(ctx.key_mask[rows], start, start + length)
+    for layer in backbone.layers:
+        backbone.run_layer(layer, x, ctx, KVView(kv, rows, start, None), mask, rows)
+        keys, values = backbone.kv_projection(layer, x, ctx, rows, start)
+        assert torch.allclose(kv.keys[rows, :, start:], keys, atol=1e-5)
+        assert torch.allclose(kv.values[rows, :, start:], values, atol=1e-5)
+
+
+def test_propagate_at_threshold_one_is_the_full_model(new_family):
+    case = Case(new_family, seed=6, batch=2, pad=True)
+    a = case.generate(max_new_tokens=8, threshold=1.0, kv="propagate", batch_policy="per_row")
+    b = case.generate(max_new_tokens=8, mode="full")
+    assert torch.equal(a.sequences, b.sequences)
+
+
+def test_features_are_the_full_models_hidden_states(new_family):
+    """The training-time pass (`features`) gives Hugging Face's logits (padding, rotary positions, windows)."""
+    case = Case(new_family, seed=7, batch=2, pad=True)
+    backbone = case.ee.backbone
+    with case.instructed():
+        if backbone.lm.config.is_encoder_decoder:
+            dec = torch.tensor([[0, 5, 6, 7], [0, 8, 9, 10]])
+            states, ctx, _ = backbone.features(*case.inputs, decoder_input_ids=dec)
+            ref = case.model(**case.hf_inputs, decoder_input_ids=dec).logits
+        else:
+            states, ctx, _ = backbone.features(*case.inputs)
+            ref = case.model(**case.hf_inputs, position_ids=ctx.extra["positions"].clamp(min=0)).logits
+    real = ctx.key_mask[:, : states[-1].shape[1]]
+    assert len(states) == backbone.num_layers + 1
+    assert torch.allclose(backbone.head(states[-1])[real], ref[real], atol=1e-5)
+
+
+# --- bad input -------------------------------------------------------------------------------------------------
+def test_llava_prompt_with_the_wrong_image_token_count_is_refused():
+    case = Case("llama", batch=2)
+    pv, ids, mask = case.inputs
+    image_token = case.model.config.image_token_index
+    fewer = ids.clone()
+    fewer[1, 0] = 5
+    with pytest.raises(ValueError, match=r"prompt row 1 holds 3 image token\(s\).*gives 4 features"):
+        case.ee.generate(pv, fewer, mask, max_new_tokens=2)
+    more = torch.cat([torch.full((2, 1), image_token), ids], dim=1)
+    with pytest.raises(ValueError, match=r"prompt row 0 holds 5 image token\(s\).*expands <image> into 4 tokens"):
+        case.ee.generate(pv, more, torch.ones_like(more), max_new_tokens=2)
+
+
+def test_unsupported_models_are_named_with_what_is_supported():
+    from transformers import LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
+
+    text = LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    with pytest.raises(TypeError, match="does not support LlamaForCausalLM: it supports Blip2ForConditionalGeneration"):
+        load_backbone(LlamaForCausalLM(text))
+    gemma = dict(model_type="gemma", vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=1, head_dim=16)  # fmt: skip
+    model = LlavaForConditionalGeneration(LlavaConfig(text_config=gemma, vision_config=Case("llama").model.config.vision_config.to_dict()))
+    with pytest.raises(TypeError, match="unsupported LLaVA language model 'gemma'.*LlavaForConditionalGeneration \\(llama, mistral, qwen2\\)"):
+        load_backbone(model)
+
+
+def test_length_dependent_rotary_scaling_is_refused():
+    model = tiny_model("llama")
+    model.model.language_model.rotary_emb.rope_type = "dynamic"
+    with pytest.raises(NotImplementedError, match="rotary scaling 'dynamic'"):
+        load_backbone(model)
+
+
+def test_instructblip_without_its_instruction_is_refused():
+    case = Case("instructblip-opt")
+    with pytest.raises(ValueError, match="Q-Former reads the instruction"):
+        case.ee.generate(*case.inputs, max_new_tokens=2)
+    with pytest.raises(ValueError, match="the instruction has 2 rows for 1 images"):
+        with case.ee.backbone.instruction(torch.ones(2, 3, dtype=torch.long)):
+            case.ee.generate(*case.inputs, max_new_tokens=2)
+
+
+def test_instructblip_image_features_depend_on_the_instruction():
+    case = Case("instructblip-t5", batch=2)
+    ids, mask = case.instruction
+    with case.ee.backbone.instruction(ids, mask):
+        a = case.ee.backbone.image_features(case.inputs[0])
+    with case.ee.backbone.instruction(ids.flip(0), mask.flip(0)):
+        b = case.ee.backbone.image_features(case.inputs[0])
+    assert not torch.allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("other", ["qwen2", "opt"])
+def test_exits_saved_for_another_backbone_are_refused(tmp_path, other):
+    Case("llama").ee.save_exits(tmp_path / "exits")
+    with pytest.raises(CheckpointMismatchError, match="trained for another backbone: family is 'llama' there"):
+        EarlyExitVLM.from_pretrained(tiny_model(other), tmp_path / "exits")
+    with pytest.raises(CheckpointMismatchError, match="same architecture, different weights"):
+        EarlyExitVLM.from_pretrained(tiny_model("llama", seed=1), tmp_path / "exits")
+    assert EarlyExitVLM.from_pretrained(tiny_model("llama"), tmp_path / "exits").exit_layers == [1, 2, 3]
+
+
+def test_llava_default_prompt_is_the_image_tokens():
+    case = Case("llama", batch=2)
+    out = case.ee.generate(case.inputs[0], max_new_tokens=3, mode="full")
+    ids = torch.full((2, 4), case.model.config.image_token_index)
+    ref = case.model.generate(pixel_values=case.inputs[0], input_ids=ids, max_new_tokens=3, do_sample=False)
+    assert torch.equal(out.sequences, ref)
