@@ -143,3 +143,26 @@ def test_two_process_accelerate_run_loads_with_from_pretrained(files, tmp_path):
     ee = EarlyExitVLM.from_pretrained(model, out / "exits")
     fresh = EarlyExitVLM(model, ee.exit_config)
     assert not all(torch.equal(v, fresh.exits.state_dict()[k]) for k, v in ee.exits.state_dict().items())
+
+
+def test_options_left_out_keep_the_config_dataclass_defaults():
+    """The config dataclasses are the one place defaults live: the CLI builds them from what was given only."""
+    import argparse
+
+    from freevlm.commands import train as train_cli
+    from freevlm.training import ExitTrainConfig, FinetuneConfig
+    from freevlm.training.baselines import BaselineTrainConfig
+
+    parser = argparse.ArgumentParser()
+    train_cli.register(parser.add_subparsers(dest="command"))
+    common = ["--backbone", "b", "--captions", "c.json", "--output", "out"]
+    for argv, cls, extra in [(["finetune"], FinetuneConfig, {}),
+                             (["train-exits", "--exit-layers", "2"], ExitTrainConfig, {"exit_layers": (2,)}),
+                             (["train-baseline", "--method", "pabee", "--exit-layers", "2"], BaselineTrainConfig,
+                              {"exit_layers": (2,), "method": "pabee"})]:  # fmt: skip
+        args = parser.parse_args([*argv, *common])
+        assert train_cli._config(cls, args, **extra) == cls(output_dir=args.output_dir, **extra), argv[0]
+    args = parser.parse_args(["train-exits", *common, "--exit-layers", "2", "--lr", "0.5", "--no-adversarial",
+                              "--grad-clip", "0"])  # fmt: skip
+    config = train_cli._config(ExitTrainConfig, args, exit_layers=(2,))
+    assert (config.lr, config.adversarial, config.grad_clip, config.epochs) == (0.5, False, None, 3)

@@ -19,91 +19,101 @@ from ..argtypes import (
     positive_float, positive_int,
 )  # fmt: skip
 from ..cli import UserError
+from ..exits import EXIT_INITS
 from ..training.baselines import BASELINES
+from ..training.common import PRECISIONS, SCHEDULES
+from ..training.exits import ANCHORS, KD_DIRECTIONS
 
 
-def _loop_args(p: argparse.ArgumentParser, default_lr: float, default_epochs: int) -> None:
+def _parser(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand whose options have no defaults of their own: an option left out keeps its config dataclass's
+    default (`_config`), so the dataclasses are the one place defaults live."""
+    return sub.add_parser(name, help=help, argument_default=argparse.SUPPRESS)
+
+
+def _loop_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", required=True, help="folder of a BLIP-2 saved with save_pretrained (+ tokenizer, processor)")
     p.add_argument("--captions", required=True, help="COCO captions JSON (captions_*.json or Karpathy dataset_coco.json)")
-    p.add_argument("--image-root", help="folder the JSON's image paths are relative to (default: the JSON's folder)")
-    p.add_argument("--split", help="Karpathy split to use (train, restval, val, test)")
+    p.add_argument("--image-root", default=None, help="folder the JSON's image paths are relative to (default: the JSON's folder)")
+    p.add_argument("--split", default=None, help="Karpathy split to use (train, restval, val, test)")
     p.add_argument("--prompt", default="a photo of", help="prompt before each caption ('' for none)")
-    p.add_argument("--dev-captions", help="COCO captions JSON for the dev split (default: --dev-fraction of --captions)")
+    p.add_argument("--dev-captions", default=None, help="COCO captions JSON for the dev split (default: --dev-fraction of --captions)")
     p.add_argument("--dev-fraction", type=fraction, default=0.2,
                    help="images held out for dev when no --dev-captions, in [0, 1) (paper: 0.2)")
-    p.add_argument("--max-target-tokens", type=positive_int, help="refuse captions longer than this many tokens")
+    p.add_argument("--max-target-tokens", type=positive_int, default=None, help="refuse captions longer than this many tokens")
     p.add_argument("--output", dest="output_dir", type=output_dir, required=True, help="run folder: checkpoints, tensorboard, result")
-    p.add_argument("--epochs", type=positive_int, default=default_epochs)
+    p.add_argument("--epochs", type=positive_int)
     p.add_argument("--max-steps", type=positive_int, help="stop after this many steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="per process")
-    p.add_argument("--lr", type=positive_float, default=default_lr)
+    p.add_argument("--batch-size", type=positive_int, help="per process")
+    p.add_argument("--lr", type=positive_float)
     p.add_argument("--weight-decay", type=nonnegative_float)
-    p.add_argument("--warmup-steps", type=nonnegative_int, default=0)
-    p.add_argument("--schedule", choices=("constant", "linear", "cosine"), default="cosine")
-    p.add_argument("--grad-clip", type=nonnegative_float, default=1.0, help="0 to disable")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", choices=("no", "bf16", "fp16"), default="no", help="autocast dtype")
+    p.add_argument("--warmup-steps", type=nonnegative_int)
+    p.add_argument("--schedule", choices=SCHEDULES)
+    p.add_argument("--grad-clip", type=nonnegative_float, help="0 to disable")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--precision", choices=PRECISIONS, help="autocast dtype")
     p.add_argument("--cpu", action="store_true", help="train on CPU even if an accelerator is present")
-    p.add_argument("--checkpoint-every", type=positive_int, default=500)
-    p.add_argument("--keep-checkpoints", type=positive_int, default=2)
-    p.add_argument("--log-every", type=positive_int, default=10)
-    p.add_argument("--eval-every", type=nonnegative_int, default=0, help="dev evaluation interval in steps (0: only at the end)")
-    p.add_argument("--num-workers", type=nonnegative_int, default=0, help="DataLoader workers")
-    p.add_argument("--max-nonfinite-steps", type=nonnegative_int, default=10, help="abort after this many skipped NaN/inf steps")
+    p.add_argument("--checkpoint-every", type=positive_int)
+    p.add_argument("--keep-checkpoints", type=positive_int)
+    p.add_argument("--log-every", type=positive_int)
+    p.add_argument("--eval-every", type=nonnegative_int, help="dev evaluation interval in steps (0: only at the end)")
+    p.add_argument("--num-workers", type=nonnegative_int, help="DataLoader workers")
+    p.add_argument("--max-nonfinite-steps", type=nonnegative_int, help="abort after this many skipped NaN/inf steps")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("finetune", help="stage 1: fine-tune the BLIP-2 backbone on captions (cross-entropy)")
-    _loop_args(p, default_lr=1e-5, default_epochs=10)
+    p = _parser(sub, "finetune", "stage 1: fine-tune the BLIP-2 backbone on captions (cross-entropy)")
+    _loop_args(p)
     p.add_argument("--train-vision", action="store_true", help="also train the vision encoder")
     p.add_argument("--freeze-qformer", dest="train_qformer", action="store_false")
     p.add_argument("--freeze-projection", dest="train_projection", action="store_false")
     p.add_argument("--train-lm", action="store_true", help="also train the language model (not LAVIS's default)")
     p.set_defaults(func=finetune_command)
 
-    p = sub.add_parser("train-exits", help="stage 2: train FREE exits (GAN + ce | kd | capfilt anchor)")
-    _loop_args(p, default_lr=1e-5, default_epochs=3)
+    p = _parser(sub, "train-exits", "stage 2: train FREE exits (GAN + ce | kd | capfilt anchor)")
+    _loop_args(p)
     p.add_argument("--exit-layers", type=positive_int, nargs="+", required=True, help="LM layers to attach exits to")
-    p.add_argument("--init", choices=("copy_last", "copy_next", "fresh"), default="copy_last")
-    p.add_argument("--anchor", choices=("ce", "kd", "capfilt"), default="kd",
+    p.add_argument("--init", choices=EXIT_INITS)
+    p.add_argument("--anchor", choices=ANCHORS,
                    help="ce: labels; kd: final layer's soft labels; capfilt: --captions from `freevlm capfilt`")
     p.add_argument("--no-adversarial", dest="adversarial", action="store_false", help="anchor only (ablation)")
-    p.add_argument("--adv-weight", type=nonnegative_float, default=1.0)
-    p.add_argument("--anchor-weight", type=nonnegative_float, default=1.0)
-    p.add_argument("--temperature", type=positive_float, default=1.0, help="kd temperature")
-    p.add_argument("--kd-direction", choices=("exit_to_final", "final_to_exit"), default="exit_to_final")
-    p.add_argument("--disc-hidden", type=positive_int, default=3072, help="discriminator hidden size")
+    p.add_argument("--adv-weight", type=nonnegative_float)
+    p.add_argument("--anchor-weight", type=nonnegative_float)
+    p.add_argument("--temperature", type=positive_float, help="kd temperature")
+    p.add_argument("--kd-direction", choices=KD_DIRECTIONS)
+    p.add_argument("--disc-hidden", type=positive_int, help="discriminator hidden size")
     p.add_argument("--disc-lr", type=positive_float, help="discriminator learning rate (default: --lr)")
-    p.add_argument("--d-warn-window", type=positive_int, default=200)
+    p.add_argument("--disc-r1", type=nonnegative_float, help="R1 penalty on the discriminator (not in the paper)")
+    p.add_argument("--d-warn-window", type=positive_int)
     p.set_defaults(func=train_exits_command)
 
-    p = sub.add_parser("train-baseline", help="train a baseline's linear exits (DeeBLIP, PABEE-BLIP, LeeBLIP)")
-    _loop_args(p, default_lr=1e-4, default_epochs=3)
+    p = _parser(sub, "train-baseline", "train a baseline's linear exits (DeeBLIP, PABEE-BLIP, LeeBLIP)")
+    _loop_args(p)
     p.add_argument("--method", choices=BASELINES, required=True, help="whose loss trains the exits (MuE trains none)")
     p.add_argument("--exit-layers", type=positive_int, nargs="+", required=True, help="LM layers to attach exits to")
-    p.add_argument("--temperature", type=positive_float, default=1.0, help="leeblip: distillation temperature")
-    p.add_argument("--weight-lr", type=positive_float, default=1e-2, help="leeblip: learning rate of the distillation weights")
-    p.add_argument("--meta-fraction", type=open_fraction, default=0.1, help="leeblip: training records held out as meta batches")
+    p.add_argument("--temperature", type=positive_float, help="leeblip: distillation temperature")
+    p.add_argument("--weight-lr", type=positive_float, help="leeblip: learning rate of the distillation weights")
+    p.add_argument("--meta-fraction", type=open_fraction, help="leeblip: training records held out as meta batches")
     p.set_defaults(func=train_baseline_command)
 
-    p = sub.add_parser("capfilt", help="pseudo-captions: sample N captions per image, keep the scorer's top k")
+    p = _parser(sub, "capfilt", "pseudo-captions: sample N captions per image, keep the scorer's top k")
     p.add_argument("--backbone", required=True, help="folder of the (fine-tuned) BLIP-2")
     p.add_argument("--scorer", required=True, help="clip:PATH (CLIPModel folder) or itm:PATH (Blip2ForImageTextRetrieval)")
-    p.add_argument("--images", nargs="+", help="image files")
-    p.add_argument("--captions", help="take the images from this COCO captions JSON instead (its captions are ignored)")
-    p.add_argument("--image-root", help="folder the --captions image paths are relative to")
+    p.add_argument("--images", nargs="+", default=None, help="image files")
+    p.add_argument("--captions", default=None, help="take the images from this COCO captions JSON instead (its captions are ignored)")
+    p.add_argument("--image-root", default=None, help="folder the --captions image paths are relative to")
     p.add_argument("--output", type=output_file, required=True, help="COCO captions JSON to write")
-    p.add_argument("--prompt", default="a photo of")
-    p.add_argument("--num-samples", type=positive_int, default=10)
-    p.add_argument("--top-k", type=positive_int, default=2)
-    p.add_argument("--top-p", type=number(0, 1, low_open=True), default=0.9)
-    p.add_argument("--temperature", type=positive_float, default=1.0)
-    p.add_argument("--max-new-tokens", type=positive_int, default=30)
-    p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt")
+    p.add_argument("--num-samples", type=positive_int)
+    p.add_argument("--top-k", type=positive_int)
+    p.add_argument("--top-p", type=number(0, 1, low_open=True))
+    p.add_argument("--temperature", type=positive_float)
+    p.add_argument("--max-new-tokens", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--seed", type=int)
     p.add_argument("--device", type=device, default="cpu")
     p.set_defaults(func=capfilt_command)
 
@@ -117,7 +127,7 @@ def _config(cls, args: argparse.Namespace, **extra):
     return cls(**values)
 
 
-def _records(args: argparse.Namespace):
+def _records(args: argparse.Namespace, seed: int):
     """Training and dev records, read and split before any weights load (a broken file fails in seconds)."""
     from ..training import load_coco_captions, split_records
 
@@ -132,7 +142,7 @@ def _records(args: argparse.Namespace):
         return records, dev
     if args.dev_fraction == 0:
         return records, []
-    train, dev = split_records(records, args.dev_fraction, args.seed)
+    train, dev = split_records(records, args.dev_fraction, seed)
     images = len({r.image for r in records})
     if not train or not dev:
         raise UserError(f"--dev-fraction {args.dev_fraction:g} of the {images} image(s) in {args.captions} leaves "
@@ -166,9 +176,9 @@ def _prepare(args: argparse.Namespace, config_cls, kind: str, **extra):
 
     config = _config(config_cls, args, **extra)
     config.validate()
-    check_resumable(args.output_dir, args.resume, kind)
+    check_resumable(args.output_dir, config.resume, kind)
     out = Path(args.output_dir)
-    if not args.resume:
+    if not config.resume:
         found = [name for name in PRODUCTS[kind] if (out / name).exists()]
         if found:
             raise UserError(f"{args.output_dir} already holds {found[0]} (from an earlier run?), which this run would "
@@ -176,7 +186,7 @@ def _prepare(args: argparse.Namespace, config_cls, kind: str, **extra):
     blip2_config = check_blip2_folder(args.backbone)
     if "exit_layers" in extra:
         ExitConfig(list(extra["exit_layers"])).validate(lm_num_layers(blip2_config))
-    return config, _records(args)
+    return config, _records(args, config.seed)
 
 
 def _run(train) -> int:
@@ -221,10 +231,8 @@ def train_baseline_command(args: argparse.Namespace) -> int:
 
 
 def capfilt_command(args: argparse.Namespace) -> int:
-    from ..loading import load_blip2
+    from ..loading import check_blip2_folder, load_blip2
     from ..training.capfilt import CapFiltConfig, capfilt, load_scorer
-
-    from ..loading import check_blip2_folder
 
     if bool(args.images) == bool(args.captions):
         raise UserError("give exactly one of --images or --captions")
