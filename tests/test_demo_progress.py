@@ -8,7 +8,7 @@ from freevlm.data import shapes
 from freevlm.data.coco import read_coco_captions
 from freevlm.demo.backbone import build_backbone
 from freevlm.demo.pipeline import _Ticking
-from freevlm.eval.evaluate import CAPTION_PROMPT, evaluate_captions
+from freevlm.eval.evaluate import CAPTION_PROMPT, evaluate_captioning
 from freevlm.training.common import progress_hook
 from freevlm.training.data import CaptionDataset, Record
 from freevlm.training.exits import ExitTrainConfig, train_exits
@@ -49,7 +49,7 @@ def test_evaluation_reports_images_done(world):
     ee = EarlyExitVLM(bundle.model, ExitConfig(exit_layers=(1, 2)))
     done = []
     processor = _Ticking(bundle, len(records), "test", show=False, callback=done.append)
-    evaluate_captions(ee, processor, records[:5], 0.9, batch_size=2, max_new_tokens=3, compare_full=False)
+    evaluate_captioning(ee, processor, records[:5], 0.9, batch_size=2, max_new_tokens=3, compare_full=False)
     processor.close()
     assert done == [2, 4, 5]
 
@@ -58,7 +58,7 @@ def test_batched_evaluation_decodes_what_batch_1_does(world):
     """Quality runs must not depend on the batch size: under "auto" a small batch's gate would turn exits off."""
     bundle, _, records = world
     ee = EarlyExitVLM(bundle.model, ExitConfig(exit_layers=(1, 2)))
-    runs = [evaluate_captions(ee, bundle, records[:6], 0.02, batch_size=size, max_new_tokens=4, compare_full=False)
+    runs = [evaluate_captioning(ee, bundle, records[:6], 0.02, batch_size=size, max_new_tokens=4, compare_full=False)
             for size in (1, 3)]  # fmt: skip
     assert runs[0].predictions == runs[1].predictions
     assert runs[0].speed.exit_histogram == runs[1].speed.exit_histogram

@@ -32,7 +32,7 @@ from ..data.coco import read_coco_captions
 from ..data.images import load_image
 from ..data.vqa import read_vqa
 from ..eval.captions import spice_unavailable_reason
-from ..eval.evaluate import CAPTION_PROMPT, VQA_PROMPT, evaluate_captions, evaluate_vqa
+from ..eval.evaluate import CAPTION_PROMPT, VQA_PROMPT, evaluate_captioning, evaluate_vqa
 from ..eval.plots import plot_per_layer, plot_quality_vs_speedup
 from ..eval.sweep import choose_threshold, method_parameters
 from ..loading import Blip2Bundle, load_blip2
@@ -405,10 +405,10 @@ class Demo:
         return run, timed
 
     def _captions(self, name: str, ee: EarlyExitVLM, records, *args, **kwargs):
-        """`evaluate_captions` with a progress bar named `name` (batched runs decode as batch 1 would)."""
+        """`evaluate_captioning` with a progress bar named `name` (batched runs decode as batch 1 would)."""
         processor = self.processor(name, len(records))
         try:
-            return evaluate_captions(ee, processor, records, *args, **kwargs)
+            return evaluate_captioning(ee, processor, records, *args, **kwargs)
         finally:
             processor.close()
 

@@ -147,7 +147,7 @@ def _predictions(ids, gen: _Generated, **extra) -> list[dict]:
     return rows
 
 
-def evaluate_captions(
+def evaluate_captioning(
     ee: EarlyExitVLM,
     processor,
     records: Sequence[CaptionRecord],
@@ -247,7 +247,7 @@ def evaluate_visdial(
                       gen.speed, _agreement(gen), preds, time.perf_counter() - t0)  # fmt: skip
 
 
-EVALUATORS = {"captions": evaluate_captions, "vqa": evaluate_vqa, "visdial": evaluate_visdial}
+EVALUATORS = {"captions": evaluate_captioning, "vqa": evaluate_vqa, "visdial": evaluate_visdial}
 
 
 def evaluate(task: str, ee: EarlyExitVLM, processor, records: Sequence, threshold: float = 0.8, **kwargs) -> EvalResult:
