@@ -6,7 +6,7 @@ import pytest
 import torch
 from training_helpers import make_image_processor, make_tokenizer, write_shapes
 
-from freevlm.backbones import load_backbone
+from freevlm import EarlyExitVLM
 from freevlm.data.images import ImageError
 from freevlm.tiny import tiny_blip2
 from freevlm.training import (
@@ -60,11 +60,11 @@ def test_opt_layout_only_target_positions_count(shapes_json):
 
 @pytest.mark.parametrize("family", ["opt", "t5"])
 def test_caption_loss_equals_hugging_face_loss(family, shapes_json):
-    """Our loss (features -> head on text positions) equals BLIP-2's own forward with HF-style labels."""
+    """Our loss (forward -> final logits at text positions) equals BLIP-2's own forward with HF-style labels."""
     model = tiny_blip2(family, seed=3)
     data = dataset(family, load_coco_captions(shapes_json)[:4], model)
     batch = CaptionCollator.for_model(model.config)([data[i] for i in range(4)])
-    ours, _ = caption_loss(load_backbone(model), batch)
+    ours = caption_loss(EarlyExitVLM(model)(batch))
     with torch.no_grad():
         if family == "opt":
             labels = torch.full_like(batch["input_ids"], IGNORE)

@@ -17,6 +17,7 @@ from freevlm.training import (
     ExitTrainConfig,
     FinetuneConfig,
     TrainingDiverged,
+    evaluate_captions,
     evaluate_exits,
     finetune,
     load_coco_captions,
@@ -316,3 +317,20 @@ def test_config_refuses_sizes_below_one(name):
 
     with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
         ExitTrainConfig(**{name: 0}).validate()
+
+
+def test_dev_evaluation_gives_every_module_its_mode_back(shapes):
+    """Dev evaluation runs in eval mode, then each module is as it was: training exits keep their dropout for the
+    steps after an `eval_every` evaluation (so a resumed run equals an uninterrupted one), and stage 1's frozen
+    parts stay in eval mode while its trained parts train."""
+    model, _, dev_set = shapes
+    ee = EarlyExitVLM(model, ExitConfig([1, 2]))
+    ee.exits.train()
+    evaluate_exits(ee, torch.utils.data.Subset(dev_set, range(4)))
+    assert all(m.training for m in ee.exits.modules()) and not ee.training
+    model.eval()
+    model.qformer.train()
+    evaluate_captions(model, torch.utils.data.Subset(dev_set, range(4)))
+    assert all(m.training for m in model.qformer.modules())
+    assert not any(m.training for m in model.language_model.modules()) and not model.training
+    model.eval()  # the module's other tests share this model

@@ -61,6 +61,11 @@ def select_trainable(model: nn.Module, config: FinetuneConfig) -> list[str]:
     return names
 
 
+def caption_loss(out: ExitOutputs) -> torch.Tensor:
+    """Cross-entropy of the final layer, mean per text token: what stage 1 minimises."""
+    return F.cross_entropy(out.final_logits.float(), out.targets)
+
+
 def evaluate_captions(
     model: nn.Module, dataset: Dataset, batch_size: int = 16, runtime: Runtime | None = None
 ) -> dict[str, float]:
@@ -68,9 +73,8 @@ def evaluate_captions(
     ee = model if isinstance(model, EarlyExitVLM) else EarlyExitVLM(model)
 
     def sums(out: ExitOutputs) -> dict[str, float]:
-        logits = out.final_logits.float()
-        loss = F.cross_entropy(logits, out.targets).item() * len(out.targets)
-        return {"loss": loss, "token_acc": (logits.argmax(-1) == out.targets).sum().item()}
+        correct = (out.final_logits.float().argmax(-1) == out.targets).sum().item()
+        return {"loss": caption_loss(out).item() * len(out.targets), "token_acc": correct}
 
     return token_means(ee, dataset, ["loss", "token_acc"], sums, batch_size, runtime)
 
@@ -118,8 +122,7 @@ class Finetune(Objective):
 
     def step(self, batch: dict, step: int) -> tuple[dict[str, float] | None, dict[str, torch.Tensor]]:
         with autocast(self.config, self.runtime.device):
-            out = self.ee(batch)
-            loss = F.cross_entropy(out.final_logits.float(), out.targets)
+            loss = caption_loss(self.ee(batch))
         ok = self.guard.ok({"caption loss": loss}, step, self.runtime)
         if ok:
             self.optimizer_step(loss, self.optimizer, self.params)
