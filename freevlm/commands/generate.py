@@ -36,8 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def caption(args: argparse.Namespace) -> int:
-    from ..loading import check_blip2_folder, load_blip2, load_exits
     from ..inputs import validate_generate_inputs
+    from ..loading import check_blip2_folder, load_blip2, load_exits
 
     images = [load_image(path) for path in args.image]  # fail on a bad image before loading any weights
     check_blip2_folder(args.backbone)
