@@ -135,8 +135,8 @@ def test_exits_weights_from_another_run_are_refused(tmp_path, opt_model):
 def test_a_thumbnail_far_below_the_processor_size_warns_once():
     from PIL import Image
 
-    from freevlm.loading import warn_small_images
     from freevlm.inputs import InputWarning
+    from freevlm.loading import warn_small_images
 
     class Processor:
         size = {"height": 224, "width": 224}
