@@ -23,7 +23,7 @@ from ..calibration import Calibration, calibrate_threshold, check_unit_interval
 from ..data.specs import DatasetSpec, read_dataset
 from ..eval.evaluate import EvalResult, evaluate
 from ..methods import get_method, trainable_parameters
-from .evaluate import dataset_arguments, load_model
+from .evaluate import dataset_arguments, generation_kwargs, load_model
 
 LOSSES = ("consistency", "metric")
 
@@ -55,15 +55,6 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tolerance", type=float, default=0.05, help="the risk (mean loss) to stay under, in (0, 1)")
     p.add_argument("--confidence", type=float, default=0.95, help="probability the guarantee holds, in (0, 1)")
     p.add_argument("--thresholds", type=float, nargs="+", help="grid to certify (default: the --method's grid)")
-
-
-def _generation_kwargs(args: argparse.Namespace) -> dict:
-    kw = dict(batch_size=args.batch_size, kv=args.kv)
-    if args.max_new_tokens:
-        kw["max_new_tokens"] = args.max_new_tokens
-    if args.prompt is not None:
-        kw["prompt"] = args.prompt
-    return kw
 
 
 def _records(args: argparse.Namespace) -> tuple[DatasetSpec, list]:
@@ -205,7 +196,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     task = spec.task
     calibration, results = calibrate_exits(
         ee, bundle, task, records, args.tolerance, args.confidence, args.loss, args.thresholds, args.method,
-        vqa_metric="exact" if args.format == "gqa" else "vqa", progress=print, **_generation_kwargs(args),
+        vqa_metric=spec.vqa_metric, progress=print, **generation_kwargs(args, spec),
     )  # fmt: skip
     report = calibration_report(calibration, results, method=args.method, rule=get_method(args.method).rule,
                                 task=task, format=args.format, files=list(args.files), split=args.split,
@@ -356,7 +347,7 @@ def run_place_exits(args: argparse.Namespace) -> int:
     best, placements, each = place_exits(
         ee, bundle, spec.task, records, args.tolerance, args.confidence, args.budget_exits, args.budget_parameters,
         args.speedup, args.max_placements, progress=print, loss=args.loss, thresholds=args.thresholds,
-        method=args.method, vqa_metric="exact" if args.format == "gqa" else "vqa", **_generation_kwargs(args),
+        method=args.method, vqa_metric=spec.vqa_metric, **generation_kwargs(args, spec),
     )  # fmt: skip
     report = {
         "method": args.method, "task": spec.task, "format": args.format, "files": list(args.files),

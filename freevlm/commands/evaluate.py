@@ -63,19 +63,24 @@ def _spec(args, files=None, split=None) -> DatasetSpec:
     return DatasetSpec(args.format, list(files or args.files), args.images, split or args.split, args.limit)
 
 
-def _eval_kwargs(args, task: str) -> dict:
-    kw = dict(batch_size=args.batch_size, kv=args.kv, compare_full=not args.no_full,
-              timing_repeats=args.timing_repeats)  # fmt: skip
-    if args.command != "sweep":  # sweep passes the method itself
-        kw["method"] = args.method
+def generation_kwargs(args: argparse.Namespace, spec: DatasetSpec) -> dict:
+    """The decoding options of `dataset_arguments`, as keywords of `freevlm.eval.evaluate.evaluate`."""
+    kw = dict(batch_size=args.batch_size, kv=args.kv)
     if args.max_new_tokens:
         kw["max_new_tokens"] = args.max_new_tokens
     if args.prompt is not None:
-        if task == "visdial":
+        if spec.task == "visdial":
             raise ValueError("--prompt does not apply to VisDial (the prompt is built from caption and history)")
         kw["prompt"] = args.prompt
-    if task == "vqa":
-        kw["metric"] = "exact" if args.format == "gqa" else "vqa"
+    return kw
+
+
+def _eval_kwargs(args, spec: DatasetSpec) -> dict:
+    kw = generation_kwargs(args, spec) | dict(compare_full=not args.no_full, timing_repeats=args.timing_repeats)
+    if args.command != "sweep":  # sweep passes the method itself
+        kw["method"] = args.method
+    if spec.task == "vqa":
+        kw["metric"] = spec.vqa_metric
     return kw
 
 
@@ -120,7 +125,7 @@ def run_eval(args: argparse.Namespace) -> int:
     spec = _spec(args)
     records = read_dataset(spec)  # a broken dataset fails before any weights load
     ee, bundle = load_model(args)
-    result = evaluate(spec.task, ee, bundle, records, args.threshold, **_eval_kwargs(args, spec.task))
+    result = evaluate(spec.task, ee, bundle, records, args.threshold, **_eval_kwargs(args, spec))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result.as_dict(predictions=False), indent=2))
@@ -144,7 +149,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     ee, bundle = load_model(args)
     result = sweep(ee, bundle, spec.task, records, dev, args.thresholds, args.dev_fraction,
                    per_layer=not args.no_per_layer, progress=print, method=args.method,
-                   **_eval_kwargs(args, spec.task))  # fmt: skip
+                   **_eval_kwargs(args, spec))  # fmt: skip
     paths = write_sweep(result, args.out)
     print(f"{args.method}: best threshold on dev: {result.best_threshold:g}")
     for name, path in paths.items():
