@@ -1,8 +1,9 @@
 """The early-exit methods freevlm compares on one backbone: FREE and the baselines of its paper.
 
-A method = the kind of exit it attaches (trained by its objective in `freevlm.training`) and the rule that decides
-where a token leaves. Its sweep "threshold" is that rule's knob (confidence, entropy in nats, patience, cosine similarity);
-each method's default grid ends at the value that never leaves early, so every curve reaches the full model.
+A method = the kind of exit it attaches (trained by its objective in `freevlm.training`) and the rule that
+decides where a token leaves. Its sweep "threshold" is that rule's knob (confidence, entropy in nats, patience,
+cosine similarity); each method's default grid ends at the value that never leaves early, so every curve reaches
+the full model.
 """
 
 from __future__ import annotations

@@ -69,7 +69,9 @@ class DistillationWeights(nn.Module):
         return {k: a.exp() for k, a in self.log_weights.items()}
 
 
-def per_exit_losses(out: ExitOutputs, temperature: float = 1.0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def per_exit_losses(
+    out: ExitOutputs, temperature: float = 1.0
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """CE_i against the labels and KD_i = T^2 KL(p_N || p_i) per exit."""
     ce = {k: F.cross_entropy(v.float(), out.targets) for k, v in out.logits.items()}
     kd = {k: kd_loss(v, out.final_logits, temperature, "final_to_exit") for k, v in out.logits.items()}
@@ -117,7 +119,8 @@ class Baseline(ExitObjective):
 
     def __init__(self, model: nn.Module, config: BaselineTrainConfig, runtime: Runtime, train_set: Dataset):
         self.leeblip = config.method == "leeblip"
-        data, self.meta = split_meta(train_set, config.meta_fraction, config.seed) if self.leeblip else (train_set, None)
+        data, self.meta = (split_meta(train_set, config.meta_fraction, config.seed) if self.leeblip
+                           else (train_set, None))  # fmt: skip
         if self.meta is not None and len(self.meta) < config.batch_size * runtime.world:
             raise ValueError(f"LeeBLIP's meta split has {len(self.meta)} records, fewer than one batch "
                              f"({config.batch_size} x {runtime.world} process(es)): raise meta_fraction")  # fmt: skip
@@ -132,7 +135,8 @@ class Baseline(ExitObjective):
 
     def load_state_dict(self, state: dict, path: Path) -> None:
         if state["config"]["method"] != self.config.method:
-            raise ValueError(f"checkpoint {path} was trained as {state['config']['method']!r}, not {self.config.method!r}")
+            raise ValueError(f"checkpoint {path} was trained as {state['config']['method']!r}, "
+                             f"not {self.config.method!r}")  # fmt: skip
         super().load_state_dict(state, path)
 
     def begin(self, step: int) -> None:

@@ -226,7 +226,8 @@ class FreeGAN(ExitObjective):
         return ({"d": d_loss.item(), "adv": adv.item(), config.anchor: anchor.item()} if ok else None), losses
 
     def scalars(self, means: dict[str, float]) -> dict[str, float]:
-        g_loss = self.config.adv_weight * means["train/g_adv_loss"] + self.config.anchor_weight * means["train/anchor_loss"]
+        config = self.config
+        g_loss = config.adv_weight * means["train/g_adv_loss"] + config.anchor_weight * means["train/anchor_loss"]
         return {"train/g_loss": g_loss, "train/lr": self.g_sched.get_last_lr()[0]}
 
     def evaluate(self, dataset: Dataset) -> dict[str, float]:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -136,7 +136,8 @@ def train(make: Callable[[Runtime], Objective], config: LoopConfig, dev_set: Dat
         path, state = resumed
         objective.load_state_dict(state, path)
         step, guard.skipped = state["step"], state["nonfinite_skipped"]
-        changed = sorted(k for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES and state["config"].get(k) != v)
+        saved = state["config"]
+        changed = sorted(k for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
         if changed:
             logger.warning("resuming %s with changed settings: %s", path, ", ".join(changed))
         logger.info("resumed from %s at step %d", path, step)
@@ -159,7 +160,8 @@ def train(make: Callable[[Runtime], Objective], config: LoopConfig, dev_set: Dat
             if runtime.is_main and step == total:
                 (out_dir / "dev_metrics.json").write_text(json.dumps(metrics, indent=2))
         if step % config.checkpoint_every == 0 or step == total:
-            state = {"step": step, "config": asdict(config), **objective.state_dict(), "nonfinite_skipped": guard.skipped}
+            state = {"step": step, "config": asdict(config), **objective.state_dict(),
+                     "nonfinite_skipped": guard.skipped}  # fmt: skip
             save_checkpoint(ckpt_dir, step, state, runtime, config.keep_checkpoints, write_extra=objective.save)
 
     progress.close()
