@@ -15,16 +15,8 @@ import logging
 from pathlib import Path
 
 from ..argtypes import (
-    device,
-    fraction,
-    nonnegative_float,
-    nonnegative_int,
-    number,
-    open_fraction,
-    output_dir,
-    output_file,
-    positive_float,
-    positive_int,
+    device, fraction, nonnegative_float, nonnegative_int, number, open_fraction, output_dir, output_file,
+    positive_float, positive_int,
 )  # fmt: skip
 from ..cli import UserError
 from ..exits import EXIT_INITS
