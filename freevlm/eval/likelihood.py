@@ -81,7 +81,7 @@ def _chosen_log_probs(ee: EarlyExitVLM, out: ExitOutputs, policy: ExitPolicy) ->
     chosen = torch.log_softmax(out.final_logits.float(), dim=-1)
     rows = torch.arange(len(chosen), device=chosen.device)  # positions that have not left yet
     live = policy.live_exits(ee.exit_layers)
-    for k, features in out.features.items():  # in depth order
+    for k, features in out.features.items():  # in depth order; MuE's rule compares h_i, its head exits' features
         if int(k) not in live or not len(rows):
             continue
         logits = out.logits[k][rows]

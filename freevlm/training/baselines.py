@@ -131,7 +131,7 @@ class Baseline(ExitObjective):
         self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.w_opt = torch.optim.Adam(self.weights.parameters(), lr=config.weight_lr)
         self.sched = make_scheduler(self.opt, config, self.total)
-        self.parts.update(weights=self.weights, opt=self.opt, w_opt=self.w_opt, sched=self.sched, scaler=self.scaler)
+        self.parts.update(weights=self.weights, opt=self.opt, w_opt=self.w_opt, sched=self.sched)
 
     def load_state_dict(self, state: dict, path: Path) -> None:
         if state["config"]["method"] != self.config.method:

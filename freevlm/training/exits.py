@@ -181,7 +181,7 @@ class FreeGAN(ExitObjective):
         self.g_sched = make_scheduler(self.g_opt, config, self.total)
         self.d_sched = make_scheduler(self.d_opt, config, self.total)
         self.parts.update(discriminators=self.discs, g_opt=self.g_opt, d_opt=self.d_opt, g_sched=self.g_sched,
-                          d_sched=self.d_sched, scaler=self.scaler)  # fmt: skip
+                          d_sched=self.d_sched)  # fmt: skip
         self.monitor = DiscriminatorMonitor(list(self.ee.exits), config.d_warn_window)
 
     def step(self, batch: dict, step: int) -> tuple[dict[str, float] | None, dict[str, torch.Tensor]]:

@@ -96,7 +96,7 @@ class Finetune(Objective):
             lr=config.lr,
         )
         self.scheduler = make_scheduler(self.optimizer, config, self.total)
-        self.parts.update(optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler)
+        self.parts.update(optimizer=self.optimizer, scheduler=self.scheduler)
 
     def state_dict(self) -> dict:
         trainable = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}

@@ -40,7 +40,7 @@ class Objective:
         self.total = total_steps(config, len(data), runtime.world)
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.precision == "fp16")
         self.guard = DivergenceGuard(config.max_nonfinite_steps)
-        self.parts: dict[str, object] = {}
+        self.parts: dict[str, object] = {"scaler": self.scaler}
 
     def state_dict(self) -> dict:
         return {key: part.state_dict() for key, part in self.parts.items()}
