@@ -115,27 +115,6 @@ def demo_config(
                        num_query_tokens=num_query_tokens, image_token_index=image)  # fmt: skip
 
 
-def generation_config(config: Blip2Config, max_new_tokens: int = 24) -> GenerationConfig:
-    text = config.text_config
-    ids = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")  # T5 has no BOS, OPT no start
-    return GenerationConfig(max_new_tokens=max_new_tokens, **{name: getattr(text, name, None) for name in ids})
-
-
-def model_from_config(config: Blip2Config) -> Blip2ForConditionalGeneration:
-    """A BLIP-2 whose `vision_model` is the EfficientNet encoder, query tokens drawn (not the dead zero default) and
-    the Q-Former's cross-attention initialised so that the image reaches its output (`init_cross_attention`)."""
-    model = Blip2ForConditionalGeneration(config)
-    vision = config.vision_config
-    model.vision_model = EfficientNetVisionEncoder(vision.hidden_size, vision.image_size, pretrained=True)
-    with torch.no_grad():
-        model.query_tokens.normal_(std=0.02)
-    init_cross_attention(model.qformer)
-    gen = generation_config(config)
-    model.generation_config = gen
-    model.language_model.generation_config = gen
-    return model
-
-
 @torch.no_grad()
 def init_cross_attention(qformer: torch.nn.Module) -> None:
     """Variance-preserving weights (std 1/sqrt(fan-in)) for the Q-Former's cross-attention, the image's only way in.
@@ -155,11 +134,21 @@ def init_cross_attention(qformer: torch.nn.Module) -> None:
 
 
 def build_backbone(family: str = "opt", seed: int = 0, **config_kwargs) -> Blip2Bundle:
-    """A fresh demo BLIP-2 (eval mode) with its tokenizer and image processor; sizes as in `demo_config`."""
+    """A fresh demo BLIP-2 (eval mode) with its tokenizer and image processor; sizes as in `demo_config`. Its
+    `vision_model` is the EfficientNet encoder, the query tokens are drawn (not the dead zero default) and the
+    Q-Former's cross-attention is initialised so that the image reaches its output (`init_cross_attention`)."""
     torch.manual_seed(seed)
     config = demo_config(family, **config_kwargs)
-    model = model_from_config(config)
-    return Blip2Bundle(model.eval(), build_tokenizer(family), build_image_processor(config.vision_config.image_size))
+    vision, text = config.vision_config, config.text_config
+    model = Blip2ForConditionalGeneration(config)
+    model.vision_model = EfficientNetVisionEncoder(vision.hidden_size, vision.image_size, pretrained=True)
+    with torch.no_grad():
+        model.query_tokens.normal_(std=0.02)
+    init_cross_attention(model.qformer)
+    ids = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")  # T5 has no BOS, OPT no start
+    model.generation_config = model.language_model.generation_config = GenerationConfig(
+        max_new_tokens=24, **{name: getattr(text, name, None) for name in ids})
+    return Blip2Bundle(model.eval(), build_tokenizer(family), build_image_processor(vision.image_size))
 
 
 def save_backbone(bundle: Blip2Bundle, path: str | os.PathLike) -> Path:
