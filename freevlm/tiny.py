@@ -138,7 +138,7 @@ def llava_config(
     text = LLAVA_TEXT_CONFIGS[family](
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0, **window,
+        max_position_embeddings=512, bos_token_id=2, eos_token_id=3, pad_token_id=1, **window,
     )  # fmt: skip
     return LlavaConfig(
         vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=vocab_size - 1,
@@ -165,7 +165,8 @@ def tiny_model(family: str = "opt", seed: int = 0, **config_kwargs) -> nn.Module
 def image_tokens(model: nn.Module, pixel_values: torch.Tensor) -> int:
     """Image tokens a prompt holds per image: LLaVA's feature count (asked of the model), BLIP-2's query tokens."""
     if isinstance(model, LlavaForConditionalGeneration):
-        return len(model.model.get_image_features(pixel_values=pixel_values[:1]).pooler_output[0])
+        output = model.model.get_image_features(pixel_values=pixel_values[:1])
+        return len(getattr(output, "pooler_output", output)[0])
     return model.config.num_query_tokens
 
 

@@ -17,7 +17,7 @@ from freevlm.backbones.base import causal_padding_mask
 from freevlm.cache_utils import KVView, LayerKV
 from freevlm.decoding.policies import FixedSchedulePolicy
 from freevlm.decoding.static import StaticDecoder
-from freevlm.tiny import tiny_inputs, tiny_instruction, tiny_model
+from freevlm.tiny import llava_config, tiny_inputs, tiny_instruction, tiny_model
 
 FAMILIES = ["llama", "mistral", "qwen2", "instructblip-opt", "instructblip-t5"]
 WINDOWS = {"mistral": 4, "qwen2": 3}  # Qwen2's from layer 1 up: full and windowed layers mixed
@@ -213,7 +213,12 @@ def test_unsupported_models_are_named_with_what_is_supported():
         load_backbone(model)
 
 
-def test_length_dependent_rotary_scaling_is_refused():
+def test_llava_settings_the_engine_cannot_honour_are_refused():
+    from transformers import LlavaForConditionalGeneration
+
+    eager = LlavaForConditionalGeneration._from_config(llava_config("llama"), attn_implementation="eager")
+    with pytest.raises(ValueError, match="load it with attn_implementation='sdpa'"):
+        load_backbone(eager)
     model = tiny_model("llama")
     model.model.language_model.rotary_emb.rope_type = "dynamic"
     with pytest.raises(NotImplementedError, match="rotary scaling 'dynamic'"):
@@ -255,3 +260,16 @@ def test_llava_default_prompt_is_the_image_tokens():
     ids = torch.full((2, 4), case.model.config.image_token_index)
     ref = case.model.generate(pixel_values=case.inputs[0], input_ids=ids, max_new_tokens=3, do_sample=False)
     assert torch.equal(out.sequences, ref)
+
+
+@pytest.mark.parametrize("kind", ["linear", "head"])
+@pytest.mark.parametrize("family", ["qwen2", "instructblip-t5"])
+def test_every_exit_kind_decodes(family, kind):
+    """Exits without a layer of their own (a linear head per exit, or the frozen head itself): tokens leave at the
+    first exit at threshold 0, and speculative decoding with them as drafters stays the full model's."""
+    case = Case(family, seed=5, batch=2, pad=True, num_layers=4, exits=(1, 2))
+    case.ee = EarlyExitVLM.from_backbone(case.model, ExitConfig([1, 2], kind=kind))
+    out = case.generate(max_new_tokens=6, threshold=0.0, eos_token_id=[])
+    assert (out.exit_layers == 1).all()
+    full = case.generate(max_new_tokens=6, mode="full")
+    assert torch.equal(case.generate(max_new_tokens=6, mode="speculative", threshold=0.3).sequences, full.sequences)

@@ -47,6 +47,13 @@ def image_tokens_per_image(config) -> int:
     return (size // patch) ** 2 + (config.vision_feature_select_strategy == "full")
 
 
+def llava_image_features(model: nn.Module, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    """Each image's projected features, `[num_query_tokens, H]`, from Hugging Face's own `get_image_features`
+    (feature layer and strategy as the config says): an output object in current releases, a tensor before."""
+    output = model.model.get_image_features(pixel_values=pixel_values)
+    return list(getattr(output, "pooler_output", output))
+
+
 def sliding_window(layer: nn.Module) -> int | None:
     """The window a layer's attention is restricted to (None: full attention). Qwen2 sets it per layer, Mistral
     for the whole model."""
@@ -60,12 +67,16 @@ class LlavaBackbone(Backbone):
     """A `LlavaForConditionalGeneration` whose language model is a Llama, Mistral or Qwen2 decoder."""
 
     def __init__(self, model: nn.Module):
-        self.model = model
-        self.lm = model  # owns the head and the generation config
+        super().__init__(model, lm=model)  # the whole model owns the head and the generation config
         self.text = model.model.language_model  # the decoder without head: embeddings, layers, norm, rotary
         self.layers = self.text.layers
         self.family = model.config.text_config.model_type
         self.config = LlavaLayout(model.config, image_tokens_per_image(model.config))
+        attention = self.text.config._attn_implementation
+        if attention != "sdpa":  # eager would add our boolean masks to the scores, flash attention cannot take them
+            raise ValueError(f"freevlm runs LLaVA's layers with boolean attention masks, which the 'sdpa' attention "
+                             f"implementation reads; this model uses {attention!r}: load it with "
+                             "attn_implementation='sdpa'")  # fmt: skip
         rope_type = getattr(self.text.rotary_emb, "rope_type", "default")
         if rope_type in LENGTH_DEPENDENT_ROPE:
             raise NotImplementedError(f"rotary scaling '{rope_type}' depends on the sequence length seen so far; "
@@ -81,8 +92,7 @@ class LlavaBackbone(Backbone):
         A row whose image-token count is not the image's feature count is refused (Hugging Face would misplace
         features across rows or fail)."""
         cfg = self.config
-        output = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
-        features = torch.stack(list(output.pooler_output))  # [B, num_query_tokens, H]
+        features = torch.stack(llava_image_features(self.model, pixel_values))  # [B, num_query_tokens, H]
         counts = (input_ids == cfg.image_token_index).sum(dim=1).tolist()
         wrong = [b for b, n in enumerate(counts) if n != features.shape[1]]
         if wrong:
