@@ -72,9 +72,9 @@ class Backbone:
 
     family: str = ""  # the LM family: exits are saved with it, and the engine picks per-family paths by it
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, lm: nn.Module | None = None):
         self.model = model
-        self.lm = model.language_model
+        self.lm = model.language_model if lm is None else lm
         self.config = model.config
 
     # --- sizes -------------------------------------------------------------------------------------------------
