@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..cache_utils import KVView
+from .kv_stack import KVInput, KVStacks
 
 
 def causal_padding_mask(key_ok: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -163,12 +164,36 @@ class Backbone:
             states.append(hidden)
         return states, ctx, mask
 
+    def kv_inputs(self, layer: nn.Module) -> KVInput | None:
+        """What `layer`'s self-attention K/V read, where that is an affine of a normalisation every layer shares
+        (then propagate stacks all layers into one matmul); None where it is not (rotary keys): override
+        `kv_projection` and `kv_parameters` then."""
+        return None
+
     def kv_projection(
         self, layer: nn.Module, hidden: torch.Tensor, ctx: Context, rows: torch.Tensor | None, start: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Only the self-attention K/V a layer would cache for `hidden` at slots `[start, start + q)` of `rows`
         (CALM-style state propagation; the slots matter where keys carry their position, as with rotary ones)."""
-        raise NotImplementedError
+        if self.kv_inputs(layer) is None:
+            raise NotImplementedError(f"{type(self).__name__} needs kv_inputs or kv_projection")
+        return self.kv_projections([layer], 0, hidden, ctx, rows, start)[0]
+
+    @functools.cached_property
+    def _kv_stacks(self) -> KVStacks:
+        return KVStacks()
+
+    def kv_projections(
+        self, layers: list[nn.Module], first: int, hidden: torch.Tensor, ctx: Context, rows: torch.Tensor | None,
+        start: int,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """K/V of `layers[first:]` for one hidden state (propagate fills every layer above an exit): one stacked
+        matmul where every layer's `kv_inputs` is known (`kv_stack.py`; the stack is shared by every `first`),
+        else layer by layer."""
+        stack = self._kv_stacks.get(layers, self.kv_inputs)
+        if stack is None:
+            return [self.kv_projection(layer, hidden, ctx, rows, start) for layer in layers[first:]]
+        return stack.project(hidden, first)
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """The frozen final norm (and anything between it and the head)."""
@@ -195,7 +220,10 @@ class Backbone:
 
     def kv_parameters(self, layer: nn.Module) -> int:
         """Parameters touched by `kv_projection`."""
-        raise NotImplementedError
+        inputs = self.kv_inputs(layer)
+        if inputs is None:
+            raise NotImplementedError(f"{type(self).__name__} needs kv_inputs or kv_parameters")
+        return sum(t.numel() for t in inputs.tensors())
 
     # --- identity ----------------------------------------------------------------------------------------------
     def fingerprint(self) -> dict:

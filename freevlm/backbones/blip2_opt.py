@@ -15,6 +15,7 @@ from transformers.models.opt.modeling_opt import OPTDecoderLayer
 
 from ..cache_utils import KVView
 from .base import Blip2Backbone, Context, cache_keyword, decoder_positions
+from .kv_stack import KVInput
 
 
 class Blip2OPTBackbone(Blip2Backbone):
@@ -54,15 +55,11 @@ class Blip2OPTBackbone(Blip2Backbone):
     def run_layer(self, layer, hidden, ctx, cache: KVView, mask, rows):
         return layer(hidden, attention_mask=mask, **{cache_keyword(type(layer)): cache})
 
-    def kv_projection(self, layer: OPTDecoderLayer, hidden, ctx, rows, start):
-        attn = layer.self_attn
-        normed = layer.self_attn_layer_norm(hidden) if layer.do_layer_norm_before else hidden
-        shape = (*hidden.shape[:-1], attn.num_heads, attn.head_dim)
-        return attn.k_proj(normed).view(shape).transpose(1, 2), attn.v_proj(normed).view(shape).transpose(1, 2)
-
-    def kv_parameters(self, layer: OPTDecoderLayer) -> int:
-        modules = [layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn_layer_norm]
-        return sum(p.numel() for m in modules for p in m.parameters())
+    def kv_inputs(self, layer: OPTDecoderLayer) -> KVInput:
+        attn, norm = layer.self_attn, layer.self_attn_layer_norm
+        if not layer.do_layer_norm_before:  # OPT-350m: the norm comes after attention, K/V read the raw state
+            return KVInput(None, 0.0, None, None, attn.k_proj, attn.v_proj, attn.num_heads, attn.head_dim)
+        return KVInput("layer", norm.eps, norm.weight, norm.bias, attn.k_proj, attn.v_proj, attn.num_heads, attn.head_dim)
 
     def final_norm(self, hidden):
         if self.decoder.final_layer_norm is not None:

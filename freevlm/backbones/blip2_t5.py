@@ -15,6 +15,7 @@ from transformers.models.t5.modeling_t5 import T5Block
 
 from ..cache_utils import KVView
 from .base import Blip2Backbone, Context, cache_keyword
+from .kv_stack import KVInput
 
 
 class _Always:
@@ -131,16 +132,10 @@ class Blip2T5Backbone(Blip2Backbone):
         ctx.extra["window"] = (key, (bias.to(hidden.dtype), cross_bias, encoder_mask))
         return ctx.extra["window"][1]
 
-    def kv_projection(self, layer: T5Block, hidden, ctx, rows, start):
-        attn = layer.layer[0].SelfAttention
-        normed = layer.layer[0].layer_norm(hidden)
-        shape = (*hidden.shape[:-1], attn.n_heads, attn.key_value_proj_dim)
-        return attn.k(normed).view(shape).transpose(1, 2), attn.v(normed).view(shape).transpose(1, 2)
-
-    def kv_parameters(self, layer: T5Block) -> int:
-        sub = layer.layer[0]
-        modules = [sub.SelfAttention.k, sub.SelfAttention.v, sub.layer_norm]
-        return sum(p.numel() for m in modules for p in m.parameters())
+    def kv_inputs(self, layer: T5Block) -> KVInput:
+        attn, norm = layer.layer[0].SelfAttention, layer.layer[0].layer_norm
+        return KVInput("rms", norm.variance_epsilon, norm.weight, None, attn.k, attn.v, attn.n_heads,
+                       attn.key_value_proj_dim)  # fmt: skip
 
     def final_norm(self, hidden):
         hidden = self.decoder.final_layer_norm(hidden)

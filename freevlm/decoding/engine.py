@@ -88,6 +88,8 @@ class ParamCosts:
     exit_layers: dict[int, int]  # per live exit: its own layer (0 for exits without one)
     exit_logits: dict[int, int]  # per live exit: what turns its features into logits
     head: int  # final norm + vocabulary head
+    kv_layers: list[int]  # per LM layer: its K/V projection (propagate)
+    kv_exits: dict[int, int]  # per live exit with a layer: its K/V projection
 
     @classmethod
     def of(cls, backbone: Blip2Backbone, exits: dict[int, nn.Module], live: list[int]) -> ParamCosts:
@@ -97,7 +99,13 @@ class ParamCosts:
             exit_layers={i: count(exits[i].layer) if exits[i].needs_cache else 0 for i in live},
             exit_logits={i: exits[i].logit_parameters(backbone) for i in live},
             head=backbone.head_parameters(),
+            kv_layers=[backbone.kv_parameters(layer) for layer in backbone.layers],
+            kv_exits={i: backbone.kv_parameters(exits[i].layer) for i in live if exits[i].needs_cache},
         )
+
+    def propagated(self, depth: int) -> int:
+        """Parameters of the K/V projections that fill every layer and exit layer above `depth`."""
+        return sum(self.kv_layers[depth:]) + sum(n for i, n in self.kv_exits.items() if i > depth)
 
     @property
     def full_step(self) -> int:
@@ -115,6 +123,20 @@ class WorkCounter:
     kv_projections: int = 0  # propagate-mode K/V projections of skipped layers
     catchup_slots: int = 0  # slot-layers run for tokens caught up from an earlier step
     params_touched: int = 0
+
+
+def propagated_kv(
+    backbone: Blip2Backbone, exits: dict[int, nn.Module], cached_exits: list[int], depth: int, x: torch.Tensor,
+    ctx: Context, rows: torch.Tensor | None, start: int,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """K/V of LM layers `depth..N-1`, then of the exit layers above `depth` (`cached_exits`: the exits with a cache,
+    in layer order), projected from the state `x` that left at `depth` (propagate mode, CALM-style)."""
+    out = backbone.kv_projections(list(backbone.layers), depth, x, ctx, rows, start)
+    deeper = [i for i in cached_exits if i > depth]
+    if deeper:
+        exit_layers = [exits[i].layer for i in cached_exits]
+        out += backbone.kv_projections(exit_layers, len(exit_layers) - len(deeper), x, ctx, rows, start)
+    return out
 
 
 class EarlyExitDecoder:
@@ -363,13 +385,15 @@ class EarlyExitDecoder:
             self._keep(self.pending, x, rows, lo, end, [self.kv[depth].filled[b] for b in ids])
             return
         # propagate: every cache is full below `lo`, so the new slots are the whole window
-        for d in range(depth, self.num_layers):
-            self._write_projected(self.backbone.layers[d], self.kv[d], x, rows, ids, lo)
-            self.work.params_touched += self.backbone.kv_parameters(self.backbone.layers[d])
-        for i in self.exit_kv:
-            if i > depth:
-                self._write_projected(self.exits[i].layer, self.exit_kv[i], x, rows, ids, lo)
-                self.work.params_touched += self.backbone.kv_parameters(self.exits[i].layer)
+        rows_arg = self._rows_arg(rows)
+        caches = [*self.kv[depth:], *(kv for i, kv in self.exit_kv.items() if i > depth)]
+        projected = propagated_kv(self.backbone, self.exits, list(self.exit_kv), depth, x, self.ctx, rows_arg, lo)
+        for cache, kv in zip(caches, projected):
+            cache.write(rows_arg, lo, *kv, None)
+            for b in ids:
+                cache.filled[b] = end
+        self.work.kv_projections += len(caches)
+        self.work.params_touched += self.costs.propagated(depth)
 
     def crop_row(self, row: int, length: int) -> None:
         """Forget slots at or after `length` of one row in every cache (a rejected speculative draft)."""
@@ -382,11 +406,3 @@ class EarlyExitDecoder:
             kv.reorder(index)
         if self.pending is not None:
             self.pending = self.pending.index_select(0, index)
-
-    def _write_projected(self, layer, kv: LayerKV, x, rows, ids, lo):
-        rows_arg = self._rows_arg(rows)
-        keys, values = self.backbone.kv_projection(layer, x, self.ctx, rows_arg, lo)
-        kv.write(rows_arg, lo, keys, values, None)
-        self.work.kv_projections += 1
-        for b in ids:
-            kv.filled[b] = lo + x.shape[1]

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..backbones.base import Blip2Backbone, Context
-from .engine import ExitGate, ParamCosts, StepResult, WorkCounter, resolve_batch_policy
+from .engine import ExitGate, ParamCosts, StepResult, WorkCounter, propagated_kv, resolve_batch_policy
 from .policies import ExitPolicy
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -390,18 +390,13 @@ class StaticDecoder:
             self.pending[:, lo:end] = x
             return
         slots = torch.arange(lo, end, device=x.device)
-        for d in range(depth, self.num_layers):
-            self._write_projected(self.backbone.layers[d], self.kv[d], x, slots, lo)
-        for i, kv in self.exit_kv.items():
-            if i > depth:
-                self._write_projected(self.exits[i].layer, kv, x, slots, lo)
-
-    def _write_projected(self, layer, kv: StaticKV, x, slots, lo) -> None:
-        keys, values = self.backbone.kv_projection(layer, x, self.ctx, None, lo)
-        StaticView(kv, slots, lo).update(keys, values)
-        kv.fill = lo + x.shape[1]
-        self.work.kv_projections += 1
-        self.work.params_touched += self.backbone.kv_parameters(layer)
+        caches = [*self.kv[depth:], *(kv for i, kv in self.exit_kv.items() if i > depth)]
+        projected = propagated_kv(self.backbone, self.exits, list(self.exit_kv), depth, x, self.ctx, None, lo)
+        for cache, kv in zip(caches, projected):
+            StaticView(cache, slots, lo).update(*kv)
+            cache.fill = end
+        self.work.kv_projections += len(caches)
+        self.work.params_touched += self.costs.propagated(depth)
 
     def crop_row(self, row: int, length: int) -> None:
         """Forget slots at or after `length` (a rejected speculative draft); rows move together, so all rows."""
