@@ -8,6 +8,7 @@ from training_helpers import make_image_processor, make_tokenizer, write_shapes
 
 from freevlm import EarlyExitVLM
 from freevlm.data.images import ImageError
+from freevlm.model import IGNORE_INDEX
 from freevlm.tiny import tiny_blip2
 from freevlm.training import (
     CaptionCollator,
@@ -15,13 +16,12 @@ from freevlm.training import (
     ExitTrainConfig,
     FinetuneConfig,
     Record,
-    evaluate_captions,
+    caption_loss_and_accuracy,
     finetune,
     load_coco_captions,
     train_exits,
     write_coco_captions,
 )
-from freevlm.training.data import IGNORE
 from freevlm.training.finetune import caption_loss
 
 
@@ -53,7 +53,7 @@ def test_opt_layout_only_target_positions_count(shapes_json):
         assert ids[q : q + len(prompt)].tolist() == prompt and ids[q + len(prompt) : n].tolist() == target
         assert mask[:n].all() and not mask[n:].any()
         # position t predicts token t+1: exactly the target tokens, nothing from image, prompt or padding
-        counted = (targets != IGNORE).nonzero().flatten().tolist()
+        counted = (targets != IGNORE_INDEX).nonzero().flatten().tolist()
         assert counted == list(range(q + len(prompt) - 1, n - 1))
         assert targets[counted].tolist() == ids[q + len(prompt) : n].tolist()
 
@@ -67,7 +67,7 @@ def test_caption_loss_equals_hugging_face_loss(family, shapes_json):
     ours = caption_loss(EarlyExitVLM(model)(batch))
     with torch.no_grad():
         if family == "opt":
-            labels = torch.full_like(batch["input_ids"], IGNORE)
+            labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
             labels[:, 1:] = batch["targets"][:, :-1]
             ref = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
                         attention_mask=batch["attention_mask"], labels=labels).loss  # fmt: skip
@@ -86,7 +86,7 @@ def test_t5_decoder_input_is_target_shifted_right(shapes_json):
         assert target[-1] == 1  # </s>
         assert batch["decoder_input_ids"][b, : len(target)].tolist() == [0] + target[:-1]
         assert batch["targets"][b, : len(target)].tolist() == target
-        assert (batch["targets"][b, len(target) :] == IGNORE).all()
+        assert (batch["targets"][b, len(target) :] == IGNORE_INDEX).all()
 
 
 def test_coco_readers_official_and_karpathy(tmp_path, shapes_json):
@@ -143,11 +143,11 @@ def test_finetune_lavis_default_trains_qformer_and_projection_only(tmp_path, sha
     records = load_coco_captions(shapes_json)
     data = dataset("opt", records, model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    start = evaluate_captions(model, data)
+    start = caption_loss_and_accuracy(model, data)
     config = FinetuneConfig(output_dir=str(tmp_path), max_steps=30, batch_size=8, lr=2e-2, warmup_steps=3,
                             progress=False, checkpoint_every=15, log_every=5)  # fmt: skip
     finetune(model, data, config, save_with=(make_tokenizer("opt"), make_image_processor()))
-    end = evaluate_captions(model, data)
+    end = caption_loss_and_accuracy(model, data)
     assert end["loss"] < start["loss"] - 0.3, (start, end)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith(("qformer.", "query_tokens", "language_projection.")) for k in changed)

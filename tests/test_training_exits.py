@@ -17,7 +17,7 @@ from freevlm.training import (
     ExitTrainConfig,
     FinetuneConfig,
     TrainingDiverged,
-    evaluate_captions,
+    caption_loss_and_accuracy,
     evaluate_exits,
     finetune,
     load_coco_captions,
@@ -330,7 +330,7 @@ def test_dev_evaluation_gives_every_module_its_mode_back(shapes):
     assert all(m.training for m in ee.exits.modules()) and not ee.training
     model.eval()
     model.qformer.train()
-    evaluate_captions(model, torch.utils.data.Subset(dev_set, range(4)))
+    caption_loss_and_accuracy(model, torch.utils.data.Subset(dev_set, range(4)))
     assert all(m.training for m in model.qformer.modules())
     assert not any(m.training for m in model.language_model.modules()) and not model.training
     model.eval()  # the module's other tests share this model

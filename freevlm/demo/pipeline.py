@@ -42,8 +42,7 @@ from ..training.baselines import BaselineTrainConfig, train_baseline
 from ..training.common import progress_hook
 from ..training.data import CaptionDataset, Record
 from ..training.exits import ExitTrainConfig, train_exits
-from ..training.finetune import FinetuneConfig, finetune
-from ..training.finetune import evaluate_captions as evaluate_backbone
+from ..training.finetune import FinetuneConfig, caption_loss_and_accuracy, finetune
 from .backbone import build_backbone, save_backbone
 from .report import write_report
 from .stats import bootstrap, per_image_cider
@@ -255,7 +254,7 @@ class Demo:
             save_backbone(bundle, folder)
             dev = CaptionDataset(self._caption_records("dev"), bundle.tokenizer, bundle.image_processor,
                                  bundle.model.config, source="shapes dev captions")  # fmt: skip
-            held_out = evaluate_backbone(bundle.model, dev, cfg.eval_batch)
+            held_out = caption_loss_and_accuracy(bundle.model, dev, cfg.eval_batch)
             info = {"train_steps": cfg.backbone_steps, "train_seconds": seconds, "train_records": len(records),
                     "final_loss": held_out["loss"], "dev_token_accuracy": held_out["token_acc"]}  # fmt: skip
             info_file.write_text(json.dumps(info))

@@ -4,7 +4,7 @@ from ..data.records import split_records
 from .common import LoopConfig, TrainingDiverged
 from .data import CaptionCollator, CaptionDataset, Record, load_coco_captions, write_coco_captions
 from .exits import ExitTrainConfig, evaluate_exits, kd_loss, train_exits
-from .finetune import FinetuneConfig, evaluate_captions, finetune
+from .finetune import FinetuneConfig, caption_loss_and_accuracy, finetune
 
 __all__ = [
     "CaptionCollator",
@@ -14,7 +14,7 @@ __all__ = [
     "LoopConfig",
     "Record",
     "TrainingDiverged",
-    "evaluate_captions",
+    "caption_loss_and_accuracy",
     "evaluate_exits",
     "finetune",
     "kd_loss",

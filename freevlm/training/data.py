@@ -9,8 +9,8 @@ The collate produces the exact layout the backbone adapters expect (`Blip2Backbo
   shifted right.
 
 and `targets`, aligned with the positions of the sequence the LM layers run over: `targets[b, t]` is the token
-that position t must predict, or -100. Only positions that predict a target token (or its EOS) count; image
-query tokens, the prompt and padding never do.
+that position t must predict, or `IGNORE_INDEX`. Only positions that predict a target token (or its EOS) count;
+image query tokens, the prompt and padding never do.
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from torch.utils.data import Dataset
 
 from ..data.coco import read_captions
 from ..data.images import ImageError, load_image
-
-IGNORE = -100
+from ..model import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -168,7 +167,7 @@ class CaptionCollator:
         if self.decoder_only:
             seqs = [image + it["prompt_ids"] + it["target_ids"] for it in items]
             input_ids, attention_mask = self._pad(seqs, self.pad_token_id)
-            targets = torch.full_like(input_ids, IGNORE)
+            targets = torch.full_like(input_ids, IGNORE_INDEX)
             for b, it in enumerate(items):
                 start = len(image) + len(it["prompt_ids"]) - 1  # the last prompt position predicts the first target
                 targets[b, start : start + len(it["target_ids"])] = torch.tensor(it["target_ids"])
@@ -178,7 +177,7 @@ class CaptionCollator:
         decoder_input_ids, _ = self._pad(
             [[self.decoder_start_token_id] + it["target_ids"][:-1] for it in items], self.pad_token_id
         )
-        targets, _ = self._pad([it["target_ids"] for it in items], IGNORE)
+        targets, _ = self._pad([it["target_ids"] for it in items], IGNORE_INDEX)
         return {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask,
                 "decoder_input_ids": decoder_input_ids, "targets": targets}  # fmt: skip
 

@@ -66,7 +66,7 @@ def caption_loss(out: ExitOutputs) -> torch.Tensor:
     return F.cross_entropy(out.final_logits.float(), out.targets)
 
 
-def evaluate_captions(
+def caption_loss_and_accuracy(
     model: nn.Module, dataset: Dataset, batch_size: int = 16, runtime: Runtime | None = None
 ) -> dict[str, float]:
     """Held-out per-token `loss` and `token_acc` of the final layer of `model` (a BLIP-2, or an `EarlyExitVLM`)."""
@@ -134,7 +134,7 @@ class Finetune(Objective):
         return {"train/lr": self.scheduler.get_last_lr()[0]}
 
     def evaluate(self, dataset: Dataset) -> dict[str, float]:
-        return evaluate_captions(self.ee, dataset, self.config.batch_size, self.runtime)
+        return caption_loss_and_accuracy(self.ee, dataset, self.config.batch_size, self.runtime)
 
     def finish(self, out_dir: Path) -> nn.Module:
         self.model.eval()
