@@ -8,6 +8,9 @@
 3. Batches (`--batch-sizes`): the default batch policy, per-row compaction and whole-batch exits against the
    full model at the same batch size; half the tokens leave at the middle layer. Goal: the default >= 1.0x.
 4. The floor: the LM's weights read once at the device's measured copy bandwidth.
+5. What a window of slots costs: one LM layer's matmuls over 1, 2, 4, 8 slots, relative to 1. Near 1.0 a layer costs
+   reading its weights (a GPU at these sizes) and catch-up windows ride free, as the ideal assumes; near the slot
+   count the device is compute-bound (a CPU core) and `kv="recompute"` pays every caught-up slot in full.
 
     python bench/bench_engine.py [--preset opt-350m|opt-2.7b|opt-6.7b|t5-large|flant5-xl|tiny]
                                  [--device cpu|cuda] [--dtype float32|bfloat16] [--tokens 32] [--batch-sizes 8 32]
@@ -135,6 +138,17 @@ def main() -> None:
     # --- 4. the floor -------------------------------------------------------------------------------------------
     floor, bandwidth = bandwidth_floor_seconds(model, args.device)
     print(f"4. floor: the LM's weights read once at the measured {bandwidth / 1e9:.0f} GB/s = {1000 * floor:.2f} ms/token")
+
+    # --- 5. what a window costs -------------------------------------------------------------------------------------
+    linears = [m for m in ee.backbone.layers[0].modules() if isinstance(m, torch.nn.Linear)]
+    runs = {}
+    for slots in (1, 2, 4, 8):
+        xs = [torch.randn(1, slots, m.in_features, device=args.device, dtype=model.dtype) for m in linears]
+        runs[slots] = lambda xs=xs: [m(x) for m, x in zip(linears, xs) for _ in range(10)]
+    with torch.no_grad():
+        times = interleaved(runs, args.repeats)
+    print("5. one LM layer's matmuls over a window of slots, time relative to 1 slot: "
+          + ", ".join(f"{slots} -> {times[slots] / times[1]:.2f}" for slots in runs))  # fmt: skip
 
 
 if __name__ == "__main__":

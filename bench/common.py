@@ -28,10 +28,11 @@ def big_blip2(preset: str = "opt-350m", dtype: torch.dtype = torch.float32, devi
     """A random LM of a real size with its real vocabulary, behind a tiny vision path; EOS disabled so every run
     generates the same number of tokens."""
     family, num_layers, hidden_size, num_heads, vocab_size = PRESETS[preset]
-    model = tiny_blip2(
-        family, num_layers=num_layers, hidden_size=hidden_size, vocab_size=vocab_size, num_heads=num_heads,
-        num_query_tokens=32,
-    )  # fmt: skip
+    with torch.device(device):  # built and initialised where it runs: billions of random weights in seconds on a GPU
+        model = tiny_blip2(
+            family, num_layers=num_layers, hidden_size=hidden_size, vocab_size=vocab_size, num_heads=num_heads,
+            num_query_tokens=32,
+        )  # fmt: skip
     for cfg in (model.generation_config, model.language_model.generation_config):
         cfg.eos_token_id = None
     return model.to(device=device, dtype=dtype)

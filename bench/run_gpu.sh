@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The engine's device run, in one go (about 8 minutes on an H200): correctness where CUDA graphs run, then speed
+# at BLIP-2's LM sizes. Run from the repository root: bash bench/run_gpu.sh
+set -u
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+run() { echo; echo "### $*"; timeout "$1" "${@:2}" || echo "### exit $? (timeout or failure)"; }
+run 150 python bench/check_device.py --device cuda
+run 200 python bench/bench_engine.py --device cuda --dtype bfloat16 --preset opt-2.7b --batch-sizes 8 32 --repeats 5
+run 120 python bench/bench_engine.py --device cuda --dtype bfloat16 --preset flant5-xl --repeats 5
+run 120 python bench/bench_engine.py --device cuda --dtype bfloat16 --preset opt-6.7b --batch-sizes 8 --repeats 5
