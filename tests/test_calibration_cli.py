@@ -6,8 +6,8 @@ import pytest
 
 import dataset_files as files
 from freevlm import EarlyExitVLM, ExitConfig
+from freevlm.calibration import calibrate_exits, never_exits, per_caption_cider
 from freevlm.cli import main
-from freevlm.commands.calibrate import calibrate_exits, never_exits, per_caption_cider
 from freevlm.loading import load_blip2
 from freevlm.tiny import tiny_blip2
 from tiny_processor import tiny_bundle

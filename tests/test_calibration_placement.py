@@ -8,8 +8,8 @@ import torch
 
 import dataset_files as files
 from freevlm import EarlyExitVLM, ExitConfig
+from freevlm.calibration import candidate_placements, exits_subset
 from freevlm.cli import main
-from freevlm.commands.calibrate import candidate_placements, exits_subset
 from freevlm.decoding.policies import FixedSchedulePolicy
 from freevlm.loading import load_blip2
 from freevlm.tiny import tiny_blip2, tiny_inputs

@@ -1,5 +1,6 @@
-"""`freevlm calibrate`: run the exits over a calibration set at every threshold of a grid, turn each record into a
-loss against the full model, and certify thresholds by Learn-then-Test (`freevlm.calibration`).
+"""`freevlm calibrate` and `freevlm place-exits`: read a calibration set and a model, run
+`freevlm.calibration.calibrate_exits` / `place_exits` (which run the exits and certify thresholds by
+Learn-then-Test), write the JSON and say what was found.
 
 Losses are measured against the full model, so the safest threshold (the rule never exits early) has risk 0 and
 the guarantee reads "early exit costs at most `tolerance` of X relative to the full model":
@@ -12,20 +13,17 @@ the guarantee reads "early exit costs at most `tolerance` of X relative to the f
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
-import itertools
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
-from ..calibration import Calibration, calibrate_threshold, check_unit_interval
+from ..calibration import (
+    LOSS_DEFINITIONS, LOSSES, SPEEDUPS, Calibration, calibrate_exits, check_unit_interval, exits_subset, never_exits,
+    place_exits, placement_guarantee,
+)  # fmt: skip
 from ..data.specs import DatasetSpec, read_dataset
-from ..eval.evaluate import EvalResult, evaluate
-from ..methods import get_method, trainable_parameters
+from ..eval.evaluate import EvalResult
+from ..methods import get_method
 from .evaluate import dataset_arguments, generation_kwargs, load_model
-
-LOSSES = ("consistency", "metric")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -68,116 +66,6 @@ def _records(args: argparse.Namespace) -> tuple[DatasetSpec, list]:
     return spec, records
 
 
-def never_exits(method: str) -> tuple[float, bool]:
-    """(the threshold at which `method`'s rule never leaves early, whether higher thresholds are safer): each
-    method's default grid ends at that value."""
-    grid = get_method(method).thresholds
-    return float(grid[-1]), grid[-1] > grid[0]
-
-
-def per_caption_cider(references: Sequence[Sequence[str]] | dict, captions: Sequence[str]) -> list[float]:
-    """CIDEr of each caption against its references (pycocoevalcap's CIDEr-D, unscaled: 1.0 is 100 on the
-    paper's scale). Document frequencies come from the references alone, so a caption's score does not depend on
-    the other captions. `references` may be the PTB-tokenized dict an earlier call built (see `_tokenized`)."""
-    from pycocoevalcap.cider.cider import Cider
-
-    gts = references if isinstance(references, dict) else _tokenized(references)
-    if len(gts) != len(captions):
-        raise ValueError(f"{len(captions)} captions but {len(gts)} reference lists")
-    res = _tokenized([[c] for c in captions])
-    _, scores = Cider().compute_score(gts, res)  # one score per key, in `gts` order
-    return [float(s) for s in scores]
-
-
-def _tokenized(captions: Sequence[Sequence[str]]) -> dict:
-    from ..eval.captions import tokenize
-
-    return tokenize(dict(enumerate(captions)))
-
-
-def _check_metric_labels(task: str, records: Sequence) -> None:
-    if task == "vqa" and not all(r.answers for r in records):
-        raise ValueError("--loss metric needs an answer for every calibration question")
-    if task == "captions" and not all(r.references for r in records):
-        raise ValueError("--loss metric needs reference captions for every calibration image")
-    if task not in ("vqa", "captions"):
-        raise ValueError(f"--loss metric is not defined for {task} (no per-record score); use --loss consistency")
-
-
-def _metric_per_record(task: str, labels, texts: list[str], vqa_metric: str) -> list[float]:
-    """`labels`: the VQA answer lists, or the captions' tokenized references."""
-    if task == "vqa":
-        from ..eval.vqa import vqa_scores
-
-        return vqa_scores(texts, labels, metric=vqa_metric).per_question
-    return per_caption_cider(labels, texts)
-
-
-def calibrate_exits(
-    ee,
-    processor,
-    task: str,
-    records: Sequence,
-    tolerance: float,
-    confidence: float,
-    loss: str = "consistency",
-    thresholds: Sequence[float] | None = None,
-    method: str = "free",
-    vqa_metric: str = "vqa",
-    progress=None,
-    full_outputs: Sequence[str] | None = None,
-    time_every_run: bool = False,
-    **eval_kwargs,
-) -> tuple[Calibration, dict[float, EvalResult]]:
-    """Run `ee` over `records` at each threshold (safest first) and certify thresholds with `calibrate_threshold`.
-
-    Losses are measured against the full model's outputs: `full_outputs` when given (already decoded, e.g. by an
-    earlier call on the same records), otherwise the first run decodes the full model beside the exits.
-    `time_every_run` decodes the full model beside every run, for measured (work and wall-clock) speedups."""
-    tolerance = check_unit_interval("tolerance", tolerance)
-    confidence = check_unit_interval("confidence", confidence)
-    if loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r}: one of {LOSSES}")
-    if not records:
-        raise ValueError("the calibration set is empty: no records to run the exits on")
-    labels = None
-    if loss == "metric":
-        _check_metric_labels(task, records)  # before any model runs
-        labels = [r.answers for r in records] if task == "vqa" else _tokenized([r.references for r in records])
-    safe, higher_is_safer = never_exits(method)
-    grid = sorted({float(t) for t in (get_method(method).thresholds if thresholds is None else thresholds)},
-                  reverse=higher_is_safer)  # fmt: skip
-    say = progress or (lambda msg: None)
-    if task == "captions":
-        eval_kwargs.setdefault("only", ["CIDEr"])  # the sweep's score only: METEOR starts a JVM per call
-    results: dict[float, EvalResult] = {}
-    full_texts = list(full_outputs) if full_outputs is not None else None
-    if full_texts is not None and len(full_texts) != len(records):
-        raise ValueError(f"{len(full_texts)} full-model outputs for {len(records)} records")
-    full_metric = None
-    if full_texts is not None and loss == "metric":
-        full_metric = _metric_per_record(task, labels, full_texts, vqa_metric)
-    losses: dict[float, list[float]] = {}
-    for t in grid:
-        result = evaluate(task, ee, processor, records, t, method=method,
-                          compare_full=time_every_run or full_texts is None, **eval_kwargs)  # fmt: skip
-        texts = [row["prediction"] for row in result.predictions]
-        if full_texts is None:  # the first run decoded the full model too
-            full_texts = [row["full_prediction"] for row in result.predictions]
-            if loss == "metric":
-                full_metric = _metric_per_record(task, labels, full_texts, vqa_metric)
-        if loss == "consistency":
-            losses[t] = [float(a != b) for a, b in zip(texts, full_texts)]
-        else:
-            early = _metric_per_record(task, labels, texts, vqa_metric)
-            losses[t] = [min(1.0, max(0.0, f - e)) for f, e in zip(full_metric, early)]
-        results[t] = result
-        say(f"threshold {t:g}: {loss} risk {sum(losses[t]) / len(losses[t]):.4f}, "
-            f"analytic speedup {result.speed.analytic_speedup:.2f}x")  # fmt: skip
-    calibration = calibrate_threshold(losses, tolerance, confidence, higher_is_safer=higher_is_safer, fallback=safe)
-    return calibration, results
-
-
 def calibration_report(calibration: Calibration, results: dict[float, EvalResult], **context) -> dict:
     """The JSON `freevlm calibrate` writes: the certification, each threshold's speed, and what was run."""
     out = dict(context) | calibration.as_dict()
@@ -200,7 +88,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     )  # fmt: skip
     report = calibration_report(calibration, results, method=args.method, rule=get_method(args.method).rule,
                                 task=task, format=args.format, files=list(args.files), split=args.split,
-                                loss=args.loss, loss_definition=_LOSS_TEXT[args.loss])  # fmt: skip
+                                loss=args.loss, loss_definition=LOSS_DEFINITIONS[args.loss])  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
@@ -213,128 +101,6 @@ def run_calibrate(args: argparse.Namespace) -> int:
     print(calibration.guarantee)
     print(f"wrote {out}")
     return 0
-
-
-# --- exit placement --------------------------------------------------------------------------------------------
-SPEEDUPS = ("ideal", "analytic", "wallclock")
-
-
-def exits_subset(ee, layers: Sequence[int]):
-    """A view of `ee` with only the exits at `layers`: the trained exit modules are shared, nothing is copied, and
-    the engine runs exactly what an `EarlyExitVLM` built with those exits alone would run."""
-    layers = sorted(int(i) for i in layers)
-    missing = sorted(set(layers) - set(ee.exit_layers))
-    if missing or not layers:
-        raise ValueError(f"no trained exit at layers {missing or layers} (trained exits: {ee.exit_layers})")
-    sub = copy.copy(ee)
-    sub._modules = dict(ee._modules)  # its own module registry, so replacing `exits` leaves `ee` whole
-    sub.exits = type(ee.exits)({str(i): ee.exits[str(i)] for i in layers})
-    sub.exit_config = dataclasses.replace(ee.exit_config, exit_layers=layers)
-    return sub
-
-
-def candidate_placements(
-    parameters: dict[int, int], budget_exits: int | None = None, budget_parameters: int | None = None
-) -> list[tuple[int, ...]]:
-    """Every non-empty set of candidate layers (`parameters`: layer -> trainable parameters of its exit) within
-    the budget: at most `budget_exits` exits and at most `budget_parameters` trainable parameters."""
-    if budget_exits is None and budget_parameters is None:
-        raise ValueError("give a budget: a number of exits or of trainable parameters")
-    if budget_exits is not None and budget_exits < 1:
-        raise ValueError(f"the exit budget must be at least 1, got {budget_exits}")
-    layers = sorted(parameters)
-    most = len(layers) if budget_exits is None else min(budget_exits, len(layers))
-    sets = [c for k in range(1, most + 1) for c in itertools.combinations(layers, k)
-            if budget_parameters is None or sum(parameters[i] for i in c) <= budget_parameters]  # fmt: skip
-    if not sets:
-        raise ValueError(f"no exit fits a budget of {budget_parameters:,} trainable parameters "
-                         f"(the smallest exit has {min(parameters.values()):,})")  # fmt: skip
-    return sets
-
-
-@dataclasses.dataclass
-class Placement:
-    layers: tuple[int, ...]
-    parameters: int  # trainable parameters of these exits
-    calibration: Calibration
-    speedup: float  # at the certified threshold (1.0: nothing certified, the full model runs)
-    speedups: dict[str, float | None]  # every kind of speedup at that threshold
-
-    def as_dict(self) -> dict:
-        c = self.calibration
-        return {"layers": list(self.layers), "trainable_parameters": self.parameters, "threshold": c.threshold,
-                "certified": bool(c.certified), "risk": c.risks.get(c.threshold), "speedup": self.speedup,
-                "speedups": self.speedups}  # fmt: skip
-
-
-def _speedups(results: dict[float, EvalResult], threshold: float) -> dict[str, float | None]:
-    if threshold not in results:  # the fallback was not in the grid: it never exits early
-        return {"ideal": 1.0, "analytic": 1.0, "wallclock": None}
-    s = results[threshold].speed
-    return {"ideal": s.ideal_speedup, "analytic": s.analytic_speedup, "wallclock": s.wallclock_speedup}
-
-
-def place_exits(
-    ee,
-    processor,
-    task: str,
-    records: Sequence,
-    tolerance: float,
-    confidence: float,
-    budget_exits: int | None = None,
-    budget_parameters: int | None = None,
-    speedup: str = "ideal",
-    max_placements: int = 64,
-    progress=None,
-    **calibrate_kwargs,
-) -> tuple[Placement, list[Placement], float]:
-    """Choose where exits go: certify a threshold for every placement (set of `ee`'s trained exits) within the
-    budget on `records`, and keep the one with the largest `speedup` at its certified threshold.
-
-    `speedup`: "ideal" (parameters the full model reads over those early exit reads, counted by the engine: exit
-    layers and heads included - the cost of a weight-bound decode step), "analytic" (the paper's N / mean layers per token; blind to the
-    cost of exits a token passes), or "wallclock" (measured here; noisy on a shared machine). Each placement is
-    certified at 1 - (1 - confidence) / m for m placements (Bonferroni), so the chosen placement's threshold keeps
-    the guarantee at `confidence` although it was picked on the same data. Returns (best, all placements, the
-    per-placement confidence).
-    """
-    check_unit_interval("tolerance", tolerance)
-    check_unit_interval("confidence", confidence)
-    if speedup not in SPEEDUPS:
-        raise ValueError(f"unknown speedup {speedup!r}: one of {SPEEDUPS}")
-    parameters = {i: trainable_parameters(m) for i, m in ee.exit_dict().items()}
-    sets = candidate_placements(parameters, budget_exits, budget_parameters)
-    if len(sets) > max_placements:
-        raise ValueError(f"{len(sets)} placements fit the budget, more than max_placements={max_placements}: "
-                         "offer fewer candidate layers or a smaller budget")  # fmt: skip
-    say = progress or (lambda msg: None)
-    each = 1.0 - (1.0 - confidence) / len(sets)
-    placements, full_outputs = [], calibrate_kwargs.pop("full_outputs", None)
-    for layers in sets:
-        calibration, results = calibrate_exits(exits_subset(ee, layers), processor, task, records, tolerance, each,
-                                               full_outputs=full_outputs, time_every_run=speedup != "analytic",
-                                               **calibrate_kwargs)  # fmt: skip
-        if full_outputs is None:  # the first placement's first run decoded the full model: reuse it
-            first = results[calibration.tested[0]]
-            full_outputs = [row["full_prediction"] for row in first.predictions]
-        speeds = _speedups(results, calibration.threshold)
-        value = speeds[speedup] if speeds[speedup] is not None else 1.0
-        placements.append(Placement(layers, sum(parameters[i] for i in layers), calibration, value, speeds))
-        say(f"exits {list(layers)}: threshold {calibration.threshold:g} "
-            f"({'certified' if calibration.certified else 'none certified'}), {speedup} speedup {value:.2f}x")  # fmt: skip
-    best = max(placements, key=lambda p: (p.speedup, -p.parameters, -len(p.layers)))
-    return best, placements, each
-
-
-def _placement_guarantee(best: Placement, confidence: float, m: int) -> str:
-    c = best.calibration
-    if not c.certified:
-        return (f"no placement could be certified at risk <= {c.tolerance:g} with confidence {confidence:g} "
-                f"(each of {m} tested at {c.confidence:.4g}) from {c.n} samples")  # fmt: skip
-    return (f"if the {c.n} calibration samples and future inputs are i.i.d. from one distribution, the mean loss of "
-            f"exits {list(best.layers)} at threshold {c.threshold:g} exceeds {c.tolerance:g} with probability at "
-            f"most {1 - confidence:.3g} over the draw of the calibration set (each of the {m} placements tested at "
-            f"{1 - c.confidence:.3g}, Bonferroni)")  # fmt: skip
 
 
 def run_place_exits(args: argparse.Namespace) -> int:
@@ -351,11 +117,11 @@ def run_place_exits(args: argparse.Namespace) -> int:
     )  # fmt: skip
     report = {
         "method": args.method, "task": spec.task, "format": args.format, "files": list(args.files),
-        "loss": args.loss, "loss_definition": _LOSS_TEXT[args.loss], "tolerance": args.tolerance,
+        "loss": args.loss, "loss_definition": LOSS_DEFINITIONS[args.loss], "tolerance": args.tolerance,
         "confidence": args.confidence, "n": best.calibration.n, "candidates": ee.exit_layers,
         "budget": {"exits": args.budget_exits, "trainable_parameters": args.budget_parameters},
         "speedup": args.speedup, "placements_tested": len(placements), "confidence_per_placement": each,
-        "guarantee": _placement_guarantee(best, args.confidence, len(placements)),
+        "guarantee": placement_guarantee(best, args.confidence, len(placements)),
         "chosen": best.as_dict(),
         "alternatives": sorted((p.as_dict() for p in placements), key=lambda d: -d["speedup"]),
     }  # fmt: skip
@@ -370,10 +136,3 @@ def run_place_exits(args: argparse.Namespace) -> int:
     print(report["guarantee"])
     print(f"wrote {out}")
     return 0
-
-
-_LOSS_TEXT = {
-    "consistency": "1 if the early-exit output differs from the full model's, else 0",
-    "metric": "per-record drop of the task metric (VQA accuracy, GQA exact match, or CIDEr) below the full "
-              "model's, clipped to [0, 1]",
-}  # fmt: skip
