@@ -4,8 +4,8 @@ Built from a config, Hugging Face's BLIP-2 has a dead vision path: the vision co
 `initializer_range` is 1e-10 and `query_tokens` start at zero, so images cannot change the output. We pass a real
 initializer range and draw the query tokens, so the image matters in every model built here.
 
-`tiny_model(family)` builds any supported family: "opt", "t5" (BLIP-2), "instructblip-opt", "instructblip-t5"
-or "llama", "mistral", "qwen2" (LLaVA).
+`tiny_model(family)` builds any supported family: "opt", "t5" (BLIP-2), "instructblip-opt", "instructblip-t5",
+"instructblip-llama" or "llama", "mistral", "qwen2" (LLaVA).
 """
 
 from __future__ import annotations
@@ -63,8 +63,14 @@ def blip2_config(
             num_layers=num_layers, num_decoder_layers=num_layers, num_heads=num_heads,
             decoder_start_token_id=0, eos_token_id=1, pad_token_id=0, feed_forward_proj="gated-gelu",
         )  # fmt: skip
+    elif family == "llama":  # InstructBLIP's Vicuna
+        text = LlamaConfig(
+            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads // 2,
+            max_position_embeddings=512, bos_token_id=2, eos_token_id=3, pad_token_id=1,
+        )  # fmt: skip
     else:
-        raise ValueError(f"unknown family {family!r}: 'opt' or 't5'")
+        raise ValueError(f"unknown family {family!r}: 'opt', 't5' or 'llama'")
     return Blip2Config(
         vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
         num_query_tokens=num_query_tokens, image_token_index=image_token,

@@ -19,7 +19,7 @@ from freevlm.decoding.policies import FixedSchedulePolicy
 from freevlm.decoding.static import StaticDecoder
 from freevlm.tiny import llava_config, tiny_inputs, tiny_instruction, tiny_model
 
-FAMILIES = ["llama", "mistral", "qwen2", "instructblip-opt", "instructblip-t5"]
+FAMILIES = ["llama", "mistral", "qwen2", "instructblip-opt", "instructblip-t5", "instructblip-llama"]
 WINDOWS = {"mistral": 4, "qwen2": 3}  # Qwen2's from layer 1 up: full and windowed layers mixed
 MAX_NEW = 10
 

@@ -7,14 +7,15 @@ from torch import nn
 from .base import Backbone, Blip2Backbone, Context
 from .blip2_opt import Blip2OPTBackbone
 from .blip2_t5 import Blip2T5Backbone
-from .instructblip import InstructBlipOPTBackbone, InstructBlipT5Backbone
-from .llava import LANGUAGE_MODELS as LLAVA_LANGUAGE_MODELS
+from .instructblip import InstructBlipOPTBackbone, InstructBlipRotaryBackbone, InstructBlipT5Backbone
 from .llava import LlavaBackbone
+from .rotary import LANGUAGE_MODELS as ROTARY_LANGUAGE_MODELS
 
 T5_TYPES = ("t5", "mt5", "umt5")
 SUPPORTED = (
-    "Blip2ForConditionalGeneration (OPT, T5/FlanT5), InstructBlipForConditionalGeneration (OPT, T5/FlanT5), "
-    f"LlavaForConditionalGeneration ({', '.join(LLAVA_LANGUAGE_MODELS)})"
+    "Blip2ForConditionalGeneration (OPT, T5/FlanT5), "
+    f"InstructBlipForConditionalGeneration (OPT, T5/FlanT5, {', '.join(ROTARY_LANGUAGE_MODELS)}), "
+    f"LlavaForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)})"
 )
 
 
@@ -35,7 +36,7 @@ def load_backbone(model: nn.Module) -> Backbone:
         )
     model_type = model.config.text_config.model_type
     if isinstance(model, LlavaForConditionalGeneration):
-        if model_type not in LLAVA_LANGUAGE_MODELS:
+        if model_type not in ROTARY_LANGUAGE_MODELS:
             raise TypeError(f"unsupported LLaVA language model '{model_type}': freevlm supports {SUPPORTED}")
         return LlavaBackbone(model)
     opt, t5 = next(adapters for cls, adapters in blip.items() if isinstance(model, cls))
@@ -43,6 +44,8 @@ def load_backbone(model: nn.Module) -> Backbone:
         return opt(model)
     if model_type in T5_TYPES:
         return t5(model)
+    if isinstance(model, InstructBlipForConditionalGeneration) and model_type in ROTARY_LANGUAGE_MODELS:
+        return InstructBlipRotaryBackbone(model)
     raise TypeError(f"unsupported {type(model).__name__} language model '{model_type}': freevlm supports {SUPPORTED}")
 
 

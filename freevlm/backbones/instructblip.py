@@ -1,7 +1,9 @@
-"""InstructBLIP: BLIP-2 whose Q-Former also reads the instruction, with an OPT or a T5 language model.
+"""InstructBLIP: BLIP-2 whose Q-Former also reads the instruction, with an OPT, a T5 or a Llama-like (Vicuna)
+language model.
 
 Only the image path differs from BLIP-2 (the Q-Former attends over its query tokens *and* the instruction, given in
-the Q-Former's own vocabulary), so these adapters are the BLIP-2 ones with another `image_features`. The instruction
+the Q-Former's own vocabulary), so these adapters are the BLIP-2 ones with another `image_features` (and, for
+Vicuna, BLIP-2's prompt layout in front of the rotary decoder of `rotary.py`). The instruction
 is not part of the language model's prompt, and `generate` takes only that prompt: give it for the requests it
 belongs to with `backbone.instruction(...)`:
 
@@ -17,8 +19,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .base import Blip2Backbone
 from .blip2_opt import Blip2OPTBackbone
 from .blip2_t5 import Blip2T5Backbone
+from .rotary import RotaryDecoder
 
 
 class InstructBlipImagePath:
@@ -75,3 +79,7 @@ class InstructBlipOPTBackbone(InstructBlipImagePath, Blip2OPTBackbone):
 
 class InstructBlipT5Backbone(InstructBlipImagePath, Blip2T5Backbone):
     """`InstructBlipForConditionalGeneration` with a T5 / FlanT5 language model."""
+
+
+class InstructBlipRotaryBackbone(InstructBlipImagePath, RotaryDecoder, Blip2Backbone):
+    """`InstructBlipForConditionalGeneration` with a Llama-like language model (Vicuna: Llama)."""

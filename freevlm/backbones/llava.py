@@ -1,25 +1,15 @@
-"""LLaVA: a vision tower + projector in front of a Llama-like decoder (Llama, Mistral, Qwen2).
+"""LLaVA: a vision tower + projector in front of a Llama-like decoder (Llama, Mistral, Qwen2; see `rotary.py`).
 
 The image features replace the prompt's image tokens (the processor expands `<image>` into one token per feature,
-so a prompt must hold exactly that many). The LM has no learned positions: every layer rotates its queries and keys
-by the slot's position (rotary), so each layer call gets cos/sin for the slots of its window - a catch-up window
-starts below the new token and gets the positions of the slots it covers, padding shifts every row's positions as
-Hugging Face's `generate` does. Grouped-query attention, RMSNorm and the families' biases live inside the Hugging
-Face layers; sliding-window attention (Mistral, Qwen2 where the config turns it on) is added to our mask per layer.
+so a prompt must hold exactly that many).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import rotate_half
 
-from ..cache_utils import KVView
-from .base import Backbone, Context, cache_keyword, decoder_positions
-
-LANGUAGE_MODELS = ("llama", "mistral", "qwen2")
-# rotary variants whose frequencies depend on the length seen so far: a window's cos/sin would differ from a full pass
-LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+from .rotary import RotaryDecoder
 
 
 class LlavaLayout:
@@ -54,37 +44,12 @@ def llava_image_features(model: nn.Module, pixel_values: torch.Tensor) -> list[t
     return list(getattr(output, "pooler_output", output))
 
 
-def sliding_window(layer: nn.Module) -> int | None:
-    """The window a layer's attention is restricted to (None: full attention). Qwen2 sets it per layer, Mistral
-    for the whole model."""
-    attn = layer.self_attn
-    if hasattr(attn, "sliding_window"):
-        return attn.sliding_window
-    return getattr(attn.config, "sliding_window", None)
-
-
-class LlavaBackbone(Backbone):
+class LlavaBackbone(RotaryDecoder):
     """A `LlavaForConditionalGeneration` whose language model is a Llama, Mistral or Qwen2 decoder."""
 
     def __init__(self, model: nn.Module):
         super().__init__(model, lm=model)  # the whole model owns the head and the generation config
-        self.text = model.model.language_model  # the decoder without head: embeddings, layers, norm, rotary
-        self.layers = self.text.layers
-        self.family = model.config.text_config.model_type
         self.config = LlavaLayout(model.config, image_tokens_per_image(model.config))
-        attention = self.text.config._attn_implementation
-        if attention != "sdpa":  # eager would add our boolean masks to the scores, flash attention cannot take them
-            raise ValueError(f"freevlm runs LLaVA's layers with boolean attention masks, which the 'sdpa' attention "
-                             f"implementation reads; this model uses {attention!r}: load it with "
-                             "attn_implementation='sdpa'")  # fmt: skip
-        rope_type = getattr(self.text.rotary_emb, "rope_type", "default")
-        if rope_type in LENGTH_DEPENDENT_ROPE:
-            raise NotImplementedError(f"rotary scaling '{rope_type}' depends on the sequence length seen so far; "
-                                      f"freevlm supports the others (default, linear, llama3, yarn...)")  # fmt: skip
-
-    @property
-    def hidden_size(self) -> int:
-        return self.text.config.hidden_size
 
     # --- the image path and the prompt ------------------------------------------------------------------------
     def image_prompt_embeds(self, pixel_values, input_ids, attention_mask):
@@ -108,72 +73,3 @@ class LlavaBackbone(Backbone):
         slots = (input_ids == cfg.image_token_index).unsqueeze(-1)
         embeds = embeds.masked_scatter(slots, features.to(embeds.device, embeds.dtype))
         return input_ids, embeds, attention_mask
-
-    def start(self, pixel_values, input_ids, attention_mask, max_new_tokens, decoder_input_ids=None) -> Context:
-        input_ids, embeds, attention_mask = self.image_prompt_embeds(pixel_values, input_ids, attention_mask)
-        batch, prompt_len = input_ids.shape
-        key_mask = torch.ones(batch, prompt_len + max_new_tokens, dtype=torch.bool, device=embeds.device)
-        key_mask[:, :prompt_len] = attention_mask.bool()
-        return Context(input_ids, embeds, key_mask, {"positions": decoder_positions(key_mask)})
-
-    def embed_prompt(self, ctx):
-        return ctx.prompt_embeds
-
-    def embed(self, ctx, token_ids, rows, start):
-        return self.text.embed_tokens(token_ids)
-
-    # --- layers -------------------------------------------------------------------------------------------------
-    def run_layer(self, layer, hidden, ctx, cache: KVView | None, mask, rows):
-        start = 0 if cache is None else cache.start
-        rope = self._rotary(ctx, rows, start, hidden)
-        window = sliding_window(layer)
-        if window is not None:
-            mask = self._windowed(ctx, mask, start, hidden.shape[1], cache, window)
-        return layer(hidden, attention_mask=mask, position_embeddings=rope, **{cache_keyword(type(layer)): cache})
-
-    def _rotary(self, ctx: Context, rows, start: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of the window's slots for `rows`: the same for every layer call over one window, so made once."""
-        key = (rows, start, hidden.shape[1], hidden.dtype)
-        memo = ctx.extra.get("rotary")
-        if memo is not None and memo[0][0] is rows and memo[0][1:] == key[1:]:
-            return memo[1]
-        positions = ctx.extra["positions"] if rows is None else ctx.extra["positions"][rows]
-        rope = self.text.rotary_emb(hidden, positions[:, start : start + hidden.shape[1]])
-        ctx.extra["rotary"] = (key, rope)
-        return rope
-
-    @staticmethod
-    def _windowed(ctx: Context, mask, start: int, length: int, cache, window: int) -> torch.Tensor | None:
-        """`mask` with keys `window` or more slots behind the query hidden (slots, as Hugging Face counts them)."""
-        key_length = mask.shape[-1] if mask is not None else getattr(cache, "key_length", start + length)
-        if start + length <= window:  # no query is that far from any key
-            return mask
-        query = torch.arange(start, start + length, device=ctx.key_mask.device)[:, None]
-        keys = torch.arange(key_length, device=ctx.key_mask.device)[None, :]
-        near = keys > query - window
-        if mask is None:  # one new slot, no padding: every key so far is visible
-            return near[None, None]
-        return mask & near
-
-    def kv_projection(self, layer, hidden, ctx, rows, start):
-        attn = layer.self_attn
-        normed = layer.input_layernorm(hidden)
-        shape = (*hidden.shape[:-1], -1, attn.head_dim)
-        keys = attn.k_proj(normed).view(shape).transpose(1, 2)
-        values = attn.v_proj(normed).view(shape).transpose(1, 2)
-        cos, sin = self._rotary(ctx, rows, start, hidden)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        return keys * cos + rotate_half(keys) * sin, values
-
-    def kv_parameters(self, layer) -> int:
-        modules = [layer.self_attn.k_proj, layer.self_attn.v_proj, layer.input_layernorm]
-        return sum(p.numel() for m in modules for p in m.parameters())
-
-    def final_norm(self, hidden):
-        return self.text.norm(hidden)
-
-    def final_norm_modules(self):
-        return list(self.text.norm.parameters())
-
-    def new_layer(self) -> nn.Module:
-        return type(self.layers[0])(self.text.config, layer_idx=0)
