@@ -191,6 +191,13 @@ LOSS_DEFINITIONS = {
 }  # fmt: skip
 
 
+def consistency_losses(texts: Sequence[str], full_texts: Sequence[str]) -> list[float]:
+    """The consistency loss of each output: 1.0 where it differs from the full model's, else 0.0."""
+    if len(texts) != len(full_texts):
+        raise ValueError(f"{len(texts)} outputs but {len(full_texts)} full-model outputs")
+    return [float(a != b) for a, b in zip(texts, full_texts)]
+
+
 def never_exits(method: str) -> tuple[float, bool]:
     """(the threshold at which `method`'s rule never leaves early, whether higher thresholds are safer): each
     method's default grid ends at that value."""
@@ -290,7 +297,7 @@ def calibrate_exits(
             if loss == "metric":
                 full_metric = _metric_per_record(task, labels, full_texts, vqa_metric)
         if loss == "consistency":
-            losses[t] = [float(a != b) for a, b in zip(texts, full_texts)]
+            losses[t] = consistency_losses(texts, full_texts)
         else:
             early = _metric_per_record(task, labels, texts, vqa_metric)
             losses[t] = [min(1.0, max(0.0, f - e)) for f, e in zip(full_metric, early)]

@@ -26,6 +26,13 @@ def test_quick_demo_writes_a_consistent_report(tmp_path):
     assert results["speculative"]["identical_to_full"] is True  # lossless, whatever the threshold
     assert set(results["vqa"]) == {"shapes", "easyvqa"}
     assert results["samples"] and (out / results["samples"][0]["image"]).is_file()
+    calibration, placement = results["calibration"], results["placement"]  # Learn-then-Test on 48 calibration images
+    assert calibration["n"] == placement["n"] == 48 and calibration["loss"] == "consistency"
+    assert (f"certified {fmt_threshold(calibration['certified_threshold'])} vs best mean dev "
+            f"{fmt_threshold(results['sweep']['chosen_threshold'])}") in report  # fmt: skip
+    assert all(0.0 <= row["test_risk"] <= 1.0 for row in calibration["test"])
+    assert placement["placements_tested"] == 7 and placement["fixed"]["layers"] == [3, 6, 9]  # subsets of (3, 6, 9)
+    assert fmt_speedup(placement["chosen"]["speedup"]) in report
     # a second run reuses the trained backbone and exits
     assert main(["demo", "--quick", "--out", str(out), "--cache", str(cache)]) == 0
     again = json.loads((out / "results.json").read_text())

