@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from .eval.evaluate import EvalResult, evaluate
@@ -205,24 +205,26 @@ def never_exits(method: str) -> tuple[float, bool]:
     return float(grid[-1]), grid[-1] > grid[0]
 
 
-def per_caption_cider(references: Sequence[Sequence[str]] | dict, captions: Sequence[str]) -> list[float]:
+def per_caption_cider(references: Sequence[Sequence[str]] | dict, captions: Sequence[str],
+                      tokenize: Callable[[dict], dict] | None = None) -> list[float]:  # fmt: skip
     """CIDEr of each caption against its references (pycocoevalcap's CIDEr-D, unscaled: 1.0 is 100 on the
     paper's scale). Document frequencies come from the references alone, so a caption's score does not depend on
-    the other captions. `references` may be the PTB-tokenized dict an earlier call built (see `_tokenized`)."""
+    the other captions. `references` may be the tokenized dict an earlier call built (see `_tokenized`).
+    `tokenize` maps {key: [text, ...]} to the same, tokenized (default: PTB, as the COCO evaluation does)."""
     from pycocoevalcap.cider.cider import Cider
 
-    gts = references if isinstance(references, dict) else _tokenized(references)
+    gts = references if isinstance(references, dict) else _tokenized(references, tokenize)
     if len(gts) != len(captions):
         raise ValueError(f"{len(captions)} captions but {len(gts)} reference lists")
-    res = _tokenized([[c] for c in captions])
+    res = _tokenized([[c] for c in captions], tokenize)
     _, scores = Cider().compute_score(gts, res)  # one score per key, in `gts` order
     return [float(s) for s in scores]
 
 
-def _tokenized(captions: Sequence[Sequence[str]]) -> dict:
-    from .eval.captions import tokenize
+def _tokenized(captions: Sequence[Sequence[str]], tokenize: Callable[[dict], dict] | None = None) -> dict:
+    from .eval.captions import tokenize as ptb
 
-    return tokenize(dict(enumerate(captions)))
+    return (tokenize or ptb)(dict(enumerate(captions)))
 
 
 def _check_metric_labels(task: str, records: Sequence) -> None:

@@ -4,7 +4,7 @@ CIDEr-D is scored once per system over the whole test set (its IDF from all the 
 per image whose mean is the corpus CIDEr; resampling images then resamples those per-image scores, with the IDF
 held fixed (the usual per-image bootstrap; rescoring a corpus per draw is 100x slower for little change).
 Captions are tokenized by lowercasing and splitting on non-alphanumerics: the shapes world has no punctuation
-that PTB tokenization would treat differently.
+that PTB tokenization would treat differently, and no Java is needed.
 """
 
 from __future__ import annotations
@@ -12,20 +12,16 @@ from __future__ import annotations
 import random
 import re
 
-from pycocoevalcap.cider.cider_scorer import CiderScorer
+from ..calibration import per_caption_cider
 
 
-def _tokens(text: str) -> str:
-    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+def _tokenize(captions: dict) -> dict:
+    return {k: [" ".join(re.findall(r"[a-z0-9]+", t.lower())) for t in texts] for k, texts in captions.items()}
 
 
 def per_image_cider(refs: list[list[str]], preds: list[str]) -> list[float]:
     """CIDEr-D of `preds[i]` against `refs[i]`, image by image (their mean is the corpus score)."""
-    scorer = CiderScorer(n=4, sigma=6.0)
-    for r, p in zip(refs, preds):
-        scorer += (_tokens(p), [_tokens(x) for x in r])
-    _, scores = scorer.compute_score()
-    return [float(s) for s in scores]
+    return per_caption_cider(refs, preds, _tokenize)
 
 
 def bootstrap(per_item: list[list[float]], resamples: int = 2000, seed: int = 0, level: float = 0.95) -> list[dict]:
