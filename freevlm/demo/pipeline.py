@@ -68,7 +68,7 @@ BACKBONE_VERSION = 2
 # Seconds per unit of work on the 2-core CPU machine this demo targets (measured there with `freevlm demo`'s stage
 # timings, see the README); only for the estimate printed at start, never reported as a result.
 SECONDS_PER = {"backbone_record": 0.08, "exit_record": 0.057, "baseline_record": 0.026, "timed_image": 0.7,
-               "batched_eval": 3.0, "batched_image": 0.03}
+               "batched_eval": 3.0, "batched_image": 0.045}
 
 
 def default_threads() -> int:
