@@ -6,7 +6,7 @@ import pytest
 
 import dataset_files as files
 from freevlm import EarlyExitVLM, ExitConfig
-from freevlm.calibration import calibrate_exits, never_exits, per_caption_cider
+from freevlm.calibration import calibrate_exits, consistency_losses, never_exits, per_caption_cider
 from freevlm.cli import main
 from freevlm.loading import load_blip2
 from freevlm.tiny import tiny_blip2
@@ -100,6 +100,12 @@ def test_metric_loss_needs_labels(checkpoint, tmp_path, capsys):
             "--thresholds", "1.0", "--max-new-tokens", "1", "--out", str(tmp_path / "c.json")]  # fmt: skip
     assert main(args) == 2
     assert "--loss metric needs an answer for every calibration question" in capsys.readouterr().err
+
+
+def test_consistency_loss_is_one_where_the_output_differs_from_the_full_models():
+    assert consistency_losses(["a red square", "a circle"], ["a red square", "a blue circle"]) == [0.0, 1.0]
+    with pytest.raises(ValueError, match="2 outputs but 1 full-model outputs"):
+        consistency_losses(["a", "b"], ["a"])
 
 
 def test_per_caption_cider_scores_each_caption_alone():
