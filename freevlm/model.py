@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -15,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .backbones import Blip2Backbone, load_backbone
-from .decoding.config import MODES, SEARCH, DecodeConfig, search_name  # noqa: F401 - MODES: the CLI's --mode
+from .decoding.config import SEARCH, DecodeConfig, search_name
 from .decoding.generate import GenerateOutput
 from .decoding.policies import ConfidencePolicy, ExitPolicy
 from .exits import ExitConfig, ExitLayer, HeadExit, LinearExit
@@ -181,9 +182,10 @@ class EarlyExitVLM(nn.Module):
         max_draft: int = 6,
         length_penalty: float = 1.0,
         early_stopping: bool | str = False,
-        return_decoder: bool = False,
+        return_engine: bool = False,
         static: bool | None = None,
         config: DecodeConfig | None = None,
+        return_decoder: bool | None = None,
     ) -> GenerateOutput:
         """Greedy decoding where each token leaves at the first exit its policy accepts.
 
@@ -196,16 +198,19 @@ class EarlyExitVLM(nn.Module):
         `"slowest"` makes every row wait for the slowest, `"auto"` picks by batch size (`"per_row"` in speculative
         mode). `static` switches the engine's static-shape path (None: the engine decides from the device).
         Returns sequences like Hugging Face's `generate`, the layer each token left at, and stats (layers run,
-        analytic and ideal speedup, wall-clock). `return_decoder=True` keeps the engine (every layer's KV cache) on
-        the output, for inspection.
+        analytic and ideal speedup, wall-clock). `return_engine=True` keeps the engine (every layer's KV cache) on
+        the output, for inspection (`return_decoder`: its old, deprecated name).
 
         The options may instead come as one `config=DecodeConfig(...)` (freevlm.decoding.config); keywords that
         are given too must agree with it.
         """
+        if return_decoder is not None:  # stacklevel 3: the caller, past no_grad's wrapper
+            warnings.warn("return_decoder is deprecated: use return_engine", DeprecationWarning, stacklevel=3)
+            return_engine = return_decoder
         options = DecodeConfig(
             max_new_tokens=max_new_tokens, num_beams=num_beams, threshold=threshold, mode=mode, kv=kv, policy=policy,
             eos_token_id=eos_token_id, pad_token_id=pad_token_id, batch_policy=batch_policy, max_draft=max_draft,
-            length_penalty=length_penalty, early_stopping=early_stopping, return_decoder=return_decoder,
+            length_penalty=length_penalty, early_stopping=early_stopping, return_engine=return_engine,
             static=static,
         )  # fmt: skip
         config = options if config is None else _merge(config, options)

@@ -156,11 +156,11 @@ def test_linear_and_head_exits(tmp_path, model):
     assert sum(p.numel() for p in linear.parameters()) == vocab * hidden
     assert sum(p.numel() for p in head.parameters()) == 0
     pv, ids, mask = tiny_inputs(model, batch=2, seed=4, pad=True)
-    a = linear.generate(pv, ids, mask, max_new_tokens=6, threshold=0.0, return_decoder=True)
+    a = linear.generate(pv, ids, mask, max_new_tokens=6, threshold=0.0, return_engine=True)
     b = head.generate(pv, ids, mask, max_new_tokens=6, threshold=0.0)
     assert torch.equal(a.sequences, b.sequences)
     assert (a.exit_layers[a.exit_layers >= 0] == 2).all()
-    assert a.decoder.exit_kv == {}  # no attention in these exits: nothing to cache
+    assert a.engine.exit_kv == {}  # no attention in these exits: nothing to cache
     linear.save_exits(tmp_path)
     assert EarlyExitVLM.from_pretrained(model, tmp_path).exit_config.kind == "linear"
 

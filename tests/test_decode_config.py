@@ -24,7 +24,7 @@ from freevlm.tiny import tiny_blip2, tiny_inputs
         (dict(pad_token_id=-1), "pad_token_id must be"),
         (dict(length_penalty="1"), "length_penalty must be a number"),
         (dict(early_stopping=1), "early_stopping must be one of .*'never'"),
-        (dict(return_decoder="yes"), "return_decoder must be one of"),
+        (dict(return_engine="yes"), "return_engine must be one of"),
         (dict(static="auto"), "static must be one of"),
         (dict(mode="speculative", num_beams=2), "speculative.*num_beams"),
         (dict(mode="speculative", kv="propagate"), "speculative.*kv='recompute'"),
@@ -54,20 +54,29 @@ def test_batch_policy_reaches_speculative(family):
     ee = EarlyExitVLM.from_backbone(model, ExitConfig([1, 2]))
     pv, ids, mask = tiny_inputs(model, batch=3, seed=4, pad=True)
     full = ee.generate(pv, ids, mask, max_new_tokens=8, mode="full")
-    kwargs = dict(max_new_tokens=8, mode="speculative", threshold=0.0, max_draft=3, return_decoder=True)
+    kwargs = dict(max_new_tokens=8, mode="speculative", threshold=0.0, max_draft=3, return_engine=True)
     slowest = ee.generate(pv, ids, mask, batch_policy="slowest", **kwargs)
-    assert slowest.decoder.batch_policy == "slowest"
+    assert slowest.engine.batch_policy == "slowest"
     assert slowest.stats.speculative["drafted"] > 0
     assert torch.equal(slowest.sequences, full.sequences)  # speculative is lossless, whatever the batch policy
-    assert ee.generate(pv, ids, mask, **kwargs).decoder.batch_policy == "per_row"  # what "auto" means there
+    assert ee.generate(pv, ids, mask, **kwargs).engine.batch_policy == "per_row"  # what "auto" means there
 
 
-def test_return_decoder_reaches_beam_search(opt_model):
+def test_return_engine_reaches_beam_search(opt_model):
     ee = EarlyExitVLM.from_backbone(opt_model, ExitConfig([1, 2]))
     pv, ids, mask = tiny_inputs(opt_model, batch=2, seed=1)
-    out = ee.generate(pv, ids, mask, max_new_tokens=5, num_beams=3, threshold=0.0, return_decoder=True)
-    assert out.decoder is not None and out.decoder.batch_size == 2 * 3
-    assert ee.generate(pv, ids, mask, max_new_tokens=5, num_beams=3).decoder is None
+    out = ee.generate(pv, ids, mask, max_new_tokens=5, num_beams=3, threshold=0.0, return_engine=True)
+    assert out.engine is not None and out.engine.batch_size == 2 * 3
+    assert ee.generate(pv, ids, mask, max_new_tokens=5, num_beams=3).engine is None
+
+
+def test_return_decoder_is_the_deprecated_name_of_return_engine(opt_model):
+    ee = EarlyExitVLM.from_backbone(opt_model, ExitConfig([1]))
+    pv, ids, mask = tiny_inputs(opt_model)
+    with pytest.warns(DeprecationWarning, match="use return_engine"):
+        out = ee.generate(pv, ids, mask, max_new_tokens=2, return_decoder=True)
+    with pytest.warns(DeprecationWarning, match="use .engine"):
+        assert out.decoder is out.engine is not None
 
 
 @pytest.mark.parametrize(

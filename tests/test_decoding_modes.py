@@ -61,8 +61,8 @@ def test_verification_steps_evaluate_no_exit_head(family):
     ee = drafting_model(family, 0)
     pv, ids, mask = tiny_inputs(ee.model, batch=1, seed=0)
     out = ee.generate(pv, ids, mask, max_new_tokens=10, mode="speculative", threshold=0.0, max_draft=1,
-                      eos_token_id=[], return_decoder=True)  # fmt: skip
-    work = out.decoder.work
+                      eos_token_id=[], return_engine=True)  # fmt: skip
+    work = out.engine.work
     assert out.stats.speculative["verifications"] > 0
     assert work.head_calls == work.steps
 
@@ -71,11 +71,11 @@ def test_after_rejected_drafts_caches_hold_exactly_the_accepted_tokens(family):
     ee = drafting_model(family, 1)
     pv, ids, mask = tiny_inputs(ee.model, batch=2, seed=1, pad=True)
     out = ee.generate(
-        pv, ids, mask, max_new_tokens=10, mode="speculative", threshold=0.0, eos_token_id=[], return_decoder=True
+        pv, ids, mask, max_new_tokens=10, mode="speculative", threshold=0.0, eos_token_id=[], return_engine=True
     )
     stats = out.stats.speculative
     assert stats["accepted_drafts"] < stats["drafted"], "no draft was rejected: the test would prove nothing"
-    dec = out.decoder
+    dec = out.engine
     prompt_len = dec.ctx.prompt_ids.shape[1]
     for b in range(2):
         last_slot = prompt_len - 1 + out.exit_layers.shape[1]  # the last token's slot: not processed yet

@@ -67,7 +67,7 @@ def test_threshold_zero_leaves_at_first_exit_and_runs_nothing_above(model):
 def _reference_caches(ee, out, pv, ids, mask):
     """Per-layer K/V and hidden states of the full model run once over prompt + generated tokens."""
     backbone = ee.backbone
-    generated = out.sequences[:, out.decoder.ctx.prompt_ids.shape[1] :]
+    generated = out.sequences[:, out.engine.ctx.prompt_ids.shape[1] :]
     decoder_only = not backbone.lm.config.is_encoder_decoder
     if decoder_only:
         ids_all, embeds, mask_all = backbone.image_prompt_embeds(pv, ids, mask)
@@ -102,7 +102,7 @@ def test_recompute_caches_equal_full_model(family, batch, seed):
     ee = EarlyExitVLM.from_backbone(model, ExitConfig([1, 3, 4]))
     pv, ids, mask = tiny_inputs(model, batch=batch, seed=seed, pad=True)
     out = ee.generate(pv, ids, mask, max_new_tokens=12, policy=RandomPolicy(0.4, seed), eos_token_id=[],
-                      return_decoder=True, batch_policy="per_row")  # fmt: skip
+                      return_engine=True, batch_policy="per_row")  # fmt: skip
     hist = out.stats.exit_histogram
     assert len(hist) >= 3, f"schedule not mixed enough to test catch-up: {hist}"
     assert out.stats.work.catchup_slots > 0
@@ -111,12 +111,12 @@ def test_recompute_caches_equal_full_model(family, batch, seed):
 
 def _assert_caches_equal_full_model(ee, out, pv, ids, mask):
     """Every layer's and every exit layer's K/V, as far as filled, equal the full model's (padding slots aside)."""
-    decoder, batch = out.decoder, pv.shape[0]
+    engine, batch = out.engine, pv.shape[0]
     ref, hidden = _reference_caches(ee, out, pv, ids, mask)
-    key_ok = decoder.ctx.key_mask
+    key_ok = engine.ctx.key_mask
     checked = 0
     for j, (ref_k, ref_v) in enumerate(ref):
-        kv = decoder.kv[j]
+        kv = engine.kv[j]
         for b in range(batch):
             n = kv.filled[b]
             real = key_ok[b, :n]  # padding slots hold K/V nobody reads
@@ -126,22 +126,22 @@ def _assert_caches_equal_full_model(ee, out, pv, ids, mask):
     total = ref[0][0].shape[2]
     assert checked > batch * total * ee.backbone.num_layers // 2
     # the exit layers' own caches: E_i run over the full model's hidden_states[i]
-    for i, kv in decoder.exit_kv.items():
-        ref_kv = _exit_reference(ee, i, hidden[i], decoder)
+    for i, kv in engine.exit_kv.items():
+        ref_kv = _exit_reference(ee, i, hidden[i], engine)
         for b in range(batch):
             n = kv.filled[b]
             real = key_ok[b, :n]
             assert torch.allclose(kv.keys[b, :, :n][:, real], ref_kv[0][b, :, :n][:, real], atol=1e-5), (i, b)
 
 
-def _exit_reference(ee, i, hidden_i, decoder):
+def _exit_reference(ee, i, hidden_i, engine):
     from freevlm.backbones.base import causal_padding_mask
     from freevlm.cache_utils import KVView, LayerKV
 
     batch, length = hidden_i.shape[:2]
     kv = LayerKV(batch, length)
-    mask = causal_padding_mask(decoder.ctx.key_mask, 0, length)
-    ee.backbone.run_layer(ee.exits[str(i)].layer, hidden_i, decoder.ctx, KVView(kv, None, 0, None), mask, None)
+    mask = causal_padding_mask(engine.ctx.key_mask, 0, length)
+    ee.backbone.run_layer(ee.exits[str(i)].layer, hidden_i, engine.ctx, KVView(kv, None, 0, None), mask, None)
     return kv.keys, kv.values
 
 
@@ -202,8 +202,8 @@ def test_propagate_fills_every_cache_and_never_pends(model):
     ee = EarlyExitVLM.from_backbone(model, ExitConfig([1, 2, 3]))
     pv, ids, mask = tiny_inputs(model, batch=2, seed=5, pad=True)
     out = ee.generate(pv, ids, mask, max_new_tokens=8, policy=RandomPolicy(0.5, 1), kv="propagate", eos_token_id=[],
-                      return_decoder=True, batch_policy="per_row")  # fmt: skip
-    dec = out.decoder
+                      return_engine=True, batch_policy="per_row")  # fmt: skip
+    dec = out.engine
     assert len(out.stats.exit_histogram) >= 2
     assert dec.pending is None and dec.work.catchup_slots == 0 and dec.work.kv_projections > 0
     fills = {tuple(kv.filled) for kv in dec.kv}
@@ -239,8 +239,8 @@ def test_features_are_the_full_models_hidden_states(model):
 
 def _host_syncs_in_steps(ee, monkeypatch, *args, **kwargs) -> tuple[int, int]:
     """Count tensor-to-host reads (`tolist`, `item`, `bool`, `int`, `float`) made inside engine steps."""
-    from freevlm.decoding.engine import EarlyExitDecoder
-    from freevlm.decoding.static import StaticDecoder
+    from freevlm.decoding.engine import GeneralEngine
+    from freevlm.decoding.static import StaticEngine
 
     count, inside = [0], [False]
     for name in ("tolist", "item", "__bool__", "__int__", "__float__"):
@@ -258,7 +258,7 @@ def _host_syncs_in_steps(ee, monkeypatch, *args, **kwargs) -> tuple[int, int]:
         finally:
             inside[0] = False
 
-    for engine in (EarlyExitDecoder, StaticDecoder):
+    for engine in (GeneralEngine, StaticEngine):
         monkeypatch.setattr(engine, "step", lambda self, *a, _step=engine.step, **kw: counted_step(self, *a, _step=_step, **kw))
     out = ee.generate(*args, **kwargs)
     monkeypatch.undo()
@@ -289,7 +289,7 @@ def test_ride_along_rows_fill_deeper_caches_exactly(family):
     ee = EarlyExitVLM.from_backbone(model, ExitConfig([1, 3, 4]))
     pv, ids, mask = tiny_inputs(model, batch=3, seed=1, pad=True)
     out = ee.generate(pv, ids, mask, max_new_tokens=10, policy=TokenHashPolicy(), eos_token_id=[],
-                      batch_policy="ride_along", return_decoder=True)  # fmt: skip
+                      batch_policy="ride_along", return_engine=True)  # fmt: skip
     left_early = out.exit_layers < ee.backbone.num_layers
     assert left_early.any() and (~left_early).any()
     _assert_caches_equal_full_model(ee, out, pv, ids, mask)
@@ -310,8 +310,8 @@ def test_auto_gate_stops_consulting_exits_that_do_not_pay(family):
     pv, ids, mask = tiny_inputs(model, batch=2, seed=2, pad=True)
     steps = 20
     out = ee.generate(pv, ids, mask, max_new_tokens=steps, policy=_NeverAllLeave(), eos_token_id=[],
-                      return_decoder=True)  # fmt: skip
+                      return_engine=True)  # fmt: skip
     consulted = (out.exit_layers[0] < ee.backbone.num_layers).sum()
     assert consulted == 2  # the first step, then the probe at step 16
-    assert out.decoder.work.exit_calls <= 2 * consulted + 2  # each exit when consulted, one catch-up each
+    assert out.engine.work.exit_calls <= 2 * consulted + 2  # each exit when consulted, one catch-up each
     _assert_caches_equal_full_model(ee, out, pv, ids, mask)

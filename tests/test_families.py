@@ -16,7 +16,7 @@ from freevlm.backbones import load_backbone
 from freevlm.backbones.base import causal_padding_mask
 from freevlm.cache_utils import KVView, LayerKV
 from freevlm.decoding.policies import FixedSchedulePolicy
-from freevlm.decoding.static import StaticDecoder
+from freevlm.decoding.static import StaticEngine
 from freevlm.tiny import llava_config, tiny_inputs, tiny_instruction, tiny_model
 
 FAMILIES = ["llama", "mistral", "qwen2", "instructblip-opt", "instructblip-t5", "instructblip-llama"]
@@ -102,7 +102,7 @@ def test_recompute_caches_equal_full_model(new_family, batch_policy):
     case = Case(new_family, seed=3, batch=3, pad=True, num_layers=6, exits=(1, 3, 4))
     policy = RandomPolicy(0.4, 3) if batch_policy == "per_row" else TokenHashPolicy()
     with case.instructed():
-        out = case.ee.generate(*case.inputs, max_new_tokens=12, policy=policy, eos_token_id=[], return_decoder=True,
+        out = case.ee.generate(*case.inputs, max_new_tokens=12, policy=policy, eos_token_id=[], return_engine=True,
                                batch_policy=batch_policy)  # fmt: skip
         assert len(out.stats.exit_histogram) >= 2, out.stats.exit_histogram
         if batch_policy == "per_row":
@@ -135,9 +135,9 @@ def test_static_engine_equals_general(new_family, kv):
     case = Case(new_family, seed=1, batch=3, pad=True, num_layers=6, exits=(1, 3, 4), sharpen=True)
     policy = TokenHashPolicy() if kv == "recompute" else FixedSchedulePolicy([1, 6, 3, 3, 4, 6, 1, 1, 6, 4])
     kw = dict(max_new_tokens=10, kv=kv, batch_policy="ride_along", eos_token_id=[], policy=policy)
-    static = case.generate(static=True, return_decoder=True, **kw)
+    static = case.generate(static=True, return_engine=True, **kw)
     general = case.generate(static=False, **kw)
-    assert isinstance(static.decoder, StaticDecoder)
+    assert isinstance(static.engine, StaticEngine)
     assert torch.equal(static.sequences, general.sequences)
     assert torch.equal(static.exit_layers, general.exit_layers)
     assert len(static.stats.exit_histogram) >= 2

@@ -5,9 +5,9 @@ import torch
 from conftest import TokenHashPolicy
 
 from freevlm import EarlyExitVLM, ExitConfig
-from freevlm.decoding.engine import EarlyExitDecoder
+from freevlm.decoding.engine import GeneralEngine
 from freevlm.decoding.policies import FixedSchedulePolicy
-from freevlm.decoding.static import StaticDecoder, window_bucket
+from freevlm.decoding.static import StaticEngine, window_bucket
 from freevlm.tiny import tiny_blip2, tiny_inputs
 
 SCHEDULE = [1, 6, 3, 3, 4, 6, 1, 1, 6, 4]
@@ -27,10 +27,10 @@ def models():
 
 
 def _both(ee, pv, ids, mask, **kw):
-    static = ee.generate(pv, ids, mask, static=True, return_decoder="num_beams" not in kw, **kw)
+    static = ee.generate(pv, ids, mask, static=True, return_engine="num_beams" not in kw, **kw)
     general = ee.generate(pv, ids, mask, static=False, **kw)
-    if static.decoder is not None:
-        assert isinstance(static.decoder, StaticDecoder)
+    if static.engine is not None:
+        assert isinstance(static.engine, StaticEngine)
     return static, general
 
 
@@ -76,8 +76,8 @@ def test_speculative_static_equals_full_model(models, family):
     pv, ids, mask = tiny_inputs(ee.model, batch=1, seed=4)
     full = ee.generate(pv, ids, mask, max_new_tokens=12, mode="full", static=False)
     out = ee.generate(pv, ids, mask, max_new_tokens=12, mode="speculative", threshold=0.0, max_draft=3, static=True,
-                      return_decoder=True)  # fmt: skip
-    assert isinstance(out.decoder, StaticDecoder)
+                      return_engine=True)  # fmt: skip
+    assert isinstance(out.engine, StaticEngine)
     assert torch.equal(out.sequences, full.sequences)
     assert out.stats.speculative["drafted"] > 0
 
@@ -85,10 +85,10 @@ def test_speculative_static_equals_full_model(models, family):
 def test_default_engine_by_batch_policy(models):
     ee = models["opt"]
     pv, ids, mask = tiny_inputs(ee.model, batch=3, seed=0, pad=True)
-    kw = dict(max_new_tokens=2, return_decoder=True)
-    assert isinstance(ee.generate(pv[:1], ids[:1], mask[:1], **kw).decoder, StaticDecoder)
-    assert isinstance(ee.generate(pv, ids, mask, **kw).decoder, StaticDecoder)  # auto: rows ride along
-    assert isinstance(ee.generate(pv, ids, mask, batch_policy="per_row", **kw).decoder, EarlyExitDecoder)
+    kw = dict(max_new_tokens=2, return_engine=True)
+    assert isinstance(ee.generate(pv[:1], ids[:1], mask[:1], **kw).engine, StaticEngine)
+    assert isinstance(ee.generate(pv, ids, mask, **kw).engine, StaticEngine)  # auto: rows ride along
+    assert isinstance(ee.generate(pv, ids, mask, batch_policy="per_row", **kw).engine, GeneralEngine)
     with pytest.raises(ValueError, match="static=True needs rows that move together"):
         ee.generate(pv, ids, mask, batch_policy="per_row", static=True, **kw)
 

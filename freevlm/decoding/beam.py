@@ -49,7 +49,7 @@ def beam_generate(
     expand = lambda t: t.repeat_interleave(k, dim=0)  # noqa: E731 - as Hugging Face expands inputs per beam
     inputs = expand(pixel_values), expand(input_ids), expand(attention_mask)
     req = Request.start(backbone, exits, policy, config, *inputs)
-    ctx, decoder, device = req.ctx, req.decoder, backbone.device
+    ctx, engine, device = req.ctx, req.engine, backbone.device
     prompt_len = ctx.prompt_ids.shape[1]
     keep = max(2, 1 + len(eos_token_id)) * k  # candidates per item, so k unfinished ones always remain
     top_k_mask = torch.arange(keep, device=device) < k
@@ -69,9 +69,9 @@ def beam_generate(
     x = None  # the next step's input embeddings, set at the end of each iteration
     for t in range(max_new_tokens):
         if t == 0:
-            result = decoder.prefill(backbone.embed_prompt(ctx))
+            result = engine.prefill(backbone.embed_prompt(ctx))
         else:
-            result = decoder.step(rows, x, prompt_len - 1 + t, step=t)
+            result = engine.step(rows, x, prompt_len - 1 + t, step=t)
         req.prefilled()
         log_probs = torch.log_softmax(result.logits.float(), dim=-1).view(batch, k, -1)
         vocab = log_probs.shape[-1]
@@ -106,7 +106,7 @@ def beam_generate(
         finished_scores = _gather(merged_scores, best)
         is_finished = _gather(torch.cat([is_finished, just_finished], dim=1), best)
 
-        decoder.reorder(beam_rows.flatten())
+        engine.reorder(beam_rows.flatten())
         improvable = _still_improvable(
             improvable, running_scores, finished_scores, is_finished, t + 1, max_new_tokens, early_stopping,
             length_penalty,
@@ -121,7 +121,7 @@ def beam_generate(
     exit_layers = best_exits[:, :length]
     stats = req.finish(exit_layers)
     sequences = torch.cat([ctx.prompt_ids.view(batch, k, -1)[:, 0], best_seq[:, :length]], dim=1)
-    return GenerateOutput(sequences, exit_layers, stats, decoder if config.return_decoder else None)
+    return GenerateOutput(sequences, exit_layers, stats, engine if config.return_engine else None)
 
 
 def _still_improvable(improvable, running_scores, finished_scores, is_finished, generated, max_new_tokens,

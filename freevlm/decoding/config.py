@@ -36,7 +36,7 @@ class DecodeConfig:
     max_draft: int = 6
     length_penalty: float = 1.0
     early_stopping: bool | str = False
-    return_decoder: bool = False
+    return_engine: bool = False
     static: bool | None = None
 
     def validate(self) -> None:
@@ -57,7 +57,7 @@ class DecodeConfig:
         if not isinstance(self.length_penalty, (int, float)) or isinstance(self.length_penalty, bool):
             raise ValueError(f"length_penalty must be a number, got {self.length_penalty!r}")
         _check_choice("early_stopping", self.early_stopping, (True, False, "never"))
-        _check_choice("return_decoder", self.return_decoder, (True, False))
+        _check_choice("return_engine", self.return_engine, (True, False))
         _check_choice("static", self.static, (True, False, None))
         if self.mode == "speculative":
             self._validate_speculative()

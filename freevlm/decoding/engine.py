@@ -1,6 +1,6 @@
 """The early-exit forward pass: run a token up the LM only as far as it needs, keeping every cache correct.
 
-One call of `EarlyExitDecoder.step` takes the new tokens of some rows (the whole prompt at prefill, one token per
+One call of `GeneralEngine.step` takes the new tokens of some rows (the whole prompt at prefill, one token per
 row afterwards) up the layer stack. At each live exit the policy decides per row; rows that leave are compacted out
 and the layers above them do not run for them at this step.
 
@@ -139,7 +139,7 @@ def propagated_kv(
     return out
 
 
-class EarlyExitDecoder:
+class GeneralEngine:
     """Caches and pending states of one batch; `step` runs new tokens up the stack."""
 
     def __init__(

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -13,9 +14,9 @@ import torch
 from torch import nn
 
 from ..backbones.base import Blip2Backbone, Context
-from .engine import EarlyExitDecoder, WorkCounter
-from .static import StaticDecoder, static_decoder, uniform_batch_policy
+from .engine import GeneralEngine, WorkCounter
 from .policies import ExitPolicy
+from .static import StaticEngine, static_engine, uniform_batch_policy
 
 if TYPE_CHECKING:  # config.py imports the searches
     from .config import DecodeConfig
@@ -49,7 +50,13 @@ class GenerateOutput:
     sequences: torch.Tensor  # [B, prompt + T] like Hugging Face's generate (T5: decoder start + T)
     exit_layers: torch.Tensor  # [B, T] LM layer each generated token left at (N = final; -1 after EOS)
     stats: DecodeStats
-    decoder: EarlyExitDecoder | None = field(default=None, repr=False)  # caches, only with `return_decoder=True`
+    engine: GeneralEngine | None = field(default=None, repr=False)  # caches, only with `return_engine=True`
+
+    @property
+    def decoder(self) -> GeneralEngine | None:
+        """The old name of `engine`, kept for code written against it."""
+        warnings.warn("GenerateOutput.decoder is deprecated: use .engine", DeprecationWarning, stacklevel=2)
+        return self.engine
 
 
 def _sync(device: torch.device) -> None:
@@ -64,7 +71,7 @@ class Request:
 
     backbone: Blip2Backbone
     ctx: Context
-    decoder: EarlyExitDecoder
+    engine: GeneralEngine
     eos: torch.Tensor  # EOS token ids on the device
     t0: float
     t_prefill: float | None = None
@@ -78,9 +85,9 @@ class Request:
         _sync(backbone.device)
         t0 = time.perf_counter()
         ctx = backbone.start(pixel_values, input_ids, attention_mask, slots or config.max_new_tokens)
-        decoder = build_engine(backbone, exits, policy, config, ctx)
+        engine = build_engine(backbone, exits, policy, config, ctx)
         eos = torch.tensor(config.eos_token_id, dtype=torch.long, device=backbone.device)
-        return cls(backbone, ctx, decoder, eos, t0)
+        return cls(backbone, ctx, engine, eos, t0)
 
     def prefilled(self) -> None:
         """The first token is out: what ran so far (image, prompt, first token) is the prefill. Only the first
@@ -93,14 +100,14 @@ class Request:
         """Stop the clock; the stats of the generated tokens (`exit_layers`, -1 where none)."""
         _sync(self.backbone.device)
         t_end = time.perf_counter()
-        stats = summarize(self.backbone, self.decoder, exit_layers)
+        stats = summarize(self.backbone, self.engine, exit_layers)
         stats.seconds_total, stats.seconds_prefill = t_end - self.t0, self.t_prefill - self.t0
         stats.seconds_decode = t_end - self.t_prefill
         return stats
 
 
 def build_engine(backbone: Blip2Backbone, exits: dict[int, nn.Module], policy: ExitPolicy, config: DecodeConfig,
-                 ctx: Context) -> EarlyExitDecoder | StaticDecoder:  # fmt: skip
+                 ctx: Context) -> GeneralEngine | StaticEngine:  # fmt: skip
     """The static engine wherever rows move together (on CUDA with its segments captured as graphs), the general
     one where rows are compacted (large batches) or speculative rows sit at different slots."""
     batch = ctx.prompt_ids.shape[0]
@@ -111,8 +118,8 @@ def build_engine(backbone: Blip2Backbone, exits: dict[int, nn.Module], policy: E
     if uniform and config.static is not False:
         # T5's position bias depends on the window's start slot, which a captured graph would freeze: eager
         graphs = backbone.device.type == "cuda" and backbone.family == "opt"
-        return static_decoder(backbone, exits, policy, config.kv, ctx, config.batch_policy, graphs)
-    return EarlyExitDecoder(backbone, exits, policy, config.kv, ctx, ctx.capacity, config.batch_policy)
+        return static_engine(backbone, exits, policy, config.kv, ctx, config.batch_policy, graphs)
+    return GeneralEngine(backbone, exits, policy, config.kv, ctx, ctx.capacity, config.batch_policy)
 
 
 @torch.no_grad()
@@ -127,13 +134,13 @@ def greedy_generate(
 ) -> GenerateOutput:
     req = Request.start(backbone, exits, policy, config, pixel_values, input_ids, attention_mask)
     max_new_tokens, pad_token_id = config.max_new_tokens, config.pad_token_id
-    ctx, decoder, device = req.ctx, req.decoder, backbone.device
+    ctx, engine, device = req.ctx, req.engine, backbone.device
     batch, prompt_len = ctx.prompt_ids.shape
     generated = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     exit_layers = torch.full((batch, max_new_tokens), -1, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
 
-    result = decoder.prefill(backbone.embed_prompt(ctx))
+    result = engine.prefill(backbone.embed_prompt(ctx))
     generated[:, 0], exit_layers[:, 0] = result.tokens, result.exit_at
     done |= torch.isin(result.tokens, req.eos)
     req.prefilled()
@@ -143,7 +150,7 @@ def greedy_generate(
         rows = (~done).nonzero().squeeze(1)
         rows_arg = None if len(rows) == batch else rows
         x = backbone.embed(ctx, generated[rows, length - 1 : length], rows_arg, prompt_len + length - 1)
-        result = decoder.step(rows, x, prompt_len + length - 1, step=length)
+        result = engine.step(rows, x, prompt_len + length - 1, step=length)
         generated[rows, length], exit_layers[rows, length] = result.tokens, result.exit_at
         done[rows] |= torch.isin(result.tokens, req.eos)
         length += 1
@@ -151,7 +158,7 @@ def greedy_generate(
     exit_layers = exit_layers[:, :length]
     stats = req.finish(exit_layers)
     sequences = torch.cat([ctx.prompt_ids, generated[:, :length]], dim=1)
-    return GenerateOutput(sequences, exit_layers, stats, decoder if config.return_decoder else None)
+    return GenerateOutput(sequences, exit_layers, stats, engine if config.return_engine else None)
 
 
 def analytic_speedup(exit_layers: list[int], num_layers: int) -> float:
@@ -162,11 +169,11 @@ def analytic_speedup(exit_layers: list[int], num_layers: int) -> float:
     return num_layers * len(used) / sum(used)
 
 
-def summarize(backbone: Blip2Backbone, decoder: EarlyExitDecoder, exit_layers: torch.Tensor) -> DecodeStats:
-    n, steps = backbone.num_layers, decoder.work.steps
+def summarize(backbone: Blip2Backbone, engine: GeneralEngine, exit_layers: torch.Tensor) -> DecodeStats:
+    n, steps = backbone.num_layers, engine.work.steps
     real = [int(e) for e in exit_layers.flatten().tolist() if e >= 0]
-    full_step = decoder.costs.full_step
-    per_step = decoder.work.params_touched / max(steps, 1)
+    full_step = engine.costs.full_step
+    per_step = engine.work.params_touched / max(steps, 1)
     return DecodeStats(
         num_layers=n,
         tokens=len(real),
@@ -175,5 +182,5 @@ def summarize(backbone: Blip2Backbone, decoder: EarlyExitDecoder, exit_layers: t
         mean_layers_per_token=sum(real) / max(len(real), 1),
         analytic_speedup=analytic_speedup(real, n),
         ideal_speedup=full_step / per_step if per_step else 1.0,
-        work=decoder.work,
+        work=engine.work,
     )

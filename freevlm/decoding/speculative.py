@@ -69,7 +69,7 @@ def speculative_generate(
     policy = DraftPolicy(policy, pixel_values.shape[0])
     width = max_new_tokens + max_draft + 1
     req = Request.start(backbone, exits, policy, config, pixel_values, input_ids, attention_mask, slots=width)
-    ctx, decoder, device = req.ctx, req.decoder, backbone.device
+    ctx, engine, device = req.ctx, req.engine, backbone.device
     batch, prompt_len = ctx.prompt_ids.shape
     num_layers = backbone.num_layers
     generated = torch.full((batch, width), pad_token_id, dtype=torch.long, device=device)
@@ -82,7 +82,7 @@ def speculative_generate(
 
     prompt = backbone.embed_prompt(ctx)
     if prompt_len > 1:
-        decoder.encode(prompt[:, :-1])
+        engine.encode(prompt[:, :-1])
     while not all(finished):
         # the rows that sit at the lowest slot go next, together
         slot_of = {b: prompt_len - 1 + accepted[b] + drafts[b] for b in range(batch) if not finished[b]}
@@ -101,7 +101,7 @@ def speculative_generate(
             x = prompt[rows, -1:]
         else:
             x = backbone.embed(ctx, generated[rows, slot - prompt_len : slot - prompt_len + 1], rows, slot)
-        result = decoder.step(rows, x, slot, step=slot - prompt_len + 1, verify=True)
+        result = engine.step(rows, x, slot, step=slot - prompt_len + 1, verify=True)
         verified = {} if result.verified_rows is None else {r: j for j, r in enumerate(result.verified_rows.tolist())}
         for i, b in enumerate(group):
             n = accepted[b] + drafts[b]
@@ -126,10 +126,10 @@ def speculative_generate(
             exit_layers[b, new + 1 :] = -1
             accepted[b], drafts[b] = new + 1, 0
             if rejected:  # slots from the first wrong draft on hold K/V of the wrong tokens
-                decoder.crop_row(b, prompt_len - 1 + accepted[b])
+                engine.crop_row(b, prompt_len - 1 + accepted[b])
             finished[b] = _finish_row(generated, exit_layers, b, accepted, eos, max_new_tokens, pad_token_id)
             if finished[b]:  # tokens verified past EOS or past max_new_tokens were dropped: so are their slots
-                decoder.crop_row(b, prompt_len - 1 + accepted[b])
+                engine.crop_row(b, prompt_len - 1 + accepted[b])
         req.prefilled()
 
     length = max(accepted)
@@ -137,7 +137,7 @@ def speculative_generate(
     stats = req.finish(exit_layers)
     stats.speculative = dict(counts, acceptance_rate=counts["accepted_drafts"] / max(counts["drafted"], 1))
     sequences = torch.cat([ctx.prompt_ids, generated[:, :length]], dim=1)
-    return GenerateOutput(sequences, exit_layers, stats, decoder if config.return_decoder else None)
+    return GenerateOutput(sequences, exit_layers, stats, engine if config.return_engine else None)
 
 
 def _finish_row(generated, exit_layers, b, accepted, eos, max_new_tokens, pad_token_id) -> bool:

@@ -134,7 +134,7 @@ class SegmentRunner:
         return graph, static_inputs, static_out
 
 
-class StaticDecoder:
+class StaticEngine:
     """Caches and pending states of a batch whose rows move together; `step` runs a new token up the stack."""
 
     def __init__(
@@ -265,7 +265,7 @@ class StaticDecoder:
 
     @torch.no_grad()
     def step(self, rows: torch.Tensor, x: torch.Tensor, new_start: int, step: int, verify: bool = False) -> StepResult:
-        """New slots `[new_start, new_start + q)` of `rows` up the stack (see `EarlyExitDecoder.step`).
+        """New slots `[new_start, new_start + q)` of `rows` up the stack (see `GeneralEngine.step`).
 
         Every row runs (shapes stay the same); rows not asked for (finished ones) ride along from the start and
         never hold the batch back."""
@@ -412,16 +412,16 @@ class StaticDecoder:
                 kept.copy_(kept.index_select(0, index))
 
 
-_POOL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # HF model -> {shape key: StaticDecoder}
+_POOL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # HF model -> {shape key: StaticEngine}
 
 
-def static_decoder(backbone: Blip2Backbone, exits: dict[int, nn.Module], policy: ExitPolicy, kv_mode: str,
-                   ctx: Context, batch_policy: str, graphs: bool) -> StaticDecoder:  # fmt: skip
+def static_engine(backbone: Blip2Backbone, exits: dict[int, nn.Module], policy: ExitPolicy, kv_mode: str,
+                  ctx: Context, batch_policy: str, graphs: bool) -> StaticEngine:  # fmt: skip
     """The static engine for a request. With CUDA graphs, engines (buffers and captured graphs) are kept per model
     and shape and reused by later requests: capturing costs more than a request saves. The capacity is rounded
     up to a multiple of 64 slots so that prompts of similar length share one."""
     if not graphs:
-        return StaticDecoder(backbone, exits, policy, kv_mode, ctx, ctx.capacity, batch_policy)
+        return StaticEngine(backbone, exits, policy, kv_mode, ctx, ctx.capacity, batch_policy)
     capacity = -(-ctx.capacity // 64) * 64
     live = tuple(sorted(policy.live_exits(sorted(exits))))
     key = (ctx.prompt_ids.shape[0], capacity, live, tuple(id(exits[i]) for i in live), kv_mode, batch_policy,
@@ -431,5 +431,5 @@ def static_decoder(backbone: Blip2Backbone, exits: dict[int, nn.Module], policy:
         engine = engines[key]
         engine.restart(ctx, policy)
         return engine
-    engine = engines[key] = StaticDecoder(backbone, exits, policy, kv_mode, ctx, capacity, batch_policy, graphs=True)
+    engine = engines[key] = StaticEngine(backbone, exits, policy, kv_mode, ctx, capacity, batch_policy, graphs=True)
     return engine
