@@ -320,7 +320,7 @@ def test_methods_registry():
         get_method("calm")
 
 
-# --- sweeps per method, the comparison, the CLI --------------------------------------------------------------
+# --- sweeps per method, the CLI ------------------------------------------------------------------------------
 def _vqa_records(tmp_path, n=10):
     import dataset_files as files
     from freevlm.data.records import VQARecord
@@ -329,12 +329,11 @@ def _vqa_records(tmp_path, n=10):
                       ["red"] * (i % 4) + ["blue"] * (10 - i % 4), "other") for i in range(n)]  # fmt: skip
 
 
-def test_compare_methods_writes_one_curve_per_method_and_a_table(tmp_path):
-    from PIL import Image
+def test_each_method_sweeps_the_same_split_with_its_own_rule(tmp_path):
     from tiny_processor import tiny_bundle
 
     from freevlm.eval.evaluate import evaluate_vqa
-    from freevlm.eval.sweep import compare_methods, method_parameters, write_comparison
+    from freevlm.eval.sweep import method_parameters, split_dev, sweep
 
     model = tiny_blip2("opt", seed=1, num_layers=6)
     runs = {name: EarlyExitVLM(model, ExitConfig([2, 4], init="fresh", kind=get_method(name).exit_kind))
@@ -343,9 +342,10 @@ def test_compare_methods_writes_one_curve_per_method_and_a_table(tmp_path):
     with pytest.raises(ValueError, match="kind 'linear'.*these exits are 'layer'"):
         evaluate_vqa(runs["free"], bundle, records[:1], 0.5, method="deeblip", max_new_tokens=1)
     thresholds = {"free": (0.0, 1.0), "deeblip": (0.0, 1.0), "pabee": (1, 2, 3), "mue": (0.0, 1.0)}
-    results = compare_methods(runs, bundle, "vqa", records, thresholds=thresholds, prompt="question : {question} answer :",
-                              max_new_tokens=2, batch_size=4)  # fmt: skip
-    assert list(results) == list(runs)
+    dev, test = split_dev(records, 0.2)
+    results = {name: sweep(ee, bundle, "vqa", test, dev, thresholds[name], per_layer=False, method=name,
+                           prompt="question : {question} answer :", max_new_tokens=2, batch_size=4)
+               for name, ee in runs.items()}  # fmt: skip
     for name, result in results.items():
         assert result.method == name and [r.threshold for r in result.test] == list(thresholds[name])
         assert len(result.dev[0].predictions) == 2 and len(result.test[0].predictions) == 8  # the same split for all
@@ -360,17 +360,6 @@ def test_compare_methods_writes_one_curve_per_method_and_a_table(tmp_path):
     params = method_parameters(runs)
     assert params["mue"] == 0 and params["deeblip"] == params["pabee"] == 2 * 99 * 64
     assert params["free"] == 2 * exit_parameters_from_config(model.config.text_config, "layer")
-    paths = write_comparison(results, tmp_path / "cmp", params)
-    data = json.loads(paths["json"].read_text())
-    assert [row["method"] for row in data["table"]] == list(runs)
-    for row in data["table"]:
-        result = results[row["method"]]
-        assert row["threshold"] == result.best_threshold and row["score"] == result.best_test.score
-        assert row["trainable_parameters"] == params[row["method"]] and row["wallclock_speedup"] > 0
-    table = paths["table"].read_text().splitlines()
-    assert len(table) == 2 + len(runs) and "| pabee | patience" in table[4]
-    with Image.open(paths["plot"]) as im:
-        assert im.size[0] > 300
 
 
 def test_sweep_cli_method_mue_and_pabee(tmp_path):

@@ -1,5 +1,4 @@
-"""The figures of a sweep: quality against speedup (one point per threshold), quality per exit layer, and one
-quality-speedup curve per early-exit method on shared axes."""
+"""The figures of a sweep: quality against speedup (one point per threshold) and quality per exit layer."""
 
 from __future__ import annotations
 
@@ -47,33 +46,6 @@ def plot_per_layer(points: list[dict], metric: str, num_layers: int, path: str |
     ax.set_ylabel(metric)
     ax.set_title(title or f"{metric} per exit layer (mid-crisis curve)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_methods(curves: dict[str, list[dict]], metric: str, path: str | os.PathLike,
-                 best: dict[str, float] | None = None, title: str = "") -> None:  # fmt: skip
-    """`curves`: method -> points as in `plot_quality_vs_speedup`. Solid: analytic speedup; dotted, same colour:
-    measured wall-clock; a ring marks each method's best dev threshold."""
-    fig, ax = plt.subplots(figsize=(7, 4.8))
-    for name, points in curves.items():
-        pts = sorted(points, key=lambda p: (p["analytic_speedup"], p["threshold"]))
-        (line,) = ax.plot([p["analytic_speedup"] for p in pts], [p["score"] for p in pts], "o-", label=name)
-        timed = sorted((p for p in pts if p.get("wallclock_speedup") is not None), key=lambda p: p["wallclock_speedup"])
-        if timed:
-            ax.plot([p["wallclock_speedup"] for p in timed], [p["score"] for p in timed], "s:", color=line.get_color(),
-                    alpha=0.6, label=f"{name} (measured)")  # fmt: skip
-        chosen = [p for p in pts if best and p["threshold"] == best.get(name)]
-        if chosen:
-            ax.plot([chosen[0]["analytic_speedup"]], [chosen[0]["score"]], "o", ms=13, mfc="none",
-                    color=line.get_color())  # fmt: skip
-    ax.axvline(1.0, color="grey", lw=0.8, ls=":")
-    ax.set_xlabel("speedup over the full model (x)")
-    ax.set_ylabel(metric)
-    ax.set_title(title or f"{metric} vs speedup per method (ring: best dev threshold)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

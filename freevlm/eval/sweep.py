@@ -1,6 +1,5 @@
 """Threshold sweeps: pick the threshold on a held-out dev split (as the paper does), report it on the test
-records, and trace the per-layer curve; results go to JSON and PNG plots. `compare_methods` runs one sweep per
-early-exit method (FREE and the baselines) on the same records and writes one plot and one table for all."""
+records, and trace the per-layer curve; results go to JSON and PNG plots."""
 
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ from ..data.records import split_records
 from ..methods import get_method, trainable_parameters
 from ..model import EarlyExitVLM
 from .evaluate import EvalResult, evaluate
-from .plots import plot_methods, plot_per_layer, plot_quality_vs_speedup
+from .plots import plot_per_layer, plot_quality_vs_speedup
 
 
 @dataclass
@@ -128,69 +127,6 @@ def write_sweep(result: SweepResult, out_dir: str | os.PathLike) -> dict[str, Pa
     return paths
 
 
-def compare_methods(
-    runs: dict[str, EarlyExitVLM],
-    processor,
-    task: str,
-    records: Sequence,
-    dev_records: Sequence | None = None,
-    thresholds: dict[str, Sequence[float]] | None = None,
-    dev_fraction: float = 0.2,
-    progress=None,
-    **eval_kwargs,
-) -> dict[str, SweepResult]:
-    """One sweep per method (`runs`: method name -> its exits on the shared backbone), all on the same dev and
-    test records; `thresholds` overrides a method's default grid."""
-    if dev_records is None:
-        dev_records, records = split_dev(records, dev_fraction)
-    thresholds = thresholds or {}
-    return {
-        name: sweep(ee, processor, task, records, dev_records, thresholds.get(name), per_layer=False,
-                    progress=progress, method=name, **eval_kwargs)  # fmt: skip
-        for name, ee in runs.items()
-    }
-
-
-def comparison_table(results: dict[str, SweepResult], params: dict[str, int]) -> list[dict]:
-    """One row per method at its best dev threshold: test quality, analytic and measured speedup, parameters."""
-    rows = []
-    for name, result in results.items():
-        best = result.best_test
-        rows.append({"method": name, "rule": get_method(name).rule, "threshold": result.best_threshold,
-                     "metric": result.metric, "score": best.score, "analytic_speedup": best.speed.analytic_speedup,
-                     "wallclock_speedup": best.speed.wallclock_speedup, "trainable_parameters": params.get(name)})  # fmt: skip
-    return rows
-
-
-def write_comparison(results: dict[str, SweepResult], out_dir: str | os.PathLike,
-                     params: dict[str, int] | None = None) -> dict[str, Path]:  # fmt: skip
-    """comparison.json (table + every sweep), comparison.md (the table) and comparison.png (one curve per
-    method: quality against analytic speedup, measured wall-clock speedup dotted). `params`: trainable
-    parameters per method (`method_parameters`, or the training runs' `method.json`)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    table = comparison_table(results, params or {})
-    paths = {"json": out / "comparison.json", "table": out / "comparison.md", "plot": out / "comparison.png"}
-    paths["json"].write_text(json.dumps({"table": table, "sweeps": {k: r.as_dict() for k, r in results.items()}},
-                                        indent=2))  # fmt: skip
-    metric = next(iter(results.values())).metric
-    headers = ["method", "rule", "best dev threshold", f"test {metric}", "analytic speedup", "measured speedup",
-               "trainable parameters"]  # fmt: skip
-
-    def cell(value, spec: str, unit: str = "") -> str:
-        return "-" if value is None else f"{value:{spec}}{unit}"
-
-    rows = [[row["method"], row["rule"], cell(row["threshold"], "g"), cell(row["score"], ".4g"),
-             cell(row["analytic_speedup"], ".2f", "x"), cell(row["wallclock_speedup"], ".2f", "x"),
-             cell(row["trainable_parameters"], ",")] for row in table]  # fmt: skip
-    paths["table"].write_text(markdown_table(headers, rows) + "\n")
-    curves = {name: [{"threshold": r.threshold, "score": r.score, "analytic_speedup": r.speed.analytic_speedup,
-                      "wallclock_speedup": r.speed.wallclock_speedup} for r in result.test if r.score is not None]
-              for name, result in results.items()}  # fmt: skip
-    plot_methods(curves, metric, paths["plot"], {name: r.best_threshold for name, r in results.items()})
-    return paths
-
-
 def method_parameters(runs: dict[str, EarlyExitVLM]) -> dict[str, int]:
     """Trainable parameters of each method's exits (LeeBLIP's learned loss weights, a few scalars that only
     training uses, are in its `method.json`)."""
@@ -198,6 +134,6 @@ def method_parameters(runs: dict[str, EarlyExitVLM]) -> dict[str, int]:
 
 
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    """A GitHub Markdown table (the comparison here, every table of the demo's report)."""
+    """A GitHub Markdown table (every table of the demo's report)."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
