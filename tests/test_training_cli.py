@@ -166,3 +166,18 @@ def test_options_left_out_keep_the_config_dataclass_defaults():
                               "--grad-clip", "0"])  # fmt: skip
     config = train_cli._config(ExitTrainConfig, args, exit_layers=(2,))
     assert (config.lr, config.adversarial, config.grad_clip, config.epochs) == (0.5, False, None, 3)
+
+
+def test_help_shows_each_option_s_config_default(capsys):
+    """Defaults live in the config dataclasses; `--help` reads them from there (finetune's weight decay is its own)."""
+    from freevlm.training import ExitTrainConfig, FinetuneConfig
+
+    for command, config in (("finetune", FinetuneConfig()), ("train-exits", ExitTrainConfig())):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        help_text = " ".join(capsys.readouterr().out.split())
+        assert f"--weight-decay WEIGHT_DECAY (default: {config.weight_decay:g})" in help_text, command
+        assert f"--lr LR (default: {config.lr:g})" in help_text, command
+    assert f"discriminator hidden size (default: {ExitTrainConfig.disc_hidden})" in help_text
+    assert "run folder: checkpoints, tensorboard, result --epochs" in help_text  # required: no default shown
+    assert "discriminator learning rate (default: --lr) --disc-r1" in help_text  # None: the help says what it means

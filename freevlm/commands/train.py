@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from ..argtypes import (
@@ -20,15 +21,28 @@ from ..argtypes import (
 )  # fmt: skip
 from ..cli import UserError
 from ..exits import EXIT_INITS
-from ..training.baselines import BASELINES
+from ..training.baselines import BASELINES, Baseline, BaselineTrainConfig
+from ..training.capfilt import CapFiltConfig
 from ..training.common import PRECISIONS, SCHEDULES
-from ..training.exits import ANCHORS, KD_DIRECTIONS
+from ..training.exits import ANCHORS, KD_DIRECTIONS, ExitTrainConfig, FreeGAN
+from ..training.finetune import Finetune, FinetuneConfig
 
 
 def _parser(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
     """A subcommand whose options have no defaults of their own: an option left out keeps its config dataclass's
     default (`_config`), so the dataclasses are the one place defaults live."""
     return sub.add_parser(name, help=help, argument_default=argparse.SUPPRESS)
+
+
+def _set_command(p: argparse.ArgumentParser, command: Callable[[argparse.Namespace], int], config_cls: type) -> None:
+    """`p` runs `command`; each option's help ends with its default, read from `config_cls` (not restated)."""
+    p.set_defaults(func=command)
+    defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
+    for action in p._actions:
+        value = defaults.get(action.dest)
+        if action.nargs != 0 and not action.required and value not in (None, dataclasses.MISSING):
+            shown = f"{value:g}" if isinstance(value, float) else value
+            action.help = f"{action.help or ''} (default: {shown})".lstrip()
 
 
 def _loop_args(p: argparse.ArgumentParser) -> None:
@@ -71,7 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--freeze-qformer", dest="train_qformer", action="store_false")
     p.add_argument("--freeze-projection", dest="train_projection", action="store_false")
     p.add_argument("--train-lm", action="store_true", help="also train the language model (not LAVIS's default)")
-    p.set_defaults(func=finetune_command)
+    _set_command(p, finetune_command, FinetuneConfig)
 
     p = _parser(sub, "train-exits", "stage 2: train FREE exits (GAN + ce | kd | capfilt anchor)")
     _loop_args(p)
@@ -88,7 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--disc-lr", type=positive_float, help="discriminator learning rate (default: --lr)")
     p.add_argument("--disc-r1", type=nonnegative_float, help="R1 penalty on the discriminator (not in the paper)")
     p.add_argument("--d-warn-window", type=positive_int)
-    p.set_defaults(func=train_exits_command)
+    _set_command(p, train_exits_command, ExitTrainConfig)
 
     p = _parser(sub, "train-baseline", "train a baseline's linear exits (DeeBLIP, PABEE-BLIP, LeeBLIP)")
     _loop_args(p)
@@ -97,7 +111,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=positive_float, help="leeblip: distillation temperature")
     p.add_argument("--weight-lr", type=positive_float, help="leeblip: learning rate of the distillation weights")
     p.add_argument("--meta-fraction", type=open_fraction, help="leeblip: training records held out as meta batches")
-    p.set_defaults(func=train_baseline_command)
+    _set_command(p, train_baseline_command, BaselineTrainConfig)
 
     p = _parser(sub, "capfilt", "pseudo-captions: sample N captions per image, keep the scorer's top k")
     p.add_argument("--backbone", required=True, help="folder of the (fine-tuned) BLIP-2")
@@ -115,7 +129,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", type=device, default="cpu")
-    p.set_defaults(func=capfilt_command)
+    _set_command(p, capfilt_command, CapFiltConfig)
 
 
 def _config(cls, args: argparse.Namespace, **extra):
@@ -164,6 +178,8 @@ def _datasets(args: argparse.Namespace, bundle, records):
 
 # what a finished run leaves in --output (a new run refuses a folder that already holds one)
 PRODUCTS = {"finetune": ("model",), "train-exits": ("exits",), "train-baseline": ("exits", "method.json")}
+# what its checkpoints hold: the parts of the objective it trains
+CHECKPOINT_PARTS = {"finetune": Finetune.PARTS, "train-exits": FreeGAN.PARTS, "train-baseline": Baseline.PARTS}
 
 
 def _prepare(args: argparse.Namespace, config_cls, kind: str, **extra):
@@ -176,7 +192,7 @@ def _prepare(args: argparse.Namespace, config_cls, kind: str, **extra):
 
     config = _config(config_cls, args, **extra)
     config.validate()
-    check_resumable(args.output_dir, config.resume, kind)
+    check_resumable(args.output_dir, config.resume, kind, CHECKPOINT_PARTS)
     out = Path(args.output_dir)
     if not config.resume:
         found = [name for name in PRODUCTS[kind] if (out / name).exists()]
@@ -202,7 +218,7 @@ def _run(train) -> int:
 
 def finetune_command(args: argparse.Namespace) -> int:
     from ..loading import load_blip2
-    from ..training import FinetuneConfig, finetune
+    from ..training import finetune
 
     config, records = _prepare(args, FinetuneConfig, "finetune")
     bundle = load_blip2(args.backbone)
@@ -212,7 +228,7 @@ def finetune_command(args: argparse.Namespace) -> int:
 
 def train_exits_command(args: argparse.Namespace) -> int:
     from ..loading import load_blip2
-    from ..training import ExitTrainConfig, train_exits
+    from ..training import train_exits
 
     config, records = _prepare(args, ExitTrainConfig, "train-exits", exit_layers=tuple(args.exit_layers))
     bundle = load_blip2(args.backbone)
@@ -222,7 +238,7 @@ def train_exits_command(args: argparse.Namespace) -> int:
 
 def train_baseline_command(args: argparse.Namespace) -> int:
     from ..loading import load_blip2
-    from ..training.baselines import BaselineTrainConfig, train_baseline
+    from ..training.baselines import train_baseline
 
     config, records = _prepare(args, BaselineTrainConfig, "train-baseline", exit_layers=tuple(args.exit_layers))
     bundle = load_blip2(args.backbone)
@@ -232,7 +248,7 @@ def train_baseline_command(args: argparse.Namespace) -> int:
 
 def capfilt_command(args: argparse.Namespace) -> int:
     from ..loading import check_blip2_folder, load_blip2
-    from ..training.capfilt import CapFiltConfig, capfilt, load_scorer
+    from ..training.capfilt import capfilt, load_scorer
 
     if bool(args.images) == bool(args.captions):
         raise UserError("give exactly one of --images or --captions")

@@ -117,6 +117,8 @@ def split_meta(dataset: CaptionDataset, fraction: float, seed: int) -> tuple[Sub
 class Baseline(ExitObjective):
     """DeeBLIP, PABEE-BLIP or LeeBLIP (`config.method`) on linear exits; LeeBLIP also learns its weights."""
 
+    PARTS = (*ExitObjective.PARTS, "weights", "opt", "w_opt", "sched")
+
     def __init__(self, model: nn.Module, config: BaselineTrainConfig, runtime: Runtime, train_set: Dataset):
         self.leeblip = config.method == "leeblip"
         data, self.meta = (split_meta(train_set, config.meta_fraction, config.seed) if self.leeblip
@@ -131,7 +133,6 @@ class Baseline(ExitObjective):
         self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.w_opt = torch.optim.Adam(self.weights.parameters(), lr=config.weight_lr)
         self.sched = make_scheduler(self.opt, config, self.total)
-        self.parts.update(weights=self.weights, opt=self.opt, w_opt=self.w_opt, sched=self.sched)
 
     def load_state_dict(self, state: dict, path: Path) -> None:
         if state["config"]["method"] != self.config.method:

@@ -84,14 +84,6 @@ class CheckpointError(ValueError):
     """A training checkpoint that cannot be resumed: a damaged file, or one written by another kind of run."""
 
 
-# keys of state.pt each trainer writes: what tells a finetune checkpoint from an exits or a baseline one
-STATE_KEYS = {
-    "finetune": ("step", "config", "trainable", "optimizer"),
-    "train-exits": ("step", "config", "exit_layers", "exits", "discriminators", "g_opt", "d_opt"),
-    "train-baseline": ("step", "config", "exit_layers", "exits", "weights"),
-}
-
-
 def read_state(file: str | os.PathLike, map_location="cpu", weights_only: bool = True, mmap: bool = False) -> dict:
     """`torch.load` of a checkpoint file, with every way the file can be broken (empty, truncated, not a torch
     file) turned into one `CheckpointError` that names it."""
@@ -112,16 +104,17 @@ def read_state(file: str | os.PathLike, map_location="cpu", weights_only: bool =
     return state
 
 
-def check_state(state: dict, kind: str, path: str | os.PathLike) -> None:
-    """Refuse a checkpoint that another kind of run wrote (e.g. `train-exits --resume` in a finetune run folder)."""
-    missing = [k for k in STATE_KEYS[kind] if k not in state]
+def check_state(state: dict, kind: str, path: str | os.PathLike, parts: dict[str, tuple[str, ...]]) -> None:
+    """Refuse a checkpoint that another kind of run wrote (e.g. `train-exits --resume` in a finetune run folder);
+    `parts`: the keys of state.pt each kind writes (its objective's `PARTS`)."""
+    missing = [k for k in parts[kind] if k not in state]
     if missing:
-        made_by = [name for name, keys in STATE_KEYS.items() if all(k in state for k in keys)]
+        made_by = [name for name, keys in parts.items() if all(k in state for k in keys)]
         by = f"it was written by `freevlm {made_by[0]}`" if made_by else f"it lacks {', '.join(missing)}"
         raise CheckpointError(f"checkpoint {path} cannot be resumed by `freevlm {kind}`: {by}")
 
 
-def check_resumable(output_dir: str | os.PathLike, resume: bool, kind: str) -> None:
+def check_resumable(output_dir: str | os.PathLike, resume: bool, kind: str, parts: dict[str, tuple[str, ...]]) -> None:
     """Before any weights load: a new run needs a run folder without checkpoints; a resumed one needs a complete,
     readable checkpoint of its own kind there. (The file is memory-mapped, not read, so this is cheap.)"""
     directory = Path(output_dir) / "checkpoints"
@@ -133,7 +126,7 @@ def check_resumable(output_dir: str | os.PathLike, resume: bool, kind: str) -> N
         return
     if path is None:
         raise CheckpointError(f"--resume: no checkpoint under {directory}")
-    check_state(read_state(path / "state.pt", mmap=True), kind, path)
+    check_state(read_state(path / "state.pt", mmap=True), kind, path, parts)
 
 
 def load_checkpoint(path: str | os.PathLike, runtime: Runtime) -> dict:

@@ -171,17 +171,17 @@ class DiscriminatorMonitor:
 class FreeGAN(ExitObjective):
     """FREE's objective: D_i against E_i, the exits anchored by `config.anchor`."""
 
+    PARTS = (*ExitObjective.PARTS, "discriminators", "g_opt", "d_opt", "g_sched", "d_sched")
+
     def __init__(self, model: nn.Module, config: ExitTrainConfig, runtime: Runtime, data: Dataset):
         super().__init__(model, ExitConfig(list(config.exit_layers), config.init), config, runtime, data)
-        self.discs = make_discriminators(self.ee, config.disc_hidden)
-        runtime.broadcast_([*self.ee.exits.parameters(), *self.discs.parameters()])
-        self.g_params, self.d_params = list(self.ee.exits.parameters()), list(self.discs.parameters())
+        self.discriminators = make_discriminators(self.ee, config.disc_hidden)
+        runtime.broadcast_([*self.ee.exits.parameters(), *self.discriminators.parameters()])
+        self.g_params, self.d_params = list(self.ee.exits.parameters()), list(self.discriminators.parameters())
         self.g_opt = torch.optim.AdamW(self.g_params, lr=config.lr, weight_decay=config.weight_decay)
         self.d_opt = torch.optim.AdamW(self.d_params, lr=config.disc_lr or config.lr, weight_decay=config.weight_decay)
         self.g_sched = make_scheduler(self.g_opt, config, self.total)
         self.d_sched = make_scheduler(self.d_opt, config, self.total)
-        self.parts.update(discriminators=self.discs, g_opt=self.g_opt, d_opt=self.d_opt, g_sched=self.g_sched,
-                          d_sched=self.d_sched)  # fmt: skip
         self.monitor = DiscriminatorMonitor(list(self.ee.exits), config.d_warn_window)
 
     def step(self, batch: dict, step: int) -> tuple[dict[str, float] | None, dict[str, torch.Tensor]]:
@@ -194,7 +194,8 @@ class FreeGAN(ExitObjective):
         d_loss, d_acc = zero, {}
         if config.adversarial:
             with autocast(config, device):
-                d_loss, d_acc = discriminator_loss(self.discs, out.final_features, out.features, config.disc_r1)
+                d_loss, d_acc = discriminator_loss(self.discriminators, out.final_features, out.features,
+                                                   config.disc_r1)  # fmt: skip
         ok = self.guard.ok({"discriminator loss": d_loss}, step, self.runtime)
         if ok and config.adversarial:
             self.optimizer_step(d_loss, self.d_opt, self.d_params)
@@ -204,7 +205,7 @@ class FreeGAN(ExitObjective):
         if ok:
             with autocast(config, device):
                 if config.adversarial:
-                    adv = adversarial_loss(self.discs, out.features)
+                    adv = adversarial_loss(self.discriminators, out.features)
                 for logits in out.logits.values():
                     if config.anchor == "kd":
                         anchor = anchor + kd_loss(logits, out.final_logits, config.temperature, config.kd_direction)
@@ -231,7 +232,7 @@ class FreeGAN(ExitObjective):
         return {"train/g_loss": g_loss, "train/lr": self.g_sched.get_last_lr()[0]}
 
     def evaluate(self, dataset: Dataset) -> dict[str, float]:
-        discs = self.discs if self.config.adversarial else None
+        discs = self.discriminators if self.config.adversarial else None
         return evaluate_exits(self.ee, dataset, self.config.batch_size, self.runtime, discs)
 
 

@@ -82,6 +82,8 @@ def caption_loss_and_accuracy(
 class Finetune(Objective):
     """Cross-entropy of the final layer on the parts of the backbone `config` trains."""
 
+    PARTS = (*Objective.PARTS, "optimizer", "scheduler")
+
     def __init__(self, model: nn.Module, config: FinetuneConfig, runtime: Runtime, data: Dataset, save_with: tuple):
         super().__init__(config, runtime, data)
         self.model, self.save_with = model.to(runtime.device), save_with
@@ -96,7 +98,6 @@ class Finetune(Objective):
             lr=config.lr,
         )
         self.scheduler = make_scheduler(self.optimizer, config, self.total)
-        self.parts.update(optimizer=self.optimizer, scheduler=self.scheduler)
 
     def state_dict(self) -> dict:
         trainable = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}

@@ -30,9 +30,11 @@ RESUMABLE_CHANGES = ("resume", "max_steps", "epochs", "progress")
 
 class Objective:
     """A training method. Built after the loop seeds the RNG with `config.seed` (initial weights depend on it);
-    `data` is what the loop iterates. `parts` maps checkpoint keys to what has a state (modules, optimizers,
-    schedulers, the loss scaler): the base class saves and restores them."""
+    `data` is what the loop iterates. `PARTS` names the attributes that have a state (modules, optimizers,
+    schedulers, the loss scaler): the base class saves and restores each under its name, and a checkpoint that
+    lacks one was written by another kind of run (`checkpoint.check_state`)."""
 
+    PARTS: tuple[str, ...] = ("scaler",)
     ee: EarlyExitVLM  # the model it trains through (its backbone's config lays out the batches)
 
     def __init__(self, config: LoopConfig, runtime: Runtime, data: Dataset):
@@ -40,15 +42,14 @@ class Objective:
         self.total = total_steps(config, len(data), runtime.world)
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.precision == "fp16")
         self.guard = DivergenceGuard(config.max_nonfinite_steps)
-        self.parts: dict[str, object] = {"scaler": self.scaler}
 
     def state_dict(self) -> dict:
-        return {key: part.state_dict() for key, part in self.parts.items()}
+        return {key: getattr(self, key).state_dict() for key in self.PARTS}
 
     def load_state_dict(self, state: dict, path: Path) -> None:
         """Restore a checkpoint's state; subclasses first refuse one made for other modules."""
-        for key, part in self.parts.items():
-            part.load_state_dict(state[key])
+        for key in self.PARTS:
+            getattr(self, key).load_state_dict(state[key])
 
     def begin(self, step: int) -> None:
         """Put the trained modules in train mode before step `step` (the first, or the one resumed at)."""
@@ -86,11 +87,13 @@ class ExitObjective(Objective):
     """Exits trained on a frozen backbone (FREE and the baselines): checkpoints carry the exits and what they were
     made for, and every checkpoint folder and the run folder hold `exits/`, loadable with `from_pretrained`."""
 
+    PARTS = (*Objective.PARTS, "exits")
+
     def __init__(self, model: nn.Module, exit_config, config: LoopConfig, runtime: Runtime, data: Dataset):
         super().__init__(config, runtime, data)
         model.to(runtime.device).eval().requires_grad_(False)  # the backbone is frozen in stage 2
         self.ee = EarlyExitVLM(model, exit_config)
-        self.parts["exits"] = self.ee.exits
+        self.exits = self.ee.exits
 
     def state_dict(self) -> dict:
         return {"exit_layers": self.ee.exit_layers, "backbone": self.ee.backbone.fingerprint(), **super().state_dict()}
