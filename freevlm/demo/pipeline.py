@@ -439,7 +439,7 @@ class Demo:
         # the consistency loss reads no references: without them no run scores CIDEr (two JVM starts per run)
         records = [replace(r, references=[]) for r in self.captions["calibration"]]
         full = self._captions("calibration full model", ee, records, layer=self.num_layers, **self.fast)
-        self.calibration_set = (records, [p["prediction"] for p in full.predictions])
+        self.calibration_set = (records, [p["prediction"] for p in full.predictions])  # `_place` certifies on it too
         never, _ = never_exits("free")
         grid = [t for t in cfg.thresholds if t != never]  # the fallback: never exiting early has risk 0
         processor = self.processor("calibration FREE", len(grid) * len(records))
@@ -454,8 +454,7 @@ class Demo:
             row["analytic_speedup"] = runs[row["threshold"]].speed.analytic_speedup
         rules = [("certified (Learn-then-Test)", calibration.threshold), ("best mean dev CIDEr", chosen)]
         out = {"loss": "consistency", "loss_definition": LOSS_DEFINITIONS["consistency"], "why": CONSISTENCY_WHY,
-               "split": "calibration",
-               "n": calibration.n, "tolerance": cfg.tolerance, "confidence": cfg.confidence,
+               "split": "calibration", "n": calibration.n, "tolerance": cfg.tolerance, "confidence": cfg.confidence,
                "p_value_method": calibration.p_value, "guarantee": calibration.guarantee,
                "certified_threshold": calibration.threshold, "certified": bool(calibration.certified),
                "best_mean_dev_threshold": chosen, "per_threshold": per_threshold,
