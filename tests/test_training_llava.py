@@ -1,4 +1,4 @@
-"""Stage 2 (FREE exit training) on a tiny LLaVA: the BLIP-2 recipe of test_training_exits.py, unchanged."""
+"""Training a tiny LLaVA: stage 1 (its projector) and stage 2 (FREE exits), the BLIP-2 recipes unchanged."""
 
 import pytest
 import torch
@@ -6,7 +6,17 @@ from training_helpers import make_image_processor, make_tokenizer, write_shapes
 
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.tiny import tiny_llava
-from freevlm.training import CaptionDataset, ExitTrainConfig, evaluate_exits, load_coco_captions, split_records, train_exits
+from freevlm.training import (
+    CaptionDataset,
+    ExitTrainConfig,
+    FinetuneConfig,
+    caption_loss_and_accuracy,
+    evaluate_exits,
+    finetune,
+    load_coco_captions,
+    split_records,
+    train_exits,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,3 +47,25 @@ def test_kd_exit_training_lowers_heldout_kl_on_llava(tmp_path):
     image = torch.full((1, layout.num_query_tokens), layout.image_token_index)
     out = ee.generate(pixel_values, torch.cat([image, torch.tensor([[2]])], dim=1), max_new_tokens=5, threshold=0.0)
     assert (out.exit_layers[out.exit_layers >= 0] == 1).all()
+
+
+def test_stage1_trains_the_projector_alone_and_lowers_loss(tmp_path):
+    """The default stage-1 flags (Q-Former + projection) on LLaVA, which has no Q-Former: the projector is trained
+    (the adapter names it; no BLIP-2 parameter names), everything else is bit-identical, and the caption loss falls."""
+    records = load_coco_captions(write_shapes(tmp_path / "data", 32))
+    model = tiny_llava("llama", seed=2, image_size=16)
+    with torch.no_grad():  # a random LM's logits are too flat for any soft prompt to make them peaked
+        model.lm_head.weight.mul_(20)
+    layout = EarlyExitVLM(model).backbone.config
+    data = CaptionDataset(records, make_tokenizer("opt"), make_image_processor(16), layout)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    start = caption_loss_and_accuracy(model, data)
+    config = FinetuneConfig(output_dir=str(tmp_path / "ft"), max_steps=30, batch_size=8, lr=2e-2, warmup_steps=3,
+                            progress=False, checkpoint_every=10_000, log_every=5)  # fmt: skip
+    finetune(model, data, config)
+    end = caption_loss_and_accuracy(model, data)
+    assert end["loss"] < start["loss"] - 0.3, (start, end)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {k for k in before if k.startswith("model.multi_modal_projector.")}
+    with pytest.raises(ValueError, match="has no qformer"):
+        finetune(model, data, FinetuneConfig(output_dir=str(tmp_path / "q"), train_projection=False, progress=False))

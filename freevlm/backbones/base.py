@@ -218,6 +218,12 @@ class Backbone:
     def final_norm_modules(self) -> list[nn.Parameter]:
         return []
 
+    def stage1_parts(self) -> dict[str, list[nn.Module | nn.Parameter]]:
+        """What stage-1 fine-tuning can train, by part: "vision", "qformer", "projection", "lm" (modules, or bare
+        parameters such as BLIP-2's query tokens). A part the family lacks is left out (LLaVA has no Q-Former),
+        so the trainer never needs the model's parameter names."""
+        raise NotImplementedError
+
     def kv_parameters(self, layer: nn.Module) -> int:
         """Parameters touched by `kv_projection`."""
         inputs = self.kv_inputs(layer)
@@ -254,6 +260,12 @@ class Backbone:
 
 class Blip2Backbone(Backbone):
     """A `Blip2ForConditionalGeneration`; subclasses fill in the language-model family."""
+
+    def stage1_parts(self) -> dict[str, list[nn.Module | nn.Parameter]]:
+        """BLIP-2's (and InstructBLIP's) parts; the LM's includes its head."""
+        m = self.model
+        return {"vision": [m.vision_model], "qformer": [m.qformer, m.query_tokens],
+                "projection": [m.language_projection], "lm": [m.language_model]}  # fmt: skip
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The projected Q-Former outputs, `[B, num_query_tokens, H]`: what replaces the image tokens."""

@@ -51,6 +51,12 @@ class LlavaBackbone(RotaryDecoder):
         super().__init__(model, lm=model)  # the whole model owns the head and the generation config
         self.config = LlavaLayout(model.config, image_tokens_per_image(model.config))
 
+    def stage1_parts(self) -> dict[str, list[nn.Module]]:
+        """LLaVA's parts: no Q-Former; its projector is what LLaVA's own stage 1 trains."""
+        m = self.model
+        return {"vision": [m.model.vision_tower], "projection": [m.model.multi_modal_projector],
+                "lm": [m.model.language_model, m.lm_head]}  # fmt: skip
+
     # --- the image path and the prompt ------------------------------------------------------------------------
     def image_prompt_embeds(self, pixel_values, input_ids, attention_mask):
         """Follows Hugging Face's `LlavaModel.forward`: each row's image tokens take its image's features in order.

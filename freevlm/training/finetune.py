@@ -1,9 +1,11 @@
-"""Stage 1: supervised fine-tuning of the BLIP-2 backbone with cross-entropy on captions or answers.
+"""Stage 1: supervised fine-tuning of the backbone with cross-entropy on captions or answers.
 
 LAVIS recipe by default: the language model stays frozen; the Q-Former (with its query tokens) and the language
-projection are trained, the vision encoder optionally. Frozen parts are kept in eval mode (no dropout), as LAVIS
-does, so their outputs are those inference will see. The loss is read from `EarlyExitVLM.forward`, as the exits'
-losses are, so both stages share one definition of "text positions".
+projection are trained, the vision encoder optionally (LLaVA, which has no Q-Former: its projector, as LLaVA's own
+stage 1). The backbone adapter says which modules each part is (`Backbone.stage1_parts`), so no family's parameter
+names live here. Frozen parts are kept in eval mode (no dropout), as LAVIS does, so their outputs are those
+inference will see. The loss is read from `EarlyExitVLM.forward`, as the exits' losses are, so both stages share
+one definition of "text positions".
 """
 
 from __future__ import annotations
@@ -18,22 +20,24 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..backbones import Backbone
 from ..model import CheckpointMismatchError, EarlyExitVLM, ExitOutputs
 from .common import LoopConfig, Runtime, autocast, make_scheduler
 from .data import CaptionDataset
 from .loop import Objective, token_means, train
 
-PARTS = {  # config flag -> parameter-name prefixes of Blip2ForConditionalGeneration
-    "train_vision": ("vision_model.",),
-    "train_qformer": ("qformer.", "query_tokens"),
-    "train_projection": ("language_projection.",),
-    "train_lm": ("language_model.",),
+TRAINABLE_PARTS = {  # config flag -> part of `Backbone.stage1_parts`
+    "train_vision": "vision",
+    "train_qformer": "qformer",
+    "train_projection": "projection",
+    "train_lm": "lm",
 }
 
 
 @dataclass
 class FinetuneConfig(LoopConfig):
-    """Stage-1 settings (the paper: lr 1e-5, batch 16, 10 epochs)."""
+    """Stage-1 settings (the paper: lr 1e-5, batch 16, 10 epochs). A flag for a part the model lacks is ignored
+    (LLaVA's default: the projector alone)."""
 
     output_dir: str = "runs/finetune"
     epochs: int = 10
@@ -45,20 +49,19 @@ class FinetuneConfig(LoopConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not any(getattr(self, flag) for flag in PARTS):
-            raise ValueError(f"nothing to train: set at least one of {', '.join(PARTS)}")
+        if not any(getattr(self, flag) for flag in TRAINABLE_PARTS):
+            raise ValueError(f"nothing to train: set at least one of {', '.join(TRAINABLE_PARTS)}")
 
 
-def select_trainable(model: nn.Module, config: FinetuneConfig) -> list[str]:
-    """Freeze `model` except the parts `config` names; returns the trainable parameter names."""
-    prefixes = tuple(p for flag, ps in PARTS.items() if getattr(config, flag) for p in ps)
-    model.requires_grad_(False)
-    names = []
-    for name, param in model.named_parameters():
-        if name.startswith(prefixes):
-            param.requires_grad_(True)
-            names.append(name)
-    return names
+def trainable_parts(backbone: Backbone, config: FinetuneConfig) -> list[nn.Module | nn.Parameter]:
+    """The modules and bare parameters `config` trains on `backbone`; an error if the model has none of them."""
+    parts = backbone.stage1_parts()
+    chosen = [part for flag, part in TRAINABLE_PARTS.items() if getattr(config, flag)]
+    found = [x for part in chosen for x in parts.get(part, [])]
+    if not found:
+        raise ValueError(f"nothing to train: this {type(backbone.model).__name__} has no {' or '.join(chosen)} "
+                         f"(its parts: {', '.join(parts)})")  # fmt: skip
+    return found
 
 
 def caption_loss(out: ExitOutputs) -> torch.Tensor:
@@ -88,11 +91,16 @@ class Finetune(Objective):
         super().__init__(config, runtime, data)
         self.model, self.save_with = model.to(runtime.device), save_with
         self.ee = EarlyExitVLM(model)
-        self.names = select_trainable(model, config)
+        self.parts = trainable_parts(self.ee.backbone, config)
+        model.requires_grad_(False)
+        for part in self.parts:
+            part.requires_grad_(True)
+        self.names = [name for name, param in model.named_parameters() if param.requires_grad]
         self.params = [p for p in model.parameters() if p.requires_grad]
         runtime.broadcast_(self.params)
-        decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and n != "query_tokens"]
-        no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.dim() < 2 or n == "query_tokens")]
+        bare = {id(p) for p in self.parts if isinstance(p, nn.Parameter)}  # learned embeddings (query tokens)
+        decay = [p for p in self.params if p.dim() >= 2 and id(p) not in bare]
+        no_decay = [p for p in self.params if p.dim() < 2 or id(p) in bare]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=config.lr,
@@ -115,11 +123,9 @@ class Finetune(Objective):
     def begin(self, step: int) -> None:
         """Train mode for the trained parts, eval mode (no dropout) for the frozen ones."""
         self.model.eval()
-        for flag, prefixes in PARTS.items():
-            if getattr(self.config, flag):
-                for prefix in prefixes:
-                    if prefix != "query_tokens":
-                        self.model.get_submodule(prefix.rstrip(".")).train()
+        for part in self.parts:
+            if isinstance(part, nn.Module):
+                part.train()
 
     def step(self, batch: dict, step: int) -> tuple[dict[str, float] | None, dict[str, torch.Tensor]]:
         with autocast(self.config, self.runtime.device):
