@@ -111,9 +111,10 @@ class EarlyExitVLM(nn.Module):
         (`batch["targets"]` other than `IGNORE_INDEX`). A frozen backbone records no graph (no parameter of it
         requires one), so only the exits, or the parts stage 1 trains, get gradients."""
         backbone = self.backbone
-        states, ctx, mask = backbone.features(
-            batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch.get("decoder_input_ids")
-        )
+        with backbone.conditioned(batch):  # InstructBLIP: the Q-Former reads the batch's instruction
+            states, ctx, mask = backbone.features(
+                batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch.get("decoder_input_ids")
+            )
         text = batch["targets"] != IGNORE_INDEX
         features = {
             k: (backbone.run_layer(e.layer, states[e.at], ctx, None, mask, None) if isinstance(e, ExitLayer)
@@ -231,11 +232,12 @@ class EarlyExitVLM(nn.Module):
         return search(self.backbone, self.exit_dict(), policy, config, pixel_values, input_ids, attention_mask)
 
     def _default_prompt(self, batch: int, device) -> torch.Tensor:
-        """Hugging Face's default: the image tokens, then BOS for decoder-only LMs."""
+        """Hugging Face's default for BLIP-2 and InstructBLIP: the image tokens, then BOS where the LM has one (T5
+        has none). LLaVA's `generate` has no default prompt: the image tokens alone."""
         cfg = self.backbone.config
         ids = [cfg.image_token_index if cfg.image_token_index is not None else 0] * cfg.num_query_tokens
-        bos = cfg.text_config.bos_token_id
-        if self.backbone.family == "opt" and bos is not None:
+        bos = getattr(cfg.text_config, "bos_token_id", None)
+        if isinstance(self.backbone, Blip2Backbone) and bos is not None:
             ids.append(bos)
         return torch.tensor([ids] * batch, dtype=torch.long, device=device)
 

@@ -262,6 +262,23 @@ def test_llava_default_prompt_is_the_image_tokens():
     assert torch.equal(out.sequences, ref)
 
 
+
+def test_instructblip_default_prompt_is_hugging_faces():
+    """Image tokens, then BOS (Vicuna's), as Hugging Face's `generate` without input_ids; with T5, which has no
+    BOS (there Hugging Face's `generate` fails), the image tokens alone."""
+    case = Case("instructblip-llama", batch=2)
+    with case.instructed():
+        out = case.ee.generate(case.inputs[0], max_new_tokens=3, mode="full")
+    ref = case.model.generate(pixel_values=case.inputs[0], qformer_input_ids=case.instruction[0],
+                              qformer_attention_mask=case.instruction[1], max_new_tokens=3, do_sample=False)  # fmt: skip
+    assert torch.equal(out.sequences, ref)
+    case = Case("instructblip-t5", batch=2)
+    with case.instructed():
+        out = case.ee.generate(case.inputs[0], max_new_tokens=3, mode="full")
+        ids = torch.full((2, case.model.config.num_query_tokens), case.model.config.image_token_index)
+        assert torch.equal(out.sequences, case.ee.generate(case.inputs[0], ids, max_new_tokens=3, mode="full").sequences)
+
+
 @pytest.mark.parametrize("kind", ["linear", "head"])
 @pytest.mark.parametrize("family", ["qwen2", "instructblip-t5"])
 def test_every_exit_kind_decodes(family, kind):

@@ -34,6 +34,16 @@ def make_tokenizer(family: str) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>", **kwargs)
 
 
+def make_qformer_tokenizer() -> PreTrainedTokenizerFast:
+    """A BERT-style tokenizer for the tiny Q-Former's vocabulary: [CLS] text [SEP], padding 0 on the right."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]")  # fmt: skip
+
+
 def make_image_processor(size: int = 32) -> BlipImageProcessorPil:
     return BlipImageProcessorPil(size={"height": size, "width": size})
 

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import inspect
 import json
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -107,6 +108,11 @@ class Backbone:
         is what the model's own `generate` feeds its language model.
         """
         raise NotImplementedError
+
+    def conditioned(self, inputs: dict) -> AbstractContextManager:
+        """A block in which requests and training passes read the inputs beyond image and prompt that `inputs`
+        holds (InstructBLIP's Q-Former instruction, `qformer_input_ids`); other families have none."""
+        return nullcontext()
 
     def start(
         self,

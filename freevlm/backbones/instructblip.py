@@ -14,7 +14,7 @@ belongs to with `backbone.instruction(...)`:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -44,6 +44,12 @@ class InstructBlipImagePath:
             yield
         finally:
             self._instruction = previous
+
+    def conditioned(self, inputs: dict) -> AbstractContextManager:
+        """The instruction of a batch that carries one (a training batch, a processor's output)."""
+        if "qformer_input_ids" not in inputs:
+            return nullcontext()
+        return self.instruction(inputs["qformer_input_ids"], inputs.get("qformer_attention_mask"))
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Follows Hugging Face's `InstructBlipModel.get_image_features`. Rows repeated per image (beam search

@@ -10,7 +10,9 @@ The collate produces the exact layout the backbone adapters expect (`Blip2Backbo
 
 and `targets`, aligned with the positions of the sequence the LM layers run over: `targets[b, t]` is the token
 that position t must predict, or `IGNORE_INDEX`. Only positions that predict a target token (or its EOS) count;
-image query tokens, the prompt and padding never do.
+image query tokens, the prompt and padding never do. InstructBLIP's Q-Former also reads the prompt, as its
+instruction (`qformer_input_ids`, right-padded, in the Q-Former's vocabulary), as `InstructBlipProcessor` and
+LAVIS give it.
 """
 
 from __future__ import annotations
@@ -82,17 +84,28 @@ def model_max_length(text_config) -> int | None:
     return None
 
 
+def is_instructblip(model_config) -> bool:
+    return getattr(model_config, "model_type", None) == "instructblip"
+
+
 class CaptionDataset(Dataset):
     """Records tokenized up front (so length problems surface before training); images decoded on access.
 
     `image_processor` is a Hugging Face image processor (or any callable with the same signature) that turns PIL
-    images into `pixel_values`.
+    images into `pixel_values`. An InstructBLIP needs `qformer_tokenizer` too (its processor's), for the prompt the
+    Q-Former reads.
     """
 
     def __init__(self, records: list[Record], tokenizer, image_processor, model_config, max_target_tokens: int | None = None,
-                 source: str = "dataset"):  # fmt: skip
+                 source: str = "dataset", qformer_tokenizer=None):  # fmt: skip
         if not records:
             raise ValueError(f"{source} is empty: no (image, text) records to train on")
+        if is_instructblip(model_config) and qformer_tokenizer is None:
+            raise ValueError("InstructBLIP's Q-Former reads the prompt as its instruction: pass qformer_tokenizer "
+                             "(InstructBlipProcessor's qformer_tokenizer)")  # fmt: skip
+        self.qformer_ids = None
+        if qformer_tokenizer is not None:  # with its special tokens, as the processor gives them
+            self.qformer_ids = [qformer_tokenizer(r.prompt)["input_ids"] for r in records]
         text_cfg = model_config.text_config
         self.decoder_only = not getattr(text_cfg, "is_encoder_decoder", False)
         self.num_query_tokens = model_config.num_query_tokens
@@ -137,7 +150,11 @@ class CaptionDataset(Dataset):
         r = self.records[index]
         image = load_image(r.image)
         pixel_values = self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
-        return {"pixel_values": pixel_values, "prompt_ids": self.prompt_ids[index], "target_ids": self.target_ids[index]}
+        item = {"pixel_values": pixel_values, "prompt_ids": self.prompt_ids[index],
+                "target_ids": self.target_ids[index]}  # fmt: skip
+        if self.qformer_ids is not None:
+            item["qformer_ids"] = self.qformer_ids[index]
+        return item
 
 
 @dataclass
@@ -149,19 +166,29 @@ class CaptionCollator:
     pad_token_id: int
     decoder_only: bool
     decoder_start_token_id: int = 0
+    qformer_pad_token_id: int = 0
 
     @classmethod
     def for_model(cls, model_config) -> "CaptionCollator":
         text = model_config.text_config
         pad = text.pad_token_id if text.pad_token_id is not None else 0
         start = getattr(text, "decoder_start_token_id", None)
+        qformer = getattr(model_config, "qformer_config", None)
         return cls(
+            qformer_pad_token_id=(qformer.pad_token_id or 0) if qformer is not None else 0,
             image_token_index=model_config.image_token_index, num_query_tokens=model_config.num_query_tokens,
             pad_token_id=pad, decoder_only=not getattr(text, "is_encoder_decoder", False),
             decoder_start_token_id=start if start is not None else pad,
         )  # fmt: skip
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self._layout(items)
+        if "qformer_ids" in items[0]:
+            ids, mask = self._pad([it["qformer_ids"] for it in items], self.qformer_pad_token_id)
+            batch.update(qformer_input_ids=ids, qformer_attention_mask=mask)
+        return batch
+
+    def _layout(self, items: list[dict]) -> dict[str, torch.Tensor]:
         pixel_values = torch.stack([it["pixel_values"] for it in items])
         image = [self.image_token_index] * self.num_query_tokens
         if self.decoder_only:
