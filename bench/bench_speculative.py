@@ -28,10 +28,10 @@ def main() -> None:
     args = parser.parse_args()
     setup_threads()
     if args.backbone:
-        from freevlm.loading import load_blip2
+        from freevlm.loading import load_vlm
         from freevlm.tiny import tiny_inputs
 
-        bundle = load_blip2(args.backbone)
+        bundle = load_vlm(args.backbone)
         ee = EarlyExitVLM.from_pretrained(bundle.model, args.exits)
         pv, ids, mask = tiny_inputs(bundle.model, batch=1, prompt_len=1)
         eos = None

@@ -1,4 +1,5 @@
-"""Loading a BLIP-2 and its processor from a local folder, and turning images + prompts into model inputs.
+"""Loading a supported model (BLIP-2, InstructBLIP, LLaVA) and its processor from a local folder, and turning
+images + prompts into model inputs.
 
 Nothing here downloads: paths are local folders written by `save_pretrained` (a Hugging Face checkpoint copied
 to disk, or a backbone the demo trained).
@@ -20,37 +21,62 @@ from .inputs import InputWarning
 
 # beside config.json: the BLIP-2's `vision_model` is not a ViT but the encoder this file names (see `freevlm.vision`)
 BACKBONE_MARKER = "freevlm_backbone.json"
+# config.json's model_type -> the model class loaded for it; other models are refused before any weights load
+MODEL_CLASSES = {
+    "blip-2": "Blip2ForConditionalGeneration",
+    "instructblip": "InstructBlipForConditionalGeneration",
+    "llava": "LlavaForConditionalGeneration",
+}
 
 
 @dataclass
-class Blip2Bundle:
-    """A BLIP-2 with what turns text and images into its inputs and tokens back into text."""
+class VLMBundle:
+    """A supported model with what turns text and images into its inputs and tokens back into text: BLIP-2's
+    tokenizer and image processor, or the model's own `processor` (LLaVA, InstructBLIP), which lays out the image
+    tokens (and InstructBLIP's Q-Former instruction) as the model expects; `tokenizer` and `image_processor` are
+    then the processor's."""
 
     model: torch.nn.Module
     tokenizer: object
     image_processor: object
+    processor: object | None = None
+
+    @property
+    def preprocessing(self) -> tuple:
+        """What to `save_pretrained` beside the model so that `load_vlm` reads the folder back."""
+        return (self.tokenizer, self.image_processor) if self.processor is None else (self.processor,)
 
     def inputs(self, images: list[Image.Image], prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Pixel values and left-padded prompt ids (image tokens first, as Hugging Face's processor lays them out)."""
+        """Pixel values and left-padded prompt ids, image tokens where the model's processor puts them (in front
+        for BLIP-2; where `<image>` stands for LLaVA, in front of a prompt without one), and InstructBLIP's
+        `qformer_input_ids` / `qformer_attention_mask`: `ee.generate(**inputs)` takes them all."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        cfg = self.model.config
         warn_small_images(images, self.image_processor)
-        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         self.tokenizer.padding_side = "left"
+        inputs = self._blip2_inputs(images, prompts) if self.processor is None else self._processed(images, prompts)
+        device, dtype = self.model.device, next(self.model.parameters()).dtype
+        return {k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in inputs.items()}
+
+    def _blip2_inputs(self, images: list[Image.Image], prompts: list[str]) -> dict[str, torch.Tensor]:
+        """As Hugging Face's `Blip2Processor` lays them out: `num_query_tokens` image tokens before the prompt."""
+        cfg = self.model.config
+        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         text = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
         ids, mask = text["input_ids"], text["attention_mask"]
         if cfg.image_token_index is not None and not bool((ids == cfg.image_token_index).any()):
             image = torch.full((len(prompts), cfg.num_query_tokens), cfg.image_token_index, dtype=ids.dtype)
             ids = torch.cat([image, ids], dim=1)
             mask = torch.cat([torch.ones_like(image), mask], dim=1)
-        device = self.model.device
-        dtype = next(self.model.parameters()).dtype
-        return {
-            "pixel_values": pixel_values.to(device, dtype),
-            "input_ids": ids.to(device),
-            "attention_mask": mask.to(device),
-        }
+        return {"pixel_values": pixel_values, "input_ids": ids, "attention_mask": mask}
+
+    def _processed(self, images: list[Image.Image], prompts: list[str]) -> dict[str, torch.Tensor]:
+        if self.model.config.model_type == "llava":  # LLaVA's processor expands each <image> a prompt holds
+            image_token = self.processor.image_token
+            prompts = [p if image_token in p else f"{image_token}\n{p}" for p in prompts]
+        out = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
+        keys = ("pixel_values", "input_ids", "attention_mask", "qformer_input_ids", "qformer_attention_mask")
+        return {k: out[k] for k in keys if k in out}
 
     def decode(self, token_ids: torch.Tensor) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
@@ -67,25 +93,30 @@ def warn_small_images(images: list[Image.Image], image_processor) -> None:
                       "to: upscaled that far they carry little detail", InputWarning, stacklevel=3)  # fmt: skip
 
 
-def load_blip2(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None) -> Blip2Bundle:
-    """A `Blip2ForConditionalGeneration`, its tokenizer and image processor from a local folder."""
-    from transformers import AutoImageProcessor, AutoTokenizer, Blip2ForConditionalGeneration
+def load_vlm(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None) -> VLMBundle:
+    """A supported model (its class from config.json's model_type, `MODEL_CLASSES`) from a local folder, with its
+    tokenizer and image processor (BLIP-2), or its processor (`AutoProcessor`: LLaVA, InstructBLIP)."""
+    import transformers
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     path = Path(path)
-    check_blip2_folder(path)
+    config = check_vlm_folder(path)
+    name = type(config).__name__.removesuffix("Config")
     try:
         if (path / BACKBONE_MARKER).is_file():
             model = _load_with_custom_vision(path, dtype)
         else:
-            model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=dtype)
+            model = getattr(transformers, MODEL_CLASSES[config.model_type]).from_pretrained(path, dtype=dtype)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
-        raise ValueError(f"{path} is not a loadable BLIP-2 checkpoint: {_first_line(err)}") from err
+        raise ValueError(f"{path} is not a loadable {name} checkpoint: {_first_line(err)}") from err
+    model = model.to(device).eval()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        image_processor = AutoImageProcessor.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path} has no tokenizer/image processor saved beside the model: {err}") from err
-    return Blip2Bundle(model.to(device).eval(), tokenizer, image_processor)
+        if config.model_type == "blip-2":
+            return VLMBundle(model, AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path))
+        processor = AutoProcessor.from_pretrained(path)
+        return VLMBundle(model, processor.tokenizer, processor.image_processor, processor)
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"{path} has no {name} processor saved beside the model: {_first_line(err)}") from err
 
 
 # files `save_pretrained` writes for a tokenizer (a fast tokenizer.json, or a slow one's vocabulary)
@@ -93,11 +124,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.j
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-def check_blip2_folder(path: str | os.PathLike):
-    """The folder's BLIP-2 config, after checking (without loading any weights) that everything `load_blip2`
-    reads is there and readable: config.json of a BLIP-2, weights whose safetensors headers parse and whose
-    size matches them, a tokenizer and an image processor. Each problem is one error naming the file."""
-    from transformers import Blip2Config
+def check_vlm_folder(path: str | os.PathLike):
+    """The folder's model config, after checking (without loading any weights) that everything `load_vlm` reads
+    is there and readable: config.json of a supported model, weights whose safetensors headers parse and whose
+    size matches them, a tokenizer and an image processor (InstructBLIP: and the Q-Former's tokenizer). Each
+    problem is one error naming the file."""
+    from transformers import AutoConfig
 
     path = Path(path)
     config_file = path / "config.json"
@@ -107,8 +139,9 @@ def check_blip2_folder(path: str | os.PathLike):
         model_type = json.loads(config_file.read_text()).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
         raise ValueError(f"{config_file} is not a valid model config: {err}") from err
-    if model_type != "blip-2":
-        raise ValueError(f"{path} holds a '{model_type}' model, not a BLIP-2 (model_type 'blip-2')")
+    if model_type not in MODEL_CLASSES:
+        raise ValueError(f"{path} holds a '{model_type}' model: freevlm loads "
+                         f"{', '.join(f'{c} ({t!r})' for t, c in MODEL_CLASSES.items())}")  # fmt: skip
     if not any((path / name).is_file() for name in WEIGHT_FILES) and not any(path.glob("*.safetensors")):
         raise FileNotFoundError(f"{path} has config.json but no weights (model.safetensors or pytorch_model.bin)")
     for file in sorted(path.glob("*.safetensors")):
@@ -116,13 +149,17 @@ def check_blip2_folder(path: str | os.PathLike):
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise FileNotFoundError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...): save the "
                                 "tokenizer beside the model (tokenizer.save_pretrained(folder))")  # fmt: skip
-    if not (path / "preprocessor_config.json").is_file():
-        raise FileNotFoundError(f"{path} has no preprocessor_config.json: save the image processor beside the model "
-                                "(image_processor.save_pretrained(folder))")  # fmt: skip
+    saver = "image_processor" if model_type == "blip-2" else "processor"  # what the user saves beside the model
+    if not any((path / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")):
+        raise FileNotFoundError(f"{path} has no preprocessor_config.json or processor_config.json: save the "
+                                f"{saver} beside the model ({saver}.save_pretrained(folder))")  # fmt: skip
+    if model_type == "instructblip" and not (path / "qformer_tokenizer").is_dir():
+        raise FileNotFoundError(f"{path} has no qformer_tokenizer folder: save InstructBLIP's processor beside the "
+                                "model (processor.save_pretrained(folder))")  # fmt: skip
     try:
-        return Blip2Config.from_pretrained(path)
+        return AutoConfig.from_pretrained(path)
     except (OSError, ValueError, TypeError, KeyError) as err:
-        raise ValueError(f"{config_file} is not a valid BLIP-2 config: {_first_line(err)}") from err
+        raise ValueError(f"{config_file} is not a valid {model_type} config: {_first_line(err)}") from err
 
 
 def check_safetensors(file: str | os.PathLike) -> None:

@@ -187,6 +187,8 @@ class EarlyExitVLM(nn.Module):
         static: bool | None = None,
         config: DecodeConfig | None = None,
         return_decoder: bool | None = None,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
     ) -> GenerateOutput:
         """Greedy decoding where each token leaves at the first exit its policy accepts.
 
@@ -200,7 +202,9 @@ class EarlyExitVLM(nn.Module):
         mode). `static` switches the engine's static-shape path (None: the engine decides from the device).
         Returns sequences like Hugging Face's `generate`, the layer each token left at, and stats (layers run,
         analytic and ideal speedup, wall-clock). `return_engine=True` keeps the engine (every layer's KV cache) on
-        the output, for inspection (`return_decoder`: its old, deprecated name).
+        the output, for inspection (`return_decoder`: its old, deprecated name). InstructBLIP's Q-Former reads
+        `qformer_input_ids` (and its mask) as its processor gives them, so `generate(**processor_output)` works as
+        with Hugging Face.
 
         The options may instead come as one `config=DecodeConfig(...)` (freevlm.decoding.config); keywords that
         are given too must agree with it.
@@ -229,7 +233,9 @@ class EarlyExitVLM(nn.Module):
         eos, pad = self._special_tokens(config.eos_token_id, config.pad_token_id)
         config = replace(config, eos_token_id=eos, pad_token_id=pad)
         search = SEARCH[search_name(config)]
-        return search(self.backbone, self.exit_dict(), policy, config, pixel_values, input_ids, attention_mask)
+        instruction = {"qformer_input_ids": qformer_input_ids, "qformer_attention_mask": qformer_attention_mask}
+        with self.backbone.conditioned(instruction):
+            return search(self.backbone, self.exit_dict(), policy, config, pixel_values, input_ids, attention_mask)
 
     def _default_prompt(self, batch: int, device) -> torch.Tensor:
         """Hugging Face's default for BLIP-2 and InstructBLIP: the image tokens, then BOS where the LM has one (T5

@@ -139,7 +139,7 @@ def test_cli_reports_a_missing_or_wrong_backbone(tmp_path, capsys):
     assert "no model at" in capsys.readouterr().err
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "opt"}))
     assert main(["caption", "--backbone", str(tmp_path), "--image", str(image)]) == 2
-    assert "not a BLIP-2" in capsys.readouterr().err
+    assert "holds a 'opt' model: freevlm loads Blip2ForConditionalGeneration" in capsys.readouterr().err
 
 
 def test_tiny_run_prints_exit_layers_and_speedup(capsys):

@@ -323,6 +323,7 @@ def test_methods_registry():
 # --- sweeps per method, the CLI ------------------------------------------------------------------------------
 def _vqa_records(tmp_path, n=10):
     import dataset_files as files
+
     from freevlm.data.records import VQARecord
 
     return [VQARecord(files.write_image(tmp_path / f"{i}.png", (25 * i, 255 - 20 * i, 90)), i, "what color ?",
@@ -367,13 +368,13 @@ def test_sweep_cli_method_mue_and_pabee(tmp_path):
     from tiny_processor import tiny_bundle
 
     from freevlm.cli import main
-    from freevlm.loading import load_blip2
+    from freevlm.loading import load_vlm
 
     model = tiny_blip2("opt", seed=2, num_layers=4)
     bundle = tiny_bundle(model)
     for part in (model, bundle.tokenizer, bundle.image_processor):
         part.save_pretrained(tmp_path / "backbone")
-    EarlyExitVLM(load_blip2(tmp_path / "backbone").model, ExitConfig([1, 2], kind="linear")).save_exits(tmp_path / "ex")
+    EarlyExitVLM(load_vlm(tmp_path / "backbone").model, ExitConfig([1, 2], kind="linear")).save_exits(tmp_path / "ex")
     q, a = files.vqa(tmp_path)
     common = ["sweep", "--backbone", str(tmp_path / "backbone"), "--format", "vqav2", "--files", str(q), str(a),
               "--images", str(tmp_path / "val2014"), "--dev-files", str(q), str(a), "--max-new-tokens", "2",

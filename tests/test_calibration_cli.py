@@ -8,7 +8,7 @@ import dataset_files as files
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.calibration import calibrate_exits, consistency_losses, never_exits, per_caption_cider
 from freevlm.cli import main
-from freevlm.loading import load_blip2
+from freevlm.loading import load_vlm
 from freevlm.tiny import tiny_blip2
 from tiny_processor import tiny_bundle
 
@@ -21,7 +21,7 @@ def checkpoint(tmp_path_factory):
     model.save_pretrained(root / "backbone")
     bundle.tokenizer.save_pretrained(root / "backbone")
     bundle.image_processor.save_pretrained(root / "backbone")
-    reloaded = load_blip2(root / "backbone").model  # exits fingerprinted against the reloaded backbone
+    reloaded = load_vlm(root / "backbone").model  # exits fingerprinted against the reloaded backbone
     EarlyExitVLM(reloaded, ExitConfig([1, 2], init="fresh")).save_exits(root / "exits")
     return root
 

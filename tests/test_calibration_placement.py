@@ -11,7 +11,7 @@ from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.calibration import candidate_placements, exits_subset
 from freevlm.cli import main
 from freevlm.decoding.policies import FixedSchedulePolicy
-from freevlm.loading import load_blip2
+from freevlm.loading import load_vlm
 from freevlm.tiny import tiny_blip2, tiny_inputs
 from tiny_processor import tiny_bundle
 
@@ -62,7 +62,7 @@ def identity_top(tmp_path_factory):
     bundle = tiny_bundle(model)
     for part in (model, bundle.tokenizer, bundle.image_processor):
         part.save_pretrained(root / "backbone")
-    EarlyExitVLM(load_blip2(root / "backbone").model, ExitConfig([2, 3])).save_exits(root / "exits")
+    EarlyExitVLM(load_vlm(root / "backbone").model, ExitConfig([2, 3])).save_exits(root / "exits")
     return root
 
 

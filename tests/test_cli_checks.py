@@ -162,9 +162,9 @@ def test_backbone_without_tokenizer_says_so(files, tmp_path, capsys):
 
 def test_truncated_exits_weights(files, tmp_path, capsys):
     from freevlm import EarlyExitVLM, ExitConfig
-    from freevlm.loading import load_blip2
+    from freevlm.loading import load_vlm
 
-    EarlyExitVLM(load_blip2(files["backbone"]).model, ExitConfig([2])).save_exits(tmp_path / "exits")
+    EarlyExitVLM(load_vlm(files["backbone"]).model, ExitConfig([2])).save_exits(tmp_path / "exits")
     _truncate(tmp_path / "exits" / "exits.safetensors")
     image = tmp_path / "img.png"
     Image.new("RGB", (32, 32)).save(image)

@@ -1,4 +1,4 @@
-"""The demo's small BLIP-2: ids agree across tokenizer and configs, the image matters, save + load_blip2 round-trips,
+"""The demo's small BLIP-2: ids agree across tokenizer and configs, the image matters, save + load_vlm round-trips,
 and the early-exit engine runs on it."""
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.data import easyvqa, shapes
 from freevlm.demo.backbone import IMAGE, build_backbone, save_backbone
-from freevlm.loading import BACKBONE_MARKER, load_blip2
+from freevlm.loading import BACKBONE_MARKER, load_vlm
 from freevlm.vision.efficientnet import EfficientNetVisionEncoder
 
 
@@ -63,10 +63,10 @@ def test_the_image_moves_a_fresh_qformer_output(bundle):
     assert relative > 0.1, relative
 
 
-def test_save_and_load_blip2_round_trip(bundle, images, tmp_path):
+def test_save_and_load_vlm_round_trip(bundle, images, tmp_path):
     save_backbone(bundle, tmp_path / "backbone")
     assert (tmp_path / "backbone" / BACKBONE_MARKER).is_file()
-    loaded = load_blip2(tmp_path / "backbone")
+    loaded = load_vlm(tmp_path / "backbone")
     assert isinstance(loaded.model.vision_model, EfficientNetVisionEncoder)
     prompts = ["a photo of", "question : how many shapes are there ? answer :"]
     inputs = bundle.inputs(images, prompts)

@@ -7,7 +7,7 @@ import pytest
 import dataset_files as files
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.cli import main
-from freevlm.loading import load_blip2
+from freevlm.loading import load_vlm
 from freevlm.tiny import tiny_blip2
 from tiny_processor import tiny_bundle
 
@@ -22,7 +22,7 @@ def checkpoint(tmp_path_factory):
     bundle.image_processor.save_pretrained(root / "backbone")
     # exits built on the reloaded backbone: the fingerprint of an in-memory model differs from its reloaded copy
     # (config `dtype` None vs "float32"), reported to the backbone owner
-    reloaded = load_blip2(root / "backbone").model
+    reloaded = load_vlm(root / "backbone").model
     EarlyExitVLM(reloaded, ExitConfig([1, 2], init="fresh")).save_exits(root / "exits")
     return root
 

@@ -7,7 +7,7 @@ from training_helpers import save_tiny_blip2, write_shapes
 
 from freevlm import EarlyExitVLM
 from freevlm.cli import main
-from freevlm.loading import load_blip2
+from freevlm.loading import load_vlm
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,7 +34,7 @@ def test_train_baseline_trains_resumes_and_loads(files, tmp_path, capsys):
     info = json.loads((run / "method.json").read_text())
     assert info["method"] == "deeblip" and info["exit_layers"] == [1, 2] and info["trainable_parameters"] > 0
     assert "ce/exit_1" in json.loads((run / "dev_metrics.json").read_text())
-    ee = EarlyExitVLM.from_pretrained(load_blip2(files["backbone"]).model, run / "exits")
+    ee = EarlyExitVLM.from_pretrained(load_vlm(files["backbone"]).model, run / "exits")
     assert ee.exit_config.kind == "linear"
 
     assert _train(files, run, "pabee", "--max-steps", "6", "--resume") == 2  # another method's checkpoints

@@ -12,7 +12,7 @@ from training_helpers import save_tiny_blip2, save_tiny_clip, write_shapes
 
 from freevlm import EarlyExitVLM
 from freevlm.cli import main
-from freevlm.loading import load_blip2
+from freevlm.loading import load_vlm
 from freevlm.training import load_coco_captions
 from freevlm.training.capfilt import CapFiltConfig, capfilt, load_scorer, rank_captions, sample_captions
 
@@ -41,7 +41,7 @@ def test_rank_captions_keeps_top_k_distinct_best_first():
 
 
 def test_capfilt_samples_scores_and_writes_coco(files, tmp_path):
-    bundle = load_blip2(files["backbone"])
+    bundle = load_vlm(files["backbone"])
     records = load_coco_captions(files["captions"])
     paths = list(dict.fromkeys(r.image for r in records))[:3]
     config = CapFiltConfig(num_samples=5, top_k=2, max_new_tokens=6)
@@ -110,7 +110,7 @@ def test_cli_finetune_capfilt_train_exits_and_resume(files, tmp_path, capsys):
     assert train_exits("--max-steps", "2") == 0
     assert train_exits("--max-steps", "4", "--resume") == 0
     assert (run / "checkpoints/latest").read_text() == "step-00000004"
-    EarlyExitVLM.from_pretrained(load_blip2(tuned).model, run / "exits")
+    EarlyExitVLM.from_pretrained(load_vlm(tuned).model, run / "exits")
 
     assert train_exits("--max-steps", "6") == 2  # checkpoints there, no --resume
     assert "already holds checkpoints" in capsys.readouterr().err
@@ -139,7 +139,7 @@ def test_two_process_accelerate_run_loads_with_from_pretrained(files, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (out / "checkpoints/step-00000004").glob("rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]
-    model = load_blip2(files["backbone"]).model
+    model = load_vlm(files["backbone"]).model
     ee = EarlyExitVLM.from_pretrained(model, out / "exits")
     fresh = EarlyExitVLM(model, ee.exit_config)
     assert not all(torch.equal(v, fresh.exits.state_dict()[k]) for k, v in ee.exits.state_dict().items())

@@ -152,9 +152,9 @@ def test_finetune_lavis_default_trains_qformer_and_projection_only(tmp_path, sha
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith(("qformer.", "query_tokens", "language_projection.")) for k in changed)
     assert any(k.startswith("language_projection.") for k in changed) and "query_tokens" in changed
-    from freevlm.loading import load_blip2
+    from freevlm.loading import load_vlm
 
-    bundle = load_blip2(tmp_path / "model")
+    bundle = load_vlm(tmp_path / "model")
     for k, v in bundle.model.state_dict().items():
         torch.testing.assert_close(v, model.state_dict()[k])
     assert (tmp_path / "checkpoints/latest").read_text() == "step-00000030"

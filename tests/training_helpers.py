@@ -98,7 +98,7 @@ def save_tiny_clip(folder: Path) -> Path:
 
 
 def save_tiny_blip2(folder: Path, family: str = "opt", seed: int = 0) -> Path:
-    """A tiny BLIP-2 folder that `load_blip2` reads (model + tokenizer + image processor)."""
+    """A tiny BLIP-2 folder that `load_vlm` reads (model + tokenizer + image processor)."""
     from freevlm.tiny import tiny_blip2
 
     tiny_blip2(family, seed=seed).save_pretrained(folder)

@@ -112,6 +112,9 @@ class Backbone:
     def conditioned(self, inputs: dict) -> AbstractContextManager:
         """A block in which requests and training passes read the inputs beyond image and prompt that `inputs`
         holds (InstructBLIP's Q-Former instruction, `qformer_input_ids`); other families have none."""
+        if inputs.get("qformer_input_ids") is not None:
+            raise ValueError(f"{type(self.model).__name__} has no Q-Former instruction: qformer_input_ids are "
+                             "InstructBLIP's")  # fmt: skip
         return nullcontext()
 
     def start(

@@ -3,9 +3,9 @@ language model.
 
 Only the image path differs from BLIP-2 (the Q-Former attends over its query tokens *and* the instruction, given in
 the Q-Former's own vocabulary), so these adapters are the BLIP-2 ones with another `image_features` (and, for
-Vicuna, BLIP-2's prompt layout in front of the rotary decoder of `rotary.py`). The instruction
-is not part of the language model's prompt, and `generate` takes only that prompt: give it for the requests it
-belongs to with `backbone.instruction(...)`:
+Vicuna, BLIP-2's prompt layout in front of the rotary decoder of `rotary.py`). The instruction is not part of
+the language model's prompt: `generate` takes it as Hugging Face's does (`ee.generate(**processor_output)`), a
+training batch carries it (`qformer_input_ids`), and any other request reads it inside `backbone.instruction(...)`:
 
     with ee.backbone.instruction(inputs["qformer_input_ids"], inputs["qformer_attention_mask"]):
         out = ee.generate(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"])
@@ -47,7 +47,7 @@ class InstructBlipImagePath:
 
     def conditioned(self, inputs: dict) -> AbstractContextManager:
         """The instruction of a batch that carries one (a training batch, a processor's output)."""
-        if "qformer_input_ids" not in inputs:
+        if inputs.get("qformer_input_ids") is None:
             return nullcontext()
         return self.instruction(inputs["qformer_input_ids"], inputs.get("qformer_attention_mask"))
 

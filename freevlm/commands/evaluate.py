@@ -89,7 +89,7 @@ def _check_before_loading(args, thresholds) -> None:
     and the exit layers against its depth."""
     from ..cli import UserError
     from ..exits import ExitConfig
-    from ..loading import check_blip2_folder, lm_num_layers
+    from ..loading import check_vlm_folder, lm_num_layers
 
     method = get_method(args.method)
     for t in thresholds:
@@ -97,7 +97,7 @@ def _check_before_loading(args, thresholds) -> None:
             method.policy(t)  # each rule checks its knob (a confidence in [0, 1], a whole-number patience...)
         except ValueError as err:
             raise UserError(f"--method {args.method}: threshold {t:g} is not valid: {err}") from err
-    config = check_blip2_folder(args.backbone)
+    config = check_vlm_folder(args.backbone)
     if args.exits is None and args.exit_layers:
         ExitConfig(list(args.exit_layers), kind="head").validate(lm_num_layers(config))
 
@@ -107,13 +107,13 @@ def load_model(args: argparse.Namespace) -> tuple:
     from ..backbones import load_backbone
     from ..cli import UserError
     from ..exits import ExitConfig
-    from ..loading import load_blip2, load_exits
+    from ..loading import load_exits, load_vlm
     from ..model import EarlyExitVLM
 
     kind = get_method(args.method).exit_kind
     if args.exits is None and kind != "head":
         raise UserError(f"--method {args.method} needs --exits (trained {kind!r} exits)")
-    bundle = load_blip2(args.backbone, device=args.device)
+    bundle = load_vlm(args.backbone, device=args.device)
     if args.exits is not None:
         return load_exits(bundle.model, args.exits), bundle
     n = load_backbone(bundle.model).num_layers

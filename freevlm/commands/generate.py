@@ -15,10 +15,12 @@ from ..model import EarlyExitVLM
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("caption", help="caption images with early exits")
-    p.add_argument("--backbone", required=True, help="folder of a BLIP-2 saved with save_pretrained")
+    p.add_argument("--backbone", required=True, help="folder of a BLIP-2 (with its tokenizer and image processor), "
+                   "an InstructBLIP or a LLaVA (with its processor), saved with save_pretrained")
     p.add_argument("--exits", help="folder of exits saved by EarlyExitVLM.save_exits (default: no exits)")
     p.add_argument("--image", required=True, nargs="+", help="image file(s)")
-    p.add_argument("--prompt", default="", help="text prompt after the image (e.g. 'a photo of')")
+    p.add_argument("--prompt", default="", help="text prompt after the image (e.g. 'a photo of'; LLaVA: where "
+                   "<image> stands, or after it)")
     p.add_argument("--threshold", type=unit_interval, default=DecodeConfig.threshold,
                    help="confidence needed to leave at an exit, in [0, 1]")
     p.add_argument("--mode", choices=MODES, default=DecodeConfig.mode)
@@ -37,13 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def caption(args: argparse.Namespace) -> int:
     from ..inputs import validate_generate_inputs
-    from ..loading import check_blip2_folder, load_blip2, load_exits
+    from ..loading import check_vlm_folder, load_exits, load_vlm
 
     images = [load_image(path) for path in args.image]  # fail on a bad image before loading any weights
-    check_blip2_folder(args.backbone)
+    check_vlm_folder(args.backbone)
     if not args.exits and args.mode == "early_exit" and args.threshold < 1.0:
         raise ValueError("--exits is required for early exits (or use --mode full)")
-    bundle = load_blip2(args.backbone, device=args.device)
+    bundle = load_vlm(args.backbone, device=args.device)
     if args.exits:
         ee = load_exits(bundle.model, args.exits)
     else:

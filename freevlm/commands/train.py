@@ -166,11 +166,15 @@ def _records(args: argparse.Namespace, seed: int):
 
 
 def _datasets(args: argparse.Namespace, bundle, records):
+    from ..backbones import load_backbone
     from ..training import CaptionDataset
 
+    config = load_backbone(bundle.model).config  # BLIP-2's prompt-layout names, LLaVA's too
+    qformer_tokenizer = getattr(bundle.processor, "qformer_tokenizer", None)  # InstructBLIP's
+
     def dataset(recs, source):
-        return CaptionDataset(recs, bundle.tokenizer, bundle.image_processor, bundle.model.config,
-                              args.max_target_tokens, source=source)  # fmt: skip
+        return CaptionDataset(recs, bundle.tokenizer, bundle.image_processor, config, args.max_target_tokens,
+                              source=source, qformer_tokenizer=qformer_tokenizer)  # fmt: skip
 
     train, dev = records
     return dataset(train, args.captions), (dataset(dev, f"dev split of {args.captions}") if dev else None)
@@ -187,7 +191,7 @@ def _prepare(args: argparse.Namespace, config_cls, kind: str, **extra):
     it is overwritten; a resume has a readable checkpoint of the same kind), the backbone folder, the exit layers,
     and the captions. Returns the config and the (train, dev) records."""
     from ..exits import ExitConfig
-    from ..loading import check_blip2_folder, lm_num_layers
+    from ..loading import check_vlm_folder, lm_num_layers
     from ..training.checkpoint import check_resumable
 
     config = _config(config_cls, args, **extra)
@@ -199,9 +203,9 @@ def _prepare(args: argparse.Namespace, config_cls, kind: str, **extra):
         if found:
             raise UserError(f"{args.output_dir} already holds {found[0]} (from an earlier run?), which this run would "
                             "replace: pick another --output, or move it away")  # fmt: skip
-    blip2_config = check_blip2_folder(args.backbone)
+    model_config = check_vlm_folder(args.backbone)
     if "exit_layers" in extra:
-        ExitConfig(list(extra["exit_layers"])).validate(lm_num_layers(blip2_config))
+        ExitConfig(list(extra["exit_layers"])).validate(lm_num_layers(model_config))
     return config, _records(args, config.seed)
 
 
@@ -217,37 +221,37 @@ def _run(train) -> int:
 
 
 def finetune_command(args: argparse.Namespace) -> int:
-    from ..loading import load_blip2
+    from ..loading import load_vlm
     from ..training import finetune
 
     config, records = _prepare(args, FinetuneConfig, "finetune")
-    bundle = load_blip2(args.backbone)
+    bundle = load_vlm(args.backbone)
     train_set, dev_set = _datasets(args, bundle, records)
-    return _run(lambda: finetune(bundle.model, train_set, config, dev_set, save_with=(bundle.tokenizer, bundle.image_processor)))
+    return _run(lambda: finetune(bundle.model, train_set, config, dev_set, save_with=bundle.preprocessing))
 
 
 def train_exits_command(args: argparse.Namespace) -> int:
-    from ..loading import load_blip2
+    from ..loading import load_vlm
     from ..training import train_exits
 
     config, records = _prepare(args, ExitTrainConfig, "train-exits", exit_layers=tuple(args.exit_layers))
-    bundle = load_blip2(args.backbone)
+    bundle = load_vlm(args.backbone)
     train_set, dev_set = _datasets(args, bundle, records)
     return _run(lambda: train_exits(bundle.model, train_set, config, dev_set))
 
 
 def train_baseline_command(args: argparse.Namespace) -> int:
-    from ..loading import load_blip2
+    from ..loading import load_vlm
     from ..training.baselines import train_baseline
 
     config, records = _prepare(args, BaselineTrainConfig, "train-baseline", exit_layers=tuple(args.exit_layers))
-    bundle = load_blip2(args.backbone)
+    bundle = load_vlm(args.backbone)
     train_set, dev_set = _datasets(args, bundle, records)
     return _run(lambda: train_baseline(bundle.model, train_set, config, dev_set))
 
 
 def capfilt_command(args: argparse.Namespace) -> int:
-    from ..loading import check_blip2_folder, load_blip2
+    from ..loading import check_vlm_folder, load_vlm
     from ..training.capfilt import capfilt, load_scorer
 
     if bool(args.images) == bool(args.captions):
@@ -264,9 +268,9 @@ def capfilt_command(args: argparse.Namespace) -> int:
     if missing:
         raise UserError(f"{len(missing)} image file(s) not found, first: {missing[0]}")
     paths = [str(Path(p).resolve()) for p in paths]
-    check_blip2_folder(args.backbone)
+    check_vlm_folder(args.backbone)
     scorer = load_scorer(args.scorer, args.device)
-    bundle = load_blip2(args.backbone, device=args.device)
+    bundle = load_vlm(args.backbone, device=args.device)
     entries = capfilt(bundle, paths, scorer, args.output, config)
     print(json.dumps({"images": len(paths), "captions": len(entries), "output": args.output}))
     return 0

@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from ..data import easyvqa, shapes
-from ..loading import BACKBONE_MARKER, Blip2Bundle
+from ..loading import BACKBONE_MARKER, VLMBundle
 from ..vision.efficientnet import IMAGENET_MEAN, IMAGENET_STD, EfficientNetVisionEncoder
 
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
@@ -133,7 +133,7 @@ def init_cross_attention(qformer: torch.nn.Module) -> None:
                 linear.bias.zero_()
 
 
-def build_backbone(family: str = "opt", seed: int = 0, **config_kwargs) -> Blip2Bundle:
+def build_backbone(family: str = "opt", seed: int = 0, **config_kwargs) -> VLMBundle:
     """A fresh demo BLIP-2 (eval mode) with its tokenizer and image processor; sizes as in `demo_config`. Its
     `vision_model` is the EfficientNet encoder, the query tokens are drawn (not the dead zero default) and the
     Q-Former's cross-attention is initialised so that the image reaches its output (`init_cross_attention`)."""
@@ -148,11 +148,11 @@ def build_backbone(family: str = "opt", seed: int = 0, **config_kwargs) -> Blip2
     ids = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")  # T5 has no BOS, OPT no start
     model.generation_config = model.language_model.generation_config = GenerationConfig(
         max_new_tokens=24, **{name: getattr(text, name, None) for name in ids})
-    return Blip2Bundle(model.eval(), build_tokenizer(family), build_image_processor(vision.image_size))
+    return VLMBundle(model.eval(), build_tokenizer(family), build_image_processor(vision.image_size))
 
 
-def save_backbone(bundle: Blip2Bundle, path: str | os.PathLike) -> Path:
-    """`save_pretrained` folder + a marker naming the encoder, so `freevlm.loading.load_blip2(path)` rebuilds it
+def save_backbone(bundle: VLMBundle, path: str | os.PathLike) -> Path:
+    """`save_pretrained` folder + a marker naming the encoder, so `freevlm.loading.load_vlm(path)` rebuilds it
     (from `freevlm.vision.VISION_MODELS`)."""
     path = Path(path)
     bundle.model.save_pretrained(path)

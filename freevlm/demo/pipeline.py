@@ -41,7 +41,7 @@ from ..eval.captions import spice_unavailable_reason
 from ..eval.evaluate import CAPTION_PROMPT, VQA_PROMPT, evaluate_captioning, evaluate_vqa
 from ..eval.plots import plot_per_layer, plot_quality_vs_speedup
 from ..eval.sweep import choose_threshold, method_parameters
-from ..loading import Blip2Bundle, load_blip2
+from ..loading import VLMBundle, load_vlm
 from ..model import EarlyExitVLM
 from ..methods import get_method
 from ..training.baselines import BaselineTrainConfig, train_baseline
@@ -293,7 +293,7 @@ class Demo:
             cached = False
         else:
             info, cached = json.loads(info_file.read_text()), True
-        self.bundle: Blip2Bundle = load_blip2(folder)
+        self.bundle: VLMBundle = load_vlm(folder)
         self.bundle.model.requires_grad_(False)
         self.bundle.model.vision_model.cache_frozen_features()  # exit training and evaluation revisit images
         text = self.bundle.model.config.text_config
@@ -763,7 +763,7 @@ class _Ticking:
     """The bundle as the evaluation loop sees it (`inputs`, `decode`, `tokenizer`), advancing a tqdm bar as each
     batch is prepared: evaluation shows progress without a hook in the evaluation loop."""
 
-    def __init__(self, bundle: Blip2Bundle, total: int, desc: str, show: bool = True, callback=None):
+    def __init__(self, bundle: VLMBundle, total: int, desc: str, show: bool = True, callback=None):
         self.bundle, self.tokenizer, self.callback = bundle, bundle.tokenizer, callback
         self.bar = _bar(total, desc, show)
         self.done = self.pending = 0

@@ -1,7 +1,7 @@
 """The evaluation loop: records in, predictions, official metrics and a speed report out.
 
 Works on any `EarlyExitVLM` plus a processor - an object with `inputs(images, prompts) -> model inputs`,
-`decode(token_ids) -> texts` and (for VisDial) a Hugging Face `tokenizer`; `loading.Blip2Bundle` is one, and the
+`decode(token_ids) -> texts` and (for VisDial) a Hugging Face `tokenizer`; `loading.VLMBundle` is one, and the
 demo passes its own in-memory one. `threshold` is the knob of `method`'s exit rule (FREE: the confidence policy;
 see `freevlm.methods`); `layer` instead forces every token out at that exit (or the final layer), for the
 per-layer ("mid-crisis") curve.

@@ -67,6 +67,7 @@ def option_log_likelihoods(
             batch = {"pixel_values": inputs["pixel_values"], "targets": labels,
                      "input_ids": torch.cat([inputs["input_ids"], ids.to(device)], dim=1),
                      "attention_mask": torch.cat([inputs["attention_mask"], tmask.to(device)], dim=1)}  # fmt: skip
+            batch.update({k: v for k, v in inputs.items() if k.startswith("qformer_")})  # InstructBLIP's instruction
         batch["targets"] = batch["targets"].to(device)
         out = ee(batch)
         token_logp = _chosen_log_probs(ee, out, policy).gather(-1, out.targets[:, None]).squeeze(-1)

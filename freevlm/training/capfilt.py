@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from ..data.images import load_image
-from ..loading import Blip2Bundle
+from ..loading import VLMBundle
 from .data import write_coco_captions
 
 
@@ -111,7 +111,7 @@ class CapFiltConfig:
 
 
 @torch.no_grad()
-def sample_captions(bundle: Blip2Bundle, images: list[Image.Image], config: CapFiltConfig) -> list[list[str]]:
+def sample_captions(bundle: VLMBundle, images: list[Image.Image], config: CapFiltConfig) -> list[list[str]]:
     """`num_samples` nucleus-sampled captions per image (the text after the prompt)."""
     inputs = bundle.inputs(images, [config.prompt] * len(images))
     out = bundle.model.generate(
@@ -133,7 +133,7 @@ def rank_captions(scorer: ImageTextScorer, image: Image.Image, captions: list[st
     return sorted(zip(unique, scores), key=lambda cs: -cs[1])[:top_k]
 
 
-def capfilt(bundle: Blip2Bundle, image_paths: list[str], scorer: ImageTextScorer, output: str | os.PathLike,
+def capfilt(bundle: VLMBundle, image_paths: list[str], scorer: ImageTextScorer, output: str | os.PathLike,
             config: CapFiltConfig | None = None, progress: bool = True) -> list[dict]:  # fmt: skip
     """Pseudo-captions for `image_paths`, written to `output` (COCO captions JSON with scores); returns the entries."""
     config = config or CapFiltConfig()

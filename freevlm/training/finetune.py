@@ -159,5 +159,6 @@ class Finetune(Objective):
 def finetune(model: nn.Module, train_set: CaptionDataset, config: FinetuneConfig,
              dev_set: CaptionDataset | None = None, save_with: tuple = ()) -> nn.Module:  # fmt: skip
     """Fine-tune `model` in place; returns it. The result goes to `<output_dir>/model` with `save_pretrained`,
-    together with every object in `save_with` (tokenizer, image processor) so the folder loads with `load_blip2`."""
+    together with every object in `save_with` (`VLMBundle.preprocessing`: the tokenizer and image processor, or
+    the processor) so the folder loads with `load_vlm`."""
     return train(lambda runtime: Finetune(model, config, runtime, train_set, save_with), config, dev_set)

@@ -1,0 +1,84 @@
+"""`freevlm caption` and `loading.load_vlm` on local folders holding a LLaVA or an InstructBLIP with its processor
+(built offline: tests/tiny_processor.py), and what the loader refuses."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from tiny_processor import tiny_processor
+
+from freevlm import EarlyExitVLM, ExitConfig
+from freevlm.cli import main
+from freevlm.loading import check_vlm_folder, load_vlm
+from freevlm.tiny import tiny_inputs, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROMPT = "what color is the square"
+
+
+@pytest.fixture(params=["llama", "instructblip-llama"])
+def folder(request, tmp_path):
+    """A model and its processor saved side by side, as a Hugging Face checkpoint ships them."""
+    model = tiny_model(request.param, seed=3)
+    processor = tiny_processor(model)
+    with torch.no_grad():  # sharper logits, and only ids the tokenizer has words for (so the captions say something)
+        head = model.get_output_embeddings().weight
+        head.mul_(8)[len(processor.tokenizer) - 1 : model.config.image_token_index] = 0
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "red.png")
+    return tmp_path
+
+
+def test_caption_command_decodes_as_the_model_s_own_generate(folder, capsys):
+    """The command's full-model caption is Hugging Face's greedy `generate` on the processor's inputs (LLaVA: the
+    prompt gets `<image>` in front, expanded to one token per feature; InstructBLIP: the Q-Former reads it)."""
+    bundle = load_vlm(folder / "model")
+    image = Image.open(folder / "red.png").convert("RGB")
+    text = PROMPT if bundle.model.config.model_type == "instructblip" else f"<image>\n{PROMPT}"
+    hf_inputs = bundle.processor(images=[image], text=[text], return_tensors="pt")
+    ref = bundle.model.generate(**hf_inputs, max_new_tokens=5, do_sample=False, min_new_tokens=5)
+    expected = bundle.tokenizer.decode(ref[0, hf_inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    assert main(["caption", "--backbone", str(folder / "model"), "--image", str(folder / "red.png"), "--prompt",
+                 PROMPT, "--mode", "full", "--max-new-tokens", "5"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == f"{folder / 'red.png'}: {expected}" and len(expected.split()) >= 3
+    inputs = bundle.inputs([image], [PROMPT])
+    assert sorted(inputs) == sorted(hf_inputs)  # InstructBLIP: with the Q-Former's instruction
+    assert all(torch.equal(inputs[k], hf_inputs[k]) for k in inputs)
+
+
+def test_unsupported_and_incomplete_folders_are_named(folder):
+    (folder / "model" / "processor_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no preprocessor_config.json or processor_config.json: save the "
+                                                "processor beside the model"):  # fmt: skip
+        check_vlm_folder(folder / "model")
+    config = json.loads((folder / "model" / "config.json").read_text())
+    (folder / "model" / "config.json").write_text(json.dumps({**config, "model_type": "idefics2"}))
+    with pytest.raises(ValueError, match="holds a 'idefics2' model: freevlm loads Blip2ForConditionalGeneration "
+                                         r"\('blip-2'\), InstructBlipForConditionalGeneration"):  # fmt: skip
+        load_vlm(folder / "model")
+
+
+def test_train_commands_read_the_folder(folder, tmp_path):
+    """`finetune` then `train-exits` on the folder: the datasets get the prompt layout (LLaVA) and the Q-Former's
+    tokenizer (InstructBLIP) from the loaded processor, and the fine-tuned folder loads back with its processor."""
+    from training_helpers import write_shapes
+
+    captions = write_shapes(tmp_path / "data", 8)
+    common = ["--captions", str(captions), "--no-progress", "--no-tensorboard", "--cpu", "--batch-size", "2",
+              "--max-steps", "2", "--dev-fraction", "0"]  # fmt: skip
+    assert main(["finetune", "--backbone", str(folder / "model"), "--output", str(tmp_path / "ft"), *common]) == 0
+    tuned = tmp_path / "ft" / "model"
+    assert load_vlm(tuned).processor is not None
+    assert main(["train-exits", "--backbone", str(tuned), "--output", str(tmp_path / "ex"), "--exit-layers", "1",
+                 *common]) == 0  # fmt: skip
+    assert (tmp_path / "ex" / "exits").is_dir()
+
+
+def test_a_qformer_instruction_for_a_model_without_one_is_refused():
+    model = tiny_model("llama")
+    ee = EarlyExitVLM(model, ExitConfig([1]))
+    with pytest.raises(ValueError, match="LlavaForConditionalGeneration has no Q-Former instruction"):
+        ee.generate(*tiny_inputs(model), qformer_input_ids=torch.ones(1, 3, dtype=torch.long), mode="full")
