@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .backbones import Blip2Backbone, load_backbone
+from .backbones import Backbone, Blip2Backbone, load_backbone
 from .decoding.config import SEARCH, DecodeConfig, search_name
 from .decoding.generate import GenerateOutput
 from .decoding.policies import ConfidencePolicy, ExitPolicy
@@ -68,7 +68,7 @@ class EarlyExitVLM(nn.Module):
         else:
             exit_config.validate(backbone.num_layers)
         object.__setattr__(self, "model", model)  # not a submodule: the backbone is frozen and not ours to save
-        self.backbone: Blip2Backbone = backbone
+        self.backbone: Backbone = backbone
         self.exit_config = exit_config
         self.exits = nn.ModuleDict({str(i): self._new_exit(i) for i in sorted(exit_config.exit_layers)})
         self.eval()  # like Hugging Face's from_pretrained: inference mode until a trainer calls .train()

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..backbones.base import Blip2Backbone
+from ..backbones.base import Backbone
 from .generate import GenerateOutput, Request
 from .policies import ExitPolicy
 
@@ -33,7 +33,7 @@ def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def beam_generate(
-    backbone: Blip2Backbone,
+    backbone: Backbone,
     exits: dict[int, nn.Module],
     policy: ExitPolicy,
     config: DecodeConfig,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..backbones.base import Blip2Backbone, Context, causal_padding_mask
+from ..backbones.base import Backbone, Context, causal_padding_mask
 from ..cache_utils import KVView, LayerKV
 from .policies import ExitPolicy
 
@@ -92,7 +92,7 @@ class ParamCosts:
     kv_exits: dict[int, int]  # per live exit with a layer: its K/V projection
 
     @classmethod
-    def of(cls, backbone: Blip2Backbone, exits: dict[int, nn.Module], live: list[int]) -> ParamCosts:
+    def of(cls, backbone: Backbone, exits: dict[int, nn.Module], live: list[int]) -> ParamCosts:
         count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
         return cls(
             layers=[count(layer) for layer in backbone.layers],
@@ -126,7 +126,7 @@ class WorkCounter:
 
 
 def propagated_kv(
-    backbone: Blip2Backbone, exits: dict[int, nn.Module], cached_exits: list[int], depth: int, x: torch.Tensor,
+    backbone: Backbone, exits: dict[int, nn.Module], cached_exits: list[int], depth: int, x: torch.Tensor,
     ctx: Context, rows: torch.Tensor | None, start: int,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """K/V of LM layers `depth..N-1`, then of the exit layers above `depth` (`cached_exits`: the exits with a cache,
@@ -144,7 +144,7 @@ class GeneralEngine:
 
     def __init__(
         self,
-        backbone: Blip2Backbone,
+        backbone: Backbone,
         exits: dict[int, nn.Module],
         policy: ExitPolicy,
         kv_mode: str,

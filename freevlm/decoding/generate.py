@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..backbones.base import Blip2Backbone, Context
+from ..backbones.base import Backbone, Context
 from .engine import GeneralEngine, WorkCounter
 from .policies import ExitPolicy
 from .static import StaticEngine, static_engine, uniform_batch_policy
@@ -69,7 +69,7 @@ class Request:
     """What every search sets up alike: the backbone's context, the engine over it, the EOS ids, and a clock
     that syncs the device before each reading (so the seconds count finished work, not queued kernels)."""
 
-    backbone: Blip2Backbone
+    backbone: Backbone
     ctx: Context
     engine: GeneralEngine
     eos: torch.Tensor  # EOS token ids on the device
@@ -77,7 +77,7 @@ class Request:
     t_prefill: float | None = None
 
     @classmethod
-    def start(cls, backbone: Blip2Backbone, exits: dict[int, nn.Module], policy: ExitPolicy, config: DecodeConfig,
+    def start(cls, backbone: Backbone, exits: dict[int, nn.Module], policy: ExitPolicy, config: DecodeConfig,
               pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
               slots: int | None = None) -> Request:  # fmt: skip
         """Start the clock, encode image and prompt with room for `slots` new tokens (default
@@ -106,7 +106,7 @@ class Request:
         return stats
 
 
-def build_engine(backbone: Blip2Backbone, exits: dict[int, nn.Module], policy: ExitPolicy, config: DecodeConfig,
+def build_engine(backbone: Backbone, exits: dict[int, nn.Module], policy: ExitPolicy, config: DecodeConfig,
                  ctx: Context) -> GeneralEngine | StaticEngine:  # fmt: skip
     """The static engine wherever rows move together (on CUDA with its segments captured as graphs), the general
     one where rows are compacted (large batches) or speculative rows sit at different slots."""
@@ -124,7 +124,7 @@ def build_engine(backbone: Blip2Backbone, exits: dict[int, nn.Module], policy: E
 
 @torch.no_grad()
 def greedy_generate(
-    backbone: Blip2Backbone,
+    backbone: Backbone,
     exits: dict[int, nn.Module],
     policy: ExitPolicy,
     config: DecodeConfig,
@@ -169,7 +169,7 @@ def analytic_speedup(exit_layers: list[int], num_layers: int) -> float:
     return num_layers * len(used) / sum(used)
 
 
-def summarize(backbone: Blip2Backbone, engine: GeneralEngine, exit_layers: torch.Tensor) -> DecodeStats:
+def summarize(backbone: Backbone, engine: GeneralEngine, exit_layers: torch.Tensor) -> DecodeStats:
     n, steps = backbone.num_layers, engine.work.steps
     real = [int(e) for e in exit_layers.flatten().tolist() if e >= 0]
     full_step = engine.costs.full_step

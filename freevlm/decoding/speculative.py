@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..backbones.base import Blip2Backbone
+from ..backbones.base import Backbone
 from .generate import GenerateOutput, Request
 from .policies import ConfidencePolicy, ExitPolicy
 
@@ -55,7 +55,7 @@ class DraftPolicy(ExitPolicy):
 
 @torch.no_grad()
 def speculative_generate(
-    backbone: Blip2Backbone,
+    backbone: Backbone,
     exits: dict[int, nn.Module],
     policy: ConfidencePolicy,
     config: DecodeConfig,

@@ -25,7 +25,7 @@ import weakref
 import torch
 from torch import nn
 
-from ..backbones.base import Blip2Backbone, Context
+from ..backbones.base import Backbone, Context
 from .engine import ExitGate, ParamCosts, StepResult, WorkCounter, propagated_kv, resolve_batch_policy
 from .policies import ExitPolicy
 
@@ -139,7 +139,7 @@ class StaticEngine:
 
     def __init__(
         self,
-        backbone: Blip2Backbone,
+        backbone: Backbone,
         exits: dict[int, nn.Module],
         policy: ExitPolicy,
         kv_mode: str,
@@ -415,7 +415,7 @@ class StaticEngine:
 _POOL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # HF model -> {shape key: StaticEngine}
 
 
-def static_engine(backbone: Blip2Backbone, exits: dict[int, nn.Module], policy: ExitPolicy, kv_mode: str,
+def static_engine(backbone: Backbone, exits: dict[int, nn.Module], policy: ExitPolicy, kv_mode: str,
                   ctx: Context, batch_policy: str, graphs: bool) -> StaticEngine:  # fmt: skip
     """The static engine for a request. With CUDA graphs, engines (buffers and captured graphs) are kept per model
     and shape and reused by later requests: capturing costs more than a request saves. The capacity is rounded

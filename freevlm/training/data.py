@@ -2,7 +2,7 @@
 out prompts and targets.
 
 Training data is a list of plain `Record`s (image path, prompt, target text) so any reader can feed the trainers.
-The collate produces the exact layout the backbone adapters expect (`Blip2Backbone.features`):
+The collate produces the exact layout the backbone adapters expect (`Backbone.features`):
 
 - decoder-only (OPT): `input_ids` = image tokens + prompt (with BOS) + target + EOS, right-padded;
 - encoder-decoder (T5): `input_ids` = image tokens + prompt (with EOS); `decoder_input_ids` = start + target
