@@ -82,3 +82,24 @@ def test_a_qformer_instruction_for_a_model_without_one_is_refused():
     ee = EarlyExitVLM(model, ExitConfig([1]))
     with pytest.raises(ValueError, match="LlavaForConditionalGeneration has no Q-Former instruction"):
         ee.generate(*tiny_inputs(model), qformer_input_ids=torch.ones(1, 3, dtype=torch.long), mode="full")
+
+
+def test_training_prompts_are_laid_out_as_the_processor_lays_them_out(folder):
+    """What training feeds the LM before the target is what `caption` feeds it (LLaVA: BOS, the image tokens, then
+    the prompt; InstructBLIP: the image tokens first, the Q-Former reading the prompt)."""
+    from training_helpers import write_shapes
+
+    from freevlm.training import CaptionCollator, CaptionDataset, load_coco_captions
+
+    bundle = load_vlm(folder / "model")
+    records = load_coco_captions(write_shapes(folder / "data", 2), prompt=PROMPT)
+    layout = EarlyExitVLM(bundle.model).backbone.config
+    qformer_tokenizer = getattr(bundle.processor, "qformer_tokenizer", None)
+    data = CaptionDataset(records, bundle.tokenizer, bundle.image_processor, layout, qformer_tokenizer=qformer_tokenizer)
+    batch = CaptionCollator.for_model(layout)([data[0]])
+    inputs = bundle.inputs([Image.open(records[0].image).convert("RGB")], [PROMPT])
+    prompt_len = inputs["input_ids"].shape[1]
+    assert torch.equal(batch["input_ids"][:, :prompt_len], inputs["input_ids"])
+    assert (batch["targets"][:, : prompt_len - 1] == -100).all() and (batch["targets"][:, prompt_len - 1] >= 0).all()
+    for key in ("qformer_input_ids", "pixel_values"):
+        assert (key in batch) == (key in inputs) and (key not in batch or torch.equal(batch[key], inputs[key]))

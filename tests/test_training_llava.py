@@ -30,7 +30,7 @@ def test_kd_exit_training_lowers_heldout_kl_on_llava(tmp_path):
     with torch.no_grad():
         model.model.language_model.norm.weight.mul_(6)
     layout = EarlyExitVLM(model, ExitConfig([1])).backbone.config  # BLIP-2's prompt-layout names on LLaVA's config
-    tok, proc = make_tokenizer("opt"), make_image_processor(16)
+    tok, proc = make_tokenizer("opt", layout.image_token_index), make_image_processor(16)
     train_set, dev_set = (CaptionDataset(r, tok, proc, layout) for r in (train, dev))
     before_backbone = {k: v.clone() for k, v in model.state_dict().items()}
     untrained = evaluate_exits(EarlyExitVLM(model, ExitConfig([1, 2], "fresh")), dev_set)
@@ -45,7 +45,7 @@ def test_kd_exit_training_lowers_heldout_kl_on_llava(tmp_path):
     assert all(torch.equal(v, before_backbone[k]) for k, v in model.state_dict().items())
     pixel_values = torch.stack([train_set[0]["pixel_values"]])
     image = torch.full((1, layout.num_query_tokens), layout.image_token_index)
-    out = ee.generate(pixel_values, torch.cat([image, torch.tensor([[2]])], dim=1), max_new_tokens=5, threshold=0.0)
+    out = ee.generate(pixel_values, torch.cat([torch.tensor([[2]]), image], dim=1), max_new_tokens=5, threshold=0.0)
     assert (out.exit_layers[out.exit_layers >= 0] == 1).all()
 
 
@@ -57,7 +57,7 @@ def test_stage1_trains_the_projector_alone_and_lowers_loss(tmp_path):
     with torch.no_grad():  # a random LM's logits are too flat for any soft prompt to make them peaked
         model.lm_head.weight.mul_(20)
     layout = EarlyExitVLM(model).backbone.config
-    data = CaptionDataset(records, make_tokenizer("opt"), make_image_processor(16), layout)
+    data = CaptionDataset(records, make_tokenizer("opt", layout.image_token_index), make_image_processor(16), layout)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     start = caption_loss_and_accuracy(model, data)
     config = FinetuneConfig(output_dir=str(tmp_path / "ft"), max_steps=30, batch_size=8, lr=2e-2, warmup_steps=3,

@@ -18,8 +18,9 @@ WORDS = ["a", "photo", "of", "on", "the", "question", "answer", "what", "color",
          *COLORS, *SHAPES, *SIDES]  # fmt: skip
 
 
-def make_tokenizer(family: str) -> PreTrainedTokenizerFast:
-    """Special tokens where the tiny configs expect them (OPT: pad 1, bos 2, eos 3; T5: pad 0, eos 1)."""
+def make_tokenizer(family: str, image_token_index: int | None = None) -> PreTrainedTokenizerFast:
+    """Special tokens where the tiny configs expect them (OPT: pad 1, bos 2, eos 3; T5: pad 0, eos 1), and `<image>`
+    at `image_token_index` if given (LLaVA's prompts hold it)."""
     if family == "opt":
         specials = ["<unk>", "<pad>", "<s>", "</s>"]
         template = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
@@ -27,11 +28,17 @@ def make_tokenizer(family: str) -> PreTrainedTokenizerFast:
         specials = ["<pad>", "</s>", "<unk>"]
         template = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     vocab = {tok: i for i, tok in enumerate(specials + WORDS)}
+    if image_token_index is not None:
+        vocab["<image>"] = image_token_index
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = template
     kwargs = {"bos_token": "<s>"} if family == "opt" else {}
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>", **kwargs)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>",
+                                        **kwargs)  # fmt: skip
+    if image_token_index is not None:
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return tokenizer
 
 
 def make_qformer_tokenizer() -> PreTrainedTokenizerFast:

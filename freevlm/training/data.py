@@ -4,7 +4,9 @@ out prompts and targets.
 Training data is a list of plain `Record`s (image path, prompt, target text) so any reader can feed the trainers.
 The collate produces the exact layout the backbone adapters expect (`Backbone.features`):
 
-- decoder-only (OPT): `input_ids` = image tokens + prompt (with BOS) + target + EOS, right-padded;
+- decoder-only (OPT): `input_ids` = image tokens + prompt (with BOS) + target + EOS, right-padded; LLaVA's prompt
+  is `<image>\n` + prompt, its one image token expanded in place (BOS first), as LLaVA's processor and
+  `loading.VLMBundle.inputs` lay it out;
 - encoder-decoder (T5): `input_ids` = image tokens + prompt (with EOS); `decoder_input_ids` = start + target
   shifted right.
 
@@ -109,6 +111,12 @@ class CaptionDataset(Dataset):
         text_cfg = model_config.text_config
         self.decoder_only = not getattr(text_cfg, "is_encoder_decoder", False)
         self.num_query_tokens = model_config.num_query_tokens
+        self.image_text = None  # LLaVA: the image token's text, which the prompt must hold
+        if getattr(model_config, "model_type", None) == "llava":
+            self.image_text = tokenizer.convert_ids_to_tokens(model_config.image_token_index)
+            if self.image_text is None:
+                raise ValueError(f"the tokenizer has no image token (id {model_config.image_token_index}): use the "
+                                 "LLaVA processor's tokenizer")  # fmt: skip
         self.records = records
         self.image_processor = image_processor
         eos = tokenizer.eos_token_id
@@ -136,9 +144,12 @@ class CaptionDataset(Dataset):
             self.target_ids.append(target_ids)
 
     def _tokenize(self, tokenizer, r: Record) -> tuple[list[int], list[int]]:
-        prompt_ids = tokenizer(r.prompt, add_special_tokens=True)["input_ids"]
+        prompt = r.prompt
+        if self.image_text is not None and self.image_text not in prompt:
+            prompt = f"{self.image_text}\n{prompt}"
+        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
         if self.decoder_only:  # tokenize prompt and target together so BPE sees the boundary as at inference
-            joined = tokenizer(f"{r.prompt} {r.target}" if r.prompt else r.target, add_special_tokens=True)["input_ids"]
+            joined = tokenizer(f"{prompt} {r.target}" if prompt else r.target, add_special_tokens=True)["input_ids"]
             if joined[: len(prompt_ids)] == prompt_ids:
                 return prompt_ids, joined[len(prompt_ids) :]
         return prompt_ids, tokenizer(r.target, add_special_tokens=False)["input_ids"]
@@ -188,19 +199,27 @@ class CaptionCollator:
             batch.update(qformer_input_ids=ids, qformer_attention_mask=mask)
         return batch
 
+    def _with_image(self, prompt_ids: list[int]) -> list[int]:
+        """The LM prompt: a prompt's image token expanded in place (LLaVA), else the image tokens first (BLIP-2)."""
+        image = [self.image_token_index] * self.num_query_tokens
+        if self.image_token_index in prompt_ids:
+            at = prompt_ids.index(self.image_token_index)
+            return prompt_ids[:at] + image + prompt_ids[at + 1 :]
+        return image + prompt_ids
+
     def _layout(self, items: list[dict]) -> dict[str, torch.Tensor]:
         pixel_values = torch.stack([it["pixel_values"] for it in items])
-        image = [self.image_token_index] * self.num_query_tokens
+        prompts = [self._with_image(it["prompt_ids"]) for it in items]
         if self.decoder_only:
-            seqs = [image + it["prompt_ids"] + it["target_ids"] for it in items]
+            seqs = [prompt + it["target_ids"] for prompt, it in zip(prompts, items)]
             input_ids, attention_mask = self._pad(seqs, self.pad_token_id)
             targets = torch.full_like(input_ids, IGNORE_INDEX)
-            for b, it in enumerate(items):
-                start = len(image) + len(it["prompt_ids"]) - 1  # the last prompt position predicts the first target
+            for b, (prompt, it) in enumerate(zip(prompts, items)):
+                start = len(prompt) - 1  # the last prompt position predicts the first target
                 targets[b, start : start + len(it["target_ids"])] = torch.tensor(it["target_ids"])
             return {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask,
                     "targets": targets}  # fmt: skip
-        input_ids, attention_mask = self._pad([image + it["prompt_ids"] for it in items], self.pad_token_id)
+        input_ids, attention_mask = self._pad(prompts, self.pad_token_id)
         decoder_input_ids, _ = self._pad(
             [[self.decoder_start_token_id] + it["target_ids"][:-1] for it in items], self.pad_token_id
         )
