@@ -103,3 +103,17 @@ def test_training_prompts_are_laid_out_as_the_processor_lays_them_out(folder):
     assert (batch["targets"][:, : prompt_len - 1] == -100).all() and (batch["targets"][:, prompt_len - 1] >= 0).all()
     for key in ("qformer_input_ids", "pixel_values"):
         assert (key in batch) == (key in inputs) and (key not in batch or torch.equal(batch[key], inputs[key]))
+
+
+def test_sweep_command_reads_the_folder(folder, tmp_path):
+    """Evaluation batches the processor's inputs (InstructBLIP's instruction included) through `generate`."""
+    import dataset_files as files
+
+    EarlyExitVLM(load_vlm(folder / "model").model, ExitConfig([1, 2], init="fresh")).save_exits(tmp_path / "exits")
+    q, a = files.vqa(tmp_path)
+    out = tmp_path / "out"
+    assert main(["sweep", "--backbone", str(folder / "model"), "--exits", str(tmp_path / "exits"), "--format", "vqav2",
+                 "--files", str(q), str(a), "--images", str(tmp_path / "val2014"), "--dev-files", str(q), str(a),
+                 "--thresholds", "0.0", "1.0", "--out", str(out), "--max-new-tokens", "2"]) == 0  # fmt: skip
+    result = json.loads((out / "results.json").read_text())
+    assert [r["speed"]["exit_histogram"] for r in result["test"]][0].keys() == {"1"}  # threshold 0: first exit
