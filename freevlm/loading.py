@@ -196,27 +196,35 @@ def lm_num_layers(config) -> int:
 
 
 def _load_with_custom_vision(path: Path, dtype: torch.dtype | None) -> torch.nn.Module:
-    """A BLIP-2 whose image encoder is not a ViT: `from_pretrained` would build a ViT, so rebuild and load here.
+    """A BLIP-2 (or LLaVA) whose image encoder is not a ViT: `from_pretrained` would build a ViT, so rebuild and
+    load here.
 
     The marker names the encoder, found in the registry `freevlm.vision.VISION_MODELS` (this loader imports no
     model builder: the demo's is a layer above it).
     """
+    import transformers
     from safetensors.torch import load_file
-    from transformers import Blip2Config, Blip2ForConditionalGeneration, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
 
     from .vision import VISION_MODELS
 
     name = json.loads((path / BACKBONE_MARKER).read_text()).get("vision_model")
     if name not in VISION_MODELS:
         raise ValueError(f"{path / BACKBONE_MARKER} names an unknown vision model {name!r} (not in {list(VISION_MODELS)})")
-    config = Blip2Config.from_pretrained(path)
-    model = Blip2ForConditionalGeneration(config)
+    config = AutoConfig.from_pretrained(path)
+    model = getattr(transformers, MODEL_CLASSES[config.model_type])(config)
     vision = config.vision_config
-    model.vision_model = VISION_MODELS[name](vision.hidden_size, vision.image_size, pretrained=False)
+    encoder = VISION_MODELS[name](vision.hidden_size, vision.image_size, pretrained=False)
+    if config.model_type == "llava":
+        model.model.vision_tower = encoder
+    else:
+        model.vision_model = encoder
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise OSError(f"no *.safetensors weights in {path}")
     state = {key: value for file in files for key, value in load_file(file).items()}
+    if config.model_type == "llava":
+        state = {_llava_key(key): value for key, value in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     current = model.state_dict()
     loaded = {current[key].data_ptr() for key in state if key in current}
@@ -225,5 +233,23 @@ def _load_with_custom_vision(path: Path, dtype: torch.dtype | None) -> torch.nn.
         raise ValueError(f"weights in {path} do not fit the model: missing {untied[:5]}, unexpected {unexpected[:5]}")
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
-        model.language_model.generation_config = model.generation_config
+        if config.model_type != "llava":  # BLIP-2's LM generates on its own too; LLaVA's head is the model's
+            model.language_model.generation_config = model.generation_config
     return model.to(dtype) if dtype is not None else model
+
+
+# `save_pretrained` writes a LLaVA under the original checkpoint's names; the module's are on the right
+LLAVA_SAVED_PREFIXES = {
+    "vision_tower.": "model.vision_tower.",
+    "multi_modal_projector.": "model.multi_modal_projector.",
+    "language_model.model.": "model.language_model.",
+    "language_model.lm_head.": "lm_head.",
+}
+
+
+def _llava_key(key: str) -> str:
+    """A saved LLaVA weight's name in the module (names already the module's pass through)."""
+    for saved, module in LLAVA_SAVED_PREFIXES.items():
+        if key.startswith(saved):
+            return module + key.removeprefix(saved)
+    return key

@@ -94,3 +94,26 @@ def test_t5_variant_builds_and_generates(images):
     assert t5.tokenizer("a photo of")["input_ids"][-1] == t5.tokenizer.eos_token_id  # T5-style input
     out = t5.model.generate(**t5.inputs(images, ["a photo of"] * 2), max_new_tokens=4, do_sample=False)
     assert out.shape[0] == 2 and out[0, 0] == t5.model.config.text_config.decoder_start_token_id
+
+
+def test_llama_variant_is_a_llava_that_sees_the_image_and_round_trips(images, tmp_path):
+    """`--family llama`: the same frozen EfficientNet as LLaVA's vision tower (64 image tokens, where the processor
+    puts them), a Llama LM; the saved folder loads back with its processor and decodes the same."""
+    llava = build_backbone("llama", num_layers=4, hidden_size=64)
+    model, tok = llava.model, llava.tokenizer
+    assert isinstance(model.model.vision_tower, EfficientNetVisionEncoder)
+    assert tok.convert_tokens_to_ids(IMAGE) == model.config.image_token_index
+    inputs = llava.inputs(images, ["a photo of"] * 2)
+    assert inputs["input_ids"][0, 0] == tok.bos_token_id
+    assert (inputs["input_ids"] == model.config.image_token_index).sum(1).tolist() == [64, 64]
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert (logits[0, -1] - logits[1, -1]).abs().max() > 1e-3  # two images, two answers
+    ee = EarlyExitVLM.from_backbone(model, ExitConfig([1, 2]))
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(ee.generate(**inputs, max_new_tokens=4, threshold=1.0).sequences, out)
+    save_backbone(llava, tmp_path / "backbone")
+    loaded = load_vlm(tmp_path / "backbone")
+    assert isinstance(loaded.model.model.vision_tower, EfficientNetVisionEncoder) and loaded.processor is not None
+    assert torch.equal(loaded.model.generate(**loaded.inputs(images, ["a photo of"] * 2), max_new_tokens=4,
+                                             do_sample=False), out)  # fmt: skip

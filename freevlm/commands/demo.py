@@ -13,7 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache", help="where trained backbones and exits are kept (default: $FREEVLM_CACHE or "
                                    "~/.cache/freevlm/demo)")  # fmt: skip
     p.add_argument("--fresh", action="store_true", help="retrain instead of reusing the cache")
-    p.add_argument("--family", choices=("opt", "t5"), default="opt", help="the LM of the small BLIP-2")
+    p.add_argument("--family", choices=("opt", "t5", "llama"), default="opt",
+                   help="the LM of the small BLIP-2 (llama: a small LLaVA with a Llama LM instead)")
     p.add_argument("--no-baselines", action="store_true",
                    help="skip DeeBLIP / PABEE-BLIP / LeeBLIP / MuE (--quick always skips them)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)

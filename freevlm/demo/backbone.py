@@ -1,9 +1,11 @@
-"""The demo's small BLIP-2: real Hugging Face classes, a frozen pretrained EfficientNet-Lite0 as image encoder.
+"""The demo's small BLIP-2 (or LLaVA): real Hugging Face classes, a frozen pretrained EfficientNet-Lite0 as image
+encoder.
 
 No BLIP-2 weights can be had here, so the demo trains its own. A ViT trained from scratch learns only the caption
 prior in minutes on a CPU; a frozen pretrained encoder grounds (measured: see `freevlm.vision.efficientnet`), so
 `vision_model` is `EfficientNetVisionEncoder` while the Q-Former, projection and LM (OPT, or T5 by argument) are
-Hugging Face's.
+Hugging Face's. `family="llama"` builds a LLaVA instead: the same encoder as its vision tower, LLaVA's projector and
+a Llama LM, with a `LlavaProcessor` (the image's 64 tokens where `<image>` stands).
 The tokenizer is word-level over the shapes-world and easy-VQA words, built offline with `tokenizers`.
 """
 
@@ -20,7 +22,12 @@ from transformers import (
     Blip2ForConditionalGeneration,
     Blip2QFormerConfig,
     Blip2VisionConfig,
+    CLIPVisionConfig,
     GenerationConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
     OPTConfig,
     PreTrainedTokenizerFast,
     T5Config,
@@ -42,13 +49,13 @@ def vocabulary() -> list[str]:
 
 
 def build_tokenizer(family: str = "opt") -> PreTrainedTokenizerFast:
-    """Word-level tokenizer; OPT-style prompts start with <s>, T5-style inputs end with </s>."""
+    """Word-level tokenizer; OPT-style (and Llama-style) prompts start with <s>, T5-style inputs end with </s>."""
     vocab = {word: i for i, word in enumerate(vocabulary())}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
-    if family == "opt":
+    if family in ("opt", "llama"):
         tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
                                                            special_tokens=[(BOS, vocab[BOS])])  # fmt: skip
     else:
@@ -110,7 +117,7 @@ def demo_config(
             feed_forward_proj="gated-gelu", decoder_start_token_id=pad, eos_token_id=eos, pad_token_id=pad,
         )  # fmt: skip
     else:
-        raise ValueError(f"unknown family {family!r}: 'opt' or 't5'")
+        raise ValueError(f"unknown family {family!r}: 'opt', 't5' or 'llama'")
     return Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
                        num_query_tokens=num_query_tokens, image_token_index=image)  # fmt: skip
 
@@ -133,10 +140,35 @@ def init_cross_attention(qformer: torch.nn.Module) -> None:
                 linear.bias.zero_()
 
 
+def llava_demo_config(
+    num_layers: int = 12,
+    hidden_size: int = 256,
+    num_heads: int = 4,
+    vision_hidden_size: int = 128,
+    image_size: int = 128,
+    max_positions: int = 128,
+) -> LlavaConfig:
+    """LLaVA config of the demo model (`demo_config`'s sizes): the vision config describes the EfficientNet's
+    tokens (one per 16 px patch, behind the pooled token LLaVA's "default" strategy drops)."""
+    pad, bos, eos, image = (SPECIALS.index(t) for t in (PAD, BOS, EOS, IMAGE))
+    vision = CLIPVisionConfig(hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size,
+                              num_hidden_layers=1, num_attention_heads=2, image_size=image_size, patch_size=16)  # fmt: skip
+    text = LlamaConfig(
+        vocab_size=len(vocabulary()), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+        max_position_embeddings=max_positions, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
+    )  # fmt: skip
+    return LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=image,
+                       vision_feature_layer=-1, vision_feature_select_strategy="default")  # fmt: skip
+
+
 def build_backbone(family: str = "opt", seed: int = 0, **config_kwargs) -> VLMBundle:
     """A fresh demo BLIP-2 (eval mode) with its tokenizer and image processor; sizes as in `demo_config`. Its
     `vision_model` is the EfficientNet encoder, the query tokens are drawn (not the dead zero default) and the
-    Q-Former's cross-attention is initialised so that the image reaches its output (`init_cross_attention`)."""
+    Q-Former's cross-attention is initialised so that the image reaches its output (`init_cross_attention`).
+    `family="llama"`: the LLaVA of `llava_demo_config`, with its processor."""
+    if family == "llama":
+        return _build_llava(seed, **config_kwargs)
     torch.manual_seed(seed)
     config = demo_config(family, **config_kwargs)
     vision, text = config.vision_config, config.text_config
@@ -151,13 +183,32 @@ def build_backbone(family: str = "opt", seed: int = 0, **config_kwargs) -> VLMBu
     return VLMBundle(model.eval(), build_tokenizer(family), build_image_processor(vision.image_size))
 
 
+def _build_llava(seed: int, **config_kwargs) -> VLMBundle:
+    torch.manual_seed(seed)
+    config = llava_demo_config(**config_kwargs)
+    vision, text = config.vision_config, config.text_config
+    model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower = EfficientNetVisionEncoder(vision.hidden_size, vision.image_size, pretrained=True)
+    model.generation_config = GenerationConfig(
+        max_new_tokens=24, **{name: getattr(text, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")})
+    processor = LlavaProcessor(build_image_processor(vision.image_size), build_tokenizer("llama"),
+                               patch_size=vision.patch_size, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1)  # fmt: skip
+    return VLMBundle(model.eval(), processor.tokenizer, processor.image_processor, processor)
+
+
+def vision_encoder(model: torch.nn.Module) -> EfficientNetVisionEncoder:
+    """The demo model's image encoder: BLIP-2's `vision_model`, LLaVA's `vision_tower`."""
+    return model.vision_model if hasattr(model, "vision_model") else model.model.vision_tower
+
+
 def save_backbone(bundle: VLMBundle, path: str | os.PathLike) -> Path:
     """`save_pretrained` folder + a marker naming the encoder, so `freevlm.loading.load_vlm(path)` rebuilds it
     (from `freevlm.vision.VISION_MODELS`)."""
     path = Path(path)
     bundle.model.save_pretrained(path)
-    bundle.tokenizer.save_pretrained(path)
-    bundle.image_processor.save_pretrained(path)
-    marker = {"vision_model": bundle.model.vision_model.name, "family": bundle.model.config.text_config.model_type}
+    for obj in bundle.preprocessing:
+        obj.save_pretrained(path)
+    marker = {"vision_model": vision_encoder(bundle.model).name, "family": bundle.model.config.text_config.model_type}
     (path / BACKBONE_MARKER).write_text(json.dumps(marker, indent=2))
     return path

@@ -3,7 +3,8 @@
 1. data: the shapes world (train / dev / test / out-of-distribution) in COCO-caption and VQAv2 formats, and the
    easy-VQA package's questions;
 2. backbone: a small BLIP-2 (frozen ImageNet EfficientNet-Lite0 image encoder, Hugging Face Q-Former, projection
-   and OPT or T5 LM) trained on shapes captions and VQA, then frozen (stage 1);
+   and OPT or T5 LM; or a small LLaVA: the same encoder, a projector and a Llama LM) trained on shapes captions and
+   VQA, then frozen (stage 1);
 3. exits: FREE exits (GAN + KD: no labels), the semi-supervised variant (GAN + CE) and the ablation without the
    adversarial term; the baselines (DeeBLIP, PABEE-BLIP, LeeBLIP, MuE) on the same backbone (stage 2);
 4. evaluation: threshold chosen on dev, then test and OOD captioning (BLEU-4, METEOR, CIDEr), VQA accuracy,
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ..backbones import load_backbone
 from ..calibration import (
     LOSS_DEFINITIONS, calibrate_exits, candidate_placements, consistency_losses, exits_subset, never_exits, place_exits,
     placement_guarantee,
@@ -49,7 +51,7 @@ from ..training.common import progress_hook
 from ..training.data import CaptionDataset, Record
 from ..training.exits import ExitTrainConfig, train_exits
 from ..training.finetune import FinetuneConfig, caption_loss_and_accuracy, finetune
-from .backbone import build_backbone, save_backbone
+from .backbone import build_backbone, save_backbone, vision_encoder
 from .report import write_report
 from .stats import bootstrap, per_image_cider
 
@@ -266,7 +268,8 @@ class Demo:
             shutil.rmtree(folder, ignore_errors=True)
             bundle = build_backbone(cfg.family, seed=cfg.seed, num_layers=cfg.num_layers)
             records = self._training_records()
-            train = CaptionDataset(records, bundle.tokenizer, bundle.image_processor, bundle.model.config,
+            layout = load_backbone(bundle.model).config  # BLIP-2's prompt-layout names, LLaVA's too
+            train = CaptionDataset(records, bundle.tokenizer, bundle.image_processor, layout,
                                    source="shapes + easy-VQA training records")  # fmt: skip
             t0 = time.perf_counter()
             run_dir = folder.with_name(folder.name + "-run")
@@ -277,14 +280,14 @@ class Demo:
                 train_vision=True, train_qformer=True, train_projection=True, train_lm=True,
                 checkpoint_every=max(cfg.backbone_steps, 1), progress=cfg.progress, tensorboard=False,
             )  # fmt: skip
-            bundle.model.vision_model.cache_frozen_features()
+            vision_encoder(bundle.model).cache_frozen_features()
             with self.training("backbone"):
                 finetune(bundle.model, train, config)
             seconds = time.perf_counter() - t0
             bundle.model.eval().requires_grad_(False)
             save_backbone(bundle, folder)
-            dev = CaptionDataset(self._caption_records("dev"), bundle.tokenizer, bundle.image_processor,
-                                 bundle.model.config, source="shapes dev captions")  # fmt: skip
+            dev = CaptionDataset(self._caption_records("dev"), bundle.tokenizer, bundle.image_processor, layout,
+                                 source="shapes dev captions")  # fmt: skip
             held_out = caption_loss_and_accuracy(bundle.model, dev, cfg.eval_batch)
             info = {"train_steps": cfg.backbone_steps, "train_seconds": seconds, "train_records": len(records),
                     "final_loss": held_out["loss"], "dev_token_accuracy": held_out["token_acc"]}  # fmt: skip
@@ -295,11 +298,10 @@ class Demo:
             info, cached = json.loads(info_file.read_text()), True
         self.bundle: VLMBundle = load_vlm(folder)
         self.bundle.model.requires_grad_(False)
-        self.bundle.model.vision_model.cache_frozen_features()  # exit training and evaluation revisit images
+        vision_encoder(self.bundle.model).cache_frozen_features()  # exit training and evaluation revisit images
         text = self.bundle.model.config.text_config
-        self.num_layers = (
-            self.bundle.model.config.text_config.num_hidden_layers if cfg.family == "opt" else text.num_decoder_layers
-        )
+        backbone = load_backbone(self.bundle.model)
+        self.layout, self.num_layers = backbone.config, backbone.num_layers  # the config names CaptionDataset reads
         self.results["backbone"] = dict(info, family=cfg.family, num_layers=self.num_layers,
                                         hidden_size=getattr(text, "hidden_size", getattr(text, "d_model", None)),
                                         vision_encoder=VISION_ENCODER, cached=cached, path=str(folder))  # fmt: skip
@@ -311,7 +313,7 @@ class Demo:
     def exits(self) -> None:
         cfg = self.cfg
         records = self._caption_records()
-        train = CaptionDataset(records, self.bundle.tokenizer, self.bundle.image_processor, self.bundle.model.config,
+        train = CaptionDataset(records, self.bundle.tokenizer, self.bundle.image_processor, self.layout,
                                source="shapes captions")  # fmt: skip
         variants = {
             "free": {"anchor": "kd", "adversarial": True},

@@ -105,12 +105,18 @@ def _exit_layers(results: dict) -> list[int]:
     return list((results.get("exits") or {}).get("exit_layers") or [])
 
 
+def _model_name(results: dict) -> str:
+    """The demo's model: a LLaVA for the Llama LM, a BLIP-2 otherwise."""
+    return "LLaVA" if (results.get("backbone") or {}).get("family") == "llama" else "BLIP-2"
+
+
 def trained_summary(results: dict) -> list[str]:
     """Bullet lines saying what was trained, from results["backbone"], ["exits"] and ["config"]."""
     b, e, c = results.get("backbone") or {}, results.get("exits") or {}, results.get("config") or {}
     lines = []
     if b:
-        lines.append(f"Backbone: BLIP-2 (Hugging Face classes), Q-Former and language model trained on the shapes world; "
+        trained = "projector" if _model_name(results) == "LLaVA" else "Q-Former"
+        lines.append(f"Backbone: {_model_name(results)} (Hugging Face classes), {trained} and language model trained on the shapes world; "
                      f"LM {b.get('family', '?').upper()}, {b.get('num_layers', '?')} layers, hidden size {b.get('hidden_size', '?')}.")  # fmt: skip
         if b.get("vision_encoder"):
             lines.append(f"Vision encoder: {b['vision_encoder']}.")
@@ -487,7 +493,7 @@ def html_report(results: dict, plots: dict[str, str]) -> str:
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              '<meta name="viewport" content="width=device-width, initial-scale=1">',
              "<title>freevlm demo report</title>", f"<style>{CSS}</style></head><body><main>",
-             "<h1>freevlm demo: BLIP-2 with FREE early exits</h1>",
+             f"<h1>freevlm demo: {_model_name(results)} with FREE early exits</h1>",
              ('<p class="sub">Every number on this page was measured by this run '
               '(<a href="results.json">results.json</a>, <a href="report.md">report.md</a>).</p>'),
              '<ul class="trained">' + "".join(f"<li>{_e(line)}</li>" for line in trained_summary(results)) + "</ul>",

@@ -107,7 +107,8 @@ def efficientnet_lite0(pretrained: bool = True) -> EfficientNetLite0:
 
 
 class EfficientNetVisionEncoder(nn.Module):
-    """Frozen EfficientNet-Lite0 blocks 0-10 + trainable position embedding and projections, as a BLIP-2 `vision_model`.
+    """Frozen EfficientNet-Lite0 blocks 0-10 + trainable position embedding and projections, as a BLIP-2 `vision_model`
+    or a LLaVA `vision_tower`.
 
     A token is `LN(proj(block 10 + position)) + LN(colour_proj(block 2, pooled to the same grid))`: shape from the
     deep map, colour from the early one, each normalised on its own so that neither drowns the other. Returns
@@ -189,4 +190,7 @@ class EfficientNetVisionEncoder(nn.Module):
         pooled = hidden.mean(1)
         if return_dict is False:
             return (hidden, pooled)
-        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
+        # as LLaVA's vision tower: LLaVA reads `hidden_states[-1]` and drops its first token (a ViT's CLS), which
+        # the pooled token stands in for
+        states = (torch.cat([pooled[:, None], hidden], dim=1),)
+        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled, hidden_states=states)
