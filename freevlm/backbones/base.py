@@ -125,8 +125,15 @@ class Backbone:
         max_new_tokens: int,
         decoder_input_ids: torch.Tensor | None = None,
     ) -> Context:
-        """Encode image + prompt; the context's slots hold the prompt and up to `max_new_tokens` new tokens."""
-        raise NotImplementedError
+        """Encode image + prompt; the context's slots hold the prompt and up to `max_new_tokens` new tokens.
+
+        As here for decoder-only LMs (the prompt starts the decoder's own sequence; positions count real tokens);
+        encoder-decoder families override it."""
+        input_ids, embeds, attention_mask = self.image_prompt_embeds(pixel_values, input_ids, attention_mask)
+        batch, prompt_len = input_ids.shape
+        key_mask = torch.ones(batch, prompt_len + max_new_tokens, dtype=torch.bool, device=embeds.device)
+        key_mask[:, :prompt_len] = attention_mask.bool()
+        return Context(input_ids, embeds, key_mask, {"positions": decoder_positions(key_mask)})
 
     def embed_prompt(self, ctx: Context) -> torch.Tensor:
         """Hidden states entering layer 0 for every prompt slot, `[B, L0, H]`."""

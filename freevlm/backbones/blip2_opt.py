@@ -14,7 +14,7 @@ from torch import nn
 from transformers.models.opt.modeling_opt import OPTDecoderLayer
 
 from ..cache_utils import KVView
-from .base import Blip2Backbone, Context, cache_keyword, decoder_positions
+from .base import Blip2Backbone, Context, cache_keyword
 from .kv_stack import KVInput
 
 
@@ -29,13 +29,6 @@ class Blip2OPTBackbone(Blip2Backbone):
     @property
     def hidden_size(self) -> int:
         return self.lm.config.hidden_size
-
-    def start(self, pixel_values, input_ids, attention_mask, max_new_tokens, decoder_input_ids=None) -> Context:
-        input_ids, embeds, attention_mask = self.image_prompt_embeds(pixel_values, input_ids, attention_mask)
-        batch, prompt_len = input_ids.shape
-        key_mask = torch.ones(batch, prompt_len + max_new_tokens, dtype=torch.bool, device=embeds.device)
-        key_mask[:, :prompt_len] = attention_mask.bool()
-        return Context(input_ids, embeds, key_mask, {"positions": decoder_positions(key_mask)})
 
     def _add_positions(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self.decoder.project_in is not None:

@@ -14,7 +14,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
 from ..cache_utils import KVView
-from .base import Backbone, Context, cache_keyword, decoder_positions
+from .base import Backbone, Context, cache_keyword
 
 LANGUAGE_MODELS = ("llama", "mistral", "qwen2")
 # rotary variants whose frequencies depend on the length seen so far: a window's cos/sin would differ from a full pass
@@ -52,13 +52,6 @@ class RotaryDecoder(Backbone):
     @property
     def hidden_size(self) -> int:
         return self.text.config.hidden_size
-
-    def start(self, pixel_values, input_ids, attention_mask, max_new_tokens, decoder_input_ids=None) -> Context:
-        input_ids, embeds, attention_mask = self.image_prompt_embeds(pixel_values, input_ids, attention_mask)
-        batch, prompt_len = input_ids.shape
-        key_mask = torch.ones(batch, prompt_len + max_new_tokens, dtype=torch.bool, device=embeds.device)
-        key_mask[:, :prompt_len] = attention_mask.bool()
-        return Context(input_ids, embeds, key_mask, {"positions": decoder_positions(key_mask)})
 
     def embed_prompt(self, ctx):
         return ctx.prompt_embeds
