@@ -3,7 +3,13 @@ it, and FREE exit training (the BLIP-2 recipe, unchanged) lowers held-out KL."""
 
 import pytest
 import torch
-from training_helpers import make_image_processor, make_qformer_tokenizer, make_tokenizer, write_shapes
+from training_helpers import (
+    assert_kd_training_lowers_held_out_kl,
+    make_image_processor,
+    make_qformer_tokenizer,
+    make_tokenizer,
+    write_shapes,
+)
 from transformers import InstructBlipProcessor
 
 from freevlm import EarlyExitVLM, ExitConfig
@@ -12,12 +18,9 @@ from freevlm.tiny import tiny_instructblip
 from freevlm.training import (
     CaptionCollator,
     CaptionDataset,
-    ExitTrainConfig,
     Record,
-    evaluate_exits,
     load_coco_captions,
     split_records,
-    train_exits,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,17 +54,7 @@ def test_kd_exit_training_lowers_heldout_kl_on_instructblip(tmp_path):
         ee.backbone.text.norm.weight.mul_(6)
     tok, proc, qtok = make_tokenizer("opt"), make_image_processor(), make_qformer_tokenizer()
     train_set, dev_set = (CaptionDataset(r, tok, proc, model.config, qformer_tokenizer=qtok) for r in (train, dev))
-    before_backbone = {k: v.clone() for k, v in model.state_dict().items()}
-    untrained = evaluate_exits(EarlyExitVLM(model, ExitConfig([1, 2], "fresh")), dev_set)
-    config = ExitTrainConfig(output_dir=str(tmp_path / "kd"), exit_layers=(1, 2), init="fresh", anchor="kd",
-                             max_steps=60, batch_size=8, lr=1e-3, disc_lr=1e-3, adv_weight=0.1, disc_hidden=64,
-                             warmup_steps=5, progress=False, checkpoint_every=10_000, log_every=10)  # fmt: skip
-    ee = train_exits(model, train_set, config, dev_set=dev_set)
-    trained = evaluate_exits(ee, dev_set)
-    for i in (1, 2):
-        before, after = untrained[f"kl/exit_{i}"], trained[f"kl/exit_{i}"]
-        assert after < 0.2 * before, f"exit {i}: held-out KL {before:.4f} -> {after:.4f}"
-    assert all(torch.equal(v, before_backbone[k]) for k, v in model.state_dict().items())
+    ee = assert_kd_training_lowers_held_out_kl(model, train_set, dev_set, tmp_path / "kd")
     item = train_set[0]
     image = torch.full((1, model.config.num_query_tokens), model.config.image_token_index)
     with ee.backbone.instruction(torch.tensor([item["qformer_ids"]])):

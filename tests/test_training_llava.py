@@ -2,20 +2,17 @@
 
 import pytest
 import torch
-from training_helpers import make_image_processor, make_tokenizer, write_shapes
+from training_helpers import assert_kd_training_lowers_held_out_kl, make_image_processor, make_tokenizer, write_shapes
 
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.tiny import tiny_llava
 from freevlm.training import (
     CaptionDataset,
-    ExitTrainConfig,
     FinetuneConfig,
     caption_loss_and_accuracy,
-    evaluate_exits,
     finetune,
     load_coco_captions,
     split_records,
-    train_exits,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,17 +29,7 @@ def test_kd_exit_training_lowers_heldout_kl_on_llava(tmp_path):
     layout = EarlyExitVLM(model, ExitConfig([1])).backbone.config  # BLIP-2's prompt-layout names on LLaVA's config
     tok, proc = make_tokenizer("opt", layout.image_token_index), make_image_processor(16)
     train_set, dev_set = (CaptionDataset(r, tok, proc, layout) for r in (train, dev))
-    before_backbone = {k: v.clone() for k, v in model.state_dict().items()}
-    untrained = evaluate_exits(EarlyExitVLM(model, ExitConfig([1, 2], "fresh")), dev_set)
-    config = ExitTrainConfig(output_dir=str(tmp_path / "kd"), exit_layers=(1, 2), init="fresh", anchor="kd",
-                             max_steps=60, batch_size=8, lr=1e-3, disc_lr=1e-3, adv_weight=0.1, disc_hidden=64,
-                             warmup_steps=5, progress=False, checkpoint_every=10_000, log_every=10)  # fmt: skip
-    ee = train_exits(model, train_set, config, dev_set=dev_set)
-    trained = evaluate_exits(ee, dev_set)
-    for i in (1, 2):
-        before, after = untrained[f"kl/exit_{i}"], trained[f"kl/exit_{i}"]
-        assert after < 0.2 * before, f"exit {i}: held-out KL {before:.4f} -> {after:.4f}"
-    assert all(torch.equal(v, before_backbone[k]) for k, v in model.state_dict().items())
+    ee = assert_kd_training_lowers_held_out_kl(model, train_set, dev_set, tmp_path / "kd")
     pixel_values = torch.stack([train_set[0]["pixel_values"]])
     image = torch.full((1, layout.num_query_tokens), layout.image_token_index)
     out = ee.generate(pixel_values, torch.cat([torch.tensor([[2]]), image], dim=1), max_new_tokens=5, threshold=0.0)
