@@ -49,8 +49,8 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(runs: dict, repeats: int) -> dict:
-    """Median seconds of each run, measured round-robin so machine drift hits all of them alike.
+def interleaved(runs: dict, repeats: int, stat: str = "median") -> dict:
+    """Median (or `stat="min"`) seconds of each run, measured round-robin so machine drift hits all of them alike.
 
     A run returns its own measured seconds as a float (e.g. decode-only); anything else means "time me whole".
     """
@@ -64,7 +64,8 @@ def interleaved(runs: dict, repeats: int) -> dict:
             measured = fn()
             sync()
             times[name].append(measured if isinstance(measured, float) else time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    summary = min if stat == "min" else statistics.median
+    return {name: summary(ts) for name, ts in times.items()}
 
 
 def setup_threads() -> None:
