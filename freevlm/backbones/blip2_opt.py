@@ -40,10 +40,17 @@ class Blip2OPTBackbone(Blip2Backbone):
         return self._add_positions(ctx.prompt_embeds, ctx.extra["positions"][:, :length])
 
     def embed(self, ctx, token_ids, rows, start):
-        positions = ctx.extra["positions"]
-        positions = positions if rows is None else positions[rows]
+        # every slot's position embedding, looked up once per request (a copy of the table's rows: the same
+        # values the lookup per step gave), so a step adds a slice
+        table = ctx.extra.get("position_embeds")
+        if table is None:
+            positions = ctx.extra["positions"]
+            table = ctx.extra["position_embeds"] = self.decoder.embed_positions(None, 0, position_ids=positions)
+        table = table if rows is None else table[rows]
         embeds = self.decoder.embed_tokens(token_ids)
-        return self._add_positions(embeds, positions[:, start : start + token_ids.shape[1]])
+        if self.decoder.project_in is not None:
+            embeds = self.decoder.project_in(embeds)
+        return embeds + table[:, start : start + token_ids.shape[1]]
 
     def run_layer(self, layer, hidden, ctx, cache: KVView, mask, rows):
         return layer(hidden, attention_mask=mask, **{cache_keyword(type(layer)): cache})

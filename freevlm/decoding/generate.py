@@ -146,13 +146,22 @@ def greedy_generate(
     req.prefilled()
 
     length = 1
-    while length < max_new_tokens and not bool(done.all()):
-        rows = (~done).nonzero().squeeze(1)
-        rows_arg = None if len(rows) == batch else rows
-        x = backbone.embed(ctx, generated[rows, length - 1 : length], rows_arg, prompt_len + length - 1)
-        result = engine.step(rows, x, prompt_len + length - 1, step=length)
-        generated[rows, length], exit_layers[rows, length] = result.tokens, result.exit_at
-        done[rows] |= torch.isin(result.tokens, req.eos)
+    every_row = torch.arange(batch, device=device)
+    while length < max_new_tokens:
+        finished = int(done.sum())  # the one host read of the loop
+        if finished == batch:
+            break
+        if finished == 0:  # every row goes on: plain slices, no gathers or scatters
+            x = backbone.embed(ctx, generated[:, length - 1 : length], None, prompt_len + length - 1)
+            result = engine.step(every_row, x, prompt_len + length - 1, step=length)
+            generated[:, length], exit_layers[:, length] = result.tokens, result.exit_at
+            done |= torch.isin(result.tokens, req.eos)
+        else:
+            rows = (~done).nonzero().squeeze(1)
+            x = backbone.embed(ctx, generated[rows, length - 1 : length], rows, prompt_len + length - 1)
+            result = engine.step(rows, x, prompt_len + length - 1, step=length)
+            generated[rows, length], exit_layers[rows, length] = result.tokens, result.exit_at
+            done[rows] |= torch.isin(result.tokens, req.eos)
         length += 1
 
     exit_layers = exit_layers[:, :length]

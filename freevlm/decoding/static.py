@@ -163,6 +163,7 @@ class StaticEngine:
         self.exit_inputs: dict[int, torch.Tensor] = {}  # exit layer inputs kept while the gate is closed
         self.key_ok = torch.ones(self.batch_size, slots, dtype=torch.bool, device=ctx.key_mask.device)
         self.runner = SegmentRunner(graphs)
+        self._all_rows = torch.arange(self.batch_size, device=ctx.key_mask.device)
         self.costs = ParamCosts.of(backbone, exits, self.live)
         self._gated = batch_policy == "auto" and self.batch_policy == "ride_along"
         self.restart(ctx, policy)
@@ -175,22 +176,29 @@ class StaticEngine:
         for kv in [*self.kv, *self.exit_kv.values()]:
             kv.fill = 0
         self.work = WorkCounter()
-        self._windows: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # this step's windows
         self.gate = ExitGate(self.costs.full_step) if self._gated else None
+        # every decode window's slot ids and mask are slices of these, made once per request: a step builds none
+        device, slots = self.key_ok.device, self.key_ok.shape[1]
+        self._slot_ids = torch.arange(slots, device=device)
+        self._mask_from = max(ctx.prompt_embeds.shape[1] - 1, 0)  # the first slot a step's window may start at
+        self._masks = self._build_mask(self._mask_from, slots - self._mask_from)
 
     # --- windows ------------------------------------------------------------------------------------------------
-    def _window(self, start: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slot ids `[size]` and the bool mask `[B, 1, size, slots]` of a window: causal, padding keys hidden, a
-        query always sees itself. Built once per window and shared by every layer of the segment."""
-        if (start, size) in self._windows:
-            return self._windows[(start, size)]
-        device = self.key_ok.device
-        slots = torch.arange(start, start + size, device=device)
-        keys = torch.arange(self.key_ok.shape[1], device=device)
+    def _build_mask(self, start: int, size: int) -> torch.Tensor:
+        """The bool mask `[B, 1, size, slots]` of queries at slots `[start, start + size)`: causal, padding keys
+        hidden, a query always sees itself."""
+        slots = self._slot_ids[start : start + size]
+        keys = self._slot_ids
         visible = (keys[None, :] <= slots[:, None])[None] & self.key_ok[:, None, :]
-        mask = visible | (keys[None, :] == slots[:, None])[None]
-        self._windows[(start, size)] = slots, mask[:, None]
-        return self._windows[(start, size)]
+        return (visible | (keys[None, :] == slots[:, None])[None])[:, None]
+
+    def _window(self, start: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot ids `[size]` and the bool mask `[B, 1, size, slots]` of a window, shared by every layer of a
+        segment: views into the request's tables, except for the prompt's window (built once, at `encode`)."""
+        if start < self._mask_from:
+            return self._slot_ids[start : start + size], self._build_mask(start, size)
+        row = start - self._mask_from
+        return self._slot_ids[start : start + size], self._masks[:, :, row : row + size]
 
     # --- segments -----------------------------------------------------------------------------------------------
     def _layers(self, first: int, last: int, keep: tuple[int, ...], x, slots, mask, start: int):
@@ -202,13 +210,14 @@ class StaticEngine:
             x = self.backbone.run_layer(self.backbone.layers[depth], x, self.ctx, view, mask, None)
         return x
 
-    def _exit_features(self, depth: int, x, slots, mask, start: int, last: torch.Tensor):
-        """The exit's output at the last real slot of each row (its layer fills its own cache on the way)."""
+    def _exit_features(self, depth: int, x, slots, mask, start: int, last: torch.Tensor | None):
+        """The exit's output at the last real slot of each row (`last`: its index in a padded window; None: the
+        window's last slot). Its layer fills its own cache on the way."""
         exit_module = self.exits[depth]
         if exit_module.needs_cache:
             view = StaticView(self.exit_kv[depth], slots, start)
             x = self.backbone.run_layer(exit_module.layer, x, self.ctx, view, mask, None)
-        return x.index_select(1, last).squeeze(1)
+        return x[:, -1] if last is None else x.index_select(1, last).squeeze(1)
 
     def _segment_fn(self, first: int, last: int, exit_depth: int | None, keep: tuple[int, ...], start: int,
                     with_logits: bool):  # fmt: skip
@@ -225,35 +234,33 @@ class StaticEngine:
 
     def _run_segment(self, first, last, exit_depth, keep, x, start, with_logits):
         size = x.shape[1]
-        bucket = window_bucket(size) if self.runner.enabled else None
-        if bucket is not None and bucket > size:
-            x = torch.cat([x, x.new_zeros(x.shape[0], bucket - size, x.shape[2])], dim=1)
-        padded = x.shape[1]
-        slots, mask = self._window(start, padded)
-        last_slot = torch.full((1,), size - 1, dtype=torch.long, device=x.device)
         fn = self._segment_fn(first, last, exit_depth, keep, start, with_logits)
-        if bucket is None:
-            out = fn(x, slots, mask, last_slot)
+        bucket = window_bucket(size) if self.runner.enabled else None
+        if bucket is None:  # eagerly, on the exact window: the last slot is the last real one
+            out = fn(x, *self._window(start, size), None)
         else:
+            if bucket > size:
+                x = torch.cat([x, x.new_zeros(x.shape[0], bucket - size, x.shape[2])], dim=1)
+            slots, mask = self._window(start, bucket)
+            last_slot = self._slot_ids[size - 1 : size]
             out = self.runner((first, last, exit_depth, keep, with_logits, bucket), fn, x, slots, mask, last_slot)
+            out = (out[0][:, :size], *out[1:])
         self.work.layer_calls += last - first
         self.work.params_touched += sum(self.costs.layers[first:last])
-        return (out[0][:, :size], *out[1:])
+        return out
 
     # --- the request --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> None:
         """Prompt slots `[0, q)` of every row through every layer and every live exit's layer; predict nothing."""
-        q = x.shape[1]
-        slots, mask = self._window(0, q)
-        last = torch.full((1,), q - 1, dtype=torch.long, device=x.device)
+        slots, mask = self._window(0, x.shape[1])
         bounds = [0, *[i for i in self.live if i in self.exit_kv], self.num_layers]
         for first, last_layer in zip(bounds, bounds[1:]):
             x = self._layers(first, last_layer, (), x, slots, mask, 0)
             if last_layer in self.exit_kv:
-                self._exit_features(last_layer, x, slots, mask, 0, last)
+                self._exit_features(last_layer, x, slots, mask, 0, None)
         for kv in [*self.kv, *self.exit_kv.values()]:
-            kv.fill = q
+            kv.fill = x.shape[1]
 
     @torch.no_grad()
     def prefill(self, prompt: torch.Tensor) -> StepResult:
@@ -268,39 +275,37 @@ class StaticEngine:
         """New slots `[new_start, new_start + q)` of `rows` up the stack (see `GeneralEngine.step`).
 
         Every row runs (shapes stay the same); rows not asked for (finished ones) ride along from the start and
-        never hold the batch back."""
+        never hold the batch back. Which rows' tokens are out is known on the host (`out_ids`); the device mask
+        (`out_mask`) exists only once some row's is, so a step of one row builds no masks at all."""
         n, end, device = self.batch_size, new_start + x.shape[1], x.device
-        self._windows = {}
-        asked = rows
-        if len(rows) != n:
+        asked, every_row = rows, len(rows) == n
+        out_ids, out_mask = [False] * n, None
+        if not every_row:
             x = x.new_zeros(n, *x.shape[1:]).index_copy_(0, rows, x)
-            rows = torch.arange(n, device=device)
+            rows = self._all_rows
+            out_ids = [True] * n
+            for b in asked.tolist():
+                out_ids[b] = False
+            out_mask = torch.ones(n, dtype=torch.bool, device=device).index_fill_(0, asked, False)
         self.work.steps += 1
         touched_before = self.work.params_touched
         consult = self.gate is None or self.gate.open(step)
-        exits = [i for i in self.live if consult]
         keep = () if consult else tuple(i for i in self.live if i in self.exit_kv)
         for i in keep:
             if i not in self.exit_inputs:
                 self.exit_inputs[i] = x.new_zeros(n, self.kv[0].slots, x.shape[-1])
-        tokens = torch.empty(n, dtype=torch.long, device=device)
-        exit_at = torch.full((n,), self.num_layers, dtype=torch.long, device=device)
-        all_logits: torch.Tensor | None = None
-        emitted = torch.ones(n, dtype=torch.bool, device=device).index_fill_(0, asked, False)
-        emitted_ids = [True] * n  # the same on the host
-        for b in asked.tolist() if len(asked) != n else range(n):
-            emitted_ids[b] = False
+        emitted: tuple | None = None  # (tokens, exit_at, logits) of the rows whose token is out
         lo = new_start
         # segments end at the exits consulted and wherever pending tokens join (fill levels differ)
         joins = [i for i in self.live if self.kv[i].fill != self.kv[i - 1].fill]
-        bounds = [0, *sorted(set(exits) | set(joins)), self.num_layers]
+        bounds = [0, *sorted(set(self.live if consult else ()) | set(joins)), self.num_layers]
 
-        def done(result: StepResult) -> StepResult:
+        def done(tokens, exit_at, logits, *verified) -> StepResult:
             if self.gate is not None and consult:
                 self.gate.record(self.work.params_touched - touched_before)
-            if len(asked) == n:
-                return result
-            return StepResult(result.tokens[asked], result.exit_at[asked], result.logits[asked])
+            if every_row:
+                return StepResult(tokens, exit_at, logits, *verified)
+            return StepResult(tokens[asked], exit_at[asked], logits[asked])
 
         for first, last in zip(bounds, bounds[1:]):
             x, lo = self._join_pending(x, first, lo)
@@ -322,33 +327,36 @@ class StaticEngine:
             self.work.params_touched += self.costs.exit_layers[exit_depth]
             if logits is not None:
                 self._count_head(exit_depth)
-            leave = self.policy.decide(exit_depth, logits, step, rows, x[:, -1]) & ~emitted
+            leave = self.policy.decide(exit_depth, logits, step, rows, x[:, -1])
+            if out_mask is not None:
+                leave = leave & ~out_mask
             if self.batch_policy == "slowest":
                 leave = leave & leave.all()
             leaves = leave.tolist()  # the one host sync per exit reached
             if not any(leaves):
                 continue
+            owned = not self.runner.enabled  # a graph's outputs are overwritten by its next replay
             if logits is None:  # every row's (a head costs the same for 1 row as for a few; no mask gather)
-                logits = self.exits[exit_depth].logits(self.backbone, features)
+                logits, owned = self.exits[exit_depth].logits(self.backbone, features), True
                 self._count_head(exit_depth)
-            all_logits = self._emit(all_logits, logits, leave, tokens, exit_at, exit_depth)
-            emitted = emitted | leave
-            emitted_ids = [a or b for a, b in zip(emitted_ids, leaves)]
-            if all(emitted_ids):  # every row's token is out: nobody needs the layers above
+            everyone = all(leaves) and out_mask is None  # every row leaves here, none left before
+            emitted = self._emit(emitted, logits, None if everyone else leave, exit_depth, owned)
+            out_mask = leave if out_mask is None else out_mask | leave
+            out_ids = [a or b for a, b in zip(out_ids, leaves)]
+            if all(out_ids):  # every row's token is out: nobody needs the layers above
                 self._park(x, exit_depth, lo, end)
-                return done(StepResult(tokens, exit_at, all_logits))
-        stay = ~emitted
+                return done(*emitted)
+        stay = None if out_mask is None else ~out_mask
         self._count_head(None)
         if not verify:
-            logits = self.backbone.head(x[:, -1])
-            all_logits = self._emit(all_logits, logits, stay, tokens, exit_at, self.num_layers)
-            return done(StepResult(tokens, exit_at, all_logits))
-        if len(asked) != n:
+            return done(*self._emit(emitted, self.backbone.head(x[:, -1]), stay, self.num_layers, True))
+        if not every_row:
             raise ValueError("speculative verification in the static engine needs every row at every step")
         window_logits = self.backbone.head(x)
-        all_logits = self._emit(all_logits, window_logits[:, -1], stay, tokens, exit_at, self.num_layers)
-        verified = stay.nonzero().squeeze(1)
-        return done(StepResult(tokens, exit_at, all_logits, verified, lo, window_logits[stay].argmax(dim=-1)))
+        emitted = self._emit(emitted, window_logits[:, -1], stay, self.num_layers, True)
+        if stay is None:
+            return done(*emitted, rows, lo, window_logits.argmax(dim=-1))
+        return done(*emitted, stay.nonzero().squeeze(1), lo, window_logits[stay].argmax(dim=-1))
 
     def _count_head(self, depth: int | None) -> None:
         self.work.head_calls += 1
@@ -368,19 +376,25 @@ class StaticEngine:
             return
         kept = self.exit_inputs[depth][:, kv.fill : lo]
         slots, mask = self._window(kv.fill, lo - kv.fill)
-        last = torch.zeros(1, dtype=torch.long, device=kept.device)
-        self._exit_features(depth, kept, slots, mask, kv.fill, last)
+        self._exit_features(depth, kept, slots, mask, kv.fill, None)
         self.work.exit_calls += 1
         kv.fill = lo
 
-    def _emit(self, all_logits, logits, where: torch.Tensor, tokens, exit_at, depth):
-        """Rows in `where` take their token from `logits` (every row's): selects, not masked gathers or writes,
-        which would make the host wait for the device."""
-        tokens.copy_(torch.where(where, logits.argmax(dim=-1), tokens))
-        exit_at.masked_fill_(where, depth)
-        if all_logits is None:
-            return logits.clone()
-        return torch.where(where[:, None], logits, all_logits)
+    def _emit(self, emitted: tuple | None, logits: torch.Tensor, where: torch.Tensor | None, depth: int,
+              owned: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(tokens, exit_at, logits) with the rows in `where` (None: every row, and none emitted before) taking
+        their token from `logits` (every row's; `owned`: not a buffer a graph replay overwrites). Selects, not
+        masked gathers or writes, which would make the host wait for the device."""
+        if where is None:
+            exit_at = torch.full((self.batch_size,), depth, dtype=torch.long, device=logits.device)
+            return logits.argmax(dim=-1), exit_at, logits if owned else logits.clone()
+        if emitted is None:
+            tokens = torch.zeros(self.batch_size, dtype=torch.long, device=logits.device)
+            exit_at = torch.full((self.batch_size,), self.num_layers, dtype=torch.long, device=logits.device)
+            emitted = (tokens, exit_at, logits if owned else logits.clone())
+        tokens, exit_at, all_logits = emitted
+        tokens = torch.where(where, logits.argmax(dim=-1), tokens)
+        return tokens, exit_at.masked_fill(where, depth), torch.where(where[:, None], logits, all_logits)
 
     def _park(self, x: torch.Tensor, depth: int, lo: int, end: int) -> None:
         """Every row left at `depth`: keep the window's states (recompute) or fill the deeper K/V now (propagate)."""
