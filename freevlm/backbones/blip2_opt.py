@@ -9,9 +9,13 @@ This is the adapter to read when adding a family: each method is the family's ve
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+import torch.nn.functional as F
 from torch import nn
-from transformers.models.opt.modeling_opt import OPTDecoderLayer
+from torch.nn.modules import module as module_hooks
+from transformers.models.opt.modeling_opt import OPTAttention, OPTDecoderLayer
 
 from ..cache_utils import KVView
 from .base import Blip2Backbone, Context, cache_keyword
@@ -53,6 +57,8 @@ class Blip2OPTBackbone(Blip2Backbone):
         return embeds + table[:, start : start + token_ids.shape[1]]
 
     def run_layer(self, layer, hidden, ctx, cache: KVView, mask, rows):
+        if cache is not None and (mask is not None or hidden.shape[1] == 1) and plain_opt_layer(layer):
+            return opt_layer_forward(layer, hidden, cache, mask)
         return layer(hidden, attention_mask=mask, **{cache_keyword(type(layer)): cache})
 
     def kv_inputs(self, layer: OPTDecoderLayer) -> KVInput:
@@ -60,6 +66,15 @@ class Blip2OPTBackbone(Blip2Backbone):
         if not layer.do_layer_norm_before:  # OPT-350m: the norm comes after attention, K/V read the raw state
             return KVInput(None, 0.0, None, None, attn.k_proj, attn.v_proj, attn.num_heads, attn.head_dim)
         return KVInput("layer", norm.eps, norm.weight, norm.bias, attn.k_proj, attn.v_proj, attn.num_heads, attn.head_dim)
+
+    def head(self, hidden):
+        """`lm_head(final_norm(hidden))`; as its two tensor operations where the modules are plain (no hooks)."""
+        norm, lm_head = self.decoder.final_layer_norm, getattr(self.lm, "lm_head", None)
+        if self.decoder.project_out is None and type(lm_head) is nn.Linear and type(norm) is nn.LayerNorm and \
+                _unhooked((norm, lm_head)):  # fmt: skip
+            hidden = F.layer_norm(hidden, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+            return F.linear(hidden, lm_head.weight, lm_head.bias)
+        return super().head(hidden)
 
     def final_norm(self, hidden):
         if self.decoder.final_layer_norm is not None:
@@ -74,3 +89,77 @@ class Blip2OPTBackbone(Blip2Backbone):
 
     def new_layer(self) -> nn.Module:
         return OPTDecoderLayer(self.lm.config, layer_idx=0)
+
+
+# --- the layer call of a decode step ---------------------------------------------------------------------------
+# At the demo's size (256 wide) Hugging Face's layer call spends about a sixth of a layer's time on the CPU outside
+# its tensor operations (module calls, keyword handling, the attention-function lookup). `opt_layer_forward` issues
+# the very same operations on the layer's own weights, in the same order and shapes, so its output is bitwise the
+# layer's (tests/test_opt_layer.py); it is used only where that holds: an unmodified OPT layer in eval mode, with
+# SDPA attention, no hooks, and a mask (or one query, where Hugging Face passes none to SDPA either).
+
+_PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> its modules, or () where not plain
+
+
+def _plain_modules(layer: nn.Module) -> tuple[nn.Module, ...]:
+    """The layer and its submodules if it is Hugging Face's OPT layer as built (no subclass, no swapped linear or
+    activation, no grouped-query attention), else ()."""
+    if type(layer) is not OPTDecoderLayer or type(layer.self_attn) is not OPTAttention:
+        return ()
+    attn = layer.self_attn
+    linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, layer.fc1, layer.fc2)
+    norms = (layer.self_attn_layer_norm, layer.final_layer_norm)
+    if any(type(m) is not nn.Linear for m in linears) or any(type(m) is not nn.LayerNorm for m in norms):
+        return ()
+    if type(layer.activation_fn) is not nn.ReLU or hasattr(attn, "num_key_value_groups"):
+        return ()
+    return (layer, attn, *linears, *norms, layer.activation_fn)
+
+
+def plain_opt_layer(layer: nn.Module) -> bool:
+    """Whether `opt_layer_forward(layer, ...)` is exactly `layer(...)` now (checked at every call: hooks, the
+    training flag and the attention implementation may change between calls)."""
+    modules = _PLAIN.get(layer)
+    if modules is None:
+        modules = _PLAIN[layer] = _plain_modules(layer)
+    if not modules or layer.training or layer.self_attn.config._attn_implementation != "sdpa":
+        return False
+    return _unhooked(modules)
+
+
+def _unhooked(modules) -> bool:
+    """No forward hook (global or on a module) and no replaced `forward` that a module call would run."""
+    if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in modules)
+
+
+def opt_layer_forward(layer: OPTDecoderLayer, hidden: torch.Tensor, cache, mask: torch.Tensor | None) -> torch.Tensor:
+    """`OPTDecoderLayer.forward` (eval mode, SDPA, bool or no mask) as its tensor operations alone."""
+    attn = layer.self_attn
+    batch, length, width = hidden.shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+    norm1, norm2 = layer.self_attn_layer_norm, layer.final_layer_norm
+    residual = hidden
+    if layer.do_layer_norm_before:
+        hidden = F.layer_norm(hidden, norm1.normalized_shape, norm1.weight, norm1.bias, norm1.eps)
+    query = F.linear(hidden, attn.q_proj.weight, attn.q_proj.bias) * attn.scaling
+    query = query.view(batch, -1, heads, head_dim).transpose(1, 2)
+    key = F.linear(hidden, attn.k_proj.weight, attn.k_proj.bias).view(batch, -1, heads, head_dim).transpose(1, 2)
+    value = F.linear(hidden, attn.v_proj.weight, attn.v_proj.bias).view(batch, -1, heads, head_dim).transpose(1, 2)
+    key, value = cache.update(key, value, attn.layer_idx)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, scale=1.0, is_causal=False)
+    out = out.transpose(1, 2).contiguous().reshape(batch, length, -1).contiguous()
+    hidden = residual + F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
+    if not layer.do_layer_norm_before:
+        hidden = F.layer_norm(hidden, norm1.normalized_shape, norm1.weight, norm1.bias, norm1.eps)
+    shape = hidden.shape
+    hidden = hidden.reshape(-1, width)
+    residual = hidden
+    if layer.do_layer_norm_before:
+        hidden = F.layer_norm(hidden, norm2.normalized_shape, norm2.weight, norm2.bias, norm2.eps)
+    hidden = F.linear(torch.relu(F.linear(hidden, layer.fc1.weight, layer.fc1.bias)), layer.fc2.weight, layer.fc2.bias)
+    hidden = (residual + hidden).view(shape)
+    if not layer.do_layer_norm_before:
+        hidden = F.layer_norm(hidden, norm2.normalized_shape, norm2.weight, norm2.bias, norm2.eps)
+    return hidden

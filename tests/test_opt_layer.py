@@ -1,0 +1,68 @@
+"""The OPT layer call of a decode step (`opt_layer_forward`) is bitwise Hugging Face's layer, and is used only where
+it is (an unmodified layer in eval mode with SDPA and no hooks)."""
+
+import pytest
+import torch
+from transformers import OPTConfig
+from transformers.models.opt.modeling_opt import OPTDecoderLayer
+
+from freevlm.backbones.blip2_opt import opt_layer_forward, plain_opt_layer
+from freevlm.decoding.static import StaticKV, StaticView
+
+
+def _layer(pre_norm: bool = True, bias: bool = True) -> OPTDecoderLayer:
+    config = OPTConfig(hidden_size=64, num_attention_heads=4, ffn_dim=256, do_layer_norm_before=pre_norm,
+                       enable_bias=bias, dropout=0.1, attention_dropout=0.1)  # fmt: skip
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return OPTDecoderLayer(config, layer_idx=0).eval()
+
+
+def _window(start: int, size: int, slots: int = 24, padded: int = 2):
+    keys, queries = torch.arange(slots), torch.arange(start, start + size)
+    key_ok = torch.ones(2, slots, dtype=torch.bool)
+    key_ok[1, :padded] = False
+    mask = ((keys[None, :] <= queries[:, None])[None] & key_ok[:, None, :]) | (keys[None, :] == queries[:, None])[None]
+    return queries, mask[:, None]
+
+
+@pytest.mark.parametrize("pre_norm", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_equals_hugging_face_layer_bitwise(pre_norm, bias):
+    layer = _layer(pre_norm, bias)
+    assert plain_opt_layer(layer)
+    ours, theirs = StaticKV(2, 24), StaticKV(2, 24)
+    start = 0
+    for size in (9, 1, 4, 1, 2):  # a prompt, then single slots and catch-up windows
+        hidden = torch.randn(2, size, 64)
+        slots, mask = _window(start, size)
+        with torch.no_grad():
+            expected = layer(hidden, attention_mask=mask, cache=StaticView(theirs, slots, start))
+            got = opt_layer_forward(layer, hidden, StaticView(ours, slots, start), mask)
+        assert torch.equal(got, expected)
+        assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+        start += size
+
+
+def test_used_only_where_exact():
+    layer = _layer()
+    assert plain_opt_layer(layer)
+    layer.train()
+    assert not plain_opt_layer(layer)  # dropout
+    layer.eval()
+    handle = layer.fc1.register_forward_hook(lambda *args: None)
+    assert not plain_opt_layer(layer)  # a hook would be skipped
+    handle.remove()
+    assert plain_opt_layer(layer)
+    layer.self_attn.config._attn_implementation = "eager"
+    assert not plain_opt_layer(layer)  # another attention kernel
+    layer.self_attn.config._attn_implementation = "sdpa"
+
+    class Custom(OPTDecoderLayer):
+        pass
+
+    custom = Custom(layer.self_attn.config, layer_idx=0).eval()
+    assert not plain_opt_layer(custom)  # a subclass may override forward
+    custom = _layer()
+    custom.fc1 = torch.nn.Sequential(custom.fc1)
+    assert not plain_opt_layer(custom)  # a swapped linear (an adapter, LoRA)
