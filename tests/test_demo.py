@@ -31,7 +31,7 @@ def test_quick_demo_writes_a_consistent_report(tmp_path):
     assert (f"certified {fmt_threshold(calibration['certified_threshold'])} vs best mean dev "
             f"{fmt_threshold(results['sweep']['chosen_threshold'])}") in report  # fmt: skip
     assert all(0.0 <= row["test_risk"] <= 1.0 for row in calibration["test"])
-    assert placement["placements_tested"] == 7 and placement["fixed"]["layers"] == [3, 6, 9]  # subsets of (3, 6, 9)
+    assert placement["placements_tested"] == 7 and placement["fixed"]["layers"] == [1, 3, 6]  # subsets of (1, 3, 6)
     assert fmt_speedup(placement["chosen"]["speedup"]) in report
     # a second run reuses the trained backbone and exits
     assert main(["demo", "--quick", "--out", str(out), "--cache", str(cache)]) == 0

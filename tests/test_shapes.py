@@ -9,7 +9,16 @@ from PIL import Image
 
 from freevlm.data.coco import read_coco_captions
 from freevlm.data.shapes import (
-    BACKGROUND, COLOURS, HELD_OUT, SHAPES, SPLITS, generate_split, make_example, relation, render, vocabulary,
+    BACKGROUND,
+    COLOURS,
+    HELD_OUT,
+    NUMBERS,
+    SHAPES,
+    SPLITS,
+    generate_split,
+    make_example,
+    render,
+    vocabulary,
     write_split,
 )  # fmt: skip
 from freevlm.data.vqa import read_vqa
@@ -81,14 +90,21 @@ def test_answers_and_captions_follow_from_the_scene(sample):
             assert set(qa.question.split()) <= vocab
         assert len(set(e.captions)) == 5
         for caption in e.captions:
-            assert 6 <= len(caption.split()) <= 20, caption
+            assert 6 <= len(caption.split()) <= 30, caption
             assert set(caption.split()) <= vocab
+        objs = e.scene.objects
         canonical = e.captions[0]
-        for o in e.scene.objects:
-            assert o.description in canonical
-        if len(e.scene.objects) == 2:
-            a, b = e.scene.objects
-            assert canonical == f"a {a.description} {relation(a, b)} a {b.description}"  # sizes take "a"
+        assert canonical.startswith(f"{NUMBERS[len(objs)]} shape")
+        # the canonical caption walks the objects left to right, each placed against the one before it
+        walk = canonical.split(" : ", 1)[1].split(" , ")
+        assert len(walk) == len(objs)
+        for k, (phrase, o) in enumerate(zip(walk, objs)):
+            assert re.sub(r"^an? ", "", phrase).startswith(o.description), (canonical, o)
+            if k:
+                a, b = o, objs[k - 1]
+                dx, dy = a.x - b.x, a.y - b.y
+                expected = "to its right" if abs(dx) >= abs(dy) else ("above it" if dy < 0 else "below it")
+                assert phrase.endswith(expected), (canonical, k)
     assert types == {"colour", "shape", "count", "position", "existence"}
 
 
@@ -132,3 +148,13 @@ def test_written_split_is_valid_coco_and_vqav2(tmp_path):
     assert [r.references for r in captions] == [e.captions for e in generate_split("dev", 12, seed=2)]
     vqa = read_vqa(files.questions, files.annotations, files.root, image_name=files.image_name)
     assert len(vqa) == 72 and all(r.image.is_file() for r in vqa)
+
+
+def test_the_demo_tokenizer_gives_ptb_tokens_on_shapes_captions():
+    """The demo scores CIDEr-only runs with `demo.stats.tokenize` instead of PTB's Java tokenizer: same tokens."""
+    from freevlm.demo.stats import tokenize
+    from freevlm.eval.captions import tokenize as ptb
+
+    captions = {e.image_id: e.captions + [qa.question for qa in e.questions]
+                for split in ("train", "ood") for e in generate_split(split, 60, seed=5)}  # fmt: skip
+    assert tokenize(captions) == ptb(captions)

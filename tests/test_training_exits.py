@@ -334,3 +334,39 @@ def test_dev_evaluation_gives_every_module_its_mode_back(shapes):
     assert all(m.training for m in model.qformer.modules())
     assert not any(m.training for m in model.language_model.modules()) and not model.training
     model.eval()  # the module's other tests share this model
+
+
+def test_exit_runs_sharing_the_backbone_pass_train_the_same_exits(shapes, tmp_path, monkeypatch):
+    """Under `sharing_features` (the demo trains six exit sets in turn on the same batches) the frozen backbone
+    runs once per distinct batch, and the exits trained are bit-identical to those trained without it."""
+    from freevlm.backbones import load_backbone, sharing_features
+
+    model, train_set, _ = shapes
+    model.requires_grad_(False)
+    adapter = type(load_backbone(model))
+    passes = []
+    start = adapter.start
+
+    def counting(self, *args, **kwargs):  # one call per backbone pass over a batch
+        passes.append(1)
+        return start(self, *args, **kwargs)
+
+    monkeypatch.setattr(adapter, "start", counting)
+
+    def train(name: str, anchor: str) -> tuple[EarlyExitVLM, int]:
+        passes.clear()
+        config = ExitTrainConfig(output_dir=str(tmp_path / name), exit_layers=(1, 2), init="fresh", anchor=anchor,
+                                 max_steps=6, batch_size=8, warmup_steps=1, **QUIET)  # fmt: skip
+        return train_exits(model, train_set, config), len(passes)
+
+    alone = [train("kd_alone", "kd"), train("ce_alone", "ce")]
+    with sharing_features(model):
+        shared = [train("kd_shared", "kd"), train("ce_shared", "ce")]
+    for (a, _), (b, _) in zip(alone, shared):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert alone[0][1] == alone[1][1] == shared[0][1] >= 6  # a pass per step (and per held-out batch)...
+    assert shared[1][1] == 0  # ...but none in the second run under sharing_features: the same batches, reused
+    model.requires_grad_(True)
+    with pytest.raises(ValueError, match="frozen"):
+        with sharing_features(model):
+            pass

@@ -18,8 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-baselines", action="store_true",
                    help="skip DeeBLIP / PABEE-BLIP / LeeBLIP / MuE (--quick always skips them)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="PyTorch threads (default: all cores on an idle machine, 1 on a busy "
-                                               "one, where more threads wait on each other)")  # fmt: skip
+    p.add_argument("--threads", type=int, help="PyTorch threads (default: 1 or all cores, whichever runs a training-"
+                                               "sized matmul faster when the demo starts)")  # fmt: skip
     p.set_defaults(func=demo)
 
 
@@ -28,9 +28,10 @@ def demo(args: argparse.Namespace) -> int:
 
     from ..demo.pipeline import DemoConfig, default_threads, run_demo
 
-    threads = args.threads or default_threads()
+    threads, why = (args.threads, "--threads") if args.threads else default_threads()
     torch.set_num_threads(max(1, threads))
-    print(f"PyTorch threads: {torch.get_num_threads()} (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+    print(f"PyTorch threads: {torch.get_num_threads()} ({why}; load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} cores)")  # fmt: skip
     overrides = dict(out=args.out, fresh=args.fresh, family=args.family, seed=args.seed)
     if args.no_baselines:
         overrides["methods"] = False

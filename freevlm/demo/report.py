@@ -132,6 +132,10 @@ def trained_summary(results: dict) -> list[str]:
             else:
                 adv = "with" if v.get("adversarial") else "without"
                 recipe = f"{v.get('anchor', '?')} anchor, {adv} adversarial term"
+            if v.get("exits_of"):  # a subset of another variant's exits: trained there
+                lines.append(f"Exit variant `{name}`: the exits of `{v['exits_of']}` at layers "
+                             f"{', '.join(map(str, v.get('exit_layers', [])))}.")  # fmt: skip
+                continue
             if v.get("exit_layers"):  # trained elsewhere than the exits above (the placement's candidates)
                 recipe += f", exits at layers {', '.join(map(str, v['exit_layers']))}"
             lines.append(f"Exit variant `{name}`: {recipe}, {fmt(v.get('steps'))} steps, "

@@ -15,13 +15,14 @@ import re
 from ..calibration import per_caption_cider
 
 
-def _tokenize(captions: dict) -> dict:
+def tokenize(captions: dict) -> dict:
+    """What PTB tokenization gives on shapes captions (lower case, punctuation dropped), without starting Java."""
     return {k: [" ".join(re.findall(r"[a-z0-9]+", t.lower())) for t in texts] for k, texts in captions.items()}
 
 
 def per_image_cider(refs: list[list[str]], preds: list[str]) -> list[float]:
     """CIDEr-D of `preds[i]` against `refs[i]`, image by image (their mean is the corpus score)."""
-    return per_caption_cider(refs, preds, _tokenize)
+    return per_caption_cider(refs, preds, tokenize)
 
 
 def bootstrap(per_item: list[list[float]], resamples: int = 2000, seed: int = 0, level: float = 0.95) -> list[dict]:

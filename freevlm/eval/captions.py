@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 
 CAPTION_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
@@ -43,13 +43,15 @@ def caption_metrics(
     groups: Mapping[Hashable, str] | None = None,
     spice: bool | None = None,
     only: Sequence[str] | None = None,
+    tokenizer: Callable[[Mapping[Hashable, Sequence[str]]], dict[Hashable, list[str]]] = tokenize,
 ) -> dict:
     """Scores of `predictions` (one caption per id) against `references` (several per id).
 
     Returns `{"all": {metric: value}}` plus one entry per group name when `groups` maps ids to names. Values are
     pycocoevalcap's (BLEU etc. in [0, 1], CIDEr unscaled). `spice=None` runs SPICE when its jars are present;
     where it cannot run, "SPICE" is None and "SPICE_unavailable" says why. `only` (e.g. `["CIDEr"]`) runs just
-    those scorers: a threshold sweep needs one number, and METEOR starts a JVM per call.
+    those scorers: a threshold sweep needs one number, and METEOR starts a JVM per call. `tokenizer` replaces the
+    PTB tokenizer (which starts a JVM too) where a simpler one gives the same tokens, as in the demo's shapes world.
     """
     if set(references) != set(predictions):
         missing = sorted(map(str, set(references) ^ set(predictions)))[:5]
@@ -59,8 +61,8 @@ def caption_metrics(
     empty = [k for k, refs in references.items() if not refs]
     if empty:
         raise ValueError(f"ids without reference captions: {sorted(map(str, empty))[:5]}")
-    gts = tokenize(references)
-    res = tokenize({k: [v] for k, v in predictions.items()})
+    gts = tokenizer(references)
+    res = tokenizer({k: [v] for k, v in predictions.items()})
     subsets = {"all": list(gts)}
     if groups is not None:
         for key in gts:

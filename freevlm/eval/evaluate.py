@@ -21,7 +21,7 @@ from ..data.records import CaptionRecord, VisDialRecord, VQARecord
 from ..inputs import validate_generate_inputs
 from ..methods import exit_rule, get_method
 from ..model import EarlyExitVLM
-from .captions import caption_metrics
+from .captions import caption_metrics, tokenize
 from .likelihood import option_log_likelihoods
 from .speed import SpeedMeter, SpeedReport
 from .visdial import visdial_metrics
@@ -156,9 +156,11 @@ def evaluate_captioning(
     prompt: str = CAPTION_PROMPT,
     spice: bool | None = None,
     only: Sequence[str] | None = None,
+    tokenizer=tokenize,
     **generate_kwargs,
 ) -> EvalResult:
-    """COCO metrics of the captions (per NoCaps domain too, when records carry one)."""
+    """COCO metrics of the captions (per NoCaps domain too, when records carry one); `tokenizer`: see
+    `caption_metrics`."""
     t0 = time.perf_counter()
     gen = generate_texts(ee, processor, [r.image for r in records], [prompt] * len(records), threshold, layer,
                          **generate_kwargs)  # fmt: skip
@@ -167,7 +169,8 @@ def evaluate_captioning(
     if all(r.references for r in records):
         domains = {k: r.domain for k, r in zip(keys, records)} if all(r.domain for r in records) else None
         quality = caption_metrics({k: r.references for k, r in zip(keys, records)}, dict(zip(keys, gen.texts)),
-                                  groups=domains, spice=spice, only=only)  # fmt: skip
+                                  groups=domains, spice=spice, only=only,
+                                  tokenizer=tokenizer)  # fmt: skip
         score = quality["all"]["CIDEr"]
     elif any(r.references for r in records):
         raise ValueError("some caption records have references and some do not: score a labelled split")
