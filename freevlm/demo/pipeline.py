@@ -145,7 +145,7 @@ class DemoConfig:
     baseline_steps: int = 64
     thresholds: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 1.0)
     methods: bool = True  # train and compare the baselines too
-    eval_batch: int = 32
+    eval_batch: int = 64  # batched quality runs: 64 rows decode 128 captions ~25% faster than 32 (ride-along, exact)
     max_new_tokens: int = 32  # the longest canonical caption (four objects) is 30 words
     timing_repeats: int = 1  # timed runs per request and mode; the fastest counts (steadier on a busy machine)
     speculative_images: int = 12  # test images decoded in speculative mode (4 timed runs each)
