@@ -214,6 +214,11 @@ def _follows(obj: ShapeObject, previous: ShapeObject) -> str:
     return {"above": "above it", "below": "below it", "to the right of": "to its right"}[relation(obj, previous)]
 
 
+def _walk(objs: tuple[ShapeObject, ...], label) -> str:
+    """The objects left to right as `label` names them, each after the first placed against the one before it."""
+    return " , ".join([f"a {label(objs[0])}"] + [f"a {label(o)} {_follows(o, p)}" for p, o in pairwise(objs)])
+
+
 def _caption_templates(scene: Scene) -> list[str]:
     objs = scene.objects
     first = objs[0]
@@ -226,8 +231,7 @@ def _caption_templates(scene: Scene) -> list[str]:
             f"an image with only a {first.size} {first.shape} that is {first.colour}",
         ]
     count = NUMBERS[len(objs)]
-    walk = " , ".join([f"a {first.description}"] + [f"a {o.description} {_follows(o, p)}" for p, o in pairwise(objs)])
-    names = " , ".join([f"a {first.name}"] + [f"a {o.name} {_follows(o, p)}" for p, o in pairwise(objs)])
+    walk, names = _walk(objs, lambda o: o.description), _walk(objs, lambda o: o.name)
     last, before = objs[-1], objs[-2]
     return [
         f"{count} shapes : {walk}",
