@@ -6,6 +6,7 @@ import torch
 from transformers import OPTConfig
 from transformers.models.opt.modeling_opt import OPTDecoderLayer
 
+from freevlm.backbones.base import cache_keyword
 from freevlm.backbones.blip2_opt import opt_layer_forward, plain_opt_layer
 from freevlm.decoding.static import StaticKV, StaticView
 
@@ -36,8 +37,9 @@ def test_equals_hugging_face_layer_bitwise(pre_norm, bias):
     for size in (9, 1, 4, 1, 2):  # a prompt, then single slots and catch-up windows
         hidden = torch.randn(2, size, 64)
         slots, mask = _window(start, size)
+        cache = {cache_keyword(OPTDecoderLayer): StaticView(theirs, slots, start)}  # the keyword varies by release
         with torch.no_grad():
-            expected = layer(hidden, attention_mask=mask, cache=StaticView(theirs, slots, start))
+            expected = layer(hidden, attention_mask=mask, **cache)
             got = opt_layer_forward(layer, hidden, StaticView(ours, slots, start), mask)
         assert torch.equal(got, expected)
         assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
