@@ -97,7 +97,10 @@ def load_vlm(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | 
     """A supported model (its class from config.json's model_type, `MODEL_CLASSES`) from a local folder, with its
     tokenizer and image processor (BLIP-2), or its processor (`AutoProcessor`: LLaVA, InstructBLIP)."""
     import transformers
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers import AutoProcessor, AutoTokenizer
+    # from its module: transformers 5.17's top-level name is a stub that demands torchvision (which does not work
+    # with our torch), though the class itself falls back to the PIL processors
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     path = Path(path)
     config = check_vlm_folder(path)

@@ -28,7 +28,8 @@ class ImageTextScorer(Protocol):
 
 class _LocalScorer:
     def __init__(self, model_cls, path: str | os.PathLike, device: str):
-        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers import AutoTokenizer
+        from transformers.models.auto.image_processing_auto import AutoImageProcessor  # why: see load_vlm
 
         path = Path(path)
         if not (path / "config.json").is_file():
