@@ -13,12 +13,14 @@ import functools
 import hashlib
 import inspect
 import json
+import weakref
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.modules import module as module_hooks
 
 from ..cache_utils import KVView
 from .kv_stack import KVInput, KVStacks
@@ -34,6 +36,29 @@ def causal_padding_mask(key_ok: torch.Tensor, start: int, end: int) -> torch.Ten
     k_pos = torch.arange(end, device=device)[None, :]
     mask = ((k_pos <= q_pos)[None] & key_ok[:, None, :end]) | (k_pos == q_pos)[None]
     return mask[:, None]
+
+
+_PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> its modules, or () where not plain
+
+
+def plain_layer(layer: nn.Module, modules_of) -> bool:
+    """Whether a family's tensor-operation version of `layer` (e.g. `opt_layer_forward`) is exactly `layer(...)`
+    now. `modules_of(layer)` gives the layer's modules, its (self-)attention module first, if it is Hugging Face's layer
+    as built (no subclass, no swapped submodule; remembered per layer), else (); checked at every call: eval mode,
+    SDPA attention, no hooks."""
+    modules = _PLAIN.get(layer)
+    if modules is None:
+        modules = _PLAIN[layer] = modules_of(layer)
+    if not modules or layer.training or modules[0].config._attn_implementation != "sdpa":
+        return False
+    return unhooked(modules)
+
+
+def unhooked(modules) -> bool:
+    """No forward hook (global or on a module) and no replaced `forward` that a module call would run."""
+    if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in modules)
 
 
 @functools.cache

@@ -9,16 +9,13 @@ This is the adapter to read when adding a family: each method is the family's ve
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as module_hooks
 from transformers.models.opt.modeling_opt import OPTAttention, OPTDecoderLayer
 
 from ..cache_utils import KVView
-from .base import Blip2Backbone, Context, cache_keyword
+from .base import Blip2Backbone, Context, cache_keyword, plain_layer, unhooked
 from .kv_stack import KVInput
 
 
@@ -71,7 +68,7 @@ class Blip2OPTBackbone(Blip2Backbone):
         """`lm_head(final_norm(hidden))`; as its two tensor operations where the modules are plain (no hooks)."""
         norm, lm_head = self.decoder.final_layer_norm, getattr(self.lm, "lm_head", None)
         if self.decoder.project_out is None and type(lm_head) is nn.Linear and type(norm) is nn.LayerNorm and \
-                _unhooked((norm, lm_head)):  # fmt: skip
+                unhooked((norm, lm_head)):  # fmt: skip
             hidden = F.layer_norm(hidden, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
             return F.linear(hidden, lm_head.weight, lm_head.bias)
         return super().head(hidden)
@@ -98,12 +95,9 @@ class Blip2OPTBackbone(Blip2Backbone):
 # layer's (tests/test_opt_layer.py); it is used only where that holds: an unmodified OPT layer in eval mode, with
 # SDPA attention, no hooks, and a mask (or one query, where Hugging Face passes none to SDPA either).
 
-_PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> its modules, or () where not plain
-
-
 def _plain_modules(layer: nn.Module) -> tuple[nn.Module, ...]:
-    """The layer and its submodules if it is Hugging Face's OPT layer as built (no subclass, no swapped linear or
-    activation, no grouped-query attention), else ()."""
+    """The attention module first, then the layer and its other submodules, if it is Hugging Face's OPT layer as
+    built (no subclass, no swapped linear or activation, no grouped-query attention), else ()."""
     if type(layer) is not OPTDecoderLayer or type(layer.self_attn) is not OPTAttention:
         return ()
     attn = layer.self_attn
@@ -113,25 +107,12 @@ def _plain_modules(layer: nn.Module) -> tuple[nn.Module, ...]:
         return ()
     if type(layer.activation_fn) is not nn.ReLU or hasattr(attn, "num_key_value_groups"):
         return ()
-    return (layer, attn, *linears, *norms, layer.activation_fn)
+    return (attn, layer, *linears, *norms, layer.activation_fn)
 
 
 def plain_opt_layer(layer: nn.Module) -> bool:
-    """Whether `opt_layer_forward(layer, ...)` is exactly `layer(...)` now (checked at every call: hooks, the
-    training flag and the attention implementation may change between calls)."""
-    modules = _PLAIN.get(layer)
-    if modules is None:
-        modules = _PLAIN[layer] = _plain_modules(layer)
-    if not modules or layer.training or layer.self_attn.config._attn_implementation != "sdpa":
-        return False
-    return _unhooked(modules)
-
-
-def _unhooked(modules) -> bool:
-    """No forward hook (global or on a module) and no replaced `forward` that a module call would run."""
-    if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
-        return False
-    return not any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in modules)
+    """Whether `opt_layer_forward(layer, ...)` is exactly `layer(...)` now."""
+    return plain_layer(layer, _plain_modules)
 
 
 def opt_layer_forward(layer: OPTDecoderLayer, hidden: torch.Tensor, cache, mask: torch.Tensor | None) -> torch.Tensor:

@@ -1,21 +1,38 @@
 """BLIP-2 with a T5 / FlanT5 (encoder-decoder) language model.
 
 The image tokens and the prompt go through the encoder once; exits sit on the *decoder* blocks. Decoder
-self-attention uses T5's relative position bias, which only block 0 owns: we compute it from block 0 for every
-layer call (exit blocks included) instead of threading it from layer to layer. Cross-attention K/V of each
-decoder block (and exit block) are projected once from the encoder output and reused at every step.
+self-attention uses T5's relative position bias, which only block 0 owns: we compute it from block 0 once per window
+of slots, for every layer call (exit blocks included), instead of threading it from layer to layer. Cross-attention
+K/V of each decoder block (and exit block) are projected once from the encoder output and reused at every step.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import EncoderDecoderCache
-from transformers.models.t5.modeling_t5 import T5Block
+from transformers.models.t5.modeling_t5 import (
+    T5Attention,
+    T5Block,
+    T5DenseActDense,
+    T5DenseGatedActDense,
+    T5LayerCrossAttention,
+    T5LayerFF,
+    T5LayerNorm,
+    T5LayerSelfAttention,
+)
 
 from ..cache_utils import KVView
-from .base import Blip2Backbone, Context, cache_keyword
+from .base import Blip2Backbone, Context, cache_keyword, plain_layer
 from .kv_stack import KVInput
+
+try:  # Hugging Face's superposition of T5's position bias and a bool mask, as its SDPA attention makes it per call
+    from transformers.integrations.sdpa_attention import create_position_bias_mask
+except ImportError:  # a release without it: every layer goes through Hugging Face's own call
+    create_position_bias_mask = None
 
 
 class _Always:
@@ -100,37 +117,45 @@ class Blip2T5Backbone(Blip2Backbone):
 
     def run_layer(self, layer, hidden, ctx, cache: KVView | None, mask, rows):
         start = 0 if cache is None else cache.start
-        bias, cross_bias, encoder_mask = self._window_constants(ctx, rows, start, hidden, cache)
+        window = self._window_constants(ctx, rows, start, hidden, cache, mask)
+        if cache is not None and window.self_mask is not None and plain_t5_block(layer):
+            cross_kv = self._cross_kv(layer, ctx, rows)
+            return t5_block_forward(layer, hidden, cache, window.self_mask, cross_kv, window.cross_mask)
         view = None
         if cache is not None:  # cross K/V come from the view, projected once per request
             view = _T5CacheView(cache, *self._cross_kv(layer, ctx, rows))
         hidden, _, _ = layer(
             hidden,
             attention_mask=mask,
-            position_bias=bias,
+            position_bias=window.bias,
             encoder_hidden_states=ctx.extra["encoder_out"],
-            encoder_attention_mask=encoder_mask,
-            encoder_decoder_position_bias=cross_bias,
+            encoder_attention_mask=window.encoder_mask,
+            encoder_decoder_position_bias=window.cross_bias,
             **{cache_keyword(type(layer)): view},
         )
         return hidden
 
-    def _window_constants(self, ctx: Context, rows, start: int, hidden: torch.Tensor, cache):
-        """Self-attention position bias (block 0 owns it), the cross-attention bias (zeros, as Hugging Face passes
-        from block 0 on) and the encoder mask of `rows`: the same for every layer call over one window, so they are
-        made once per window, not once per layer."""
+    def _window_constants(self, ctx: Context, rows, start: int, hidden: torch.Tensor, cache, mask) -> _Window:
+        """What every layer call over one window shares, made once per window instead of once per layer."""
         query_len = hidden.shape[1]
         key_len = getattr(cache, "key_length", start + query_len)  # a static cache shows every slot
-        key = (rows, start, query_len, key_len, hidden.dtype)
+        key = (start, query_len, key_len, hidden.dtype)
         memo = ctx.extra.get("window")
-        if memo is not None and memo[0][0] is rows and memo[0][1:] == key[1:]:
-            return memo[1]
+        if memo is not None and memo[0] is rows and memo[1] is mask and memo[2] == key:
+            return memo[3]
         bias_module = self.layers[0].layer[0].SelfAttention
         bias = bias_module.compute_bias(query_len, key_len, device=hidden.device, past_seen_tokens=start)
+        bias = bias.to(hidden.dtype)
         encoder_mask = ctx.extra["encoder_mask"] if rows is None else ctx.extra["encoder_mask"][rows]
         cross_bias = hidden.new_zeros(1, bias_module.n_heads, query_len, encoder_mask.shape[-1])
-        ctx.extra["window"] = (key, (bias.to(hidden.dtype), cross_bias, encoder_mask))
-        return ctx.extra["window"][1]
+        self_mask = cross_mask = None
+        # as Hugging Face's SDPA attention superposes them: a bool mask, or none for a single query (not causal)
+        if create_position_bias_mask is not None and (mask.dtype == torch.bool if mask is not None else query_len == 1):
+            self_mask = create_position_bias_mask(bias, mask, False, hidden, hidden)
+            cross_mask = create_position_bias_mask(cross_bias, encoder_mask, False, hidden, hidden)
+        window = _Window(bias, cross_bias, encoder_mask, self_mask, cross_mask)
+        ctx.extra["window"] = (rows, mask, key, window)
+        return window
 
     def kv_inputs(self, layer: T5Block) -> KVInput:
         attn, norm = layer.layer[0].SelfAttention, layer.layer[0].layer_norm
@@ -148,3 +173,92 @@ class Blip2T5Backbone(Blip2Backbone):
 
     def new_layer(self) -> nn.Module:
         return T5Block(self.decoder.config, has_relative_attention_bias=False, layer_idx=0)
+
+
+class _Window(NamedTuple):
+    """What the layer calls over one window of slots share."""
+
+    bias: torch.Tensor  # self-attention position bias (block 0 owns it)
+    cross_bias: torch.Tensor  # cross-attention bias: zeros, as Hugging Face passes from block 0 on
+    encoder_mask: torch.Tensor  # bool, the encoder slots of the window's rows
+    self_mask: torch.Tensor | None  # SDPA's float mask: the bias where the bool mask lets a query see, else -inf
+    cross_mask: torch.Tensor | None  # the same for cross-attention
+
+
+# --- the block call of a decode step ---------------------------------------------------------------------------
+# Hugging Face's T5 SDPA attention superposes the position bias and the mask in every layer call (the bias differs
+# per layer in general, but T5 shares block 0's), besides three norms, two attention calls and a feed-forward as
+# nested module calls. `t5_block_forward` issues the very same operations on the block's own weights with the masks
+# superposed once per window, so its output is bitwise the block's (tests/test_t5_block.py); it is used only where
+# that holds: an unmodified decoder block in eval mode, with SDPA attention, no hooks, not float16 (whose clamps it
+# leaves out).
+
+
+def _plain_modules(block: nn.Module) -> tuple[nn.Module, ...]:
+    """The self-attention module first, then the block and its other submodules, if it is Hugging Face's T5
+    decoder block as built, else ()."""
+    if type(block) is not T5Block or not block.is_decoder or len(block.layer) != 3:
+        return ()
+    sublayers = (T5LayerSelfAttention, T5LayerCrossAttention, T5LayerFF)
+    if any(type(sub) is not kind for sub, kind in zip(block.layer, sublayers)):
+        return ()
+    self_attn, cross_attn, ff = block.layer[0].SelfAttention, block.layer[1].EncDecAttention, block.layer[2]
+    dense = ff.DenseReluDense
+    if type(self_attn) is not T5Attention or type(cross_attn) is not T5Attention:
+        return ()
+    if type(dense) not in (T5DenseActDense, T5DenseGatedActDense):
+        return ()
+    linears = [getattr(a, name) for a in (self_attn, cross_attn) for name in "qkvo"]
+    linears += [getattr(dense, name) for name in ("wi", "wi_0", "wi_1", "wo") if hasattr(dense, name)]
+    norms = [sub.layer_norm for sub in block.layer]
+    if any(type(m) is not nn.Linear or m.bias is not None for m in linears) or any(type(m) is not T5LayerNorm
+                                                                                   for m in norms):  # fmt: skip
+        return ()
+    return (self_attn, block, *block.layer, cross_attn, dense, dense.act, *linears, *norms)
+
+
+def plain_t5_block(block: nn.Module) -> bool:
+    """Whether `t5_block_forward(block, ...)` is exactly `block(...)` now."""
+    return plain_layer(block, _plain_modules) and block.layer[0].layer_norm.weight.dtype != torch.float16
+
+
+def _norm(norm: T5LayerNorm, hidden: torch.Tensor) -> torch.Tensor:
+    variance = hidden.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    hidden = hidden * torch.rsqrt(variance + norm.variance_epsilon)
+    if norm.weight.dtype in (torch.float16, torch.bfloat16):
+        hidden = hidden.to(norm.weight.dtype)
+    return norm.weight * hidden
+
+
+def _attend(attn: T5Attention, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+            mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    batch, length = hidden.shape[:2]
+    query = F.linear(hidden, attn.q.weight).view(batch, length, -1, attn.key_value_proj_dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, dropout_p=0.0, scale=attn.scaling,
+                                         is_causal=False)  # fmt: skip
+    out = out.transpose(1, 2).contiguous().reshape(batch, length, -1).contiguous()
+    return F.linear(out, attn.o.weight)
+
+
+def t5_block_forward(block: T5Block, hidden: torch.Tensor, cache, self_mask: torch.Tensor, cross_kv: tuple,
+                     cross_mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """`T5Block.forward` of a decoder block (eval mode, SDPA, a cache) as its tensor operations alone; the masks
+    are SDPA's superposed float masks of the window (`_Window`)."""
+    self_attn, cross_attn = block.layer[0].SelfAttention, block.layer[1].EncDecAttention
+    batch, length = hidden.shape[:2]
+    normed = _norm(block.layer[0].layer_norm, hidden)
+    kv_shape = (batch, length, -1, self_attn.key_value_proj_dim)
+    keys = F.linear(normed, self_attn.k.weight).view(kv_shape).transpose(1, 2)
+    values = F.linear(normed, self_attn.v.weight).view(kv_shape).transpose(1, 2)
+    keys, values = cache.update(keys, values, self_attn.layer_idx)
+    hidden = hidden + _attend(self_attn, normed, keys, values, self_mask)
+    hidden = hidden + _attend(cross_attn, _norm(block.layer[1].layer_norm, hidden), *cross_kv, cross_mask)
+    ff = block.layer[2]
+    dense, normed = ff.DenseReluDense, _norm(ff.layer_norm, hidden)
+    if isinstance(dense, T5DenseGatedActDense):
+        inner = dense.act(F.linear(normed, dense.wi_0.weight)) * F.linear(normed, dense.wi_1.weight)
+    else:
+        inner = dense.act(F.linear(normed, dense.wi.weight))
+    if inner.dtype != dense.wo.weight.dtype and dense.wo.weight.dtype != torch.int8:
+        inner = inner.to(dense.wo.weight.dtype)
+    return hidden + F.linear(inner, dense.wo.weight)
