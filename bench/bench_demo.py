@@ -1,7 +1,7 @@
 """The engine at the demo's size, batch 1: measured decode speedup against the ideal and the analytic one.
 
 The model is built like `freevlm demo`'s (`freevlm.demo.backbone.demo_config`: a 12-layer x 256-wide OPT, a
-word-level vocabulary of ~100, 16 image tokens; random weights, exits at 3, 6, 9). Schedules are forced with
+word-level vocabulary of ~100, 16 image tokens; random weights, the demo's exits at 1, 3, 6). Schedules are forced with
 `FixedSchedulePolicy`; every run decodes the same 24 new tokens (EOS off) after the demo's caption prompt, and all
 runs, the full model among them, are timed round-robin in one process so machine drift hits all alike.
 
@@ -9,7 +9,7 @@ Per schedule and KV mode it prints the decode speedup over the full model (secon
 (parameters touched, full over early exit: exit layers, every head and catch-up included), the paper's analytic
 one (an exit counts as one layer, nothing else), and measured / ideal and measured / analytic.
 
-- "all at 3": every token leaves at the first exit (only that exit is live).
+- "all at 1": every token leaves at the first exit (only that exit is live).
 - "mixed": a schedule with the demo's typical caption histogram (most tokens at 3, a quarter at 12).
 - "mixed + checks": the same, paying at every exit a token passes what the demo's confidence policy pays there
   (exit layer, head, the max-probability decision): what `freevlm demo` really runs.
@@ -18,6 +18,7 @@ one (an exit counts as one layer, nothing else), and measured / ideal and measur
 `freevlm/`, e.g. `git archive HEAD~1 freevlm | tar -x -C DIR`), and prints both versions' ratios side by side.
 
     OMP_NUM_THREADS=1 python bench/bench_demo.py [--repeats 15] [--stat min|median] [--tokens 24] [--before DIR]
+                                                 [--threads 1] (the demo times with the threads it chose: 1 or 2)
                                                  [--profile "mixed + checks/recompute"]
 """
 
@@ -41,9 +42,10 @@ from transformers import Blip2ForConditionalGeneration
 from freevlm.backbones import load_backbone
 from freevlm.demo.backbone import demo_config
 
-EXITS = [3, 6, 9]
-# the demo's typical caption: most tokens at 3, a quarter at 12, a few at 6 and 9
-MIXED = [3, 3, 3, 12, 3, 6, 3, 12, 3, 3, 3, 12, 3, 9, 3, 12]
+EXITS = [1, 3, 6]  # freevlm demo's FREE exits
+# the demo's caption tokens at its chosen threshold (a newcomer's run, test split: 60% at 1, 5% at 3, 5% at 6, 30%
+# at 12), in the order a caption has them: 14, 1, 1 and 8 of 24
+MIXED = [1, 1, 12, 1, 1, 3, 12, 1, 1, 12, 1, 1, 12, 1, 6, 12, 1, 1, 12, 1, 1, 12, 1, 12]
 
 
 def forced_with_checks(policies, schedule: list[int]):
@@ -91,7 +93,7 @@ def version_runs(package, model, tokens: int, inputs) -> tuple[dict, dict]:
     def ours(**kw):
         return ee.generate(*inputs, max_new_tokens=tokens, eos_token_id=[], **kw)
 
-    schedules = {"all at 3": policies.FixedSchedulePolicy(3), "mixed": policies.FixedSchedulePolicy(MIXED),
+    schedules = {"all at 1": policies.FixedSchedulePolicy(1), "mixed": policies.FixedSchedulePolicy(MIXED),
                  "mixed + checks": forced_with_checks(policies, MIXED)}  # fmt: skip
     runs, stats = {"full": lambda: ours(mode="full").stats.seconds_decode}, {}
     for name, policy in schedules.items():
@@ -108,11 +110,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--stat", choices=["min", "median"], default="min", help="per run over the repeats (min: "
                         "what the code costs; on a shared machine other work only ever adds time)")
+    parser.add_argument("--threads", type=int, default=1, help="PyTorch threads")
     parser.add_argument("--before", metavar="DIR", help="also time the freevlm package in DIR/freevlm, interleaved")
     parser.add_argument("--profile", metavar="SCHEDULE/KV", help="cProfile 20 decodes of one run instead, e.g. "
                         "'mixed + checks/recompute' or 'full'")  # fmt: skip
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     model = demo_model()
     cfg = model.config
     image = torch.randn(1, 3, cfg.vision_config.image_size, cfg.vision_config.image_size)
@@ -147,7 +150,7 @@ def main() -> None:
     layer_params = sum(p.numel() for p in backbone.layers[0].parameters())
     print(f"demo-size BLIP-2 (OPT {backbone.num_layers} layers x {backbone.hidden_size}, vocabulary "
           f"{cfg.text_config.vocab_size}), exits at {EXITS}, {args.tokens} new tokens, batch 1, "
-          f"{torch.get_num_threads()} thread, {args.stat} of {args.repeats} interleaved runs; a head = "
+          f"{torch.get_num_threads()} thread(s), {args.stat} of {args.repeats} interleaved runs; a head = "
           f"{backbone.head_parameters() / layer_params:.2f} layers")  # fmt: skip
     for version in versions:
         print(f"full model ({version}): {1000 * times[(version, 'full')] / decoded:.2f} ms/token (decode)")
