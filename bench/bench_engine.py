@@ -12,7 +12,7 @@
    reading its weights (a GPU at these sizes) and catch-up windows ride free, as the ideal assumes; near the slot
    count the device is compute-bound (a CPU core) and `kv="recompute"` pays every caught-up slot in full.
 
-    python bench/bench_engine.py [--preset opt-350m|opt-2.7b|opt-6.7b|t5-large|flant5-xl|tiny]
+    python bench/bench_engine.py [--preset opt-350m|opt-2.7b|opt-6.7b|t5-large|flant5-xl|opt-demo|t5-demo|tiny]
                                  [--device cpu|cuda] [--dtype float32|bfloat16] [--tokens 32] [--batch-sizes 8 32]
 """
 

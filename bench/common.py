@@ -15,6 +15,8 @@ from freevlm.tiny import tiny_blip2, tiny_inputs
 PRESETS = {
     "tiny": ("opt", 4, 64, 4, 1000),
     "tiny-t5": ("t5", 4, 64, 4, 1000),
+    "opt-demo": ("opt", 12, 256, 4, 100),  # the size of `freevlm demo`'s LM (its vocabulary is ~90 words)
+    "t5-demo": ("t5", 12, 256, 4, 100),
     "opt-350m": ("opt", 24, 1024, 16, 50272),
     "opt-1.3b": ("opt", 24, 2048, 32, 50272),
     "opt-2.7b": ("opt", 32, 2560, 32, 50272),

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The engine's device run, in one go (about 8 minutes on an H200): correctness where CUDA graphs run, then speed
 # at BLIP-2's LM sizes. Run from the repository root: bash bench/run_gpu.sh
+# Everything it prints is also written to $OUT/gpu_run.log (the device tool returns only the output's tail).
 set -u
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+exec > >(tee "${OUT:-/tmp}/gpu_run.log") 2>&1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 run() { echo; echo "### $*"; timeout "$1" "${@:2}" || echo "### exit $? (timeout or failure)"; }
