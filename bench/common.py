@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 
@@ -52,15 +53,18 @@ def sync() -> None:
 
 
 def interleaved(runs: dict, repeats: int, stat: str = "median") -> dict:
-    """Median (or `stat="min"`) seconds of each run, measured round-robin so machine drift hits all of them alike.
+    """Median (or `stat="min"`) seconds of each run, measured round-robin so machine drift hits all of them alike,
+    in a new order each round (seeded) so that no run always follows the same one.
 
     A run returns its own measured seconds as a float (e.g. decode-only); anything else means "time me whole".
     """
     times: dict[str, list[float]] = {name: [] for name in runs}
     for name, fn in runs.items():  # warm-up (and CUDA graph capture)
         fn()
+    order, shuffle = list(runs.items()), random.Random(0).shuffle
     for _ in range(repeats):
-        for name, fn in runs.items():
+        shuffle(order)
+        for name, fn in order:
             sync()
             start = time.perf_counter()
             measured = fn()
