@@ -8,7 +8,9 @@ exec > >(tee "${OUT:-/tmp}/gpu_run.log") 2>&1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 run() { echo; echo "### $*"; timeout "$1" "${@:2}" || echo "### exit $? (timeout or failure)"; }
-run 150 python bench/check_device.py --device cuda
-run 200 python bench/bench_engine.py --device cuda --dtype bfloat16 --preset opt-2.7b --batch-sizes 8 32 --repeats 5
+# limits sum to 570 s (a device command may run 600): check_device takes 11 s on our CPU; OPT-2.7B gets the most
+# because Hugging Face's static-cache generate compiles itself on its first call
+run 90 python bench/check_device.py --device cuda
+run 260 python bench/bench_engine.py --device cuda --dtype bfloat16 --preset opt-2.7b --batch-sizes 8 32 --repeats 5
 run 120 python bench/bench_engine.py --device cuda --dtype bfloat16 --preset flant5-xl --repeats 5
-run 120 python bench/bench_engine.py --device cuda --dtype bfloat16 --preset opt-6.7b --batch-sizes 8 --repeats 5
+run 100 python bench/bench_engine.py --device cuda --dtype bfloat16 --preset opt-6.7b --batch-sizes 8 --repeats 5
