@@ -68,3 +68,6 @@ def test_used_only_where_exact():
     custom = _layer()
     custom.fc1 = torch.nn.Sequential(custom.fc1)
     assert not plain_opt_layer(custom)  # a swapped linear (an adapter, LoRA)
+    assert plain_opt_layer(layer)
+    layer.self_attn.v_proj = torch.nn.Sequential(layer.self_attn.v_proj)
+    assert not plain_opt_layer(layer)  # swapped after a first check

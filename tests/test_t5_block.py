@@ -86,6 +86,9 @@ def test_used_only_where_exact():
     swapped = _blocks("relu", torch.float32)[1]
     swapped.layer[1].EncDecAttention.q = torch.nn.Sequential(swapped.layer[1].EncDecAttention.q)
     assert not plain_t5_block(swapped)  # a swapped linear (an adapter, LoRA)
+    assert plain_t5_block(block)
+    block.layer[2].DenseReluDense.wi_1 = torch.nn.Sequential(block.layer[2].DenseReluDense.wi_1)
+    assert not plain_t5_block(block)  # swapped after a first check
     encoder_block = T5Block(T5Config(d_model=64, d_kv=16, d_ff=128, num_heads=4), layer_idx=0).eval()
     assert not plain_t5_block(encoder_block)  # no cross-attention
 

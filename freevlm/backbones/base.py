@@ -38,20 +38,29 @@ def causal_padding_mask(key_ok: torch.Tensor, start: int, end: int) -> torch.Ten
     return mask[:, None]
 
 
-_PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> its modules, or () where not plain
+_PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (its modules or (), where they sit)
 
 
 def plain_layer(layer: nn.Module, modules_of) -> bool:
     """Whether a family's tensor-operation version of `layer` (e.g. `opt_layer_forward`) is exactly `layer(...)`
     now. `modules_of(layer)` gives the layer's modules, its (self-)attention module first, if it is Hugging Face's layer
-    as built (no subclass, no swapped submodule; remembered per layer), else (); checked at every call: eval mode,
-    SDPA attention, no hooks."""
-    modules = _PLAIN.get(layer)
-    if modules is None:
-        modules = _PLAIN[layer] = modules_of(layer)
+    as built (no subclass, no swapped submodule), else (); it is remembered per layer and asked again when a module
+    it gave was replaced since. Checked at every call: eval mode, SDPA attention, no hooks."""
+    memo = _PLAIN.get(layer)
+    if memo is None or not all(children.get(name) is module for children, name, module in memo[1]):
+        modules = modules_of(layer)
+        memo = _PLAIN[layer] = (modules, _places(layer, modules))
+    modules = memo[0]
     if not modules or layer.training or modules[0].config._attn_implementation != "sdpa":
         return False
     return unhooked(modules)
+
+
+def _places(layer: nn.Module, modules) -> tuple:
+    """(its parent's children, its name, the module) of each of `modules` below `layer`: where a swap shows."""
+    parent_of = {id(child): (parent._modules, name) for parent in layer.modules()
+                 for name, child in parent._modules.items() if child is not None}  # fmt: skip
+    return tuple((*parent_of[id(m)], m) for m in modules if m is not layer)
 
 
 def unhooked(modules) -> bool:
