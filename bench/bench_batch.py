@@ -11,7 +11,12 @@ every row does); both KV strategies. Goal: the default >= 1.0x of the full model
 (LM layers any row needs, the exit layer, every vocabulary head, K/V projections; a catch-up rides along with the
 next token for free).
 
+`--crossover 8 16 32 64` instead times, per batch size, rows riding along and per-row compaction against the full model
+(rows leaving independently, half at the middle layer): where compaction starts to pay on this device, which is
+what `COMPACT_FROM_ROWS` in `decoding/engine.py` stands for.
+
     python bench/bench_batch.py [--preset opt-350m|opt-1.3b|opt-2.7b|tiny] [--batch 8] [--tokens 16] [--repeats 3]
+                                [--crossover 8 16 32 64]
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import torch
 from common import PRESETS, HalfAtMiddle, big_blip2, inputs, interleaved, setup_threads
 
 from freevlm import EarlyExitVLM, ExitConfig
+from freevlm.decoding import engine
+from freevlm.decoding.engine import resolve_batch_policy
 from freevlm.decoding.policies import FixedSchedulePolicy
 
 GOAL = 1.0  # the default batch policy must never make a batch slower than the full model
@@ -35,6 +42,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--stat", choices=["min", "median"], default="min", help="per run over the repeats (min: "
                         "what the code costs; on a shared machine other work only ever adds time)")  # fmt: skip
+    parser.add_argument("--crossover", type=int, nargs="*", default=[], help="only this: batch sizes at which to "
+                        "time riding along against compaction")  # fmt: skip
     args = parser.parse_args()
     setup_threads()
     n = PRESETS[args.preset][1]
@@ -46,6 +55,10 @@ def main() -> None:
     print(f"BLIP-2 with {args.preset} ({n} layers; vocabulary head = "
           f"{ee.backbone.head_parameters() / layer_params:.2f} layers), exit at {mid}, batch {args.batch}, "
           f"{args.tokens} new tokens, {torch.get_num_threads()} threads")  # fmt: skip
+
+    if args.crossover:
+        crossover(ee, args, mid)
+        return
 
     def run(**kw):
         return ee.generate(pv, ids, mask, max_new_tokens=args.tokens, eos_token_id=[], **kw).stats
@@ -80,6 +93,33 @@ def main() -> None:
     worst = min((times["full"] / times[k], k) for k in variants if k[1] == "default")
     print(f"default policy, worst schedule: {' / '.join(worst[1])} at {worst[0]:.2f}x of the full model "
           f"(goal >= {GOAL}x)")  # fmt: skip
+
+
+def crossover(ee: EarlyExitVLM, args, mid: int) -> None:
+    """Rows riding along (gated, as "auto" below `COMPACT_FROM_ROWS`) vs per-row compaction, each against the full
+    model, at every batch size in `args.crossover`; rows leave independently, half at `mid` (recompute)."""
+    print(f"\nwhere compaction pays (rows leave independently, half at {mid}; decode only, {args.stat} of "
+          f"{args.repeats}):")  # fmt: skip
+    print(f"{'batch':>5s} {'full ms/step':>13s} {'ride along':>11s} {'compact':>8s}  default (auto)")
+    for batch in args.crossover:
+        batch_inputs = inputs(ee.backbone.model, batch=batch)
+
+        def run(batch_inputs=batch_inputs, **kw):
+            return ee.generate(*batch_inputs, max_new_tokens=args.tokens, eos_token_id=[], **kw).stats.seconds_decode
+
+        def riding_along(batch=batch):  # "auto" as below the compaction size: rows ride along behind the gate
+            saved, engine.COMPACT_FROM_ROWS = engine.COMPACT_FROM_ROWS, batch + 1
+            try:
+                return run(policy=HalfAtMiddle(mid))
+            finally:
+                engine.COMPACT_FROM_ROWS = saved
+
+        runs = {"full": lambda: run(mode="full"), "ride_along": riding_along,
+                "per_row": lambda: run(policy=HalfAtMiddle(mid), batch_policy="per_row")}  # fmt: skip
+        times = interleaved(runs, args.repeats, args.stat)
+        print(f"{batch:5d} {1000 * times['full'] / (args.tokens - 1):13.1f} "
+              f"{times['full'] / times['ride_along']:10.2f}x {times['full'] / times['per_row']:7.2f}x  "
+              f"{resolve_batch_policy('auto', batch)}")  # fmt: skip
 
 
 if __name__ == "__main__":
