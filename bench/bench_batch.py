@@ -3,9 +3,9 @@
 Schedule: half the tokens leave at the middle layer, the rest go to the final layer. Two versions:
   - per row: each row's token leaves with probability 1/2, independently;
   - per step: on alternate steps every row leaves (the batch moves together).
-Batch policies: the default ("auto": rows ride along below 64 rows, exits gated while they do not pay), per-row
-compaction ("per_row": rows that left are taken out of the deeper layers) and "slowest" (the batch leaves only if
-every row does); both KV strategies. Goal: the default >= 1.0x of the full model at every schedule.
+Batch policies: the default ("auto": rows ride along below `COMPACT_FROM_ROWS`, exits gated while they do not
+pay), per-row compaction ("per_row": rows that left are taken out of the deeper layers) and "slowest" (the batch
+leaves only if every row does); both KV strategies. Goal: the default >= 1.0x of the full model at every schedule.
 
 "ideal" is the most a schedule allows: parameters touched per step by the full model over those touched by the run
 (LM layers any row needs, the exit layer, every vocabulary head, K/V projections; a catch-up rides along with the
