@@ -16,7 +16,7 @@ next token for free).
 what `COMPACT_FROM_ROWS` in `decoding/engine.py` stands for.
 
     python bench/bench_batch.py [--preset opt-350m|opt-1.3b|opt-2.7b|tiny] [--batch 8] [--tokens 16] [--repeats 3]
-                                [--crossover 8 16 32 64]
+                                [--crossover 8 16 32 64] [--device cpu|cuda] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ GOAL = 1.0  # the default batch policy must never make a batch slower than the f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="opt-350m", help="LM size")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
@@ -48,7 +50,7 @@ def main() -> None:
     setup_threads()
     n = PRESETS[args.preset][1]
     mid = n // 2
-    model = big_blip2(args.preset)
+    model = big_blip2(args.preset, getattr(torch, args.dtype), args.device)
     ee = EarlyExitVLM.from_backbone(model, ExitConfig([mid]))
     pv, ids, mask = inputs(model, batch=args.batch)
     layer_params = sum(p.numel() for p in ee.backbone.layers[0].parameters())

@@ -9,8 +9,10 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 run() { echo; echo "### $*"; timeout "$1" "${@:2}" || echo "### exit $? (timeout or failure)"; }
 # limits sum to 570 s (a device command may run 600): check_device takes 11 s on our CPU; OPT-2.7B gets the most
-# because Hugging Face's static-cache generate compiles itself on its first call
-run 90 python bench/check_device.py --device cuda
+# because Hugging Face's static-cache generate compiles itself on its first call; the crossover is where per-row
+# compaction starts to pay (COMPACT_FROM_ROWS)
+run 60 python bench/check_device.py --device cuda
 run 260 python bench/bench_engine.py --device cuda --dtype bfloat16 --preset opt-2.7b --batch-sizes 8 32 --repeats 5
 run 120 python bench/bench_engine.py --device cuda --dtype bfloat16 --preset flant5-xl --repeats 5
-run 100 python bench/bench_engine.py --device cuda --dtype bfloat16 --preset opt-6.7b --batch-sizes 8 --repeats 5
+run 60 python bench/bench_batch.py --device cuda --dtype bfloat16 --preset opt-2.7b --repeats 3 --crossover 8 64 256
+run 70 python bench/bench_engine.py --device cuda --dtype bfloat16 --preset opt-6.7b --batch-sizes 8 --repeats 5
