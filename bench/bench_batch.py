@@ -11,9 +11,9 @@ leaves only if every row does); both KV strategies. Goal: the default >= 1.0x of
 (LM layers any row needs, the exit layer, every vocabulary head, K/V projections; a catch-up rides along with the
 next token for free).
 
-`--crossover 8 16 32 64` instead times, per batch size, rows riding along and per-row compaction against the full model
-(rows leaving independently, half at the middle layer): where compaction starts to pay on this device, which is
-what `COMPACT_FROM_ROWS` in `decoding/engine.py` stands for.
+`--crossover 8 16 32 64` instead times, per batch size, rows riding along and per-row compaction against the full
+model (rows leaving independently, half at the middle layer): where compaction starts to pay on this device, which
+is what `COMPACT_FROM_ROWS` in `decoding/engine.py` stands for.
 
     python bench/bench_batch.py [--preset opt-350m|opt-1.3b|opt-2.7b|tiny] [--batch 8] [--tokens 16] [--repeats 3]
                                 [--crossover 8 16 32 64] [--device cpu|cuda] [--dtype float32|bfloat16]
@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import PRESETS, HalfAtMiddle, big_blip2, inputs, interleaved, setup_threads
+from common import PRESETS, HalfAtMiddle, add_model_args, add_timing_args, big_blip2, inputs, interleaved, setup_threads
 
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.decoding import engine
@@ -36,14 +36,10 @@ GOAL = 1.0  # the default batch policy must never make a batch slower than the f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="opt-350m", help="LM size")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    add_model_args(parser)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--stat", choices=["min", "median"], default="min", help="per run over the repeats (min: "
-                        "what the code costs; on a shared machine other work only ever adds time)")  # fmt: skip
+    add_timing_args(parser, repeats=3)
     parser.add_argument("--crossover", type=int, nargs="*", default=[], help="only this: batch sizes at which to "
                         "time riding along against compaction")  # fmt: skip
     args = parser.parse_args()

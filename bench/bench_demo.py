@@ -1,8 +1,8 @@
 """The engine at the demo's size, batch 1: measured decode speedup against the ideal and the analytic one.
 
 The model is built like `freevlm demo`'s (`freevlm.demo.backbone.demo_config`: a 12-layer x 256-wide OPT, a
-word-level vocabulary of ~100, 16 image tokens; random weights, the demo's exits at 1, 3, 6). Schedules are forced with
-`FixedSchedulePolicy`; every run decodes the same 24 new tokens (EOS off) after the demo's caption prompt, and all
+word-level vocabulary of ~100, 16 image tokens; random weights, the demo's exits at 1, 3, 6). Schedules are forced
+with `FixedSchedulePolicy`; every run decodes the same 24 new tokens (EOS off) after the demo's caption prompt, and all
 runs, the full model among them, are timed round-robin in one process so machine drift hits all alike.
 
 Per schedule and KV mode it prints the decode speedup over the full model (seconds per step), the ideal speedup
@@ -10,7 +10,7 @@ Per schedule and KV mode it prints the decode speedup over the full model (secon
 one (an exit counts as one layer, nothing else), and measured / ideal and measured / analytic.
 
 - "all at 1": every token leaves at the first exit (only that exit is live).
-- "mixed": a schedule with the demo's typical caption histogram (most tokens at 3, a quarter at 12).
+- "mixed": a schedule with the demo's typical caption histogram (most tokens at 1, almost a third at 12).
 - "mixed + checks": the same, paying at every exit a token passes what the demo's confidence policy pays there
   (exit layer, head, the max-probability decision): what `freevlm demo` really runs.
 
@@ -36,7 +36,7 @@ import tempfile
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch
-from common import interleaved
+from common import add_timing_args, interleaved
 from transformers import Blip2ForConditionalGeneration
 
 from freevlm.backbones import load_backbone
@@ -107,9 +107,7 @@ def version_runs(package, model, tokens: int, inputs) -> tuple[dict, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=24)
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--stat", choices=["min", "median"], default="min", help="per run over the repeats (min: "
-                        "what the code costs; on a shared machine other work only ever adds time)")
+    add_timing_args(parser, repeats=15)
     parser.add_argument("--threads", type=int, default=1, help="PyTorch threads")
     parser.add_argument("--before", metavar="DIR", help="also time the freevlm package in DIR/freevlm, interleaved")
     parser.add_argument("--profile", metavar="SCHEDULE/KV", help="cProfile 20 decodes of one run instead, e.g. "

@@ -21,7 +21,17 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import PRESETS, HalfAtMiddle, bandwidth_floor_seconds, big_blip2, inputs, interleaved, setup_threads
+from common import (
+    PRESETS,
+    HalfAtMiddle,
+    add_model_args,
+    add_timing_args,
+    bandwidth_floor_seconds,
+    big_blip2,
+    inputs,
+    interleaved,
+    setup_threads,
+)
 
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.decoding.policies import FixedSchedulePolicy
@@ -39,13 +49,9 @@ class ForcedWithChecks(FixedSchedulePolicy):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="opt-350m", help="LM size")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    add_model_args(parser)
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--stat", choices=["min", "median"], default="min", help="per run over the repeats (min: "
-                        "what the code costs; on a shared machine other work only ever adds time)")  # fmt: skip
+    add_timing_args(parser, repeats=3)
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=[], help="section 3 (e.g. 8 32)")
     parser.add_argument("--skip-hf", action="store_true", help="leave out Hugging Face's generate (section 1)")
     args = parser.parse_args()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import random
 import statistics
 import time
@@ -77,6 +78,20 @@ def interleaved(runs: dict, repeats: int, stat: str = "median") -> dict:
 def setup_threads() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     torch.manual_seed(0)
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """--preset, --device, --dtype: the LM a benchmark builds with `big_blip2`."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="opt-350m", help="LM size")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+
+
+def add_timing_args(parser: argparse.ArgumentParser, repeats: int) -> None:
+    """--repeats and --stat, what `interleaved` takes."""
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--stat", choices=["min", "median"], default="min", help="per run over the repeats (min: "
+                        "what the code costs; on a shared machine other work only ever adds time)")  # fmt: skip
 
 
 def bandwidth_floor_seconds(model, device: str) -> tuple[float, float]:
