@@ -118,7 +118,7 @@ class Blip2T5Backbone(Blip2Backbone):
     def run_layer(self, layer, hidden, ctx, cache: KVView | None, mask, rows):
         start = 0 if cache is None else cache.start
         window = self._window_constants(ctx, rows, start, hidden, cache, mask)
-        if cache is not None and window.self_mask is not None and plain_t5_block(layer):
+        if window.self_mask is not None and plain_t5_block(layer):
             cross_kv = self._cross_kv(layer, ctx, rows)
             return t5_block_forward(layer, hidden, cache, window.self_mask, cross_kv, window.cross_mask)
         view = None
@@ -148,9 +148,10 @@ class Blip2T5Backbone(Blip2Backbone):
         bias = bias.to(hidden.dtype)
         encoder_mask = ctx.extra["encoder_mask"] if rows is None else ctx.extra["encoder_mask"][rows]
         cross_bias = hidden.new_zeros(1, bias_module.n_heads, query_len, encoder_mask.shape[-1])
-        self_mask = cross_mask = None
+        self_mask = cross_mask = None  # for the block path, which runs only with a cache (decoding)
         # as Hugging Face's SDPA attention superposes them: a bool mask, or none for a single query (not causal)
-        if create_position_bias_mask is not None and (mask.dtype == torch.bool if mask is not None else query_len == 1):
+        bool_or_single = mask.dtype == torch.bool if mask is not None else query_len == 1
+        if cache is not None and create_position_bias_mask is not None and bool_or_single:
             self_mask = create_position_bias_mask(bias, mask, False, hidden, hidden)
             cross_mask = create_position_bias_mask(cross_bias, encoder_mask, False, hidden, hidden)
         window = _Window(bias, cross_bias, encoder_mask, self_mask, cross_mask)
