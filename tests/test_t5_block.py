@@ -3,6 +3,7 @@ Hugging Face's block, is used only where it is, and is what BLIP-2-T5 decoding r
 
 import pytest
 import torch
+from test_opt_layer import _window  # the same windows: a 24-slot buffer, row 1 padded
 from transformers import T5Config
 from transformers.models.t5.modeling_t5 import T5Block
 
@@ -23,14 +24,6 @@ def _blocks(feed_forward: str, dtype: torch.dtype) -> list[T5Block]:
     return [block.to(dtype).eval() for block in blocks]
 
 
-def _mask(start: int, size: int, slots: int = 24, padded: int = 2) -> torch.Tensor:
-    keys, queries = torch.arange(slots), torch.arange(start, start + size)
-    key_ok = torch.ones(2, slots, dtype=torch.bool)
-    key_ok[1, :padded] = False
-    mask = ((keys[None, :] <= queries[:, None])[None] & key_ok[:, None, :]) | (keys[None, :] == queries[:, None])[None]
-    return mask[:, None]
-
-
 @pytest.mark.parametrize("feed_forward", ["relu", "gated-gelu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.no_grad()  # as decoding runs (a mask that needs grad takes another SDPA kernel)
@@ -44,7 +37,7 @@ def test_equals_hugging_face_block_bitwise(feed_forward, dtype):
     theirs = [StaticKV(2, 24) for _ in blocks]
     start = 0
     for size in (9, 1, 4, 1, 2):  # a prompt, then single slots and catch-up windows
-        slots, mask = torch.arange(start, start + size), _mask(start, size)
+        slots, mask = _window(start, size)
         bias = attn.compute_bias(size, 24, past_seen_tokens=start).to(dtype)
         cross_bias = torch.zeros(1, 4, size, 7, dtype=dtype)
         self_mask = create_position_bias_mask(bias, mask, False, encoder, encoder)
