@@ -40,8 +40,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=16)
     add_timing_args(parser, repeats=3)
-    parser.add_argument("--crossover", type=int, nargs="*", default=[], help="only this: batch sizes at which to "
-                        "time riding along against compaction")  # fmt: skip
+    parser.add_argument(
+        "--crossover",
+        type=int,
+        nargs="*",
+        default=[],
+        help="only this: batch sizes at which to time riding along against compaction",
+    )
     args = parser.parse_args()
     setup_threads()
     n = PRESETS[args.preset][1]
@@ -50,9 +55,11 @@ def main() -> None:
     ee = EarlyExitVLM.from_backbone(model, ExitConfig([mid]))
     pv, ids, mask = inputs(model, batch=args.batch)
     layer_params = sum(p.numel() for p in ee.backbone.layers[0].parameters())
-    print(f"BLIP-2 with {args.preset} ({n} layers; vocabulary head = "
-          f"{ee.backbone.head_parameters() / layer_params:.2f} layers), exit at {mid}, batch {args.batch}, "
-          f"{args.tokens} new tokens, {torch.get_num_threads()} threads")  # fmt: skip
+    print(
+        f"BLIP-2 with {args.preset} ({n} layers; vocabulary head = "
+        f"{ee.backbone.head_parameters() / layer_params:.2f} layers), exit at {mid}, batch {args.batch}, "
+        f"{args.tokens} new tokens, {torch.get_num_threads()} threads"
+    )
 
     if args.crossover:
         crossover(ee, args, mid)
@@ -65,14 +72,19 @@ def main() -> None:
         ("per row", "default", "recompute"): lambda: {"policy": HalfAtMiddle(mid)},
         ("per row", "default", "propagate"): lambda: {"policy": HalfAtMiddle(mid), "kv": "propagate"},
         ("per row", "per_row", "recompute"): lambda: {"policy": HalfAtMiddle(mid), "batch_policy": "per_row"},
-        ("per row", "per_row", "propagate"): lambda: {"policy": HalfAtMiddle(mid), "batch_policy": "per_row",
-                                                      "kv": "propagate"},
+        ("per row", "per_row", "propagate"): lambda: {
+            "policy": HalfAtMiddle(mid),
+            "batch_policy": "per_row",
+            "kv": "propagate",
+        },
         ("per row", "slowest", "recompute"): lambda: {"policy": HalfAtMiddle(mid), "batch_policy": "slowest"},
         ("per step", "default", "recompute"): lambda: {"policy": FixedSchedulePolicy([mid, n])},
         ("per step", "default", "propagate"): lambda: {"policy": FixedSchedulePolicy([mid, n]), "kv": "propagate"},
-        ("per step", "per_row", "recompute"): lambda: {"policy": FixedSchedulePolicy([mid, n]),
-                                                       "batch_policy": "per_row"},
-    }  # fmt: skip
+        ("per step", "per_row", "recompute"): lambda: {
+            "policy": FixedSchedulePolicy([mid, n]),
+            "batch_policy": "per_row",
+        },
+    }
     runs = {"full": lambda: run(mode="full").seconds_decode}
     stats = {}
     for key, make in variants.items():
@@ -82,22 +94,29 @@ def main() -> None:
     decoded = args.batch * (args.tokens - 1)  # decode-only: the first token comes with the prefill
     full_tps = decoded / times["full"]
     print(f"full model: {full_tps:.1f} tokens/s (decode only, {args.stat} of {args.repeats})")
-    print(f"{'schedule':9s} {'batch policy':13s} {'kv':10s} {'tokens/s':>9s} {'speedup':>8s} {'ideal':>7s} "
-          f"{'of ideal':>9s}  histogram")  # fmt: skip
+    print(
+        f"{'schedule':9s} {'batch policy':13s} {'kv':10s} {'tokens/s':>9s} {'speedup':>8s} {'ideal':>7s} "
+        f"{'of ideal':>9s}  histogram"
+    )
     for key, s in stats.items():
         speedup = times["full"] / times[key]
-        print(f"{key[0]:9s} {key[1]:13s} {key[2]:10s} {decoded / times[key]:9.1f} {speedup:7.2f}x "
-              f"{s.ideal_speedup:6.2f}x {speedup / s.ideal_speedup:9.2f}  {s.exit_histogram}")  # fmt: skip
+        print(
+            f"{key[0]:9s} {key[1]:13s} {key[2]:10s} {decoded / times[key]:9.1f} {speedup:7.2f}x "
+            f"{s.ideal_speedup:6.2f}x {speedup / s.ideal_speedup:9.2f}  {s.exit_histogram}"
+        )
     worst = min((times["full"] / times[k], k) for k in variants if k[1] == "default")
-    print(f"default policy, worst schedule: {' / '.join(worst[1])} at {worst[0]:.2f}x of the full model "
-          f"(goal >= {GOAL}x)")  # fmt: skip
+    print(
+        f"default policy, worst schedule: {' / '.join(worst[1])} at {worst[0]:.2f}x of the full model (goal >= {GOAL}x)"
+    )
 
 
 def crossover(ee: EarlyExitVLM, args, mid: int) -> None:
     """Rows riding along (gated, as "auto" below `COMPACT_FROM_ROWS`) vs per-row compaction, each against the full
     model, at every batch size in `args.crossover`; rows leave independently, half at `mid` (recompute)."""
-    print(f"\nwhere compaction pays (rows leave independently, half at {mid}; decode only, {args.stat} of "
-          f"{args.repeats}):")  # fmt: skip
+    print(
+        f"\nwhere compaction pays (rows leave independently, half at {mid}; decode only, {args.stat} of "
+        f"{args.repeats}):"
+    )
     print(f"{'batch':>5s} {'full ms/step':>13s} {'ride along':>11s} {'compact':>8s}  default (auto)")
     for batch in args.crossover:
         batch_inputs = inputs(ee.backbone.model, batch=batch)
@@ -112,12 +131,17 @@ def crossover(ee: EarlyExitVLM, args, mid: int) -> None:
             finally:
                 engine.COMPACT_FROM_ROWS = saved
 
-        runs = {"full": lambda: run(mode="full"), "ride_along": riding_along,
-                "per_row": lambda: run(policy=HalfAtMiddle(mid), batch_policy="per_row")}  # fmt: skip
+        runs = {
+            "full": lambda: run(mode="full"),
+            "ride_along": riding_along,
+            "per_row": lambda: run(policy=HalfAtMiddle(mid), batch_policy="per_row"),
+        }
         times = interleaved(runs, args.repeats, args.stat)
-        print(f"{batch:5d} {1000 * times['full'] / (args.tokens - 1):13.1f} "
-              f"{times['full'] / times['ride_along']:10.2f}x {times['full'] / times['per_row']:7.2f}x  "
-              f"{resolve_batch_policy('auto', batch)}")  # fmt: skip
+        print(
+            f"{batch:5d} {1000 * times['full'] / (args.tokens - 1):13.1f} "
+            f"{times['full'] / times['ride_along']:10.2f}x {times['full'] / times['per_row']:7.2f}x  "
+            f"{resolve_batch_policy('auto', batch)}"
+        )
 
 
 if __name__ == "__main__":

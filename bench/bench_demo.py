@@ -93,8 +93,11 @@ def version_runs(package, model, tokens: int, inputs) -> tuple[dict, dict]:
     def ours(**kw):
         return ee.generate(*inputs, max_new_tokens=tokens, eos_token_id=[], **kw)
 
-    schedules = {"all at 1": policies.FixedSchedulePolicy(1), "mixed": policies.FixedSchedulePolicy(MIXED),
-                 "mixed + checks": forced_with_checks(policies, MIXED)}  # fmt: skip
+    schedules = {
+        "all at 1": policies.FixedSchedulePolicy(1),
+        "mixed": policies.FixedSchedulePolicy(MIXED),
+        "mixed + checks": forced_with_checks(policies, MIXED),
+    }
     runs, stats = {"full": lambda: ours(mode="full").stats.seconds_decode}, {}
     for name, policy in schedules.items():
         for kv in ("recompute", "propagate"):
@@ -110,8 +113,11 @@ def main() -> None:
     add_timing_args(parser, repeats=15)
     parser.add_argument("--threads", type=int, default=1, help="PyTorch threads")
     parser.add_argument("--before", metavar="DIR", help="also time the freevlm package in DIR/freevlm, interleaved")
-    parser.add_argument("--profile", metavar="SCHEDULE/KV", help="cProfile 20 decodes of one run instead, e.g. "
-                        "'mixed + checks/recompute' or 'full'")  # fmt: skip
+    parser.add_argument(
+        "--profile",
+        metavar="SCHEDULE/KV",
+        help="cProfile 20 decodes of one run instead, e.g. 'mixed + checks/recompute' or 'full'",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = demo_model()
@@ -146,20 +152,26 @@ def main() -> None:
     decoded = args.tokens - 1
     backbone = load_backbone(model)
     layer_params = sum(p.numel() for p in backbone.layers[0].parameters())
-    print(f"demo-size BLIP-2 (OPT {backbone.num_layers} layers x {backbone.hidden_size}, vocabulary "
-          f"{cfg.text_config.vocab_size}), exits at {EXITS}, {args.tokens} new tokens, batch 1, "
-          f"{torch.get_num_threads()} thread(s), {args.stat} of {args.repeats} interleaved runs; a head = "
-          f"{backbone.head_parameters() / layer_params:.2f} layers")  # fmt: skip
+    print(
+        f"demo-size BLIP-2 (OPT {backbone.num_layers} layers x {backbone.hidden_size}, vocabulary "
+        f"{cfg.text_config.vocab_size}), exits at {EXITS}, {args.tokens} new tokens, batch 1, "
+        f"{torch.get_num_threads()} thread(s), {args.stat} of {args.repeats} interleaved runs; a head = "
+        f"{backbone.head_parameters() / layer_params:.2f} layers"
+    )
     for version in versions:
         print(f"full model ({version}): {1000 * times[(version, 'full')] / decoded:.2f} ms/token (decode)")
-    print(f"{'':8s} {'schedule':16s} {'kv':10s} {'ms/token':>8s} {'measured':>9s} {'ideal':>7s} {'analytic':>8s} "
-          f"{'/ideal':>7s} {'/analytic':>9s}  histogram")  # fmt: skip
+    print(
+        f"{'':8s} {'schedule':16s} {'kv':10s} {'ms/token':>8s} {'measured':>9s} {'ideal':>7s} {'analytic':>8s} "
+        f"{'/ideal':>7s} {'/analytic':>9s}  histogram"
+    )
     for (version, key), s in sorted(stats.items(), key=lambda item: (item[0][1], item[0][0] == "now")):
         name, kv = key.split("/")
         measured = times[(version, "full")] / times[(version, key)]
-        print(f"{version:8s} {name:16s} {kv:10s} {1000 * times[(version, key)] / decoded:8.2f} {measured:8.2f}x "
-              f"{s.ideal_speedup:6.2f}x {s.analytic_speedup:7.2f}x {measured / s.ideal_speedup:7.2f} "
-              f"{measured / s.analytic_speedup:9.2f}  {s.exit_histogram}")  # fmt: skip
+        print(
+            f"{version:8s} {name:16s} {kv:10s} {1000 * times[(version, key)] / decoded:8.2f} {measured:8.2f}x "
+            f"{s.ideal_speedup:6.2f}x {s.analytic_speedup:7.2f}x {measured / s.ideal_speedup:7.2f} "
+            f"{measured / s.analytic_speedup:9.2f}  {s.exit_histogram}"
+        )
 
 
 if __name__ == "__main__":

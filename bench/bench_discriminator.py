@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' offline tokenizer and shapes
-from training_helpers import make_image_processor, make_tokenizer, write_shapes  # noqa: E402
+from training_helpers import make_image_processor, make_tokenizer, write_shapes
 
-from freevlm.tiny import tiny_blip2  # noqa: E402
-from freevlm.training import (  # noqa: E402
+from freevlm.tiny import tiny_blip2
+from freevlm.training import (
     CaptionDataset,
     ExitTrainConfig,
     FinetuneConfig,
@@ -34,8 +34,8 @@ from freevlm.training import (  # noqa: E402
     split_records,
     train_exits,
 )
-from freevlm.training.data import CaptionCollator  # noqa: E402
-from freevlm.training.exits import discriminator_loss, make_discriminators  # noqa: E402
+from freevlm.training.data import CaptionCollator
+from freevlm.training.exits import discriminator_loss, make_discriminators
 
 
 def shapes_setup(folder: Path):
@@ -45,9 +45,21 @@ def shapes_setup(folder: Path):
     model = tiny_blip2("opt", seed=0)
     tok, proc = make_tokenizer("opt"), make_image_processor()
     train_set, dev_set = (CaptionDataset(r, tok, proc, model.config) for r in (train, dev))
-    finetune(model, train_set, FinetuneConfig(output_dir=str(folder / "ft"), max_steps=40, batch_size=8, lr=3e-3,
-                                              warmup_steps=5, train_lm=True, tensorboard=False, progress=False,
-                                              checkpoint_every=10_000))  # fmt: skip
+    finetune(
+        model,
+        train_set,
+        FinetuneConfig(
+            output_dir=str(folder / "ft"),
+            max_steps=40,
+            batch_size=8,
+            lr=3e-3,
+            warmup_steps=5,
+            train_lm=True,
+            tensorboard=False,
+            progress=False,
+            checkpoint_every=10_000,
+        ),
+    )
     return model, train_set, dev_set
 
 
@@ -55,10 +67,23 @@ def run(model, train_set, dev_set, folder: Path, args, **kw) -> tuple[object, li
     """Train exits with the real trainer; returns them and the held-out metrics every `--every` steps."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    config = ExitTrainConfig(output_dir=str(folder), exit_layers=(1, 2), init=args.init, anchor="kd",
-                             max_steps=args.steps, batch_size=8, lr=1e-3, disc_lr=1e-3, disc_hidden=args.disc_hidden,
-                             warmup_steps=5, eval_every=args.every, progress=False, checkpoint_every=10_000,
-                             log_every=args.every, **kw)  # fmt: skip
+    config = ExitTrainConfig(
+        output_dir=str(folder),
+        exit_layers=(1, 2),
+        init=args.init,
+        anchor="kd",
+        max_steps=args.steps,
+        batch_size=8,
+        lr=1e-3,
+        disc_lr=1e-3,
+        disc_hidden=args.disc_hidden,
+        warmup_steps=5,
+        eval_every=args.every,
+        progress=False,
+        checkpoint_every=10_000,
+        log_every=args.every,
+        **kw,
+    )
     ee = train_exits(model, train_set, config, dev_set=dev_set)
     events = EventAccumulator(str(folder / "tensorboard"))
     events.Reload()
@@ -108,16 +133,24 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         model, train_set, dev_set = shapes_setup(Path(tmp))
-        print(f"init={args.init} disc_hidden={args.disc_hidden} disc_r1={args.disc_r1} steps={args.steps} lr=1e-3, "
-              f"held-out: {len(dev_set)} captions")  # fmt: skip
+        print(
+            f"init={args.init} disc_hidden={args.disc_hidden} disc_r1={args.disc_r1} steps={args.steps} lr=1e-3, "
+            f"held-out: {len(dev_set)} captions"
+        )
         summary = []
         for name, kw in runs.items():
             ee, rows = run(model, train_set, dev_set, Path(tmp) / f"run{len(summary)}", args, **kw)
             keys = list(ee.exits)
             print(f"\n== {name}")
             if "d_acc/exit_1" in rows[0][1]:
-                print("step  " + "  ".join(f"D acc e{k}" for k in keys) + "  " + "  ".join(f"D loss e{k}" for k in keys)
-                      + "  " + "  ".join(f"KL e{k}" for k in keys))  # fmt: skip
+                print(
+                    "step  "
+                    + "  ".join(f"D acc e{k}" for k in keys)
+                    + "  "
+                    + "  ".join(f"D loss e{k}" for k in keys)
+                    + "  "
+                    + "  ".join(f"KL e{k}" for k in keys)
+                )
             for step, m in rows:
                 d = "  ".join(f"{m[f'd_acc/exit_{k}']:8.3f}" for k in keys if f"d_acc/exit_{k}" in m)
                 dl = "  ".join(f"{m[f'd_loss/exit_{k}']:9.3f}" for k in keys if f"d_loss/exit_{k}" in m)
@@ -125,14 +158,22 @@ def main() -> None:
                 print(f"{step:4d}  {d}  {dl}  {kl}" if d else f"{step:4d}  KL {kl}")
             probed = probe(ee, train_set, dev_set, args)
             final = rows[-1][1]
-            summary.append((name, [final.get(f"d_acc/exit_{k}") for k in keys], [probed[k] for k in keys],
-                            [final[f"kl/exit_{k}"] for k in keys]))  # fmt: skip
+            summary.append(
+                (
+                    name,
+                    [final.get(f"d_acc/exit_{k}") for k in keys],
+                    [probed[k] for k in keys],
+                    [final[f"kl/exit_{k}"] for k in keys],
+                )
+            )
         print("\nsummary (held-out, exits 1 and 2)")
         print(f"{'run':24s} {'run D acc':>14s} {'probe D acc':>14s} {'KL(p_i||p_N)':>16s}")
         for name, acc, probed, kl in summary:
             acc_s = " ".join("  -  " if a is None else f"{a:5.2f}" for a in acc)
-            print(f"{name:24s} {acc_s:>14s} {' '.join(f'{a:5.2f}' for a in probed):>14s} "
-                  f"{' '.join(f'{v:7.4f}' for v in kl):>16s}")  # fmt: skip
+            print(
+                f"{name:24s} {acc_s:>14s} {' '.join(f'{a:5.2f}' for a in probed):>14s} "
+                f"{' '.join(f'{v:7.4f}' for v in kl):>16s}"
+            )
 
 
 if __name__ == "__main__":

@@ -63,9 +63,11 @@ def main() -> None:
     pv, ids, mask = inputs(model)
     tokens = args.tokens
     layer_params = sum(p.numel() for p in ee.backbone.layers[0].parameters())
-    print(f"BLIP-2 with {args.preset} ({family} {n} layers), exits at {exits}, {args.device} {args.dtype}, "
-          f"{tokens} new tokens, {torch.get_num_threads()} threads; one vocabulary head = "
-          f"{ee.backbone.head_parameters() / layer_params:.2f} LM layers of parameters\n")  # fmt: skip
+    print(
+        f"BLIP-2 with {args.preset} ({family} {n} layers), exits at {exits}, {args.device} {args.dtype}, "
+        f"{tokens} new tokens, {torch.get_num_threads()} threads; one vocabulary head = "
+        f"{ee.backbone.head_parameters() / layer_params:.2f} LM layers of parameters\n"
+    )
 
     def ours(batch_inputs=(pv, ids, mask), **kw):
         return ee.generate(*batch_inputs, max_new_tokens=tokens, eos_token_id=[], **kw)
@@ -76,9 +78,11 @@ def main() -> None:
     # --- 1. no exit taken ---------------------------------------------------------------------------------------
     runs = {}
     if not args.skip_hf:
+
         def hf(**kw):
-            return model.generate(pixel_values=pv, input_ids=ids, attention_mask=mask, max_new_tokens=tokens,
-                                  do_sample=False, **kw)  # fmt: skip
+            return model.generate(
+                pixel_values=pv, input_ids=ids, attention_mask=mask, max_new_tokens=tokens, do_sample=False, **kw
+            )
 
         with torch.no_grad():
             reference = hf()
@@ -87,7 +91,7 @@ def main() -> None:
             try:
                 hf(cache_implementation="static")
                 runs["HF generate, static cache"] = lambda: hf(cache_implementation="static")
-            except Exception as err:  # noqa: BLE001 - report what HF cannot do here and go on
+            except Exception as err:
                 print(f"   (HF static cache not available here: {type(err).__name__}: {err})")
     runs["freevlm full"] = lambda: ours(mode="full")
     runs["freevlm threshold 1.0"] = lambda: ours(threshold=1.0)
@@ -97,8 +101,10 @@ def main() -> None:
     for name, seconds in times.items():
         print(f"   {name:40s} {ms(seconds)}")
     if "HF generate, eager" in times:
-        print(f"   time ratio freevlm(threshold 1.0) / HF eager = "
-              f"{times['freevlm threshold 1.0'] / times['HF generate, eager']:.3f}  (goal <= 1.0)\n")  # fmt: skip
+        print(
+            f"   time ratio freevlm(threshold 1.0) / HF eager = "
+            f"{times['freevlm threshold 1.0'] / times['HF generate, eager']:.3f}  (goal <= 1.0)\n"
+        )
 
     # --- 2. forced schedules -------------------------------------------------------------------------------------
     half = n // 2
@@ -117,13 +123,17 @@ def main() -> None:
     times = interleaved(runs, args.repeats, args.stat)
     decoded = tokens - 1  # the first token comes with the prefill
     print(f"2. forced exit schedules, batch 1 (decode only, {args.stat}); full model {ms(times['full'], decoded)}")
-    print(f"   {'schedule':34s} {'kv':10s} {'ms/token':>9s} {'measured':>9s} {'ideal':>7s} {'ratio':>7s} "
-          f"{'analytic':>9s}  histogram")  # fmt: skip
+    print(
+        f"   {'schedule':34s} {'kv':10s} {'ms/token':>9s} {'measured':>9s} {'ideal':>7s} {'ratio':>7s} "
+        f"{'analytic':>9s}  histogram"
+    )
     for key, s in stats.items():
         measured = times["full"] / times[key]
-        print(f"   {key[0]:34s} {key[1]:10s} {1000 * times[key] / decoded:9.2f} {measured:8.2f}x "
-              f"{s.ideal_speedup:6.2f}x {measured / s.ideal_speedup:7.2f} {s.analytic_speedup:8.2f}x  "
-              f"{s.exit_histogram}")  # fmt: skip
+        print(
+            f"   {key[0]:34s} {key[1]:10s} {1000 * times[key] / decoded:9.2f} {measured:8.2f}x "
+            f"{s.ideal_speedup:6.2f}x {measured / s.ideal_speedup:7.2f} {s.analytic_speedup:8.2f}x  "
+            f"{s.exit_histogram}"
+        )
     print("   ratio = measured / ideal (goal >= 0.9)\n")
 
     # --- 3. batches ---------------------------------------------------------------------------------------------
@@ -145,7 +155,9 @@ def main() -> None:
 
     # --- 4. the floor -------------------------------------------------------------------------------------------
     floor, bandwidth = bandwidth_floor_seconds(model, args.device)
-    print(f"4. floor: the LM's weights read once at the measured {bandwidth / 1e9:.0f} GB/s = {1000 * floor:.2f} ms/token")
+    print(
+        f"4. floor: the LM's weights read once at the measured {bandwidth / 1e9:.0f} GB/s = {1000 * floor:.2f} ms/token"
+    )
 
     # --- 5. what a window costs -------------------------------------------------------------------------------------
     linears = [m for m in ee.backbone.layers[0].modules() if isinstance(m, torch.nn.Linear)]
@@ -155,8 +167,10 @@ def main() -> None:
         runs[slots] = lambda xs=xs: [m(x) for m, x in zip(linears, xs) for _ in range(10)]
     with torch.no_grad():
         times = interleaved(runs, args.repeats, args.stat)
-    print("5. one LM layer's matmuls over a window of slots, time relative to 1 slot: "
-          + ", ".join(f"{slots} -> {times[slots] / times[1]:.2f}" for slots in runs))  # fmt: skip
+    print(
+        "5. one LM layer's matmuls over a window of slots, time relative to 1 slot: "
+        + ", ".join(f"{slots} -> {times[slots] / times[1]:.2f}" for slots in runs)
+    )
 
 
 if __name__ == "__main__":

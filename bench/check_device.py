@@ -68,9 +68,20 @@ def main() -> int:
                 beam = ee.generate(pv, ids, mask, max_new_tokens=8, threshold=1.0, num_beams=3)
                 check("beam 3 at threshold 1.0 equals HF beam", torch.equal(beam.sequences, hf_beam))
             for kv in ("recompute", "propagate"):
-                runs = [ee.generate(pv, ids, mask, max_new_tokens=12, policy=SeededRandomPolicy(batch), kv=kv,
-                                    batch_policy="ride_along", static=static, eos_token_id=[])
-                        for static in (None, False)]  # fmt: skip
+                runs = [
+                    ee.generate(
+                        pv,
+                        ids,
+                        mask,
+                        max_new_tokens=12,
+                        policy=SeededRandomPolicy(batch),
+                        kv=kv,
+                        batch_policy="ride_along",
+                        static=static,
+                        eos_token_id=[],
+                    )
+                    for static in (None, False)
+                ]
                 same = [torch.equal(getattr(runs[0], k), getattr(runs[1], k)) for k in ("sequences", "exit_layers")]
                 check(f"batch {batch}: default engine equals general engine, mixed schedule, kv={kv}", all(same))
     print(f"{checks - len(failures)}/{checks} checks passed")

@@ -34,9 +34,13 @@ def big_blip2(preset: str = "opt-350m", dtype: torch.dtype = torch.float32, devi
     family, num_layers, hidden_size, num_heads, vocab_size = PRESETS[preset]
     with torch.device(device):  # built and initialised where it runs: billions of random weights in seconds on a GPU
         model = tiny_blip2(
-            family, num_layers=num_layers, hidden_size=hidden_size, vocab_size=vocab_size, num_heads=num_heads,
+            family,
+            num_layers=num_layers,
+            hidden_size=hidden_size,
+            vocab_size=vocab_size,
+            num_heads=num_heads,
             num_query_tokens=32,
-        )  # fmt: skip
+        )
     for cfg in (model.generation_config, model.language_model.generation_config):
         cfg.eos_token_id = None
     return model.to(device=device, dtype=dtype)
@@ -60,7 +64,7 @@ def interleaved(runs: dict, repeats: int, stat: str = "median") -> dict:
     A run returns its own measured seconds as a float (e.g. decode-only); anything else means "time me whole".
     """
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for name, fn in runs.items():  # warm-up (and CUDA graph capture)
+    for fn in runs.values():  # warm-up (and CUDA graph capture)
         fn()
     order, shuffle = list(runs.items()), random.Random(0).shuffle
     for _ in range(repeats):
@@ -90,8 +94,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def add_timing_args(parser: argparse.ArgumentParser, repeats: int) -> None:
     """--repeats and --stat, what `interleaved` takes."""
     parser.add_argument("--repeats", type=int, default=repeats)
-    parser.add_argument("--stat", choices=["min", "median"], default="min", help="per run over the repeats (min: "
-                        "what the code costs; on a shared machine other work only ever adds time)")  # fmt: skip
+    parser.add_argument(
+        "--stat",
+        choices=["min", "median"],
+        default="min",
+        help="per run over the repeats (min: what the code costs; on a shared machine other work only ever adds time)",
+    )
 
 
 def bandwidth_floor_seconds(model, device: str) -> tuple[float, float]:
@@ -99,7 +107,9 @@ def bandwidth_floor_seconds(model, device: str) -> tuple[float, float]:
 
     The bandwidth is measured here, by copying a buffer of the weights' size on the device."""
     lm = model.language_model
-    weight_bytes = sum(p.numel() * p.element_size() for p in lm.parameters() if p is not lm.get_input_embeddings().weight)
+    weight_bytes = sum(
+        p.numel() * p.element_size() for p in lm.parameters() if p is not lm.get_input_embeddings().weight
+    )
     weight_bytes += lm.get_output_embeddings().weight.numel() * lm.get_output_embeddings().weight.element_size()
     size = min(max(weight_bytes, 2**28), 2**30) // 4  # large enough to measure bandwidth, not call overhead
     src = torch.empty(size, dtype=torch.float32, device=device)

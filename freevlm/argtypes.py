@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def integer(low: int | None = None, high: int | None = None) -> Callable[[str], int]:
@@ -30,8 +30,9 @@ def integer(low: int | None = None, high: int | None = None) -> Callable[[str], 
     return parse
 
 
-def number(low: float | None = None, high: float | None = None, low_open: bool = False,
-           high_open: bool = False) -> Callable[[str], float]:  # fmt: skip
+def number(
+    low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False
+) -> Callable[[str], float]:
     """A finite float in the range from `low` to `high` (each bound optional, closed unless `*_open`)."""
     where = " " + _range(low, high, low_open, high_open) if low is not None or high is not None else ""
 
@@ -80,7 +81,9 @@ def device(text: str) -> str:
         raise argparse.ArgumentTypeError(f"unknown device {text!r}: use cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available (this PyTorch build or machine has no GPU)")
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: CUDA is not available (this PyTorch build or machine has no GPU)"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise argparse.ArgumentTypeError(f"{text!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
     elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):

@@ -85,11 +85,15 @@ class Calibration:
     @property
     def guarantee(self) -> str:
         if not self.certified:
-            return (f"no threshold could be certified at risk <= {self.tolerance:g} with confidence "
-                    f"{self.confidence:g} from {self.n} samples; {self.fallback:g} (never exit early) is returned")  # fmt: skip
-        return (f"if the {self.n} calibration samples and future inputs are i.i.d. from one distribution, the mean "
-                f"loss at threshold {self.threshold:g} exceeds {self.tolerance:g} with probability at most "
-                f"{1 - self.confidence:.3g} over the draw of the calibration set")  # fmt: skip
+            return (
+                f"no threshold could be certified at risk <= {self.tolerance:g} with confidence "
+                f"{self.confidence:g} from {self.n} samples; {self.fallback:g} (never exit early) is returned"
+            )
+        return (
+            f"if the {self.n} calibration samples and future inputs are i.i.d. from one distribution, the mean "
+            f"loss at threshold {self.threshold:g} exceeds {self.tolerance:g} with probability at most "
+            f"{1 - self.confidence:.3g} over the draw of the calibration set"
+        )
 
     def as_dict(self) -> dict:
         return {
@@ -102,8 +106,15 @@ class Calibration:
             "tested_order": self.tested,
             "fallback": self.fallback,
             "guarantee": self.guarantee,
-            "per_threshold": [{"threshold": t, "empirical_risk": self.risks[t], "p_value": self.p_values[t],
-                               "certified": t in self.certified} for t in self.tested],  # fmt: skip
+            "per_threshold": [
+                {
+                    "threshold": t,
+                    "empirical_risk": self.risks[t],
+                    "p_value": self.p_values[t],
+                    "certified": t in self.certified,
+                }
+                for t in self.tested
+            ],
         }
 
 
@@ -153,8 +164,10 @@ def calibrate_threshold(
     per_threshold = {float(t): _as_losses(t, v) for t, v in losses.items()}
     counts = {t: len(v) for t, v in per_threshold.items()}
     if len(set(counts.values())) > 1:
-        raise ValueError("every threshold needs the same calibration samples, but sample counts differ: "
-                         + ", ".join(f"{t:g}: {c}" for t, c in sorted(counts.items())))  # fmt: skip
+        raise ValueError(
+            "every threshold needs the same calibration samples, but sample counts differ: "
+            + ", ".join(f"{t:g}: {c}" for t, c in sorted(counts.items()))
+        )
     n = next(iter(counts.values()))
     if n == 0:
         raise ValueError("the calibration set is empty: no losses to certify a threshold with")
@@ -180,6 +193,7 @@ def calibrate_threshold(
     threshold = certified[-1] if certified else float(fallback)
     return Calibration(threshold, certified, tolerance, confidence, n, risks, p_values, method, order, float(fallback))
 
+
 # --- losses from running the exits over a calibration set ------------------------------------------------------
 # Losses are measured against the full model, so the safest threshold (the rule never exits early) has risk 0 and
 # the guarantee reads "early exit costs at most `tolerance` of X relative to the full model".
@@ -187,8 +201,8 @@ LOSSES = ("consistency", "metric")
 LOSS_DEFINITIONS = {
     "consistency": "1 if the early-exit output differs from the full model's, else 0",
     "metric": "per-record drop of the task metric (VQA accuracy, GQA exact match, or CIDEr) below the full "
-              "model's, clipped to [0, 1]",
-}  # fmt: skip
+    "model's, clipped to [0, 1]",
+}
 
 
 def consistency_losses(texts: Sequence[str], full_texts: Sequence[str]) -> list[float]:
@@ -205,8 +219,9 @@ def never_exits(method: str) -> tuple[float, bool]:
     return float(grid[-1]), grid[-1] > grid[0]
 
 
-def per_caption_cider(references: Sequence[Sequence[str]] | dict, captions: Sequence[str],
-                      tokenize: Callable[[dict], dict] | None = None) -> list[float]:  # fmt: skip
+def per_caption_cider(
+    references: Sequence[Sequence[str]] | dict, captions: Sequence[str], tokenize: Callable[[dict], dict] | None = None
+) -> list[float]:
     """CIDEr of each caption against its references (pycocoevalcap's CIDEr-D, unscaled: 1.0 is 100 on the
     paper's scale). Document frequencies come from the references alone, so a caption's score does not depend on
     the other captions. `references` may be the tokenized dict an earlier call built (see `_tokenized`).
@@ -277,8 +292,10 @@ def calibrate_exits(
         _check_metric_labels(task, records)  # before any model runs
         labels = [r.answers for r in records] if task == "vqa" else _tokenized([r.references for r in records])
     safe, higher_is_safer = never_exits(method)
-    grid = sorted({float(t) for t in (get_method(method).thresholds if thresholds is None else thresholds)},
-                  reverse=higher_is_safer)  # fmt: skip
+    grid = sorted(
+        {float(t) for t in (get_method(method).thresholds if thresholds is None else thresholds)},
+        reverse=higher_is_safer,
+    )
     say = progress or (lambda msg: None)
     if task == "captions":
         eval_kwargs.setdefault("only", ["CIDEr"])  # the sweep's score only: METEOR starts a JVM per call
@@ -291,8 +308,16 @@ def calibrate_exits(
         full_metric = _metric_per_record(task, labels, full_texts, vqa_metric)
     losses: dict[float, list[float]] = {}
     for t in grid:
-        result = evaluate(task, ee, processor, records, t, method=method,
-                          compare_full=time_every_run or full_texts is None, **eval_kwargs)  # fmt: skip
+        result = evaluate(
+            task,
+            ee,
+            processor,
+            records,
+            t,
+            method=method,
+            compare_full=time_every_run or full_texts is None,
+            **eval_kwargs,
+        )
         texts = [row["prediction"] for row in result.predictions]
         if full_texts is None:  # the first run decoded the full model too
             full_texts = [row["full_prediction"] for row in result.predictions]
@@ -304,8 +329,10 @@ def calibrate_exits(
             early = _metric_per_record(task, labels, texts, vqa_metric)
             losses[t] = [min(1.0, max(0.0, f - e)) for f, e in zip(full_metric, early)]
         results[t] = result
-        say(f"threshold {t:g}: {loss} risk {sum(losses[t]) / len(losses[t]):.4f}, "
-            f"analytic speedup {result.speed.analytic_speedup:.2f}x")  # fmt: skip
+        say(
+            f"threshold {t:g}: {loss} risk {sum(losses[t]) / len(losses[t]):.4f}, "
+            f"analytic speedup {result.speed.analytic_speedup:.2f}x"
+        )
     calibration = calibrate_threshold(losses, tolerance, confidence, higher_is_safer=higher_is_safer, fallback=safe)
     return calibration, results
 
@@ -339,11 +366,17 @@ def candidate_placements(
         raise ValueError(f"the exit budget must be at least 1, got {budget_exits}")
     layers = sorted(parameters)
     most = len(layers) if budget_exits is None else min(budget_exits, len(layers))
-    sets = [c for k in range(1, most + 1) for c in itertools.combinations(layers, k)
-            if budget_parameters is None or sum(parameters[i] for i in c) <= budget_parameters]  # fmt: skip
+    sets = [
+        c
+        for k in range(1, most + 1)
+        for c in itertools.combinations(layers, k)
+        if budget_parameters is None or sum(parameters[i] for i in c) <= budget_parameters
+    ]
     if not sets:
-        raise ValueError(f"no exit fits a budget of {budget_parameters:,} trainable parameters "
-                         f"(the smallest exit has {min(parameters.values()):,})")  # fmt: skip
+        raise ValueError(
+            f"no exit fits a budget of {budget_parameters:,} trainable parameters "
+            f"(the smallest exit has {min(parameters.values()):,})"
+        )
     return sets
 
 
@@ -357,9 +390,15 @@ class Placement:
 
     def as_dict(self) -> dict:
         c = self.calibration
-        return {"layers": list(self.layers), "trainable_parameters": self.parameters, "threshold": c.threshold,
-                "certified": bool(c.certified), "risk": c.risks.get(c.threshold), "speedup": self.speedup,
-                "speedups": self.speedups}  # fmt: skip
+        return {
+            "layers": list(self.layers),
+            "trainable_parameters": self.parameters,
+            "threshold": c.threshold,
+            "certified": bool(c.certified),
+            "risk": c.risks.get(c.threshold),
+            "speedup": self.speedup,
+            "speedups": self.speedups,
+        }
 
 
 def _speedups(results: dict[float, EvalResult], threshold: float) -> dict[str, float | None]:
@@ -387,11 +426,11 @@ def place_exits(
     budget on `records`, and keep the one with the largest `speedup` at its certified threshold.
 
     `speedup`: "ideal" (parameters the full model reads over those early exit reads, counted by the engine: exit
-    layers and heads included - the cost of a weight-bound decode step), "analytic" (the paper's N / mean layers per token; blind to the
-    cost of exits a token passes), or "wallclock" (measured here; noisy on a shared machine). Each placement is
-    certified at 1 - (1 - confidence) / m for m placements (Bonferroni), so the chosen placement's threshold keeps
-    the guarantee at `confidence` although it was picked on the same data. Returns (best, all placements, the
-    per-placement confidence).
+    layers and heads included - the cost of a weight-bound decode step), "analytic" (the paper's N / mean layers per
+    token; blind to the cost of exits a token passes), or "wallclock" (measured here; noisy on a shared machine).
+    Each placement is certified at 1 - (1 - confidence) / m for m placements (Bonferroni), so the chosen placement's
+    threshold keeps the guarantee at `confidence` although it was picked on the same data. Returns (best, all
+    placements, the per-placement confidence).
     """
     check_unit_interval("tolerance", tolerance)
     check_unit_interval("confidence", confidence)
@@ -400,23 +439,35 @@ def place_exits(
     parameters = {i: trainable_parameters(m) for i, m in ee.exit_dict().items()}
     sets = candidate_placements(parameters, budget_exits, budget_parameters)
     if len(sets) > max_placements:
-        raise ValueError(f"{len(sets)} placements fit the budget, more than max_placements={max_placements}: "
-                         "offer fewer candidate layers or a smaller budget")  # fmt: skip
+        raise ValueError(
+            f"{len(sets)} placements fit the budget, more than max_placements={max_placements}: "
+            "offer fewer candidate layers or a smaller budget"
+        )
     say = progress or (lambda msg: None)
     each = 1.0 - (1.0 - confidence) / len(sets)
     placements, full_outputs = [], calibrate_kwargs.pop("full_outputs", None)
     for layers in sets:
-        calibration, results = calibrate_exits(exits_subset(ee, layers), processor, task, records, tolerance, each,
-                                               full_outputs=full_outputs, time_every_run=speedup != "analytic",
-                                               **calibrate_kwargs)  # fmt: skip
+        calibration, results = calibrate_exits(
+            exits_subset(ee, layers),
+            processor,
+            task,
+            records,
+            tolerance,
+            each,
+            full_outputs=full_outputs,
+            time_every_run=speedup != "analytic",
+            **calibrate_kwargs,
+        )
         if full_outputs is None:  # the first placement's first run decoded the full model: reuse it
             first = results[calibration.tested[0]]
             full_outputs = [row["full_prediction"] for row in first.predictions]
         speeds = _speedups(results, calibration.threshold)
         value = speeds[speedup] if speeds[speedup] is not None else 1.0
         placements.append(Placement(layers, sum(parameters[i] for i in layers), calibration, value, speeds))
-        say(f"exits {list(layers)}: threshold {calibration.threshold:g} "
-            f"({'certified' if calibration.certified else 'none certified'}), {speedup} speedup {value:.2f}x")  # fmt: skip
+        say(
+            f"exits {list(layers)}: threshold {calibration.threshold:g} "
+            f"({'certified' if calibration.certified else 'none certified'}), {speedup} speedup {value:.2f}x"
+        )
     best = max(placements, key=lambda p: (p.speedup, -p.parameters, -len(p.layers)))
     return best, placements, each
 
@@ -424,9 +475,13 @@ def place_exits(
 def placement_guarantee(best: Placement, confidence: float, m: int) -> str:
     c = best.calibration
     if not c.certified:
-        return (f"no placement could be certified at risk <= {c.tolerance:g} with confidence {confidence:g} "
-                f"(each of {m} tested at {c.confidence:.4g}) from {c.n} samples")  # fmt: skip
-    return (f"if the {c.n} calibration samples and future inputs are i.i.d. from one distribution, the mean loss of "
-            f"exits {list(best.layers)} at threshold {c.threshold:g} exceeds {c.tolerance:g} with probability at "
-            f"most {1 - confidence:.3g} over the draw of the calibration set (each of the {m} placements tested at "
-            f"{1 - c.confidence:.3g}, Bonferroni)")  # fmt: skip
+        return (
+            f"no placement could be certified at risk <= {c.tolerance:g} with confidence {confidence:g} "
+            f"(each of {m} tested at {c.confidence:.4g}) from {c.n} samples"
+        )
+    return (
+        f"if the {c.n} calibration samples and future inputs are i.i.d. from one distribution, the mean loss of "
+        f"exits {list(best.layers)} at threshold {c.threshold:g} exceeds {c.tolerance:g} with probability at "
+        f"most {1 - confidence:.3g} over the draw of the calibration set (each of the {m} placements tested at "
+        f"{1 - c.confidence:.3g}, Bonferroni)"
+    )

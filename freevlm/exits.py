@@ -42,7 +42,8 @@ class ExitConfig:
                 raise ValueError(f"exit layer {i!r} is not an integer")
             if not 1 <= i <= num_layers - 1:
                 raise ValueError(
-                    f"exit layer {i} is out of range: this LM has {num_layers} layers, so exits go at 1..{num_layers - 1}"
+                    f"exit layer {i} is out of range: this LM has {num_layers} layers, "
+                    f"so exits go at 1..{num_layers - 1}"
                 )
         if len(set(layers)) != len(layers):
             dupes = sorted({i for i in layers if layers.count(i) > 1})

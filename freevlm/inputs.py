@@ -35,8 +35,10 @@ def validate_generate_inputs(
     _check_pixels(model, cfg, pixel_values)
     if input_ids is None:
         if attention_mask is not None:
-            raise ValueError("attention_mask was given without input_ids: the default prompt has its own mask; "
-                             "pass the input_ids the mask belongs to, or no mask")  # fmt: skip
+            raise ValueError(
+                "attention_mask was given without input_ids: the default prompt has its own mask; "
+                "pass the input_ids the mask belongs to, or no mask"
+            )
         prompt_len = cfg.num_query_tokens + 1
     else:
         _check_ids(model, cfg, pixel_values, input_ids)
@@ -53,26 +55,39 @@ def _check_pixels(model, cfg, pixel_values) -> None:
         shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
         raise ValueError(f"pixel_values must be a [batch, channels, height, width] tensor, got {shape}")
     if not pixel_values.is_floating_point():
-        raise ValueError(f"pixel_values must be floating point (the image processor's output), got {pixel_values.dtype}")
+        raise ValueError(
+            f"pixel_values must be floating point (the image processor's output), got {pixel_values.dtype}"
+        )
     if pixel_values.shape[0] == 0:
         raise ValueError("pixel_values holds no images (batch size 0)")
     channels = _vision_channels(model, cfg)
     if pixel_values.shape[1] != channels:
-        raise ValueError(f"pixel_values has {pixel_values.shape[1]} channel(s), the vision encoder takes {channels} "
-                         "(RGB): convert images with .convert('RGB') before the image processor")  # fmt: skip
+        raise ValueError(
+            f"pixel_values has {pixel_values.shape[1]} channel(s), the vision encoder takes {channels} "
+            "(RGB): convert images with .convert('RGB') before the image processor"
+        )
     size = getattr(cfg.vision_config, "image_size", None)
     height, width = pixel_values.shape[-2:]
     if size and (height, width) != (size, size):
         if _is_vit(model):
-            raise ValueError(f"pixel_values are {height}x{width} but the vision encoder takes {size}x{size} images: "
-                             "use the model's image processor")  # fmt: skip
+            raise ValueError(
+                f"pixel_values are {height}x{width} but the vision encoder takes {size}x{size} images: "
+                "use the model's image processor"
+            )
         if not (size / 2 <= min(height, width) and max(height, width) <= size * 2):
-            warnings.warn(f"pixel_values are {height}x{width}, far from the {size}x{size} the vision encoder was "
-                          "trained on: use the model's image processor", InputWarning, stacklevel=3)  # fmt: skip
+            warnings.warn(
+                f"pixel_values are {height}x{width}, far from the {size}x{size} the vision encoder was "
+                "trained on: use the model's image processor",
+                InputWarning,
+                stacklevel=3,
+            )
     if not bool(torch.isfinite(pixel_values).all()):
         bad = (~torch.isfinite(pixel_values)).flatten(1).any(1).nonzero().flatten().tolist()
-        warnings.warn(f"pixel_values of image(s) {bad[:8]} hold NaN or inf: their tokens will be meaningless",
-                      InputWarning, stacklevel=3)  # fmt: skip
+        warnings.warn(
+            f"pixel_values of image(s) {bad[:8]} hold NaN or inf: their tokens will be meaningless",
+            InputWarning,
+            stacklevel=3,
+        )
 
 
 def _is_vit(model) -> bool:
@@ -107,13 +122,16 @@ def _check_ids(model, cfg, pixel_values, input_ids) -> None:
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= vocab:
         bad = low if low < 0 else high
-        raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab}): "
-                         "use the model's own tokenizer")  # fmt: skip
+        raise ValueError(
+            f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab}): use the model's own tokenizer"
+        )
 
 
 def _check_mask(input_ids, attention_mask) -> None:
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        shape = (
+            tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        )
         raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {shape}")
     if attention_mask.is_floating_point() and not bool(torch.isfinite(attention_mask).all()):
         raise ValueError("attention_mask holds NaN or inf: it must be 0 (padding) or 1 (token)")
@@ -121,8 +139,12 @@ def _check_mask(input_ids, attention_mask) -> None:
         raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
     empty = (attention_mask == 0).all(1).nonzero().flatten().tolist()
     if empty:
-        warnings.warn(f"attention_mask rows {empty[:8]} are all zero: those prompts are empty and their tokens "
-                      "depend on the image alone", InputWarning, stacklevel=4)  # fmt: skip
+        warnings.warn(
+            f"attention_mask rows {empty[:8]} are all zero: those prompts are empty and their tokens "
+            "depend on the image alone",
+            InputWarning,
+            stacklevel=4,
+        )
 
 
 def _check_length(cfg, prompt_len: int, max_new_tokens: int) -> None:
@@ -134,5 +156,7 @@ def _check_length(cfg, prompt_len: int, max_new_tokens: int) -> None:
     if isinstance(limit, int) and isinstance(max_new_tokens, int) and prompt_len + max_new_tokens > limit:
         room = limit - prompt_len
         fix = f"max_new_tokens can be at most {room}" if room > 0 else "shorten the prompt"
-        raise ValueError(f"the prompt ({prompt_len} tokens, image tokens included) plus max_new_tokens="
-                         f"{max_new_tokens} exceeds the language model's {limit} positions: {fix}")  # fmt: skip
+        raise ValueError(
+            f"the prompt ({prompt_len} tokens, image tokens included) plus max_new_tokens="
+            f"{max_new_tokens} exceeds the language model's {limit} positions: {fix}"
+        )

@@ -89,8 +89,12 @@ def warn_small_images(images: list[Image.Image], image_processor) -> None:
     target = min(size.get("height", 0), size.get("width", 0)) or size.get("shortest_edge", 0)
     small = [i for i, image in enumerate(images) if target and min(image.size) * 4 < target]
     if small:
-        warnings.warn(f"image(s) {small[:8]} are under a quarter of the {target} px the image processor resizes "
-                      "to: upscaled that far they carry little detail", InputWarning, stacklevel=3)  # fmt: skip
+        warnings.warn(
+            f"image(s) {small[:8]} are under a quarter of the {target} px the image processor resizes "
+            "to: upscaled that far they carry little detail",
+            InputWarning,
+            stacklevel=3,
+        )
 
 
 def load_vlm(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None) -> VLMBundle:
@@ -98,6 +102,7 @@ def load_vlm(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | 
     tokenizer and image processor (BLIP-2), or its processor (`AutoProcessor`: LLaVA, InstructBLIP)."""
     import transformers
     from transformers import AutoProcessor, AutoTokenizer
+
     # from its module: transformers 5.17's top-level name is a stub that demands torchvision (which does not work
     # with our torch), though the class itself falls back to the PIL processors
     from transformers.models.auto.image_processing_auto import AutoImageProcessor
@@ -124,7 +129,12 @@ def load_vlm(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | 
 
 # files `save_pretrained` writes for a tokenizer (a fast tokenizer.json, or a slow one's vocabulary)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def check_vlm_folder(path: str | os.PathLike):
@@ -143,22 +153,30 @@ def check_vlm_folder(path: str | os.PathLike):
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
         raise ValueError(f"{config_file} is not a valid model config: {err}") from err
     if model_type not in MODEL_CLASSES:
-        raise ValueError(f"{path} holds a '{model_type}' model: freevlm loads "
-                         f"{', '.join(f'{c} ({t!r})' for t, c in MODEL_CLASSES.items())}")  # fmt: skip
+        raise ValueError(
+            f"{path} holds a '{model_type}' model: freevlm loads "
+            f"{', '.join(f'{c} ({t!r})' for t, c in MODEL_CLASSES.items())}"
+        )
     if not any((path / name).is_file() for name in WEIGHT_FILES) and not any(path.glob("*.safetensors")):
         raise FileNotFoundError(f"{path} has config.json but no weights (model.safetensors or pytorch_model.bin)")
     for file in sorted(path.glob("*.safetensors")):
         check_safetensors(file)
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise FileNotFoundError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...): save the "
-                                "tokenizer beside the model (tokenizer.save_pretrained(folder))")  # fmt: skip
+        raise FileNotFoundError(
+            f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...): save the "
+            "tokenizer beside the model (tokenizer.save_pretrained(folder))"
+        )
     saver = "image_processor" if model_type == "blip-2" else "processor"  # what the user saves beside the model
     if not any((path / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")):
-        raise FileNotFoundError(f"{path} has no preprocessor_config.json or processor_config.json: save the "
-                                f"{saver} beside the model ({saver}.save_pretrained(folder))")  # fmt: skip
+        raise FileNotFoundError(
+            f"{path} has no preprocessor_config.json or processor_config.json: save the "
+            f"{saver} beside the model ({saver}.save_pretrained(folder))"
+        )
     if model_type == "instructblip" and not (path / "qformer_tokenizer").is_dir():
-        raise FileNotFoundError(f"{path} has no qformer_tokenizer folder: save InstructBLIP's processor beside the "
-                                "model (processor.save_pretrained(folder))")  # fmt: skip
+        raise FileNotFoundError(
+            f"{path} has no qformer_tokenizer folder: save InstructBLIP's processor beside the "
+            "model (processor.save_pretrained(folder))"
+        )
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError, TypeError, KeyError) as err:
@@ -213,7 +231,9 @@ def _load_with_custom_vision(path: Path, dtype: torch.dtype | None) -> torch.nn.
 
     name = json.loads((path / BACKBONE_MARKER).read_text()).get("vision_model")
     if name not in VISION_MODELS:
-        raise ValueError(f"{path / BACKBONE_MARKER} names an unknown vision model {name!r} (not in {list(VISION_MODELS)})")
+        raise ValueError(
+            f"{path / BACKBONE_MARKER} names an unknown vision model {name!r} (not in {list(VISION_MODELS)})"
+        )
     config = AutoConfig.from_pretrained(path)
     model = getattr(transformers, MODEL_CLASSES[config.model_type])(config)
     vision = config.vision_config

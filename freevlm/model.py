@@ -95,7 +95,7 @@ class EarlyExitVLM(nn.Module):
         return layer
 
     @classmethod
-    def from_backbone(cls, model: nn.Module, exit_config: ExitConfig) -> "EarlyExitVLM":
+    def from_backbone(cls, model: nn.Module, exit_config: ExitConfig) -> EarlyExitVLM:
         return cls(model, exit_config)
 
     @property
@@ -117,10 +117,13 @@ class EarlyExitVLM(nn.Module):
             )
         text = batch["targets"] != IGNORE_INDEX
         features = {
-            k: (backbone.run_layer(e.layer, states[e.at], ctx, None, mask, None) if isinstance(e, ExitLayer)
-                else states[e.at])[text]
+            k: (
+                backbone.run_layer(e.layer, states[e.at], ctx, None, mask, None)
+                if isinstance(e, ExitLayer)
+                else states[e.at]
+            )[text]
             for k, e in self.exits.items()
-        }  # fmt: skip
+        }
         return ExitOutputs(features, states[-1][text], batch["targets"][text], self)
 
     # --- save / load -------------------------------------------------------------------------------------------
@@ -132,14 +135,17 @@ class EarlyExitVLM(nn.Module):
         tmp = path / (WEIGHTS_NAME + ".tmp")
         save_file(state, str(tmp))
         os.replace(tmp, path / WEIGHTS_NAME)
-        meta = {"exit_config": self.exit_config.to_dict(), "backbone": self.backbone.fingerprint(),
-                "weights_digest": exits_weights_digest(state)}  # fmt: skip
+        meta = {
+            "exit_config": self.exit_config.to_dict(),
+            "backbone": self.backbone.fingerprint(),
+            "weights_digest": exits_weights_digest(state),
+        }
         tmp = path / (CONFIG_NAME + ".tmp")
         tmp.write_text(json.dumps(meta, indent=2))
         os.replace(tmp, path / CONFIG_NAME)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, path: str | os.PathLike) -> "EarlyExitVLM":
+    def from_pretrained(cls, model: nn.Module, path: str | os.PathLike) -> EarlyExitVLM:
         """Attach exits saved by `save_exits` to `model`; a clear error if they were trained on another backbone."""
         path = Path(path)
         config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
@@ -160,7 +166,8 @@ class EarlyExitVLM(nn.Module):
         missing, unexpected = ee.exits.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise CheckpointMismatchError(
-                f"{weights_file} does not match exits {ee.exit_layers}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+                f"{weights_file} does not match exits {ee.exit_layers}: "
+                f"missing {missing[:3]}, unexpected {unexpected[:3]}"
             )
         return ee
 
@@ -213,11 +220,21 @@ class EarlyExitVLM(nn.Module):
             warnings.warn("return_decoder is deprecated: use return_engine", DeprecationWarning, stacklevel=3)
             return_engine = return_decoder
         options = DecodeConfig(
-            max_new_tokens=max_new_tokens, num_beams=num_beams, threshold=threshold, mode=mode, kv=kv, policy=policy,
-            eos_token_id=eos_token_id, pad_token_id=pad_token_id, batch_policy=batch_policy, max_draft=max_draft,
-            length_penalty=length_penalty, early_stopping=early_stopping, return_engine=return_engine,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            threshold=threshold,
+            mode=mode,
+            kv=kv,
+            policy=policy,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            batch_policy=batch_policy,
+            max_draft=max_draft,
+            length_penalty=length_penalty,
+            early_stopping=early_stopping,
+            return_engine=return_engine,
             static=static,
-        )  # fmt: skip
+        )
         config = options if config is None else _merge(config, options)
         config.validate()
         validate_generate_inputs(self.backbone, pixel_values, input_ids, attention_mask, config.max_new_tokens)

@@ -42,39 +42,73 @@ def blip2_config(
     image_size: int = 32,
 ) -> Blip2Config:
     vision = Blip2VisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        image_size=image_size, patch_size=8, initializer_range=0.02,
-    )  # fmt: skip
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=8,
+        initializer_range=0.02,
+    )
     qformer = Blip2QFormerConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-        encoder_hidden_size=32, vocab_size=vocab_size,
-    )  # fmt: skip
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        encoder_hidden_size=32,
+        vocab_size=vocab_size,
+    )
     image_token = vocab_size - 1
     if family == "opt":
         text = OPTConfig(
-            vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
-            num_attention_heads=num_heads, ffn_dim=4 * hidden_size, word_embed_proj_dim=hidden_size,
-            max_position_embeddings=512, bos_token_id=2, eos_token_id=3, pad_token_id=1,
-        )  # fmt: skip
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            ffn_dim=4 * hidden_size,
+            word_embed_proj_dim=hidden_size,
+            max_position_embeddings=512,
+            bos_token_id=2,
+            eos_token_id=3,
+            pad_token_id=1,
+        )
     elif family == "t5":
         # encoder and decoder of equal depth: unequal depths break Hugging Face's own T5 cache
         text = T5Config(
-            vocab_size=vocab_size, d_model=hidden_size, d_kv=hidden_size // num_heads, d_ff=4 * hidden_size,
-            num_layers=num_layers, num_decoder_layers=num_layers, num_heads=num_heads,
-            decoder_start_token_id=0, eos_token_id=1, pad_token_id=0, feed_forward_proj="gated-gelu",
-        )  # fmt: skip
+            vocab_size=vocab_size,
+            d_model=hidden_size,
+            d_kv=hidden_size // num_heads,
+            d_ff=4 * hidden_size,
+            num_layers=num_layers,
+            num_decoder_layers=num_layers,
+            num_heads=num_heads,
+            decoder_start_token_id=0,
+            eos_token_id=1,
+            pad_token_id=0,
+            feed_forward_proj="gated-gelu",
+        )
     elif family == "llama":  # InstructBLIP's Vicuna
         text = LlamaConfig(
-            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-            num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads // 2,
-            max_position_embeddings=512, bos_token_id=2, eos_token_id=3, pad_token_id=1,
-        )  # fmt: skip
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_heads // 2,
+            max_position_embeddings=512,
+            bos_token_id=2,
+            eos_token_id=3,
+            pad_token_id=1,
+        )
     else:
         raise ValueError(f"unknown family {family!r}: 'opt', 't5' or 'llama'")
     return Blip2Config(
-        vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
-        num_query_tokens=num_query_tokens, image_token_index=image_token,
-    )  # fmt: skip
+        vision_config=vision.to_dict(),
+        qformer_config=qformer.to_dict(),
+        text_config=text.to_dict(),
+        num_query_tokens=num_query_tokens,
+        image_token_index=image_token,
+    )
 
 
 def tiny_blip2(family: str = "opt", seed: int = 0, **config_kwargs) -> Blip2ForConditionalGeneration:
@@ -94,9 +128,12 @@ def tiny_instructblip(family: str = "opt", seed: int = 0, **config_kwargs) -> In
     for sub in (vision, qformer):
         sub.pop("model_type")
     config = InstructBlipConfig(
-        vision_config=vision, qformer_config=qformer, text_config=blip2.text_config.to_dict(),
-        num_query_tokens=blip2.num_query_tokens, image_token_index=blip2.image_token_index,
-    )  # fmt: skip
+        vision_config=vision,
+        qformer_config=qformer,
+        text_config=blip2.text_config.to_dict(),
+        num_query_tokens=blip2.num_query_tokens,
+        image_token_index=blip2.image_token_index,
+    )
     torch.manual_seed(seed)
     model = InstructBlipForConditionalGeneration(config)
     with torch.no_grad():
@@ -104,8 +141,9 @@ def tiny_instructblip(family: str = "opt", seed: int = 0, **config_kwargs) -> In
     return model.eval()
 
 
-def tiny_instruction(model: InstructBlipForConditionalGeneration, batch: int = 1, length: int = 4, seed: int = 0,
-                     pad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def tiny_instruction(
+    model: InstructBlipForConditionalGeneration, batch: int = 1, length: int = 4, seed: int = 0, pad: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random Q-Former instructions `(qformer_input_ids, qformer_attention_mask)`; right padding if `pad`, as
     the Q-Former's BERT tokenizer pads."""
     gen = torch.Generator().manual_seed(seed + 1000)
@@ -133,23 +171,39 @@ def llava_config(
     if family not in LLAVA_TEXT_CONFIGS:
         raise ValueError(f"unknown LLaVA language model {family!r}: one of {sorted(LLAVA_TEXT_CONFIGS)}")
     vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
-        patch_size=8, projection_dim=32,
-    )  # fmt: skip
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=8,
+        projection_dim=32,
+    )
     window = {}
     if family == "mistral":
         window = {"sliding_window": sliding_window}
     elif family == "qwen2" and sliding_window is not None:
         window = {"use_sliding_window": True, "sliding_window": sliding_window, "max_window_layers": 1}
     text = LLAVA_TEXT_CONFIGS[family](
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        max_position_embeddings=512, bos_token_id=2, eos_token_id=3, pad_token_id=1, **window,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=512,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=1,
+        **window,
+    )
     return LlavaConfig(
-        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=vocab_size - 1,
-        vision_feature_layer=-2, vision_feature_select_strategy="default",
-    )  # fmt: skip
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        image_token_index=vocab_size - 1,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
 
 
 def tiny_llava(family: str = "llama", seed: int = 0, **config_kwargs) -> LlavaForConditionalGeneration:

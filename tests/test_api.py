@@ -41,7 +41,9 @@ def test_exit_inits(model, init):
     exit_state = ee.exits["2"].layer.state_dict()
     source = {"copy_last": -1, "copy_next": 2}.get(init)
     if source is None:
-        assert not torch.equal(next(iter(exit_state.values())), next(iter(ee.backbone.layers[-1].state_dict().values())))
+        assert not torch.equal(
+            next(iter(exit_state.values())), next(iter(ee.backbone.layers[-1].state_dict().values()))
+        )
     else:
         for k, v in ee.backbone.layers[source].state_dict().items():
             if k in exit_state:
@@ -79,8 +81,10 @@ def test_missing_or_broken_checkpoint(tmp_path, opt_model):
         EarlyExitVLM.from_pretrained(opt_model, tmp_path)
 
 
-@pytest.mark.parametrize("layers,message", [([0], "out of range"), ([4], "out of range"), ([2, 2], "duplicated"),
-                                            ([], "empty"), ([1.5], "not an integer")])
+@pytest.mark.parametrize(
+    "layers,message",
+    [([0], "out of range"), ([4], "out of range"), ([2, 2], "duplicated"), ([], "empty"), ([1.5], "not an integer")],
+)
 def test_bad_exit_layers(opt_model, layers, message):
     with pytest.raises(ValueError, match=message):
         EarlyExitVLM.from_backbone(opt_model, ExitConfig(layers))
@@ -181,8 +185,20 @@ def test_generation_uses_no_deprecated_transformers_call(model, static):
 def test_a_whole_process_uses_no_deprecated_transformers_call(family):
     """The same under `python -W error::FutureWarning`, from import through building to generating, so a deprecation
     fails here before the transformers release that removes it (pyproject's range is what this passed on)."""
-    argv = ["-W", "error::FutureWarning", "-m", "freevlm.cli", "tiny-run", "--family", family, "--layers", "4",
-            "--max-new-tokens", "3"]  # fmt: skip
-    run = subprocess.run([sys.executable, *argv], cwd=Path(__file__).parents[1], capture_output=True, text=True,
-                         timeout=600, check=False)  # fmt: skip
+    argv = [
+        "-W",
+        "error::FutureWarning",
+        "-m",
+        "freevlm.cli",
+        "tiny-run",
+        "--family",
+        family,
+        "--layers",
+        "4",
+        "--max-new-tokens",
+        "3",
+    ]
+    run = subprocess.run(
+        [sys.executable, *argv], cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600, check=False
+    )
     assert run.returncode == 0 and "threshold 0.00" in run.stdout, run.stderr[-3000:]

@@ -167,8 +167,17 @@ def shapes(tmp_path_factory):
 
 
 def _config(out, method, **kw):
-    base = dict(output_dir=str(out), method=method, exit_layers=(1, 3), max_steps=24, batch_size=8, lr=3e-3,
-                meta_fraction=0.2, tensorboard=False, **QUIET)  # fmt: skip
+    base = dict(
+        output_dir=str(out),
+        method=method,
+        exit_layers=(1, 3),
+        max_steps=24,
+        batch_size=8,
+        lr=3e-3,
+        meta_fraction=0.2,
+        tensorboard=False,
+        **QUIET,
+    )
     return BaselineTrainConfig(**{**base, **kw})
 
 
@@ -181,8 +190,12 @@ def runs(shapes, tmp_path_factory):
     for method in ("deeblip", "pabee", "leeblip"):
         folder = tmp_path_factory.mktemp(method)
         ee = train_baseline(model, train_set, _config(folder, method), dev_set)
-        out[method] = {"ee": ee, "folder": folder, "dev": json.loads((folder / "dev_metrics.json").read_text()),
-                       "info": json.loads((folder / "method.json").read_text())}  # fmt: skip
+        out[method] = {
+            "ee": ee,
+            "folder": folder,
+            "dev": json.loads((folder / "dev_metrics.json").read_text()),
+            "info": json.loads((folder / "method.json").read_text()),
+        }
     return {"untrained": untrained, "runs": out, "model": model, "before_backbone": before_backbone}
 
 
@@ -288,8 +301,11 @@ def test_trainable_parameter_counts_match_the_modules_trained(family):
     free = EarlyExitVLM(model, ExitConfig(layers))
     linear = EarlyExitVLM(model, ExitConfig(layers, kind="linear"))
     head = EarlyExitVLM(model, ExitConfig(layers, kind="head"))
-    one_layer = sum(p.numel() for p in model.language_model.get_decoder().layers[-1].parameters()) if family == "opt" \
-        else sum(p.numel() for p in model.language_model.decoder.block[-1].parameters())  # fmt: skip
+    one_layer = (
+        sum(p.numel() for p in model.language_model.get_decoder().layers[-1].parameters())
+        if family == "opt"
+        else sum(p.numel() for p in model.language_model.decoder.block[-1].parameters())
+    )
     assert trainable_parameters(free) == 2 * one_layer == 2 * exit_parameters_from_config(text, "layer")
     vocab_head = model.language_model.get_output_embeddings().weight.numel()
     assert trainable_parameters(linear) == 2 * vocab_head == 2 * exit_parameters_from_config(text, "linear")
@@ -326,8 +342,16 @@ def _vqa_records(tmp_path, n=10):
 
     from freevlm.data.records import VQARecord
 
-    return [VQARecord(files.write_image(tmp_path / f"{i}.png", (25 * i, 255 - 20 * i, 90)), i, "what color ?",
-                      ["red"] * (i % 4) + ["blue"] * (10 - i % 4), "other") for i in range(n)]  # fmt: skip
+    return [
+        VQARecord(
+            files.write_image(tmp_path / f"{i}.png", (25 * i, 255 - 20 * i, 90)),
+            i,
+            "what color ?",
+            ["red"] * (i % 4) + ["blue"] * (10 - i % 4),
+            "other",
+        )
+        for i in range(n)
+    ]
 
 
 def test_each_method_sweeps_the_same_split_with_its_own_rule(tmp_path):
@@ -337,16 +361,31 @@ def test_each_method_sweeps_the_same_split_with_its_own_rule(tmp_path):
     from freevlm.eval.sweep import method_parameters, split_dev, sweep
 
     model = tiny_blip2("opt", seed=1, num_layers=6)
-    runs = {name: EarlyExitVLM(model, ExitConfig([2, 4], init="fresh", kind=get_method(name).exit_kind))
-            for name in ("free", "deeblip", "pabee", "mue")}  # fmt: skip
+    runs = {
+        name: EarlyExitVLM(model, ExitConfig([2, 4], init="fresh", kind=get_method(name).exit_kind))
+        for name in ("free", "deeblip", "pabee", "mue")
+    }
     bundle, records = tiny_bundle(model), _vqa_records(tmp_path)
     with pytest.raises(ValueError, match="kind 'linear'.*these exits are 'layer'"):
         evaluate_vqa(runs["free"], bundle, records[:1], 0.5, method="deeblip", max_new_tokens=1)
     thresholds = {"free": (0.0, 1.0), "deeblip": (0.0, 1.0), "pabee": (1, 2, 3), "mue": (0.0, 1.0)}
     dev, test = split_dev(records, 0.2)
-    results = {name: sweep(ee, bundle, "vqa", test, dev, thresholds[name], per_layer=False, method=name,
-                           prompt="question : {question} answer :", max_new_tokens=2, batch_size=4)
-               for name, ee in runs.items()}  # fmt: skip
+    results = {
+        name: sweep(
+            ee,
+            bundle,
+            "vqa",
+            test,
+            dev,
+            thresholds[name],
+            per_layer=False,
+            method=name,
+            prompt="question : {question} answer :",
+            max_new_tokens=2,
+            batch_size=4,
+        )
+        for name, ee in runs.items()
+    }
     for name, result in results.items():
         assert result.method == name and [r.threshold for r in result.test] == list(thresholds[name])
         assert len(result.dev[0].predictions) == 2 and len(result.test[0].predictions) == 8  # the same split for all
@@ -376,14 +415,45 @@ def test_sweep_cli_method_mue_and_pabee(tmp_path):
         part.save_pretrained(tmp_path / "backbone")
     EarlyExitVLM(load_vlm(tmp_path / "backbone").model, ExitConfig([1, 2], kind="linear")).save_exits(tmp_path / "ex")
     q, a = files.vqa(tmp_path)
-    common = ["sweep", "--backbone", str(tmp_path / "backbone"), "--format", "vqav2", "--files", str(q), str(a),
-              "--images", str(tmp_path / "val2014"), "--dev-files", str(q), str(a), "--max-new-tokens", "2",
-              "--no-per-layer", "--no-full"]  # fmt: skip
+    common = [
+        "sweep",
+        "--backbone",
+        str(tmp_path / "backbone"),
+        "--format",
+        "vqav2",
+        "--files",
+        str(q),
+        str(a),
+        "--images",
+        str(tmp_path / "val2014"),
+        "--dev-files",
+        str(q),
+        str(a),
+        "--max-new-tokens",
+        "2",
+        "--no-per-layer",
+        "--no-full",
+    ]
     assert main([*common, "--method", "mue", "--out", str(tmp_path / "mue")]) == 0
     mue = json.loads((tmp_path / "mue/results.json").read_text())
     assert mue["method"] == "mue" and [r["threshold"] for r in mue["test"]] == list(get_method("mue").thresholds)
-    assert main([*common, "--method", "pabee", "--exits", str(tmp_path / "ex"), "--thresholds", "1", "3",
-                 "--out", str(tmp_path / "pabee")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                *common,
+                "--method",
+                "pabee",
+                "--exits",
+                str(tmp_path / "ex"),
+                "--thresholds",
+                "1",
+                "3",
+                "--out",
+                str(tmp_path / "pabee"),
+            ]
+        )
+        == 0
+    )
     pabee = json.loads((tmp_path / "pabee/results.json").read_text())
     assert pabee["rule"].startswith("patience") and set(pabee["test"][0]["speed"]["exit_histogram"]) == {"1"}
     assert main([*common, "--method", "deeblip", "--out", str(tmp_path / "x")]) == 2  # no --exits

@@ -2,15 +2,15 @@
 
 import json
 
-import pytest
-
 import dataset_files as files
+import pytest
+from tiny_processor import tiny_bundle
+
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.calibration import calibrate_exits, consistency_losses, never_exits, per_caption_cider
 from freevlm.cli import main
 from freevlm.loading import load_vlm
 from freevlm.tiny import tiny_blip2
-from tiny_processor import tiny_bundle
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +28,25 @@ def checkpoint(tmp_path_factory):
 
 def _args(checkpoint, tmp_path, *extra):
     q, a = files.vqa(tmp_path)
-    return ["calibrate", "--backbone", str(checkpoint / "backbone"), "--exits", str(checkpoint / "exits"),
-            "--format", "vqav2", "--files", str(q), str(a), "--images", str(tmp_path / "val2014"),
-            "--max-new-tokens", "2", "--out", str(tmp_path / "calib" / "calib.json"), *extra]  # fmt: skip
+    return [
+        "calibrate",
+        "--backbone",
+        str(checkpoint / "backbone"),
+        "--exits",
+        str(checkpoint / "exits"),
+        "--format",
+        "vqav2",
+        "--files",
+        str(q),
+        str(a),
+        "--images",
+        str(tmp_path / "val2014"),
+        "--max-new-tokens",
+        "2",
+        "--out",
+        str(tmp_path / "calib" / "calib.json"),
+        *extra,
+    ]
 
 
 def test_calibrate_writes_a_valid_calibration_json(checkpoint, tmp_path, capsys):
@@ -80,8 +96,21 @@ def test_bad_tolerance_or_confidence_fails_before_loading(tmp_path, capsys, extr
 
 def test_empty_calibration_set_is_an_error(checkpoint, tmp_path, capsys):
     q = files.write_json(tmp_path / "questions.json", {"questions": []})
-    args = ["calibrate", "--backbone", str(checkpoint / "backbone"), "--exits", str(checkpoint / "exits"),
-            "--format", "vqav2", "--files", str(q), "--images", str(tmp_path), "--out", str(tmp_path / "c.json")]  # fmt: skip
+    args = [
+        "calibrate",
+        "--backbone",
+        str(checkpoint / "backbone"),
+        "--exits",
+        str(checkpoint / "exits"),
+        "--format",
+        "vqav2",
+        "--files",
+        str(q),
+        "--images",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "c.json"),
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "questions.json: no records" in err  # the reader refuses it, naming the file
@@ -95,9 +124,27 @@ def test_calibrate_exits_refuses_no_records():
 
 def test_metric_loss_needs_labels(checkpoint, tmp_path, capsys):
     q, _ = files.vqa(tmp_path)
-    args = ["calibrate", "--backbone", str(checkpoint / "backbone"), "--exits", str(checkpoint / "exits"),
-            "--format", "vqav2", "--files", str(q), "--images", str(tmp_path / "val2014"), "--loss", "metric",
-            "--thresholds", "1.0", "--max-new-tokens", "1", "--out", str(tmp_path / "c.json")]  # fmt: skip
+    args = [
+        "calibrate",
+        "--backbone",
+        str(checkpoint / "backbone"),
+        "--exits",
+        str(checkpoint / "exits"),
+        "--format",
+        "vqav2",
+        "--files",
+        str(q),
+        "--images",
+        str(tmp_path / "val2014"),
+        "--loss",
+        "metric",
+        "--thresholds",
+        "1.0",
+        "--max-new-tokens",
+        "1",
+        "--out",
+        str(tmp_path / "c.json"),
+    ]
     assert main(args) == 2
     assert "--loss metric needs an answer for every calibration question" in capsys.readouterr().err
 
@@ -120,9 +167,32 @@ def test_per_caption_cider_scores_each_caption_alone():
 def test_calibrate_captions_with_the_cider_drop(checkpoint, tmp_path):
     path = files.karpathy(tmp_path)
     out = tmp_path / "c.json"
-    code = main(["calibrate", "--backbone", str(checkpoint / "backbone"), "--exits", str(checkpoint / "exits"),
-                 "--format", "coco-karpathy", "--files", str(path), "--images", str(tmp_path), "--split", "train",
-                 "--loss", "metric", "--thresholds", "0", "1", "--max-new-tokens", "3", "--out", str(out)])  # fmt: skip
+    code = main(
+        [
+            "calibrate",
+            "--backbone",
+            str(checkpoint / "backbone"),
+            "--exits",
+            str(checkpoint / "exits"),
+            "--format",
+            "coco-karpathy",
+            "--files",
+            str(path),
+            "--images",
+            str(tmp_path),
+            "--split",
+            "train",
+            "--loss",
+            "metric",
+            "--thresholds",
+            "0",
+            "1",
+            "--max-new-tokens",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     report = json.loads(out.read_text())
     assert report["task"] == "captions" and report["n"] == 2 and "CIDEr" in report["loss_definition"]

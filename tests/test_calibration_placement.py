@@ -3,17 +3,17 @@ choosing the placement that is both certified and fastest on a backbone where th
 
 import json
 
+import dataset_files as files
 import pytest
 import torch
+from tiny_processor import tiny_bundle
 
-import dataset_files as files
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.calibration import candidate_placements, exits_subset
 from freevlm.cli import main
 from freevlm.decoding.policies import FixedSchedulePolicy
 from freevlm.loading import load_vlm
 from freevlm.tiny import tiny_blip2, tiny_inputs
-from tiny_processor import tiny_bundle
 
 
 def test_exits_subset_runs_like_exits_built_alone():
@@ -80,10 +80,35 @@ def _vqa_twice(root):
 def test_place_exits_chooses_the_certified_fastest_placement(identity_top, tmp_path, capsys):
     q, a = _vqa_twice(tmp_path)
     out = tmp_path / "placement.json"
-    code = main(["place-exits", "--backbone", str(identity_top / "backbone"), "--exits", str(identity_top / "exits"),
-                 "--format", "vqav2", "--files", str(q), str(a), "--images", str(tmp_path / "val2014"),
-                 "--max-new-tokens", "2", "--thresholds", "0", "1", "--tolerance", "0.5", "--confidence", "0.9",
-                 "--budget-exits", "2", "--out", str(out)])  # fmt: skip
+    code = main(
+        [
+            "place-exits",
+            "--backbone",
+            str(identity_top / "backbone"),
+            "--exits",
+            str(identity_top / "exits"),
+            "--format",
+            "vqav2",
+            "--files",
+            str(q),
+            str(a),
+            "--images",
+            str(tmp_path / "val2014"),
+            "--max-new-tokens",
+            "2",
+            "--thresholds",
+            "0",
+            "1",
+            "--tolerance",
+            "0.5",
+            "--confidence",
+            "0.9",
+            "--budget-exits",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     report = json.loads(out.read_text())
     assert report["n"] == 6 and report["placements_tested"] == 3 and report["speedup"] == "ideal"
@@ -101,8 +126,23 @@ def test_place_exits_chooses_the_certified_fastest_placement(identity_top, tmp_p
 
 def test_place_exits_needs_a_budget(identity_top, tmp_path, capsys):
     q, a = files.vqa(tmp_path)
-    code = main(["place-exits", "--backbone", str(identity_top / "backbone"), "--exits", str(identity_top / "exits"),
-                 "--format", "vqav2", "--files", str(q), str(a), "--images", str(tmp_path / "val2014"),
-                 "--out", str(tmp_path / "p.json")])  # fmt: skip
+    code = main(
+        [
+            "place-exits",
+            "--backbone",
+            str(identity_top / "backbone"),
+            "--exits",
+            str(identity_top / "exits"),
+            "--format",
+            "vqav2",
+            "--files",
+            str(q),
+            str(a),
+            "--images",
+            str(tmp_path / "val2014"),
+            "--out",
+            str(tmp_path / "p.json"),
+        ]
+    )
     assert code == 2
     assert "give a budget: --budget-exits N or --budget-parameters P" in capsys.readouterr().err

@@ -34,9 +34,20 @@ def files(tmp_path_factory):
 
 
 def train_argv(files, command="finetune", output=None, *extra):
-    return [command, "--backbone", str(files["backbone"]), "--captions", str(files["captions"]),
-            "--output", str(output or files["root"] / "never"), "--no-progress", "--cpu", "--batch-size", "2",
-            *extra]  # fmt: skip
+    return [
+        command,
+        "--backbone",
+        str(files["backbone"]),
+        "--captions",
+        str(files["captions"]),
+        "--output",
+        str(output or files["root"] / "never"),
+        "--no-progress",
+        "--cpu",
+        "--batch-size",
+        "2",
+        *extra,
+    ]
 
 
 EXIT_ARGS = ("--exit-layers", "2", "--disc-hidden", "8")
@@ -55,12 +66,19 @@ PARSE_CASES = [
     ("finetune", ["--grad-clip", "nan"], "argument --grad-clip: must be a finite number >= 0"),
     ("finetune", ["--weight-decay", "-1"], "argument --weight-decay: must be a finite number >= 0"),
     ("train-exits", ["--adv-weight", "nan", *EXIT_ARGS], "argument --adv-weight: must be a finite number >= 0"),
-    ("train-exits", ["--disc-hidden", "0", "--exit-layers", "2"], "argument --disc-hidden: must be a whole number >= 1"),
+    (
+        "train-exits",
+        ["--disc-hidden", "0", "--exit-layers", "2"],
+        "argument --disc-hidden: must be a whole number >= 1",
+    ),
     ("train-exits", ["--d-warn-window", "0", *EXIT_ARGS], "argument --d-warn-window: must be a whole number >= 1"),
     ("train-exits", ["--temperature", "0", *EXIT_ARGS], "argument --temperature: must be a finite number > 0"),
     ("train-exits", ["--exit-layers", "0"], "argument --exit-layers: must be a whole number >= 1"),
-    ("train-baseline", ["--method", "leeblip", "--exit-layers", "2", "--meta-fraction", "1"],
-     "argument --meta-fraction: must be a finite number in (0, 1)"),
+    (
+        "train-baseline",
+        ["--method", "leeblip", "--exit-layers", "2", "--meta-fraction", "1"],
+        "argument --meta-fraction: must be a finite number in (0, 1)",
+    ),
 ]
 
 
@@ -72,19 +90,35 @@ def test_training_numbers_are_refused_at_parse_time(files, command, bad, message
 
 
 def eval_argv(files, command="eval", *extra, out=None):
-    return [command, "--backbone", str(files["backbone"]), "--method", "mue", "--format", "coco",
-            "--files", str(files["captions"]), "--images", str(files["captions"].parent),
-            "--out", str(out or files["root"] / "never"), *extra]  # fmt: skip
+    return [
+        command,
+        "--backbone",
+        str(files["backbone"]),
+        "--method",
+        "mue",
+        "--format",
+        "coco",
+        "--files",
+        str(files["captions"]),
+        "--images",
+        str(files["captions"].parent),
+        "--out",
+        str(out or files["root"] / "never"),
+        *extra,
+    ]
 
 
-@pytest.mark.parametrize("bad, message", [
-    (["--limit", "0"], "argument --limit: must be a whole number >= 1, got '0'"),
-    (["--batch-size", "0"], "argument --batch-size: must be a whole number >= 1, got '0'"),
-    (["--max-new-tokens", "0"], "argument --max-new-tokens: must be a whole number >= 1"),
-    (["--timing-repeats", "0"], "argument --timing-repeats: must be a whole number >= 1"),
-    (["--threshold", "nan"], "argument --threshold: must be a finite number"),
-    (["--device", "banana"], "argument --device: unknown device 'banana'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["--limit", "0"], "argument --limit: must be a whole number >= 1, got '0'"),
+        (["--batch-size", "0"], "argument --batch-size: must be a whole number >= 1, got '0'"),
+        (["--max-new-tokens", "0"], "argument --max-new-tokens: must be a whole number >= 1"),
+        (["--timing-repeats", "0"], "argument --timing-repeats: must be a whole number >= 1"),
+        (["--threshold", "nan"], "argument --threshold: must be a finite number"),
+        (["--device", "banana"], "argument --device: unknown device 'banana'"),
+    ],
+)
 def test_eval_numbers_and_devices_are_refused_at_parse_time(files, bad, message, capsys):
     code, err = run(eval_argv(files, "eval", *bad), capsys)
     assert code == 2 and message in err
@@ -168,16 +202,30 @@ def test_truncated_exits_weights(files, tmp_path, capsys):
     _truncate(tmp_path / "exits" / "exits.safetensors")
     image = tmp_path / "img.png"
     Image.new("RGB", (32, 32)).save(image)
-    code, err = run(["caption", "--backbone", str(files["backbone"]), "--exits", str(tmp_path / "exits"),
-                     "--image", str(image)], capsys)  # fmt: skip
+    code, err = run(
+        ["caption", "--backbone", str(files["backbone"]), "--exits", str(tmp_path / "exits"), "--image", str(image)],
+        capsys,
+    )
     assert code == 2 and "exits.safetensors is damaged" in err
 
 
 def test_prompt_longer_than_the_lm_positions_fails_before_decoding(files, tmp_path, capsys):
     image = tmp_path / "img.png"
     Image.new("RGB", (32, 32)).save(image)
-    code, err = run(["caption", "--backbone", str(files["backbone"]), "--image", str(image), "--mode", "full",
-                     "--max-new-tokens", "600"], capsys)  # tiny OPT: 512 positions  # fmt: skip
+    code, err = run(
+        [
+            "caption",
+            "--backbone",
+            str(files["backbone"]),
+            "--image",
+            str(image),
+            "--mode",
+            "full",
+            "--max-new-tokens",
+            "600",
+        ],
+        capsys,
+    )  # tiny OPT: 512 positions
     assert code == 2 and "exceeds the language model's 512 positions" in err and "max_new_tokens can be at most" in err
 
 
@@ -198,12 +246,15 @@ def test_decompression_bomb_image(files, tmp_path, capsys):
     assert code == 2 and f"image {image} is too large to decode safely" in err
 
 
-@pytest.mark.parametrize("caption, message", [
-    (None, "annotation #1 (id 1) has a caption that is NoneType, not text"),
-    ("", "annotation #1 (id 1) has an empty caption"),
-    ("  ", "annotation #1 (id 1) has an empty caption"),
-    ("missing", "annotation #1 (id 1) has no 'caption' field"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "caption, message",
+    [
+        (None, "annotation #1 (id 1) has a caption that is NoneType, not text"),
+        ("", "annotation #1 (id 1) has an empty caption"),
+        ("  ", "annotation #1 (id 1) has an empty caption"),
+        ("missing", "annotation #1 (id 1) has no 'caption' field"),
+    ],
+)
 def test_training_captions_missing_null_or_empty(files, tmp_path, caption, message, capsys):
     data = json.loads(files["captions"].read_text())
     if caption == "missing":
@@ -234,11 +285,14 @@ def finetune_run(files, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("empty", "state.pt is empty"),
-    ("truncate", "state.pt is damaged or not a freevlm checkpoint"),
-    ("garbage", "state.pt is damaged or not a freevlm checkpoint"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("empty", "state.pt is empty"),
+        ("truncate", "state.pt is damaged or not a freevlm checkpoint"),
+        ("garbage", "state.pt is damaged or not a freevlm checkpoint"),
+    ],
+)
 def test_resume_from_a_damaged_checkpoint(files, finetune_run, tmp_path, damage, message, capsys):
     run_dir = shutil.copytree(finetune_run, tmp_path / "run")
     state = run_dir / "checkpoints" / "step-00000002" / "state.pt"
@@ -253,8 +307,7 @@ def test_resume_from_a_damaged_checkpoint(files, finetune_run, tmp_path, damage,
 
 
 def test_train_exits_resume_of_a_finetune_run(files, finetune_run, capsys):
-    code, err = run(train_argv(files, "train-exits", finetune_run, "--max-steps", "3", "--resume", *EXIT_ARGS),
-                    capsys)  # fmt: skip
+    code, err = run(train_argv(files, "train-exits", finetune_run, "--max-steps", "3", "--resume", *EXIT_ARGS), capsys)
     assert code == 2 and "cannot be resumed by `freevlm train-exits`: it was written by `freevlm finetune`" in err
 
 

@@ -9,11 +9,16 @@ from training_helpers import save_tiny_blip2, write_shapes
 
 from freevlm.cli import main
 
-PRODUCTS = {"finetune": ["model/config.json", "model/model.safetensors", "model/tokenizer.json"],
-            "train-exits": ["exits/exits.safetensors", "exits/exits_config.json"],
-            "train-baseline": ["exits/exits.safetensors", "method.json"]}  # fmt: skip
-EXTRA = {"finetune": [], "train-exits": ["--exit-layers", "2", "--disc-hidden", "8"],
-         "train-baseline": ["--exit-layers", "2", "--method", "deeblip"]}  # fmt: skip
+PRODUCTS = {
+    "finetune": ["model/config.json", "model/model.safetensors", "model/tokenizer.json"],
+    "train-exits": ["exits/exits.safetensors", "exits/exits_config.json"],
+    "train-baseline": ["exits/exits.safetensors", "method.json"],
+}
+EXTRA = {
+    "finetune": [],
+    "train-exits": ["--exit-layers", "2", "--disc-hidden", "8"],
+    "train-baseline": ["--exit-layers", "2", "--method", "deeblip"],
+}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,14 +27,33 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("run_folder")
-    return {"backbone": save_tiny_blip2(root / "backbone"), "captions": write_shapes(root / "data", 10),
-            "dev": write_shapes(root / "dev", 3, seed=1)}  # fmt: skip
+    return {
+        "backbone": save_tiny_blip2(root / "backbone"),
+        "captions": write_shapes(root / "data", 10),
+        "dev": write_shapes(root / "dev", 3, seed=1),
+    }
 
 
 def train(files, command, output, *args):
-    return main([command, "--backbone", str(files["backbone"]), "--captions", str(files["captions"]),
-                 "--output", str(output), "--batch-size", "2", "--max-steps", "2", "--no-progress", "--cpu",
-                 *EXTRA[command], *args])  # fmt: skip
+    return main(
+        [
+            command,
+            "--backbone",
+            str(files["backbone"]),
+            "--captions",
+            str(files["captions"]),
+            "--output",
+            str(output),
+            "--batch-size",
+            "2",
+            "--max-steps",
+            "2",
+            "--no-progress",
+            "--cpu",
+            *EXTRA[command],
+            *args,
+        ]
+    )
 
 
 def assert_finished(output, command, dev: bool, tensorboard: bool):
@@ -42,17 +66,25 @@ def assert_finished(output, command, dev: bool, tensorboard: bool):
 
 @pytest.mark.parametrize(
     "command, tensorboard, checkpoint_every, dev, output",
-    [(c, *rest) for c in ("finetune", "train-exits")
-     for rest in itertools.product((True, False), (1, 500), ("held-out", "dev-captions", "none"), ("nested", "existing"))]
+    [
+        (c, *rest)
+        for c in ("finetune", "train-exits")
+        for rest in itertools.product(
+            (True, False), (1, 500), ("held-out", "dev-captions", "none"), ("nested", "existing")
+        )
+    ]
     + [("train-baseline", False, 500, dev, "nested") for dev in ("held-out", "none")],
-)  # fmt: skip
-def test_a_finished_run_leaves_its_model_whatever_the_switches(files, tmp_path, command, tensorboard,
-                                                               checkpoint_every, dev, output):  # fmt: skip
+)
+def test_a_finished_run_leaves_its_model_whatever_the_switches(
+    files, tmp_path, command, tensorboard, checkpoint_every, dev, output
+):
     out = tmp_path / "runs" / "a" / "b" if output == "nested" else tmp_path
     keep = tmp_path / "notes.txt"  # the user's own file in the folder
     keep.write_text("mine")
     args = ["--checkpoint-every", str(checkpoint_every)] + ([] if tensorboard else ["--no-tensorboard"])
-    args += {"held-out": [], "dev-captions": ["--dev-captions", str(files["dev"])], "none": ["--dev-fraction", "0"]}[dev]
+    args += {"held-out": [], "dev-captions": ["--dev-captions", str(files["dev"])], "none": ["--dev-fraction", "0"]}[
+        dev
+    ]
     assert train(files, command, out, *args) == 0
     assert_finished(out, command, dev != "none", tensorboard)
     assert keep.read_text() == "mine"
@@ -64,9 +96,29 @@ def test_resume_continues_and_leaves_the_model(files, tmp_path, command, capsys)
     assert train(files, command, out, "--no-tensorboard") == 0
     assert train(files, command, out, "--no-tensorboard") == 2  # a new run refuses the folder: nothing replaced
     assert "already holds checkpoints" in capsys.readouterr().err
-    assert main([command, "--backbone", str(files["backbone"]), "--captions", str(files["captions"]),
-                 "--output", str(out), "--batch-size", "2", "--max-steps", "3", "--no-progress", "--cpu",
-                 "--no-tensorboard", "--resume", *EXTRA[command]]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                command,
+                "--backbone",
+                str(files["backbone"]),
+                "--captions",
+                str(files["captions"]),
+                "--output",
+                str(out),
+                "--batch-size",
+                "2",
+                "--max-steps",
+                "3",
+                "--no-progress",
+                "--cpu",
+                "--no-tensorboard",
+                "--resume",
+                *EXTRA[command],
+            ]
+        )
+        == 0
+    )
     assert (out / "checkpoints" / "latest").read_text() == "step-00000003"
     assert_finished(out, command, dev=True, tensorboard=False)
 

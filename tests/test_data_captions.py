@@ -1,8 +1,8 @@
 import json
 
+import dataset_files as files
 import pytest
 
-import dataset_files as files
 from freevlm.data.coco import read_coco_captions, read_karpathy
 from freevlm.data.nocaps import read_nocaps
 from freevlm.data.records import DatasetError
@@ -53,8 +53,12 @@ def test_training_records_come_from_the_same_reader(tmp_path):
     """One reader for evaluation and training: Karpathy `train` includes `restval` in both, one record per caption."""
     path = files.karpathy(tmp_path)
     records = load_coco_captions(path, split="train", prompt="p")
-    assert [(r.image_id, r.target) for r in records] == [(1, "A red square number 0."), (1, "a square 0"),
-                                                        (2, "A red square number 1."), (2, "a square 1")]  # fmt: skip
+    assert [(r.image_id, r.target) for r in records] == [
+        (1, "A red square number 0."),
+        (1, "a square 0"),
+        (2, "A red square number 1."),
+        (2, "a square 1"),
+    ]
     assert [r.image for r in records[::2]] == [str(r.image) for r in read_karpathy(path, tmp_path, "train")]
     with pytest.raises(DatasetError, match="unknown Karpathy split None"):
         load_coco_captions(path)  # all splits at once would train on the test images

@@ -1,8 +1,8 @@
 import json
 
+import dataset_files as files
 import pytest
 
-import dataset_files as files
 from freevlm.data.records import DatasetError
 from freevlm.data.visdial import read_visdial
 

@@ -1,8 +1,8 @@
 import json
 
+import dataset_files as files
 import pytest
 
-import dataset_files as files
 from freevlm.data.gqa import read_gqa
 from freevlm.data.records import DatasetError
 from freevlm.data.specs import DatasetSpec, read_dataset
@@ -53,7 +53,9 @@ def test_gqa_round_trip(tmp_path):
     path = files.gqa(tmp_path)
     records = read_gqa(path, tmp_path / "images")
     assert [(r.question_id, r.answers, r.answer_type) for r in records] == [
-        ("201307251", ["yes"], "verify"), ("05515938", ["red"], "query")]  # fmt: skip
+        ("201307251", ["yes"], "verify"),
+        ("05515938", ["red"], "query"),
+    ]
     assert records[0].image == tmp_path / "images" / "n161313.jpg"
     assert DatasetSpec("gqa", [str(path)], str(tmp_path / "images")).vqa_metric == "exact"
     data = json.loads(path.read_text())
@@ -70,7 +72,9 @@ def test_vizwiz_round_trip(tmp_path):
     path = files.vizwiz(tmp_path)
     records = read_vizwiz(path, tmp_path / "val")
     assert [(r.answerable, r.answer_type, r.answers[0]) for r in records] == [
-        (True, "other", "red"), (False, "unanswerable", "unanswerable")]  # fmt: skip
+        (True, "other", "red"),
+        (False, "unanswerable", "unanswerable"),
+    ]
     assert records[1].image == tmp_path / "val" / "VizWiz_val_00000001.jpg"
     assert len(records[0].answers) == 10
     data = json.loads(path.read_text())

@@ -60,8 +60,17 @@ def test_verification_steps_evaluate_no_exit_head(family):
     head only - the decision to go to the final layer is made, so no exit's head is asked)."""
     ee = drafting_model(family, 0)
     pv, ids, mask = tiny_inputs(ee.model, batch=1, seed=0)
-    out = ee.generate(pv, ids, mask, max_new_tokens=10, mode="speculative", threshold=0.0, max_draft=1,
-                      eos_token_id=[], return_engine=True)  # fmt: skip
+    out = ee.generate(
+        pv,
+        ids,
+        mask,
+        max_new_tokens=10,
+        mode="speculative",
+        threshold=0.0,
+        max_draft=1,
+        eos_token_id=[],
+        return_engine=True,
+    )
     work = out.engine.work
     assert out.stats.speculative["verifications"] > 0
     assert work.head_calls == work.steps
@@ -103,8 +112,9 @@ def _full_logits(ee, pv, ids, mask, sequences):
 
 
 @pytest.mark.parametrize("num_beams", [2, 5])
-@pytest.mark.parametrize("length_penalty,early_stopping,seed", [(1.0, False, 0), (1.0, False, 1), (0.6, True, 2),
-                                                                (1.5, "never", 3)])
+@pytest.mark.parametrize(
+    "length_penalty,early_stopping,seed", [(1.0, False, 0), (1.0, False, 1), (0.6, True, 2), (1.5, "never", 3)]
+)
 def test_beam_search_without_exits_equals_hugging_face(family, num_beams, length_penalty, early_stopping, seed):
     model = tiny_blip2(family, seed=seed)
     ee = EarlyExitVLM.from_backbone(model, ExitConfig([1, 2]))
@@ -119,8 +129,9 @@ def test_beam_search_with_exits_reports_per_token_layers(family):
     model = tiny_blip2(family, seed=2, num_layers=6)
     ee = EarlyExitVLM.from_backbone(model, ExitConfig([1, 3]))
     pv, ids, mask = tiny_inputs(model, batch=2, seed=2, pad=True)
-    out = ee.generate(pv, ids, mask, max_new_tokens=8, num_beams=3, policy=TokenHashPolicy(), eos_token_id=[],
-                      batch_policy="per_row")  # fmt: skip
+    out = ee.generate(
+        pv, ids, mask, max_new_tokens=8, num_beams=3, policy=TokenHashPolicy(), eos_token_id=[], batch_policy="per_row"
+    )
     assert out.exit_layers.shape == (2, 8)
     assert set(out.exit_layers.unique().tolist()) <= {1, 3, 6}
     assert len(out.stats.exit_histogram) >= 2

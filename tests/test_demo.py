@@ -19,8 +19,11 @@ def test_quick_demo_writes_a_consistent_report(tmp_path):
     test = results["captioning"]["test"]
     for value in (test["full"]["CIDEr"], test["free"]["CIDEr"], test["free"]["METEOR"], test["free"]["BLEU-4"]):
         assert fmt(value) in report
-    for value in (test["free"]["analytic_speedup"], test["free"]["measured_decode_speedup"],
-                  results["speculative"]["measured_decode_speedup"]):
+    for value in (
+        test["free"]["analytic_speedup"],
+        test["free"]["measured_decode_speedup"],
+        results["speculative"]["measured_decode_speedup"],
+    ):
         assert fmt_speedup(value) in report
     assert f"chosen threshold {fmt_threshold(results['sweep']['chosen_threshold'])}" in report
     assert results["speculative"]["identical_to_full"] is True  # lossless, whatever the threshold
@@ -28,8 +31,10 @@ def test_quick_demo_writes_a_consistent_report(tmp_path):
     assert results["samples"] and (out / results["samples"][0]["image"]).is_file()
     calibration, placement = results["calibration"], results["placement"]  # Learn-then-Test on 48 calibration images
     assert calibration["n"] == placement["n"] == 48 and calibration["loss"] == "consistency"
-    assert (f"certified {fmt_threshold(calibration['certified_threshold'])} vs best mean dev "
-            f"{fmt_threshold(results['sweep']['chosen_threshold'])}") in report  # fmt: skip
+    assert (
+        f"certified {fmt_threshold(calibration['certified_threshold'])} vs best mean dev "
+        f"{fmt_threshold(results['sweep']['chosen_threshold'])}"
+    ) in report
     assert all(0.0 <= row["test_risk"] <= 1.0 for row in calibration["test"])
     assert placement["placements_tested"] == 7 and placement["fixed"]["layers"] == [1, 3, 6]  # subsets of (1, 3, 6)
     assert fmt_speedup(placement["chosen"]["speedup"]) in report

@@ -31,8 +31,10 @@ def test_token_ids_agree_with_the_configs(bundle):
     assert tok("a photo of")["input_ids"][0] == tok.bos_token_id  # OPT-style prompt
     words = " ".join(shapes.vocabulary() + easyvqa.vocabulary())
     assert tok.unk_token_id not in tok(words, add_special_tokens=False)["input_ids"]
-    assert tok.decode(tok("what color is the shape?", add_special_tokens=False)["input_ids"]) == \
-        "what color is the shape ?"  # fmt: skip
+    assert (
+        tok.decode(tok("what color is the shape?", add_special_tokens=False)["input_ids"])
+        == "what color is the shape ?"
+    )
 
 
 def test_model_uses_the_frozen_efficientnet_and_sees_the_image(bundle, images):
@@ -50,8 +52,12 @@ def test_the_image_moves_a_fresh_qformer_output(bundle):
     768) a fresh 128-wide Q-Former's output moves by ~1% between images; a demo model trained from there learned
     the object count but never colour or shape. At variance-preserving init it moves by ~20%."""
     placements = (("large", 16, 13), ("small", 44, 7))  # size, x, radius
-    objects = [shapes.ShapeObject(shape, colour, size, x, 32, radius)
-               for colour in shapes.COLOURS for shape in shapes.SHAPES for size, x, radius in placements]  # fmt: skip
+    objects = [
+        shapes.ShapeObject(shape, colour, size, x, 32, radius)
+        for colour in shapes.COLOURS
+        for shape in shapes.SHAPES
+        for size, x, radius in placements
+    ]
     images = [shapes.render(shapes.Scene((obj,), 64)) for obj in objects]
     pixels = bundle.image_processor(images=images, return_tensors="pt")["pixel_values"]
     model = bundle.model
@@ -115,5 +121,6 @@ def test_llama_variant_is_a_llava_that_sees_the_image_and_round_trips(images, tm
     save_backbone(llava, tmp_path / "backbone")
     loaded = load_vlm(tmp_path / "backbone")
     assert isinstance(loaded.model.model.vision_tower, EfficientNetVisionEncoder) and loaded.processor is not None
-    assert torch.equal(loaded.model.generate(**loaded.inputs(images, ["a photo of"] * 2), max_new_tokens=4,
-                                             do_sample=False), out)  # fmt: skip
+    assert torch.equal(
+        loaded.model.generate(**loaded.inputs(images, ["a photo of"] * 2), max_new_tokens=4, do_sample=False), out
+    )

@@ -21,8 +21,12 @@ def world(tmp_path_factory):
     shapes.write_split(root, "train", 8, seed=0)
     records = read_coco_captions(root / "captions_train.json", root)
     bundle = build_backbone("opt", seed=0, num_layers=4, hidden_size=64)
-    train = CaptionDataset([Record(str(r.image), CAPTION_PROMPT, r.references[0], r.image_id) for r in records],
-                           bundle.tokenizer, bundle.image_processor, bundle.model.config)  # fmt: skip
+    train = CaptionDataset(
+        [Record(str(r.image), CAPTION_PROMPT, r.references[0], r.image_id) for r in records],
+        bundle.tokenizer,
+        bundle.image_processor,
+        bundle.model.config,
+    )
     return bundle, train, records
 
 
@@ -58,8 +62,10 @@ def test_batched_evaluation_decodes_what_batch_1_does(world):
     """Quality runs must not depend on the batch size: under "auto" a small batch's gate would turn exits off."""
     bundle, _, records = world
     ee = EarlyExitVLM(bundle.model, ExitConfig(exit_layers=(1, 2)))
-    runs = [evaluate_captioning(ee, bundle, records[:6], 0.023, batch_size=size, max_new_tokens=4, compare_full=False)
-            for size in (1, 3)]  # fmt: skip
+    runs = [
+        evaluate_captioning(ee, bundle, records[:6], 0.023, batch_size=size, max_new_tokens=4, compare_full=False)
+        for size in (1, 3)
+    ]
     assert runs[0].predictions == runs[1].predictions
     assert runs[0].speed.exit_histogram == runs[1].speed.exit_histogram
     assert {1, 4} <= set(runs[0].speed.exit_histogram)  # rows leave early and go on to the final layer

@@ -10,7 +10,9 @@ def test_splits_are_disjoint_by_image_and_complete():
     train, dev = easyvqa.load_split("train"), easyvqa.load_split("dev")
     assert {q.image_id for q in train}.isdisjoint({q.image_id for q in dev})
     assert len(train) + len(dev) == 38575  # all of the package's train questions
-    assert len({q.question_id for q in train + dev + easyvqa.load_split("test", limit=50)}) == len(train) + len(dev) + 50
+    assert (
+        len({q.question_id for q in train + dev + easyvqa.load_split("test", limit=50)}) == len(train) + len(dev) + 50
+    )
 
 
 def test_written_split_reads_back_as_vqa_records(tmp_path):

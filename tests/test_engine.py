@@ -70,21 +70,30 @@ def _reference_caches(ee, out, pv, ids, mask):
     generated = out.sequences[:, out.engine.ctx.prompt_ids.shape[1] :]
     decoder_only = not backbone.lm.config.is_encoder_decoder
     if decoder_only:
-        ids_all, embeds, mask_all = backbone.image_prompt_embeds(pv, ids, mask)
+        _ids_all, embeds, mask_all = backbone.image_prompt_embeds(pv, ids, mask)
         gen_embeds = backbone.lm.get_input_embeddings()(generated[:, :-1])
         embeds = torch.cat([embeds, gen_embeds], dim=1)
         mask_all = torch.cat([mask_all, torch.ones_like(generated[:, :-1])], dim=1)
         full_cache = {cache_keyword(type(backbone.lm)): DynamicCache()}  # keeps every slot, sliding windows too
-        res = backbone.lm(inputs_embeds=embeds, attention_mask=mask_all, position_ids=decoder_positions(mask_all),
-                          use_cache=True, output_hidden_states=True, **full_cache)  # fmt: skip
+        res = backbone.lm(
+            inputs_embeds=embeds,
+            attention_mask=mask_all,
+            position_ids=decoder_positions(mask_all),
+            use_cache=True,
+            output_hidden_states=True,
+            **full_cache,
+        )
         cache = _cache_of(res)
     else:
         _, embeds, mask_all = backbone.image_prompt_embeds(pv, ids, mask)
         dec_ids = out.sequences[:, :-1]
         res = backbone.lm(
-            inputs_embeds=embeds, attention_mask=mask_all, decoder_input_ids=dec_ids,
-            use_cache=True, output_hidden_states=True,
-        )  # fmt: skip
+            inputs_embeds=embeds,
+            attention_mask=mask_all,
+            decoder_input_ids=dec_ids,
+            use_cache=True,
+            output_hidden_states=True,
+        )
         cache = _cache_of(res).self_attention_cache
     hidden = res.hidden_states if decoder_only else res.decoder_hidden_states
     return [(cache.layers[j].keys, cache.layers[j].values) for j in range(backbone.num_layers)], hidden
@@ -92,7 +101,7 @@ def _reference_caches(ee, out, pv, ids, mask):
 
 def _cache_of(output):
     """The cache a Hugging Face forward returned (`cache` in current releases, `past_key_values` before)."""
-    return output["cache"] if "cache" in output else output.past_key_values
+    return output.get("cache", output.past_key_values)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -101,8 +110,16 @@ def test_recompute_caches_equal_full_model(family, batch, seed):
     model = tiny_blip2(family, seed=seed, num_layers=6)
     ee = EarlyExitVLM.from_backbone(model, ExitConfig([1, 3, 4]))
     pv, ids, mask = tiny_inputs(model, batch=batch, seed=seed, pad=True)
-    out = ee.generate(pv, ids, mask, max_new_tokens=12, policy=RandomPolicy(0.4, seed), eos_token_id=[],
-                      return_engine=True, batch_policy="per_row")  # fmt: skip
+    out = ee.generate(
+        pv,
+        ids,
+        mask,
+        max_new_tokens=12,
+        policy=RandomPolicy(0.4, seed),
+        eos_token_id=[],
+        return_engine=True,
+        batch_policy="per_row",
+    )
     hist = out.stats.exit_histogram
     assert len(hist) >= 3, f"schedule not mixed enough to test catch-up: {hist}"
     assert out.stats.work.catchup_slots > 0
@@ -182,17 +199,22 @@ def test_batched_rows_equal_rows_decoded_alone(family, seed, batch_policy):
     ee = EarlyExitVLM.from_backbone(model, ExitConfig([1, 3, 4]))
     pv, ids, mask = tiny_inputs(model, batch=3, seed=seed, pad=True)
     # random models are equally unsure at every exit; a policy that reads only the row's own logits mixes exits
-    batched = ee.generate(pv, ids, mask, max_new_tokens=MAX_NEW, policy=TokenHashPolicy(), eos_token_id=[],
-                          batch_policy=batch_policy)  # fmt: skip
+    batched = ee.generate(
+        pv, ids, mask, max_new_tokens=MAX_NEW, policy=TokenHashPolicy(), eos_token_id=[], batch_policy=batch_policy
+    )
     assert len(batched.stats.exit_histogram) >= 2, batched.stats.exit_histogram
     steps_with_mixed_rows = (batched.exit_layers != batched.exit_layers[:1]).any(0).sum()
     assert steps_with_mixed_rows > 0
     for b in range(3):
         keep = mask[b].bool()
         alone = ee.generate(
-            pv[b : b + 1], ids[b : b + 1, keep], mask[b : b + 1, keep],
-            max_new_tokens=MAX_NEW, policy=TokenHashPolicy(), eos_token_id=[],
-        )  # fmt: skip
+            pv[b : b + 1],
+            ids[b : b + 1, keep],
+            mask[b : b + 1, keep],
+            max_new_tokens=MAX_NEW,
+            policy=TokenHashPolicy(),
+            eos_token_id=[],
+        )
         steps = MAX_NEW
         assert torch.equal(batched.sequences[b, -steps:], alone.sequences[0, -steps:])
         assert torch.equal(batched.exit_layers[b], alone.exit_layers[0])
@@ -201,8 +223,17 @@ def test_batched_rows_equal_rows_decoded_alone(family, seed, batch_policy):
 def test_propagate_fills_every_cache_and_never_pends(model):
     ee = EarlyExitVLM.from_backbone(model, ExitConfig([1, 2, 3]))
     pv, ids, mask = tiny_inputs(model, batch=2, seed=5, pad=True)
-    out = ee.generate(pv, ids, mask, max_new_tokens=8, policy=RandomPolicy(0.5, 1), kv="propagate", eos_token_id=[],
-                      return_engine=True, batch_policy="per_row")  # fmt: skip
+    out = ee.generate(
+        pv,
+        ids,
+        mask,
+        max_new_tokens=8,
+        policy=RandomPolicy(0.5, 1),
+        kv="propagate",
+        eos_token_id=[],
+        return_engine=True,
+        batch_policy="per_row",
+    )
     dec = out.engine
     assert len(out.stats.exit_histogram) >= 2
     assert dec.pending is None and dec.work.catchup_slots == 0 and dec.work.kv_projections > 0
@@ -251,6 +282,7 @@ def _host_syncs_in_steps(ee, monkeypatch, *args, **kwargs) -> tuple[int, int]:
             return _original(self, *a, **kw)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
+
     def counted_step(self, *a, _step, **kw):
         inside[0] = True
         try:
@@ -259,7 +291,9 @@ def _host_syncs_in_steps(ee, monkeypatch, *args, **kwargs) -> tuple[int, int]:
             inside[0] = False
 
     for engine in (GeneralEngine, StaticEngine):
-        monkeypatch.setattr(engine, "step", lambda self, *a, _step=engine.step, **kw: counted_step(self, *a, _step=_step, **kw))
+        monkeypatch.setattr(
+            engine, "step", lambda self, *a, _step=engine.step, **kw: counted_step(self, *a, _step=_step, **kw)
+        )
     out = ee.generate(*args, **kwargs)
     monkeypatch.undo()
     return count[0], out.stats.steps
@@ -274,9 +308,18 @@ def test_host_syncs_per_step_do_not_grow_with_depth(family, kv, batch_policy, mo
     for depth in (4, 8):
         ee = EarlyExitVLM.from_backbone(tiny_blip2(family, num_layers=depth), ExitConfig([1, 2]))
         pv, ids, mask = tiny_inputs(ee.model, batch=3, seed=0, pad=True)
-        syncs, steps = _host_syncs_in_steps(ee, monkeypatch, pv, ids, mask, max_new_tokens=MAX_NEW,
-                                            policy=RandomPolicy(0.4), kv=kv, eos_token_id=[],
-                                            batch_policy=batch_policy)  # fmt: skip
+        syncs, steps = _host_syncs_in_steps(
+            ee,
+            monkeypatch,
+            pv,
+            ids,
+            mask,
+            max_new_tokens=MAX_NEW,
+            policy=RandomPolicy(0.4),
+            kv=kv,
+            eos_token_id=[],
+            batch_policy=batch_policy,
+        )
         assert syncs <= steps * (1 + 2), (depth, syncs, steps)
         counts.append(syncs)
     assert counts[0] == counts[1], counts
@@ -288,8 +331,16 @@ def test_ride_along_rows_fill_deeper_caches_exactly(family):
     model = tiny_blip2(family, seed=1, num_layers=6)
     ee = EarlyExitVLM.from_backbone(model, ExitConfig([1, 3, 4]))
     pv, ids, mask = tiny_inputs(model, batch=3, seed=1, pad=True)
-    out = ee.generate(pv, ids, mask, max_new_tokens=10, policy=TokenHashPolicy(), eos_token_id=[],
-                      batch_policy="ride_along", return_engine=True)  # fmt: skip
+    out = ee.generate(
+        pv,
+        ids,
+        mask,
+        max_new_tokens=10,
+        policy=TokenHashPolicy(),
+        eos_token_id=[],
+        batch_policy="ride_along",
+        return_engine=True,
+    )
     left_early = out.exit_layers < ee.backbone.num_layers
     assert left_early.any() and (~left_early).any()
     _assert_caches_equal_full_model(ee, out, pv, ids, mask)
@@ -309,8 +360,7 @@ def test_auto_gate_stops_consulting_exits_that_do_not_pay(family):
     ee = EarlyExitVLM.from_backbone(model, ExitConfig([2, 4]))
     pv, ids, mask = tiny_inputs(model, batch=2, seed=2, pad=True)
     steps = 20
-    out = ee.generate(pv, ids, mask, max_new_tokens=steps, policy=_NeverAllLeave(), eos_token_id=[],
-                      return_engine=True)  # fmt: skip
+    out = ee.generate(pv, ids, mask, max_new_tokens=steps, policy=_NeverAllLeave(), eos_token_id=[], return_engine=True)
     consulted = (out.exit_layers[0] < ee.backbone.num_layers).sum()
     assert consulted == 2  # the first step, then the probe at step 16
     assert out.engine.work.exit_calls <= 2 * consulted + 2  # each exit when consulted, one catch-up each

@@ -2,14 +2,14 @@
 
 import json
 
-import pytest
-
 import dataset_files as files
+import pytest
+from tiny_processor import tiny_bundle
+
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.cli import main
 from freevlm.loading import load_vlm
 from freevlm.tiny import tiny_blip2
-from tiny_processor import tiny_bundle
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +31,31 @@ def checkpoint(tmp_path_factory):
 def test_eval_captions_cli(checkpoint, tmp_path, capsys):
     path = files.karpathy(tmp_path)
     out = tmp_path / "out"
-    code = main(["eval", "--backbone", str(checkpoint / "backbone"), "--exits", str(checkpoint / "exits"),
-                 "--format", "coco-karpathy", "--files", str(path), "--images", str(tmp_path), "--split", "train",
-                 "--out", str(out), "--threshold", "0.0", "--max-new-tokens", "4", "--prompt", "a photo of"])  # fmt: skip
+    code = main(
+        [
+            "eval",
+            "--backbone",
+            str(checkpoint / "backbone"),
+            "--exits",
+            str(checkpoint / "exits"),
+            "--format",
+            "coco-karpathy",
+            "--files",
+            str(path),
+            "--images",
+            str(tmp_path),
+            "--split",
+            "train",
+            "--out",
+            str(out),
+            "--threshold",
+            "0.0",
+            "--max-new-tokens",
+            "4",
+            "--prompt",
+            "a photo of",
+        ]
+    )
     assert code == 0
     result = json.loads((out / "results.json").read_text())
     assert result["task"] == "captions" and result["metric"] == "CIDEr"
@@ -47,10 +69,32 @@ def test_eval_captions_cli(checkpoint, tmp_path, capsys):
 def test_sweep_vqa_cli(checkpoint, tmp_path):
     q, a = files.vqa(tmp_path)
     out = tmp_path / "out"
-    code = main(["sweep", "--backbone", str(checkpoint / "backbone"), "--exits", str(checkpoint / "exits"),
-                 "--format", "vqav2", "--files", str(q), str(a), "--images", str(tmp_path / "val2014"),
-                 "--dev-files", str(q), str(a), "--thresholds", "0.5", "1.0", "--out", str(out),
-                 "--max-new-tokens", "2"])  # fmt: skip
+    code = main(
+        [
+            "sweep",
+            "--backbone",
+            str(checkpoint / "backbone"),
+            "--exits",
+            str(checkpoint / "exits"),
+            "--format",
+            "vqav2",
+            "--files",
+            str(q),
+            str(a),
+            "--images",
+            str(tmp_path / "val2014"),
+            "--dev-files",
+            str(q),
+            str(a),
+            "--thresholds",
+            "0.5",
+            "1.0",
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "2",
+        ]
+    )
     assert code == 0
     result = json.loads((out / "results.json").read_text())
     assert [r["threshold"] for r in result["test"]] == [0.5, 1.0]
@@ -61,9 +105,24 @@ def test_sweep_vqa_cli(checkpoint, tmp_path):
 def test_cli_names_a_broken_dataset(checkpoint, tmp_path, capsys):
     q, a = files.vqa(tmp_path)
     (tmp_path / "val2014" / "COCO_val2014_000000000073.jpg").unlink()
-    code = main(["eval", "--backbone", str(checkpoint / "backbone"), "--exits", str(checkpoint / "exits"),
-                 "--format", "vqav2", "--files", str(q), str(a), "--images", str(tmp_path / "val2014"),
-                 "--out", str(tmp_path / "out")])  # fmt: skip
+    code = main(
+        [
+            "eval",
+            "--backbone",
+            str(checkpoint / "backbone"),
+            "--exits",
+            str(checkpoint / "exits"),
+            "--format",
+            "vqav2",
+            "--files",
+            str(q),
+            str(a),
+            "--images",
+            str(tmp_path / "val2014"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "question #2 (id 730)" in err and "COCO_val2014_000000000073.jpg" in err

@@ -4,10 +4,10 @@ that exit's distribution for every token; threshold 0 is the first exit."""
 import pytest
 import torch
 from PIL import Image
+from tiny_processor import tiny_bundle
 
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.eval.likelihood import option_log_likelihoods
-from tiny_processor import tiny_bundle
 
 OPTIONS = ["red", "blue square", "no", "two big circle"]
 PROMPT = "question : what color is it ? answer :"
@@ -43,7 +43,7 @@ def test_final_layer_equals_hugging_face(family, opt_model, t5_model):
     ours = option_log_likelihoods(ee, bundle, image, PROMPT, OPTIONS, threshold=1.0, batch_size=3)
     ref = hf_log_likelihoods(bundle, image, PROMPT, OPTIONS)
     assert ours == pytest.approx(ref, abs=1e-4)
-    assert len(set(round(x, 3) for x in ours)) == len(OPTIONS)  # options really score differently
+    assert len({round(x, 3) for x in ours}) == len(OPTIONS)  # options really score differently
     forced_final = option_log_likelihoods(ee, bundle, image, PROMPT, OPTIONS, layer=4)
     assert forced_final == pytest.approx(ours, abs=1e-5)
 
@@ -73,16 +73,21 @@ def test_linear_exits_score_through_their_own_classifier_under_their_method(opt_
     for option in OPTIONS:  # Hugging Face's h_1 of prompt + option through exit 1's classifier
         inputs = bundle.inputs([image], [PROMPT])
         target = torch.tensor([bundle.tokenizer(" " + option, add_special_tokens=False)["input_ids"]])
-        out = opt_model(pixel_values=inputs["pixel_values"], input_ids=torch.cat([inputs["input_ids"], target], 1),
-                        attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(target)], 1),
-                        output_hidden_states=True)  # fmt: skip
+        out = opt_model(
+            pixel_values=inputs["pixel_values"],
+            input_ids=torch.cat([inputs["input_ids"], target], 1),
+            attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(target)], 1),
+            output_hidden_states=True,
+        )
         h1 = out.language_model_outputs.hidden_states[1][0, inputs["input_ids"].shape[1] - 1 : -1]
         logp = torch.log_softmax(ee.exits["1"].logits(ee.backbone, h1).float(), -1)
         ref.append(logp.gather(-1, target[0][:, None]).sum().item())
     forced = option_log_likelihoods(ee, bundle, image, PROMPT, OPTIONS, layer=1)
     assert forced == pytest.approx(ref, abs=1e-4)
-    assert forced != pytest.approx(option_log_likelihoods(EarlyExitVLM(opt_model, ExitConfig([1, 2])), bundle, image,
-                                                          PROMPT, OPTIONS, layer=1), abs=1e-3)  # fmt: skip
+    assert forced != pytest.approx(
+        option_log_likelihoods(EarlyExitVLM(opt_model, ExitConfig([1, 2])), bundle, image, PROMPT, OPTIONS, layer=1),
+        abs=1e-3,
+    )
     assert option_log_likelihoods(ee, bundle, image, PROMPT, OPTIONS, threshold=0.0, method="deeblip") == forced
     assert option_log_likelihoods(ee, bundle, image, PROMPT, OPTIONS, threshold=1, method="pabee") == forced
     never = option_log_likelihoods(ee, bundle, image, PROMPT, OPTIONS, threshold=1000, method="pabee")

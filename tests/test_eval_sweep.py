@@ -2,10 +2,11 @@
 
 import json
 
+import dataset_files as files
 import pytest
 from PIL import Image
+from tiny_processor import tiny_bundle
 
-import dataset_files as files
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.data.records import VQARecord
 from freevlm.data.visdial import read_visdial
@@ -14,7 +15,6 @@ from freevlm.eval.evaluate import evaluate_visdial, evaluate_vqa
 from freevlm.eval.sweep import sweep, write_sweep
 from freevlm.methods import get_method
 from freevlm.tiny import tiny_blip2
-from tiny_processor import tiny_bundle
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,9 @@ def vqa_records(tmp_path, n=10):
 def test_evaluate_vqa_reports_quality_and_speed(tiny, tmp_path):
     ee, bundle = tiny
     records = vqa_records(tmp_path, 4)
-    result = evaluate_vqa(ee, bundle, records, threshold=0.0, prompt="question : {question} answer :",
-                          max_new_tokens=4, batch_size=2)  # fmt: skip
+    result = evaluate_vqa(
+        ee, bundle, records, threshold=0.0, prompt="question : {question} answer :", max_new_tokens=4, batch_size=2
+    )
     speed = result.speed
     # threshold 0: every token leaves at the first exit (layer 2 of 6)
     assert speed.exit_histogram == {2: speed.tokens} and speed.tokens > 0
@@ -48,8 +49,9 @@ def test_evaluate_vqa_reports_quality_and_speed(tiny, tmp_path):
     assert set(result.quality["per_answer_type"]) == {"other", "yes/no"}
     expected = sum(p["accuracy"] for p in result.predictions) / 4
     assert result.score == pytest.approx(expected)
-    full = evaluate_vqa(ee, bundle, records, threshold=1.0, prompt="question : {question} answer :",
-                        max_new_tokens=4, batch_size=2)  # fmt: skip
+    full = evaluate_vqa(
+        ee, bundle, records, threshold=1.0, prompt="question : {question} answer :", max_new_tokens=4, batch_size=2
+    )
     assert full.speed.exit_histogram == {6: full.speed.tokens} and full.speed.analytic_speedup == 1.0
     assert full.agreement_with_full == 1.0  # threshold 1.0 is the full model
 
@@ -58,8 +60,17 @@ def test_sweep_writes_json_and_plots(tiny, tmp_path):
     ee, bundle = tiny
     records = vqa_records(tmp_path, 10)
     lines = []
-    result = sweep(ee, bundle, "vqa", records, thresholds=(0.0, 0.05, 1.0), prompt="question : {question} answer :",
-                   max_new_tokens=3, batch_size=4, progress=lines.append)  # fmt: skip
+    result = sweep(
+        ee,
+        bundle,
+        "vqa",
+        records,
+        thresholds=(0.0, 0.05, 1.0),
+        prompt="question : {question} answer :",
+        max_new_tokens=3,
+        batch_size=4,
+        progress=lines.append,
+    )
     assert len(result.dev) == len(result.test) == 3
     assert [r.layer for r in result.per_layer] == [2, 4, 6]
     assert len(result.dev[0].predictions) == 2 and len(result.test[0].predictions) == 8  # 20% held out as dev
@@ -68,7 +79,9 @@ def test_sweep_writes_json_and_plots(tiny, tmp_path):
     assert result.best_threshold == best.threshold
     # forcing the final layer is the full model, so it equals threshold 1.0
     assert result.per_layer[-1].score == result.test[-1].score
-    assert [p["prediction"] for p in result.per_layer[-1].predictions] == [p["prediction"] for p in result.test[-1].predictions]
+    assert [p["prediction"] for p in result.per_layer[-1].predictions] == [
+        p["prediction"] for p in result.test[-1].predictions
+    ]
     paths = write_sweep(result, tmp_path / "out")
     data = json.loads(paths["results"].read_text())
     assert data["best_threshold"] == result.best_threshold
@@ -102,8 +115,9 @@ def test_evaluate_visdial_ranks_options_for_baselines(tiny, tmp_path, method):
     baseline = EarlyExitVLM(ee.model, ExitConfig([2, 4], kind=spec.exit_kind))
     path, dense = files.visdial(tmp_path)
     records = read_visdial(path, tmp_path / "images", dense=dense)
-    result = evaluate_visdial(baseline, bundle, records, threshold=spec.thresholds[0], max_new_tokens=3, batch_size=3,
-                              method=method)  # fmt: skip
+    result = evaluate_visdial(
+        baseline, bundle, records, threshold=spec.thresholds[0], max_new_tokens=3, batch_size=3, method=method
+    )
     assert result.quality["rounds"] == 6 and 0 < result.score <= 1 and result.speed.tokens > 0
 
 

@@ -102,8 +102,14 @@ def test_recompute_caches_equal_full_model(new_family, batch_policy):
     case = Case(new_family, seed=3, batch=3, pad=True, num_layers=6, exits=(1, 3, 4))
     policy = RandomPolicy(0.4, 3) if batch_policy == "per_row" else TokenHashPolicy()
     with case.instructed():
-        out = case.ee.generate(*case.inputs, max_new_tokens=12, policy=policy, eos_token_id=[], return_engine=True,
-                               batch_policy=batch_policy)  # fmt: skip
+        out = case.ee.generate(
+            *case.inputs,
+            max_new_tokens=12,
+            policy=policy,
+            eos_token_id=[],
+            return_engine=True,
+            batch_policy=batch_policy,
+        )
         assert len(out.stats.exit_histogram) >= 2, out.stats.exit_histogram
         if batch_policy == "per_row":
             assert out.stats.work.catchup_slots > 0
@@ -114,8 +120,10 @@ def test_threshold_zero_leaves_at_first_exit_and_runs_nothing_above(new_family):
     case = Case(new_family, seed=1, batch=2, exits=(2, 3))
     backbone = case.ee.backbone
     calls = [0] * backbone.num_layers
-    hooks = [layer.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
-             for i, layer in enumerate(backbone.layers)]  # fmt: skip
+    hooks = [
+        layer.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, layer in enumerate(backbone.layers)
+    ]
     exit3_calls = []
     hooks.append(case.ee.exits["3"].layer.register_forward_hook(lambda *_: exit3_calls.append(1)))
     try:
@@ -206,10 +214,23 @@ def test_unsupported_models_are_named_with_what_is_supported():
     text = LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
     with pytest.raises(TypeError, match="does not support LlamaForCausalLM: it supports Blip2ForConditionalGeneration"):
         load_backbone(LlamaForCausalLM(text))
-    gemma = dict(model_type="gemma", vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=2, num_key_value_heads=1, head_dim=16)  # fmt: skip
-    model = LlavaForConditionalGeneration(LlavaConfig(text_config=gemma, vision_config=Case("llama").model.config.vision_config.to_dict()))
-    with pytest.raises(TypeError, match="unsupported LLaVA language model 'gemma'.*LlavaForConditionalGeneration \\(llama, mistral, qwen2\\)"):
+    gemma = dict(
+        model_type="gemma",
+        vocab_size=99,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+    )
+    model = LlavaForConditionalGeneration(
+        LlavaConfig(text_config=gemma, vision_config=Case("llama").model.config.vision_config.to_dict())
+    )
+    with pytest.raises(
+        TypeError,
+        match="unsupported LLaVA language model 'gemma'.*LlavaForConditionalGeneration \\(llama, mistral, qwen2\\)",
+    ):
         load_backbone(model)
 
 
@@ -229,9 +250,11 @@ def test_instructblip_without_its_instruction_is_refused():
     case = Case("instructblip-opt")
     with pytest.raises(ValueError, match="Q-Former reads the instruction"):
         case.ee.generate(*case.inputs, max_new_tokens=2)
-    with pytest.raises(ValueError, match="the instruction has 2 rows for 1 images"):
-        with case.ee.backbone.instruction(torch.ones(2, 3, dtype=torch.long)):
-            case.ee.generate(*case.inputs, max_new_tokens=2)
+    with (
+        pytest.raises(ValueError, match="the instruction has 2 rows for 1 images"),
+        case.ee.backbone.instruction(torch.ones(2, 3, dtype=torch.long)),
+    ):
+        case.ee.generate(*case.inputs, max_new_tokens=2)
 
 
 def test_instructblip_image_features_depend_on_the_instruction():
@@ -262,21 +285,27 @@ def test_llava_default_prompt_is_the_image_tokens():
     assert torch.equal(out.sequences, ref)
 
 
-
 def test_instructblip_default_prompt_is_hugging_faces():
     """Image tokens, then BOS (Vicuna's), as Hugging Face's `generate` without input_ids; with T5, which has no
     BOS (there Hugging Face's `generate` fails), the image tokens alone."""
     case = Case("instructblip-llama", batch=2)
     with case.instructed():
         out = case.ee.generate(case.inputs[0], max_new_tokens=3, mode="full")
-    ref = case.model.generate(pixel_values=case.inputs[0], qformer_input_ids=case.instruction[0],
-                              qformer_attention_mask=case.instruction[1], max_new_tokens=3, do_sample=False)  # fmt: skip
+    ref = case.model.generate(
+        pixel_values=case.inputs[0],
+        qformer_input_ids=case.instruction[0],
+        qformer_attention_mask=case.instruction[1],
+        max_new_tokens=3,
+        do_sample=False,
+    )
     assert torch.equal(out.sequences, ref)
     case = Case("instructblip-t5", batch=2)
     with case.instructed():
         out = case.ee.generate(case.inputs[0], max_new_tokens=3, mode="full")
         ids = torch.full((2, case.model.config.num_query_tokens), case.model.config.image_token_index)
-        assert torch.equal(out.sequences, case.ee.generate(case.inputs[0], ids, max_new_tokens=3, mode="full").sequences)
+        assert torch.equal(
+            out.sequences, case.ee.generate(case.inputs[0], ids, max_new_tokens=3, mode="full").sequences
+        )
 
 
 @pytest.mark.parametrize("kind", ["linear", "head"])

@@ -55,7 +55,9 @@ def test_input_ids_out_of_vocabulary_negative_or_float(backbone, model):
     for bad_id in (vocab, -1):
         bad = ids.clone()
         bad[0, -1] = bad_id
-        with pytest.raises(ValueError, match=f"input_ids holds token id {bad_id}, outside the vocabulary \\[0, {vocab}\\)"):
+        with pytest.raises(
+            ValueError, match=f"input_ids holds token id {bad_id}, outside the vocabulary \\[0, {vocab}\\)"
+        ):
             check(backbone, pv, bad, mask)
     with pytest.raises(ValueError, match="input_ids must hold integer token ids \\(torch.long\\), got torch.float32"):
         check(backbone, pv, ids.float(), mask)
@@ -80,8 +82,11 @@ def test_prompt_plus_new_tokens_beyond_the_positions(backbone, model, family):
         return
     limit = model.config.text_config.max_position_embeddings
     check(backbone, pv, ids, mask, max_new_tokens=limit - ids.shape[1])  # exactly fits
-    with pytest.raises(ValueError, match=f"prompt \\(7 tokens.*max_new_tokens={limit}.*{limit} positions: "
-                                         f"max_new_tokens can be at most {limit - 7}"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=f"prompt \\(7 tokens.*max_new_tokens={limit}.*{limit} positions: "
+        f"max_new_tokens can be at most {limit - 7}",
+    ):
         check(backbone, pv, ids, mask, max_new_tokens=limit)
 
 
@@ -98,14 +103,17 @@ def test_zero_mask_rows_and_nan_pixels_warn_once(backbone, model):
     assert len(record) == 1
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("lr", math.inf, "lr must be a finite number"),
-    ("lr", 0.0, "lr must be > 0"),
-    ("epochs", 0, "epochs must be >= 1"),
-    ("log_every", 0, "log_every must be >= 1"),
-    ("adv_weight", math.nan, "adv_weight must be a finite number"),
-    ("temperature", math.inf, "temperature must be a finite number"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("lr", math.inf, "lr must be a finite number"),
+        ("lr", 0.0, "lr must be > 0"),
+        ("epochs", 0, "epochs must be >= 1"),
+        ("log_every", 0, "log_every must be >= 1"),
+        ("adv_weight", math.nan, "adv_weight must be a finite number"),
+        ("temperature", math.inf, "temperature must be a finite number"),
+    ],
+)
 def test_training_configs_refuse_nonsense_numbers(field, value, message):
     from freevlm.training import ExitTrainConfig
 
@@ -139,7 +147,7 @@ def test_a_thumbnail_far_below_the_processor_size_warns_once():
     from freevlm.loading import warn_small_images
 
     class Processor:
-        size = {"height": 224, "width": 224}
+        size = {"height": 224, "width": 224}  # noqa: RUF012  (a processor's attribute)
 
     with pytest.warns(InputWarning, match=r"image\(s\) \[1\] are under a quarter of the 224 px"):
         warn_small_images([Image.new("RGB", (200, 180)), Image.new("RGB", (40, 40))], Processor())

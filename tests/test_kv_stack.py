@@ -63,8 +63,12 @@ def test_propagate_engines_agree_with_stacked_projection():
     model = tiny_blip2("opt", seed=3)
     ee = EarlyExitVLM.from_backbone(model, ExitConfig([1, 2]))
     pv, ids, mask = tiny_inputs(model)
-    runs = [ee.generate(pv, ids, mask, max_new_tokens=8, policy=RandomPolicy(0.5, 7), kv="propagate", static=static,
-                        eos_token_id=[]) for static in (True, False)]  # fmt: skip
+    runs = [
+        ee.generate(
+            pv, ids, mask, max_new_tokens=8, policy=RandomPolicy(0.5, 7), kv="propagate", static=static, eos_token_id=[]
+        )
+        for static in (True, False)
+    ]
     assert torch.equal(runs[0].sequences, runs[1].sequences)
     assert torch.equal(runs[0].exit_layers, runs[1].exit_layers)
     assert runs[0].stats.work.kv_projections == runs[1].stats.work.kv_projections > 0

@@ -82,6 +82,9 @@ def test_relative_imports_resolve():
     """The resolver itself: relative levels, packages and function-level imports."""
     source = "from ..loading import a\nfrom . import b\ndef f():\n    from .c import d\n    import freevlm.model\n"
     assert imported(importlib.import_module("freevlm.demo.backbone"), source) == {
-        "freevlm.loading.a", "freevlm.demo.b", "freevlm.demo.c.d", "freevlm.model"
-    }  # fmt: skip
+        "freevlm.loading.a",
+        "freevlm.demo.b",
+        "freevlm.demo.c.d",
+        "freevlm.model",
+    }
     assert imported(importlib.import_module("freevlm.data"), "from .coco import x\n") == {"freevlm.data.coco.x"}

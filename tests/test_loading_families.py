@@ -40,8 +40,24 @@ def test_caption_command_decodes_as_the_model_s_own_generate(folder, capsys):
     hf_inputs = bundle.processor(images=[image], text=[text], return_tensors="pt")
     ref = bundle.model.generate(**hf_inputs, max_new_tokens=5, do_sample=False, min_new_tokens=5)
     expected = bundle.tokenizer.decode(ref[0, hf_inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-    assert main(["caption", "--backbone", str(folder / "model"), "--image", str(folder / "red.png"), "--prompt",
-                 PROMPT, "--mode", "full", "--max-new-tokens", "5"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "caption",
+                "--backbone",
+                str(folder / "model"),
+                "--image",
+                str(folder / "red.png"),
+                "--prompt",
+                PROMPT,
+                "--mode",
+                "full",
+                "--max-new-tokens",
+                "5",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.splitlines()[0] == f"{folder / 'red.png'}: {expected}" and len(expected.split()) >= 3
     inputs = bundle.inputs([image], [PROMPT])
@@ -51,13 +67,18 @@ def test_caption_command_decodes_as_the_model_s_own_generate(folder, capsys):
 
 def test_unsupported_and_incomplete_folders_are_named(folder):
     (folder / "model" / "processor_config.json").unlink()
-    with pytest.raises(FileNotFoundError, match="no preprocessor_config.json or processor_config.json: save the "
-                                                "processor beside the model"):  # fmt: skip
+    with pytest.raises(
+        FileNotFoundError,
+        match="no preprocessor_config.json or processor_config.json: save the processor beside the model",
+    ):
         check_vlm_folder(folder / "model")
     config = json.loads((folder / "model" / "config.json").read_text())
     (folder / "model" / "config.json").write_text(json.dumps({**config, "model_type": "idefics2"}))
-    with pytest.raises(ValueError, match="holds a 'idefics2' model: freevlm loads Blip2ForConditionalGeneration "
-                                         r"\('blip-2'\), InstructBlipForConditionalGeneration"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match="holds a 'idefics2' model: freevlm loads Blip2ForConditionalGeneration "
+        r"\('blip-2'\), InstructBlipForConditionalGeneration",
+    ):
         load_vlm(folder / "model")
 
 
@@ -67,13 +88,26 @@ def test_train_commands_read_the_folder(folder, tmp_path):
     from training_helpers import write_shapes
 
     captions = write_shapes(tmp_path / "data", 8)
-    common = ["--captions", str(captions), "--no-progress", "--no-tensorboard", "--cpu", "--batch-size", "2",
-              "--max-steps", "2", "--dev-fraction", "0"]  # fmt: skip
+    common = [
+        "--captions",
+        str(captions),
+        "--no-progress",
+        "--no-tensorboard",
+        "--cpu",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "2",
+        "--dev-fraction",
+        "0",
+    ]
     assert main(["finetune", "--backbone", str(folder / "model"), "--output", str(tmp_path / "ft"), *common]) == 0
     tuned = tmp_path / "ft" / "model"
     assert load_vlm(tuned).processor is not None
-    assert main(["train-exits", "--backbone", str(tuned), "--output", str(tmp_path / "ex"), "--exit-layers", "1",
-                 *common]) == 0  # fmt: skip
+    assert (
+        main(["train-exits", "--backbone", str(tuned), "--output", str(tmp_path / "ex"), "--exit-layers", "1", *common])
+        == 0
+    )
     assert (tmp_path / "ex" / "exits").is_dir()
 
 
@@ -95,7 +129,9 @@ def test_training_prompts_are_laid_out_as_the_processor_lays_them_out(folder):
     records = load_coco_captions(write_shapes(folder / "data", 2), prompt=PROMPT)
     layout = EarlyExitVLM(bundle.model).backbone.config
     qformer_tokenizer = getattr(bundle.processor, "qformer_tokenizer", None)
-    data = CaptionDataset(records, bundle.tokenizer, bundle.image_processor, layout, qformer_tokenizer=qformer_tokenizer)
+    data = CaptionDataset(
+        records, bundle.tokenizer, bundle.image_processor, layout, qformer_tokenizer=qformer_tokenizer
+    )
     batch = CaptionCollator.for_model(layout)([data[0]])
     inputs = bundle.inputs([Image.open(records[0].image).convert("RGB")], [PROMPT])
     prompt_len = inputs["input_ids"].shape[1]
@@ -112,8 +148,34 @@ def test_sweep_command_reads_the_folder(folder, tmp_path):
     EarlyExitVLM(load_vlm(folder / "model").model, ExitConfig([1, 2], init="fresh")).save_exits(tmp_path / "exits")
     q, a = files.vqa(tmp_path)
     out = tmp_path / "out"
-    assert main(["sweep", "--backbone", str(folder / "model"), "--exits", str(tmp_path / "exits"), "--format", "vqav2",
-                 "--files", str(q), str(a), "--images", str(tmp_path / "val2014"), "--dev-files", str(q), str(a),
-                 "--thresholds", "0.0", "1.0", "--out", str(out), "--max-new-tokens", "2"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "sweep",
+                "--backbone",
+                str(folder / "model"),
+                "--exits",
+                str(tmp_path / "exits"),
+                "--format",
+                "vqav2",
+                "--files",
+                str(q),
+                str(a),
+                "--images",
+                str(tmp_path / "val2014"),
+                "--dev-files",
+                str(q),
+                str(a),
+                "--thresholds",
+                "0.0",
+                "1.0",
+                "--out",
+                str(out),
+                "--max-new-tokens",
+                "2",
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "results.json").read_text())
     assert result["test"][0]["speed"]["exit_histogram"].keys() == {"1"}  # threshold 0: every token at the first exit

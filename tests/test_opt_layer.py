@@ -12,8 +12,15 @@ from freevlm.decoding.static import StaticKV, StaticView
 
 
 def _layer(pre_norm: bool = True, bias: bool = True) -> OPTDecoderLayer:
-    config = OPTConfig(hidden_size=64, num_attention_heads=4, ffn_dim=256, do_layer_norm_before=pre_norm,
-                       enable_bias=bias, dropout=0.1, attention_dropout=0.1)  # fmt: skip
+    config = OPTConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        ffn_dim=256,
+        do_layer_norm_before=pre_norm,
+        enable_bias=bias,
+        dropout=0.1,
+        attention_dropout=0.1,
+    )
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     return OPTDecoderLayer(config, layer_idx=0).eval()

@@ -20,7 +20,7 @@ from freevlm.data.shapes import (
     render,
     vocabulary,
     write_split,
-)  # fmt: skip
+)
 from freevlm.data.vqa import read_vqa
 
 
@@ -73,7 +73,11 @@ def _answer(scene, question):
     if m := re.fullmatch(r"is the (\w+ \w+) (to the left of|to the right of|above|below) the (\w+ \w+)", q):
         (a,), (b,) = _objects(scene, m[1]), _objects(scene, m[3])
         dx, dy = b.x - a.x, b.y - a.y
-        actual = ("to the left of" if dx > 0 else "to the right of") if abs(dx) >= abs(dy) else ("above" if dy > 0 else "below")
+        actual = (
+            ("to the left of" if dx > 0 else "to the right of")
+            if abs(dx) >= abs(dy)
+            else ("above" if dy > 0 else "below")
+        )
         return "yes" if actual == m[2] else "no"
     if m := re.fullmatch(r"is there an? (\w+) (\w+) in the image", q):
         return "yes" if _objects(scene, f"{m[1]} {m[2]}") else "no"
@@ -155,6 +159,9 @@ def test_the_demo_tokenizer_gives_ptb_tokens_on_shapes_captions():
     from freevlm.demo.stats import tokenize
     from freevlm.eval.captions import tokenize as ptb
 
-    captions = {e.image_id: e.captions + [qa.question for qa in e.questions]
-                for split in ("train", "ood") for e in generate_split(split, 60, seed=5)}  # fmt: skip
+    captions = {
+        e.image_id: e.captions + [qa.question for qa in e.questions]
+        for split in ("train", "ood")
+        for e in generate_split(split, 60, seed=5)
+    }
     assert tokenize(captions) == ptb(captions)

@@ -19,8 +19,11 @@ def models():
     for family in ("opt", "t5"):
         model = tiny_blip2(family, seed=5, num_layers=6)
         with torch.no_grad():  # sharper logits: confident exits, so thresholds in (0, 1) really exit
-            norm = model.language_model.model.decoder.final_layer_norm if family == "opt" else \
-                model.language_model.decoder.final_layer_norm  # fmt: skip
+            norm = (
+                model.language_model.model.decoder.final_layer_norm
+                if family == "opt"
+                else model.language_model.decoder.final_layer_norm
+            )
             norm.weight.mul_(6)
         out[family] = EarlyExitVLM.from_backbone(model, ExitConfig([1, 3, 4]))
     return out
@@ -54,8 +57,9 @@ def test_finished_rows_ride_along_without_holding_the_batch(models, family):
     pv, ids, mask = tiny_inputs(ee.model, batch=3, seed=2, pad=True)
     first = ee.generate(pv, ids, mask, max_new_tokens=6, threshold=0.0, eos_token_id=[], static=False)
     eos = int(first.sequences[1, -5])  # row 1's second token: that row stops early
-    static, general = _both(ee, pv, ids, mask, max_new_tokens=6, threshold=0.0, eos_token_id=[eos],
-                            batch_policy="ride_along")  # fmt: skip
+    static, general = _both(
+        ee, pv, ids, mask, max_new_tokens=6, threshold=0.0, eos_token_id=[eos], batch_policy="ride_along"
+    )
     assert torch.equal(static.sequences, general.sequences)
     assert torch.equal(static.exit_layers, general.exit_layers)
     assert (static.exit_layers[1, 2:] == -1).all() and (static.exit_layers[0] == 1).all()
@@ -65,8 +69,17 @@ def test_finished_rows_ride_along_without_holding_the_batch(models, family):
 def test_beams_static_equal_general(models, family, num_beams):
     ee = models[family]
     pv, ids, mask = tiny_inputs(ee.model, batch=2, seed=3, pad=True)
-    static, general = _both(ee, pv, ids, mask, max_new_tokens=8, num_beams=num_beams, policy=TokenHashPolicy(),
-                            batch_policy="slowest", eos_token_id=[])  # fmt: skip
+    static, general = _both(
+        ee,
+        pv,
+        ids,
+        mask,
+        max_new_tokens=8,
+        num_beams=num_beams,
+        policy=TokenHashPolicy(),
+        batch_policy="slowest",
+        eos_token_id=[],
+    )
     assert torch.equal(static.sequences, general.sequences)
     assert torch.equal(static.exit_layers, general.exit_layers)
 
@@ -75,8 +88,17 @@ def test_speculative_static_equals_full_model(models, family):
     ee = models[family]
     pv, ids, mask = tiny_inputs(ee.model, batch=1, seed=4)
     full = ee.generate(pv, ids, mask, max_new_tokens=12, mode="full", static=False)
-    out = ee.generate(pv, ids, mask, max_new_tokens=12, mode="speculative", threshold=0.0, max_draft=3, static=True,
-                      return_engine=True)  # fmt: skip
+    out = ee.generate(
+        pv,
+        ids,
+        mask,
+        max_new_tokens=12,
+        mode="speculative",
+        threshold=0.0,
+        max_draft=3,
+        static=True,
+        return_engine=True,
+    )
     assert isinstance(out.engine, StaticEngine)
     assert torch.equal(out.sequences, full.sequences)
     assert out.stats.speculative["drafted"] > 0

@@ -16,8 +16,9 @@ from freevlm.tiny import tiny_blip2, tiny_inputs
 
 
 def _blocks(feed_forward: str, dtype: torch.dtype) -> list[T5Block]:
-    config = T5Config(d_model=64, d_kv=16, d_ff=128, num_heads=4, is_decoder=True, feed_forward_proj=feed_forward,
-                      dropout_rate=0.1)  # fmt: skip
+    config = T5Config(
+        d_model=64, d_kv=16, d_ff=128, num_heads=4, is_decoder=True, feed_forward_proj=feed_forward, dropout_rate=0.1
+    )
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     blocks = [T5Block(config, has_relative_attention_bias=i == 0, layer_idx=i) for i in range(2)]
@@ -48,9 +49,15 @@ def test_equals_hugging_face_block_bitwise(feed_forward, dtype):
             cross = block.layer[1].EncDecAttention
             cross_kv = tuple(f(encoder).view(2, 7, 4, 16).transpose(1, 2) for f in (cross.k, cross.v))
             cache = {cache_keyword(T5Block): _T5CacheView(StaticView(their_kv, slots, start), *cross_kv)}
-            expected, _, _ = block(expected, attention_mask=mask, position_bias=bias, encoder_hidden_states=encoder,
-                                   encoder_attention_mask=encoder_mask, encoder_decoder_position_bias=cross_bias,
-                                   **cache)  # fmt: skip
+            expected, _, _ = block(
+                expected,
+                attention_mask=mask,
+                position_bias=bias,
+                encoder_hidden_states=encoder,
+                encoder_attention_mask=encoder_mask,
+                encoder_decoder_position_bias=cross_bias,
+                **cache,
+            )
             got = t5_block_forward(block, got, StaticView(our_kv, slots, start), self_mask, cross_kv, cross_mask)
             assert torch.equal(got, expected)
             assert torch.equal(our_kv.keys, their_kv.keys) and torch.equal(our_kv.values, their_kv.values)
@@ -96,8 +103,9 @@ def test_decoding_runs_the_block_path_and_equals_hugging_face(monkeypatch, stati
     monkeypatch.setattr(blip2_t5, "t5_block_forward", lambda *a: calls.append(a[0]) or forward(*a))
     ee = EarlyExitVLM.from_backbone(model, ExitConfig([1, 2]))
     with torch.no_grad():
-        expected = model.generate(pixel_values=pv, input_ids=ids, attention_mask=mask, max_new_tokens=6,
-                                  do_sample=False)  # fmt: skip
+        expected = model.generate(
+            pixel_values=pv, input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False
+        )
     got = ee.generate(pv, ids, mask, max_new_tokens=6, threshold=1.0, static=static).sequences
     assert torch.equal(got, expected)
     assert set(map(id, calls)) == set(map(id, ee.backbone.layers))  # every LM block

@@ -9,7 +9,6 @@ from freevlm import EarlyExitVLM
 from freevlm.cli import main
 from freevlm.loading import load_vlm
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -20,10 +19,33 @@ def files(tmp_path_factory):
 
 
 def _train(files, out, method, *extra):
-    return main(["train-baseline", "--method", method, "--backbone", str(files["backbone"]), "--captions",
-                 str(files["captions"]), "--exit-layers", "1", "2", "--output", str(out), "--batch-size", "4",
-                 "--lr", "1e-3", "--checkpoint-every", "2", "--dev-fraction", "0.25", "--no-progress",
-                 "--no-tensorboard", *extra])  # fmt: skip
+    return main(
+        [
+            "train-baseline",
+            "--method",
+            method,
+            "--backbone",
+            str(files["backbone"]),
+            "--captions",
+            str(files["captions"]),
+            "--exit-layers",
+            "1",
+            "2",
+            "--output",
+            str(out),
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-3",
+            "--checkpoint-every",
+            "2",
+            "--dev-fraction",
+            "0.25",
+            "--no-progress",
+            "--no-tensorboard",
+            *extra,
+        ]
+    )
 
 
 def test_train_baseline_trains_resumes_and_loads(files, tmp_path, capsys):

@@ -16,15 +16,18 @@ from freevlm.loading import load_vlm
 from freevlm.training import load_coco_captions
 from freevlm.training.capfilt import CapFiltConfig, capfilt, load_scorer, rank_captions, sample_captions
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    return {"backbone": save_tiny_blip2(root / "backbone"), "clip": save_tiny_clip(root / "clip"),
-            "captions": write_shapes(root / "data", 24), "root": root}  # fmt: skip
+    return {
+        "backbone": save_tiny_blip2(root / "backbone"),
+        "clip": save_tiny_clip(root / "clip"),
+        "captions": write_shapes(root / "data", 24),
+        "root": root,
+    }
 
 
 class LengthScorer:
@@ -56,8 +59,12 @@ def test_capfilt_samples_scores_and_writes_coco(files, tmp_path):
         mine = [e for e in entries if e["image"] == path]
         assert 1 <= len(mine) <= 2 and mine[0]["score"] >= mine[-1]["score"]
         image = Image.open(path).convert("RGB")
-        torch.testing.assert_close(scorer.score(image, [e["caption"] for e in mine]),
-                                   torch.tensor([e["score"] for e in mine]), rtol=1e-4, atol=1e-5)  # fmt: skip
+        torch.testing.assert_close(
+            scorer.score(image, [e["caption"] for e in mine]),
+            torch.tensor([e["score"] for e in mine]),
+            rtol=1e-4,
+            atol=1e-5,
+        )
     assert [(r.image, r.target) for r in load_coco_captions(out)] == [(e["image"], e["caption"]) for e in entries]
     with pytest.raises(ValueError, match="clip:PATH"):
         load_scorer("siglip:/x")
@@ -90,22 +97,73 @@ def test_blip2_itm_scorer(tmp_path):
 
 def test_cli_finetune_capfilt_train_exits_and_resume(files, tmp_path, capsys):
     loop = ["--batch-size", "4", "--no-progress", "--dev-fraction", "0.25", "--lr", "1e-3"]
-    assert main(["finetune", "--backbone", str(files["backbone"]), "--captions", str(files["captions"]),
-                 "--output", str(tmp_path / "ft"), "--max-steps", "3", *loop]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "finetune",
+                "--backbone",
+                str(files["backbone"]),
+                "--captions",
+                str(files["captions"]),
+                "--output",
+                str(tmp_path / "ft"),
+                "--max-steps",
+                "3",
+                *loop,
+            ]
+        )
+        == 0
+    )
     tuned = tmp_path / "ft/model"
     assert json.loads((tmp_path / "ft/dev_metrics.json").read_text())["loss"] > 0
 
     pseudo = tmp_path / "pseudo.json"
-    assert main(["capfilt", "--backbone", str(tuned), "--scorer", f"clip:{files['clip']}", "--captions",
-                 str(files["captions"]), "--output", str(pseudo), "--num-samples", "3", "--max-new-tokens", "5"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "capfilt",
+                "--backbone",
+                str(tuned),
+                "--scorer",
+                f"clip:{files['clip']}",
+                "--captions",
+                str(files["captions"]),
+                "--output",
+                str(pseudo),
+                "--num-samples",
+                "3",
+                "--max-new-tokens",
+                "5",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"] == 24
 
     run = tmp_path / "exits"
 
     def train_exits(*extra, layers=("1", "2")):
-        return main(["train-exits", "--backbone", str(tuned), "--captions", str(pseudo), "--anchor", "capfilt",
-                     "--exit-layers", *layers, "--disc-hidden", "32", "--checkpoint-every", "2", "--output", str(run),
-                     *loop, *extra])  # fmt: skip
+        return main(
+            [
+                "train-exits",
+                "--backbone",
+                str(tuned),
+                "--captions",
+                str(pseudo),
+                "--anchor",
+                "capfilt",
+                "--exit-layers",
+                *layers,
+                "--disc-hidden",
+                "32",
+                "--checkpoint-every",
+                "2",
+                "--output",
+                str(run),
+                *loop,
+                *extra,
+            ]
+        )
 
     assert train_exits("--max-steps", "2") == 0
     assert train_exits("--max-steps", "4", "--resume") == 0
@@ -118,8 +176,22 @@ def test_cli_finetune_capfilt_train_exits_and_resume(files, tmp_path, capsys):
     assert "exits at layers [1, 2], but this run asks for [2, 3]" in capsys.readouterr().err
     empty = tmp_path / "empty.json"
     empty.write_text(json.dumps({"images": [], "annotations": []}))
-    assert main(["train-exits", "--backbone", str(tuned), "--captions", str(empty), "--exit-layers", "1",
-                 "--output", str(tmp_path / "e")]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "train-exits",
+                "--backbone",
+                str(tuned),
+                "--captions",
+                str(empty),
+                "--exit-layers",
+                "1",
+                "--output",
+                str(tmp_path / "e"),
+            ]
+        )
+        == 2
+    )
     assert "empty.json is empty" in capsys.readouterr().err
 
 
@@ -128,11 +200,46 @@ def test_two_process_accelerate_run_loads_with_from_pretrained(files, tmp_path):
     """`accelerate launch --cpu --num_processes 2` starts ONE process (accelerate 1.15); on a host without GPUs
     `--multi_gpu` is what gives 2 CPU processes (DistributedType.MULTI_CPU). Our own `--cpu` pins the device."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "freevlm.cli", "train-exits",
-           "--backbone", str(files["backbone"]), "--captions", str(files["captions"]), "--exit-layers", "1", "3",
-           "--anchor", "kd", "--batch-size", "4", "--max-steps", "4", "--checkpoint-every", "2", "--lr", "1e-3",
-           "--disc-hidden", "32", "--no-progress", "--cpu", "--output", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "freevlm.cli",
+        "train-exits",
+        "--backbone",
+        str(files["backbone"]),
+        "--captions",
+        str(files["captions"]),
+        "--exit-layers",
+        "1",
+        "3",
+        "--anchor",
+        "kd",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "4",
+        "--checkpoint-every",
+        "2",
+        "--lr",
+        "1e-3",
+        "--disc-hidden",
+        "32",
+        "--no-progress",
+        "--cpu",
+        "--output",
+        str(out),
+    ]
     if torch.cuda.is_available():
         pytest.skip("--multi_gpu would start GPU processes here")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
@@ -156,14 +263,20 @@ def test_options_left_out_keep_the_config_dataclass_defaults():
     parser = argparse.ArgumentParser()
     train_cli.register(parser.add_subparsers(dest="command"))
     common = ["--backbone", "b", "--captions", "c.json", "--output", "out"]
-    for argv, cls, extra in [(["finetune"], FinetuneConfig, {}),
-                             (["train-exits", "--exit-layers", "2"], ExitTrainConfig, {"exit_layers": (2,)}),
-                             (["train-baseline", "--method", "pabee", "--exit-layers", "2"], BaselineTrainConfig,
-                              {"exit_layers": (2,), "method": "pabee"})]:  # fmt: skip
+    for argv, cls, extra in [
+        (["finetune"], FinetuneConfig, {}),
+        (["train-exits", "--exit-layers", "2"], ExitTrainConfig, {"exit_layers": (2,)}),
+        (
+            ["train-baseline", "--method", "pabee", "--exit-layers", "2"],
+            BaselineTrainConfig,
+            {"exit_layers": (2,), "method": "pabee"},
+        ),
+    ]:
         args = parser.parse_args([*argv, *common])
         assert train_cli._config(cls, args, **extra) == cls(output_dir=args.output_dir, **extra), argv[0]
-    args = parser.parse_args(["train-exits", *common, "--exit-layers", "2", "--lr", "0.5", "--no-adversarial",
-                              "--grad-clip", "0"])  # fmt: skip
+    args = parser.parse_args(
+        ["train-exits", *common, "--exit-layers", "2", "--lr", "0.5", "--no-adversarial", "--grad-clip", "0"]
+    )
     config = train_cli._config(ExitTrainConfig, args, exit_layers=(2,))
     assert (config.lr, config.adversarial, config.grad_clip, config.epochs) == (0.5, False, None, 3)
 

@@ -24,7 +24,6 @@ from freevlm.training import (
 )
 from freevlm.training.finetune import caption_loss
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -40,7 +39,10 @@ def dataset(family, records, model=None, **kw):
 
 def test_opt_layout_only_target_positions_count(shapes_json):
     model = tiny_blip2("opt")
-    records = [Record(r.image, p, r.target) for r, p in zip(load_coco_captions(shapes_json)[:3], ["a photo of", "", "what color"])]
+    records = [
+        Record(r.image, p, r.target)
+        for r, p in zip(load_coco_captions(shapes_json)[:3], ["a photo of", "", "what color"])
+    ]
     data = dataset("opt", records, model)
     batch = CaptionCollator.for_model(model.config)([data[i] for i in range(3)])
     q = model.config.num_query_tokens
@@ -69,11 +71,19 @@ def test_caption_loss_equals_hugging_face_loss(family, shapes_json):
         if family == "opt":
             labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
             labels[:, 1:] = batch["targets"][:, :-1]
-            ref = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                        attention_mask=batch["attention_mask"], labels=labels).loss  # fmt: skip
+            ref = model(
+                pixel_values=batch["pixel_values"],
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                labels=labels,
+            ).loss
         else:
-            ref = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                        attention_mask=batch["attention_mask"], labels=batch["targets"]).loss  # fmt: skip
+            ref = model(
+                pixel_values=batch["pixel_values"],
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                labels=batch["targets"],
+            ).loss
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
 
 
@@ -92,14 +102,31 @@ def test_t5_decoder_input_is_target_shifted_right(shapes_json):
 def test_coco_readers_official_and_karpathy(tmp_path, shapes_json):
     records = load_coco_captions(shapes_json, prompt="a photo of")
     assert len(records) == 32 and records[0].prompt == "a photo of" and records[0].target.startswith("a ")
-    karpathy = {"images": [{"filepath": "val2014", "filename": "x.jpg", "cocoid": 7, "split": "test",
-                            "sentences": [{"raw": "A dog. "}, {"raw": "a cat"}]},
-                           {"filepath": "train2014", "filename": "y.jpg", "cocoid": 8, "split": "train",
-                            "sentences": [{"raw": "a bird"}]}]}  # fmt: skip
+    karpathy = {
+        "images": [
+            {
+                "filepath": "val2014",
+                "filename": "x.jpg",
+                "cocoid": 7,
+                "split": "test",
+                "sentences": [{"raw": "A dog. "}, {"raw": "a cat"}],
+            },
+            {
+                "filepath": "train2014",
+                "filename": "y.jpg",
+                "cocoid": 8,
+                "split": "train",
+                "sentences": [{"raw": "a bird"}],
+            },
+        ]
+    }
     path = tmp_path / "dataset_coco.json"
     path.write_text(json.dumps(karpathy))
     test = load_coco_captions(path, image_root="/coco", split="test")
-    assert [(r.image, r.target, r.image_id) for r in test] == [("/coco/val2014/x.jpg", "A dog.", 7), ("/coco/val2014/x.jpg", "a cat", 7)]
+    assert [(r.image, r.target, r.image_id) for r in test] == [
+        ("/coco/val2014/x.jpg", "A dog.", 7),
+        ("/coco/val2014/x.jpg", "a cat", 7),
+    ]
     out = tmp_path / "out.json"
     write_coco_captions(out, [{"image": "/a.png", "caption": "x", "score": 0.5}, {"image": "/a.png", "caption": "y"}])
     again = load_coco_captions(out, image_root="/")
@@ -123,15 +150,19 @@ def test_bad_input_errors_name_the_problem(tmp_path, shapes_json):
     with pytest.raises(ValueError, match="more than max_target_tokens=8"):
         dataset("t5", [Record(image, "", "a red circle on the left a red circle")], max_target_tokens=8)
     with pytest.raises(ValueError, match="fewer than one step needs"):
-        train_exits(model, dataset("opt", load_coco_captions(shapes_json)[:3], model),
-                    ExitTrainConfig(output_dir=str(tmp_path / "x"), exit_layers=(1,), batch_size=4, progress=False))  # fmt: skip
+        train_exits(
+            model,
+            dataset("opt", load_coco_captions(shapes_json)[:3], model),
+            ExitTrainConfig(output_dir=str(tmp_path / "x"), exit_layers=(1,), batch_size=4, progress=False),
+        )
 
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"this is not a png")
     records = load_coco_captions(shapes_json)[:3] + [Record(str(broken), "", "a red circle")]
     data = dataset("opt", records, model)
-    config = ExitTrainConfig(output_dir=str(tmp_path / "run"), exit_layers=(1,), batch_size=4, max_steps=1,
-                             progress=False, tensorboard=False)  # fmt: skip
+    config = ExitTrainConfig(
+        output_dir=str(tmp_path / "run"), exit_layers=(1,), batch_size=4, max_steps=1, progress=False, tensorboard=False
+    )
     with pytest.raises(ImageError, match="cannot read image .*broken.png"):
         train_exits(model, data, config)
 
@@ -144,8 +175,16 @@ def test_finetune_lavis_default_trains_qformer_and_projection_only(tmp_path, sha
     data = dataset("opt", records, model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     start = caption_loss_and_accuracy(model, data)
-    config = FinetuneConfig(output_dir=str(tmp_path), max_steps=30, batch_size=8, lr=2e-2, warmup_steps=3,
-                            progress=False, checkpoint_every=15, log_every=5)  # fmt: skip
+    config = FinetuneConfig(
+        output_dir=str(tmp_path),
+        max_steps=30,
+        batch_size=8,
+        lr=2e-2,
+        warmup_steps=3,
+        progress=False,
+        checkpoint_every=15,
+        log_every=5,
+    )
     finetune(model, data, config, save_with=(make_tokenizer("opt"), make_image_processor()))
     end = caption_loss_and_accuracy(model, data)
     assert end["loss"] < start["loss"] - 0.3, (start, end)
@@ -166,8 +205,17 @@ def test_finetune_resume_equals_uninterrupted(tmp_path, shapes_json):
 
     def run(out, max_steps, resume=False, model=None):
         model = model or tiny_blip2("opt", seed=4)
-        config = FinetuneConfig(output_dir=str(out), max_steps=max_steps, batch_size=4, lr=1e-3, schedule="constant",
-                                train_vision=True, progress=False, checkpoint_every=4, resume=resume)  # fmt: skip
+        config = FinetuneConfig(
+            output_dir=str(out),
+            max_steps=max_steps,
+            batch_size=4,
+            lr=1e-3,
+            schedule="constant",
+            train_vision=True,
+            progress=False,
+            checkpoint_every=4,
+            resume=resume,
+        )
         return finetune(model, dataset("opt", records, model), config)
 
     full = run(tmp_path / "full", 8)

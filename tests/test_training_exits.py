@@ -55,8 +55,16 @@ def shapes(tmp_path_factory):
     model = tiny_blip2("opt", seed=0)
     tok, proc = make_tokenizer("opt"), make_image_processor()
     train_set, dev_set = (CaptionDataset(r, tok, proc, model.config) for r in (train, dev))
-    config = FinetuneConfig(output_dir=str(folder / "ft"), max_steps=40, batch_size=8, lr=3e-3, warmup_steps=5,
-                            train_lm=True, tensorboard=False, **QUIET)  # fmt: skip
+    config = FinetuneConfig(
+        output_dir=str(folder / "ft"),
+        max_steps=40,
+        batch_size=8,
+        lr=3e-3,
+        warmup_steps=5,
+        train_lm=True,
+        tensorboard=False,
+        **QUIET,
+    )
     finetune(model, train_set, config)
     return model, train_set, dev_set
 
@@ -70,14 +78,32 @@ def kd_run(shapes, tmp_path_factory):
     untrained = evaluate_exits(EarlyExitVLM(model, ExitConfig([1, 2], "fresh")), dev_set)
     # adv_weight 0.1: this LM's KL is ~100x smaller than a real captioner's CE, so at weight 1 the adversarial term
     # alone would steer the (Adam-normalised) updates
-    config = ExitTrainConfig(output_dir=str(out), exit_layers=(1, 2), init="fresh", anchor="kd", max_steps=150,
-                             batch_size=8, lr=1e-3, disc_lr=1e-3, adv_weight=0.1, disc_hidden=256, warmup_steps=5,
-                             **QUIET)  # fmt: skip
+    config = ExitTrainConfig(
+        output_dir=str(out),
+        exit_layers=(1, 2),
+        init="fresh",
+        anchor="kd",
+        max_steps=150,
+        batch_size=8,
+        lr=1e-3,
+        disc_lr=1e-3,
+        adv_weight=0.1,
+        disc_hidden=256,
+        warmup_steps=5,
+        **QUIET,
+    )
     ee = train_exits(model, train_set, config, dev_set=dev_set)
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
-    return {"ee": ee, "model": model, "before_backbone": before_backbone, "untrained": untrained,
-            "trained": evaluate_exits(ee, dev_set), "events": events, "out": out}  # fmt: skip
+    return {
+        "ee": ee,
+        "model": model,
+        "before_backbone": before_backbone,
+        "untrained": untrained,
+        "trained": evaluate_exits(ee, dev_set),
+        "events": events,
+        "out": out,
+    }
 
 
 def test_kd_lowers_heldout_kl_and_logs_discriminator(kd_run):
@@ -88,8 +114,16 @@ def test_kd_lowers_heldout_kl_and_logs_discriminator(kd_run):
     # D's accuracy in a GAN run depends on who is ahead at that step (bench/bench_discriminator.py): the tests below
     # check that D learns and that the exits' adversarial term moves it; here only that it is measured and logged
     assert len(kd_run["events"].Scalars("train/d_loss")) == 15
-    for tag in ("train/g_adv_loss", "train/anchor_loss", "train/lr", "train/d_acc/exit_1", "dev/kl/exit_1",
-                "dev/token_acc/exit_2", "dev/d_acc/exit_1", "dev/d_loss/exit_2"):  # fmt: skip
+    for tag in (
+        "train/g_adv_loss",
+        "train/anchor_loss",
+        "train/lr",
+        "train/d_acc/exit_1",
+        "dev/kl/exit_1",
+        "dev/token_acc/exit_2",
+        "dev/d_acc/exit_1",
+        "dev/d_loss/exit_2",
+    ):
         assert tag in kd_run["events"].Tags()["scalars"]
     dev = json.loads((kd_run["out"] / "dev_metrics.json").read_text())
     assert 0 <= dev["d_acc/exit_1"] <= 1 and dev["d_loss/exit_1"] > 0
@@ -104,9 +138,21 @@ def d_alone(shapes, tmp_path_factory):
     untrained exits. Returns the fresh exits, the trained discriminators and the held-out metrics."""
     model, train_set, dev_set = shapes
     out = tmp_path_factory.mktemp("d_alone")
-    config = ExitTrainConfig(output_dir=str(out), exit_layers=(1, 2), init="fresh", max_steps=60, batch_size=8,
-                             lr=1e-3, disc_lr=1e-3, adv_weight=0.0, anchor_weight=0.0, disc_hidden=256,
-                             warmup_steps=5, schedule="constant", **QUIET)  # fmt: skip
+    config = ExitTrainConfig(
+        output_dir=str(out),
+        exit_layers=(1, 2),
+        init="fresh",
+        max_steps=60,
+        batch_size=8,
+        lr=1e-3,
+        disc_lr=1e-3,
+        adv_weight=0.0,
+        anchor_weight=0.0,
+        disc_hidden=256,
+        warmup_steps=5,
+        schedule="constant",
+        **QUIET,
+    )
     ee = train_exits(model, train_set, config, dev_set=dev_set)
     discs = make_discriminators(ee, 256)
     discs.load_state_dict(torch.load(out / "checkpoints/step-00000060/state.pt", weights_only=True)["discriminators"])
@@ -199,8 +245,18 @@ def test_saved_exits_load_and_generate(kd_run, shapes):
 
 
 def _ce_config(out, **kw):
-    base = dict(output_dir=str(out), exit_layers=(1, 3), anchor="ce", max_steps=12, batch_size=4, lr=1e-3,
-                disc_hidden=64, checkpoint_every=6, progress=False, log_every=4)  # fmt: skip
+    base = dict(
+        output_dir=str(out),
+        exit_layers=(1, 3),
+        anchor="ce",
+        max_steps=12,
+        batch_size=4,
+        lr=1e-3,
+        disc_hidden=64,
+        checkpoint_every=6,
+        progress=False,
+        log_every=4,
+    )
     return ExitTrainConfig(**{**base, **kw})
 
 
@@ -229,10 +285,14 @@ def test_resume_after_kill_equals_uninterrupted_run(shapes, tmp_path, monkeypatc
         train_exits(model, train_set, _ce_config(tmp_path / "killed"))
     resumed = train_exits(model, train_set, _ce_config(tmp_path / "killed", resume=True))
 
-    assert not all(torch.equal(full_state[k], v) for k, v in EarlyExitVLM(model, ExitConfig([1, 3])).exits.state_dict().items())
+    assert not all(
+        torch.equal(full_state[k], v) for k, v in EarlyExitVLM(model, ExitConfig([1, 3])).exits.state_dict().items()
+    )
     for k, v in resumed.exits.state_dict().items():
         torch.testing.assert_close(v, full_state[k], rtol=1e-5, atol=1e-6)
-    resumed_discs = torch.load(tmp_path / "killed/checkpoints/step-00000012/state.pt", weights_only=True)["discriminators"]
+    resumed_discs = torch.load(tmp_path / "killed/checkpoints/step-00000012/state.pt", weights_only=True)[
+        "discriminators"
+    ]
     for k, v in resumed_discs.items():
         torch.testing.assert_close(v, full_discs[k], rtol=1e-5, atol=1e-6)
 
@@ -257,9 +317,11 @@ def test_nonfinite_losses_are_skipped_then_abort(shapes, tmp_path, monkeypatch, 
     model, train_set, _ = shapes
     monkeypatch.setattr(exits_module, "kd_loss", lambda *a, **k: torch.tensor(float("nan")))
     config = _ce_config(tmp_path, anchor="kd", max_steps=6, max_nonfinite_steps=3)
-    with caplog.at_level(logging.WARNING, logger="freevlm.training"):
-        with pytest.raises(TrainingDiverged, match="4 steps had non-finite losses.*generator loss"):
-            train_exits(model, train_set, config)
+    with (
+        caplog.at_level(logging.WARNING, logger="freevlm.training"),
+        pytest.raises(TrainingDiverged, match="4 steps had non-finite losses.*generator loss"),
+    ):
+        train_exits(model, train_set, config)
     assert "step 0: non-finite generator loss, step skipped (1 skipped so far)" in caplog.text
 
 
@@ -355,8 +417,16 @@ def test_exit_runs_sharing_the_backbone_pass_train_the_same_exits(shapes, tmp_pa
 
     def train(name: str, anchor: str) -> tuple[EarlyExitVLM, int]:
         passes.clear()
-        config = ExitTrainConfig(output_dir=str(tmp_path / name), exit_layers=(1, 2), init="fresh", anchor=anchor,
-                                 max_steps=6, batch_size=8, warmup_steps=1, **QUIET)  # fmt: skip
+        config = ExitTrainConfig(
+            output_dir=str(tmp_path / name),
+            exit_layers=(1, 2),
+            init="fresh",
+            anchor=anchor,
+            max_steps=6,
+            batch_size=8,
+            warmup_steps=1,
+            **QUIET,
+        )
         return train_exits(model, train_set, config), len(passes)
 
     alone = [train("kd_alone", "kd"), train("ce_alone", "ce")]
@@ -367,6 +437,5 @@ def test_exit_runs_sharing_the_backbone_pass_train_the_same_exits(shapes, tmp_pa
     assert alone[0][1] == alone[1][1] == shared[0][1] >= 6  # a pass per step (and per held-out batch)...
     assert shared[1][1] == 0  # ...but none in the second run under sharing_features: the same batches, reused
     model.requires_grad_(True)
-    with pytest.raises(ValueError, match="frozen"):
-        with sharing_features(model):
-            pass
+    with pytest.raises(ValueError, match="frozen"), sharing_features(model):
+        pass

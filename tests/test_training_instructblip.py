@@ -32,13 +32,22 @@ def test_collate_gives_the_qformer_the_prompt_as_the_processor_does(tmp_path):
     model = tiny_instructblip("opt")
     with pytest.raises(ValueError, match="qformer_tokenizer"):
         CaptionDataset(records, make_tokenizer("opt"), make_image_processor(), model.config)
-    data = CaptionDataset(records, make_tokenizer("opt"), make_image_processor(), model.config,
-                          qformer_tokenizer=make_qformer_tokenizer())  # fmt: skip
+    data = CaptionDataset(
+        records, make_tokenizer("opt"), make_image_processor(), model.config, qformer_tokenizer=make_qformer_tokenizer()
+    )
     batch = CaptionCollator.for_model(model.config)([data[0], data[1]])
-    processor = InstructBlipProcessor(make_image_processor(), make_tokenizer("opt"), make_qformer_tokenizer(),
-                                      num_query_tokens=model.config.num_query_tokens)  # fmt: skip
-    expected = processor(images=[load_image(r.image) for r in records[:2]], text=[r.prompt for r in records[:2]],
-                         padding=True, return_tensors="pt")  # fmt: skip
+    processor = InstructBlipProcessor(
+        make_image_processor(),
+        make_tokenizer("opt"),
+        make_qformer_tokenizer(),
+        num_query_tokens=model.config.num_query_tokens,
+    )
+    expected = processor(
+        images=[load_image(r.image) for r in records[:2]],
+        text=[r.prompt for r in records[:2]],
+        padding=True,
+        return_tensors="pt",
+    )
     assert torch.equal(batch["qformer_input_ids"], expected["qformer_input_ids"])
     assert torch.equal(batch["qformer_attention_mask"], expected["qformer_attention_mask"])
 
@@ -58,6 +67,7 @@ def test_kd_exit_training_lowers_heldout_kl_on_instructblip(tmp_path):
     item = train_set[0]
     image = torch.full((1, model.config.num_query_tokens), model.config.image_token_index)
     with ee.backbone.instruction(torch.tensor([item["qformer_ids"]])):
-        out = ee.generate(item["pixel_values"][None], torch.cat([image, torch.tensor([[2]])], dim=1),
-                          max_new_tokens=5, threshold=0.0)  # fmt: skip
+        out = ee.generate(
+            item["pixel_values"][None], torch.cat([image, torch.tensor([[2]])], dim=1), max_new_tokens=5, threshold=0.0
+        )
     assert (out.exit_layers[out.exit_layers >= 0] == 1).all()

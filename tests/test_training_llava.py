@@ -47,8 +47,16 @@ def test_stage1_trains_the_projector_alone_and_lowers_loss(tmp_path):
     data = CaptionDataset(records, make_tokenizer("opt", layout.image_token_index), make_image_processor(16), layout)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     start = caption_loss_and_accuracy(model, data)
-    config = FinetuneConfig(output_dir=str(tmp_path / "ft"), max_steps=30, batch_size=8, lr=2e-2, warmup_steps=3,
-                            progress=False, checkpoint_every=10_000, log_every=5)  # fmt: skip
+    config = FinetuneConfig(
+        output_dir=str(tmp_path / "ft"),
+        max_steps=30,
+        batch_size=8,
+        lr=2e-2,
+        warmup_steps=3,
+        progress=False,
+        checkpoint_every=10_000,
+        log_every=5,
+    )
     finetune(model, data, config)
     end = caption_loss_and_accuracy(model, data)
     assert end["loss"] < start["loss"] - 0.3, (start, end)

@@ -47,9 +47,17 @@ def test_encoder_output_like_a_hugging_face_vision_model(encoder):
 
 def test_backbone_frozen_and_kept_in_eval_mode(encoder):
     trainable = {name for name, p in encoder.named_parameters() if p.requires_grad}
-    assert trainable == {"position_embedding", "projection.weight", "projection.bias", "layernorm.weight",
-                         "layernorm.bias", "colour_projection.weight", "colour_projection.bias",
-                         "colour_layernorm.weight", "colour_layernorm.bias"}  # fmt: skip
+    assert trainable == {
+        "position_embedding",
+        "projection.weight",
+        "projection.bias",
+        "layernorm.weight",
+        "layernorm.bias",
+        "colour_projection.weight",
+        "colour_projection.bias",
+        "colour_layernorm.weight",
+        "colour_layernorm.bias",
+    }
     parent = torch.nn.Sequential(encoder)
     parent.train()
     assert encoder.training and not encoder.blocks.training and not encoder.stem.training

@@ -8,8 +8,36 @@ from transformers import BlipImageProcessorPil, PreTrainedTokenizerFast
 
 from freevlm.loading import VLMBundle
 
-WORDS = ("a photo of question short answer what color is the square how many it red blue green one two yes no "
-         "there any people big small circle triangle").split() + [":", "?", ".", ","]  # fmt: skip
+WORDS = [
+    "a",
+    "photo",
+    "of",
+    "question",
+    "short",
+    "answer",
+    "what",
+    "color",
+    "is",
+    "the",
+    "square",
+    "how",
+    "many",
+    "it",
+    "red",
+    "blue",
+    "green",
+    "one",
+    "two",
+    "yes",
+    "no",
+    "there",
+    "any",
+    "people",
+    "big",
+    "small",
+    "circle",
+    "triangle",
+] + [":", "?", ".", ","]
 
 
 def tiny_bundle(model) -> VLMBundle:
@@ -26,11 +54,16 @@ def tiny_processor(model):
     side = cfg.vision_config.image_size
     images = BlipImageProcessorPil(size={"height": side, "width": side})
     if cfg.model_type == "llava":  # CLIP's CLS feature is dropped by the "default" strategy: one token per patch
-        return LlavaProcessor(images, tiny_tokenizer(model), patch_size=cfg.vision_config.patch_size,
-                              vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-                              num_additional_image_tokens=1)  # fmt: skip
-    return InstructBlipProcessor(images, tiny_tokenizer(model), make_qformer_tokenizer(),
-                                 num_query_tokens=cfg.num_query_tokens)  # fmt: skip
+        return LlavaProcessor(
+            images,
+            tiny_tokenizer(model),
+            patch_size=cfg.vision_config.patch_size,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            num_additional_image_tokens=1,
+        )
+    return InstructBlipProcessor(
+        images, tiny_tokenizer(model), make_qformer_tokenizer(), num_query_tokens=cfg.num_query_tokens
+    )
 
 
 def tiny_tokenizer(model) -> PreTrainedTokenizerFast:

@@ -14,8 +14,24 @@ from transformers import BlipImageProcessorPil, PreTrainedTokenizerFast
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
 SHAPES = ("circle", "square", "triangle")
 SIDES = ("left", "right")
-WORDS = ["a", "photo", "of", "on", "the", "question", "answer", "what", "color", "is", "shape", "big", "small",
-         *COLORS, *SHAPES, *SIDES]  # fmt: skip
+WORDS = [
+    "a",
+    "photo",
+    "of",
+    "on",
+    "the",
+    "question",
+    "answer",
+    "what",
+    "color",
+    "is",
+    "shape",
+    "big",
+    "small",
+    *COLORS,
+    *SHAPES,
+    *SIDES,
+]
 
 
 def make_tokenizer(family: str, image_token_index: int | None = None) -> PreTrainedTokenizerFast:
@@ -34,8 +50,9 @@ def make_tokenizer(family: str, image_token_index: int | None = None) -> PreTrai
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = template
     kwargs = {"bos_token": "<s>"} if family == "opt" else {}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>",
-                                        **kwargs)  # fmt: skip
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>", **kwargs
+    )
     if image_token_index is not None:
         tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     return tokenizer
@@ -46,9 +63,12 @@ def make_qformer_tokenizer() -> PreTrainedTokenizerFast:
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
     tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + WORDS)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]")  # fmt: skip
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
+    )
 
 
 def make_image_processor(size: int = 32) -> BlipImageProcessorPil:
@@ -89,15 +109,36 @@ def save_tiny_clip(folder: Path) -> Path:
     tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 2), ("</s>", 3)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                        eos_token="</s>", model_max_length=32)  # fmt: skip
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        model_max_length=32,
+    )
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(specials) + len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=2, eos_token_id=3, pad_token_id=1),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2),
+        text_config=dict(
+            vocab_size=len(specials) + len(WORDS),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+            bos_token_id=2,
+            eos_token_id=3,
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        ),
         projection_dim=16,
-    )  # fmt: skip
+    )
     CLIPModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
@@ -124,9 +165,22 @@ def assert_kd_training_lowers_held_out_kl(model, train_set, dev_set, output_dir:
 
     before_backbone = {k: v.clone() for k, v in model.state_dict().items()}
     untrained = evaluate_exits(EarlyExitVLM(model, ExitConfig([1, 2], "fresh")), dev_set)
-    config = ExitTrainConfig(output_dir=str(output_dir), exit_layers=(1, 2), init="fresh", anchor="kd",
-                             max_steps=60, batch_size=8, lr=1e-3, disc_lr=1e-3, adv_weight=0.1, disc_hidden=64,
-                             warmup_steps=5, progress=False, checkpoint_every=10_000, log_every=10)  # fmt: skip
+    config = ExitTrainConfig(
+        output_dir=str(output_dir),
+        exit_layers=(1, 2),
+        init="fresh",
+        anchor="kd",
+        max_steps=60,
+        batch_size=8,
+        lr=1e-3,
+        disc_lr=1e-3,
+        adv_weight=0.1,
+        disc_hidden=64,
+        warmup_steps=5,
+        progress=False,
+        checkpoint_every=10_000,
+        log_every=10,
+    )
     ee = train_exits(model, train_set, config, dev_set=dev_set)
     trained = evaluate_exits(ee, dev_set)
     for i in (1, 2):

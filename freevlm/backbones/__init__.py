@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Backbone, Blip2Backbone, Context, sharing_features
+from .base import Backbone, Blip2Backbone, Context, sharing_features  # noqa: F401  (public)
 from .blip2_opt import Blip2OPTBackbone
 from .blip2_t5 import Blip2T5Backbone
 from .instructblip import InstructBlipOPTBackbone, InstructBlipRotaryBackbone, InstructBlipT5Backbone
@@ -27,8 +27,10 @@ def load_backbone(model: nn.Module) -> Backbone:
         LlavaForConditionalGeneration,
     )
 
-    blip = {Blip2ForConditionalGeneration: (Blip2OPTBackbone, Blip2T5Backbone),
-            InstructBlipForConditionalGeneration: (InstructBlipOPTBackbone, InstructBlipT5Backbone)}  # fmt: skip
+    blip = {
+        Blip2ForConditionalGeneration: (Blip2OPTBackbone, Blip2T5Backbone),
+        InstructBlipForConditionalGeneration: (InstructBlipOPTBackbone, InstructBlipT5Backbone),
+    }
     if not isinstance(model, (*blip, LlavaForConditionalGeneration)):
         raise TypeError(
             f"freevlm does not support {type(model).__name__}: it supports {SUPPORTED}. Load one with its "

@@ -58,8 +58,12 @@ def plain_layer(layer: nn.Module, modules_of) -> bool:
 
 def _places(layer: nn.Module, modules) -> tuple:
     """(its parent's children, its name, the module) of each of `modules` below `layer`: where a swap shows."""
-    parent_of = {id(child): (parent._modules, name) for parent in layer.modules()
-                 for name, child in parent._modules.items() if child is not None}  # fmt: skip
+    parent_of = {
+        id(child): (parent._modules, name)
+        for parent in layer.modules()
+        for name, child in parent._modules.items()
+        if child is not None
+    }
     return tuple((*parent_of[id(m)], m) for m in modules if m is not layer)
 
 
@@ -176,8 +180,9 @@ class Backbone:
         """A block in which requests and training passes read the inputs beyond image and prompt that `inputs`
         holds (InstructBLIP's Q-Former instruction, `qformer_input_ids`); other families have none."""
         if inputs.get("qformer_input_ids") is not None:
-            raise ValueError(f"{type(self.model).__name__} has no Q-Former instruction: qformer_input_ids are "
-                             "InstructBLIP's")  # fmt: skip
+            raise ValueError(
+                f"{type(self.model).__name__} has no Q-Former instruction: qformer_input_ids are InstructBLIP's"
+            )
         return nullcontext()
 
     def start(
@@ -269,7 +274,12 @@ class Backbone:
         return KVStacks()
 
     def kv_projections(
-        self, layers: list[nn.Module], first: int, hidden: torch.Tensor, ctx: Context, rows: torch.Tensor | None,
+        self,
+        layers: list[nn.Module],
+        first: int,
+        hidden: torch.Tensor,
+        ctx: Context,
+        rows: torch.Tensor | None,
         start: int,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """K/V of `layers[first:]` for one hidden state (propagate fills every layer above an exit): one stacked
@@ -349,8 +359,12 @@ class Blip2Backbone(Backbone):
     def stage1_parts(self) -> dict[str, list[nn.Module | nn.Parameter]]:
         """BLIP-2's (and InstructBLIP's) parts; the LM's includes its head."""
         m = self.model
-        return {"vision": [m.vision_model], "qformer": [m.qformer, m.query_tokens],
-                "projection": [m.language_projection], "lm": [m.language_model]}  # fmt: skip
+        return {
+            "vision": [m.vision_model],
+            "qformer": [m.qformer, m.query_tokens],
+            "projection": [m.language_projection],
+            "lm": [m.language_model],
+        }
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The projected Q-Former outputs, `[B, num_query_tokens, H]`: what replaces the image tokens."""

@@ -62,13 +62,19 @@ class Blip2OPTBackbone(Blip2Backbone):
         attn, norm = layer.self_attn, layer.self_attn_layer_norm
         if not layer.do_layer_norm_before:  # OPT-350m: the norm comes after attention, K/V read the raw state
             return KVInput(None, 0.0, None, None, attn.k_proj, attn.v_proj, attn.num_heads, attn.head_dim)
-        return KVInput("layer", norm.eps, norm.weight, norm.bias, attn.k_proj, attn.v_proj, attn.num_heads, attn.head_dim)
+        return KVInput(
+            "layer", norm.eps, norm.weight, norm.bias, attn.k_proj, attn.v_proj, attn.num_heads, attn.head_dim
+        )
 
     def head(self, hidden):
         """`lm_head(final_norm(hidden))`; as its two tensor operations where the modules are plain (no hooks)."""
         norm, lm_head = self.decoder.final_layer_norm, getattr(self.lm, "lm_head", None)
-        if self.decoder.project_out is None and type(lm_head) is nn.Linear and type(norm) is nn.LayerNorm and \
-                unhooked((norm, lm_head)):  # fmt: skip
+        if (
+            self.decoder.project_out is None
+            and type(lm_head) is nn.Linear
+            and type(norm) is nn.LayerNorm
+            and unhooked((norm, lm_head))
+        ):
             hidden = F.layer_norm(hidden, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
             return F.linear(hidden, lm_head.weight, lm_head.bias)
         return super().head(hidden)
@@ -94,6 +100,7 @@ class Blip2OPTBackbone(Blip2Backbone):
 # the very same operations on the layer's own weights, in the same order and shapes, so its output is bitwise the
 # layer's (tests/test_opt_layer.py); it is used only where that holds: an unmodified OPT layer in eval mode, with
 # SDPA attention, no hooks, and a mask (or one query, where Hugging Face passes none to SDPA either).
+
 
 def _plain_modules(layer: nn.Module) -> tuple[nn.Module, ...]:
     """The attention module first, then the layer and its other submodules, if it is Hugging Face's OPT layer as

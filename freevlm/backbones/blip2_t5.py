@@ -160,8 +160,9 @@ class Blip2T5Backbone(Blip2Backbone):
 
     def kv_inputs(self, layer: T5Block) -> KVInput:
         attn, norm = layer.layer[0].SelfAttention, layer.layer[0].layer_norm
-        return KVInput("rms", norm.variance_epsilon, norm.weight, None, attn.k, attn.v, attn.n_heads,
-                       attn.key_value_proj_dim)  # fmt: skip
+        return KVInput(
+            "rms", norm.variance_epsilon, norm.weight, None, attn.k, attn.v, attn.n_heads, attn.key_value_proj_dim
+        )
 
     def final_norm(self, hidden):
         hidden = self.decoder.final_layer_norm(hidden)
@@ -212,8 +213,9 @@ def _plain_modules(block: nn.Module) -> tuple[nn.Module, ...]:
     linears = [getattr(a, name) for a in (self_attn, cross_attn) for name in "qkvo"]
     linears += [getattr(dense, name) for name in ("wi", "wi_0", "wi_1", "wo") if hasattr(dense, name)]
     norms = [sub.layer_norm for sub in block.layer]
-    if any(type(m) is not nn.Linear or m.bias is not None for m in linears) or any(type(m) is not T5LayerNorm
-                                                                                   for m in norms):  # fmt: skip
+    if any(type(m) is not nn.Linear or m.bias is not None for m in linears) or any(
+        type(m) is not T5LayerNorm for m in norms
+    ):
         return ()
     return (self_attn, block, *block.layer, cross_attn, dense, dense.act, *linears, *norms)
 
@@ -231,18 +233,21 @@ def _norm(norm: T5LayerNorm, hidden: torch.Tensor) -> torch.Tensor:
     return norm.weight * hidden
 
 
-def _attend(attn: T5Attention, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-            mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+def _attend(
+    attn: T5Attention, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     batch, length = hidden.shape[:2]
     query = F.linear(hidden, attn.q.weight).view(batch, length, -1, attn.key_value_proj_dim).transpose(1, 2)
-    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, dropout_p=0.0, scale=attn.scaling,
-                                         is_causal=False)  # fmt: skip
+    out = F.scaled_dot_product_attention(
+        query, keys, values, attn_mask=mask, dropout_p=0.0, scale=attn.scaling, is_causal=False
+    )
     out = out.transpose(1, 2).contiguous().reshape(batch, length, -1).contiguous()
     return F.linear(out, attn.o.weight)
 
 
-def t5_block_forward(block: T5Block, hidden: torch.Tensor, cache, self_mask: torch.Tensor, cross_kv: tuple,
-                     cross_mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+def t5_block_forward(
+    block: T5Block, hidden: torch.Tensor, cache, self_mask: torch.Tensor, cross_kv: tuple, cross_mask: torch.Tensor
+) -> torch.Tensor:
     """`T5Block.forward` of a decoder block (eval mode, SDPA, a cache) as its tensor operations alone; the masks
     are SDPA's superposed float masks of the window (`_Window`)."""
     self_attn, cross_attn = block.layer[0].SelfAttention, block.layer[1].EncDecAttention

@@ -33,8 +33,9 @@ class InstructBlipImagePath:
         self._instruction: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @contextmanager
-    def instruction(self, qformer_input_ids: torch.Tensor, qformer_attention_mask: torch.Tensor | None = None
-                    ) -> Iterator[None]:  # fmt: skip
+    def instruction(
+        self, qformer_input_ids: torch.Tensor, qformer_attention_mask: torch.Tensor | None = None
+    ) -> Iterator[None]:
         """The Q-Former instruction (from the model's processor) of every request started inside the block, one
         row per image."""
         if qformer_attention_mask is None:
@@ -55,9 +56,11 @@ class InstructBlipImagePath:
         """Follows Hugging Face's `InstructBlipModel.get_image_features`. Rows repeated per image (beam search
         expands its inputs) take their image's instruction."""
         if self._instruction is None:
-            raise ValueError("InstructBLIP's Q-Former reads the instruction: start requests inside "
-                             "`with ee.backbone.instruction(qformer_input_ids, qformer_attention_mask):` "
-                             "(both from the model's processor)")  # fmt: skip
+            raise ValueError(
+                "InstructBLIP's Q-Former reads the instruction: start requests inside "
+                "`with ee.backbone.instruction(qformer_input_ids, qformer_attention_mask):` "
+                "(both from the model's processor)"
+            )
         ids, mask = self._instruction
         batch = pixel_values.shape[0]
         if batch % ids.shape[0]:

@@ -37,7 +37,9 @@ class KVInput:
     head_dim: int
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.weight, self.bias, self.k.weight, self.k.bias, self.v.weight, self.v.bias) if t is not None]
+        return [
+            t for t in (self.weight, self.bias, self.k.weight, self.k.bias, self.v.weight, self.v.bias) if t is not None
+        ]
 
 
 def _normalise(hidden: torch.Tensor, norm: str | None, eps: float) -> torch.Tensor:
@@ -54,7 +56,9 @@ class KVStack:
 
     def __init__(self, inputs: list[KVInput]):
         first = inputs[0]
-        if any((i.norm, i.eps, i.heads, i.head_dim) != (first.norm, first.eps, first.heads, first.head_dim) for i in inputs):
+        if any(
+            (i.norm, i.eps, i.heads, i.head_dim) != (first.norm, first.eps, first.heads, first.head_dim) for i in inputs
+        ):
             raise ValueError("layers stacked for K/V projection must share norm, eps and attention shape")
         self.norm, self.eps, self.heads, self.head_dim = first.norm, first.eps, first.heads, first.head_dim
         self.sources = [t for i in inputs for t in i.tensors()]

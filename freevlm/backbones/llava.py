@@ -32,8 +32,10 @@ def image_tokens_per_image(config) -> int:
     vision = config.vision_config
     size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
     if not isinstance(size, int) or not isinstance(patch, int):
-        raise TypeError(f"unsupported LLaVA vision tower '{vision.model_type}': freevlm needs a ViT-style config "
-                        "with image_size and patch_size (CLIP, SigLIP)")  # fmt: skip
+        raise TypeError(
+            f"unsupported LLaVA vision tower '{vision.model_type}': freevlm needs a ViT-style config "
+            "with image_size and patch_size (CLIP, SigLIP)"
+        )
     return (size // patch) ** 2 + (config.vision_feature_select_strategy == "full")
 
 
@@ -54,8 +56,11 @@ class LlavaBackbone(RotaryDecoder):
     def stage1_parts(self) -> dict[str, list[nn.Module]]:
         """LLaVA's parts: no Q-Former; its projector is what LLaVA's own stage 1 trains."""
         m = self.model
-        return {"vision": [m.model.vision_tower], "projection": [m.model.multi_modal_projector],
-                "lm": [m.model.language_model, m.lm_head]}  # fmt: skip
+        return {
+            "vision": [m.model.vision_tower],
+            "projection": [m.model.multi_modal_projector],
+            "lm": [m.model.language_model, m.lm_head],
+        }
 
     # --- the image path and the prompt ------------------------------------------------------------------------
     def image_prompt_embeds(self, pixel_values, input_ids, attention_mask):

@@ -41,13 +41,17 @@ class RotaryDecoder(Backbone):
         self.family = self.text.config.model_type
         attention = self.text.config._attn_implementation
         if attention != "sdpa":  # eager would add our boolean masks to the scores, flash attention cannot take them
-            raise ValueError(f"freevlm runs {self.family}'s layers with boolean attention masks, which the 'sdpa' "
-                             f"attention implementation reads; this model uses {attention!r}: load it with "
-                             "attn_implementation='sdpa'")  # fmt: skip
+            raise ValueError(
+                f"freevlm runs {self.family}'s layers with boolean attention masks, which the 'sdpa' "
+                f"attention implementation reads; this model uses {attention!r}: load it with "
+                "attn_implementation='sdpa'"
+            )
         rope_type = getattr(self.text.rotary_emb, "rope_type", "default")
         if rope_type in LENGTH_DEPENDENT_ROPE:
-            raise NotImplementedError(f"rotary scaling '{rope_type}' depends on the sequence length seen so far; "
-                                      f"freevlm supports the others (default, linear, llama3, yarn...)")  # fmt: skip
+            raise NotImplementedError(
+                f"rotary scaling '{rope_type}' depends on the sequence length seen so far; "
+                f"freevlm supports the others (default, linear, llama3, yarn...)"
+            )
 
     @property
     def hidden_size(self) -> int:

@@ -17,9 +17,17 @@ import json
 from pathlib import Path
 
 from ..calibration import (
-    LOSS_DEFINITIONS, LOSSES, SPEEDUPS, Calibration, calibrate_exits, check_unit_interval, exits_subset, never_exits,
-    place_exits, placement_guarantee,
-)  # fmt: skip
+    LOSS_DEFINITIONS,
+    LOSSES,
+    SPEEDUPS,
+    Calibration,
+    calibrate_exits,
+    check_unit_interval,
+    exits_subset,
+    never_exits,
+    place_exits,
+    placement_guarantee,
+)
 from ..data.specs import DatasetSpec, read_dataset
 from ..eval.evaluate import EvalResult
 from ..methods import get_method
@@ -37,9 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--candidates", type=int, nargs="+", help="trained exit layers to choose from (default: all)")
     p.add_argument("--budget-exits", type=int, help="at most this many exits")
     p.add_argument("--budget-parameters", type=int, help="at most this many trainable exit parameters")
-    p.add_argument("--speedup", choices=SPEEDUPS, default="ideal",
-                   help="what to maximise: ideal (parameters touched, counted by the engine), analytic (the "
-                        "paper's N / layers per token), wallclock (measured here)")  # fmt: skip
+    p.add_argument(
+        "--speedup",
+        choices=SPEEDUPS,
+        default="ideal",
+        help="what to maximise: ideal (parameters touched, counted by the engine), analytic (the "
+        "paper's N / layers per token), wallclock (measured here)",
+    )
     p.add_argument("--max-placements", type=int, default=64, help="refuse budgets that allow more placements")
     p.add_argument("--out", required=True, help="placement JSON to write")
     p.set_defaults(func=run_place_exits)
@@ -47,9 +59,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     dataset_arguments(p)
-    p.add_argument("--loss", choices=LOSSES, default="consistency",
-                   help="consistency: output differs from the full model's (no labels needed); metric: clipped "
-                        "per-record drop of VQA accuracy / CIDEr below the full model's")  # fmt: skip
+    p.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default="consistency",
+        help="consistency: output differs from the full model's (no labels needed); metric: clipped "
+        "per-record drop of VQA accuracy / CIDEr below the full model's",
+    )
     p.add_argument("--tolerance", type=float, default=0.05, help="the risk (mean loss) to stay under, in (0, 1)")
     p.add_argument("--confidence", type=float, default=0.95, help="probability the guarantee holds, in (0, 1)")
     p.add_argument("--thresholds", type=float, nargs="+", help="grid to certify (default: the --method's grid)")
@@ -83,19 +99,40 @@ def run_calibrate(args: argparse.Namespace) -> int:
     ee, bundle = load_model(args)
     task = spec.task
     calibration, results = calibrate_exits(
-        ee, bundle, task, records, args.tolerance, args.confidence, args.loss, args.thresholds, args.method,
-        vqa_metric=spec.vqa_metric, progress=print, **generation_kwargs(args, spec),
-    )  # fmt: skip
-    report = calibration_report(calibration, results, method=args.method, rule=get_method(args.method).rule,
-                                task=task, format=args.format, files=list(args.files), split=args.split,
-                                loss=args.loss, loss_definition=LOSS_DEFINITIONS[args.loss])  # fmt: skip
+        ee,
+        bundle,
+        task,
+        records,
+        args.tolerance,
+        args.confidence,
+        args.loss,
+        args.thresholds,
+        args.method,
+        vqa_metric=spec.vqa_metric,
+        progress=print,
+        **generation_kwargs(args, spec),
+    )
+    report = calibration_report(
+        calibration,
+        results,
+        method=args.method,
+        rule=get_method(args.method).rule,
+        task=task,
+        format=args.format,
+        files=list(args.files),
+        split=args.split,
+        loss=args.loss,
+        loss_definition=LOSS_DEFINITIONS[args.loss],
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     if calibration.certified:
         risk = calibration.risks[calibration.threshold]
-        print(f"certified threshold: {calibration.threshold:g} ({args.loss} risk {risk:.4f} on {calibration.n} "
-              f"records, analytic speedup {report['analytic_speedup']:.2f}x)")  # fmt: skip
+        print(
+            f"certified threshold: {calibration.threshold:g} ({args.loss} risk {risk:.4f} on {calibration.n} "
+            f"records, analytic speedup {report['analytic_speedup']:.2f}x)"
+        )
     else:
         print(f"certified threshold: none; use {calibration.threshold:g} (never exit early)")
     print(calibration.guarantee)
@@ -111,26 +148,50 @@ def run_place_exits(args: argparse.Namespace) -> int:
     if args.candidates:
         ee = exits_subset(ee, args.candidates)
     best, placements, each = place_exits(
-        ee, bundle, spec.task, records, args.tolerance, args.confidence, args.budget_exits, args.budget_parameters,
-        args.speedup, args.max_placements, progress=print, loss=args.loss, thresholds=args.thresholds,
-        method=args.method, vqa_metric=spec.vqa_metric, **generation_kwargs(args, spec),
-    )  # fmt: skip
+        ee,
+        bundle,
+        spec.task,
+        records,
+        args.tolerance,
+        args.confidence,
+        args.budget_exits,
+        args.budget_parameters,
+        args.speedup,
+        args.max_placements,
+        progress=print,
+        loss=args.loss,
+        thresholds=args.thresholds,
+        method=args.method,
+        vqa_metric=spec.vqa_metric,
+        **generation_kwargs(args, spec),
+    )
     report = {
-        "method": args.method, "task": spec.task, "format": args.format, "files": list(args.files),
-        "loss": args.loss, "loss_definition": LOSS_DEFINITIONS[args.loss], "tolerance": args.tolerance,
-        "confidence": args.confidence, "n": best.calibration.n, "candidates": ee.exit_layers,
+        "method": args.method,
+        "task": spec.task,
+        "format": args.format,
+        "files": list(args.files),
+        "loss": args.loss,
+        "loss_definition": LOSS_DEFINITIONS[args.loss],
+        "tolerance": args.tolerance,
+        "confidence": args.confidence,
+        "n": best.calibration.n,
+        "candidates": ee.exit_layers,
         "budget": {"exits": args.budget_exits, "trainable_parameters": args.budget_parameters},
-        "speedup": args.speedup, "placements_tested": len(placements), "confidence_per_placement": each,
+        "speedup": args.speedup,
+        "placements_tested": len(placements),
+        "confidence_per_placement": each,
         "guarantee": placement_guarantee(best, args.confidence, len(placements)),
         "chosen": best.as_dict(),
         "alternatives": sorted((p.as_dict() for p in placements), key=lambda d: -d["speedup"]),
-    }  # fmt: skip
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     if best.calibration.certified and best.calibration.threshold != never_exits(args.method)[0]:
-        print(f"chosen exits: {list(best.layers)} at threshold {best.calibration.threshold:g}, {args.speedup} "
-              f"speedup {best.speedup:.2f}x ({len(placements)} placements tested)")  # fmt: skip
+        print(
+            f"chosen exits: {list(best.layers)} at threshold {best.calibration.threshold:g}, {args.speedup} "
+            f"speedup {best.speedup:.2f}x ({len(placements)} placements tested)"
+        )
     else:
         print(f"no placement certifies a threshold that exits early ({len(placements)} tested): keep the full model")
     print(report["guarantee"])

@@ -10,16 +10,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on the built-in shapes world, with a report")
     p.add_argument("--quick", action="store_true", help="smaller data and shorter training (about 3 minutes)")
     p.add_argument("--out", default="report", help="report folder (default: report/)")
-    p.add_argument("--cache", help="where trained backbones and exits are kept (default: $FREEVLM_CACHE or "
-                                   "~/.cache/freevlm/demo)")  # fmt: skip
+    p.add_argument(
+        "--cache", help="where trained backbones and exits are kept (default: $FREEVLM_CACHE or ~/.cache/freevlm/demo)"
+    )
     p.add_argument("--fresh", action="store_true", help="retrain instead of reusing the cache")
-    p.add_argument("--family", choices=("opt", "t5", "llama"), default="opt",
-                   help="the LM of the small BLIP-2 (llama: a small LLaVA with a Llama LM instead)")
-    p.add_argument("--no-baselines", action="store_true",
-                   help="skip DeeBLIP / PABEE-BLIP / LeeBLIP / MuE (--quick always skips them)")  # fmt: skip
+    p.add_argument(
+        "--family",
+        choices=("opt", "t5", "llama"),
+        default="opt",
+        help="the LM of the small BLIP-2 (llama: a small LLaVA with a Llama LM instead)",
+    )
+    p.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="skip DeeBLIP / PABEE-BLIP / LeeBLIP / MuE (--quick always skips them)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="PyTorch threads (default: 1 or all cores, whichever runs a training-"
-                                               "sized matmul faster when the demo starts)")  # fmt: skip
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="PyTorch threads (default: 1 or all cores, whichever runs a training-"
+        "sized matmul faster when the demo starts)",
+    )
     p.set_defaults(func=demo)
 
 
@@ -30,8 +42,10 @@ def demo(args: argparse.Namespace) -> int:
 
     threads, why = (args.threads, "--threads") if args.threads else default_threads()
     torch.set_num_threads(max(1, threads))
-    print(f"PyTorch threads: {torch.get_num_threads()} ({why}; load average {os.getloadavg()[0]:.1f} on "
-          f"{os.cpu_count()} cores)")  # fmt: skip
+    print(
+        f"PyTorch threads: {torch.get_num_threads()} ({why}; load average {os.getloadavg()[0]:.1f} on "
+        f"{os.cpu_count()} cores)"
+    )
     overrides = dict(out=args.out, fresh=args.fresh, family=args.family, seed=args.seed)
     if args.no_baselines:
         overrides["methods"] = False

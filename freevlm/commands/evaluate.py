@@ -18,14 +18,27 @@ def dataset_arguments(p: argparse.ArgumentParser) -> None:
     """Backbone, exits, method, dataset and decoding: what every command that runs exits over a dataset takes."""
     p.add_argument("--backbone", required=True, help="folder of a BLIP-2 saved with save_pretrained")
     p.add_argument("--exits", help="folder of exits saved by EarlyExitVLM.save_exits (MuE: optional)")
-    p.add_argument("--method", choices=sorted(METHODS), default="free",
-                   help="early-exit method: its exit kind and exit rule (" + "; ".join(
-                       f"{m.name}: {m.rule}" for m in METHODS.values()) + ")")  # fmt: skip
-    p.add_argument("--exit-layers", type=positive_int, nargs="+",
-                   help="MuE without --exits: LM layers to compare states at (default: every layer)")
+    p.add_argument(
+        "--method",
+        choices=sorted(METHODS),
+        default="free",
+        help="early-exit method: its exit kind and exit rule ("
+        + "; ".join(f"{m.name}: {m.rule}" for m in METHODS.values())
+        + ")",
+    )
+    p.add_argument(
+        "--exit-layers",
+        type=positive_int,
+        nargs="+",
+        help="MuE without --exits: LM layers to compare states at (default: every layer)",
+    )
     p.add_argument("--format", required=True, choices=sorted(FORMATS), help="dataset format")
-    p.add_argument("--files", required=True, nargs="+",
-                   help="annotation file(s): " + "; ".join(f"{k}: {v[1]}" for k, v in FORMATS.items()))  # fmt: skip
+    p.add_argument(
+        "--files",
+        required=True,
+        nargs="+",
+        help="annotation file(s): " + "; ".join(f"{k}: {v[1]}" for k, v in FORMATS.items()),
+    )
     p.add_argument("--images", required=True, help="folder the dataset's image paths are relative to")
     p.add_argument("--split", help="Karpathy split (train/val/test/restval) or NoCaps domain")
     p.add_argument("--limit", type=positive_int, help="use only the first N records")
@@ -40,7 +53,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     dataset_arguments(p)
     p.add_argument("--out", type=output_dir, required=True, help="output folder (results.json, predictions, plots)")
     p.add_argument("--no-full", action="store_true", help="do not time the full model beside early exit")
-    p.add_argument("--timing-repeats", type=positive_int, default=1, help="decode each batch N times per mode, keep the fastest")
+    p.add_argument(
+        "--timing-repeats", type=positive_int, default=1, help="decode each batch N times per mode, keep the fastest"
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -132,11 +147,15 @@ def run_eval(args: argparse.Namespace) -> int:
     (out / "predictions.json").write_text(json.dumps(result.predictions, indent=1))
     s = result.speed
     print(f"{spec.format} ({len(records)} records), threshold {args.threshold:g}: {result.metric} {result.score}")
-    print(f"analytic speedup {s.analytic_speedup:.2f}x, {s.mean_layers_per_token:.2f} of {s.num_layers} layers per "
-          f"token, exits {s.exit_histogram}")  # fmt: skip
+    print(
+        f"analytic speedup {s.analytic_speedup:.2f}x, {s.mean_layers_per_token:.2f} of {s.num_layers} layers per "
+        f"token, exits {s.exit_histogram}"
+    )
     if s.wallclock_speedup is not None:
-        print(f"wall-clock speedup vs full model: end to end {s.wallclock_speedup:.2f}x, "
-              f"per decode step {s.decode_speedup:.2f}x; same output as full: {result.agreement_with_full:.1%}")  # fmt: skip
+        print(
+            f"wall-clock speedup vs full model: end to end {s.wallclock_speedup:.2f}x, "
+            f"per decode step {s.decode_speedup:.2f}x; same output as full: {result.agreement_with_full:.1%}"
+        )
     print(f"wrote {out / 'results.json'}")
     return 0
 
@@ -147,9 +166,19 @@ def run_sweep(args: argparse.Namespace) -> int:
     records = read_dataset(spec)
     dev = read_dataset(_spec(args, args.dev_files, args.dev_split)) if (args.dev_files or args.dev_split) else None
     ee, bundle = load_model(args)
-    result = sweep(ee, bundle, spec.task, records, dev, args.thresholds, args.dev_fraction,
-                   per_layer=not args.no_per_layer, progress=print, method=args.method,
-                   **_eval_kwargs(args, spec))  # fmt: skip
+    result = sweep(
+        ee,
+        bundle,
+        spec.task,
+        records,
+        dev,
+        args.thresholds,
+        args.dev_fraction,
+        per_layer=not args.no_per_layer,
+        progress=print,
+        method=args.method,
+        **_eval_kwargs(args, spec),
+    )
     paths = write_sweep(result, args.out)
     print(f"{args.method}: best threshold on dev: {result.best_threshold:g}")
     for name, path in paths.items():

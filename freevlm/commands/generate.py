@@ -15,14 +15,25 @@ from ..model import EarlyExitVLM
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("caption", help="caption images with early exits")
-    p.add_argument("--backbone", required=True, help="folder of a BLIP-2 (with its tokenizer and image processor), "
-                   "an InstructBLIP or a LLaVA (with its processor), saved with save_pretrained")
+    p.add_argument(
+        "--backbone",
+        required=True,
+        help="folder of a BLIP-2 (with its tokenizer and image processor), "
+        "an InstructBLIP or a LLaVA (with its processor), saved with save_pretrained",
+    )
     p.add_argument("--exits", help="folder of exits saved by EarlyExitVLM.save_exits (default: no exits)")
     p.add_argument("--image", required=True, nargs="+", help="image file(s)")
-    p.add_argument("--prompt", default="", help="text prompt after the image (e.g. 'a photo of'; LLaVA: where "
-                   "<image> stands, or after it)")
-    p.add_argument("--threshold", type=unit_interval, default=DecodeConfig.threshold,
-                   help="confidence needed to leave at an exit, in [0, 1]")
+    p.add_argument(
+        "--prompt",
+        default="",
+        help="text prompt after the image (e.g. 'a photo of'; LLaVA: where <image> stands, or after it)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=unit_interval,
+        default=DecodeConfig.threshold,
+        help="confidence needed to leave at an exit, in [0, 1]",
+    )
     p.add_argument("--mode", choices=MODES, default=DecodeConfig.mode)
     p.add_argument("--kv", choices=KV_MODES, default=DecodeConfig.kv)
     p.add_argument("--max-new-tokens", type=positive_int, default=DecodeConfig.max_new_tokens)
@@ -51,8 +62,9 @@ def caption(args: argparse.Namespace) -> int:
     else:
         ee = EarlyExitVLM(bundle.model, ExitConfig([1]))  # a placeholder exit that full mode never runs
     inputs = bundle.inputs(images, [args.prompt] * len(images))
-    validate_generate_inputs(ee.backbone, inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"],
-                             args.max_new_tokens)  # too long a prompt fails here, not after decoding  # fmt: skip
+    validate_generate_inputs(
+        ee.backbone, inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], args.max_new_tokens
+    )  # too long a prompt fails here, not after decoding
     out = ee.generate(
         **inputs, max_new_tokens=args.max_new_tokens, threshold=args.threshold, mode=args.mode, kv=args.kv
     )
@@ -65,8 +77,11 @@ def caption(args: argparse.Namespace) -> int:
                 if layer >= 0:
                     print(f"  {bundle.tokenizer.decode([token])!r:>16}  layer {layer}")
     s = out.stats
-    print(f"analytic speedup {s.analytic_speedup:.2f}x, {s.mean_layers_per_token:.1f} of {s.num_layers} layers per token, "
-          f"{s.seconds_total:.2f}s")
+    print(
+        f"analytic speedup {s.analytic_speedup:.2f}x, "
+        f"{s.mean_layers_per_token:.1f} of {s.num_layers} layers per token, "
+        f"{s.seconds_total:.2f}s"
+    )
     return 0
 
 
@@ -85,6 +100,8 @@ def tiny_run(args: argparse.Namespace) -> int:
         s = out.stats
         same = torch.equal(out.sequences, full.sequences)
         print(f"threshold {threshold:4.2f}: exit layers {out.exit_layers[0].tolist()}")
-        print(f"                 analytic speedup {s.analytic_speedup:.2f}x, ideal {s.ideal_speedup:.2f}x, "
-              f"same tokens as the full model: {same}")
+        print(
+            f"                 analytic speedup {s.analytic_speedup:.2f}x, ideal {s.ideal_speedup:.2f}x, "
+            f"same tokens as the full model: {same}"
+        )
     return 0

@@ -16,9 +16,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..argtypes import (
-    device, fraction, nonnegative_float, nonnegative_int, number, open_fraction, output_dir, output_file,
-    positive_float, positive_int,
-)  # fmt: skip
+    device,
+    fraction,
+    nonnegative_float,
+    nonnegative_int,
+    number,
+    open_fraction,
+    output_dir,
+    output_file,
+    positive_float,
+    positive_int,
+)
 from ..cli import UserError
 from ..exits import EXIT_INITS
 from ..training.baselines import BASELINES, Baseline, BaselineTrainConfig
@@ -46,16 +54,38 @@ def _set_command(p: argparse.ArgumentParser, command: Callable[[argparse.Namespa
 
 
 def _loop_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", required=True, help="folder of a BLIP-2 saved with save_pretrained (+ tokenizer, processor)")
-    p.add_argument("--captions", required=True, help="COCO captions JSON (captions_*.json or Karpathy dataset_coco.json)")
-    p.add_argument("--image-root", default=None, help="folder the JSON's image paths are relative to (default: the JSON's folder)")
+    p.add_argument(
+        "--backbone", required=True, help="folder of a BLIP-2 saved with save_pretrained (+ tokenizer, processor)"
+    )
+    p.add_argument(
+        "--captions", required=True, help="COCO captions JSON (captions_*.json or Karpathy dataset_coco.json)"
+    )
+    p.add_argument(
+        "--image-root", default=None, help="folder the JSON's image paths are relative to (default: the JSON's folder)"
+    )
     p.add_argument("--split", default=None, help="Karpathy split to use (train, restval, val, test)")
     p.add_argument("--prompt", default="a photo of", help="prompt before each caption ('' for none)")
-    p.add_argument("--dev-captions", default=None, help="COCO captions JSON for the dev split (default: --dev-fraction of --captions)")
-    p.add_argument("--dev-fraction", type=fraction, default=0.2,
-                   help="images held out for dev when no --dev-captions, in [0, 1) (paper: 0.2)")
-    p.add_argument("--max-target-tokens", type=positive_int, default=None, help="refuse captions longer than this many tokens")
-    p.add_argument("--output", dest="output_dir", type=output_dir, required=True, help="run folder: checkpoints, tensorboard, result")
+    p.add_argument(
+        "--dev-captions",
+        default=None,
+        help="COCO captions JSON for the dev split (default: --dev-fraction of --captions)",
+    )
+    p.add_argument(
+        "--dev-fraction",
+        type=fraction,
+        default=0.2,
+        help="images held out for dev when no --dev-captions, in [0, 1) (paper: 0.2)",
+    )
+    p.add_argument(
+        "--max-target-tokens", type=positive_int, default=None, help="refuse captions longer than this many tokens"
+    )
+    p.add_argument(
+        "--output",
+        dest="output_dir",
+        type=output_dir,
+        required=True,
+        help="run folder: checkpoints, tensorboard, result",
+    )
     p.add_argument("--epochs", type=positive_int)
     p.add_argument("--max-steps", type=positive_int, help="stop after this many steps (overrides --epochs)")
     p.add_argument("--batch-size", type=positive_int, help="per process")
@@ -91,8 +121,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     _loop_args(p)
     p.add_argument("--exit-layers", type=positive_int, nargs="+", required=True, help="LM layers to attach exits to")
     p.add_argument("--init", choices=EXIT_INITS)
-    p.add_argument("--anchor", choices=ANCHORS,
-                   help="ce: labels; kd: final layer's soft labels; capfilt: --captions from `freevlm capfilt`")
+    p.add_argument(
+        "--anchor",
+        choices=ANCHORS,
+        help="ce: labels; kd: final layer's soft labels; capfilt: --captions from `freevlm capfilt`",
+    )
     p.add_argument("--no-adversarial", dest="adversarial", action="store_false", help="anchor only (ablation)")
     p.add_argument("--adv-weight", type=nonnegative_float)
     p.add_argument("--anchor-weight", type=nonnegative_float)
@@ -115,9 +148,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = _parser(sub, "capfilt", "pseudo-captions: sample N captions per image, keep the scorer's top k")
     p.add_argument("--backbone", required=True, help="folder of the (fine-tuned) BLIP-2")
-    p.add_argument("--scorer", required=True, help="clip:PATH (CLIPModel folder) or itm:PATH (Blip2ForImageTextRetrieval)")
+    p.add_argument(
+        "--scorer", required=True, help="clip:PATH (CLIPModel folder) or itm:PATH (Blip2ForImageTextRetrieval)"
+    )
     p.add_argument("--images", nargs="+", default=None, help="image files")
-    p.add_argument("--captions", default=None, help="take the images from this COCO captions JSON instead (its captions are ignored)")
+    p.add_argument(
+        "--captions",
+        default=None,
+        help="take the images from this COCO captions JSON instead (its captions are ignored)",
+    )
     p.add_argument("--image-root", default=None, help="folder the --captions image paths are relative to")
     p.add_argument("--output", type=output_file, required=True, help="COCO captions JSON to write")
     p.add_argument("--prompt")
@@ -159,9 +198,11 @@ def _records(args: argparse.Namespace, seed: int):
     train, dev = split_records(records, args.dev_fraction, seed)
     images = len({r.image for r in records})
     if not train or not dev:
-        raise UserError(f"--dev-fraction {args.dev_fraction:g} of the {images} image(s) in {args.captions} leaves "
-                        f"{'no training' if not train else 'no dev'} images: give more images, another "
-                        "--dev-fraction, --dev-captions, or --dev-fraction 0 for no dev split")  # fmt: skip
+        raise UserError(
+            f"--dev-fraction {args.dev_fraction:g} of the {images} image(s) in {args.captions} leaves "
+            f"{'no training' if not train else 'no dev'} images: give more images, another "
+            "--dev-fraction, --dev-captions, or --dev-fraction 0 for no dev split"
+        )
     return train, dev
 
 
@@ -173,8 +214,15 @@ def _datasets(args: argparse.Namespace, bundle, records):
     qformer_tokenizer = getattr(bundle.processor, "qformer_tokenizer", None)  # InstructBLIP's
 
     def dataset(recs, source):
-        return CaptionDataset(recs, bundle.tokenizer, bundle.image_processor, config, args.max_target_tokens,
-                              source=source, qformer_tokenizer=qformer_tokenizer)  # fmt: skip
+        return CaptionDataset(
+            recs,
+            bundle.tokenizer,
+            bundle.image_processor,
+            config,
+            args.max_target_tokens,
+            source=source,
+            qformer_tokenizer=qformer_tokenizer,
+        )
 
     train, dev = records
     return dataset(train, args.captions), (dataset(dev, f"dev split of {args.captions}") if dev else None)
@@ -201,8 +249,10 @@ def _prepare(args: argparse.Namespace, config_cls, kind: str, **extra):
     if not config.resume:
         found = [name for name in PRODUCTS[kind] if (out / name).exists()]
         if found:
-            raise UserError(f"{args.output_dir} already holds {found[0]} (from an earlier run?), which this run would "
-                            "replace: pick another --output, or move it away")  # fmt: skip
+            raise UserError(
+                f"{args.output_dir} already holds {found[0]} (from an earlier run?), which this run would "
+                "replace: pick another --output, or move it away"
+            )
     model_config = check_vlm_folder(args.backbone)
     if "exit_layers" in extra:
         ExitConfig(list(extra["exit_layers"])).validate(lm_num_layers(model_config))

@@ -17,17 +17,23 @@ KARPATHY_SPLITS = ("train", "restval", "val", "test")
 
 
 def read_captions(
-    path: str | os.PathLike, image_root: str | os.PathLike, split: str | None = None, check_images: bool = True,
-    domain: str | None = None, allow_empty: bool = False,
-) -> list[CaptionRecord]:  # fmt: skip
+    path: str | os.PathLike,
+    image_root: str | os.PathLike,
+    split: str | None = None,
+    check_images: bool = True,
+    domain: str | None = None,
+    allow_empty: bool = False,
+) -> list[CaptionRecord]:
     """Images and their captions from either layout, told apart by content: Karpathy's `dataset_coco.json` (`split`
     picks one; `train` includes `restval`) or the official `captions_*.json` (`domain`: NoCaps). `allow_empty`:
     the caller reports an empty file itself."""
     path = Path(path)
     data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise DatasetError(f"{path} is not a COCO captions file: expected 'images' + 'annotations' (captions_*.json) "
-                           "or 'images' with 'sentences' (Karpathy dataset_coco.json)")  # fmt: skip
+        raise DatasetError(
+            f"{path} is not a COCO captions file: expected 'images' + 'annotations' (captions_*.json) "
+            "or 'images' with 'sentences' (Karpathy dataset_coco.json)"
+        )
     if "sentences" in (data["images"] or [{}])[0]:
         records = _karpathy(data, path, image_root, split, check_images)
     elif split is not None:

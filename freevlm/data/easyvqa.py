@@ -68,18 +68,37 @@ def write_split(root: str | os.PathLike, split: str, limit: int | None = None) -
     root.mkdir(parents=True, exist_ok=True)
     items = load_split(split, limit)
     questions = [{"image_id": q.image_id, "question": q.question, "question_id": q.question_id} for q in items]
-    annotations = [{
-        "question_id": q.question_id, "image_id": q.image_id, "question_type": _question_type(q.question),
-        "answer_type": "yes/no" if q.answer in ("yes", "no") else "other", "multiple_choice_answer": q.answer,
-        "answers": [{"answer": q.answer, "answer_confidence": "yes", "answer_id": j + 1} for j in range(10)],
-    } for q in items]  # fmt: skip
+    annotations = [
+        {
+            "question_id": q.question_id,
+            "image_id": q.image_id,
+            "question_type": _question_type(q.question),
+            "answer_type": "yes/no" if q.answer in ("yes", "no") else "other",
+            "multiple_choice_answer": q.answer,
+            "answers": [{"answer": q.answer, "answer_confidence": "yes", "answer_id": j + 1} for j in range(10)],
+        }
+        for q in items
+    ]
     info = {"description": f"easy-VQA (python package easy-vqa), split {split}"}
-    files = EasyVQAFiles(root / f"easyvqa_questions_{split}.json", root / f"easyvqa_annotations_{split}.json",
-                         items[0].image.parent if items else Path())  # fmt: skip
-    files.questions.write_text(json.dumps({"info": info, "task_type": "Open-Ended", "data_type": "easy-vqa",
-                                           "data_subtype": split, "questions": questions}))  # fmt: skip
-    files.annotations.write_text(json.dumps({"info": info, "data_type": "easy-vqa", "data_subtype": split,
-                                             "annotations": annotations}))  # fmt: skip
+    files = EasyVQAFiles(
+        root / f"easyvqa_questions_{split}.json",
+        root / f"easyvqa_annotations_{split}.json",
+        items[0].image.parent if items else Path(),
+    )
+    files.questions.write_text(
+        json.dumps(
+            {
+                "info": info,
+                "task_type": "Open-Ended",
+                "data_type": "easy-vqa",
+                "data_subtype": split,
+                "questions": questions,
+            }
+        )
+    )
+    files.annotations.write_text(
+        json.dumps({"info": info, "data_type": "easy-vqa", "data_subtype": split, "annotations": annotations})
+    )
     return files
 
 
@@ -94,7 +113,7 @@ def vocabulary() -> list[str]:
     import easy_vqa
 
     words = set(easy_vqa.get_answers())
-    for texts, answers, _ in (easy_vqa.get_train_questions(), easy_vqa.get_test_questions()):
+    for texts, _answers, _ in (easy_vqa.get_train_questions(), easy_vqa.get_test_questions()):
         for text in texts:
             words.update(re.findall(r"\w+|[^\w\s]", text.lower()))
     return sorted(words)

@@ -11,9 +11,7 @@ from pathlib import Path
 from .records import DatasetError, VQARecord, image_path, nonempty, read_json, require
 
 
-def read_gqa(
-    path: str | os.PathLike, image_root: str | os.PathLike, check_images: bool = True
-) -> list[VQARecord]:
+def read_gqa(path: str | os.PathLike, image_root: str | os.PathLike, check_images: bool = True) -> list[VQARecord]:
     """One record per question; `answer_type` is the question's structural type (verify, query, choose...)."""
     path = Path(path)
     data = read_json(path)

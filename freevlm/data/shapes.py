@@ -32,8 +32,9 @@ COLOURS = {
 BACKGROUND = (40, 40, 40)
 SIZES = ("small", "large")
 # each shape and each colour is seen in training; only these pairings are new in the "ood" split
-HELD_OUT = frozenset({("green", "circle"), ("yellow", "square"), ("purple", "triangle"), ("red", "diamond"),
-                      ("blue", "cross")})  # fmt: skip
+HELD_OUT = frozenset(
+    {("green", "circle"), ("yellow", "square"), ("purple", "triangle"), ("red", "diamond"), ("blue", "cross")}
+)
 SPLITS = ("train", "dev", "test", "ood", "calibration")  # calibration: the demo certifies thresholds on it
 IMAGE_NAME = "{subtype}/{image_id:012d}.png"  # for `read_vqa(..., image_name=IMAGE_NAME)`: subtype is the split
 NUMBERS = ("zero", "one", "two", "three", "four")
@@ -150,8 +151,20 @@ def shape_polygon(obj: ShapeObject) -> list[tuple[float, float]] | None:
         return [(x, y - r), (x + r, y), (x, y + r), (x - r, y)]
     if obj.shape == "cross":
         t = max(1, r // 3)
-        return [(x - t, y - r), (x + t, y - r), (x + t, y - t), (x + r, y - t), (x + r, y + t), (x + t, y + t),
-                (x + t, y + r), (x - t, y + r), (x - t, y + t), (x - r, y + t), (x - r, y - t), (x - t, y - t)]  # fmt: skip
+        return [
+            (x - t, y - r),
+            (x + t, y - r),
+            (x + t, y - t),
+            (x + r, y - t),
+            (x + r, y + t),
+            (x + t, y + t),
+            (x + t, y + r),
+            (x - t, y + r),
+            (x - t, y + t),
+            (x - r, y + t),
+            (x - r, y - t),
+            (x - t, y - t),
+        ]
     return None
 
 
@@ -235,7 +248,8 @@ def _caption_templates(scene: Scene) -> list[str]:
     last, before = objs[-1], objs[-2]
     return [
         f"{count} shapes : {walk}",
-        f"there are {count} shapes : " + " , ".join(f"a {o.description}" for o in objs[:-1])
+        f"there are {count} shapes : "
+        + " , ".join(f"a {o.description}" for o in objs[:-1])
         + f" and a {last.description}",
         "from left to right a " + " then a ".join(o.description for o in objs),
         f"{count} shapes : {names}",
@@ -252,16 +266,24 @@ def questions(scene: Scene, rng: random.Random, ood: bool = False) -> list[QA]:
     qa = []
     o = rng.choice(objs)
     unique_shape = sum(p.shape == o.shape for p in objs) == 1
-    qa.append(QA(f"what color is the {o.shape if unique_shape else o.size + ' ' + o.shape} ?", o.colour, "other",
-                 "colour"))  # fmt: skip
+    qa.append(
+        QA(f"what color is the {o.shape if unique_shape else o.size + ' ' + o.shape} ?", o.colour, "other", "colour")
+    )
     o = rng.choice(objs)
     unique_colour = sum(p.colour == o.colour for p in objs) == 1
-    qa.append(QA(f"what shape is the {o.colour if unique_colour else o.size + ' ' + o.colour} object ?", o.shape,
-                 "other", "shape"))  # fmt: skip
+    qa.append(
+        QA(
+            f"what shape is the {o.colour if unique_colour else o.size + ' ' + o.colour} object ?",
+            o.shape,
+            "other",
+            "shape",
+        )
+    )
     qa.append(QA("how many shapes are there ?", str(len(objs)), "number", "count"))
     colour = rng.choice(sorted(COLOURS))
-    qa.append(QA(f"how many {colour} shapes are there ?", str(sum(p.colour == colour for p in objs)), "number",
-                 "count"))  # fmt: skip
+    qa.append(
+        QA(f"how many {colour} shapes are there ?", str(sum(p.colour == colour for p in objs)), "number", "count")
+    )
     o = rng.choice(objs)
     if len(objs) > 1 and rng.random() < 0.5:
         other = rng.choice([p for p in objs if p is not o])
@@ -327,9 +349,7 @@ class ShapesSplitFiles:
     image_name: str = IMAGE_NAME
 
 
-def write_split(
-    root: str | os.PathLike, split: str, n: int, seed: int = 0, image_size: int = 64
-) -> ShapesSplitFiles:
+def write_split(root: str | os.PathLike, split: str, n: int, seed: int = 0, image_size: int = 64) -> ShapesSplitFiles:
     """Write `n` examples of a split as PNGs + `captions_<split>.json` (COCO) + VQAv2 questions/annotations.
 
     File names in the JSON are relative to `root`, so `read_coco_captions(files.captions, root)` and
@@ -347,17 +367,36 @@ def write_split(
         for k, qa in enumerate(example.questions):
             qid = example.image_id * 10 + k
             qs.append({"image_id": example.image_id, "question": qa.question, "question_id": qid})
-            anns.append({
-                "question_id": qid, "image_id": example.image_id, "question_type": qa.question_type,
-                "answer_type": qa.answer_type, "multiple_choice_answer": qa.answer,
-                "answers": [{"answer": qa.answer, "answer_confidence": "yes", "answer_id": j + 1} for j in range(10)],
-            })  # fmt: skip
+            anns.append(
+                {
+                    "question_id": qid,
+                    "image_id": example.image_id,
+                    "question_type": qa.question_type,
+                    "answer_type": qa.answer_type,
+                    "multiple_choice_answer": qa.answer,
+                    "answers": [
+                        {"answer": qa.answer, "answer_confidence": "yes", "answer_id": j + 1} for j in range(10)
+                    ],
+                }
+            )
     info = {"description": f"freevlm shapes world, split {split}, seed {seed}", "version": "1.0"}
-    files = ShapesSplitFiles(root, root / f"captions_{split}.json", root / f"questions_{split}.json",
-                             root / f"annotations_{split}.json")  # fmt: skip
+    files = ShapesSplitFiles(
+        root, root / f"captions_{split}.json", root / f"questions_{split}.json", root / f"annotations_{split}.json"
+    )
     files.captions.write_text(json.dumps({"info": info, "licenses": [], "images": images, "annotations": caps}))
-    files.questions.write_text(json.dumps({"info": info, "task_type": "Open-Ended", "data_type": "shapes",
-                                           "data_subtype": split, "license": {}, "questions": qs}))  # fmt: skip
-    files.annotations.write_text(json.dumps({"info": info, "data_type": "shapes", "data_subtype": split,
-                                             "license": {}, "annotations": anns}))  # fmt: skip
+    files.questions.write_text(
+        json.dumps(
+            {
+                "info": info,
+                "task_type": "Open-Ended",
+                "data_type": "shapes",
+                "data_subtype": split,
+                "license": {},
+                "questions": qs,
+            }
+        )
+    )
+    files.annotations.write_text(
+        json.dumps({"info": info, "data_type": "shapes", "data_subtype": split, "license": {}, "annotations": anns})
+    )
     return files

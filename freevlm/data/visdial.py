@@ -59,7 +59,9 @@ def read_visdial(
                     raise DatasetError(f"{path}: {at} has gt_index {gt} outside its {len(options)} options")
                 rel = relevance.get((image_id, r))
                 if rel is not None and len(rel) != len(options):
-                    raise DatasetError(f"{dense}: image {image_id} round {r} has {len(rel)} relevances for {len(options)} options")
+                    raise DatasetError(
+                        f"{dense}: image {image_id} round {r} has {len(rel)} relevances for {len(options)} options"
+                    )
                 records.append(VisDialRecord(image, image_id, r, caption, list(history), question, options, gt, rel))
             if "answer" in turn:
                 history.append((question, _lookup(answers, turn["answer"], path, at, "answers")))

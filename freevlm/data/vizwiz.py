@@ -12,9 +12,7 @@ from pathlib import Path
 from .records import DatasetError, VQARecord, image_path, nonempty, read_json, require
 
 
-def read_vizwiz(
-    path: str | os.PathLike, image_root: str | os.PathLike, check_images: bool = True
-) -> list[VQARecord]:
+def read_vizwiz(path: str | os.PathLike, image_root: str | os.PathLike, check_images: bool = True) -> list[VQARecord]:
     path = Path(path)
     data = read_json(path)
     if not isinstance(data, list):
@@ -28,6 +26,8 @@ def read_vizwiz(
         answerable = q.get("answerable")
         file = image_path(image_root, name, path, where, check_images)
         records.append(
-            VQARecord(file, name, text, answers, q.get("answer_type"), None, None if answerable is None else bool(answerable))
+            VQARecord(
+                file, name, text, answers, q.get("answer_type"), None, None if answerable is None else bool(answerable)
+            )
         )
     return nonempty(records, path, "its questions")

@@ -36,8 +36,10 @@ def read_vqa(
         for i, ann in enumerate(require_list(read_json(a_path), "annotations", a_path, "the file")):
             qid = require(ann, "question_id", a_path, f"annotation #{i}")
             where = f"annotation #{i} (question {qid})"
-            answers = [require(a, "answer", a_path, f"answer #{j} of {where}")
-                       for j, a in enumerate(require_list(ann, "answers", a_path, where))]  # fmt: skip
+            answers = [
+                require(a, "answer", a_path, f"answer #{j} of {where}")
+                for j, a in enumerate(require_list(ann, "answers", a_path, where))
+            ]
             if not answers:
                 raise DatasetError(f"{a_path}: {where} has no answers")
             labels[qid] = (answers, ann.get("answer_type"), ann.get("question_type"))

@@ -43,7 +43,9 @@ class _RowState:
         self.layer = torch.empty(0, dtype=torch.long)
         self.sized_at = (-1, 0)  # (step, exit layer) of the last size check
 
-    def ensure(self, rows: torch.Tensor, step: int, layer: int, extra: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def ensure(
+        self, rows: torch.Tensor, step: int, layer: int, extra: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """Grow the row-indexed tensors (this and `extra`'s) to cover `rows`; returns `extra` grown.
 
         Checked at a token's first exit only (it sees every row the step will see): one host sync a step at most.
@@ -93,7 +95,9 @@ class PatiencePolicy(ExitPolicy):
         return True
 
     def decide(self, layer, logits, step, rows, hidden=None):
-        grown = self._rows.ensure(rows, step, layer, {"token": self._token.to(rows.device), "run": self._run.to(rows.device)})
+        grown = self._rows.ensure(
+            rows, step, layer, {"token": self._token.to(rows.device), "run": self._run.to(rows.device)}
+        )
         self._token, self._run = grown["token"], grown["run"]
         token = logits.argmax(dim=-1)
         same = ~self._rows.fresh(rows, layer, step) & (self._token[rows] == token)

@@ -108,9 +108,15 @@ def beam_generate(
 
         engine.reorder(beam_rows.flatten())
         improvable = _still_improvable(
-            improvable, running_scores, finished_scores, is_finished, t + 1, max_new_tokens, early_stopping,
+            improvable,
+            running_scores,
+            finished_scores,
+            is_finished,
+            t + 1,
+            max_new_tokens,
+            early_stopping,
             length_penalty,
-        )  # fmt: skip
+        )
         open_beams = not (bool(is_finished.all()) and early_stopping is True)
         if not (bool(improvable.any()) and open_beams and not bool(hits_stop.all())):
             break
@@ -124,8 +130,9 @@ def beam_generate(
     return GenerateOutput(sequences, exit_layers, stats, engine if config.return_engine else None)
 
 
-def _still_improvable(improvable, running_scores, finished_scores, is_finished, generated, max_new_tokens,
-                      early_stopping, length_penalty) -> torch.Tensor:  # fmt: skip
+def _still_improvable(
+    improvable, running_scores, finished_scores, is_finished, generated, max_new_tokens, early_stopping, length_penalty
+) -> torch.Tensor:
     """Hugging Face's heuristic: can the best running beam still beat the worst finished hypothesis?"""
     if early_stopping == "never" and length_penalty > 0.0:
         best_length = max_new_tokens

@@ -68,8 +68,9 @@ class DecodeConfig:
         if self.kv != "recompute":
             raise ValueError("mode='speculative' verifies drafts by recomputing them: it needs kv='recompute'")
         if self.batch_policy == "ride_along":  # rows at different slots never share a step to ride along in
-            raise ValueError("batch_policy='ride_along' does not apply to mode='speculative': use 'per_row' or "
-                             "'slowest' (or 'auto')")  # fmt: skip
+            raise ValueError(
+                "batch_policy='ride_along' does not apply to mode='speculative': use 'per_row' or 'slowest' (or 'auto')"
+            )
 
     def changed(self) -> dict:
         """The options that differ from their defaults."""

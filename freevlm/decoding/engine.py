@@ -129,8 +129,14 @@ class WorkCounter:
 
 
 def propagated_kv(
-    backbone: Backbone, exits: dict[int, nn.Module], cached_exits: list[int], depth: int, x: torch.Tensor,
-    ctx: Context, rows: torch.Tensor | None, start: int,
+    backbone: Backbone,
+    exits: dict[int, nn.Module],
+    cached_exits: list[int],
+    depth: int,
+    x: torch.Tensor,
+    ctx: Context,
+    rows: torch.Tensor | None,
+    start: int,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """K/V of LM layers `depth..N-1`, then of the exit layers above `depth` (`cached_exits`: the exits with a cache,
     in layer order), projected from the state `x` that left at `depth` (propagate mode, CALM-style)."""

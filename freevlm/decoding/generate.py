@@ -77,9 +77,17 @@ class Request:
     t_prefill: float | None = None
 
     @classmethod
-    def start(cls, backbone: Backbone, exits: dict[int, nn.Module], policy: ExitPolicy, config: DecodeConfig,
-              pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-              slots: int | None = None) -> Request:  # fmt: skip
+    def start(
+        cls,
+        backbone: Backbone,
+        exits: dict[int, nn.Module],
+        policy: ExitPolicy,
+        config: DecodeConfig,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        slots: int | None = None,
+    ) -> Request:
         """Start the clock, encode image and prompt with room for `slots` new tokens (default
         `config.max_new_tokens`), build the engine: the one place it is built, so its options come from `config`."""
         _sync(backbone.device)
@@ -106,15 +114,18 @@ class Request:
         return stats
 
 
-def build_engine(backbone: Backbone, exits: dict[int, nn.Module], policy: ExitPolicy, config: DecodeConfig,
-                 ctx: Context) -> GeneralEngine | StaticEngine:  # fmt: skip
+def build_engine(
+    backbone: Backbone, exits: dict[int, nn.Module], policy: ExitPolicy, config: DecodeConfig, ctx: Context
+) -> GeneralEngine | StaticEngine:
     """The static engine wherever rows move together (on CUDA with its segments captured as graphs), the general
     one where rows are compacted (large batches) or speculative rows sit at different slots."""
     batch = ctx.prompt_ids.shape[0]
     uniform = uniform_batch_policy(config.batch_policy, batch) and (config.mode != "speculative" or batch == 1)
     if config.static and not uniform:
-        raise ValueError(f"static=True needs rows that move together: batch_policy={config.batch_policy!r} with "
-                         f"{batch} rows compacts them (use 'ride_along' or 'slowest')")  # fmt: skip
+        raise ValueError(
+            f"static=True needs rows that move together: batch_policy={config.batch_policy!r} with "
+            f"{batch} rows compacts them (use 'ride_along' or 'slowest')"
+        )
     if uniform and config.static is not False:
         # T5's position bias depends on the window's start slot, which a captured graph would freeze: eager
         graphs = backbone.device.type == "cuda" and backbone.family == "opt"

@@ -19,6 +19,7 @@ engine in `engine.py`, which keeps a fill level per row.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 import weakref
 
@@ -102,15 +103,19 @@ class SegmentRunner:
         if key not in self.graphs:
             try:
                 self.graphs[key] = self._capture(fn, inputs)
-            except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager
+            except Exception as err:
                 warnings.warn(f"freevlm: CUDA graph capture failed ({err}); decoding eagerly", stacklevel=2)
                 self.enabled = False
                 return fn(*inputs)
             expected = fn(*inputs)
             graph, static_inputs, static_out = self.graphs[key]
             graph.replay()
-            if not all(torch.allclose(a.float(), b.float(), atol=1e-2, rtol=1e-2) for a, b in zip(expected, static_out)):
-                warnings.warn("freevlm: a CUDA graph replay disagreed with eager execution; decoding eagerly", stacklevel=2)
+            if not all(
+                torch.allclose(a.float(), b.float(), atol=1e-2, rtol=1e-2) for a, b in zip(expected, static_out)
+            ):
+                warnings.warn(
+                    "freevlm: a CUDA graph replay disagreed with eager execution; decoding eagerly", stacklevel=2
+                )
                 self.enabled = False
             return expected
         graph, static_inputs, static_out = self.graphs[key]
@@ -219,8 +224,9 @@ class StaticEngine:
             x = self.backbone.run_layer(exit_module.layer, x, self.ctx, view, mask, None)
         return x[:, -1] if last is None else x.index_select(1, last).squeeze(1)
 
-    def _segment_fn(self, first: int, last: int, exit_depth: int | None, keep: tuple[int, ...], start: int,
-                    with_logits: bool):  # fmt: skip
+    def _segment_fn(
+        self, first: int, last: int, exit_depth: int | None, keep: tuple[int, ...], start: int, with_logits: bool
+    ):
         def run(x, slots, mask, last_slot):
             x = self._layers(first, last, keep, x, slots, mask, start)
             if exit_depth is None:
@@ -255,7 +261,7 @@ class StaticEngine:
         """Prompt slots `[0, q)` of every row through every layer and every live exit's layer; predict nothing."""
         slots, mask = self._window(0, x.shape[1])
         bounds = [0, *[i for i in self.live if i in self.exit_kv], self.num_layers]
-        for first, last_layer in zip(bounds, bounds[1:]):
+        for first, last_layer in itertools.pairwise(bounds):
             x = self._layers(first, last_layer, (), x, slots, mask, 0)
             if last_layer in self.exit_kv:
                 self._exit_features(last_layer, x, slots, mask, 0, None)
@@ -307,7 +313,7 @@ class StaticEngine:
                 return StepResult(tokens, exit_at, logits, *verified)
             return StepResult(tokens[asked], exit_at[asked], logits[asked])
 
-        for first, last in zip(bounds, bounds[1:]):
+        for first, last in itertools.pairwise(bounds):
             x, lo = self._join_pending(x, first, lo)
             self.work.catchup_slots += (new_start - lo) * (last - first)
             exit_depth = last if last < self.num_layers and consult else None
@@ -380,8 +386,9 @@ class StaticEngine:
         self.work.exit_calls += 1
         kv.fill = lo
 
-    def _emit(self, emitted: tuple | None, logits: torch.Tensor, where: torch.Tensor | None, depth: int,
-              owned: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    def _emit(
+        self, emitted: tuple | None, logits: torch.Tensor, where: torch.Tensor | None, depth: int, owned: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(tokens, exit_at, logits) with the rows in `where` (None: every row, and none emitted before) taking
         their token from `logits` (every row's; `owned`: not a buffer a graph replay overwrites). Selects, not
         masked gathers or writes, which would make the host wait for the device."""
@@ -429,8 +436,15 @@ class StaticEngine:
 _POOL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # HF model -> {shape key: StaticEngine}
 
 
-def static_engine(backbone: Backbone, exits: dict[int, nn.Module], policy: ExitPolicy, kv_mode: str,
-                  ctx: Context, batch_policy: str, graphs: bool) -> StaticEngine:  # fmt: skip
+def static_engine(
+    backbone: Backbone,
+    exits: dict[int, nn.Module],
+    policy: ExitPolicy,
+    kv_mode: str,
+    ctx: Context,
+    batch_policy: str,
+    graphs: bool,
+) -> StaticEngine:
     """The static engine for a request. With CUDA graphs, engines (buffers and captured graphs) are kept per model
     and shape and reused by later requests: capturing costs more than a request saves. The capacity is rounded
     up to a multiple of 64 slots so that prompts of similar length share one."""
@@ -438,8 +452,16 @@ def static_engine(backbone: Backbone, exits: dict[int, nn.Module], policy: ExitP
         return StaticEngine(backbone, exits, policy, kv_mode, ctx, ctx.capacity, batch_policy)
     capacity = -(-ctx.capacity // 64) * 64
     live = tuple(sorted(policy.live_exits(sorted(exits))))
-    key = (ctx.prompt_ids.shape[0], capacity, live, tuple(id(exits[i]) for i in live), kv_mode, batch_policy,
-           backbone.dtype, str(backbone.device))  # fmt: skip
+    key = (
+        ctx.prompt_ids.shape[0],
+        capacity,
+        live,
+        tuple(id(exits[i]) for i in live),
+        kv_mode,
+        batch_policy,
+        backbone.dtype,
+        str(backbone.device),
+    )
     engines = _POOL.setdefault(backbone.model, {})
     if key in engines:
         engine = engines[key]

@@ -56,15 +56,22 @@ def build_tokenizer(family: str = "opt") -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
     if family in ("opt", "llama"):
-        tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
-                                                           special_tokens=[(BOS, vocab[BOS])])  # fmt: skip
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+        )
     else:
-        tok.post_processor = processors.TemplateProcessing(single=f"$A {EOS}", pair=f"$A $B {EOS}",
-                                                           special_tokens=[(EOS, vocab[EOS])])  # fmt: skip
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"$A {EOS}", pair=f"$A $B {EOS}", special_tokens=[(EOS, vocab[EOS])]
+        )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK,
-        extra_special_tokens={"image_token": IMAGE}, padding_side="left",
-    )  # fmt: skip
+        tokenizer_object=tok,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        extra_special_tokens={"image_token": IMAGE},
+        padding_side="left",
+    )
 
 
 def build_image_processor(image_size: int = 128):
@@ -73,8 +80,12 @@ def build_image_processor(image_size: int = 128):
         from transformers import BlipImageProcessorPil as Processor
     except ImportError:
         from transformers import BlipImageProcessor as Processor
-    return Processor(size={"height": image_size, "width": image_size}, image_mean=IMAGENET_MEAN,
-                     image_std=IMAGENET_STD, do_convert_rgb=True)  # fmt: skip
+    return Processor(
+        size={"height": image_size, "width": image_size},
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+        do_convert_rgb=True,
+    )
 
 
 def demo_config(
@@ -95,31 +106,66 @@ def demo_config(
     """
     vocab_size = len(vocabulary())
     pad, bos, eos, image = (SPECIALS.index(t) for t in (PAD, BOS, EOS, IMAGE))
-    vision = Blip2VisionConfig(hidden_size=qformer_hidden_size, intermediate_size=2 * qformer_hidden_size,
-                               num_hidden_layers=1, num_attention_heads=2, image_size=image_size, patch_size=16,
-                               initializer_range=0.02)  # fmt: skip
+    vision = Blip2VisionConfig(
+        hidden_size=qformer_hidden_size,
+        intermediate_size=2 * qformer_hidden_size,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=16,
+        initializer_range=0.02,
+    )
     qformer = Blip2QFormerConfig(
-        hidden_size=qformer_hidden_size, num_hidden_layers=qformer_layers, num_attention_heads=4,
-        intermediate_size=4 * qformer_hidden_size, encoder_hidden_size=qformer_hidden_size, vocab_size=vocab_size,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=max_positions,
-    )  # fmt: skip
+        hidden_size=qformer_hidden_size,
+        num_hidden_layers=qformer_layers,
+        num_attention_heads=4,
+        intermediate_size=4 * qformer_hidden_size,
+        encoder_hidden_size=qformer_hidden_size,
+        vocab_size=vocab_size,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        max_position_embeddings=max_positions,
+    )
     if family == "opt":
         text = OPTConfig(
-            vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
-            ffn_dim=4 * hidden_size, word_embed_proj_dim=hidden_size, max_position_embeddings=max_positions,
-            dropout=0.0, attention_dropout=0.0, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
-        )  # fmt: skip
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            ffn_dim=4 * hidden_size,
+            word_embed_proj_dim=hidden_size,
+            max_position_embeddings=max_positions,
+            dropout=0.0,
+            attention_dropout=0.0,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )
     elif family == "t5":
         # encoder and decoder of equal depth: unequal depths break Hugging Face's own T5 cache
         text = T5Config(
-            vocab_size=vocab_size, d_model=hidden_size, d_kv=hidden_size // num_heads, d_ff=4 * hidden_size,
-            num_layers=num_layers, num_decoder_layers=num_layers, num_heads=num_heads, dropout_rate=0.0,
-            feed_forward_proj="gated-gelu", decoder_start_token_id=pad, eos_token_id=eos, pad_token_id=pad,
-        )  # fmt: skip
+            vocab_size=vocab_size,
+            d_model=hidden_size,
+            d_kv=hidden_size // num_heads,
+            d_ff=4 * hidden_size,
+            num_layers=num_layers,
+            num_decoder_layers=num_layers,
+            num_heads=num_heads,
+            dropout_rate=0.0,
+            feed_forward_proj="gated-gelu",
+            decoder_start_token_id=pad,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )
     else:
         raise ValueError(f"unknown family {family!r}: 'opt', 't5' or 'llama'")
-    return Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
-                       num_query_tokens=num_query_tokens, image_token_index=image)  # fmt: skip
+    return Blip2Config(
+        vision_config=vision.to_dict(),
+        qformer_config=qformer.to_dict(),
+        text_config=text.to_dict(),
+        num_query_tokens=num_query_tokens,
+        image_token_index=image,
+    )
 
 
 @torch.no_grad()
@@ -134,8 +180,12 @@ def init_cross_attention(qformer: torch.nn.Module) -> None:
     for layer in qformer.encoder.layer:
         if getattr(layer, "has_cross_attention", False):
             attention = layer.crossattention
-            for linear in (attention.attention.query, attention.attention.key, attention.attention.value,
-                           attention.output.dense):  # fmt: skip
+            for linear in (
+                attention.attention.query,
+                attention.attention.key,
+                attention.attention.value,
+                attention.output.dense,
+            ):
                 linear.weight.normal_(std=linear.in_features**-0.5)
                 linear.bias.zero_()
 
@@ -151,15 +201,33 @@ def llava_demo_config(
     """LLaVA config of the demo model (`demo_config`'s sizes): the vision config describes the EfficientNet's
     tokens (one per 16 px patch, behind the pooled token LLaVA's "default" strategy drops)."""
     pad, bos, eos, image = (SPECIALS.index(t) for t in (PAD, BOS, EOS, IMAGE))
-    vision = CLIPVisionConfig(hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size,
-                              num_hidden_layers=1, num_attention_heads=2, image_size=image_size, patch_size=16)  # fmt: skip
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden_size,
+        intermediate_size=2 * vision_hidden_size,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=16,
+    )
     text = LlamaConfig(
-        vocab_size=len(vocabulary()), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
-        max_position_embeddings=max_positions, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
-    )  # fmt: skip
-    return LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=image,
-                       vision_feature_layer=-1, vision_feature_select_strategy="default")  # fmt: skip
+        vocab_size=len(vocabulary()),
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
+    return LlavaConfig(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        image_token_index=image,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
 
 
 def build_backbone(family: str = "opt", seed: int = 0, **config_kwargs) -> VLMBundle:
@@ -179,7 +247,8 @@ def build_backbone(family: str = "opt", seed: int = 0, **config_kwargs) -> VLMBu
     init_cross_attention(model.qformer)
     ids = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")  # T5 has no BOS, OPT no start
     model.generation_config = model.language_model.generation_config = GenerationConfig(
-        max_new_tokens=24, **{name: getattr(text, name, None) for name in ids})
+        max_new_tokens=24, **{name: getattr(text, name, None) for name in ids}
+    )
     return VLMBundle(model.eval(), build_tokenizer(family), build_image_processor(vision.image_size))
 
 
@@ -190,10 +259,15 @@ def _build_llava(seed: int, **config_kwargs) -> VLMBundle:
     model = LlavaForConditionalGeneration(config)
     model.model.vision_tower = EfficientNetVisionEncoder(vision.hidden_size, vision.image_size, pretrained=True)
     model.generation_config = GenerationConfig(
-        max_new_tokens=24, **{name: getattr(text, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")})
-    processor = LlavaProcessor(build_image_processor(vision.image_size), build_tokenizer("llama"),
-                               patch_size=vision.patch_size, vision_feature_select_strategy="default",
-                               num_additional_image_tokens=1)  # fmt: skip
+        max_new_tokens=24, **{name: getattr(text, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    )
+    processor = LlavaProcessor(
+        build_image_processor(vision.image_size),
+        build_tokenizer("llama"),
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
     return VLMBundle(model.eval(), processor.tokenizer, processor.image_processor, processor)
 
 

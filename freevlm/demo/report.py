@@ -18,10 +18,15 @@ from ..eval.sweep import markdown_table
 
 CAPTION_METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE", "exact_match")
 SPLIT_NAMES = {"test": "test", "ood": "OOD"}
-SPLIT_NOTES = {"ood": "OOD: the out-of-distribution split, colour-shape combinations never seen in training (like NoCaps' out-domain)."}
+SPLIT_NOTES = {
+    "ood": "OOD: the out-of-distribution split, colour-shape combinations never seen in training (like NoCaps' out-domain)."
+}
 VQA_NAMES = {"shapes": "shapes VQA", "easyvqa": "easy-VQA (external)"}
-VARIANT_NAMES = {"free": "FREE (GAN + KD anchor)", "free_no_adversarial": "FREE without the adversarial term",
-                 "free_ce": "FREE-CE (GAN + CE anchor, semi-supervised)"}  # fmt: skip
+VARIANT_NAMES = {
+    "free": "FREE (GAN + KD anchor)",
+    "free_no_adversarial": "FREE without the adversarial term",
+    "free_ce": "FREE-CE (GAN + CE anchor, semi-supervised)",
+}
 # A hue ramp of light backgrounds (black text stays readable): early exits warm, later ones cool; the final layer grey.
 EXIT_COLOURS = ("#ff8a80", "#ffb74d", "#ffe066", "#c5e17a", "#8fd9a8", "#80d8d8", "#8cc8f5", "#b3a4f2")
 FINAL_COLOUR = "#dcdcdc"
@@ -116,13 +121,17 @@ def trained_summary(results: dict) -> list[str]:
     lines = []
     if b:
         trained = "projector" if _model_name(results) == "LLaVA" else "Q-Former"
-        lines.append(f"Backbone: {_model_name(results)} (Hugging Face classes), {trained} and language model trained on the shapes world; "
-                     f"LM {b.get('family', '?').upper()}, {b.get('num_layers', '?')} layers, hidden size {b.get('hidden_size', '?')}.")  # fmt: skip
+        lines.append(
+            f"Backbone: {_model_name(results)} (Hugging Face classes), {trained} and language model trained on the shapes world; "
+            f"LM {b.get('family', '?').upper()}, {b.get('num_layers', '?')} layers, hidden size {b.get('hidden_size', '?')}."
+        )
         if b.get("vision_encoder"):
             lines.append(f"Vision encoder: {b['vision_encoder']}.")
         how = "reused from the cache (trained by an earlier run)" if b.get("cached") else "trained in this run"
-        lines.append(f"Backbone training: {fmt(b.get('train_steps'))} steps, {fmt_seconds(b.get('train_seconds'))}, "
-                     f"final loss {fmt(b.get('final_loss'))}; {how}.")  # fmt: skip
+        lines.append(
+            f"Backbone training: {fmt(b.get('train_steps'))} steps, {fmt_seconds(b.get('train_seconds'))}, "
+            f"final loss {fmt(b.get('final_loss'))}; {how}."
+        )
     if e:
         layers = ", ".join(str(x) for x in e.get("exit_layers", []))
         lines.append(f"Exits at LM layers {layers}; {fmt(e.get('trainable_parameters'))} trainable parameters.")
@@ -133,13 +142,16 @@ def trained_summary(results: dict) -> list[str]:
                 adv = "with" if v.get("adversarial") else "without"
                 recipe = f"{v.get('anchor', '?')} anchor, {adv} adversarial term"
             if v.get("exits_of"):  # a subset of another variant's exits: trained there
-                lines.append(f"Exit variant `{name}`: the exits of `{v['exits_of']}` at layers "
-                             f"{', '.join(map(str, v.get('exit_layers', [])))}.")  # fmt: skip
+                lines.append(
+                    f"Exit variant `{name}`: the exits of `{v['exits_of']}` at layers "
+                    f"{', '.join(map(str, v.get('exit_layers', [])))}."
+                )
                 continue
             if v.get("exit_layers"):  # trained elsewhere than the exits above (the placement's candidates)
                 recipe += f", exits at layers {', '.join(map(str, v['exit_layers']))}"
-            lines.append(f"Exit variant `{name}`: {recipe}, {fmt(v.get('steps'))} steps, "
-                         f"{fmt_seconds(v.get('seconds'))}.")  # fmt: skip
+            lines.append(
+                f"Exit variant `{name}`: {recipe}, {fmt(v.get('steps'))} steps, {fmt_seconds(v.get('seconds'))}."
+            )
     if c:
         lines.append("Run settings: " + ", ".join(f"{k}={v}" for k, v in c.items()) + ".")
     timing = results.get("timing") or {}
@@ -152,19 +164,40 @@ def trained_summary(results: dict) -> list[str]:
 def _caption_rows(results: dict) -> tuple[list[str], list[list[str]], list[str]]:
     """Headers, rows and footnotes of the captioning table (one full and one FREE row per split)."""
     splits = results.get("captioning") or {}
-    metrics = [m for m in CAPTION_METRICS if any(m in (s.get(k) or {}) for s in splits.values() for k in ("full", "free"))]
-    headers = ["split", "model", *metrics, "CIDEr vs full", "analytic speedup", "measured decode speedup",
-               "measured end-to-end speedup", "mean layers / token"]  # fmt: skip
+    metrics = [
+        m for m in CAPTION_METRICS if any(m in (s.get(k) or {}) for s in splits.values() for k in ("full", "free"))
+    ]
+    headers = [
+        "split",
+        "model",
+        *metrics,
+        "CIDEr vs full",
+        "analytic speedup",
+        "measured decode speedup",
+        "measured end-to-end speedup",
+        "mean layers / token",
+    ]
     rows, notes = [], []
     threshold = fmt_threshold((results.get("sweep") or {}).get("chosen_threshold"))
     for split, s in splits.items():
         full, free = s.get("full") or {}, s.get("free") or {}
         name = SPLIT_NAMES.get(split, split)
-        rows.append([name, "full model", *[fmt(full.get(m)) for m in metrics], "", "", "", "", fmt(_final_layer(results))])
+        rows.append(
+            [name, "full model", *[fmt(full.get(m)) for m in metrics], "", "", "", "", fmt(_final_layer(results))]
+        )
         ratio = _ratio(free.get("CIDEr"), full.get("CIDEr"))
-        rows.append([name, f"FREE @ {threshold}", *[fmt(free.get(m)) for m in metrics], ratio,
-                     fmt_speedup(free.get("analytic_speedup")), fmt_speedup(free.get("measured_decode_speedup")),
-                     fmt_speedup(free.get("measured_end_to_end_speedup")), fmt(free.get("mean_layers_per_token"))])  # fmt: skip
+        rows.append(
+            [
+                name,
+                f"FREE @ {threshold}",
+                *[fmt(free.get(m)) for m in metrics],
+                ratio,
+                fmt_speedup(free.get("analytic_speedup")),
+                fmt_speedup(free.get("measured_decode_speedup")),
+                fmt_speedup(free.get("measured_end_to_end_speedup")),
+                fmt(free.get("mean_layers_per_token")),
+            ]
+        )
         if split in SPLIT_NOTES:
             notes.insert(0, SPLIT_NOTES[split])
         if isinstance(s.get("spice"), str):
@@ -190,67 +223,160 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]], list[st
         rows = []
         for task, v in results["vqa"].items():
             full, free = v.get("full") or {}, v.get("free") or {}
-            rows.append([VQA_NAMES.get(task, task), fmt(full.get("accuracy")), fmt(free.get("accuracy")),
-                         fmt_speedup(free.get("analytic_speedup")), fmt_speedup(free.get("measured_decode_speedup"))])  # fmt: skip
-        out.append(("VQA accuracy: full model vs FREE",
-                    ["task", "full accuracy", "FREE accuracy", "analytic speedup", "measured decode speedup"], rows, []))  # fmt: skip
+            rows.append(
+                [
+                    VQA_NAMES.get(task, task),
+                    fmt(full.get("accuracy")),
+                    fmt(free.get("accuracy")),
+                    fmt_speedup(free.get("analytic_speedup")),
+                    fmt_speedup(free.get("measured_decode_speedup")),
+                ]
+            )
+        out.append(
+            (
+                "VQA accuracy: full model vs FREE",
+                ["task", "full accuracy", "FREE accuracy", "analytic speedup", "measured decode speedup"],
+                rows,
+                [],
+            )
+        )
 
     spec = results.get("speculative")
     if spec:
-        rows = [[fmt_threshold(spec.get("threshold")), fmt_speedup(spec.get("measured_decode_speedup")),
-                 fmt(spec.get("acceptance_rate")), fmt(spec.get("identical_to_full"))]]  # fmt: skip
-        out.append(("Speculative mode (lossless: exits draft, the full model verifies)",
-                    ["threshold", "measured decode speedup", "acceptance rate", "identical to full model"], rows, []))  # fmt: skip
+        rows = [
+            [
+                fmt_threshold(spec.get("threshold")),
+                fmt_speedup(spec.get("measured_decode_speedup")),
+                fmt(spec.get("acceptance_rate")),
+                fmt(spec.get("identical_to_full")),
+            ]
+        ]
+        out.append(
+            (
+                "Speculative mode (lossless: exits draft, the full model verifies)",
+                ["threshold", "measured decode speedup", "acceptance rate", "identical to full model"],
+                rows,
+                [],
+            )
+        )
 
     if results.get("ablation"):
-        rows = [[VARIANT_NAMES.get(a.get("variant"), a.get("variant")), fmt_threshold(a.get("threshold")), fmt(a.get("CIDEr")),
-                 fmt_speedup(a.get("analytic_speedup")), fmt_speedup(a.get("measured_decode_speedup"))]
-                for a in results["ablation"]]  # fmt: skip
-        out.append(("Ablation (each variant at its best dev threshold)",
-                    ["variant", "threshold", "CIDEr", "analytic speedup", "measured decode speedup"], rows, []))  # fmt: skip
+        rows = [
+            [
+                VARIANT_NAMES.get(a.get("variant"), a.get("variant")),
+                fmt_threshold(a.get("threshold")),
+                fmt(a.get("CIDEr")),
+                fmt_speedup(a.get("analytic_speedup")),
+                fmt_speedup(a.get("measured_decode_speedup")),
+            ]
+            for a in results["ablation"]
+        ]
+        out.append(
+            (
+                "Ablation (each variant at its best dev threshold)",
+                ["variant", "threshold", "CIDEr", "analytic speedup", "measured decode speedup"],
+                rows,
+                [],
+            )
+        )
 
     sweep = results.get("sweep")
     if sweep and sweep.get("points"):
         chosen, metric = sweep.get("chosen_threshold"), sweep.get("metric", "score")
-        rows = [[fmt_threshold(p.get("threshold")), fmt(p.get("score")), fmt_speedup(p.get("analytic_speedup")),
-                 fmt_speedup(p.get("measured_speedup")), "chosen" if p.get("threshold") == chosen else ""]
-                for p in sweep["points"]]  # fmt: skip
-        out.append((f"Threshold sweep on dev ({metric}); chosen threshold {fmt_threshold(chosen)}",
-                    ["threshold", metric, "analytic speedup", "measured speedup", "chosen"], rows, []))  # fmt: skip
+        rows = [
+            [
+                fmt_threshold(p.get("threshold")),
+                fmt(p.get("score")),
+                fmt_speedup(p.get("analytic_speedup")),
+                fmt_speedup(p.get("measured_speedup")),
+                "chosen" if p.get("threshold") == chosen else "",
+            ]
+            for p in sweep["points"]
+        ]
+        out.append(
+            (
+                f"Threshold sweep on dev ({metric}); chosen threshold {fmt_threshold(chosen)}",
+                ["threshold", metric, "analytic speedup", "measured speedup", "chosen"],
+                rows,
+                [],
+            )
+        )
     out += _calibration_tables(results.get("calibration"))
 
     if results.get("per_layer"):
-        rows = [[_layer_label(p.get("layer"), _final_layer(results)), fmt(p.get("CIDEr"))] for p in results["per_layer"]]
+        rows = [
+            [_layer_label(p.get("layer"), _final_layer(results)), fmt(p.get("CIDEr"))] for p in results["per_layer"]
+        ]
         out.append(("Each exit on its own (every token leaves at that layer)", ["layer", "CIDEr"], rows, []))
 
     if results.get("methods"):
-        rows = [[str(m.get("method")), fmt_threshold(m.get("threshold")), fmt(m.get("quality")),
-                 fmt_speedup(m.get("analytic_speedup")), fmt_speedup(m.get("measured_speedup")),
-                 fmt(m.get("trainable_parameters"))] for m in results["methods"]]  # fmt: skip
+        rows = [
+            [
+                str(m.get("method")),
+                fmt_threshold(m.get("threshold")),
+                fmt(m.get("quality")),
+                fmt_speedup(m.get("analytic_speedup")),
+                fmt_speedup(m.get("measured_speedup")),
+                fmt(m.get("trainable_parameters")),
+            ]
+            for m in results["methods"]
+        ]
         notes = [f"Measured speedup: {results['methods_speed']}."] if results.get("methods_speed") else []
-        out.append(("Early-exit methods compared (each at its best dev threshold)",
-                    ["method", "threshold", "quality", "analytic speedup", "measured speedup", "trainable parameters"], rows, notes))  # fmt: skip
+        out.append(
+            (
+                "Early-exit methods compared (each at its best dev threshold)",
+                ["method", "threshold", "quality", "analytic speedup", "measured speedup", "trainable parameters"],
+                rows,
+                notes,
+            )
+        )
     out += _placement_table(results.get("placement"))
 
     conf = results.get("confidence") or {}
     rows = []
     for group in ("per_layer", "variants", "methods"):
         for name, row in (conf.get(group) or {}).items():
-            diff = "" if "diff_ci" not in row else f"{row['diff_vs_first']:+.3f} [{row['diff_ci'][0]:.3f}, {row['diff_ci'][1]:.3f}]"
-            rows.append([group.replace("_", " "), name, fmt(row["mean"]), f"[{row['ci'][0]:.3f}, {row['ci'][1]:.3f}]",
-                         diff, row.get("verdict", "")])  # fmt: skip
+            diff = (
+                ""
+                if "diff_ci" not in row
+                else f"{row['diff_vs_first']:+.3f} [{row['diff_ci'][0]:.3f}, {row['diff_ci'][1]:.3f}]"
+            )
+            rows.append(
+                [
+                    group.replace("_", " "),
+                    name,
+                    fmt(row["mean"]),
+                    f"[{row['ci'][0]:.3f}, {row['ci'][1]:.3f}]",
+                    diff,
+                    row.get("verdict", ""),
+                ]
+            )
     if rows:
-        out.append(("95% bootstrap intervals over test images", ["group", "name", "CIDEr-D", "interval",
-                     "difference to the group's first row", "verdict"], rows, [conf.get("metric", "")]))  # fmt: skip
+        out.append(
+            (
+                "95% bootstrap intervals over test images",
+                ["group", "name", "CIDEr-D", "interval", "difference to the group's first row", "verdict"],
+                rows,
+                [conf.get("metric", "")],
+            )
+        )
     if results.get("claims"):
         rows = [[c["claim"], c["verdict"], c["evidence"]] for c in results["claims"]]
-        out.append(("The paper's claims, judged on this run", ["claim", "verdict", "evidence"], rows,
-                    ["Supported only where a paired 95% interval excludes no difference."]))  # fmt: skip
+        out.append(
+            (
+                "The paper's claims, judged on this run",
+                ["claim", "verdict", "evidence"],
+                rows,
+                ["Supported only where a paired 95% interval excludes no difference."],
+            )
+        )
 
     for split, counts in _histograms(results).items():
         total = sum(counts.values())
         rows = [[_layer_label(layer, _final_layer(results)), fmt(n), _ratio(n, total)] for layer, n in counts.items()]
-        out.append((f"Where FREE's tokens left: {SPLIT_NAMES.get(split, split)}", ["layer", "tokens", "share"], rows, []))
+        out.append(
+            (f"Where FREE's tokens left: {SPLIT_NAMES.get(split, split)}", ["layer", "tokens", "share"], rows, [])
+        )
     return out
 
 
@@ -267,24 +393,58 @@ def _calibration_tables(c: dict | None) -> list[tuple[str, list[str], list[list[
     for r in c["test"]:
         t = r["threshold"]
         shown = _certified(t, c["certified"]) if t == c["certified_threshold"] else fmt_threshold(t)
-        rows.append([r["rule"], shown, fmt(risks.get(t)), fmt(r["test_risk"]), fmt(r["test_risk"] <= c["tolerance"]),
-                     fmt(r["test_CIDEr"]), fmt_speedup(r["test_analytic_speedup"])])  # fmt: skip
+        rows.append(
+            [
+                r["rule"],
+                shown,
+                fmt(risks.get(t)),
+                fmt(r["test_risk"]),
+                fmt(r["test_risk"] <= c["tolerance"]),
+                fmt(r["test_CIDEr"]),
+                fmt_speedup(r["test_analytic_speedup"]),
+            ]
+        )
     notes = [
         f"Loss: {c['loss']} ({c['loss_definition']}); risk is its mean. {c.get('why', '')}".strip(),
-        (f"Certified on the {c['split']} split ({c['n']} images, apart from dev and test) at tolerance "
-         f"{c['tolerance']:g} and confidence {c['confidence']:g} ({c['p_value_method']} p-values, thresholds tested "
-         f"from the safest down): {c['guarantee']}. The best-mean-dev threshold promises nothing."),
+        (
+            f"Certified on the {c['split']} split ({c['n']} images, apart from dev and test) at tolerance "
+            f"{c['tolerance']:g} and confidence {c['confidence']:g} ({c['p_value_method']} p-values, thresholds tested "
+            f"from the safest down): {c['guarantee']}. The best-mean-dev threshold promises nothing."
+        ),
         f"Added time: {fmt_seconds(c.get('seconds'))}.",
-    ]  # fmt: skip
-    headers = ["rule", "threshold", "calibration risk", "test risk", "test risk within tolerance", "test CIDEr",
-               "test analytic speedup"]  # fmt: skip
-    per = [[fmt_threshold(r["threshold"]), fmt(r["empirical_risk"]), f"{r['p_value']:.2g}", fmt(r["certified"]),
-            fmt_speedup(r.get("analytic_speedup"))] for r in c.get("per_threshold", [])]  # fmt: skip
-    title = (f"Threshold with a guarantee: certified {fmt_threshold(c['certified_threshold'])} vs best mean dev "
-             f"{fmt_threshold(c['best_mean_dev_threshold'])}")  # fmt: skip
-    return [(title, headers, rows, notes),
-            (f"Learn-then-Test on the {c['split']} split (FREE)",
-             ["threshold", "risk", "p-value", "certified", "analytic speedup"], per, [])]  # fmt: skip
+    ]
+    headers = [
+        "rule",
+        "threshold",
+        "calibration risk",
+        "test risk",
+        "test risk within tolerance",
+        "test CIDEr",
+        "test analytic speedup",
+    ]
+    per = [
+        [
+            fmt_threshold(r["threshold"]),
+            fmt(r["empirical_risk"]),
+            f"{r['p_value']:.2g}",
+            fmt(r["certified"]),
+            fmt_speedup(r.get("analytic_speedup")),
+        ]
+        for r in c.get("per_threshold", [])
+    ]
+    title = (
+        f"Threshold with a guarantee: certified {fmt_threshold(c['certified_threshold'])} vs best mean dev "
+        f"{fmt_threshold(c['best_mean_dev_threshold'])}"
+    )
+    return [
+        (title, headers, rows, notes),
+        (
+            f"Learn-then-Test on the {c['split']} split (FREE)",
+            ["threshold", "risk", "p-value", "certified", "analytic speedup"],
+            per,
+            [],
+        ),
+    ]
 
 
 def _placement_table(p: dict | None) -> list[tuple[str, list[str], list[list[str]], list[str]]]:
@@ -300,39 +460,74 @@ def _placement_table(p: dict | None) -> list[tuple[str, list[str], list[list[str
     for a in p["alternatives"]:
         note, tested = marked.get(tuple(a["layers"]), ("", {}))
         test = [fmt(tested["test_risk"]), fmt(tested["test_CIDEr"])] if tested else ["", ""]
-        rows.append([", ".join(map(str, a["layers"])), fmt(a["trainable_parameters"]),
-                     _certified(a["threshold"], a["certified"]), fmt(a["risk"]), fmt_speedup(a["speedup"]),
-                     *test, note])  # fmt: skip
+        rows.append(
+            [
+                ", ".join(map(str, a["layers"])),
+                fmt(a["trainable_parameters"]),
+                _certified(a["threshold"], a["certified"]),
+                fmt(a["risk"]),
+                fmt_speedup(a["speedup"]),
+                *test,
+                note,
+            ]
+        )
     source = "FREE's exits"
     if p["exits_from"] == "free_candidates":
-        source = ("exits trained once at every candidate layer with FREE's recipe (`free_candidates`); the fixed row "
-                  "is those exits at the fixed layers")  # fmt: skip
+        source = (
+            "exits trained once at every candidate layer with FREE's recipe (`free_candidates`); the fixed row "
+            "is those exits at the fixed layers"
+        )
     notes = [
-        (f"From {source}. {p['placements_tested']} sets of at most {p['budget_exits']} exits, each certified on the "
-         f"calibration split ({p['n']} images, thresholds {', '.join(map(fmt_threshold, p['thresholds']))}) at "
-         f"confidence {p['confidence_per_placement']:.4g} (Bonferroni): {p['guarantee']}."),
-        (f"Speedup: {p['speedup']} (N / mean layers per token, an exit counting as one layer) at each set's certified "
-         "threshold; the runs are batched, where one request's work cannot be counted."),
+        (
+            f"From {source}. {p['placements_tested']} sets of at most {p['budget_exits']} exits, each certified on the "
+            f"calibration split ({p['n']} images, thresholds {', '.join(map(fmt_threshold, p['thresholds']))}) at "
+            f"confidence {p['confidence_per_placement']:.4g} (Bonferroni): {p['guarantee']}."
+        ),
+        (
+            f"Speedup: {p['speedup']} (N / mean layers per token, an exit counting as one layer) at each set's certified "
+            "threshold; the runs are batched, where one request's work cannot be counted."
+        ),
         f"Added time: {fmt_seconds(p.get('seconds'))}.",
-    ]  # fmt: skip
-    headers = ["exits", "trainable parameters", "certified threshold", "calibration risk", "speedup", "test risk",
-               "test CIDEr", "note"]  # fmt: skip
+    ]
+    headers = [
+        "exits",
+        "trainable parameters",
+        "certified threshold",
+        "calibration risk",
+        "speedup",
+        "test risk",
+        "test CIDEr",
+        "note",
+    ]
     title = f"Exit placement: at most {p['budget_exits']} exits from layers {', '.join(map(str, p['candidates']))}"
     return [(title, headers, rows, notes)]
 
 
 def _targets(results: dict) -> list[tuple[bool, str]]:
-    return [(bool(t.get("met")), f"{t.get('name')} (reached: {t.get('value', 'n/a')})") for t in results.get("targets") or []]
+    return [
+        (bool(t.get("met")), f"{t.get('name')} (reached: {t.get('value', 'n/a')})")
+        for t in results.get("targets") or []
+    ]
 
 
 def markdown_report(results: dict, plots: dict[str, str]) -> str:
     """The Markdown summary; `plots` maps a caption to an image file (relative to the report folder)."""
-    out = ["# freevlm demo report", "",
-           ("Every number here was measured by this run of `freevlm demo` and is also in `results.json`. "
-            "Samples with each token coloured by the layer it left at: [index.html](index.html)."), ""]  # fmt: skip
+    out = [
+        "# freevlm demo report",
+        "",
+        (
+            "Every number here was measured by this run of `freevlm demo` and is also in `results.json`. "
+            "Samples with each token coloured by the layer it left at: [index.html](index.html)."
+        ),
+        "",
+    ]
     out += [f"- {line}" for line in trained_summary(results)] + [""]
     if results.get("targets"):
-        out += ["## Targets", ""] + [f"- **{'met' if met else 'NOT met'}**: {text}" for met, text in _targets(results)] + [""]
+        out += (
+            ["## Targets", ""]
+            + [f"- **{'met' if met else 'NOT met'}**: {text}" for met, text in _targets(results)]
+            + [""]
+        )
     for title, headers, rows, notes in tables(results):
         out += [f"## {title}", "", markdown_table(headers, rows), ""]
         out += [f"- {n}" for n in notes] + ([""] if notes else [])
@@ -375,8 +570,15 @@ def _plot_exit_histograms(results: dict, path: Path) -> Path | None:
         total = sum(counts.values()) or 1
         xs = [i + (j - (len(histograms) - 1) / 2) * width for i in range(len(layers))]
         shares = [100 * counts.get(layer, 0) / total for layer in layers]
-        ax.bar(xs, shares, width, color=[colours[layer] for layer in layers], edgecolor="#333",
-               hatch="//" if j else None, label=SPLIT_NAMES.get(split, split))  # fmt: skip
+        ax.bar(
+            xs,
+            shares,
+            width,
+            color=[colours[layer] for layer in layers],
+            edgecolor="#333",
+            hatch="//" if j else None,
+            label=SPLIT_NAMES.get(split, split),
+        )
     ax.set_xticks(range(len(layers)), [_layer_label(layer, final) for layer in layers])
     ax.set_xlabel("LM layer the token left at")
     ax.set_ylabel("share of generated tokens (%)")
@@ -446,8 +648,10 @@ def token_spans(tokens: list[dict], colours: dict[int, str], final_layer: int) -
         lead = text[: len(text) - len(text.lstrip())] if own_spaces else ""
         cls = "tok final" if layer == final_layer else "tok"
         colour = colours.get(layer, FINAL_COLOUR)
-        parts.append(f'{_e(lead)}<span class="{cls}" data-layer="{layer}" title="left at layer {layer}" '
-                     f'style="background:{colour}">{_e(text.lstrip() if own_spaces else text)}</span>')  # fmt: skip
+        parts.append(
+            f'{_e(lead)}<span class="{cls}" data-layer="{layer}" title="left at layer {layer}" '
+            f'style="background:{colour}">{_e(text.lstrip() if own_spaces else text)}</span>'
+        )
     return "".join(parts) if own_spaces else " ".join(parts)
 
 
@@ -466,15 +670,20 @@ def _cards(results: dict) -> str:
     full, free = test.get("full") or {}, test.get("free") or {}
     spec = results.get("speculative") or {}
     threshold = (results.get("sweep") or {}).get("chosen_threshold")
-    cards = [(fmt_threshold(threshold), "chosen threshold (dev)"),
-             (fmt(full.get("CIDEr")), "CIDEr, full model (test)"),
-             (fmt(free.get("CIDEr")), "CIDEr, FREE (test)"),
-             (fmt_speedup(free.get("measured_decode_speedup")), "measured decode speedup (test)"),
-             (fmt_speedup(free.get("measured_end_to_end_speedup")), "measured end-to-end speedup"),
-             (fmt(free.get("mean_layers_per_token")), f"mean layers / token (of {_final_layer(results)})"),
-             (fmt_speedup(spec.get("measured_decode_speedup")), "speculative mode speedup")]  # fmt: skip
-    body = "".join(f'<div class="card"><div class="v">{_e(v)}</div><div class="k">{_e(k)}</div></div>'
-                   for v, k in cards if v != "n/a")  # fmt: skip
+    cards = [
+        (fmt_threshold(threshold), "chosen threshold (dev)"),
+        (fmt(full.get("CIDEr")), "CIDEr, full model (test)"),
+        (fmt(free.get("CIDEr")), "CIDEr, FREE (test)"),
+        (fmt_speedup(free.get("measured_decode_speedup")), "measured decode speedup (test)"),
+        (fmt_speedup(free.get("measured_end_to_end_speedup")), "measured end-to-end speedup"),
+        (fmt(free.get("mean_layers_per_token")), f"mean layers / token (of {_final_layer(results)})"),
+        (fmt_speedup(spec.get("measured_decode_speedup")), "speculative mode speedup"),
+    ]
+    body = "".join(
+        f'<div class="card"><div class="v">{_e(v)}</div><div class="k">{_e(k)}</div></div>'
+        for v, k in cards
+        if v != "n/a"
+    )
     return f'<div class="cards">{body}</div>' if body else ""
 
 
@@ -494,28 +703,45 @@ def html_report(results: dict, plots: dict[str, str]) -> str:
     colours = layer_colours(_exit_layers(results), final, seen)
     threshold = fmt_threshold((results.get("sweep") or {}).get("chosen_threshold"))
 
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             '<meta name="viewport" content="width=device-width, initial-scale=1">',
-             "<title>freevlm demo report</title>", f"<style>{CSS}</style></head><body><main>",
-             f"<h1>freevlm demo: {_model_name(results)} with FREE early exits</h1>",
-             ('<p class="sub">Every number on this page was measured by this run '
-              '(<a href="results.json">results.json</a>, <a href="report.md">report.md</a>).</p>'),
-             '<ul class="trained">' + "".join(f"<li>{_e(line)}</li>" for line in trained_summary(results)) + "</ul>",
-             _cards(results)]  # fmt: skip
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        "<title>freevlm demo report</title>",
+        f"<style>{CSS}</style></head><body><main>",
+        f"<h1>freevlm demo: {_model_name(results)} with FREE early exits</h1>",
+        (
+            '<p class="sub">Every number on this page was measured by this run '
+            '(<a href="results.json">results.json</a>, <a href="report.md">report.md</a>).</p>'
+        ),
+        '<ul class="trained">' + "".join(f"<li>{_e(line)}</li>" for line in trained_summary(results)) + "</ul>",
+        _cards(results),
+    ]
 
     if results.get("targets"):
-        items = "".join(f'<li><span class="{"met" if met else "notmet"}">{"met" if met else "NOT met"}</span>: {_e(text)}</li>'
-                        for met, text in _targets(results))  # fmt: skip
+        items = "".join(
+            f'<li><span class="{"met" if met else "notmet"}">{"met" if met else "NOT met"}</span>: {_e(text)}</li>'
+            for met, text in _targets(results)
+        )
         parts.append(f"<h2>Targets</h2><ul>{items}</ul>")
 
     if samples:
-        parts += [f"<h2>Samples: FREE captions at threshold {_e(threshold)}, each token coloured by its exit layer</h2>",
-                  _legend(colours, final), '<div class="samples">']  # fmt: skip
+        parts += [
+            f"<h2>Samples: FREE captions at threshold {_e(threshold)}, each token coloured by its exit layer</h2>",
+            _legend(colours, final),
+            '<div class="samples">',
+        ]
         for s in samples:
             tokens = s.get("tokens") or []
-            mean = f"mean exit layer {sum(int(t['layer']) for t in tokens) / len(tokens):.1f} of {final}" if tokens else ""
+            mean = (
+                f"mean exit layer {sum(int(t['layer']) for t in tokens) / len(tokens):.1f} of {final}" if tokens else ""
+            )
             same = caption_text(tokens) == s.get("full_caption", "").strip()
-            verdict = '<span class="same">same as full model</span>' if same else '<span class="diff">differs from full model</span>'
+            verdict = (
+                '<span class="same">same as full model</span>'
+                if same
+                else '<span class="diff">differs from full model</span>'
+            )
             parts.append(
                 f'<div class="sample"><img src="{_e(s.get("image", ""))}" alt="sample image">'
                 f'<div><span class="split">{_e(s.get("split", ""))}</span>'
@@ -529,8 +755,10 @@ def html_report(results: dict, plots: dict[str, str]) -> str:
         parts += [f"<h2>{_e(title)}</h2>", _html_table(headers, rows)] + [f'<p class="sub">{_e(n)}</p>' for n in notes]
     if plots:
         parts.append('<h2>Plots</h2><div class="plots">')
-        parts += [f'<figure><img src="{_e(file)}" alt="{_e(name)}"><figcaption class="sub">{_e(name)}</figcaption></figure>'
-                  for name, file in plots.items()]  # fmt: skip
+        parts += [
+            f'<figure><img src="{_e(file)}" alt="{_e(name)}"><figcaption class="sub">{_e(name)}</figcaption></figure>'
+            for name, file in plots.items()
+        ]
         parts.append("</div>")
     parts.append("</main></body></html>")
     return "\n".join(parts)

@@ -35,7 +35,7 @@ def bootstrap(per_item: list[list[float]], resamples: int = 2000, seed: int = 0,
 
     def interval(values: list[float]) -> list[float]:
         ordered = sorted(values)
-        return [ordered[int(lo_q * (resamples - 1))], ordered[int(round(hi_q * (resamples - 1)))]]
+        return [ordered[int(lo_q * (resamples - 1))], ordered[round(hi_q * (resamples - 1))]]
 
     means = [[sum(s[i] for i in d) / n for d in draws] for s in per_item]
     out = []
@@ -43,7 +43,10 @@ def bootstrap(per_item: list[list[float]], resamples: int = 2000, seed: int = 0,
         row = {"mean": sum(scores) / n, "ci": interval(means[k]), "level": level, "resamples": resamples, "n": n}
         if k:
             diff = interval([a - b for a, b in zip(means[k], means[0])])
-            row |= {"diff_vs_first": row["mean"] - out[0]["mean"], "diff_ci": diff,
-                    "verdict": "better" if diff[0] > 0 else "worse" if diff[1] < 0 else "not distinguishable"}  # fmt: skip
+            row |= {
+                "diff_vs_first": row["mean"] - out[0]["mean"],
+                "diff_ci": diff,
+                "verdict": "better" if diff[0] > 0 else "worse" if diff[1] < 0 else "not distinguishable",
+            }
         out.append(row)
     return out

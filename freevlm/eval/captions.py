@@ -22,7 +22,7 @@ def spice_unavailable_reason() -> str | None:
     """None when SPICE can run here; otherwise why not (which jar is missing)."""
     import pycocoevalcap
 
-    lib = Path(list(pycocoevalcap.__path__)[0]) / "spice" / "lib"
+    lib = Path(next(iter(pycocoevalcap.__path__))) / "spice" / "lib"
     missing = [jar for jar in SPICE_JARS if not (lib / jar).is_file()]
     if missing:
         return f"SPICE unavailable: {', '.join(missing)} not in {lib} (Stanford CoreNLP 3.6.0; not downloaded)"

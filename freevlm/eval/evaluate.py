@@ -9,6 +9,7 @@ per-layer ("mid-crisis") curve.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -63,8 +64,9 @@ class _Generated:
 def _policy(ee: EarlyExitVLM, threshold: float, layer: int | None, method: str):
     spec = get_method(method)
     if ee.exit_config.kind != spec.exit_kind:
-        raise ValueError(f"method {method!r} runs on exits of kind {spec.exit_kind!r}, but these exits are "
-                         f"{ee.exit_config.kind!r}")  # fmt: skip
+        raise ValueError(
+            f"method {method!r} runs on exits of kind {spec.exit_kind!r}, but these exits are {ee.exit_config.kind!r}"
+        )
     return exit_rule(method, threshold, layer)
 
 
@@ -97,14 +99,15 @@ def generate_texts(
     for b, start in enumerate(range(0, len(images), batch_size)):
         batch = [load_image(p) for p in images[start : start + batch_size]]
         inputs = processor.inputs(batch, list(prompts[start : start + batch_size]))
-        validate_generate_inputs(ee.backbone, inputs["pixel_values"], inputs["input_ids"],
-                                 inputs.get("attention_mask"), max_new_tokens)  # e.g. too long a prompt: before decoding  # fmt: skip
+        validate_generate_inputs(
+            ee.backbone, inputs["pixel_values"], inputs["input_ids"], inputs.get("attention_mask"), max_new_tokens
+        )  # e.g. too long a prompt: before decoding
         # every row decodes what it would alone: rows ride along (exact with recompute; "auto"'s gate would turn
         # exits off in small batches), or are compacted where propagate makes riding along differ
         batch_policy = "ride_along" if kv == "recompute" else "per_row"
         run = dict(inputs, max_new_tokens=max_new_tokens, kv=kv, batch_policy=batch_policy)
-        early = lambda: ee.generate(**run, mode="early_exit", policy=policy)  # noqa: E731
-        full = lambda: ee.generate(**run, mode="full")  # noqa: E731
+        early = functools.partial(ee.generate, **run, mode="early_exit", policy=policy)
+        full = functools.partial(ee.generate, **run, mode="full")
         if compare_full and b == 0:
             early(), full()  # warm-up: lazy initialisation and allocator growth stay out of the timings
         if compare_full:
@@ -162,21 +165,37 @@ def evaluate_captioning(
     """COCO metrics of the captions (per NoCaps domain too, when records carry one); `tokenizer`: see
     `caption_metrics`."""
     t0 = time.perf_counter()
-    gen = generate_texts(ee, processor, [r.image for r in records], [prompt] * len(records), threshold, layer,
-                         **generate_kwargs)  # fmt: skip
+    gen = generate_texts(
+        ee, processor, [r.image for r in records], [prompt] * len(records), threshold, layer, **generate_kwargs
+    )
     keys = list(range(len(records)))  # records may repeat an image id across files; scoring keys stay unique
     quality, score = {}, None
     if all(r.references for r in records):
         domains = {k: r.domain for k, r in zip(keys, records)} if all(r.domain for r in records) else None
-        quality = caption_metrics({k: r.references for k, r in zip(keys, records)}, dict(zip(keys, gen.texts)),
-                                  groups=domains, spice=spice, only=only,
-                                  tokenizer=tokenizer)  # fmt: skip
+        quality = caption_metrics(
+            {k: r.references for k, r in zip(keys, records)},
+            dict(zip(keys, gen.texts)),
+            groups=domains,
+            spice=spice,
+            only=only,
+            tokenizer=tokenizer,
+        )
         score = quality["all"]["CIDEr"]
     elif any(r.references for r in records):
         raise ValueError("some caption records have references and some do not: score a labelled split")
     preds = _predictions([r.image_id for r in records], gen)
-    return EvalResult("captions", None if layer is not None else threshold, layer, "CIDEr", score, quality,
-                      gen.speed, _agreement(gen), preds, time.perf_counter() - t0)  # fmt: skip
+    return EvalResult(
+        "captions",
+        None if layer is not None else threshold,
+        layer,
+        "CIDEr",
+        score,
+        quality,
+        gen.speed,
+        _agreement(gen),
+        preds,
+        time.perf_counter() - t0,
+    )
 
 
 def evaluate_vqa(
@@ -193,12 +212,25 @@ def evaluate_vqa(
     """VQA accuracy (official; `metric="exact"` for GQA), overall and per answer/question type."""
     t0 = time.perf_counter()
     prompts = [prompt.format(question=r.question) for r in records]
-    gen = generate_texts(ee, processor, [r.image for r in records], prompts, threshold, layer,
-                         max_new_tokens=max_new_tokens, **generate_kwargs)  # fmt: skip
+    gen = generate_texts(
+        ee,
+        processor,
+        [r.image for r in records],
+        prompts,
+        threshold,
+        layer,
+        max_new_tokens=max_new_tokens,
+        **generate_kwargs,
+    )
     quality, score = {}, None
     if all(r.answers for r in records):
-        s = vqa_scores(gen.texts, [r.answers for r in records], [r.answer_type for r in records],
-                       [r.question_type for r in records], metric=metric)  # fmt: skip
+        s = vqa_scores(
+            gen.texts,
+            [r.answers for r in records],
+            [r.answer_type for r in records],
+            [r.question_type for r in records],
+            metric=metric,
+        )
         quality = {k: v for k, v in s.as_dict().items() if k != "per_question"}
         quality["metric"] = metric
         answerable = [r.answerable for r in records]
@@ -213,8 +245,18 @@ def evaluate_vqa(
     else:
         per_question = {}
     preds = _predictions([r.question_id for r in records], gen, **per_question)
-    return EvalResult("vqa", None if layer is not None else threshold, layer, "accuracy", score, quality,
-                      gen.speed, _agreement(gen), preds, time.perf_counter() - t0)  # fmt: skip
+    return EvalResult(
+        "vqa",
+        None if layer is not None else threshold,
+        layer,
+        "accuracy",
+        score,
+        quality,
+        gen.speed,
+        _agreement(gen),
+        preds,
+        time.perf_counter() - t0,
+    )
 
 
 def visdial_prompt(record: VisDialRecord) -> str:
@@ -236,18 +278,41 @@ def evaluate_visdial(
     NDCG); the speed report comes from generating each round's answer, early exit against full."""
     t0 = time.perf_counter()
     prompts = [visdial_prompt(r) for r in records]
-    gen = generate_texts(ee, processor, [r.image for r in records], prompts, threshold, layer,
-                         max_new_tokens=max_new_tokens, **generate_kwargs)  # fmt: skip
+    gen = generate_texts(
+        ee,
+        processor,
+        [r.image for r in records],
+        prompts,
+        threshold,
+        layer,
+        max_new_tokens=max_new_tokens,
+        **generate_kwargs,
+    )
     method = generate_kwargs.get("method", "free")
-    scores = [option_log_likelihoods(ee, processor, load_image(r.image), prompt, r.options, threshold, layer,
-                                     option_batch_size, method) for r, prompt in zip(records, prompts)]  # fmt: skip
+    scores = [
+        option_log_likelihoods(
+            ee, processor, load_image(r.image), prompt, r.options, threshold, layer, option_batch_size, method
+        )
+        for r, prompt in zip(records, prompts)
+    ]
     quality = visdial_metrics(scores, [r.gt_index for r in records], [r.relevance for r in records])
     ranked = [max(range(len(s)), key=lambda i: s[i]) for s in scores]
-    preds = _predictions([f"{r.image_id}:{r.round}" for r in records], gen,
-                         top_option=[r.options[i] for r, i in zip(records, ranked)])  # fmt: skip
+    preds = _predictions(
+        [f"{r.image_id}:{r.round}" for r in records], gen, top_option=[r.options[i] for r, i in zip(records, ranked)]
+    )
     score = quality.get("mrr")
-    return EvalResult("visdial", None if layer is not None else threshold, layer, "mrr", score, quality,
-                      gen.speed, _agreement(gen), preds, time.perf_counter() - t0)  # fmt: skip
+    return EvalResult(
+        "visdial",
+        None if layer is not None else threshold,
+        layer,
+        "mrr",
+        score,
+        quality,
+        gen.speed,
+        _agreement(gen),
+        preds,
+        time.perf_counter() - t0,
+    )
 
 
 EVALUATORS = {"captions": evaluate_captioning, "vqa": evaluate_vqa, "visdial": evaluate_visdial}

@@ -64,9 +64,12 @@ def option_log_likelihoods(
             first = inputs["input_ids"].shape[1] - 1  # position p predicts token p + 1
             labels = torch.full((len(chunk), first + 1 + ids.shape[1]), IGNORE_INDEX, dtype=torch.long)
             labels[:, first : first + ids.shape[1]] = _pad(targets, IGNORE_INDEX)[0]
-            batch = {"pixel_values": inputs["pixel_values"], "targets": labels,
-                     "input_ids": torch.cat([inputs["input_ids"], ids.to(device)], dim=1),
-                     "attention_mask": torch.cat([inputs["attention_mask"], tmask.to(device)], dim=1)}  # fmt: skip
+            batch = {
+                "pixel_values": inputs["pixel_values"],
+                "targets": labels,
+                "input_ids": torch.cat([inputs["input_ids"], ids.to(device)], dim=1),
+                "attention_mask": torch.cat([inputs["attention_mask"], tmask.to(device)], dim=1),
+            }
             batch.update({k: v for k, v in inputs.items() if k.startswith("qformer_")})  # InstructBLIP's instruction
         batch["targets"] = batch["targets"].to(device)
         out = ee(batch)

@@ -7,7 +7,7 @@ import os
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def plot_quality_vs_speedup(points: list[dict], metric: str, path: str | os.PathLike, title: str = "") -> None:
@@ -22,8 +22,13 @@ def plot_quality_vs_speedup(points: list[dict], metric: str, path: str | os.Path
         ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     timed = sorted((p for p in pts if p.get("wallclock_speedup") is not None), key=lambda p: p["wallclock_speedup"])
     if timed:
-        ax.plot([p["wallclock_speedup"] for p in timed], [p["score"] for p in timed], "s:", alpha=0.8,
-                label="measured wall-clock")  # fmt: skip
+        ax.plot(
+            [p["wallclock_speedup"] for p in timed],
+            [p["score"] for p in timed],
+            "s:",
+            alpha=0.8,
+            label="measured wall-clock",
+        )
     ax.axvline(1.0, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("speedup over the full model (x)")
     ax.set_ylabel(metric)

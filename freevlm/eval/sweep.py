@@ -92,8 +92,10 @@ def sweep(
     for t in thresholds:
         dev.append(evaluate(task, ee, processor, dev_records, t, **dict(eval_kwargs, compare_full=False)))
         test.append(evaluate(task, ee, processor, records, t, **eval_kwargs))
-        say(f"{method} threshold {t:g}: dev {dev[-1].metric} {dev[-1].score}, test {test[-1].score}, "
-            f"analytic speedup {test[-1].speed.analytic_speedup:.2f}x, wall-clock {test[-1].speed.wallclock_speedup}")  # fmt: skip
+        say(
+            f"{method} threshold {t:g}: dev {dev[-1].metric} {dev[-1].score}, test {test[-1].score}, "
+            f"analytic speedup {test[-1].speed.analytic_speedup:.2f}x, wall-clock {test[-1].speed.wallclock_speedup}"
+        )
     layers = []
     if per_layer:
         for layer in ee.exit_layers + [ee.backbone.num_layers]:
@@ -113,17 +115,31 @@ def write_sweep(result: SweepResult, out_dir: str | os.PathLike) -> dict[str, Pa
     paths["predictions"].write_text(json.dumps(preds, indent=1))
     scored = [r for r in result.test if r.score is not None]
     if scored:
-        points = [{"threshold": r.threshold, "score": r.score, "analytic_speedup": r.speed.analytic_speedup,
-                   "wallclock_speedup": r.speed.wallclock_speedup} for r in scored]  # fmt: skip
+        points = [
+            {
+                "threshold": r.threshold,
+                "score": r.score,
+                "analytic_speedup": r.speed.analytic_speedup,
+                "wallclock_speedup": r.speed.wallclock_speedup,
+            }
+            for r in scored
+        ]
         paths["quality_vs_speedup"] = out / "quality_vs_speedup.png"
-        plot_quality_vs_speedup(points, result.metric, paths["quality_vs_speedup"],
-                                f"{result.method}, {result.task}: {result.metric} vs speedup "
-                                f"(best on dev: {result.best_threshold:g})")  # fmt: skip
+        plot_quality_vs_speedup(
+            points,
+            result.metric,
+            paths["quality_vs_speedup"],
+            f"{result.method}, {result.task}: {result.metric} vs speedup (best on dev: {result.best_threshold:g})",
+        )
     layered = [r for r in result.per_layer if r.score is not None]
     if layered:
         paths["per_layer"] = out / "per_layer.png"
-        plot_per_layer([{"layer": r.layer, "score": r.score} for r in layered], result.metric, result.num_layers,
-                       paths["per_layer"])  # fmt: skip
+        plot_per_layer(
+            [{"layer": r.layer, "score": r.score} for r in layered],
+            result.metric,
+            result.num_layers,
+            paths["per_layer"],
+        )
     return paths
 
 

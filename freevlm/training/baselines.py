@@ -78,8 +78,12 @@ def per_exit_losses(
     return ce, kd
 
 
-def baseline_loss(method: str, ce: dict[str, torch.Tensor], kd: dict[str, torch.Tensor],
-                  kd_weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
+def baseline_loss(
+    method: str,
+    ce: dict[str, torch.Tensor],
+    kd: dict[str, torch.Tensor],
+    kd_weights: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """The method's training objective from its per-exit terms (keys are exit layers)."""
     if method == "deeblip":
         return sum(ce.values())
@@ -92,8 +96,9 @@ def baseline_loss(method: str, ce: dict[str, torch.Tensor], kd: dict[str, torch.
     raise ValueError(f"unknown baseline {method!r}, expected one of {BASELINES}")
 
 
-def evaluate_baseline(ee: EarlyExitVLM, dataset: Dataset, temperature: float = 1.0, batch_size: int = 16,
-                      runtime: Runtime | None = None) -> dict[str, float]:  # fmt: skip
+def evaluate_baseline(
+    ee: EarlyExitVLM, dataset: Dataset, temperature: float = 1.0, batch_size: int = 16, runtime: Runtime | None = None
+) -> dict[str, float]:
     """Held-out `ce/exit_i`, `kd/exit_i` (KL(p_N || p_i) at `temperature`, x T^2) per text token, plus stage 2's
     `kl/exit_i` and token accuracies; token-weighted over the set."""
     names = [f"{kind}/exit_{k}" for kind in ("ce", "kd") for k in ee.exits]
@@ -101,8 +106,9 @@ def evaluate_baseline(ee: EarlyExitVLM, dataset: Dataset, temperature: float = 1
     def sums(out: ExitOutputs) -> dict[str, float]:
         ce, kd = per_exit_losses(out, temperature)
         n = len(out.targets)
-        return {f"{kind}/exit_{k}": v.item() * n for kind, losses in (("ce", ce), ("kd", kd))
-                for k, v in losses.items()}  # fmt: skip
+        return {
+            f"{kind}/exit_{k}": v.item() * n for kind, losses in (("ce", ce), ("kd", kd)) for k, v in losses.items()
+        }
 
     return token_means(ee, dataset, names, sums, batch_size, runtime) | evaluate_exits(ee, dataset, batch_size, runtime)
 
@@ -121,11 +127,14 @@ class Baseline(ExitObjective):
 
     def __init__(self, model: nn.Module, config: BaselineTrainConfig, runtime: Runtime, train_set: Dataset):
         self.leeblip = config.method == "leeblip"
-        data, self.meta = (split_meta(train_set, config.meta_fraction, config.seed) if self.leeblip
-                           else (train_set, None))  # fmt: skip
+        data, self.meta = (
+            split_meta(train_set, config.meta_fraction, config.seed) if self.leeblip else (train_set, None)
+        )
         if self.meta is not None and len(self.meta) < config.batch_size * runtime.world:
-            raise ValueError(f"LeeBLIP's meta split has {len(self.meta)} records, fewer than one batch "
-                             f"({config.batch_size} x {runtime.world} process(es)): raise meta_fraction")  # fmt: skip
+            raise ValueError(
+                f"LeeBLIP's meta split has {len(self.meta)} records, fewer than one batch "
+                f"({config.batch_size} x {runtime.world} process(es)): raise meta_fraction"
+            )
         super().__init__(model, ExitConfig(list(config.exit_layers), kind="linear"), config, runtime, data)
         self.weights = DistillationWeights(list(self.ee.exits)).to(runtime.device)
         runtime.broadcast_(list(self.ee.exits.parameters()))
@@ -136,8 +145,9 @@ class Baseline(ExitObjective):
 
     def load_state_dict(self, state: dict, path: Path) -> None:
         if state["config"]["method"] != self.config.method:
-            raise ValueError(f"checkpoint {path} was trained as {state['config']['method']!r}, "
-                             f"not {self.config.method!r}")  # fmt: skip
+            raise ValueError(
+                f"checkpoint {path} was trained as {state['config']['method']!r}, not {self.config.method!r}"
+            )
         super().load_state_dict(state, path)
 
     def begin(self, step: int) -> None:
@@ -161,8 +171,11 @@ class Baseline(ExitObjective):
             self.sched.step()
             if self.leeblip:
                 self._update_weights(next(self.meta_stream), kd_grads, lr)
-        losses = {"train/loss": loss, **{f"train/ce/exit_{k}": v for k, v in ce.items()},
-                  **{f"train/kd/exit_{k}": v for k, v in kd.items()}}  # fmt: skip
+        losses = {
+            "train/loss": loss,
+            **{f"train/ce/exit_{k}": v for k, v in ce.items()},
+            **{f"train/kd/exit_{k}": v for k, v in kd.items()},
+        }
         return ({"loss": loss.item()} if ok else None), losses
 
     def scalars(self, means: dict[str, float]) -> dict[str, float]:
@@ -176,9 +189,13 @@ class Baseline(ExitObjective):
 
     def finish(self, out_dir: Path) -> EarlyExitVLM:
         if self.runtime.is_main:
-            info = {"method": self.config.method, "exit_layers": self.ee.exit_layers,
-                    "trainable_parameters": trainable_parameters([self.ee.exits, self.weights] if self.leeblip
-                                                                 else self.ee.exits)}  # fmt: skip
+            info = {
+                "method": self.config.method,
+                "exit_layers": self.ee.exit_layers,
+                "trainable_parameters": trainable_parameters(
+                    [self.ee.exits, self.weights] if self.leeblip else self.ee.exits
+                ),
+            }
             if self.leeblip:
                 info["kd_weights"] = {k: float(v.detach()) for k, v in self.weights.weights().items()}
             (out_dir / "method.json").write_text(json.dumps(info, indent=2))
@@ -202,8 +219,9 @@ class Baseline(ExitObjective):
         self.w_opt.step()
 
 
-def train_baseline(model: nn.Module, train_set: CaptionDataset, config: BaselineTrainConfig,
-                   dev_set: CaptionDataset | None = None) -> EarlyExitVLM:  # fmt: skip
+def train_baseline(
+    model: nn.Module, train_set: CaptionDataset, config: BaselineTrainConfig, dev_set: CaptionDataset | None = None
+) -> EarlyExitVLM:
     """Attach linear exits at `config.exit_layers` to the frozen `model` and train them with `config.method`'s
     loss. Writes `<output_dir>/exits` (loadable with `EarlyExitVLM.from_pretrained`) and
     `<output_dir>/method.json` (method, trainable parameters, learned weights) beside the loop's outputs."""

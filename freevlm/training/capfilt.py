@@ -74,9 +74,11 @@ class Blip2ItmScorer(_LocalScorer):
     def score(self, image: Image.Image, texts: list[str]) -> torch.Tensor:
         pixel_values, text = self._inputs(image, texts)
         out = self.model(
-            pixel_values=pixel_values.expand(len(texts), -1, -1, -1), input_ids=text["input_ids"],
-            attention_mask=text["attention_mask"], use_image_text_matching_head=True,
-        )  # fmt: skip
+            pixel_values=pixel_values.expand(len(texts), -1, -1, -1),
+            input_ids=text["input_ids"],
+            attention_mask=text["attention_mask"],
+            use_image_text_matching_head=True,
+        )
         return out.logits_per_image.softmax(-1)[:, 1].float().cpu()
 
 
@@ -116,16 +118,22 @@ def sample_captions(bundle: VLMBundle, images: list[Image.Image], config: CapFil
     """`num_samples` nucleus-sampled captions per image (the text after the prompt)."""
     inputs = bundle.inputs(images, [config.prompt] * len(images))
     out = bundle.model.generate(
-        **inputs, do_sample=True, top_p=config.top_p, temperature=config.temperature,
-        num_return_sequences=config.num_samples, max_new_tokens=config.max_new_tokens,
-    )  # fmt: skip
+        **inputs,
+        do_sample=True,
+        top_p=config.top_p,
+        temperature=config.temperature,
+        num_return_sequences=config.num_samples,
+        max_new_tokens=config.max_new_tokens,
+    )
     if not bundle.model.config.text_config.is_encoder_decoder:  # decoder-only: the prompt comes back first
         out = out[:, inputs["input_ids"].shape[1] :]
     texts = bundle.decode(out)
     return [texts[i * config.num_samples : (i + 1) * config.num_samples] for i in range(len(images))]
 
 
-def rank_captions(scorer: ImageTextScorer, image: Image.Image, captions: list[str], top_k: int) -> list[tuple[str, float]]:
+def rank_captions(
+    scorer: ImageTextScorer, image: Image.Image, captions: list[str], top_k: int
+) -> list[tuple[str, float]]:
     """The `top_k` best distinct non-empty captions by the scorer, best first."""
     unique = list(dict.fromkeys(c for c in captions if c))
     if not unique:
@@ -134,8 +142,14 @@ def rank_captions(scorer: ImageTextScorer, image: Image.Image, captions: list[st
     return sorted(zip(unique, scores), key=lambda cs: -cs[1])[:top_k]
 
 
-def capfilt(bundle: VLMBundle, image_paths: list[str], scorer: ImageTextScorer, output: str | os.PathLike,
-            config: CapFiltConfig | None = None, progress: bool = True) -> list[dict]:  # fmt: skip
+def capfilt(
+    bundle: VLMBundle,
+    image_paths: list[str],
+    scorer: ImageTextScorer,
+    output: str | os.PathLike,
+    config: CapFiltConfig | None = None,
+    progress: bool = True,
+) -> list[dict]:
     """Pseudo-captions for `image_paths`, written to `output` (COCO captions JSON with scores); returns the entries."""
     config = config or CapFiltConfig()
     config.validate()

@@ -16,8 +16,8 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -41,9 +41,13 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(
-    directory: str | os.PathLike, step: int, state: dict, runtime: Runtime, keep: int = 2,
+    directory: str | os.PathLike,
+    step: int,
+    state: dict,
+    runtime: Runtime,
+    keep: int = 2,
     write_extra: Callable[[Path], None] | None = None,
-) -> Path:  # fmt: skip
+) -> Path:
     """Write checkpoint `step` (collective: every process must call it); returns its folder."""
     directory = Path(directory)
     name = f"step-{step:08d}"
@@ -91,14 +95,18 @@ def read_state(file: str | os.PathLike, map_location="cpu", weights_only: bool =
     if not file.is_file():
         raise CheckpointError(f"checkpoint file missing: {file}")
     if file.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint file {file} is empty (a crash while writing?): delete its folder "
-                              f"{file.parent} to resume from an older checkpoint, or start a new --output")  # fmt: skip
+        raise CheckpointError(
+            f"checkpoint file {file} is empty (a crash while writing?): delete its folder "
+            f"{file.parent} to resume from an older checkpoint, or start a new --output"
+        )
     try:
         state = torch.load(file, map_location=map_location, weights_only=weights_only, mmap=mmap)
     except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, zipfile errors... for bad files
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint file {file} is damaged or not a freevlm checkpoint ({first}): delete "
-                              f"{file.parent} to resume from an older checkpoint, or start a new --output") from err  # fmt: skip
+        raise CheckpointError(
+            f"checkpoint file {file} is damaged or not a freevlm checkpoint ({first}): delete "
+            f"{file.parent} to resume from an older checkpoint, or start a new --output"
+        ) from err
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint file {file} holds a {type(state).__name__}, not a training state")
     return state
@@ -121,8 +129,10 @@ def check_resumable(output_dir: str | os.PathLike, resume: bool, kind: str, part
     path = latest_checkpoint(directory)
     if not resume:
         if path is not None:
-            raise CheckpointError(f"{output_dir} already holds checkpoints of another run: add --resume to "
-                                  "continue it, or pick another --output")  # fmt: skip
+            raise CheckpointError(
+                f"{output_dir} already holds checkpoints of another run: add --resume to "
+                "continue it, or pick another --output"
+            )
         return
     if path is None:
         raise CheckpointError(f"--resume: no checkpoint under {directory}")

@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -158,9 +158,12 @@ def batch_stream(dataset: Dataset, collate, config: LoopConfig, runtime: Runtime
     while True:
         batches = epoch_batches(len(dataset), config.batch_size, config.seed, epoch, runtime.rank, runtime.world)
         loader = DataLoader(
-            dataset, batch_sampler=batches[offset:], collate_fn=collate, num_workers=config.num_workers,
+            dataset,
+            batch_sampler=batches[offset:],
+            collate_fn=collate,
+            num_workers=config.num_workers,
             generator=torch.Generator().manual_seed(config.seed + epoch),  # else DataLoader draws from the global RNG
-        )  # fmt: skip
+        )
         for batch in loader:
             yield {k: v.to(runtime.device) for k, v in batch.items()}
         epoch, offset = epoch + 1, 0
@@ -172,7 +175,9 @@ def total_steps(config: LoopConfig, num_records: int, world: int) -> int:
     return config.epochs * steps_per_epoch(num_records, config.batch_size, world)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, config: LoopConfig, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, config: LoopConfig, total: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then constant, linear or cosine decay to zero at `total` steps."""
     warmup, kind = config.warmup_steps, config.schedule
 

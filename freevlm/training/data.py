@@ -43,9 +43,11 @@ class Record:
 
 
 def load_coco_captions(
-    path: str | os.PathLike, image_root: str | os.PathLike | None = None, prompt: str = "a photo of",
+    path: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    prompt: str = "a photo of",
     split: str | None = None,
-) -> list[Record]:  # fmt: skip
+) -> list[Record]:
     """One record per caption of a COCO captions file, official or Karpathy (`split`: its `train` includes
     `restval`), read by `freevlm.data.coco.read_captions`. Image paths are relative to `image_root` (default: the
     JSON's folder); missing images are reported by `CaptionDataset`, all at once."""
@@ -98,13 +100,23 @@ class CaptionDataset(Dataset):
     Q-Former reads.
     """
 
-    def __init__(self, records: list[Record], tokenizer, image_processor, model_config, max_target_tokens: int | None = None,
-                 source: str = "dataset", qformer_tokenizer=None):  # fmt: skip
+    def __init__(
+        self,
+        records: list[Record],
+        tokenizer,
+        image_processor,
+        model_config,
+        max_target_tokens: int | None = None,
+        source: str = "dataset",
+        qformer_tokenizer=None,
+    ):
         if not records:
             raise ValueError(f"{source} is empty: no (image, text) records to train on")
         if is_instructblip(model_config) and qformer_tokenizer is None:
-            raise ValueError("InstructBLIP's Q-Former reads the prompt as its instruction: pass qformer_tokenizer "
-                             "(InstructBlipProcessor's qformer_tokenizer)")  # fmt: skip
+            raise ValueError(
+                "InstructBLIP's Q-Former reads the prompt as its instruction: pass qformer_tokenizer "
+                "(InstructBlipProcessor's qformer_tokenizer)"
+            )
         self.qformer_ids = None
         if qformer_tokenizer is not None:  # with its special tokens, as the processor gives them
             self.qformer_ids = [qformer_tokenizer(r.prompt)["input_ids"] for r in records]
@@ -115,8 +127,10 @@ class CaptionDataset(Dataset):
         if getattr(model_config, "model_type", None) == "llava":
             self.image_text = tokenizer.convert_ids_to_tokens(model_config.image_token_index)
             if self.image_text is None:
-                raise ValueError(f"the tokenizer has no image token (id {model_config.image_token_index}): use the "
-                                 "LLaVA processor's tokenizer")  # fmt: skip
+                raise ValueError(
+                    f"the tokenizer has no image token (id {model_config.image_token_index}): use the "
+                    "LLaVA processor's tokenizer"
+                )
         self.records = records
         self.image_processor = image_processor
         eos = tokenizer.eos_token_id
@@ -161,8 +175,11 @@ class CaptionDataset(Dataset):
         r = self.records[index]
         image = load_image(r.image)
         pixel_values = self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
-        item = {"pixel_values": pixel_values, "prompt_ids": self.prompt_ids[index],
-                "target_ids": self.target_ids[index]}  # fmt: skip
+        item = {
+            "pixel_values": pixel_values,
+            "prompt_ids": self.prompt_ids[index],
+            "target_ids": self.target_ids[index],
+        }
         if self.qformer_ids is not None:
             item["qformer_ids"] = self.qformer_ids[index]
         return item
@@ -180,17 +197,19 @@ class CaptionCollator:
     qformer_pad_token_id: int = 0
 
     @classmethod
-    def for_model(cls, model_config) -> "CaptionCollator":
+    def for_model(cls, model_config) -> CaptionCollator:
         text = model_config.text_config
         pad = text.pad_token_id if text.pad_token_id is not None else 0
         start = getattr(text, "decoder_start_token_id", None)
         qformer = getattr(model_config, "qformer_config", None)
         return cls(
             qformer_pad_token_id=(qformer.pad_token_id or 0) if qformer is not None else 0,
-            image_token_index=model_config.image_token_index, num_query_tokens=model_config.num_query_tokens,
-            pad_token_id=pad, decoder_only=not getattr(text, "is_encoder_decoder", False),
+            image_token_index=model_config.image_token_index,
+            num_query_tokens=model_config.num_query_tokens,
+            pad_token_id=pad,
+            decoder_only=not getattr(text, "is_encoder_decoder", False),
             decoder_start_token_id=start if start is not None else pad,
-        )  # fmt: skip
+        )
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         batch = self._layout(items)
@@ -217,15 +236,24 @@ class CaptionCollator:
             for b, (prompt, it) in enumerate(zip(prompts, items)):
                 start = len(prompt) - 1  # the last prompt position predicts the first target
                 targets[b, start : start + len(it["target_ids"])] = torch.tensor(it["target_ids"])
-            return {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask,
-                    "targets": targets}  # fmt: skip
+            return {
+                "pixel_values": pixel_values,
+                "input_ids": input_ids,
+                "attention_mask": attention_mask,
+                "targets": targets,
+            }
         input_ids, attention_mask = self._pad(prompts, self.pad_token_id)
         decoder_input_ids, _ = self._pad(
             [[self.decoder_start_token_id] + it["target_ids"][:-1] for it in items], self.pad_token_id
         )
         targets, _ = self._pad([it["target_ids"] for it in items], IGNORE_INDEX)
-        return {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask,
-                "decoder_input_ids": decoder_input_ids, "targets": targets}  # fmt: skip
+        return {
+            "pixel_values": pixel_values,
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "decoder_input_ids": decoder_input_ids,
+            "targets": targets,
+        }
 
     @staticmethod
     def _pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -62,8 +62,9 @@ class ExitTrainConfig(LoopConfig):
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
 
 
-def kd_loss(exit_logits: torch.Tensor, final_logits: torch.Tensor, temperature: float = 1.0,
-            direction: str = "exit_to_final") -> torch.Tensor:  # fmt: skip
+def kd_loss(
+    exit_logits: torch.Tensor, final_logits: torch.Tensor, temperature: float = 1.0, direction: str = "exit_to_final"
+) -> torch.Tensor:
     """Mean over positions of the KL between exit and final-layer distributions at `temperature`, times T^2."""
     log_exit = F.log_softmax(exit_logits.float() / temperature, dim=-1)
     log_final = F.log_softmax(final_logits.float() / temperature, dim=-1)
@@ -92,8 +93,11 @@ def discriminator_loss(
     real = real.detach().requires_grad_(r1 > 0)
     for k, fake in fakes.items():
         d_real, d_fake = discs[k](real).float(), discs[k](fake.detach()).float()
-        loss = loss + F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real)) \
-            + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))  # fmt: skip
+        loss = (
+            loss
+            + F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
+            + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
+        )
         if r1 > 0:
             (grad,) = torch.autograd.grad(d_real.sum(), real, create_graph=True)
             loss = loss + r1 / 2 * grad.float().pow(2).sum(-1).mean()
@@ -113,9 +117,12 @@ def adversarial_loss(discs: nn.ModuleDict, fakes: dict[str, torch.Tensor]) -> to
 
 
 def evaluate_exits(
-    ee: EarlyExitVLM, dataset: Dataset, batch_size: int = 16, runtime: Runtime | None = None,
+    ee: EarlyExitVLM,
+    dataset: Dataset,
+    batch_size: int = 16,
+    runtime: Runtime | None = None,
     discriminators: nn.ModuleDict | None = None,
-) -> dict[str, float]:  # fmt: skip
+) -> dict[str, float]:
     """Held-out `kl/exit_i` = KL(p_i || p_N) per text token, `token_acc/exit_i` and `token_acc/final`
     (argmax against the target token), token-weighted over the whole set (and over processes).
 
@@ -159,13 +166,22 @@ class DiscriminatorMonitor:
                 continue
             if min(hist) >= 0.99 and (k, "high") not in self.warned:
                 self.warned.add((k, "high"))
-                logger.warning("step %d: discriminator of exit %s has been ~100%% accurate for %d steps: the exit's "
-                               "features are easy to tell from h_N (generator collapse?)", step, k, self.window)  # fmt: skip
+                logger.warning(
+                    "step %d: discriminator of exit %s has been ~100%% accurate for %d steps: the exit's "
+                    "features are easy to tell from h_N (generator collapse?)",
+                    step,
+                    k,
+                    self.window,
+                )
             if max(abs(a - 0.5) for a in hist) <= 0.02 and (k, "chance") not in self.warned:
                 self.warned.add((k, "chance"))
-                logger.warning("step %d: discriminator of exit %s has been at ~50%% accuracy for %d steps: it "
-                               "learns nothing or the exits outrun it (see bench/bench_discriminator.py)", step, k,
-                               self.window)  # fmt: skip
+                logger.warning(
+                    "step %d: discriminator of exit %s has been at ~50%% accuracy for %d steps: it "
+                    "learns nothing or the exits outrun it (see bench/bench_discriminator.py)",
+                    step,
+                    k,
+                    self.window,
+                )
 
 
 class FreeGAN(ExitObjective):
@@ -194,8 +210,9 @@ class FreeGAN(ExitObjective):
         d_loss, d_acc = zero, {}
         if config.adversarial:
             with autocast(config, device):
-                d_loss, d_acc = discriminator_loss(self.discriminators, out.final_features, out.features,
-                                                   config.disc_r1)  # fmt: skip
+                d_loss, d_acc = discriminator_loss(
+                    self.discriminators, out.final_features, out.features, config.disc_r1
+                )
         ok = self.guard.ok({"discriminator loss": d_loss}, step, self.runtime)
         if ok and config.adversarial:
             self.optimizer_step(d_loss, self.d_opt, self.d_params)
@@ -236,8 +253,9 @@ class FreeGAN(ExitObjective):
         return evaluate_exits(self.ee, dataset, self.config.batch_size, self.runtime, discs)
 
 
-def train_exits(model: nn.Module, train_set: CaptionDataset, config: ExitTrainConfig,
-                dev_set: CaptionDataset | None = None) -> EarlyExitVLM:  # fmt: skip
+def train_exits(
+    model: nn.Module, train_set: CaptionDataset, config: ExitTrainConfig, dev_set: CaptionDataset | None = None
+) -> EarlyExitVLM:
     """Attach exits at `config.exit_layers` to the (frozen) BLIP-2 `model` and train them; returns the exits,
     also written to `<output_dir>/exits` (loadable with `EarlyExitVLM.from_pretrained`)."""
     return train(lambda runtime: FreeGAN(model, config, runtime, train_set), config, dev_set)

@@ -59,8 +59,10 @@ def trainable_parts(backbone: Backbone, config: FinetuneConfig) -> list[nn.Modul
     chosen = [part for flag, part in TRAINABLE_PARTS.items() if getattr(config, flag)]
     found = [x for part in chosen for x in parts.get(part, [])]
     if not found:
-        raise ValueError(f"nothing to train: this {type(backbone.model).__name__} has no {' or '.join(chosen)} "
-                         f"(its parts: {', '.join(parts)})")  # fmt: skip
+        raise ValueError(
+            f"nothing to train: this {type(backbone.model).__name__} has no {' or '.join(chosen)} "
+            f"(its parts: {', '.join(parts)})"
+        )
     return found
 
 
@@ -156,8 +158,13 @@ class Finetune(Objective):
         return self.model
 
 
-def finetune(model: nn.Module, train_set: CaptionDataset, config: FinetuneConfig,
-             dev_set: CaptionDataset | None = None, save_with: tuple = ()) -> nn.Module:  # fmt: skip
+def finetune(
+    model: nn.Module,
+    train_set: CaptionDataset,
+    config: FinetuneConfig,
+    dev_set: CaptionDataset | None = None,
+    save_with: tuple = (),
+) -> nn.Module:
     """Fine-tune `model` in place; returns it. The result goes to `<output_dir>/model` with `save_pretrained`,
     together with every object in `save_with` (`VLMBundle.preprocessing`: the tokenizer and image processor, or
     the processor) so the folder loads with `load_vlm`."""

@@ -163,8 +163,12 @@ def train(make: Callable[[Runtime], Objective], config: LoopConfig, dev_set: Dat
             if runtime.is_main and step == total:
                 (out_dir / "dev_metrics.json").write_text(json.dumps(metrics, indent=2))
         if step % config.checkpoint_every == 0 or step == total:
-            state = {"step": step, "config": asdict(config), **objective.state_dict(),
-                     "nonfinite_skipped": guard.skipped}  # fmt: skip
+            state = {
+                "step": step,
+                "config": asdict(config),
+                **objective.state_dict(),
+                "nonfinite_skipped": guard.skipped,
+            }
             save_checkpoint(ckpt_dir, step, state, runtime, config.keep_checkpoints, write_extra=objective.save)
 
     progress.close()
@@ -188,9 +192,13 @@ def eval_mode(*modules: nn.Module):
 
 @torch.no_grad()
 def token_means(
-    ee: EarlyExitVLM, dataset: Dataset, names: list[str], sums: Callable[[ExitOutputs], dict[str, float]],
-    batch_size: int = 16, runtime: Runtime | None = None,
-) -> dict[str, float]:  # fmt: skip
+    ee: EarlyExitVLM,
+    dataset: Dataset,
+    names: list[str],
+    sums: Callable[[ExitOutputs], dict[str, float]],
+    batch_size: int = 16,
+    runtime: Runtime | None = None,
+) -> dict[str, float]:
     """Per text token over `dataset` (and over processes): each of `names` summed by `sums(ee(batch))` over the
     batches, divided by the number of text tokens."""
     rank, world = (runtime.rank, runtime.world) if runtime is not None else (0, 1)

@@ -20,8 +20,15 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
 # stages of EfficientNet-Lite0: (repeats, kernel, first stride, expansion, output channels)
-STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
-          (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]  # fmt: skip
+STAGES = [
+    (1, 3, 1, 1, 16),
+    (2, 3, 2, 6, 24),
+    (2, 5, 2, 6, 40),
+    (3, 3, 2, 6, 80),
+    (3, 5, 1, 6, 112),
+    (4, 5, 2, 6, 192),
+    (1, 3, 1, 6, 320),
+]
 FEATURE_BLOCKS = 11  # blocks 0..10: stride 16, 112 channels (8x8 tokens for a 128 px image)
 FEATURE_CHANNELS = 112
 # Block 10 is nearly colour-blind (on shapes-world objects colour explains ~14% of a token's variance there, shape
