@@ -7,6 +7,7 @@ from torch import nn
 from .base import Backbone, Blip2Backbone, Context, sharing_features  # noqa: F401  (public)
 from .blip2_opt import Blip2OPTBackbone
 from .blip2_t5 import Blip2T5Backbone
+from .gemma3 import Gemma3Backbone
 from .instructblip import InstructBlipOPTBackbone, InstructBlipRotaryBackbone, InstructBlipT5Backbone
 from .llava import LlavaBackbone
 from .rotary import LANGUAGE_MODELS as ROTARY_LANGUAGE_MODELS
@@ -15,7 +16,8 @@ T5_TYPES = ("t5", "mt5", "umt5")
 SUPPORTED = (
     "Blip2ForConditionalGeneration (OPT, T5/FlanT5), "
     f"InstructBlipForConditionalGeneration (OPT, T5/FlanT5, {', '.join(ROTARY_LANGUAGE_MODELS)}), "
-    f"LlavaForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)})"
+    f"LlavaForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)}), "
+    "Gemma3ForConditionalGeneration"
 )
 
 
@@ -23,9 +25,13 @@ def load_backbone(model: nn.Module) -> Backbone:
     """The adapter for a supported Hugging Face model; a clear error naming what is supported for anything else."""
     from transformers import (
         Blip2ForConditionalGeneration,
+        Gemma3ForConditionalGeneration,
         InstructBlipForConditionalGeneration,
         LlavaForConditionalGeneration,
     )
+
+    if isinstance(model, Gemma3ForConditionalGeneration):
+        return Gemma3Backbone(model)
 
     blip = {
         Blip2ForConditionalGeneration: (Blip2OPTBackbone, Blip2T5Backbone),
