@@ -5,8 +5,9 @@ Built from a config, Hugging Face's BLIP-2 has a dead vision path: the vision co
 initializer range and draw the query tokens, so the image matters in every model built here.
 
 `tiny_model(family)` builds any supported family: "opt", "t5" (BLIP-2), "instructblip-opt", "instructblip-t5",
-"instructblip-llama" or "llama", "mistral", "qwen2" (LLaVA), or "gemma3". `tiny_model_inputs` gives what its
-processor would: a dict that both `ee.generate(**inputs)` and the model's own `generate(**inputs)` take.
+"instructblip-llama" or "llama", "mistral", "qwen2" (LLaVA), "gemma3", "internvl-qwen2" or "internvl-llama".
+`tiny_model_inputs` gives what its processor would: a dict that both `ee.generate(**inputs)` and the model's own
+`generate(**inputs)` take.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from transformers import (
     Gemma3TextConfig,
     InstructBlipConfig,
     InstructBlipForConditionalGeneration,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -280,8 +284,35 @@ def tiny_gemma3(seed: int = 0, **config_kwargs) -> Gemma3ForConditionalGeneratio
     return model.eval()
 
 
+def internvl_config(family: str = "qwen2", num_layers: int = 4, hidden_size: int = 64, vocab_size: int = 99):
+    """An InternVL with a 1-layer InternViT (16 patches and CLS; pixel shuffle makes 4 image tokens of the patches)
+    and the grouped-query LM `llava_config` gives `family`."""
+    vision = InternVLVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=4,
+    )
+    text = llava_config(family, num_layers=num_layers, hidden_size=hidden_size, vocab_size=vocab_size).text_config
+    return InternVLConfig(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        image_token_id=vocab_size - 1,
+        image_seq_length=4,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+
+
 def tiny_model(family: str = "opt", seed: int = 0, **config_kwargs) -> nn.Module:
     """A random model of any supported family (see the module docstring)."""
+    if family.startswith("internvl-"):
+        torch.manual_seed(seed)
+        return InternVLForConditionalGeneration(
+            internvl_config(family.removeprefix("internvl-"), **config_kwargs)
+        ).eval()
     if family == "gemma3":
         return tiny_gemma3(seed, **config_kwargs)
     if family in LLAVA_TEXT_CONFIGS:
@@ -299,6 +330,8 @@ def image_tokens(model: nn.Module, pixel_values: torch.Tensor) -> int:
         return len(getattr(output, "pooler_output", output)[0])
     if isinstance(model, Gemma3ForConditionalGeneration):
         return model.config.mm_tokens_per_image
+    if isinstance(model, InternVLForConditionalGeneration):
+        return model.config.image_seq_length
     return model.config.num_query_tokens
 
 
@@ -307,10 +340,12 @@ def tiny_inputs(model: nn.Module, batch: int = 1, prompt_len: int = 3, seed: int
     gen = torch.Generator().manual_seed(seed)
     cfg = model.config
     size = cfg.vision_config.image_size
-    pixel_values = torch.randn(batch, 3, size, size, generator=gen)
+    height, width = size if isinstance(size, (list, tuple)) else (size, size)  # InternVL's is (height, width)
+    pixel_values = torch.randn(batch, 3, height, width, generator=gen)
     vocab = cfg.text_config.vocab_size
     text = torch.randint(4, vocab - 1, (batch, prompt_len), generator=gen)
-    image = torch.full((batch, image_tokens(model, pixel_values)), cfg.image_token_index)
+    image_token = getattr(cfg, "image_token_index", None) or cfg.image_token_id  # InternVL: image_token_id
+    image = torch.full((batch, image_tokens(model, pixel_values)), image_token)
     mask = torch.ones(batch, image.shape[1] + prompt_len, dtype=torch.long)
     input_ids = torch.cat([image, text], dim=1)
     if pad and batch > 1:

@@ -1,4 +1,4 @@
-"""LLaVA (Llama, Mistral, Qwen2 LMs), InstructBLIP (OPT, T5, Llama LMs) and Gemma 3 on the same engine: what
+"""LLaVA (Llama, Mistral, Qwen2 LMs), InstructBLIP (OPT, T5, Llama LMs), Gemma 3 and InternVL on the same engine: what
 tests/test_engine.py, test_decoding_modes.py and test_static_engine.py show for BLIP-2, shown for these families (their
 helpers reused).
 
@@ -21,7 +21,16 @@ from freevlm.decoding.policies import FixedSchedulePolicy
 from freevlm.decoding.static import StaticEngine
 from freevlm.tiny import llava_config, tiny_instruction, tiny_model, tiny_model_inputs
 
-FAMILIES = ["llama", "mistral", "qwen2", "instructblip-opt", "instructblip-t5", "instructblip-llama", "gemma3"]
+FAMILIES = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "instructblip-opt",
+    "instructblip-t5",
+    "instructblip-llama",
+    "gemma3",
+    "internvl-qwen2",
+]
 WINDOWS = {"mistral": 4, "qwen2": 3}  # Qwen2's from layer 1 up: full and windowed layers mixed
 MAX_NEW = 10
 
@@ -382,3 +391,23 @@ def test_gemma3_as_an_encoder_is_refused():
     config.text_config.use_bidirectional_attention = True
     with pytest.raises(ValueError, match="use_bidirectional_attention=True"):
         load_backbone(Gemma3ForConditionalGeneration(config))
+
+
+# --- InternVL --------------------------------------------------------------------------------------------------
+def test_internvl_with_a_llama_lm_equals_hf_generate():
+    """InternVL's other LM (the matrix runs its Qwen2 one): greedy and beam, left-padded."""
+    case = Case("internvl-llama", seed=2, batch=3, pad=True)
+    for kwargs in (dict(num_beams=1), dict(num_beams=3, length_penalty=0.6)):
+        ref = case.hf_generate(max_new_tokens=MAX_NEW, **kwargs)
+        assert torch.equal(case.generate(max_new_tokens=MAX_NEW, threshold=1.0, **kwargs).sequences, ref)
+
+
+def test_internvl_tiles_and_image_token_counts_are_checked():
+    case = Case("internvl-qwen2", batch=2)
+    pv, ids, mask = case.inputs
+    with pytest.raises(ValueError, match="input_ids has 2 rows but pixel_values has 4 images"):
+        case.ee.generate(torch.cat([pv, pv]), ids, mask, max_new_tokens=2)  # two tiles per image
+    fewer = ids.clone()
+    fewer[1, 0] = 5
+    with pytest.raises(ValueError, match=r"prompt row 1 holds 3 image token\(s\) \(id 98\) but its image gives 4"):
+        case.ee.generate(pv, fewer, mask, max_new_tokens=2)

@@ -9,6 +9,7 @@ from .blip2_opt import Blip2OPTBackbone
 from .blip2_t5 import Blip2T5Backbone
 from .gemma3 import Gemma3Backbone
 from .instructblip import InstructBlipOPTBackbone, InstructBlipRotaryBackbone, InstructBlipT5Backbone
+from .internvl import InternVLBackbone
 from .llava import LlavaBackbone
 from .rotary import LANGUAGE_MODELS as ROTARY_LANGUAGE_MODELS
 
@@ -17,7 +18,8 @@ SUPPORTED = (
     "Blip2ForConditionalGeneration (OPT, T5/FlanT5), "
     f"InstructBlipForConditionalGeneration (OPT, T5/FlanT5, {', '.join(ROTARY_LANGUAGE_MODELS)}), "
     f"LlavaForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)}), "
-    "Gemma3ForConditionalGeneration"
+    "Gemma3ForConditionalGeneration, "
+    f"InternVLForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)})"
 )
 
 
@@ -27,11 +29,17 @@ def load_backbone(model: nn.Module) -> Backbone:
         Blip2ForConditionalGeneration,
         Gemma3ForConditionalGeneration,
         InstructBlipForConditionalGeneration,
+        InternVLForConditionalGeneration,
         LlavaForConditionalGeneration,
     )
 
     if isinstance(model, Gemma3ForConditionalGeneration):
         return Gemma3Backbone(model)
+    if isinstance(model, InternVLForConditionalGeneration):
+        language_model = model.config.text_config.model_type
+        if language_model not in ROTARY_LANGUAGE_MODELS:
+            raise TypeError(f"unsupported InternVL language model '{language_model}': freevlm supports {SUPPORTED}")
+        return InternVLBackbone(model)
 
     blip = {
         Blip2ForConditionalGeneration: (Blip2OPTBackbone, Blip2T5Backbone),
