@@ -67,6 +67,8 @@ def _check_pixels(model, cfg, pixel_values) -> None:
             "(RGB): convert images with .convert('RGB') before the image processor"
         )
     size = getattr(cfg.vision_config, "image_size", None)
+    if isinstance(size, (list, tuple)):  # InternVL's (height, width): square in every released model
+        size = size[0] if len(set(size)) == 1 else None
     height, width = pixel_values.shape[-2:]
     if size and (height, width) != (size, size):
         if _is_vit(model):

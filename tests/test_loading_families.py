@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "what color is the square"
 
 
-@pytest.fixture(params=["llama", "instructblip-llama"])
+@pytest.fixture(params=["llama", "instructblip-llama", "gemma3"])
 def folder(request, tmp_path):
     """A model and its processor saved side by side, as a Hugging Face checkpoint ships them."""
     model = tiny_model(request.param, seed=3)
@@ -36,8 +36,10 @@ def test_caption_command_decodes_as_the_model_s_own_generate(folder, capsys):
     prompt gets `<image>` in front, expanded to one token per feature; InstructBLIP: the Q-Former reads it)."""
     bundle = load_vlm(folder / "model")
     image = Image.open(folder / "red.png").convert("RGB")
-    text = PROMPT if bundle.model.config.model_type == "instructblip" else f"<image>\n{PROMPT}"
-    hf_inputs = bundle.processor(images=[image], text=[text], return_tensors="pt")
+    model_type = bundle.model.config.model_type
+    text = PROMPT if model_type == "instructblip" else f"{bundle.processor.image_token}\n{PROMPT}"
+    images = [[image]] if model_type == "gemma3" else [image]  # Gemma 3's processor takes each prompt's images
+    hf_inputs = bundle.processor(images=images, text=[text], return_tensors="pt")
     ref = bundle.model.generate(**hf_inputs, max_new_tokens=5, do_sample=False, min_new_tokens=5)
     expected = bundle.tokenizer.decode(ref[0, hf_inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     assert (
@@ -139,6 +141,10 @@ def test_training_prompts_are_laid_out_as_the_processor_lays_them_out(folder):
     assert (batch["targets"][:, : prompt_len - 1] == -100).all() and (batch["targets"][:, prompt_len - 1] >= 0).all()
     for key in ("qformer_input_ids", "pixel_values"):
         assert (key in batch) == (key in inputs) and (key not in batch or torch.equal(batch[key], inputs[key]))
+    assert ("token_type_ids" in batch) == ("token_type_ids" in inputs)  # Gemma 3's
+    if "token_type_ids" in batch:
+        assert torch.equal(batch["token_type_ids"][:, :prompt_len], inputs["token_type_ids"])
+        assert not batch["token_type_ids"][:, prompt_len:].any()
 
 
 def test_sweep_command_reads_the_folder(folder, tmp_path):

@@ -16,9 +16,11 @@ class LlavaLayout:
     """The LLaVA config as the rest of freevlm reads it: BLIP-2's prompt layout (`num_query_tokens` image tokens of
     id `image_token_index` per image) on top of the Hugging Face config, whose every other attribute shows through."""
 
-    def __init__(self, config, num_query_tokens: int):
+    def __init__(self, config, num_query_tokens: int, image_token_index: int | None = None):
         self._config = config
         self.num_query_tokens = num_query_tokens
+        if image_token_index is not None:  # where the model's config calls it otherwise (InternVL: image_token_id)
+            self.image_token_index = image_token_index
 
     def __getattr__(self, name: str):
         if name == "_config":  # not set yet (copy, pickle): no recursion
@@ -51,7 +53,11 @@ class LlavaBackbone(RotaryDecoder):
 
     def __init__(self, model: nn.Module):
         super().__init__(model, lm=model)  # the whole model owns the head and the generation config
-        self.config = LlavaLayout(model.config, image_tokens_per_image(model.config))
+        self.config = self.prompt_layout(model.config)
+
+    @staticmethod
+    def prompt_layout(config) -> LlavaLayout:
+        return LlavaLayout(config, image_tokens_per_image(config))
 
     def stage1_parts(self) -> dict[str, list[nn.Module]]:
         """LLaVA's parts: no Q-Former; its projector is what LLaVA's own stage 1 trains."""

@@ -40,6 +40,7 @@ def beam_generate(
     pixel_values: torch.Tensor,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
+    inputs: dict | None = None,
 ) -> GenerateOutput:
     k, max_new_tokens, eos_token_id = config.num_beams, config.max_new_tokens, config.eos_token_id
     length_penalty, early_stopping = config.length_penalty, config.early_stopping
@@ -47,8 +48,16 @@ def beam_generate(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     expand = lambda t: t.repeat_interleave(k, dim=0)  # noqa: E731 - as Hugging Face expands inputs per beam
-    inputs = expand(pixel_values), expand(input_ids), expand(attention_mask)
-    req = Request.start(backbone, exits, policy, config, *inputs)
+    req = Request.start(
+        backbone,
+        exits,
+        policy,
+        config,
+        expand(pixel_values),
+        expand(input_ids),
+        expand(attention_mask),
+        inputs={name: expand(value) for name, value in (inputs or {}).items()},
+    )
     ctx, engine, device = req.ctx, req.engine, backbone.device
     prompt_len = ctx.prompt_ids.shape[1]
     keep = max(2, 1 + len(eos_token_id)) * k  # candidates per item, so k unfinished ones always remain
