@@ -16,8 +16,8 @@ from ..calibration import (
     place_exits,
     placement_guarantee,
 )
-from ..eval.evaluate import EvalResult
 from ..model import EarlyExitVLM
+from .evaluate import SplitRuns
 from .runs import Runner
 
 CONSISTENCY_WHY = (
@@ -74,11 +74,12 @@ class CalibrationSet:
 
 class OnTest:
     """Consistency risk (captions that differ from the full model's), CIDEr and analytic speedup of a set of exits
-    at a threshold on test; each (exits, threshold) is decoded once."""
+    at a threshold on test; each (exits, threshold) is decoded once, FREE's at the chosen threshold not again."""
 
-    def __init__(self, runner: Runner, test, full: EvalResult, seen: dict[tuple, EvalResult]):
-        self.runner, self.test, self.seen = runner, test, seen  # `seen`: runs by (source, exit layers, threshold)
-        self.full = [p["prediction"] for p in full.predictions]
+    def __init__(self, runner: Runner, test, main: SplitRuns, chosen: float):
+        self.runner, self.test = runner, test
+        self.seen = {("free", tuple(runner.cfg.exit_layers), chosen): main.free}  # by (source, exits, threshold)
+        self.full = [p["prediction"] for p in main.full.predictions]
 
     def check(self, source: str, ee: EarlyExitVLM, threshold: float) -> dict:
         key = (source, tuple(ee.exit_layers), threshold)

@@ -291,7 +291,7 @@ def _placement_table(p: dict) -> Table:
 
 
 def targets(results: dict) -> list[tuple[bool, str]]:
-    return [(t["met"], f"{t['name']} (reached: {t['value']})") for t in results.get("targets") or []]
+    return [(t["met"], f"{t['name']} (reached: {t['value']})") for t in results.get("targets", [])]
 
 
 def layer_label(layer: int, final: int | None) -> str:
