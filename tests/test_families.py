@@ -402,12 +402,58 @@ def test_internvl_with_a_llama_lm_equals_hf_generate():
         assert torch.equal(case.generate(max_new_tokens=MAX_NEW, threshold=1.0, **kwargs).sequences, ref)
 
 
-def test_internvl_tiles_and_image_token_counts_are_checked():
-    case = Case("internvl-qwen2", batch=2)
-    pv, ids, mask = case.inputs
-    with pytest.raises(ValueError, match="input_ids has 2 rows but pixel_values has 4 images"):
-        case.ee.generate(torch.cat([pv, pv]), ids, mask, max_new_tokens=2)  # two tiles per image
-    fewer = ids.clone()
-    fewer[1, 0] = 5
-    with pytest.raises(ValueError, match=r"prompt row 1 holds 3 image token\(s\) \(id 98\) but its image gives 4"):
-        case.ee.generate(pv, fewer, mask, max_new_tokens=2)
+# --- several images per prompt row (Gemma 3: several images or crops; InternVL: an image's tiles) ---------------
+def _several_images(case):
+    """Row 0 holds two images (Gemma 3: two image blocks between text; InternVL: two tiles, adjacent), row 1 one,
+    left-padded: pixel_values has 3 rows, in prompt order."""
+    cfg, backbone = case.model.config, case.ee.backbone
+    image, per, pad = backbone.config.image_token_index, backbone.config.num_query_tokens, 1
+    between = [10] if backbone.family == "gemma3_text" else []
+    rows = [[image] * per + between + [image] * per + [11, 12], [image] * per + [13, 14]]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    size = case.inputs[0].shape[-1]
+    inputs = {
+        "pixel_values": torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0)),
+        "input_ids": ids,
+        "attention_mask": mask,
+    }
+    if "token_type_ids" in backbone.input_names:
+        inputs["token_type_ids"] = (ids == image).long()
+    assert cfg is not None and backbone.images_per_row(ids) == [2, 1]
+    return inputs
+
+
+@pytest.mark.parametrize("family", ["gemma3", "internvl-qwen2"])
+def test_several_images_per_row_equal_hf_generate(family):
+    """Greedy, threshold 1.0 and beam search equal Hugging Face's (whose generate repeats each row's images as a
+    group per beam, since it encodes images before expanding), speculative equals greedy; images in another order
+    change the output."""
+    case = Case(family, seed=5, sharpen=True)
+    inputs = _several_images(case)
+    ref = case.model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
+    assert torch.equal(case.ee.generate(**inputs, max_new_tokens=MAX_NEW, mode="full").sequences, ref)
+    assert torch.equal(case.ee.generate(**inputs, max_new_tokens=MAX_NEW, threshold=1.0).sequences, ref)
+    from transformers import GenerationMixin
+
+    if hasattr(GenerationMixin, "_expand_multimodal_outputs"):  # before (5.17), its beams got [A, A, B, B]
+        beam = dict(max_new_tokens=6, num_beams=3, length_penalty=0.6)
+        hf_beam = case.model.generate(**inputs, do_sample=False, **beam)
+        assert torch.equal(case.ee.generate(**inputs, threshold=1.0, **beam).sequences, hf_beam)
+    out = case.ee.generate(**inputs, max_new_tokens=MAX_NEW, mode="speculative", threshold=0.0)
+    assert torch.equal(out.sequences, ref) and out.stats.speculative["drafted"] > 0
+    swapped = dict(inputs, pixel_values=inputs["pixel_values"][[1, 0, 2]])
+    logits = [case.model(**x).logits[0, -1] for x in (inputs, swapped)]
+    assert not torch.allclose(*logits, atol=1e-4)
+
+
+def test_several_images_per_row_counts_are_checked():
+    case = Case("internvl-qwen2")
+    inputs = _several_images(case)
+    with pytest.raises(ValueError, match=r"image tokens of input_ids stand for 3 image\(s\) \(per row: \[2, 1\]\) but"):
+        case.ee.generate(**dict(inputs, pixel_values=inputs["pixel_values"][:2]), max_new_tokens=2)
+    ids = inputs["input_ids"].clone()
+    ids[0, 0] = 5  # 7 image tokens in row 0: not a whole number of images
+    with pytest.raises(ValueError, match=r"input_ids hold 11 image token\(s\) \(id 98; row 0: 7\) for 3 image"):
+        case.ee.generate(**dict(inputs, input_ids=ids), max_new_tokens=2)

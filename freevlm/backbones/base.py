@@ -179,6 +179,11 @@ class Backbone:
         """
         raise NotImplementedError
 
+    def images_per_row(self, input_ids: torch.Tensor) -> list[int]:
+        """How many `pixel_values` rows each prompt row reads, in order: one here (beam search repeats each row's
+        images with it; Gemma 3 and InternVL count them from the image tokens, `llava.ImageGroups`)."""
+        return [1] * input_ids.shape[0]
+
     def conditioned(self, inputs: dict) -> AbstractContextManager:
         """A block in which requests and training passes read the inputs beyond image and prompt that `inputs`
         holds (InstructBLIP's Q-Former instruction, `qformer_input_ids`); other families have none."""

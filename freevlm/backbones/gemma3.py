@@ -26,12 +26,13 @@ from torch import nn
 from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
 
 from .base import Context, decoder_positions
-from .llava import LlavaLayout, llava_image_features
+from .llava import ImageGroups, LlavaLayout
 from .rotary import RotaryDecoder
 
 
-class Gemma3Backbone(RotaryDecoder):
-    """A `Gemma3ForConditionalGeneration`; its requests take the processor's `token_type_ids` (1 at image tokens)."""
+class Gemma3Backbone(ImageGroups, RotaryDecoder):
+    """A `Gemma3ForConditionalGeneration`; its requests take the processor's `token_type_ids` (1 at image tokens).
+    The image path is Hugging Face's (`ImageGroups`: any number of images per prompt row)."""
 
     input_names = ("token_type_ids",)
 
@@ -58,30 +59,7 @@ class Gemma3Backbone(RotaryDecoder):
         index = types.index("full_attention") if "full_attention" in types else 0
         return type(self.layers[0])(self.text.config, layer_idx=index)
 
-    # --- the image path and the prompt ------------------------------------------------------------------------
-    def image_prompt_embeds(self, pixel_values, input_ids, attention_mask):
-        """Follows Hugging Face's `Gemma3Model.forward`: the image tokens take the images' features in order (one
-        image per row, or several: pan-and-scan crops), an image token outside the vocabulary embeds as id 0."""
-        cfg = self.config
-        features = torch.cat(llava_image_features(self.model, pixel_values))  # [images * tokens, H]
-        is_image = input_ids == cfg.image_token_index
-        counts = is_image.sum(dim=1).tolist()
-        per_image = cfg.num_query_tokens
-        wrong = [b for b, n in enumerate(counts) if n % per_image]
-        if wrong or sum(counts) != len(features):
-            b = wrong[0] if wrong else 0
-            raise ValueError(
-                f"input_ids hold {sum(counts)} image token(s) (id {cfg.image_token_index}; row {b}: {counts[b]}) "
-                f"for {pixel_values.shape[0]} image(s) of {per_image} features each: build prompts with the "
-                f"model's processor, which expands each image into {per_image} tokens"
-            )
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        ids = input_ids.masked_fill(is_image, 0) if cfg.image_token_index >= self.text.vocab_size else input_ids
-        embeds = self.text.embed_tokens(ids)
-        embeds = embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.device, embeds.dtype))
-        return input_ids, embeds, attention_mask
-
+    # --- the prompt ----------------------------------------------------------------------------------------------
     def start(
         self,
         pixel_values: torch.Tensor,

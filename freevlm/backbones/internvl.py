@@ -3,16 +3,16 @@ Qwen2 or Llama decoder (`rotary.py`).
 
 Hugging Face's InternVL is LLaVA's layout under other names: `image_seq_length` image tokens (`image_token_id`,
 <IMG_CONTEXT>, between <img> and </img>) per image tile take its features in order, and the LM is a plain causal
-decoder. So the adapter is LLaVA's with InternVL's prompt layout. One tile per image (each prompt row one
-`pixel_values` row): square images, or the processor's `crop_to_patches=False`.
+decoder. So the adapter is LLaVA's with InternVL's prompt layout, and a prompt row may read several `pixel_values`
+rows (`ImageGroups`): the tiles its processor cuts an image into (`crop_to_patches`), or several images.
 """
 
 from __future__ import annotations
 
-from .llava import LlavaBackbone, LlavaLayout
+from .llava import ImageGroups, LlavaBackbone, LlavaLayout
 
 
-class InternVLBackbone(LlavaBackbone):
+class InternVLBackbone(ImageGroups, LlavaBackbone):
     """An `InternVLForConditionalGeneration` whose language model is a Qwen2 or Llama decoder."""
 
     @staticmethod

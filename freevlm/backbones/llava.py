@@ -90,3 +90,38 @@ class LlavaBackbone(RotaryDecoder):
         slots = (input_ids == cfg.image_token_index).unsqueeze(-1)
         embeds = embeds.masked_scatter(slots, features.to(embeds.device, embeds.dtype))
         return input_ids, embeds, attention_mask
+
+
+class ImageGroups:
+    """Prompt rows that hold any number of images (Gemma 3: several images, pan-and-scan crops; InternVL: an image's
+    tiles): `pixel_values` has one row per image, in prompt order, and the image tokens take their features in
+    order, as Hugging Face's placeholder scatter does (mixed in before a `RotaryDecoder`, with a `LlavaLayout`)."""
+
+    def images_per_row(self, input_ids: torch.Tensor) -> list[int]:
+        """Image tokens per row over tokens per image, rounded up (a partial image is refused by its count)."""
+        counts = (input_ids == self.config.image_token_index).sum(dim=1)
+        return (-(-counts // self.config.num_query_tokens)).tolist()
+
+    def image_prompt_embeds(self, pixel_values, input_ids, attention_mask):
+        """The image tokens of all rows take the images' features in order; an image token outside the vocabulary
+        embeds as id 0 (Gemma 3). A row whose image-token count is not a whole number of images, or a total that is
+        not the images', is refused."""
+        cfg = self.config
+        features = torch.cat(llava_image_features(self.model, pixel_values))  # [images * per image, H]
+        is_image = input_ids == cfg.image_token_index
+        counts = is_image.sum(dim=1).tolist()
+        per_image = cfg.num_query_tokens
+        wrong = [b for b, n in enumerate(counts) if n % per_image]
+        if wrong or sum(counts) != len(features):
+            b = wrong[0] if wrong else 0
+            raise ValueError(
+                f"input_ids hold {sum(counts)} image token(s) (id {cfg.image_token_index}; row {b}: {counts[b]}) "
+                f"for {pixel_values.shape[0]} image(s) of {per_image} features each: build prompts with the "
+                f"model's processor, which expands each image into {per_image} tokens"
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        ids = input_ids.masked_fill(is_image, 0) if cfg.image_token_index >= self.text.vocab_size else input_ids
+        embeds = self.text.embed_tokens(ids)
+        embeds = embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.device, embeds.dtype))
+        return input_ids, embeds, attention_mask
