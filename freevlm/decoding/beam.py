@@ -12,17 +12,15 @@ reordered after each step; the engine's caches and pending states move with them
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..backbones.base import Backbone
+from .config import DecodeConfig
 from .generate import GenerateOutput, Request
 from .policies import ExitPolicy
-
-if TYPE_CHECKING:  # config.py imports the searches
-    from .config import DecodeConfig
+from .static import EnginePool
 
 
 def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -49,7 +47,8 @@ def beam_generate(
     pixel_values: torch.Tensor,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    inputs: dict | None = None,
+    inputs: dict,
+    engines: EnginePool | None = None,
 ) -> GenerateOutput:
     k, max_new_tokens, eos_token_id = config.num_beams, config.max_new_tokens, config.eos_token_id
     length_penalty, early_stopping = config.length_penalty, config.early_stopping
@@ -65,7 +64,8 @@ def beam_generate(
         _expand_images(pixel_values, backbone.images_per_row(input_ids), k),
         expand(input_ids),
         expand(attention_mask),
-        inputs={name: expand(value) for name, value in (inputs or {}).items()},
+        {name: expand(value) for name, value in inputs.items()},
+        engines,
     )
     ctx, engine, device = req.ctx, req.engine, backbone.device
     prompt_len = ctx.prompt_ids.shape[1]
