@@ -344,7 +344,7 @@ def test_instructblip_default_prompt_is_hugging_faces():
 
 
 @pytest.mark.parametrize("kind", ["linear", "head"])
-@pytest.mark.parametrize("family", ["qwen2", "instructblip-t5"])
+@pytest.mark.parametrize("family", ["qwen2", "instructblip-t5", "gemma3"])
 def test_every_exit_kind_decodes(family, kind):
     """Exits without a layer of their own (a linear head per exit, or the frozen head itself): tokens leave at the
     first exit at threshold 0, and speculative decoding with them as drafters stays the full model's."""
