@@ -215,9 +215,7 @@ class EarlyExitVLM(nn.Module):
         config = replace(config) if config is not None else DecodeConfig()  # a copy: the caller's stays as it is
         inputs = self._model_inputs(config.update(**kwargs))
         config.validate()
-        validate_generate_inputs(
-            self.backbone, pixel_values, input_ids, attention_mask, config.max_new_tokens, **inputs
-        )
+        validate_generate_inputs(self.backbone, pixel_values, input_ids, attention_mask, config.max_new_tokens, inputs)
         if input_ids is None:
             input_ids = self._default_prompt(pixel_values.shape[0], pixel_values.device)
         if config.mode == "full":

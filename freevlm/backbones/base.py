@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import itertools
 import json
 import weakref
 from collections.abc import Iterator
@@ -23,7 +24,6 @@ from torch import nn
 from torch.nn.modules import module as module_hooks
 
 from ..cache_utils import KVView
-from ..inputs import check_image_count, check_pixels
 from .kv_stack import KVInput, KVStacks
 
 
@@ -148,6 +148,9 @@ class Backbone:
     # whether a layer call's work is the same for every window start, so a captured CUDA graph may replay it (T5's
     # position bias depends on the window's start slot, which a graph would freeze)
     graph_safe: bool = False
+    # "images": `pixel_values` is [images, channels, height, width], checked as such before a request starts
+    # (`inputs.py`); "patches": the family's own layout (Qwen-VL's flattened patches), checked by `check_inputs`
+    pixel_layout: str = "images"
 
     def __init__(self, model: nn.Module, lm: nn.Module | None = None):
         self.model = model
@@ -194,18 +197,22 @@ class Backbone:
         return [1] * input_ids.shape[0]
 
     def check_inputs(
-        self,
-        pixel_values: torch.Tensor,
-        input_ids: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        **inputs: torch.Tensor,
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None, attention_mask, inputs: dict
     ) -> None:
-        """A `ValueError` for images this model cannot take: a float `[images, channels, height, width]` tensor of
-        the encoder's size, as many images as the prompt's rows read (`images_per_row`). A family whose images come
-        otherwise (flattened patches and their grid) overrides it; `input_ids` is already a 2-D integer tensor."""
-        check_pixels(self.model, self.config, pixel_values)
-        if input_ids is not None:
-            check_image_count(self.images_per_row(input_ids), pixel_values.shape[0])
+        """Refuse, with a `ValueError` naming the input, a family's inputs (`input_names`) that are missing or
+        disagree with the image and prompt; run before any layer does. Nothing to check here."""
+
+    def beam_inputs(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, inputs: dict, k: int
+    ) -> tuple[torch.Tensor, dict]:
+        """Each prompt row's images and other inputs once per beam, as Hugging Face's `generate` expands them:
+        [A, B] -> [A, B, A, B] for a row holding two images (it encodes images before expanding; repeating image
+        by image would give [A, A, B, B])."""
+        per_row = self.images_per_row(input_ids)
+        starts = [0, *itertools.accumulate(per_row)]
+        index = [i for b in range(len(per_row)) for _ in range(k) for i in range(starts[b], starts[b + 1])]
+        pixel_values = pixel_values.index_select(0, torch.tensor(index, device=pixel_values.device))
+        return pixel_values, {name: value.repeat_interleave(k, dim=0) for name, value in inputs.items()}
 
     def start(
         self,
