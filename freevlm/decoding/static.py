@@ -14,7 +14,7 @@ no query can see yet and are overwritten when those slots are computed). On the 
 on exact windows.
 
 Per-row compaction (large batches) and speculative decoding of rows at different slots stay with the general
-engine in `engine.py`, which keeps a fill level per row.
+engine in `general.py`, which keeps a fill level per row.
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ class StaticEngine(Engine):
             x = self._layers(first, last_layer, (), x, slots, mask, 0)
             if last_layer in self.exit_kv:
                 self._exit_features(last_layer, x, slots, mask, 0, None)
-        for kv in [*self.kv, *self.exit_kv.values()]:
+        for kv in self._caches():
             kv.fill = x.shape[1]
 
     @torch.no_grad()
