@@ -244,7 +244,7 @@ class EarlyExitVLM(nn.Module):
         config = options if config is None else _merge(config, options)
         config.validate()
         inputs = self._model_inputs(inputs)
-        validate_generate_inputs(self.backbone, pixel_values, input_ids, attention_mask, config.max_new_tokens)
+        validate_generate_inputs(self.backbone, pixel_values, input_ids, attention_mask, config.max_new_tokens, inputs)
         if input_ids is None:
             input_ids = self._default_prompt(pixel_values.shape[0], pixel_values.device)
         if config.mode == "full":

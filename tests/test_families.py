@@ -1,4 +1,5 @@
-"""LLaVA (Llama, Mistral, Qwen2 LMs), InstructBLIP (OPT, T5, Llama LMs), Gemma 3 and InternVL on the same engine: what
+"""LLaVA (Llama, Mistral, Qwen2 LMs), InstructBLIP (OPT, T5, Llama LMs), Gemma 3, InternVL and the Qwen-VL line
+(Qwen2-VL, Qwen2.5-VL, Qwen3-VL) on the same engine: what
 tests/test_engine.py, test_decoding_modes.py and test_static_engine.py show for BLIP-2, shown for these families (their
 helpers reused).
 
@@ -30,8 +31,12 @@ FAMILIES = [
     "instructblip-llama",
     "gemma3",
     "internvl-qwen2",
+    "qwen2-vl",
+    "qwen2.5-vl",
+    "qwen3-vl",
 ]
-WINDOWS = {"mistral": 4, "qwen2": 3}  # Qwen2's from layer 1 up: full and windowed layers mixed
+# Qwen2's (and Qwen2(.5)-VL's) from layer 1 up: full and windowed layers mixed
+WINDOWS = {"mistral": 4, "qwen2": 3, "qwen2-vl": 3, "qwen2.5-vl": 5}
 MAX_NEW = 10
 
 
@@ -69,6 +74,13 @@ class Case:
 
     def hf_generate(self, **kwargs):
         return self.model.generate(**self.hf_inputs, do_sample=False, **kwargs)
+
+
+def _hf_positions(ctx):
+    """The context's positions of the prompt's slots for Hugging Face's forward; None for Qwen-VL's three streams
+    (`[B, slots, 3]`), which its forward computes itself from the inputs (`get_rope_index`)."""
+    positions = ctx.extra["positions"]
+    return None if positions.dim() == 3 else positions.clamp(min=0)
 
 
 def _final_norm(backbone):
@@ -211,7 +223,7 @@ def test_features_are_the_full_models_hidden_states(new_family):
             ref = case.model(**case.hf_inputs, decoder_input_ids=dec).logits
         else:
             states, ctx, _ = backbone.features(*case.inputs, **case.model_inputs)
-            ref = case.model(**case.hf_inputs, position_ids=ctx.extra["positions"].clamp(min=0)).logits
+            ref = case.model(**case.hf_inputs, position_ids=_hf_positions(ctx)).logits
     real = ctx.key_mask[:, : states[-1].shape[1]]
     assert len(states) == backbone.num_layers + 1
     assert torch.allclose(backbone.head(states[-1])[real], ref[real], atol=1e-5)
@@ -332,7 +344,7 @@ def test_instructblip_default_prompt_is_hugging_faces():
 
 
 @pytest.mark.parametrize("kind", ["linear", "head"])
-@pytest.mark.parametrize("family", ["qwen2", "instructblip-t5"])
+@pytest.mark.parametrize("family", ["qwen2", "instructblip-t5", "gemma3"])
 def test_every_exit_kind_decodes(family, kind):
     """Exits without a layer of their own (a linear head per exit, or the frozen head itself): tokens leave at the
     first exit at threshold 0, and speculative decoding with them as drafters stays the full model's."""
@@ -457,3 +469,68 @@ def test_several_images_per_row_counts_are_checked():
     ids[0, 0] = 5  # 7 image tokens in row 0: not a whole number of images
     with pytest.raises(ValueError, match=r"input_ids hold 11 image token\(s\) \(id 98; row 0: 7\) for 3 image"):
         case.ee.generate(**dict(inputs, input_ids=ids), max_new_tokens=2)
+
+
+# --- Qwen-VL ---------------------------------------------------------------------------------------------------
+def test_qwen_vl_inputs_missing_or_inconsistent_are_refused_by_name():
+    case = Case("qwen2-vl", batch=3, pad=True)  # images of 6, 4 and 2 tokens (grids 4x6, 4x4, 2x4 patches)
+    inputs = case.hf_inputs
+    generate = lambda **changed: case.ee.generate(**{**inputs, **changed}, max_new_tokens=2)  # noqa: E731
+    without = {k: v for k, v in inputs.items() if k != "image_grid_thw"}
+    with pytest.raises(ValueError, match="Qwen2-VL needs image_grid_thw"):
+        case.ee.generate(**without, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"image_grid_thw must be an integer \[images, 3\] tensor.*got \(3, 2\)"):
+        generate(image_grid_thw=inputs["image_grid_thw"][:, 1:])
+    grid = inputs["image_grid_thw"].clone()
+    grid[2, 2] = 3  # not a multiple of the 2x2 merge
+    with pytest.raises(ValueError, match="multiples of 2"):
+        generate(image_grid_thw=grid)
+    grid[2] = torch.tensor([1, 2, 2])  # 4 patches fewer
+    with pytest.raises(ValueError, match=r"pixel_values has 48 patches but image_grid_thw .* makes 44"):
+        generate(image_grid_thw=grid)
+    with pytest.raises(ValueError, match=r"flattened patches, \[patches, 24\], got \(3, 3, 8, 8\)"):
+        generate(pixel_values=torch.randn(3, 3, 8, 8))
+    grid = inputs["image_grid_thw"][[1, 0, 2]]  # the first two images' sizes swapped: same patches, same tokens
+    with pytest.raises(ValueError, match="prompt row 0's image tokens do not cover whole images"):
+        generate(image_grid_thw=grid)
+    ids = inputs["input_ids"].clone()
+    ids[0, 1] = 5  # an image token fewer
+    with pytest.raises(ValueError, match=r"input_ids hold 11 image token\(s\) \(id 98\) but image_grid_thw's 3"):
+        generate(input_ids=ids)
+    types = inputs["mm_token_type_ids"]
+    with pytest.raises(ValueError, match="Qwen2-VL needs mm_token_type_ids"):
+        case.ee.generate(**{k: v for k, v in inputs.items() if k != "mm_token_type_ids"}, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"mm_token_type_ids must have the shape of input_ids \(3, 11\)"):
+        generate(mm_token_type_ids=types[:, 1:])
+    wrong = types.clone()
+    wrong[1, 9] = 1  # a text slot marked as image
+    with pytest.raises(ValueError, match="mm_token_type_ids disagree with input_ids at row 1, slot 9"):
+        generate(mm_token_type_ids=wrong)
+    with pytest.raises(ValueError, match=r"mark video tokens \(2\)"):
+        generate(mm_token_type_ids=types.masked_fill(types.bool(), 2))
+    with pytest.raises(ValueError, match="Qwen2-VL needs input_ids"):
+        case.ee.generate(inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"], max_new_tokens=2)
+    with pytest.raises(TypeError, match="'video_grid_thw'.*model inputs are image_grid_thw, mm_token_type_ids"):
+        generate(video_grid_thw=inputs["image_grid_thw"])
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3-vl"])
+def test_qwen_vl_several_images_per_row_equal_hf_generate(family):
+    """Row 0 holds two images of different sizes, row 1 one (left-padded): greedy and beam search equal Hugging
+    Face's (each beam gets its row's patches and grids); images in another order change the output."""
+    case = Case(family, seed=5, batch=3, pad=True)
+    x = case.hf_inputs
+    cfg = case.model.config
+    rows = x["input_ids"][:, :].tolist()
+    pad = cfg.text_config.pad_token_id
+    two = [t for t in rows[0] if t != pad] + [t for t in rows[1] if t != pad]
+    one = [t for t in rows[2] if t != pad]
+    ids = torch.tensor([two, [pad] * (len(two) - len(one)) + one])
+    mask = (torch.arange(len(two)) >= len(two) - torch.tensor([[len(two)], [len(one)]])).long()
+    inputs = dict(x, input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == cfg.image_token_id).long())
+    assert case.ee.backbone.images_per_row(ids, x["image_grid_thw"]) == [2, 1]
+    ref = case.model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
+    assert torch.equal(case.ee.generate(**inputs, max_new_tokens=MAX_NEW, mode="full").sequences, ref)
+    beam = dict(max_new_tokens=6, num_beams=3, length_penalty=0.6)
+    hf_beam = case.model.generate(**inputs, do_sample=False, **beam)
+    assert torch.equal(case.ee.generate(**inputs, threshold=1.0, **beam).sequences, hf_beam)

@@ -185,3 +185,24 @@ def test_sweep_command_reads_the_folder(folder, tmp_path):
     )
     result = json.loads((out / "results.json").read_text())
     assert result["test"][0]["speed"]["exit_histogram"].keys() == {"1"}  # threshold 0: every token at the first exit
+
+
+@pytest.mark.parametrize("folder", ["gemma3"], indirect=True)
+def test_eval_and_calibrate_commands_read_a_gemma3_folder(folder, tmp_path):
+    """The processor's token_type_ids reach every request of `eval` and `calibrate` (without them Gemma 3's requests
+    are refused)."""
+    import dataset_files as files
+
+    EarlyExitVLM(load_vlm(folder / "model").model, ExitConfig([1, 2], init="fresh")).save_exits(tmp_path / "exits")
+    q, a = files.vqa(tmp_path)
+    common = ["--backbone", str(folder / "model"), "--exits", str(tmp_path / "exits"), "--format", "vqav2"]
+    data = ["--files", str(q), str(a), "--images", str(tmp_path / "val2014"), "--max-new-tokens", "2"]
+    assert main(["eval", *common, *data, "--threshold", "0.0", "--out", str(tmp_path / "eval")]) == 0
+    result = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert result["speed"]["exit_histogram"].keys() == {"1"}
+    calib = tmp_path / "calib.json"
+    assert (
+        main(["calibrate", *common, *data, "--thresholds", "0.0", "1.0", "--tolerance", "0.7", "--out", str(calib)])
+        == 0
+    )
+    assert json.loads(calib.read_text())["per_threshold"][0]["empirical_risk"] == 0.0  # 1.0: the full model

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import itertools
 import json
 import weakref
 from collections.abc import Iterator
@@ -143,6 +144,9 @@ class Backbone:
     # inputs beyond image and prompt that the model's own `generate` reads (Gemma 3's `token_type_ids`): `generate`
     # and `features` take them by name and pass them to `start`, which checks them
     input_names: tuple[str, ...] = ()
+    # "images": `pixel_values` is [images, channels, height, width], checked as such before a request starts
+    # (`inputs.py`); "patches": the family's own layout (Qwen-VL's flattened patches), checked by `check_inputs`
+    pixel_layout: str = "images"
 
     def __init__(self, model: nn.Module, lm: nn.Module | None = None):
         self.model = model
@@ -183,6 +187,24 @@ class Backbone:
         """How many `pixel_values` rows each prompt row reads, in order: one here (beam search repeats each row's
         images with it; Gemma 3 and InternVL count them from the image tokens, `llava.ImageGroups`)."""
         return [1] * input_ids.shape[0]
+
+    def check_inputs(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None, attention_mask, inputs: dict
+    ) -> None:
+        """Refuse, with a `ValueError` naming the input, a family's inputs (`input_names`) that are missing or
+        disagree with the image and prompt; run before any layer does. Nothing to check here."""
+
+    def beam_inputs(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, inputs: dict, k: int
+    ) -> tuple[torch.Tensor, dict]:
+        """Each prompt row's images and other inputs once per beam, as Hugging Face's `generate` expands them:
+        [A, B] -> [A, B, A, B] for a row holding two images (it encodes images before expanding; repeating image
+        by image would give [A, A, B, B])."""
+        per_row = self.images_per_row(input_ids)
+        starts = [0, *itertools.accumulate(per_row)]
+        index = [i for b in range(len(per_row)) for _ in range(k) for i in range(starts[b], starts[b + 1])]
+        pixel_values = pixel_values.index_select(0, torch.tensor(index, device=pixel_values.device))
+        return pixel_values, {name: value.repeat_interleave(k, dim=0) for name, value in inputs.items()}
 
     def conditioned(self, inputs: dict) -> AbstractContextManager:
         """A block in which requests and training passes read the inputs beyond image and prompt that `inputs`

@@ -8,7 +8,8 @@ The collate produces the exact layout the backbone adapters expect (`Backbone.fe
   is `<image>\n` + prompt, its one image token expanded in place (BOS first), as LLaVA's processor and
   `loading.VLMBundle.inputs` lay it out; Gemma 3's is `<start_of_image>\n` + prompt, that token replaced by its
   processor's image sequence (<start_of_image>, the image tokens, <end_of_image>, within blank lines), and the batch
-  carries `token_type_ids` (1 at image tokens) as that processor gives them;
+  carries `token_type_ids` (1 at image tokens) as that processor gives them; InternVL's is `<IMG_CONTEXT>\n` + prompt,
+  the image between `<img>` and `</img>` (`image_placeholder`);
 - encoder-decoder (T5): `input_ids` = image tokens + prompt (with EOS); `decoder_input_ids` = start + target
   shifted right.
 
@@ -94,6 +95,32 @@ def is_instructblip(model_config) -> bool:
     return getattr(model_config, "model_type", None) == "instructblip"
 
 
+def image_placeholder(tokenizer, model_config) -> tuple[str | None, str | None]:
+    """The text a prompt's image stands at, and what the model's processor replaces it with, holding the image token
+    once (the collator expands that to the image's tokens): LLaVA's `<image>` stays itself; Gemma 3's
+    `<start_of_image>` becomes its image sequence (as `Gemma3Processor.full_image_sequence`); InternVL's
+    `<IMG_CONTEXT>` is wrapped in `<img>`...`</img>` (as `InternVLProcessor.replace_image_token`). (None, None) for
+    BLIP-2 and InstructBLIP, whose image tokens go in front."""
+    model_type = getattr(model_config, "model_type", None)
+    if model_type not in ("llava", "gemma3", "internvl"):
+        return None, None
+    index = model_config.boi_token_index if model_type == "gemma3" else model_config.image_token_index
+    text = tokenizer.convert_ids_to_tokens(index)
+    if text is None:
+        raise ValueError(f"the tokenizer has no image token (id {index}): use the {model_type} processor's tokenizer")
+    if model_type == "gemma3":
+        image, end = tokenizer.convert_ids_to_tokens([model_config.image_token_index, model_config.eoi_token_index])
+        return text, f"\n\n{text}{image}{end}\n\n"
+    if model_type == "internvl":
+        start, end = (getattr(tokenizer, name, None) for name in ("start_image_token", "end_image_token"))
+        if start is None or end is None:
+            raise ValueError(
+                "the tokenizer names no start_image_token / end_image_token: use the InternVL processor's tokenizer"
+            )
+        return text, f"{start}{text}{end}"
+    return text, text
+
+
 class CaptionDataset(Dataset):
     """Records tokenized up front (so length problems surface before training); images decoded on access.
 
@@ -125,21 +152,8 @@ class CaptionDataset(Dataset):
         text_cfg = model_config.text_config
         self.decoder_only = not getattr(text_cfg, "is_encoder_decoder", False)
         self.num_query_tokens = model_config.num_query_tokens
-        self.image_text = None  # LLaVA, Gemma 3: the image placeholder's text, which the prompt must hold
-        self.image_sequence = (
-            None  # Gemma 3: what its processor puts there (the image token once: the collator expands)
-        )
-        model_type = getattr(model_config, "model_type", None)
-        if model_type in ("llava", "gemma3"):
-            index = model_config.image_token_index if model_type == "llava" else model_config.boi_token_index
-            self.image_text = tokenizer.convert_ids_to_tokens(index)
-            if self.image_text is None:
-                raise ValueError(
-                    f"the tokenizer has no image token (id {index}): use the {model_type} processor's tokenizer"
-                )
-        if model_type == "gemma3":  # as Gemma3Processor.full_image_sequence
-            image, end = tokenizer.convert_ids_to_tokens([model_config.image_token_index, model_config.eoi_token_index])
-            self.image_sequence = f"\n\n{self.image_text}{image}{end}\n\n"
+        # the placeholder text a prompt's image stands at, and what the model's processor puts in its place
+        self.image_text, self.image_sequence = image_placeholder(tokenizer, model_config)
         self.records = records
         self.image_processor = image_processor
         eos = tokenizer.eos_token_id
@@ -170,7 +184,7 @@ class CaptionDataset(Dataset):
         prompt = r.prompt
         if self.image_text is not None and self.image_text not in prompt:
             prompt = f"{self.image_text}\n{prompt}"
-        if self.image_sequence is not None:
+        if self.image_sequence != self.image_text:
             prompt = prompt.replace(self.image_text, self.image_sequence)
         prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
         if self.decoder_only:  # tokenize prompt and target together so BPE sees the boundary as at inference
