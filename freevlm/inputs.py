@@ -1,7 +1,7 @@
 """Checks on what `EarlyExitVLM.generate` is given, before any layer runs: a `ValueError` naming the argument
 instead of a raw torch error from deep inside, and one warning for what is legal but suspicious.
 
-    validate_generate_inputs(ee.backbone, pixel_values, input_ids, attention_mask, max_new_tokens)
+    validate_generate_inputs(ee.backbone, pixel_values, input_ids, attention_mask, max_new_tokens, model_inputs)
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ class InputWarning(UserWarning):
 def validate_generate_inputs(
     backbone,
     pixel_values: torch.Tensor,
-    input_ids: torch.Tensor | None = None,
-    attention_mask: torch.Tensor | None = None,
-    max_new_tokens: int = 30,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    max_new_tokens: int,
     inputs: dict | None = None,
 ) -> None:
     """Raise `ValueError` for inputs the backbone cannot take; warn (once per call) about suspicious ones.

@@ -71,10 +71,11 @@ def _reference_caches(ee, out, pv, ids, mask, **inputs):
     backbone = ee.backbone
     generated = out.sequences[:, out.engine.ctx.prompt_ids.shape[1] :]
     decoder_only = not backbone.lm.config.is_encoder_decoder
+    instruction = {k: inputs.pop(k) for k in list(inputs) if k.startswith("qformer_")}  # the image path's, not the LM's
     if "mm_token_type_ids" in inputs:
         return _qwen_vl_reference(backbone, out.engine.ctx, generated, pv, ids, mask, **inputs)
     if decoder_only:
-        _ids_all, embeds, mask_all = backbone.image_prompt_embeds(pv, ids, mask)
+        _ids_all, embeds, mask_all = backbone.image_prompt_embeds(pv, ids, mask, **instruction)
         gen_embeds = backbone.lm.get_input_embeddings()(generated[:, :-1])
         embeds = torch.cat([embeds, gen_embeds], dim=1)
         mask_all = torch.cat([mask_all, torch.ones_like(generated[:, :-1])], dim=1)
@@ -92,7 +93,7 @@ def _reference_caches(ee, out, pv, ids, mask, **inputs):
         )
         cache = _cache_of(res)
     else:
-        _, embeds, mask_all = backbone.image_prompt_embeds(pv, ids, mask)
+        _, embeds, mask_all = backbone.image_prompt_embeds(pv, ids, mask, **instruction)
         dec_ids = out.sequences[:, :-1]
         res = backbone.lm(
             inputs_embeds=embeds,
@@ -317,7 +318,7 @@ def test_features_are_the_full_models_hidden_states(model):
 
 def _host_syncs_in_steps(ee, monkeypatch, *args, **kwargs) -> tuple[int, int]:
     """Count tensor-to-host reads (`tolist`, `item`, `bool`, `int`, `float`) made inside engine steps."""
-    from freevlm.decoding.engine import GeneralEngine
+    from freevlm.decoding.general import GeneralEngine
     from freevlm.decoding.static import StaticEngine
 
     count, inside = [0], [False]

@@ -7,8 +7,6 @@ Mistral, Qwen2 and Gemma 3 (its sliding layers) run with sliding windows shorter
 is exercised everywhere; Gemma 3's window (3) is shorter than its image (4 tokens that see each other both ways).
 """
 
-from contextlib import nullcontext
-
 import pytest
 import torch
 from conftest import RandomPolicy, TokenHashPolicy
@@ -48,8 +46,8 @@ def new_family(request):
 class Case:
     """A tiny model of `family` with exits and random inputs: `hf_inputs` holds all that the model's `generate`
     takes (the InstructBLIP instruction, Gemma 3's token_type_ids), passed whole to both generates; `inputs` is
-    (pixel_values, input_ids, attention_mask) and `model_inputs` the family's others, for the backbone's own calls
-    (InstructBLIP's instruction goes to those through `instructed()`)."""
+    (pixel_values, input_ids, attention_mask) and `model_inputs` the family's others (`input_names`), for the
+    backbone's own calls."""
 
     def __init__(self, family, seed=0, batch=1, pad=False, num_layers=4, exits=(1, 2, 3), sharpen=False):
         window = {"sliding_window": WINDOWS[family]} if family in WINDOWS else {}
@@ -59,15 +57,11 @@ class Case:
             _sharpen(_final_norm(self.ee.backbone))
         self.hf_inputs = tiny_model_inputs(self.model, batch=batch, seed=seed, pad=pad)
         self.inputs = tuple(self.hf_inputs[k] for k in ("pixel_values", "input_ids", "attention_mask"))
-        self.model_inputs = {k: v for k, v in self.hf_inputs.items() if k in self.ee.backbone.input_names}
         self.instruction = None
         if family.startswith("instructblip"):
             self.instruction = tiny_instruction(self.model, batch, seed=seed, pad=pad)
             self.hf_inputs.update(qformer_input_ids=self.instruction[0], qformer_attention_mask=self.instruction[1])
-
-    def instructed(self):
-        """The block every request of this case runs in (InstructBLIP's Q-Former reads the instruction)."""
-        return nullcontext() if self.instruction is None else self.ee.backbone.instruction(*self.instruction)
+        self.model_inputs = {k: v for k, v in self.hf_inputs.items() if k in self.ee.backbone.input_names}
 
     def generate(self, **kwargs):
         return self.ee.generate(**self.hf_inputs, **kwargs)
@@ -135,20 +129,19 @@ def test_recompute_caches_equal_full_model(new_family, batch_policy):
     model's - rotary keys at their slots' positions, catch-up windows included."""
     case = Case(new_family, seed=3, batch=3, pad=True, num_layers=6, exits=(1, 3, 4))
     policy = RandomPolicy(0.4, 3) if batch_policy == "per_row" else TokenHashPolicy()
-    with case.instructed():
-        out = case.ee.generate(
-            *case.inputs,
-            **case.model_inputs,
-            max_new_tokens=12,
-            policy=policy,
-            eos_token_id=[],
-            return_engine=True,
-            batch_policy=batch_policy,
-        )
-        assert len(out.stats.exit_histogram) >= 2, out.stats.exit_histogram
-        if batch_policy == "per_row":
-            assert out.stats.work.catchup_slots > 0
-        _assert_caches_equal_full_model(case.ee, out, *case.inputs, **case.model_inputs)
+    out = case.ee.generate(
+        *case.inputs,
+        **case.model_inputs,
+        max_new_tokens=12,
+        policy=policy,
+        eos_token_id=[],
+        return_engine=True,
+        batch_policy=batch_policy,
+    )
+    assert len(out.stats.exit_histogram) >= 2, out.stats.exit_histogram
+    if batch_policy == "per_row":
+        assert out.stats.work.catchup_slots > 0
+    _assert_caches_equal_full_model(case.ee, out, *case.inputs, **case.model_inputs)
 
 
 def test_threshold_zero_leaves_at_first_exit_and_runs_nothing_above(new_family):
@@ -191,8 +184,7 @@ def test_kv_projection_is_what_the_layer_caches(family):
     """Propagate mode's K/V of a skipped layer: for rotary LMs the keys are rotated by the slots' positions."""
     case = Case(family, seed=4, batch=3, pad=True)
     backbone = case.ee.backbone
-    with case.instructed():
-        ctx = backbone.start(*case.inputs, max_new_tokens=8, **case.model_inputs)
+    ctx = backbone.start(*case.inputs, max_new_tokens=8, **case.model_inputs)
     start, length = 2, 4  # a window that does not start at slot 0
     rows = torch.tensor([0, 2])
     x = backbone.embed(ctx, torch.randint(4, 90, (2, length)), rows, start)
@@ -216,14 +208,13 @@ def test_features_are_the_full_models_hidden_states(new_family):
     """The training-time pass (`features`) gives Hugging Face's logits (padding, rotary positions, windows)."""
     case = Case(new_family, seed=7, batch=2, pad=True)
     backbone = case.ee.backbone
-    with case.instructed():
-        if backbone.lm.config.is_encoder_decoder:
-            dec = torch.tensor([[0, 5, 6, 7], [0, 8, 9, 10]])
-            states, ctx, _ = backbone.features(*case.inputs, decoder_input_ids=dec)
-            ref = case.model(**case.hf_inputs, decoder_input_ids=dec).logits
-        else:
-            states, ctx, _ = backbone.features(*case.inputs, **case.model_inputs)
-            ref = case.model(**case.hf_inputs, position_ids=_hf_positions(ctx)).logits
+    if backbone.lm.config.is_encoder_decoder:
+        dec = torch.tensor([[0, 5, 6, 7], [0, 8, 9, 10]])
+        states, ctx, _ = backbone.features(*case.inputs, decoder_input_ids=dec, **case.model_inputs)
+        ref = case.model(**case.hf_inputs, decoder_input_ids=dec).logits
+    else:
+        states, ctx, _ = backbone.features(*case.inputs, **case.model_inputs)
+        ref = case.model(**case.hf_inputs, position_ids=_hf_positions(ctx)).logits
     real = ctx.key_mask[:, : states[-1].shape[1]]
     assert len(states) == backbone.num_layers + 1
     assert torch.allclose(backbone.head(states[-1])[real], ref[real], atol=1e-5)
@@ -285,20 +276,15 @@ def test_instructblip_without_its_instruction_is_refused():
     case = Case("instructblip-opt")
     with pytest.raises(ValueError, match="Q-Former reads the instruction"):
         case.ee.generate(*case.inputs, max_new_tokens=2)
-    with (
-        pytest.raises(ValueError, match="the instruction has 2 rows for 1 images"),
-        case.ee.backbone.instruction(torch.ones(2, 3, dtype=torch.long)),
-    ):
-        case.ee.generate(*case.inputs, max_new_tokens=2)
+    with pytest.raises(ValueError, match="the instruction has 2 rows for 1 images"):
+        case.ee.generate(*case.inputs, qformer_input_ids=torch.ones(2, 3, dtype=torch.long), max_new_tokens=2)
 
 
 def test_instructblip_image_features_depend_on_the_instruction():
     case = Case("instructblip-t5", batch=2)
     ids, mask = case.instruction
-    with case.ee.backbone.instruction(ids, mask):
-        a = case.ee.backbone.image_features(case.inputs[0])
-    with case.ee.backbone.instruction(ids.flip(0), mask.flip(0)):
-        b = case.ee.backbone.image_features(case.inputs[0])
+    a = case.ee.backbone.image_features(case.inputs[0], ids, mask)
+    b = case.ee.backbone.image_features(case.inputs[0], ids.flip(0), mask.flip(0))
     assert not torch.allclose(a, b, atol=1e-4)
 
 
@@ -324,23 +310,14 @@ def test_instructblip_default_prompt_is_hugging_faces():
     """Image tokens, then BOS (Vicuna's), as Hugging Face's `generate` without input_ids; with T5, which has no
     BOS (there Hugging Face's `generate` fails), the image tokens alone."""
     case = Case("instructblip-llama", batch=2)
-    with case.instructed():
-        out = case.ee.generate(case.inputs[0], max_new_tokens=3, mode="full")
-    ref = case.model.generate(
-        pixel_values=case.inputs[0],
-        qformer_input_ids=case.instruction[0],
-        qformer_attention_mask=case.instruction[1],
-        max_new_tokens=3,
-        do_sample=False,
-    )
+    out = case.ee.generate(case.inputs[0], max_new_tokens=3, mode="full", **case.model_inputs)
+    ref = case.model.generate(pixel_values=case.inputs[0], **case.model_inputs, max_new_tokens=3, do_sample=False)
     assert torch.equal(out.sequences, ref)
     case = Case("instructblip-t5", batch=2)
-    with case.instructed():
-        out = case.ee.generate(case.inputs[0], max_new_tokens=3, mode="full")
-        ids = torch.full((2, case.model.config.num_query_tokens), case.model.config.image_token_index)
-        assert torch.equal(
-            out.sequences, case.ee.generate(case.inputs[0], ids, max_new_tokens=3, mode="full").sequences
-        )
+    out = case.ee.generate(case.inputs[0], max_new_tokens=3, mode="full", **case.model_inputs)
+    ids = torch.full((2, case.model.config.num_query_tokens), case.model.config.image_token_index)
+    same = case.ee.generate(case.inputs[0], ids, max_new_tokens=3, mode="full", **case.model_inputs)
+    assert torch.equal(out.sequences, same.sequences)
 
 
 @pytest.mark.parametrize("kind", ["linear", "head"])

@@ -11,17 +11,14 @@ reordered after each step; the engine's caches and pending states move with them
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from ..backbones.base import Backbone
+from .config import DecodeConfig
 from .generate import GenerateOutput, Request
 from .policies import ExitPolicy
-
-if TYPE_CHECKING:  # config.py imports the searches
-    from .config import DecodeConfig
+from .static import EnginePool
 
 
 def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -39,17 +36,18 @@ def beam_generate(
     pixel_values: torch.Tensor,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    inputs: dict | None = None,
+    inputs: dict,
+    engines: EnginePool | None = None,
 ) -> GenerateOutput:
     k, max_new_tokens, eos_token_id = config.num_beams, config.max_new_tokens, config.eos_token_id
     length_penalty, early_stopping = config.length_penalty, config.early_stopping
     batch = input_ids.shape[0]
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    pixel_values, inputs = backbone.beam_inputs(pixel_values, input_ids, inputs or {}, k)
+    pixel_values, inputs = backbone.beam_inputs(pixel_values, input_ids, inputs, k)
     expand = lambda t: t.repeat_interleave(k, dim=0)  # noqa: E731 - as Hugging Face expands inputs per beam
     req = Request.start(
-        backbone, exits, policy, config, pixel_values, expand(input_ids), expand(attention_mask), inputs=inputs
+        backbone, exits, policy, config, pixel_values, expand(input_ids), expand(attention_mask), inputs, engines
     )
     ctx, engine, device = req.ctx, req.engine, backbone.device
     prompt_len = ctx.prompt_ids.shape[1]
