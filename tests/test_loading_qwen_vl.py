@@ -1,7 +1,7 @@
-"""`freevlm caption`, `eval` and `train-exits` on a local folder holding a Qwen-VL with its tokenizer and image
-processor (built offline: tests/tiny_processor.py). Its processor is not built here (its video part needs
-torchvision), so `VLMBundle` lays prompts out as the processor does; these tests hold that layout to the model's
-own `generate` and to training's."""
+"""`freevlm caption`, `finetune`, `train-exits`, `eval`, `sweep` and `calibrate` on a local folder holding a Qwen-VL
+with its tokenizer and image processor (built offline: tests/tiny_processor.py). Its processor is not built here (its
+video part needs torchvision), so `VLMBundle` lays prompts out as the processor does; these tests hold that layout to
+the model's own `generate` and to training's."""
 
 import json
 
@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from tiny_processor import tiny_qwen_vl_image_processor, tiny_tokenizer
 
-from freevlm import EarlyExitVLM, ExitConfig
+from freevlm import EarlyExitVLM
 from freevlm.cli import main
 from freevlm.loading import load_vlm
 from freevlm.tiny import tiny_model
@@ -77,21 +77,34 @@ def test_training_prompts_are_laid_out_as_caption_lays_them_out(folder):
     assert torch.equal(batch["mm_token_type_ids"][:, :prompt_len], inputs["mm_token_type_ids"])
 
 
-def test_train_exits_and_eval_commands_read_the_folder(folder, tmp_path):
-    """`train-exits` trains from the folder; `eval` at threshold 0 sends every token out at the first exit."""
+def test_commands_read_the_folder(folder, tmp_path):
+    """`finetune` (the patch mergers, as LLaVA's projector) writes a folder that loads back; `train-exits` trains
+    from it; `eval` at threshold 0 sends every token out at the first exit, `sweep` too, and `calibrate` finds no
+    risk at threshold 1.0 (the full model)."""
     import dataset_files as files
     from training_helpers import write_shapes
 
     captions = write_shapes(tmp_path / "data", 8)
-    common = ["--no-progress", "--no-tensorboard", "--cpu", "--batch-size", "2", "--max-steps", "2"]
-    command = ["train-exits", "--backbone", str(folder / "model"), "--output", str(tmp_path / "ex")]
-    assert main([*command, "--exit-layers", "1", "2", "--captions", str(captions), "--dev-fraction", "0", *common]) == 0
+    common = ["--captions", str(captions), "--dev-fraction", "0", "--no-progress", "--no-tensorboard", "--cpu"]
+    common += ["--batch-size", "2", "--max-steps", "2"]
+    before = load_vlm(folder / "model").model.model.visual.merger.state_dict()
+    assert main(["finetune", "--backbone", str(folder / "model"), "--output", str(tmp_path / "ft"), *common]) == 0
+    tuned = tmp_path / "ft" / "model"
+    after = load_vlm(tuned).model.model.visual.merger.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    command = ["train-exits", "--backbone", str(tuned), "--output", str(tmp_path / "ex"), "--exit-layers", "1", "2"]
+    assert main([*command, *common]) == 0
     exits = tmp_path / "ex" / "exits"
-    assert exits.is_dir()
     q, a = files.vqa(tmp_path)
-    args = ["--backbone", str(folder / "model"), "--exits", str(exits), "--format", "vqav2", "--files", str(q), str(a)]
-    args += ["--images", str(tmp_path / "val2014"), "--max-new-tokens", "2", "--threshold", "0.0"]
-    assert main(["eval", *args, "--out", str(tmp_path / "eval")]) == 0
+    args = ["--backbone", str(tuned), "--exits", str(exits), "--format", "vqav2", "--files", str(q), str(a)]
+    args += ["--images", str(tmp_path / "val2014"), "--max-new-tokens", "2"]
+    assert main(["eval", *args, "--threshold", "0.0", "--out", str(tmp_path / "eval")]) == 0
     result = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert result["speed"]["exit_histogram"].keys() == {"1"}
-    EarlyExitVLM(load_vlm(folder / "model").model, ExitConfig([1, 2]))  # the folder still loads
+    sweep = ["sweep", *args, "--dev-files", str(q), str(a), "--thresholds", "0.0", "1.0", "--out", str(tmp_path / "sw")]
+    assert main(sweep) == 0
+    result = json.loads((tmp_path / "sw" / "results.json").read_text())
+    assert result["test"][0]["speed"]["exit_histogram"].keys() == {"1"}
+    calib = tmp_path / "calib.json"
+    assert main(["calibrate", *args, "--thresholds", "0.0", "1.0", "--tolerance", "0.7", "--out", str(calib)]) == 0
+    assert json.loads(calib.read_text())["per_threshold"][0]["empirical_risk"] == 0.0  # 1.0: the full model

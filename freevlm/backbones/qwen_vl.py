@@ -49,9 +49,14 @@ class QwenVLBackbone(RotaryDecoder):
         self.deepstack = {layer: i for i, layer in enumerate(self.layers[:levels])}
 
     def stage1_parts(self) -> dict[str, list[nn.Module]]:
-        """The tower (its patch merger is the projection Qwen-VL trains with it) and the LM."""
-        m = self.model
-        return {"vision": [m.model.visual], "lm": [m.model.language_model, m.lm_head]}
+        """The tower, its patch mergers (what maps its features into the LM: the projection; Qwen3-VL's DeepStack
+        ones too) and the LM."""
+        visual, mergers = self.model.model.visual, ("merger", "deepstack_merger_list")
+        return {
+            "vision": [child for name, child in visual.named_children() if name not in mergers],
+            "projection": [getattr(visual, name) for name in mergers if hasattr(visual, name)],
+            "lm": [self.model.model.language_model, self.model.lm_head],
+        }
 
     # --- the inputs ----------------------------------------------------------------------------------------------
     def tokens_per_image(self, image_grid_thw: torch.Tensor) -> list[int]:
