@@ -46,12 +46,16 @@ def tiny_bundle(model) -> VLMBundle:
 
 
 def tiny_processor(model):
-    """The model's own processor, as a LLaVA or an InstructBLIP checkpoint ships it (for `load_vlm`)."""
+    """The model's own processor, as a LLaVA, an InstructBLIP or a Gemma 3 checkpoint ships it (for `load_vlm`)."""
     from training_helpers import make_qformer_tokenizer
-    from transformers import InstructBlipProcessor, LlavaProcessor
+    from transformers import Gemma3Processor, InstructBlipProcessor, LlavaProcessor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
     cfg = model.config
     side = cfg.vision_config.image_size
+    if cfg.model_type == "gemma3":
+        images = Gemma3ImageProcessorPil(size={"height": side, "width": side})
+        return Gemma3Processor(images, tiny_tokenizer(model), image_seq_length=cfg.mm_tokens_per_image)
     images = BlipImageProcessorPil(size={"height": side, "width": side})
     if cfg.model_type == "llava":  # CLIP's CLS feature is dropped by the "default" strategy: one token per patch
         return LlavaProcessor(
@@ -66,15 +70,46 @@ def tiny_processor(model):
     )
 
 
+def tiny_qwen_vl_image_processor():
+    """The Qwen-VL image processor (the PIL one: the processor's video part needs torchvision) sized for the tiny
+    models' 2x2 patches: images resized to 64-256 pixels, so 4-16 image tokens."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(
+        patch_size=2, temporal_patch_size=2, merge_size=2, size={"shortest_edge": 64, "longest_edge": 256}
+    )
+
+
 def tiny_tokenizer(model) -> PreTrainedTokenizerFast:
-    """Words of the shapes world; `<image>` at the model's image token id."""
+    """Words of the shapes world; `<image>` at the model's image token id (Gemma 3, InternVL: their image tokens and
+    the ones around an image, named as their tokenizers name them)."""
     cfg = model.config
     family = cfg.text_config.model_type
     special = ["<pad>", "</s>", "<unk>"] if family == "t5" else ["<unk>", "<pad>", "<s>", "</s>"]
     vocab = {tok: i for i, tok in enumerate(special + WORDS)}
     size = cfg.text_config.vocab_size
     assert len(vocab) < size - 1
-    vocab["<image>"] = cfg.image_token_index
+    gemma = dict(boi_token="<start_of_image>", eoi_token="<end_of_image>", image_token="<image_soft_token>")
+    internvl = dict(start_image_token="<img>", end_image_token="</img>", context_image_token="<IMG_CONTEXT>")
+    if cfg.model_type == "gemma3":
+        ids = dict(boi_token=cfg.boi_token_index, eoi_token=cfg.eoi_token_index, image_token=cfg.image_token_index)
+        vocab.update({gemma[name]: ids[name] for name in gemma})
+    elif cfg.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        vocab.update(
+            {
+                "<|image_pad|>": cfg.image_token_id,
+                "<|vision_start|>": cfg.vision_start_token_id,
+                "<|vision_end|>": cfg.vision_end_token_id,
+            }
+        )
+        names_of_images = ["<|image_pad|>", "<|vision_start|>", "<|vision_end|>"]
+    elif cfg.model_type == "internvl":  # <img> and </img> just below the image token
+        image = cfg.image_token_id
+        vocab.update({"<img>": image - 2, "</img>": image - 1, "<IMG_CONTEXT>": image})
+    else:
+        vocab["<image>"] = cfg.image_token_index
+    if cfg.model_type not in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        names_of_images = ["<image>"]
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -84,6 +119,9 @@ def tiny_tokenizer(model) -> PreTrainedTokenizerFast:
     else:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
         names = dict(pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    if cfg.model_type in ("gemma3", "internvl"):
+        special_tokens = gemma if cfg.model_type == "gemma3" else internvl
+        return PreTrainedTokenizerFast(tokenizer_object=tok, **names, extra_special_tokens=special_tokens)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, **names)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.add_special_tokens({"additional_special_tokens": names_of_images})
     return tokenizer

@@ -7,15 +7,21 @@ from torch import nn
 from .base import Backbone, Blip2Backbone, Context, sharing_features  # noqa: F401  (public)
 from .blip2_opt import Blip2OPTBackbone
 from .blip2_t5 import Blip2T5Backbone
+from .gemma3 import Gemma3Backbone
 from .instructblip import InstructBlipOPTBackbone, InstructBlipRotaryBackbone, InstructBlipT5Backbone
+from .internvl import InternVLBackbone
 from .llava import LlavaBackbone
+from .qwen_vl import QwenVLBackbone
 from .rotary import LANGUAGE_MODELS as ROTARY_LANGUAGE_MODELS
 
 T5_TYPES = ("t5", "mt5", "umt5")
 SUPPORTED = (
     "Blip2ForConditionalGeneration (OPT, T5/FlanT5), "
     f"InstructBlipForConditionalGeneration (OPT, T5/FlanT5, {', '.join(ROTARY_LANGUAGE_MODELS)}), "
-    f"LlavaForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)})"
+    f"LlavaForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)}), "
+    "Gemma3ForConditionalGeneration, "
+    f"InternVLForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)}), "
+    "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration"
 )
 
 
@@ -23,9 +29,27 @@ def load_backbone(model: nn.Module) -> Backbone:
     """The adapter for a supported Hugging Face model; a clear error naming what is supported for anything else."""
     from transformers import (
         Blip2ForConditionalGeneration,
+        Gemma3ForConditionalGeneration,
         InstructBlipForConditionalGeneration,
+        InternVLForConditionalGeneration,
         LlavaForConditionalGeneration,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLForConditionalGeneration,
+        Qwen3VLForConditionalGeneration,
     )
+
+    if isinstance(
+        model, (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration)
+    ):
+        return QwenVLBackbone(model)
+
+    if isinstance(model, Gemma3ForConditionalGeneration):
+        return Gemma3Backbone(model)
+    if isinstance(model, InternVLForConditionalGeneration):
+        language_model = model.config.text_config.model_type
+        if language_model not in ROTARY_LANGUAGE_MODELS:
+            raise TypeError(f"unsupported InternVL language model '{language_model}': freevlm supports {SUPPORTED}")
+        return InternVLBackbone(model)
 
     blip = {
         Blip2ForConditionalGeneration: (Blip2OPTBackbone, Blip2T5Backbone),

@@ -11,17 +11,14 @@ reordered after each step; the engine's caches and pending states move with them
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from ..backbones.base import Backbone
+from .config import DecodeConfig
 from .generate import GenerateOutput, Request
 from .policies import ExitPolicy
-
-if TYPE_CHECKING:  # config.py imports the searches
-    from .config import DecodeConfig
+from .static import EnginePool
 
 
 def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -31,7 +28,6 @@ def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(tensor, index, dim=1)
 
 
-@torch.no_grad()
 def beam_generate(
     backbone: Backbone,
     exits: dict[int, nn.Module],
@@ -40,15 +36,19 @@ def beam_generate(
     pixel_values: torch.Tensor,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
+    inputs: dict,
+    engines: EnginePool | None = None,
 ) -> GenerateOutput:
     k, max_new_tokens, eos_token_id = config.num_beams, config.max_new_tokens, config.eos_token_id
     length_penalty, early_stopping = config.length_penalty, config.early_stopping
-    batch = pixel_values.shape[0]
+    batch = input_ids.shape[0]
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    pixel_values, inputs = backbone.beam_inputs(pixel_values, input_ids, inputs, k)
     expand = lambda t: t.repeat_interleave(k, dim=0)  # noqa: E731 - as Hugging Face expands inputs per beam
-    inputs = expand(pixel_values), expand(input_ids), expand(attention_mask)
-    req = Request.start(backbone, exits, policy, config, *inputs)
+    req = Request.start(
+        backbone, exits, policy, config, pixel_values, expand(input_ids), expand(attention_mask), inputs, engines
+    )
     ctx, engine, device = req.ctx, req.engine, backbone.device
     prompt_len = ctx.prompt_ids.shape[1]
     keep = max(2, 1 + len(eos_token_id)) * k  # candidates per item, so k unfinished ones always remain
