@@ -19,6 +19,7 @@ from .backbones import Backbone, Blip2Backbone, load_backbone
 from .decoding.config import SEARCH, DecodeConfig, search_name
 from .decoding.generate import GenerateOutput
 from .decoding.policies import ConfidencePolicy, ExitPolicy
+from .errors import MissingFileError
 from .exits import ExitConfig, ExitLayer, HeadExit, LinearExit
 from .inputs import validate_generate_inputs
 
@@ -151,7 +152,7 @@ class EarlyExitVLM(nn.Module):
         config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
         for f in (config_file, weights_file):
             if not f.is_file():
-                raise FileNotFoundError(f"no exits checkpoint at {path}: {f.name} is missing")
+                raise MissingFileError(f"no exits checkpoint at {path}: {f.name} is missing")
         try:
             meta = json.loads(config_file.read_text())
             exit_config = ExitConfig(**meta["exit_config"])

@@ -140,6 +140,7 @@ class Backbone:
     """
 
     family: str = ""  # the LM family: exits are saved with it, and the engine picks per-family paths by it
+    encoder_decoder: bool = False  # the prompt goes through an encoder, the text through the decoder (T5)
 
     def __init__(self, model: nn.Module, lm: nn.Module | None = None):
         self.model = model

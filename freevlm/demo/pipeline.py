@@ -45,6 +45,7 @@ from ..data import easyvqa, shapes
 from ..data.coco import read_coco_captions
 from ..data.images import load_image
 from ..data.vqa import read_vqa
+from ..decoding.config import DecodeConfig
 from ..eval.captions import spice_unavailable_reason
 from ..eval.evaluate import CAPTION_PROMPT, VQA_PROMPT, evaluate_captioning, evaluate_vqa
 from ..eval.plots import plot_per_layer, plot_quality_vs_speedup
@@ -523,10 +524,11 @@ class Demo:
         (in a batch, the step runs every layer as soon as one row needs it). Every speed in every table is measured
         that one way (`self.timed`)."""
         cfg, ee = self.cfg, self.ee["free"]
-        self.fast = {"batch_size": cfg.eval_batch, "max_new_tokens": cfg.max_new_tokens, "compare_full": False}
+        decoding = DecodeConfig(max_new_tokens=cfg.max_new_tokens)
+        self.fast = {"batch_size": cfg.eval_batch, "config": decoding, "compare_full": False}
         # dev sweeps need one number, scored without Java (the same tokens as PTB's on shapes captions: tested)
         self.cider = dict(self.fast, only=["CIDEr"], spice=False, tokenizer=stats.tokenize)
-        self.timed = {"batch_size": 1, "max_new_tokens": cfg.max_new_tokens, "timing_repeats": cfg.timing_repeats}
+        self.timed = {"batch_size": 1, "config": decoding, "timing_repeats": cfg.timing_repeats}
         dev, test, ood = self.captions["dev"], self.captions["test"], self.captions["ood"]
         chosen, dev_runs = self._choose_threshold(ee, dev)
         self.results["sweep"] = {
@@ -621,7 +623,7 @@ class Demo:
                 thresholds=grid,
                 full_outputs=self.calibration_set[1],
                 batch_size=cfg.eval_batch,
-                max_new_tokens=cfg.max_new_tokens,
+                config=DecodeConfig(max_new_tokens=cfg.max_new_tokens),
             )
         finally:
             processor.close()
@@ -673,7 +675,7 @@ class Demo:
                 thresholds=cfg.placement_thresholds,
                 full_outputs=full,
                 batch_size=cfg.eval_batch,
-                max_new_tokens=cfg.max_new_tokens,
+                config=DecodeConfig(max_new_tokens=cfg.max_new_tokens),
             )
         finally:
             processor.close()
