@@ -5,7 +5,7 @@ and 3 padded); speculative equals full greedy; beam 3 at threshold 1.0 equals HF
 (static, with CUDA graphs on CUDA for OPT) gives the general engine's tokens and exit layers under a random mixed
 schedule, both KV modes. Prints one line per check and a total; exits 1 on any failure.
 
-    python bench/check_device.py [--device cuda] [--families opt t5 llama ...]
+    python bench/check_device.py [--device cuda] [--families opt t5 llama gemma3 internvl-qwen2 ...]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.decoding.policies import ExitPolicy
-from freevlm.tiny import tiny_inputs, tiny_model
+from freevlm.tiny import tiny_model, tiny_model_inputs
 
 
 class SeededRandomPolicy(ExitPolicy):
@@ -52,27 +52,26 @@ def main() -> int:
         ee = EarlyExitVLM.from_backbone(model, ExitConfig([1, 2]))
         print(f"{family} on {args.device}")
         for batch in (1, 3):
-            pv, ids, mask = (t.to(args.device) for t in tiny_inputs(model, batch=batch, pad=batch > 1))
-            hf_kwargs = dict(pixel_values=pv, input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+            # everything the model's generate takes (Gemma 3's token_type_ids too), passed whole to both
+            inputs = {k: v.to(args.device) for k, v in tiny_model_inputs(model, batch=batch, pad=batch > 1).items()}
+            hf_kwargs = dict(inputs, max_new_tokens=8, do_sample=False)
             with torch.no_grad():
                 hf = model.generate(**hf_kwargs)
             for kw in (dict(threshold=1.0), dict(mode="full")):
-                out = ee.generate(pv, ids, mask, max_new_tokens=8, **kw)
+                out = ee.generate(**inputs, max_new_tokens=8, **kw)
                 check(f"batch {batch}: {kw} equals HF generate", torch.equal(out.sequences, hf))
-            full = ee.generate(pv, ids, mask, max_new_tokens=8, mode="full", eos_token_id=[])
-            spec = ee.generate(pv, ids, mask, max_new_tokens=8, mode="speculative", threshold=0.3, eos_token_id=[])
+            full = ee.generate(**inputs, max_new_tokens=8, mode="full", eos_token_id=[])
+            spec = ee.generate(**inputs, max_new_tokens=8, mode="speculative", threshold=0.3, eos_token_id=[])
             check(f"batch {batch}: speculative equals full", torch.equal(spec.sequences, full.sequences))
             if batch == 1:
                 with torch.no_grad():
                     hf_beam = model.generate(**hf_kwargs, num_beams=3)
-                beam = ee.generate(pv, ids, mask, max_new_tokens=8, threshold=1.0, num_beams=3)
+                beam = ee.generate(**inputs, max_new_tokens=8, threshold=1.0, num_beams=3)
                 check("beam 3 at threshold 1.0 equals HF beam", torch.equal(beam.sequences, hf_beam))
             for kv in ("recompute", "propagate"):
                 runs = [
                     ee.generate(
-                        pv,
-                        ids,
-                        mask,
+                        **inputs,
                         max_new_tokens=12,
                         policy=SeededRandomPolicy(batch),
                         kv=kv,

@@ -24,7 +24,8 @@ def validate_generate_inputs(
 ) -> None:
     """Raise `ValueError` for inputs the backbone cannot take; warn (once per call) about suspicious ones.
 
-    `backbone` is the adapter (`ee.backbone`): only its Hugging Face `model` and `config` are read.
+    `backbone` is the adapter (`ee.backbone`): its Hugging Face `model` and `config` are read, and how many images
+    each prompt row holds (`images_per_row`).
     Errors: pixel_values not a float [batch, channels, height, width] tensor, the wrong number of channels, a
     size the vision encoder cannot take; input_ids not an integer [batch, length] tensor, ids outside the
     vocabulary; attention_mask without input_ids, or of another shape; a prompt that leaves no room for
@@ -41,7 +42,7 @@ def validate_generate_inputs(
             )
         prompt_len = cfg.num_query_tokens + 1
     else:
-        _check_ids(model, cfg, pixel_values, input_ids)
+        _check_ids(backbone, pixel_values, input_ids)
         prompt_len = input_ids.shape[1]
         if cfg.image_token_index is None or not bool((input_ids == cfg.image_token_index).any()):
             prompt_len += cfg.num_query_tokens  # the image tokens are put in front
@@ -67,6 +68,8 @@ def _check_pixels(model, cfg, pixel_values) -> None:
             "(RGB): convert images with .convert('RGB') before the image processor"
         )
     size = getattr(cfg.vision_config, "image_size", None)
+    if isinstance(size, (list, tuple)):  # InternVL's (height, width): square in every released model
+        size = size[0] if len(set(size)) == 1 else None
     height, width = pixel_values.shape[-2:]
     if size and (height, width) != (size, size):
         if _is_vit(model):
@@ -108,14 +111,23 @@ def _vocab_size(model, cfg) -> int:
     return embeddings.num_embeddings if isinstance(embeddings, torch.nn.Embedding) else cfg.text_config.vocab_size
 
 
-def _check_ids(model, cfg, pixel_values, input_ids) -> None:
+def _check_ids(backbone, pixel_values, input_ids) -> None:
+    model, cfg = backbone.model, backbone.config
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must be a [batch, length] tensor of token ids, got {shape}")
     if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
         raise ValueError(f"input_ids must hold integer token ids (torch.long), got {input_ids.dtype}")
-    if input_ids.shape[0] != pixel_values.shape[0]:
-        raise ValueError(f"input_ids has {input_ids.shape[0]} rows but pixel_values has {pixel_values.shape[0]} images")
+    images = backbone.images_per_row(input_ids)
+    if sum(images) != pixel_values.shape[0]:
+        if all(n == 1 for n in images):
+            raise ValueError(
+                f"input_ids has {input_ids.shape[0]} rows but pixel_values has {pixel_values.shape[0]} images"
+            )
+        raise ValueError(
+            f"the image tokens of input_ids stand for {sum(images)} image(s) (per row: {images[:8]}) but pixel_values "
+            f"has {pixel_values.shape[0]}: pass the processor's pixel_values with its input_ids"
+        )
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids is empty (length 0): give at least the image tokens or BOS")
     vocab = _vocab_size(model, cfg)

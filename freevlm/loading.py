@@ -27,6 +27,7 @@ MODEL_CLASSES = {
     "blip-2": "Blip2ForConditionalGeneration",
     "instructblip": "InstructBlipForConditionalGeneration",
     "llava": "LlavaForConditionalGeneration",
+    "gemma3": "Gemma3ForConditionalGeneration",
 }
 
 
@@ -72,11 +73,24 @@ class VLMBundle:
         return {"pixel_values": pixel_values, "input_ids": ids, "attention_mask": mask}
 
     def _processed(self, images: list[Image.Image], prompts: list[str]) -> dict[str, torch.Tensor]:
-        if self.model.config.model_type == "llava":  # LLaVA's processor expands each <image> a prompt holds
+        model_type = self.model.config.model_type
+        if model_type in (
+            "llava",
+            "gemma3",
+        ):  # the processor expands each image token (<start_of_image>) a prompt holds
             image_token = self.processor.image_token
             prompts = [p if image_token in p else f"{image_token}\n{p}" for p in prompts]
+        if model_type == "gemma3":  # Gemma 3's processor takes each prompt's images as a list
+            images = [[image] for image in images]
         out = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
-        keys = ("pixel_values", "input_ids", "attention_mask", "qformer_input_ids", "qformer_attention_mask")
+        keys = (
+            "pixel_values",
+            "input_ids",
+            "attention_mask",
+            "qformer_input_ids",
+            "qformer_attention_mask",
+            "token_type_ids",  # Gemma 3: 1 at image tokens
+        )
         return {k: out[k] for k in keys if k in out}
 
     def decode(self, token_ids: torch.Tensor) -> list[str]:

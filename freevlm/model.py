@@ -114,7 +114,11 @@ class EarlyExitVLM(nn.Module):
         backbone = self.backbone
         with backbone.conditioned(batch):  # InstructBLIP: the Q-Former reads the batch's instruction
             states, ctx, mask = backbone.features(
-                batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch.get("decoder_input_ids")
+                batch["pixel_values"],
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch.get("decoder_input_ids"),
+                **{name: batch[name] for name in backbone.input_names if name in batch},
             )
         text = batch["targets"] != IGNORE_INDEX
         features = {
@@ -197,6 +201,7 @@ class EarlyExitVLM(nn.Module):
         return_decoder: bool | None = None,
         qformer_input_ids: torch.Tensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
+        **inputs: torch.Tensor,
     ) -> GenerateOutput:
         """Greedy decoding where each token leaves at the first exit its policy accepts.
 
@@ -212,7 +217,8 @@ class EarlyExitVLM(nn.Module):
         analytic and ideal speedup, wall-clock). `return_engine=True` keeps the engine (every layer's KV cache) on
         the output, for inspection (`return_decoder`: its old, deprecated name). InstructBLIP's Q-Former reads
         `qformer_input_ids` (and its mask) as its processor gives them, so `generate(**processor_output)` works as
-        with Hugging Face.
+        with Hugging Face; so do the other inputs a family's `generate` reads (`backbone.input_names`: Gemma 3's
+        `token_type_ids`), which travel with the request into `backbone.start`. Any other keyword is refused.
 
         The options may instead come as one `config=DecodeConfig(...)` (freevlm.decoding.config); keywords that
         are given too must agree with it.
@@ -238,6 +244,7 @@ class EarlyExitVLM(nn.Module):
         )
         config = options if config is None else _merge(config, options)
         config.validate()
+        inputs = self._model_inputs(inputs)
         validate_generate_inputs(self.backbone, pixel_values, input_ids, attention_mask, config.max_new_tokens)
         if input_ids is None:
             input_ids = self._default_prompt(pixel_values.shape[0], pixel_values.device)
@@ -253,7 +260,22 @@ class EarlyExitVLM(nn.Module):
         search = SEARCH[search_name(config)]
         instruction = {"qformer_input_ids": qformer_input_ids, "qformer_attention_mask": qformer_attention_mask}
         with self.backbone.conditioned(instruction):
-            return search(self.backbone, self.exit_dict(), policy, config, pixel_values, input_ids, attention_mask)
+            return search(
+                self.backbone, self.exit_dict(), policy, config, pixel_values, input_ids, attention_mask, inputs
+            )
+
+    def _model_inputs(self, inputs: dict) -> dict:
+        """The inputs beyond image and prompt that this family's `generate` takes (None ones dropped, as a
+        processor's absent outputs); a `TypeError` naming any other keyword."""
+        names = self.backbone.input_names
+        unknown = [name for name in inputs if name not in names]
+        if unknown:
+            takes = f"its model inputs are {', '.join(names)}" if names else "it takes no other model inputs"
+            raise TypeError(
+                f"generate() got an unexpected keyword argument {unknown[0]!r}: it is neither a decoding option "
+                f"nor an input of {type(self.model).__name__} ({takes})"
+            )
+        return {name: value for name, value in inputs.items() if value is not None}
 
     def _default_prompt(self, batch: int, device) -> torch.Tensor:
         """Hugging Face's default for BLIP-2 and InstructBLIP: the image tokens, then BOS where the LM has one (T5

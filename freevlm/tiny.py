@@ -5,7 +5,9 @@ Built from a config, Hugging Face's BLIP-2 has a dead vision path: the vision co
 initializer range and draw the query tokens, so the image matters in every model built here.
 
 `tiny_model(family)` builds any supported family: "opt", "t5" (BLIP-2), "instructblip-opt", "instructblip-t5",
-"instructblip-llama" or "llama", "mistral", "qwen2" (LLaVA).
+"instructblip-llama" or "llama", "mistral", "qwen2" (LLaVA), "gemma3", "internvl-qwen2" or "internvl-llama".
+`tiny_model_inputs` gives what its processor would: a dict that both `ee.generate(**inputs)` and the model's own
+`generate(**inputs)` take.
 """
 
 from __future__ import annotations
@@ -18,14 +20,21 @@ from transformers import (
     Blip2QFormerConfig,
     Blip2VisionConfig,
     CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3TextConfig,
     InstructBlipConfig,
     InstructBlipForConditionalGeneration,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     MistralConfig,
     OPTConfig,
     Qwen2Config,
+    SiglipVisionConfig,
     T5Config,
 )
 
@@ -212,8 +221,100 @@ def tiny_llava(family: str = "llama", seed: int = 0, **config_kwargs) -> LlavaFo
     return LlavaForConditionalGeneration(llava_config(family, **config_kwargs)).eval()
 
 
+def gemma3_config(
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    vocab_size: int = 99,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    image_size: int = 16,
+    sliding_window: int = 3,
+) -> Gemma3Config:
+    """A Gemma 3 with a 1-layer SigLIP tower (16 patches pooled into 4 image tokens) and an LM whose layers
+    alternate sliding (window 3, shorter than the image) and global, each kind with its own rotary base;
+    `query_pre_attn_scalar` is not the head size, as in the real models."""
+    text = Gemma3TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=hidden_size // num_heads,
+        query_pre_attn_scalar=24,
+        sliding_window=sliding_window,
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1000.0},
+        },
+        max_position_embeddings=512,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=1,
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=image_size // 4,
+    )
+    return Gemma3Config(
+        text_config=text.to_dict(),
+        vision_config=vision.to_dict(),
+        mm_tokens_per_image=4,
+        boi_token_index=vocab_size - 3,
+        eoi_token_index=vocab_size - 2,
+        image_token_index=vocab_size - 1,
+    )
+
+
+def tiny_gemma3(seed: int = 0, **config_kwargs) -> Gemma3ForConditionalGeneration:
+    """A random Gemma 3 in eval mode whose images change its outputs (Hugging Face starts the projection at zero)
+    and whose RMSNorms scale by 1 + a drawn weight (Hugging Face starts them at 1 + 0)."""
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(gemma3_config(**config_kwargs))
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.05)
+        for module in model.model.language_model.modules():
+            if type(module).__name__ == "Gemma3RMSNorm":
+                module.weight.normal_(std=0.1)
+    return model.eval()
+
+
+def internvl_config(family: str = "qwen2", num_layers: int = 4, hidden_size: int = 64, vocab_size: int = 99):
+    """An InternVL with a 1-layer InternViT (16 patches and CLS; pixel shuffle makes 4 image tokens of the patches)
+    and the grouped-query LM `llava_config` gives `family`."""
+    vision = InternVLVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=4,
+    )
+    text = llava_config(family, num_layers=num_layers, hidden_size=hidden_size, vocab_size=vocab_size).text_config
+    return InternVLConfig(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        image_token_id=vocab_size - 1,
+        image_seq_length=4,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+
+
 def tiny_model(family: str = "opt", seed: int = 0, **config_kwargs) -> nn.Module:
     """A random model of any supported family (see the module docstring)."""
+    if family.startswith("internvl-"):
+        torch.manual_seed(seed)
+        return InternVLForConditionalGeneration(
+            internvl_config(family.removeprefix("internvl-"), **config_kwargs)
+        ).eval()
+    if family == "gemma3":
+        return tiny_gemma3(seed, **config_kwargs)
     if family in LLAVA_TEXT_CONFIGS:
         return tiny_llava(family, seed, **config_kwargs)
     if family.startswith("instructblip-"):
@@ -227,6 +328,10 @@ def image_tokens(model: nn.Module, pixel_values: torch.Tensor) -> int:
     if isinstance(model, LlavaForConditionalGeneration):
         output = model.model.get_image_features(pixel_values=pixel_values[:1])
         return len(getattr(output, "pooler_output", output)[0])
+    if isinstance(model, Gemma3ForConditionalGeneration):
+        return model.config.mm_tokens_per_image
+    if isinstance(model, InternVLForConditionalGeneration):
+        return model.config.image_seq_length
     return model.config.num_query_tokens
 
 
@@ -235,10 +340,12 @@ def tiny_inputs(model: nn.Module, batch: int = 1, prompt_len: int = 3, seed: int
     gen = torch.Generator().manual_seed(seed)
     cfg = model.config
     size = cfg.vision_config.image_size
-    pixel_values = torch.randn(batch, 3, size, size, generator=gen)
+    height, width = size if isinstance(size, (list, tuple)) else (size, size)  # InternVL's is (height, width)
+    pixel_values = torch.randn(batch, 3, height, width, generator=gen)
     vocab = cfg.text_config.vocab_size
     text = torch.randint(4, vocab - 1, (batch, prompt_len), generator=gen)
-    image = torch.full((batch, image_tokens(model, pixel_values)), cfg.image_token_index)
+    image_token = getattr(cfg, "image_token_index", None) or cfg.image_token_id  # InternVL: image_token_id
+    image = torch.full((batch, image_tokens(model, pixel_values)), image_token)
     mask = torch.ones(batch, image.shape[1] + prompt_len, dtype=torch.long)
     input_ids = torch.cat([image, text], dim=1)
     if pad and batch > 1:
@@ -248,3 +355,13 @@ def tiny_inputs(model: nn.Module, batch: int = 1, prompt_len: int = 3, seed: int
             input_ids[b] = torch.cat([torch.full((n_pad,), pad_id), input_ids[b, : input_ids.shape[1] - n_pad]])
             mask[b, :n_pad] = 0
     return pixel_values, input_ids, mask
+
+
+def tiny_model_inputs(model: nn.Module, batch: int = 1, prompt_len: int = 3, seed: int = 0, pad: bool = False) -> dict:
+    """`tiny_inputs` as the model's processor gives them: a dict of every input its `generate` reads (Gemma 3's
+    `token_type_ids`: 1 at image tokens)."""
+    pixel_values, input_ids, attention_mask = tiny_inputs(model, batch, prompt_len, seed, pad)
+    inputs = {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask}
+    if isinstance(model, Gemma3ForConditionalGeneration):
+        inputs["token_type_ids"] = (input_ids == model.config.image_token_index).long()
+    return inputs

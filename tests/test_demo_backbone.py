@@ -85,14 +85,16 @@ def test_save_and_load_vlm_round_trip(bundle, images, tmp_path):
 
 
 def test_early_exit_engine_runs_on_the_demo_backbone(bundle, images):
+    """At threshold 1.0 the engine is Hugging Face's greedy decoding, token for token and of the same length; at
+    threshold 0.0 every token leaves at the first exit."""
     ee = EarlyExitVLM.from_backbone(bundle.model, ExitConfig([3, 6, 9]))
     inputs = bundle.inputs(images, ["a photo of"] * 2)
     full = ee.generate(**inputs, max_new_tokens=4, threshold=1.0)
     hf = bundle.model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    n = min(full.sequences.shape[1], hf.shape[1])
-    assert torch.equal(full.sequences[:, :n], hf[:, :n])
+    assert full.sequences.shape == hf.shape and torch.equal(full.sequences, hf)
+    assert full.exit_layers.tolist() == [[10] * 4] * 2  # the final layer
     early = ee.generate(**inputs, max_new_tokens=4, threshold=0.0)
-    assert early.sequences.shape[0] == 2 and early.exit_layers is not None
+    assert early.exit_layers.tolist() == [[3] * 4] * 2
 
 
 def test_t5_variant_builds_and_generates(images):

@@ -8,7 +8,7 @@ from freevlm.data import shapes
 from freevlm.data.coco import read_coco_captions
 from freevlm.decoding.config import DecodeConfig
 from freevlm.demo.backbone import build_backbone
-from freevlm.demo.pipeline import _Ticking
+from freevlm.demo.progress import Progress
 from freevlm.eval.evaluate import CAPTION_PROMPT, evaluate_captioning
 from freevlm.training.common import progress_hook
 from freevlm.training.data import CaptionDataset, Record
@@ -53,12 +53,12 @@ def test_evaluation_reports_images_done(world):
     bundle, _, records = world
     ee = EarlyExitVLM(bundle.model, ExitConfig(exit_layers=(1, 2)))
     done = []
-    processor = _Ticking(bundle, len(records), "test", show=False, callback=done.append)
-    evaluate_captioning(
-        ee, processor, records[:5], 0.9, batch_size=2, config=DecodeConfig(max_new_tokens=3), compare_full=False
-    )
-    processor.close()
-    assert done == [2, 4, 5]
+    progress = Progress(on_progress=lambda name, step, total: done.append((name, step, total)), show=False)
+    with progress.ticking(bundle, "test", 5) as processor:
+        evaluate_captioning(
+            ee, processor, records[:5], 0.9, batch_size=2, config=DecodeConfig(max_new_tokens=3), compare_full=False
+        )
+    assert done == [("test", 2, 5), ("test", 4, 5), ("test", 5, 5)]
 
 
 def test_batched_evaluation_decodes_what_batch_1_does(world):

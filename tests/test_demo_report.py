@@ -9,29 +9,37 @@ import subprocess
 import pytest
 from PIL import Image, ImageDraw, ImageStat
 
-from freevlm.demo.report import FINAL_COLOUR, fmt, fmt_speedup, fmt_threshold, layer_colours, write_report
+from freevlm.demo.report import write_report
+from freevlm.demo.tables import FINAL_COLOUR, fmt, fmt_speedup, fmt_threshold, layer_colours
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 
 
 def _caption_quality(cider, speedup, layers):
     full = {"BLEU-4": 0.612, "METEOR": 0.401, "CIDEr": 2.345, "ROUGE-L": 0.77, "exact_match": 0.35}
-    free = {
-        "BLEU-4": 0.598,
-        "METEOR": 0.395,
-        "CIDEr": cider,
-        "exact_match": 0.33,
-        "analytic_speedup": speedup,
-        "measured_decode_speedup": speedup - 0.4,
-        "measured_end_to_end_speedup": speedup - 0.7,
-        "mean_layers_per_token": layers,
+    free = {"BLEU-4": 0.598, "METEOR": 0.395, "CIDEr": cider, "exact_match": 0.33}
+    return {
+        "full": full,
+        "free": free,
+        "speed": _speed(speedup, speedup - 0.4) | {"mean_layers_per_token": layers},
+        "agreement_with_full": 0.9,
+        "spice": "unavailable: stanford-corenlp-3.6.0.jar missing",
+    }
+
+
+def _speed(analytic, decode):
+    return {
+        "analytic_speedup": analytic,
+        "ideal_speedup": analytic - 0.2,
+        "decode_speedup": decode,
+        "wallclock_speedup": decode - 0.3,
+        "mean_layers_per_token": 5.0,
         "exit_histogram": {"3": 120, "6": 30, "9": 10, "12": 50},
     }
-    return {"full": full, "free": free, "spice": "unavailable: stanford-corenlp-3.6.0.jar missing"}
 
 
 def fake_results(out_dir):
-    """A results dict in the pipeline's schema, with two drawn sample images and one plot."""
+    """A results dict in the pipeline's schema (`DemoResults`, serialized), with two drawn sample images."""
     (out_dir / "samples").mkdir(parents=True)
     for i, (colour, shape) in enumerate([((220, 30, 30), "circle"), ((30, 30, 220), "square")]):
         img = Image.new("RGB", (64, 64), (235, 235, 235))
@@ -39,9 +47,6 @@ def fake_results(out_dir):
         (draw.ellipse if shape == "circle" else draw.rectangle)((12, 16, 40, 44), fill=colour)
         draw.polygon([(44, 50), (60, 50), (52, 36)], fill=(30, 180, 30))
         img.save(out_dir / f"samples/{i}.png")
-    plot = Image.new("RGB", (320, 200), "white")
-    ImageDraw.Draw(plot).line([(10, 190), (300, 20)], fill="black", width=3)
-    plot.save(out_dir / "quality_vs_speedup.png")
     words = [
         ("a", 3),
         ("large", 6),
@@ -77,44 +82,31 @@ def fake_results(out_dir):
             },
         },
         "sweep": {
-            "metric": "CIDEr",
             "chosen_threshold": 0.8,
             "points": [
-                {"threshold": t, "score": s, "analytic_speedup": a, "measured_speedup": m}
-                for t, s, a, m in [(0.5, 1.9, 3.1, 2.2), (0.8, 2.31, 2.4, 1.75), (1.0, 2.35, 1.0, 0.97)]
+                {"threshold": t, "CIDEr": s, "analytic_speedup": a}
+                for t, s, a in [(0.5, 1.9, 3.1), (0.8, 2.31, 2.4), (1.0, 2.35, 1.0)]
             ],
         },
         "captioning": {"test": _caption_quality(2.3311, 2.4, 5.125), "ood": _caption_quality(1.7, 2.2, 5.9)},
         "vqa": {
-            "shapes": {
-                "full": {"accuracy": 0.913},
-                "free": {"accuracy": 0.905, "analytic_speedup": 2.6, "measured_decode_speedup": 2.05},
-            },
-            "easyvqa": {
-                "full": {"accuracy": 0.71},
-                "free": {"accuracy": 0.7, "analytic_speedup": 1.9, "measured_decode_speedup": 1.5},
-            },
+            "shapes": {"full_accuracy": 0.913, "free_accuracy": 0.905, "speed": _speed(2.6, 2.05)},
+            "easyvqa": {"full_accuracy": 0.71, "free_accuracy": 0.7, "speed": _speed(1.9, 1.5)},
         },
         "speculative": {
             "threshold": 0.8,
-            "measured_decode_speedup": 1.63,
+            "decode_speedup": 1.63,
             "acceptance_rate": 0.912,
             "identical_to_full": True,
         },
         "ablation": [
+            {"name": "free", "threshold": 0.8, "CIDEr": 2.31, "speed": _speed(2.4, 1.8), "trainable_parameters": None},
             {
-                "variant": "free",
-                "threshold": 0.8,
-                "CIDEr": 2.31,
-                "analytic_speedup": 2.4,
-                "measured_decode_speedup": 1.8,
-            },
-            {
-                "variant": "free_no_adversarial",
+                "name": "free_no_adversarial",
                 "threshold": 0.9,
                 "CIDEr": 2.2,
-                "analytic_speedup": 1.9,
-                "measured_decode_speedup": 1.4,
+                "speed": _speed(1.9, 1.4),
+                "trainable_parameters": None,
             },
         ],
         "per_layer": [{"layer": layer, "CIDEr": c} for layer, c in [(3, 0.8), (6, 1.5), (9, 2.0), (12, 2.35)]],
@@ -142,8 +134,8 @@ def fake_results(out_dir):
                 "references": ["..."],
             },
         ],
-        "plots": {"sweep": "quality_vs_speedup.png", "per_layer": "per_layer.png"},  # per_layer.png absent: skipped
-        "timing": {"total_seconds": 530.0},
+        "speed_protocol": "batch 1, early exit and full model alternating",
+        "timing": {"estimate": {"data": 2.0}, "stages": {"data": 3.0}, "total_seconds": 530.0},
         "calibration": _calibration(),
         "placement": _placement(),
     }
@@ -241,28 +233,31 @@ def report(tmp_path_factory):
 def test_json_round_trips_and_files_exist(report):
     results, paths, out = report
     assert json.loads(paths["json"].read_text()) == results
-    assert {p.name for p in paths.values()} == {"results.json", "report.md", "index.html", "exit_histogram.png"}
+    plots = {"quality_vs_speedup.png", "per_layer.png", "exit_histogram.png"}  # drawn from the results
+    assert {p.name for p in paths.values()} == {"results.json", "report.md", "index.html", *plots}
+    assert all(p.stat().st_size > 1000 for p in paths.values())
     assert not list(out.glob(".*.tmp"))
 
 
 def test_markdown_numbers_are_the_results(report):
     results, paths, _ = report
     md = paths["markdown"].read_text()
-    full, free = results["captioning"]["test"]["full"], results["captioning"]["test"]["free"]
+    test = results["captioning"]["test"]
+    full, free, speed = test["full"], test["free"], test["speed"]
     row = md_row(md, ["test", "FREE @ 0.8"])
     assert row[2:5] == [fmt(free["BLEU-4"]), fmt(free["METEOR"]), "n/a"]  # FREE has no ROUGE-L in the dict
     assert row[5] == fmt(free["CIDEr"]) == "2.331"
     assert row[7] == f"{100 * free['CIDEr'] / full['CIDEr']:.1f}%"
     assert row[8:] == [
-        fmt_speedup(free["analytic_speedup"]),
-        fmt_speedup(free["measured_decode_speedup"]),
-        fmt_speedup(free["measured_end_to_end_speedup"]),
-        fmt(free["mean_layers_per_token"]),
+        fmt_speedup(speed["analytic_speedup"]),
+        fmt_speedup(speed["decode_speedup"]),
+        fmt_speedup(speed["wallclock_speedup"]),
+        fmt(speed["mean_layers_per_token"]),
     ]
     assert md_row(md, ["test", "full model"])[5] == fmt(full["CIDEr"])
     spec = results["speculative"]
     assert md_row(md, [fmt_threshold(spec["threshold"])]) == ["0.8", "1.63x", "0.912", "yes"]
-    assert md_row(md, ["easy-VQA (external)"])[1:3] == [fmt(0.71), fmt(0.7)]
+    assert md_row(md, ["easy-VQA (external)"]) == ["easy-VQA (external)", fmt(0.71), fmt(0.7), "1.90x", "1.50x"]
     assert md_row(md, ["FREE without the adversarial term"]) == [
         "FREE without the adversarial term",
         "0.9",
@@ -275,7 +270,7 @@ def test_markdown_numbers_are_the_results(report):
     assert "2,371,584 trainable parameters" in md and "EfficientNet-Lite0 (ImageNet weights, frozen)" in md
     assert "**NOT met**: measured decode speedup" in md and "**met**: speculative" in md
     assert "SPICE on test: unavailable: stanford-corenlp-3.6.0.jar missing" in md
-    assert "![sweep](quality_vs_speedup.png)" in md and "per_layer.png" not in md
+    assert "![sweep](quality_vs_speedup.png)" in md and "![per layer](per_layer.png)" in md
     assert "![exit histogram](exit_histogram.png)" in md and "[index.html](index.html)" in md
     assert "## Early-exit methods" not in md  # no results["methods"]: section skipped
 
@@ -324,6 +319,7 @@ def test_html_colours_every_token_by_its_layer(report):
     assert all(colour == colours[int(layer)] for layer, colour, _ in spans)
     assert len(set(colours.values())) == 4 and colours[12] == FINAL_COLOUR
     assert "layer 12 (final: no early exit)" in page and 'src="samples/0.png"' in page
+    assert page.count("same as full model") == 1 and page.count("differs from full model") == 1
     assert "http://" not in page and "https://" not in page  # self-contained
 
 
@@ -360,10 +356,19 @@ def test_missing_sections_are_skipped(tmp_path):
     paths = write_report({}, tmp_path / "empty")
     assert set(paths) == {"json", "markdown", "html"} and "## " not in paths["markdown"].read_text()
     partial = {
-        "captioning": {"test": {"full": {"CIDEr": 1.5}}},
-        "samples": [{"image": "a.png", "tokens": [{"text": " a", "layer": 2}, {"text": "b", "layer": 4}]}],
+        "vqa": fake_results(tmp_path / "fake")["vqa"],
+        "samples": [
+            {
+                "image": "a.png",
+                "split": "test",
+                "tokens": [{"text": "a", "layer": 2}, {"text": "b", "layer": 4}],
+                "full_caption": "a b",
+                "references": ["a b"],
+            }
+        ],
     }
     paths = write_report(partial, tmp_path / "partial")
     md, page = paths["markdown"].read_text(), paths["html"].read_text()
-    assert md_row(md, ["test", "full model"])[2] == "1.500" and "## VQA" not in md and "exit_histogram" not in md
+    assert md_row(md, ["shapes VQA"])[1] == "0.913" and "## Captioning" not in md and "exit_histogram" not in md
+    assert set(paths) == {"json", "markdown", "html"}  # no data for any plot
     assert re.findall(r'data-layer="(\d)"', page) == ["2", "4"] and "final: no early exit" in page  # 4: highest seen

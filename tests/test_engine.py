@@ -64,8 +64,9 @@ def test_threshold_zero_leaves_at_first_exit_and_runs_nothing_above(model):
     assert out.stats.analytic_speedup == pytest.approx(4 / 3)
 
 
-def _reference_caches(ee, out, pv, ids, mask):
-    """Per-layer K/V and hidden states of the full model run once over prompt + generated tokens."""
+def _reference_caches(ee, out, pv, ids, mask, **inputs):
+    """Per-layer K/V and hidden states of the full model run once over prompt + generated tokens (`inputs`: the
+    family's others; Gemma 3's token_type_ids are 0 at the generated tokens)."""
     backbone = ee.backbone
     generated = out.sequences[:, out.engine.ctx.prompt_ids.shape[1] :]
     decoder_only = not backbone.lm.config.is_encoder_decoder
@@ -74,6 +75,8 @@ def _reference_caches(ee, out, pv, ids, mask):
         gen_embeds = backbone.lm.get_input_embeddings()(generated[:, :-1])
         embeds = torch.cat([embeds, gen_embeds], dim=1)
         mask_all = torch.cat([mask_all, torch.ones_like(generated[:, :-1])], dim=1)
+        if "token_type_ids" in inputs:
+            inputs["token_type_ids"] = torch.cat([inputs["token_type_ids"], torch.zeros_like(generated[:, :-1])], 1)
         full_cache = {cache_keyword(type(backbone.lm)): DynamicCache()}  # keeps every slot, sliding windows too
         res = backbone.lm(
             inputs_embeds=embeds,
@@ -82,6 +85,7 @@ def _reference_caches(ee, out, pv, ids, mask):
             use_cache=True,
             output_hidden_states=True,
             **full_cache,
+            **inputs,
         )
         cache = _cache_of(res)
     else:
@@ -126,10 +130,10 @@ def test_recompute_caches_equal_full_model(family, batch, seed):
     _assert_caches_equal_full_model(ee, out, pv, ids, mask)
 
 
-def _assert_caches_equal_full_model(ee, out, pv, ids, mask):
+def _assert_caches_equal_full_model(ee, out, pv, ids, mask, **inputs):
     """Every layer's and every exit layer's K/V, as far as filled, equal the full model's (padding slots aside)."""
     engine, batch = out.engine, pv.shape[0]
-    ref, hidden = _reference_caches(ee, out, pv, ids, mask)
+    ref, hidden = _reference_caches(ee, out, pv, ids, mask, **inputs)
     key_ok = engine.ctx.key_mask
     checked = 0
     for j, (ref_k, ref_v) in enumerate(ref):

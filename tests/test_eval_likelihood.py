@@ -28,7 +28,10 @@ def hf_log_likelihoods(bundle, image, prompt, options):
             target = torch.tensor([tok(" " + option, add_special_tokens=False)["input_ids"]])
             ids = torch.cat([inputs["input_ids"], target], 1)
             mask = torch.cat([inputs["attention_mask"], torch.ones_like(target)], 1)
-            logits = model(pixel_values=inputs["pixel_values"], input_ids=ids, attention_mask=mask).logits
+            extra = {}
+            if "token_type_ids" in inputs:  # Gemma 3: the option is text
+                extra["token_type_ids"] = torch.cat([inputs["token_type_ids"], torch.zeros_like(target)], 1)
+            logits = model(pixel_values=inputs["pixel_values"], input_ids=ids, attention_mask=mask, **extra).logits
             logp = torch.log_softmax(logits.float(), -1)[0, inputs["input_ids"].shape[1] - 1 : -1]
             out.append(logp.gather(-1, target[0][:, None]).sum().item())
     return out
@@ -46,6 +49,23 @@ def test_final_layer_equals_hugging_face(family, opt_model, t5_model):
     assert len({round(x, 3) for x in ours}) == len(OPTIONS)  # options really score differently
     forced_final = option_log_likelihoods(ee, bundle, image, PROMPT, OPTIONS, layer=4)
     assert forced_final == pytest.approx(ours, abs=1e-5)
+
+
+def test_gemma3_final_layer_equals_hugging_face():
+    """Gemma 3 through its processor: the batch carries token_type_ids (0 at the options' tokens)."""
+    from tiny_processor import tiny_processor
+
+    from freevlm.loading import VLMBundle
+    from freevlm.tiny import tiny_model
+
+    model = tiny_model("gemma3", seed=1)
+    processor = tiny_processor(model)
+    bundle = VLMBundle(model, processor.tokenizer, processor.image_processor, processor)
+    ee = EarlyExitVLM(model, ExitConfig([1, 2], init="fresh"))
+    image = Image.new("RGB", (32, 32), (10, 200, 40))
+    ours = option_log_likelihoods(ee, bundle, image, PROMPT, OPTIONS, threshold=1.0, batch_size=3)
+    assert ours == pytest.approx(hf_log_likelihoods(bundle, image, PROMPT, OPTIONS), abs=1e-4)
+    assert len({round(x, 3) for x in ours}) == len(OPTIONS)
 
 
 def test_exits_change_the_scores(opt_model):

@@ -1,7 +1,9 @@
-"""LLaVA (Llama, Mistral, Qwen2 LMs) and InstructBLIP (OPT, T5 LMs) on the same engine: what tests/test_engine.py,
-test_decoding_modes.py and test_static_engine.py show for BLIP-2, shown for these families (their helpers reused).
+"""LLaVA (Llama, Mistral, Qwen2 LMs), InstructBLIP (OPT, T5, Llama LMs), Gemma 3 and InternVL on the same engine: what
+tests/test_engine.py, test_decoding_modes.py and test_static_engine.py show for BLIP-2, shown for these families (their
+helpers reused).
 
-Mistral and Qwen2 run with sliding windows shorter than the sequences, so the window is exercised everywhere.
+Mistral, Qwen2 and Gemma 3 (its sliding layers) run with sliding windows shorter than the sequences, so the window
+is exercised everywhere; Gemma 3's window (3) is shorter than its image (4 tokens that see each other both ways).
 """
 
 from contextlib import nullcontext
@@ -17,9 +19,18 @@ from freevlm.backbones.base import causal_padding_mask
 from freevlm.cache_utils import KVView, LayerKV
 from freevlm.decoding.policies import FixedSchedulePolicy
 from freevlm.decoding.static import StaticEngine
-from freevlm.tiny import llava_config, tiny_inputs, tiny_instruction, tiny_model
+from freevlm.tiny import llava_config, tiny_instruction, tiny_model, tiny_model_inputs
 
-FAMILIES = ["llama", "mistral", "qwen2", "instructblip-opt", "instructblip-t5", "instructblip-llama"]
+FAMILIES = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "instructblip-opt",
+    "instructblip-t5",
+    "instructblip-llama",
+    "gemma3",
+    "internvl-qwen2",
+]
 WINDOWS = {"mistral": 4, "qwen2": 3}  # Qwen2's from layer 1 up: full and windowed layers mixed
 MAX_NEW = 10
 
@@ -30,17 +41,20 @@ def new_family(request):
 
 
 class Case:
-    """A tiny model of `family` with exits, random inputs, and the InstructBLIP instruction where there is one."""
+    """A tiny model of `family` with exits and random inputs: `hf_inputs` holds all that the model's `generate`
+    takes (the InstructBLIP instruction, Gemma 3's token_type_ids), passed whole to both generates; `inputs` is
+    (pixel_values, input_ids, attention_mask) and `model_inputs` the family's others, for the backbone's own calls
+    (InstructBLIP's instruction goes to those through `instructed()`)."""
 
     def __init__(self, family, seed=0, batch=1, pad=False, num_layers=4, exits=(1, 2, 3), sharpen=False):
         window = {"sliding_window": WINDOWS[family]} if family in WINDOWS else {}
         self.model = tiny_model(family, seed=seed, num_layers=num_layers, **window)
         self.ee = EarlyExitVLM.from_backbone(self.model, ExitConfig(list(exits)))
         if sharpen:  # sharper logits: exits are often confident, so thresholds in (0, 1) really exit
-            with torch.no_grad():
-                _final_norm(self.ee.backbone).weight.mul_(6)
-        self.inputs = tiny_inputs(self.model, batch=batch, seed=seed, pad=pad)
-        self.hf_inputs = dict(zip(("pixel_values", "input_ids", "attention_mask"), self.inputs))
+            _sharpen(_final_norm(self.ee.backbone))
+        self.hf_inputs = tiny_model_inputs(self.model, batch=batch, seed=seed, pad=pad)
+        self.inputs = tuple(self.hf_inputs[k] for k in ("pixel_values", "input_ids", "attention_mask"))
+        self.model_inputs = {k: v for k, v in self.hf_inputs.items() if k in self.ee.backbone.input_names}
         self.instruction = None
         if family.startswith("instructblip"):
             self.instruction = tiny_instruction(self.model, batch, seed=seed, pad=pad)
@@ -51,8 +65,7 @@ class Case:
         return nullcontext() if self.instruction is None else self.ee.backbone.instruction(*self.instruction)
 
     def generate(self, **kwargs):
-        with self.instructed():
-            return self.ee.generate(*self.inputs, **kwargs)
+        return self.ee.generate(**self.hf_inputs, **kwargs)
 
     def hf_generate(self, **kwargs):
         return self.model.generate(**self.hf_inputs, do_sample=False, **kwargs)
@@ -60,6 +73,15 @@ class Case:
 
 def _final_norm(backbone):
     return backbone.text.norm if hasattr(backbone, "text") else backbone.decoder.final_layer_norm
+
+
+@torch.no_grad()
+def _sharpen(norm):
+    """Scale a norm's output by 6 (Gemma's RMSNorm scales by 1 + weight)."""
+    if type(norm).__name__ == "Gemma3RMSNorm":
+        norm.weight.mul_(6).add_(5)
+    else:
+        norm.weight.mul_(6)
 
 
 @pytest.mark.filterwarnings("error::FutureWarning")
@@ -104,6 +126,7 @@ def test_recompute_caches_equal_full_model(new_family, batch_policy):
     with case.instructed():
         out = case.ee.generate(
             *case.inputs,
+            **case.model_inputs,
             max_new_tokens=12,
             policy=policy,
             eos_token_id=[],
@@ -113,7 +136,7 @@ def test_recompute_caches_equal_full_model(new_family, batch_policy):
         assert len(out.stats.exit_histogram) >= 2, out.stats.exit_histogram
         if batch_policy == "per_row":
             assert out.stats.work.catchup_slots > 0
-        _assert_caches_equal_full_model(case.ee, out, *case.inputs)
+        _assert_caches_equal_full_model(case.ee, out, *case.inputs, **case.model_inputs)
 
 
 def test_threshold_zero_leaves_at_first_exit_and_runs_nothing_above(new_family):
@@ -157,7 +180,7 @@ def test_kv_projection_is_what_the_layer_caches(family):
     case = Case(family, seed=4, batch=3, pad=True)
     backbone = case.ee.backbone
     with case.instructed():
-        ctx = backbone.start(*case.inputs, max_new_tokens=8)
+        ctx = backbone.start(*case.inputs, max_new_tokens=8, **case.model_inputs)
     start, length = 2, 4  # a window that does not start at slot 0
     rows = torch.tensor([0, 2])
     x = backbone.embed(ctx, torch.randint(4, 90, (2, length)), rows, start)
@@ -187,7 +210,7 @@ def test_features_are_the_full_models_hidden_states(new_family):
             states, ctx, _ = backbone.features(*case.inputs, decoder_input_ids=dec)
             ref = case.model(**case.hf_inputs, decoder_input_ids=dec).logits
         else:
-            states, ctx, _ = backbone.features(*case.inputs)
+            states, ctx, _ = backbone.features(*case.inputs, **case.model_inputs)
             ref = case.model(**case.hf_inputs, position_ids=ctx.extra["positions"].clamp(min=0)).logits
     real = ctx.key_mask[:, : states[-1].shape[1]]
     assert len(states) == backbone.num_layers + 1
@@ -319,3 +342,118 @@ def test_every_exit_kind_decodes(family, kind):
     assert (out.exit_layers == 1).all()
     full = case.generate(max_new_tokens=6, mode="full")
     assert torch.equal(case.generate(max_new_tokens=6, mode="speculative", threshold=0.3).sequences, full.sequences)
+
+
+# --- Gemma 3 ---------------------------------------------------------------------------------------------------
+def test_gemma3_inputs_missing_or_inconsistent_are_refused_by_name():
+    case = Case("gemma3", batch=2)
+    inputs = case.hf_inputs
+    without = {k: v for k, v in inputs.items() if k != "token_type_ids"}
+    with pytest.raises(ValueError, match="Gemma 3 needs token_type_ids"):
+        case.ee.generate(**without, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"token_type_ids must have the shape of input_ids \(2, 7\), got \(2, 6\)"):
+        case.ee.generate(**without, token_type_ids=inputs["token_type_ids"][:, 1:], max_new_tokens=2)
+    types = inputs["token_type_ids"].clone()
+    types[1, 5] = 1  # a text slot marked as image
+    with pytest.raises(ValueError, match=r"token_type_ids disagree with input_ids at row 1, slot 5"):
+        case.ee.generate(**without, token_type_ids=types, max_new_tokens=2)
+    ids = inputs["input_ids"].clone()
+    ids[0, 2] = 5  # an image token fewer in row 0: 7 image tokens for 2 images of 4
+    with pytest.raises(ValueError, match=r"input_ids hold 7 image token\(s\) \(id 98; row 0: 3\) for 2 image"):
+        case.ee.generate(**{**inputs, "input_ids": ids, "token_type_ids": (ids == 98).long()}, max_new_tokens=2)
+    ends = torch.cat([inputs["input_ids"][:, 3:], inputs["input_ids"][:, :3]], dim=1)  # text, then the image
+    with pytest.raises(ValueError, match="the prompt of row 0 ends with an image token"):
+        case.ee.generate(**{**inputs, "input_ids": ends, "token_type_ids": (ends == 98).long()}, max_new_tokens=2)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'image_sizes'.*model inputs are token_type_ids"):
+        case.ee.generate(**inputs, image_sizes=torch.ones(2, 2), max_new_tokens=2)
+    with pytest.raises(TypeError, match="'token_type_ids'.*LlavaForConditionalGeneration.*takes no other model inputs"):
+        Case("llama").ee.generate(**inputs, max_new_tokens=2)
+
+
+def test_gemma3_head_is_hugging_faces_without_soft_capping():
+    """`Gemma3ForConditionalGeneration` applies no final_logit_softcapping (Gemma3ForCausalLM does): with one in
+    the config, the backbone's (and so every exit's) logits are still Hugging Face's."""
+    case = Case("gemma3", batch=2, pad=True)
+    case.model.config.text_config.final_logit_softcapping = 0.1  # below the logits: capping would change them
+    states, ctx, _ = case.ee.backbone.features(*case.inputs, **case.model_inputs)
+    ref = case.model(**case.hf_inputs, position_ids=ctx.extra["positions"].clamp(min=0)).logits
+    real = ctx.key_mask[:, : ref.shape[1]]
+    assert ref[real].abs().max() > 0.2
+    assert torch.allclose(case.ee.backbone.head(states[-1])[real], ref[real], atol=1e-5)
+
+
+def test_gemma3_as_an_encoder_is_refused():
+    from transformers import Gemma3ForConditionalGeneration
+
+    from freevlm.tiny import gemma3_config
+
+    config = gemma3_config()
+    config.text_config.use_bidirectional_attention = True
+    with pytest.raises(ValueError, match="use_bidirectional_attention=True"):
+        load_backbone(Gemma3ForConditionalGeneration(config))
+
+
+# --- InternVL --------------------------------------------------------------------------------------------------
+def test_internvl_with_a_llama_lm_equals_hf_generate():
+    """InternVL's other LM (the matrix runs its Qwen2 one): greedy and beam, left-padded."""
+    case = Case("internvl-llama", seed=2, batch=3, pad=True)
+    for kwargs in (dict(num_beams=1), dict(num_beams=3, length_penalty=0.6)):
+        ref = case.hf_generate(max_new_tokens=MAX_NEW, **kwargs)
+        assert torch.equal(case.generate(max_new_tokens=MAX_NEW, threshold=1.0, **kwargs).sequences, ref)
+
+
+# --- several images per prompt row (Gemma 3: several images or crops; InternVL: an image's tiles) ---------------
+def _several_images(case):
+    """Row 0 holds two images (Gemma 3: two image blocks between text; InternVL: two tiles, adjacent), row 1 one,
+    left-padded: pixel_values has 3 rows, in prompt order."""
+    cfg, backbone = case.model.config, case.ee.backbone
+    image, per, pad = backbone.config.image_token_index, backbone.config.num_query_tokens, 1
+    between = [10] if backbone.family == "gemma3_text" else []
+    rows = [[image] * per + between + [image] * per + [11, 12], [image] * per + [13, 14]]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    size = case.inputs[0].shape[-1]
+    inputs = {
+        "pixel_values": torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0)),
+        "input_ids": ids,
+        "attention_mask": mask,
+    }
+    if "token_type_ids" in backbone.input_names:
+        inputs["token_type_ids"] = (ids == image).long()
+    assert cfg is not None and backbone.images_per_row(ids) == [2, 1]
+    return inputs
+
+
+@pytest.mark.parametrize("family", ["gemma3", "internvl-qwen2"])
+def test_several_images_per_row_equal_hf_generate(family):
+    """Greedy, threshold 1.0 and beam search equal Hugging Face's (whose generate repeats each row's images as a
+    group per beam, since it encodes images before expanding), speculative equals greedy; images in another order
+    change the output."""
+    case = Case(family, seed=5, sharpen=True)
+    inputs = _several_images(case)
+    ref = case.model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
+    assert torch.equal(case.ee.generate(**inputs, max_new_tokens=MAX_NEW, mode="full").sequences, ref)
+    assert torch.equal(case.ee.generate(**inputs, max_new_tokens=MAX_NEW, threshold=1.0).sequences, ref)
+    from transformers import GenerationMixin
+
+    if hasattr(GenerationMixin, "_expand_multimodal_outputs"):  # before (5.17), its beams got [A, A, B, B]
+        beam = dict(max_new_tokens=6, num_beams=3, length_penalty=0.6)
+        hf_beam = case.model.generate(**inputs, do_sample=False, **beam)
+        assert torch.equal(case.ee.generate(**inputs, threshold=1.0, **beam).sequences, hf_beam)
+    out = case.ee.generate(**inputs, max_new_tokens=MAX_NEW, mode="speculative", threshold=0.0)
+    assert torch.equal(out.sequences, ref) and out.stats.speculative["drafted"] > 0
+    swapped = dict(inputs, pixel_values=inputs["pixel_values"][[1, 0, 2]])
+    logits = [case.model(**x).logits[0, -1] for x in (inputs, swapped)]
+    assert not torch.allclose(*logits, atol=1e-4)
+
+
+def test_several_images_per_row_counts_are_checked():
+    case = Case("internvl-qwen2")
+    inputs = _several_images(case)
+    with pytest.raises(ValueError, match=r"image tokens of input_ids stand for 3 image\(s\) \(per row: \[2, 1\]\) but"):
+        case.ee.generate(**dict(inputs, pixel_values=inputs["pixel_values"][:2]), max_new_tokens=2)
+    ids = inputs["input_ids"].clone()
+    ids[0, 0] = 5  # 7 image tokens in row 0: not a whole number of images
+    with pytest.raises(ValueError, match=r"input_ids hold 11 image token\(s\) \(id 98; row 0: 7\) for 3 image"):
+        case.ee.generate(**dict(inputs, input_ids=ids), max_new_tokens=2)

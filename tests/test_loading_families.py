@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "what color is the square"
 
 
-@pytest.fixture(params=["llama", "instructblip-llama"])
+@pytest.fixture(params=["llama", "instructblip-llama", "gemma3"])
 def folder(request, tmp_path):
     """A model and its processor saved side by side, as a Hugging Face checkpoint ships them."""
     model = tiny_model(request.param, seed=3)
@@ -36,8 +36,10 @@ def test_caption_command_decodes_as_the_model_s_own_generate(folder, capsys):
     prompt gets `<image>` in front, expanded to one token per feature; InstructBLIP: the Q-Former reads it)."""
     bundle = load_vlm(folder / "model")
     image = Image.open(folder / "red.png").convert("RGB")
-    text = PROMPT if bundle.model.config.model_type == "instructblip" else f"<image>\n{PROMPT}"
-    hf_inputs = bundle.processor(images=[image], text=[text], return_tensors="pt")
+    model_type = bundle.model.config.model_type
+    text = PROMPT if model_type == "instructblip" else f"{bundle.processor.image_token}\n{PROMPT}"
+    images = [[image]] if model_type == "gemma3" else [image]  # Gemma 3's processor takes each prompt's images
+    hf_inputs = bundle.processor(images=images, text=[text], return_tensors="pt")
     ref = bundle.model.generate(**hf_inputs, max_new_tokens=5, do_sample=False, min_new_tokens=5)
     expected = bundle.tokenizer.decode(ref[0, hf_inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     assert (
@@ -139,6 +141,10 @@ def test_training_prompts_are_laid_out_as_the_processor_lays_them_out(folder):
     assert (batch["targets"][:, : prompt_len - 1] == -100).all() and (batch["targets"][:, prompt_len - 1] >= 0).all()
     for key in ("qformer_input_ids", "pixel_values"):
         assert (key in batch) == (key in inputs) and (key not in batch or torch.equal(batch[key], inputs[key]))
+    assert ("token_type_ids" in batch) == ("token_type_ids" in inputs)  # Gemma 3's
+    if "token_type_ids" in batch:
+        assert torch.equal(batch["token_type_ids"][:, :prompt_len], inputs["token_type_ids"])
+        assert not batch["token_type_ids"][:, prompt_len:].any()
 
 
 def test_sweep_command_reads_the_folder(folder, tmp_path):
@@ -179,3 +185,24 @@ def test_sweep_command_reads_the_folder(folder, tmp_path):
     )
     result = json.loads((out / "results.json").read_text())
     assert result["test"][0]["speed"]["exit_histogram"].keys() == {"1"}  # threshold 0: every token at the first exit
+
+
+@pytest.mark.parametrize("folder", ["gemma3"], indirect=True)
+def test_eval_and_calibrate_commands_read_a_gemma3_folder(folder, tmp_path):
+    """The processor's token_type_ids reach every request of `eval` and `calibrate` (without them Gemma 3's requests
+    are refused)."""
+    import dataset_files as files
+
+    EarlyExitVLM(load_vlm(folder / "model").model, ExitConfig([1, 2], init="fresh")).save_exits(tmp_path / "exits")
+    q, a = files.vqa(tmp_path)
+    common = ["--backbone", str(folder / "model"), "--exits", str(tmp_path / "exits"), "--format", "vqav2"]
+    data = ["--files", str(q), str(a), "--images", str(tmp_path / "val2014"), "--max-new-tokens", "2"]
+    assert main(["eval", *common, *data, "--threshold", "0.0", "--out", str(tmp_path / "eval")]) == 0
+    result = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert result["speed"]["exit_histogram"].keys() == {"1"}
+    calib = tmp_path / "calib.json"
+    assert (
+        main(["calibrate", *common, *data, "--thresholds", "0.0", "1.0", "--tolerance", "0.7", "--out", str(calib)])
+        == 0
+    )
+    assert json.loads(calib.read_text())["per_threshold"][0]["empirical_risk"] == 0.0  # 1.0: the full model

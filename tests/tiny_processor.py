@@ -46,12 +46,16 @@ def tiny_bundle(model) -> VLMBundle:
 
 
 def tiny_processor(model):
-    """The model's own processor, as a LLaVA or an InstructBLIP checkpoint ships it (for `load_vlm`)."""
+    """The model's own processor, as a LLaVA, an InstructBLIP or a Gemma 3 checkpoint ships it (for `load_vlm`)."""
     from training_helpers import make_qformer_tokenizer
-    from transformers import InstructBlipProcessor, LlavaProcessor
+    from transformers import Gemma3Processor, InstructBlipProcessor, LlavaProcessor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
     cfg = model.config
     side = cfg.vision_config.image_size
+    if cfg.model_type == "gemma3":
+        images = Gemma3ImageProcessorPil(size={"height": side, "width": side})
+        return Gemma3Processor(images, tiny_tokenizer(model), image_seq_length=cfg.mm_tokens_per_image)
     images = BlipImageProcessorPil(size={"height": side, "width": side})
     if cfg.model_type == "llava":  # CLIP's CLS feature is dropped by the "default" strategy: one token per patch
         return LlavaProcessor(
@@ -67,14 +71,20 @@ def tiny_processor(model):
 
 
 def tiny_tokenizer(model) -> PreTrainedTokenizerFast:
-    """Words of the shapes world; `<image>` at the model's image token id."""
+    """Words of the shapes world; `<image>` at the model's image token id (Gemma 3: its image, start-of-image and
+    end-of-image tokens, named as its tokenizer names them)."""
     cfg = model.config
     family = cfg.text_config.model_type
     special = ["<pad>", "</s>", "<unk>"] if family == "t5" else ["<unk>", "<pad>", "<s>", "</s>"]
     vocab = {tok: i for i, tok in enumerate(special + WORDS)}
     size = cfg.text_config.vocab_size
     assert len(vocab) < size - 1
-    vocab["<image>"] = cfg.image_token_index
+    gemma = dict(boi_token="<start_of_image>", eoi_token="<end_of_image>", image_token="<image_soft_token>")
+    if cfg.model_type == "gemma3":
+        ids = dict(boi_token=cfg.boi_token_index, eoi_token=cfg.eoi_token_index, image_token=cfg.image_token_index)
+        vocab.update({gemma[name]: ids[name] for name in gemma})
+    else:
+        vocab["<image>"] = cfg.image_token_index
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -84,6 +94,8 @@ def tiny_tokenizer(model) -> PreTrainedTokenizerFast:
     else:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
         names = dict(pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    if cfg.model_type == "gemma3":
+        return PreTrainedTokenizerFast(tokenizer_object=tok, **names, extra_special_tokens=gemma)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, **names)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     return tokenizer

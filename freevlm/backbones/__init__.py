@@ -7,7 +7,9 @@ from torch import nn
 from .base import Backbone, Blip2Backbone, Context, sharing_features  # noqa: F401  (public)
 from .blip2_opt import Blip2OPTBackbone
 from .blip2_t5 import Blip2T5Backbone
+from .gemma3 import Gemma3Backbone
 from .instructblip import InstructBlipOPTBackbone, InstructBlipRotaryBackbone, InstructBlipT5Backbone
+from .internvl import InternVLBackbone
 from .llava import LlavaBackbone
 from .rotary import LANGUAGE_MODELS as ROTARY_LANGUAGE_MODELS
 
@@ -15,7 +17,9 @@ T5_TYPES = ("t5", "mt5", "umt5")
 SUPPORTED = (
     "Blip2ForConditionalGeneration (OPT, T5/FlanT5), "
     f"InstructBlipForConditionalGeneration (OPT, T5/FlanT5, {', '.join(ROTARY_LANGUAGE_MODELS)}), "
-    f"LlavaForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)})"
+    f"LlavaForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)}), "
+    "Gemma3ForConditionalGeneration, "
+    f"InternVLForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)})"
 )
 
 
@@ -23,9 +27,19 @@ def load_backbone(model: nn.Module) -> Backbone:
     """The adapter for a supported Hugging Face model; a clear error naming what is supported for anything else."""
     from transformers import (
         Blip2ForConditionalGeneration,
+        Gemma3ForConditionalGeneration,
         InstructBlipForConditionalGeneration,
+        InternVLForConditionalGeneration,
         LlavaForConditionalGeneration,
     )
+
+    if isinstance(model, Gemma3ForConditionalGeneration):
+        return Gemma3Backbone(model)
+    if isinstance(model, InternVLForConditionalGeneration):
+        language_model = model.config.text_config.model_type
+        if language_model not in ROTARY_LANGUAGE_MODELS:
+            raise TypeError(f"unsupported InternVL language model '{language_model}': freevlm supports {SUPPORTED}")
+        return InternVLBackbone(model)
 
     blip = {
         Blip2ForConditionalGeneration: (Blip2OPTBackbone, Blip2T5Backbone),

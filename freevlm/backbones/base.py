@@ -141,6 +141,9 @@ class Backbone:
 
     family: str = ""  # the LM family: exits are saved with it, and the engine picks per-family paths by it
     encoder_decoder: bool = False  # the prompt goes through an encoder, the text through the decoder (T5)
+    # inputs beyond image and prompt that the model's own `generate` reads (Gemma 3's `token_type_ids`): `generate`
+    # and `features` take them by name and pass them to `start`, which checks them
+    input_names: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module, lm: nn.Module | None = None):
         self.model = model
@@ -176,6 +179,11 @@ class Backbone:
         is what the model's own `generate` feeds its language model.
         """
         raise NotImplementedError
+
+    def images_per_row(self, input_ids: torch.Tensor) -> list[int]:
+        """How many `pixel_values` rows each prompt row reads, in order: one here (beam search repeats each row's
+        images with it; Gemma 3 and InternVL count them from the image tokens, `llava.ImageGroups`)."""
+        return [1] * input_ids.shape[0]
 
     def conditioned(self, inputs: dict) -> AbstractContextManager:
         """A block in which requests and training passes read the inputs beyond image and prompt that `inputs`
@@ -233,18 +241,24 @@ class Backbone:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         decoder_input_ids: torch.Tensor | None = None,
+        **inputs: torch.Tensor,
     ) -> tuple[list[torch.Tensor], Context, torch.Tensor]:
         """Hidden states h_0..h_N (before the final norm) of the whole sequence in one pass, for training.
 
         Decoder-only: `input_ids` is prompt + target (teacher forcing). Encoder-decoder: `input_ids` is the prompt
-        and `decoder_input_ids` the shifted target. Returns (hidden states, context, attention mask) so exit
-        layers can be run over `hidden[i]` with `run_layer(exit, hidden[i], ctx, None, mask, None)`.
+        and `decoder_input_ids` the shifted target; `inputs` are the family's others (`input_names`). Returns
+        (hidden states, context, attention mask) so exit layers can be run over `hidden[i]` with
+        `run_layer(exit, hidden[i], ctx, None, mask, None)`.
         """
         shared = _SHARED_FEATURES.get(id(self.model))
-        key = _inputs_digest(pixel_values, input_ids, attention_mask, decoder_input_ids) if shared is not None else ""
+        key = ""
+        if shared is not None:
+            key = _inputs_digest(
+                pixel_values, input_ids, attention_mask, decoder_input_ids, *(inputs[k] for k in sorted(inputs))
+            )
         if shared is not None and key in shared:
             return shared[key]
-        ctx = self.start(pixel_values, input_ids, attention_mask, 0, decoder_input_ids)
+        ctx = self.start(pixel_values, input_ids, attention_mask, 0, decoder_input_ids, **inputs)
         hidden = self.embed_prompt(ctx)
         mask = causal_padding_mask(ctx.key_mask, 0, hidden.shape[1])
         states = [hidden]

@@ -47,11 +47,13 @@ class RotaryDecoder(Backbone):
                 "attn_implementation='sdpa'"
             )
         rope_type = getattr(self.text.rotary_emb, "rope_type", "default")
-        if rope_type in LENGTH_DEPENDENT_ROPE:
-            raise NotImplementedError(
-                f"rotary scaling '{rope_type}' depends on the sequence length seen so far; "
-                f"freevlm supports the others (default, linear, llama3, yarn...)"
-            )
+        rope_types = rope_type.values() if isinstance(rope_type, dict) else [rope_type]  # Gemma 3: one per layer type
+        for rope_type in rope_types:
+            if rope_type in LENGTH_DEPENDENT_ROPE:
+                raise NotImplementedError(
+                    f"rotary scaling '{rope_type}' depends on the sequence length seen so far; "
+                    f"freevlm supports the others (default, linear, llama3, yarn...)"
+                )
 
     @property
     def hidden_size(self) -> int:
@@ -66,22 +68,41 @@ class RotaryDecoder(Backbone):
     # --- layers -------------------------------------------------------------------------------------------------
     def run_layer(self, layer, hidden, ctx, cache: KVView | None, mask, rows):
         start = 0 if cache is None else cache.start
-        rope = self._rotary(ctx, rows, start, hidden)
+        rope = self._rotary(ctx, rows, start, hidden, layer)
+        mask = self.prompt_mask(ctx, mask, rows, start, hidden.shape[1])
         window = sliding_window(layer)
         if window is not None:
             mask = self._windowed(ctx, mask, start, hidden.shape[1], cache, window)
         return layer(hidden, attention_mask=mask, position_embeddings=rope, **{cache_keyword(type(layer)): cache})
 
-    def _rotary(self, ctx: Context, rows, start: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of the window's slots for `rows`: the same for every layer call over one window, so made once."""
+    def _rotary(
+        self, ctx: Context, rows, start: int, hidden: torch.Tensor, layer: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of the window's slots for `rows`: the same for every layer call over one window (of one
+        `rotary_kind`), so made once."""
         key = (rows, start, hidden.shape[1], hidden.dtype)
-        memo = ctx.extra.get("rotary")
+        memos = ctx.extra.setdefault("rotary", {})
+        kind = self.rotary_kind(layer)
+        memo = memos.get(kind)
         if memo is not None and memo[0][0] is rows and memo[0][1:] == key[1:]:
             return memo[1]
         positions = ctx.extra["positions"] if rows is None else ctx.extra["positions"][rows]
-        rope = self.text.rotary_emb(hidden, positions[:, start : start + hidden.shape[1]])
-        ctx.extra["rotary"] = (key, rope)
+        rope = self.rotary_embedding(hidden, positions[:, start : start + hidden.shape[1]], layer)
+        memos[kind] = (key, rope)
         return rope
+
+    def rotary_kind(self, layer: nn.Module) -> str | None:
+        """Which rotary table `layer` reads: one for all layers here; Gemma 3 has one per layer type."""
+        return None
+
+    def rotary_embedding(self, hidden: torch.Tensor, positions: torch.Tensor, layer: nn.Module):
+        """cos/sin at `positions` `[n, q]` for `layer` (Hugging Face's rotary module of the decoder)."""
+        return self.text.rotary_emb(hidden, positions)
+
+    def prompt_mask(self, ctx: Context, mask, rows, start: int, length: int) -> torch.Tensor | None:
+        """The window's mask before any sliding window: causal over real tokens here; Gemma 3 lets a prompt's
+        image tokens see each other both ways."""
+        return mask
 
     @staticmethod
     def _windowed(ctx: Context, mask, start: int, length: int, cache, window: int) -> torch.Tensor | None:
@@ -102,13 +123,16 @@ class RotaryDecoder(Backbone):
         shape = (*hidden.shape[:-1], -1, attn.head_dim)
         keys = attn.k_proj(normed).view(shape).transpose(1, 2)
         values = attn.v_proj(normed).view(shape).transpose(1, 2)
-        cos, sin = self._rotary(ctx, rows, start, hidden)
+        if hasattr(attn, "k_norm"):  # Gemma 3, Qwen3: keys normalised per head before the rotation
+            keys = attn.k_norm(keys)
+        cos, sin = self._rotary(ctx, rows, start, hidden, layer)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return keys * cos + rotate_half(keys) * sin, values
 
     def kv_parameters(self, layer) -> int:
-        modules = [layer.self_attn.k_proj, layer.self_attn.v_proj, layer.input_layernorm]
-        return sum(p.numel() for m in modules for p in m.parameters())
+        attn = layer.self_attn
+        modules = [attn.k_proj, attn.v_proj, layer.input_layernorm, getattr(attn, "k_norm", None)]
+        return sum(p.numel() for m in modules if m is not None for p in m.parameters())
 
     def final_norm(self, hidden):
         return self.text.norm(hidden)

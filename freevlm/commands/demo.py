@@ -38,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def demo(args: argparse.Namespace) -> int:
     import torch
 
-    from ..demo.pipeline import DemoConfig, default_threads, run_demo
+    from ..demo.config import DemoConfig, default_threads
+    from ..demo.pipeline import run_demo
 
     threads, why = (args.threads, "--threads") if args.threads else default_threads()
     torch.set_num_threads(max(1, threads))

@@ -11,6 +11,7 @@ reordered after each step; the engine's caches and pending states move with them
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,6 +33,14 @@ def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _expand_images(pixel_values: torch.Tensor, images_per_row: list[int], k: int) -> torch.Tensor:
+    """Each prompt row's images, in order, once per beam: [A, B] -> [A, B, A, B] for a row holding two (as Hugging
+    Face's `generate` expands encoded images; repeating image by image would give [A, A, B, B])."""
+    starts = [0, *itertools.accumulate(images_per_row)]
+    index = [i for b in range(len(images_per_row)) for _ in range(k) for i in range(starts[b], starts[b + 1])]
+    return pixel_values.index_select(0, torch.tensor(index, device=pixel_values.device))
+
+
 def beam_generate(
     backbone: Backbone,
     exits: dict[int, nn.Module],
@@ -40,15 +49,24 @@ def beam_generate(
     pixel_values: torch.Tensor,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
+    inputs: dict | None = None,
 ) -> GenerateOutput:
     k, max_new_tokens, eos_token_id = config.num_beams, config.max_new_tokens, config.eos_token_id
     length_penalty, early_stopping = config.length_penalty, config.early_stopping
-    batch = pixel_values.shape[0]
+    batch = input_ids.shape[0]
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     expand = lambda t: t.repeat_interleave(k, dim=0)  # noqa: E731 - as Hugging Face expands inputs per beam
-    inputs = expand(pixel_values), expand(input_ids), expand(attention_mask)
-    req = Request.start(backbone, exits, policy, config, *inputs)
+    req = Request.start(
+        backbone,
+        exits,
+        policy,
+        config,
+        _expand_images(pixel_values, backbone.images_per_row(input_ids), k),
+        expand(input_ids),
+        expand(attention_mask),
+        inputs={name: expand(value) for name, value in (inputs or {}).items()},
+    )
     ctx, engine, device = req.ctx, req.engine, backbone.device
     prompt_len = ctx.prompt_ids.shape[1]
     keep = max(2, 1 + len(eos_token_id)) * k  # candidates per item, so k unfinished ones always remain

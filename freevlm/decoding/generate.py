@@ -87,12 +87,14 @@ class Request:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         slots: int | None = None,
+        inputs: dict | None = None,
     ) -> Request:
-        """Start the clock, encode image and prompt with room for `slots` new tokens (default
-        `config.max_new_tokens`), build the engine: the one place it is built, so its options come from `config`."""
+        """Start the clock, encode image and prompt (and the model's other `inputs`, `Backbone.input_names`) with
+        room for `slots` new tokens (default `config.max_new_tokens`), build the engine: the one place it is built,
+        so its options come from `config`."""
         _sync(backbone.device)
         t0 = time.perf_counter()
-        ctx = backbone.start(pixel_values, input_ids, attention_mask, slots or config.max_new_tokens)
+        ctx = backbone.start(pixel_values, input_ids, attention_mask, slots or config.max_new_tokens, **(inputs or {}))
         engine = build_engine(backbone, exits, policy, config, ctx)
         eos = torch.tensor(config.eos_token_id, dtype=torch.long, device=backbone.device)
         return cls(backbone, ctx, engine, eos, t0)
@@ -142,8 +144,9 @@ def greedy_generate(
     pixel_values: torch.Tensor,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
+    inputs: dict | None = None,
 ) -> GenerateOutput:
-    req = Request.start(backbone, exits, policy, config, pixel_values, input_ids, attention_mask)
+    req = Request.start(backbone, exits, policy, config, pixel_values, input_ids, attention_mask, inputs=inputs)
     max_new_tokens, pad_token_id = config.max_new_tokens, config.pad_token_id
     ctx, engine, device = req.ctx, req.engine, backbone.device
     batch, prompt_len = ctx.prompt_ids.shape

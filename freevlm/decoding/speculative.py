@@ -62,13 +62,16 @@ def speculative_generate(
     pixel_values: torch.Tensor,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
+    inputs: dict | None = None,
 ) -> GenerateOutput:
     if config.batch_policy == "auto":  # rows sit at their own slots: there is no shared step to ride along in
         config = replace(config, batch_policy="per_row")
     max_new_tokens, max_draft, pad_token_id = config.max_new_tokens, config.max_draft, config.pad_token_id
-    policy = DraftPolicy(policy, pixel_values.shape[0])
+    policy = DraftPolicy(policy, input_ids.shape[0])
     width = max_new_tokens + max_draft + 1
-    req = Request.start(backbone, exits, policy, config, pixel_values, input_ids, attention_mask, slots=width)
+    req = Request.start(
+        backbone, exits, policy, config, pixel_values, input_ids, attention_mask, slots=width, inputs=inputs
+    )
     ctx, engine, device = req.ctx, req.engine, backbone.device
     batch, prompt_len = ctx.prompt_ids.shape
     num_layers = backbone.num_layers

@@ -56,22 +56,13 @@ def build_tokenizer(family: str = "opt") -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
     if family in ("opt", "llama"):
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
-        )
+        template = dict(single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])])
     else:
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"$A {EOS}", pair=f"$A $B {EOS}", special_tokens=[(EOS, vocab[EOS])]
-        )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token=PAD,
-        bos_token=BOS,
-        eos_token=EOS,
-        unk_token=UNK,
-        extra_special_tokens={"image_token": IMAGE},
-        padding_side="left",
-    )
+        template = dict(single=f"$A {EOS}", pair=f"$A $B {EOS}", special_tokens=[(EOS, vocab[EOS])])
+    tok.post_processor = processors.TemplateProcessing(**template)
+    specials = dict(pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK)
+    tokens = dict(extra_special_tokens={"image_token": IMAGE}, padding_side="left")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **specials, **tokens)
 
 
 def build_image_processor(image_size: int = 128):
@@ -80,12 +71,8 @@ def build_image_processor(image_size: int = 128):
         from transformers import BlipImageProcessorPil as Processor
     except ImportError:
         from transformers import BlipImageProcessor as Processor
-    return Processor(
-        size={"height": image_size, "width": image_size},
-        image_mean=IMAGENET_MEAN,
-        image_std=IMAGENET_STD,
-        do_convert_rgb=True,
-    )
+    size = {"height": image_size, "width": image_size}
+    return Processor(size=size, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, do_convert_rgb=True)
 
 
 def demo_config(
@@ -107,55 +94,28 @@ def demo_config(
     vocab_size = len(vocabulary())
     pad, bos, eos, image = (SPECIALS.index(t) for t in (PAD, BOS, EOS, IMAGE))
     vision = Blip2VisionConfig(
-        hidden_size=qformer_hidden_size,
-        intermediate_size=2 * qformer_hidden_size,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=16,
-        initializer_range=0.02,
+        **dict(hidden_size=qformer_hidden_size, intermediate_size=2 * qformer_hidden_size, initializer_range=0.02),
+        **dict(num_hidden_layers=1, num_attention_heads=2, image_size=image_size, patch_size=16),
     )
     qformer = Blip2QFormerConfig(
-        hidden_size=qformer_hidden_size,
-        num_hidden_layers=qformer_layers,
-        num_attention_heads=4,
-        intermediate_size=4 * qformer_hidden_size,
-        encoder_hidden_size=qformer_hidden_size,
-        vocab_size=vocab_size,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        max_position_embeddings=max_positions,
+        **dict(hidden_size=qformer_hidden_size, num_hidden_layers=qformer_layers, num_attention_heads=4),
+        **dict(intermediate_size=4 * qformer_hidden_size, encoder_hidden_size=qformer_hidden_size),
+        **dict(vocab_size=vocab_size, max_position_embeddings=max_positions),
+        **dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
     )
     if family == "opt":
         text = OPTConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            ffn_dim=4 * hidden_size,
-            word_embed_proj_dim=hidden_size,
-            max_position_embeddings=max_positions,
-            dropout=0.0,
-            attention_dropout=0.0,
-            bos_token_id=bos,
-            eos_token_id=eos,
-            pad_token_id=pad,
+            **dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers),
+            **dict(num_attention_heads=num_heads, ffn_dim=4 * hidden_size, word_embed_proj_dim=hidden_size),
+            **dict(max_position_embeddings=max_positions, dropout=0.0, attention_dropout=0.0),
+            **dict(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad),
         )
     elif family == "t5":
         # encoder and decoder of equal depth: unequal depths break Hugging Face's own T5 cache
         text = T5Config(
-            vocab_size=vocab_size,
-            d_model=hidden_size,
-            d_kv=hidden_size // num_heads,
-            d_ff=4 * hidden_size,
-            num_layers=num_layers,
-            num_decoder_layers=num_layers,
-            num_heads=num_heads,
-            dropout_rate=0.0,
-            feed_forward_proj="gated-gelu",
-            decoder_start_token_id=pad,
-            eos_token_id=eos,
-            pad_token_id=pad,
+            **dict(vocab_size=vocab_size, d_model=hidden_size, d_kv=hidden_size // num_heads, d_ff=4 * hidden_size),
+            **dict(num_layers=num_layers, num_decoder_layers=num_layers, num_heads=num_heads, dropout_rate=0.0),
+            **dict(feed_forward_proj="gated-gelu", decoder_start_token_id=pad, eos_token_id=eos, pad_token_id=pad),
         )
     else:
         raise ValueError(f"unknown family {family!r}: 'opt', 't5' or 'llama'")
@@ -179,13 +139,8 @@ def init_cross_attention(qformer: torch.nn.Module) -> None:
     """
     for layer in qformer.encoder.layer:
         if getattr(layer, "has_cross_attention", False):
-            attention = layer.crossattention
-            for linear in (
-                attention.attention.query,
-                attention.attention.key,
-                attention.attention.value,
-                attention.output.dense,
-            ):
+            att = layer.crossattention
+            for linear in (att.attention.query, att.attention.key, att.attention.value, att.output.dense):
                 linear.weight.normal_(std=linear.in_features**-0.5)
                 linear.bias.zero_()
 
@@ -202,24 +157,13 @@ def llava_demo_config(
     tokens (one per 16 px patch, behind the pooled token LLaVA's "default" strategy drops)."""
     pad, bos, eos, image = (SPECIALS.index(t) for t in (PAD, BOS, EOS, IMAGE))
     vision = CLIPVisionConfig(
-        hidden_size=vision_hidden_size,
-        intermediate_size=2 * vision_hidden_size,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=16,
+        **dict(hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size, num_hidden_layers=1),
+        **dict(num_attention_heads=2, image_size=image_size, patch_size=16),
     )
     text = LlamaConfig(
-        vocab_size=len(vocabulary()),
-        hidden_size=hidden_size,
-        intermediate_size=4 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        max_position_embeddings=max_positions,
-        bos_token_id=bos,
-        eos_token_id=eos,
-        pad_token_id=pad,
+        **dict(vocab_size=len(vocabulary()), hidden_size=hidden_size, intermediate_size=4 * hidden_size),
+        **dict(num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads),
+        **dict(max_position_embeddings=max_positions, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad),
     )
     return LlavaConfig(
         vision_config=vision.to_dict(),
@@ -261,13 +205,9 @@ def _build_llava(seed: int, **config_kwargs) -> VLMBundle:
     model.generation_config = GenerationConfig(
         max_new_tokens=24, **{name: getattr(text, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
     )
-    processor = LlavaProcessor(
-        build_image_processor(vision.image_size),
-        build_tokenizer("llama"),
-        patch_size=vision.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )
+    image_processor, tokenizer = build_image_processor(vision.image_size), build_tokenizer("llama")
+    layout = dict(patch_size=vision.patch_size, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    processor = LlavaProcessor(image_processor, tokenizer, **layout)
     return VLMBundle(model.eval(), processor.tokenizer, processor.image_processor, processor)
 
 

@@ -71,6 +71,8 @@ def option_log_likelihoods(
                 "input_ids": torch.cat([inputs["input_ids"], ids.to(device)], dim=1),
                 "attention_mask": torch.cat([inputs["attention_mask"], tmask.to(device)], dim=1),
             }
+            if "token_type_ids" in inputs:  # Gemma 3's: the options are text
+                batch["token_type_ids"] = torch.cat([inputs["token_type_ids"], torch.zeros_like(ids.to(device))], dim=1)
         batch["targets"] = batch["targets"].to(device)
         out = ee(batch)
         token_logp = _chosen_log_probs(ee, out, policy).gather(-1, out.targets[:, None]).squeeze(-1)

@@ -6,7 +6,9 @@ The collate produces the exact layout the backbone adapters expect (`Backbone.fe
 
 - decoder-only (OPT): `input_ids` = image tokens + prompt (with BOS) + target + EOS, right-padded; LLaVA's prompt
   is `<image>\n` + prompt, its one image token expanded in place (BOS first), as LLaVA's processor and
-  `loading.VLMBundle.inputs` lay it out;
+  `loading.VLMBundle.inputs` lay it out; Gemma 3's is `<start_of_image>\n` + prompt, that token replaced by its
+  processor's image sequence (<start_of_image>, the image tokens, <end_of_image>, within blank lines), and the batch
+  carries `token_type_ids` (1 at image tokens) as that processor gives them;
 - encoder-decoder (T5): `input_ids` = image tokens + prompt (with EOS); `decoder_input_ids` = start + target
   shifted right.
 
@@ -123,14 +125,21 @@ class CaptionDataset(Dataset):
         text_cfg = model_config.text_config
         self.decoder_only = not getattr(text_cfg, "is_encoder_decoder", False)
         self.num_query_tokens = model_config.num_query_tokens
-        self.image_text = None  # LLaVA: the image token's text, which the prompt must hold
-        if getattr(model_config, "model_type", None) == "llava":
-            self.image_text = tokenizer.convert_ids_to_tokens(model_config.image_token_index)
+        self.image_text = None  # LLaVA, Gemma 3: the image placeholder's text, which the prompt must hold
+        self.image_sequence = (
+            None  # Gemma 3: what its processor puts there (the image token once: the collator expands)
+        )
+        model_type = getattr(model_config, "model_type", None)
+        if model_type in ("llava", "gemma3"):
+            index = model_config.image_token_index if model_type == "llava" else model_config.boi_token_index
+            self.image_text = tokenizer.convert_ids_to_tokens(index)
             if self.image_text is None:
                 raise ValueError(
-                    f"the tokenizer has no image token (id {model_config.image_token_index}): use the "
-                    "LLaVA processor's tokenizer"
+                    f"the tokenizer has no image token (id {index}): use the {model_type} processor's tokenizer"
                 )
+        if model_type == "gemma3":  # as Gemma3Processor.full_image_sequence
+            image, end = tokenizer.convert_ids_to_tokens([model_config.image_token_index, model_config.eoi_token_index])
+            self.image_sequence = f"\n\n{self.image_text}{image}{end}\n\n"
         self.records = records
         self.image_processor = image_processor
         eos = tokenizer.eos_token_id
@@ -161,6 +170,8 @@ class CaptionDataset(Dataset):
         prompt = r.prompt
         if self.image_text is not None and self.image_text not in prompt:
             prompt = f"{self.image_text}\n{prompt}"
+        if self.image_sequence is not None:
+            prompt = prompt.replace(self.image_text, self.image_sequence)
         prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
         if self.decoder_only:  # tokenize prompt and target together so BPE sees the boundary as at inference
             joined = tokenizer(f"{prompt} {r.target}" if prompt else r.target, add_special_tokens=True)["input_ids"]
@@ -195,6 +206,7 @@ class CaptionCollator:
     decoder_only: bool
     decoder_start_token_id: int = 0
     qformer_pad_token_id: int = 0
+    token_types: bool = False  # Gemma 3: the batch carries token_type_ids (1 at image tokens)
 
     @classmethod
     def for_model(cls, model_config) -> CaptionCollator:
@@ -209,6 +221,7 @@ class CaptionCollator:
             pad_token_id=pad,
             decoder_only=not getattr(text, "is_encoder_decoder", False),
             decoder_start_token_id=start if start is not None else pad,
+            token_types=getattr(model_config, "model_type", None) == "gemma3",
         )
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
@@ -236,12 +249,15 @@ class CaptionCollator:
             for b, (prompt, it) in enumerate(zip(prompts, items)):
                 start = len(prompt) - 1  # the last prompt position predicts the first target
                 targets[b, start : start + len(it["target_ids"])] = torch.tensor(it["target_ids"])
-            return {
+            batch = {
                 "pixel_values": pixel_values,
                 "input_ids": input_ids,
                 "attention_mask": attention_mask,
                 "targets": targets,
             }
+            if self.token_types:
+                batch["token_type_ids"] = ((input_ids == self.image_token_index) & attention_mask.bool()).long()
+            return batch
         input_ids, attention_mask = self._pad(prompts, self.pad_token_id)
         decoder_input_ids, _ = self._pad(
             [[self.decoder_start_token_id] + it["target_ids"][:-1] for it in items], self.pad_token_id
