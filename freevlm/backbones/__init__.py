@@ -11,6 +11,7 @@ from .gemma3 import Gemma3Backbone
 from .instructblip import InstructBlipOPTBackbone, InstructBlipRotaryBackbone, InstructBlipT5Backbone
 from .internvl import InternVLBackbone
 from .llava import LlavaBackbone
+from .qwen_vl import QwenVLBackbone
 from .rotary import LANGUAGE_MODELS as ROTARY_LANGUAGE_MODELS
 
 T5_TYPES = ("t5", "mt5", "umt5")
@@ -19,7 +20,8 @@ SUPPORTED = (
     f"InstructBlipForConditionalGeneration (OPT, T5/FlanT5, {', '.join(ROTARY_LANGUAGE_MODELS)}), "
     f"LlavaForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)}), "
     "Gemma3ForConditionalGeneration, "
-    f"InternVLForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)})"
+    f"InternVLForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)}), "
+    "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration"
 )
 
 
@@ -31,7 +33,15 @@ def load_backbone(model: nn.Module) -> Backbone:
         InstructBlipForConditionalGeneration,
         InternVLForConditionalGeneration,
         LlavaForConditionalGeneration,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLForConditionalGeneration,
+        Qwen3VLForConditionalGeneration,
     )
+
+    if isinstance(
+        model, (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration)
+    ):
+        return QwenVLBackbone(model)
 
     if isinstance(model, Gemma3ForConditionalGeneration):
         return Gemma3Backbone(model)
