@@ -171,3 +171,10 @@ def test_vqa_reader_to_evaluation(tiny, tmp_path):
     assert [p["prediction"] for p in result.predictions] == said
     assert [p["accuracy"] for p in result.predictions] == pytest.approx([0.3, 0.6, 0.9])  # (k=1: 9 x 1/3) / 10 ...
     assert result.score == pytest.approx(0.6) and result.quality["accuracy"] == pytest.approx(0.6)
+
+
+def test_a_config_may_not_set_what_evaluation_decides(tiny, tmp_path):
+    ee, bundle = tiny
+    for config in (DecodeConfig(batch_policy="per_row"), DecodeConfig(threshold=0.5), DecodeConfig(mode="full")):
+        with pytest.raises(ValueError, match="evaluation sets (batch_policy|threshold|mode) itself"):
+            evaluate_vqa(ee, bundle, vqa_records(tmp_path, 1), config=config, compare_full=False)

@@ -94,7 +94,7 @@ def _configs(ee: EarlyExitVLM, config: DecodeConfig, threshold: float, layer: in
         raise ValueError(
             f"method {method!r} runs on exits of kind {spec.exit_kind!r}, but these exits are {ee.exit_config.kind!r}"
         )
-    fixed = sorted(set(config.changed()) & set(SET_BY_EVALUATION))
+    fixed = [name for name in SET_BY_EVALUATION if getattr(config, name) != getattr(DecodeConfig, name)]
     if fixed:
         raise ValueError(f"evaluation sets {', '.join(fixed)} itself (the method's rule at `threshold`, or `layer`)")
     config = replace(config, batch_policy="ride_along" if config.kv == "recompute" else "per_row")
