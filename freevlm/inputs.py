@@ -33,7 +33,7 @@ def validate_generate_inputs(
     to nothing, an image size far from the one the encoder was built for.
     """
     model, cfg = backbone.model, backbone.config
-    _check_pixels(model, cfg, pixel_values)
+    _check_pixels(model, cfg, pixel_values, backbone.pixel_layout)
     if input_ids is None:
         if attention_mask is not None:
             raise ValueError(
@@ -51,10 +51,10 @@ def validate_generate_inputs(
     _check_length(cfg, prompt_len, max_new_tokens)
 
 
-def _check_pixels(model, cfg, pixel_values) -> None:
-    if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+def _check_pixels(model, cfg, pixel_values, layout: str) -> None:
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != layout.count(",") + 1:
         shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
-        raise ValueError(f"pixel_values must be a [batch, channels, height, width] tensor, got {shape}")
+        raise ValueError(f"pixel_values must be a {layout} tensor, got {shape}")
     if not pixel_values.is_floating_point():
         raise ValueError(
             f"pixel_values must be floating point (the image processor's output), got {pixel_values.dtype}"
@@ -62,9 +62,9 @@ def _check_pixels(model, cfg, pixel_values) -> None:
     if pixel_values.shape[0] == 0:
         raise ValueError("pixel_values holds no images (batch size 0)")
     channels = _vision_channels(model, cfg)
-    if pixel_values.shape[1] != channels:
+    if pixel_values.shape[-3] != channels:
         raise ValueError(
-            f"pixel_values has {pixel_values.shape[1]} channel(s), the vision encoder takes {channels} "
+            f"pixel_values has {pixel_values.shape[-3]} channel(s), the vision encoder takes {channels} "
             "(RGB): convert images with .convert('RGB') before the image processor"
         )
     size = getattr(cfg.vision_config, "image_size", None)

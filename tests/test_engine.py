@@ -71,7 +71,8 @@ def _reference_caches(ee, out, pv, ids, mask, **inputs):
     generated = out.sequences[:, out.engine.ctx.prompt_ids.shape[1] :]
     decoder_only = not backbone.lm.config.is_encoder_decoder
     if decoder_only:
-        _ids_all, embeds, mask_all = backbone.image_prompt_embeds(pv, ids, mask)
+        ctx = backbone.start(pv, ids, mask, 0, **inputs)  # the prompt's embeddings, with the family's inputs
+        embeds, mask_all = ctx.prompt_embeds, ctx.key_mask.long()
         gen_embeds = backbone.lm.get_input_embeddings()(generated[:, :-1])
         embeds = torch.cat([embeds, gen_embeds], dim=1)
         mask_all = torch.cat([mask_all, torch.ones_like(generated[:, :-1])], dim=1)

@@ -8,6 +8,7 @@ from .base import Backbone, Blip2Backbone, Context, sharing_features  # noqa: F4
 from .blip2_opt import Blip2OPTBackbone
 from .blip2_t5 import Blip2T5Backbone
 from .gemma3 import Gemma3Backbone
+from .idefics3 import Idefics3Backbone
 from .instructblip import InstructBlipOPTBackbone, InstructBlipRotaryBackbone, InstructBlipT5Backbone
 from .internvl import InternVLBackbone
 from .llava import LlavaBackbone
@@ -19,7 +20,8 @@ SUPPORTED = (
     f"InstructBlipForConditionalGeneration (OPT, T5/FlanT5, {', '.join(ROTARY_LANGUAGE_MODELS)}), "
     f"LlavaForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)}), "
     "Gemma3ForConditionalGeneration, "
-    f"InternVLForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)})"
+    f"InternVLForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)}), "
+    f"SmolVLMForConditionalGeneration and Idefics3ForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)})"
 )
 
 
@@ -28,9 +30,11 @@ def load_backbone(model: nn.Module) -> Backbone:
     from transformers import (
         Blip2ForConditionalGeneration,
         Gemma3ForConditionalGeneration,
+        Idefics3ForConditionalGeneration,
         InstructBlipForConditionalGeneration,
         InternVLForConditionalGeneration,
         LlavaForConditionalGeneration,
+        SmolVLMForConditionalGeneration,
     )
 
     if isinstance(model, Gemma3ForConditionalGeneration):
@@ -40,6 +44,13 @@ def load_backbone(model: nn.Module) -> Backbone:
         if language_model not in ROTARY_LANGUAGE_MODELS:
             raise TypeError(f"unsupported InternVL language model '{language_model}': freevlm supports {SUPPORTED}")
         return InternVLBackbone(model)
+    if isinstance(model, (SmolVLMForConditionalGeneration, Idefics3ForConditionalGeneration)):
+        language_model = model.config.text_config.model_type
+        if language_model not in ROTARY_LANGUAGE_MODELS:
+            raise TypeError(
+                f"unsupported {type(model).__name__} language model '{language_model}': freevlm supports {SUPPORTED}"
+            )
+        return Idefics3Backbone(model)
 
     blip = {
         Blip2ForConditionalGeneration: (Blip2OPTBackbone, Blip2T5Backbone),

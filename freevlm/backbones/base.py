@@ -143,6 +143,8 @@ class Backbone:
     # inputs beyond image and prompt that the model's own `generate` reads (Gemma 3's `token_type_ids`): `generate`
     # and `features` take them by name and pass them to `start`, which checks them
     input_names: tuple[str, ...] = ()
+    # the axes of `pixel_values` (checked before any layer runs); SmolVLM's and LLaVA-NeXT's add one for tiles
+    pixel_layout: str = "[batch, channels, height, width]"
 
     def __init__(self, model: nn.Module, lm: nn.Module | None = None):
         self.model = model
