@@ -1,7 +1,7 @@
 """Checks on what `EarlyExitVLM.generate` is given, before any layer runs: a `ValueError` naming the argument
 instead of a raw torch error from deep inside, and one warning for what is legal but suspicious.
 
-    validate_generate_inputs(ee.backbone, pixel_values, input_ids, attention_mask, max_new_tokens)
+    validate_generate_inputs(ee.backbone, pixel_values, input_ids, attention_mask, max_new_tokens, model_inputs)
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ class InputWarning(UserWarning):
 def validate_generate_inputs(
     backbone,
     pixel_values: torch.Tensor,
-    input_ids: torch.Tensor | None = None,
-    attention_mask: torch.Tensor | None = None,
-    max_new_tokens: int = 30,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    max_new_tokens: int,
+    inputs: dict | None = None,
 ) -> None:
     """Raise `ValueError` for inputs the backbone cannot take; warn (once per call) about suspicious ones.
 
@@ -29,11 +30,27 @@ def validate_generate_inputs(
     Errors: pixel_values not a float [batch, channels, height, width] tensor, the wrong number of channels, a
     size the vision encoder cannot take; input_ids not an integer [batch, length] tensor, ids outside the
     vocabulary; attention_mask without input_ids, or of another shape; a prompt that leaves no room for
-    `max_new_tokens` within the language model's positions. Warnings: non-finite pixels, mask rows that attend
-    to nothing, an image size far from the one the encoder was built for.
+    `max_new_tokens` within the language model's positions; the family's own inputs (`inputs`) as its
+    `check_inputs` says (where `pixel_layout` is the family's own, the pixel checks are its too). Warnings:
+    non-finite pixels, mask rows that attend to nothing, an image size far from the one the encoder was built for.
     """
     model, cfg = backbone.model, backbone.config
-    _check_pixels(model, cfg, pixel_values, backbone.pixel_layout)
+    images = backbone.pixel_layout in ("images", "tiles")
+    if backbone.pixel_layout == "tiles":  # each row's tiles: checked as images, one row per prompt row
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 5:
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            raise ValueError(f"pixel_values must be a [batch, tiles, channels, height, width] tensor, got {shape}")
+        _check_pixels(model, cfg, pixel_values.flatten(0, 1))
+    elif images:
+        _check_pixels(model, cfg, pixel_values)
+    if input_ids is not None:
+        _check_ids(backbone, pixel_values, input_ids, images)
+        if attention_mask is not None:
+            _check_mask(input_ids, attention_mask)
+    backbone.check_inputs(pixel_values, input_ids, attention_mask, inputs or {})
+    if not images:
+        _check_length(cfg, input_ids.shape[1], max_new_tokens)
+        return
     if input_ids is None:
         if attention_mask is not None:
             raise ValueError(
@@ -42,19 +59,16 @@ def validate_generate_inputs(
             )
         prompt_len = cfg.num_query_tokens + 1
     else:
-        _check_ids(backbone, pixel_values, input_ids)
         prompt_len = input_ids.shape[1]
         if cfg.image_token_index is None or not bool((input_ids == cfg.image_token_index).any()):
             prompt_len += cfg.num_query_tokens  # the image tokens are put in front
-        if attention_mask is not None:
-            _check_mask(input_ids, attention_mask)
     _check_length(cfg, prompt_len, max_new_tokens)
 
 
-def _check_pixels(model, cfg, pixel_values, layout: str) -> None:
-    if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != layout.count(",") + 1:
+def _check_pixels(model, cfg, pixel_values) -> None:
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
         shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
-        raise ValueError(f"pixel_values must be a {layout} tensor, got {shape}")
+        raise ValueError(f"pixel_values must be a [batch, channels, height, width] tensor, got {shape}")
     if not pixel_values.is_floating_point():
         raise ValueError(
             f"pixel_values must be floating point (the image processor's output), got {pixel_values.dtype}"
@@ -62,9 +76,9 @@ def _check_pixels(model, cfg, pixel_values, layout: str) -> None:
     if pixel_values.shape[0] == 0:
         raise ValueError("pixel_values holds no images (batch size 0)")
     channels = _vision_channels(model, cfg)
-    if pixel_values.shape[-3] != channels:
+    if pixel_values.shape[1] != channels:
         raise ValueError(
-            f"pixel_values has {pixel_values.shape[-3]} channel(s), the vision encoder takes {channels} "
+            f"pixel_values has {pixel_values.shape[1]} channel(s), the vision encoder takes {channels} "
             "(RGB): convert images with .convert('RGB') before the image processor"
         )
     size = getattr(cfg.vision_config, "image_size", None)
@@ -111,15 +125,15 @@ def _vocab_size(model, cfg) -> int:
     return embeddings.num_embeddings if isinstance(embeddings, torch.nn.Embedding) else cfg.text_config.vocab_size
 
 
-def _check_ids(backbone, pixel_values, input_ids) -> None:
+def _check_ids(backbone, pixel_values, input_ids, images: bool = True) -> None:
     model, cfg = backbone.model, backbone.config
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must be a [batch, length] tensor of token ids, got {shape}")
     if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
         raise ValueError(f"input_ids must hold integer token ids (torch.long), got {input_ids.dtype}")
-    images = backbone.images_per_row(input_ids)
-    if sum(images) != pixel_values.shape[0]:
+    images = backbone.images_per_row(input_ids) if images else None
+    if images is not None and sum(images) != pixel_values.shape[0]:
         if all(n == 1 for n in images):
             raise ValueError(
                 f"input_ids has {input_ids.shape[0]} rows but pixel_values has {pixel_values.shape[0]} images"

@@ -1,5 +1,5 @@
-"""Loading a supported model (BLIP-2, InstructBLIP, LLaVA) and its processor from a local folder, and turning
-images + prompts into model inputs.
+"""Loading a supported model (BLIP-2, InstructBLIP, LLaVA, Gemma 3, Qwen-VL) and its processor from a local folder,
+and turning images + prompts into model inputs.
 
 Nothing here downloads: paths are local folders written by `save_pretrained` (a Hugging Face checkpoint copied
 to disk, or a backbone the demo trained).
@@ -27,7 +27,13 @@ MODEL_CLASSES = {
     "instructblip": "InstructBlipForConditionalGeneration",
     "llava": "LlavaForConditionalGeneration",
     "gemma3": "Gemma3ForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
 }
+# loaded as tokenizer + image processor: their processors need torchvision for their video part, which does not work
+# with our torch, so the prompt layout their processor gives is laid out here (`VLMBundle._qwen_vl_inputs`)
+TOKENIZER_AND_IMAGE_PROCESSOR = ("blip-2", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 @dataclass
@@ -55,7 +61,12 @@ class VLMBundle:
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         warn_small_images(images, self.image_processor)
         self.tokenizer.padding_side = "left"
-        inputs = self._blip2_inputs(images, prompts) if self.processor is None else self._processed(images, prompts)
+        if self.processor is not None:
+            inputs = self._processed(images, prompts)
+        elif self.model.config.model_type in TOKENIZER_AND_IMAGE_PROCESSOR[1:]:
+            inputs = self._qwen_vl_inputs(images, prompts)
+        else:
+            inputs = self._blip2_inputs(images, prompts)
         device, dtype = self.model.device, next(self.model.parameters()).dtype
         return {k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in inputs.items()}
 
@@ -70,6 +81,29 @@ class VLMBundle:
             ids = torch.cat([image, ids], dim=1)
             mask = torch.cat([torch.ones_like(image), mask], dim=1)
         return {"pixel_values": pixel_values, "input_ids": ids, "attention_mask": mask}
+
+    def _qwen_vl_inputs(self, images: list[Image.Image], prompts: list[str]) -> dict[str, torch.Tensor]:
+        """As Qwen-VL's processor lays them out: each image's patches and grid (`image_grid_thw`) from the image
+        processor, a prompt's `<|image_pad|>` (put in front, between `<|vision_start|>` and `<|vision_end|>`, where a
+        prompt has none) repeated once per image token of its image, `mm_token_type_ids` 1 at those."""
+        cfg = self.model.config
+        out = self.image_processor(images=images, return_tensors="pt")
+        pad, start, end = self.tokenizer.convert_ids_to_tokens(
+            [cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id]
+        )
+        merge = self.image_processor.merge_size
+        texts = []
+        for prompt, grid in zip(prompts, out["image_grid_thw"]):
+            prompt = prompt if pad in prompt else f"{start}{pad}{end}\n{prompt}"
+            texts.append(prompt.replace(pad, pad * (int(grid.prod()) // merge**2), 1))
+        text = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=True)
+        return {
+            "pixel_values": out["pixel_values"],
+            "input_ids": text["input_ids"],
+            "attention_mask": text["attention_mask"],
+            "image_grid_thw": out["image_grid_thw"],
+            "mm_token_type_ids": (text["input_ids"] == cfg.image_token_id).long(),
+        }
 
     def _processed(self, images: list[Image.Image], prompts: list[str]) -> dict[str, torch.Tensor]:
         model_type = self.model.config.model_type
@@ -133,7 +167,7 @@ def load_vlm(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | 
         raise ValueError(f"{path} is not a loadable {name} checkpoint: {_first_line(err)}") from err
     model = model.to(device).eval()
     try:
-        if config.model_type == "blip-2":
+        if config.model_type in TOKENIZER_AND_IMAGE_PROCESSOR:
             return VLMBundle(model, AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path))
         processor = AutoProcessor.from_pretrained(path)
         return VLMBundle(model, processor.tokenizer, processor.image_processor, processor)
@@ -180,7 +214,8 @@ def check_vlm_folder(path: str | os.PathLike):
             f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...): save the "
             "tokenizer beside the model (tokenizer.save_pretrained(folder))"
         )
-    saver = "image_processor" if model_type == "blip-2" else "processor"  # what the user saves beside the model
+    # what the user saves beside the model
+    saver = "image_processor" if model_type in TOKENIZER_AND_IMAGE_PROCESSOR else "processor"
     if not any((path / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")):
         raise FileNotFoundError(
             f"{path} has no preprocessor_config.json or processor_config.json: save the "

@@ -16,9 +16,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .backbones import Backbone, Blip2Backbone, load_backbone
-from .decoding.config import SEARCH, DecodeConfig, search_name
+from .decoding.config import DecodeConfig
 from .decoding.generate import GenerateOutput
 from .decoding.policies import ConfidencePolicy, ExitPolicy
+from .decoding.search import SEARCH, search_name
+from .decoding.static import EnginePool
 from .exits import ExitConfig, ExitLayer, HeadExit, LinearExit
 from .inputs import validate_generate_inputs
 
@@ -71,6 +73,7 @@ class EarlyExitVLM(nn.Module):
         self.backbone: Backbone = backbone
         self.exit_config = exit_config
         self.exits = nn.ModuleDict({str(i): self._new_exit(i) for i in sorted(exit_config.exit_layers)})
+        self.engines = EnginePool()  # static engines with captured CUDA graphs, kept for later requests
         self.eval()  # like Hugging Face's from_pretrained: inference mode until a trainer calls .train()
 
     def _new_exit(self, at: int) -> nn.Module:
@@ -111,14 +114,13 @@ class EarlyExitVLM(nn.Module):
         (`batch["targets"]` other than `IGNORE_INDEX`). A frozen backbone records no graph (no parameter of it
         requires one), so only the exits, or the parts stage 1 trains, get gradients."""
         backbone = self.backbone
-        with backbone.conditioned(batch):  # InstructBLIP: the Q-Former reads the batch's instruction
-            states, ctx, mask = backbone.features(
-                batch["pixel_values"],
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch.get("decoder_input_ids"),
-                **{name: batch[name] for name in backbone.input_names if name in batch},
-            )
+        states, ctx, mask = backbone.features(
+            batch["pixel_values"],
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch.get("decoder_input_ids"),
+            **{name: batch[name] for name in backbone.input_names if batch.get(name) is not None},
+        )
         text = batch["targets"] != IGNORE_INDEX
         features = {
             k: (
@@ -182,69 +184,38 @@ class EarlyExitVLM(nn.Module):
         pixel_values: torch.Tensor,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 30,
-        num_beams: int = 1,
-        threshold: float = 0.8,
-        mode: str = "early_exit",
-        kv: str = "recompute",
-        policy: ExitPolicy | None = None,
-        eos_token_id: int | list[int] | None = None,
-        pad_token_id: int | None = None,
-        batch_policy: str = "auto",
-        max_draft: int = 6,
-        length_penalty: float = 1.0,
-        early_stopping: bool | str = False,
-        return_engine: bool = False,
-        static: bool | None = None,
         config: DecodeConfig | None = None,
-        return_decoder: bool | None = None,
-        qformer_input_ids: torch.Tensor | None = None,
-        qformer_attention_mask: torch.Tensor | None = None,
-        **inputs: torch.Tensor,
+        **kwargs,
     ) -> GenerateOutput:
         """Greedy decoding where each token leaves at the first exit its policy accepts.
 
-        `mode="full"` runs every layer (exits ignored); `mode="early_exit"` uses `policy` or, by default, the
-        confidence policy at `threshold`; `mode="speculative"` lets confident exits draft up to `max_draft` tokens
-        that the final layer verifies (greedy output identical to the full model's). `num_beams > 1` runs beam
-        search (`length_penalty`, `early_stopping` as in Hugging Face) with every beam leaving at its own exit.
-        In a batch each row leaves at its own exit; `batch_policy` says what the step does with rows that left while
-        others go on: `"per_row"` takes them out, `"ride_along"` keeps them in the layers a deeper row needs,
-        `"slowest"` makes every row wait for the slowest, `"auto"` picks by batch size (`"per_row"` in speculative
-        mode). `static` switches the engine's static-shape path (None: the engine decides from the device).
-        Returns sequences like Hugging Face's `generate`, the layer each token left at, and stats (layers run,
-        analytic and ideal speedup, wall-clock). `return_engine=True` keeps the engine (every layer's KV cache) on
-        the output, for inspection (`return_decoder`: its old, deprecated name). InstructBLIP's Q-Former reads
-        `qformer_input_ids` (and its mask) as its processor gives them, so `generate(**processor_output)` works as
-        with Hugging Face; so do the other inputs a family's `generate` reads (`backbone.input_names`: Gemma 3's
-        `token_type_ids`), which travel with the request into `backbone.start`. Any other keyword is refused.
+        How to decode is a `DecodeConfig` (freevlm.decoding.config: every option and its default); keywords that
+        name its fields override them on a copy of `config`, as Hugging Face's `generate` treats its
+        `generation_config`: `mode="full"` runs every layer (exits ignored); `mode="early_exit"` uses `policy` or,
+        by default, the confidence policy at `threshold`; `mode="speculative"` lets confident exits draft up to
+        `max_draft` tokens that the final layer verifies (greedy output identical to the full model's).
+        `num_beams > 1` runs beam search (`length_penalty`, `early_stopping` as in Hugging Face) with every beam
+        leaving at its own exit. In a batch each row leaves at its own exit; `batch_policy` says what the step does
+        with rows that left while others go on: `"per_row"` takes them out, `"ride_along"` keeps them in the layers
+        a deeper row needs, `"slowest"` makes every row wait for the slowest, `"auto"` picks by batch size
+        (`"per_row"` in speculative mode). `static` switches the engine's static-shape path (None: the engine
+        decides from the device). `return_engine=True` keeps the engine (every layer's KV cache) on the output, for
+        inspection (`return_decoder`: its old, deprecated name).
 
-        The options may instead come as one `config=DecodeConfig(...)` (freevlm.decoding.config); keywords that
-        are given too must agree with it.
+        Every other keyword is a model input the family's own `generate` reads (`backbone.input_names`:
+        InstructBLIP's `qformer_input_ids` and its mask, Gemma 3's `token_type_ids`), so `generate(**processor
+        output)` works as with Hugging Face; they travel with the request into `backbone.start`. Any other keyword
+        is a `TypeError` naming it. Returns sequences like Hugging Face's `generate`, the layer each token left at,
+        and stats (layers run, analytic and ideal speedup, wall-clock).
         """
-        if return_decoder is not None:  # stacklevel 3: the caller, past no_grad's wrapper
+        if kwargs.get("return_decoder") is not None:  # stacklevel 3: the caller, past no_grad's wrapper
             warnings.warn("return_decoder is deprecated: use return_engine", DeprecationWarning, stacklevel=3)
-            return_engine = return_decoder
-        options = DecodeConfig(
-            max_new_tokens=max_new_tokens,
-            num_beams=num_beams,
-            threshold=threshold,
-            mode=mode,
-            kv=kv,
-            policy=policy,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            batch_policy=batch_policy,
-            max_draft=max_draft,
-            length_penalty=length_penalty,
-            early_stopping=early_stopping,
-            return_engine=return_engine,
-            static=static,
-        )
-        config = options if config is None else _merge(config, options)
+            kwargs["return_engine"] = kwargs["return_decoder"]
+        kwargs.pop("return_decoder", None)
+        config = replace(config) if config is not None else DecodeConfig()  # a copy: the caller's stays as it is
+        inputs = self._model_inputs(config.update(**kwargs))
         config.validate()
-        inputs = self._model_inputs(inputs)
-        validate_generate_inputs(self.backbone, pixel_values, input_ids, attention_mask, config.max_new_tokens)
+        validate_generate_inputs(self.backbone, pixel_values, input_ids, attention_mask, config.max_new_tokens, inputs)
         if input_ids is None:
             input_ids = self._default_prompt(pixel_values.shape[0], pixel_values.device)
         if config.mode == "full":
@@ -257,11 +228,10 @@ class EarlyExitVLM(nn.Module):
         eos, pad = self._special_tokens(config.eos_token_id, config.pad_token_id)
         config = replace(config, eos_token_id=eos, pad_token_id=pad)
         search = SEARCH[search_name(config)]
-        instruction = {"qformer_input_ids": qformer_input_ids, "qformer_attention_mask": qformer_attention_mask}
-        with self.backbone.conditioned(instruction):
-            return search(
-                self.backbone, self.exit_dict(), policy, config, pixel_values, input_ids, attention_mask, inputs
-            )
+        exits = self.exit_dict()
+        return search(
+            self.backbone, exits, policy, config, pixel_values, input_ids, attention_mask, inputs, self.engines
+        )
 
     def _model_inputs(self, inputs: dict) -> dict:
         """The inputs beyond image and prompt that this family's `generate` takes (None ones dropped, as a
@@ -294,15 +264,6 @@ class EarlyExitVLM(nn.Module):
         if pad is None:
             pad = eos[0] if eos else 0
         return eos, pad
-
-
-def _merge(config: DecodeConfig, keywords: DecodeConfig) -> DecodeConfig:
-    """`config`, refusing keywords set away from their defaults to something else (which should win is unclear)."""
-    conflicts = {k: v for k, v in keywords.changed().items() if getattr(config, k) != v}
-    if conflicts:
-        given = ", ".join(f"{k}={v!r} (config has {getattr(config, k)!r})" for k, v in conflicts.items())
-        raise ValueError(f"generate got both config= and other values for its options: {given}; pass one or the other")
-    return config
 
 
 def check_fingerprint(saved: dict, current: dict, path) -> None:

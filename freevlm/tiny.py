@@ -6,7 +6,8 @@ initializer range and draw the query tokens, so the image matters in every model
 
 `tiny_model(family)` builds any supported family: "opt", "t5" (BLIP-2), "instructblip-opt", "instructblip-t5",
 "instructblip-llama", "instructblip-mistral", "instructblip-qwen2" or "llama", "mistral", "qwen2" (LLaVA), "gemma3",
-"internvl-qwen2" or "internvl-llama", "smolvlm" or "idefics3" (a Llama LM; images as tiles).
+"internvl-qwen2" or "internvl-llama", "smolvlm" or "idefics3" (a Llama LM; images as tiles), "qwen2-vl", "qwen2.5-vl"
+or "qwen3-vl".
 `tiny_model_inputs` gives what its processor would: a dict that both `ee.generate(**inputs)` and the model's own
 `generate(**inputs)` take.
 """
@@ -37,7 +38,13 @@ from transformers import (
     LlavaForConditionalGeneration,
     MistralConfig,
     OPTConfig,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2Config,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
     SiglipVisionConfig,
     SmolVLMConfig,
     SmolVLMForConditionalGeneration,
@@ -339,12 +346,75 @@ def tiled_config(family: str = "smolvlm", num_layers: int = 4, hidden_size: int 
     )
 
 
+QWEN_VL_CLASSES = {
+    "qwen2-vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
+    "qwen2.5-vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
+    "qwen3-vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration),
+}
+# images of the tiny Qwen-VLs: (t, h, w) patch grids, 2x2 patches merged into one image token (6, 4 and 2 tokens)
+QWEN_VL_GRIDS = ((1, 4, 6), (1, 4, 4), (1, 2, 4))
+
+
+def qwen_vl_config(
+    family: str = "qwen2-vl",
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    vocab_size: int = 99,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    sliding_window: int | None = None,
+):
+    """A Qwen2-VL, Qwen2.5-VL or Qwen3-VL with a 2-block vision tower on 2x2 patches (2 frames each, merged 2x2
+    into one image token) and a grouped-query LM whose rotary angles are split three ways (time, height, width:
+    `mrope_section`; Qwen3-VL interleaves them). Qwen3-VL's tower feeds both its blocks' features to the LM's first
+    two layers (DeepStack). `sliding_window` turns on Qwen2(.5)-VL's window from layer 1 up."""
+    config_class = QWEN_VL_CLASSES[family][0]
+    head_dim = hidden_size // num_heads
+    rope = {"rope_type": "default", "rope_theta": 1000.0, "mrope_section": [2, 3, 3]}
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=512,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=1,
+        rope_parameters=rope,
+    )
+    if sliding_window is not None and family != "qwen3-vl":
+        text.update(use_sliding_window=True, sliding_window=sliding_window, max_window_layers=1)
+    vision = dict(depth=2, num_heads=2, patch_size=2, temporal_patch_size=2, spatial_merge_size=2, in_channels=3)
+    if family == "qwen2-vl":
+        vision.update(embed_dim=32, hidden_size=hidden_size, mlp_ratio=2)
+    elif family == "qwen2.5-vl":  # window attention in the tower's first block, full in its second
+        vision.update(hidden_size=32, out_hidden_size=hidden_size, intermediate_size=64)
+        vision.update(window_size=8, fullatt_block_indexes=[1])
+    else:
+        vision.update(hidden_size=32, out_hidden_size=hidden_size, intermediate_size=64)
+        vision.update(num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
+        text.update(head_dim=head_dim, rope_parameters={**rope, "mrope_section": [4, 2, 2], "mrope_interleaved": True})
+    return config_class(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=vocab_size - 1,
+        video_token_id=vocab_size - 2,
+        vision_start_token_id=vocab_size - 4,
+        vision_end_token_id=vocab_size - 3,
+    )
+
+
 def tiny_model(family: str = "opt", seed: int = 0, **config_kwargs) -> nn.Module:
     """A random model of any supported family (see the module docstring)."""
     if family in TILED:
         torch.manual_seed(seed)
         model_class = SmolVLMForConditionalGeneration if family == "smolvlm" else Idefics3ForConditionalGeneration
         return model_class(tiled_config(family, **config_kwargs)).eval()
+    if family in QWEN_VL_CLASSES:
+        torch.manual_seed(seed)
+        return QWEN_VL_CLASSES[family][1](qwen_vl_config(family, **config_kwargs)).eval()
     if family.startswith("internvl-"):
         torch.manual_seed(seed)
         return InternVLForConditionalGeneration(
@@ -428,11 +498,43 @@ def tiled_inputs(model: nn.Module, batch: int = 1, prompt_len: int = 3, seed: in
     }
 
 
+def qwen_vl_inputs(model: nn.Module, batch: int = 1, prompt_len: int = 3, seed: int = 0, pad: bool = False) -> dict:
+    """What a Qwen-VL processor gives for one image per row: row b's image has grid `QWEN_VL_GRIDS[b % 3]` (rows of
+    a batch differ in size, as at dynamic resolution) with its patches flattened in `pixel_values` (one row per
+    patch), its image tokens between vision start and end, then text; `mm_token_type_ids` 1 at image tokens. Rows
+    are left-padded to the longest when `pad`; without it every row gets the first grid."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    vision = cfg.vision_config
+    grids = [QWEN_VL_GRIDS[b % 3] if pad else QWEN_VL_GRIDS[0] for b in range(batch)]
+    patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    pixel_values = torch.randn(sum(t * h * w for t, h, w in grids), patch, generator=gen)
+    rows = []
+    for t, h, w in grids:
+        text = torch.randint(4, cfg.text_config.vocab_size - 4, (prompt_len,), generator=gen).tolist()
+        image = [cfg.image_token_id] * (t * h * w // vision.spatial_merge_size**2)
+        rows.append([cfg.vision_start_token_id, *image, cfg.vision_end_token_id, *text])
+    width = max(len(r) for r in rows)
+    pad_id = cfg.text_config.pad_token_id
+    input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return {
+        "pixel_values": pixel_values,
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "image_grid_thw": torch.tensor(grids),
+        "mm_token_type_ids": (input_ids == cfg.image_token_id).long(),
+    }
+
+
 def tiny_model_inputs(model: nn.Module, batch: int = 1, prompt_len: int = 3, seed: int = 0, pad: bool = False) -> dict:
     """`tiny_inputs` as the model's processor gives them: a dict of every input its `generate` reads (Gemma 3's
-    `token_type_ids`: 1 at image tokens; SmolVLM's tiles and `pixel_attention_mask`, `tiled_inputs`)."""
+    `token_type_ids`: 1 at image tokens; Qwen-VL's patches and grids: `qwen_vl_inputs`; SmolVLM's tiles and
+    `pixel_attention_mask`: `tiled_inputs`)."""
     if isinstance(model, TILED_MODELS):
         return tiled_inputs(model, batch, prompt_len, seed, pad)
+    if isinstance(model, tuple(cls for _, cls in QWEN_VL_CLASSES.values())):
+        return qwen_vl_inputs(model, batch, prompt_len, seed, pad)
     pixel_values, input_ids, attention_mask = tiny_inputs(model, batch, prompt_len, seed, pad)
     inputs = {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask}
     if isinstance(model, Gemma3ForConditionalGeneration):

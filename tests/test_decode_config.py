@@ -5,7 +5,8 @@ import torch
 from conftest import TokenHashPolicy
 
 from freevlm import EarlyExitVLM, ExitConfig
-from freevlm.decoding.config import SEARCH, DecodeConfig, search_name
+from freevlm.decoding.config import DecodeConfig
+from freevlm.decoding.search import SEARCH, search_name
 from freevlm.tiny import tiny_blip2, tiny_inputs
 
 
@@ -94,7 +95,15 @@ def test_config_and_keywords_give_the_same_output(opt_model, options):
     by_config = ee.generate(pv, ids, mask, config=DecodeConfig(**options))
     assert torch.equal(by_keywords.sequences, by_config.sequences)
     assert torch.equal(by_keywords.exit_layers, by_config.exit_layers)
-    # a keyword that agrees with the config is fine; one that contradicts it is refused, naming both values
-    ee.generate(pv, ids, mask, config=DecodeConfig(**options), max_new_tokens=6)
-    with pytest.raises(ValueError, match=r"max_new_tokens=4 \(config has 6\)"):
-        ee.generate(pv, ids, mask, config=DecodeConfig(**options), max_new_tokens=4)
+    # a keyword overrides the config's option on a copy (Hugging Face's generation_config), the config stays as given
+    config = DecodeConfig(**options)
+    shorter = ee.generate(pv, ids, mask, config=config, max_new_tokens=4)
+    assert config.max_new_tokens == 6
+    assert shorter.exit_layers.shape[1] <= 4
+    assert torch.equal(shorter.sequences, ee.generate(pv, ids, mask, **{**options, "max_new_tokens": 4}).sequences)
+
+
+def test_an_unknown_keyword_is_a_type_error_naming_it(opt_model):
+    ee = EarlyExitVLM.from_backbone(opt_model, ExitConfig([1]))
+    with pytest.raises(TypeError, match="'treshold'.*it takes no other model inputs"):
+        ee.generate(*tiny_inputs(opt_model), treshold=0.5)

@@ -92,11 +92,10 @@ def test_after_rejected_drafts_caches_hold_exactly_the_accepted_tokens(family):
             assert kv.filled[b] <= last_slot  # nothing beyond the accepted tokens
         assert dec.kv[-1].filled[b] >= prompt_len  # and the verified prefix is there
     # one more step through every layer: its logits equal a fresh full-model run over the whole sequence
-    dec.policy.must_verify[:] = True
     rows = torch.arange(2)
     last = out.sequences[:, -1:]
     x = ee.backbone.embed(dec.ctx, last, rows, last_slot)
-    step = dec.step(rows, x, last_slot, step=0)
+    step = dec.step(rows, x, last_slot, step=0, verify=[True, True])
     fresh = _full_logits(ee, pv, ids, mask, out.sequences)
     assert torch.allclose(step.logits, fresh, atol=1e-4)
 

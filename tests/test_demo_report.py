@@ -136,6 +136,16 @@ def fake_results(out_dir):
         ],
         "speed_protocol": "batch 1, early exit and full model alternating",
         "timing": {"estimate": {"data": 2.0}, "stages": {"data": 3.0}, "total_seconds": 530.0},
+        "methods": [
+            {
+                "name": "free",
+                "threshold": 0.8,
+                "CIDEr": 2.31,
+                "speed": _speed(2.4, 1.8),
+                "trainable_parameters": 2371584,
+            },
+            {"name": "pabee", "threshold": 0.7, "CIDEr": 2.25, "speed": _speed(2.9, 2.6), "trainable_parameters": 4096},
+        ],
         "calibration": _calibration(),
         "placement": _placement(),
     }
@@ -272,7 +282,8 @@ def test_markdown_numbers_are_the_results(report):
     assert "SPICE on test: unavailable: stanford-corenlp-3.6.0.jar missing" in md
     assert "![sweep](quality_vs_speedup.png)" in md and "![per layer](per_layer.png)" in md
     assert "![exit histogram](exit_histogram.png)" in md and "[index.html](index.html)" in md
-    assert "## Early-exit methods" not in md  # no results["methods"]: section skipped
+    assert md_row(md, ["pabee"]) == ["pabee", "0.7", "2.250", "2.90x", "2.60x", "4,096"]
+    assert f"Measured speedup: {results['speed_protocol']}." in md
 
 
 def test_certified_threshold_and_placement_beside_the_fixed_choices(report):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import RandomPolicy, TokenHashPolicy
 from transformers import DynamicCache
 
@@ -70,9 +71,12 @@ def _reference_caches(ee, out, pv, ids, mask, **inputs):
     backbone = ee.backbone
     generated = out.sequences[:, out.engine.ctx.prompt_ids.shape[1] :]
     decoder_only = not backbone.lm.config.is_encoder_decoder
+    instruction = {k: inputs.pop(k) for k in list(inputs) if k.startswith("qformer_")}  # the image path's, not the LM's
+    if "mm_token_type_ids" in inputs:
+        return _qwen_vl_reference(backbone, out.engine.ctx, generated, pv, ids, mask, **inputs)
     if decoder_only:
-        ctx = backbone.start(pv, ids, mask, 0, **inputs)  # the prompt's embeddings, with the family's inputs
-        embeds, mask_all = ctx.prompt_embeds, ctx.key_mask.long()
+        image_inputs = {k: inputs.pop(k) for k in list(inputs) if k == "pixel_attention_mask"}  # SmolVLM's
+        _ids_all, embeds, mask_all = backbone.image_prompt_embeds(pv, ids, mask, **instruction, **image_inputs)
         gen_embeds = backbone.lm.get_input_embeddings()(generated[:, :-1])
         embeds = torch.cat([embeds, gen_embeds], dim=1)
         mask_all = torch.cat([mask_all, torch.ones_like(generated[:, :-1])], dim=1)
@@ -90,7 +94,7 @@ def _reference_caches(ee, out, pv, ids, mask, **inputs):
         )
         cache = _cache_of(res)
     else:
-        _, embeds, mask_all = backbone.image_prompt_embeds(pv, ids, mask)
+        _, embeds, mask_all = backbone.image_prompt_embeds(pv, ids, mask, **instruction)
         dec_ids = out.sequences[:, :-1]
         res = backbone.lm(
             inputs_embeds=embeds,
@@ -101,6 +105,46 @@ def _reference_caches(ee, out, pv, ids, mask, **inputs):
         )
         cache = _cache_of(res).self_attention_cache
     hidden = res.hidden_states if decoder_only else res.decoder_hidden_states
+    return [(cache.layers[j].keys, cache.layers[j].values) for j in range(backbone.num_layers)], hidden
+
+
+def _qwen_vl_reference(backbone, ctx, generated, pv, ids, mask, image_grid_thw, mm_token_type_ids):
+    """Qwen-VL's: the model's language model over prompt + generated tokens, positions from the model's own
+    `get_rope_index` over all of them (the generated tokens as text after the prompt), Qwen3-VL's DeepStack features
+    given as its forward takes them. Its hidden states are the layers' outputs before DeepStack's features are added,
+    so those are added here as the next layer reads them. (Generated tokens go in as embeddings: one may be the
+    image token's id, which the model's own generate embeds as text.)"""
+    model = backbone.model.model
+    ids_all = torch.cat([ids, generated[:, :-1]], dim=1)
+    grow = torch.ones_like(generated[:, :-1])
+    mask_all = torch.cat([mask, grow], dim=1)
+    positions, _ = model.get_rope_index(
+        ids_all,
+        mm_token_type_ids=torch.cat([mm_token_type_ids, 0 * grow], dim=1),
+        image_grid_thw=image_grid_thw,
+        attention_mask=mask_all,
+    )
+    embeds = torch.cat([ctx.prompt_embeds, backbone.embed(ctx, generated[:, :-1], None, ids.shape[1])], dim=1)
+    deepstack = {}
+    levels = getattr(model.get_image_features(pv, image_grid_thw, return_dict=True), "deepstack_features", None)
+    if levels:
+        deepstack["deepstack_visual_embeds"] = [
+            torch.cat(list(f)) if isinstance(f, (list, tuple)) else f for f in levels
+        ]
+        deepstack["visual_pos_masks"] = F.pad(ids == backbone.config.image_token_index, (0, grow.shape[1]))
+    res = model.language_model(
+        inputs_embeds=embeds,
+        attention_mask=mask_all,
+        position_ids=positions,
+        use_cache=True,
+        output_hidden_states=True,
+        **{cache_keyword(type(backbone.lm)): DynamicCache()},
+        **deepstack,
+    )
+    cache, hidden = _cache_of(res), list(res.hidden_states)
+    for level, features in enumerate(ctx.extra.get("deepstack", [])):
+        hidden[level + 1] = hidden[level + 1].clone()
+        hidden[level + 1][:, : features.shape[1]] += features
     return [(cache.layers[j].keys, cache.layers[j].values) for j in range(backbone.num_layers)], hidden
 
 
@@ -133,7 +177,7 @@ def test_recompute_caches_equal_full_model(family, batch, seed):
 
 def _assert_caches_equal_full_model(ee, out, pv, ids, mask, **inputs):
     """Every layer's and every exit layer's K/V, as far as filled, equal the full model's (padding slots aside)."""
-    engine, batch = out.engine, pv.shape[0]
+    engine, batch = out.engine, ids.shape[0]
     ref, hidden = _reference_caches(ee, out, pv, ids, mask, **inputs)
     key_ok = engine.ctx.key_mask
     checked = 0
@@ -275,7 +319,7 @@ def test_features_are_the_full_models_hidden_states(model):
 
 def _host_syncs_in_steps(ee, monkeypatch, *args, **kwargs) -> tuple[int, int]:
     """Count tensor-to-host reads (`tolist`, `item`, `bool`, `int`, `float`) made inside engine steps."""
-    from freevlm.decoding.engine import GeneralEngine
+    from freevlm.decoding.general import GeneralEngine
     from freevlm.decoding.static import StaticEngine
 
     count, inside = [0], [False]

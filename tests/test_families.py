@@ -1,12 +1,11 @@
-"""LLaVA (Llama, Mistral, Qwen2 LMs), InstructBLIP (OPT, T5, Llama, Mistral, Qwen2 LMs), Gemma 3, InternVL and
-SmolVLM / Idefics3 on the same engine: what tests/test_engine.py, test_decoding_modes.py and test_static_engine.py
-show for BLIP-2, shown for these families (their helpers reused).
+"""LLaVA (Llama, Mistral, Qwen2 LMs), InstructBLIP (OPT, T5, Llama, Mistral, Qwen2 LMs), Gemma 3, InternVL,
+SmolVLM / Idefics3 and the Qwen-VL line (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) on the same engine: what
+tests/test_engine.py, test_decoding_modes.py and test_static_engine.py show for BLIP-2, shown for these families (their
+helpers reused).
 
 Mistral, Qwen2 and Gemma 3 (its sliding layers) run with sliding windows shorter than the sequences, so the window
 is exercised everywhere; Gemma 3's window (3) is shorter than its image (4 tokens that see each other both ways).
 """
-
-from contextlib import nullcontext
 
 import pytest
 import torch
@@ -33,13 +32,12 @@ FAMILIES = [
     "gemma3",
     "internvl-qwen2",
     "smolvlm",
+    "qwen2-vl",
+    "qwen2.5-vl",
+    "qwen3-vl",
 ]
-WINDOWS = {
-    "mistral": 4,
-    "qwen2": 3,
-    "instructblip-mistral": 4,
-    "instructblip-qwen2": 3,
-}  # Qwen2's from layer 1 up: full and windowed layers mixed
+# Qwen2's (and Qwen2(.5)-VL's) from layer 1 up: full and windowed layers mixed
+WINDOWS = {"mistral": 4, "qwen2": 3, "qwen2-vl": 3, "qwen2.5-vl": 5, "instructblip-mistral": 4, "instructblip-qwen2": 3}
 MAX_NEW = 10
 
 
@@ -51,8 +49,8 @@ def new_family(request):
 class Case:
     """A tiny model of `family` with exits and random inputs: `hf_inputs` holds all that the model's `generate`
     takes (the InstructBLIP instruction, Gemma 3's token_type_ids), passed whole to both generates; `inputs` is
-    (pixel_values, input_ids, attention_mask) and `model_inputs` the family's others, for the backbone's own calls
-    (InstructBLIP's instruction goes to those through `instructed()`)."""
+    (pixel_values, input_ids, attention_mask) and `model_inputs` the family's others (`input_names`), for the
+    backbone's own calls."""
 
     def __init__(self, family, seed=0, batch=1, pad=False, num_layers=4, exits=(1, 2, 3), sharpen=False):
         window = {"sliding_window": WINDOWS[family]} if family in WINDOWS else {}
@@ -62,21 +60,24 @@ class Case:
             _sharpen(_final_norm(self.ee.backbone))
         self.hf_inputs = tiny_model_inputs(self.model, batch=batch, seed=seed, pad=pad)
         self.inputs = tuple(self.hf_inputs[k] for k in ("pixel_values", "input_ids", "attention_mask"))
-        self.model_inputs = {k: v for k, v in self.hf_inputs.items() if k in self.ee.backbone.input_names}
         self.instruction = None
         if family.startswith("instructblip"):
             self.instruction = tiny_instruction(self.model, batch, seed=seed, pad=pad)
             self.hf_inputs.update(qformer_input_ids=self.instruction[0], qformer_attention_mask=self.instruction[1])
-
-    def instructed(self):
-        """The block every request of this case runs in (InstructBLIP's Q-Former reads the instruction)."""
-        return nullcontext() if self.instruction is None else self.ee.backbone.instruction(*self.instruction)
+        self.model_inputs = {k: v for k, v in self.hf_inputs.items() if k in self.ee.backbone.input_names}
 
     def generate(self, **kwargs):
         return self.ee.generate(**self.hf_inputs, **kwargs)
 
     def hf_generate(self, **kwargs):
         return self.model.generate(**self.hf_inputs, do_sample=False, **kwargs)
+
+
+def _hf_positions(ctx):
+    """The context's positions of the prompt's slots for Hugging Face's forward; None for Qwen-VL's three streams
+    (`[B, slots, 3]`), which its forward computes itself from the inputs (`get_rope_index`)."""
+    positions = ctx.extra["positions"]
+    return None if positions.dim() == 3 else positions.clamp(min=0)
 
 
 def _final_norm(backbone):
@@ -131,20 +132,19 @@ def test_recompute_caches_equal_full_model(new_family, batch_policy):
     model's - rotary keys at their slots' positions, catch-up windows included."""
     case = Case(new_family, seed=3, batch=3, pad=True, num_layers=6, exits=(1, 3, 4))
     policy = RandomPolicy(0.4, 3) if batch_policy == "per_row" else TokenHashPolicy()
-    with case.instructed():
-        out = case.ee.generate(
-            *case.inputs,
-            **case.model_inputs,
-            max_new_tokens=12,
-            policy=policy,
-            eos_token_id=[],
-            return_engine=True,
-            batch_policy=batch_policy,
-        )
-        assert len(out.stats.exit_histogram) >= 2, out.stats.exit_histogram
-        if batch_policy == "per_row":
-            assert out.stats.work.catchup_slots > 0
-        _assert_caches_equal_full_model(case.ee, out, *case.inputs, **case.model_inputs)
+    out = case.ee.generate(
+        *case.inputs,
+        **case.model_inputs,
+        max_new_tokens=12,
+        policy=policy,
+        eos_token_id=[],
+        return_engine=True,
+        batch_policy=batch_policy,
+    )
+    assert len(out.stats.exit_histogram) >= 2, out.stats.exit_histogram
+    if batch_policy == "per_row":
+        assert out.stats.work.catchup_slots > 0
+    _assert_caches_equal_full_model(case.ee, out, *case.inputs, **case.model_inputs)
 
 
 def test_threshold_zero_leaves_at_first_exit_and_runs_nothing_above(new_family):
@@ -187,8 +187,7 @@ def test_kv_projection_is_what_the_layer_caches(family):
     """Propagate mode's K/V of a skipped layer: for rotary LMs the keys are rotated by the slots' positions."""
     case = Case(family, seed=4, batch=3, pad=True)
     backbone = case.ee.backbone
-    with case.instructed():
-        ctx = backbone.start(*case.inputs, max_new_tokens=8, **case.model_inputs)
+    ctx = backbone.start(*case.inputs, max_new_tokens=8, **case.model_inputs)
     start, length = 2, 4  # a window that does not start at slot 0
     rows = torch.tensor([0, 2])
     x = backbone.embed(ctx, torch.randint(4, 90, (2, length)), rows, start)
@@ -212,14 +211,13 @@ def test_features_are_the_full_models_hidden_states(new_family):
     """The training-time pass (`features`) gives Hugging Face's logits (padding, rotary positions, windows)."""
     case = Case(new_family, seed=7, batch=2, pad=True)
     backbone = case.ee.backbone
-    with case.instructed():
-        if backbone.lm.config.is_encoder_decoder:
-            dec = torch.tensor([[0, 5, 6, 7], [0, 8, 9, 10]])
-            states, ctx, _ = backbone.features(*case.inputs, decoder_input_ids=dec)
-            ref = case.model(**case.hf_inputs, decoder_input_ids=dec).logits
-        else:
-            states, ctx, _ = backbone.features(*case.inputs, **case.model_inputs)
-            ref = case.model(**case.hf_inputs, position_ids=ctx.extra["positions"].clamp(min=0)).logits
+    if backbone.lm.config.is_encoder_decoder:
+        dec = torch.tensor([[0, 5, 6, 7], [0, 8, 9, 10]])
+        states, ctx, _ = backbone.features(*case.inputs, decoder_input_ids=dec, **case.model_inputs)
+        ref = case.model(**case.hf_inputs, decoder_input_ids=dec).logits
+    else:
+        states, ctx, _ = backbone.features(*case.inputs, **case.model_inputs)
+        ref = case.model(**case.hf_inputs, position_ids=_hf_positions(ctx)).logits
     real = ctx.key_mask[:, : states[-1].shape[1]]
     assert len(states) == backbone.num_layers + 1
     assert torch.allclose(backbone.head(states[-1])[real], ref[real], atol=1e-5)
@@ -281,20 +279,15 @@ def test_instructblip_without_its_instruction_is_refused():
     case = Case("instructblip-opt")
     with pytest.raises(ValueError, match="Q-Former reads the instruction"):
         case.ee.generate(*case.inputs, max_new_tokens=2)
-    with (
-        pytest.raises(ValueError, match="the instruction has 2 rows for 1 images"),
-        case.ee.backbone.instruction(torch.ones(2, 3, dtype=torch.long)),
-    ):
-        case.ee.generate(*case.inputs, max_new_tokens=2)
+    with pytest.raises(ValueError, match="the instruction has 2 rows for 1 images"):
+        case.ee.generate(*case.inputs, qformer_input_ids=torch.ones(2, 3, dtype=torch.long), max_new_tokens=2)
 
 
 def test_instructblip_image_features_depend_on_the_instruction():
     case = Case("instructblip-t5", batch=2)
     ids, mask = case.instruction
-    with case.ee.backbone.instruction(ids, mask):
-        a = case.ee.backbone.image_features(case.inputs[0])
-    with case.ee.backbone.instruction(ids.flip(0), mask.flip(0)):
-        b = case.ee.backbone.image_features(case.inputs[0])
+    a = case.ee.backbone.image_features(case.inputs[0], ids, mask)
+    b = case.ee.backbone.image_features(case.inputs[0], ids.flip(0), mask.flip(0))
     assert not torch.allclose(a, b, atol=1e-4)
 
 
@@ -320,27 +313,18 @@ def test_instructblip_default_prompt_is_hugging_faces():
     """Image tokens, then BOS (Vicuna's), as Hugging Face's `generate` without input_ids; with T5, which has no
     BOS (there Hugging Face's `generate` fails), the image tokens alone."""
     case = Case("instructblip-llama", batch=2)
-    with case.instructed():
-        out = case.ee.generate(case.inputs[0], max_new_tokens=3, mode="full")
-    ref = case.model.generate(
-        pixel_values=case.inputs[0],
-        qformer_input_ids=case.instruction[0],
-        qformer_attention_mask=case.instruction[1],
-        max_new_tokens=3,
-        do_sample=False,
-    )
+    out = case.ee.generate(case.inputs[0], max_new_tokens=3, mode="full", **case.model_inputs)
+    ref = case.model.generate(pixel_values=case.inputs[0], **case.model_inputs, max_new_tokens=3, do_sample=False)
     assert torch.equal(out.sequences, ref)
     case = Case("instructblip-t5", batch=2)
-    with case.instructed():
-        out = case.ee.generate(case.inputs[0], max_new_tokens=3, mode="full")
-        ids = torch.full((2, case.model.config.num_query_tokens), case.model.config.image_token_index)
-        assert torch.equal(
-            out.sequences, case.ee.generate(case.inputs[0], ids, max_new_tokens=3, mode="full").sequences
-        )
+    out = case.ee.generate(case.inputs[0], max_new_tokens=3, mode="full", **case.model_inputs)
+    ids = torch.full((2, case.model.config.num_query_tokens), case.model.config.image_token_index)
+    same = case.ee.generate(case.inputs[0], ids, max_new_tokens=3, mode="full", **case.model_inputs)
+    assert torch.equal(out.sequences, same.sequences)
 
 
 @pytest.mark.parametrize("kind", ["linear", "head"])
-@pytest.mark.parametrize("family", ["qwen2", "instructblip-t5"])
+@pytest.mark.parametrize("family", ["qwen2", "instructblip-t5", "gemma3"])
 def test_every_exit_kind_decodes(family, kind):
     """Exits without a layer of their own (a linear head per exit, or the frozen head itself): tokens leave at the
     first exit at threshold 0, and speculative decoding with them as drafters stays the full model's."""
@@ -498,3 +482,68 @@ def test_smolvlm_inputs_missing_or_inconsistent_are_refused_by_name():
     without = {k: v for k, v in inputs.items() if k != "pixel_attention_mask"}  # Hugging Face's default: all pixels
     ref = case.model.generate(**without, max_new_tokens=4, do_sample=False)
     assert torch.equal(case.ee.generate(**without, max_new_tokens=4, mode="full").sequences, ref)
+
+
+# --- Qwen-VL ---------------------------------------------------------------------------------------------------
+def test_qwen_vl_inputs_missing_or_inconsistent_are_refused_by_name():
+    case = Case("qwen2-vl", batch=3, pad=True)  # images of 6, 4 and 2 tokens (grids 4x6, 4x4, 2x4 patches)
+    inputs = case.hf_inputs
+    generate = lambda **changed: case.ee.generate(**{**inputs, **changed}, max_new_tokens=2)  # noqa: E731
+    without = {k: v for k, v in inputs.items() if k != "image_grid_thw"}
+    with pytest.raises(ValueError, match="Qwen2-VL needs image_grid_thw"):
+        case.ee.generate(**without, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"image_grid_thw must be an integer \[images, 3\] tensor.*got \(3, 2\)"):
+        generate(image_grid_thw=inputs["image_grid_thw"][:, 1:])
+    grid = inputs["image_grid_thw"].clone()
+    grid[2, 2] = 3  # not a multiple of the 2x2 merge
+    with pytest.raises(ValueError, match="multiples of 2"):
+        generate(image_grid_thw=grid)
+    grid[2] = torch.tensor([1, 2, 2])  # 4 patches fewer
+    with pytest.raises(ValueError, match=r"pixel_values has 48 patches but image_grid_thw .* makes 44"):
+        generate(image_grid_thw=grid)
+    with pytest.raises(ValueError, match=r"flattened patches, \[patches, 24\], got \(3, 3, 8, 8\)"):
+        generate(pixel_values=torch.randn(3, 3, 8, 8))
+    grid = inputs["image_grid_thw"][[1, 0, 2]]  # the first two images' sizes swapped: same patches, same tokens
+    with pytest.raises(ValueError, match="prompt row 0's image tokens do not cover whole images"):
+        generate(image_grid_thw=grid)
+    ids = inputs["input_ids"].clone()
+    ids[0, 1] = 5  # an image token fewer
+    with pytest.raises(ValueError, match=r"input_ids hold 11 image token\(s\) \(id 98\) but image_grid_thw's 3"):
+        generate(input_ids=ids)
+    types = inputs["mm_token_type_ids"]
+    with pytest.raises(ValueError, match="Qwen2-VL needs mm_token_type_ids"):
+        case.ee.generate(**{k: v for k, v in inputs.items() if k != "mm_token_type_ids"}, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"mm_token_type_ids must have the shape of input_ids \(3, 11\)"):
+        generate(mm_token_type_ids=types[:, 1:])
+    wrong = types.clone()
+    wrong[1, 9] = 1  # a text slot marked as image
+    with pytest.raises(ValueError, match="mm_token_type_ids disagree with input_ids at row 1, slot 9"):
+        generate(mm_token_type_ids=wrong)
+    with pytest.raises(ValueError, match=r"mark video tokens \(2\)"):
+        generate(mm_token_type_ids=types.masked_fill(types.bool(), 2))
+    with pytest.raises(ValueError, match="Qwen2-VL needs input_ids"):
+        case.ee.generate(inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"], max_new_tokens=2)
+    with pytest.raises(TypeError, match="'video_grid_thw'.*model inputs are image_grid_thw, mm_token_type_ids"):
+        generate(video_grid_thw=inputs["image_grid_thw"])
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3-vl"])
+def test_qwen_vl_several_images_per_row_equal_hf_generate(family):
+    """Row 0 holds two images of different sizes, row 1 one (left-padded): greedy and beam search equal Hugging
+    Face's (each beam gets its row's patches and grids); images in another order change the output."""
+    case = Case(family, seed=5, batch=3, pad=True)
+    x = case.hf_inputs
+    cfg = case.model.config
+    rows = x["input_ids"][:, :].tolist()
+    pad = cfg.text_config.pad_token_id
+    two = [t for t in rows[0] if t != pad] + [t for t in rows[1] if t != pad]
+    one = [t for t in rows[2] if t != pad]
+    ids = torch.tensor([two, [pad] * (len(two) - len(one)) + one])
+    mask = (torch.arange(len(two)) >= len(two) - torch.tensor([[len(two)], [len(one)]])).long()
+    inputs = dict(x, input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == cfg.image_token_id).long())
+    assert case.ee.backbone.images_per_row(ids, x["image_grid_thw"]) == [2, 1]
+    ref = case.model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
+    assert torch.equal(case.ee.generate(**inputs, max_new_tokens=MAX_NEW, mode="full").sequences, ref)
+    beam = dict(max_new_tokens=6, num_beams=3, length_penalty=0.6)
+    hf_beam = case.model.generate(**inputs, do_sample=False, **beam)
+    assert torch.equal(case.ee.generate(**inputs, threshold=1.0, **beam).sequences, hf_beam)

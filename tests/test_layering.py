@@ -88,3 +88,53 @@ def test_relative_imports_resolve():
         "freevlm.model",
     }
     assert imported(importlib.import_module("freevlm.data"), "from .coco import x\n") == {"freevlm.data.coco.x"}
+
+
+def import_graph() -> dict[str, set[str]]:
+    """`{module: the freevlm modules it imports}`; `from a import b` counts as an import of `a.b` where that is a
+    module, else of `a` (a package's `__init__` when `a` is one)."""
+    modules = {m.__name__: m for m in all_modules()}
+    graph = {}
+    for name, module in modules.items():
+        targets = set()
+        for imported_name in imported(module, Path(module.__file__).read_text()):
+            target = imported_name if imported_name in modules else imported_name.rpartition(".")[0]
+            if target != name:
+                targets.add(target)
+        graph[name] = targets
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle (its modules in order, the first repeated at the end), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 1:
+                return [*path[path.index(target) :], target]
+            if target not in state and (cycle := visit(target)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_no_import_circle():
+    """No module imports itself through others, within a layer or across, lazy and TYPE_CHECKING imports counted:
+    a circle is two modules that cannot be read (or loaded) one without the other."""
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def test_find_cycle_finds_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None

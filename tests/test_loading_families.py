@@ -116,7 +116,7 @@ def test_train_commands_read_the_folder(folder, tmp_path):
 def test_a_qformer_instruction_for_a_model_without_one_is_refused():
     model = tiny_model("llama")
     ee = EarlyExitVLM(model, ExitConfig([1]))
-    with pytest.raises(ValueError, match="LlavaForConditionalGeneration has no Q-Former instruction"):
+    with pytest.raises(TypeError, match="'qformer_input_ids'.*LlavaForConditionalGeneration"):
         ee.generate(*tiny_inputs(model), qformer_input_ids=torch.ones(1, 3, dtype=torch.long), mode="full")
 
 

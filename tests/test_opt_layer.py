@@ -8,7 +8,7 @@ from transformers.models.opt.modeling_opt import OPTDecoderLayer
 
 from freevlm.backbones.base import cache_keyword
 from freevlm.backbones.blip2_opt import opt_layer_forward, plain_opt_layer
-from freevlm.decoding.static import StaticKV, StaticView
+from freevlm.cache_utils import StaticKV, StaticView
 
 
 def _layer(pre_norm: bool = True, bias: bool = True) -> OPTDecoderLayer:

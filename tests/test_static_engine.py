@@ -5,7 +5,7 @@ import torch
 from conftest import TokenHashPolicy
 
 from freevlm import EarlyExitVLM, ExitConfig
-from freevlm.decoding.engine import GeneralEngine
+from freevlm.decoding.general import GeneralEngine
 from freevlm.decoding.policies import FixedSchedulePolicy
 from freevlm.decoding.static import StaticEngine, window_bucket
 from freevlm.tiny import tiny_blip2, tiny_inputs

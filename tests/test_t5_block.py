@@ -11,7 +11,7 @@ from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.backbones import blip2_t5
 from freevlm.backbones.base import cache_keyword
 from freevlm.backbones.blip2_t5 import _T5CacheView, create_position_bias_mask, plain_t5_block, t5_block_forward
-from freevlm.decoding.static import StaticKV, StaticView
+from freevlm.cache_utils import StaticKV, StaticView
 from freevlm.tiny import tiny_blip2, tiny_inputs
 
 

@@ -66,8 +66,7 @@ def test_kd_exit_training_lowers_heldout_kl_on_instructblip(tmp_path):
     ee = assert_kd_training_lowers_held_out_kl(model, train_set, dev_set, tmp_path / "kd")
     item = train_set[0]
     image = torch.full((1, model.config.num_query_tokens), model.config.image_token_index)
-    with ee.backbone.instruction(torch.tensor([item["qformer_ids"]])):
-        out = ee.generate(
-            item["pixel_values"][None], torch.cat([image, torch.tensor([[2]])], dim=1), max_new_tokens=5, threshold=0.0
-        )
+    prompt = torch.cat([image, torch.tensor([[2]])], dim=1)
+    instruction = torch.tensor([item["qformer_ids"]])
+    out = ee.generate(item["pixel_values"][None], prompt, qformer_input_ids=instruction, max_new_tokens=5, threshold=0)
     assert (out.exit_layers[out.exit_layers >= 0] == 1).all()

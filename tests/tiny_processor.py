@@ -70,9 +70,19 @@ def tiny_processor(model):
     )
 
 
+def tiny_qwen_vl_image_processor():
+    """The Qwen-VL image processor (the PIL one: the processor's video part needs torchvision) sized for the tiny
+    models' 2x2 patches: images resized to 64-256 pixels, so 4-16 image tokens."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(
+        patch_size=2, temporal_patch_size=2, merge_size=2, size={"shortest_edge": 64, "longest_edge": 256}
+    )
+
+
 def tiny_tokenizer(model) -> PreTrainedTokenizerFast:
-    """Words of the shapes world; `<image>` at the model's image token id (Gemma 3: its image, start-of-image and
-    end-of-image tokens, named as its tokenizer names them)."""
+    """Words of the shapes world; `<image>` at the model's image token id (Gemma 3, InternVL: their image tokens and
+    the ones around an image, named as their tokenizers name them)."""
     cfg = model.config
     family = cfg.text_config.model_type
     special = ["<pad>", "</s>", "<unk>"] if family == "t5" else ["<unk>", "<pad>", "<s>", "</s>"]
@@ -80,11 +90,26 @@ def tiny_tokenizer(model) -> PreTrainedTokenizerFast:
     size = cfg.text_config.vocab_size
     assert len(vocab) < size - 1
     gemma = dict(boi_token="<start_of_image>", eoi_token="<end_of_image>", image_token="<image_soft_token>")
+    internvl = dict(start_image_token="<img>", end_image_token="</img>", context_image_token="<IMG_CONTEXT>")
     if cfg.model_type == "gemma3":
         ids = dict(boi_token=cfg.boi_token_index, eoi_token=cfg.eoi_token_index, image_token=cfg.image_token_index)
         vocab.update({gemma[name]: ids[name] for name in gemma})
+    elif cfg.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        vocab.update(
+            {
+                "<|image_pad|>": cfg.image_token_id,
+                "<|vision_start|>": cfg.vision_start_token_id,
+                "<|vision_end|>": cfg.vision_end_token_id,
+            }
+        )
+        names_of_images = ["<|image_pad|>", "<|vision_start|>", "<|vision_end|>"]
+    elif cfg.model_type == "internvl":  # <img> and </img> just below the image token
+        image = cfg.image_token_id
+        vocab.update({"<img>": image - 2, "</img>": image - 1, "<IMG_CONTEXT>": image})
     else:
         vocab["<image>"] = cfg.image_token_index
+    if cfg.model_type not in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        names_of_images = ["<image>"]
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -94,8 +119,9 @@ def tiny_tokenizer(model) -> PreTrainedTokenizerFast:
     else:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
         names = dict(pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    if cfg.model_type == "gemma3":
-        return PreTrainedTokenizerFast(tokenizer_object=tok, **names, extra_special_tokens=gemma)
+    if cfg.model_type in ("gemma3", "internvl"):
+        special_tokens = gemma if cfg.model_type == "gemma3" else internvl
+        return PreTrainedTokenizerFast(tokenizer_object=tok, **names, extra_special_tokens=special_tokens)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, **names)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.add_special_tokens({"additional_special_tokens": names_of_images})
     return tokenizer

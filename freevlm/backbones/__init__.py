@@ -12,6 +12,7 @@ from .idefics3 import Idefics3Backbone
 from .instructblip import InstructBlipOPTBackbone, InstructBlipRotaryBackbone, InstructBlipT5Backbone
 from .internvl import InternVLBackbone
 from .llava import LlavaBackbone
+from .qwen_vl import QwenVLBackbone
 from .rotary import LANGUAGE_MODELS as ROTARY_LANGUAGE_MODELS
 
 T5_TYPES = ("t5", "mt5", "umt5")
@@ -21,7 +22,8 @@ SUPPORTED = (
     f"LlavaForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)}), "
     "Gemma3ForConditionalGeneration, "
     f"InternVLForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)}), "
-    f"SmolVLMForConditionalGeneration and Idefics3ForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)})"
+    f"SmolVLMForConditionalGeneration and Idefics3ForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)}), "
+    "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration"
 )
 
 
@@ -34,8 +36,16 @@ def load_backbone(model: nn.Module) -> Backbone:
         InstructBlipForConditionalGeneration,
         InternVLForConditionalGeneration,
         LlavaForConditionalGeneration,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLForConditionalGeneration,
+        Qwen3VLForConditionalGeneration,
         SmolVLMForConditionalGeneration,
     )
+
+    if isinstance(
+        model, (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration)
+    ):
+        return QwenVLBackbone(model)
 
     if isinstance(model, Gemma3ForConditionalGeneration):
         return Gemma3Backbone(model)

@@ -12,10 +12,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import itertools
 import json
 import weakref
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -89,8 +90,9 @@ def decoder_positions(key_mask: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(counts, dim=1) * counts - 1
 
 
-# id(Hugging Face model) -> {digest of a batch's inputs: Backbone.features of that batch}; see `sharing_features`
-_SHARED_FEATURES: dict[int, dict[str, tuple]] = {}
+# frozen Hugging Face model -> {digest of a batch's inputs: Backbone.features of that batch}, only inside
+# `sharing_features(model)`: the block owns its entry
+_SHARED_FEATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @contextmanager
@@ -101,11 +103,11 @@ def sharing_features(model: nn.Module) -> Iterator[None]:
     batch's states in memory until the block ends. Only for a frozen model: trained weights would make them stale."""
     if any(p.requires_grad for p in model.parameters()):
         raise ValueError("sharing_features needs a frozen model: some of its parameters require gradients")
-    _SHARED_FEATURES[id(model)] = {}
+    _SHARED_FEATURES[model] = {}
     try:
         yield
     finally:
-        del _SHARED_FEATURES[id(model)]
+        del _SHARED_FEATURES[model]
 
 
 def _inputs_digest(*tensors: torch.Tensor | None) -> str:
@@ -139,12 +141,17 @@ class Backbone:
     `num_query_tokens` image tokens of id `image_token_index` per image, and `text_config`).
     """
 
-    family: str = ""  # the LM family: exits are saved with it, and the engine picks per-family paths by it
-    # inputs beyond image and prompt that the model's own `generate` reads (Gemma 3's `token_type_ids`): `generate`
-    # and `features` take them by name and pass them to `start`, which checks them
+    family: str = ""  # the LM family: exits are saved with it (what the engine may do is said by the flags below)
+    # inputs beyond image and prompt that the model's own `generate` reads (Gemma 3's `token_type_ids`, InstructBLIP's
+    # Q-Former instruction): `generate` and `features` take them by name and pass them to `start` with the request
     input_names: tuple[str, ...] = ()
-    # the axes of `pixel_values` (checked before any layer runs); SmolVLM's and LLaVA-NeXT's add one for tiles
-    pixel_layout: str = "[batch, channels, height, width]"
+    # whether a layer call's work is the same for every window start, so a captured CUDA graph may replay it (T5's
+    # position bias depends on the window's start slot, which a graph would freeze)
+    graph_safe: bool = False
+    # "images": `pixel_values` is [images, channels, height, width], checked as such before a request starts
+    # (`inputs.py`); "tiles": [batch, tiles, channels, height, width], each prompt row's tiles (SmolVLM), checked as
+    # images; "patches": the family's own layout (Qwen-VL's flattened patches), checked by `check_inputs`
+    pixel_layout: str = "images"
 
     def __init__(self, model: nn.Module, lm: nn.Module | None = None):
         self.model = model
@@ -172,7 +179,11 @@ class Backbone:
 
     # --- family-specific pieces (see blip2_opt.py for an example) -----------------------------------------------
     def image_prompt_embeds(
-        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        **inputs: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Embeddings of the prompt with image features in place of its image tokens.
 
@@ -186,14 +197,23 @@ class Backbone:
         images with it; Gemma 3 and InternVL count them from the image tokens, `llava.ImageGroups`)."""
         return [1] * input_ids.shape[0]
 
-    def conditioned(self, inputs: dict) -> AbstractContextManager:
-        """A block in which requests and training passes read the inputs beyond image and prompt that `inputs`
-        holds (InstructBLIP's Q-Former instruction, `qformer_input_ids`); other families have none."""
-        if inputs.get("qformer_input_ids") is not None:
-            raise ValueError(
-                f"{type(self.model).__name__} has no Q-Former instruction: qformer_input_ids are InstructBLIP's"
-            )
-        return nullcontext()
+    def check_inputs(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None, attention_mask, inputs: dict
+    ) -> None:
+        """Refuse, with a `ValueError` naming the input, a family's inputs (`input_names`) that are missing or
+        disagree with the image and prompt; run before any layer does. Nothing to check here."""
+
+    def beam_inputs(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, inputs: dict, k: int
+    ) -> tuple[torch.Tensor, dict]:
+        """Each prompt row's images and other inputs once per beam, as Hugging Face's `generate` expands them:
+        [A, B] -> [A, B, A, B] for a row holding two images (it encodes images before expanding; repeating image
+        by image would give [A, A, B, B])."""
+        per_row = self.images_per_row(input_ids)
+        starts = [0, *itertools.accumulate(per_row)]
+        index = [i for b in range(len(per_row)) for _ in range(k) for i in range(starts[b], starts[b + 1])]
+        pixel_values = pixel_values.index_select(0, torch.tensor(index, device=pixel_values.device))
+        return pixel_values, {name: value.repeat_interleave(k, dim=0) for name, value in inputs.items()}
 
     def start(
         self,
@@ -202,12 +222,14 @@ class Backbone:
         attention_mask: torch.Tensor | None,
         max_new_tokens: int,
         decoder_input_ids: torch.Tensor | None = None,
+        **inputs: torch.Tensor,
     ) -> Context:
-        """Encode image + prompt; the context's slots hold the prompt and up to `max_new_tokens` new tokens.
+        """Encode image + prompt (and the request's other `inputs`, `input_names`); the context's slots hold the
+        prompt and up to `max_new_tokens` new tokens.
 
         As here for decoder-only LMs (the prompt starts the decoder's own sequence; positions count real tokens);
         encoder-decoder families override it."""
-        input_ids, embeds, attention_mask = self.image_prompt_embeds(pixel_values, input_ids, attention_mask)
+        input_ids, embeds, attention_mask = self.image_prompt_embeds(pixel_values, input_ids, attention_mask, **inputs)
         batch, prompt_len = input_ids.shape
         key_mask = torch.ones(batch, prompt_len + max_new_tokens, dtype=torch.bool, device=embeds.device)
         key_mask[:, :prompt_len] = attention_mask.bool()
@@ -251,7 +273,7 @@ class Backbone:
         (hidden states, context, attention mask) so exit layers can be run over `hidden[i]` with
         `run_layer(exit, hidden[i], ctx, None, mask, None)`.
         """
-        shared = _SHARED_FEATURES.get(id(self.model))
+        shared = _SHARED_FEATURES.get(self.model)
         key = ""
         if shared is not None:
             key = _inputs_digest(
@@ -382,7 +404,7 @@ class Blip2Backbone(Backbone):
             "lm": [m.language_model],
         }
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def image_features(self, pixel_values: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
         """The projected Q-Former outputs, `[B, num_query_tokens, H]`: what replaces the image tokens."""
         model = self.model
         image_embeds = model.vision_model(pixel_values, return_dict=True).last_hidden_state
@@ -396,11 +418,11 @@ class Blip2Backbone(Backbone):
         ).last_hidden_state
         return model.language_projection(query_output.to(image_embeds.dtype))
 
-    def image_prompt_embeds(self, pixel_values, input_ids, attention_mask):
+    def image_prompt_embeds(self, pixel_values, input_ids, attention_mask, **inputs):
         """Follows Hugging Face's `Blip2ForConditionalGeneration.generate`: the prompt carries `num_query_tokens`
         image placeholder tokens that are replaced by image features. A prompt without them gets them prepended."""
         cfg = self.config
-        image_features = self.image_features(pixel_values)
+        image_features = self.image_features(pixel_values, **inputs)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         image_token = cfg.image_token_index

@@ -21,6 +21,7 @@ from .kv_stack import KVInput
 
 class Blip2OPTBackbone(Blip2Backbone):
     family = "opt"
+    graph_safe = True  # learned positions, looked up per request: a layer call is the same at every window start
 
     def __init__(self, model: nn.Module):
         super().__init__(model)

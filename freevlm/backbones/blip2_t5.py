@@ -78,8 +78,10 @@ class Blip2T5Backbone(Blip2Backbone):
     def hidden_size(self) -> int:
         return self.lm.config.d_model
 
-    def start(self, pixel_values, input_ids, attention_mask, max_new_tokens, decoder_input_ids=None) -> Context:
-        input_ids, embeds, attention_mask = self.image_prompt_embeds(pixel_values, input_ids, attention_mask)
+    def start(
+        self, pixel_values, input_ids, attention_mask, max_new_tokens, decoder_input_ids=None, **inputs
+    ) -> Context:
+        input_ids, embeds, attention_mask = self.image_prompt_embeds(pixel_values, input_ids, attention_mask, **inputs)
         encoder_out = self.lm.get_encoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
         batch = input_ids.shape[0]
         if decoder_input_ids is None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Context, decoder_positions
 from .llava import LlavaLayout
 from .rotary import RotaryDecoder
 
@@ -24,7 +23,7 @@ class Idefics3Backbone(RotaryDecoder):
     processor's `pixel_attention_mask` (optional, as for Hugging Face's `generate`: without it every pixel counts)."""
 
     input_names = ("pixel_attention_mask",)
-    pixel_layout = "[batch, tiles, channels, height, width]"
+    pixel_layout = "tiles"
 
     def __init__(self, model: nn.Module):
         super().__init__(model, lm=model)  # the whole model owns the head and the generation config
@@ -39,40 +38,21 @@ class Idefics3Backbone(RotaryDecoder):
             "lm": [m.model.text_model, m.lm_head],
         }
 
-    def start(
-        self,
-        pixel_values: torch.Tensor,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        max_new_tokens: int,
-        decoder_input_ids: torch.Tensor | None = None,
-        pixel_attention_mask: torch.Tensor | None = None,
-    ) -> Context:
-        input_ids, embeds, attention_mask = self.image_prompt_embeds(
-            pixel_values, input_ids, attention_mask, pixel_attention_mask
-        )
-        batch, prompt_len = input_ids.shape
-        key_mask = torch.ones(batch, prompt_len + max_new_tokens, dtype=torch.bool, device=embeds.device)
-        key_mask[:, :prompt_len] = attention_mask.bool()
-        return Context(input_ids, embeds, key_mask, {"positions": decoder_positions(key_mask)})
+    def check_inputs(self, pixel_values, input_ids, attention_mask, inputs: dict) -> None:
+        """`pixel_attention_mask`, where given, is `[batch, tiles, height, width]` like `pixel_values`."""
+        mask = inputs.get("pixel_attention_mask")
+        expected = (*pixel_values.shape[:2], *pixel_values.shape[-2:])
+        if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != expected):
+            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(
+                f"pixel_attention_mask must be [batch, tiles, height, width] {expected} for pixel_values of shape "
+                f"{tuple(pixel_values.shape)}, got {got}"
+            )
 
     def image_prompt_embeds(self, pixel_values, input_ids, attention_mask, pixel_attention_mask=None):
-        """Each row's image tokens take the features of its real (not all-zero) tiles in order; a row whose
-        image-token count is not its tiles' feature count is refused (Hugging Face checks only the batch's total,
-        and would move features across rows)."""
-        if pixel_values.dim() != 5 or pixel_values.shape[0] != input_ids.shape[0]:
-            raise ValueError(
-                f"pixel_values must be {self.pixel_layout} with one row per prompt row ({input_ids.shape[0]}), "
-                f"got {tuple(pixel_values.shape)}: pass the processor's pixel_values"
-            )
-        if pixel_attention_mask is not None:
-            expected = (*pixel_values.shape[:2], *pixel_values.shape[-2:])
-            if not isinstance(pixel_attention_mask, torch.Tensor) or tuple(pixel_attention_mask.shape) != expected:
-                got = getattr(pixel_attention_mask, "shape", type(pixel_attention_mask).__name__)
-                raise ValueError(
-                    f"pixel_attention_mask must be [batch, tiles, height, width] {expected} for pixel_values of shape "
-                    f"{tuple(pixel_values.shape)}, got {tuple(got) if isinstance(got, torch.Size) else got}"
-                )
+        """Each row's image tokens take the features of its real (not all-zero) tiles in order (shapes are checked
+        by `check_inputs` and `inputs.py` before a request starts); a row whose image-token count is not its tiles'
+        feature count is refused (Hugging Face checks only the batch's total, and would move features across rows)."""
         output = self.model.model.get_image_features(pixel_values, pixel_attention_mask)
         features = list(output.pooler_output)
         image = self.config.image_token_index

@@ -4,20 +4,15 @@ language model.
 Only the image path differs from BLIP-2 (the Q-Former attends over its query tokens *and* the instruction, given in
 the Q-Former's own vocabulary), so these adapters are the BLIP-2 ones with another `image_features` (and, for
 Vicuna, BLIP-2's prompt layout in front of the rotary decoder of `rotary.py`). The instruction is not part of
-the language model's prompt: `generate` takes it as Hugging Face's does (`ee.generate(**processor_output)`), a
-training batch carries it (`qformer_input_ids`), and any other request reads it inside `backbone.instruction(...)`:
+the language model's prompt: it is one of the request's model inputs (`input_names`), taken by `generate` as Hugging
+Face's does and carried by a training batch:
 
-    with ee.backbone.instruction(inputs["qformer_input_ids"], inputs["qformer_attention_mask"]):
-        out = ee.generate(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"])
+    ee.generate(**processor(images=image, text=prompt, return_tensors="pt"))  # qformer_input_ids among them
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-
 import torch
-from torch import nn
 
 from .base import Blip2Backbone
 from .blip2_opt import Blip2OPTBackbone
@@ -28,44 +23,26 @@ from .rotary import RotaryDecoder
 class InstructBlipImagePath:
     """The Q-Former conditioned on the instruction (mixed in before a BLIP-2 adapter)."""
 
-    def __init__(self, model: nn.Module):
-        super().__init__(model)
-        self._instruction: tuple[torch.Tensor, torch.Tensor] | None = None
+    input_names = ("qformer_input_ids", "qformer_attention_mask")
 
-    @contextmanager
-    def instruction(
-        self, qformer_input_ids: torch.Tensor, qformer_attention_mask: torch.Tensor | None = None
-    ) -> Iterator[None]:
-        """The Q-Former instruction (from the model's processor) of every request started inside the block, one
-        row per image."""
-        if qformer_attention_mask is None:
-            qformer_attention_mask = torch.ones_like(qformer_input_ids)
-        previous, self._instruction = self._instruction, (qformer_input_ids, qformer_attention_mask)
-        try:
-            yield
-        finally:
-            self._instruction = previous
-
-    def conditioned(self, inputs: dict) -> AbstractContextManager:
-        """The instruction of a batch that carries one (a training batch, a processor's output)."""
-        if inputs.get("qformer_input_ids") is None:
-            return nullcontext()
-        return self.instruction(inputs["qformer_input_ids"], inputs.get("qformer_attention_mask"))
-
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Follows Hugging Face's `InstructBlipModel.get_image_features`. Rows repeated per image (beam search
-        expands its inputs) take their image's instruction."""
-        if self._instruction is None:
+    def image_features(
+        self,
+        pixel_values: torch.Tensor,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Follows Hugging Face's `InstructBlipModel.get_image_features`, one instruction row per image."""
+        if qformer_input_ids is None:
             raise ValueError(
-                "InstructBLIP's Q-Former reads the instruction: start requests inside "
-                "`with ee.backbone.instruction(qformer_input_ids, qformer_attention_mask):` "
-                "(both from the model's processor)"
+                "InstructBLIP's Q-Former reads the instruction: pass qformer_input_ids (and qformer_attention_mask), "
+                "both from the model's processor"
             )
-        ids, mask = self._instruction
+        ids = qformer_input_ids
+        mask = torch.ones_like(ids) if qformer_attention_mask is None else qformer_attention_mask
         batch = pixel_values.shape[0]
-        if batch % ids.shape[0]:
+        if ids.shape[0] != batch:
             raise ValueError(f"the instruction has {ids.shape[0]} rows for {batch} images: give one per image")
-        ids, mask = (t.repeat_interleave(batch // ids.shape[0], dim=0).to(pixel_values.device) for t in (ids, mask))
+        ids, mask = ids.to(pixel_values.device), mask.to(pixel_values.device)
         model = self.model
         image_embeds = model.vision_model(pixel_values, return_dict=True).last_hidden_state
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)

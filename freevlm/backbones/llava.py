@@ -16,7 +16,7 @@ class LlavaLayout:
     """The LLaVA config as the rest of freevlm reads it: BLIP-2's prompt layout (`num_query_tokens` image tokens of
     id `image_token_index` per image) on top of the Hugging Face config, whose every other attribute shows through."""
 
-    def __init__(self, config, num_query_tokens: int, image_token_index: int | None = None):
+    def __init__(self, config, num_query_tokens: int | None, image_token_index: int | None = None):
         self._config = config
         self.num_query_tokens = num_query_tokens
         if image_token_index is not None:  # where the model's config calls it otherwise (InternVL: image_token_id)

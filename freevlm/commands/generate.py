@@ -63,7 +63,12 @@ def caption(args: argparse.Namespace) -> int:
         ee = EarlyExitVLM(bundle.model, ExitConfig([1]))  # a placeholder exit that full mode never runs
     inputs = bundle.inputs(images, [args.prompt] * len(images))
     validate_generate_inputs(
-        ee.backbone, inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], args.max_new_tokens
+        ee.backbone,
+        inputs["pixel_values"],
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        args.max_new_tokens,
+        {name: inputs[name] for name in ee.backbone.input_names if name in inputs},
     )  # too long a prompt fails here, not after decoding
     out = ee.generate(
         **inputs, max_new_tokens=args.max_new_tokens, threshold=args.threshold, mode=args.mode, kv=args.kv

@@ -11,18 +11,14 @@ reordered after each step; the engine's caches and pending states move with them
 
 from __future__ import annotations
 
-import itertools
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from ..backbones.base import Backbone
+from .config import DecodeConfig
 from .generate import GenerateOutput, Request
 from .policies import ExitPolicy
-
-if TYPE_CHECKING:  # config.py imports the searches
-    from .config import DecodeConfig
+from .static import EnginePool
 
 
 def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -30,15 +26,6 @@ def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     while index.dim() < tensor.dim():
         index = index.unsqueeze(-1)
     return torch.take_along_dim(tensor, index, dim=1)
-
-
-@torch.no_grad()
-def _expand_images(pixel_values: torch.Tensor, images_per_row: list[int], k: int) -> torch.Tensor:
-    """Each prompt row's images, in order, once per beam: [A, B] -> [A, B, A, B] for a row holding two (as Hugging
-    Face's `generate` expands encoded images; repeating image by image would give [A, A, B, B])."""
-    starts = [0, *itertools.accumulate(images_per_row)]
-    index = [i for b in range(len(images_per_row)) for _ in range(k) for i in range(starts[b], starts[b + 1])]
-    return pixel_values.index_select(0, torch.tensor(index, device=pixel_values.device))
 
 
 def beam_generate(
@@ -49,23 +36,18 @@ def beam_generate(
     pixel_values: torch.Tensor,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    inputs: dict | None = None,
+    inputs: dict,
+    engines: EnginePool | None = None,
 ) -> GenerateOutput:
     k, max_new_tokens, eos_token_id = config.num_beams, config.max_new_tokens, config.eos_token_id
     length_penalty, early_stopping = config.length_penalty, config.early_stopping
     batch = input_ids.shape[0]
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    pixel_values, inputs = backbone.beam_inputs(pixel_values, input_ids, inputs, k)
     expand = lambda t: t.repeat_interleave(k, dim=0)  # noqa: E731 - as Hugging Face expands inputs per beam
     req = Request.start(
-        backbone,
-        exits,
-        policy,
-        config,
-        _expand_images(pixel_values, backbone.images_per_row(input_ids), k),
-        expand(input_ids),
-        expand(attention_mask),
-        inputs={name: expand(value) for name, value in (inputs or {}).items()},
+        backbone, exits, policy, config, pixel_values, expand(input_ids), expand(attention_mask), inputs, engines
     )
     ctx, engine, device = req.ctx, req.engine, backbone.device
     prompt_len = ctx.prompt_ids.shape[1]

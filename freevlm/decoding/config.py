@@ -1,23 +1,20 @@
-"""`DecodeConfig`: every option of `EarlyExitVLM.generate` in one dataclass, checked once, and the table that maps
-a config to its search (greedy, beam or speculative), like Hugging Face's `GenerationConfig` and
-`GenerationMixin`. Searches read what they need from the config, so an option cannot get lost on the way."""
+"""`DecodeConfig`: every option of `EarlyExitVLM.generate` and its default, in one dataclass checked once, like
+Hugging Face's `GenerationConfig`. Searches read what they need from the config, so an option cannot get lost on
+the way; whatever else reads a decode default (evaluation, the command line) reads it here."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from .beam import beam_generate
 from .engine import BATCH_POLICIES, KV_MODES
-from .generate import greedy_generate
 from .policies import ExitPolicy, validate_threshold
-from .speculative import speculative_generate
 
 MODES = ("full", "early_exit", "speculative")
 
 
 @dataclass
 class DecodeConfig:
-    """How to decode; the defaults are `EarlyExitVLM.generate`'s (see its docstring for what each option does).
+    """How to decode (see `EarlyExitVLM.generate` for what each option does).
 
     `eos_token_id` / `pad_token_id` may be None (the model's generation config decides); searches get them
     resolved: `eos_token_id` a list, `pad_token_id` an int. `static` (None: the engine decides from the device)
@@ -72,21 +69,14 @@ class DecodeConfig:
                 "batch_policy='ride_along' does not apply to mode='speculative': use 'per_row' or 'slowest' (or 'auto')"
             )
 
-    def changed(self) -> dict:
-        """The options that differ from their defaults."""
-        default = DecodeConfig()
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return {name: value for name, value in values.items() if value != getattr(default, name)}
-
-
-SEARCH = {"greedy": greedy_generate, "beam": beam_generate, "speculative": speculative_generate}
-
-
-def search_name(config: DecodeConfig) -> str:
-    """The key of `SEARCH` that runs `config`."""
-    if config.mode == "speculative":
-        return "speculative"
-    return "beam" if config.num_beams > 1 else "greedy"
+    def update(self, **kwargs) -> dict:
+        """Set the options among `kwargs` (in place: call it on a copy); returns the other keywords, as Hugging
+        Face's `GenerationConfig.update` does."""
+        names = {f.name for f in fields(self)}
+        for name, value in kwargs.items():
+            if name in names:
+                setattr(self, name, value)
+        return {name: value for name, value in kwargs.items() if name not in names}
 
 
 def _is_int(value) -> bool:

@@ -1,30 +1,31 @@
-"""The early-exit forward pass: run a token up the LM only as far as it needs, keeping every cache correct.
+"""The engine interface: what greedy, beam and speculative search (and a batch scheduler) drive, and what both
+engines share.
 
-One call of `GeneralEngine.step` takes the new tokens of some rows (the whole prompt at prefill, one token per
-row afterwards) up the layer stack. At each live exit the policy decides per row; rows that leave are compacted out
-and the layers above them do not run for them at this step.
+An engine holds the caches and pending states of one batch. `prefill` runs the prompt and yields the first token;
+each `step` runs new slots of some rows up the LM only as far as each row needs, and returns the token of each row
+with the layer it left at. `crop_row` forgets a rejected draft, `reorder` moves rows (beam search); `work` counts
+what really ran and `costs` what each piece costs in parameters touched.
 
 A token that left at depth e has no K/V in layers e..N-1. With `kv="recompute"` (exact) its hidden state h_e is
 kept in `pending`; when a later token of the same row goes deeper, the pending tokens join it at the depth where
-they stopped and run the skipped layers together with it - one call per layer, batched along the sequence axis -
-so every cache ends up as the full model would have built it. The running window of a layer call therefore covers
-slots [lo, end): for each row the slots at or above its fill level are real work; slots below it (only present
-because another row needed them) are computed but neither written to the cache nor used. Exit layers keep caches
-of their own, filled the same way.
+they stopped and run the skipped layers together with it, so every cache ends up as the full model would have built
+it. Exit layers keep caches of their own, filled the same way. With `kv="propagate"` (CALM-style, approximate) a
+leaving token's K/V in the deeper layers are projected from h_e right away, so nothing is ever pending.
 
-With `kv="propagate"` (CALM-style, approximate) a leaving token's K/V in the deeper layers are projected from h_e
-right away, so nothing is ever pending.
+Two engines implement it: `GeneralEngine` (`general.py`: a fill level per row, rows compacted out as they leave)
+and `StaticEngine` (`static.py`: rows move together, fixed shapes, CUDA graphs).
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..backbones.base import Backbone, Context, causal_padding_mask
-from ..cache_utils import KVView, LayerKV
+from ..backbones.base import Backbone, Context
+from ..cache_utils import LayerCache
 from .policies import ExitPolicy
 
 KV_MODES = ("recompute", "propagate")
@@ -36,18 +37,24 @@ BATCH_POLICIES = ("auto", "per_row", "ride_along", "slowest")
 COMPACT_FROM_ROWS = 256
 
 
-def resolve_batch_policy(batch_policy: str, batch_size: int) -> str:
-    """What "auto" means for a batch of this size.
+def resolve_batch_policy(batch_policy: str, batch_size: int, speculative: bool = False) -> str:
+    """What "auto" means for a batch of this size (the one place it is decided).
 
     At small batches a layer costs what it costs for one row (it is bound by reading its weights), so taking rows
     out of a layer saves nothing: rows that left ride along (their deeper K/V get filled exactly, no catch-up later)
-    behind a gate that stops consulting exits while they do not pay. Only large batches compact.
+    behind a gate that stops consulting exits while they do not pay. Only large batches compact. Speculative rows
+    sit at their own slots: there is no shared step to ride along in.
     """
     if batch_policy != "auto":
         return batch_policy
-    if batch_size == 1:
+    if batch_size == 1 or speculative:
         return "per_row"
     return "ride_along" if batch_size < COMPACT_FROM_ROWS else "per_row"
+
+
+def rows_move_together(batch_policy: str, batch_size: int) -> bool:
+    """Whether every row runs the same layers at every step under this batch policy (the static engine's case)."""
+    return batch_size == 1 or resolve_batch_policy(batch_policy, batch_size) in ("ride_along", "slowest")
 
 
 @dataclass
@@ -128,28 +135,14 @@ class WorkCounter:
     params_touched: int = 0
 
 
-def propagated_kv(
-    backbone: Backbone,
-    exits: dict[int, nn.Module],
-    cached_exits: list[int],
-    depth: int,
-    x: torch.Tensor,
-    ctx: Context,
-    rows: torch.Tensor | None,
-    start: int,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """K/V of LM layers `depth..N-1`, then of the exit layers above `depth` (`cached_exits`: the exits with a cache,
-    in layer order), projected from the state `x` that left at `depth` (propagate mode, CALM-style)."""
-    out = backbone.kv_projections(list(backbone.layers), depth, x, ctx, rows, start)
-    deeper = [i for i in cached_exits if i > depth]
-    if deeper:
-        exit_layers = [exits[i].layer for i in cached_exits]
-        out += backbone.kv_projections(exit_layers, len(exit_layers) - len(deeper), x, ctx, rows, start)
-    return out
+class Engine(ABC):
+    """Caches and pending states of one batch; `step` runs new tokens up the stack.
 
+    Subclasses give their cache kind (`cache_class`), `encode` and `step`; the set-up, `prefill`, the gate, the exit
+    decision, state propagation, `crop_row` and `reorder` are here.
+    """
 
-class GeneralEngine:
-    """Caches and pending states of one batch; `step` runs new tokens up the stack."""
+    cache_class: type[LayerCache]
 
     def __init__(
         self,
@@ -159,7 +152,8 @@ class GeneralEngine:
         kv_mode: str,
         ctx: Context,
         capacity: int,
-        batch_policy: str = "per_row",
+        batch_policy: str,
+        slots: int,
     ):
         if kv_mode not in KV_MODES:
             raise ValueError(f"kv must be one of {KV_MODES}, got {kv_mode!r}")
@@ -171,73 +165,34 @@ class GeneralEngine:
         self.batch_policy = resolve_batch_policy(batch_policy, self.batch_size)
         self.capacity = capacity
         self.live = sorted(policy.live_exits(sorted(exits)))
-        self.live_set = set(self.live)
-        self.kv = [LayerKV(self.batch_size, capacity) for _ in range(self.num_layers)]
-        self.exit_kv = {i: LayerKV(self.batch_size, capacity) for i in self.live if exits[i].needs_cache}
-        self.pending: torch.Tensor | None = None  # [B, capacity, H] hidden state of each not-yet-caught-up slot
-        self.unpadded = bool(ctx.key_mask.all())
-        self.work = WorkCounter()
+        self.kv = [self.cache_class(self.batch_size, slots) for _ in range(self.num_layers)]
+        self.exit_kv = {i: self.cache_class(self.batch_size, slots) for i in self.live if exits[i].needs_cache}
+        self.pending: torch.Tensor | None = None  # [B, slots, H] hidden state of each not-yet-caught-up slot
+        self.exit_inputs: dict[int, torch.Tensor] = {}  # exit layer inputs kept while the gate is closed
         self.costs = ParamCosts.of(backbone, exits, self.live)
-        gated = batch_policy == "auto" and self.batch_policy == "ride_along"
-        self.gate = ExitGate(self.costs.full_step) if gated else None
-        # inputs of exit layers skipped while the gate was closed, so their caches can catch up when it reopens
-        self.exit_inputs: dict[int, torch.Tensor] = {}
-        self._mask_memo: tuple | None = None
+        self._gated = batch_policy == "auto" and self.batch_policy == "ride_along"
+        self.work = WorkCounter()
+        self.gate = ExitGate(self.costs.full_step) if self._gated else None
+        self._verify: torch.Tensor | None = None  # [B] bool: rows of this step that must reach the final layer
+        self._all_verify = False
 
-    # --- helpers ----------------------------------------------------------------------------------------------
-    def attention_mask(self, rows: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
-        """Bool `[n, 1, q, k]` (None where plain full attention is the same: one new slot, no padding).
-
-        Built once per (rows, window): the layers of a step share it."""
-        if end - start == 1 and self.unpadded:
-            return None
-        memo = self._mask_memo
-        if memo is not None and memo[0] is rows and memo[1] == start and memo[2] == end:
-            return memo[3]
-        key_ok = self.ctx.key_mask if rows is None else self.ctx.key_mask[rows]
-        mask = causal_padding_mask(key_ok, start, end)
-        self._mask_memo = (rows, start, end, mask)
-        return mask
-
-    @staticmethod
-    def _valid(fill: list[int], start: int, end: int, device) -> torch.Tensor | None:
-        """Bool `[n, q]`: slot is real work for the row (at or above its fill level); None when all are."""
-        if all(f <= start for f in fill):
-            return None
-        slots = torch.arange(start, end)[None, :]
-        return (slots >= torch.tensor(fill)[:, None]).to(device)
-
-    def _rows_arg(self, rows: torch.Tensor) -> torch.Tensor | None:
-        return None if len(rows) == self.batch_size else rows
-
-    def _run(self, layer, kv: LayerKV, x, rows, ids, start, end, fill) -> torch.Tensor:
-        valid = self._valid(fill, start, end, x.device)
-        rows_arg = self._rows_arg(rows)
-        view = KVView(kv, rows_arg, start, valid)
-        out = self.backbone.run_layer(layer, x, self.ctx, view, self.attention_mask(rows_arg, start, end), rows_arg)
-        for b in ids:
-            kv.filled[b] = end
-        return out
-
-    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        self.work.head_calls += 1
-        self.work.params_touched += self.costs.head
-        return self.backbone.head(hidden)
-
-    # --- the step ---------------------------------------------------------------------------------------------
-    @torch.no_grad()
+    # --- the interface ------------------------------------------------------------------------------------------
+    @abstractmethod
     def encode(self, x: torch.Tensor) -> None:
-        """Run prompt slots `[0, q)` of every row through every layer and every live exit; predict nothing.
+        """Run prompt slots `[0, q)` of every row through every layer and every live exit layer; predict nothing.
 
-        The prompt is encoded by the whole model (as an encoder would be); only new tokens may leave early.
-        """
-        rows, ids = torch.arange(self.batch_size, device=x.device), list(range(self.batch_size))
-        for depth in range(self.num_layers):
-            if depth in self.exit_kv:  # exits with a cache of their own see the prompt too
-                exit_kv = self.exit_kv[depth]
-                self._run(self.exits[depth].layer, exit_kv, x, rows, ids, 0, x.shape[1], exit_kv.filled)
-            kv = self.kv[depth]
-            x = self._run(self.backbone.layers[depth], kv, x, rows, ids, 0, x.shape[1], kv.filled)
+        The prompt is encoded by the whole model (as an encoder would be); only new tokens may leave early."""
+
+    @abstractmethod
+    def step(
+        self, rows: torch.Tensor, x: torch.Tensor, new_start: int, step: int, verify: list[bool] | None = None
+    ) -> StepResult:
+        """Run new slots `[new_start, new_start + q)` of `rows` up the stack (`step`: the generation step, which
+        policies and the gate read).
+
+        `verify` (speculative search, one flag per row): the flagged rows may not leave at an exit, and every row
+        that reaches the final layer also gets its greedy choice at every slot of the window caught up with it (that
+        catch-up is the verification pass)."""
 
     @torch.no_grad()
     def prefill(self, prompt: torch.Tensor) -> StepResult:
@@ -249,169 +204,80 @@ class GeneralEngine:
             return self.step(rows, prompt[:, -1:], prompt.shape[1] - 1, step=0)
         return self.step(rows, prompt, 0, step=0)
 
-    @torch.no_grad()
-    def step(self, rows: torch.Tensor, x: torch.Tensor, new_start: int, step: int, verify: bool = False) -> StepResult:
-        """Run new slots `[new_start, new_start + q)` of `rows` up the stack.
-
-        With `verify`, rows that reach the final layer also get its greedy choice at every slot of the window that
-        was caught up with them (speculative mode: that catch-up is the verification pass).
-        """
-        n, end = len(rows), new_start + x.shape[1]
-        device = x.device
-        ids = rows.tolist()  # host copy of the row ids: fill levels are looked up without a sync per layer
-        self.work.steps += 1
-        touched_before = self.work.params_touched
-        consult = self.gate is None or self.gate.open(step)
-        tokens = torch.empty(n, dtype=torch.long, device=device)
-        exit_at = torch.full((n,), self.num_layers, dtype=torch.long, device=device)
-        all_logits: torch.Tensor | None = None
-        out_idx = torch.arange(n, device=device)  # where each active row's results go
-        # ride along: rows whose token is out but who still run the layers a deeper row needs (device and host)
-        emitted, emitted_ids = torch.zeros(n, dtype=torch.bool, device=device), [False] * n
-        lo = new_start
-        prev_fill: list[int] | None = None
-
-        def done(result: StepResult) -> StepResult:
-            if self.gate is not None and consult:
-                self.gate.record(self.work.params_touched - touched_before)
-            return result
-
-        for depth in range(self.num_layers):
-            fill = [self.kv[depth].filled[b] for b in ids]
-            x, lo = self._join_pending(x, rows, fill, prev_fill, lo, end)
-            if depth in self.live_set and not consult:
-                self._skip_exit(depth, x, rows, ids, lo, end, fill)
-            elif depth in self.live_set:
-                leave, leaves, logits = self._exit(depth, x, rows, ids, lo, end, step, emitted)
-                if leave is not None:
-                    all_logits = self._emit(all_logits, logits, out_idx[leave], tokens, exit_at, depth)
-                    if self.batch_policy == "ride_along":
-                        emitted, emitted_ids = emitted | leave, [a or b for a, b in zip(emitted_ids, leaves)]
-                        if all(emitted_ids):  # every row's token is out: nobody needs the layers above
-                            self._park(x, rows, ids, depth, lo, end)
-                            return done(StepResult(tokens, exit_at, all_logits))
-                    else:
-                        self._park(x[leave], rows[leave], [b for b, out in zip(ids, leaves) if out], depth, lo, end)
-                        keep = ~leave
-                        rows, x, out_idx, emitted = rows[keep], x[keep], out_idx[keep], emitted[keep]
-                        ids = [b for b, out in zip(ids, leaves) if not out]
-                        fill = [f for f, out in zip(fill, leaves) if not out]
-                        if len(rows) == 0:
-                            return done(StepResult(tokens, exit_at, all_logits))
-                        if min(fill) > lo:  # the rows that left needed the lowest slots; the others do not
-                            x, lo = x[:, min(fill) - lo :], min(fill)
-            x = self._run(self.backbone.layers[depth], self.kv[depth], x, rows, ids, lo, end, fill)
-            self.work.layer_calls += 1
-            self.work.params_touched += self.costs.layers[depth]
-            self.work.catchup_slots += new_start - lo
-            prev_fill = fill
-        last, where = (x[:, -1], out_idx) if not any(emitted_ids) else (x[~emitted, -1], out_idx[~emitted])
-        if not verify:
-            all_logits = self._emit(all_logits, self._head(last), where, tokens, exit_at, self.num_layers)
-            return done(StepResult(tokens, exit_at, all_logits))
-        window_logits = self._head(x)
-        all_logits = self._emit(all_logits, window_logits[:, -1], out_idx, tokens, exit_at, self.num_layers)
-        return done(StepResult(tokens, exit_at, all_logits, out_idx, lo, window_logits.argmax(dim=-1)))
-
-    def _join_pending(self, x, rows, fill, prev_fill, lo, end):
-        """Bring in the pending tokens whose hidden state stopped at this depth (fill <= slot < previous fill)."""
-        start = min(fill)
-        if prev_fill is None or fill == prev_fill:
-            return x, lo
-        pending = self.pending if len(rows) == self.batch_size else self.pending[rows]
-        joiners_are_prefix = len(set(fill)) == 1 and set(prev_fill) == {lo}
-        if start < lo:
-            x = torch.cat([pending[:, start:lo], x], dim=1)
-            lo = start
-        if not joiners_are_prefix:
-            slots = torch.arange(lo, end)[None, :]
-            joins = (slots >= torch.tensor(fill)[:, None]) & (slots < torch.tensor(prev_fill)[:, None])
-            x = torch.where(joins.to(x.device)[..., None], pending[:, lo:end], x)
-        return x, lo
-
-    def _exit(self, depth, x, rows, ids, lo, end, step, emitted):
-        """Run exit `depth` (an exit layer over the slots its cache lacks, or nothing); ask the policy which rows
-        leave (rows in `emitted` already did, at a lower exit).
-
-        Returns (leave mask or None, the same as a host list, logits of the rows that leave)."""
-        exit_module = self.exits[depth]
-        y = x
-        if exit_module.needs_cache:
-            kv = self.exit_kv[depth]
-            exit_fill = [kv.filled[b] for b in ids]
-            start = min(exit_fill)
-            if start < lo:  # the gate skipped this exit for some slots: their inputs were kept
-                rows_arg = self._rows_arg(rows)
-                kept = self.exit_inputs[depth] if rows_arg is None else self.exit_inputs[depth][rows_arg]
-                x = torch.cat([kept[:, start:lo], x], dim=1)
-                lo = start
-            y = self._run(exit_module.layer, kv, x[:, start - lo :], rows, ids, start, end, exit_fill)
-            self.work.exit_calls += 1
-        self.work.params_touched += self.costs.exit_layers[depth]
-        logits = self._exit_logits(depth, y[:, -1]) if self.policy.needs_logits(depth) else None
-        leave = self.policy.decide(depth, logits, step, rows, x[:, -1]) & ~emitted
-        if self.batch_policy == "slowest":  # the step waits for its slowest row: all leave or none
-            leave = leave & leave.all()
-        leaves = leave.tolist()  # the one host sync per exit reached: leaving or not is a branch
-        if not any(leaves):
-            return None, None, None
-        logits = self._exit_logits(depth, y[leave, -1]) if logits is None else logits[leave]
-        return leave, leaves, logits
-
-    def _skip_exit(self, depth, x, rows, ids, lo, end, fill) -> None:
-        """The gate is closed: keep the exit layer's inputs for the slots its cache will need when it reopens."""
-        if not self.exits[depth].needs_cache:
-            return
-        if depth not in self.exit_inputs:
-            self.exit_inputs[depth] = x.new_zeros(self.batch_size, self.capacity, x.shape[-1])
-        self._keep(self.exit_inputs[depth], x, rows, lo, end, fill)
-
-    def _keep(self, store: torch.Tensor, x, rows, lo, end, fill) -> None:
-        """`store[rows, lo:end] = x` where the slot is real work for the row (at or above its fill level)."""
-        valid = self._valid(fill, lo, end, x.device)
-        window = store[rows, lo:end]
-        store[rows, lo:end] = x if valid is None else torch.where(valid[..., None], x, window)
-
-    def _exit_logits(self, depth: int, features: torch.Tensor) -> torch.Tensor:
-        """Vocabulary logits at an exit: the frozen head (FREE, MuE) or the exit's own classifier."""
-        self.work.head_calls += 1
-        self.work.params_touched += self.costs.exit_logits[depth]
-        return self.exits[depth].logits(self.backbone, features)
-
-    def _emit(self, all_logits, logits, where, tokens, exit_at, depth):
-        tokens[where] = logits.argmax(dim=-1)
-        exit_at[where] = depth
-        if all_logits is None:
-            all_logits = logits.new_empty(len(tokens), logits.shape[-1])
-        all_logits[where] = logits
-        return all_logits
-
-    def _park(self, x, rows, ids, depth, lo, end):
-        """Tokens of rows that left at `depth`: keep their state (recompute) or fill deeper K/V now (propagate)."""
-        if self.kv_mode == "recompute":
-            if self.pending is None:
-                self.pending = x.new_zeros(self.batch_size, self.capacity, x.shape[-1])
-            self._keep(self.pending, x, rows, lo, end, [self.kv[depth].filled[b] for b in ids])
-            return
-        # propagate: every cache is full below `lo`, so the new slots are the whole window
-        rows_arg = self._rows_arg(rows)
-        caches = [*self.kv[depth:], *(kv for i, kv in self.exit_kv.items() if i > depth)]
-        projected = propagated_kv(self.backbone, self.exits, list(self.exit_kv), depth, x, self.ctx, rows_arg, lo)
-        for cache, kv in zip(caches, projected):
-            cache.write(rows_arg, lo, *kv, None)
-            for b in ids:
-                cache.filled[b] = end
-        self.work.kv_projections += len(caches)
-        self.work.params_touched += self.costs.propagated(depth)
-
     def crop_row(self, row: int, length: int) -> None:
-        """Forget slots at or after `length` of one row in every cache (a rejected speculative draft)."""
-        for kv in [*self.kv, *self.exit_kv.values()]:
-            kv.filled[row] = min(kv.filled[row], length)
+        """Forget slots at or after `length` of `row` in every cache (a rejected speculative draft; the static
+        engine's rows move together, so there every row)."""
+        for kv in self._caches():
+            kv.crop(row, length)
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Rows follow `index` (beam search): caches and pending states of row index[i] move to row i."""
-        for kv in [*self.kv, *self.exit_kv.values()]:
+        """Rows follow `index` (beam search): caches and kept states of row index[i] move to row i, in place."""
+        for kv in self._caches():
             kv.reorder(index)
-        if self.pending is not None:
-            self.pending = self.pending.index_select(0, index)
+        for kept in [self.pending, *self.exit_inputs.values()]:
+            if kept is not None:
+                kept.copy_(kept.index_select(0, index))
+
+    # --- shared pieces of a step --------------------------------------------------------------------------------
+    def _caches(self) -> list[LayerCache]:
+        return [*self.kv, *self.exit_kv.values()]
+
+    def _begin(self, step: int, rows: torch.Tensor, verify: list[bool] | None) -> bool:
+        """Count the step, note what the search asked to verify; whether exits are consulted (the gate)."""
+        self.work.steps += 1
+        self._touched_before = self.work.params_touched
+        self._consult = self.gate is None or self.gate.open(step)
+        self._all_verify = verify is not None and all(verify)
+        self._verify = None
+        if verify is not None and any(verify):
+            self._verify = torch.zeros(self.batch_size, dtype=torch.bool, device=rows.device)
+            self._verify[rows] = torch.tensor(verify, device=rows.device)
+        return self._consult
+
+    def _done(self, result: StepResult) -> StepResult:
+        """The step is over: the gate learns what consulting exits cost or saved."""
+        if self.gate is not None and self._consult:
+            self.gate.record(self.work.params_touched - self._touched_before)
+        return result
+
+    def _needs_logits(self, depth: int) -> bool:
+        """Whether the exit's decision reads its logits (none is made when every row must verify)."""
+        return not self._all_verify and self.policy.needs_logits(depth)
+
+    def _decide(self, depth, logits, step, rows, hidden, out: torch.Tensor | None) -> torch.Tensor:
+        """Bool `[n]`: which of `rows` leave at exit `depth` (rows in `out` left already; rows that must verify
+        stay); under "slowest" all leave or none."""
+        if self._all_verify:
+            return torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
+        leave = self.policy.decide(depth, logits, step, rows, hidden)
+        if self._verify is not None:
+            leave = leave & ~self._verify[rows]
+        if out is not None:
+            leave = leave & ~out
+        if self.batch_policy == "slowest":  # the step waits for its slowest row
+            leave = leave & leave.all()
+        return leave
+
+    def _count_head(self, depth: int | None) -> None:
+        """A vocabulary head ran: the final one (None) or exit `depth`'s."""
+        self.work.head_calls += 1
+        self.work.params_touched += self.costs.head if depth is None else self.costs.exit_logits[depth]
+
+    def _new_pending(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pending is None:
+            self.pending = x.new_zeros(self.batch_size, self.kv[0].slots, x.shape[-1])
+        return self.pending
+
+    def _propagate(self, x, depth: int, rows: torch.Tensor | None, ids: list[int], lo: int, end: int) -> None:
+        """Tokens of `rows` left at `depth`: fill the K/V of every deeper layer and exit layer from their state now
+        (propagate mode; every cache is full below `lo`, so the new slots are the whole window)."""
+        caches = [*self.kv[depth:], *(kv for i, kv in self.exit_kv.items() if i > depth)]
+        out = self.backbone.kv_projections(list(self.backbone.layers), depth, x, self.ctx, rows, lo)
+        deeper = [i for i in self.exit_kv if i > depth]
+        if deeper:
+            exit_layers = [self.exits[i].layer for i in self.exit_kv]
+            out += self.backbone.kv_projections(exit_layers, len(exit_layers) - len(deeper), x, self.ctx, rows, lo)
+        for cache, (keys, values) in zip(caches, out):
+            cache.store(rows, ids, lo, keys, values)
+        self.work.kv_projections += len(caches)
+        self.work.params_touched += self.costs.propagated(depth)

@@ -8,18 +8,16 @@ import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..backbones.base import Backbone, Context
-from .engine import GeneralEngine, WorkCounter
+from .config import DecodeConfig
+from .engine import Engine, WorkCounter, resolve_batch_policy, rows_move_together
+from .general import GeneralEngine
 from .policies import ExitPolicy
-from .static import StaticEngine, static_engine, uniform_batch_policy
-
-if TYPE_CHECKING:  # config.py imports the searches
-    from .config import DecodeConfig
+from .static import EnginePool, StaticEngine
 
 
 @dataclass
@@ -50,10 +48,10 @@ class GenerateOutput:
     sequences: torch.Tensor  # [B, prompt + T] like Hugging Face's generate (T5: decoder start + T)
     exit_layers: torch.Tensor  # [B, T] LM layer each generated token left at (N = final; -1 after EOS)
     stats: DecodeStats
-    engine: GeneralEngine | None = field(default=None, repr=False)  # caches, only with `return_engine=True`
+    engine: Engine | None = field(default=None, repr=False)  # caches, only with `return_engine=True`
 
     @property
-    def decoder(self) -> GeneralEngine | None:
+    def decoder(self) -> Engine | None:
         """The old name of `engine`, kept for code written against it."""
         warnings.warn("GenerateOutput.decoder is deprecated: use .engine", DeprecationWarning, stacklevel=2)
         return self.engine
@@ -71,7 +69,7 @@ class Request:
 
     backbone: Backbone
     ctx: Context
-    engine: GeneralEngine
+    engine: Engine
     eos: torch.Tensor  # EOS token ids on the device
     t0: float
     t_prefill: float | None = None
@@ -86,16 +84,17 @@ class Request:
         pixel_values: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
+        inputs: dict,
+        engines: EnginePool | None,
         slots: int | None = None,
-        inputs: dict | None = None,
     ) -> Request:
         """Start the clock, encode image and prompt (and the model's other `inputs`, `Backbone.input_names`) with
-        room for `slots` new tokens (default `config.max_new_tokens`), build the engine: the one place it is built,
-        so its options come from `config`."""
+        room for `slots` new tokens (default `config.max_new_tokens`), build the engine (`engines`: the model's
+        kept ones, or None)."""
         _sync(backbone.device)
         t0 = time.perf_counter()
-        ctx = backbone.start(pixel_values, input_ids, attention_mask, slots or config.max_new_tokens, **(inputs or {}))
-        engine = build_engine(backbone, exits, policy, config, ctx)
+        ctx = backbone.start(pixel_values, input_ids, attention_mask, slots or config.max_new_tokens, **inputs)
+        engine = build_engine(backbone, exits, policy, config, ctx, engines)
         eos = torch.tensor(config.eos_token_id, dtype=torch.long, device=backbone.device)
         return cls(backbone, ctx, engine, eos, t0)
 
@@ -117,22 +116,31 @@ class Request:
 
 
 def build_engine(
-    backbone: Backbone, exits: dict[int, nn.Module], policy: ExitPolicy, config: DecodeConfig, ctx: Context
-) -> GeneralEngine | StaticEngine:
-    """The static engine wherever rows move together (on CUDA with its segments captured as graphs), the general
+    backbone: Backbone,
+    exits: dict[int, nn.Module],
+    policy: ExitPolicy,
+    config: DecodeConfig,
+    ctx: Context,
+    engines: EnginePool | None = None,
+) -> Engine:
+    """The one place an engine is built, its options from `config`: the static engine wherever rows move together
+    (on CUDA, where the adapter allows it, with its segments captured as graphs and kept in `engines`), the general
     one where rows are compacted (large batches) or speculative rows sit at different slots."""
-    batch = ctx.prompt_ids.shape[0]
-    uniform = uniform_batch_policy(config.batch_policy, batch) and (config.mode != "speculative" or batch == 1)
-    if config.static and not uniform:
+    batch, batch_policy = ctx.prompt_ids.shape[0], config.batch_policy
+    speculative = config.mode == "speculative"
+    if speculative:  # "auto" is resolved by the engine (which gates riding along), except where rows never ride
+        batch_policy = resolve_batch_policy(batch_policy, batch, speculative)
+    together = rows_move_together(batch_policy, batch) and (not speculative or batch == 1)
+    if config.static and not together:
         raise ValueError(
             f"static=True needs rows that move together: batch_policy={config.batch_policy!r} with "
             f"{batch} rows compacts them (use 'ride_along' or 'slowest')"
         )
-    if uniform and config.static is not False:
-        # T5's position bias depends on the window's start slot, which a captured graph would freeze: eager
-        graphs = backbone.device.type == "cuda" and backbone.family == "opt"
-        return static_engine(backbone, exits, policy, config.kv, ctx, config.batch_policy, graphs)
-    return GeneralEngine(backbone, exits, policy, config.kv, ctx, ctx.capacity, config.batch_policy)
+    if not together or config.static is False:
+        return GeneralEngine(backbone, exits, policy, config.kv, ctx, ctx.capacity, batch_policy)
+    if engines is not None and backbone.device.type == "cuda" and backbone.graph_safe:
+        return engines.get(backbone, exits, policy, config.kv, ctx, batch_policy)
+    return StaticEngine(backbone, exits, policy, config.kv, ctx, ctx.capacity, batch_policy)
 
 
 @torch.no_grad()
@@ -144,9 +152,10 @@ def greedy_generate(
     pixel_values: torch.Tensor,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    inputs: dict | None = None,
+    inputs: dict,
+    engines: EnginePool | None = None,
 ) -> GenerateOutput:
-    req = Request.start(backbone, exits, policy, config, pixel_values, input_ids, attention_mask, inputs=inputs)
+    req = Request.start(backbone, exits, policy, config, pixel_values, input_ids, attention_mask, inputs, engines)
     max_new_tokens, pad_token_id = config.max_new_tokens, config.pad_token_id
     ctx, engine, device = req.ctx, req.engine, backbone.device
     batch, prompt_len = ctx.prompt_ids.shape
@@ -192,7 +201,7 @@ def analytic_speedup(exit_layers: list[int], num_layers: int) -> float:
     return num_layers * len(used) / sum(used)
 
 
-def summarize(backbone: Backbone, engine: GeneralEngine, exit_layers: torch.Tensor) -> DecodeStats:
+def summarize(backbone: Backbone, engine: Engine, exit_layers: torch.Tensor) -> DecodeStats:
     n, steps = backbone.num_layers, engine.work.steps
     real = [int(e) for e in exit_layers.flatten().tolist() if e >= 0]
     full_step = engine.costs.full_step

@@ -15,42 +15,14 @@ draft rejected). Each engine call takes the rows that sit at the same slot, lowe
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from ..backbones.base import Backbone
+from .config import DecodeConfig
 from .generate import GenerateOutput, Request
-from .policies import ConfidencePolicy, ExitPolicy
-
-if TYPE_CHECKING:  # config.py imports the searches
-    from .config import DecodeConfig
-
-
-class DraftPolicy(ExitPolicy):
-    """Leave at the first confident exit, unless the row must verify now (then go to the final layer).
-
-    When every row of a step must verify, no exit is asked: the exit layers still run (their caches must cover the
-    slot) but no vocabulary head is evaluated for a decision that is already made.
-    """
-
-    def __init__(self, confidence: ConfidencePolicy, batch_size: int):
-        self.confidence = confidence
-        self.must_verify = torch.zeros(batch_size, dtype=torch.bool)
-        self.all_verify = False  # every row of the current step must verify
-
-    def live_exits(self, exit_layers):
-        return self.confidence.live_exits(exit_layers)
-
-    def needs_logits(self, layer):
-        return not self.all_verify
-
-    def decide(self, layer, logits, step, rows, hidden=None):
-        if logits is None:
-            return torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
-        return self.confidence.decide(layer, logits, step, rows, hidden) & ~self.must_verify.to(rows.device)[rows]
+from .policies import ConfidencePolicy
+from .static import EnginePool
 
 
 @torch.no_grad()
@@ -62,15 +34,13 @@ def speculative_generate(
     pixel_values: torch.Tensor,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    inputs: dict | None = None,
+    inputs: dict,
+    engines: EnginePool | None = None,
 ) -> GenerateOutput:
-    if config.batch_policy == "auto":  # rows sit at their own slots: there is no shared step to ride along in
-        config = replace(config, batch_policy="per_row")
     max_new_tokens, max_draft, pad_token_id = config.max_new_tokens, config.max_draft, config.pad_token_id
-    policy = DraftPolicy(policy, input_ids.shape[0])
     width = max_new_tokens + max_draft + 1
     req = Request.start(
-        backbone, exits, policy, config, pixel_values, input_ids, attention_mask, slots=width, inputs=inputs
+        backbone, exits, policy, config, pixel_values, input_ids, attention_mask, inputs, engines, slots=width
     )
     ctx, engine, device = req.ctx, req.engine, backbone.device
     batch, prompt_len = ctx.prompt_ids.shape
@@ -92,19 +62,16 @@ def speculative_generate(
         slot = min(slot_of.values())
         group = [b for b, s in slot_of.items() if s == slot]
         rows = torch.tensor(group, device=device)
+        verify = []  # rows whose drafts the final layer must check now, instead of drafting another token
         for b in group:
             last = generated[b, accepted[b] + drafts[b] - 1] if accepted[b] + drafts[b] else None
-            policy.must_verify[b] = (
-                drafts[b] >= max_draft
-                or accepted[b] + drafts[b] >= max_new_tokens
-                or (last is not None and int(last) in eos)
-            )
-        policy.all_verify = bool(policy.must_verify[group].all())
+            full = drafts[b] >= max_draft or accepted[b] + drafts[b] >= max_new_tokens
+            verify.append(full or (last is not None and int(last) in eos))
         if slot == prompt_len - 1:
             x = prompt[rows, -1:]
         else:
             x = backbone.embed(ctx, generated[rows, slot - prompt_len : slot - prompt_len + 1], rows, slot)
-        result = engine.step(rows, x, slot, step=slot - prompt_len + 1, verify=True)
+        result = engine.step(rows, x, slot, step=slot - prompt_len + 1, verify=verify)
         verified = {} if result.verified_rows is None else {r: j for j, r in enumerate(result.verified_rows.tolist())}
         for i, b in enumerate(group):
             n = accepted[b] + drafts[b]

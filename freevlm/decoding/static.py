@@ -14,20 +14,20 @@ no query can see yet and are overwritten when those slots are computed). On the 
 on exact windows.
 
 Per-row compaction (large batches) and speculative decoding of rows at different slots stay with the general
-engine in `engine.py`, which keeps a fill level per row.
+engine in `general.py`, which keeps a fill level per row.
 """
 
 from __future__ import annotations
 
 import itertools
 import warnings
-import weakref
 
 import torch
 from torch import nn
 
 from ..backbones.base import Backbone, Context
-from .engine import ExitGate, ParamCosts, StepResult, WorkCounter, propagated_kv, resolve_batch_policy
+from ..cache_utils import StaticKV, StaticView
+from .engine import Engine, ExitGate, StepResult, WorkCounter, rows_move_together
 from .policies import ExitPolicy
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -36,52 +36,6 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 def window_bucket(size: int) -> int | None:
     """The padded window a graph is captured for; None above the largest bucket (run eagerly)."""
     return next((b for b in BUCKETS if b >= size), None)
-
-
-def uniform_batch_policy(batch_policy: str, batch_size: int) -> bool:
-    """Whether every row runs the same layers at every step under this batch policy (the static engine's case)."""
-    return resolve_batch_policy(batch_policy, batch_size) in ("ride_along", "slowest") or batch_size == 1
-
-
-class StaticKV:
-    """One attention layer's K/V for the whole batch, `[batch, heads, slots, head_dim]`, filled to one slot."""
-
-    def __init__(self, batch_size: int, slots: int):
-        self.batch_size, self.slots = batch_size, slots
-        self.fill = 0
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
-
-    @property
-    def filled(self) -> list[int]:
-        """Per-row fill levels, like `LayerKV.filled` (all equal here)."""
-        return [self.fill] * self.batch_size
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """In place: captured graphs keep writing into these very buffers."""
-        if self.keys is not None:
-            self.keys.copy_(self.keys.index_select(0, index))
-            self.values.copy_(self.values.index_select(0, index))
-
-
-class StaticView:
-    """What a Hugging Face attention module sees as its cache for one call: writes at `slots`, reads every slot."""
-
-    def __init__(self, kv: StaticKV, slots: torch.Tensor, start: int):
-        self.kv, self.slots, self.start = kv, slots, start
-        self.key_length = kv.slots
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        kv = self.kv
-        if kv.keys is None:
-            shape = (kv.batch_size, key_states.shape[1], kv.slots, key_states.shape[3])
-            kv.keys, kv.values = key_states.new_zeros(shape), value_states.new_zeros(shape)
-        kv.keys.index_copy_(2, self.slots, key_states)
-        kv.values.index_copy_(2, self.slots, value_states)
-        return kv.keys, kv.values
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.start
 
 
 class SegmentRunner:
@@ -139,8 +93,10 @@ class SegmentRunner:
         return graph, static_inputs, static_out
 
 
-class StaticEngine:
+class StaticEngine(Engine):
     """Caches and pending states of a batch whose rows move together; `step` runs a new token up the stack."""
+
+    cache_class = StaticKV
 
     def __init__(
         self,
@@ -150,27 +106,16 @@ class StaticEngine:
         kv_mode: str,
         ctx: Context,
         capacity: int,
-        batch_policy: str = "auto",
+        batch_policy: str,
         graphs: bool = False,
     ):
-        self.backbone, self.exits, self.policy, self.kv_mode, self.ctx = backbone, exits, policy, kv_mode, ctx
-        self.num_layers = backbone.num_layers
-        self.batch_size = ctx.prompt_ids.shape[0]
-        if not uniform_batch_policy(batch_policy, self.batch_size):
+        if not rows_move_together(batch_policy, ctx.prompt_ids.shape[0]):
             raise ValueError(f"the static engine needs rows that move together, not batch_policy={batch_policy!r}")
-        self.batch_policy = resolve_batch_policy(batch_policy, self.batch_size)
-        self.live = sorted(policy.live_exits(sorted(exits)))
-        self.capacity = capacity
         slots = capacity + (BUCKETS[-1] if graphs else 0)  # padded windows may run past the last real slot
-        self.kv = [StaticKV(self.batch_size, slots) for _ in range(self.num_layers)]
-        self.exit_kv = {i: StaticKV(self.batch_size, slots) for i in self.live if exits[i].needs_cache}
-        self.pending: torch.Tensor | None = None  # [B, slots, H] hidden state of each not-yet-caught-up slot
-        self.exit_inputs: dict[int, torch.Tensor] = {}  # exit layer inputs kept while the gate is closed
+        super().__init__(backbone, exits, policy, kv_mode, ctx, capacity, batch_policy, slots)
         self.key_ok = torch.ones(self.batch_size, slots, dtype=torch.bool, device=ctx.key_mask.device)
         self.runner = SegmentRunner(graphs)
         self._all_rows = torch.arange(self.batch_size, device=ctx.key_mask.device)
-        self.costs = ParamCosts.of(backbone, exits, self.live)
-        self._gated = batch_policy == "auto" and self.batch_policy == "ride_along"
         self.restart(ctx, policy)
 
     def restart(self, ctx: Context, policy: ExitPolicy) -> None:
@@ -178,7 +123,7 @@ class StaticEngine:
         self.ctx, self.policy = ctx, policy
         self.key_ok[:, : ctx.capacity].copy_(ctx.key_mask)
         self.key_ok[:, ctx.capacity :] = True
-        for kv in [*self.kv, *self.exit_kv.values()]:
+        for kv in self._caches():
             kv.fill = 0
         self.work = WorkCounter()
         self.gate = ExitGate(self.costs.full_step) if self._gated else None
@@ -258,29 +203,18 @@ class StaticEngine:
     # --- the request --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> None:
-        """Prompt slots `[0, q)` of every row through every layer and every live exit's layer; predict nothing."""
         slots, mask = self._window(0, x.shape[1])
         bounds = [0, *[i for i in self.live if i in self.exit_kv], self.num_layers]
         for first, last_layer in itertools.pairwise(bounds):
             x = self._layers(first, last_layer, (), x, slots, mask, 0)
             if last_layer in self.exit_kv:
                 self._exit_features(last_layer, x, slots, mask, 0, None)
-        for kv in [*self.kv, *self.exit_kv.values()]:
+        for kv in self._caches():
             kv.fill = x.shape[1]
 
     @torch.no_grad()
-    def prefill(self, prompt: torch.Tensor) -> StepResult:
-        rows = torch.arange(self.batch_size, device=prompt.device)
-        if self.live and prompt.shape[1] > 1:
-            self.encode(prompt[:, :-1])
-            return self.step(rows, prompt[:, -1:], prompt.shape[1] - 1, step=0)
-        return self.step(rows, prompt, 0, step=0)
-
-    @torch.no_grad()
-    def step(self, rows: torch.Tensor, x: torch.Tensor, new_start: int, step: int, verify: bool = False) -> StepResult:
-        """New slots `[new_start, new_start + q)` of `rows` up the stack (see `GeneralEngine.step`).
-
-        Every row runs (shapes stay the same); rows not asked for (finished ones) ride along from the start and
+    def step(self, rows, x, new_start, step, verify=None) -> StepResult:
+        """Every row runs (shapes stay the same); rows not asked for (finished ones) ride along from the start and
         never hold the batch back. Which rows' tokens are out is known on the host (`out_ids`); the device mask
         (`out_mask`) exists only once some row's is, so a step of one row builds no masks at all."""
         n, end, device = self.batch_size, new_start + x.shape[1], x.device
@@ -293,9 +227,7 @@ class StaticEngine:
             for b in asked.tolist():
                 out_ids[b] = False
             out_mask = torch.ones(n, dtype=torch.bool, device=device).index_fill_(0, asked, False)
-        self.work.steps += 1
-        touched_before = self.work.params_touched
-        consult = self.gate is None or self.gate.open(step)
+        consult = self._begin(step, asked, verify)
         keep = () if consult else tuple(i for i in self.live if i in self.exit_kv)
         for i in keep:
             if i not in self.exit_inputs:
@@ -307,11 +239,9 @@ class StaticEngine:
         bounds = [0, *sorted(set(self.live if consult else ()) | set(joins)), self.num_layers]
 
         def done(tokens, exit_at, logits, *verified) -> StepResult:
-            if self.gate is not None and consult:
-                self.gate.record(self.work.params_touched - touched_before)
             if every_row:
-                return StepResult(tokens, exit_at, logits, *verified)
-            return StepResult(tokens[asked], exit_at[asked], logits[asked])
+                return self._done(StepResult(tokens, exit_at, logits, *verified))
+            return self._done(StepResult(tokens[asked], exit_at[asked], logits[asked]))
 
         for first, last in itertools.pairwise(bounds):
             x, lo = self._join_pending(x, first, lo)
@@ -319,7 +249,7 @@ class StaticEngine:
             exit_depth = last if last < self.num_layers and consult else None
             if exit_depth is not None:
                 self._catch_up_exit(exit_depth, lo)
-            with_logits = exit_depth is not None and self.policy.needs_logits(exit_depth)
+            with_logits = exit_depth is not None and self._needs_logits(exit_depth)
             out = self._run_segment(first, last, exit_depth, keep, x, lo, with_logits)
             x = out[0]
             for kv in self.kv[first:last]:
@@ -333,11 +263,7 @@ class StaticEngine:
             self.work.params_touched += self.costs.exit_layers[exit_depth]
             if logits is not None:
                 self._count_head(exit_depth)
-            leave = self.policy.decide(exit_depth, logits, step, rows, x[:, -1])
-            if out_mask is not None:
-                leave = leave & ~out_mask
-            if self.batch_policy == "slowest":
-                leave = leave & leave.all()
+            leave = self._decide(exit_depth, logits, step, rows, x[:, -1], out_mask)
             leaves = leave.tolist()  # the one host sync per exit reached
             if not any(leaves):
                 continue
@@ -354,7 +280,7 @@ class StaticEngine:
                 return done(*emitted)
         stay = None if out_mask is None else ~out_mask
         self._count_head(None)
-        if not verify:
+        if verify is None:
             return done(*self._emit(emitted, self.backbone.head(x[:, -1]), stay, self.num_layers, True))
         if not every_row:
             raise ValueError("speculative verification in the static engine needs every row at every step")
@@ -363,10 +289,6 @@ class StaticEngine:
         if stay is None:
             return done(*emitted, rows, lo, window_logits.argmax(dim=-1))
         return done(*emitted, stay.nonzero().squeeze(1), lo, window_logits[stay].argmax(dim=-1))
-
-    def _count_head(self, depth: int | None) -> None:
-        self.work.head_calls += 1
-        self.work.params_touched += self.costs.head if depth is None else self.costs.exit_logits[depth]
 
     def _join_pending(self, x: torch.Tensor, depth: int, lo: int) -> tuple[torch.Tensor, int]:
         """Pending tokens that stopped below `depth` (slots from the layer's fill level up) join the window."""
@@ -405,67 +327,49 @@ class StaticEngine:
 
     def _park(self, x: torch.Tensor, depth: int, lo: int, end: int) -> None:
         """Every row left at `depth`: keep the window's states (recompute) or fill the deeper K/V now (propagate)."""
-        if self.kv_mode == "recompute":
-            if self.pending is None:
-                self.pending = x.new_zeros(self.batch_size, self.kv[0].slots, x.shape[-1])
-            self.pending[:, lo:end] = x
-            return
-        slots = torch.arange(lo, end, device=x.device)
-        caches = [*self.kv[depth:], *(kv for i, kv in self.exit_kv.items() if i > depth)]
-        projected = propagated_kv(self.backbone, self.exits, list(self.exit_kv), depth, x, self.ctx, None, lo)
-        for cache, kv in zip(caches, projected):
-            StaticView(cache, slots, lo).update(*kv)
-            cache.fill = end
-        self.work.kv_projections += len(caches)
-        self.work.params_touched += self.costs.propagated(depth)
-
-    def crop_row(self, row: int, length: int) -> None:
-        """Forget slots at or after `length` (a rejected speculative draft); rows move together, so all rows."""
-        for kv in [*self.kv, *self.exit_kv.values()]:
-            kv.fill = min(kv.fill, length)
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Rows follow `index` (beam search)."""
-        for kv in [*self.kv, *self.exit_kv.values()]:
-            kv.reorder(index)
-        for kept in [self.pending, *self.exit_inputs.values()]:
-            if kept is not None:
-                kept.copy_(kept.index_select(0, index))
+        if self.kv_mode == "propagate":
+            return self._propagate(x, depth, None, list(range(self.batch_size)), lo, end)
+        self._new_pending(x)[:, lo:end] = x
 
 
-_POOL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # HF model -> {shape key: StaticEngine}
+class EnginePool:
+    """Static engines kept for later requests (their buffers and captured CUDA graphs): capturing costs more than
+    a request saves. Each `EarlyExitVLM` owns one (`ee.engines`), so they live as long as the model; `clear()`
+    frees them. Engines are kept per shape; the capacity is rounded up to a multiple of 64 slots so that prompts of
+    similar length share one."""
 
+    def __init__(self):
+        self.engines: dict[tuple, StaticEngine] = {}
 
-def static_engine(
-    backbone: Backbone,
-    exits: dict[int, nn.Module],
-    policy: ExitPolicy,
-    kv_mode: str,
-    ctx: Context,
-    batch_policy: str,
-    graphs: bool,
-) -> StaticEngine:
-    """The static engine for a request. With CUDA graphs, engines (buffers and captured graphs) are kept per model
-    and shape and reused by later requests: capturing costs more than a request saves. The capacity is rounded
-    up to a multiple of 64 slots so that prompts of similar length share one."""
-    if not graphs:
-        return StaticEngine(backbone, exits, policy, kv_mode, ctx, ctx.capacity, batch_policy)
-    capacity = -(-ctx.capacity // 64) * 64
-    live = tuple(sorted(policy.live_exits(sorted(exits))))
-    key = (
-        ctx.prompt_ids.shape[0],
-        capacity,
-        live,
-        tuple(id(exits[i]) for i in live),
-        kv_mode,
-        batch_policy,
-        backbone.dtype,
-        str(backbone.device),
-    )
-    engines = _POOL.setdefault(backbone.model, {})
-    if key in engines:
-        engine = engines[key]
-        engine.restart(ctx, policy)
+    def get(
+        self,
+        backbone: Backbone,
+        exits: dict[int, nn.Module],
+        policy: ExitPolicy,
+        kv_mode: str,
+        ctx: Context,
+        batch_policy: str,
+    ) -> StaticEngine:
+        """An engine with CUDA graphs for this request: a kept one restarted, or a new one (then kept)."""
+        capacity = -(-ctx.capacity // 64) * 64
+        live = tuple(sorted(policy.live_exits(sorted(exits))))
+        key = (
+            ctx.prompt_ids.shape[0],
+            capacity,
+            live,
+            tuple(id(exits[i]) for i in live),
+            kv_mode,
+            batch_policy,
+            backbone.dtype,
+            str(backbone.device),
+        )
+        engine = self.engines.get(key)
+        if engine is not None:
+            engine.restart(ctx, policy)
+            return engine
+        engine = StaticEngine(backbone, exits, policy, kv_mode, ctx, capacity, batch_policy, graphs=True)
+        self.engines[key] = engine
         return engine
-    engine = engines[key] = StaticEngine(backbone, exits, policy, kv_mode, ctx, capacity, batch_policy, graphs=True)
-    return engine
+
+    def clear(self) -> None:
+        self.engines.clear()

@@ -100,7 +100,12 @@ def generate_texts(
         batch = [load_image(p) for p in images[start : start + batch_size]]
         inputs = processor.inputs(batch, list(prompts[start : start + batch_size]))
         validate_generate_inputs(
-            ee.backbone, inputs["pixel_values"], inputs["input_ids"], inputs.get("attention_mask"), max_new_tokens
+            ee.backbone,
+            inputs["pixel_values"],
+            inputs["input_ids"],
+            inputs.get("attention_mask"),
+            max_new_tokens,
+            {name: inputs[name] for name in ee.backbone.input_names if name in inputs},
         )  # e.g. too long a prompt: before decoding
         # every row decodes what it would alone: rows ride along (exact with recompute; "auto"'s gate would turn
         # exits off in small batches), or are compacted where propagate makes riding along differ

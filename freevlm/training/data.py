@@ -8,7 +8,11 @@ The collate produces the exact layout the backbone adapters expect (`Backbone.fe
   is `<image>\n` + prompt, its one image token expanded in place (BOS first), as LLaVA's processor and
   `loading.VLMBundle.inputs` lay it out; Gemma 3's is `<start_of_image>\n` + prompt, that token replaced by its
   processor's image sequence (<start_of_image>, the image tokens, <end_of_image>, within blank lines), and the batch
-  carries `token_type_ids` (1 at image tokens) as that processor gives them;
+  carries `token_type_ids` (1 at image tokens) as that processor gives them; InternVL's is `<IMG_CONTEXT>\n` + prompt,
+  the image between `<img>` and `</img>` (`image_placeholder`); Qwen-VL's is `<|image_pad|>\n` + prompt, the image
+  between `<|vision_start|>` and `<|vision_end|>`, that token expanded to the image's own token count (its patch grid
+  over the 2x2 merge, images at any size), and the batch carries the patches of all images (`pixel_values`, one row
+  per patch), `image_grid_thw` and `mm_token_type_ids` (1 at image tokens) as its processor gives them;
 - encoder-decoder (T5): `input_ids` = image tokens + prompt (with EOS); `decoder_input_ids` = start + target
   shifted right.
 
@@ -90,8 +94,45 @@ def model_max_length(text_config) -> int | None:
     return None
 
 
+QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # images as patches of any grid (`image_grid_thw`)
+
+
 def is_instructblip(model_config) -> bool:
     return getattr(model_config, "model_type", None) == "instructblip"
+
+
+def image_placeholder(tokenizer, model_config) -> tuple[str | None, str | None]:
+    """The text a prompt's image stands at, and what the model's processor replaces it with, holding the image token
+    once (the collator expands that to the image's tokens): LLaVA's `<image>` stays itself; Gemma 3's
+    `<start_of_image>` becomes its image sequence (as `Gemma3Processor.full_image_sequence`); InternVL's
+    `<IMG_CONTEXT>` is wrapped in `<img>`...`</img>` (as `InternVLProcessor.replace_image_token`). (None, None) for
+    BLIP-2 and InstructBLIP, whose image tokens go in front."""
+    model_type = getattr(model_config, "model_type", None)
+    if model_type in QWEN_VL_TYPES:
+        start, end = tokenizer.convert_ids_to_tokens(
+            [model_config.vision_start_token_id, model_config.vision_end_token_id]
+        )
+        text = tokenizer.convert_ids_to_tokens(model_config.image_token_id)
+        if None in (start, end, text):
+            raise ValueError(f"the tokenizer lacks the image tokens of {model_type}: use its processor's tokenizer")
+        return text, f"{start}{text}{end}"
+    if model_type not in ("llava", "gemma3", "internvl"):
+        return None, None
+    index = model_config.boi_token_index if model_type == "gemma3" else model_config.image_token_index
+    text = tokenizer.convert_ids_to_tokens(index)
+    if text is None:
+        raise ValueError(f"the tokenizer has no image token (id {index}): use the {model_type} processor's tokenizer")
+    if model_type == "gemma3":
+        image, end = tokenizer.convert_ids_to_tokens([model_config.image_token_index, model_config.eoi_token_index])
+        return text, f"\n\n{text}{image}{end}\n\n"
+    if model_type == "internvl":
+        start, end = (getattr(tokenizer, name, None) for name in ("start_image_token", "end_image_token"))
+        if start is None or end is None:
+            raise ValueError(
+                "the tokenizer names no start_image_token / end_image_token: use the InternVL processor's tokenizer"
+            )
+        return text, f"{start}{text}{end}"
+    return text, text
 
 
 class CaptionDataset(Dataset):
@@ -125,21 +166,8 @@ class CaptionDataset(Dataset):
         text_cfg = model_config.text_config
         self.decoder_only = not getattr(text_cfg, "is_encoder_decoder", False)
         self.num_query_tokens = model_config.num_query_tokens
-        self.image_text = None  # LLaVA, Gemma 3: the image placeholder's text, which the prompt must hold
-        self.image_sequence = (
-            None  # Gemma 3: what its processor puts there (the image token once: the collator expands)
-        )
-        model_type = getattr(model_config, "model_type", None)
-        if model_type in ("llava", "gemma3"):
-            index = model_config.image_token_index if model_type == "llava" else model_config.boi_token_index
-            self.image_text = tokenizer.convert_ids_to_tokens(index)
-            if self.image_text is None:
-                raise ValueError(
-                    f"the tokenizer has no image token (id {index}): use the {model_type} processor's tokenizer"
-                )
-        if model_type == "gemma3":  # as Gemma3Processor.full_image_sequence
-            image, end = tokenizer.convert_ids_to_tokens([model_config.image_token_index, model_config.eoi_token_index])
-            self.image_sequence = f"\n\n{self.image_text}{image}{end}\n\n"
+        # the placeholder text a prompt's image stands at, and what the model's processor puts in its place
+        self.image_text, self.image_sequence = image_placeholder(tokenizer, model_config)
         self.records = records
         self.image_processor = image_processor
         eos = tokenizer.eos_token_id
@@ -157,7 +185,8 @@ class CaptionDataset(Dataset):
                     f"{source}: target of {r.image} has {len(target_ids)} tokens, more than max_target_tokens="
                     f"{max_target_tokens}: {r.target[:60]!r}"
                 )
-            used = self.num_query_tokens + len(prompt_ids) + len(target_ids) if self.decoder_only else len(target_ids)
+            image_tokens = self.num_query_tokens or 0  # Qwen-VL's depend on the image: the processor's size bounds them
+            used = image_tokens + len(prompt_ids) + len(target_ids) if self.decoder_only else len(target_ids)
             if limit is not None and used > limit:
                 raise ValueError(
                     f"{source}: labels too long for the model: {r.image} needs {used} positions "
@@ -170,7 +199,7 @@ class CaptionDataset(Dataset):
         prompt = r.prompt
         if self.image_text is not None and self.image_text not in prompt:
             prompt = f"{self.image_text}\n{prompt}"
-        if self.image_sequence is not None:
+        if self.image_sequence != self.image_text:
             prompt = prompt.replace(self.image_text, self.image_sequence)
         prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
         if self.decoder_only:  # tokenize prompt and target together so BPE sees the boundary as at inference
@@ -185,12 +214,12 @@ class CaptionDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         r = self.records[index]
         image = load_image(r.image)
-        pixel_values = self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
-        item = {
-            "pixel_values": pixel_values,
-            "prompt_ids": self.prompt_ids[index],
-            "target_ids": self.target_ids[index],
-        }
+        processed = self.image_processor(images=[image], return_tensors="pt")
+        item = {"prompt_ids": self.prompt_ids[index], "target_ids": self.target_ids[index]}
+        if "image_grid_thw" in processed:  # Qwen-VL: the image's patches and their grid
+            item.update(pixel_values=processed["pixel_values"], image_grid_thw=processed["image_grid_thw"][0])
+        else:
+            item["pixel_values"] = processed["pixel_values"][0]
         if self.qformer_ids is not None:
             item["qformer_ids"] = self.qformer_ids[index]
         return item
@@ -207,6 +236,7 @@ class CaptionCollator:
     decoder_start_token_id: int = 0
     qformer_pad_token_id: int = 0
     token_types: bool = False  # Gemma 3: the batch carries token_type_ids (1 at image tokens)
+    patch_merge: int = 0  # Qwen-VL: image tokens per image are its grid's patches over patch_merge**2
 
     @classmethod
     def for_model(cls, model_config) -> CaptionCollator:
@@ -222,6 +252,9 @@ class CaptionCollator:
             decoder_only=not getattr(text, "is_encoder_decoder", False),
             decoder_start_token_id=start if start is not None else pad,
             token_types=getattr(model_config, "model_type", None) == "gemma3",
+            patch_merge=model_config.vision_config.spatial_merge_size
+            if getattr(model_config, "model_type", None) in QWEN_VL_TYPES
+            else 0,
         )
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
@@ -231,17 +264,23 @@ class CaptionCollator:
             batch.update(qformer_input_ids=ids, qformer_attention_mask=mask)
         return batch
 
-    def _with_image(self, prompt_ids: list[int]) -> list[int]:
+    def _image_tokens(self, item: dict) -> int:
+        if self.patch_merge:
+            return int(item["image_grid_thw"].prod()) // self.patch_merge**2
+        return self.num_query_tokens
+
+    def _with_image(self, prompt_ids: list[int], count: int) -> list[int]:
         """The LM prompt: a prompt's image token expanded in place (LLaVA), else the image tokens first (BLIP-2)."""
-        image = [self.image_token_index] * self.num_query_tokens
+        image = [self.image_token_index] * count
         if self.image_token_index in prompt_ids:
             at = prompt_ids.index(self.image_token_index)
             return prompt_ids[:at] + image + prompt_ids[at + 1 :]
         return image + prompt_ids
 
     def _layout(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        pixel_values = torch.stack([it["pixel_values"] for it in items])
-        prompts = [self._with_image(it["prompt_ids"]) for it in items]
+        images = [it["pixel_values"] for it in items]
+        pixel_values = torch.cat(images) if self.patch_merge else torch.stack(images)
+        prompts = [self._with_image(it["prompt_ids"], self._image_tokens(it)) for it in items]
         if self.decoder_only:
             seqs = [prompt + it["target_ids"] for prompt, it in zip(prompts, items)]
             input_ids, attention_mask = self._pad(seqs, self.pad_token_id)
@@ -255,8 +294,13 @@ class CaptionCollator:
                 "attention_mask": attention_mask,
                 "targets": targets,
             }
+            image = ((input_ids == self.image_token_index) & attention_mask.bool()).long()
             if self.token_types:
-                batch["token_type_ids"] = ((input_ids == self.image_token_index) & attention_mask.bool()).long()
+                batch["token_type_ids"] = image
+            if self.patch_merge:
+                batch.update(
+                    image_grid_thw=torch.stack([it["image_grid_thw"] for it in items]), mm_token_type_ids=image
+                )
             return batch
         input_ids, attention_mask = self._pad(prompts, self.pad_token_id)
         decoder_input_ids, _ = self._pad(
