@@ -150,7 +150,8 @@ class Backbone:
     # position bias depends on the window's start slot, which a graph would freeze)
     graph_safe: bool = False
     # "images": `pixel_values` is [images, channels, height, width], checked as such before a request starts
-    # (`inputs.py`); "patches": the family's own layout (Qwen-VL's flattened patches), checked by `check_inputs`
+    # (`inputs.py`); "tiles": [batch, tiles, channels, height, width], each prompt row's tiles (SmolVLM), checked as
+    # images; "patches": the family's own layout (Qwen-VL's flattened patches), checked by `check_inputs`
     pixel_layout: str = "images"
 
     def __init__(self, model: nn.Module, lm: nn.Module | None = None):
