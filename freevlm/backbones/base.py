@@ -142,6 +142,7 @@ class Backbone:
     """
 
     family: str = ""  # the LM family: exits are saved with it (what the engine may do is said by the flags below)
+    encoder_decoder: bool = False  # the prompt goes through an encoder, the text through the decoder (T5)
     # inputs beyond image and prompt that the model's own `generate` reads (Gemma 3's `token_type_ids`, InstructBLIP's
     # Q-Former instruction): `generate` and `features` take them by name and pass them to `start` with the request
     input_names: tuple[str, ...] = ()
