@@ -20,7 +20,8 @@ T5_TYPES = ("t5", "mt5", "umt5")
 SUPPORTED = (
     "Blip2ForConditionalGeneration (OPT, T5/FlanT5), "
     f"InstructBlipForConditionalGeneration (OPT, T5/FlanT5, {', '.join(ROTARY_LANGUAGE_MODELS)}), "
-    f"LlavaForConditionalGeneration and LlavaNextForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)}), "
+    f"LlavaForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)}), "
+    f"LlavaNextForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)}), "
     "Gemma3ForConditionalGeneration, "
     f"InternVLForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)}), "
     f"SmolVLMForConditionalGeneration and Idefics3ForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)}), "
