@@ -258,6 +258,15 @@ class Engine(ABC):
             leave = leave & leave.all()
         return leave
 
+    def _count_layers(self, first: int, last: int) -> None:
+        self.work.layer_calls += last - first
+        self.work.params_touched += sum(self.costs.layers[first:last])
+
+    def _count_exit(self, depth: int) -> None:
+        """Exit `depth` was consulted: its layer ran (where it has one)."""
+        self.work.exit_calls += depth in self.exit_kv
+        self.work.params_touched += self.costs.exit_layers[depth]
+
     def _count_head(self, depth: int | None) -> None:
         """A vocabulary head ran: the final one (None) or exit `depth`'s."""
         self.work.head_calls += 1
@@ -267,6 +276,12 @@ class Engine(ABC):
         if self.pending is None:
             self.pending = x.new_zeros(self.batch_size, self.kv[0].slots, x.shape[-1])
         return self.pending
+
+    def _kept_inputs(self, depth: int, x: torch.Tensor) -> torch.Tensor:
+        """Where exit `depth`'s layer inputs are kept while the gate skips it, so its cache can catch up."""
+        if depth not in self.exit_inputs:
+            self.exit_inputs[depth] = x.new_zeros(self.batch_size, self.kv[0].slots, x.shape[-1])
+        return self.exit_inputs[depth]
 
     def _propagate(self, x, depth: int, rows: torch.Tensor | None, ids: list[int], lo: int, end: int) -> None:
         """Tokens of `rows` left at `depth`: fill the K/V of every deeper layer and exit layer from their state now

@@ -92,7 +92,9 @@ class GeneralEngine(Engine):
             x = self._run(self.backbone.layers[depth], kv, x, rows, ids, 0, x.shape[1], kv.filled)
 
     @torch.no_grad()
-    def step(self, rows, x, new_start, step, verify=None) -> StepResult:
+    def step(
+        self, rows: torch.Tensor, x: torch.Tensor, new_start: int, step: int, verify: list[bool] | None = None
+    ) -> StepResult:
         n, end = len(rows), new_start + x.shape[1]
         device = x.device
         ids = rows.tolist()  # host copy of the row ids: fill levels are looked up without a sync per layer
@@ -131,8 +133,7 @@ class GeneralEngine(Engine):
                         if min(fill) > lo:  # the rows that left needed the lowest slots; the others do not
                             x, lo = x[:, min(fill) - lo :], min(fill)
             x = self._run(self.backbone.layers[depth], self.kv[depth], x, rows, ids, lo, end, fill)
-            self.work.layer_calls += 1
-            self.work.params_touched += self.costs.layers[depth]
+            self._count_layers(depth, depth + 1)
             self.work.catchup_slots += new_start - lo
             prev_fill = fill
         last, where = (x[:, -1], out_idx) if not any(emitted_ids) else (x[~emitted, -1], out_idx[~emitted])
@@ -176,8 +177,7 @@ class GeneralEngine(Engine):
                 x = torch.cat([kept[:, start:lo], x], dim=1)
                 lo = start
             y = self._run(exit_module.layer, kv, x[:, start - lo :], rows, ids, start, end, exit_fill)
-            self.work.exit_calls += 1
-        self.work.params_touched += self.costs.exit_layers[depth]
+        self._count_exit(depth)
         logits = self._exit_logits(depth, y[:, -1]) if self._needs_logits(depth) else None
         leave = self._decide(depth, logits, step, rows, x[:, -1], emitted)
         leaves = leave.tolist()  # the one host sync per exit reached: leaving or not is a branch
@@ -190,9 +190,7 @@ class GeneralEngine(Engine):
         """The gate is closed: keep the exit layer's inputs for the slots its cache will need when it reopens."""
         if not self.exits[depth].needs_cache:
             return
-        if depth not in self.exit_inputs:
-            self.exit_inputs[depth] = x.new_zeros(self.batch_size, self.capacity, x.shape[-1])
-        self._keep(self.exit_inputs[depth], x, rows, lo, end, fill)
+        self._keep(self._kept_inputs(depth, x), x, rows, lo, end, fill)
 
     def _keep(self, store: torch.Tensor, x, rows, lo, end, fill) -> None:
         """`store[rows, lo:end] = x` where the slot is real work for the row (at or above its fill level)."""

@@ -196,8 +196,7 @@ class StaticEngine(Engine):
             last_slot = self._slot_ids[size - 1 : size]
             out = self.runner((first, last, exit_depth, keep, with_logits, bucket), fn, x, slots, mask, last_slot)
             out = (out[0][:, :size], *out[1:])
-        self.work.layer_calls += last - first
-        self.work.params_touched += sum(self.costs.layers[first:last])
+        self._count_layers(first, last)
         return out
 
     # --- the request --------------------------------------------------------------------------------------------
@@ -213,7 +212,9 @@ class StaticEngine(Engine):
             kv.fill = x.shape[1]
 
     @torch.no_grad()
-    def step(self, rows, x, new_start, step, verify=None) -> StepResult:
+    def step(
+        self, rows: torch.Tensor, x: torch.Tensor, new_start: int, step: int, verify: list[bool] | None = None
+    ) -> StepResult:
         """Every row runs (shapes stay the same); rows not asked for (finished ones) ride along from the start and
         never hold the batch back. Which rows' tokens are out is known on the host (`out_ids`); the device mask
         (`out_mask`) exists only once some row's is, so a step of one row builds no masks at all."""
@@ -230,8 +231,7 @@ class StaticEngine(Engine):
         consult = self._begin(step, asked, verify)
         keep = () if consult else tuple(i for i in self.live if i in self.exit_kv)
         for i in keep:
-            if i not in self.exit_inputs:
-                self.exit_inputs[i] = x.new_zeros(n, self.kv[0].slots, x.shape[-1])
+            self._kept_inputs(i, x)
         emitted: tuple | None = None  # (tokens, exit_at, logits) of the rows whose token is out
         lo = new_start
         # segments end at the exits consulted and wherever pending tokens join (fill levels differ)
@@ -259,8 +259,7 @@ class StaticEngine(Engine):
             features, logits = out[1], (out[2] if with_logits else None)
             if exit_depth in self.exit_kv:
                 self.exit_kv[exit_depth].fill = end
-                self.work.exit_calls += 1
-            self.work.params_touched += self.costs.exit_layers[exit_depth]
+            self._count_exit(exit_depth)
             if logits is not None:
                 self._count_head(exit_depth)
             leave = self._decide(exit_depth, logits, step, rows, x[:, -1], out_mask)
