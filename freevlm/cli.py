@@ -7,6 +7,8 @@ import importlib
 import os
 import sys
 
+from .errors import UserError
+
 # modules that define `register(subparsers)`; each adds its own subcommands
 COMMAND_MODULES = (
     "freevlm.commands.generate",
@@ -17,14 +19,10 @@ COMMAND_MODULES = (
 )
 
 
-class UserError(Exception):
-    """A problem with what the user gave us: printed as one line, exit code 2, no stack trace.
-
-    ValueError, TypeError and FileNotFoundError raised by the library's own input checks are shown the same way;
-    set FREEVLM_DEBUG=1 to see the traceback instead."""
-
-
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. A `UserError` (a missing file, a refused option) or a `ValueError` (the library's checks
+    of its arguments and inputs) is printed as one line with exit code 2; any other exception is a bug and keeps its
+    traceback. FREEVLM_DEBUG=1 shows the traceback of those two as well."""
     parser = argparse.ArgumentParser(prog="freevlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
@@ -32,14 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
-    except (UserError, FileNotFoundError, ValueError, TypeError) as err:
+    except (UserError, ValueError) as err:
         if os.environ.get("FREEVLM_DEBUG"):
             raise
         print(f"freevlm {args.command}: error: {err}", file=sys.stderr)
         return 2
 
 
-if __name__ == "__main__":  # `python -m freevlm.cli`: run the package's copy, whose UserError the commands raise
-    from freevlm.cli import main as package_main
-
-    sys.exit(package_main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -35,8 +35,13 @@ def validate_generate_inputs(
     non-finite pixels, mask rows that attend to nothing, an image size far from the one the encoder was built for.
     """
     model, cfg = backbone.model, backbone.config
-    images = backbone.pixel_layout == "images"
-    if images:
+    images = backbone.pixel_layout in ("images", "tiles")
+    if backbone.pixel_layout == "tiles":  # each row's tiles: checked as images, one row per prompt row
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 5:
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            raise ValueError(f"pixel_values must be a [batch, tiles, channels, height, width] tensor, got {shape}")
+        _check_pixels(model, cfg, pixel_values.flatten(0, 1))
+    elif images:
         _check_pixels(model, cfg, pixel_values)
     if input_ids is not None:
         _check_ids(backbone, pixel_values, input_ids, images)

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from safetensors import SafetensorError, safe_open
 
+from .errors import MissingFileError
 from .inputs import InputWarning
 
 # beside config.json: the BLIP-2's `vision_model` is not a ViT but the encoder this file names (see `freevlm.vision`)
@@ -195,7 +196,7 @@ def check_vlm_folder(path: str | os.PathLike):
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"no model at {path}: expected a folder with config.json (from save_pretrained)")
+        raise MissingFileError(f"no model at {path}: expected a folder with config.json (from save_pretrained)")
     try:
         model_type = json.loads(config_file.read_text()).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
@@ -206,23 +207,23 @@ def check_vlm_folder(path: str | os.PathLike):
             f"{', '.join(f'{c} ({t!r})' for t, c in MODEL_CLASSES.items())}"
         )
     if not any((path / name).is_file() for name in WEIGHT_FILES) and not any(path.glob("*.safetensors")):
-        raise FileNotFoundError(f"{path} has config.json but no weights (model.safetensors or pytorch_model.bin)")
+        raise MissingFileError(f"{path} has config.json but no weights (model.safetensors or pytorch_model.bin)")
     for file in sorted(path.glob("*.safetensors")):
         check_safetensors(file)
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...): save the "
             "tokenizer beside the model (tokenizer.save_pretrained(folder))"
         )
     # what the user saves beside the model
     saver = "image_processor" if model_type in TOKENIZER_AND_IMAGE_PROCESSOR else "processor"
     if not any((path / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{path} has no preprocessor_config.json or processor_config.json: save the "
             f"{saver} beside the model ({saver}.save_pretrained(folder))"
         )
     if model_type == "instructblip" and not (path / "qformer_tokenizer").is_dir():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{path} has no qformer_tokenizer folder: save InstructBLIP's processor beside the "
             "model (processor.save_pretrained(folder))"
         )

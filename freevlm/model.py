@@ -21,6 +21,7 @@ from .decoding.generate import GenerateOutput
 from .decoding.policies import ConfidencePolicy, ExitPolicy
 from .decoding.search import SEARCH, search_name
 from .decoding.static import EnginePool
+from .errors import MissingFileError
 from .exits import ExitConfig, ExitLayer, HeadExit, LinearExit
 from .inputs import validate_generate_inputs
 
@@ -157,7 +158,7 @@ class EarlyExitVLM(nn.Module):
         config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
         for f in (config_file, weights_file):
             if not f.is_file():
-                raise FileNotFoundError(f"no exits checkpoint at {path}: {f.name} is missing")
+                raise MissingFileError(f"no exits checkpoint at {path}: {f.name} is missing")
         try:
             meta = json.loads(config_file.read_text())
             exit_config = ExitConfig(**meta["exit_config"])

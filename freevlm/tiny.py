@@ -5,8 +5,9 @@ Built from a config, Hugging Face's BLIP-2 has a dead vision path: the vision co
 initializer range and draw the query tokens, so the image matters in every model built here.
 
 `tiny_model(family)` builds any supported family: "opt", "t5" (BLIP-2), "instructblip-opt", "instructblip-t5",
-"instructblip-llama" or "llama", "mistral", "qwen2" (LLaVA), "gemma3", "internvl-qwen2" or "internvl-llama",
-"qwen2-vl", "qwen2.5-vl" or "qwen3-vl".
+"instructblip-llama", "instructblip-mistral", "instructblip-qwen2" or "llama", "mistral", "qwen2" (LLaVA), "gemma3",
+"internvl-qwen2" or "internvl-llama", "smolvlm" or "idefics3" (a Llama LM; images as tiles), "qwen2-vl", "qwen2.5-vl"
+or "qwen3-vl".
 `tiny_model_inputs` gives what its processor would: a dict that both `ee.generate(**inputs)` and the model's own
 `generate(**inputs)` take.
 """
@@ -24,6 +25,9 @@ from transformers import (
     Gemma3Config,
     Gemma3ForConditionalGeneration,
     Gemma3TextConfig,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3VisionConfig,
     InstructBlipConfig,
     InstructBlipForConditionalGeneration,
     InternVLConfig,
@@ -42,10 +46,14 @@ from transformers import (
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     SiglipVisionConfig,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
+    SmolVLMVisionConfig,
     T5Config,
 )
 
 LLAVA_TEXT_CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+TILED_MODELS = (SmolVLMForConditionalGeneration, Idefics3ForConditionalGeneration)
 
 
 def blip2_config(
@@ -56,7 +64,10 @@ def blip2_config(
     num_heads: int = 4,
     num_query_tokens: int = 4,
     image_size: int = 32,
+    sliding_window: int | None = None,
 ) -> Blip2Config:
+    """A BLIP-2 with a 1-layer ViT and Q-Former and an LM of `family` ("opt", "t5", "llama", "mistral" or "qwen2";
+    `sliding_window` as `llava_config` takes it)."""
     vision = Blip2VisionConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -116,8 +127,11 @@ def blip2_config(
             eos_token_id=3,
             pad_token_id=1,
         )
+    elif family in ("mistral", "qwen2"):  # the grouped-query LMs LLaVA's tiny configs have
+        text = llava_config(family, num_layers, hidden_size, vocab_size, num_heads, sliding_window=sliding_window)
+        text = text.text_config
     else:
-        raise ValueError(f"unknown family {family!r}: 'opt', 't5' or 'llama'")
+        raise ValueError(f"unknown family {family!r}: 'opt', 't5', 'llama', 'mistral' or 'qwen2'")
     return Blip2Config(
         vision_config=vision.to_dict(),
         qformer_config=qformer.to_dict(),
@@ -313,6 +327,25 @@ def internvl_config(family: str = "qwen2", num_layers: int = 4, hidden_size: int
     )
 
 
+TILED = {"smolvlm": (SmolVLMConfig, SmolVLMVisionConfig), "idefics3": (Idefics3Config, Idefics3VisionConfig)}
+
+
+def tiled_config(family: str = "smolvlm", num_layers: int = 4, hidden_size: int = 64, vocab_size: int = 99, **text):
+    """A SmolVLM or Idefics3 with a 1-layer tower over 16x16 tiles (16 patches, pixel-shuffled into 4 image tokens
+    per tile) and the grouped-query Llama `llava_config` gives (SmolLM2 and Llama 3 are Llamas)."""
+    config_class, vision_class = TILED[family]
+    vision = vision_class(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4
+    )
+    text = llava_config("llama", num_layers=num_layers, hidden_size=hidden_size, vocab_size=vocab_size, **text)
+    return config_class(
+        vision_config=vision.to_dict(),
+        text_config=text.text_config.to_dict(),
+        image_token_id=vocab_size - 1,
+        scale_factor=2,
+    )
+
+
 QWEN_VL_CLASSES = {
     "qwen2-vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
     "qwen2.5-vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
@@ -375,6 +408,10 @@ def qwen_vl_config(
 
 def tiny_model(family: str = "opt", seed: int = 0, **config_kwargs) -> nn.Module:
     """A random model of any supported family (see the module docstring)."""
+    if family in TILED:
+        torch.manual_seed(seed)
+        model_class = SmolVLMForConditionalGeneration if family == "smolvlm" else Idefics3ForConditionalGeneration
+        return model_class(tiled_config(family, **config_kwargs)).eval()
     if family in QWEN_VL_CLASSES:
         torch.manual_seed(seed)
         return QWEN_VL_CLASSES[family][1](qwen_vl_config(family, **config_kwargs)).eval()
@@ -402,6 +439,8 @@ def image_tokens(model: nn.Module, pixel_values: torch.Tensor) -> int:
         return model.config.mm_tokens_per_image
     if isinstance(model, InternVLForConditionalGeneration):
         return model.config.image_seq_length
+    if isinstance(model, TILED_MODELS):
+        return model.model.image_seq_len  # per tile
     return model.config.num_query_tokens
 
 
@@ -425,6 +464,38 @@ def tiny_inputs(model: nn.Module, batch: int = 1, prompt_len: int = 3, seed: int
             input_ids[b] = torch.cat([torch.full((n_pad,), pad_id), input_ids[b, : input_ids.shape[1] - n_pad]])
             mask[b, :n_pad] = 0
     return pixel_values, input_ids, mask
+
+
+def tiled_inputs(model: nn.Module, batch: int = 1, prompt_len: int = 3, seed: int = 0, pad: bool = False) -> dict:
+    """Random tiles and prompts as SmolVLM's processor lays them out: `pixel_values` `[batch, 2, 3, 16, 16]`, each
+    row's image tokens (4 per real tile), then text, left-padded. With `pad`, odd rows hold one real tile and an
+    all-zero padding tile; row 0's second tile is padded on its right half (zero pixels, masked out in
+    `pixel_attention_mask`), as the processor pads a smaller tile."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    size, per_tile = cfg.vision_config.image_size, image_tokens(model, None)
+    pixel_values = torch.randn(batch, 2, 3, size, size, generator=gen)
+    pixel_mask = torch.ones(batch, 2, size, size, dtype=torch.long)
+    pixel_values[0, 1, :, :, size // 2 :] = 0
+    pixel_mask[0, 1, :, size // 2 :] = 0
+    tiles = [1 if pad and b % 2 else 2 for b in range(batch)]
+    for b, n in enumerate(tiles):
+        pixel_values[b, n:], pixel_mask[b, n:] = 0, 0
+    vocab, image, pad_id = cfg.text_config.vocab_size, cfg.image_token_id, cfg.text_config.pad_token_id
+    rows = [
+        [image] * (per_tile * n) + torch.randint(4, vocab - 1, (prompt_len,), generator=gen).tolist() for n in tiles
+    ]
+    if pad:
+        rows = [row[: len(row) - min(b, prompt_len - 1)] for b, row in enumerate(rows)]  # shorter text
+    width = max(len(row) for row in rows)
+    input_ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows])
+    attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    return {
+        "pixel_values": pixel_values,
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "pixel_attention_mask": pixel_mask,
+    }
 
 
 def qwen_vl_inputs(model: nn.Module, batch: int = 1, prompt_len: int = 3, seed: int = 0, pad: bool = False) -> dict:
@@ -458,7 +529,10 @@ def qwen_vl_inputs(model: nn.Module, batch: int = 1, prompt_len: int = 3, seed: 
 
 def tiny_model_inputs(model: nn.Module, batch: int = 1, prompt_len: int = 3, seed: int = 0, pad: bool = False) -> dict:
     """`tiny_inputs` as the model's processor gives them: a dict of every input its `generate` reads (Gemma 3's
-    `token_type_ids`: 1 at image tokens; Qwen-VL's patches and grids: `qwen_vl_inputs`)."""
+    `token_type_ids`: 1 at image tokens; Qwen-VL's patches and grids: `qwen_vl_inputs`; SmolVLM's tiles and
+    `pixel_attention_mask`: `tiled_inputs`)."""
+    if isinstance(model, TILED_MODELS):
+        return tiled_inputs(model, batch, prompt_len, seed, pad)
     if isinstance(model, tuple(cls for _, cls in QWEN_VL_CLASSES.values())):
         return qwen_vl_inputs(model, batch, prompt_len, seed, pad)
     pixel_values, input_ids, attention_mask = tiny_inputs(model, batch, prompt_len, seed, pad)

@@ -357,6 +357,7 @@ def _vqa_records(tmp_path, n=10):
 def test_each_method_sweeps_the_same_split_with_its_own_rule(tmp_path):
     from tiny_processor import tiny_bundle
 
+    from freevlm.decoding.config import DecodeConfig
     from freevlm.eval.evaluate import evaluate_vqa
     from freevlm.eval.sweep import method_parameters, split_dev, sweep
 
@@ -367,7 +368,7 @@ def test_each_method_sweeps_the_same_split_with_its_own_rule(tmp_path):
     }
     bundle, records = tiny_bundle(model), _vqa_records(tmp_path)
     with pytest.raises(ValueError, match="kind 'linear'.*these exits are 'layer'"):
-        evaluate_vqa(runs["free"], bundle, records[:1], 0.5, method="deeblip", max_new_tokens=1)
+        evaluate_vqa(runs["free"], bundle, records[:1], 0.5, method="deeblip", config=DecodeConfig(max_new_tokens=1))
     thresholds = {"free": (0.0, 1.0), "deeblip": (0.0, 1.0), "pabee": (1, 2, 3), "mue": (0.0, 1.0)}
     dev, test = split_dev(records, 0.2)
     results = {
@@ -381,7 +382,7 @@ def test_each_method_sweeps_the_same_split_with_its_own_rule(tmp_path):
             per_layer=False,
             method=name,
             prompt="question : {question} answer :",
-            max_new_tokens=2,
+            config=DecodeConfig(max_new_tokens=2),
             batch_size=4,
         )
         for name, ee in runs.items()

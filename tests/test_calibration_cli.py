@@ -1,6 +1,7 @@
 """`freevlm calibrate` on a tiny BLIP-2 saved to disk: the calibration JSON, and one clear error per bad input."""
 
 import json
+import math
 
 import dataset_files as files
 import pytest
@@ -49,25 +50,49 @@ def _args(checkpoint, tmp_path, *extra):
     ]
 
 
-def test_calibrate_writes_a_valid_calibration_json(checkpoint, tmp_path, capsys):
-    code = main(_args(checkpoint, tmp_path, "--thresholds", "0.0", "1.0", "--tolerance", "0.7", "--confidence", "0.9"))
-    assert code == 0
+@pytest.mark.parametrize("tolerance", [0.7, 0.99])  # on this model: threshold 0 refused at 0.7, certified at 0.99
+def test_calibrate_certifies_by_the_binomial_test_of_the_measured_risk(checkpoint, tmp_path, capsys, tolerance):
+    argv = _args(
+        checkpoint, tmp_path, "--thresholds", "0.0", "1.0", "--tolerance", str(tolerance), "--confidence", "0.9"
+    )
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
     report = json.loads((tmp_path / "calib" / "calib.json").read_text())
     assert report["loss"] == "consistency" and report["method"] == "free" and report["task"] == "vqa"
-    assert report["n"] == 3 and report["tolerance"] == 0.7 and report["confidence"] == 0.9
+    assert report["n"] == 3 and report["tolerance"] == tolerance and report["confidence"] == 0.9
     assert report["p_value_method"] == "binomial"
     assert report["tested_order"] == [1.0, 0.0]  # safest first
     top, low = report["per_threshold"]
-    # 1.0 never exits early, so it matches the full model on all 3 questions: p = P(Bin(3, 0.7) <= 0) = 0.3^3
-    assert top["empirical_risk"] == 0.0 and top["p_value"] == pytest.approx(0.3**3) and top["certified"]
+    # 1.0 never exits early, so it matches the full model on all 3 questions: p = P(Bin(3, tolerance) <= 0)
+    assert top["empirical_risk"] == 0.0 and top["p_value"] == pytest.approx((1 - tolerance) ** 3) and top["certified"]
     assert top["analytic_speedup"] == pytest.approx(1.0)
     assert low["analytic_speedup"] == pytest.approx(2.0)  # threshold 0: every token leaves at exit 1 of 4 layers
-    assert 0.0 <= low["empirical_risk"] <= 1.0 and 0.0 <= low["p_value"] <= 1.0
-    expected = 0.0 if low["certified"] else 1.0
-    assert report["threshold"] == expected and report["certified"] == [1.0] + [0.0] * low["certified"]
+    # threshold 0's consistency risk, measured apart: `freevlm eval` there beside the full model
+    evaluated = tmp_path / "eval"
+    argv = _args(checkpoint, tmp_path, "--threshold", "0.0")
+    argv[0], argv[argv.index("--out") + 1] = "eval", str(evaluated)
+    assert main(argv) == 0
+    predictions = json.loads((evaluated / "predictions.json").read_text())
+    differ = sum(p["prediction"] != p["full_prediction"] for p in predictions)
+    assert low["empirical_risk"] == pytest.approx(differ / 3)
+    p_low = sum(math.comb(3, i) * tolerance**i * (1 - tolerance) ** (3 - i) for i in range(differ + 1))
+    assert low["p_value"] == pytest.approx(p_low)  # P(Bin(3, tolerance) <= differ)
+    certified = [1.0, 0.0] if p_low <= 0.1 else [1.0]  # fixed sequence: 1.0 (p <= 0.027) first, then 0.0
+    assert report["certified"] == certified and report["threshold"] == certified[-1]
+    assert [row["certified"] for row in report["per_threshold"]] == [True, p_low <= 0.1]
     assert "with probability at most 0.1" in report["guarantee"]
-    out = capsys.readouterr().out
-    assert f"certified threshold: {expected:g}" in out and "calib.json" in out
+    assert f"certified threshold: {certified[-1]:g}" in printed
+
+
+def test_calibrate_certifies_nothing_when_the_safest_threshold_fails(checkpoint, tmp_path, capsys):
+    """At confidence 0.99 even risk 0 on 3 questions fails (p = 0.3^3 = 0.027 > 0.01): nothing is certified, and
+    the threshold that never exits early is returned."""
+    code = main(_args(checkpoint, tmp_path, "--thresholds", "0.0", "1.0", "--tolerance", "0.7", "--confidence", "0.99"))
+    assert code == 0
+    report = json.loads((tmp_path / "calib" / "calib.json").read_text())
+    assert report["certified"] == [] and report["threshold"] == 1.0
+    assert report["per_threshold"][0]["empirical_risk"] == 0.0 and report["analytic_speedup"] == 1.0
+    assert "certified threshold: none; use 1 (never exit early)" in capsys.readouterr().out
 
 
 def test_calibrate_metric_loss_against_the_full_model(checkpoint, tmp_path):

@@ -13,6 +13,7 @@ from PIL import Image
 from training_helpers import save_tiny_blip2, write_shapes
 
 from freevlm.cli import main
+from freevlm.errors import MissingFileError, UserError
 
 
 def run(argv, capsys) -> tuple[int, str]:
@@ -165,6 +166,25 @@ def test_capfilt_output_folder_and_bad_numbers_are_refused_at_parse_time(files, 
     assert code == 2 and "argument --top-p: must be a finite number in (0, 1]" in err
     code, err = run([*base, "--output", str(tmp_path / "o.json"), "--num-samples", "2", "--top-k", "3"], capsys)
     assert code == 2 and "top_k must be in 1..num_samples" in err
+
+
+@pytest.mark.parametrize(
+    "error, shown", [(UserError, True), (MissingFileError, True), (ValueError, True), (TypeError, False)]
+)
+def test_only_input_problems_become_one_line(monkeypatch, capsys, error, shown):
+    """A user error or a failed argument check is one line and exit code 2; any other exception (a TypeError from a
+    bug) keeps its traceback."""
+    from freevlm.commands import generate
+
+    def command(args):
+        raise error("what went wrong")
+
+    monkeypatch.setattr(generate, "tiny_run", command)  # `register` binds it when `main` builds the parser
+    if shown:
+        assert run(["tiny-run"], capsys) == (2, "freevlm tiny-run: error: what went wrong\n")
+    else:
+        with pytest.raises(error, match="what went wrong"):
+            main(["tiny-run"])
 
 
 # --- files: backbones, exits, checkpoints, captions, images ---------------------------------------------------

@@ -6,6 +6,7 @@ import pytest
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.data import shapes
 from freevlm.data.coco import read_coco_captions
+from freevlm.decoding.config import DecodeConfig
 from freevlm.demo.backbone import build_backbone
 from freevlm.demo.progress import Progress
 from freevlm.eval.evaluate import CAPTION_PROMPT, evaluate_captioning
@@ -54,7 +55,9 @@ def test_evaluation_reports_images_done(world):
     done = []
     progress = Progress(on_progress=lambda name, step, total: done.append((name, step, total)), show=False)
     with progress.ticking(bundle, "test", 5) as processor:
-        evaluate_captioning(ee, processor, records[:5], 0.9, batch_size=2, max_new_tokens=3, compare_full=False)
+        evaluate_captioning(
+            ee, processor, records[:5], 0.9, batch_size=2, config=DecodeConfig(max_new_tokens=3), compare_full=False
+        )
     assert done == [("test", 2, 5), ("test", 4, 5), ("test", 5, 5)]
 
 
@@ -63,7 +66,9 @@ def test_batched_evaluation_decodes_what_batch_1_does(world):
     bundle, _, records = world
     ee = EarlyExitVLM(bundle.model, ExitConfig(exit_layers=(1, 2)))
     runs = [
-        evaluate_captioning(ee, bundle, records[:6], 0.023, batch_size=size, max_new_tokens=4, compare_full=False)
+        evaluate_captioning(
+            ee, bundle, records[:6], 0.023, batch_size=size, config=DecodeConfig(max_new_tokens=4), compare_full=False
+        )
         for size in (1, 3)
     ]
     assert runs[0].predictions == runs[1].predictions

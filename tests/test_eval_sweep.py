@@ -1,6 +1,7 @@
 """The evaluation loop and the sweep end to end on a tiny random BLIP-2 with exits, on fixture datasets."""
 
 import json
+from dataclasses import replace
 
 import dataset_files as files
 import pytest
@@ -8,10 +9,13 @@ from PIL import Image
 from tiny_processor import tiny_bundle
 
 from freevlm import EarlyExitVLM, ExitConfig
+from freevlm.data.images import load_image
 from freevlm.data.records import VQARecord
 from freevlm.data.visdial import read_visdial
 from freevlm.data.vqa import read_vqa
-from freevlm.eval.evaluate import evaluate_visdial, evaluate_vqa
+from freevlm.decoding.config import DecodeConfig
+from freevlm.eval.evaluate import evaluate_visdial, evaluate_vqa, visdial_prompt
+from freevlm.eval.likelihood import option_log_likelihoods
 from freevlm.eval.sweep import sweep, write_sweep
 from freevlm.methods import get_method
 from freevlm.tiny import tiny_blip2
@@ -37,7 +41,13 @@ def test_evaluate_vqa_reports_quality_and_speed(tiny, tmp_path):
     ee, bundle = tiny
     records = vqa_records(tmp_path, 4)
     result = evaluate_vqa(
-        ee, bundle, records, threshold=0.0, prompt="question : {question} answer :", max_new_tokens=4, batch_size=2
+        ee,
+        bundle,
+        records,
+        threshold=0.0,
+        prompt="question : {question} answer :",
+        config=DecodeConfig(max_new_tokens=4),
+        batch_size=2,
     )
     speed = result.speed
     # threshold 0: every token leaves at the first exit (layer 2 of 6)
@@ -50,7 +60,13 @@ def test_evaluate_vqa_reports_quality_and_speed(tiny, tmp_path):
     expected = sum(p["accuracy"] for p in result.predictions) / 4
     assert result.score == pytest.approx(expected)
     full = evaluate_vqa(
-        ee, bundle, records, threshold=1.0, prompt="question : {question} answer :", max_new_tokens=4, batch_size=2
+        ee,
+        bundle,
+        records,
+        threshold=1.0,
+        prompt="question : {question} answer :",
+        config=DecodeConfig(max_new_tokens=4),
+        batch_size=2,
     )
     assert full.speed.exit_histogram == {6: full.speed.tokens} and full.speed.analytic_speedup == 1.0
     assert full.agreement_with_full == 1.0  # threshold 1.0 is the full model
@@ -67,7 +83,7 @@ def test_sweep_writes_json_and_plots(tiny, tmp_path):
         records,
         thresholds=(0.0, 0.05, 1.0),
         prompt="question : {question} answer :",
-        max_new_tokens=3,
+        config=DecodeConfig(max_new_tokens=3),
         batch_size=4,
         progress=lines.append,
     )
@@ -96,15 +112,28 @@ def test_sweep_writes_json_and_plots(tiny, tmp_path):
     assert len(lines) == 6
 
 
+def direct_ranking(ee, bundle, records, threshold, method="free"):
+    """Each round's best option and the rank of its right answer, from option log-likelihoods computed here."""
+    tops, ranks = [], []
+    for r in records:
+        image = load_image(r.image)
+        s = option_log_likelihoods(ee, bundle, image, visdial_prompt(r), r.options, threshold, method=method)
+        tops.append(r.options[max(range(len(s)), key=s.__getitem__)])
+        ranks += [1 + sum(x > s[r.gt_index] for x in s)] if r.gt_index is not None else []
+    return tops, ranks
+
+
 def test_evaluate_visdial_ranks_options(tiny, tmp_path):
     ee, bundle = tiny
     path, dense = files.visdial(tmp_path)
     records = read_visdial(path, tmp_path / "images", dense=dense)
-    result = evaluate_visdial(ee, bundle, records, threshold=0.5, max_new_tokens=3, batch_size=3)
+    result = evaluate_visdial(ee, bundle, records, threshold=0.5, config=DecodeConfig(max_new_tokens=3), batch_size=3)
     q = result.quality
-    assert q["rounds"] == 6 and q["ndcg_rounds"] == 1
-    assert 0 < q["mrr"] <= 1 and 1 <= q["mean_rank"] <= 4 and q["r@10"] == 1.0
-    assert result.score == q["mrr"] and result.speed.tokens > 0
+    assert q["rounds"] == 6 and q["ndcg_rounds"] == 1 and result.speed.tokens > 0
+    tops, ranks = direct_ranking(ee, bundle, records, 0.5)
+    assert [p["top_option"] for p in result.predictions] == tops
+    assert result.score == q["mrr"] == pytest.approx(sum(1 / k for k in ranks) / len(ranks))
+    assert q["mean_rank"] == pytest.approx(sum(ranks) / len(ranks)) and q["r@10"] == 1.0
 
 
 @pytest.mark.parametrize("method", ["deeblip", "pabee", "mue"])
@@ -115,18 +144,37 @@ def test_evaluate_visdial_ranks_options_for_baselines(tiny, tmp_path, method):
     baseline = EarlyExitVLM(ee.model, ExitConfig([2, 4], kind=spec.exit_kind))
     path, dense = files.visdial(tmp_path)
     records = read_visdial(path, tmp_path / "images", dense=dense)
-    result = evaluate_visdial(
-        baseline, bundle, records, threshold=spec.thresholds[0], max_new_tokens=3, batch_size=3, method=method
-    )
-    assert result.quality["rounds"] == 6 and 0 < result.score <= 1 and result.speed.tokens > 0
+    threshold = spec.thresholds[0]
+    config = DecodeConfig(max_new_tokens=3)
+    result = evaluate_visdial(baseline, bundle, records, threshold, config=config, batch_size=3, method=method)
+    tops, ranks = direct_ranking(baseline, bundle, records, threshold, method)
+    assert [p["top_option"] for p in result.predictions] == tops
+    assert result.score == pytest.approx(sum(1 / k for k in ranks) / len(ranks)) and result.speed.tokens > 0
 
 
 def test_vqa_reader_to_evaluation(tiny, tmp_path):
-    """The real VQAv2 layout read from disk goes through the loop; the metric there is the official one."""
+    """The real VQAv2 layout read from disk goes through the loop, scored by the official accuracy: an answer k of
+    the 10 humans gave scores the mean, over the 10 ways to leave one human out, of min(1, matches / 3)."""
     ee, bundle = tiny
     q, a = files.vqa(tmp_path)
     records = read_vqa(q, a, tmp_path / "val2014")
-    result = evaluate_vqa(ee, bundle, records, threshold=0.5, max_new_tokens=2, compare_full=False)
-    assert result.speed.full_seconds is None and result.agreement_with_full is None
-    assert set(result.quality["per_answer_type"]) == {"other", "number", "yes/no"}
-    assert 0.0 <= result.score <= 1.0
+    config = DecodeConfig(max_new_tokens=2)
+    first = evaluate_vqa(ee, bundle, records, threshold=0.5, config=config, compare_full=False)
+    assert first.speed.full_seconds is None and first.agreement_with_full is None
+    assert set(first.quality["per_answer_type"]) == {"other", "number", "yes/no"}
+    # the humans' answers rewritten: 1, 2 and 3 of the 10 give the model's own answer, the others another one
+    said = [p["prediction"] for p in first.predictions]
+    relabelled = [
+        replace(r, answers=[x] * k + ["zebra crossing"] * (10 - k)) for r, x, k in zip(records, said, (1, 2, 3))
+    ]
+    result = evaluate_vqa(ee, bundle, relabelled, threshold=0.5, config=config, compare_full=False)
+    assert [p["prediction"] for p in result.predictions] == said
+    assert [p["accuracy"] for p in result.predictions] == pytest.approx([0.3, 0.6, 0.9])  # (k=1: 9 x 1/3) / 10 ...
+    assert result.score == pytest.approx(0.6) and result.quality["accuracy"] == pytest.approx(0.6)
+
+
+def test_a_config_may_not_set_what_evaluation_decides(tiny, tmp_path):
+    ee, bundle = tiny
+    for config in (DecodeConfig(batch_policy="per_row"), DecodeConfig(threshold=0.5), DecodeConfig(mode="full")):
+        with pytest.raises(ValueError, match="evaluation sets (batch_policy|threshold|mode) itself"):
+            evaluate_vqa(ee, bundle, vqa_records(tmp_path, 1), config=config, compare_full=False)

@@ -1,5 +1,5 @@
-"""LLaVA (Llama, Mistral, Qwen2 LMs), InstructBLIP (OPT, T5, Llama LMs), Gemma 3, InternVL and the Qwen-VL line
-(Qwen2-VL, Qwen2.5-VL, Qwen3-VL) on the same engine: what
+"""LLaVA (Llama, Mistral, Qwen2 LMs), InstructBLIP (OPT, T5, Llama, Mistral, Qwen2 LMs), Gemma 3, InternVL,
+SmolVLM / Idefics3 and the Qwen-VL line (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) on the same engine: what
 tests/test_engine.py, test_decoding_modes.py and test_static_engine.py show for BLIP-2, shown for these families (their
 helpers reused).
 
@@ -27,14 +27,17 @@ FAMILIES = [
     "instructblip-opt",
     "instructblip-t5",
     "instructblip-llama",
+    "instructblip-mistral",
+    "instructblip-qwen2",
     "gemma3",
     "internvl-qwen2",
+    "smolvlm",
     "qwen2-vl",
     "qwen2.5-vl",
     "qwen3-vl",
 ]
 # Qwen2's (and Qwen2(.5)-VL's) from layer 1 up: full and windowed layers mixed
-WINDOWS = {"mistral": 4, "qwen2": 3, "qwen2-vl": 3, "qwen2.5-vl": 5}
+WINDOWS = {"mistral": 4, "qwen2": 3, "qwen2-vl": 3, "qwen2.5-vl": 5, "instructblip-mistral": 4, "instructblip-qwen2": 3}
 MAX_NEW = 10
 
 
@@ -446,6 +449,39 @@ def test_several_images_per_row_counts_are_checked():
     ids[0, 0] = 5  # 7 image tokens in row 0: not a whole number of images
     with pytest.raises(ValueError, match=r"input_ids hold 11 image token\(s\) \(id 98; row 0: 7\) for 3 image"):
         case.ee.generate(**dict(inputs, input_ids=ids), max_new_tokens=2)
+
+
+# --- SmolVLM / Idefics3 ----------------------------------------------------------------------------------------
+def test_idefics3_equals_hf_generate():
+    """Idefics3's class (the matrix runs SmolVLM's; same adapter, Hugging Face's own image path): greedy and beam,
+    left-padded, rows with different numbers of tiles."""
+    case = Case("idefics3", seed=2, batch=3, pad=True)
+    for kwargs in (dict(num_beams=1), dict(num_beams=3, length_penalty=0.6)):
+        ref = case.hf_generate(max_new_tokens=MAX_NEW, **kwargs)
+        assert torch.equal(case.generate(max_new_tokens=MAX_NEW, threshold=1.0, **kwargs).sequences, ref)
+
+
+def test_smolvlm_inputs_missing_or_inconsistent_are_refused_by_name():
+    case = Case("smolvlm", batch=3, pad=True)
+    inputs = case.hf_inputs
+    pixels, mask = inputs["pixel_values"], inputs["pixel_attention_mask"]
+    with pytest.raises(ValueError, match=r"pixel_values must be a \[batch, tiles, channels, height, width\] tensor"):
+        case.ee.generate(**dict(inputs, pixel_values=pixels[:, 0]), max_new_tokens=2)
+    with pytest.raises(
+        ValueError, match=r"pixel_attention_mask must be \[batch, tiles, height, width\] \(3, 2, 16, 16\)"
+    ):
+        case.ee.generate(**dict(inputs, pixel_attention_mask=mask[:, :1]), max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"input_ids has 3 rows but pixel_values has 2 images"):
+        case.ee.generate(**dict(inputs, pixel_values=pixels[:2], pixel_attention_mask=mask[:2]), max_new_tokens=2)
+    one_tile = pixels.clone()
+    one_tile[0, 1] = 0  # row 0's second tile now padding: its 4 image tokens have no features
+    with pytest.raises(ValueError, match=r"prompt row 0 holds 8 image token\(s\) \(id 98\) but its tiles give 4"):
+        case.ee.generate(**dict(inputs, pixel_values=one_tile), max_new_tokens=2)
+    with pytest.raises(TypeError, match="'image_sizes'.*model inputs are pixel_attention_mask"):
+        case.ee.generate(**inputs, image_sizes=torch.ones(3, 2), max_new_tokens=2)
+    without = {k: v for k, v in inputs.items() if k != "pixel_attention_mask"}  # Hugging Face's default: all pixels
+    ref = case.model.generate(**without, max_new_tokens=4, do_sample=False)
+    assert torch.equal(case.ee.generate(**without, max_new_tokens=4, mode="full").sequences, ref)
 
 
 # --- Qwen-VL ---------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from .base import Backbone, Blip2Backbone, Context, sharing_features  # noqa: F4
 from .blip2_opt import Blip2OPTBackbone
 from .blip2_t5 import Blip2T5Backbone
 from .gemma3 import Gemma3Backbone
+from .idefics3 import Idefics3Backbone
 from .instructblip import InstructBlipOPTBackbone, InstructBlipRotaryBackbone, InstructBlipT5Backbone
 from .internvl import InternVLBackbone
 from .llava import LlavaBackbone
@@ -21,6 +22,7 @@ SUPPORTED = (
     f"LlavaForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)}), "
     "Gemma3ForConditionalGeneration, "
     f"InternVLForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)}), "
+    f"SmolVLMForConditionalGeneration and Idefics3ForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)}), "
     "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration"
 )
 
@@ -30,12 +32,14 @@ def load_backbone(model: nn.Module) -> Backbone:
     from transformers import (
         Blip2ForConditionalGeneration,
         Gemma3ForConditionalGeneration,
+        Idefics3ForConditionalGeneration,
         InstructBlipForConditionalGeneration,
         InternVLForConditionalGeneration,
         LlavaForConditionalGeneration,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2VLForConditionalGeneration,
         Qwen3VLForConditionalGeneration,
+        SmolVLMForConditionalGeneration,
     )
 
     if isinstance(
@@ -50,6 +54,13 @@ def load_backbone(model: nn.Module) -> Backbone:
         if language_model not in ROTARY_LANGUAGE_MODELS:
             raise TypeError(f"unsupported InternVL language model '{language_model}': freevlm supports {SUPPORTED}")
         return InternVLBackbone(model)
+    if isinstance(model, (SmolVLMForConditionalGeneration, Idefics3ForConditionalGeneration)):
+        language_model = model.config.text_config.model_type
+        if language_model not in ROTARY_LANGUAGE_MODELS:
+            raise TypeError(
+                f"unsupported {type(model).__name__} language model '{language_model}': freevlm supports {SUPPORTED}"
+            )
+        return Idefics3Backbone(model)
 
     blip = {
         Blip2ForConditionalGeneration: (Blip2OPTBackbone, Blip2T5Backbone),

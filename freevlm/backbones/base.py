@@ -142,6 +142,7 @@ class Backbone:
     """
 
     family: str = ""  # the LM family: exits are saved with it (what the engine may do is said by the flags below)
+    encoder_decoder: bool = False  # the prompt goes through an encoder, the text through the decoder (T5)
     # inputs beyond image and prompt that the model's own `generate` reads (Gemma 3's `token_type_ids`, InstructBLIP's
     # Q-Former instruction): `generate` and `features` take them by name and pass them to `start` with the request
     input_names: tuple[str, ...] = ()
@@ -149,7 +150,8 @@ class Backbone:
     # position bias depends on the window's start slot, which a graph would freeze)
     graph_safe: bool = False
     # "images": `pixel_values` is [images, channels, height, width], checked as such before a request starts
-    # (`inputs.py`); "patches": the family's own layout (Qwen-VL's flattened patches), checked by `check_inputs`
+    # (`inputs.py`); "tiles": [batch, tiles, channels, height, width], each prompt row's tiles (SmolVLM), checked as
+    # images; "patches": the family's own layout (Qwen-VL's flattened patches), checked by `check_inputs`
     pixel_layout: str = "images"
 
     def __init__(self, model: nn.Module, lm: nn.Module | None = None):

@@ -68,6 +68,7 @@ class _T5CacheView(EncoderDecoderCache):
 
 class Blip2T5Backbone(Blip2Backbone):
     family = "t5"
+    encoder_decoder = True
 
     def __init__(self, model: nn.Module):
         super().__init__(model)

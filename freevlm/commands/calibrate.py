@@ -31,7 +31,7 @@ from ..calibration import (
 from ..data.specs import DatasetSpec, read_dataset
 from ..eval.evaluate import EvalResult
 from ..methods import get_method
-from .evaluate import dataset_arguments, generation_kwargs, load_model
+from .evaluate import dataset_arguments, evaluation_options, load_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -110,7 +110,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         args.method,
         vqa_metric=spec.vqa_metric,
         progress=print,
-        **generation_kwargs(args, spec),
+        **evaluation_options(args, spec),
     )
     report = calibration_report(
         calibration,
@@ -163,7 +163,7 @@ def run_place_exits(args: argparse.Namespace) -> int:
         thresholds=args.thresholds,
         method=args.method,
         vqa_metric=spec.vqa_metric,
-        **generation_kwargs(args, spec),
+        **evaluation_options(args, spec),
     )
     report = {
         "method": args.method,

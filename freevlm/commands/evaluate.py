@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from ..argtypes import device, number, open_fraction, output_dir, positive_int
 from ..data.specs import FORMATS, DatasetSpec, read_dataset
 from ..decoding.config import KV_MODES, DecodeConfig
-from ..eval.evaluate import CAPTION_PROMPT, VQA_PROMPT, evaluate
+from ..errors import UserError
+from ..eval.evaluate import ANSWER_DECODING, CAPTION_PROMPT, VQA_PROMPT, evaluate
 from ..eval.sweep import sweep, write_sweep
 from ..methods import METHODS, get_method
 
@@ -43,7 +45,11 @@ def dataset_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", help="Karpathy split (train/val/test/restval) or NoCaps domain")
     p.add_argument("--limit", type=positive_int, help="use only the first N records")
     p.add_argument("--prompt", help=f"prompt (captions: {CAPTION_PROMPT!r}; VQA: {VQA_PROMPT!r} with {{question}})")
-    p.add_argument("--max-new-tokens", type=positive_int, help="default: 30 for captions, 10 for answers")
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        help=f"default: {DecodeConfig.max_new_tokens} for captions, {ANSWER_DECODING.max_new_tokens} for answers",
+    )
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--kv", choices=KV_MODES, default=DecodeConfig.kv)
     p.add_argument("--device", type=device, default="cpu")
@@ -61,7 +67,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate early exits at one threshold: official metrics + speed vs full model")
     _common(p)
-    p.add_argument("--threshold", type=number(), default=0.8, help="the --method rule's knob")
+    p.add_argument("--threshold", type=number(), default=DecodeConfig.threshold, help="the --method rule's knob")
     p.set_defaults(func=run_eval)
 
     p = sub.add_parser("sweep", help="sweep thresholds, choose the best on a dev split, plot quality vs speedup")
@@ -78,31 +84,29 @@ def _spec(args, files=None, split=None) -> DatasetSpec:
     return DatasetSpec(args.format, list(files or args.files), args.images, split or args.split, args.limit)
 
 
-def generation_kwargs(args: argparse.Namespace, spec: DatasetSpec) -> dict:
-    """The decoding options of `dataset_arguments`, as keywords of `freevlm.eval.evaluate.evaluate`."""
-    kw = dict(batch_size=args.batch_size, kv=args.kv)
-    if args.max_new_tokens:
-        kw["max_new_tokens"] = args.max_new_tokens
+def evaluation_options(args: argparse.Namespace, spec: DatasetSpec) -> dict:
+    """The decoding and prompt of `dataset_arguments`, as keywords of `freevlm.eval.evaluate.evaluate`: the decode
+    options as one `DecodeConfig` (`--kv`; `--max-new-tokens`, else the task's default)."""
+    default = DecodeConfig() if spec.task == "captions" else ANSWER_DECODING
+    config = replace(default, kv=args.kv, max_new_tokens=args.max_new_tokens or default.max_new_tokens)
+    options = dict(config=config, batch_size=args.batch_size)
     if args.prompt is not None:
         if spec.task == "visdial":
             raise ValueError("--prompt does not apply to VisDial (the prompt is built from caption and history)")
-        kw["prompt"] = args.prompt
-    return kw
+        options["prompt"] = args.prompt
+    return options
 
 
-def _eval_kwargs(args, spec: DatasetSpec) -> dict:
-    kw = generation_kwargs(args, spec) | dict(compare_full=not args.no_full, timing_repeats=args.timing_repeats)
-    if args.command != "sweep":  # sweep passes the method itself
-        kw["method"] = args.method
+def _eval_options(args, spec: DatasetSpec) -> dict:
+    options = evaluation_options(args, spec) | dict(compare_full=not args.no_full, timing_repeats=args.timing_repeats)
     if spec.task == "vqa":
-        kw["metric"] = spec.vqa_metric
-    return kw
+        options["metric"] = spec.vqa_metric
+    return options
 
 
 def _check_before_loading(args, thresholds) -> None:
     """What can be refused before any weights load: each threshold against the method's rule, the backbone folder,
     and the exit layers against its depth."""
-    from ..cli import UserError
     from ..exits import ExitConfig
     from ..loading import check_vlm_folder, lm_num_layers
 
@@ -120,7 +124,6 @@ def _check_before_loading(args, thresholds) -> None:
 def load_model(args: argparse.Namespace) -> tuple:
     """The backbone and the method's exits: loaded from --exits, or (MuE, which trains nothing) built here."""
     from ..backbones import load_backbone
-    from ..cli import UserError
     from ..exits import ExitConfig
     from ..loading import load_exits, load_vlm
     from ..model import EarlyExitVLM
@@ -140,7 +143,8 @@ def run_eval(args: argparse.Namespace) -> int:
     spec = _spec(args)
     records = read_dataset(spec)  # a broken dataset fails before any weights load
     ee, bundle = load_model(args)
-    result = evaluate(spec.task, ee, bundle, records, args.threshold, **_eval_kwargs(args, spec))
+    options = _eval_options(args, spec)
+    result = evaluate(spec.task, ee, bundle, records, args.threshold, method=args.method, **options)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result.as_dict(predictions=False), indent=2))
@@ -177,7 +181,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         per_layer=not args.no_per_layer,
         progress=print,
         method=args.method,
-        **_eval_kwargs(args, spec),
+        **_eval_options(args, spec),
     )
     paths = write_sweep(result, args.out)
     print(f"{args.method}: best threshold on dev: {result.best_threshold:g}")

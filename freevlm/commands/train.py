@@ -27,7 +27,7 @@ from ..argtypes import (
     positive_float,
     positive_int,
 )
-from ..cli import UserError
+from ..errors import UserError
 from ..exits import EXIT_INITS
 from ..training.baselines import BASELINES, Baseline, BaselineTrainConfig
 from ..training.capfilt import CapFiltConfig

@@ -97,9 +97,7 @@ def calibration_set(runner: Runner, ee: EarlyExitVLM, records) -> CalibrationSet
     records = [replace(r, references=[]) for r in records]
     full = [p["prediction"] for p in runner.full("calibration", ee, records).predictions]
     cfg = runner.cfg
-    return CalibrationSet(
-        records, dict(full_outputs=full, batch_size=cfg.eval_batch, max_new_tokens=cfg.max_new_tokens)
-    )
+    return CalibrationSet(records, dict(full_outputs=full, batch_size=cfg.eval_batch, config=runner.decoding))
 
 
 def certify(runner: Runner, ee: EarlyExitVLM, calib: CalibrationSet, on_test: OnTest, chosen: float) -> Certified:

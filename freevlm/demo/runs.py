@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..decoding.config import DecodeConfig
 from ..eval.evaluate import EvalResult, evaluate_captioning, evaluate_vqa
 from ..eval.speed import SpeedReport
 from ..eval.sweep import choose_threshold
@@ -49,9 +50,13 @@ class Runner:
     num_layers: int
 
     @property
+    def decoding(self) -> DecodeConfig:
+        return DecodeConfig(max_new_tokens=self.cfg.max_new_tokens)
+
+    @property
     def fast(self) -> dict:
         """Batched quality runs (no full-model twin: batch rows cannot be timed one by one)."""
-        return {"batch_size": self.cfg.eval_batch, "max_new_tokens": self.cfg.max_new_tokens, "compare_full": False}
+        return {"batch_size": self.cfg.eval_batch, "config": self.decoding, "compare_full": False}
 
     @property
     def cider(self) -> dict:
@@ -61,7 +66,7 @@ class Runner:
     @property
     def timing(self) -> dict:
         """Timed runs: batch 1, early exit and full model alternating (pass the first `timing_images` records)."""
-        return {"batch_size": 1, "max_new_tokens": self.cfg.max_new_tokens, "timing_repeats": self.cfg.timing_repeats}
+        return {"batch_size": 1, "config": self.decoding, "timing_repeats": self.cfg.timing_repeats}
 
     def captions(self, name: str, ee: EarlyExitVLM, records, *args, **kwargs) -> EvalResult:
         with self.progress.ticking(self.bundle, name, len(records)) as processor:

@@ -12,14 +12,14 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from ..data.images import load_image
 from ..data.records import CaptionRecord, VisDialRecord, VQARecord
-from ..inputs import validate_generate_inputs
+from ..decoding.config import DecodeConfig
 from ..methods import exit_rule, get_method
 from ..model import EarlyExitVLM
 from .captions import caption_metrics, tokenize
@@ -30,6 +30,7 @@ from .vqa import vqa_scores
 
 CAPTION_PROMPT = "a photo of"
 VQA_PROMPT = "Question: {question} Short answer:"
+ANSWER_DECODING = DecodeConfig(max_new_tokens=10)  # VQA and VisDial answers are a few words
 
 
 @dataclass
@@ -59,15 +60,45 @@ class _Generated:
     full_texts: list[str] | None
     exit_layers: list[list[int]]
     speed: SpeedReport
+    threshold: float | None  # None when `layer` forced the exits
+    layer: int | None
+    started: float  # time.perf_counter() when evaluation began
+
+    def result(self, task: str, metric: str, score: float | None, quality: dict, ids, **extra) -> EvalResult:
+        """The `EvalResult` of these outputs scored as `task` (`extra`: more per-prediction fields)."""
+        agreement = None
+        if self.full_texts is not None:
+            agreement = sum(a == b for a, b in zip(self.texts, self.full_texts)) / max(len(self.texts), 1)
+        rows = []
+        for i, key in enumerate(ids):
+            row = {"id": key, "prediction": self.texts[i], "exit_layers": self.exit_layers[i]}
+            if self.full_texts is not None:
+                row["full_prediction"] = self.full_texts[i]
+            rows.append(row | {k: v[i] for k, v in extra.items()})
+        seconds = time.perf_counter() - self.started
+        return EvalResult(
+            task, self.threshold, self.layer, metric, score, quality, self.speed, agreement, rows, seconds
+        )
 
 
-def _policy(ee: EarlyExitVLM, threshold: float, layer: int | None, method: str):
+# what evaluation decides itself: the exit rule (`method` at `threshold`, or `layer`) and how rows share a batch
+SET_BY_EVALUATION = ("mode", "threshold", "policy", "batch_policy", "return_engine")
+
+
+def _configs(ee: EarlyExitVLM, config: DecodeConfig, threshold: float, layer: int | None, method: str):
+    """(early exit, full model) decode configs: `config`'s options, the method's exit rule, and every row decoding
+    what it would alone: rows ride along (exact with recompute; "auto"'s gate would turn exits off in small
+    batches), or are compacted where propagate makes riding along differ."""
     spec = get_method(method)
     if ee.exit_config.kind != spec.exit_kind:
         raise ValueError(
             f"method {method!r} runs on exits of kind {spec.exit_kind!r}, but these exits are {ee.exit_config.kind!r}"
         )
-    return exit_rule(method, threshold, layer)
+    fixed = [name for name in SET_BY_EVALUATION if getattr(config, name) != getattr(DecodeConfig, name)]
+    if fixed:
+        raise ValueError(f"evaluation sets {', '.join(fixed)} itself (the method's rule at `threshold`, or `layer`)")
+    config = replace(config, batch_policy="ride_along" if config.kv == "recompute" else "per_row")
+    return replace(config, policy=exit_rule(method, threshold, layer)), replace(config, mode="full")
 
 
 @torch.no_grad()
@@ -76,43 +107,33 @@ def generate_texts(
     processor,
     images: Sequence[Path],
     prompts: Sequence[str],
-    threshold: float = 0.8,
+    threshold: float = DecodeConfig.threshold,
     layer: int | None = None,
+    config: DecodeConfig | None = None,
+    method: str = "free",
     batch_size: int = 8,
-    max_new_tokens: int = 30,
-    kv: str = "recompute",
     compare_full: bool = True,
     timing_repeats: int = 1,
-    method: str = "free",
 ) -> _Generated:
-    """Early-exit answers for every (image, prompt); with `compare_full`, the full model on the same batches in
-    alternating order, for wall-clock ratios measured in this run (one untimed warm-up of each mode first).
+    """Early-exit answers for every (image, prompt), decoded with `config` (default: `DecodeConfig()`) under
+    `method`'s exit rule at `threshold` (or every token out at `layer`); with `compare_full`, the full model on the
+    same batches in alternating order, for wall-clock ratios measured in this run (one untimed warm-up of each mode
+    first).
 
     `timing_repeats` > 1 decodes each batch that many times per mode and keeps the fastest run of each (outputs
     are deterministic), which steadies ratios on a busy machine.
     """
+    started = time.perf_counter()
+    early_config, full_config = _configs(ee, config or DecodeConfig(), threshold, layer, method)
     meter = SpeedMeter(ee.backbone.num_layers)
     texts: list[str] = []
     full_texts: list[str] | None = [] if compare_full else None
     exit_layers: list[list[int]] = []
-    policy = _policy(ee, threshold, layer, method)
     for b, start in enumerate(range(0, len(images), batch_size)):
         batch = [load_image(p) for p in images[start : start + batch_size]]
         inputs = processor.inputs(batch, list(prompts[start : start + batch_size]))
-        validate_generate_inputs(
-            ee.backbone,
-            inputs["pixel_values"],
-            inputs["input_ids"],
-            inputs.get("attention_mask"),
-            max_new_tokens,
-            {name: inputs[name] for name in ee.backbone.input_names if name in inputs},
-        )  # e.g. too long a prompt: before decoding
-        # every row decodes what it would alone: rows ride along (exact with recompute; "auto"'s gate would turn
-        # exits off in small batches), or are compacted where propagate makes riding along differ
-        batch_policy = "ride_along" if kv == "recompute" else "per_row"
-        run = dict(inputs, max_new_tokens=max_new_tokens, kv=kv, batch_policy=batch_policy)
-        early = functools.partial(ee.generate, **run, mode="early_exit", policy=policy)
-        full = functools.partial(ee.generate, **run, mode="full")
+        early = functools.partial(ee.generate, **inputs, config=early_config)
+        full = functools.partial(ee.generate, **inputs, config=full_config)
         if compare_full and b == 0:
             early(), full()  # warm-up: lazy initialisation and allocator growth stay out of the timings
         if compare_full:
@@ -131,7 +152,8 @@ def generate_texts(
             meter.add(out)
         texts += _new_text(processor, out)
         exit_layers += [[int(e) for e in row if e >= 0] for row in out.exit_layers.tolist()]
-    return _Generated(texts, full_texts, exit_layers, meter.report())
+    threshold = None if layer is not None else threshold
+    return _Generated(texts, full_texts, exit_layers, meter.report(), threshold, layer, started)
 
 
 def _new_text(processor, out) -> list[str]:
@@ -139,40 +161,21 @@ def _new_text(processor, out) -> list[str]:
     return processor.decode(out.sequences[:, prompt_len:])
 
 
-def _agreement(gen: _Generated) -> float | None:
-    if gen.full_texts is None:
-        return None
-    return sum(a == b for a, b in zip(gen.texts, gen.full_texts)) / max(len(gen.texts), 1)
-
-
-def _predictions(ids, gen: _Generated, **extra) -> list[dict]:
-    rows = []
-    for i, key in enumerate(ids):
-        row = {"id": key, "prediction": gen.texts[i], "exit_layers": gen.exit_layers[i]}
-        if gen.full_texts is not None:
-            row["full_prediction"] = gen.full_texts[i]
-        rows.append(row | {k: v[i] for k, v in extra.items()})
-    return rows
-
-
 def evaluate_captioning(
     ee: EarlyExitVLM,
     processor,
     records: Sequence[CaptionRecord],
-    threshold: float = 0.8,
+    threshold: float = DecodeConfig.threshold,
     layer: int | None = None,
     prompt: str = CAPTION_PROMPT,
     spice: bool | None = None,
     only: Sequence[str] | None = None,
     tokenizer=tokenize,
-    **generate_kwargs,
+    **run,
 ) -> EvalResult:
     """COCO metrics of the captions (per NoCaps domain too, when records carry one); `tokenizer`: see
-    `caption_metrics`."""
-    t0 = time.perf_counter()
-    gen = generate_texts(
-        ee, processor, [r.image for r in records], [prompt] * len(records), threshold, layer, **generate_kwargs
-    )
+    `caption_metrics`; `run`: `generate_texts`' `config`, `method`, batching and timing."""
+    gen = generate_texts(ee, processor, [r.image for r in records], [prompt] * len(records), threshold, layer, **run)
     keys = list(range(len(records)))  # records may repeat an image id across files; scoring keys stay unique
     quality, score = {}, None
     if all(r.references for r in records):
@@ -188,46 +191,26 @@ def evaluate_captioning(
         score = quality["all"]["CIDEr"]
     elif any(r.references for r in records):
         raise ValueError("some caption records have references and some do not: score a labelled split")
-    preds = _predictions([r.image_id for r in records], gen)
-    return EvalResult(
-        "captions",
-        None if layer is not None else threshold,
-        layer,
-        "CIDEr",
-        score,
-        quality,
-        gen.speed,
-        _agreement(gen),
-        preds,
-        time.perf_counter() - t0,
-    )
+    return gen.result("captions", "CIDEr", score, quality, [r.image_id for r in records])
 
 
 def evaluate_vqa(
     ee: EarlyExitVLM,
     processor,
     records: Sequence[VQARecord],
-    threshold: float = 0.8,
+    threshold: float = DecodeConfig.threshold,
     layer: int | None = None,
     prompt: str = VQA_PROMPT,
     metric: str = "vqa",
-    max_new_tokens: int = 10,
-    **generate_kwargs,
+    config: DecodeConfig | None = None,
+    **run,
 ) -> EvalResult:
-    """VQA accuracy (official; `metric="exact"` for GQA), overall and per answer/question type."""
-    t0 = time.perf_counter()
+    """VQA accuracy (official; `metric="exact"` for GQA), overall and per answer/question type; `config` defaults
+    to `ANSWER_DECODING`, `run`: `generate_texts`' `method`, batching and timing."""
     prompts = [prompt.format(question=r.question) for r in records]
-    gen = generate_texts(
-        ee,
-        processor,
-        [r.image for r in records],
-        prompts,
-        threshold,
-        layer,
-        max_new_tokens=max_new_tokens,
-        **generate_kwargs,
-    )
-    quality, score = {}, None
+    images = [r.image for r in records]
+    gen = generate_texts(ee, processor, images, prompts, threshold, layer, config or ANSWER_DECODING, **run)
+    quality, score, per_question = {}, None, {}
     if all(r.answers for r in records):
         s = vqa_scores(
             gen.texts,
@@ -247,21 +230,7 @@ def evaluate_vqa(
         per_question = {"accuracy": s.per_question}
     elif any(r.answers for r in records):
         raise ValueError("some questions have answers and some do not: score a labelled split")
-    else:
-        per_question = {}
-    preds = _predictions([r.question_id for r in records], gen, **per_question)
-    return EvalResult(
-        "vqa",
-        None if layer is not None else threshold,
-        layer,
-        "accuracy",
-        score,
-        quality,
-        gen.speed,
-        _agreement(gen),
-        preds,
-        time.perf_counter() - t0,
-    )
+    return gen.result("vqa", "accuracy", score, quality, [r.question_id for r in records], **per_question)
 
 
 def visdial_prompt(record: VisDialRecord) -> str:
@@ -273,27 +242,19 @@ def evaluate_visdial(
     ee: EarlyExitVLM,
     processor,
     records: Sequence[VisDialRecord],
-    threshold: float = 0.8,
+    threshold: float = DecodeConfig.threshold,
     layer: int | None = None,
     option_batch_size: int = 50,
-    max_new_tokens: int = 10,
-    **generate_kwargs,
+    config: DecodeConfig | None = None,
+    method: str = "free",
+    **run,
 ) -> EvalResult:
     """Rank each round's options by early-exit log-likelihood under `method`'s exit rule (MRR, R@k, mean rank,
-    NDCG); the speed report comes from generating each round's answer, early exit against full."""
-    t0 = time.perf_counter()
+    NDCG); the speed report comes from generating each round's answer (`config`: default `ANSWER_DECODING`), early
+    exit against full; `run`: `generate_texts`' batching and timing."""
     prompts = [visdial_prompt(r) for r in records]
-    gen = generate_texts(
-        ee,
-        processor,
-        [r.image for r in records],
-        prompts,
-        threshold,
-        layer,
-        max_new_tokens=max_new_tokens,
-        **generate_kwargs,
-    )
-    method = generate_kwargs.get("method", "free")
+    images = [r.image for r in records]
+    gen = generate_texts(ee, processor, images, prompts, threshold, layer, config or ANSWER_DECODING, method, **run)
     scores = [
         option_log_likelihoods(
             ee, processor, load_image(r.image), prompt, r.options, threshold, layer, option_batch_size, method
@@ -301,29 +262,17 @@ def evaluate_visdial(
         for r, prompt in zip(records, prompts)
     ]
     quality = visdial_metrics(scores, [r.gt_index for r in records], [r.relevance for r in records])
-    ranked = [max(range(len(s)), key=lambda i: s[i]) for s in scores]
-    preds = _predictions(
-        [f"{r.image_id}:{r.round}" for r in records], gen, top_option=[r.options[i] for r, i in zip(records, ranked)]
-    )
-    score = quality.get("mrr")
-    return EvalResult(
-        "visdial",
-        None if layer is not None else threshold,
-        layer,
-        "mrr",
-        score,
-        quality,
-        gen.speed,
-        _agreement(gen),
-        preds,
-        time.perf_counter() - t0,
-    )
+    top = [r.options[max(range(len(s)), key=lambda i: s[i])] for r, s in zip(records, scores)]
+    ids = [f"{r.image_id}:{r.round}" for r in records]
+    return gen.result("visdial", "mrr", quality.get("mrr"), quality, ids, top_option=top)
 
 
 EVALUATORS = {"captions": evaluate_captioning, "vqa": evaluate_vqa, "visdial": evaluate_visdial}
 
 
-def evaluate(task: str, ee: EarlyExitVLM, processor, records: Sequence, threshold: float = 0.8, **kwargs) -> EvalResult:
+def evaluate(
+    task: str, ee: EarlyExitVLM, processor, records: Sequence, threshold: float = DecodeConfig.threshold, **kwargs
+) -> EvalResult:
     if task not in EVALUATORS:
         raise ValueError(f"unknown task {task!r}: one of {sorted(EVALUATORS)}")
     if not records:

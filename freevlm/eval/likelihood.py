@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..decoding.config import DecodeConfig
 from ..decoding.policies import ExitPolicy
 from ..methods import exit_rule
 from ..model import IGNORE_INDEX, EarlyExitVLM, ExitOutputs
@@ -32,12 +33,12 @@ def option_log_likelihoods(
     image,
     prompt: str,
     options: list[str],
-    threshold: float = 0.8,
+    threshold: float = DecodeConfig.threshold,
     layer: int | None = None,
     batch_size: int = 50,
     method: str = "free",
 ) -> list[float]:
-    """Sum of log p(token) over each option's tokens (T5: its EOS included), given image and prompt.
+    """Sum of log p(token) over each option's tokens (encoder-decoder LMs: its EOS included), given image and prompt.
 
     `layer` forces every token's distribution from that exit (or the final layer, `num_layers`), as the
     per-layer curve does; otherwise `method`'s exit rule at `threshold` picks it.
@@ -53,24 +54,23 @@ def option_log_likelihoods(
         chunk = options[start : start + batch_size]
         inputs = processor.inputs([image] * len(chunk), [prompt] * len(chunk))
         device = inputs["input_ids"].device
-        if backbone.family == "t5":
+        if backbone.encoder_decoder:  # the option is the decoder's sequence, its EOS included
             targets = [tok(o, add_special_tokens=True)["input_ids"] for o in chunk]
             start_id = backbone.lm.config.decoder_start_token_id
             decoder_in, _ = _pad([[start_id] + t[:-1] for t in targets], pad_id)
             batch = {**inputs, "decoder_input_ids": decoder_in.to(device), "targets": _pad(targets, IGNORE_INDEX)[0]}
-        else:
+        else:  # the option follows the prompt in the one sequence
             targets = [tok(" " + o, add_special_tokens=False)["input_ids"] for o in chunk]
             ids, tmask = _pad(targets, pad_id)
             first = inputs["input_ids"].shape[1] - 1  # position p predicts token p + 1
             labels = torch.full((len(chunk), first + 1 + ids.shape[1]), IGNORE_INDEX, dtype=torch.long)
             labels[:, first : first + ids.shape[1]] = _pad(targets, IGNORE_INDEX)[0]
             batch = {
-                "pixel_values": inputs["pixel_values"],
+                **inputs,  # with what the image path reads beyond image and prompt (InstructBLIP's instruction)
                 "targets": labels,
                 "input_ids": torch.cat([inputs["input_ids"], ids.to(device)], dim=1),
                 "attention_mask": torch.cat([inputs["attention_mask"], tmask.to(device)], dim=1),
             }
-            batch.update({k: v for k, v in inputs.items() if k.startswith("qformer_")})  # InstructBLIP's instruction
             if "token_type_ids" in inputs:  # Gemma 3's: the options are text
                 batch["token_type_ids"] = torch.cat([inputs["token_type_ids"], torch.zeros_like(ids.to(device))], dim=1)
         batch["targets"] = batch["targets"].to(device)

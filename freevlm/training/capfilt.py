@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from ..data.images import load_image
+from ..errors import MissingFileError
 from ..loading import VLMBundle
 from .data import write_coco_captions
 
@@ -33,7 +34,7 @@ class _LocalScorer:
 
         path = Path(path)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"no scorer model at {path}: expected a folder with config.json")
+            raise MissingFileError(f"no scorer model at {path}: expected a folder with config.json")
         self.model = model_cls.from_pretrained(path).to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.image_processor = AutoImageProcessor.from_pretrained(path)

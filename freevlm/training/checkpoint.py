@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import MissingFileError
 from .common import Runtime, logger
 
 LATEST = "latest"
@@ -80,7 +81,7 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
         return None
     path = Path(directory) / pointer.read_text().strip()
     if not (path / "state.pt").is_file():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which has no state.pt: the checkpoint folder is damaged")
+        raise MissingFileError(f"{pointer} names {path.name}, which has no state.pt: the checkpoint folder is damaged")
     return path
 
 
@@ -162,7 +163,7 @@ def resume_or_start(
     path = latest_checkpoint(directory)
     if resume:
         if path is None:
-            raise FileNotFoundError(f"resume: no checkpoint under {directory}")
+            raise MissingFileError(f"resume: no checkpoint under {directory}")
         return path, load_checkpoint(path, runtime)
     if path is not None:
         raise FileExistsError(f"{directory} already holds checkpoints: resume, or pick another output_dir")
