@@ -36,6 +36,8 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
     MistralConfig,
     OPTConfig,
     Qwen2_5_VLConfig,
@@ -406,6 +408,19 @@ def qwen_vl_config(
     )
 
 
+def llava_next_config(family: str = "llama", **config_kwargs) -> LlavaNextConfig:
+    """LLaVA-NeXT over `llava_config`'s tower and LM: 16x16 patches, grids of 1x2, 2x1 and 2x2 patches."""
+    llava = llava_config(family, **config_kwargs)
+    return LlavaNextConfig(
+        vision_config=llava.vision_config.to_dict(),
+        text_config=llava.text_config.to_dict(),
+        image_token_index=llava.image_token_index,
+        image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]],
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+
+
 def tiny_model(family: str = "opt", seed: int = 0, **config_kwargs) -> nn.Module:
     """A random model of any supported family (see the module docstring)."""
     if family in TILED:
@@ -415,6 +430,11 @@ def tiny_model(family: str = "opt", seed: int = 0, **config_kwargs) -> nn.Module
     if family in QWEN_VL_CLASSES:
         torch.manual_seed(seed)
         return QWEN_VL_CLASSES[family][1](qwen_vl_config(family, **config_kwargs)).eval()
+    if family.startswith("llava-next-"):
+        torch.manual_seed(seed)
+        return LlavaNextForConditionalGeneration(
+            llava_next_config(family.removeprefix("llava-next-"), **config_kwargs)
+        ).eval()
     if family.startswith("internvl-"):
         torch.manual_seed(seed)
         return InternVLForConditionalGeneration(
@@ -527,10 +547,41 @@ def qwen_vl_inputs(model: nn.Module, batch: int = 1, prompt_len: int = 3, seed: 
     }
 
 
+# (height, width) of the tiny LLaVA-NeXT's images, in turn per row: 2x2, 1x2 and 2x1 patch grids, plus the base view
+LLAVA_NEXT_SIZES = ((30, 28), (12, 30), (31, 14))
+
+
+@torch.no_grad()
+def llava_next_inputs(model: nn.Module, batch: int = 1, prompt_len: int = 3, seed: int = 0, pad: bool = False) -> dict:
+    """One image per row at the sizes `LLAVA_NEXT_SIZES` (all the first without `pad`): `pixel_values`
+    `[batch, 5, 3, 16, 16]` (real patches, then zeros), `image_sizes`, and as many image tokens as the model's own
+    `get_image_features` gives the image, then text; left-padded."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    sizes = torch.tensor([LLAVA_NEXT_SIZES[b % 3] if pad else LLAVA_NEXT_SIZES[0] for b in range(batch)])
+    pixel_values = torch.randn(batch, 5, 3, 16, 16, generator=gen)
+    rows = []
+    for b in range(batch):
+        output = model.model.get_image_features(pixel_values[b : b + 1], sizes[b : b + 1])
+        features = output.pooler_output
+        count = sum(len(f) for f in features) if isinstance(features, (list, tuple)) else len(features)
+        text = torch.randint(4, cfg.text_config.vocab_size - 1, (prompt_len,), generator=gen).tolist()
+        rows.append([cfg.image_token_index] * count + text)
+    width, pad_id = max(len(r) for r in rows), cfg.text_config.pad_token_id
+    return {
+        "pixel_values": pixel_values,
+        "input_ids": torch.tensor([[pad_id] * (width - len(r)) + r for r in rows]),
+        "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
+        "image_sizes": sizes,
+    }
+
+
 def tiny_model_inputs(model: nn.Module, batch: int = 1, prompt_len: int = 3, seed: int = 0, pad: bool = False) -> dict:
     """`tiny_inputs` as the model's processor gives them: a dict of every input its `generate` reads (Gemma 3's
     `token_type_ids`: 1 at image tokens; Qwen-VL's patches and grids: `qwen_vl_inputs`; SmolVLM's tiles and
     `pixel_attention_mask`: `tiled_inputs`)."""
+    if isinstance(model, LlavaNextForConditionalGeneration):
+        return llava_next_inputs(model, batch, prompt_len, seed, pad)
     if isinstance(model, TILED_MODELS):
         return tiled_inputs(model, batch, prompt_len, seed, pad)
     if isinstance(model, tuple(cls for _, cls in QWEN_VL_CLASSES.values())):

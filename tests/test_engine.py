@@ -75,7 +75,7 @@ def _reference_caches(ee, out, pv, ids, mask, **inputs):
     if "mm_token_type_ids" in inputs:
         return _qwen_vl_reference(backbone, out.engine.ctx, generated, pv, ids, mask, **inputs)
     if decoder_only:
-        image_inputs = {k: inputs.pop(k) for k in list(inputs) if k == "pixel_attention_mask"}  # SmolVLM's
+        image_inputs = {k: inputs.pop(k) for k in list(inputs) if k in ("pixel_attention_mask", "image_sizes")}
         _ids_all, embeds, mask_all = backbone.image_prompt_embeds(pv, ids, mask, **instruction, **image_inputs)
         gen_embeds = backbone.lm.get_input_embeddings()(generated[:, :-1])
         embeds = torch.cat([embeds, gen_embeds], dim=1)

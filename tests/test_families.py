@@ -32,6 +32,7 @@ FAMILIES = [
     "gemma3",
     "internvl-qwen2",
     "smolvlm",
+    "llava-next-qwen2",
     "qwen2-vl",
     "qwen2.5-vl",
     "qwen3-vl",
@@ -449,6 +450,22 @@ def test_several_images_per_row_counts_are_checked():
     ids[0, 0] = 5  # 7 image tokens in row 0: not a whole number of images
     with pytest.raises(ValueError, match=r"input_ids hold 11 image token\(s\) \(id 98; row 0: 7\) for 3 image"):
         case.ee.generate(**dict(inputs, input_ids=ids), max_new_tokens=2)
+
+
+# --- LLaVA-NeXT ------------------------------------------------------------------------------------------------
+def test_llava_next_inputs_missing_or_inconsistent_are_refused_by_name():
+    case = Case("llava-next-qwen2", batch=3, pad=True)
+    inputs = case.hf_inputs
+    without = {k: v for k, v in inputs.items() if k != "image_sizes"}
+    with pytest.raises(ValueError, match="LLaVA-NeXT needs image_sizes"):
+        case.ee.generate(**without, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"image_sizes must be \[images, 2\] \(3, 2\), got \(2, 2\)"):
+        case.ee.generate(**without, image_sizes=inputs["image_sizes"][:2], max_new_tokens=2)
+    sizes = inputs["image_sizes"][[0, 0, 0]]  # other sizes: more features than the prompts' image tokens
+    with pytest.raises(ValueError, match=r"input_ids hold 54 image token\(s\) \(id 98; per row: \[24, 14, 16\]\)"):
+        case.ee.generate(**without, image_sizes=sizes, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"pixel_values must be a \[batch, tiles, channels, height, width\]"):
+        case.ee.generate(**dict(inputs, pixel_values=inputs["pixel_values"][:, 0]), max_new_tokens=2)
 
 
 # --- SmolVLM / Idefics3 ----------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from .idefics3 import Idefics3Backbone
 from .instructblip import InstructBlipOPTBackbone, InstructBlipRotaryBackbone, InstructBlipT5Backbone
 from .internvl import InternVLBackbone
 from .llava import LlavaBackbone
+from .llava_next import LlavaNextBackbone
 from .qwen_vl import QwenVLBackbone
 from .rotary import LANGUAGE_MODELS as ROTARY_LANGUAGE_MODELS
 
@@ -20,6 +21,7 @@ SUPPORTED = (
     "Blip2ForConditionalGeneration (OPT, T5/FlanT5), "
     f"InstructBlipForConditionalGeneration (OPT, T5/FlanT5, {', '.join(ROTARY_LANGUAGE_MODELS)}), "
     f"LlavaForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)}), "
+    f"LlavaNextForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)}), "
     "Gemma3ForConditionalGeneration, "
     f"InternVLForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)}), "
     f"SmolVLMForConditionalGeneration and Idefics3ForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)}), "
@@ -36,6 +38,7 @@ def load_backbone(model: nn.Module) -> Backbone:
         InstructBlipForConditionalGeneration,
         InternVLForConditionalGeneration,
         LlavaForConditionalGeneration,
+        LlavaNextForConditionalGeneration,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2VLForConditionalGeneration,
         Qwen3VLForConditionalGeneration,
@@ -54,6 +57,11 @@ def load_backbone(model: nn.Module) -> Backbone:
         if language_model not in ROTARY_LANGUAGE_MODELS:
             raise TypeError(f"unsupported InternVL language model '{language_model}': freevlm supports {SUPPORTED}")
         return InternVLBackbone(model)
+    if isinstance(model, LlavaNextForConditionalGeneration):
+        language_model = model.config.text_config.model_type
+        if language_model not in ROTARY_LANGUAGE_MODELS:
+            raise TypeError(f"unsupported LLaVA-NeXT language model '{language_model}': freevlm supports {SUPPORTED}")
+        return LlavaNextBackbone(model)
     if isinstance(model, (SmolVLMForConditionalGeneration, Idefics3ForConditionalGeneration)):
         language_model = model.config.text_config.model_type
         if language_model not in ROTARY_LANGUAGE_MODELS:

@@ -236,6 +236,25 @@ class Backbone:
         key_mask[:, :prompt_len] = attention_mask.bool()
         return Context(input_ids, embeds, key_mask, {"positions": decoder_positions(key_mask)})
 
+    # --- rows at their own slots (continuous batching: freevlm/serving) -------------------------------------------
+    def rows_context(self, rows: int, slots: int, prompt_slots: int) -> Context:
+        """What a batch of `rows` independent requests keeps per row besides K/V (`slots` per row, prompts of up to
+        `prompt_slots`): nothing for decoder-only LMs, whose rows need only their K/V and positions."""
+        device = self.device
+        empty = torch.zeros(rows, 0, dtype=torch.long, device=device)
+        key_mask = torch.ones(rows, slots, dtype=torch.bool, device=device)
+        return Context(empty, empty[..., None].to(self.dtype), key_mask, {})
+
+    def join_row(self, rows_ctx: Context, row: int, ctx: Context) -> None:
+        """Row `row` of a `rows_context` takes over the per-row state of request `ctx` (batch 1)."""
+
+    def window_context(self, rows_ctx: Context, positions: torch.Tensor) -> Context:
+        """The context of one window of a `rows_context` whose rows sit at their own slots: `positions [B, q]` is
+        each query's slot (= its position: rows hold no padding). Layers run over it with a cache whose `start` is 0
+        and `rows=None`; a fresh one per window, since adapters memoise per-window constants in it."""
+        extra = {**rows_ctx.extra, "positions": positions}
+        return Context(rows_ctx.prompt_ids, rows_ctx.prompt_embeds, rows_ctx.key_mask, extra)
+
     def embed_prompt(self, ctx: Context) -> torch.Tensor:
         """Hidden states entering layer 0 for every prompt slot, `[B, L0, H]`."""
         raise NotImplementedError

@@ -106,17 +106,61 @@ class Blip2T5Backbone(Blip2Backbone):
     def embed(self, ctx, token_ids, rows, start):
         return self.decoder.embed_tokens(token_ids)
 
+    @staticmethod
+    def _project_cross(layer: T5Block, enc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attn = layer.layer[1].EncDecAttention
+        shape = (*enc.shape[:-1], attn.n_heads, attn.key_value_proj_dim)
+        return attn.k(enc).view(shape).transpose(1, 2), attn.v(enc).view(shape).transpose(1, 2)
+
     def _cross_kv(self, layer: T5Block, ctx: Context, rows):
         """Cross-attention K/V of `layer` over the encoder output, projected once per request."""
         store = ctx.extra["cross_kv"]
         key = id(layer)
-        if key not in store:
-            attn = layer.layer[1].EncDecAttention
-            enc = ctx.extra["encoder_out"]
-            shape = (*enc.shape[:-1], attn.n_heads, attn.key_value_proj_dim)
-            store[key] = (attn.k(enc).view(shape).transpose(1, 2), attn.v(enc).view(shape).transpose(1, 2))
-        keys, values = store[key]
+        if key not in store:  # a rows context keeps every row's, a window of it uses its first rows
+            store[key] = (layer, *self._project_cross(layer, ctx.extra.get("encoder_rows", ctx.extra["encoder_out"])))
+        _, keys, values = store[key]
+        if "rows_used" in ctx.extra:
+            keys, values = keys[: ctx.extra["rows_used"]], values[: ctx.extra["rows_used"]]
         return (keys, values) if rows is None else (keys[rows], values[rows])
+
+    # --- rows at their own slots: each row its own encoder output, its own decoder positions -------------------
+    def rows_context(self, rows: int, slots: int, prompt_slots: int) -> Context:
+        """Every row's encoder output (`prompt_slots` of them: image tokens + prompt) and mask, the cross K/V
+        projected from them, and T5's position bias between every pair of decoder slots (a window's rows look up
+        their own queries' rows of it)."""
+        ctx = super().rows_context(rows, slots, prompt_slots)
+        encoder_mask = torch.zeros(rows, 1, 1, prompt_slots, dtype=torch.bool, device=self.device)
+        encoder_mask[..., 0] = True  # an empty row attends to something: no NaN
+        bias = self.layers[0].layer[0].SelfAttention.compute_bias(slots, slots, device=self.device)
+        encoder_out = torch.zeros(rows, prompt_slots, self.hidden_size, dtype=self.dtype, device=self.device)
+        ctx.extra.update(
+            encoder_rows=encoder_out, encoder_mask=encoder_mask, cross_kv={}, bias_table=bias[0].to(self.dtype)
+        )
+        return ctx
+
+    def window_context(self, rows_ctx: Context, positions: torch.Tensor) -> Context:
+        """The first `len(positions)` rows' encoder outputs, masks and cross K/V."""
+        ctx = super().window_context(rows_ctx, positions)
+        used = positions.shape[0]
+        ctx.extra.update(
+            encoder_out=rows_ctx.extra["encoder_rows"][:used],
+            encoder_mask=rows_ctx.extra["encoder_mask"][:used],
+            rows_used=used,
+        )
+        return ctx
+
+    def join_row(self, rows_ctx: Context, row: int, ctx: Context) -> None:
+        enc, length = ctx.extra["encoder_out"][0], ctx.extra["encoder_out"].shape[1]
+        room = rows_ctx.extra["encoder_rows"].shape[1]
+        if length > room:
+            raise ValueError(f"an encoder input of {length} slots exceeds the rows' {room}")
+        rows_ctx.extra["encoder_rows"][row].zero_()[:length] = enc
+        rows_ctx.extra["encoder_mask"][row, 0, 0] = False
+        rows_ctx.extra["encoder_mask"][row, 0, 0, :length] = ctx.extra["encoder_mask"][0, 0, 0]
+        for layer, keys, values in rows_ctx.extra["cross_kv"].values():
+            new_keys, new_values = self._project_cross(layer, enc[None])
+            keys[row].zero_()[:, :length] = new_keys[0]
+            values[row].zero_()[:, :length] = new_values[0]
 
     def run_layer(self, layer, hidden, ctx, cache: KVView | None, mask, rows):
         start = 0 if cache is None else cache.start
@@ -147,8 +191,12 @@ class Blip2T5Backbone(Blip2Backbone):
         if memo is not None and memo[0] is rows and memo[1] is mask and memo[2] == key:
             return memo[3]
         bias_module = self.layers[0].layer[0].SelfAttention
-        bias = bias_module.compute_bias(query_len, key_len, device=hidden.device, past_seen_tokens=start)
-        bias = bias.to(hidden.dtype)
+        positions = ctx.extra.get("positions")
+        if positions is not None:  # rows at their own slots (`window_context`): each query's row of the table
+            bias = ctx.extra["bias_table"][:, positions].permute(1, 0, 2, 3).to(hidden.dtype)
+        else:
+            bias = bias_module.compute_bias(query_len, key_len, device=hidden.device, past_seen_tokens=start)
+            bias = bias.to(hidden.dtype)
         encoder_mask = ctx.extra["encoder_mask"] if rows is None else ctx.extra["encoder_mask"][rows]
         cross_bias = hidden.new_zeros(1, bias_module.n_heads, query_len, encoder_mask.shape[-1])
         self_mask = cross_mask = None  # for the block path, which runs only with a cache (decoding)

@@ -1,0 +1,297 @@
+"""Continuous batching: requests join and leave the running batch at every step boundary.
+
+    scheduler = Scheduler(model, max_batch=8, max_len=128)
+    handle = scheduler.submit(pixel_values, input_ids, threshold=0.6, max_new_tokens=20)
+    scheduler.start()                      # or drive it yourself: while scheduler.step(): ...
+    for event in handle:                   # TokenEvent(token, exit_layer), as they are made
+        ...
+
+One iteration (`step`): rows whose request finished or was cancelled leave (their row is free at once); waiting
+requests take free rows (image and prompt encoded by the backbone, then the prompt's slots in chunks of at most
+`prefill_chunk` per iteration, so a long prompt stalls the running rows by a bounded amount); then one decode step
+runs every active row's next token (`RowEngine.step`) and each row's token goes to its handle.
+
+Capacity is fixed at construction: `max_batch` rows of `max_len` slots (prompt + new tokens), a waiting queue of
+`max_waiting`. A request that can never fit is refused at `submit` (ValueError naming the option); one that cannot
+fit yet waits; a full queue refuses with `QueueFull`.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from ..decoding.config import DecodeConfig
+from ..inputs import validate_generate_inputs
+from ..model import EarlyExitVLM
+from .handle import Handle, QueueFull
+from .rows import RowEngine
+
+CONFIG_FIELDS = {f.name for f in fields(DecodeConfig)}
+
+
+@dataclass
+class _Request:
+    handle: Handle
+    config: DecodeConfig
+    pixel_values: torch.Tensor
+    input_ids: torch.Tensor  # [1, L] without padding
+    eos: frozenset[int]
+    stop: tuple[tuple[int, ...], ...]
+    row: int | None = None
+
+
+class Scheduler:
+    """Runs decode steps over every live request of one `EarlyExitVLM` (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: EarlyExitVLM,
+        max_batch: int = 8,
+        max_len: int = 256,
+        max_prompt: int | None = None,
+        max_waiting: int = 64,
+        prefill_chunk: int = 64,
+    ):
+        for name, value in (("max_batch", max_batch), ("max_len", max_len), ("max_waiting", max_waiting)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
+        self.model, self.backbone = model, model.backbone
+        self.max_batch, self.max_len, self.max_waiting, self.prefill_chunk = (
+            max_batch,
+            max_len,
+            max_waiting,
+            prefill_chunk,
+        )
+        self.max_prompt = max_len if max_prompt is None else max_prompt
+        self.engine = RowEngine(self.backbone, model.exit_dict(), max_batch, max_len, self.max_prompt)
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._joining: list[_Request] = []  # have a row, prompt being encoded
+        self._running: dict[int, _Request] = {}  # row -> request
+        self._last = torch.zeros(max_batch, dtype=torch.long, device=self.backbone.device)
+        self._lock = threading.Condition()
+        self._ids = 0
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # --- submission (any thread) ------------------------------------------------------------------------------------
+    def submit(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        config: DecodeConfig | None = None,
+        stop: list[list[int]] | None = None,
+        **options,
+    ) -> Handle:
+        """Queue one request (one image, one prompt); DecodeConfig fields given as keywords override a copy of
+        `config`. `stop`: token sequences that end the answer (included in it), besides EOS. Invalid options, or a
+        request that could never fit this scheduler, raise ValueError here, naming the problem."""
+        request = self._check(pixel_values, input_ids, attention_mask, config, stop, options)
+        with self._lock:
+            if len(self._waiting) >= self.max_waiting:
+                raise QueueFull(f"the scheduler's waiting queue is full ({self.max_waiting} requests): retry later")
+            self._ids += 1
+            request.handle = Handle(self._ids)
+            self._waiting.append(request)
+            self._lock.notify()
+        return request.handle
+
+    def _check(self, pixel_values, input_ids, attention_mask, config, stop, options) -> _Request:
+        unknown = sorted(set(options) - CONFIG_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown}: the options are DecodeConfig's fields and stop")
+        if config is not None and not isinstance(config, DecodeConfig):
+            raise ValueError(f"config must be a DecodeConfig, got {type(config).__name__}")
+        config = replace(config or DecodeConfig(), **options)
+        config.validate()
+        unsupported = {
+            "num_beams": (config.num_beams == 1, "the scheduler decodes one hypothesis per request (num_beams=1)"),
+            "mode": (config.mode in ("full", "early_exit"), "the scheduler runs mode 'full' or 'early_exit'"),
+            "kv": (config.kv == "recompute", "the scheduler keeps caches exact: kv='recompute' only"),
+            "policy": (config.policy is None, "the scheduler's rows leave by their threshold: no custom policy"),
+            "return_engine": (not config.return_engine, "requests share the scheduler's engine: no return_engine"),
+        }
+        for name, (ok, why) in unsupported.items():
+            if not ok:
+                raise ValueError(f"{name}={getattr(config, name)!r} is not supported: {why}")
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[0] != 1:
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            raise ValueError(f"pixel_values must hold one image, [1, channels, height, width], got {shape}")
+        if input_ids is not None and (not isinstance(input_ids, torch.Tensor) or input_ids.dim() not in (1, 2)):
+            raise ValueError("input_ids must be a [length] or [1, length] tensor of token ids")
+        if input_ids is not None and input_ids.dim() == 1:
+            input_ids = input_ids[None]
+            attention_mask = None if attention_mask is None else attention_mask[None]
+        if input_ids is not None and input_ids.shape[0] != 1:
+            raise ValueError(f"input_ids must hold one prompt, got {input_ids.shape[0]}")
+        validate_generate_inputs(self.backbone, pixel_values, input_ids, attention_mask, config.max_new_tokens)
+        device = self.backbone.device
+        if input_ids is None:
+            input_ids = self.model._default_prompt(1, device)
+        elif attention_mask is not None:  # the prompt alone: a row holds no padding
+            input_ids = input_ids[:, attention_mask[0].bool()]
+        eos, _ = self.model._special_tokens(config.eos_token_id, config.pad_token_id)
+        stop = _check_stop(stop)
+        prompt = self._prompt_slots(input_ids)
+        encoder, decoder = prompt
+        if encoder > self.max_prompt:
+            raise ValueError(
+                f"the prompt takes {encoder} slots (image tokens included), more than this scheduler's "
+                f"max_prompt={self.max_prompt}"
+            )
+        if decoder + config.max_new_tokens > self.max_len:
+            raise ValueError(
+                f"max_new_tokens={config.max_new_tokens} with a prompt of {decoder} decoder slots needs "
+                f"{decoder + config.max_new_tokens} slots, more than this scheduler's max_len={self.max_len}"
+            )
+        pixel_values = pixel_values.to(device=device, dtype=self.backbone.dtype)
+        return _Request(None, config, pixel_values, input_ids.to(device), frozenset(eos), stop)
+
+    def _prompt_slots(self, input_ids: torch.Tensor) -> tuple[int, int]:
+        """(encoder slots, decoder slots) of a prompt: image tokens are put in front where it has none; an
+        encoder-decoder LM's decoder starts from one token."""
+        cfg = self.backbone.config
+        length = input_ids.shape[1]
+        if cfg.image_token_index is None or not bool((input_ids == cfg.image_token_index).any()):
+            length += cfg.num_query_tokens
+        if self.backbone.lm.config.is_encoder_decoder:
+            return length, 1
+        return length, length
+
+    # --- the loop -------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Run the loop in a background thread until `stop()`."""
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="freevlm-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not (self._waiting or self._joining or self._running):
+                    self._lock.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except BaseException as err:  # a failed step fails every request in it, not silently the thread
+                for request in [*self._running.values(), *self._joining]:
+                    request.handle._finish("error", err)
+                    self.engine.leave(request.row)
+                self._running, self._joining = {}, []
+                raise
+
+    def run_until_idle(self) -> None:
+        """Step until no request is waiting or running (in the caller's thread)."""
+        while self.step():
+            pass
+
+    @property
+    def idle(self) -> bool:
+        return not (self._waiting or self._joining or self._running)
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """One iteration (see the module docstring); returns whether any request is still live."""
+        self._retire_cancelled()
+        self._admit()
+        self._prefill()
+        if self._running:
+            self._decode()
+        return not self.idle
+
+    def _retire_cancelled(self) -> None:
+        with self._lock:
+            for request in [r for r in self._waiting if r.handle.cancel_requested]:
+                self._waiting.remove(request)
+                request.handle._finish("cancelled")
+        for request in [*self._running.values(), *self._joining]:
+            if request.handle.cancel_requested:
+                self._release(request, "cancelled")
+
+    def _release(self, request: _Request, reason: str) -> None:
+        self.engine.leave(request.row)
+        if request.row in self._running:
+            del self._running[request.row]
+        else:
+            self._joining.remove(request)
+        request.handle._finish(reason)
+
+    def _admit(self) -> None:
+        taken = {r.row for r in [*self._running.values(), *self._joining]}
+        free = [row for row in range(self.max_batch) if row not in taken]
+        while free:
+            with self._lock:
+                if not self._waiting:
+                    return
+                request = self._waiting.popleft()
+            request.row = free.pop(0)
+            ctx = self.backbone.start(request.pixel_values, request.input_ids, None, request.config.max_new_tokens)
+            may_exit = request.config.mode == "early_exit" and request.config.threshold < 1.0
+            self.engine.join(request.row, ctx, request.config.threshold, may_exit)
+            self._joining.append(request)
+
+    def _prefill(self) -> None:
+        """Encode joining prompts, at most `prefill_chunk` slots in all per iteration (oldest first)."""
+        budget = self.prefill_chunk
+        for request in list(self._joining):
+            budget -= self.engine.prefill(request.row, budget)
+            if self.engine.active[request.row]:
+                self._joining.remove(request)
+                self._running[request.row] = request
+            if budget <= 0:
+                return
+
+    def _decode(self) -> None:
+        out = self.engine.step(self._last)
+        n = len(out.exit_at_host)
+        tokens = out.logits.argmax(dim=-1)
+        self._last[:n] = tokens
+        self.engine.advance()
+        now = time.perf_counter()
+        host = tokens.tolist()
+        for row, request in list(self._running.items()):
+            token, handle = host[row], request.handle
+            handle._emit(token, out.exit_at_host[row], now)
+            reason = _finished(handle.tokens, request)
+            if reason is not None:
+                self._release(request, reason)
+
+
+def _finished(tokens: list[int], request: _Request) -> str | None:
+    if tokens[-1] in request.eos:
+        return "eos"
+    if any(len(s) <= len(tokens) and tuple(tokens[-len(s) :]) == s for s in request.stop):
+        return "stop"
+    if len(tokens) >= request.config.max_new_tokens:
+        return "length"
+    return None
+
+
+def _check_stop(stop) -> tuple[tuple[int, ...], ...]:
+    if stop is None:
+        return ()
+    ok = isinstance(stop, (list, tuple)) and all(
+        isinstance(s, (list, tuple)) and s and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in s)
+        for s in stop
+    )
+    if not ok:
+        raise ValueError(f"stop must be a list of token-id sequences (lists of non-negative ints), got {stop!r}")
+    return tuple(tuple(s) for s in stop)
