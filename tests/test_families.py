@@ -564,3 +564,24 @@ def test_qwen_vl_several_images_per_row_equal_hf_generate(family):
     beam = dict(max_new_tokens=6, num_beams=3, length_penalty=0.6)
     hf_beam = case.model.generate(**inputs, do_sample=False, **beam)
     assert torch.equal(case.ee.generate(**inputs, threshold=1.0, **beam).sequences, hf_beam)
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen3-vl"])
+def test_qwen_vl_positions_are_the_ones_hf_generate_feeds(family):
+    """Every slot's three rotary positions (prompt and new tokens, left-padded rows of different image sizes) are
+    the ones the model's own `generate` hands its language model, step by step."""
+    case = Case(family, batch=3, pad=True)
+    seen = []
+    hook = case.model.model.language_model.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(kwargs["position_ids"][-3:]), with_kwargs=True
+    )
+    try:
+        case.hf_generate(max_new_tokens=6, min_new_tokens=6)
+    finally:
+        hook.remove()
+    hf = torch.cat(seen, dim=2).permute(1, 2, 0)  # [B, slots, 3]
+    ctx = case.ee.backbone.start(*case.inputs, max_new_tokens=6, **case.model_inputs)
+    ours = ctx.extra["positions"][:, : hf.shape[1]]
+    real = ctx.key_mask[:, : hf.shape[1]]
+    assert torch.equal(ours[real], hf[real])
+    assert (ours[real][:, 1] != ours[real][:, 2]).any()  # the image tokens' height and width differ

@@ -10,9 +10,10 @@ What differs from LLaVA's decoder, and what the engine must do itself:
 - multimodal rotary positions: every slot has three positions (time, height, width) whose angles fill separate
   parts of the rotary dimensions (`mrope_section`). Image tokens get their place in the image's grid, text tokens
   the same position three times. The prompt's come from the model's own `get_rope_index` (padding slots get 0);
-  each new token gets the last prompt slot's positions plus its distance from it, per stream, which is what
-  Hugging Face's `generate` feeds the model (its running `position_ids + 1`: the last prompt position plus
-  `rope_deltas`-style offset, the same for every stream since a prompt ends with text). They are kept as
+  each new token gets the last prompt slot's positions plus its distance from it, per stream: what Hugging Face's
+  `generate` feeds the model (5.17 and 5.24: its running `position_ids`, one further per step), not the
+  `cache_position + rope_deltas` its forward falls back to without positions, which differs on left-padded rows
+  (tests/test_families.py's padded batches tell them apart). They are kept as
   `[B, slots, 3]` so that the rotary code's slicing by rows and slots holds, and turned to Hugging Face's
   `[3, n, q]` when cos/sin are made;
 - Qwen3-VL's DeepStack: the tower's intermediate features (one set per `deepstack_visual_indexes`) are added to
