@@ -58,6 +58,23 @@ LLAVA_TEXT_CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Q
 TILED_MODELS = (SmolVLMForConditionalGeneration, Idefics3ForConditionalGeneration)
 
 
+def decoder_sizes(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int) -> dict:
+    """The size and special-token keywords every tiny Llama-like LM shares (Llama, Mistral, Qwen2, Gemma 3, the
+    Qwen-VL line): a 2x MLP, room for 512 positions, BOS 2, EOS 3, pad 1."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=512,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=1,
+    )
+
+
 def blip2_config(
     family: str = "opt",
     num_layers: int = 4,
@@ -117,18 +134,7 @@ def blip2_config(
             feed_forward_proj="gated-gelu",
         )
     elif family == "llama":  # InstructBLIP's Vicuna
-        text = LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden_size,
-            intermediate_size=2 * hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            num_key_value_heads=num_heads // 2,
-            max_position_embeddings=512,
-            bos_token_id=2,
-            eos_token_id=3,
-            pad_token_id=1,
-        )
+        text = LlamaConfig(**decoder_sizes(vocab_size, hidden_size, num_layers, num_heads, num_heads // 2))
     elif family in ("mistral", "qwen2"):  # the grouped-query LMs LLaVA's tiny configs have
         text = llava_config(family, num_layers, hidden_size, vocab_size, num_heads, sliding_window=sliding_window)
         text = text.text_config
@@ -217,17 +223,7 @@ def llava_config(
     elif family == "qwen2" and sliding_window is not None:
         window = {"use_sliding_window": True, "sliding_window": sliding_window, "max_window_layers": 1}
     text = LLAVA_TEXT_CONFIGS[family](
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=512,
-        bos_token_id=2,
-        eos_token_id=3,
-        pad_token_id=1,
-        **window,
+        **decoder_sizes(vocab_size, hidden_size, num_layers, num_heads, num_kv_heads), **window
     )
     return LlavaConfig(
         vision_config=vision.to_dict(),
@@ -257,12 +253,7 @@ def gemma3_config(
     alternate sliding (window 3, shorter than the image) and global, each kind with its own rotary base;
     `query_pre_attn_scalar` is not the head size, as in the real models."""
     text = Gemma3TextConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
+        **decoder_sizes(vocab_size, hidden_size, num_layers, num_heads, num_kv_heads),
         head_dim=hidden_size // num_heads,
         query_pre_attn_scalar=24,
         sliding_window=sliding_window,
@@ -271,10 +262,6 @@ def gemma3_config(
             "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
             "full_attention": {"rope_type": "default", "rope_theta": 1000.0},
         },
-        max_position_embeddings=512,
-        bos_token_id=2,
-        eos_token_id=3,
-        pad_token_id=1,
     )
     vision = SiglipVisionConfig(
         hidden_size=32,
@@ -373,19 +360,7 @@ def qwen_vl_config(
     config_class = QWEN_VL_CLASSES[family][0]
     head_dim = hidden_size // num_heads
     rope = {"rope_type": "default", "rope_theta": 1000.0, "mrope_section": [2, 3, 3]}
-    text = dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=512,
-        bos_token_id=2,
-        eos_token_id=3,
-        pad_token_id=1,
-        rope_parameters=rope,
-    )
+    text = dict(decoder_sizes(vocab_size, hidden_size, num_layers, num_heads, num_kv_heads), rope_parameters=rope)
     if sliding_window is not None and family != "qwen3-vl":
         text.update(use_sliding_window=True, sliding_window=sliding_window, max_window_layers=1)
     vision = dict(depth=2, num_heads=2, patch_size=2, temporal_patch_size=2, spatial_merge_size=2, in_channels=3)
