@@ -38,10 +38,16 @@ def rank_of(module: str, table: dict[str, int]) -> tuple[str, int]:
     raise KeyError(module)
 
 
+MODULE_NAME = re.compile(r"freevlm(\.\w+)+")
+
+
 def imported(module, source: str) -> set[str]:
-    """Absolute names of everything a module's source imports from freevlm (`from a import b` gives `a.b`)."""
+    """Absolute names of everything a module's source imports from freevlm (`from a import b` gives `a.b`), and
+    in a module that calls `import_module`, every string that is a whole dotted `freevlm.` name: what it loads
+    that way (the CLI's command table) is a dependency too."""
     package = module.__name__ if hasattr(module, "__path__") else module.__name__.rpartition(".")[0]
     names = set()
+    loads_by_name = "import_module" in source
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
@@ -51,6 +57,8 @@ def imported(module, source: str) -> set[str]:
                 parent = package.rsplit(".", node.level - 1)[0]
                 base = f"{parent}.{base}" if base else parent
             names |= {f"{base}.{alias.name}" for alias in node.names}
+        elif loads_by_name and isinstance(node, ast.Constant) and MODULE_NAME.fullmatch(str(node.value)):
+            names.add(node.value)
     return {name for name in names if name.split(".")[0] == "freevlm"}
 
 
@@ -88,6 +96,9 @@ def test_relative_imports_resolve():
         "freevlm.model",
     }
     assert imported(importlib.import_module("freevlm.data"), "from .coco import x\n") == {"freevlm.data.coco.x"}
+    string_import = 'NAMES = ("freevlm.commands.demo", "see freevlm.model")\nimport_module(NAMES[0])\n'
+    assert imported(importlib.import_module("freevlm.cli"), string_import) == {"freevlm.commands.demo"}
+    assert imported(importlib.import_module("freevlm.cli"), 'log = getLogger("freevlm.training")\n') == set()
 
 
 def import_graph() -> dict[str, set[str]]:
