@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 from safetensors import SafetensorError, safe_open
 
-from .errors import MissingFileError
+from .backbones import load_backbone
+from .errors import MissingFileError, UserError
 from .inputs import InputWarning
 
 # beside config.json: the BLIP-2's `vision_model` is not a ViT but the encoder this file names (see `freevlm.vision`)
@@ -166,6 +167,10 @@ def load_vlm(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | 
             model = getattr(transformers, MODEL_CLASSES[config.model_type]).from_pretrained(path, dtype=dtype)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
         raise ValueError(f"{path} is not a loadable {name} checkpoint: {_first_line(err)}") from err
+    try:  # a supported model class whose language model freevlm has no adapter for
+        load_backbone(model)
+    except TypeError as err:
+        raise UserError(f"{path}: {err}") from err
     model = model.to(device).eval()
     try:
         if config.model_type in TOKENIZER_AND_IMAGE_PROCESSOR:

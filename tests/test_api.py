@@ -202,3 +202,23 @@ def test_a_whole_process_uses_no_deprecated_transformers_call(family):
         [sys.executable, *argv], cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600, check=False
     )
     assert run.returncode == 0 and "threshold 0.00" in run.stdout, run.stderr[-3000:]
+
+
+def test_cli_names_a_language_model_without_an_adapter(tmp_path, capsys):
+    """A supported model class around an LM freevlm has no adapter for: one line naming both, exit code 2."""
+    from PIL import Image
+    from tiny_processor import tiny_processor
+
+    from freevlm.tiny import tiny_model
+
+    model = tiny_model("llama", seed=0)
+    model.save_pretrained(tmp_path / "model")
+    tiny_processor(model).save_pretrained(tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    config["text_config"]["model_type"] = "gemma"  # Gemma's decoder reads Llama's weights, but has no adapter here
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    Image.new("RGB", (8, 8)).save(tmp_path / "img.png")
+    argv = ["caption", "--backbone", str(tmp_path / "model"), "--image", str(tmp_path / "img.png"), "--mode", "full"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "unsupported LLaVA language model 'gemma'" in err and "Traceback" not in err
