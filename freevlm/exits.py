@@ -57,54 +57,10 @@ class ExitConfig:
         return asdict(self)
 
 
-class ExitLayer(nn.Module):
-    """E_i: one LM-config layer at LM depth `at`; logits come from the backbone's frozen head."""
+class Exit(nn.Module):
+    """An exit at LM depth `at`. Its logits come from the backbone's frozen head unless a subclass has its own."""
 
-    needs_cache = True  # an attention layer: the engine keeps its KV cache
-
-    def __init__(self, layer: nn.Module, at: int):
-        super().__init__()
-        self.layer = layer
-        self.at = at
-
-    def logits(self, backbone, features: torch.Tensor) -> torch.Tensor:
-        return backbone.head(features)
-
-    def logit_parameters(self, backbone) -> int:
-        return backbone.head_parameters()
-
-    def extra_repr(self) -> str:
-        return f"at={self.at}"
-
-
-class LinearExit(nn.Module):
-    """A vocabulary-sized linear classifier on the frozen-normed h_i (DeeBERT/PABEE/LeeBERT-style exits).
-
-    Starts as a copy of the LM head (its bias, if any, dropped); H x V trainable parameters per exit.
-    """
-
-    needs_cache = False
-
-    def __init__(self, lm_head: nn.Linear, at: int):
-        super().__init__()
-        self.classifier = nn.Linear(lm_head.in_features, lm_head.out_features, bias=False)
-        self.classifier.weight.data.copy_(lm_head.weight.data)
-        self.at = at
-
-    def logits(self, backbone, features: torch.Tensor) -> torch.Tensor:
-        return self.classifier(backbone.final_norm(features))
-
-    def logit_parameters(self, backbone) -> int:
-        return self.classifier.weight.numel() + sum(p.numel() for p in backbone.final_norm_modules())
-
-    def extra_repr(self) -> str:
-        return f"at={self.at}"
-
-
-class HeadExit(nn.Module):
-    """No trainable part: h_i straight into the frozen final norm + head (MuE)."""
-
-    needs_cache = False
+    needs_cache = False  # whether the engine keeps a KV cache for it (an attention layer)
 
     def __init__(self, at: int):
         super().__init__()
@@ -118,6 +74,38 @@ class HeadExit(nn.Module):
 
     def extra_repr(self) -> str:
         return f"at={self.at}"
+
+
+class ExitLayer(Exit):
+    """E_i: one LM-config layer at LM depth `at`; logits come from the backbone's frozen head."""
+
+    needs_cache = True
+
+    def __init__(self, layer: nn.Module, at: int):
+        super().__init__(at)
+        self.layer = layer
+
+
+class LinearExit(Exit):
+    """A vocabulary-sized linear classifier on the frozen-normed h_i (DeeBERT/PABEE/LeeBERT-style exits).
+
+    Starts as a copy of the LM head (its bias, if any, dropped); H x V trainable parameters per exit.
+    """
+
+    def __init__(self, lm_head: nn.Linear, at: int):
+        super().__init__(at)
+        self.classifier = nn.Linear(lm_head.in_features, lm_head.out_features, bias=False)
+        self.classifier.weight.data.copy_(lm_head.weight.data)
+
+    def logits(self, backbone, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(backbone.final_norm(features))
+
+    def logit_parameters(self, backbone) -> int:
+        return self.classifier.weight.numel() + sum(p.numel() for p in backbone.final_norm_modules())
+
+
+class HeadExit(Exit):
+    """No trainable part: h_i straight into the frozen final norm + head (MuE)."""
 
 
 class FeatureDiscriminator(nn.Module):

@@ -22,7 +22,7 @@ from .decoding.policies import ConfidencePolicy, ExitPolicy
 from .decoding.search import SEARCH, search_name
 from .decoding.static import EnginePool
 from .errors import MissingFileError
-from .exits import ExitConfig, ExitLayer, HeadExit, LinearExit
+from .exits import Exit, ExitConfig, ExitLayer, HeadExit, LinearExit
 from .inputs import validate_generate_inputs
 
 WEIGHTS_NAME = "exits.safetensors"
@@ -106,7 +106,7 @@ class EarlyExitVLM(nn.Module):
     def exit_layers(self) -> list[int]:
         return sorted(int(k) for k in self.exits)
 
-    def exit_dict(self) -> dict[int, ExitLayer]:
+    def exit_dict(self) -> dict[int, Exit]:
         return {int(k): v for k, v in self.exits.items()}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ExitOutputs:
