@@ -32,7 +32,7 @@ from transformers import PreTrainedTokenizerFast
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.cli import main
 from freevlm.data.images import load_image
-from freevlm.loading import load_exits, load_vlm
+from freevlm.loading import TrainingPrompt, load_exits, load_vlm
 from freevlm.tiny import tiny_blip2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +66,7 @@ def files(tmp_path_factory):
     model.save_pretrained(root / "backbone")
     full_vocab_tokenizer().save_pretrained(root / "backbone")
     make_image_processor().save_pretrained(root / "backbone")
+    TrainingPrompt(PROMPTS[3]).save_pretrained(root / "backbone")  # what a request with no text gets
     ee.save_exits(root / "exits")
     images = []
     for i, color in enumerate(["red", "green", "blue"]):
@@ -291,6 +292,12 @@ def test_stream_usage_and_stop_strings(server, files, local):
     )
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == cut
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+
+
+def test_a_request_without_text_gets_the_folders_prompt(server, files, local):
+    image = files["images"][2]
+    out = server.client().chat.completions.create(model="tiny", messages=messages(data_url(image), None))
+    assert out.choices[0].message.content == expected(local, image, PROMPTS[3])[0]
 
 
 def _png_header_only(width: int, height: int) -> bytes:

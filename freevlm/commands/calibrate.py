@@ -110,7 +110,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         args.method,
         vqa_metric=spec.vqa_metric,
         progress=print,
-        **evaluation_options(args, spec),
+        **evaluation_options(args, spec, bundle),
     )
     report = calibration_report(
         calibration,
@@ -163,7 +163,7 @@ def run_place_exits(args: argparse.Namespace) -> int:
         thresholds=args.thresholds,
         method=args.method,
         vqa_metric=spec.vqa_metric,
-        **evaluation_options(args, spec),
+        **evaluation_options(args, spec, bundle),
     )
     report = {
         "method": args.method,
