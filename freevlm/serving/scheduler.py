@@ -29,7 +29,7 @@ from ..decoding.config import DecodeConfig
 from ..inputs import validate_generate_inputs
 from ..model import EarlyExitVLM
 from .handle import Handle, QueueFull
-from .rows import RowEngine
+from .rows import EXIT_RULES, RowEngine
 
 CONFIG_FIELDS = {f.name for f in fields(DecodeConfig)}
 
@@ -42,6 +42,7 @@ class _Request:
     input_ids: torch.Tensor  # [1, L] without padding
     eos: frozenset[int]
     stop: tuple[tuple[int, ...], ...]
+    slots: int  # prompt slots, image tokens included
     row: int | None = None
 
 
@@ -56,6 +57,7 @@ class Scheduler:
         max_prompt: int | None = None,
         max_waiting: int = 64,
         prefill_chunk: int = 64,
+        exit_rule: str = EXIT_RULES[0],
     ):
         for name, value in (("max_batch", max_batch), ("max_len", max_len), ("max_waiting", max_waiting)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -70,7 +72,7 @@ class Scheduler:
             prefill_chunk,
         )
         self.max_prompt = max_len if max_prompt is None else max_prompt
-        self.engine = RowEngine(self.backbone, model.exit_dict(), max_batch, max_len, self.max_prompt)
+        self.engine = RowEngine(self.backbone, model.exit_dict(), max_batch, max_len, self.max_prompt, exit_rule)
         self._waiting: collections.deque[_Request] = collections.deque()
         self._joining: list[_Request] = []  # have a row, prompt being encoded
         self._running: dict[int, _Request] = {}  # row -> request
@@ -152,7 +154,7 @@ class Scheduler:
                 f"{decoder + config.max_new_tokens} slots, more than this scheduler's max_len={self.max_len}"
             )
         pixel_values = pixel_values.to(device=device, dtype=self.backbone.dtype)
-        return _Request(None, config, pixel_values, input_ids.to(device), frozenset(eos), stop)
+        return _Request(None, config, pixel_values, input_ids.to(device), frozenset(eos), stop, encoder)
 
     def _prompt_slots(self, input_ids: torch.Tensor) -> tuple[int, int]:
         """(encoder slots, decoder slots) of a prompt: image tokens are put in front where it has none; an
@@ -235,13 +237,19 @@ class Scheduler:
         request.handle._finish(reason)
 
     def _admit(self) -> None:
+        """Waiting requests take free rows, their image and prompt encoded by the backbone, as long as this
+        iteration's prefill budget (`prefill_chunk` prompt slots, image tokens included) is not spent by the
+        prompts already joining: a burst of arrivals joins over several iterations instead of freezing the running
+        rows for all of them at once."""
         taken = {r.row for r in [*self._running.values(), *self._joining]}
         free = [row for row in range(self.max_batch) if row not in taken]
-        while free:
+        budget = self.prefill_chunk - sum(self.engine.prompt_left(r.row) for r in self._joining)
+        while free and budget > 0:
             with self._lock:
                 if not self._waiting:
                     return
                 request = self._waiting.popleft()
+            budget -= request.slots
             request.row = free.pop(0)
             ctx = self.backbone.start(request.pixel_values, request.input_ids, None, request.config.max_new_tokens)
             may_exit = request.config.mode == "early_exit" and request.config.threshold < 1.0
@@ -264,10 +272,11 @@ class Scheduler:
         n = len(out.exit_at_host)
         tokens = out.logits.argmax(dim=-1)
         self._last[:n] = tokens
-        self.engine.advance()
         now = time.perf_counter()
         host = tokens.tolist()
         for row, request in list(self._running.items()):
+            if not out.out[row]:  # parked: its token goes on at a later step
+                continue
             token, handle = host[row], request.handle
             handle._emit(token, out.exit_at_host[row], now)
             reason = _finished(handle.tokens, request)
