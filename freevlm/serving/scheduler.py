@@ -206,6 +206,20 @@ class Scheduler:
             pass
 
     @property
+    def running(self) -> int:
+        """Requests holding a row (their prompt being encoded, or decoding)."""
+        return len(self._running) + len(self._joining)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the background loop runs (False before `start`, after `stop`, or after a failed step)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def idle(self) -> bool:
         return not (self._waiting or self._joining or self._running)
 
