@@ -17,6 +17,7 @@ from transformers.generation.logits_process import (
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.decoding.config import DecodeConfig
 from freevlm.decoding.sampling import TokenChooser
+from freevlm.serving import Scheduler
 from freevlm.tiny import tiny_model, tiny_model_inputs
 
 # (temperature, top_k, top_p, repetition_penalty): each processor alone, all together, none
@@ -133,3 +134,63 @@ def test_exits_decide_on_raw_logits_and_the_token_comes_from_the_exit(family_mod
     assert not torch.equal(greedy.sequences, ee.generate(**inputs, **options, mode="full").sequences)
     top1 = ee.generate(**inputs, **options, threshold=0.02, do_sample=True, top_k=1, temperature=5.0, seed=1)
     assert torch.equal(top1.sequences, greedy.sequences) and torch.equal(top1.exit_layers, greedy.exit_layers)
+
+
+def _scheduled(ee, requests):
+    """Run `(arrival step, pixel_values, input_ids, options)` requests through one scheduler; their handles."""
+    scheduler = Scheduler(ee, max_batch=3, max_len=48)
+    handles, step = [None] * len(requests), 0
+    while step <= max(r[0] for r in requests) or not scheduler.idle:
+        for i, (arrival, pv, ids, options) in enumerate(requests):
+            if arrival == step:
+                handles[i] = scheduler.submit(pv, ids, **options)
+        scheduler.step()
+        step += 1
+    return [h.result() for h in handles]
+
+
+def test_scheduler_sample_is_the_same_whatever_else_runs(family_model):
+    """A seeded request samples what `generate` samples for it alone, alone in the scheduler or beside greedy
+    and sampling requests (their own temperatures, top-k, penalties, seeds) that arrive before and after it."""
+    model, ee = family_model
+    pv, ids = (tiny_model_inputs(model, batch=1, seed=7)[k] for k in ("pixel_values", "input_ids"))
+    seeded = dict(max_new_tokens=8, threshold=0.05, eos_token_id=[], **_options(0.8, 0, 0.9, 1.2), seed=3)
+    out = ee.generate(pv, ids, **seeded)
+    expected = (out.sequences[0, ids.shape[1] :].tolist(), out.exit_layers[0].tolist())
+    (alone,) = _scheduled(ee, [(0, pv, ids, seeded)])
+    assert (alone.tokens, alone.exit_layers) == expected
+    others = []
+    for i, settings in enumerate(SETTINGS):
+        o_pv, o_ids = (
+            tiny_model_inputs(model, batch=1, prompt_len=2 + i % 3, seed=20 + i)[k]
+            for k in ("pixel_values", "input_ids")
+        )
+        others.append(
+            (i, o_pv, o_ids, dict(max_new_tokens=3 + i, threshold=0.05, eos_token_id=[], **_options(*settings), seed=i))
+        )
+    greedy = (1, pv, ids, dict(max_new_tokens=6, threshold=0.05, eos_token_id=[]))
+    other_seed = (2, pv, ids, {**seeded, "seed": 4})
+    results = _scheduled(ee, [others[0], others[1], greedy, (2, pv, ids, seeded), other_seed, *others[2:]])
+    assert (results[3].tokens, results[3].exit_layers) == expected
+    assert results[4].tokens != expected[0], "another seed drew the same tokens: the test cannot see the generator"
+    assert results[2].tokens == ee.generate(pv, ids, **greedy[3]).sequences[0, ids.shape[1] :].tolist()
+
+
+def test_scheduler_refuses_bad_sampling_options_by_name(family_model):
+    _, ee = family_model
+    scheduler = Scheduler(ee, max_batch=1, max_len=32)
+    pv, ids = (tiny_model_inputs(ee.model, batch=1, seed=7)[k] for k in ("pixel_values", "input_ids"))
+    bad = {
+        "temperature": dict(do_sample=True, temperature=0.0),
+        "top_p": dict(do_sample=True, top_p=1.5),
+        "top_k": dict(do_sample=True, top_k=-2),
+        "repetition_penalty": dict(repetition_penalty=-1.0),
+        "seed": dict(do_sample=True, seed=-3),
+        "do_sample": dict(do_sample="yes"),
+        "batch_policy": dict(batch_policy="per_row"),
+        "static": dict(static=True),
+    }
+    for name, options in bad.items():
+        with pytest.raises(ValueError, match=name):
+            scheduler.submit(pv, ids, **options)
+    assert scheduler.idle

@@ -64,8 +64,8 @@ class TokenChooser:
         self,
         rows: list[int],
         config: DecodeConfig,
-        prompt_ids: torch.Tensor,
-        prompt_mask: torch.Tensor,
+        prompt_ids: torch.Tensor | None,
+        prompt_mask: torch.Tensor | None,
         generator: torch.Generator | None,
     ) -> None:
         """Rows `rows` choose as `config` says from now on; `prompt_ids [len(rows), L]` are the tokens they start
@@ -96,6 +96,10 @@ class TokenChooser:
             ids = prompt_ids.clamp(max=self.vocab).masked_fill(~prompt_mask.bool(), self.vocab)
             seen = torch.zeros(len(rows), self.vocab + 1, dtype=torch.bool, device=self.device)
             self.seen[index] = seen.scatter_(1, ids, True)[:, : self.vocab]
+
+    def clear(self, row: int) -> None:
+        """Row `row` holds no request: greedy, no draws."""
+        self.set([row], DecodeConfig(), None, None, None)
 
     @staticmethod
     def needed(config: DecodeConfig) -> bool:

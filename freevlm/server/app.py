@@ -8,7 +8,7 @@ A request is checked (api.py), its image read and its prompt laid out (chat.py),
 refuses what can never fit (400) and a full queue (429 with Retry-After). Tokens come from the scheduler's thread to
 the event loop through `Handle.watch` (a wake-up per token, never a blocked thread per request). A request that
 times out, a client that disconnects, and a stop string each cancel the handle: its row is free at the next step.
-`/` is left free for a page.
+`/` is a live page (page.py) that streams answers from this API.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from .api import APIError, ChatRequest, validation_error
 from .chat import TextStream, decode, image_bytes, layout_prompt, the_image
 from .config import ServerConfig
 from .metrics import ServerMetrics
+from .page import page_routes
 
 # how the scheduler's reasons read in OpenAI's finish_reason
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
@@ -68,6 +69,7 @@ class ChatService:
         self.model, self.config, self.scheduler, self.metrics = model, config, scheduler, metrics
         self.num_layers = model.ee.backbone.num_layers
         self.default_prompt = config.prompt if config.prompt is not None else (model.prompt or "")
+        self.default_threshold = config.threshold if model.has_exits else 1.0
         self._inputs_lock = threading.Lock()  # a Hugging Face tokenizer is not safe to call from two threads
 
     # --- request -> handle ----------------------------------------------------------------------------------------
@@ -81,10 +83,9 @@ class ChatService:
                 "temperature",
                 "unsupported",
             )
-        default = self.config.threshold if self.model.has_exits else 1.0
         options = {
             "max_new_tokens": request.max_new_tokens or self.config.max_tokens,
-            "threshold": request.threshold if request.threshold is not None else default,
+            "threshold": request.threshold if request.threshold is not None else self.default_threshold,
         }
         options |= {name: getattr(request, name) for name in ("mode", "kv") if getattr(request, name) is not None}
         early = options.get("mode", "early_exit") == "early_exit" and options["threshold"] < 1
@@ -310,6 +311,16 @@ def create_app(model: ServedModel, config: ServerConfig | None = None) -> FastAP
 
     app = FastAPI(title="freevlm", summary="early-exit vision-language model server", lifespan=lifespan)
     app.state.service = service
+    app.include_router(
+        page_routes(
+            model.name,
+            service.num_layers,
+            model.ee.exit_layers if model.has_exits else [],
+            threshold=service.default_threshold,
+            max_tokens=config.max_tokens,
+            prompt=service.default_prompt,
+        )
+    )
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError) -> JSONResponse:
