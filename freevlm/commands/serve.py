@@ -114,7 +114,7 @@ def load_served_model(args: argparse.Namespace):
     from ..model import EarlyExitVLM
     from ..server.app import ServedModel
 
-    backbone, exits, layers = (args.backbone, args.exits, None) if args.backbone else demo_model()
+    backbone, exits, layers, prompt = (args.backbone, args.exits, None, None) if args.backbone else demo_model()
     check_vlm_folder(backbone)
     logging.getLogger("freevlm").info("loading %s", backbone)
     bundle = load_vlm(backbone, device=args.device)
@@ -127,18 +127,21 @@ def load_served_model(args: argparse.Namespace):
     else:
         ee = EarlyExitVLM(bundle.model, ExitConfig([1]))  # a placeholder exit that full mode never runs
     name = args.name or (Path(backbone).resolve().name if args.backbone else "freevlm-demo")
-    return ServedModel(bundle, ee, name, prompt=None, has_exits=bool(exits))
+    prompt = bundle.prompt if bundle.prompt is not None else prompt
+    return ServedModel(bundle, ee, name, prompt, has_exits=bool(exits))
 
 
-def demo_model() -> tuple[Path, Path, tuple[int, ...]]:
-    """(backbone, exits, FREE's exit layers) of the demo's trained model: the full recipe's, else `--quick`'s."""
+def demo_model() -> tuple[Path, Path, tuple[int, ...], str]:
+    """(backbone, exits, FREE's exit layers, the prompt it was trained after) of the demo's trained model: the full
+    recipe's, else `--quick`'s (the prompt: for a cache from before its folder recorded it)."""
     from ..demo.config import DemoConfig, default_cache
     from ..demo.train import trained_model
+    from ..eval.evaluate import CAPTION_PROMPT
 
     for cfg in (DemoConfig(), DemoConfig.quick_config()):
         found = trained_model(cfg)
         if found is not None:
-            return (*found, tuple(cfg.exit_layers))
+            return (*found, tuple(cfg.exit_layers), CAPTION_PROMPT)
     raise UserError(
         f"no trained demo model in {default_cache()} ($FREEVLM_CACHE): run `freevlm demo --quick` (a few minutes) "
         "or `freevlm demo` to make one, or give --backbone (and --exits)"

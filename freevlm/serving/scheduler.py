@@ -31,7 +31,7 @@ from ..decoding.sampling import TokenChooser, make_generator
 from ..inputs import validate_generate_inputs
 from ..model import EarlyExitVLM
 from .handle import Handle, QueueFull
-from .rows import RowEngine
+from .rows import EXIT_RULES, RowEngine
 
 CONFIG_FIELDS = {f.name for f in fields(DecodeConfig)}
 
@@ -44,6 +44,7 @@ class _Request:
     input_ids: torch.Tensor  # [1, L] without padding
     eos: frozenset[int]
     stop: tuple[tuple[int, ...], ...]
+    slots: int  # prompt slots, image tokens included
     inputs: dict  # the family's other model inputs (`Backbone.input_names`), for `Backbone.start`
     row: int | None = None
     prompt_ids: torch.Tensor | None = None  # [1, L0] the decoder's prompt (what the repetition penalty counts)
@@ -60,6 +61,7 @@ class Scheduler:
         max_prompt: int | None = None,
         max_waiting: int = 64,
         prefill_chunk: int = 64,
+        exit_rule: str = EXIT_RULES[0],
     ):
         for name, value in (("max_batch", max_batch), ("max_len", max_len), ("max_waiting", max_waiting)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -74,7 +76,7 @@ class Scheduler:
             prefill_chunk,
         )
         self.max_prompt = max_len if max_prompt is None else max_prompt
-        self.engine = RowEngine(self.backbone, model.exit_dict(), max_batch, max_len, self.max_prompt)
+        self.engine = RowEngine(self.backbone, model.exit_dict(), max_batch, max_len, self.max_prompt, exit_rule)
         vocab, device = self.backbone.lm_head.weight.shape[0], self.backbone.device
         self.chooser = TokenChooser(max_batch, vocab, device, per_row_generators=True)  # a generator per request
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -170,7 +172,7 @@ class Scheduler:
             )
         pixel_values = pixel_values.to(device=device, dtype=self.backbone.dtype)
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-        return _Request(None, config, pixel_values, input_ids.to(device), frozenset(eos), stop, inputs)
+        return _Request(None, config, pixel_values, input_ids.to(device), frozenset(eos), stop, encoder, inputs)
 
     def _check_images(self, pixel_values, input_ids, inputs: dict) -> None:
         """`pixel_values` hold one prompt's images (one, or as many as its image tokens say: Gemma 3, InternVL);
@@ -282,9 +284,14 @@ class Scheduler:
         request.handle._finish(reason)
 
     def _admit(self) -> None:
+        """Waiting requests take free rows, their image and prompt encoded by the backbone, as long as this
+        iteration's prefill budget (`prefill_chunk` prompt slots, image tokens included) is not spent by the
+        prompts already joining: a burst of arrivals joins over several iterations instead of freezing the running
+        rows for all of them at once."""
         taken = {r.row for r in [*self._running.values(), *self._joining]}
         free = [row for row in range(self.max_batch) if row not in taken]
-        while free:
+        budget = self.prefill_chunk - sum(self.engine.prompt_left(r.row) for r in self._joining)
+        while free and budget > 0:
             with self._lock:
                 if not self._waiting:
                     return
@@ -298,6 +305,7 @@ class Scheduler:
             except ValueError as err:
                 request.handle._finish("error", err)
                 continue
+            budget -= request.slots
             request.row = free.pop(0)
             request.prompt_ids = ctx.prompt_ids
             self._joining.append(request)
@@ -322,15 +330,16 @@ class Scheduler:
 
     def _decode(self) -> None:
         out = self.engine.step(self._last)
-        n = len(out.exit_at_host)
-        rows = self._rows[:n]
-        tokens = self.chooser.choose(out.logits, rows, list(range(n)))  # greedy argmax, unless a row samples
+        made = [row for row, done in enumerate(out.out) if done]  # a parked token is not out: nothing drawn for it
+        rows = self._rows[made]
+        tokens = self.chooser.choose(out.logits[rows], rows, made)  # greedy argmax, unless a row samples
         self.chooser.observe(rows, tokens)
-        self._last[:n] = tokens
-        self.engine.advance()
+        self._last[rows] = tokens
         now = time.perf_counter()
-        host = tokens.tolist()
+        host = dict(zip(made, tokens.tolist()))
         for row, request in list(self._running.items()):
+            if row not in host:  # parked: its token goes on at a later step
+                continue
             token, handle = host[row], request.handle
             handle._emit(token, out.exit_at_host[row], now)
             reason = _finished(handle.tokens, request)
