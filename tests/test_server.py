@@ -200,12 +200,12 @@ def local(files):
     torch.set_num_threads(threads)
 
 
-def expected(local, image: Path, prompt: str, threshold: float = 0.8) -> tuple[str, list[int]]:
+def expected(local, image: Path, prompt: str, threshold: float = 0.8, **sampling) -> tuple[str, list[int]]:
     """The answer and exit layers `freevlm caption` gives (its steps, on a model loaded once; checked against the
-    command itself in the first test)."""
+    command itself in the first test); with `sampling` options, what `generate` samples with them."""
     bundle, ee = local
     inputs = bundle.inputs([load_image(image)], [prompt])
-    out = ee.generate(**inputs, max_new_tokens=MAX_TOKENS, threshold=threshold)
+    out = ee.generate(**inputs, max_new_tokens=MAX_TOKENS, threshold=threshold, **sampling)
     new = out.sequences[0, inputs["input_ids"].shape[1] :]
     return bundle.decode(new[None])[0], out.exit_layers[0].tolist()
 
@@ -274,6 +274,38 @@ def test_answers_equal_caption_under_concurrent_clients(server, files, local):
     assert asyncio.run(everyone()) == answers + answers
 
 
+def test_seeded_sampling_is_reproducible_under_load(server, files, local):
+    """temperature > 0 samples (top_p, seed as OpenAI's): a seeded request gets what `generate` samples with the
+    same seed alone, whatever else runs beside it; temperature 0 stays greedy."""
+    image, prompt = files["images"][0], PROMPTS[1]
+    cases = [(None, 0.3), (7, 0.3), (8, 0.3), (7, 1.0), (8, 1.0)]  # (seed, threshold); None: greedy
+
+    def sampling(seed):
+        return {} if seed is None else {"do_sample": True, "temperature": 1.5, "top_p": 0.9, "seed": seed}
+
+    answers = [expected(local, image, prompt, threshold, **sampling(seed)) for seed, threshold in cases]
+    assert answers[1] != answers[2] and answers[1][0] != answers[0][0], (
+        "the seeds change nothing: the test sees nothing"
+    )
+
+    async def ask(client, seed, threshold):
+        options = {"temperature": 0} if seed is None else {"temperature": 1.5, "top_p": 0.9, "seed": seed}
+        out = await client.chat.completions.create(
+            model="tiny",
+            messages=messages(data_url(image), prompt),
+            max_tokens=MAX_TOKENS,
+            extra_body={"threshold": threshold},
+            **options,
+        )
+        return out.choices[0].message.content, out.freevlm["exit_layers"]
+
+    async def everyone():
+        client = server.async_client()
+        return await asyncio.gather(*[ask(client, *case) for case in cases + cases])
+
+    assert asyncio.run(everyone()) == answers + answers
+
+
 def test_stream_usage_and_stop_strings(server, files, local):
     image, prompt = files["images"][1], PROMPTS[1]
     text, _ = expected(local, image, prompt, 1.0)
@@ -329,7 +361,8 @@ def test_bad_requests_get_openai_errors_and_others_go_on(server, files, local):
         (good | {"n": 2}, 400, "n", "one answer per request"),
         (good | {"logprobs": True}, 400, "logprobs", "unsupported parameter"),
         (good | {"mode": "speculative"}, 400, "mode", "mode='speculative' is not supported"),
-        (good | {"temperature": 0.7}, 400, "temperature", "sampling"),
+        (good | {"temperature": 0.7, "seed": -1}, 400, "seed", "seed must be an integer"),
+        (good | {"temperature": 2.5}, 400, "temperature", "less than or equal to 2"),
         ({"model": "tiny"}, 400, "messages", "missing"),
     ]
 
