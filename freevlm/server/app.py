@@ -8,7 +8,7 @@ A request is checked (api.py), its image read and its prompt laid out (chat.py),
 refuses what can never fit (400) and a full queue (429 with Retry-After). Tokens come from the scheduler's thread to
 the event loop through `Handle.watch` (a wake-up per token, never a blocked thread per request). A request that
 times out, a client that disconnects, and a stop string each cancel the handle: its row is free at the next step.
-`/` is left free for a page.
+`/` is a live page (page.py) that streams answers from this API.
 """
 
 from __future__ import annotations
@@ -38,11 +38,12 @@ from .api import APIError, ChatRequest, validation_error
 from .chat import TextStream, decode, image_bytes, layout_prompt, the_image
 from .config import ServerConfig
 from .metrics import ServerMetrics
+from .page import page_routes
 
 # how the scheduler's reasons read in OpenAI's finish_reason
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 # DecodeConfig names in the scheduler's messages -> the request's names
-PARAMS = {"max_new_tokens": "max_tokens", "threshold": "threshold", "mode": "mode", "kv": "kv"}
+PARAMS = {"max_new_tokens": "max_tokens", **{name: name for name in ("threshold", "mode", "kv", "top_p", "seed")}}
 
 
 @dataclass
@@ -68,25 +69,24 @@ class ChatService:
         self.model, self.config, self.scheduler, self.metrics = model, config, scheduler, metrics
         self.num_layers = model.ee.backbone.num_layers
         self.default_prompt = config.prompt if config.prompt is not None else (model.prompt or "")
+        self.default_threshold = config.threshold if model.has_exits else 1.0
         self._inputs_lock = threading.Lock()  # a Hugging Face tokenizer is not safe to call from two threads
 
     # --- request -> handle ----------------------------------------------------------------------------------------
     def options(self, request: ChatRequest) -> dict:
         """The request's decoding options, as `Scheduler.submit` keywords."""
-        if request.temperature:
-            raise APIError(
-                400,
-                f"temperature={request.temperature:g} asks for sampling, which this server does not do yet: use "
-                "temperature 0 (greedy)",
-                "temperature",
-                "unsupported",
-            )
-        default = self.config.threshold if self.model.has_exits else 1.0
+        sampling = {}
+        if request.temperature:  # OpenAI's temperature 0 is greedy; absent, so is ours (the answer `caption` gives)
+            sampling = {"do_sample": True, "temperature": request.temperature}
+            sampling |= {
+                name: getattr(request, name) for name in ("top_p", "seed") if getattr(request, name) is not None
+            }
         options = {
             "max_new_tokens": request.max_new_tokens or self.config.max_tokens,
-            "threshold": request.threshold if request.threshold is not None else default,
+            "threshold": request.threshold if request.threshold is not None else self.default_threshold,
         }
         options |= {name: getattr(request, name) for name in ("mode", "kv") if getattr(request, name) is not None}
+        options |= sampling
         early = options.get("mode", "early_exit") == "early_exit" and options["threshold"] < 1
         if early and not self.model.has_exits:
             raise APIError(
@@ -310,6 +310,16 @@ def create_app(model: ServedModel, config: ServerConfig | None = None) -> FastAP
 
     app = FastAPI(title="freevlm", summary="early-exit vision-language model server", lifespan=lifespan)
     app.state.service = service
+    app.include_router(
+        page_routes(
+            model.name,
+            service.num_layers,
+            model.ee.exit_layers if model.has_exits else [],
+            threshold=service.default_threshold,
+            max_tokens=config.max_tokens,
+            prompt=service.default_prompt,
+        )
+    )
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError) -> JSONResponse:

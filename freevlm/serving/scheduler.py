@@ -31,7 +31,7 @@ from ..decoding.sampling import TokenChooser, make_generator
 from ..inputs import validate_generate_inputs
 from ..model import EarlyExitVLM
 from .handle import Handle, QueueFull
-from .rows import RowEngine
+from .rows import EXIT_RULES, RowEngine
 
 CONFIG_FIELDS = {f.name for f in fields(DecodeConfig)}
 
@@ -44,6 +44,7 @@ class _Request:
     input_ids: torch.Tensor  # [1, L] without padding
     eos: frozenset[int]
     stop: tuple[tuple[int, ...], ...]
+    slots: int  # prompt slots, image tokens included
     row: int | None = None
     prompt_ids: torch.Tensor | None = None  # [1, L0] the decoder's prompt (what the repetition penalty counts)
 
@@ -59,6 +60,7 @@ class Scheduler:
         max_prompt: int | None = None,
         max_waiting: int = 64,
         prefill_chunk: int = 64,
+        exit_rule: str = EXIT_RULES[0],
     ):
         for name, value in (("max_batch", max_batch), ("max_len", max_len), ("max_waiting", max_waiting)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -73,7 +75,7 @@ class Scheduler:
             prefill_chunk,
         )
         self.max_prompt = max_len if max_prompt is None else max_prompt
-        self.engine = RowEngine(self.backbone, model.exit_dict(), max_batch, max_len, self.max_prompt)
+        self.engine = RowEngine(self.backbone, model.exit_dict(), max_batch, max_len, self.max_prompt, exit_rule)
         vocab, device = self.backbone.lm_head.weight.shape[0], self.backbone.device
         self.chooser = TokenChooser(max_batch, vocab, device, per_row_generators=True)  # a generator per request
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -163,7 +165,7 @@ class Scheduler:
                 f"{decoder + config.max_new_tokens} slots, more than this scheduler's max_len={self.max_len}"
             )
         pixel_values = pixel_values.to(device=device, dtype=self.backbone.dtype)
-        return _Request(None, config, pixel_values, input_ids.to(device), frozenset(eos), stop)
+        return _Request(None, config, pixel_values, input_ids.to(device), frozenset(eos), stop, encoder)
 
     def _prompt_slots(self, input_ids: torch.Tensor) -> tuple[int, int]:
         """(encoder slots, decoder slots) of a prompt: image tokens are put in front where it has none; an
@@ -262,13 +264,19 @@ class Scheduler:
         request.handle._finish(reason)
 
     def _admit(self) -> None:
+        """Waiting requests take free rows, their image and prompt encoded by the backbone, as long as this
+        iteration's prefill budget (`prefill_chunk` prompt slots, image tokens included) is not spent by the
+        prompts already joining: a burst of arrivals joins over several iterations instead of freezing the running
+        rows for all of them at once."""
         taken = {r.row for r in [*self._running.values(), *self._joining]}
         free = [row for row in range(self.max_batch) if row not in taken]
-        while free:
+        budget = self.prefill_chunk - sum(self.engine.prompt_left(r.row) for r in self._joining)
+        while free and budget > 0:
             with self._lock:
                 if not self._waiting:
                     return
                 request = self._waiting.popleft()
+            budget -= request.slots
             request.row = free.pop(0)
             ctx = self.backbone.start(request.pixel_values, request.input_ids, None, request.config.max_new_tokens)
             may_exit = request.config.mode == "early_exit" and request.config.threshold < 1.0
@@ -296,15 +304,16 @@ class Scheduler:
 
     def _decode(self) -> None:
         out = self.engine.step(self._last)
-        n = len(out.exit_at_host)
-        rows = self._rows[:n]
-        tokens = self.chooser.choose(out.logits, rows, list(range(n)))  # greedy argmax, unless a row samples
+        made = [row for row, done in enumerate(out.out) if done]  # a parked token is not out: nothing drawn for it
+        rows = self._rows[made]
+        tokens = self.chooser.choose(out.logits[rows], rows, made)  # greedy argmax, unless a row samples
         self.chooser.observe(rows, tokens)
-        self._last[:n] = tokens
-        self.engine.advance()
+        self._last[rows] = tokens
         now = time.perf_counter()
-        host = tokens.tolist()
+        host = dict(zip(made, tokens.tolist()))
         for row, request in list(self._running.items()):
+            if row not in host:  # parked: its token goes on at a later step
+                continue
             token, handle = host[row], request.handle
             handle._emit(token, out.exit_at_host[row], now)
             reason = _finished(handle.tokens, request)
