@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import threading
+from functools import partial
 from pathlib import Path
 
 from ..argtypes import device, integer, number, positive_int, unit_interval
@@ -67,6 +69,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=defaults.max_image_bytes,
         help="largest image an http(s) URL may send",
     )
+    p.add_argument(
+        "--replicas",
+        type=positive_int,
+        help="run N copies of the server on Ray Serve behind one address, each loading the model and batching on "
+        "its own (default: one server, no Ray)",
+    )
+    p.add_argument(
+        "--replica-cpus",
+        type=number(0, low_open=True),
+        help="with --replicas: CPUs Ray gives each replica, which set its torch threads (default: 1)",
+    )
     p.set_defaults(func=serve)
 
 
@@ -93,6 +106,10 @@ def serve(args: argparse.Namespace) -> int:
         max_image_bytes=args.max_image_bytes,
     )
     config.validate()
+    if args.replica_cpus and not args.replicas:
+        raise UserError("--replica-cpus applies to --replicas N (Ray Serve): give both, or neither")
+    if args.replicas:
+        return serve_replicas(args, config)
     model = load_served_model(args)
     app = create_app(model, config)
     server = uvicorn.Server(
@@ -104,6 +121,37 @@ def serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: None)
     print(f"serving {model.name} on http://{args.host}:{args.port} (OpenAI API at /v1)", flush=True)
     server.run()
+    return 0
+
+
+def serve_replicas(args: argparse.Namespace, config: ServerConfig) -> int:
+    """`--replicas N`: the app as a Ray Serve deployment, until SIGTERM or Ctrl-C; then each replica drains its
+    running requests (`--drain-seconds`), Ray stops, and the command exits 0."""
+    try:
+        from ..server import replicas
+    except ImportError as err:
+        raise UserError(f"--replicas needs Ray Serve ({err.name} is missing): pip install 'freevlm[serve]'") from err
+    from ..loading import check_vlm_folder
+
+    if args.backbone:  # a missing model fails here, not in each replica
+        check_vlm_folder(args.backbone)
+    else:
+        demo_model()
+    if args.device.startswith("cuda:"):
+        raise UserError("with --replicas, give --device cuda: Ray gives each replica a GPU of its own, its 'cuda'")
+    placement = {"gpus": 1.0} if args.device == "cuda" else {}
+    if args.replica_cpus:
+        placement["cpus"] = args.replica_cpus
+    stopped = threading.Event()
+    try:
+        replicas.run(partial(load_served_model, args), config, args.replicas, args.host, args.port, **placement)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stopped.set())
+        print(f"serving {args.replicas} replicas on http://{args.host}:{args.port} (OpenAI API at /v1)", flush=True)
+        while not stopped.wait(1):
+            pass
+    finally:
+        replicas.stop()
     return 0
 
 
