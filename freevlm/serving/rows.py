@@ -172,12 +172,14 @@ class RowEngine:
         self.threshold[row] = threshold
 
     def prefill(self, row: int, budget: int) -> int:
-        """Encode up to `budget` more prompt slots of a joining row; returns how many it encoded. Once all but the
-        last are, the row is active: its last prompt slot is its first step."""
+        """Encode up to `budget` more prompt slots of a joining row (more where the backbone cannot cut the prompt
+        there: `prefill_cut`); returns how many it encoded. Once all but the last are, the row is active: its last
+        prompt slot is its first step."""
         ctx, embeds, done = self.prompts[row]
         length = embeds.shape[1]
         count = min(budget, length - 1 - done)
-        if count > 0:
+        if count > 0:  # a chunk the backbone may cut there (Gemma 3: an image whole)
+            count = min(self.backbone.prefill_cut(ctx, done + count), length - 1) - done
             self._encode(row, ctx, embeds[:, done : done + count], done)
         done += count
         if done < length - 1:
