@@ -222,7 +222,7 @@ class EarlyExitVLM(nn.Module):
         config.validate()
         validate_generate_inputs(self.backbone, pixel_values, input_ids, attention_mask, config.max_new_tokens, inputs)
         if input_ids is None:
-            input_ids = self._default_prompt(pixel_values.shape[0], pixel_values.device)
+            input_ids = self.default_prompt(pixel_values.shape[0], pixel_values.device)
         if isinstance(config.policy, Copies) and (config.mode != "early_exit" or config.num_beams > 1):
             raise ValueError(
                 f"policy=Copies(...) decodes each copy greedily with its exits: it needs mode='early_exit' and "
@@ -235,7 +235,7 @@ class EarlyExitVLM(nn.Module):
         else:
             policy = config.policy
         policy.validate(self.exit_layers, self.backbone.num_layers)
-        eos, pad = self._special_tokens(config.eos_token_id, config.pad_token_id)
+        eos, pad = self.special_tokens(config.eos_token_id, config.pad_token_id)
         config = replace(config, eos_token_id=eos, pad_token_id=pad)
         search = SEARCH[search_name(config)]
         exits = self.exit_dict()
@@ -256,7 +256,7 @@ class EarlyExitVLM(nn.Module):
             )
         return {name: value for name, value in inputs.items() if value is not None}
 
-    def _default_prompt(self, batch: int, device) -> torch.Tensor:
+    def default_prompt(self, batch: int, device: torch.device | str) -> torch.Tensor:
         """Hugging Face's default for BLIP-2 and InstructBLIP: the image tokens, then BOS where the LM has one (T5
         has none). LLaVA's `generate` has no default prompt: the image tokens alone."""
         cfg = self.backbone.config
@@ -266,7 +266,9 @@ class EarlyExitVLM(nn.Module):
             ids.append(bos)
         return torch.tensor([ids] * batch, dtype=torch.long, device=device)
 
-    def _special_tokens(self, eos_token_id, pad_token_id) -> tuple[list[int], int]:
+    def special_tokens(self, eos_token_id, pad_token_id) -> tuple[list[int], int]:
+        """The EOS ids and the pad id a request decodes with: its own where given, else the LM's generation config
+        (no EOS: an empty list; no pad: the first EOS, else 0)."""
         gen_cfg = self.backbone.lm.generation_config
         eos = eos_token_id if eos_token_id is not None else gen_cfg.eos_token_id
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))

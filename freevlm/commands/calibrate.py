@@ -112,7 +112,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         args.method,
         vqa_metric=spec.vqa_metric,
         progress=print if main else None,
-        **evaluation_options(args, spec),
+        **evaluation_options(args, spec, bundle),
     )
     if not main:  # the main process certifies and writes (`accelerate launch`)
         return 0
@@ -168,7 +168,7 @@ def run_place_exits(args: argparse.Namespace) -> int:
         thresholds=args.thresholds,
         method=args.method,
         vqa_metric=spec.vqa_metric,
-        **evaluation_options(args, spec),
+        **evaluation_options(args, spec, bundle),
     )
     if not main:
         return 0

@@ -96,9 +96,10 @@ def _spec(args, files=None, split=None) -> DatasetSpec:
     return DatasetSpec(args.format, list(files or args.files), args.images, split or args.split, args.limit)
 
 
-def evaluation_options(args: argparse.Namespace, spec: DatasetSpec) -> dict:
+def evaluation_options(args: argparse.Namespace, spec: DatasetSpec, bundle) -> dict:
     """The decoding and prompt of `dataset_arguments`, as keywords of `freevlm.eval.evaluate.evaluate`: the decode
-    options as one `DecodeConfig` (`--kv`; `--max-new-tokens`, else the task's default)."""
+    options as one `DecodeConfig` (`--kv`; `--max-new-tokens`, else the task's default); the prompt: `--prompt`,
+    else for captions the one the model folder records (`bundle.prompt`), else the task's default."""
     default = DecodeConfig() if spec.task == "captions" else ANSWER_DECODING
     config = replace(default, kv=args.kv, max_new_tokens=args.max_new_tokens or default.max_new_tokens)
     options = dict(config=config, batch_size=args.batch_size)
@@ -106,11 +107,15 @@ def evaluation_options(args: argparse.Namespace, spec: DatasetSpec) -> dict:
         if spec.task == "visdial":
             raise ValueError("--prompt does not apply to VisDial (the prompt is built from caption and history)")
         options["prompt"] = args.prompt
+    elif spec.task == "captions" and bundle.prompt is not None:
+        options["prompt"] = bundle.prompt
     return options
 
 
-def _eval_options(args, spec: DatasetSpec) -> dict:
-    options = evaluation_options(args, spec) | dict(compare_full=not args.no_full, timing_repeats=args.timing_repeats)
+def _eval_options(args, spec: DatasetSpec, bundle) -> dict:
+    options = evaluation_options(args, spec, bundle) | dict(
+        compare_full=not args.no_full, timing_repeats=args.timing_repeats
+    )
     options["progress_bar"] = True
     if spec.task == "vqa":
         options["metric"] = spec.vqa_metric
@@ -184,7 +189,7 @@ def run_eval(args: argparse.Namespace) -> int:
     out = Path(args.out)
     log = PredictionLog(out, run_options(args, spec, threshold=args.threshold), resume=args.resume)
     ee, bundle = load_model(args)
-    options = _eval_options(args, spec)
+    options = _eval_options(args, spec, bundle)
     result = evaluate(spec.task, ee, bundle, records, args.threshold, method=args.method, log=log, **options)
     if not Processes.current().is_main:
         return 0
@@ -225,7 +230,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         per_layer=not args.no_per_layer,
         progress=print if Processes.current().is_main else None,
         method=args.method,
-        **_eval_options(args, spec),
+        **_eval_options(args, spec, bundle),
     )
     if not Processes.current().is_main:
         return 0

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import re
+import secrets
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -40,10 +41,12 @@ from .config import ServerConfig
 from .metrics import ServerMetrics
 from .page import page_routes
 
+# response ids: unique per run and request, without a system call each (os.urandom is slow on a loaded machine)
+RUN, REQUEST_NUMBERS = secrets.token_hex(6), itertools.count()
 # how the scheduler's reasons read in OpenAI's finish_reason
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 # DecodeConfig names in the scheduler's messages -> the request's names
-PARAMS = {"max_new_tokens": "max_tokens", "threshold": "threshold", "mode": "mode", "kv": "kv"}
+PARAMS = {"max_new_tokens": "max_tokens", **{name: name for name in ("threshold", "mode", "kv", "top_p", "seed")}}
 
 
 @dataclass
@@ -75,19 +78,18 @@ class ChatService:
     # --- request -> handle ----------------------------------------------------------------------------------------
     def options(self, request: ChatRequest) -> dict:
         """The request's decoding options, as `Scheduler.submit` keywords."""
-        if request.temperature:
-            raise APIError(
-                400,
-                f"temperature={request.temperature:g} asks for sampling, which this server does not do yet: use "
-                "temperature 0 (greedy)",
-                "temperature",
-                "unsupported",
-            )
+        sampling = {}
+        if request.temperature:  # OpenAI's temperature 0 is greedy; absent, so is ours (the answer `caption` gives)
+            sampling = {"do_sample": True, "temperature": request.temperature}
+            sampling |= {
+                name: getattr(request, name) for name in ("top_p", "seed") if getattr(request, name) is not None
+            }
         options = {
             "max_new_tokens": request.max_new_tokens or self.config.max_tokens,
             "threshold": request.threshold if request.threshold is not None else self.default_threshold,
         }
         options |= {name: getattr(request, name) for name in ("mode", "kv") if getattr(request, name) is not None}
+        options |= sampling
         early = options.get("mode", "early_exit") == "early_exit" and options["threshold"] < 1
         if early and not self.model.has_exits:
             raise APIError(
@@ -223,13 +225,14 @@ class ChatService:
         try:
             yield chunk({"role": "assistant", "content": ""})
             async for batch in self.events(handle):
+                chunks = []  # one write for every token that came at once
                 for event in batch:
                     delta = self._take([event], text, layers, timings)
-                    yield chunk(
-                        {"content": delta}, freevlm={"tokens": [event.token], "exit_layers": [event.exit_layer]}
-                    )
+                    made = {"tokens": [event.token], "exit_layers": [event.exit_layer]}
+                    chunks.append(chunk({"content": delta}, freevlm=made))
                     if text.stopped:
                         break
+                yield "".join(chunks)
                 if text.stopped:
                     break
             rest = text.finish()
@@ -264,7 +267,7 @@ class ChatService:
 
     def _envelope(self, kind: str) -> dict:
         return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "id": f"chatcmpl-{RUN}{next(REQUEST_NUMBERS):x}",
             "object": kind,
             "created": int(time.time()),
             "model": self.model.name,
