@@ -18,7 +18,7 @@ from torch import nn
 from .backbones import Backbone, Blip2Backbone, load_backbone
 from .decoding.config import DecodeConfig
 from .decoding.generate import GenerateOutput
-from .decoding.policies import ConfidencePolicy, ExitPolicy
+from .decoding.policies import ConfidencePolicy, Copies, ExitPolicy
 from .decoding.search import SEARCH, search_name
 from .decoding.static import EnginePool
 from .errors import MissingFileError
@@ -223,6 +223,11 @@ class EarlyExitVLM(nn.Module):
         validate_generate_inputs(self.backbone, pixel_values, input_ids, attention_mask, config.max_new_tokens, inputs)
         if input_ids is None:
             input_ids = self.default_prompt(pixel_values.shape[0], pixel_values.device)
+        if isinstance(config.policy, Copies) and (config.mode != "early_exit" or config.num_beams > 1):
+            raise ValueError(
+                f"policy=Copies(...) decodes each copy greedily with its exits: it needs mode='early_exit' and "
+                f"num_beams=1, got mode={config.mode!r}, num_beams={config.num_beams}"
+            )
         if config.mode == "full":
             policy = ExitPolicy()
         elif config.policy is None:
