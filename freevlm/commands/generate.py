@@ -12,6 +12,9 @@ from ..decoding.config import KV_MODES, MODES, DecodeConfig
 from ..exits import ExitConfig
 from ..model import EarlyExitVLM
 
+# a tiny model is for a look at where tokens leave: bounds that keep it tiny (the LM has 512 positions)
+TINY_MAX_LAYERS, TINY_MAX_NEW_TOKENS = 64, 256
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("caption", help="caption images with early exits")
@@ -43,8 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("tiny-run", help="early-exit generation on a small random BLIP-2 (no files needed)")
     p.add_argument("--family", choices=("opt", "t5"), default="opt")
-    p.add_argument("--layers", type=integer(low=4), default=12, help="LM layers (>= 4: exits go every 3 layers)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=12)
+    p.add_argument(
+        "--layers", type=integer(low=4, high=TINY_MAX_LAYERS), default=12, help="LM layers (>= 4: exits every 3 layers)"
+    )
+    p.add_argument("--max-new-tokens", type=integer(low=1, high=TINY_MAX_NEW_TOKENS), default=12)
     p.set_defaults(func=tiny_run)
 
 
