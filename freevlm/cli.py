@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "freevlm.commands.train",
     "freevlm.commands.demo",
     "freevlm.commands.calibrate",
+    "freevlm.commands.serve",
 )
 
 

@@ -45,7 +45,7 @@ def validate_generate_inputs(
     elif images:
         _check_pixels(model, cfg, pixel_values)
     if input_ids is not None:
-        _check_ids(backbone, pixel_values, input_ids, images)
+        _check_ids(backbone, pixel_values, input_ids, images, inputs or {})
         if attention_mask is not None:
             _check_mask(input_ids, attention_mask, decoder_only=not _is_encoder_decoder(cfg))
     backbone.check_inputs(pixel_values, input_ids, attention_mask, inputs or {})
@@ -126,14 +126,14 @@ def _vocab_size(model, cfg) -> int:
     return embeddings.num_embeddings if isinstance(embeddings, torch.nn.Embedding) else cfg.text_config.vocab_size
 
 
-def _check_ids(backbone, pixel_values, input_ids, images: bool = True) -> None:
+def _check_ids(backbone, pixel_values, input_ids, images: bool = True, inputs: dict | None = None) -> None:
     model, cfg = backbone.model, backbone.config
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must be a [batch, length] tensor of token ids, got {shape}")
     if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
         raise ValueError(f"input_ids must hold integer token ids (torch.long), got {input_ids.dtype}")
-    images = backbone.images_per_row(input_ids) if images else None
+    images = backbone.images_per_row(input_ids, **(inputs or {})) if images else None
     if images is not None and sum(images) != pixel_values.shape[0]:
         if all(n == 1 for n in images):
             raise ValueError(

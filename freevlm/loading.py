@@ -1,5 +1,5 @@
-"""Loading a supported model (BLIP-2, InstructBLIP, LLaVA, Gemma 3, Qwen-VL) and its processor from a local folder,
-and turning images + prompts into model inputs.
+"""Loading a supported model (BLIP-2, InstructBLIP, LLaVA, LLaVA-NeXT / OneVision, SmolVLM / Idefics3, Gemma 3,
+Qwen-VL) and its processor from a local folder, and turning images + prompts into model inputs.
 
 Nothing here downloads: paths are local folders written by `save_pretrained` (a Hugging Face checkpoint copied
 to disk, or a backbone the demo trained).
@@ -29,6 +29,10 @@ MODEL_CLASSES = {
     "instructblip": "InstructBlipForConditionalGeneration",
     "llava": "LlavaForConditionalGeneration",
     "gemma3": "Gemma3ForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+    "idefics3": "Idefics3ForConditionalGeneration",
+    "smolvlm": "SmolVLMForConditionalGeneration",
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
@@ -36,6 +40,9 @@ MODEL_CLASSES = {
 # loaded as tokenizer + image processor: their processors need torchvision for their video part, which does not work
 # with our torch, so the prompt layout their processor gives is laid out here (`VLMBundle._qwen_vl_inputs`)
 TOKENIZER_AND_IMAGE_PROCESSOR = ("blip-2", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+# their processors expand an image token a prompt holds (one is put in front of a prompt without)
+EXPANDS_IMAGE_TOKEN = ("llava", "gemma3", "llava_next", "llava_onevision", "idefics3", "smolvlm")
 
 
 @dataclass
@@ -109,13 +116,12 @@ class VLMBundle:
 
     def _processed(self, images: list[Image.Image], prompts: list[str]) -> dict[str, torch.Tensor]:
         model_type = self.model.config.model_type
-        if model_type in (
-            "llava",
-            "gemma3",
+        if (
+            model_type in EXPANDS_IMAGE_TOKEN
         ):  # the processor expands each image token (<start_of_image>) a prompt holds
             image_token = self.processor.image_token
             prompts = [p if image_token in p else f"{image_token}\n{p}" for p in prompts]
-        if model_type == "gemma3":  # Gemma 3's processor takes each prompt's images as a list
+        if model_type in ("gemma3", "idefics3", "smolvlm"):  # their processors take each prompt's images as a list
             images = [[image] for image in images]
         out = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
         keys = (
@@ -125,6 +131,9 @@ class VLMBundle:
             "qformer_input_ids",
             "qformer_attention_mask",
             "token_type_ids",  # Gemma 3: 1 at image tokens
+            "pixel_attention_mask",  # SmolVLM / Idefics3: each tile's real pixels
+            "image_sizes",  # LLaVA-NeXT / OneVision
+            "batch_num_images",  # LLaVA-OneVision
         )
         return {k: out[k] for k in keys if k in out}
 

@@ -189,7 +189,7 @@ class EarlyExitVLM(nn.Module):
         config: DecodeConfig | None = None,
         **kwargs,
     ) -> GenerateOutput:
-        """Greedy decoding where each token leaves at the first exit its policy accepts.
+        """Greedy decoding (or sampling) where each token leaves at the first exit its policy accepts.
 
         How to decode is a `DecodeConfig` (freevlm.decoding.config: every option and its default); keywords that
         name its fields override them on a copy of `config`, as Hugging Face's `generate` treats its
@@ -197,10 +197,14 @@ class EarlyExitVLM(nn.Module):
         by default, the confidence policy at `threshold`; `mode="speculative"` lets confident exits draft up to
         `max_draft` tokens that the final layer verifies (greedy output identical to the full model's).
         `num_beams > 1` runs beam search (`length_penalty`, `early_stopping` as in Hugging Face) with every beam
-        leaving at its own exit. In a batch each row leaves at its own exit; `batch_policy` says what the step does
-        with rows that left while others go on: `"per_row"` takes them out, `"ride_along"` keeps them in the layers
-        a deeper row needs, `"slowest"` makes every row wait for the slowest, `"auto"` picks by batch size
-        (`"per_row"` in speculative mode). `static` switches the engine's static-shape path (None: the engine
+        leaving at its own exit. `do_sample=True` samples (`temperature`, `top_k`, `top_p`, `repetition_penalty`,
+        `seed` as in Hugging Face's `generate`; without `seed`, torch's global generator): an exit still decides on
+        its raw logits (the threshold means the same confidence as when greedy), and the token is drawn from the
+        processed logits of the layer its row left at; at threshold 1.0 a seeded sample is Hugging Face's.
+        In a batch each row leaves at its own exit; `batch_policy` says what the step does with rows that left
+        while others go on: `"per_row"` takes them out, `"ride_along"` keeps them in the layers a deeper row
+        needs, `"slowest"` makes every row wait for the slowest, `"auto"` picks by batch size (`"per_row"` in
+        speculative mode). `static` switches the engine's static-shape path (None: the engine
         decides from the device). `return_engine=True` keeps the engine (every layer's KV cache) on the output, for
         inspection (`return_decoder`: its old, deprecated name).
 

@@ -6,8 +6,8 @@ initializer range and draw the query tokens, so the image matters in every model
 
 `tiny_model(family)` builds any supported family: "opt", "t5" (BLIP-2), "instructblip-opt", "instructblip-t5",
 "instructblip-llama", "instructblip-mistral", "instructblip-qwen2" or "llama", "mistral", "qwen2" (LLaVA), "gemma3",
-"internvl-qwen2" or "internvl-llama", "smolvlm" or "idefics3" (a Llama LM; images as tiles), "qwen2-vl", "qwen2.5-vl"
-or "qwen3-vl".
+"internvl-qwen2" or "internvl-llama", "smolvlm" or "idefics3" (a Llama LM; images as tiles), "llava-next-llama" (or
+-mistral, -qwen2), "llava-onevision" (a Qwen2 LM), "qwen2-vl", "qwen2.5-vl" or "qwen3-vl".
 `tiny_model_inputs` gives what its processor would: a dict that both `ee.generate(**inputs)` and the model's own
 `generate(**inputs)` take.
 """
@@ -38,6 +38,8 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
     MistralConfig,
     OPTConfig,
     Qwen2_5_VLConfig,
@@ -396,6 +398,27 @@ def llava_next_config(family: str = "llama", **config_kwargs) -> LlavaNextConfig
     )
 
 
+def llava_onevision_config(**config_kwargs) -> LlavaOnevisionConfig:
+    """LLaVA-OneVision as released: a SigLIP tower (here 1 layer, 16x16 tiles of 4 patches, every feature kept: the
+    "full" strategy) before a Qwen2 LM (`llava_config`'s), tiles on the grids `llava_next_config` has.
+    `vision_aspect_ratio` "anyres_max_1" (the models' is "anyres_max_9") makes Hugging Face shrink the features of any
+    image over one tile's worth, as it does the large images of the real models."""
+    llava = llava_config("qwen2", **config_kwargs)
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8
+    )
+    return LlavaOnevisionConfig(
+        vision_config=vision.to_dict(),
+        text_config=llava.text_config.to_dict(),
+        image_token_index=llava.image_token_index,
+        video_token_index=llava.image_token_index - 1,
+        image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]],
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_1",
+    )
+
+
 def tiny_model(family: str = "opt", seed: int = 0, **config_kwargs) -> nn.Module:
     """A random model of any supported family (see the module docstring)."""
     if family in TILED:
@@ -405,6 +428,9 @@ def tiny_model(family: str = "opt", seed: int = 0, **config_kwargs) -> nn.Module
     if family in QWEN_VL_CLASSES:
         torch.manual_seed(seed)
         return QWEN_VL_CLASSES[family][1](qwen_vl_config(family, **config_kwargs)).eval()
+    if family == "llava-onevision":
+        torch.manual_seed(seed)
+        return LlavaOnevisionForConditionalGeneration(llava_onevision_config(**config_kwargs)).eval()
     if family.startswith("llava-next-"):
         torch.manual_seed(seed)
         return LlavaNextForConditionalGeneration(
@@ -528,9 +554,9 @@ LLAVA_NEXT_SIZES = ((30, 28), (12, 30), (31, 14))
 
 @torch.no_grad()
 def llava_next_inputs(model: nn.Module, batch: int = 1, prompt_len: int = 3, seed: int = 0, pad: bool = False) -> dict:
-    """One image per row at the sizes `LLAVA_NEXT_SIZES` (all the first without `pad`): `pixel_values`
-    `[batch, 5, 3, 16, 16]` (real patches, then zeros), `image_sizes`, and as many image tokens as the model's own
-    `get_image_features` gives the image, then text; left-padded."""
+    """LLaVA-NeXT's (or LLaVA-OneVision's) inputs, one image per row at the sizes `LLAVA_NEXT_SIZES` (all the first
+    without `pad`): `pixel_values` `[batch, 5, 3, 16, 16]` (real patches, then zeros), `image_sizes`, and as many
+    image tokens as the model's own `get_image_features` gives the image, then text; left-padded."""
     gen = torch.Generator().manual_seed(seed)
     cfg = model.config
     sizes = torch.tensor([LLAVA_NEXT_SIZES[b % 3] if pad else LLAVA_NEXT_SIZES[0] for b in range(batch)])
@@ -555,7 +581,7 @@ def tiny_model_inputs(model: nn.Module, batch: int = 1, prompt_len: int = 3, see
     """`tiny_inputs` as the model's processor gives them: a dict of every input its `generate` reads (Gemma 3's
     `token_type_ids`: 1 at image tokens; Qwen-VL's patches and grids: `qwen_vl_inputs`; SmolVLM's tiles and
     `pixel_attention_mask`: `tiled_inputs`)."""
-    if isinstance(model, LlavaNextForConditionalGeneration):
+    if isinstance(model, (LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration)):
         return llava_next_inputs(model, batch, prompt_len, seed, pad)
     if isinstance(model, TILED_MODELS):
         return tiled_inputs(model, batch, prompt_len, seed, pad)

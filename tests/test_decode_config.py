@@ -30,6 +30,18 @@ from freevlm.tiny import tiny_blip2, tiny_inputs
         (dict(mode="speculative", num_beams=2), "speculative.*num_beams"),
         (dict(mode="speculative", kv="propagate"), "speculative.*kv='recompute'"),
         (dict(mode="speculative", batch_policy="ride_along"), "ride_along.*speculative.*'per_row'"),
+        (dict(do_sample=1), "do_sample must be one of"),
+        (dict(temperature=0.0), "temperature must be a number > 0"),
+        (dict(temperature=float("nan")), "temperature must be a number > 0"),
+        (dict(top_p=0.0), r"top_p must be a number in \(0, 1\]"),
+        (dict(top_p=1.5), r"top_p must be a number in \(0, 1\]"),
+        (dict(top_k=-1), "top_k must be an integer >= 0"),
+        (dict(top_k=2.0), "top_k must be an integer >= 0"),
+        (dict(repetition_penalty=0), "repetition_penalty must be a number > 0"),
+        (dict(seed=-1), "seed must be an integer"),
+        (dict(seed="7"), "seed must be an integer"),
+        (dict(do_sample=True, num_beams=2), "do_sample=True does not apply to beam search"),
+        (dict(repetition_penalty=1.2, mode="speculative"), "repetition_penalty=1.2 does not apply to mode='spec"),
     ],
 )
 def test_bad_options_are_named(options, message):

@@ -9,8 +9,9 @@ import subprocess
 import pytest
 from PIL import Image, ImageDraw, ImageStat
 
+from freevlm.colours import FINAL_COLOUR, layer_colours
 from freevlm.demo.report import write_report
-from freevlm.demo.tables import FINAL_COLOUR, fmt, fmt_speedup, fmt_threshold, layer_colours
+from freevlm.demo.tables import fmt, fmt_speedup, fmt_threshold
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 

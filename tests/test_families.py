@@ -1,7 +1,7 @@
 """LLaVA (Llama, Mistral, Qwen2 LMs), InstructBLIP (OPT, T5, Llama, Mistral, Qwen2 LMs), Gemma 3, InternVL,
-SmolVLM / Idefics3 and the Qwen-VL line (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) on the same engine: what
-tests/test_engine.py, test_decoding_modes.py and test_static_engine.py show for BLIP-2, shown for these families (their
-helpers reused).
+SmolVLM / Idefics3, LLaVA-NeXT, LLaVA-OneVision and the Qwen-VL line (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) on the same
+engine: what tests/test_engine.py, test_decoding_modes.py and test_static_engine.py show for BLIP-2, shown for these
+families (their helpers reused).
 
 Mistral, Qwen2 and Gemma 3 (its sliding layers) run with sliding windows shorter than the sequences, so the window
 is exercised everywhere; Gemma 3's window (3) is shorter than its image (4 tokens that see each other both ways).
@@ -33,12 +33,21 @@ FAMILIES = [
     "internvl-qwen2",
     "smolvlm",
     "llava-next-qwen2",
+    "llava-onevision",
     "qwen2-vl",
     "qwen2.5-vl",
     "qwen3-vl",
 ]
 # Qwen2's (and Qwen2(.5)-VL's) from layer 1 up: full and windowed layers mixed
-WINDOWS = {"mistral": 4, "qwen2": 3, "qwen2-vl": 3, "qwen2.5-vl": 5, "instructblip-mistral": 4, "instructblip-qwen2": 3}
+WINDOWS = {
+    "mistral": 4,
+    "qwen2": 3,
+    "llava-onevision": 3,
+    "qwen2-vl": 3,
+    "qwen2.5-vl": 5,
+    "instructblip-mistral": 4,
+    "instructblip-qwen2": 3,
+}
 MAX_NEW = 10
 
 
@@ -466,6 +475,76 @@ def test_llava_next_inputs_missing_or_inconsistent_are_refused_by_name():
         case.ee.generate(**without, image_sizes=sizes, max_new_tokens=2)
     with pytest.raises(ValueError, match=r"pixel_values must be a \[batch, tiles, channels, height, width\]"):
         case.ee.generate(**dict(inputs, pixel_values=inputs["pixel_values"][:, 0]), max_new_tokens=2)
+
+
+# --- LLaVA-OneVision --------------------------------------------------------------------------------------------
+def _onevision_several_images(model):
+    """Row 0 holds two images (each its base tile and a newline feature, as Hugging Face lays out a
+    row of several), row 1 one image at its best-fitting grid, left-padded; `batch_num_images` says which."""
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.tensor([2, 1])
+    pixel_values = torch.randn(int(counts.sum()), 5, 3, 16, 16, generator=gen)
+    sizes = torch.tensor([[30, 28], [12, 30], [31, 14]])
+    output = model.model.get_image_features(pixel_values, sizes, batch_num_images=counts)
+    lengths = [len(f) for f in output.pooler_output]
+    image = model.config.image_token_index
+    rows = [[image] * sum(lengths[:-1]) + [11, 12], [image] * lengths[-1] + [13, 14, 15]]
+    width = max(len(r) for r in rows)
+    return {
+        "pixel_values": pixel_values,
+        "input_ids": torch.tensor([[1] * (width - len(r)) + r for r in rows]),
+        "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
+        "image_sizes": sizes,
+        "batch_num_images": counts,
+    }
+
+
+def test_llava_onevision_several_images_per_row_equal_hf_generate():
+    """Rows of several images (`batch_num_images`): greedy, threshold 1.0, speculative and beam search equal Hugging
+    Face's; the images in another order change the output."""
+    case = Case("llava-onevision", seed=5, sharpen=True)
+    inputs = _onevision_several_images(case.model)
+    ref = case.model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
+    assert torch.equal(case.ee.generate(**inputs, max_new_tokens=MAX_NEW, mode="full").sequences, ref)
+    assert torch.equal(case.ee.generate(**inputs, max_new_tokens=MAX_NEW, threshold=1.0).sequences, ref)
+    from transformers import GenerationMixin
+
+    if hasattr(GenerationMixin, "_expand_multimodal_outputs"):  # before (5.17), its beams got [A, A, B, B]
+        beam = dict(max_new_tokens=6, num_beams=3, length_penalty=0.6)
+        hf_beam = case.model.generate(**inputs, do_sample=False, **beam)
+        assert torch.equal(case.ee.generate(**inputs, threshold=1.0, **beam).sequences, hf_beam)
+    out = case.ee.generate(**inputs, max_new_tokens=MAX_NEW, mode="speculative", threshold=0.0)
+    assert torch.equal(out.sequences, ref) and out.stats.speculative["drafted"] > 0
+    swapped = dict(inputs, pixel_values=inputs["pixel_values"][[1, 0, 2]])
+    logits = [case.model(**x).logits[0, -1] for x in (inputs, swapped)]
+    assert not torch.allclose(*logits, atol=1e-4)
+
+
+def test_llava_onevision_inputs_missing_or_inconsistent_are_refused_by_name():
+    case = Case("llava-onevision", batch=2, pad=True)
+    inputs = _onevision_several_images(case.model)
+    generate = lambda **changed: case.ee.generate(**{**inputs, **changed}, max_new_tokens=2)  # noqa: E731
+    without = {k: v for k, v in inputs.items() if k != "batch_num_images"}  # one image per row: 3 for 2 rows
+    with pytest.raises(ValueError, match=r"input_ids has 2 rows but pixel_values has 3 images"):
+        case.ee.generate(**without, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"batch_num_images must be an integer tensor of \(2,\).*got \(3,\)"):
+        generate(batch_num_images=torch.tensor([1, 1, 1]))
+    with pytest.raises(ValueError, match=r"batch_num_images must be an integer tensor.*got list"):
+        generate(batch_num_images=[2, 1])
+    with pytest.raises(
+        ValueError, match=r"prompt row 1 holds 8 image token\(s\) \(id 98\) but its 2 image\(s\) give 10"
+    ):
+        generate(batch_num_images=torch.tensor([1, 2]))  # the images' count right, the rows' wrong
+    ids = inputs["input_ids"].clone()
+    ids[0, 0] = 5  # an image token fewer in row 0 (HF would shift the features of row 1 into it)
+    with pytest.raises(
+        ValueError, match=r"prompt row 0 holds 9 image token\(s\) \(id 98\) but its 2 image\(s\) give 10"
+    ):
+        generate(input_ids=ids)
+    with pytest.raises(ValueError, match="LLaVA-OneVision needs image_sizes"):
+        case.ee.generate(**{k: v for k, v in inputs.items() if k != "image_sizes"}, max_new_tokens=2)
+    with pytest.raises(TypeError, match="'pixel_values_videos'.*model inputs are image_sizes, batch_num_images"):
+        generate(pixel_values_videos=inputs["pixel_values"])
 
 
 # --- SmolVLM / Idefics3 ----------------------------------------------------------------------------------------

@@ -1,12 +1,12 @@
-"""`freevlm caption` and `loading.load_vlm` on local folders holding a LLaVA or an InstructBLIP with its processor
-(built offline: tests/tiny_processor.py), and what the loader refuses."""
+"""`freevlm caption` and `loading.load_vlm` on local folders holding a LLaVA, an InstructBLIP, a Gemma 3, an Idefics3
+or a LLaVA-NeXT with its processor (built offline: tests/tiny_processor.py), and what the loader refuses."""
 
 import json
 
 import pytest
 import torch
 from PIL import Image
-from tiny_processor import tiny_processor
+from tiny_processor import WORDS, tiny_processor
 
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.cli import main
@@ -17,14 +17,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "what color is the square"
 
 
-@pytest.fixture(params=["llama", "instructblip-llama", "gemma3"])
+@pytest.fixture(params=["llama", "instructblip-llama", "gemma3", "idefics3", "llava-next-qwen2"])
 def folder(request, tmp_path):
     """A model and its processor saved side by side, as a Hugging Face checkpoint ships them."""
     model = tiny_model(request.param, seed=3)
     processor = tiny_processor(model)
     with torch.no_grad():  # sharper logits, and only ids the tokenizer has words for (so the captions say something)
         head = model.get_output_embeddings().weight
-        head.mul_(8)[len(processor.tokenizer) - 1 : model.config.image_token_index] = 0
+        image_token = getattr(model.config, "image_token_index", None) or model.config.image_token_id
+        head.mul_(8)[len(WORDS) + 4 : image_token] = 0  # also Idefics3's tile markers (special tokens)
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
     Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "red.png")
@@ -38,7 +39,8 @@ def test_caption_command_decodes_as_the_model_s_own_generate(folder, capsys):
     image = Image.open(folder / "red.png").convert("RGB")
     model_type = bundle.model.config.model_type
     text = PROMPT if model_type == "instructblip" else f"{bundle.processor.image_token}\n{PROMPT}"
-    images = [[image]] if model_type == "gemma3" else [image]  # Gemma 3's processor takes each prompt's images
+    nested = model_type in ("gemma3", "idefics3")  # their processors take each prompt's images as a list
+    images = [[image]] if nested else [image]
     hf_inputs = bundle.processor(images=images, text=[text], return_tensors="pt")
     ref = bundle.model.generate(**hf_inputs, max_new_tokens=5, do_sample=False, min_new_tokens=5)
     expected = bundle.tokenizer.decode(ref[0, hf_inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
@@ -122,7 +124,8 @@ def test_a_qformer_instruction_for_a_model_without_one_is_refused():
 
 def test_training_prompts_are_laid_out_as_the_processor_lays_them_out(folder):
     """What training feeds the LM before the target is what `caption` feeds it (LLaVA: BOS, the image tokens, then
-    the prompt; InstructBLIP: the image tokens first, the Q-Former reading the prompt)."""
+    the prompt; InstructBLIP: the image tokens first, the Q-Former reading the prompt; Idefics3: each tile's tokens
+    and markers; LLaVA-NeXT: as many image tokens as the image's size gives), with the processor's image inputs."""
     from training_helpers import write_shapes
 
     from freevlm.training import CaptionCollator, CaptionDataset, load_coco_captions
@@ -132,14 +135,19 @@ def test_training_prompts_are_laid_out_as_the_processor_lays_them_out(folder):
     layout = EarlyExitVLM(bundle.model).backbone.config
     qformer_tokenizer = getattr(bundle.processor, "qformer_tokenizer", None)
     data = CaptionDataset(
-        records, bundle.tokenizer, bundle.image_processor, layout, qformer_tokenizer=qformer_tokenizer
+        records,
+        bundle.tokenizer,
+        bundle.image_processor,
+        layout,
+        qformer_tokenizer=qformer_tokenizer,
+        processor=bundle.processor,
     )
     batch = CaptionCollator.for_model(layout)([data[0]])
     inputs = bundle.inputs([Image.open(records[0].image).convert("RGB")], [PROMPT])
     prompt_len = inputs["input_ids"].shape[1]
     assert torch.equal(batch["input_ids"][:, :prompt_len], inputs["input_ids"])
     assert (batch["targets"][:, : prompt_len - 1] == -100).all() and (batch["targets"][:, prompt_len - 1] >= 0).all()
-    for key in ("qformer_input_ids", "pixel_values"):
+    for key in ("qformer_input_ids", "pixel_values", "pixel_attention_mask", "image_sizes"):
         assert (key in batch) == (key in inputs) and (key not in batch or torch.equal(batch[key], inputs[key]))
     assert ("token_type_ids" in batch) == ("token_type_ids" in inputs)  # Gemma 3's
     if "token_type_ids" in batch:
@@ -187,9 +195,10 @@ def test_sweep_command_reads_the_folder(folder, tmp_path):
     assert result["test"][0]["speed"]["exit_histogram"].keys() == {"1"}  # threshold 0: every token at the first exit
 
 
-@pytest.mark.parametrize("folder", ["gemma3"], indirect=True)
-def test_eval_and_calibrate_commands_read_a_gemma3_folder(folder, tmp_path):
-    """The processor's token_type_ids reach every request of `eval` and `calibrate` (without them Gemma 3's requests
+@pytest.mark.parametrize("folder", ["gemma3", "idefics3", "llava-next-qwen2"], indirect=True)
+def test_eval_and_calibrate_commands_read_the_folder(folder, tmp_path):
+    """The processor's own inputs (Gemma 3's token_type_ids, Idefics3's pixel_attention_mask, LLaVA-NeXT's
+    image_sizes) reach every request of `eval` and `calibrate` (without them Gemma 3's and LLaVA-NeXT's requests
     are refused)."""
     import dataset_files as files
 

@@ -40,19 +40,53 @@ WORDS = [
 ] + [":", "?", ".", ","]
 
 
+# the special tokens Idefics3's processor writes around tiles (`Idefics3Processor.replace_image_token`)
+IDEFICS3_TOKENS = [
+    *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)),
+    "<end_of_utterance>",
+    "<global-img>",
+    "<fake_token_around_image>",
+]
+
+
 def tiny_bundle(model) -> VLMBundle:
     side = model.config.vision_config.image_size
     return VLMBundle(model, tiny_tokenizer(model), BlipImageProcessorPil(size={"height": side, "width": side}))
 
 
 def tiny_processor(model):
-    """The model's own processor, as a LLaVA, an InstructBLIP or a Gemma 3 checkpoint ships it (for `load_vlm`)."""
+    """The model's own processor, as a LLaVA, LLaVA-NeXT, Idefics3, InstructBLIP or Gemma 3 checkpoint ships it (for
+    `load_vlm`). SmolVLM's and LLaVA-OneVision's cannot be built here: they need torchvision (and num2words)."""
     from training_helpers import make_qformer_tokenizer
-    from transformers import Gemma3Processor, InstructBlipProcessor, LlavaProcessor
+    from transformers import (
+        Gemma3Processor,
+        Idefics3Processor,
+        InstructBlipProcessor,
+        LlavaNextProcessor,
+        LlavaProcessor,
+    )
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     cfg = model.config
     side = cfg.vision_config.image_size
+    if cfg.model_type == "idefics3":  # images up to 2x2 tiles, and the global view
+        images = Idefics3ImageProcessorPil(size={"longest_edge": 2 * side}, max_image_size={"longest_edge": side})
+        return Idefics3Processor(images, tiny_tokenizer(model), image_seq_len=model.model.image_seq_len)
+    if cfg.model_type == "llava_next":  # grids of up to 2x2 patches, and the base view
+        images = LlavaNextImageProcessorPil(
+            size={"shortest_edge": side},
+            crop_size={"height": side, "width": side},
+            image_grid_pinpoints=cfg.image_grid_pinpoints,
+        )
+        return LlavaNextProcessor(
+            images,
+            tiny_tokenizer(model),
+            patch_size=cfg.vision_config.patch_size,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            num_additional_image_tokens=1,
+        )
     if cfg.model_type == "gemma3":
         images = Gemma3ImageProcessorPil(size={"height": side, "width": side})
         return Gemma3Processor(images, tiny_tokenizer(model), image_seq_length=cfg.mm_tokens_per_image)
@@ -103,13 +137,16 @@ def tiny_tokenizer(model) -> PreTrainedTokenizerFast:
             }
         )
         names_of_images = ["<|image_pad|>", "<|vision_start|>", "<|vision_end|>"]
+    elif cfg.model_type == "idefics3":  # the tokens its processor puts around each tile, just below the image token
+        vocab.update({name: cfg.image_token_id - len(IDEFICS3_TOKENS) + i for i, name in enumerate(IDEFICS3_TOKENS)})
+        vocab["<image>"] = cfg.image_token_id
     elif cfg.model_type == "internvl":  # <img> and </img> just below the image token
         image = cfg.image_token_id
         vocab.update({"<img>": image - 2, "</img>": image - 1, "<IMG_CONTEXT>": image})
     else:
         vocab["<image>"] = cfg.image_token_index
     if cfg.model_type not in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
-        names_of_images = ["<image>"]
+        names_of_images = ["<image>", *(IDEFICS3_TOKENS if cfg.model_type == "idefics3" else ())]
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -13,6 +13,7 @@ from .instructblip import InstructBlipOPTBackbone, InstructBlipRotaryBackbone, I
 from .internvl import InternVLBackbone
 from .llava import LlavaBackbone
 from .llava_next import LlavaNextBackbone
+from .llava_onevision import LlavaOnevisionBackbone
 from .qwen_vl import QwenVLBackbone
 from .rotary import LANGUAGE_MODELS as ROTARY_LANGUAGE_MODELS
 
@@ -22,6 +23,7 @@ SUPPORTED = (
     f"InstructBlipForConditionalGeneration (OPT, T5/FlanT5, {', '.join(ROTARY_LANGUAGE_MODELS)}), "
     f"LlavaForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)}), "
     f"LlavaNextForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)}), "
+    f"LlavaOnevisionForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)}), "
     "Gemma3ForConditionalGeneration, "
     f"InternVLForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)}), "
     f"SmolVLMForConditionalGeneration and Idefics3ForConditionalGeneration ({', '.join(ROTARY_LANGUAGE_MODELS)}), "
@@ -39,6 +41,7 @@ def load_backbone(model: nn.Module) -> Backbone:
         InternVLForConditionalGeneration,
         LlavaForConditionalGeneration,
         LlavaNextForConditionalGeneration,
+        LlavaOnevisionForConditionalGeneration,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2VLForConditionalGeneration,
         Qwen3VLForConditionalGeneration,
@@ -57,11 +60,16 @@ def load_backbone(model: nn.Module) -> Backbone:
         if language_model not in ROTARY_LANGUAGE_MODELS:
             raise TypeError(f"unsupported InternVL language model '{language_model}': freevlm supports {SUPPORTED}")
         return InternVLBackbone(model)
-    if isinstance(model, LlavaNextForConditionalGeneration):
-        language_model = model.config.text_config.model_type
-        if language_model not in ROTARY_LANGUAGE_MODELS:
-            raise TypeError(f"unsupported LLaVA-NeXT language model '{language_model}': freevlm supports {SUPPORTED}")
-        return LlavaNextBackbone(model)
+    tiled = {
+        LlavaNextForConditionalGeneration: ("LLaVA-NeXT", LlavaNextBackbone),
+        LlavaOnevisionForConditionalGeneration: ("LLaVA-OneVision", LlavaOnevisionBackbone),
+    }
+    for cls, (name, adapter) in tiled.items():
+        if isinstance(model, cls):
+            language_model = model.config.text_config.model_type
+            if language_model not in ROTARY_LANGUAGE_MODELS:
+                raise TypeError(f"unsupported {name} language model '{language_model}': freevlm supports {SUPPORTED}")
+            return adapter(model)
     if isinstance(model, (SmolVLMForConditionalGeneration, Idefics3ForConditionalGeneration)):
         language_model = model.config.text_config.model_type
         if language_model not in ROTARY_LANGUAGE_MODELS:

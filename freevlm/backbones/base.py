@@ -193,9 +193,10 @@ class Backbone:
         """
         raise NotImplementedError
 
-    def images_per_row(self, input_ids: torch.Tensor) -> list[int]:
+    def images_per_row(self, input_ids: torch.Tensor, **inputs) -> list[int]:
         """How many `pixel_values` rows each prompt row reads, in order: one here (beam search repeats each row's
-        images with it; Gemma 3 and InternVL count them from the image tokens, `llava.ImageGroups`)."""
+        images with it; Gemma 3 and InternVL count them from the image tokens, `llava.ImageGroups`; LLaVA-OneVision
+        reads its `batch_num_images` among the request's `inputs`)."""
         return [1] * input_ids.shape[0]
 
     def check_inputs(
@@ -210,7 +211,7 @@ class Backbone:
         """Each prompt row's images and other inputs once per beam, as Hugging Face's `generate` expands them:
         [A, B] -> [A, B, A, B] for a row holding two images (it encodes images before expanding; repeating image
         by image would give [A, A, B, B])."""
-        per_row = self.images_per_row(input_ids)
+        per_row = self.images_per_row(input_ids, **inputs)
         starts = [0, *itertools.accumulate(per_row)]
         index = [i for b in range(len(per_row)) for _ in range(k) for i in range(starts[b], starts[b + 1])]
         pixel_values = pixel_values.index_select(0, torch.tensor(index, device=pixel_values.device))

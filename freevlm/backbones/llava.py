@@ -97,7 +97,7 @@ class ImageGroups:
     tiles): `pixel_values` has one row per image, in prompt order, and the image tokens take their features in
     order, as Hugging Face's placeholder scatter does (mixed in before a `RotaryDecoder`, with a `LlavaLayout`)."""
 
-    def images_per_row(self, input_ids: torch.Tensor) -> list[int]:
+    def images_per_row(self, input_ids: torch.Tensor, **inputs) -> list[int]:
         """Image tokens per row over tokens per image, rounded up (a partial image is refused by its count)."""
         counts = (input_ids == self.config.image_token_index).sum(dim=1)
         return (-(-counts // self.config.num_query_tokens)).tolist()

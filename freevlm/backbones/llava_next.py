@@ -18,15 +18,22 @@ class LlavaNextBackbone(LlavaBackbone):
     """A `LlavaNextForConditionalGeneration`, one image per prompt row; its requests take the processor's
     `image_sizes`."""
 
+    name = "LLaVA-NeXT"
     input_names = ("image_sizes",)
     pixel_layout = "tiles"
+
+    def stage1_parts(self) -> dict[str, list]:
+        """LLaVA's, the newline feature with the projector (both map the tower's features into the LM)."""
+        parts = super().stage1_parts()
+        parts["projection"].append(self.model.model.image_newline)
+        return parts
 
     def check_inputs(self, pixel_values, input_ids, attention_mask, inputs: dict) -> None:
         """`image_sizes`: present, one (height, width) per image."""
         sizes = inputs.get("image_sizes")
         if sizes is None:
             raise ValueError(
-                "LLaVA-NeXT needs image_sizes (each image's height and width, from its processor): they decide "
+                f"{self.name} needs image_sizes (each image's height and width, from its processor): they decide "
                 "which patches are real and how many features each image gives"
             )
         if not isinstance(sizes, torch.Tensor) or tuple(sizes.shape) != (pixel_values.shape[0], 2):

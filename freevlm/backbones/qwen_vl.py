@@ -130,7 +130,9 @@ class QwenVLBackbone(RotaryDecoder):
                 "processor's mm_token_type_ids with its input_ids"
             )
 
-    def images_per_row(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None) -> list[int]:
+    def images_per_row(
+        self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None, **inputs
+    ) -> list[int]:
         """How many images (of `image_grid_thw`, in order) each prompt row holds, from its image-token count."""
         if image_grid_thw is None:
             raise ValueError(f"{self.name} needs image_grid_thw to tell which images a prompt row holds")

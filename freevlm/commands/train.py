@@ -222,6 +222,7 @@ def _datasets(args: argparse.Namespace, bundle, records):
             args.max_target_tokens,
             source=source,
             qformer_tokenizer=qformer_tokenizer,
+            processor=bundle.processor,  # SmolVLM's, LLaVA-NeXT's...: it lays out each image's tokens
         )
 
     train, dev = records

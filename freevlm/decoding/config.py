@@ -4,6 +4,7 @@ the way; whatever else reads a decode default (evaluation, the command line) rea
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 from .engine import BATCH_POLICIES, KV_MODES
@@ -19,6 +20,11 @@ class DecodeConfig:
     `eos_token_id` / `pad_token_id` may be None (the model's generation config decides); searches get them
     resolved: `eos_token_id` a list, `pad_token_id` an int. `static` (None: the engine decides from the device)
     selects the engine's static-shape path.
+
+    Token choice (`decoding/sampling.py`), as Hugging Face's `generate`: `repetition_penalty` applies to greedy and
+    sampled tokens; `temperature`, `top_k` (0: off) and `top_p` shape the distribution `do_sample=True` draws from
+    (greedy takes its argmax, which none of them moves); `seed` seeds the draw (None: torch's global generator).
+    Unlike Hugging Face's `GenerationConfig`, `top_k` defaults to 0 (off), as OpenAI's API and vLLM do.
     """
 
     max_new_tokens: int = 30
@@ -35,6 +41,12 @@ class DecodeConfig:
     early_stopping: bool | str = False
     return_engine: bool = False
     static: bool | None = None
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
 
     def validate(self) -> None:
         """Raise a `ValueError` naming the first bad option and what it may be."""
@@ -56,8 +68,24 @@ class DecodeConfig:
         _check_choice("early_stopping", self.early_stopping, (True, False, "never"))
         _check_choice("return_engine", self.return_engine, (True, False))
         _check_choice("static", self.static, (True, False, None))
+        self._validate_sampling()
         if self.mode == "speculative":
             self._validate_speculative()
+
+    def _validate_sampling(self) -> None:
+        _check_choice("do_sample", self.do_sample, (True, False))
+        _check_number("temperature", self.temperature, "> 0", lambda v: v > 0)
+        _check_number("top_p", self.top_p, "in (0, 1]", lambda v: 0 < v <= 1)
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
+        _check_number("repetition_penalty", self.repetition_penalty, "> 0", lambda v: v > 0)
+        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < 2**64):
+            raise ValueError(f"seed must be an integer in [0, 2**64) or None, got {self.seed!r}")
+        if self.num_beams > 1 or self.mode == "speculative":  # both choose by log-probabilities / greedy checks
+            search = "beam search (num_beams > 1)" if self.num_beams > 1 else "mode='speculative'"
+            for name, off in (("do_sample", False), ("repetition_penalty", 1.0)):
+                if getattr(self, name) != off:
+                    raise ValueError(f"{name}={getattr(self, name)!r} does not apply to {search}")
 
     def _validate_speculative(self) -> None:
         if self.num_beams > 1 or self.policy is not None:
@@ -86,6 +114,11 @@ def _is_int(value) -> bool:
 def _check_positive_int(name: str, value) -> None:
     if not _is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_number(name: str, value, rule: str, ok) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name} must be a number {rule}, got {value!r}")
 
 
 def _check_choice(name: str, value, allowed: tuple) -> None:

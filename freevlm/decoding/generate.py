@@ -1,4 +1,5 @@
-"""Greedy generation on top of the early-exit engine, with Hugging Face's stopping rules and honest stats.
+"""Greedy and sampled generation on top of the early-exit engine, with Hugging Face's stopping rules and honest
+stats. Each token comes from the logits of the layer its row left at, chosen by a `TokenChooser` (`sampling.py`).
 
 `Request` is the set-up and the clock that greedy, beam and speculative search share."""
 
@@ -17,6 +18,7 @@ from .config import DecodeConfig
 from .engine import Engine, WorkCounter, resolve_batch_policy, rows_move_together
 from .general import GeneralEngine
 from .policies import ExitPolicy
+from .sampling import TokenChooser, make_generator
 from .static import EnginePool, StaticEngine
 
 
@@ -163,13 +165,28 @@ def greedy_generate(
     exit_layers = torch.full((batch, max_new_tokens), -1, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
 
+    every_row = torch.arange(batch, device=device)
+    chooser = None  # greedy without a penalty: the engine's argmax is the token
+    if TokenChooser.needed(config):
+        chooser = TokenChooser(batch, backbone.lm_head.weight.shape[0], device)
+        generator = make_generator(config.seed, device)
+        chooser.set(list(range(batch)), config, ctx.prompt_ids, ctx.key_mask[:, :prompt_len], generator)
+
+    def choose(result, rows: torch.Tensor) -> torch.Tensor:
+        """The token of each of `rows` from the logits of the layer it left at."""
+        if chooser is None:
+            return result.tokens
+        tokens = chooser.choose(result.logits, rows)
+        chooser.observe(rows, tokens)
+        return tokens
+
     result = engine.prefill(backbone.embed_prompt(ctx))
-    generated[:, 0], exit_layers[:, 0] = result.tokens, result.exit_at
-    done |= torch.isin(result.tokens, req.eos)
+    tokens = choose(result, every_row)
+    generated[:, 0], exit_layers[:, 0] = tokens, result.exit_at
+    done |= torch.isin(tokens, req.eos)
     req.prefilled()
 
     length = 1
-    every_row = torch.arange(batch, device=device)
     while length < max_new_tokens:
         finished = int(done.sum())  # the one host read of the loop
         if finished == batch:
@@ -177,14 +194,16 @@ def greedy_generate(
         if finished == 0:  # every row goes on: plain slices, no gathers or scatters
             x = backbone.embed(ctx, generated[:, length - 1 : length], None, prompt_len + length - 1)
             result = engine.step(every_row, x, prompt_len + length - 1, step=length)
-            generated[:, length], exit_layers[:, length] = result.tokens, result.exit_at
-            done |= torch.isin(result.tokens, req.eos)
+            tokens = choose(result, every_row)
+            generated[:, length], exit_layers[:, length] = tokens, result.exit_at
+            done |= torch.isin(tokens, req.eos)
         else:
             rows = (~done).nonzero().squeeze(1)
             x = backbone.embed(ctx, generated[rows, length - 1 : length], rows, prompt_len + length - 1)
             result = engine.step(rows, x, prompt_len + length - 1, step=length)
-            generated[rows, length], exit_layers[rows, length] = result.tokens, result.exit_at
-            done[rows] |= torch.isin(result.tokens, req.eos)
+            tokens = choose(result, rows)
+            generated[rows, length], exit_layers[rows, length] = tokens, result.exit_at
+            done[rows] |= torch.isin(tokens, req.eos)
         length += 1
 
     exit_layers = exit_layers[:, :length]

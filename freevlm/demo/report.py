@@ -12,10 +12,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..colours import FINAL_COLOUR, layer_colours
 from ..eval.plots import plot_per_layer, plot_quality_vs_speedup
 from ..eval.sweep import markdown_table
 from .tables import (
-    FINAL_COLOUR,
     SPLIT_NAMES,
     exit_layers,
     final_layer,
@@ -23,7 +23,6 @@ from .tables import (
     fmt_speedup,
     fmt_threshold,
     histograms,
-    layer_colours,
     layer_label,
     model_name,
     tables,

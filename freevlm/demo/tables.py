@@ -21,9 +21,6 @@ VARIANT_NAMES = {
     "free_no_adversarial": "FREE without the adversarial term",
     "free_ce": "FREE-CE (GAN + CE anchor, semi-supervised)",
 }
-# A hue ramp of light backgrounds (black text stays readable): early exits warm, later ones cool; the final layer grey.
-EXIT_COLOURS = ("#ff8a80", "#ffb74d", "#ffe066", "#c5e17a", "#8fd9a8", "#80d8d8", "#8cc8f5", "#b3a4f2")
-FINAL_COLOUR = "#dcdcdc"
 Table = tuple[str, list[str], list[list[str]], list[str]]  # title, headers, rows, notes
 
 
@@ -58,14 +55,6 @@ def _ratio(value: float | None, reference: float | None) -> str:
 
 def _ci(interval: list[float]) -> str:
     return f"[{interval[0]:.3f}, {interval[1]:.3f}]"
-
-
-def layer_colours(exit_layers: list[int], final_layer: int, extra: list[int] = ()) -> dict[int, str]:
-    """Colour per layer: exits (and any other non-final layer seen) spread over the palette, the final one grey."""
-    layers = sorted({*exit_layers, *extra} - {final_layer})
-    last = max(len(layers) - 1, 1)
-    colours = {k: EXIT_COLOURS[round(i * (len(EXIT_COLOURS) - 1) / last)] for i, k in enumerate(layers)}
-    return colours | {final_layer: FINAL_COLOUR}
 
 
 def final_layer(results: dict) -> int | None:

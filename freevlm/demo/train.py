@@ -68,10 +68,27 @@ class ExitsInfo:
     variants: dict[str, dict]  # per trained run: its recipe, steps, seconds, whether cached
 
 
+def backbone_folder(cfg: DemoConfig) -> Path:
+    return Path(cfg.cache) / f"backbone-{cfg.family}-v{BACKBONE_VERSION}-{cfg.recipe_key(*BACKBONE_FIELDS)}"
+
+
+def exits_folder(cfg: DemoConfig, backbone: str | Path, name: str, key_fields: tuple[str, ...] = ()) -> Path:
+    return Path(f"{backbone}-exits-{name}-{cfg.recipe_key(*EXIT_FIELDS, *key_fields)}")
+
+
+def trained_model(cfg: DemoConfig) -> tuple[Path, Path] | None:
+    """The folders of the demo's trained backbone and of FREE's exits (the run at every candidate layer; FREE's
+    own are those at `cfg.exit_layers`) in `cfg.cache`, or None if that recipe was not trained there."""
+    backbone = backbone_folder(cfg)
+    exits = exits_folder(cfg, backbone, "free_candidates", ("candidate_layers",))
+    done = (backbone / "freevlm_demo_training.json").is_file() and (exits / "info.json").is_file()
+    return (backbone, exits / "exits") if done else None
+
+
 def train_backbone(cfg: DemoConfig, world: World, progress: Progress) -> tuple[VLMBundle, BackboneInfo]:
     """The backbone, trained (stage 1 of the paper's recipe: every part of it on the world's captions and VQA) or
     taken from the cache; frozen, its image features cached for the many passes over the same images."""
-    folder = Path(cfg.cache) / f"backbone-{cfg.family}-v{BACKBONE_VERSION}-{cfg.recipe_key(*BACKBONE_FIELDS)}"
+    folder = backbone_folder(cfg)
     info_file = folder / "freevlm_demo_training.json"
     cached = not cfg.fresh and info_file.is_file()
     if not cached:
@@ -154,7 +171,7 @@ def train_all_exits(
     ee, info = {}, {}
     with sharing_features(bundle.model):
         for name, (trainer, config, recipe, key_fields) in runs.items():
-            folder = Path(f"{backbone.path}-exits-{name}-{cfg.recipe_key(*EXIT_FIELDS, *key_fields)}")
+            folder = exits_folder(cfg, backbone.path, name, key_fields)
             train = partial(trainer, bundle.model, data, replace(config, output_dir=str(folder)))
             info[name] = _trained(cfg, progress, name, folder, train, dict(recipe, steps=config.max_steps))
             ee[name] = EarlyExitVLM.from_pretrained(bundle.model, folder / "exits")

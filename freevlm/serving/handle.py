@@ -6,7 +6,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 
@@ -59,6 +59,8 @@ class Handle:
         self._done = threading.Event()
         self._cancel = threading.Event()
         self._error: BaseException | None = None
+        self._watchers: list[Callable[[], None]] = []
+        self._watch_lock = threading.Lock()
 
     def __iter__(self) -> Iterator[TokenEvent]:
         while (event := self._events.get()) is not None:
@@ -66,6 +68,27 @@ class Handle:
         self._events.put(None)  # a second iteration ends at once
         if self._error is not None:
             raise self._error
+
+    def poll(self) -> tuple[list[TokenEvent], bool]:
+        """The events that came since the last poll, without blocking, and whether the request has ended (for an
+        event loop that must not block: see `watch`). Use either `poll` or iteration, not both."""
+        events = []
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                return events, False
+            if event is None:
+                self._events.put(None)
+                return events, True
+            events.append(event)
+
+    def watch(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` after every event and at the end, in the scheduler's thread (keep it short: an asyncio
+        server passes `loop.call_soon_threadsafe(...)`); called once now, for what came before."""
+        with self._watch_lock:
+            self._watchers.append(callback)
+        callback()
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -100,9 +123,17 @@ class Handle:
         self.exit_layers.append(exit_layer)
         self._timings.append(now)
         self._events.put(TokenEvent(token, exit_layer))
+        self._notify()
 
     def _finish(self, reason: str, error: BaseException | None = None) -> None:
         self.finish_reason, self._error = reason, error
         self._finished = time.perf_counter()
         self._done.set()
         self._events.put(None)
+        self._notify()
+
+    def _notify(self) -> None:
+        with self._watch_lock:
+            watchers = list(self._watchers)
+        for callback in watchers:
+            callback()

@@ -9,7 +9,8 @@
 One iteration (`step`): rows whose request finished or was cancelled leave (their row is free at once); waiting
 requests take free rows (image and prompt encoded by the backbone, then the prompt's slots in chunks of at most
 `prefill_chunk` per iteration, so a long prompt stalls the running rows by a bounded amount); then one decode step
-runs every active row's next token (`RowEngine.step`) and each row's token goes to its handle.
+runs every active row's next token (`RowEngine.step`) and each row's token goes to its handle, chosen as its request
+asks (greedy, or sampled with its own temperature, top-k, top-p, penalty and a generator of its own: `TokenChooser`).
 
 Capacity is fixed at construction: `max_batch` rows of `max_len` slots (prompt + new tokens), a waiting queue of
 `max_waiting`. A request that can never fit is refused at `submit` (ValueError naming the option); one that cannot
@@ -26,6 +27,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from ..decoding.config import DecodeConfig
+from ..decoding.sampling import TokenChooser, make_generator
 from ..inputs import validate_generate_inputs
 from ..model import EarlyExitVLM
 from .handle import Handle, QueueFull
@@ -43,6 +45,7 @@ class _Request:
     eos: frozenset[int]
     stop: tuple[tuple[int, ...], ...]
     row: int | None = None
+    prompt_ids: torch.Tensor | None = None  # [1, L0] the decoder's prompt (what the repetition penalty counts)
 
 
 class Scheduler:
@@ -71,10 +74,13 @@ class Scheduler:
         )
         self.max_prompt = max_len if max_prompt is None else max_prompt
         self.engine = RowEngine(self.backbone, model.exit_dict(), max_batch, max_len, self.max_prompt)
+        vocab, device = self.backbone.lm_head.weight.shape[0], self.backbone.device
+        self.chooser = TokenChooser(max_batch, vocab, device, per_row_generators=True)  # a generator per request
         self._waiting: collections.deque[_Request] = collections.deque()
         self._joining: list[_Request] = []  # have a row, prompt being encoded
         self._running: dict[int, _Request] = {}  # row -> request
         self._last = torch.zeros(max_batch, dtype=torch.long, device=self.backbone.device)
+        self._rows = torch.arange(max_batch, device=self.backbone.device)
         self._lock = threading.Condition()
         self._ids = 0
         self._thread: threading.Thread | None = None
@@ -91,7 +97,8 @@ class Scheduler:
         **options,
     ) -> Handle:
         """Queue one request (one image, one prompt); DecodeConfig fields given as keywords override a copy of
-        `config`. `stop`: token sequences that end the answer (included in it), besides EOS. Invalid options, or a
+        `config`. `stop`: token sequences that end the answer (included in it), besides EOS. A sampling request without
+        a `seed` gets one from torch's global generator here. Invalid options, or a
         request that could never fit this scheduler, raise ValueError here, naming the problem."""
         request = self._check(pixel_values, input_ids, attention_mask, config, stop, options)
         with self._lock:
@@ -117,10 +124,14 @@ class Scheduler:
             "kv": (config.kv == "recompute", "the scheduler keeps caches exact: kv='recompute' only"),
             "policy": (config.policy is None, "the scheduler's rows leave by their threshold: no custom policy"),
             "return_engine": (not config.return_engine, "requests share the scheduler's engine: no return_engine"),
+            "batch_policy": (config.batch_policy == "auto", "the scheduler's rows ride along: batch_policy='auto'"),
+            "static": (config.static is None, "the scheduler keeps its own buffers: static=None"),
         }
         for name, (ok, why) in unsupported.items():
             if not ok:
                 raise ValueError(f"{name}={getattr(config, name)!r} is not supported: {why}")
+        if config.do_sample and config.seed is None:  # torch.manual_seed makes a run's unseeded requests repeat
+            config.seed = int(torch.randint(2**63 - 1, ()))
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[0] != 1:
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
             raise ValueError(f"pixel_values must hold one image, [1, channels, height, width], got {shape}")
@@ -195,6 +206,7 @@ class Scheduler:
                 for request in [*self._running.values(), *self._joining]:
                     request.handle._finish("error", err)
                     self.engine.leave(request.row)
+                    self.chooser.clear(request.row)
                 self._running, self._joining = {}, []
                 raise
 
@@ -202,6 +214,20 @@ class Scheduler:
         """Step until no request is waiting or running (in the caller's thread)."""
         while self.step():
             pass
+
+    @property
+    def running(self) -> int:
+        """Requests holding a row (their prompt being encoded, or decoding)."""
+        return len(self._running) + len(self._joining)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the background loop runs (False before `start`, after `stop`, or after a failed step)."""
+        return self._thread is not None and self._thread.is_alive()
 
     @property
     def idle(self) -> bool:
@@ -228,6 +254,7 @@ class Scheduler:
 
     def _release(self, request: _Request, reason: str) -> None:
         self.engine.leave(request.row)
+        self.chooser.clear(request.row)
         if request.row in self._running:
             del self._running[request.row]
         else:
@@ -246,6 +273,7 @@ class Scheduler:
             ctx = self.backbone.start(request.pixel_values, request.input_ids, None, request.config.max_new_tokens)
             may_exit = request.config.mode == "early_exit" and request.config.threshold < 1.0
             self.engine.join(request.row, ctx, request.config.threshold, may_exit)
+            request.prompt_ids = ctx.prompt_ids
             self._joining.append(request)
 
     def _prefill(self) -> None:
@@ -256,13 +284,22 @@ class Scheduler:
             if self.engine.active[request.row]:
                 self._joining.remove(request)
                 self._running[request.row] = request
+                self._choose_as(request)
             if budget <= 0:
                 return
+
+    def _choose_as(self, request: _Request) -> None:
+        """The row starts decoding: its token choice (and generator) from now on."""
+        config, ids = request.config, request.prompt_ids
+        generator = make_generator(config.seed, ids.device) if config.do_sample else None
+        self.chooser.set([request.row], config, ids, torch.ones_like(ids, dtype=torch.bool), generator)
 
     def _decode(self) -> None:
         out = self.engine.step(self._last)
         n = len(out.exit_at_host)
-        tokens = out.logits.argmax(dim=-1)
+        rows = self._rows[:n]
+        tokens = self.chooser.choose(out.logits, rows, list(range(n)))  # greedy argmax, unless a row samples
+        self.chooser.observe(rows, tokens)
         self._last[:n] = tokens
         self.engine.advance()
         now = time.perf_counter()

@@ -12,7 +12,11 @@ The collate produces the exact layout the backbone adapters expect (`Backbone.fe
   the image between `<img>` and `</img>` (`image_placeholder`); Qwen-VL's is `<|image_pad|>\n` + prompt, the image
   between `<|vision_start|>` and `<|vision_end|>`, that token expanded to the image's own token count (its patch grid
   over the 2x2 merge, images at any size), and the batch carries the patches of all images (`pixel_values`, one row
-  per patch), `image_grid_thw` and `mm_token_type_ids` (1 at image tokens) as its processor gives them;
+  per patch), `image_grid_thw` and `mm_token_type_ids` (1 at image tokens) as its processor gives them; SmolVLM /
+  Idefics3's and LLaVA-NeXT / OneVision's are `<image>\n` + prompt laid out by the model's processor itself, image by
+  image (`PROCESSOR_LAYOUT_TYPES`: tiles with the tokens around them, a count that depends on the image's size), the
+  batch carrying each image's tiles padded with zero tiles to the batch's most and `pixel_attention_mask` or
+  `image_sizes` as that processor gives them;
 - encoder-decoder (T5): `input_ids` = image tokens + prompt (with EOS); `decoder_input_ids` = start + target
   shifted right.
 
@@ -95,6 +99,10 @@ def model_max_length(text_config) -> int | None:
 
 
 QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # images as patches of any grid (`image_grid_thw`)
+# families whose processor lays out each image's tokens itself (tiles and the tokens around them, a count that depends
+# on the image's size): training prompts come from it, image by image, and its per-image inputs travel with the batch
+PROCESSOR_LAYOUT_TYPES = ("idefics3", "smolvlm", "llava_next", "llava_onevision")
+PROCESSOR_IMAGE_INPUTS = ("pixel_attention_mask", "image_sizes")  # each image's, beside its pixel_values
 
 
 def is_instructblip(model_config) -> bool:
@@ -116,7 +124,7 @@ def image_placeholder(tokenizer, model_config) -> tuple[str | None, str | None]:
         if None in (start, end, text):
             raise ValueError(f"the tokenizer lacks the image tokens of {model_type}: use its processor's tokenizer")
         return text, f"{start}{text}{end}"
-    if model_type not in ("llava", "gemma3", "internvl"):
+    if model_type not in ("llava", "gemma3", "internvl", *PROCESSOR_LAYOUT_TYPES):
         return None, None
     index = model_config.boi_token_index if model_type == "gemma3" else model_config.image_token_index
     text = tokenizer.convert_ids_to_tokens(index)
@@ -140,7 +148,8 @@ class CaptionDataset(Dataset):
 
     `image_processor` is a Hugging Face image processor (or any callable with the same signature) that turns PIL
     images into `pixel_values`. An InstructBLIP needs `qformer_tokenizer` too (its processor's), for the prompt the
-    Q-Former reads.
+    Q-Former reads; SmolVLM / Idefics3 and LLaVA-NeXT / OneVision their `processor`, which lays out each image's
+    tokens (`PROCESSOR_LAYOUT_TYPES`).
     """
 
     def __init__(
@@ -152,6 +161,7 @@ class CaptionDataset(Dataset):
         max_target_tokens: int | None = None,
         source: str = "dataset",
         qformer_tokenizer=None,
+        processor=None,
     ):
         if not records:
             raise ValueError(f"{source} is empty: no (image, text) records to train on")
@@ -160,6 +170,14 @@ class CaptionDataset(Dataset):
                 "InstructBLIP's Q-Former reads the prompt as its instruction: pass qformer_tokenizer "
                 "(InstructBlipProcessor's qformer_tokenizer)"
             )
+        model_type = getattr(model_config, "model_type", None)
+        self.processor = processor if model_type in PROCESSOR_LAYOUT_TYPES else None
+        if model_type in PROCESSOR_LAYOUT_TYPES and processor is None:
+            raise ValueError(
+                f"{model_type}'s processor lays out each image's tokens (tiles, image sizes): pass processor "
+                "(the model's own, as load_vlm gives it)"
+            )
+        self.nested_images = model_type in ("idefics3", "smolvlm")  # their processors take each prompt's images
         self.qformer_ids = None
         if qformer_tokenizer is not None:  # with its special tokens, as the processor gives them
             self.qformer_ids = [qformer_tokenizer(r.prompt)["input_ids"] for r in records]
@@ -175,10 +193,11 @@ class CaptionDataset(Dataset):
         missing = [r.image for r in records if not Path(r.image).is_file()]
         if missing:
             raise ImageError(f"{source}: {len(missing)} image file(s) not found, first: {missing[0]}")
+        self.prompts: list[str] = []  # as given to the tokenizer, the image at its placeholder
         self.prompt_ids: list[list[int]] = []
         self.target_ids: list[list[int]] = []
         for r in records:
-            prompt_ids, target_ids = self._tokenize(tokenizer, r)
+            prompt, prompt_ids, target_ids = self._tokenize(tokenizer, r)
             target_ids = target_ids + ([eos] if eos is not None else [])
             if max_target_tokens is not None and len(target_ids) > max_target_tokens:
                 raise ValueError(
@@ -192,10 +211,11 @@ class CaptionDataset(Dataset):
                     f"{source}: labels too long for the model: {r.image} needs {used} positions "
                     f"(query tokens + prompt + target) but the language model takes at most {limit}: {r.target[:60]!r}"
                 )
+            self.prompts.append(prompt)
             self.prompt_ids.append(prompt_ids)
             self.target_ids.append(target_ids)
 
-    def _tokenize(self, tokenizer, r: Record) -> tuple[list[int], list[int]]:
+    def _tokenize(self, tokenizer, r: Record) -> tuple[str, list[int], list[int]]:
         prompt = r.prompt
         if self.image_text is not None and self.image_text not in prompt:
             prompt = f"{self.image_text}\n{prompt}"
@@ -205,8 +225,8 @@ class CaptionDataset(Dataset):
         if self.decoder_only:  # tokenize prompt and target together so BPE sees the boundary as at inference
             joined = tokenizer(f"{prompt} {r.target}" if prompt else r.target, add_special_tokens=True)["input_ids"]
             if joined[: len(prompt_ids)] == prompt_ids:
-                return prompt_ids, joined[len(prompt_ids) :]
-        return prompt_ids, tokenizer(r.target, add_special_tokens=False)["input_ids"]
+                return prompt, prompt_ids, joined[len(prompt_ids) :]
+        return prompt, prompt_ids, tokenizer(r.target, add_special_tokens=False)["input_ids"]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -214,8 +234,14 @@ class CaptionDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         r = self.records[index]
         image = load_image(r.image)
-        processed = self.image_processor(images=[image], return_tensors="pt")
         item = {"prompt_ids": self.prompt_ids[index], "target_ids": self.target_ids[index]}
+        if self.processor is not None:  # the prompt with the image's tokens as the processor lays them out
+            images = [[image]] if self.nested_images else [image]
+            processed = self.processor(images=images, text=[self.prompts[index]], return_tensors="pt")
+            item["prompt_ids"] = processed["input_ids"][0].tolist()
+            item.update({k: processed[k][0] for k in ("pixel_values", *PROCESSOR_IMAGE_INPUTS) if k in processed})
+            return item
+        processed = self.image_processor(images=[image], return_tensors="pt")
         if "image_grid_thw" in processed:  # Qwen-VL: the image's patches and their grid
             item.update(pixel_values=processed["pixel_values"], image_grid_thw=processed["image_grid_thw"][0])
         else:
@@ -237,6 +263,7 @@ class CaptionCollator:
     qformer_pad_token_id: int = 0
     token_types: bool = False  # Gemma 3: the batch carries token_type_ids (1 at image tokens)
     patch_merge: int = 0  # Qwen-VL: image tokens per image are its grid's patches over patch_merge**2
+    laid_out: bool = False  # SmolVLM, LLaVA-NeXT...: prompts hold the image's tokens already (the processor's)
 
     @classmethod
     def for_model(cls, model_config) -> CaptionCollator:
@@ -255,6 +282,7 @@ class CaptionCollator:
             patch_merge=model_config.vision_config.spatial_merge_size
             if getattr(model_config, "model_type", None) in QWEN_VL_TYPES
             else 0,
+            laid_out=getattr(model_config, "model_type", None) in PROCESSOR_LAYOUT_TYPES,
         )
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
@@ -279,8 +307,12 @@ class CaptionCollator:
 
     def _layout(self, items: list[dict]) -> dict[str, torch.Tensor]:
         images = [it["pixel_values"] for it in items]
-        pixel_values = torch.cat(images) if self.patch_merge else torch.stack(images)
-        prompts = [self._with_image(it["prompt_ids"], self._image_tokens(it)) for it in items]
+        if self.laid_out:  # each image's tiles or patches, padded with all-zero ones to the batch's most
+            pixel_values = self._pad_tiles(images)
+            prompts = [it["prompt_ids"] for it in items]
+        else:
+            pixel_values = torch.cat(images) if self.patch_merge else torch.stack(images)
+            prompts = [self._with_image(it["prompt_ids"], self._image_tokens(it)) for it in items]
         if self.decoder_only:
             seqs = [prompt + it["target_ids"] for prompt, it in zip(prompts, items)]
             input_ids, attention_mask = self._pad(seqs, self.pad_token_id)
@@ -301,6 +333,10 @@ class CaptionCollator:
                 batch.update(
                     image_grid_thw=torch.stack([it["image_grid_thw"] for it in items]), mm_token_type_ids=image
                 )
+            if "pixel_attention_mask" in items[0]:
+                batch["pixel_attention_mask"] = self._pad_tiles([it["pixel_attention_mask"] for it in items])
+            if "image_sizes" in items[0]:
+                batch["image_sizes"] = torch.stack([it["image_sizes"] for it in items])
             return batch
         input_ids, attention_mask = self._pad(prompts, self.pad_token_id)
         decoder_input_ids, _ = self._pad(
@@ -314,6 +350,13 @@ class CaptionCollator:
             "decoder_input_ids": decoder_input_ids,
             "targets": targets,
         }
+
+    @staticmethod
+    def _pad_tiles(tiles: list[torch.Tensor]) -> torch.Tensor:
+        """`[tiles, ...]` per image to `[images, most tiles, ...]`, zeros after each image's own (what the
+        processors pad with, and what the models' image paths drop)."""
+        most = max(len(t) for t in tiles)
+        return torch.stack([torch.cat([t, t.new_zeros(most - len(t), *t.shape[1:])]) for t in tiles])
 
     @staticmethod
     def _pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,145 @@
+"""`freevlm serve`: an OpenAI-compatible server (chat completions with images, streamed or not) over the
+continuous-batching scheduler, with early exits; without --backbone, the demo's trained model from its cache."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+from pathlib import Path
+
+from ..argtypes import device, integer, number, positive_int, unit_interval
+from ..errors import UserError
+from ..server.config import ServerConfig  # no dependency of the serve extra: `freevlm --help` works without it
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible server (chat completions) with early exits")
+    p.add_argument(
+        "--backbone",
+        help="model folder, as for `freevlm caption` (default: the demo's trained model, from the demo cache)",
+    )
+    p.add_argument("--exits", help="folder of exits saved by EarlyExitVLM.save_exits (default: none, full model)")
+    p.add_argument("--name", help="the model name clients send (default: the backbone folder's name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=integer(0, 65535), default=8000)
+    p.add_argument("--device", type=device, default="cpu")
+    defaults = ServerConfig()
+    p.add_argument("--max-batch", type=positive_int, default=defaults.max_batch, help="rows decoded together")
+    p.add_argument("--max-len", type=positive_int, default=defaults.max_len, help="slots per row: prompt + answer")
+    p.add_argument(
+        "--max-queue",
+        type=positive_int,
+        default=defaults.max_waiting,
+        help="requests waiting for a row; beyond, 429 with Retry-After",
+    )
+    p.add_argument(
+        "--threshold",
+        type=unit_interval,
+        default=defaults.threshold,
+        help="confidence to leave at an exit when a request gives none",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=positive_int,
+        default=defaults.max_tokens,
+        help="answer length when a request gives none",
+    )
+    p.add_argument(
+        "--prompt", help="text after the image when a request has none (default: the folder's recorded prompt)"
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=number(0, low_open=True),
+        default=defaults.request_timeout,
+        help="seconds before an unfinished request is cancelled",
+    )
+    p.add_argument(
+        "--drain-seconds",
+        type=number(0, low_open=True),
+        default=defaults.drain_seconds,
+        help="on SIGTERM, how long running requests may take to finish",
+    )
+    p.add_argument("--no-image-urls", action="store_true", help="refuse http(s) image URLs (data: URLs only)")
+    p.add_argument(
+        "--max-image-bytes",
+        type=positive_int,
+        default=defaults.max_image_bytes,
+        help="largest image an http(s) URL may send",
+    )
+    p.set_defaults(func=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from ..server.app import create_app
+    except ImportError as err:
+        raise UserError(
+            f"freevlm serve needs the serve extra ({err.name} is missing): pip install 'freevlm[serve]'"
+        ) from err
+
+    config = ServerConfig(
+        max_batch=args.max_batch,
+        max_len=args.max_len,
+        max_waiting=args.max_queue,
+        threshold=args.threshold,
+        max_tokens=args.max_tokens,
+        prompt=args.prompt,
+        request_timeout=args.request_timeout,
+        drain_seconds=args.drain_seconds,
+        image_urls=not args.no_image_urls,
+        max_image_bytes=args.max_image_bytes,
+    )
+    config.validate()
+    model = load_served_model(args)
+    app = create_app(model, config)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=config.drain_seconds)
+    )
+    # uvicorn drains on SIGTERM / SIGINT and then raises the signal again under the handlers it found: these make
+    # that second delivery a no-op, so a drained server exits 0
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    print(f"serving {model.name} on http://{args.host}:{args.port} (OpenAI API at /v1)", flush=True)
+    server.run()
+    return 0
+
+
+def load_served_model(args: argparse.Namespace):
+    """The model, processor and exits the command names, or the demo's trained model."""
+    from ..exits import ExitConfig
+    from ..loading import check_vlm_folder, load_exits, load_vlm
+    from ..model import EarlyExitVLM
+    from ..server.app import ServedModel
+
+    backbone, exits, layers = (args.backbone, args.exits, None) if args.backbone else demo_model()
+    check_vlm_folder(backbone)
+    logging.getLogger("freevlm").info("loading %s", backbone)
+    bundle = load_vlm(backbone, device=args.device)
+    if exits:
+        ee = load_exits(bundle.model, exits)
+        if layers is not None:
+            from ..calibration import exits_subset
+
+            ee = exits_subset(ee, layers)
+    else:
+        ee = EarlyExitVLM(bundle.model, ExitConfig([1]))  # a placeholder exit that full mode never runs
+    name = args.name or (Path(backbone).resolve().name if args.backbone else "freevlm-demo")
+    return ServedModel(bundle, ee, name, prompt=None, has_exits=bool(exits))
+
+
+def demo_model() -> tuple[Path, Path, tuple[int, ...]]:
+    """(backbone, exits, FREE's exit layers) of the demo's trained model: the full recipe's, else `--quick`'s."""
+    from ..demo.config import DemoConfig, default_cache
+    from ..demo.train import trained_model
+
+    for cfg in (DemoConfig(), DemoConfig.quick_config()):
+        found = trained_model(cfg)
+        if found is not None:
+            return (*found, tuple(cfg.exit_layers))
+    raise UserError(
+        f"no trained demo model in {default_cache()} ($FREEVLM_CACHE): run `freevlm demo --quick` (a few minutes) "
+        "or `freevlm demo` to make one, or give --backbone (and --exits)"
+    )

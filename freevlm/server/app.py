@@ -1,0 +1,388 @@
+"""The FastAPI app of `freevlm serve`: OpenAI's `POST /v1/chat/completions` (plain and server-sent events),
+`GET /v1/models`, `GET /health` and `GET /metrics`, over one `Scheduler` running in a background thread.
+
+    app = create_app(ServedModel(bundle, ee, "my-model"), ServerConfig(max_batch=8))
+    uvicorn.run(app)          # or wrap it: any ASGI server, a Ray Serve deployment
+
+A request is checked (api.py), its image read and its prompt laid out (chat.py), then submitted: the scheduler
+refuses what can never fit (400) and a full queue (429 with Retry-After). Tokens come from the scheduler's thread to
+the event loop through `Handle.watch` (a wake-up per token, never a blocked thread per request). A request that
+times out, a client that disconnects, and a stop string each cancel the handle: its row is free at the next step.
+`/` is a live page (page.py) that streams answers from this API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from ..decoding.generate import analytic_speedup
+from ..loading import VLMBundle
+from ..model import EarlyExitVLM
+from ..serving import Handle, QueueFull, Scheduler, TokenEvent
+from .api import APIError, ChatRequest, validation_error
+from .chat import TextStream, decode, image_bytes, layout_prompt, the_image
+from .config import ServerConfig
+from .metrics import ServerMetrics
+from .page import page_routes
+
+# how the scheduler's reasons read in OpenAI's finish_reason
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
+# DecodeConfig names in the scheduler's messages -> the request's names
+PARAMS = {"max_new_tokens": "max_tokens", "threshold": "threshold", "mode": "mode", "kv": "kv"}
+
+
+@dataclass
+class ServedModel:
+    """What one server serves: the model, its processor and exits, the name clients ask for, and the prompt its
+    folder records (None: none recorded). Without exits (`has_exits` False) every token runs the whole stack."""
+
+    bundle: VLMBundle
+    ee: EarlyExitVLM
+    name: str
+    prompt: str | None = None
+    has_exits: bool = True
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was complete."""
+
+
+class ChatService:
+    """One chat completion from request to response, over the shared scheduler."""
+
+    def __init__(self, model: ServedModel, config: ServerConfig, scheduler: Scheduler, metrics: ServerMetrics):
+        self.model, self.config, self.scheduler, self.metrics = model, config, scheduler, metrics
+        self.num_layers = model.ee.backbone.num_layers
+        self.default_prompt = config.prompt if config.prompt is not None else (model.prompt or "")
+        self.default_threshold = config.threshold if model.has_exits else 1.0
+        self._inputs_lock = threading.Lock()  # a Hugging Face tokenizer is not safe to call from two threads
+
+    # --- request -> handle ----------------------------------------------------------------------------------------
+    def options(self, request: ChatRequest) -> dict:
+        """The request's decoding options, as `Scheduler.submit` keywords."""
+        if request.temperature:
+            raise APIError(
+                400,
+                f"temperature={request.temperature:g} asks for sampling, which this server does not do yet: use "
+                "temperature 0 (greedy)",
+                "temperature",
+                "unsupported",
+            )
+        options = {
+            "max_new_tokens": request.max_new_tokens or self.config.max_tokens,
+            "threshold": request.threshold if request.threshold is not None else self.default_threshold,
+        }
+        options |= {name: getattr(request, name) for name in ("mode", "kv") if getattr(request, name) is not None}
+        early = options.get("mode", "early_exit") == "early_exit" and options["threshold"] < 1
+        if early and not self.model.has_exits:
+            raise APIError(
+                400,
+                "this server has no exits (started without --exits): threshold must be 1.0, or mode 'full'",
+                "threshold",
+                "no_exits",
+            )
+        return options
+
+    async def submit(self, request: ChatRequest) -> tuple[Handle, int]:
+        """The request checked, its image read and its prompt laid out, queued: (its handle, its prompt tokens)."""
+        if request.model != self.model.name:
+            raise APIError(
+                404,
+                f"model '{request.model}' is not served here: this server serves '{self.model.name}' (GET /v1/models)",
+                "model",
+                "model_not_found",
+            )
+        options = self.options(request)
+        url = the_image(request.messages)
+        prompt = layout_prompt(request.messages, self.model.bundle, self.default_prompt)
+        data = await image_bytes(url, self.config)
+        inputs = await run_in_threadpool(self._inputs, data, prompt)
+        extra = sorted(set(inputs) - {"pixel_values", "input_ids", "attention_mask"})
+        if extra:
+            raise APIError(
+                400,
+                f"the scheduler decodes models whose inputs are one image and a prompt (BLIP-2, LLaVA); this model "
+                f"also needs {extra}",
+                "model",
+                "unsupported_model",
+            )
+        try:
+            handle = self.scheduler.submit(
+                inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], **options
+            )
+        except QueueFull as err:
+            raise APIError(
+                429, str(err), None, "queue_full", "rate_limit_error", {"Retry-After": str(self.config.retry_after)}
+            ) from err
+        except ValueError as err:
+            name = re.search(rf"\b({'|'.join(PARAMS)})\b", str(err))
+            raise APIError(400, str(err), PARAMS[name.group()] if name else None, "invalid_value") from err
+        return handle, int(inputs["attention_mask"].sum())
+
+    def _inputs(self, data: bytes, prompt: str) -> dict:
+        image = decode(data)
+        with self._inputs_lock:
+            return self.model.bundle.inputs([image], [prompt])
+
+    # --- handle -> tokens -----------------------------------------------------------------------------------------
+    async def events(
+        self, handle: Handle, disconnected: Callable[[], Awaitable[bool]] | None = None
+    ) -> AsyncIterator[list[TokenEvent]]:
+        """The handle's tokens as they come, a batch per wake-up; the handle is cancelled if the caller stops
+        early, the request times out (`APIError` 504) or the client goes (`ClientGone`, checked every second)."""
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+
+        def notify() -> None:  # in the scheduler's thread
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
+                loop.call_soon_threadsafe(wake.set)
+
+        deadline = loop.time() + self.config.request_timeout
+        handle.watch(notify)
+        try:
+            while True:
+                wake.clear()
+                batch, ended = handle.poll()
+                if batch:
+                    yield batch
+                if ended:
+                    break
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise APIError(
+                        504,
+                        f"the request did not finish within the server's {self.config.request_timeout:g} s",
+                        None,
+                        "timeout",
+                        "timeout",
+                    )
+                try:
+                    await asyncio.wait_for(wake.wait(), min(remaining, 1.0))
+                except TimeoutError:
+                    if disconnected is not None and await disconnected():
+                        raise ClientGone() from None
+        finally:
+            if not handle.done:
+                handle.cancel()
+        if handle.finish_reason == "error":
+            try:
+                handle.result(timeout=0)
+            except Exception as err:
+                raise APIError(500, f"the model failed: {err}", None, "model_error", "server_error") from err
+
+    # --- the two kinds of answer ------------------------------------------------------------------------------------
+    async def complete(self, request: ChatRequest, raw: Request) -> dict:
+        handle, prompt_tokens = await self.submit(request)
+        text, layers, timings = TextStream(self.model.bundle.tokenizer, request.stop), [], [handle.submitted]
+        outcome = "cancelled"
+        try:
+            async for batch in self.events(handle, raw.is_disconnected):
+                self._take(batch, text, layers, timings)
+                if text.stopped:
+                    break
+            outcome = "success"
+        except APIError as err:
+            outcome = err.outcome
+            raise
+        finally:
+            self.metrics.finished(outcome, prompt_tokens, layers, timings)
+        message = {"role": "assistant", "content": text.text}
+        choice = {"index": 0, "message": message, "finish_reason": self._finish_reason(handle, text), "logprobs": None}
+        return self._envelope("chat.completion") | {
+            "choices": [choice],
+            "usage": self._usage(prompt_tokens, layers),
+            "freevlm": self._summary(layers, request),
+        }
+
+    async def stream(self, request: ChatRequest, handle: Handle, prompt_tokens: int) -> AsyncIterator[str]:
+        """Server-sent events: a chunk per token (its text and exit layer), a last chunk with the finish reason
+        and the summary, the usage chunk if asked for, then [DONE]. A failure mid-stream is an error event."""
+        envelope = self._envelope("chat.completion.chunk")
+        text, layers, timings = TextStream(self.model.bundle.tokenizer, request.stop), [], [handle.submitted]
+
+        def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            return _sse(envelope | {"choices": [choice]} | extra)
+
+        outcome = "cancelled"
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            async for batch in self.events(handle):
+                for event in batch:
+                    delta = self._take([event], text, layers, timings)
+                    yield chunk(
+                        {"content": delta}, freevlm={"tokens": [event.token], "exit_layers": [event.exit_layer]}
+                    )
+                    if text.stopped:
+                        break
+                if text.stopped:
+                    break
+            rest = text.finish()
+            delta = {"content": rest} if rest else {}
+            yield chunk(delta, self._finish_reason(handle, text), freevlm=self._summary(layers, request))
+            if request.stream_options is not None and request.stream_options.include_usage:
+                yield _sse(envelope | {"choices": [], "usage": self._usage(prompt_tokens, layers)})
+            outcome = "success"
+        except APIError as err:
+            outcome = err.outcome
+            yield _sse(err.body())
+        finally:
+            self.metrics.finished(outcome, prompt_tokens, layers, timings)
+        yield "data: [DONE]\n\n"
+
+    # --- pieces of a response ---------------------------------------------------------------------------------------
+    @staticmethod
+    def _take(batch: list[TokenEvent], text: TextStream, layers: list[int], timings: list[float]) -> str:
+        """Add tokens to the answer (up to a stop string); returns the text they made final."""
+        delta = ""
+        for event in batch:
+            if text.stopped:
+                break
+            delta += text.add(event.token)
+            layers.append(event.exit_layer)
+            timings.append(time.perf_counter())
+        return delta
+
+    @staticmethod
+    def _finish_reason(handle: Handle, text: TextStream) -> str:
+        return "stop" if text.stopped else FINISH_REASONS.get(handle.finish_reason, "stop")
+
+    def _envelope(self, kind: str) -> dict:
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": kind,
+            "created": int(time.time()),
+            "model": self.model.name,
+        }
+
+    @staticmethod
+    def _usage(prompt_tokens: int, layers: list[int]) -> dict:
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(layers),
+            "total_tokens": prompt_tokens + len(layers),
+        }
+
+    def _summary(self, layers: list[int], request: ChatRequest) -> dict:
+        """freevlm's early-exit facts about an answer (definitions as in `DecodeStats`)."""
+        return {
+            "exit_layers": layers,
+            "num_layers": self.num_layers,
+            "mean_layers_per_token": sum(layers) / len(layers) if layers else 0.0,
+            "analytic_speedup": analytic_speedup(layers, self.num_layers),
+            "threshold": self.options(request)["threshold"],
+        }
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def create_app(model: ServedModel, config: ServerConfig | None = None) -> FastAPI:
+    """The server for one model: its scheduler starts with the app and stops (after running requests) with it."""
+    config = config or ServerConfig()
+    config.validate()
+    scheduler = Scheduler(model.ee, max_batch=config.max_batch, max_len=config.max_len, max_waiting=config.max_waiting)
+    metrics = ServerMetrics(scheduler, model.ee.backbone.num_layers)
+    service = ChatService(model, config, scheduler, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        scheduler.start()
+        try:
+            yield
+        finally:
+            scheduler.stop()
+
+    app = FastAPI(title="freevlm", summary="early-exit vision-language model server", lifespan=lifespan)
+    app.state.service = service
+    app.include_router(
+        page_routes(
+            model.name,
+            service.num_layers,
+            model.ee.exit_layers if model.has_exits else [],
+            threshold=service.default_threshold,
+            max_tokens=config.max_tokens,
+            prompt=service.default_prompt,
+        )
+    )
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError) -> JSONResponse:
+        if request.url.path == "/v1/chat/completions":
+            metrics.requests.labels(err.outcome).inc()
+        return err.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
+        return await api_error(request, validation_error(err.errors()))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        return APIError(
+            err.status_code, str(err.detail), code="not_found" if err.status_code == 404 else None
+        ).response()
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, err: Exception) -> JSONResponse:  # a bug: logged by the server
+        return APIError(500, f"internal error: {type(err).__name__}: {err}", kind="server_error").response()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatRequest, raw: Request):
+        if not request.stream:
+            try:
+                return await service.complete(request, raw)
+            except ClientGone:
+                return Response(status_code=499)
+        handle, prompt_tokens = await service.submit(request)
+        return StreamingResponse(service.stream(request, handle, prompt_tokens), media_type="text/event-stream")
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [_model_card(model.name)]}
+
+    @app.get("/v1/models/{name}")
+    async def model_card(name: str) -> dict:
+        if name != model.name:
+            raise APIError(
+                404, f"model '{name}' is not served here: this server serves '{model.name}'", "model", "model_not_found"
+            )
+        return _model_card(model.name)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        body = {
+            "status": "ok" if scheduler.alive else "stopped",
+            "model": model.name,
+            "running": scheduler.running,
+            "waiting": scheduler.waiting,
+        }
+        return JSONResponse(body, status_code=200 if scheduler.alive else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+START = int(time.time())
+
+
+def _model_card(name: str) -> dict:
+    return {"id": name, "object": "model", "created": START, "owned_by": "freevlm"}

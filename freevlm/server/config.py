@@ -1,0 +1,49 @@
+"""`ServerConfig`: every option of `freevlm serve` and its default, in one place (the command line reads them here)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..decoding.config import DecodeConfig
+
+
+@dataclass
+class ServerConfig:
+    """How the server batches, what it accepts, and how long it waits.
+
+    `max_batch` rows of `max_len` slots (prompt + answer) decode together; at most `max_waiting` requests wait for a
+    row, and one more is answered 429 with `Retry-After: retry_after`. `threshold` and `max_tokens` apply to a
+    request that gives none. `prompt` is the text used when a request's message has none (None: the model folder's
+    recorded prompt, else ""). A request still unfinished `request_timeout` seconds after it came is cancelled.
+    On SIGTERM the server takes no new connection and gives running requests `drain_seconds` to finish.
+    """
+
+    max_batch: int = 8
+    max_len: int = 256
+    max_waiting: int = 64
+    threshold: float = DecodeConfig.threshold
+    max_tokens: int = DecodeConfig.max_new_tokens
+    prompt: str | None = None
+    request_timeout: float = 120.0
+    retry_after: int = 1
+    drain_seconds: float = 30.0
+    # http(s) image URLs: fetched with this timeout and size cap, or refused when `image_urls` is False
+    image_urls: bool = True
+    image_url_timeout: float = 10.0
+    max_image_bytes: int = 20 * 2**20
+
+    def validate(self) -> None:
+        """A `ValueError` naming the first bad option."""
+        for name in ("max_batch", "max_len", "max_waiting", "max_tokens", "retry_after", "max_image_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("request_timeout", "drain_seconds", "image_url_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if not isinstance(self.threshold, (int, float)) or not 0 <= self.threshold <= 1:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold!r}")
+        if self.max_tokens >= self.max_len:
+            raise ValueError(f"max_tokens={self.max_tokens} leaves no room for a prompt in max_len={self.max_len}")
