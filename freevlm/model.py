@@ -286,7 +286,7 @@ class EarlyExitVLM(nn.Module):
 def warn_if_training(model: nn.Module, exits: nn.Module) -> None:
     """An `InputWarning` when the backbone or the exits are in training mode: dropout is then on and the tokens
     vary from call to call (Hugging Face's `generate` does not switch modes either)."""
-    training = [name for name, module in (("the backbone", model), ("the exits", exits)) if module.training]
+    training = [name for name, module in (("the backbone", model), ("the exits", exits)) if _in_training(module)]
     if training:
         warnings.warn(
             f"generate: {' and '.join(training)} are in training mode, so dropout changes the tokens from call to "
@@ -294,6 +294,12 @@ def warn_if_training(model: nn.Module, exits: nn.Module) -> None:
             InputWarning,
             stacklevel=4,
         )
+
+
+def _in_training(module: nn.Module) -> bool:
+    """Whether any module that runs is in training mode (a container's own flag changes nothing: a ModuleDict
+    built around exits in eval mode starts in training mode)."""
+    return any(m.training for m in module.modules() if not isinstance(m, (nn.ModuleDict, nn.ModuleList)))
 
 
 def check_fingerprint(saved: dict, current: dict, path) -> None:

@@ -67,6 +67,12 @@ def option_values(vocab: int) -> dict[str, tuple[list, list]]:
         "early_stopping": ([True, False, "never"], ["always", 1, None]),
         "return_engine": ([False, True], [1, "yes"]),
         "static": ([None, True, False], ["auto", 1]),
+        "do_sample": ([False, True], [1, "yes", None]),
+        "temperature": ([1.0, 0.5, 2], [0, -1, *bad_number]),
+        "top_p": ([1.0, 0.5], [0, 1.5, *bad_number]),
+        "top_k": ([0, 1, 5], [-1, 1.5, None, True]),
+        "repetition_penalty": ([1.0, 1.2, 0.5], [0, -1, *bad_number]),
+        "seed": ([None, 0, 123], [-1, 2**64, 1.5, "0", True]),
     }
     return {name: values[name] for name in CONFIG_FIELDS if name in values}
 
@@ -202,6 +208,8 @@ def reference_rows(ee, pixel_values, input_ids, attention_mask, options, names):
 
 def rows_independent(options: dict, batch: int) -> bool:
     config = DecodeConfig(**options)
+    if config.do_sample:  # the rows of a batch draw from one generator in turn
+        return False
     if config.mode == "full" or batch == 1:
         return True
     return resolve_batch_policy(config.batch_policy, batch, config.mode == "speculative") == "per_row"
@@ -235,11 +243,11 @@ def draw_call(data, ee, valid: bool):
     chosen = data.draw(st.lists(st.sampled_from(sorted(options)), max_size=4, unique=True), label="options")
     kwargs = {name: pick(name, options[name]) for name in sorted(set(chosen) | (broken & set(options)))}
     if ee.backbone.lm.config.is_encoder_decoder and kwargs.get("max_new_tokens") == 10**6:
-        kwargs["max_new_tokens"] = 4  # relative positions: nothing refuses it, and a million steps is a hang
+        kwargs["max_new_tokens"] = 0  # T5's positions are relative: only n_positions, absent here, would refuse it
     kwargs.setdefault("max_new_tokens", 3)
     if "unknown" in broken:
         kwargs["temperatur"] = 0.5
-    return pv, ids, mask, kwargs
+    return pv, ids, mask, kwargs, broken
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -249,7 +257,7 @@ def test_valid_inputs_decode_as_each_row_alone(models, family, data):
     """Inputs the processor could give, in any legal dtype and layout, with every option in range: tokens, or a
     documented warning, or (options that do not go together) a ValueError naming one."""
     ee = models[family]
-    pv, ids, mask, options = draw_call(data, ee, valid=True)
+    pv, ids, mask, options, _ = draw_call(data, ee, valid=True)
     names = {*GENERATE_ARGS, *CONFIG_FIELDS}
     out, caught = attempt(ee, names, pv, ids, mask, **options)
     if out is None or caught:
@@ -271,9 +279,11 @@ def test_bad_inputs_and_options_are_refused_naming_them(models, family, data):
     """At least one input or option out of range: a ValueError / TypeError naming an argument, or (for values that
     turn out legal, such as a mask hole) tokens or a documented warning; never another exception."""
     ee = models[family]
-    pv, ids, mask, options = draw_call(data, ee, valid=False)
+    pv, ids, mask, options, broken = draw_call(data, ee, valid=False)
     out, caught = attempt(ee, {*GENERATE_ARGS, *CONFIG_FIELDS, "temperatur"}, pv, ids, mask, **options)
     event("refused" if out is None else "warned" if caught else "decoded")
+    if broken & set(CONFIG_FIELDS):  # an option out of its documented range is never taken
+        assert out is None, f"{sorted(broken)} out of range, yet generate ran: {options}"
 
 
 # --- model states --------------------------------------------------------------------------------------------------

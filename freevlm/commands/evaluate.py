@@ -7,7 +7,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from ..argtypes import device, number, open_fraction, output_dir, positive_int
+from ..argtypes import device, input_path, number, open_fraction, output_dir, positive_int
 from ..data.specs import FORMATS, DatasetSpec, read_dataset
 from ..decoding.config import KV_MODES, DecodeConfig
 from ..errors import UserError
@@ -18,8 +18,8 @@ from ..methods import METHODS, get_method
 
 def dataset_arguments(p: argparse.ArgumentParser) -> None:
     """Backbone, exits, method, dataset and decoding: what every command that runs exits over a dataset takes."""
-    p.add_argument("--backbone", required=True, help="folder of a BLIP-2 saved with save_pretrained")
-    p.add_argument("--exits", help="folder of exits saved by EarlyExitVLM.save_exits (MuE: optional)")
+    p.add_argument("--backbone", type=input_path, required=True, help="folder of a BLIP-2 saved with save_pretrained")
+    p.add_argument("--exits", type=input_path, help="folder of exits saved by EarlyExitVLM.save_exits (MuE: optional)")
     p.add_argument(
         "--method",
         choices=sorted(METHODS),
@@ -37,11 +37,12 @@ def dataset_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", required=True, choices=sorted(FORMATS), help="dataset format")
     p.add_argument(
         "--files",
+        type=input_path,
         required=True,
         nargs="+",
         help="annotation file(s): " + "; ".join(f"{k}: {v[1]}" for k, v in FORMATS.items()),
     )
-    p.add_argument("--images", required=True, help="folder the dataset's image paths are relative to")
+    p.add_argument("--images", type=input_path, required=True, help="folder the dataset's image paths are relative to")
     p.add_argument("--split", help="Karpathy split (train/val/test/restval) or NoCaps domain")
     p.add_argument("--limit", type=positive_int, help="use only the first N records")
     p.add_argument("--prompt", help=f"prompt (captions: {CAPTION_PROMPT!r}; VQA: {VQA_PROMPT!r} with {{question}})")
@@ -73,7 +74,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="sweep thresholds, choose the best on a dev split, plot quality vs speedup")
     _common(p)
     p.add_argument("--thresholds", type=number(), nargs="+", help="default: the --method's grid")
-    p.add_argument("--dev-files", nargs="+", help="dev annotation file(s) (default: hold out --dev-fraction)")
+    p.add_argument(
+        "--dev-files", type=input_path, nargs="+", help="dev annotation file(s) (default: hold out --dev-fraction)"
+    )
     p.add_argument("--dev-split", help="dev split of the same files (e.g. Karpathy 'val')")
     p.add_argument("--dev-fraction", type=open_fraction, default=0.2, help="in (0, 1)")
     p.add_argument("--no-per-layer", action="store_true", help="skip the per-layer (forced exit) curve")

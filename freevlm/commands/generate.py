@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from ..argtypes import device, integer, positive_int, unit_interval
+from ..argtypes import device, input_path, integer, positive_int, unit_interval
 from ..data.images import load_image
 from ..decoding.config import KV_MODES, MODES, DecodeConfig
 from ..exits import ExitConfig
@@ -20,12 +20,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("caption", help="caption images with early exits")
     p.add_argument(
         "--backbone",
+        type=input_path,
         required=True,
         help="folder of a BLIP-2 (with its tokenizer and image processor), "
         "an InstructBLIP or a LLaVA (with its processor), saved with save_pretrained",
     )
-    p.add_argument("--exits", help="folder of exits saved by EarlyExitVLM.save_exits (default: no exits)")
-    p.add_argument("--image", required=True, nargs="+", help="image file(s)")
+    p.add_argument(
+        "--exits", type=input_path, help="folder of exits saved by EarlyExitVLM.save_exits (default: no exits)"
+    )
+    p.add_argument("--image", type=input_path, required=True, nargs="+", help="image file(s)")
     p.add_argument(
         "--prompt",
         default="",
