@@ -1,12 +1,21 @@
 """Serving under Poisson arrivals: one request at a time, static batches, continuous batching (full model) and
-continuous batching with exits, side by side in one run, per arrival rate.
+continuous batching with exits under each exit rule, side by side in one run, per arrival rate.
 
-    PYTHONPATH=. python bench/bench_serving.py [--preset opt-demo] [--rates 2 8] [--requests 24] [--threshold 0.1]
+    cd bench && PYTHONPATH=.. python bench_serving.py [--rates 4 32] [--requests 24] [--thresholds 0.5 0.6]
 
-A random model of the demo LM's size (the preset), exits at the demo's layers (1, 3, 6); answer lengths vary
-(uniform in [--min-tokens, --max-tokens]), EOS disabled. Prints output tokens/s, time to first token and time per
-output token (p50/p99) and the mean exit layer; the baselines do not stream, so their first token counts at the end
-of their prefill (`DecodeStats.seconds_prefill`), which favours them.
+The model is the demo's (`freevlm demo`'s trained OPT backbone and its exits, from its cache, FREEVLM_CACHE or
+`freevlm.demo.config.default_cache()`) captioning the demo's test images with its prompt, EOS on: answer lengths
+are the captions'. Without a cache, a random model of its size (the preset) whose exits never leave early at a
+useful threshold, with lengths uniform in [--min-tokens, --max-tokens] and EOS off. Prints output tokens/s, time
+to first token and time per output token (p50/p99), the mean rows decoding together and the mean exit layer; the
+baselines do not stream, so their first token counts at the end of their prefill (`DecodeStats.seconds_prefill`),
+which favours them. "prefill stall" is the longest scheduler step that encoded a prompt next to the median step
+that did not.
+
+Throughput is printed twice: tokens per wall-clock second (arrival gaps included: at a low rate it is the arrival
+rate) and tokens per CPU second this process spent working, which the ratios use: on a machine shared with other
+jobs the wall clock of a busy second varies several-fold between runs, its CPU seconds far less (run with
+--threads 1, the default, so a CPU second is a second of work).
 """
 
 from __future__ import annotations
@@ -15,14 +24,30 @@ import argparse
 import random
 import statistics
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from common import big_blip2, inputs
 
 from freevlm import EarlyExitVLM, ExitConfig
+from freevlm.calibration import exits_subset
+from freevlm.demo.config import DemoConfig, default_cache
 from freevlm.serving import Scheduler
+from freevlm.serving.rows import EXIT_RULES
 
-EXITS = [1, 3, 6]
+EXITS = list(DemoConfig.exit_layers)
+
+
+@dataclass
+class Run:
+    tokens_per_second: float  # wall clock, arrival gaps included
+    tokens_per_cpu_second: float  # this process's CPU seconds while it worked: what the machine's load hides least
+    ttft: list[float]
+    tpot: list[float]
+    mean_exit_layer: float
+    mean_rows: float  # requests decoding together, on average over steps (batches)
+    stall: tuple[float, float] | None  # (longest step that encoded a prompt, median step that did not), seconds
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -30,7 +55,34 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
-def workload(model, count: int, rate: float, lengths: tuple[int, int], seed: int):
+def demo_model(cache: Path):
+    """The demo's trained backbone and its FREE exits at the demo's layers, or None when the cache has none."""
+    from freevlm.loading import load_exits, load_vlm
+
+    for exits in sorted(cache.glob("backbone-opt-*-exits-free_candidates-*/exits")):
+        backbone = Path(str(exits.parent).split("-exits-")[0])
+        bundle = load_vlm(backbone)
+        ee = exits_subset(load_exits(bundle.model, exits), EXITS)
+        return bundle, ee, f"the demo's trained model ({backbone.name}, exits {EXITS})"
+    return None
+
+
+def demo_workload(bundle, count: int, rate: float, max_new_tokens: int, seed: int):
+    """Poisson arrivals of the demo's test images (in order, cycling), each with the demo's caption prompt."""
+    from freevlm.data import shapes
+    from freevlm.eval.evaluate import CAPTION_PROMPT
+
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for i in range(count):
+        t += rng.expovariate(rate)
+        image = shapes.render(shapes.make_example("test", i % DemoConfig.test_images).scene)
+        batch = bundle.inputs([image], [CAPTION_PROMPT])
+        out.append((t, batch["pixel_values"], batch["input_ids"], max_new_tokens))
+    return out
+
+
+def random_workload(model, count: int, rate: float, lengths: tuple[int, int], seed: int):
     rng = random.Random(seed)
     t, out = 0.0, []
     for i in range(count):
@@ -40,30 +92,40 @@ def workload(model, count: int, rate: float, lengths: tuple[int, int], seed: int
     return out
 
 
-def run_continuous(ee, requests, threshold: float, max_batch: int):
-    scheduler = Scheduler(ee, max_batch=max_batch, max_len=128)
+def run_continuous(ee, requests, threshold: float, max_batch: int, eos, exit_rule: str = EXIT_RULES[0]):
+    scheduler = Scheduler(ee, max_batch=max_batch, max_len=128, exit_rule=exit_rule)
     start, handles, pending = time.perf_counter(), [], list(requests)
+    prefill_steps, decode_steps, rows, busy = [], [], [], 0.0
     while pending or not scheduler.idle:
         now = time.perf_counter() - start
         while pending and pending[0][0] <= now:
             arrival, pv, ids, n = pending.pop(0)
-            handle = scheduler.submit(pv, ids, max_new_tokens=n, threshold=threshold, eos_token_id=[])
+            handle = scheduler.submit(pv, ids, max_new_tokens=n, threshold=threshold, eos_token_id=eos)
             handle.submitted = start + arrival
             handles.append(handle)
-        if not scheduler.step() and pending:
+        prefilling = bool(scheduler._waiting or scheduler._joining)
+        t0, c0 = time.perf_counter(), time.process_time()
+        live = scheduler.step()
+        busy += time.process_time() - c0
+        (prefill_steps if prefilling else decode_steps).append(time.perf_counter() - t0)
+        rows.append(len(scheduler._running))
+        if not live and pending:
             time.sleep(max(0.0, pending[0][0] - (time.perf_counter() - start)))
     results = [h.result() for h in handles]
     ttft = [r.time_to_first_token for r in results]
     tpot = [r.time_per_output_token for r in results if r.time_per_output_token is not None]
     layers = [layer for r in results for layer in r.exit_layers]
     tokens = sum(len(r.tokens) for r in results)
-    return tokens / (time.perf_counter() - start), ttft, tpot, statistics.mean(layers)
+    stall = (max(prefill_steps, default=0.0), statistics.median(decode_steps) if decode_steps else float("nan"))
+    wall = time.perf_counter() - start
+    return Run(tokens / wall, tokens / busy, ttft, tpot, statistics.mean(layers), statistics.mean(rows), stall)
 
 
-def run_generate(ee, requests, batch: int):
+def run_generate(ee, requests, batch: int, eos):
     """Requests in arrival order, `batch` at a time once that many (or all that remain) have arrived; each batch runs
     to its end (batch 1: one request at a time)."""
     start, ttft, tpot, tokens, layers, pending = time.perf_counter(), [], [], 0, [], list(requests)
+    busy, rows = 0.0, []
     while pending:
         group = pending[:batch]
         wait = group[-1][0] - (time.perf_counter() - start)
@@ -76,60 +138,90 @@ def run_generate(ee, requests, batch: int):
         width = max(r[2].shape[1] for r in group)
         ids = torch.stack([torch.cat([r[2][0].new_full((width - r[2].shape[1],), 1), r[2][0]]) for r in group])
         mask = torch.stack([torch.arange(width) >= width - r[2].shape[1] for r in group]).long()
-        out = ee.generate(pv, ids, mask, max_new_tokens=n, threshold=1.0, eos_token_id=[])
+        c0 = time.process_time()
+        out = ee.generate(pv, ids, mask, max_new_tokens=n, threshold=1.0, eos_token_id=eos)
+        busy += time.process_time() - c0
+        rows.append(len(group))
         for (arrival, _, _, want), row in zip(group, out.exit_layers):
+            made = row[:want][row[:want] >= 0]  # a static batch runs to its longest answer: only the asked count
             ttft.append(t0 + out.stats.seconds_prefill - arrival)
-            tpot.append(out.stats.seconds_decode / max(n - 1, 1))
-            tokens += want  # a static batch pads short answers to the longest: only the asked tokens count
-            layers += row[:want].tolist()
-    return tokens / (time.perf_counter() - start), ttft, tpot, statistics.mean(layers)
+            tpot.append(out.stats.seconds_decode / max(out.exit_layers.shape[1] - 1, 1))
+            tokens += len(made)
+            layers += made.tolist()
+    wall = time.perf_counter() - start
+    return Run(tokens / wall, tokens / busy, ttft, tpot, statistics.mean(layers), statistics.mean(rows), None)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="opt-demo")
+    parser.add_argument("--model", choices=("auto", "demo", "random"), default="auto")
+    parser.add_argument("--preset", default="opt-demo", help="the random model's size")
     parser.add_argument("--rates", type=float, nargs="+", default=[2.0, 16.0], help="arrivals per second")
     parser.add_argument("--requests", type=int, default=24)
     parser.add_argument("--max-batch", type=int, default=16)
-    parser.add_argument("--threshold", type=float, default=0.1)
-    parser.add_argument("--min-tokens", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=24)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--thresholds", type=float, nargs="+", help="exit thresholds (default: 0.5 0.6 on the demo, 0.1 at random)"
+    )
+    parser.add_argument("--max-tokens", type=int, default=24, help="the demo's max_new_tokens; random: the longest")
+    parser.add_argument("--min-tokens", type=int, default=4, help="random model: the shortest answer")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = big_blip2(args.preset)
-    ee = EarlyExitVLM.from_backbone(model, ExitConfig(EXITS))
-    print(
-        f"{args.preset}: {ee.backbone.num_layers} layers, exits {EXITS}, {args.requests} requests per rate, "
-        f"{args.min_tokens}-{args.max_tokens} new tokens, {torch.get_num_threads()} thread(s)"
-    )
+    demo = None if args.model == "random" else demo_model(default_cache())
+    if demo is None and args.model == "demo":
+        raise SystemExit(f"no demo model in {default_cache()}: run `freevlm demo` or set FREEVLM_CACHE")
+    if demo is not None:
+        bundle, ee, name = demo
+        eos, thresholds = None, args.thresholds or [0.5, 0.6]  # the demo's chosen threshold and the issue's
+
+        def workload(rate):
+            return demo_workload(bundle, args.requests, rate, args.max_tokens, seed=int(rate * 10))
+    else:
+        model = big_blip2(args.preset)
+        ee = EarlyExitVLM.from_backbone(model, ExitConfig(EXITS))
+        eos, thresholds, name = [], args.thresholds or [0.1], f"a random {args.preset} (exits {EXITS})"
+
+        def workload(rate):
+            lengths = (args.min_tokens, args.max_tokens)
+            return random_workload(model, args.requests, rate, lengths, seed=int(rate * 10))
+
+    print(f"{name}: {args.requests} requests per rate, max batch {args.max_batch}, {torch.get_num_threads()} thread(s)")
     for rate in args.rates:
-        requests = workload(model, args.requests, rate, (args.min_tokens, args.max_tokens), seed=int(rate * 10))
+        requests = workload(rate)
         runs = {
-            "one at a time": lambda r=requests: run_generate(ee, r, 1),
-            f"static batches of {args.max_batch}": lambda r=requests: run_generate(ee, r, args.max_batch),
-            "continuous, full": lambda r=requests: run_continuous(ee, r, 1.0, args.max_batch),
-            f"continuous, exits @ {args.threshold}": lambda r=requests: run_continuous(
-                ee, r, args.threshold, args.max_batch
-            ),
+            "one at a time": lambda r=requests: run_generate(ee, r, 1, eos),
+            f"static batches of {args.max_batch}": lambda r=requests: run_generate(ee, r, args.max_batch, eos),
+            "continuous, full": lambda r=requests: run_continuous(ee, r, 1.0, args.max_batch, eos),
         }
+        for threshold in thresholds:
+            for rule in EXIT_RULES:
+                runs[f"continuous, {rule} @ {threshold}"] = lambda r=requests, t=threshold, rule=rule: run_continuous(
+                    ee, r, t, args.max_batch, eos, rule
+                )
         print(f"\nrate {rate}/s")
         speed = {}
-        for name, fn in runs.items():
-            tps, ttft, tpot, layers = fn()
-            speed[name] = tps
-            print(
-                f"  {name:28s} {tps:7.1f} tok/s"
-                f"  TTFT p50 {percentile(ttft, 0.5):6.3f} p99 {percentile(ttft, 0.99):6.3f} s"
-                f"  TPOT p50 {percentile(tpot, 0.5) * 1000:6.1f} p99 {percentile(tpot, 0.99) * 1000:6.1f} ms"
-                f"  mean exit layer {layers:.2f}"
+        for label, fn in runs.items():
+            run = fn()
+            speed[label] = run.tokens_per_cpu_second
+            stall = run.stall
+            stalled = (
+                "" if stall is None else f"  prefill stall {stall[0] * 1000:5.1f} ms (step {stall[1] * 1000:4.1f})"
             )
-        names = list(speed)
+            print(
+                f"  {label:30s} {run.tokens_per_second:6.1f} tok/s {run.tokens_per_cpu_second:6.1f} tok/CPU-s"
+                f"  rows {run.mean_rows:4.1f}"
+                f"  TTFT p50 {percentile(run.ttft, 0.5):6.3f} p99 {percentile(run.ttft, 0.99):6.3f} s"
+                f"  TPOT p50 {percentile(run.tpot, 0.5) * 1000:6.1f} p99 {percentile(run.tpot, 0.99) * 1000:6.1f} ms"
+                f"  exit layer {run.mean_exit_layer:5.2f}{stalled}"
+            )
+        one, static, full = (speed[k] for k in list(speed)[:3])
+        print("  ratios of tokens per CPU second:")
         print(
-            f"  continuous full / one at a time {speed[names[2]] / speed[names[0]]:.2f}x (goal >= 3 at 16 concurrent); "
-            f"/ static {speed[names[2]] / speed[names[1]]:.2f}x (goal >= 1.3); "
-            f"exits / continuous full {speed[names[3]] / speed[names[2]]:.2f}x (goal >= 1.0)"
+            f"  continuous full / one at a time {full / one:.2f}x (goal >= 3 at 16 concurrent); "
+            f"/ static {full / static:.2f}x (goal >= 1.3)"
         )
+        for label in list(speed)[3:]:
+            print(f"  {label} / continuous full {speed[label] / full:.2f}x (goal >= 1.0; >= 1.3 at 1-2 concurrent)")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from .eval.evaluate import EvalResult, evaluate
+from .eval.processes import Processes
 from .methods import get_method, trainable_parameters
 
 P_VALUES = ("auto", "binomial", "hoeffding-bentkus")
@@ -280,7 +281,9 @@ def calibrate_exits(
 
     Losses are measured against the full model's outputs: `full_outputs` when given (already decoded, e.g. by an
     earlier call on the same records), otherwise the first run decodes the full model beside the exits.
-    `time_every_run` decodes the full model beside every run, for measured (work and wall-clock) speedups."""
+    `time_every_run` decodes the full model beside every run, for measured (work and wall-clock) speedups.
+    Under `accelerate launch` every process decodes its share of each run; the main process alone computes the
+    losses and certifies (the others get None for the `Calibration`)."""
     tolerance = check_unit_interval("tolerance", tolerance)
     confidence = check_unit_interval("confidence", confidence)
     if loss not in LOSSES:
@@ -304,7 +307,8 @@ def calibrate_exits(
     if full_texts is not None and len(full_texts) != len(records):
         raise ValueError(f"{len(full_texts)} full-model outputs for {len(records)} records")
     full_metric = None
-    if full_texts is not None and loss == "metric":
+    main = Processes.current().is_main
+    if full_texts is not None and loss == "metric" and main:
         full_metric = _metric_per_record(task, labels, full_texts, vqa_metric)
     losses: dict[float, list[float]] = {}
     for t in grid:
@@ -318,21 +322,25 @@ def calibrate_exits(
             compare_full=time_every_run or full_texts is None,
             **eval_kwargs,
         )
+        results[t] = result
         texts = [row["prediction"] for row in result.predictions]
         if full_texts is None:  # the first run decoded the full model too
             full_texts = [row["full_prediction"] for row in result.predictions]
-            if loss == "metric":
+            if loss == "metric" and main:
                 full_metric = _metric_per_record(task, labels, full_texts, vqa_metric)
+        if not main:  # under `accelerate launch`, the main process scores and certifies
+            continue
         if loss == "consistency":
             losses[t] = consistency_losses(texts, full_texts)
         else:
             early = _metric_per_record(task, labels, texts, vqa_metric)
             losses[t] = [min(1.0, max(0.0, f - e)) for f, e in zip(full_metric, early)]
-        results[t] = result
         say(
             f"threshold {t:g}: {loss} risk {sum(losses[t]) / len(losses[t]):.4f}, "
             f"analytic speedup {result.speed.analytic_speedup:.2f}x"
         )
+    if not main:
+        return None, results
     calibration = calibrate_threshold(losses, tolerance, confidence, higher_is_safer=higher_is_safer, fallback=safe)
     return calibration, results
 
@@ -458,9 +466,11 @@ def place_exits(
             time_every_run=speedup != "analytic",
             **calibrate_kwargs,
         )
-        if full_outputs is None:  # the first placement's first run decoded the full model: reuse it
-            first = results[calibration.tested[0]]
+        if full_outputs is None:  # the first placement's first (safest) run decoded the full model: reuse it
+            first = next(iter(results.values()))
             full_outputs = [row["full_prediction"] for row in first.predictions]
+        if calibration is None:  # not the main process (`accelerate launch`): only the main one certifies
+            continue
         speeds = _speedups(results, calibration.threshold)
         value = speeds[speedup] if speeds[speedup] is not None else 1.0
         placements.append(Placement(layers, sum(parameters[i] for i in layers), calibration, value, speeds))
@@ -468,6 +478,8 @@ def place_exits(
             f"exits {list(layers)}: threshold {calibration.threshold:g} "
             f"({'certified' if calibration.certified else 'none certified'}), {speedup} speedup {value:.2f}x"
         )
+    if not placements:
+        return None, [], each
     best = max(placements, key=lambda p: (p.speedup, -p.parameters, -len(p.layers)))
     return best, placements, each
 

@@ -23,6 +23,8 @@ from .inputs import InputWarning
 
 # beside config.json: the BLIP-2's `vision_model` is not a ViT but the encoder this file names (see `freevlm.vision`)
 BACKBONE_MARKER = "freevlm_backbone.json"
+# beside config.json, in a folder freevlm trained (`finetune`, the demo): the prompt it was trained with
+PROMPT_FILE = "freevlm_prompt.json"
 # config.json's model_type -> the model class loaded for it; other models are refused before any weights load
 MODEL_CLASSES = {
     "blip-2": "Blip2ForConditionalGeneration",
@@ -56,11 +58,13 @@ class VLMBundle:
     tokenizer: object
     image_processor: object
     processor: object | None = None
+    prompt: str | None = None  # the prompt its folder records (`TrainingPrompt`), for commands given none
 
     @property
     def preprocessing(self) -> tuple:
-        """What to `save_pretrained` beside the model so that `load_vlm` reads the folder back."""
-        return (self.tokenizer, self.image_processor) if self.processor is None else (self.processor,)
+        """What to `save_pretrained` beside the model so that `load_vlm` reads the folder back (its prompt too)."""
+        saved = (self.tokenizer, self.image_processor) if self.processor is None else (self.processor,)
+        return saved if self.prompt is None else (*saved, TrainingPrompt(self.prompt))
 
     def inputs(self, images: list[Image.Image], prompts: list[str]) -> dict[str, torch.Tensor]:
         """Pixel values and left-padded prompt ids, image tokens where the model's processor puts them (in front
@@ -141,6 +145,32 @@ class VLMBundle:
         return [t.strip() for t in self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
 
 
+@dataclass(frozen=True)
+class TrainingPrompt:
+    """The prompt a model was trained with, kept in its folder (`PROMPT_FILE`): `freevlm caption`, `eval` and `serve`
+    use it when given none (a captioner trained after "a photo of" answers badly after nothing). It saves like a
+    processor, so `finetune(save_with=...)` and `VLMBundle.preprocessing` carry it."""
+
+    text: str
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        Path(folder, PROMPT_FILE).write_text(json.dumps({"prompt": self.text}))
+
+    @staticmethod
+    def read(folder: str | os.PathLike) -> str | None:
+        """The prompt `folder` records, or None."""
+        file = Path(folder, PROMPT_FILE)
+        if not file.is_file():
+            return None
+        try:
+            prompt = json.loads(file.read_text()).get("prompt")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+            raise ValueError(f"{file} is not a valid prompt record: {err}") from err
+        if not isinstance(prompt, str):
+            raise ValueError(f"{file} records no prompt text: {prompt!r}")
+        return prompt
+
+
 def warn_small_images(images: list[Image.Image], image_processor) -> None:
     """One warning when an image is far smaller than what the processor resizes to: upscaled many times over, it
     holds little the model can see (a thumbnail passed by mistake)."""
@@ -181,11 +211,13 @@ def load_vlm(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | 
     except TypeError as err:
         raise UserError(f"{path}: {err}") from err
     model = model.to(device).eval()
+    prompt = TrainingPrompt.read(path)
     try:
         if config.model_type in TOKENIZER_AND_IMAGE_PROCESSOR:
-            return VLMBundle(model, AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path))
+            tokenizer, image_processor = AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
+            return VLMBundle(model, tokenizer, image_processor, prompt=prompt)
         processor = AutoProcessor.from_pretrained(path)
-        return VLMBundle(model, processor.tokenizer, processor.image_processor, processor)
+        return VLMBundle(model, processor.tokenizer, processor.image_processor, processor, prompt)
     except (OSError, ValueError, AttributeError) as err:
         raise ValueError(f"{path} has no {name} processor saved beside the model: {_first_line(err)}") from err
 

@@ -7,7 +7,11 @@ import math
 import pytest
 
 from freevlm.cli import main
+from freevlm.demo.config import DemoConfig
 from freevlm.demo.tables import fmt, fmt_speedup, fmt_threshold
+from freevlm.demo.train import trained_model
+from freevlm.eval.evaluate import CAPTION_PROMPT
+from freevlm.loading import TrainingPrompt
 
 
 def certification_errors(c: dict) -> list[str]:
@@ -69,6 +73,9 @@ def test_quick_demo_writes_a_consistent_report(tmp_path):
         assert row["test_risk"] > 0 or row["test_CIDEr"] == pytest.approx(test["full"]["CIDEr"], abs=1e-9)
     assert placement["placements_tested"] == 7 and placement["fixed"]["layers"] == [1, 3, 6]  # subsets of (1, 3, 6)
     assert fmt_speedup(placement["chosen"]["speedup"]) in report
+    # what `freevlm serve` finds in the cache, with the prompt its captions were trained after
+    backbone, exits = trained_model(DemoConfig.quick_config(cache=str(cache)))
+    assert TrainingPrompt.read(backbone) == CAPTION_PROMPT and (exits / "exits_config.json").is_file()
     # a second run reuses the trained backbone and exits, and measures the same
     assert main(["demo", "--quick", "--out", str(out), "--cache", str(cache)]) == 0
     again = json.loads((out / "results.json").read_text())

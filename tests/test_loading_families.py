@@ -215,3 +215,24 @@ def test_eval_and_calibrate_commands_read_the_folder(folder, tmp_path):
         == 0
     )
     assert json.loads(calib.read_text())["per_threshold"][0]["empirical_risk"] == 0.0  # 1.0: the full model
+
+
+def test_llava_onevision_bundle_inputs_decode_as_the_model_s_own_generate():
+    """`VLMBundle.inputs` with LLaVA-OneVision's processor (its own code, built without its video part: no folder
+    can be saved and loaded back here) gives `image_sizes` and `batch_num_images` with the prompts; `generate` on
+    them equals the model's own, images of two sizes side by side."""
+    from tiny_processor import tiny_onevision_processor
+
+    from freevlm.loading import VLMBundle
+
+    model = tiny_model("llava-onevision", seed=3)
+    processor = tiny_onevision_processor(model)
+    bundle = VLMBundle(model, processor.tokenizer, processor.image_processor, processor)
+    images = [Image.new("RGB", (30, 20), (200, 30, 30)), Image.new("RGB", (32, 32), (30, 30, 200))]
+    inputs = bundle.inputs(images, [PROMPT, f"<image> {PROMPT}"])
+    assert {"image_sizes", "batch_num_images"} <= inputs.keys()
+    image_tokens = (inputs["input_ids"] == model.config.image_token_index).sum(dim=1).tolist()
+    assert image_tokens[0] != image_tokens[1]  # sizes decide the token counts
+    ref = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    out = EarlyExitVLM(model, ExitConfig([1])).generate(**inputs, max_new_tokens=5, mode="full")
+    assert torch.equal(out.sequences, ref)

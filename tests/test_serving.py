@@ -13,6 +13,7 @@ from freevlm.serving import QueueFull, Scheduler
 from freevlm.tiny import tiny_inputs, tiny_model
 
 FAMILIES = ["opt", "t5", "llama"]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest, and far more on shared cores
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -25,17 +26,16 @@ def ee(request):
     return ee
 
 
+# Thresholds at which the probe request of `test_rows_that_stopped_early_catch_up_exactly` leaves at several layers
+# (random exits are confident or not over narrow bands, which differ by family; T5's tokens all leave at one layer
+# per threshold, so its requests mix exit layers across requests only). Found by a sweep, fixed here so the tests do
+# not sweep; the tests check that exits are taken, so a model that changes fails them instead of passing unseen.
+MIXED = {"opt": [0.1, 0.15, 0.2], "t5": [0.3, 0.5], "llama": [0.05, 0.1]}
+
+
 @pytest.fixture(scope="module")
 def mixed(ee):
-    """Thresholds at which a probe request's tokens leave at several layers (random exits are confident or not
-    over narrow bands, which differ by family)."""
-    pv, ids, _ = tiny_inputs(ee.model, batch=1, prompt_len=2, seed=40)
-    mixing, early = [], []
-    for threshold in [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9]:
-        _, layers = _alone(ee, pv, ids, max_new_tokens=12, threshold=threshold, eos_token_id=[])
-        (mixing if len(set(layers)) > 1 else early if min(layers) < ee.backbone.num_layers else []).append(threshold)
-    assert mixing or early, "no threshold leaves early on this model: the tests would not see a wrong exit rule"
-    return mixing or early
+    return MIXED[ee.backbone.family if ee.backbone.family != "llava" else "llama"]
 
 
 def _alone(ee, pv, ids, **options):
@@ -75,10 +75,20 @@ def _scenario(ee, mixed, seed: int, count: int = 7):
     return requests
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_every_request_decodes_as_alone(ee, mixed, seed):
+@pytest.mark.parametrize("seed, exit_rule", [(0, "park"), (3, "park"), (1, "ride_along"), (4, "coin")])
+def test_every_request_decodes_as_alone(ee, mixed, seed, exit_rule, monkeypatch):
+    """`coin`: the park rule's decision at each exit is a coin toss (still at most `max_wait` steps of waiting), so
+    tokens park and resume at every depth: exactness must not depend on what the rule decides."""
     requests = _scenario(ee, mixed, seed)
-    scheduler = Scheduler(ee, max_batch=3, max_len=32, prefill_chunk=5)
+    scheduler = Scheduler(ee, max_batch=3, max_len=32, prefill_chunk=5, exit_rule=exit_rule.replace("coin", "park"))
+    if exit_rule == "coin":
+        engine, rng = scheduler.engine, random.Random(seed)
+
+        def coin(depth, done, live):
+            waited = max(engine.waited[r] for r, out in enumerate(done) if not out)
+            return waited >= 2 or rng.random() < 0.3
+
+        monkeypatch.setattr(engine, "_climb_on", coin)
     handles, step = {}, 0
     while step < 200 and (len(handles) < len(requests) or not scheduler.idle):
         for i, (arrival, pv, ids, options, stop, cancel_after, *_) in enumerate(requests):
@@ -99,9 +109,11 @@ def test_every_request_decodes_as_alone(ee, mixed, seed):
         assert result.exit_layers == layers, i
     exits_taken = {layer for r in requests for layer in r[-1]} - {ee.backbone.num_layers}
     assert exits_taken, "no request left early: the test would not see a wrong exit rule"
+    if exit_rule != "ride_along":
+        assert scheduler.engine.parks > 0, "no step parked a token: the test would not see a wrong resumption"
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize("rows", [1, 3])
 def test_rows_that_stopped_early_catch_up_exactly(ee, mixed, rows):
     """Only early-exit rows: steps stop below the top, and later steps catch the skipped layers up."""
     thresholds = [mixed[(len(mixed) * i) // rows] for i in range(rows)]

@@ -115,6 +115,7 @@ def test_cli_finetune_capfilt_train_exits_and_resume(files, tmp_path, capsys):
         == 0
     )
     tuned = tmp_path / "ft/model"
+    assert load_vlm(tuned).prompt == "a photo of"  # finetune's --prompt, recorded for caption, eval and serve
     assert json.loads((tmp_path / "ft/dev_metrics.json").read_text())["loss"] > 0
 
     pseudo = tmp_path / "pseudo.json"

@@ -1,6 +1,6 @@
 """Training exits on families whose processor lays out each image's tokens (Idefics3 / SmolVLM's tiles, LLaVA-NeXT's
-patches at the image's best-fitting grid): prompts come from the processor image by image, batches carry its
-per-image inputs (tiles padded to the batch's most), and the recipe is LLaVA's unchanged."""
+and LLaVA-OneVision's patches at the image's best-fitting grid): prompts come from the processor image by image,
+batches carry its per-image inputs (tiles padded to the batch's most), and the recipe is LLaVA's unchanged."""
 
 import pytest
 import torch
@@ -15,7 +15,7 @@ from freevlm.training import CaptionCollator, CaptionDataset, load_coco_captions
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("family", ["idefics3", "llava-next-qwen2"])
+@pytest.mark.parametrize("family", ["idefics3", "llava-next-qwen2", "llava-onevision"])
 def test_kd_exit_training_lowers_heldout_kl_on_tiled_families(family, tmp_path):
     """Every other image is half as wide (fewer tiles or another grid, so fewer image tokens): a batch's prompts and
     pixel inputs are each image's as the processor gives them alone; GAN + KD from fresh exits lowers held-out

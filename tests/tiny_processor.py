@@ -56,7 +56,8 @@ def tiny_bundle(model) -> VLMBundle:
 
 def tiny_processor(model):
     """The model's own processor, as a LLaVA, LLaVA-NeXT, Idefics3, InstructBLIP or Gemma 3 checkpoint ships it (for
-    `load_vlm`). SmolVLM's and LLaVA-OneVision's cannot be built here: they need torchvision (and num2words)."""
+    `load_vlm`). SmolVLM's cannot be built here (it needs torchvision and num2words), LLaVA-OneVision's only without
+    its video part (`tiny_onevision_processor`)."""
     from training_helpers import make_qformer_tokenizer
     from transformers import (
         Gemma3Processor,
@@ -74,6 +75,8 @@ def tiny_processor(model):
     if cfg.model_type == "idefics3":  # images up to 2x2 tiles, and the global view
         images = Idefics3ImageProcessorPil(size={"longest_edge": 2 * side}, max_image_size={"longest_edge": side})
         return Idefics3Processor(images, tiny_tokenizer(model), image_seq_len=model.model.image_seq_len)
+    if cfg.model_type == "llava_onevision":
+        return tiny_onevision_processor(model)
     if cfg.model_type == "llava_next":  # grids of up to 2x2 patches, and the base view
         images = LlavaNextImageProcessorPil(
             size={"shortest_edge": side},
@@ -102,6 +105,29 @@ def tiny_processor(model):
     return InstructBlipProcessor(
         images, tiny_tokenizer(model), make_qformer_tokenizer(), num_query_tokens=cfg.num_query_tokens
     )
+
+
+def tiny_onevision_processor(model):
+    """`LlavaOnevisionProcessor`'s own code for images (how many tokens each image takes: `vision_aspect_ratio`,
+    rows of several images), built without its video processor, which needs torchvision (its `__init__` asks for
+    one): it lays prompts out but cannot be saved and loaded back."""
+    from transformers import LlavaOnevisionProcessor
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    cfg, side = model.config, model.config.vision_config.image_size
+    processor = LlavaOnevisionProcessor.__new__(LlavaOnevisionProcessor)
+    processor.image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": side, "width": side}, image_grid_pinpoints=cfg.image_grid_pinpoints
+    )
+    processor.tokenizer, processor.video_processor, processor.chat_template = tiny_tokenizer(model), None, None
+    processor.num_image_tokens = (side // cfg.vision_config.patch_size) ** 2
+    processor.vision_feature_select_strategy = cfg.vision_feature_select_strategy
+    processor.vision_aspect_ratio = cfg.vision_aspect_ratio
+    processor.image_token, processor.video_token = "<image>", "<video>"
+    processor.image_token_id, processor.video_token_id = cfg.image_token_index, cfg.video_token_index
+    return processor
 
 
 def tiny_qwen_vl_image_processor():

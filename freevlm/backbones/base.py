@@ -249,11 +249,17 @@ class Backbone:
     def join_row(self, rows_ctx: Context, row: int, ctx: Context) -> None:
         """Row `row` of a `rows_context` takes over the per-row state of request `ctx` (batch 1)."""
 
+    def prefill_cut(self, ctx: Context, end: int) -> int:
+        """Where a chunk of request `ctx`'s prompt, encoded before the rest (continuous batching), may end, at or
+        after slot `end`: anywhere here (Gemma 3: never inside an image, whose tokens see each other both ways)."""
+        return end
+
     def window_context(self, rows_ctx: Context, positions: torch.Tensor) -> Context:
         """The context of one window of a `rows_context` whose rows sit at their own slots: `positions [B, q]` is
-        each query's slot (= its position: rows hold no padding). Layers run over it with a cache whose `start` is 0
-        and `rows=None`; a fresh one per window, since adapters memoise per-window constants in it."""
-        extra = {**rows_ctx.extra, "positions": positions}
+        each query's slot (= its position: rows hold no padding; kept as `slots` too, for sliding windows). Layers
+        run over it with a cache whose `start` is 0 and `rows=None`; a fresh one per window, since adapters memoise
+        per-window constants in it."""
+        extra = {**rows_ctx.extra, "positions": positions, "slots": positions}
         return Context(rows_ctx.prompt_ids, rows_ctx.prompt_embeds, rows_ctx.key_mask, extra)
 
     def embed_prompt(self, ctx: Context) -> torch.Tensor:

@@ -114,6 +114,21 @@ class Gemma3Backbone(ImageGroups, RotaryDecoder):
                 "image, so the image must be closed (the processor ends it with <end_of_image>)"
             )
 
+    # --- rows at their own slots (continuous batching) ---------------------------------------------------------------
+    def rows_context(self, rows, slots, prompt_slots):
+        """No image slot in any window of rows: they cover new tokens and the last prompt slot, which is text."""
+        ctx = super().rows_context(rows, slots, prompt_slots)
+        ctx.extra["image_slots"] = None
+        return ctx
+
+    def prefill_cut(self, ctx, end):
+        """After the image that slot `end - 1` is in, if `end` is in it too: its tokens are encoded together."""
+        blocks = ctx.extra["image_blocks"][0]
+        block = int(blocks[end - 1])
+        if block < 0 or int(blocks[end]) != block:
+            return end
+        return int((blocks == block).nonzero()[-1]) + 1
+
     # --- layers -------------------------------------------------------------------------------------------------
     def rotary_kind(self, layer):
         return layer.self_attn.layer_type

@@ -210,6 +210,29 @@ class QwenVLBackbone(RotaryDecoder):
         dense = features.new_zeros(*is_image.shape, features.shape[-1])
         return dense.masked_scatter(is_image.unsqueeze(-1), features)
 
+    # --- rows at their own slots (continuous batching) ---------------------------------------------------------------
+    def rows_context(self, rows, slots, prompt_slots):
+        """Per row, each position stream's offset from the slot (`rope_deltas`): a window of rows covers the last
+        prompt slot and new tokens, whose positions are the last prompt slot's plus their distance from it."""
+        ctx = super().rows_context(rows, slots, prompt_slots)
+        ctx.extra["rope_deltas"] = torch.zeros(rows, 3, dtype=torch.long, device=self.device)
+        return ctx
+
+    def join_row(self, rows_ctx, row, ctx):
+        last = ctx.prompt_ids.shape[1] - 1
+        if self.deepstack and bool(ctx.extra["image_slots"][0, last]):
+            raise ValueError(
+                f"{self.name}'s prompt ends with an image token: its DeepStack features would reach that slot in a "
+                "window of rows; end the prompt with text (the processor closes images with <|vision_end|>)"
+            )
+        rows_ctx.extra["rope_deltas"][row] = ctx.extra["positions"][0, last] - last
+
+    def window_context(self, rows_ctx, positions):
+        ctx = super().window_context(rows_ctx, positions)
+        deltas = rows_ctx.extra["rope_deltas"][: positions.shape[0]]
+        ctx.extra["positions"] = positions[..., None] + deltas[:, None, :]  # [n, q, 3]
+        return ctx
+
     # --- layers ----------------------------------------------------------------------------------------------------
     def rotary_embedding(self, hidden, positions, layer):
         return self.text.rotary_emb(hidden, positions.permute(2, 0, 1))
@@ -217,7 +240,7 @@ class QwenVLBackbone(RotaryDecoder):
     def run_layer(self, layer, hidden, ctx, cache, mask, rows):
         out = super().run_layer(layer, hidden, ctx, cache, mask, rows)
         level = self.deepstack.get(layer)
-        if level is None:
+        if level is None or "deepstack" not in ctx.extra:  # a window of rows (`window_context`): no image slot
             return out
         start = 0 if cache is None else cache.start
         image = ctx.extra["image_slots"]

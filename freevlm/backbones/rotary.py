@@ -106,7 +106,12 @@ class RotaryDecoder(Backbone):
 
     @staticmethod
     def _windowed(ctx: Context, mask, start: int, length: int, cache, window: int) -> torch.Tensor | None:
-        """`mask` with keys `window` or more slots behind the query hidden (slots, as Hugging Face counts them)."""
+        """`mask` with keys `window` or more slots behind the query hidden (slots, as Hugging Face counts them). A
+        window of rows at their own slots (`window_context`) has each query's slot in `ctx.extra["slots"]`."""
+        slots = ctx.extra.get("slots")
+        if slots is not None:
+            keys = torch.arange(mask.shape[-1], device=slots.device)
+            return mask & (keys[None, None, :] > slots[:, :, None] - window)[:, None]
         key_length = mask.shape[-1] if mask is not None else getattr(cache, "key_length", start + length)
         if start + length <= window:  # no query is that far from any key
             return mask

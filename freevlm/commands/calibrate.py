@@ -31,6 +31,7 @@ from ..calibration import (
 )
 from ..data.specs import DatasetSpec, read_dataset
 from ..eval.evaluate import EvalResult
+from ..eval.processes import Processes
 from ..methods import get_method
 from .evaluate import dataset_arguments, evaluation_options, load_model
 
@@ -102,6 +103,7 @@ def calibration_report(calibration: Calibration, results: dict[float, EvalResult
 def run_calibrate(args: argparse.Namespace) -> int:
     spec, records = _records(args)
     ee, bundle = load_model(args)
+    main = Processes.current().is_main
     task = spec.task
     calibration, results = calibrate_exits(
         ee,
@@ -114,9 +116,11 @@ def run_calibrate(args: argparse.Namespace) -> int:
         args.thresholds,
         args.method,
         vqa_metric=spec.vqa_metric,
-        progress=print,
-        **evaluation_options(args, spec),
+        progress=print if main else None,
+        **evaluation_options(args, spec, bundle),
     )
+    if not main:  # the main process certifies and writes (`accelerate launch`)
+        return 0
     report = calibration_report(
         calibration,
         results,
@@ -150,6 +154,7 @@ def run_place_exits(args: argparse.Namespace) -> int:
         raise ValueError("give a budget: --budget-exits N or --budget-parameters P")
     spec, records = _records(args)
     ee, bundle = load_model(args)
+    main = Processes.current().is_main
     if args.candidates:
         ee = exits_subset(ee, args.candidates)
     best, placements, each = place_exits(
@@ -163,13 +168,15 @@ def run_place_exits(args: argparse.Namespace) -> int:
         args.budget_parameters,
         args.speedup,
         args.max_placements,
-        progress=print,
+        progress=print if main else None,
         loss=args.loss,
         thresholds=args.thresholds,
         method=args.method,
         vqa_metric=spec.vqa_metric,
-        **evaluation_options(args, spec),
+        **evaluation_options(args, spec, bundle),
     )
+    if not main:
+        return 0
     report = {
         "method": args.method,
         "task": spec.task,

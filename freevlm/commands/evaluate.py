@@ -1,4 +1,9 @@
-"""`freevlm eval` (one threshold) and `freevlm sweep` (thresholds chosen on a dev split): metrics, speed, plots."""
+"""`freevlm eval` (one threshold) and `freevlm sweep` (thresholds chosen on a dev split): metrics, speed, plots.
+
+Both run under `accelerate launch --num_processes N` unchanged: the batches are dealt out, the main process gathers
+the outputs, scores them and writes the files (`freevlm.eval.processes`). `eval` appends each finished record to
+predictions.jsonl as it goes; `--resume` decodes only the records not there yet (`freevlm.eval.predictions`).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ from ..data.specs import FORMATS, DatasetSpec, read_dataset
 from ..decoding.config import KV_MODES, DecodeConfig
 from ..errors import UserError
 from ..eval.evaluate import ANSWER_DECODING, CAPTION_PROMPT, VQA_PROMPT, evaluate
+from ..eval.predictions import PREDICTIONS, PredictionLog
+from ..eval.processes import Processes
 from ..eval.sweep import sweep, write_sweep
 from ..methods import METHODS, get_method
 
@@ -69,6 +76,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate early exits at one threshold: official metrics + speed vs full model")
     _common(p)
     p.add_argument("--threshold", type=number(), default=DecodeConfig.threshold, help="the --method rule's knob")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"decode only the records not yet in --out's {PREDICTIONS} (refused if it was made with other options)",
+    )
     p.set_defaults(func=run_eval)
 
     p = sub.add_parser("sweep", help="sweep thresholds, choose the best on a dev split, plot quality vs speedup")
@@ -87,9 +99,10 @@ def _spec(args, files=None, split=None) -> DatasetSpec:
     return DatasetSpec(args.format, list(files or args.files), args.images, split or args.split, args.limit)
 
 
-def evaluation_options(args: argparse.Namespace, spec: DatasetSpec) -> dict:
+def evaluation_options(args: argparse.Namespace, spec: DatasetSpec, bundle) -> dict:
     """The decoding and prompt of `dataset_arguments`, as keywords of `freevlm.eval.evaluate.evaluate`: the decode
-    options as one `DecodeConfig` (`--kv`; `--max-new-tokens`, else the task's default)."""
+    options as one `DecodeConfig` (`--kv`; `--max-new-tokens`, else the task's default); the prompt: `--prompt`,
+    else for captions the one the model folder records (`bundle.prompt`), else the task's default."""
     default = DecodeConfig() if spec.task == "captions" else ANSWER_DECODING
     config = replace(default, kv=args.kv, max_new_tokens=args.max_new_tokens or default.max_new_tokens)
     options = dict(config=config, batch_size=args.batch_size)
@@ -97,11 +110,16 @@ def evaluation_options(args: argparse.Namespace, spec: DatasetSpec) -> dict:
         if spec.task == "visdial":
             raise ValueError("--prompt does not apply to VisDial (the prompt is built from caption and history)")
         options["prompt"] = args.prompt
+    elif spec.task == "captions" and bundle.prompt is not None:
+        options["prompt"] = bundle.prompt
     return options
 
 
-def _eval_options(args, spec: DatasetSpec) -> dict:
-    options = evaluation_options(args, spec) | dict(compare_full=not args.no_full, timing_repeats=args.timing_repeats)
+def _eval_options(args, spec: DatasetSpec, bundle) -> dict:
+    options = evaluation_options(args, spec, bundle) | dict(
+        compare_full=not args.no_full, timing_repeats=args.timing_repeats
+    )
+    options["progress_bar"] = True
     if spec.task == "vqa":
         options["metric"] = spec.vqa_metric
     return options
@@ -134,25 +152,56 @@ def load_model(args: argparse.Namespace) -> tuple:
     kind = get_method(args.method).exit_kind
     if args.exits is None and kind != "head":
         raise UserError(f"--method {args.method} needs --exits (trained {kind!r} exits)")
-    bundle = load_vlm(args.backbone, device=args.device)
+    _, device = Processes.start(args.device)  # under `accelerate launch`: this process's share and device
+    bundle = load_vlm(args.backbone, device=device)
     if args.exits is not None:
         return load_exits(bundle.model, args.exits), bundle
     n = load_backbone(bundle.model).num_layers
     return EarlyExitVLM(bundle.model, ExitConfig(args.exit_layers or list(range(1, n)), kind="head")), bundle
 
 
+def run_options(args: argparse.Namespace, spec: DatasetSpec, **knobs) -> dict:
+    """What a run's outputs depend on, as predictions.options.json keeps it for `--resume` to compare."""
+    resolved = lambda path: str(Path(path).resolve()) if path is not None else None  # noqa: E731
+    return {
+        "backbone": resolved(args.backbone),
+        "exits": resolved(args.exits),
+        "method": args.method,
+        "exit_layers": args.exit_layers,
+        **knobs,
+        "dataset": {
+            "format": spec.format,
+            "files": [resolved(f) for f in spec.files],
+            "images": resolved(spec.images),
+            "split": spec.split,
+            "limit": spec.limit,
+        },
+        "prompt": args.prompt,
+        "max_new_tokens": args.max_new_tokens,
+        "kv": args.kv,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "full_model": not args.no_full,
+    }
+
+
 def run_eval(args: argparse.Namespace) -> int:
     _check_before_loading(args, [args.threshold])
     spec = _spec(args)
     records = read_dataset(spec)  # a broken dataset fails before any weights load
-    ee, bundle = load_model(args)
-    options = _eval_options(args, spec)
-    result = evaluate(spec.task, ee, bundle, records, args.threshold, method=args.method, **options)
     out = Path(args.out)
+    log = PredictionLog(out, run_options(args, spec, threshold=args.threshold), resume=args.resume)
+    ee, bundle = load_model(args)
+    options = _eval_options(args, spec, bundle)
+    result = evaluate(spec.task, ee, bundle, records, args.threshold, method=args.method, log=log, **options)
+    if not Processes.current().is_main:
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result.as_dict(predictions=False), indent=2))
     (out / "predictions.json").write_text(json.dumps(result.predictions, indent=1))
     s = result.speed
+    if log.done:
+        print(f"resumed: {len(log.done)} of {len(records)} records were already in {log.path}")
     print(f"{spec.format} ({len(records)} records), threshold {args.threshold:g}: {result.metric} {result.score}")
     print(
         f"analytic speedup {s.analytic_speedup:.2f}x, {s.mean_layers_per_token:.2f} of {s.num_layers} layers per "
@@ -182,10 +231,12 @@ def run_sweep(args: argparse.Namespace) -> int:
         args.thresholds,
         args.dev_fraction,
         per_layer=not args.no_per_layer,
-        progress=print,
+        progress=print if Processes.current().is_main else None,
         method=args.method,
-        **_eval_options(args, spec),
+        **_eval_options(args, spec, bundle),
     )
+    if not Processes.current().is_main:
+        return 0
     paths = write_sweep(result, args.out)
     print(f"{args.method}: best threshold on dev: {result.best_threshold:g}")
     for name, path in paths.items():

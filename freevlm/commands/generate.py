@@ -31,8 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", type=input_path, required=True, nargs="+", help="image file(s)")
     p.add_argument(
         "--prompt",
-        default="",
-        help="text prompt after the image (e.g. 'a photo of'; LLaVA: where <image> stands, or after it)",
+        help="text prompt after the image (e.g. 'a photo of'; LLaVA: where <image> stands, or after it); default: the "
+        "prompt the model folder records (freevlm's finetune and demo record theirs), else none",
     )
     p.add_argument(
         "--threshold",
@@ -68,7 +68,8 @@ def caption(args: argparse.Namespace) -> int:
         ee = load_exits(bundle.model, args.exits)
     else:
         ee = EarlyExitVLM(bundle.model, ExitConfig([1]))  # a placeholder exit that full mode never runs
-    inputs = bundle.inputs(images, [args.prompt] * len(images))
+    prompt = args.prompt if args.prompt is not None else (bundle.prompt or "")
+    inputs = bundle.inputs(images, [prompt] * len(images))
     out = ee.generate(
         **inputs, max_new_tokens=args.max_new_tokens, threshold=args.threshold, mode=args.mode, kv=args.kv
     )

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import threading
+from functools import partial
 from pathlib import Path
 
 from ..argtypes import device, input_path, integer, number, positive_int, unit_interval
@@ -70,6 +72,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=defaults.max_image_bytes,
         help="largest image an http(s) URL may send",
     )
+    p.add_argument(
+        "--replicas",
+        type=positive_int,
+        help="run N copies of the server on Ray Serve behind one address, each loading the model and batching on "
+        "its own (default: one server, no Ray)",
+    )
+    p.add_argument(
+        "--replica-cpus",
+        type=number(0, low_open=True),
+        help="with --replicas: CPUs Ray gives each replica, which set its torch threads (default: 1)",
+    )
     p.set_defaults(func=serve)
 
 
@@ -96,6 +109,10 @@ def serve(args: argparse.Namespace) -> int:
         max_image_bytes=args.max_image_bytes,
     )
     config.validate()
+    if args.replica_cpus and not args.replicas:
+        raise UserError("--replica-cpus applies to --replicas N (Ray Serve): give both, or neither")
+    if args.replicas:
+        return serve_replicas(args, config)
     model = load_served_model(args)
     app = create_app(model, config)
     server = uvicorn.Server(
@@ -110,6 +127,37 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_replicas(args: argparse.Namespace, config: ServerConfig) -> int:
+    """`--replicas N`: the app as a Ray Serve deployment, until SIGTERM or Ctrl-C; then each replica drains its
+    running requests (`--drain-seconds`), Ray stops, and the command exits 0."""
+    try:
+        from ..server import replicas
+    except ImportError as err:
+        raise UserError(f"--replicas needs Ray Serve ({err.name} is missing): pip install 'freevlm[serve]'") from err
+    from ..loading import check_vlm_folder
+
+    if args.backbone:  # a missing model fails here, not in each replica
+        check_vlm_folder(args.backbone)
+    else:
+        demo_model()
+    if args.device.startswith("cuda:"):
+        raise UserError("with --replicas, give --device cuda: Ray gives each replica a GPU of its own, its 'cuda'")
+    placement = {"gpus": 1.0} if args.device == "cuda" else {}
+    if args.replica_cpus:
+        placement["cpus"] = args.replica_cpus
+    stopped = threading.Event()
+    try:
+        replicas.run(partial(load_served_model, args), config, args.replicas, args.host, args.port, **placement)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stopped.set())
+        print(f"serving {args.replicas} replicas on http://{args.host}:{args.port} (OpenAI API at /v1)", flush=True)
+        while not stopped.wait(1):
+            pass
+    finally:
+        replicas.stop()
+    return 0
+
+
 def load_served_model(args: argparse.Namespace):
     """The model, processor and exits the command names, or the demo's trained model."""
     from ..exits import ExitConfig
@@ -117,7 +165,7 @@ def load_served_model(args: argparse.Namespace):
     from ..model import EarlyExitVLM
     from ..server.app import ServedModel
 
-    backbone, exits, layers = (args.backbone, args.exits, None) if args.backbone else demo_model()
+    backbone, exits, layers, prompt = (args.backbone, args.exits, None, None) if args.backbone else demo_model()
     check_vlm_folder(backbone)
     logging.getLogger("freevlm").info("loading %s", backbone)
     bundle = load_vlm(backbone, device=args.device)
@@ -130,18 +178,21 @@ def load_served_model(args: argparse.Namespace):
     else:
         ee = EarlyExitVLM(bundle.model, ExitConfig([1]))  # a placeholder exit that full mode never runs
     name = args.name or (Path(backbone).resolve().name if args.backbone else "freevlm-demo")
-    return ServedModel(bundle, ee, name, prompt=None, has_exits=bool(exits))
+    prompt = bundle.prompt if bundle.prompt is not None else prompt
+    return ServedModel(bundle, ee, name, prompt, has_exits=bool(exits))
 
 
-def demo_model() -> tuple[Path, Path, tuple[int, ...]]:
-    """(backbone, exits, FREE's exit layers) of the demo's trained model: the full recipe's, else `--quick`'s."""
+def demo_model() -> tuple[Path, Path, tuple[int, ...], str]:
+    """(backbone, exits, FREE's exit layers, the prompt it was trained after) of the demo's trained model: the full
+    recipe's, else `--quick`'s (the prompt: for a cache from before its folder recorded it)."""
     from ..demo.config import DemoConfig, default_cache
     from ..demo.train import trained_model
+    from ..eval.evaluate import CAPTION_PROMPT
 
     for cfg in (DemoConfig(), DemoConfig.quick_config()):
         found = trained_model(cfg)
         if found is not None:
-            return (*found, tuple(cfg.exit_layers))
+            return (*found, tuple(cfg.exit_layers), CAPTION_PROMPT)
     raise UserError(
         f"no trained demo model in {default_cache()} ($FREEVLM_CACHE): run `freevlm demo --quick` (a few minutes) "
         "or `freevlm demo` to make one, or give --backbone (and --exits)"

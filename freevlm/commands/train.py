@@ -296,7 +296,10 @@ def finetune_command(args: argparse.Namespace) -> int:
     config, records = _prepare(args, FinetuneConfig, "finetune")
     bundle = load_vlm(args.backbone)
     train_set, dev_set = _datasets(args, bundle, records)
-    return _run(lambda: finetune(bundle.model, train_set, config, dev_set, save_with=bundle.preprocessing))
+    saved = dataclasses.replace(
+        bundle, prompt=args.prompt
+    ).preprocessing  # its folder records the prompt it was trained with
+    return _run(lambda: finetune(bundle.model, train_set, config, dev_set, save_with=saved))
 
 
 def train_exits_command(args: argparse.Namespace) -> int:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..backbones import load_backbone, sharing_features
 from ..calibration import exits_subset
-from ..loading import VLMBundle, load_vlm
+from ..eval.evaluate import CAPTION_PROMPT
+from ..loading import TrainingPrompt, VLMBundle, load_vlm
 from ..model import EarlyExitVLM
 from ..training.baselines import BaselineTrainConfig, train_baseline
 from ..training.data import CaptionDataset
@@ -94,6 +95,8 @@ def train_backbone(cfg: DemoConfig, world: World, progress: Progress) -> tuple[V
     if not cached:
         shutil.rmtree(folder, ignore_errors=True)
         info_file = _train_backbone(cfg, world, progress, folder)
+    elif TrainingPrompt.read(folder) is None:  # cached before folders recorded their prompt
+        TrainingPrompt(CAPTION_PROMPT).save_pretrained(folder)
     info = json.loads(info_file.read_text())
     bundle = load_vlm(folder)
     bundle.model.requires_grad_(False)
@@ -133,7 +136,7 @@ def _train_backbone(cfg: DemoConfig, world: World, progress: Progress, folder: P
         finetune(bundle.model, data, config)
     seconds = time.perf_counter() - t0
     bundle.model.eval().requires_grad_(False)
-    save_backbone(bundle, folder)
+    save_backbone(replace(bundle, prompt=CAPTION_PROMPT), folder)  # the prompt its captions were trained after
     dev = CaptionDataset(world.caption_records("dev"), bundle.tokenizer, bundle.image_processor, layout, source="dev")
     held_out = caption_loss_and_accuracy(bundle.model, dev, cfg.eval_batch)
     info = {

@@ -20,10 +20,13 @@ import torch
 from ..data.images import load_image
 from ..data.records import CaptionRecord, VisDialRecord, VQARecord
 from ..decoding.config import DecodeConfig
+from ..decoding.engine import resolve_batch_policy
 from ..methods import exit_rule, get_method
 from ..model import EarlyExitVLM
 from .captions import caption_metrics, tokenize
 from .likelihood import option_log_likelihoods
+from .predictions import PredictionLog
+from .processes import Processes
 from .speed import SpeedMeter, SpeedReport
 from .visdial import visdial_metrics
 from .vqa import vqa_scores
@@ -63,6 +66,7 @@ class _Generated:
     threshold: float | None  # None when `layer` forced the exits
     layer: int | None
     started: float  # time.perf_counter() when evaluation began
+    main: bool = True  # the main process (the only one that scores)
 
     def result(self, task: str, metric: str, score: float | None, quality: dict, ids, **extra) -> EvalResult:
         """The `EvalResult` of these outputs scored as `task` (`extra`: more per-prediction fields)."""
@@ -85,10 +89,13 @@ class _Generated:
 SET_BY_EVALUATION = ("mode", "threshold", "policy", "batch_policy", "return_engine")
 
 
-def _configs(ee: EarlyExitVLM, config: DecodeConfig, threshold: float, layer: int | None, method: str):
+def _configs(
+    ee: EarlyExitVLM, config: DecodeConfig, threshold: float, layer: int | None, method: str, batch_size: int
+) -> tuple[DecodeConfig, DecodeConfig]:
     """(early exit, full model) decode configs: `config`'s options, the method's exit rule, and every row decoding
-    what it would alone: rows ride along (exact with recompute; "auto"'s gate would turn exits off in small
-    batches), or are compacted where propagate makes riding along differ."""
+    what it would alone: with recompute, the batch policy "auto" resolves to at this batch size, named so that
+    "auto"'s gate (which turns exits off in small batches) stays off; with propagate, where riding along differs,
+    rows are compacted."""
     spec = get_method(method)
     if ee.exit_config.kind != spec.exit_kind:
         raise ValueError(
@@ -97,7 +104,8 @@ def _configs(ee: EarlyExitVLM, config: DecodeConfig, threshold: float, layer: in
     fixed = [name for name in SET_BY_EVALUATION if getattr(config, name) != getattr(DecodeConfig, name)]
     if fixed:
         raise ValueError(f"evaluation sets {', '.join(fixed)} itself (the method's rule at `threshold`, or `layer`)")
-    config = replace(config, batch_policy="ride_along" if config.kv == "recompute" else "per_row")
+    exact = resolve_batch_policy("auto", batch_size) if config.kv == "recompute" else "per_row"
+    config = replace(config, batch_policy=exact)
     return replace(config, policy=exit_rule(method, threshold, layer)), replace(config, mode="full")
 
 
@@ -114,6 +122,9 @@ def generate_texts(
     batch_size: int = 8,
     compare_full: bool = True,
     timing_repeats: int = 1,
+    ids: Sequence | None = None,
+    log: PredictionLog | None = None,
+    progress_bar: bool = False,
 ) -> _Generated:
     """Early-exit answers for every (image, prompt), decoded with `config` (default: `DecodeConfig()`) under
     `method`'s exit rule at `threshold` (or every token out at `layer`); with `compare_full`, the full model on the
@@ -122,38 +133,90 @@ def generate_texts(
 
     `timing_repeats` > 1 decodes each batch that many times per mode and keeps the fastest run of each (outputs
     are deterministic), which steadies ratios on a busy machine.
+
+    Under `accelerate launch` the batches are dealt out across the processes (`Processes`) and every process ends
+    with every output; the speed report's clocks are the main process's batches, its token counts every record's.
+    `log` (a `PredictionLog`, `ids` naming the records in it): each finished record is appended as a line, and
+    records already there (a resumed run) are not decoded again; a batch is decoded whole, so its outputs are those
+    of an uninterrupted run. `progress_bar`: one bar on the main process, records done across processes and the ETA.
     """
     started = time.perf_counter()
-    early_config, full_config = _configs(ee, config or DecodeConfig(), threshold, layer, method)
+    early_config, full_config = _configs(ee, config or DecodeConfig(), threshold, layer, method, batch_size)
+    ids = list(range(len(images))) if ids is None else list(ids)
+    processes = Processes.current()
+    rows: dict[int, dict] = dict(log.done) if log is not None else {}
+    batches = [list(range(s, min(s + batch_size, len(images)))) for s in range(0, len(images), batch_size)]
+    todo = [(b, index) for b, index in enumerate(batches) if not all(i in rows for i in index)]
     meter = SpeedMeter(ee.backbone.num_layers)
-    texts: list[str] = []
-    full_texts: list[str] | None = [] if compare_full else None
-    exit_layers: list[list[int]] = []
-    for b, start in enumerate(range(0, len(images), batch_size)):
-        batch = [load_image(p) for p in images[start : start + batch_size]]
-        inputs = processor.inputs(batch, list(prompts[start : start + batch_size]))
-        early = functools.partial(ee.generate, **inputs, config=early_config)
-        full = functools.partial(ee.generate, **inputs, config=full_config)
-        if compare_full and b == 0:
-            early(), full()  # warm-up: lazy initialisation and allocator growth stay out of the timings
-        if compare_full:
-            outs, f_outs = [], []
-            for r in range(timing_repeats):  # alternate which mode goes first, batch by batch and repeat by repeat
-                if (b + r) % 2 == 0:
-                    f_outs.append(full()), outs.append(early())
-                else:
-                    outs.append(early()), f_outs.append(full())
-            fastest = lambda runs: min(runs, key=lambda o: o.stats.seconds_total)  # noqa: E731
-            out, f_out = fastest(outs), fastest(f_outs)
-            full_texts += _new_text(processor, f_out)
-            meter.add(out, f_out)
-        else:
-            out = early()
-            meter.add(out)
-        texts += _new_text(processor, out)
-        exit_layers += [[int(e) for e in row if e >= 0] for row in out.exit_layers.tolist()]
+    write = log is not None and processes.is_main
+    if write:
+        log.open()
+    bar = _progress_bar(len(images), len(rows), processes.is_main and progress_bar)
+    try:
+        for r in range(processes.rounds(len(todo))):
+            mine = processes.mine(todo, r)
+            new = []
+            if mine is not None:
+                b, index = mine
+                batch = [load_image(images[i]) for i in index]
+                inputs = processor.inputs(batch, [prompts[i] for i in index])
+                early = functools.partial(ee.generate, **inputs, config=early_config)
+                full = functools.partial(ee.generate, **inputs, config=full_config) if compare_full else None
+                new = _decode_batch(processor, early, full, meter, timing_repeats, warm_up=r == 0, parity=b)
+                for i, row in zip(index, new):
+                    row["index"], row["id"] = i, ids[i]
+            new = [row for row in processes.gather(new) if row["index"] not in rows]  # resumed: the missing lines
+            rows.update((row["index"], row) for row in new)
+            if write:
+                log.append(new)
+            bar.update(len(new))
+    finally:
+        bar.close()
+        if write:
+            log.close()
+    ordered = [rows[i] for i in range(len(images))]
+    full_texts = [row["full_prediction"] for row in ordered] if compare_full else None
+    exit_layers = [row["exit_layers"] for row in ordered]
+    meter.recount(exit_layers, sum(row.get("full_tokens", 0) for row in ordered))
     threshold = None if layer is not None else threshold
-    return _Generated(texts, full_texts, exit_layers, meter.report(), threshold, layer, started)
+    texts = [row["prediction"] for row in ordered]
+    return _Generated(texts, full_texts, exit_layers, meter.report(), threshold, layer, started, processes.is_main)
+
+
+def _decode_batch(processor, early, full, meter: SpeedMeter, repeats: int, warm_up: bool, parity: int) -> list[dict]:
+    """One batch, early exit (and with `full`, the full model, timed against it): a row per record."""
+    if full is None:
+        out = early()
+        meter.add(out)
+        return _rows(processor, out)
+    if warm_up:
+        early(), full()  # lazy initialisation and allocator growth stay out of the timings
+    outs, f_outs = [], []
+    for r in range(repeats):  # alternate which mode goes first, batch by batch and repeat by repeat
+        if (parity + r) % 2 == 0:
+            f_outs.append(full()), outs.append(early())
+        else:
+            outs.append(early()), f_outs.append(full())
+    fastest = lambda runs: min(runs, key=lambda o: o.stats.seconds_total)  # noqa: E731
+    out, f_out = fastest(outs), fastest(f_outs)
+    meter.add(out, f_out)
+    full_rows = _rows(processor, f_out)
+    return [
+        row | {"full_prediction": f["prediction"], "full_tokens": len(f["exit_layers"])}
+        for row, f in zip(_rows(processor, out), full_rows)
+    ]
+
+
+def _rows(processor, out) -> list[dict]:
+    texts = _new_text(processor, out)
+    layers = [[int(e) for e in row if e >= 0] for row in out.exit_layers.tolist()]
+    return [{"prediction": t, "exit_layers": e} for t, e in zip(texts, layers)]
+
+
+def _progress_bar(total: int, done: int, show: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc="records", unit="record", disable=not show, dynamic_ncols=True)
 
 
 def _new_text(processor, out) -> list[str]:
@@ -175,7 +238,11 @@ def evaluate_captioning(
 ) -> EvalResult:
     """COCO metrics of the captions (per NoCaps domain too, when records carry one); `tokenizer`: see
     `caption_metrics`; `run`: `generate_texts`' `config`, `method`, batching and timing."""
-    gen = generate_texts(ee, processor, [r.image for r in records], [prompt] * len(records), threshold, layer, **run)
+    ids = [r.image_id for r in records]
+    images, prompts = [r.image for r in records], [prompt] * len(records)
+    gen = generate_texts(ee, processor, images, prompts, threshold, layer, ids=ids, **run)
+    if not gen.main:  # the main process scores
+        return gen.result("captions", "CIDEr", None, {}, ids)
     keys = list(range(len(records)))  # records may repeat an image id across files; scoring keys stay unique
     quality, score = {}, None
     if all(r.references for r in records):
@@ -191,7 +258,7 @@ def evaluate_captioning(
         score = quality["all"]["CIDEr"]
     elif any(r.references for r in records):
         raise ValueError("some caption records have references and some do not: score a labelled split")
-    return gen.result("captions", "CIDEr", score, quality, [r.image_id for r in records])
+    return gen.result("captions", "CIDEr", score, quality, ids)
 
 
 def evaluate_vqa(
@@ -209,7 +276,10 @@ def evaluate_vqa(
     to `ANSWER_DECODING`, `run`: `generate_texts`' `method`, batching and timing."""
     prompts = [prompt.format(question=r.question) for r in records]
     images = [r.image for r in records]
-    gen = generate_texts(ee, processor, images, prompts, threshold, layer, config or ANSWER_DECODING, **run)
+    ids = [r.question_id for r in records]
+    gen = generate_texts(ee, processor, images, prompts, threshold, layer, config or ANSWER_DECODING, ids=ids, **run)
+    if not gen.main:  # the main process scores
+        return gen.result("vqa", "accuracy", None, {}, ids)
     quality, score, per_question = {}, None, {}
     if all(r.answers for r in records):
         s = vqa_scores(
@@ -230,7 +300,7 @@ def evaluate_vqa(
         per_question = {"accuracy": s.per_question}
     elif any(r.answers for r in records):
         raise ValueError("some questions have answers and some do not: score a labelled split")
-    return gen.result("vqa", "accuracy", score, quality, [r.question_id for r in records], **per_question)
+    return gen.result("vqa", "accuracy", score, quality, ids, **per_question)
 
 
 def visdial_prompt(record: VisDialRecord) -> str:
@@ -254,7 +324,11 @@ def evaluate_visdial(
     exit against full; `run`: `generate_texts`' batching and timing."""
     prompts = [visdial_prompt(r) for r in records]
     images = [r.image for r in records]
-    gen = generate_texts(ee, processor, images, prompts, threshold, layer, config or ANSWER_DECODING, method, **run)
+    ids = [f"{r.image_id}:{r.round}" for r in records]
+    config = config or ANSWER_DECODING
+    gen = generate_texts(ee, processor, images, prompts, threshold, layer, config, method, ids=ids, **run)
+    if not gen.main:  # the main process ranks the options and scores
+        return gen.result("visdial", "mrr", None, {}, ids, top_option=[None] * len(records))
     scores = [
         option_log_likelihoods(
             ee, processor, load_image(r.image), prompt, r.options, threshold, layer, option_batch_size, method
@@ -263,7 +337,6 @@ def evaluate_visdial(
     ]
     quality = visdial_metrics(scores, [r.gt_index for r in records], [r.relevance for r in records])
     top = [r.options[max(range(len(s)), key=lambda i: s[i])] for r, s in zip(records, scores)]
-    ids = [f"{r.image_id}:{r.round}" for r in records]
     return gen.result("visdial", "mrr", quality.get("mrr"), quality, ids, top_option=top)
 
 

@@ -41,7 +41,7 @@ class SpeedMeter:
 
     num_layers: int
     exits: list[int] = field(default_factory=list)
-    full_layers: list[int] = field(default_factory=list)
+    full_tokens: int = 0
     seconds: Counter = field(default_factory=Counter)
     full_seconds: Counter = field(default_factory=Counter)
     decode_steps: int = 0
@@ -62,10 +62,16 @@ class SpeedMeter:
             self.paired = False
             return
         f = full.stats
-        self.full_layers += [int(e) for e in full.exit_layers.flatten().tolist() if e >= 0]
+        self.full_tokens += int((full.exit_layers >= 0).sum())
         self.full_seconds.update(total=f.seconds_total, prefill=f.seconds_prefill, decode=f.seconds_decode)
         self.full_decode_steps += max(f.steps - 1, 0)
         self.full_params += f.work.params_touched
+
+    def recount(self, exit_layers: list[list[int]], full_tokens: int) -> None:
+        """Count tokens over every record (`exit_layers` per record; those other processes decoded or a resumed run
+        had) rather than the batches timed here: the clocks stay this process's."""
+        self.exits = [e for row in exit_layers for e in row]
+        self.full_tokens = full_tokens
 
     def report(self) -> SpeedReport:
         n = self.num_layers
@@ -80,7 +86,7 @@ class SpeedMeter:
         )
         if self.paired and self.batches:
             report.full_seconds = dict(self.full_seconds)
-            report.full_tokens = len(self.full_layers)
+            report.full_tokens = self.full_tokens
             report.ideal_speedup = _ratio(self.full_params, self.params)
             report.wallclock_speedup = _ratio(self.full_seconds["total"], self.seconds["total"])
             per_step = _ratio(self.seconds["decode"], self.decode_steps)

@@ -14,6 +14,7 @@ from ..methods import get_method, trainable_parameters
 from ..model import EarlyExitVLM
 from .evaluate import EvalResult, evaluate
 from .plots import plot_per_layer, plot_quality_vs_speedup
+from .processes import Processes
 
 
 @dataclass
@@ -21,7 +22,7 @@ class SweepResult:
     task: str
     metric: str
     num_layers: int
-    best_threshold: float
+    best_threshold: float | None  # None on processes other than the main one
     dev: list[EvalResult]
     test: list[EvalResult]
     per_layer: list[EvalResult] = field(default_factory=list)
@@ -101,6 +102,8 @@ def sweep(
         for layer in ee.exit_layers + [ee.backbone.num_layers]:
             layers.append(evaluate(task, ee, processor, records, layer=layer, **dict(eval_kwargs, compare_full=False)))
             say(f"layer {layer}: {layers[-1].metric} {layers[-1].score}")
+    if not Processes.current().is_main:  # under `accelerate launch` the main process scores and chooses
+        return SweepResult(task, test[0].metric, ee.backbone.num_layers, None, dev, test, layers, method)
     return SweepResult(task, test[0].metric, ee.backbone.num_layers, choose_threshold(dev), dev, test, layers, method)
 
 

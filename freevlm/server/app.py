@@ -43,7 +43,7 @@ from .page import page_routes
 # how the scheduler's reasons read in OpenAI's finish_reason
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 # DecodeConfig names in the scheduler's messages -> the request's names
-PARAMS = {"max_new_tokens": "max_tokens", "threshold": "threshold", "mode": "mode", "kv": "kv"}
+PARAMS = {"max_new_tokens": "max_tokens", **{name: name for name in ("threshold", "mode", "kv", "top_p", "seed")}}
 
 
 @dataclass
@@ -75,19 +75,18 @@ class ChatService:
     # --- request -> handle ----------------------------------------------------------------------------------------
     def options(self, request: ChatRequest) -> dict:
         """The request's decoding options, as `Scheduler.submit` keywords."""
-        if request.temperature:
-            raise APIError(
-                400,
-                f"temperature={request.temperature:g} asks for sampling, which this server does not do yet: use "
-                "temperature 0 (greedy)",
-                "temperature",
-                "unsupported",
-            )
+        sampling = {}
+        if request.temperature:  # OpenAI's temperature 0 is greedy; absent, so is ours (the answer `caption` gives)
+            sampling = {"do_sample": True, "temperature": request.temperature}
+            sampling |= {
+                name: getattr(request, name) for name in ("top_p", "seed") if getattr(request, name) is not None
+            }
         options = {
             "max_new_tokens": request.max_new_tokens or self.config.max_tokens,
             "threshold": request.threshold if request.threshold is not None else self.default_threshold,
         }
         options |= {name: getattr(request, name) for name in ("mode", "kv") if getattr(request, name) is not None}
+        options |= sampling
         early = options.get("mode", "early_exit") == "early_exit" and options["threshold"] < 1
         if early and not self.model.has_exits:
             raise APIError(

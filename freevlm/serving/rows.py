@@ -8,12 +8,21 @@ all the attention needs; rows never move and are never gathered. Each buffer has
 writes that must not land (a window slot the row has filled already, a row with no request) go there, and no query
 ever sees it.
 
-The exit rule is ride-along without a gate: every row reads every live exit it reaches and leaves at the first one
-its own threshold accepts, exactly as alone; a row that left rides along while a deeper row still climbs (its
-deeper K/V are filled exactly on the way), and the step stops at the exit where the last row left. What the step
-did not run (layers above that exit) is caught up exactly at the next step that goes deeper, as in the engines of
-`freevlm.decoding` (`kv="recompute"`): the states that stopped are kept (`pending`) and join the window at the
-depth where they stopped. A gate that stops consulting exits would change rows' exit layers, so there is none.
+Every row reads every live exit it reaches and leaves at the first one its own threshold accepts, exactly as
+alone; what the step did not run for a token (layers above where it stopped) is caught up exactly at the next step
+that goes deeper, as in the engines of `freevlm.decoding` (`kv="recompute"`): the states that stopped are kept
+(`pending`) and join the window at the depth where they stopped. A gate that stops consulting exits would change
+rows' exit layers, so there is none. What the exit rule decides is only how far a step climbs (`exit_rule`):
+
+- `ride_along`: until every row's token is out; a row that left rides along while a deeper row climbs (its deeper
+  K/V are filled on the way). A mixed batch then runs as deep as its deepest row at every step.
+- `park` (the default): at each exit where some rows left and others climb on, the step stops when the climbing
+  rows would make tokens more slowly per layer call than a new step would (`_climb_on`); their tokens wait at that
+  exit (`resume`) and go on at the next step, joining at that depth, so the layers above are run once for the
+  rows gathered there instead of at every step. A token waits at most `max_wait` steps.
+
+Either way each row's tokens and exit layers are those of `generate` alone: the rule moves work between steps,
+never changes it.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from torch import nn
 
 from ..backbones.base import Backbone, Context
 from ..decoding.policies import max_probability
+
+EXIT_RULES = ("park", "ride_along")
 
 
 class RowKV:
@@ -68,6 +79,7 @@ class StepOutput:
     logits: torch.Tensor  # [n, V] logits of the layer each row left at
     exit_at: torch.Tensor  # [n] that layer (num_layers = final)
     exit_at_host: list[int]
+    out: list[bool]  # whether each row's token is out (a parked row's is not: it goes on at a later step)
 
 
 class RowEngine:
@@ -85,8 +97,15 @@ class RowEngine:
         max_rows: int,
         max_len: int,
         max_prompt: int,
+        exit_rule: str = EXIT_RULES[0],
+        max_wait: int = 4,
     ):
+        if exit_rule not in EXIT_RULES:
+            raise ValueError(f"exit_rule must be one of {EXIT_RULES}, got {exit_rule!r}")
+        if not isinstance(max_wait, int) or max_wait < 0:
+            raise ValueError(f"max_wait must be a non-negative integer, got {max_wait!r}")
         self.backbone, self.exits = backbone, exits
+        self.exit_rule, self.max_wait = exit_rule, max_wait
         self.num_layers = backbone.num_layers
         self.max_rows, self.max_len, self.max_prompt = max_rows, max_len, max_prompt
         self.trash = max_len
@@ -105,7 +124,14 @@ class RowEngine:
         self.threshold = torch.ones(max_rows, device=device)
         self.first_input: dict[int, torch.Tensor] = {}  # row -> [H] its last prompt slot's input, for its first step
         self.prompts: dict[int, tuple[Context, torch.Tensor, int]] = {}  # row -> (ctx, prompt embeds, slots encoded)
-        self.steps = self.layer_calls = self.exit_calls = 0
+        self.resume = [0] * max_rows  # the exit a row's token waits at (parked), 0 for a new token
+        self.waited = [0] * max_rows  # steps it has waited there
+        # layer calls (exit layers included) from the bottom up to each exit, and from each exit to the top
+        layered = [i for i in sorted(exits) if exits[i].needs_cache]
+        self.calls_to = {i: i + sum(1 for j in layered if j <= i) for i in exits}
+        self.calls_above = {i: self.num_layers - i + sum(1 for j in layered if j > i) for i in exits}
+        self.first_exit_rate = 0.5  # running share of new tokens that leave at the first exit
+        self.steps = self.layer_calls = self.exit_calls = self.parks = 0
         self.catchup_slots = 0  # slot-layers run for tokens that stopped early at an earlier step
 
     # --- rows joining and leaving ---------------------------------------------------------------------------------
@@ -119,12 +145,14 @@ class RowEngine:
         self.threshold[row] = threshold
 
     def prefill(self, row: int, budget: int) -> int:
-        """Encode up to `budget` more prompt slots of a joining row; returns how many it encoded. Once all but the
-        last are, the row is active: its last prompt slot is its first step."""
+        """Encode up to `budget` more prompt slots of a joining row (more where the backbone cannot cut the prompt
+        there: `prefill_cut`); returns how many it encoded. Once all but the last are, the row is active: its last
+        prompt slot is its first step."""
         ctx, embeds, done = self.prompts[row]
         length = embeds.shape[1]
         count = min(budget, length - 1 - done)
-        if count > 0:
+        if count > 0:  # a chunk the backbone may cut there (Gemma 3: an image whole)
+            count = min(self.backbone.prefill_cut(ctx, done + count), length - 1) - done
             self._encode(row, ctx, embeds[:, done : done + count], done)
         done += count
         if done < length - 1:
@@ -135,8 +163,14 @@ class RowEngine:
         self.position[row] = length - 1
         for fill in [*self.fill, *self.exit_fill.values()]:
             fill[row] = length - 1
+        self.resume[row] = self.waited[row] = 0
         self.active[row] = True
         return count
+
+    def prompt_left(self, row: int) -> int:
+        """Prompt slots a joining row has still to encode."""
+        _, embeds, done = self.prompts[row]
+        return embeds.shape[1] - 1 - done
 
     def leave(self, row: int) -> None:
         self.active[row] = False
@@ -167,19 +201,22 @@ class RowEngine:
     # --- the step -------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> StepOutput:
-        """Every active row's next token (`tokens [n]`: the last one it produced; ignored for a row at its first
-        step, which reads its last prompt slot) up the stack; rows `[0, n)` with n = `rows_in_use`."""
+        """Every active row's token up the stack: a new one (`tokens [n]`: the last one it produced; ignored for a
+        row at its first step, which reads its last prompt slot), or the one it parked at an earlier step, which
+        joins at the exit where it stopped. Rows `[0, n)` with n = `rows_in_use`."""
         n, backbone, device = self.rows_in_use, self.backbone, self.threshold.device
         rows = range(n)
-        active = [self.active[r] for r in rows]
+        active = self.active[:n]
         position = self.position[:n]
         pos = torch.tensor(position, device=device)
         active_t = torch.tensor(active, device=device)
         may_exit = active_t & torch.tensor(self.may_exit[:n], device=device)
+        resume = torch.tensor(self.resume[:n], device=device)
         live = [i for i in sorted(self.exits) if any(self.may_exit[r] for r in rows if active[r])]
         joins = [i for i in self.exits if any(self.fill[i][r] != self.fill[i - 1][r] for r in rows if active[r])]
         bounds = sorted({0, *live, *joins, self.num_layers})
         before = {b: self.fill[b][:n] for b in bounds[:-1]}  # fill levels at the start of the step, per segment
+        fresh = sum(1 for r in rows if active[r] and self.resume[r] == 0)
         self.steps += 1
 
         x = backbone.embed(backbone.window_context(self.rows_ctx, pos[:, None]), tokens[:n, None], None, 0)
@@ -206,24 +243,52 @@ class RowEngine:
             if last not in live:
                 continue
             leave, exit_logits = self._exit(last, x, slots, rows, active, position)
-            leave &= may_exit & ~out
+            leave &= may_exit & ~out & (resume < last)  # a parked token left nowhere below where it waits
             out = out | leave
-            any_left, all_out = torch.stack([leave.any(), out.all()]).tolist()  # the one host read per exit
-            if any_left:
-                exit_at.masked_fill_(leave, last)
-                logits = exit_logits if logits is None else torch.where(leave[:, None], exit_logits, logits)
-            if all_out:
-                self._park(x, slots, last, rows, active)
-                return StepOutput(logits, exit_at, exit_at.tolist())
+            exit_at.masked_fill_(leave, last)
+            logits = exit_logits if logits is None else torch.where(leave[:, None], exit_logits, logits)
+            done = out.tolist()  # the one host read per exit
+            if last == live[0] and fresh:
+                left = sum(1 for r in rows if active[r] and self.resume[r] == 0 and done[r])
+                self.first_exit_rate += 0.2 * (left / fresh - self.first_exit_rate)
+            if all(done) or not self._climb_on(last, done, live):
+                self.parks += not all(done)
+                self._park(x, slots, last, before[first], rows, active)
+                self._stopped(done, last)
+                return StepOutput(logits, exit_at, exit_at.tolist(), done)
         final = backbone.head(x[:, -1])
         logits = final if logits is None else torch.where(out[:, None], logits, final)
-        return StepOutput(logits, exit_at, exit_at.tolist())
+        done = [True] * n
+        self._stopped(done, self.num_layers)
+        return StepOutput(logits, exit_at, exit_at.tolist(), done)
 
-    def advance(self) -> None:
-        """Every active row's new slot is taken: the next step writes the one after."""
-        for r in range(self.max_rows):
-            if self.active[r]:
+    def _climb_on(self, depth: int, done: list[bool], live: list[int]) -> bool:
+        """Whether the step goes on above exit `depth` for the rows whose token is not out yet, or parks them there.
+
+        Going on costs the layer calls above `depth`, and makes one token per climbing row; parking them lets the
+        next step start at once, and its first exit makes tokens for about `first_exit_rate` of the rows that are
+        out now, at the cost of the layers up to it. The step goes on when the climbing rows make tokens at least
+        as fast per layer call, or when a climbing row has waited `max_wait` steps already (a bound on its delay);
+        `exit_rule="ride_along"` always goes on."""
+        if self.exit_rule == "ride_along":
+            return True
+        climbing = [r for r, d in enumerate(done) if not d]
+        if max(self.waited[r] for r in climbing) >= self.max_wait:
+            return True
+        rows_out = sum(1 for r, d in enumerate(done) if d and self.active[r])
+        return len(climbing) * self.calls_to[live[0]] >= self.first_exit_rate * rows_out * self.calls_above[depth]
+
+    def _stopped(self, done: list[bool], depth: int) -> None:
+        """Rows whose token is out take their next slot; the others wait at the exit where the step stopped."""
+        for r, d in enumerate(done):
+            if not self.active[r]:
+                continue
+            if d:
                 self.position[r] += 1
+                self.resume[r] = self.waited[r] = 0
+            else:
+                self.resume[r] = depth
+                self.waited[r] += 1
 
     def _index(self, slots: torch.Tensor, fill: list[int], rows, active) -> torch.Tensor:
         """Where each window slot is written: its own slot if the row is active and has not filled it, else trash."""
@@ -274,7 +339,9 @@ class RowEngine:
         kept = self.pending[: len(rows)].gather(1, slots.clamp(min=0)[..., None].expand(-1, -1, x.shape[-1]))
         return torch.where(joins[..., None], kept, x)
 
-    def _park(self, x, slots, depth: int, rows, active) -> None:
-        """Every row's token is out at `depth`: keep the window's states there for the layers above."""
-        index = self._index(slots, self.fill[depth], rows, active)
+    def _park(self, x, slots, depth: int, floor: list[int], rows, active) -> None:
+        """The step stops at `depth`: keep the window's states there for the layers above. Only slots this step
+        took up through the last segment (from its first layer's fill level `floor`) hold a state at `depth`; a slot
+        that waits there from an earlier step keeps the one it has."""
+        index = self._index(slots, floor, rows, active)
         self.pending[: len(rows)].scatter_(1, index[..., None].expand(-1, -1, x.shape[-1]), x)

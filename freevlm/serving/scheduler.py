@@ -31,7 +31,7 @@ from ..decoding.sampling import TokenChooser, make_generator
 from ..inputs import validate_generate_inputs
 from ..model import EarlyExitVLM
 from .handle import Handle, QueueFull
-from .rows import RowEngine
+from .rows import EXIT_RULES, RowEngine
 
 CONFIG_FIELDS = {f.name for f in fields(DecodeConfig)}
 
@@ -44,6 +44,8 @@ class _Request:
     input_ids: torch.Tensor  # [1, L] without padding
     eos: frozenset[int]
     stop: tuple[tuple[int, ...], ...]
+    slots: int  # prompt slots, image tokens included
+    inputs: dict  # the family's other model inputs (`Backbone.input_names`), for `Backbone.start`
     row: int | None = None
     prompt_ids: torch.Tensor | None = None  # [1, L0] the decoder's prompt (what the repetition penalty counts)
 
@@ -59,6 +61,7 @@ class Scheduler:
         max_prompt: int | None = None,
         max_waiting: int = 64,
         prefill_chunk: int = 64,
+        exit_rule: str = EXIT_RULES[0],
     ):
         for name, value in (("max_batch", max_batch), ("max_len", max_len), ("max_waiting", max_waiting)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -73,7 +76,7 @@ class Scheduler:
             prefill_chunk,
         )
         self.max_prompt = max_len if max_prompt is None else max_prompt
-        self.engine = RowEngine(self.backbone, model.exit_dict(), max_batch, max_len, self.max_prompt)
+        self.engine = RowEngine(self.backbone, model.exit_dict(), max_batch, max_len, self.max_prompt, exit_rule)
         vocab, device = self.backbone.lm_head.weight.shape[0], self.backbone.device
         self.chooser = TokenChooser(max_batch, vocab, device, per_row_generators=True)  # a generator per request
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -96,9 +99,10 @@ class Scheduler:
         stop: list[list[int]] | None = None,
         **options,
     ) -> Handle:
-        """Queue one request (one image, one prompt); DecodeConfig fields given as keywords override a copy of
-        `config`. `stop`: token sequences that end the answer (included in it), besides EOS. A sampling request without
-        a `seed` gets one from torch's global generator here. Invalid options, or a
+        """Queue one request (one prompt and its images); DecodeConfig fields given as keywords override a copy of
+        `config`, the family's model inputs (`image_sizes`, `token_type_ids`...: as `generate` takes them) travel
+        with it. `stop`: token sequences that end the answer (included in it), besides EOS. A sampling request
+        without a `seed` gets one from torch's global generator here. Invalid options, or a
         request that could never fit this scheduler, raise ValueError here, naming the problem."""
         request = self._check(pixel_values, input_ids, attention_mask, config, stop, options)
         with self._lock:
@@ -111,9 +115,12 @@ class Scheduler:
         return request.handle
 
     def _check(self, pixel_values, input_ids, attention_mask, config, stop, options) -> _Request:
-        unknown = sorted(set(options) - CONFIG_FIELDS)
+        names = self.backbone.input_names
+        inputs = {k: options.pop(k) for k in list(options) if k in names and options[k] is not None}
+        unknown = sorted(set(options) - CONFIG_FIELDS - set(names))
         if unknown:
-            raise ValueError(f"unknown option(s) {unknown}: the options are DecodeConfig's fields and stop")
+            takes = f" and {type(self.model.model).__name__}'s inputs {', '.join(names)}" if names else ""
+            raise ValueError(f"unknown option(s) {unknown}: the options are DecodeConfig's fields, stop{takes}")
         if config is not None and not isinstance(config, DecodeConfig):
             raise ValueError(f"config must be a DecodeConfig, got {type(config).__name__}")
         config = replace(config or DecodeConfig(), **options)
@@ -132,9 +139,6 @@ class Scheduler:
                 raise ValueError(f"{name}={getattr(config, name)!r} is not supported: {why}")
         if config.do_sample and config.seed is None:  # torch.manual_seed makes a run's unseeded requests repeat
             config.seed = int(torch.randint(2**63 - 1, ()))
-        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[0] != 1:
-            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
-            raise ValueError(f"pixel_values must hold one image, [1, channels, height, width], got {shape}")
         if input_ids is not None and (not isinstance(input_ids, torch.Tensor) or input_ids.dim() not in (1, 2)):
             raise ValueError("input_ids must be a [length] or [1, length] tensor of token ids")
         if input_ids is not None and input_ids.dim() == 1:
@@ -142,12 +146,16 @@ class Scheduler:
             attention_mask = None if attention_mask is None else attention_mask[None]
         if input_ids is not None and input_ids.shape[0] != 1:
             raise ValueError(f"input_ids must hold one prompt, got {input_ids.shape[0]}")
-        validate_generate_inputs(self.backbone, pixel_values, input_ids, attention_mask, config.max_new_tokens)
+        self._check_images(pixel_values, input_ids, inputs)
+        validate_generate_inputs(self.backbone, pixel_values, input_ids, attention_mask, config.max_new_tokens, inputs)
         device = self.backbone.device
         if input_ids is None:
             input_ids = self.model._default_prompt(1, device)
-        elif attention_mask is not None:  # the prompt alone: a row holds no padding
-            input_ids = input_ids[:, attention_mask[0].bool()]
+        elif attention_mask is not None:  # the prompt alone: a row holds no padding (nor do inputs per prompt slot)
+            keep = attention_mask[0].bool()
+            per_slot = [k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.shape == input_ids.shape]
+            inputs.update({k: inputs[k][:, keep] for k in per_slot})
+            input_ids = input_ids[:, keep]
         eos, _ = self.model._special_tokens(config.eos_token_id, config.pad_token_id)
         stop = _check_stop(stop)
         prompt = self._prompt_slots(input_ids)
@@ -163,7 +171,21 @@ class Scheduler:
                 f"{decoder + config.max_new_tokens} slots, more than this scheduler's max_len={self.max_len}"
             )
         pixel_values = pixel_values.to(device=device, dtype=self.backbone.dtype)
-        return _Request(None, config, pixel_values, input_ids.to(device), frozenset(eos), stop)
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        return _Request(None, config, pixel_values, input_ids.to(device), frozenset(eos), stop, encoder, inputs)
+
+    def _check_images(self, pixel_values, input_ids, inputs: dict) -> None:
+        """`pixel_values` hold one prompt's images (one, or as many as its image tokens say: Gemma 3, InternVL);
+        Qwen-VL's patches are checked with their grids by `validate_generate_inputs`."""
+        dims = {"images": 4, "tiles": 5}.get(self.backbone.pixel_layout)
+        if dims is None:
+            return
+        images = 1 if input_ids is None else sum(self.backbone.images_per_row(input_ids, **inputs))
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != dims or pixel_values.shape[0] != images:
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            what = "one image" if images == 1 else f"the {images} images of one prompt"
+            tiles = "tiles, " if dims == 5 else ""
+            raise ValueError(f"pixel_values must hold {what}, [{images}, {tiles}channels, height, width], got {shape}")
 
     def _prompt_slots(self, input_ids: torch.Tensor) -> tuple[int, int]:
         """(encoder slots, decoder slots) of a prompt: image tokens are put in front where it has none; an
@@ -262,17 +284,29 @@ class Scheduler:
         request.handle._finish(reason)
 
     def _admit(self) -> None:
+        """Waiting requests take free rows, their image and prompt encoded by the backbone, as long as this
+        iteration's prefill budget (`prefill_chunk` prompt slots, image tokens included) is not spent by the
+        prompts already joining: a burst of arrivals joins over several iterations instead of freezing the running
+        rows for all of them at once."""
         taken = {r.row for r in [*self._running.values(), *self._joining]}
         free = [row for row in range(self.max_batch) if row not in taken]
-        while free:
+        budget = self.prefill_chunk - sum(self.engine.prompt_left(r.row) for r in self._joining)
+        while free and budget > 0:
             with self._lock:
                 if not self._waiting:
                     return
                 request = self._waiting.popleft()
+            try:  # inputs only the family's own checks refuse (Gemma 3's token types) fail this request alone
+                ctx = self.backbone.start(
+                    request.pixel_values, request.input_ids, None, request.config.max_new_tokens, **request.inputs
+                )
+                may_exit = request.config.mode == "early_exit" and request.config.threshold < 1.0
+                self.engine.join(free[0], ctx, request.config.threshold, may_exit)
+            except ValueError as err:
+                request.handle._finish("error", err)
+                continue
+            budget -= request.slots
             request.row = free.pop(0)
-            ctx = self.backbone.start(request.pixel_values, request.input_ids, None, request.config.max_new_tokens)
-            may_exit = request.config.mode == "early_exit" and request.config.threshold < 1.0
-            self.engine.join(request.row, ctx, request.config.threshold, may_exit)
             request.prompt_ids = ctx.prompt_ids
             self._joining.append(request)
 
@@ -296,15 +330,16 @@ class Scheduler:
 
     def _decode(self) -> None:
         out = self.engine.step(self._last)
-        n = len(out.exit_at_host)
-        rows = self._rows[:n]
-        tokens = self.chooser.choose(out.logits, rows, list(range(n)))  # greedy argmax, unless a row samples
+        made = [row for row, done in enumerate(out.out) if done]  # a parked token is not out: nothing drawn for it
+        rows = self._rows[made]
+        tokens = self.chooser.choose(out.logits[rows], rows, made)  # greedy argmax, unless a row samples
         self.chooser.observe(rows, tokens)
-        self._last[:n] = tokens
-        self.engine.advance()
+        self._last[rows] = tokens
         now = time.perf_counter()
-        host = tokens.tolist()
+        host = dict(zip(made, tokens.tolist()))
         for row, request in list(self._running.items()):
+            if row not in host:  # parked: its token goes on at a later step
+                continue
             token, handle = host[row], request.handle
             handle._emit(token, out.exit_at_host[row], now)
             reason = _finished(handle.tokens, request)

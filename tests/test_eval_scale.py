@@ -1,0 +1,229 @@
+"""Evaluation at dataset scale: predictions.jsonl and `--resume` (with a real kill), and `eval`, `sweep`,
+`calibrate`, `place-exits` under `accelerate launch` with 2 CPU processes, identical to one process."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dataset_files as files
+import pytest
+import torch
+from tiny_processor import tiny_bundle
+
+from freevlm import EarlyExitVLM, ExitConfig
+from freevlm.cli import main
+from freevlm.eval.predictions import PredictionLog
+from freevlm.loading import load_vlm
+from freevlm.tiny import tiny_blip2
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+HERE = Path(__file__).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    model = tiny_blip2("opt", seed=2, num_layers=4)
+    bundle = tiny_bundle(model)
+    model.save_pretrained(root / "backbone")
+    bundle.tokenizer.save_pretrained(root / "backbone")
+    bundle.image_processor.save_pretrained(root / "backbone")
+    reloaded = load_vlm(root / "backbone").model
+    EarlyExitVLM(reloaded, ExitConfig([1, 2], init="fresh")).save_exits(root / "exits")
+    return root
+
+
+def gqa(root: Path, n: int) -> Path:
+    """`n` GQA questions over 5 images of different colours."""
+    for i in range(5):
+        files.write_image(root / "images" / f"im{i}.jpg", (50 * i, 200 - 40 * i, 30 + 20 * i))
+    data = {
+        str(1000 + q): {"imageId": f"im{q % 5}", "question": f"what is it {q}?", "answer": ["red", "blue"][q % 2]}
+        for q in range(n)
+    }
+    return files.write_json(root / "questions.json", data)
+
+
+def eval_args(checkpoint, questions: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "eval",
+        "--backbone",
+        str(checkpoint / "backbone"),
+        "--exits",
+        str(checkpoint / "exits"),
+        "--format",
+        "gqa",
+        "--files",
+        str(questions),
+        "--images",
+        str(questions.parent / "images"),
+        "--out",
+        str(out),
+        "--threshold",
+        "0.016",  # this tiny model's tokens leave at every depth there
+        "--max-new-tokens",
+        "5",
+        "--batch-size",
+        "2",
+        *extra,
+    ]
+
+
+def lines(path: Path) -> list[dict]:
+    return sorted((json.loads(line) for line in path.read_text().splitlines()), key=lambda row: row["index"])
+
+
+def scored(out: Path) -> dict:
+    result = json.loads((out / "results.json").read_text())
+    speed = result["speed"]
+    return {
+        "score": result["score"],
+        "quality": result["quality"],
+        "agreement": result["agreement_with_full"],
+        "tokens": (speed["tokens"], speed["full_tokens"], speed["exit_histogram"], speed["analytic_speedup"]),
+    }
+
+
+def test_a_killed_eval_resumes_to_what_an_uninterrupted_run_gives(checkpoint, tmp_path):
+    questions = gqa(tmp_path, 20)
+    whole = tmp_path / "whole"
+    assert main(eval_args(checkpoint, questions, whole)) == 0
+    expected = lines(whole / "predictions.jsonl")
+    assert len(expected) == 20 and {row["index"] for row in expected} == set(range(20))
+
+    out = tmp_path / "killed"
+    argv = [sys.executable, "-m", "freevlm.cli", *eval_args(checkpoint, questions, out)]
+    proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    path, deadline = out / "predictions.jsonl", time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists() and path.read_text().count("\n") >= 2:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    kept = path.read_text().count("\n")
+    assert 2 <= kept < 20 and not (out / "results.json").exists()
+
+    assert main(eval_args(checkpoint, questions, out, "--resume")) == 0
+    assert lines(path) == expected  # each record once, decoded as the uninterrupted run decoded it
+    assert scored(out) == scored(whole)
+
+
+def test_resume_with_other_options_is_refused_naming_the_difference(checkpoint, tmp_path, capsys):
+    questions = gqa(tmp_path, 4)
+    out = tmp_path / "out"
+    assert main(eval_args(checkpoint, questions, out, "--no-full")) == 0
+    argv = eval_args(checkpoint, questions, out, "--no-full", "--resume")
+    argv[argv.index("--threshold") + 1] = "0.5"
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "threshold: 0.016 in the file, 0.5 now" in err and "--resume" in err
+
+
+def test_a_line_cut_short_is_dropped_and_cut_off(tmp_path):
+    log = PredictionLog(tmp_path, {"threshold": 0.5})
+    log.open()
+    log.append([{"index": 0, "prediction": "a"}, {"index": 1, "prediction": "b"}])
+    log.close()
+    with open(tmp_path / "predictions.jsonl", "a") as f:
+        f.write('{"index": 2, "predi')  # a kill in the middle of a line
+    resumed = PredictionLog(tmp_path, {"threshold": 0.5}, resume=True)
+    assert sorted(resumed.done) == [0, 1]
+    resumed.open()
+    resumed.append([{"index": 2, "prediction": "c"}])
+    resumed.close()
+    assert [row["index"] for row in lines(tmp_path / "predictions.jsonl")] == [0, 1, 2]
+    assert PredictionLog(tmp_path, {"threshold": 0.5}).done == {}  # without resume: a fresh run
+
+
+def command_args(checkpoint, questions: Path, out: Path) -> dict[str, list[str]]:
+    common = [
+        "--backbone",
+        str(checkpoint / "backbone"),
+        "--exits",
+        str(checkpoint / "exits"),
+        "--format",
+        "gqa",
+        "--files",
+        str(questions),
+        "--images",
+        str(questions.parent / "images"),
+        "--max-new-tokens",
+        "4",
+        "--batch-size",
+        "2",
+    ]
+    grid = ["--thresholds", "0.014", "0.016", "1.0"]
+    return {
+        "eval": ["eval", *common, "--threshold", "0.016", "--out", str(out / "eval")],
+        "sweep": ["sweep", *common, *grid, "--dev-fraction", "0.3", "--out", str(out / "sweep")],
+        "calibrate": ["calibrate", *common, *grid, "--tolerance", "0.5", "--out", str(out / "calib.json")],
+        "place-exits": [
+            "place-exits",
+            *common,
+            *grid,
+            "--tolerance",
+            "0.5",
+            "--budget-exits",
+            "1",
+            "--speedup",
+            "analytic",
+            "--out",
+            str(out / "place.json"),
+        ],
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def comparable(out: Path) -> dict:
+    """What must not depend on the number of processes (timings do)."""
+    sweep = json.loads((out / "sweep" / "results.json").read_text())
+    calib = json.loads((out / "calib.json").read_text())
+    place = json.loads((out / "place.json").read_text())
+    return {
+        "eval": (lines(out / "eval" / "predictions.jsonl"), scored(out / "eval")),
+        "sweep": (
+            sweep["best_threshold"],
+            [(r["threshold"], r["score"], r["speed"]["exit_histogram"]) for r in sweep["dev"] + sweep["test"]],
+            [(r["layer"], r["score"]) for r in sweep["per_layer"]],
+            json.loads((out / "sweep" / "predictions.json").read_text()),
+        ),
+        "calibrate": (calib["threshold"], calib["certified"], calib["per_threshold"]),
+        "place-exits": (place["chosen"], sorted(json.dumps(a) for a in place["alternatives"])),
+    }
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--multi_gpu would start GPU processes here")
+def test_two_processes_give_what_one_gives(checkpoint, tmp_path):
+    """One `accelerate launch --multi_gpu --num_processes 2` (CPU processes on a host without GPUs) runs the four
+    commands in a row; each process decodes only its share of the batches."""
+    questions = gqa(tmp_path, 7)  # 4 batches of 2: process 0 gets 2 and process 1 gets 2 (the last one short)
+    one, two = tmp_path / "one", tmp_path / "two"
+    for argv in command_args(checkpoint, questions, one).values():
+        assert main(argv) == 0
+    commands = tmp_path / "commands.json"
+    commands.write_text(json.dumps(list(command_args(checkpoint, questions, two).values())))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", str(free_port())]  # not 29500: other runs on this host may hold it
+    run = subprocess.run(
+        [*launch, str(HERE / "run_commands.py"), str(commands)], env=ENV, capture_output=True, text=True, timeout=240
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = comparable(one), comparable(two)
+    for command in one:
+        assert two[command] == one[command], command
+    decoded = json.loads(run.stdout.strip().splitlines()[-1])  # records each process decoded in `eval`
+    assert decoded == {"0": 4, "1": 3}
