@@ -121,8 +121,13 @@ def output_file(text: str) -> str:
 
 
 def _nonempty(text: str) -> str:
+    """`text`, unless it is empty or a path the system cannot resolve (a symlink loop, a name too long)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("must be a path, got an empty one")
+    try:
+        Path(text).resolve(strict=False).exists()
+    except (OSError, RuntimeError) as err:  # RuntimeError: resolve()'s symlink loop before Python 3.13
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {getattr(err, 'strerror', None) or err}") from None
     return text
 
 

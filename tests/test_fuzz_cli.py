@@ -14,6 +14,7 @@ import contextlib
 import importlib
 import io
 import json
+import os
 import shutil
 
 import pytest
@@ -88,6 +89,18 @@ WRONG_PATHS = [
     "exits",
     "captions",
 ]
+# where an output may be asked to go, made anew for each example under `scratch`
+OUTPUT_PLACES = ["new", "a file", "an empty folder", "a folder with a file", "a file/below it", "a loop"]
+
+
+def output_places(scratch) -> None:
+    (scratch / "a file").write_text("keep")
+    (scratch / "an empty folder").mkdir()
+    (scratch / "a folder with a file").mkdir()
+    (scratch / "a folder with a file" / "keep.txt").write_text("keep")
+    (scratch / "a loop").symlink_to(scratch / "a loop")
+
+
 BAD_INTS = ["0", "-1", "1000000000000", str(2**64), "nan", "1.5", "", "ten"]
 BAD_FLOATS = ["0", "-1", "nan", "inf", "-inf", "1e309", "", "half", "2"]
 # options whose huge values are legal requests for a long run (a run as long as asked is not a bug): not drawn huge
@@ -158,6 +171,8 @@ def values_for(action: argparse.Action, w: World) -> list[str] | None:
         return ["0.5", "0.9", "1", *BAD_FLOATS]
     if kind == "device":
         return ["cpu", "cuda", "cuda:7", "mps", "banana", "", "cpu:0"]
+    if kind in ("output_dir", "output_file"):  # written to: only fresh places, never the shared files
+        return [str(w["scratch"] / name) for name in OUTPUT_PLACES] + [""]
     paths = [str(w[name]) for name in WRONG_PATHS] + ["", "clip:" + str(w["backbone"]), "itm:" + str(w["backbone"])]
     if flag in ("--prompt", "--split", "--dev-split"):
         return ["", "a photo of", "val", "x" * 2000, "\u00e9\u4e2d\U0001f600", "<image>"]
@@ -198,6 +213,19 @@ def replace_option(argv: list[str], action: argparse.Action, values: list[str] |
     return out + [flag] + (values or [])
 
 
+def tree(root) -> set[str]:
+    """Every path under `root` (links not followed), with each file's size: what a refused run must not change."""
+    out = set()
+    for folder, dirs, files in os.walk(root):
+        out |= {os.path.join(folder, d) for d in dirs}
+        out |= {
+            f"{os.path.join(folder, f)} {os.path.getsize(os.path.join(folder, f))}"
+            for f in files
+            if not os.path.islink(os.path.join(folder, f))
+        }
+    return out
+
+
 def names_the_problem(err: str, changed: dict[str, list[str] | None]) -> bool:
     last = err.strip().splitlines()[-1] if err.strip() else ""
     names = set(changed) | {flag.lstrip("-").replace("-", "_") for flag in changed}
@@ -211,7 +239,10 @@ def names_the_problem(err: str, changed: dict[str, list[str] | None]) -> bool:
 @given(data=st.data())
 def test_every_option_of_every_command(world, tmp_path_factory, monkeypatch, command, data):
     parser = PARSERS[command]
-    out = tmp_path_factory.mktemp(command) / "out"
+    world["scratch"] = scratch = tmp_path_factory.mktemp(command)
+    output_places(scratch)
+    monkeypatch.chdir(scratch)  # a relative path (a scorer spec given as a folder) lands here
+    out = scratch / "out"
     argv = [command, *base_argv(command, world, out)]
     options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
     chosen = data.draw(st.lists(st.sampled_from(options), min_size=1, max_size=2, unique_by=id), label="options")
@@ -230,7 +261,10 @@ def test_every_option_of_every_command(world, tmp_path_factory, monkeypatch, com
         monkeypatch.setattr("freevlm.demo.pipeline.run_demo", reached_the_pipeline)
     if command == "serve":  # the model loads and the app is built; the server would then listen until stopped
         monkeypatch.setattr("uvicorn.Server.run", reached_the_pipeline)
+        monkeypatch.setattr("freevlm.server.replicas.run", reached_the_pipeline)  # --replicas: Ray Serve
+        monkeypatch.setattr("freevlm.server.replicas.stop", lambda: None)
         monkeypatch.setattr("signal.signal", lambda *args: None)  # the test process keeps its own handlers
+    before = tree(scratch)
     try:
         code, err = run(argv)
     except ReachedPipeline:
@@ -240,11 +274,10 @@ def test_every_option_of_every_command(world, tmp_path_factory, monkeypatch, com
     if code == 2:
         event("refused")
         assert names_the_problem(err, changed), f"the message names none of {sorted(changed)}: {err[-600:]}"
-        left = [out] if out.is_file() else sorted(out.iterdir()) if out.is_dir() else []
-        assert not left, f"a refused run left {left}"
+        assert tree(scratch) == before, f"a refused run left {sorted(tree(scratch) - before)}"
     else:
         event("ran")
-    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(scratch, ignore_errors=True)
     torch.set_num_threads(1)  # a command may set its own
 
 

@@ -115,6 +115,9 @@ def load_scorer(spec: str, device: str = "cpu") -> ImageTextScorer:
     return SCORERS[kind](path, device)
 
 
+MAX_SAMPLES = 1024
+
+
 @dataclass
 class CapFiltConfig:
     """Paper: 10 samples per image, top 2 kept."""
@@ -129,6 +132,10 @@ class CapFiltConfig:
     seed: int = 0
 
     def validate(self) -> None:
+        if not 1 <= self.num_samples <= MAX_SAMPLES:  # an image's samples are one batch of `generate`
+            raise ValueError(
+                f"num_samples must be in 1..{MAX_SAMPLES} (captions sampled per image), got {self.num_samples}"
+            )
         if not 1 <= self.top_k <= self.num_samples:
             raise ValueError(f"top_k must be in 1..num_samples ({self.num_samples}), got {self.top_k}")
         if not 0 < self.top_p <= 1:
