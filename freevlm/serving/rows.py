@@ -55,10 +55,10 @@ class RowKV:
 
 
 class RowView:
-    """What a Hugging Face attention module sees as its cache for one call: writes each row's window at its own
-    slots (`index [n, w]`, the trash slot where nothing may land) and returns the first `key_length` slots of its
-    rows: `rows` a slice (a view of the buffers) or a tensor of row ids (a gathered copy: rows left out of a step's
-    deeper layers are not there)."""
+    """What a Hugging Face attention module sees as its cache for one call: writes each query row's K/V at its own
+    slots (`index [n, w]`, the trash slot where nothing may land) and returns the first `key_length` slots of each
+    query row's buffer row: `rows` a slice (a view of the buffers) or a tensor of row ids, one per query row (packed
+    slots of one row repeat it; a gathered copy)."""
 
     def __init__(self, kv: RowKV, index: torch.Tensor, rows: slice | torch.Tensor, key_length: int, start: int = 0):
         self.kv, self.index, self.rows, self.start, self.key_length = kv, index, rows, start, key_length
@@ -104,8 +104,7 @@ class StepOutput:
     """What a step produced for rows `[0, n)` (rows without a request hold garbage)."""
 
     logits: torch.Tensor  # [n, V] logits of the layer each row left at
-    exit_at: torch.Tensor  # [n] that layer (num_layers = final)
-    exit_at_host: list[int]
+    exit_at: list[int]  # that layer (num_layers = final)
     out: list[bool]  # whether each row's token is out (a parked row's is not: it goes on at a later step)
 
 
@@ -285,13 +284,13 @@ class RowEngine:
                 self.parks += bool(climbing)
                 self._park(states, pack, climbing if self.exit_rule == "park" else set(work))
                 self._stopped(done)
-                return StepOutput(logits, torch.tensor(exit_at, device=device), exit_at, done)
+                return StepOutput(logits, exit_at, done)
         top = [r for r in rows if not done[r]]
         final = backbone.head(x[top, -1])
         logits = self._merge(logits, final, top, [True] * len(top), n)
         done = [True] * n
         self._stopped(done)
-        return StepOutput(logits, torch.tensor(exit_at, device=device), exit_at, done)
+        return StepOutput(logits, exit_at, done)
 
     def _work(self, first: int, done: list[bool], active: list[bool], position: list[int]) -> list[int]:
         """The rows a segment from layer `first` runs: those with slots to fill there (a token parked deeper has

@@ -341,7 +341,7 @@ class Scheduler:
             if row not in host:  # parked: its token goes on at a later step
                 continue
             token, handle = host[row], request.handle
-            handle._emit(token, out.exit_at_host[row], now)
+            handle._emit(token, out.exit_at[row], now)
             reason = _finished(handle.tokens, request)
             if reason is not None:
                 self._release(request, reason)
