@@ -353,6 +353,13 @@ def test_bad_requests_get_openai_errors_and_others_go_on(server, files, local):
         (good | {"messages": messages("data:image/png;base64,aGVsbG8=", None)}, 400, "messages", "cannot read image"),
         (good | {"messages": messages(bomb, None)}, 400, "messages", "too large to decode safely"),
         (good | {"messages": messages("ftp://x/y.png", None)}, 400, "messages", "data: or http(s) URL"),
+        (
+            good | {"messages": [{"role": "system", "content": "be brief"}, *good["messages"]]},
+            400,
+            "messages",
+            "no chat template",
+        ),
+        (good | {"messages": good["messages"] * 2}, 400, "messages", "2 images"),
         (good | {"max_tokens": 600}, 400, "max_tokens", "512 positions"),
         (good | {"max_tokens": 500}, 400, "max_tokens", "max_len=480"),
         (good | {"max_tokens": -1}, 400, "max_tokens", "greater than or equal to 1"),
