@@ -16,6 +16,7 @@ from transformers.generation.logits_process import (
 
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.decoding.config import DecodeConfig
+from freevlm.decoding.policies import ExitPolicy
 from freevlm.decoding.sampling import TokenChooser
 from freevlm.serving import Scheduler
 from freevlm.tiny import tiny_model, tiny_model_inputs
@@ -80,10 +81,11 @@ def family_model(request):
 
 
 def test_seeded_sample_equals_hugging_face(family_model):
-    """Each setting with its own seed; threshold 1.0 (exits never taken) and mode="full" alike."""
+    """Temperature alone, the penalty alone, all together (each alone is held to Hugging Face row by row above),
+    each with its own seed; threshold 1.0 (exits never taken) and mode="full" alike."""
     model, ee = family_model
     inputs = tiny_model_inputs(model, batch=1, seed=1)
-    for seed, settings in enumerate(SETTINGS):
+    for seed, settings in enumerate([SETTINGS[0], SETTINGS[3], SETTINGS[4]]):
         torch.manual_seed(seed)
         expected = model.generate(**inputs, max_new_tokens=8, **_options(*settings))
         out = ee.generate(**inputs, max_new_tokens=8, threshold=1.0, seed=seed, **_options(*settings))
@@ -109,11 +111,12 @@ def test_padded_batch_and_greedy_penalty_equal_hugging_face(family_model):
 def test_temperature_and_seed_change_the_sample(family_model):
     model, ee = family_model
     inputs = tiny_model_inputs(model, batch=1, seed=3)
-    run = lambda **o: ee.generate(**inputs, max_new_tokens=12, mode="full", do_sample=True, **o).sequences  # noqa: E731
-    assert torch.equal(run(seed=5), run(seed=5))
-    assert not torch.equal(run(seed=5), run(seed=6))
+    run = lambda **o: ee.generate(**inputs, max_new_tokens=8, mode="full", do_sample=True, **o).sequences  # noqa: E731
+    sample = run(seed=5)
+    assert torch.equal(sample, run(seed=5))
+    assert not torch.equal(sample, run(seed=6))
     assert not torch.equal(run(seed=5, temperature=0.3), run(seed=5, temperature=3.0))
-    greedy = ee.generate(**inputs, max_new_tokens=12, mode="full").sequences
+    greedy = ee.generate(**inputs, max_new_tokens=8, mode="full").sequences
     assert torch.equal(run(seed=5, top_k=1), greedy)  # one token left: the argmax
 
 
@@ -123,7 +126,7 @@ def test_exits_decide_on_raw_logits_and_the_token_comes_from_the_exit(family_mod
     token comes from the layer the row left at, here always exit 1, not from the last layer)."""
     model, ee = family_model
     inputs = tiny_model_inputs(model, batch=3, seed=5)
-    options = dict(max_new_tokens=8, eos_token_id=[])
+    options = dict(max_new_tokens=6, eos_token_id=[])
     greedy = ee.generate(**inputs, **options, threshold=0.05)
     first = greedy.exit_layers[:, 0]
     assert len(set(first.tolist())) > 1, "the first tokens leave at one layer: the test would not see the rule"
@@ -154,13 +157,13 @@ def test_scheduler_sample_is_the_same_whatever_else_runs(family_model):
     and sampling requests (their own temperatures, top-k, penalties, seeds) that arrive before and after it."""
     model, ee = family_model
     pv, ids = (tiny_model_inputs(model, batch=1, seed=7)[k] for k in ("pixel_values", "input_ids"))
-    seeded = dict(max_new_tokens=8, threshold=0.05, eos_token_id=[], **_options(0.8, 0, 0.9, 1.2), seed=3)
+    seeded = dict(max_new_tokens=6, threshold=0.05, eos_token_id=[], **_options(0.8, 0, 0.9, 1.2), seed=3)
     out = ee.generate(pv, ids, **seeded)
     expected = (out.sequences[0, ids.shape[1] :].tolist(), out.exit_layers[0].tolist())
     (alone,) = _scheduled(ee, [(0, pv, ids, seeded)])
     assert (alone.tokens, alone.exit_layers) == expected
     others = []
-    for i, settings in enumerate(SETTINGS):
+    for i, settings in enumerate([SETTINGS[0], SETTINGS[2], SETTINGS[4]]):
         o_pv, o_ids = (
             tiny_model_inputs(model, batch=1, prompt_len=2 + i % 3, seed=20 + i)[k]
             for k in ("pixel_values", "input_ids")
@@ -176,7 +179,7 @@ def test_scheduler_sample_is_the_same_whatever_else_runs(family_model):
     assert results[2].tokens == ee.generate(pv, ids, **greedy[3]).sequences[0, ids.shape[1] :].tolist()
 
 
-def test_scheduler_refuses_bad_sampling_options_by_name(family_model):
+def test_scheduler_refuses_bad_options_by_name(family_model):
     _, ee = family_model
     scheduler = Scheduler(ee, max_batch=1, max_len=32)
     pv, ids = (tiny_model_inputs(ee.model, batch=1, seed=7)[k] for k in ("pixel_values", "input_ids"))
@@ -189,6 +192,8 @@ def test_scheduler_refuses_bad_sampling_options_by_name(family_model):
         "do_sample": dict(do_sample="yes"),
         "batch_policy": dict(batch_policy="per_row"),
         "static": dict(static=True),
+        "eos_token_id": dict(eos_token_id=[-1]),
+        "policy": dict(policy=ExitPolicy()),
     }
     for name, options in bad.items():
         with pytest.raises(ValueError, match=name):

@@ -6,13 +6,14 @@ Ray starts once for the module (~30-60 s on 2 busy cores)."""
 import asyncio
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from test_server import MAX_TOKENS, PROMPTS, THRESHOLDS, Server, data_url, files, messages  # noqa: F401
+from test_server import LONG, MAX_TOKENS, PROMPTS, THRESHOLDS, Server, data_url, files, messages  # noqa: F401
 
 from freevlm.cli import main
 from freevlm.loading import load_exits, load_vlm
@@ -28,7 +29,17 @@ REPLICA_HEADER = "x-freevlm-replica"
 @pytest.fixture(scope="module")
 def ray_server(files):  # noqa: F811
     server = Server(
-        files, "--replicas", "2", "--replica-cpus", "1", "--max-batch", "4", "--max-tokens", str(MAX_TOKENS)
+        files,
+        "--replicas",
+        "2",
+        "--replica-cpus",
+        "1",
+        "--max-batch",
+        "4",
+        "--max-len",
+        "480",
+        "--max-tokens",
+        str(MAX_TOKENS),
     )
     try:
         server.wait(300)  # /health answers from the first replica ready: wait for the command to say all are
@@ -94,10 +105,24 @@ def test_two_replicas_answer_as_one_server(ray_server, single, files):  # noqa: 
     ray_server.replica_pids = sorted(int(pid) for pid in answered)
 
 
-def test_sigterm_stops_replicas_and_ray_then_exits_0(ray_server):
+def test_sigterm_drains_stops_replicas_and_ray_then_exits_0(ray_server, files):  # noqa: F811
+    """Last to use the module's server: a stream running at SIGTERM still ends with [DONE]; then the replicas and
+    Ray are gone and the command exits 0."""
     pids = getattr(ray_server, "replica_pids", [])
+    request = body(files["images"][0], PROMPTS[0], 1.0, stream=True) | {"max_tokens": LONG}
+    with (
+        httpx.Client(base_url=ray_server.url, timeout=60) as client,
+        client.stream("POST", "/v1/chat/completions", json=request) as response,
+    ):
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        ray_server.process.send_signal(signal.SIGTERM)
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]", rest[-3:]
+    final = json.loads(rest[-2].removeprefix("data: "))
+    assert final["choices"][0]["finish_reason"] in ("stop", "length") and len(final["freevlm"]["exit_layers"]) > 1
+    assert ray_server.process.wait(60) == 0, ray_server.output()
     ray_server.stop()
-    assert ray_server.process.returncode == 0, ray_server.output()
     for pid in pids:  # each replica's process has ended
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
@@ -105,6 +130,8 @@ def test_sigterm_stops_replicas_and_ray_then_exits_0(ray_server):
         httpx.get(f"{ray_server.url}/health", timeout=2)
 
 
-def test_replica_cpus_without_replicas_is_refused(files, capsys):  # noqa: F811
+def test_refusals_before_ray_starts(files, tmp_path, capsys):  # noqa: F811
     assert main(["serve", "--backbone", str(files["backbone"]), "--replica-cpus", "2"]) == 2
     assert "--replica-cpus applies to --replicas N" in capsys.readouterr().err
+    assert main(["serve", "--backbone", str(tmp_path / "missing"), "--replicas", "2"]) == 2
+    assert "missing" in capsys.readouterr().err

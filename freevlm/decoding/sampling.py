@@ -7,9 +7,13 @@ greedy decoding, and temperature cannot make an exit more or less confident. The
 processed distribution of the layer the row left at.
 
 Settings are per row, as tensors, so one batch mixes greedy rows with rows sampling at their own temperature, top-k,
-top-p and penalty without a Python loop per row. Temperature, top-k and top-p are Hugging Face's own per-request
-warpers (those of its continuous batching); the penalty is its `RepetitionPenaltyLogitsProcessor` with a per-row
-penalty, over a `[rows, vocab]` mask of the tokens each row has seen (its prompt and what it generated).
+top-p and penalty without a Python loop per row. Temperature and top-p are Hugging Face's own per-request warpers
+(those of its continuous batching, run on the rows that use them); top-k is its `TopKLogitsWarper` with a k per row
+(its per-request version sorts the whole vocabulary: a `topk` up to the largest k does); the penalty is its
+`RepetitionPenaltyLogitsProcessor` with a per-row penalty over a `[rows, vocab]` mask of the tokens each row has
+seen (its prompt and what it generated). A batch with one setting (`generate`'s) runs Hugging Face's scalar
+operations instead, so that it matches Hugging Face bit for bit on every device. `tests/test_sampling.py` holds
+each to Hugging Face's, row by row.
 
 The draw: for one sample, `torch.multinomial(probs, 1)` is `argmax(probs / q)` with `q = empty_like(probs)
 .exponential_()` (PyTorch's fast path: the exponential race, Gumbel-max in another form). Drawing `q` here lets a
@@ -23,16 +27,14 @@ from __future__ import annotations
 import torch
 from transformers.generation.continuous_batching.cb_logits_processors import (
     ContinuousBatchingTemperatureLogitsWarper,
-    ContinuousBatchingTopKLogitsWarper,
     ContinuousBatchingTopPLogitsWarper,
 )
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from .config import DecodeConfig
 
 # Hugging Face's per-request warpers read their settings from the rows of one tensor (floats viewed as int32)
 TEMPERATURE = ContinuousBatchingTemperatureLogitsWarper(TemperatureLogitsWarper(1.0))
-TOP_K = ContinuousBatchingTopKLogitsWarper(TopKLogitsWarper(1))
 TOP_P = ContinuousBatchingTopPLogitsWarper(TopPLogitsWarper(0.5))
 
 
@@ -51,7 +53,8 @@ class TokenChooser:
     def __init__(self, rows: int, vocab: int, device: torch.device, per_row_generators: bool = False):
         self.rows, self.vocab, self.device, self.per_row = rows, vocab, device, per_row_generators
         self.temperature = torch.ones(rows, device=device)
-        self.top_k = torch.full((rows,), vocab, dtype=torch.int32, device=device)  # the whole vocabulary: off
+        self.top_k = torch.full((rows,), vocab, dtype=torch.long, device=device)  # the whole vocabulary: off
+        self.top_k_host = [vocab] * rows
         self.top_p = torch.ones(rows, device=device)
         self.penalty = torch.ones(rows, device=device)
         self.sampling = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -59,6 +62,7 @@ class TokenChooser:
         # on the host, per row: which steps of the choice it needs (a step no row needs is skipped)
         self.uses = {name: [False] * rows for name in ("penalty", "sample", "temperature", "top_k", "top_p")}
         self.generators: list[torch.Generator | None] = [None] * rows
+        self.shared: DecodeConfig | None = None  # the batch's one setting (without per-row generators)
 
     def set(
         self,
@@ -84,11 +88,16 @@ class TokenChooser:
         index = torch.tensor(rows, device=self.device)
         self.sampling[index] = sample
         self.temperature[index] = config.temperature if uses["temperature"] else 1.0
-        self.top_k[index] = min(config.top_k, self.vocab) if uses["top_k"] else self.vocab
+        top_k = min(config.top_k, self.vocab) if uses["top_k"] else self.vocab
+        self.top_k[index] = top_k
+        for r in rows:
+            self.top_k_host[r] = top_k
         self.top_p[index] = config.top_p if uses["top_p"] else 1.0
         self.penalty[index] = config.repetition_penalty
         for r in rows:
             self.generators[r] = generator
+        if not self.per_row:
+            self.shared = config
         if uses["penalty"]:
             if self.seen is None:
                 self.seen = torch.zeros(self.rows, self.vocab, dtype=torch.bool, device=self.device)
@@ -108,7 +117,8 @@ class TokenChooser:
 
     def choose(self, logits: torch.Tensor, rows: torch.Tensor, rows_host: list[int] | None = None) -> torch.Tensor:
         """Token `[n]` of each of `rows` from its logits `[n, V]` (`rows_host`: the same rows on the host; None:
-        every row's settings count). Greedy rows without a penalty get exactly `logits.argmax(-1)`."""
+        read from `rows`). Greedy rows without a penalty get exactly `logits.argmax(-1)`."""
+        rows_host = self._host(rows, rows_host)
         need = self._needs(rows_host)
         if not need["penalty"] and not need["sample"]:
             return logits.argmax(dim=-1)
@@ -120,20 +130,47 @@ class TokenChooser:
 
     def process(self, logits: torch.Tensor, rows: torch.Tensor, rows_host: list[int] | None = None) -> torch.Tensor:
         """The float32 scores `[n, V]` each of `rows` chooses from: Hugging Face's processors in its order."""
+        rows_host = self._host(rows, rows_host)
         need = self._needs(rows_host)
+        # one setting for the batch: Hugging Face's scalar operations, bit for bit on every device (a CUDA division
+        # by a Python number multiplies by its reciprocal; top-p's 1 - p is computed in double)
+        shared = self.shared
         scores = logits.float()  # Hugging Face processes a float32 copy
         if need["penalty"]:
-            penalty = self.penalty[rows, None]
+            penalty = self.penalty[rows, None] if shared is None else float(shared.repetition_penalty)
             penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
             scores = torch.where(self.seen[rows], penalised, scores)
-        if need["temperature"]:
+        if need["temperature"] and shared is None:
             scores = TEMPERATURE(scores, self.temperature[rows].view(torch.int32))
+        elif need["temperature"]:
+            scores = TemperatureLogitsWarper(float(shared.temperature))(None, scores)
         if need["top_k"]:
-            scores = TOP_K(scores, self.top_k[rows])
-        if need["top_p"]:  # rows without top-p keep every token, even those whose probability rounds to 0
-            top_p = self.top_p[rows]
-            scores = torch.where((top_p < 1.0)[:, None], TOP_P(scores, top_p.view(torch.int32)), scores)
+            scores = self._on_rows("top_k", scores, rows, rows_host, self._top_k)
+        if need["top_p"] and shared is None:
+            top_p = lambda s, r: TOP_P(s, self.top_p[r].view(torch.int32))  # noqa: E731
+            scores = self._on_rows("top_p", scores, rows, rows_host, top_p)
+        elif need["top_p"]:
+            scores = TopPLogitsWarper(shared.top_p)(None, scores)
         return scores
+
+    def _on_rows(self, name: str, scores: torch.Tensor, rows: torch.Tensor, rows_host: list[int] | None, warp):
+        """`warp(scores, rows)` on the rows that use `name` only: a sort of the vocabulary costs milliseconds per
+        row on a CPU, and rows without top-p must keep even the tokens whose probability rounds to 0."""
+        if rows_host is None or all(self.uses[name][r] for r in rows_host):
+            return warp(scores, rows)
+        at = torch.tensor([i for i, r in enumerate(rows_host) if self.uses[name][r]], device=scores.device)
+        return scores.index_copy(0, at, warp(scores[at], rows[at]))
+
+    def _top_k(self, scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Hugging Face's `TopKLogitsWarper` with a k per row: scores below the row's k-th largest become -inf (one
+        `topk` up to the largest k of the batch, not a sort of the vocabulary)."""
+        largest = max(self.top_k_host[r] for r in range(self.rows) if self.uses["top_k"][r])
+        kth = torch.topk(scores, largest, dim=-1).values.gather(1, self.top_k[rows, None] - 1)
+        return scores.masked_fill(scores < kth, -float("inf"))
+
+    def _host(self, rows: torch.Tensor, rows_host: list[int] | None) -> list[int] | None:
+        """The rows on the host where their settings may differ (None in a batch that shares one setting)."""
+        return rows.tolist() if rows_host is None and self.per_row else rows_host
 
     def _needs(self, rows_host: list[int] | None) -> dict[str, bool]:
         """Which steps of the choice some of the rows need (the others are skipped)."""
@@ -148,7 +185,7 @@ class TokenChooser:
             noise = torch.empty(self.rows, scores.shape[-1], dtype=scores.dtype, device=scores.device)
             return noise.exponential_(generator=self.generators[0])[rows]
         noise = torch.ones_like(scores)
-        for i, r in enumerate(rows.tolist() if rows_host is None else rows_host):
+        for i, r in enumerate(rows_host):
             if self.uses["sample"][r]:
                 noise[i].exponential_(generator=self.generators[r])
         return noise

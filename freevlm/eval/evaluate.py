@@ -21,6 +21,7 @@ from ..data.images import load_image
 from ..data.records import CaptionRecord, VisDialRecord, VQARecord
 from ..decoding.config import DecodeConfig
 from ..decoding.engine import resolve_batch_policy
+from ..decoding.policies import Copies
 from ..methods import exit_rule, get_method
 from ..model import EarlyExitVLM
 from .captions import caption_metrics, tokenize
@@ -238,9 +239,24 @@ def evaluate_captioning(
 ) -> EvalResult:
     """COCO metrics of the captions (per NoCaps domain too, when records carry one); `tokenizer`: see
     `caption_metrics`; `run`: `generate_texts`' `config`, `method`, batching and timing."""
-    ids = [r.image_id for r in records]
-    images, prompts = [r.image for r in records], [prompt] * len(records)
+    images, prompts, ids = caption_inputs(records, prompt)
     gen = generate_texts(ee, processor, images, prompts, threshold, layer, ids=ids, **run)
+    return score_captions(gen, records, spice, only, tokenizer)
+
+
+def caption_inputs(records: Sequence[CaptionRecord], prompt: str = CAPTION_PROMPT) -> tuple[list, list, list]:
+    """(images, prompts, ids) of caption records."""
+    return [r.image for r in records], [prompt] * len(records), [r.image_id for r in records]
+
+
+def score_captions(
+    gen: _Generated,
+    records: Sequence[CaptionRecord],
+    spice: bool | None = None,
+    only: Sequence[str] | None = None,
+    tokenizer=tokenize,
+) -> EvalResult:
+    ids = [r.image_id for r in records]
     if not gen.main:  # the main process scores
         return gen.result("captions", "CIDEr", None, {}, ids)
     keys = list(range(len(records)))  # records may repeat an image id across files; scoring keys stay unique
@@ -274,10 +290,19 @@ def evaluate_vqa(
 ) -> EvalResult:
     """VQA accuracy (official; `metric="exact"` for GQA), overall and per answer/question type; `config` defaults
     to `ANSWER_DECODING`, `run`: `generate_texts`' `method`, batching and timing."""
-    prompts = [prompt.format(question=r.question) for r in records]
-    images = [r.image for r in records]
-    ids = [r.question_id for r in records]
+    images, prompts, ids = vqa_inputs(records, prompt)
     gen = generate_texts(ee, processor, images, prompts, threshold, layer, config or ANSWER_DECODING, ids=ids, **run)
+    return score_vqa(gen, records, metric)
+
+
+def vqa_inputs(records: Sequence[VQARecord], prompt: str = VQA_PROMPT) -> tuple[list, list, list]:
+    """(images, prompts, ids) of VQA records."""
+    prompts = [prompt.format(question=r.question) for r in records]
+    return [r.image for r in records], prompts, [r.question_id for r in records]
+
+
+def score_vqa(gen: _Generated, records: Sequence[VQARecord], metric: str = "vqa") -> EvalResult:
+    ids = [r.question_id for r in records]
     if not gen.main:  # the main process scores
         return gen.result("vqa", "accuracy", None, {}, ids)
     quality, score, per_question = {}, None, {}
@@ -341,6 +366,11 @@ def evaluate_visdial(
 
 
 EVALUATORS = {"captions": evaluate_captioning, "vqa": evaluate_vqa, "visdial": evaluate_visdial}
+# what a shared evaluation (`evaluate_many`) needs of a task: its inputs, its scoring and its default decoding
+SHARED_TASKS = {
+    "captions": (caption_inputs, score_captions, DecodeConfig()),
+    "vqa": (vqa_inputs, score_vqa, ANSWER_DECODING),
+}
 
 
 def evaluate(
@@ -351,3 +381,110 @@ def evaluate(
     if not records:
         raise ValueError("no records to evaluate")
     return EVALUATORS[task](ee, processor, records, threshold, **kwargs)
+
+
+def evaluate_many(
+    task: str,
+    ee: EarlyExitVLM,
+    processor,
+    records: Sequence,
+    rules: Sequence[tuple[float | None, int | None]],
+    prompt: str | None = None,
+    config: DecodeConfig | None = None,
+    method: str = "free",
+    batch_size: int = 8,
+    compare_full: bool = True,
+    progress_bar: bool = False,
+    **score,
+) -> list[EvalResult]:
+    """`evaluate` under every exit rule of `rules` ((threshold, None), or (None, layer) for every token out at
+    `layer`), decoded together (`generate_many`): each result's outputs are what `evaluate` gives for its rule, its
+    speed report counts tokens but has no clock (the rules share one); with `compare_full`, the full model is decoded
+    once per batch for agreement. `score`: the task's scoring keywords (`spice`, `only`, `tokenizer`; `metric`)."""
+    if task not in SHARED_TASKS:
+        raise ValueError(f"evaluate_many runs {sorted(SHARED_TASKS)}, not {task!r} (evaluate each rule apart)")
+    if not records:
+        raise ValueError("no records to evaluate")
+    inputs, scoring, default = SHARED_TASKS[task]
+    images, prompts, _ = inputs(records) if prompt is None else inputs(records, prompt)
+    generated = generate_many(
+        ee, processor, images, prompts, rules, config or default, method, batch_size, compare_full, progress_bar
+    )
+    if task == "captions" and generated[0].main and all(r.references for r in records):
+        texts = [t for r in records for t in r.references] + [t for gen in generated for t in gen.texts]
+        score["tokenizer"] = tokenized_once(score.get("tokenizer", tokenize), texts)
+    return [scoring(gen, records, **score) for gen in generated]
+
+
+def tokenized_once(tokenizer, texts: Sequence[str]):
+    """`tokenizer` (PTB: a Java process per call) run once over `texts`, as a tokenizer that looks them up: it
+    tokenizes each caption on its own, so every rule's scoring gets what its own call would give."""
+    unique = list(dict.fromkeys(texts))
+    tokens = tokenizer({i: [t] for i, t in enumerate(unique)})
+    table = {t: tokens[i][0] for i, t in enumerate(unique)}
+    return lambda captions: {key: [table[t] for t in texts] for key, texts in captions.items()}
+
+
+@torch.no_grad()
+def generate_many(
+    ee: EarlyExitVLM,
+    processor,
+    images: Sequence[Path],
+    prompts: Sequence[str],
+    rules: Sequence[tuple[float | None, int | None]],
+    config: DecodeConfig | None = None,
+    method: str = "free",
+    batch_size: int = 8,
+    compare_full: bool = False,
+    progress_bar: bool = False,
+) -> list[_Generated]:
+    """What `generate_texts` gives under each (threshold, layer) of `rules`, with each batch's image and prompt
+    encoded once for all of them: the batch is decoded as one copy per rule side by side (`Copies`), each copy
+    exactly as it would be decoded alone. Batches are dealt out across processes as in `generate_texts`."""
+    if not rules:
+        raise ValueError("no exit rules to evaluate")
+    started = time.perf_counter()
+    config = config or DecodeConfig()
+    rows_of_copies = batch_size * len(rules)
+    policies = [_configs(ee, config, t, layer, method, rows_of_copies)[0].policy for t, layer in rules]
+    shared = replace(_configs(ee, config, *rules[0], method, rows_of_copies)[0], policy=Copies(policies))
+    full_config = _configs(ee, config, *rules[0], method, batch_size)[1]
+    processes = Processes.current()
+    batches = [list(range(s, min(s + batch_size, len(images)))) for s in range(0, len(images), batch_size)]
+    rows: dict[int, dict] = {}
+    bar = _progress_bar(len(images), 0, processes.is_main and progress_bar)
+    for r in range(processes.rounds(len(batches))):
+        index = processes.mine(batches, r)
+        new = []
+        if index is not None:
+            inputs = processor.inputs([load_image(images[i]) for i in index], [prompts[i] for i in index])
+            out = ee.generate(**inputs, config=shared)
+            n = len(index)
+            per_rule = [_rows(processor, _copy(out, g, n)) for g in range(len(rules))]
+            full = _rows(processor, ee.generate(**inputs, config=full_config)) if compare_full else None
+            for k, i in enumerate(index):
+                new.append({"index": i, "rules": [rule[k] for rule in per_rule]})
+                if full is not None:
+                    new[-1]["full_prediction"] = full[k]["prediction"]
+        new = processes.gather(new)
+        rows.update((row["index"], row) for row in new)
+        bar.update(len(new))
+    bar.close()
+    ordered = [rows[i] for i in range(len(images))]
+    full_texts = [row["full_prediction"] for row in ordered] if compare_full else None
+    generated = []
+    for g, (threshold, layer) in enumerate(rules):
+        texts = [row["rules"][g]["prediction"] for row in ordered]
+        exit_layers = [row["rules"][g]["exit_layers"] for row in ordered]
+        meter = SpeedMeter(ee.backbone.num_layers)  # no batch timed: tokens only
+        meter.recount(exit_layers, 0)
+        threshold = None if layer is not None else threshold
+        gen = _Generated(texts, full_texts, exit_layers, meter.report(), threshold, layer, started, processes.is_main)
+        generated.append(gen)
+    return generated
+
+
+def _copy(out, g: int, n: int):
+    """Copy `g`'s rows (n of them) of a `Copies` output, as one copy's `GenerateOutput`."""
+    rows = slice(g * n, (g + 1) * n)
+    return replace(out, sequences=out.sequences[rows], exit_layers=out.exit_layers[rows], engine=None)

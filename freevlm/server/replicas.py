@@ -10,17 +10,20 @@ Every answer names its replica in the `x-freevlm-replica` header.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable
 
 import ray
 from ray import serve
+from ray.serve.exceptions import RayServeException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .app import ServedModel, create_app
 from .config import ServerConfig
 
+APP_NAME = "freevlm"
 REPLICA_HEADER = "x-freevlm-replica"
 # Ray's shared-memory object store: requests and answers go between processes as messages, not objects, so a small
 # one is plenty (Ray's default takes 30% of the machine's memory)
@@ -76,17 +79,24 @@ def run(
     cpus: float = 1.0,
     gpus: float = 0.0,
 ) -> None:
-    """Start Ray (a local cluster of just the CPUs the replicas take, or the cluster `RAY_ADDRESS` names), Serve's
-    HTTP proxy on host:port, and the deployment; returns when every replica is ready."""
+    """Start Ray (a local cluster of just the CPUs the replicas take, or the cluster `RAY_ADDRESS` names; its usage
+    reports off unless `RAY_USAGE_STATS_ENABLED` says otherwise), Serve's HTTP proxy on host:port, and the
+    deployment; returns when every replica is ready."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray reports usage to its makers unless told not to
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
         ray.init(num_cpus=math.ceil(replicas * cpus), object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(deployment(load, config, replicas, cpus, gpus), name="freevlm", route_prefix="/")
+    serve.run(deployment(load, config, replicas, cpus, gpus), name=APP_NAME, route_prefix="/")
 
 
 def stop() -> None:
-    """Serve's replicas (each drains its running requests) and, for a local cluster, Ray."""
+    """Delete the app first (no new request is routed to it, and each replica finishes its running ones within
+    `drain_seconds` while the proxy still streams them out), then shut Serve and Ray down."""
+    if not ray.is_initialized():  # Ray did not start: nothing to stop
+        return
+    with contextlib.suppress(RayServeException):  # Serve did not start
+        serve.delete(APP_NAME)
     serve.shutdown()
     ray.shutdown()
