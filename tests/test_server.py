@@ -221,6 +221,13 @@ def caption(files, image: Path, prompt: str, threshold: float, max_tokens: int, 
     return text, [int(line.rsplit(" ", 1)[1]) for line in lines[1:] if re.search(r"  layer \d+$", line)]
 
 
+def test_serve_alone_says_how_to_make_the_demo_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FREEVLM_CACHE", str(tmp_path))
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert f"no trained demo model in {tmp_path}" in err and "freevlm demo --quick" in err
+
+
 def test_models_health_and_one_answer(server, files, local, capsys):
     client = server.client()
     assert [m.id for m in client.models.list().data] == ["tiny"]
