@@ -1,7 +1,8 @@
 """Equivalence on a device: what the CPU test suite proves, checked where CUDA graphs and GPU kernels run.
 
 For each family's tiny random model (fp32): threshold 1.0 and `mode="full"` equal Hugging Face `generate` (batch 1
-and 3 padded); speculative equals full greedy; beam 3 at threshold 1.0 equals HF beam search; the default engine
+and 3 padded), and so does a seeded sample (temperature, top-k, top-p, repetition penalty) after
+`torch.manual_seed`; speculative equals full greedy; beam 3 at threshold 1.0 equals HF beam search; the default engine
 (static, with CUDA graphs on CUDA for OPT) gives the general engine's tokens and exit layers under a random mixed
 schedule, both KV modes. Prints one line per check and a total; exits 1 on any failure.
 
@@ -60,6 +61,12 @@ def main() -> int:
             for kw in (dict(threshold=1.0), dict(mode="full")):
                 out = ee.generate(**inputs, max_new_tokens=8, **kw)
                 check(f"batch {batch}: {kw} equals HF generate", torch.equal(out.sequences, hf))
+            sample = dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.2)
+            torch.manual_seed(7)
+            with torch.no_grad():
+                hf_sample = model.generate(**inputs, max_new_tokens=8, **sample)
+            out = ee.generate(**inputs, max_new_tokens=8, threshold=1.0, seed=7, **sample)
+            check(f"batch {batch}: seeded sample equals HF's", torch.equal(out.sequences, hf_sample))
             full = ee.generate(**inputs, max_new_tokens=8, mode="full", eos_token_id=[])
             spec = ee.generate(**inputs, max_new_tokens=8, mode="speculative", threshold=0.3, eos_token_id=[])
             check(f"batch {batch}: speculative equals full", torch.equal(spec.sequences, full.sequences))

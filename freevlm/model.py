@@ -18,7 +18,7 @@ from torch import nn
 from .backbones import Backbone, Blip2Backbone, load_backbone
 from .decoding.config import DecodeConfig
 from .decoding.generate import GenerateOutput
-from .decoding.policies import ConfidencePolicy, ExitPolicy
+from .decoding.policies import ConfidencePolicy, Copies, ExitPolicy
 from .decoding.search import SEARCH, search_name
 from .decoding.static import EnginePool
 from .errors import MissingFileError
@@ -225,7 +225,12 @@ class EarlyExitVLM(nn.Module):
         self.follow_backbone()
         warn_if_training(self.model, self.exits)
         if input_ids is None:
-            input_ids = self._default_prompt(pixel_values.shape[0], pixel_values.device)
+            input_ids = self.default_prompt(pixel_values.shape[0], pixel_values.device)
+        if isinstance(config.policy, Copies) and (config.mode != "early_exit" or config.num_beams > 1):
+            raise ValueError(
+                f"policy=Copies(...) decodes each copy greedily with its exits: it needs mode='early_exit' and "
+                f"num_beams=1, got mode={config.mode!r}, num_beams={config.num_beams}"
+            )
         if config.mode == "full":
             policy = ExitPolicy()
         elif config.policy is None:
@@ -233,7 +238,7 @@ class EarlyExitVLM(nn.Module):
         else:
             policy = config.policy
         policy.validate(self.exit_layers, self.backbone.num_layers)
-        eos, pad = self._special_tokens(config.eos_token_id, config.pad_token_id)
+        eos, pad = self.special_tokens(config.eos_token_id, config.pad_token_id)
         config = replace(config, eos_token_id=eos, pad_token_id=pad)
         search = SEARCH[search_name(config)]
         exits = self.exit_dict()
@@ -263,7 +268,7 @@ class EarlyExitVLM(nn.Module):
             )
         return {name: value for name, value in inputs.items() if value is not None}
 
-    def _default_prompt(self, batch: int, device) -> torch.Tensor:
+    def default_prompt(self, batch: int, device: torch.device | str) -> torch.Tensor:
         """Hugging Face's default for BLIP-2 and InstructBLIP: the image tokens, then BOS where the LM has one (T5
         has none). LLaVA's `generate` has no default prompt: the image tokens alone."""
         cfg = self.backbone.config
@@ -273,7 +278,9 @@ class EarlyExitVLM(nn.Module):
             ids.append(bos)
         return torch.tensor([ids] * batch, dtype=torch.long, device=device)
 
-    def _special_tokens(self, eos_token_id, pad_token_id) -> tuple[list[int], int]:
+    def special_tokens(self, eos_token_id, pad_token_id) -> tuple[list[int], int]:
+        """The EOS ids and the pad id a request decodes with: its own where given, else the LM's generation config
+        (no EOS: an empty list; no pad: the first EOS, else 0)."""
         gen_cfg = self.backbone.lm.generation_config
         eos = eos_token_id if eos_token_id is not None else gen_cfg.eos_token_id
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))

@@ -16,6 +16,7 @@ from transformers.generation.logits_process import (
 
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.decoding.config import DecodeConfig
+from freevlm.decoding.policies import ExitPolicy
 from freevlm.decoding.sampling import TokenChooser
 from freevlm.serving import Scheduler
 from freevlm.tiny import tiny_model, tiny_model_inputs
@@ -178,7 +179,7 @@ def test_scheduler_sample_is_the_same_whatever_else_runs(family_model):
     assert results[2].tokens == ee.generate(pv, ids, **greedy[3]).sequences[0, ids.shape[1] :].tolist()
 
 
-def test_scheduler_refuses_bad_sampling_options_by_name(family_model):
+def test_scheduler_refuses_bad_options_by_name(family_model):
     _, ee = family_model
     scheduler = Scheduler(ee, max_batch=1, max_len=32)
     pv, ids = (tiny_model_inputs(ee.model, batch=1, seed=7)[k] for k in ("pixel_values", "input_ids"))
@@ -191,6 +192,8 @@ def test_scheduler_refuses_bad_sampling_options_by_name(family_model):
         "do_sample": dict(do_sample="yes"),
         "batch_policy": dict(batch_policy="per_row"),
         "static": dict(static=True),
+        "eos_token_id": dict(eos_token_id=[-1]),
+        "policy": dict(policy=ExitPolicy()),
     }
     for name, options in bad.items():
         with pytest.raises(ValueError, match=name):

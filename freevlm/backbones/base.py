@@ -254,11 +254,11 @@ class Backbone:
         after slot `end`: anywhere here (Gemma 3: never inside an image, whose tokens see each other both ways)."""
         return end
 
-    def window_context(self, rows_ctx: Context, positions: torch.Tensor) -> Context:
+    def window_context(self, rows_ctx: Context, positions: torch.Tensor, rows: torch.Tensor | None = None) -> Context:
         """The context of one window of a `rows_context` whose rows sit at their own slots: `positions [B, q]` is
-        each query's slot (= its position: rows hold no padding; kept as `slots` too, for sliding windows). Layers
-        run over it with a cache whose `start` is 0 and `rows=None`; a fresh one per window, since adapters memoise
-        per-window constants in it."""
+        each query's slot (= its position: rows hold no padding; kept as `slots` too, for sliding windows), of the
+        rows `rows [B]` of the rows context (None: its first B). Layers run over it with a cache whose `start` is 0
+        and `rows=None`; a fresh one per window, since adapters memoise per-window constants in it."""
         extra = {**rows_ctx.extra, "positions": positions, "slots": positions}
         return Context(rows_ctx.prompt_ids, rows_ctx.prompt_embeds, rows_ctx.key_mask, extra)
 

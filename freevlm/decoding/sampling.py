@@ -9,9 +9,11 @@ processed distribution of the layer the row left at.
 Settings are per row, as tensors, so one batch mixes greedy rows with rows sampling at their own temperature, top-k,
 top-p and penalty without a Python loop per row. Temperature and top-p are Hugging Face's own per-request warpers
 (those of its continuous batching, run on the rows that use them); top-k is its `TopKLogitsWarper` with a k per row
-(its per-request version sorts the whole vocabulary: a `topk` up to the largest k does), the penalty its
+(its per-request version sorts the whole vocabulary: a `topk` up to the largest k does); the penalty is its
 `RepetitionPenaltyLogitsProcessor` with a per-row penalty over a `[rows, vocab]` mask of the tokens each row has
-seen (its prompt and what it generated). `tests/test_sampling.py` holds each to Hugging Face's, row by row.
+seen (its prompt and what it generated). A batch with one setting (`generate`'s) runs Hugging Face's scalar
+operations instead, so that it matches Hugging Face bit for bit on every device. `tests/test_sampling.py` holds
+each to Hugging Face's, row by row.
 
 The draw: for one sample, `torch.multinomial(probs, 1)` is `argmax(probs / q)` with `q = empty_like(probs)
 .exponential_()` (PyTorch's fast path: the exponential race, Gumbel-max in another form). Drawing `q` here lets a
@@ -60,6 +62,7 @@ class TokenChooser:
         # on the host, per row: which steps of the choice it needs (a step no row needs is skipped)
         self.uses = {name: [False] * rows for name in ("penalty", "sample", "temperature", "top_k", "top_p")}
         self.generators: list[torch.Generator | None] = [None] * rows
+        self.shared: DecodeConfig | None = None  # the batch's one setting (without per-row generators)
 
     def set(
         self,
@@ -93,6 +96,8 @@ class TokenChooser:
         self.penalty[index] = config.repetition_penalty
         for r in rows:
             self.generators[r] = generator
+        if not self.per_row:
+            self.shared = config
         if uses["penalty"]:
             if self.seen is None:
                 self.seen = torch.zeros(self.rows, self.vocab, dtype=torch.bool, device=self.device)
@@ -127,18 +132,25 @@ class TokenChooser:
         """The float32 scores `[n, V]` each of `rows` chooses from: Hugging Face's processors in its order."""
         rows_host = self._host(rows, rows_host)
         need = self._needs(rows_host)
+        # one setting for the batch: Hugging Face's scalar operations, bit for bit on every device (a CUDA division
+        # by a Python number multiplies by its reciprocal; top-p's 1 - p is computed in double)
+        shared = self.shared
         scores = logits.float()  # Hugging Face processes a float32 copy
         if need["penalty"]:
-            penalty = self.penalty[rows, None]
+            penalty = self.penalty[rows, None] if shared is None else float(shared.repetition_penalty)
             penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
             scores = torch.where(self.seen[rows], penalised, scores)
-        if need["temperature"]:
+        if need["temperature"] and shared is None:
             scores = TEMPERATURE(scores, self.temperature[rows].view(torch.int32))
+        elif need["temperature"]:
+            scores = TemperatureLogitsWarper(float(shared.temperature))(None, scores)
         if need["top_k"]:
             scores = self._on_rows("top_k", scores, rows, rows_host, self._top_k)
-        if need["top_p"]:
+        if need["top_p"] and shared is None:
             top_p = lambda s, r: TOP_P(s, self.top_p[r].view(torch.int32))  # noqa: E731
             scores = self._on_rows("top_p", scores, rows, rows_host, top_p)
+        elif need["top_p"]:
+            scores = TopPLogitsWarper(shared.top_p)(None, scores)
         return scores
 
     def _on_rows(self, name: str, scores: torch.Tensor, rows: torch.Tensor, rows_host: list[int] | None, warp):
