@@ -8,6 +8,7 @@ predictions.jsonl as it goes; `--resume` decodes only the records not there yet 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -69,17 +70,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--timing-repeats", type=positive_int, default=1, help="decode each batch N times per mode, keep the fastest"
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"decode only the records not yet in --out's {PREDICTIONS} (sweep: predictions_*.jsonl); refused if "
+        "they were made with other options",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate early exits at one threshold: official metrics + speed vs full model")
     _common(p)
     p.add_argument("--threshold", type=number(), default=DecodeConfig.threshold, help="the --method rule's knob")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help=f"decode only the records not yet in --out's {PREDICTIONS} (refused if it was made with other options)",
-    )
     p.set_defaults(func=run_eval)
 
     p = sub.add_parser("sweep", help="sweep thresholds, choose the best on a dev split, plot quality vs speedup")
@@ -218,6 +220,10 @@ def run_sweep(args: argparse.Namespace) -> int:
     spec = _spec(args)
     records = read_dataset(spec)
     dev = read_dataset(_spec(args, args.dev_files, args.dev_split)) if (args.dev_files or args.dev_split) else None
+    dev_set = {"files": args.dev_files, "split": args.dev_split, "fraction": args.dev_fraction}
+    options = run_options(args, spec, thresholds=args.thresholds, dev=dev_set, per_layer=not args.no_per_layer)
+    log = functools.partial(PredictionLog, args.out, options, args.resume)
+    log("predictions_dev")  # a resume with other options fails here, before any weights load
     ee, bundle = load_model(args)
     result = sweep(
         ee,
@@ -230,6 +236,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         per_layer=not args.no_per_layer,
         progress=print if Processes.current().is_main else None,
         method=args.method,
+        log=log,
         **_eval_options(args, spec, bundle),
     )
     if not Processes.current().is_main:
