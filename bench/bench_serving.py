@@ -48,6 +48,8 @@ class Run:
     mean_exit_layer: float
     mean_rows: float  # requests decoding together, on average over steps (batches)
     stall: tuple[float, float] | None  # (longest step that encoded a prompt, median step that did not), seconds
+    calls_per_step: float | None = None  # layer calls (exit layers included) per decode step
+    slot_layers_per_token: float | None = None  # (slot, layer) pairs decode steps ran per token, catch-up included
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -117,8 +119,19 @@ def run_continuous(ee, requests, threshold: float, max_batch: int, eos, exit_rul
     layers = [layer for r in results for layer in r.exit_layers]
     tokens = sum(len(r.tokens) for r in results)
     stall = (max(prefill_steps, default=0.0), statistics.median(decode_steps) if decode_steps else float("nan"))
-    wall = time.perf_counter() - start
-    return Run(tokens / wall, tokens / busy, ttft, tpot, statistics.mean(layers), statistics.mean(rows), stall)
+    wall, engine = time.perf_counter() - start, scheduler.engine
+    calls = (engine.layer_calls + engine.exit_calls) / engine.steps
+    return Run(
+        tokens / wall,
+        tokens / busy,
+        ttft,
+        tpot,
+        statistics.mean(layers),
+        statistics.mean(rows),
+        stall,
+        calls,
+        engine.slot_layers / tokens,
+    )
 
 
 def run_generate(ee, requests, batch: int, eos):
@@ -207,6 +220,8 @@ def main() -> None:
             stalled = (
                 "" if stall is None else f"  prefill stall {stall[0] * 1000:5.1f} ms (step {stall[1] * 1000:4.1f})"
             )
+            if run.calls_per_step is not None:
+                stalled += f"  calls/step {run.calls_per_step:4.1f}  slot-layers/token {run.slot_layers_per_token:5.1f}"
             print(
                 f"  {label:30s} {run.tokens_per_second:6.1f} tok/s {run.tokens_per_cpu_second:6.1f} tok/CPU-s"
                 f"  rows {run.mean_rows:4.1f}"

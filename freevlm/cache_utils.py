@@ -48,6 +48,21 @@ class LayerCache:
         """Rows follow `index` (beam search picks which hypothesis each row continues)."""
         raise NotImplementedError
 
+    def take_rows(self, other: LayerCache, index: torch.Tensor) -> None:
+        """Start from another batch's cache: row i holds `other`'s row index[i], as far as that was filled (copies
+        of one batch sharing one prompt encoding)."""
+        if other.keys is not None:
+            shape = (self.batch_size, other.keys.shape[1], self.slots, other.keys.shape[3])
+            if self.keys is None:
+                self.keys, self.values = other.keys.new_zeros(shape), other.values.new_zeros(shape)
+            used = other.keys.shape[2]
+            self.keys[:, :, :used].copy_(other.keys.index_select(0, index))  # in place: captured graphs read these
+            self.values[:, :, :used].copy_(other.values.index_select(0, index))
+        self._take_fill([other.filled[i] for i in index.tolist()])
+
+    def _take_fill(self, filled: list[int]) -> None:
+        raise NotImplementedError
+
 
 class LayerKV(LayerCache):
     """A layer's K/V with a fill level per row (rows leave at their own layers)."""
@@ -98,6 +113,9 @@ class LayerKV(LayerCache):
     def crop(self, row: int, length: int) -> None:
         self.filled[row] = min(self.filled[row], length)
 
+    def _take_fill(self, filled: list[int]) -> None:
+        self.filled = filled
+
     def reorder(self, index: torch.Tensor) -> None:
         self.filled = [self.filled[i] for i in index.tolist()]
         if self.keys is not None:
@@ -126,6 +144,11 @@ class StaticKV(LayerCache):
     def crop(self, row: int, length: int) -> None:
         """Rows move together, so every row forgets those slots."""
         self.fill = min(self.fill, length)
+
+    def _take_fill(self, filled: list[int]) -> None:
+        if len(set(filled)) > 1:
+            raise ValueError(f"a static cache's rows move together: cannot take rows filled to {sorted(set(filled))}")
+        self.fill = filled[0]
 
     def reorder(self, index: torch.Tensor) -> None:
         """In place: captured graphs keep writing into these very buffers."""

@@ -18,12 +18,12 @@ from torch import nn
 from .backbones import Backbone, Blip2Backbone, load_backbone
 from .decoding.config import DecodeConfig
 from .decoding.generate import GenerateOutput
-from .decoding.policies import ConfidencePolicy, ExitPolicy
+from .decoding.policies import ConfidencePolicy, Copies, ExitPolicy
 from .decoding.search import SEARCH, search_name
 from .decoding.static import EnginePool
 from .errors import MissingFileError
 from .exits import Exit, ExitConfig, ExitLayer, HeadExit, LinearExit
-from .inputs import validate_generate_inputs
+from .inputs import InputWarning, validate_generate_inputs
 
 WEIGHTS_NAME = "exits.safetensors"
 CONFIG_NAME = "exits_config.json"
@@ -60,7 +60,8 @@ class EarlyExitVLM(nn.Module):
     """Exits attached to a BLIP-2. Only the exits are submodules: `.parameters()` are the trainable ones.
 
     The backbone stays the user's object (`self.model`); move it yourself. Exits are created on the backbone's
-    device and dtype.
+    device and dtype, and `generate` brings them back to both if the backbone was cast or moved since
+    (`follow_backbone`).
     """
 
     def __init__(self, model: nn.Module, exit_config: ExitConfig | None = None):
@@ -221,8 +222,15 @@ class EarlyExitVLM(nn.Module):
         inputs = self._model_inputs(config.update(**kwargs))
         config.validate()
         validate_generate_inputs(self.backbone, pixel_values, input_ids, attention_mask, config.max_new_tokens, inputs)
+        self.follow_backbone()
+        warn_if_training(self.model, self.exits)
         if input_ids is None:
-            input_ids = self._default_prompt(pixel_values.shape[0], pixel_values.device)
+            input_ids = self.default_prompt(pixel_values.shape[0], pixel_values.device)
+        if isinstance(config.policy, Copies) and (config.mode != "early_exit" or config.num_beams > 1):
+            raise ValueError(
+                f"policy=Copies(...) decodes each copy greedily with its exits: it needs mode='early_exit' and "
+                f"num_beams=1, got mode={config.mode!r}, num_beams={config.num_beams}"
+            )
         if config.mode == "full":
             policy = ExitPolicy()
         elif config.policy is None:
@@ -230,13 +238,22 @@ class EarlyExitVLM(nn.Module):
         else:
             policy = config.policy
         policy.validate(self.exit_layers, self.backbone.num_layers)
-        eos, pad = self._special_tokens(config.eos_token_id, config.pad_token_id)
+        eos, pad = self.special_tokens(config.eos_token_id, config.pad_token_id)
         config = replace(config, eos_token_id=eos, pad_token_id=pad)
         search = SEARCH[search_name(config)]
         exits = self.exit_dict()
         return search(
             self.backbone, exits, policy, config, pixel_values, input_ids, attention_mask, inputs, self.engines
         )
+
+    def follow_backbone(self) -> None:
+        """Move and cast the exits to the backbone's device and dtype, as modules registered on it would have
+        followed `model.to(...)`: the backbone is the user's object, cast or moved after `from_backbone` as often as
+        not (`model.to(torch.bfloat16)`, `model.cuda()`). `generate` calls it; a trainer that keeps fp32 exits under
+        autocast calls `forward`, which leaves them as they are."""
+        device, dtype = self.backbone.device, self.backbone.dtype
+        if any(p.device != device or p.dtype != dtype for p in self.exits.parameters()):
+            self.exits.to(device=device, dtype=dtype)
 
     def _model_inputs(self, inputs: dict) -> dict:
         """The inputs beyond image and prompt that this family's `generate` takes (None ones dropped, as a
@@ -251,7 +268,7 @@ class EarlyExitVLM(nn.Module):
             )
         return {name: value for name, value in inputs.items() if value is not None}
 
-    def _default_prompt(self, batch: int, device) -> torch.Tensor:
+    def default_prompt(self, batch: int, device: torch.device | str) -> torch.Tensor:
         """Hugging Face's default for BLIP-2 and InstructBLIP: the image tokens, then BOS where the LM has one (T5
         has none). LLaVA's `generate` has no default prompt: the image tokens alone."""
         cfg = self.backbone.config
@@ -261,7 +278,9 @@ class EarlyExitVLM(nn.Module):
             ids.append(bos)
         return torch.tensor([ids] * batch, dtype=torch.long, device=device)
 
-    def _special_tokens(self, eos_token_id, pad_token_id) -> tuple[list[int], int]:
+    def special_tokens(self, eos_token_id, pad_token_id) -> tuple[list[int], int]:
+        """The EOS ids and the pad id a request decodes with: its own where given, else the LM's generation config
+        (no EOS: an empty list; no pad: the first EOS, else 0)."""
         gen_cfg = self.backbone.lm.generation_config
         eos = eos_token_id if eos_token_id is not None else gen_cfg.eos_token_id
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
@@ -269,6 +288,25 @@ class EarlyExitVLM(nn.Module):
         if pad is None:
             pad = eos[0] if eos else 0
         return eos, pad
+
+
+def warn_if_training(model: nn.Module, exits: nn.Module) -> None:
+    """An `InputWarning` when the backbone or the exits are in training mode: dropout is then on and the tokens
+    vary from call to call (Hugging Face's `generate` does not switch modes either)."""
+    training = [name for name, module in (("the backbone", model), ("the exits", exits)) if _in_training(module)]
+    if training:
+        warnings.warn(
+            f"generate: {' and '.join(training)} are in training mode, so dropout changes the tokens from call to "
+            "call: call .eval() on the EarlyExitVLM and its backbone model first",
+            InputWarning,
+            stacklevel=4,
+        )
+
+
+def _in_training(module: nn.Module) -> bool:
+    """Whether any module that runs is in training mode (a container's own flag changes nothing: a ModuleDict
+    built around exits in eval mode starts in training mode)."""
+    return any(m.training for m in module.modules() if not isinstance(m, (nn.ModuleDict, nn.ModuleList)))
 
 
 def check_fingerprint(saved: dict, current: dict, path) -> None:

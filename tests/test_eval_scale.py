@@ -227,3 +227,87 @@ def test_two_processes_give_what_one_gives(checkpoint, tmp_path):
         assert two[command] == one[command], command
     decoded = json.loads(run.stdout.strip().splitlines()[-1])  # records each process decoded in `eval`
     assert decoded == {"0": 4, "1": 3}
+
+
+@pytest.mark.parametrize("kv", ["recompute", "propagate"])
+def test_a_shared_evaluation_gives_each_rule_what_its_own_eval_gives(tmp_path, kv):
+    from freevlm.data.records import VQARecord
+    from freevlm.decoding.config import DecodeConfig
+    from freevlm.eval.evaluate import evaluate_many, evaluate_vqa
+
+    model = tiny_blip2("opt", seed=2, num_layers=4)
+    ee, bundle = EarlyExitVLM(model, ExitConfig([1, 2], init="fresh")), tiny_bundle(model)
+    records = [
+        VQARecord(files.write_image(tmp_path / f"{i}.png", (30 * i, 90, 200 - 25 * i)), i, f"what is {i}?", ["a"] * 10)
+        for i in range(7)
+    ]
+    rules = [(0.012, None), (0.014, None), (0.016, None), (1.0, None), (None, 1), (None, 4)]
+    options = dict(config=DecodeConfig(max_new_tokens=5, kv=kv), batch_size=3, prompt="q: {question} a:")
+    shared = evaluate_many("vqa", ee, bundle, records, rules, compare_full=False, **options)
+    for (threshold, layer), together in zip(rules, shared):
+        alone = evaluate_vqa(ee, bundle, records, threshold, layer, compare_full=False, **options)
+        assert together.predictions == alone.predictions, (threshold, layer)
+        assert (together.score, together.quality) == (alone.score, alone.quality)
+        assert together.speed.exit_histogram == alone.speed.exit_histogram
+        assert (together.threshold, together.layer) == (alone.threshold, alone.layer)
+    histograms = [r.speed.exit_histogram for r in shared]
+    assert set(histograms[0]) == {1} and len(histograms[2]) > 1 and set(histograms[3]) == {4}  # they differ
+
+
+def test_shared_caption_scores_tokenize_once_and_score_as_apart(tmp_path):
+    from freevlm.data.records import CaptionRecord
+    from freevlm.decoding.config import DecodeConfig
+    from freevlm.eval.evaluate import evaluate_captioning, evaluate_many
+
+    calls = []
+
+    def tokenizer(captions):  # a stand-in for PTB (Java): lower-cased words, one call counted per use
+        calls.append(len(captions))
+        return {k: [" ".join(c.lower().replace(".", " ").split()) for c in v] for k, v in captions.items()}
+
+    model = tiny_blip2("opt", seed=2, num_layers=4)
+    ee, bundle = EarlyExitVLM(model, ExitConfig([1, 2], init="fresh")), tiny_bundle(model)
+    records = [
+        CaptionRecord(files.write_image(tmp_path / f"{i}.png", (40 * i, 60, 90)), i, [f"A thing {i}.", "a thing"])
+        for i in range(5)
+    ]
+    rules = [(0.012, None), (0.016, None), (1.0, None)]
+    options = dict(config=DecodeConfig(max_new_tokens=5), batch_size=2, only=["CIDEr"], compare_full=False)
+    shared = evaluate_many("captions", ee, bundle, records, rules, tokenizer=tokenizer, **options)
+    assert len(calls) == 1  # every rule's references and captions in one call
+    for (threshold, _), together in zip(rules, shared):
+        alone = evaluate_captioning(ee, bundle, records, threshold, tokenizer=tokenizer, **options)
+        assert together.predictions == alone.predictions
+        assert together.quality == alone.quality and together.score == alone.score
+
+
+def test_a_sweep_cut_short_resumes_to_the_same_results(checkpoint, tmp_path, capsys):
+    """Each pass of a sweep keeps its own lines; a sweep whose test pass lost its last lines (and never wrote its
+    results) resumes to what the whole sweep wrote. Other thresholds are refused by name."""
+    questions = gqa(tmp_path, 9)
+    argv = command_args(checkpoint, questions, tmp_path / "out")["sweep"]
+    out = tmp_path / "out" / "sweep"
+    assert main(argv) == 0
+    whole = json.loads((out / "results.json").read_text()), json.loads((out / "predictions.json").read_text())
+    assert sorted(p.name for p in out.glob("*.jsonl")) == [
+        "predictions_best.jsonl",
+        "predictions_dev.jsonl",
+        "predictions_test.jsonl",
+    ]
+    test_lines = (out / "predictions_test.jsonl").read_text().splitlines(keepends=True)
+    (out / "predictions_test.jsonl").write_text("".join(test_lines[:2]) + test_lines[2][:9])  # cut mid-line
+    (out / "predictions_best.jsonl").unlink()
+    (out / "results.json").unlink()
+    assert main([*argv, "--resume"]) == 0
+    resumed = json.loads((out / "results.json").read_text()), json.loads((out / "predictions.json").read_text())
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("speed", "seconds")} for r in rows]  # noqa: E731
+    assert resumed[1] == whole[1]
+    for key in ("dev", "test", "per_layer"):
+        assert strip(resumed[0][key]) == strip(whole[0][key]), key
+    assert resumed[0]["best_threshold"] == whole[0]["best_threshold"]
+    assert len((out / "predictions_test.jsonl").read_text().splitlines()) == len(test_lines)
+
+    other = list(argv)
+    other[other.index("--thresholds") + 1] = "0.013"
+    assert main([*other, "--resume"]) == 2
+    assert "thresholds: [0.014, 0.016, 1.0] in the file, [0.013, 0.016, 1.0] now" in capsys.readouterr().err

@@ -221,6 +221,13 @@ def caption(files, image: Path, prompt: str, threshold: float, max_tokens: int, 
     return text, [int(line.rsplit(" ", 1)[1]) for line in lines[1:] if re.search(r"  layer \d+$", line)]
 
 
+def test_serve_alone_says_how_to_make_the_demo_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FREEVLM_CACHE", str(tmp_path))
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert f"no trained demo model in {tmp_path}" in err and "freevlm demo --quick" in err
+
+
 def test_models_health_and_one_answer(server, files, local, capsys):
     client = server.client()
     assert [m.id for m in client.models.list().data] == ["tiny"]
@@ -353,6 +360,13 @@ def test_bad_requests_get_openai_errors_and_others_go_on(server, files, local):
         (good | {"messages": messages("data:image/png;base64,aGVsbG8=", None)}, 400, "messages", "cannot read image"),
         (good | {"messages": messages(bomb, None)}, 400, "messages", "too large to decode safely"),
         (good | {"messages": messages("ftp://x/y.png", None)}, 400, "messages", "data: or http(s) URL"),
+        (
+            good | {"messages": [{"role": "system", "content": "be brief"}, *good["messages"]]},
+            400,
+            "messages",
+            "no chat template",
+        ),
+        (good | {"messages": good["messages"] * 2}, 400, "messages", "2 images"),
         (good | {"max_tokens": 600}, 400, "max_tokens", "512 positions"),
         (good | {"max_tokens": 500}, 400, "max_tokens", "max_len=480"),
         (good | {"max_tokens": -1}, 400, "max_tokens", "greater than or equal to 1"),

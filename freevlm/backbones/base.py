@@ -254,11 +254,11 @@ class Backbone:
         after slot `end`: anywhere here (Gemma 3: never inside an image, whose tokens see each other both ways)."""
         return end
 
-    def window_context(self, rows_ctx: Context, positions: torch.Tensor) -> Context:
+    def window_context(self, rows_ctx: Context, positions: torch.Tensor, rows: torch.Tensor | None = None) -> Context:
         """The context of one window of a `rows_context` whose rows sit at their own slots: `positions [B, q]` is
-        each query's slot (= its position: rows hold no padding; kept as `slots` too, for sliding windows). Layers
-        run over it with a cache whose `start` is 0 and `rows=None`; a fresh one per window, since adapters memoise
-        per-window constants in it."""
+        each query's slot (= its position: rows hold no padding; kept as `slots` too, for sliding windows), of the
+        rows `rows [B]` of the rows context (None: its first B). Layers run over it with a cache whose `start` is 0
+        and `rows=None`; a fresh one per window, since adapters memoise per-window constants in it."""
         extra = {**rows_ctx.extra, "positions": positions, "slots": positions}
         return Context(rows_ctx.prompt_ids, rows_ctx.prompt_embeds, rows_ctx.key_mask, extra)
 
@@ -430,6 +430,22 @@ class Blip2Backbone(Backbone):
             "projection": [m.language_projection],
             "lm": [m.language_model],
         }
+
+    def check_inputs(self, pixel_values, input_ids, attention_mask, inputs: dict) -> None:
+        """A prompt that holds image tokens holds `num_query_tokens` of them in every row, as the processor lays
+        them out (none at all: they are put in front); another count would misplace the image's features."""
+        token, per_image = self.config.image_token_index, self.config.num_query_tokens
+        if input_ids is None or token is None:
+            return
+        counts = (input_ids == token).sum(dim=1).tolist()
+        wrong = [b for b, n in enumerate(counts) if n != per_image]
+        if any(counts) and wrong:
+            b = wrong[0]
+            raise ValueError(
+                f"prompt row {b} holds {counts[b]} image token(s) (id {token}) in input_ids but its image gives "
+                f"{per_image} features: build prompts with the model's processor, or leave the image tokens out "
+                "(they are then put in front)"
+            )
 
     def image_features(self, pixel_values: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
         """The projected Q-Former outputs, `[B, num_query_tokens, H]`: what replaces the image tokens."""

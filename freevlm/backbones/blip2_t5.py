@@ -119,8 +119,8 @@ class Blip2T5Backbone(Blip2Backbone):
         if key not in store:  # a rows context keeps every row's, a window of it uses its first rows
             store[key] = (layer, *self._project_cross(layer, ctx.extra.get("encoder_rows", ctx.extra["encoder_out"])))
         _, keys, values = store[key]
-        if "rows_used" in ctx.extra:
-            keys, values = keys[: ctx.extra["rows_used"]], values[: ctx.extra["rows_used"]]
+        if "rows_used" in ctx.extra:  # a window of a rows context: its rows'
+            keys, values = keys[ctx.extra["rows_used"]], values[ctx.extra["rows_used"]]
         return (keys, values) if rows is None else (keys[rows], values[rows])
 
     # --- rows at their own slots: each row its own encoder output, its own decoder positions -------------------
@@ -138,14 +138,14 @@ class Blip2T5Backbone(Blip2Backbone):
         )
         return ctx
 
-    def window_context(self, rows_ctx: Context, positions: torch.Tensor) -> Context:
-        """The first `len(positions)` rows' encoder outputs, masks and cross K/V."""
-        ctx = super().window_context(rows_ctx, positions)
-        used = positions.shape[0]
+    def window_context(self, rows_ctx: Context, positions: torch.Tensor, rows: torch.Tensor | None = None) -> Context:
+        """The window's rows' encoder outputs, masks and cross K/V (`rows`, or the first `len(positions)`)."""
+        ctx = super().window_context(rows_ctx, positions, rows)
+        pick = slice(0, positions.shape[0]) if rows is None else rows
         ctx.extra.update(
-            encoder_out=rows_ctx.extra["encoder_rows"][:used],
-            encoder_mask=rows_ctx.extra["encoder_mask"][:used],
-            rows_used=used,
+            encoder_out=rows_ctx.extra["encoder_rows"][pick],
+            encoder_mask=rows_ctx.extra["encoder_mask"][pick],
+            rows_used=pick,
         )
         return ctx
 
@@ -193,7 +193,7 @@ class Blip2T5Backbone(Blip2Backbone):
         bias_module = self.layers[0].layer[0].SelfAttention
         positions = ctx.extra.get("positions")
         if positions is not None:  # rows at their own slots (`window_context`): each query's row of the table
-            bias = ctx.extra["bias_table"][:, positions].permute(1, 0, 2, 3).to(hidden.dtype)
+            bias = ctx.extra["bias_table"][:, positions, :key_len].permute(1, 0, 2, 3).to(hidden.dtype)
         else:
             bias = bias_module.compute_bias(query_len, key_len, device=hidden.device, past_seen_tokens=start)
             bias = bias.to(hidden.dtype)

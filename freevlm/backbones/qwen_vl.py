@@ -227,9 +227,10 @@ class QwenVLBackbone(RotaryDecoder):
             )
         rows_ctx.extra["rope_deltas"][row] = ctx.extra["positions"][0, last] - last
 
-    def window_context(self, rows_ctx, positions):
-        ctx = super().window_context(rows_ctx, positions)
-        deltas = rows_ctx.extra["rope_deltas"][: positions.shape[0]]
+    def window_context(self, rows_ctx, positions, rows=None):
+        ctx = super().window_context(rows_ctx, positions, rows)
+        deltas = rows_ctx.extra["rope_deltas"]
+        deltas = deltas[: positions.shape[0]] if rows is None else deltas[rows]
         ctx.extra["positions"] = positions[..., None] + deltas[:, None, :]  # [n, q, 3]
         return ctx
 

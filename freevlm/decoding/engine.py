@@ -19,7 +19,7 @@ and `StaticEngine` (`static.py`: rows move together, fixed shapes, CUDA graphs).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -175,6 +175,7 @@ class Engine(ABC):
         self.gate = ExitGate(self.costs.full_step) if self._gated else None
         self._verify: torch.Tensor | None = None  # [B] bool: rows of this step that must reach the final layer
         self._all_verify = False
+        self.prompt_encoded = False  # `take_prefix` filled the caches with the prompt but its last slot
 
     # --- the interface ------------------------------------------------------------------------------------------
     @abstractmethod
@@ -200,9 +201,18 @@ class Engine(ABC):
         layer (`encode`) and only the last slot's prediction may leave early; without, one pass does it all."""
         rows = torch.arange(self.batch_size, device=prompt.device)
         if self.live and prompt.shape[1] > 1:
-            self.encode(prompt[:, :-1])
+            if not self.prompt_encoded:
+                self.encode(prompt[:, :-1])
             return self.step(rows, prompt[:, -1:], prompt.shape[1] - 1, step=0)
         return self.step(rows, prompt, 0, step=0)
+
+    def take_prefix(self, other: Engine, index: torch.Tensor) -> None:
+        """Start from `other`'s `encode` of the prompt (another batch, the same live exits): row i takes `other`'s
+        row index[i], so copies of one batch encode their prompt once; `prefill` then runs only the last slot."""
+        for mine, theirs in zip(self._caches(), other._caches(), strict=True):
+            mine.take_rows(theirs, index)
+        self.work = replace(other.work)
+        self.prompt_encoded = True
 
     def crop_row(self, row: int, length: int) -> None:
         """Forget slots at or after `length` of `row` in every cache (a rejected speculative draft; the static

@@ -17,7 +17,7 @@ from ..backbones.base import Backbone, Context
 from .config import DecodeConfig
 from .engine import Engine, WorkCounter, resolve_batch_policy, rows_move_together
 from .general import GeneralEngine
-from .policies import ExitPolicy
+from .policies import Copies, ExitPolicy
 from .sampling import TokenChooser, make_generator
 from .static import EnginePool, StaticEngine
 
@@ -96,7 +96,10 @@ class Request:
         _sync(backbone.device)
         t0 = time.perf_counter()
         ctx = backbone.start(pixel_values, input_ids, attention_mask, slots or config.max_new_tokens, **inputs)
-        engine = build_engine(backbone, exits, policy, config, ctx, engines)
+        if isinstance(policy, Copies):
+            ctx, engine = _copies(backbone, exits, policy, config, ctx, engines)
+        else:
+            engine = build_engine(backbone, exits, policy, config, ctx, engines)
         eos = torch.tensor(config.eos_token_id, dtype=torch.long, device=backbone.device)
         return cls(backbone, ctx, engine, eos, t0)
 
@@ -115,6 +118,37 @@ class Request:
         stats.seconds_total, stats.seconds_prefill = t_end - self.t0, self.t_prefill - self.t0
         stats.seconds_decode = t_end - self.t_prefill
         return stats
+
+
+def _copies(backbone, exits, policy: Copies, config, ctx: Context, engines) -> tuple[Context, Engine]:
+    """The context and engine of `policy.copies` copies of the batch of `ctx`, whose image and prompt are encoded
+    once: the context's rows repeated (before any layer ran, so it holds no per-window memo), and the prompt but its
+    last slot run once through every layer and live exit, its caches then copied to every copy's rows."""
+    batch = ctx.prompt_ids.shape[0]
+    policy.rows_per_copy = batch
+    index = torch.arange(batch, device=ctx.key_mask.device).repeat(len(policy.policies))
+    copies = _repeat_rows(ctx, batch, index)
+    engine = build_engine(backbone, exits, policy, config, copies, engines)
+    if engine.live and ctx.prompt_embeds.shape[1] > 1:  # else `prefill` is one pass over the whole prompt
+        prefix = build_engine(backbone, exits, policy, config, ctx)
+        prefix.encode(backbone.embed_prompt(ctx)[:, :-1])
+        engine.take_prefix(prefix, index)
+    return copies, engine
+
+
+def _repeat_rows(ctx: Context, batch: int, index: torch.Tensor) -> Context:
+    """`ctx` with rows `index`: every per-row tensor has its rows on dim 0 (the engines index them so, `[rows]`)."""
+
+    def take(value):
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch:
+            return value.index_select(0, index.to(value.device))
+        if isinstance(value, dict):
+            return {k: take(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [take(v) for v in value]
+        return value
+
+    return Context(take(ctx.prompt_ids), take(ctx.prompt_embeds), take(ctx.key_mask), take(ctx.extra))
 
 
 def build_engine(

@@ -77,6 +77,44 @@ class FixedSchedulePolicy(ExitPolicy):
         return torch.full((len(rows),), layer == target, dtype=torch.bool, device=rows.device)
 
 
+class Copies(ExitPolicy):
+    """One batch of B rows decoded once per policy, side by side: copy g (rows g*B .. (g+1)*B - 1) leaves where
+    `policies[g]` says, which sees its rows numbered 0..B-1 and is asked only at its own live exits, as it would be
+    alone. Given this policy, `generate` encodes image and prompt once for every copy (a threshold sweep's shared
+    work) and returns the copies' rows one after another."""
+
+    def __init__(self, policies: list[ExitPolicy]):
+        if not policies or not all(isinstance(p, ExitPolicy) for p in policies):
+            raise ValueError(f"Copies needs a list of ExitPolicy, got {policies!r}")
+        self.policies = list(policies)
+        self.rows_per_copy = 1  # B, set when a request starts
+        self._live: list[set[int]] = [set() for _ in self.policies]
+
+    def validate(self, exit_layers: list[int], num_layers: int) -> None:
+        for policy in self.policies:
+            policy.validate(exit_layers, num_layers)
+
+    def live_exits(self, exit_layers):
+        self._live = [set(p.live_exits(exit_layers)) for p in self.policies]
+        return sorted(set().union(*self._live))
+
+    def needs_logits(self, layer):
+        return any(layer in live and p.needs_logits(layer) for p, live in zip(self.policies, self._live))
+
+    def decide(self, layer, logits, step, rows, hidden=None):
+        leave = torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
+        copy = rows // self.rows_per_copy
+        for g, (policy, live) in enumerate(zip(self.policies, self._live)):
+            mine = (copy == g).nonzero().squeeze(1) if layer in live else None
+            if mine is None or not len(mine):
+                continue
+            own_logits = None if logits is None else logits[mine]
+            own_hidden = None if hidden is None else hidden[mine]
+            own_rows = rows[mine] - g * self.rows_per_copy
+            leave[mine] = policy.decide(layer, own_logits, step, own_rows, own_hidden)
+        return leave
+
+
 def max_probability(logits: torch.Tensor) -> torch.Tensor:
     """max softmax probability per row, without materialising the softmax: 1 / sum(exp(l - max l)).
 

@@ -126,6 +126,7 @@ class StaticEngine(Engine):
         for kv in self._caches():
             kv.fill = 0
         self.work = WorkCounter()
+        self.prompt_encoded = False
         self.gate = ExitGate(self.costs.full_step) if self._gated else None
         # every decode window's slot ids and mask are slices of these, made once per request: a step builds none
         device, slots = self.key_ok.device, self.key_ok.shape[1]

@@ -21,6 +21,7 @@ from ..data.images import load_image
 from ..data.records import CaptionRecord, VisDialRecord, VQARecord
 from ..decoding.config import DecodeConfig
 from ..decoding.engine import resolve_batch_policy
+from ..decoding.policies import Copies
 from ..methods import exit_rule, get_method
 from ..model import EarlyExitVLM
 from .captions import caption_metrics, tokenize
@@ -143,26 +144,44 @@ def generate_texts(
     started = time.perf_counter()
     early_config, full_config = _configs(ee, config or DecodeConfig(), threshold, layer, method, batch_size)
     ids = list(range(len(images))) if ids is None else list(ids)
-    processes = Processes.current()
-    rows: dict[int, dict] = dict(log.done) if log is not None else {}
-    batches = [list(range(s, min(s + batch_size, len(images)))) for s in range(0, len(images), batch_size)]
-    todo = [(b, index) for b, index in enumerate(batches) if not all(i in rows for i in index)]
     meter = SpeedMeter(ee.backbone.num_layers)
+
+    def decode(b: int, index: list[int], first: bool) -> list[dict]:
+        inputs = processor.inputs([load_image(images[i]) for i in index], [prompts[i] for i in index])
+        early = functools.partial(ee.generate, **inputs, config=early_config)
+        full = functools.partial(ee.generate, **inputs, config=full_config) if compare_full else None
+        return _decode_batch(processor, early, full, meter, timing_repeats, warm_up=first, parity=b)
+
+    processes = Processes.current()
+    rows = _deal(decode, len(images), batch_size, processes, ids, log, progress_bar)
+    ordered = [rows[i] for i in range(len(images))]
+    full_texts = [row["full_prediction"] for row in ordered] if compare_full else None
+    exit_layers = [row["exit_layers"] for row in ordered]
+    meter.recount(exit_layers, sum(row.get("full_tokens", 0) for row in ordered))
+    threshold = None if layer is not None else threshold
+    texts = [row["prediction"] for row in ordered]
+    return _Generated(texts, full_texts, exit_layers, meter.report(), threshold, layer, started, processes.is_main)
+
+
+def _deal(decode, total: int, batch_size: int, processes: Processes, ids, log, progress_bar: bool) -> dict[int, dict]:
+    """Every record's row (`decode(b, index, first)`: the rows of batch `b`, records `index`; `first`: this
+    process's first batch), batch b decoded by process b mod N, each round's rows gathered on every process. Records
+    already in `log` are kept and complete batches skipped; new rows are appended to it by the main process, which
+    alone shows the bar."""
+    rows: dict[int, dict] = dict(log.done) if log is not None else {}
+    batches = [list(range(s, min(s + batch_size, total))) for s in range(0, total, batch_size)]
+    todo = [(b, index) for b, index in enumerate(batches) if not all(i in rows for i in index)]
     write = log is not None and processes.is_main
     if write:
         log.open()
-    bar = _progress_bar(len(images), len(rows), processes.is_main and progress_bar)
+    bar = _progress_bar(total, len(rows), processes.is_main and progress_bar)
     try:
         for r in range(processes.rounds(len(todo))):
             mine = processes.mine(todo, r)
             new = []
             if mine is not None:
                 b, index = mine
-                batch = [load_image(images[i]) for i in index]
-                inputs = processor.inputs(batch, [prompts[i] for i in index])
-                early = functools.partial(ee.generate, **inputs, config=early_config)
-                full = functools.partial(ee.generate, **inputs, config=full_config) if compare_full else None
-                new = _decode_batch(processor, early, full, meter, timing_repeats, warm_up=r == 0, parity=b)
+                new = decode(b, index, r == 0)
                 for i, row in zip(index, new):
                     row["index"], row["id"] = i, ids[i]
             new = [row for row in processes.gather(new) if row["index"] not in rows]  # resumed: the missing lines
@@ -174,13 +193,7 @@ def generate_texts(
         bar.close()
         if write:
             log.close()
-    ordered = [rows[i] for i in range(len(images))]
-    full_texts = [row["full_prediction"] for row in ordered] if compare_full else None
-    exit_layers = [row["exit_layers"] for row in ordered]
-    meter.recount(exit_layers, sum(row.get("full_tokens", 0) for row in ordered))
-    threshold = None if layer is not None else threshold
-    texts = [row["prediction"] for row in ordered]
-    return _Generated(texts, full_texts, exit_layers, meter.report(), threshold, layer, started, processes.is_main)
+    return rows
 
 
 def _decode_batch(processor, early, full, meter: SpeedMeter, repeats: int, warm_up: bool, parity: int) -> list[dict]:
@@ -238,9 +251,24 @@ def evaluate_captioning(
 ) -> EvalResult:
     """COCO metrics of the captions (per NoCaps domain too, when records carry one); `tokenizer`: see
     `caption_metrics`; `run`: `generate_texts`' `config`, `method`, batching and timing."""
-    ids = [r.image_id for r in records]
-    images, prompts = [r.image for r in records], [prompt] * len(records)
+    images, prompts, ids = caption_inputs(records, prompt)
     gen = generate_texts(ee, processor, images, prompts, threshold, layer, ids=ids, **run)
+    return score_captions(gen, records, spice, only, tokenizer)
+
+
+def caption_inputs(records: Sequence[CaptionRecord], prompt: str = CAPTION_PROMPT) -> tuple[list, list, list]:
+    """(images, prompts, ids) of caption records."""
+    return [r.image for r in records], [prompt] * len(records), [r.image_id for r in records]
+
+
+def score_captions(
+    gen: _Generated,
+    records: Sequence[CaptionRecord],
+    spice: bool | None = None,
+    only: Sequence[str] | None = None,
+    tokenizer=tokenize,
+) -> EvalResult:
+    ids = [r.image_id for r in records]
     if not gen.main:  # the main process scores
         return gen.result("captions", "CIDEr", None, {}, ids)
     keys = list(range(len(records)))  # records may repeat an image id across files; scoring keys stay unique
@@ -274,10 +302,19 @@ def evaluate_vqa(
 ) -> EvalResult:
     """VQA accuracy (official; `metric="exact"` for GQA), overall and per answer/question type; `config` defaults
     to `ANSWER_DECODING`, `run`: `generate_texts`' `method`, batching and timing."""
-    prompts = [prompt.format(question=r.question) for r in records]
-    images = [r.image for r in records]
-    ids = [r.question_id for r in records]
+    images, prompts, ids = vqa_inputs(records, prompt)
     gen = generate_texts(ee, processor, images, prompts, threshold, layer, config or ANSWER_DECODING, ids=ids, **run)
+    return score_vqa(gen, records, metric)
+
+
+def vqa_inputs(records: Sequence[VQARecord], prompt: str = VQA_PROMPT) -> tuple[list, list, list]:
+    """(images, prompts, ids) of VQA records."""
+    prompts = [prompt.format(question=r.question) for r in records]
+    return [r.image for r in records], prompts, [r.question_id for r in records]
+
+
+def score_vqa(gen: _Generated, records: Sequence[VQARecord], metric: str = "vqa") -> EvalResult:
+    ids = [r.question_id for r in records]
     if not gen.main:  # the main process scores
         return gen.result("vqa", "accuracy", None, {}, ids)
     quality, score, per_question = {}, None, {}
@@ -341,6 +378,11 @@ def evaluate_visdial(
 
 
 EVALUATORS = {"captions": evaluate_captioning, "vqa": evaluate_vqa, "visdial": evaluate_visdial}
+# what a shared evaluation (`evaluate_many`) needs of a task: its inputs, its scoring and its default decoding
+SHARED_TASKS = {
+    "captions": (caption_inputs, score_captions, DecodeConfig()),
+    "vqa": (vqa_inputs, score_vqa, ANSWER_DECODING),
+}
 
 
 def evaluate(
@@ -351,3 +393,109 @@ def evaluate(
     if not records:
         raise ValueError("no records to evaluate")
     return EVALUATORS[task](ee, processor, records, threshold, **kwargs)
+
+
+def evaluate_many(
+    task: str,
+    ee: EarlyExitVLM,
+    processor,
+    records: Sequence,
+    rules: Sequence[tuple[float | None, int | None]],
+    prompt: str | None = None,
+    config: DecodeConfig | None = None,
+    method: str = "free",
+    batch_size: int = 8,
+    compare_full: bool = True,
+    progress_bar: bool = False,
+    log: PredictionLog | None = None,
+    **score,
+) -> list[EvalResult]:
+    """`evaluate` under every exit rule of `rules` ((threshold, None), or (None, layer) for every token out at
+    `layer`), decoded together (`generate_many`): each result's outputs are what `evaluate` gives for its rule, its
+    speed report counts tokens but has no clock (the rules share one); with `compare_full`, the full model is decoded
+    once per batch for agreement; `log`: see `generate_many`. `score`: the task's scoring keywords (`spice`, `only`,
+    `tokenizer`; `metric`)."""
+    if task not in SHARED_TASKS:
+        raise ValueError(f"evaluate_many runs {sorted(SHARED_TASKS)}, not {task!r} (evaluate each rule apart)")
+    if not records:
+        raise ValueError("no records to evaluate")
+    inputs, scoring, default = SHARED_TASKS[task]
+    images, prompts, ids = inputs(records) if prompt is None else inputs(records, prompt)
+    config = config or default
+    generated = generate_many(
+        ee, processor, images, prompts, rules, config, method, batch_size, compare_full, progress_bar, ids, log
+    )
+    if task == "captions" and generated[0].main and all(r.references for r in records):
+        texts = [t for r in records for t in r.references] + [t for gen in generated for t in gen.texts]
+        score["tokenizer"] = tokenized_once(score.get("tokenizer", tokenize), texts)
+    return [scoring(gen, records, **score) for gen in generated]
+
+
+def tokenized_once(tokenizer, texts: Sequence[str]):
+    """`tokenizer` (PTB: a Java process per call) run once over `texts`, as a tokenizer that looks them up: it
+    tokenizes each caption on its own, so every rule's scoring gets what its own call would give."""
+    unique = list(dict.fromkeys(texts))
+    tokens = tokenizer({i: [t] for i, t in enumerate(unique)})
+    table = {t: tokens[i][0] for i, t in enumerate(unique)}
+    return lambda captions: {key: [table[t] for t in texts] for key, texts in captions.items()}
+
+
+@torch.no_grad()
+def generate_many(
+    ee: EarlyExitVLM,
+    processor,
+    images: Sequence[Path],
+    prompts: Sequence[str],
+    rules: Sequence[tuple[float | None, int | None]],
+    config: DecodeConfig | None = None,
+    method: str = "free",
+    batch_size: int = 8,
+    compare_full: bool = False,
+    progress_bar: bool = False,
+    ids: Sequence | None = None,
+    log: PredictionLog | None = None,
+) -> list[_Generated]:
+    """What `generate_texts` gives under each (threshold, layer) of `rules`, with each batch's image and prompt
+    encoded once for all of them: the batch is decoded as one copy per rule side by side (`Copies`), each copy
+    exactly as it would be decoded alone. Batches are dealt out across processes, and `log` (one line per record,
+    every rule's output) kept and resumed, as in `generate_texts`."""
+    if not rules:
+        raise ValueError("no exit rules to evaluate")
+    started = time.perf_counter()
+    config = config or DecodeConfig()
+    rows_of_copies = batch_size * len(rules)
+    policies = [_configs(ee, config, t, layer, method, rows_of_copies)[0].policy for t, layer in rules]
+    shared = replace(_configs(ee, config, *rules[0], method, rows_of_copies)[0], policy=Copies(policies))
+    full_config = _configs(ee, config, *rules[0], method, batch_size)[1]
+
+    def decode(b: int, index: list[int], first: bool) -> list[dict]:
+        inputs = processor.inputs([load_image(images[i]) for i in index], [prompts[i] for i in index])
+        out = ee.generate(**inputs, config=shared)
+        per_rule = [_rows(processor, _copy(out, g, len(index))) for g in range(len(rules))]
+        new = [{"rules": [rule[k] for rule in per_rule]} for k in range(len(index))]
+        if compare_full:
+            for row, full in zip(new, _rows(processor, ee.generate(**inputs, config=full_config))):
+                row["full_prediction"] = full["prediction"]
+        return new
+
+    processes = Processes.current()
+    ids = list(range(len(images))) if ids is None else list(ids)
+    rows = _deal(decode, len(images), batch_size, processes, ids, log, progress_bar)
+    ordered = [rows[i] for i in range(len(images))]
+    full_texts = [row["full_prediction"] for row in ordered] if compare_full else None
+    generated = []
+    for g, (threshold, layer) in enumerate(rules):
+        texts = [row["rules"][g]["prediction"] for row in ordered]
+        exit_layers = [row["rules"][g]["exit_layers"] for row in ordered]
+        meter = SpeedMeter(ee.backbone.num_layers)  # no batch timed: tokens only
+        meter.recount(exit_layers, 0)
+        threshold = None if layer is not None else threshold
+        gen = _Generated(texts, full_texts, exit_layers, meter.report(), threshold, layer, started, processes.is_main)
+        generated.append(gen)
+    return generated
+
+
+def _copy(out, g: int, n: int):
+    """Copy `g`'s rows (n of them) of a `Copies` output, as one copy's `GenerateOutput`."""
+    rows = slice(g * n, (g + 1) * n)
+    return replace(out, sequences=out.sequences[rows], exit_layers=out.exit_layers[rows], engine=None)

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.records import split_records
 from ..methods import get_method, trainable_parameters
 from ..model import EarlyExitVLM
-from .evaluate import EvalResult, evaluate
+from .evaluate import SHARED_TASKS, EvalResult, evaluate, evaluate_many
 from .plots import plot_per_layer, plot_quality_vs_speedup
+from .predictions import PredictionLog
 from .processes import Processes
 
 
@@ -22,7 +23,7 @@ class SweepResult:
     task: str
     metric: str
     num_layers: int
-    best_threshold: float | None  # None on processes other than the main one
+    best_threshold: float
     dev: list[EvalResult]
     test: list[EvalResult]
     per_layer: list[EvalResult] = field(default_factory=list)
@@ -75,6 +76,7 @@ def sweep(
     per_layer: bool = True,
     progress=None,
     method: str = "free",
+    log: Callable[[str], PredictionLog] | None = None,
     **eval_kwargs,
 ) -> SweepResult:
     """Evaluate every threshold of `method`'s exit rule (default: the method's grid) on dev and test records, and
@@ -82,29 +84,45 @@ def sweep(
 
     Without `dev_records`, a seeded `dev_fraction` of the images in `records` is held out as dev (with all their
     records) and the rest is the test set.
-    Test runs time the full model beside early exit (`compare_full`); dev and per-layer runs only count layers.
+    Captions and VQA share their work (`evaluate_many`): each split is decoded once for every threshold and forced
+    layer together, image and prompt encoded once per batch, each rule's outputs those of its own `evaluate`; then
+    the threshold chosen on dev is evaluated again on test alone, timed against the full model (`compare_full`), so
+    its wall-clock speedup is measured as `freevlm eval` measures it. The other test rows and VisDial's dev and
+    per-layer runs count layers only; VisDial's test runs are each timed (its option ranking cannot be shared).
+    `log(name)` (captions and VQA): the `PredictionLog` of each pass ("predictions_dev", "predictions_test",
+    "predictions_best"), so a sweep killed part-way resumes where it stopped.
     """
     if dev_records is None:
         dev_records, records = split_dev(records, dev_fraction)
     say = progress or (lambda msg: None)
-    thresholds = get_method(method).thresholds if thresholds is None else thresholds
+    thresholds = list(get_method(method).thresholds if thresholds is None else thresholds)
     eval_kwargs["method"] = method
-    dev, test = [], []
-    for t in thresholds:
-        dev.append(evaluate(task, ee, processor, dev_records, t, **dict(eval_kwargs, compare_full=False)))
-        test.append(evaluate(task, ee, processor, records, t, **eval_kwargs))
+    untimed = dict(eval_kwargs, compare_full=False)
+    forced = ee.exit_layers + [ee.backbone.num_layers] if per_layer else []
+    if task in SHARED_TASKS:
+        untimed_shared = {k: v for k, v in untimed.items() if k != "timing_repeats"}  # no clock in a shared run
+        passes = {name: log(f"predictions_{name}") if log else None for name in ("dev", "test", "best")}
+        dev_rules = [(t, None) for t in thresholds]
+        dev = evaluate_many(task, ee, processor, dev_records, dev_rules, log=passes["dev"], **untimed_shared)
+        rules = dev_rules + [(None, layer) for layer in forced]
+        tested = evaluate_many(task, ee, processor, records, rules, log=passes["test"], **untimed_shared)
+        test, layers = tested[: len(thresholds)], tested[len(thresholds) :]
+    else:
+        dev = [evaluate(task, ee, processor, dev_records, t, **untimed) for t in thresholds]
+        test = [evaluate(task, ee, processor, records, t, **eval_kwargs) for t in thresholds]
+        layers = [evaluate(task, ee, processor, records, layer=layer, **untimed) for layer in forced]
+    processes = Processes.current()
+    best = processes.broadcast(choose_threshold(dev) if processes.is_main else None)  # the main process scores
+    if task in SHARED_TASKS and eval_kwargs.get("compare_full", True):
+        test[thresholds.index(best)] = evaluate(task, ee, processor, records, best, log=passes["best"], **eval_kwargs)
+    for d, t in zip(dev, test):
         say(
-            f"{method} threshold {t:g}: dev {dev[-1].metric} {dev[-1].score}, test {test[-1].score}, "
-            f"analytic speedup {test[-1].speed.analytic_speedup:.2f}x, wall-clock {test[-1].speed.wallclock_speedup}"
+            f"{method} threshold {t.threshold:g}: dev {d.metric} {d.score}, test {t.score}, "
+            f"analytic speedup {t.speed.analytic_speedup:.2f}x, wall-clock {t.speed.wallclock_speedup}"
         )
-    layers = []
-    if per_layer:
-        for layer in ee.exit_layers + [ee.backbone.num_layers]:
-            layers.append(evaluate(task, ee, processor, records, layer=layer, **dict(eval_kwargs, compare_full=False)))
-            say(f"layer {layer}: {layers[-1].metric} {layers[-1].score}")
-    if not Processes.current().is_main:  # under `accelerate launch` the main process scores and chooses
-        return SweepResult(task, test[0].metric, ee.backbone.num_layers, None, dev, test, layers, method)
-    return SweepResult(task, test[0].metric, ee.backbone.num_layers, choose_threshold(dev), dev, test, layers, method)
+    for r in layers:
+        say(f"layer {r.layer}: {r.metric} {r.score}")
+    return SweepResult(task, test[0].metric, ee.backbone.num_layers, best, dev, test, layers, method)
 
 
 def write_sweep(result: SweepResult, out_dir: str | os.PathLike) -> dict[str, Path]:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import re
+import secrets
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from .config import ServerConfig
 from .metrics import ServerMetrics
 from .page import page_routes
 
+# response ids: unique per run and request, without a system call each (os.urandom is slow on a loaded machine)
+RUN, REQUEST_NUMBERS = secrets.token_hex(6), itertools.count()
 # how the scheduler's reasons read in OpenAI's finish_reason
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 # DecodeConfig names in the scheduler's messages -> the request's names
@@ -222,13 +225,14 @@ class ChatService:
         try:
             yield chunk({"role": "assistant", "content": ""})
             async for batch in self.events(handle):
+                chunks = []  # one write for every token that came at once
                 for event in batch:
                     delta = self._take([event], text, layers, timings)
-                    yield chunk(
-                        {"content": delta}, freevlm={"tokens": [event.token], "exit_layers": [event.exit_layer]}
-                    )
+                    made = {"tokens": [event.token], "exit_layers": [event.exit_layer]}
+                    chunks.append(chunk({"content": delta}, freevlm=made))
                     if text.stopped:
                         break
+                yield "".join(chunks)
                 if text.stopped:
                     break
             rest = text.finish()
@@ -263,7 +267,7 @@ class ChatService:
 
     def _envelope(self, kind: str) -> dict:
         return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "id": f"chatcmpl-{RUN}{next(REQUEST_NUMBERS):x}",
             "object": kind,
             "created": int(time.time()),
             "model": self.model.name,

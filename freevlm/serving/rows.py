@@ -2,27 +2,32 @@
 one decode step that takes every row's next token up the stack together.
 
 Each row is one request: its sequence starts at slot 0 of its own row of every buffer (no padding), its new token
-sits at its own slot. A layer call covers a window of `w` slots ending at each row's new slot, so its K/V are
-written with one scatter at per-row slot indices, and one bool mask per window (`slot <= query slot`, per row) is
-all the attention needs; rows never move and are never gathered. Each buffer has one extra slot, the *trash slot*:
-writes that must not land (a window slot the row has filled already, a row with no request) go there, and no query
-ever sees it.
+sits at its own slot. A step's layer call runs the slots its rows fill there, packed one query row each (a row's
+new slot, and before it the slots it catches up): K/V are written at (row, slot), a query reads its row's key slots
+up to the deepest slot of the call (rounded up to `KEY_BUCKET`) under a bool mask `key slot <= query slot`. When
+the call is every row's new slot and nothing else (the full model, every plain step) the K/V rows are a view of
+the buffers; otherwise they are gathered. Each buffer has one extra slot, the *trash slot*, where prompt writes
+that must not land go; no query ever sees it.
 
 Every row reads every live exit it reaches and leaves at the first one its own threshold accepts, exactly as
 alone; what the step did not run for a token (layers above where it stopped) is caught up exactly at the next step
 that goes deeper, as in the engines of `freevlm.decoding` (`kv="recompute"`): the states that stopped are kept
 (`pending`) and join the window at the depth where they stopped. A gate that stops consulting exits would change
-rows' exit layers, so there is none. What the exit rule decides is only how far a step climbs (`exit_rule`):
+rows' exit layers, so there is none. What the exit rule decides is only which rows a layer runs and how far a step
+climbs (`exit_rule`):
 
-- `ride_along`: until every row's token is out; a row that left rides along while a deeper row climbs (its deeper
-  K/V are filled on the way). A mixed batch then runs as deep as its deepest row at every step.
-- `park` (the default): at each exit where some rows left and others climb on, the step stops when the climbing
-  rows would make tokens more slowly per layer call than a new step would (`_climb_on`); their tokens wait at that
-  exit (`resume`) and go on at the next step, joining at that depth, so the layers above are run once for the
-  rows gathered there instead of at every step. A token waits at most `max_wait` steps.
+- `ride_along`: a step climbs until every row's token is out; a row that left rides along while a deeper row
+  climbs (its deeper K/V filled on the way). A mixed batch then runs as deep as its deepest row at every step.
+- `park` (the default): a row that left is out of the deeper layers' calls (its layers above are caught up with
+  its next deep token), and at each exit where some rows left and others climb on, the step stops when the
+  climbing rows would make tokens more slowly per layer call than a new step would (`_climb_on`); their tokens
+  wait at that exit and go on at the next step, joining at that depth, so the layers above run once for the rows
+  gathered there. A token waits at most `max_wait` steps.
 
 Either way each row's tokens and exit layers are those of `generate` alone: the rule moves work between steps,
-never changes it.
+never changes it. Nor does it change much how much there is: with `kv="recompute"` every slot goes through every
+layer (and every exit layer) as soon as a later token of its row goes deeper, so exits save per-call costs (fewer
+calls, catch-up slots riding in them), and the layers of an answer's last shallow tokens, not arithmetic per slot.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from ..backbones.base import Backbone, Context
 from ..decoding.policies import max_probability
 
 EXIT_RULES = ("park", "ride_along")
+KEY_BUCKET = 16  # a window reads its rows' key slots up to the deepest one, rounded up to this (few mask shapes)
 
 
 class RowKV:
@@ -49,27 +55,48 @@ class RowKV:
 
 
 class RowView:
-    """What a Hugging Face attention module sees as its cache for one call: writes each row's window at its own
-    slots (`index [n, w]`, the trash slot where nothing may land), returns every slot of rows `[first, first + n)`."""
+    """What a Hugging Face attention module sees as its cache for one call: writes each query row's K/V at its own
+    slots (`index [n, w]`, the trash slot where nothing may land) and returns the first `key_length` slots of each
+    query row's buffer row: `rows` a slice (a view of the buffers) or a tensor of row ids, one per query row (packed
+    slots of one row repeat it; a gathered copy)."""
 
-    def __init__(self, kv: RowKV, index: torch.Tensor, first: int = 0, start: int = 0):
-        self.kv, self.index, self.first, self.start = kv, index, first, start
-        self.key_length = kv.slots + 1
+    def __init__(self, kv: RowKV, index: torch.Tensor, rows: slice | torch.Tensor, key_length: int, start: int = 0):
+        self.kv, self.index, self.rows, self.start, self.key_length = kv, index, rows, start, key_length
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        kv = self.kv
+        kv, seen = self.kv, slice(0, self.key_length)
         if kv.keys is None:  # allocated once, at the first write (heads and head size come from the layer)
             shape = (kv.rows, key_states.shape[1], kv.slots + 1, key_states.shape[3])
             kv.keys, kv.values = key_states.new_zeros(shape), value_states.new_zeros(shape)
-        rows = slice(self.first, self.first + key_states.shape[0])
-        keys, values = kv.keys[rows], kv.values[rows]
-        index = self.index[:, None, :, None].expand(-1, key_states.shape[1], -1, key_states.shape[3])
-        keys.scatter_(2, index, key_states)
-        values.scatter_(2, index, value_states)
-        return keys, values
+        if isinstance(self.rows, slice):
+            keys, values = kv.keys[self.rows], kv.values[self.rows]
+            index = self.index[:, None, :, None].expand(-1, key_states.shape[1], -1, key_states.shape[3])
+            keys.scatter_(2, index, key_states)
+            values.scatter_(2, index, value_states)
+            return keys[:, :, seen], values[:, :, seen]
+        at = (self.rows[:, None], slice(None), self.index)
+        kv.keys[at] = key_states.transpose(1, 2)
+        kv.values[at] = value_states.transpose(1, 2)
+        return kv.keys[:, :, seen].index_select(0, self.rows), kv.values[:, :, seen].index_select(0, self.rows)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.start
+
+
+@dataclass
+class _Pack:
+    """The slots a segment of a step fills, one query row each (see `RowEngine._pack`)."""
+
+    flat: torch.Tensor  # [m] where each sits in the step's window, flattened `[n * width]`
+    row_ids: torch.Tensor  # [m] its row
+    rows: list[int]
+    selector: slice | torch.Tensor  # the K/V rows a layer call reads: a slice (a view) when item i is row i's only
+    slots: torch.Tensor  # [m, 1] its slot
+    slot_list: list[int]
+    last: list[int]  # per row of the segment, in order: the item of its new slot
+    key_length: int  # key slots the queries read (up to the deepest, rounded up to KEY_BUCKET)
+    mask: torch.Tensor  # [m, 1, 1, key_length] slot <= the query's
+    ctx: Context
 
 
 @dataclass
@@ -77,8 +104,7 @@ class StepOutput:
     """What a step produced for rows `[0, n)` (rows without a request hold garbage)."""
 
     logits: torch.Tensor  # [n, V] logits of the layer each row left at
-    exit_at: torch.Tensor  # [n] that layer (num_layers = final)
-    exit_at_host: list[int]
+    exit_at: list[int]  # that layer (num_layers = final)
     out: list[bool]  # whether each row's token is out (a parked row's is not: it goes on at a later step)
 
 
@@ -124,14 +150,14 @@ class RowEngine:
         self.threshold = torch.ones(max_rows, device=device)
         self.first_input: dict[int, torch.Tensor] = {}  # row -> [H] its last prompt slot's input, for its first step
         self.prompts: dict[int, tuple[Context, torch.Tensor, int]] = {}  # row -> (ctx, prompt embeds, slots encoded)
-        self.resume = [0] * max_rows  # the exit a row's token waits at (parked), 0 for a new token
-        self.waited = [0] * max_rows  # steps it has waited there
+        self.waited = [0] * max_rows  # steps a row's token has waited at an exit (parked)
         # layer calls (exit layers included) from the bottom up to each exit, and from each exit to the top
         layered = [i for i in sorted(exits) if exits[i].needs_cache]
         self.calls_to = {i: i + sum(1 for j in layered if j <= i) for i in exits}
         self.calls_above = {i: self.num_layers - i + sum(1 for j in layered if j > i) for i in exits}
         self.first_exit_rate = 0.5  # running share of new tokens that leave at the first exit
         self.steps = self.layer_calls = self.exit_calls = self.parks = 0
+        self.slot_layers = 0  # (slot, layer) pairs run by steps, exit layers included: the work, catch-up and all
         self.catchup_slots = 0  # slot-layers run for tokens that stopped early at an earlier step
 
     # --- rows joining and leaving ---------------------------------------------------------------------------------
@@ -163,7 +189,7 @@ class RowEngine:
         self.position[row] = length - 1
         for fill in [*self.fill, *self.exit_fill.values()]:
             fill[row] = length - 1
-        self.resume[row] = self.waited[row] = 0
+        self.waited[row] = 0
         self.active[row] = True
         return count
 
@@ -192,10 +218,10 @@ class RowEngine:
         bounds = [0, *(i for i in self.exit_kv if self.may_exit[row]), self.num_layers]
         for first, last in itertools.pairwise(bounds):
             for depth in range(first, last):
-                view = RowView(self.kv[depth], index, row, start)
+                view = RowView(self.kv[depth], index, slice(row, row + 1), self.max_len + 1, start)
                 x = self.backbone.run_layer(self.backbone.layers[depth], x, ctx, view, mask, None)
             if last in self.exit_kv:
-                view = RowView(self.exit_kv[last], index, row, start)
+                view = RowView(self.exit_kv[last], index, slice(row, row + 1), self.max_len + 1, start)
                 self.backbone.run_layer(self.exits[last].layer, x, ctx, view, mask, None)
 
     # --- the step -------------------------------------------------------------------------------------------------
@@ -209,58 +235,142 @@ class RowEngine:
         active = self.active[:n]
         position = self.position[:n]
         pos = torch.tensor(position, device=device)
-        active_t = torch.tensor(active, device=device)
-        may_exit = active_t & torch.tensor(self.may_exit[:n], device=device)
-        resume = torch.tensor(self.resume[:n], device=device)
         live = [i for i in sorted(self.exits) if any(self.may_exit[r] for r in rows if active[r])]
         joins = [i for i in self.exits if any(self.fill[i][r] != self.fill[i - 1][r] for r in rows if active[r])]
         bounds = sorted({0, *live, *joins, self.num_layers})
         before = {b: self.fill[b][:n] for b in bounds[:-1]}  # fill levels at the start of the step, per segment
-        fresh = sum(1 for r in rows if active[r] and self.resume[r] == 0)
+        fresh = [r for r in rows if active[r] and self.fill[0][r] <= position[r]]  # a new token (not parked)
         self.steps += 1
 
         x = backbone.embed(backbone.window_context(self.rows_ctx, pos[:, None]), tokens[:n, None], None, 0)
         for r, value in self.first_input.items():
             x[r, 0] = value
         self.first_input = {}
-        out = ~active_t  # rows whose token is out (rows without a request: from the start)
-        exit_at = torch.full((n,), self.num_layers, dtype=torch.long, device=device)
-        logits: torch.Tensor | None = None
+        done = [not a for a in active]  # whose token is out (rows without a request: from the start)
+        exit_at = [self.num_layers] * n
+        logits = None
         width, below = 1, 0
         for first, last in itertools.pairwise(bounds):
-            need = max((position[r] + 1 - self.fill[first][r] for r in rows if active[r]), default=1)
+            work = self._work(first, done, active, position)
+            need = max((position[r] + 1 - self.fill[first][r] for r in work), default=1)
             if need > width:  # pending slots join: the window grows to the left
                 x = torch.cat([x.new_zeros(n, need - width, x.shape[-1]), x], dim=1)
                 width = need
-            self.catchup_slots += (width - 1) * (last - first)
-            slots = pos[:, None] - width + 1 + torch.arange(width, device=device)[None]
             if first > 0:
+                slots = pos[:, None] - width + 1 + torch.arange(width, device=device)[None]
                 x = self._join_pending(x, slots, before[first], before[below], rows, active)
             below = first
-            x = self._layers(first, last, x, slots, rows, active)
+            if not work:
+                continue
+            pack = self._pack(x, first, work, position)
+            self.catchup_slots += (len(pack.flat) - len(work)) * (last - first)
+            x, states = self._layers(first, last, x, pack, active)
             if last == self.num_layers:
                 break
             if last not in live:
                 continue
-            leave, exit_logits = self._exit(last, x, slots, rows, active, position)
-            leave &= may_exit & ~out & (resume < last)  # a parked token left nowhere below where it waits
-            out = out | leave
-            exit_at.masked_fill_(leave, last)
-            logits = exit_logits if logits is None else torch.where(leave[:, None], exit_logits, logits)
-            done = out.tolist()  # the one host read per exit
+            left, exit_logits = self._exit(last, states, pack, done)
+            for i, r in enumerate(work):
+                if left[i]:
+                    done[r], exit_at[r] = True, last
+            logits = self._merge(logits, exit_logits, work, left, n)
+            if self.exit_rule == "park" and any(left):  # a token out now keeps its state here for later steps
+                self._park(states, pack, {r for i, r in enumerate(work) if left[i]})
             if last == live[0] and fresh:
-                left = sum(1 for r in rows if active[r] and self.resume[r] == 0 and done[r])
-                self.first_exit_rate += 0.2 * (left / fresh - self.first_exit_rate)
+                share = sum(1 for r in fresh if done[r]) / len(fresh)
+                self.first_exit_rate += 0.2 * (share - self.first_exit_rate)
             if all(done) or not self._climb_on(last, done, live):
-                self.parks += not all(done)
-                self._park(x, slots, last, before[first], rows, active)
-                self._stopped(done, last)
-                return StepOutput(logits, exit_at, exit_at.tolist(), done)
-        final = backbone.head(x[:, -1])
-        logits = final if logits is None else torch.where(out[:, None], logits, final)
+                climbing = {r for r in rows if not done[r]}
+                self.parks += bool(climbing)
+                self._park(states, pack, climbing if self.exit_rule == "park" else set(work))
+                self._stopped(done)
+                return StepOutput(logits, exit_at, done)
+        top = [r for r in rows if not done[r]]
+        final = backbone.head(x[top, -1])
+        logits = self._merge(logits, final, top, [True] * len(top), n)
         done = [True] * n
-        self._stopped(done, self.num_layers)
-        return StepOutput(logits, exit_at, exit_at.tolist(), done)
+        self._stopped(done)
+        return StepOutput(logits, exit_at, done)
+
+    def _work(self, first: int, done: list[bool], active: list[bool], position: list[int]) -> list[int]:
+        """The rows a segment from layer `first` runs: those with slots to fill there (a token parked deeper has
+        none below where it waits). Riding along, rows that left go on with the others; parking, they are out of
+        the deeper layers' batch, their skipped layers caught up when a later token of theirs goes deeper."""
+        fill = self.fill[first]
+        ride = self.exit_rule == "ride_along"
+        return [r for r, a in enumerate(active) if a and (ride or not done[r]) and position[r] + 1 > fill[r]]
+
+    def _pack(self, x: torch.Tensor, first: int, work: list[int], position: list[int]) -> _Pack:
+        """The slots the rows in `work` fill in this segment (from the segment's fill level to the row's new slot),
+        each its own query row: no row pads its window to another's width."""
+        width = x.shape[1]
+        fill = self.fill[first]
+        flat, rows_of, slots_of, last = [], [], [], []
+        for r in work:
+            count = position[r] + 1 - fill[r]
+            start = r * width + width - count
+            flat.extend(range(start, start + count))
+            rows_of.extend([r] * count)
+            slots_of.extend(range(position[r] + 1 - count, position[r] + 1))
+            last.append(len(flat) - 1)
+        device = x.device
+        slots = torch.tensor(slots_of, device=device)[:, None]
+        row_ids = torch.tensor(rows_of, device=device)
+        key_length = min(self.max_len, -(-(max(slots_of) + 1) // KEY_BUCKET) * KEY_BUCKET)
+        mask = (self._key_slots[None, :key_length] <= slots)[:, None, None, :]
+        in_order = rows_of == list(range(len(rows_of)))  # one slot per row, rows 0..k-1: no gather
+        ctx = self.backbone.window_context(self.rows_ctx, slots, None if in_order else row_ids)
+        selector = slice(0, len(rows_of)) if in_order else row_ids
+        flat_t = torch.tensor(flat, device=device)
+        return _Pack(flat_t, row_ids, rows_of, selector, slots, slots_of, last, key_length, mask, ctx)
+
+    def _layers(self, first: int, last: int, x, pack: _Pack, active) -> tuple[torch.Tensor, torch.Tensor]:
+        """LM layers `first..last-1` over the packed slots (every layer of a segment is filled to the same slot):
+        the window with their new states, and those states `[m, 1, H]`."""
+        n, width, hidden = x.shape
+        states = x.reshape(n * width, hidden).index_select(0, pack.flat)[:, None]
+        for depth in range(first, last):
+            view = RowView(self.kv[depth], pack.slots, pack.selector, pack.key_length)
+            states = self.backbone.run_layer(self.backbone.layers[depth], states, pack.ctx, view, pack.mask, None)
+            fill = self.fill[depth]
+            for r in set(pack.rows):
+                fill[r] = self.position[r] + 1
+        self.layer_calls += last - first
+        self.slot_layers += len(pack.rows) * (last - first)
+        x = x.reshape(n * width, hidden).index_copy(0, pack.flat, states[:, 0]).view(n, width, hidden)
+        return x, states
+
+    def _exit(self, depth: int, states, pack: _Pack, done: list[bool]) -> tuple[list[bool], torch.Tensor]:
+        """The exit at `depth` for the packed rows: its layer over their slots (filling its own cache), its logits at
+        each row's new slot `[k, V]`, and which rows leave: those that may, whose token is not out yet, and whose
+        max softmax probability reaches their threshold (the one host read per exit)."""
+        exit_module = self.exits[depth]
+        features = states
+        if exit_module.needs_cache:
+            view = RowView(self.exit_kv[depth], pack.slots, pack.selector, pack.key_length)
+            features = self.backbone.run_layer(exit_module.layer, states, pack.ctx, view, pack.mask, None)
+            fill = self.exit_fill[depth]
+            for r in set(pack.rows):
+                fill[r] = self.position[r] + 1
+            self.exit_calls += 1
+            self.slot_layers += len(pack.rows)
+        last = torch.tensor(pack.last, device=states.device)
+        logits = exit_module.logits(self.backbone, features[last, 0])
+        work = [pack.rows[i] for i in pack.last]
+        confident = (max_probability(logits) >= self.threshold[pack.row_ids[last]]).tolist()
+        left = [c and self.may_exit[r] and not done[r] for c, r in zip(confident, work)]
+        return left, logits
+
+    @staticmethod
+    def _merge(logits, new: torch.Tensor, work: list[int], take: list[bool], n: int) -> torch.Tensor:
+        """`logits [n, V]` with the rows of `work` whose `take` is set replaced by their row of `new` `[k, V]`."""
+        picked = [i for i, t in enumerate(take) if t]
+        if logits is None:
+            logits = new.new_zeros(n, new.shape[-1])
+        if picked:
+            index = torch.tensor([work[i] for i in picked], device=new.device)
+            logits = logits.index_copy(0, index, new[picked])
+        return logits
 
     def _climb_on(self, depth: int, done: list[bool], live: list[int]) -> bool:
         """Whether the step goes on above exit `depth` for the rows whose token is not out yet, or parks them there.
@@ -278,55 +388,17 @@ class RowEngine:
         rows_out = sum(1 for r, d in enumerate(done) if d and self.active[r])
         return len(climbing) * self.calls_to[live[0]] >= self.first_exit_rate * rows_out * self.calls_above[depth]
 
-    def _stopped(self, done: list[bool], depth: int) -> None:
-        """Rows whose token is out take their next slot; the others wait at the exit where the step stopped."""
+    def _stopped(self, done: list[bool]) -> None:
+        """Rows whose token is out take their next slot; the others wait (at the exit where the step stopped, or
+        deeper where they waited already: their fill levels say where)."""
         for r, d in enumerate(done):
             if not self.active[r]:
                 continue
             if d:
                 self.position[r] += 1
-                self.resume[r] = self.waited[r] = 0
+                self.waited[r] = 0
             else:
-                self.resume[r] = depth
                 self.waited[r] += 1
-
-    def _index(self, slots: torch.Tensor, fill: list[int], rows, active) -> torch.Tensor:
-        """Where each window slot is written: its own slot if the row is active and has not filled it, else trash."""
-        floor = torch.tensor([fill[r] if active[r] else self.max_len + 1 for r in rows], device=slots.device)
-        return torch.where(slots >= floor[:, None], slots, self.trash)
-
-    def _mask(self, slots: torch.Tensor) -> torch.Tensor:
-        """Bool `[n, 1, w, slots + 1]`: a query sees its row's slots up to its own (never the trash slot)."""
-        return (self._key_slots[None, None, :] <= slots.clamp(min=0)[..., None])[:, None]
-
-    def _layers(self, first: int, last: int, x, slots, rows, active) -> torch.Tensor:
-        """LM layers `first..last-1` over one window (every layer of a segment is filled to the same slot)."""
-        index, mask = self._index(slots, self.fill[first], rows, active), self._mask(slots)
-        ctx = self.backbone.window_context(self.rows_ctx, slots.clamp(min=0))
-        for depth in range(first, last):
-            x = self.backbone.run_layer(self.backbone.layers[depth], x, ctx, RowView(self.kv[depth], index), mask, None)
-            for r in rows:
-                if active[r]:
-                    self.fill[depth][r] = self.position[r] + 1
-        self.layer_calls += last - first
-        return x
-
-    def _exit(self, depth: int, x, slots, rows, active, position) -> tuple[torch.Tensor, torch.Tensor]:
-        """The exit at `depth`: its layer over the window (filling its own cache), its logits at each row's new
-        slot, and which rows are confident enough (max softmax probability >= the row's threshold)."""
-        exit_module = self.exits[depth]
-        features = x
-        if exit_module.needs_cache:
-            index = self._index(slots, self.exit_fill[depth], rows, active)
-            ctx = self.backbone.window_context(self.rows_ctx, slots.clamp(min=0))
-            view = RowView(self.exit_kv[depth], index)
-            features = self.backbone.run_layer(exit_module.layer, x, ctx, view, self._mask(slots), None)
-            for r in rows:
-                if active[r]:
-                    self.exit_fill[depth][r] = position[r] + 1
-            self.exit_calls += 1
-        logits = exit_module.logits(self.backbone, features[:, -1])
-        return max_probability(logits) >= self.threshold[: len(rows)], logits
 
     def _join_pending(self, x, slots, here: list[int], below: list[int], rows, active) -> torch.Tensor:
         """Slots that stopped at this segment's first layer at an earlier step (filled in the segment below, not in
@@ -339,9 +411,12 @@ class RowEngine:
         kept = self.pending[: len(rows)].gather(1, slots.clamp(min=0)[..., None].expand(-1, -1, x.shape[-1]))
         return torch.where(joins[..., None], kept, x)
 
-    def _park(self, x, slots, depth: int, floor: list[int], rows, active) -> None:
-        """The step stops at `depth`: keep the window's states there for the layers above. Only slots this step
-        took up through the last segment (from its first layer's fill level `floor`) hold a state at `depth`; a slot
-        that waits there from an earlier step keeps the one it has."""
-        index = self._index(slots, floor, rows, active)
-        self.pending[: len(rows)].scatter_(1, index[..., None].expand(-1, -1, x.shape[-1]), x)
+    def _park(self, states: torch.Tensor, pack: _Pack, keep: set[int]) -> None:
+        """Keep the packed states of the rows in `keep` (at the depth the step reached) for the layers above; a
+        slot that waits from an earlier step is not in the pack and keeps the state it has."""
+        items = [i for i, r in enumerate(pack.rows) if r in keep]
+        if not items:
+            return
+        where = torch.tensor([pack.rows[i] * (self.max_len + 1) + pack.slot_list[i] for i in items])
+        pending = self.pending.view(-1, self.pending.shape[-1])
+        pending.index_copy_(0, where.to(states.device), states[items, 0])

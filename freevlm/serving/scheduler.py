@@ -150,13 +150,13 @@ class Scheduler:
         validate_generate_inputs(self.backbone, pixel_values, input_ids, attention_mask, config.max_new_tokens, inputs)
         device = self.backbone.device
         if input_ids is None:
-            input_ids = self.model._default_prompt(1, device)
+            input_ids = self.model.default_prompt(1, device)
         elif attention_mask is not None:  # the prompt alone: a row holds no padding (nor do inputs per prompt slot)
             keep = attention_mask[0].bool()
             per_slot = [k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.shape == input_ids.shape]
             inputs.update({k: inputs[k][:, keep] for k in per_slot})
             input_ids = input_ids[:, keep]
-        eos, _ = self.model._special_tokens(config.eos_token_id, config.pad_token_id)
+        eos, _ = self.model.special_tokens(config.eos_token_id, config.pad_token_id)
         stop = _check_stop(stop)
         prompt = self._prompt_slots(input_ids)
         encoder, decoder = prompt
@@ -341,7 +341,7 @@ class Scheduler:
             if row not in host:  # parked: its token goes on at a later step
                 continue
             token, handle = host[row], request.handle
-            handle._emit(token, out.exit_at_host[row], now)
+            handle._emit(token, out.exit_at[row], now)
             reason = _finished(handle.tokens, request)
             if reason is not None:
                 self._release(request, reason)

@@ -1,0 +1,301 @@
+"""`freevlm serve` under load: the official `openai` async client against a server on loopback, at 1, 4, 16 and 64
+concurrent clients, early exits and threshold 1.0 side by side, and the library's scheduler on the same workload in
+this process, so the HTTP layer's cost is a ratio measured in one run.
+
+    cd bench && PYTHONPATH=.. python bench_http.py [--concurrency 1 4 16 64] [--threshold 0.6] [--seconds 60]
+
+The model is the demo's (`freevlm demo`'s trained backbone and FREE's exits, from FREEVLM_CACHE or the default
+cache, served as `freevlm serve` alone serves it) captioning the demo's test images after its prompt, EOS on;
+without a cache, the demo's architecture with random weights and exits, saved to a temporary folder (its answers
+run to --max-tokens). Each client sends streamed requests one after another; a level stops after --requests
+requests or --seconds, whichever comes first. Printed per level: output tokens/s, time to first token and
+end-to-end latency p50/p99, errors, mean exit layer; then the goals (HTTP tokens/s at 16 concurrent within 10% of
+the library's; no errors at 64 concurrent with a queue of 64; p99 TTFT at 16 concurrent <= 3x its p50).
+
+Throughput is printed per wall-clock second and per CPU second of the process that decodes (the server's, read
+from /proc; this process's for the library): on a machine shared with other jobs the wall clock of a busy second
+varies several-fold between runs, CPU seconds far less. Both use --threads PyTorch threads (default 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import torch
+
+from freevlm.data import shapes
+from freevlm.demo.config import DemoConfig, default_cache
+from freevlm.eval.evaluate import CAPTION_PROMPT
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Level:
+    tokens: int
+    wall: float
+    cpu: float  # seconds of CPU the decoding process spent
+    ttft: list[float]
+    latency: list[float]
+    errors: int
+    exit_layers: list[int]
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.wall
+
+    @property
+    def tokens_per_cpu_second(self) -> float:
+        return self.tokens / self.cpu if self.cpu else float("nan")
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def images(count: int) -> list[bytes]:
+    out = []
+    for i in range(count):
+        buffer = io.BytesIO()
+        shapes.render(shapes.make_example("test", i % DemoConfig.test_images).scene).save(buffer, format="PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
+def model_folders(tmp: Path) -> tuple[list[str], str]:
+    """`freevlm serve` arguments for the model, and its name: the demo's cache, or a random demo-sized model."""
+    from freevlm.demo.train import trained_model
+
+    for cfg in (DemoConfig(), DemoConfig.quick_config()):
+        if trained_model(cfg) is not None:
+            return [], f"the demo's trained model (cache {default_cache()})"
+    from freevlm import EarlyExitVLM, ExitConfig
+    from freevlm.demo.backbone import build_backbone, save_backbone
+
+    bundle = build_backbone("opt")
+    save_backbone(bundle, tmp / "backbone")
+    EarlyExitVLM(bundle.model, ExitConfig(list(DemoConfig.exit_layers))).save_exits(tmp / "exits")
+    args = ["--backbone", str(tmp / "backbone"), "--exits", str(tmp / "exits"), "--name", "freevlm-demo"]
+    return args, "a random model of the demo's architecture (no demo cache)"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Server:
+    def __init__(self, model_args: list[str], args: argparse.Namespace):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
+        command = [sys.executable, "-m", "freevlm.cli", "serve", *model_args, "--port", str(self.port)]
+        command += ["--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue), "--max-len", "128"]
+        command += ["--max-tokens", str(args.max_tokens)]
+        self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"the server exited with {self.process.returncode}: run `freevlm serve` to see why")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    self.model = httpx.get(f"{self.url}/v1/models").json()["data"][0]["id"]
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        raise SystemExit("the server did not start within 300 s")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(60)
+
+
+async def http_level(server: Server, urls: list[str], concurrency: int, threshold: float, args) -> Level:
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)
+    count = min(args.requests, max(16, 4 * concurrency))
+    start, stop_at = time.perf_counter(), time.perf_counter() + args.seconds
+    next_index, ttft, latency, layers, tokens, errors = 0, [], [], [], 0, 0
+
+    async def one(i: int) -> None:
+        nonlocal tokens, errors
+        t0 = time.perf_counter()
+        first = None
+        try:
+            stream = await client.chat.completions.create(
+                model=server.model,
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": urls[i % len(urls)]}},
+                            {"type": "text", "text": CAPTION_PROMPT},
+                        ],
+                    }
+                ],
+                max_tokens=args.max_tokens,
+                stream=True,
+                extra_body={"threshold": threshold},
+            )
+            async for chunk in stream:
+                made = (getattr(chunk, "freevlm", None) or {}).get("tokens")
+                if made and first is None:
+                    first = time.perf_counter() - t0
+                if chunk.choices and chunk.choices[0].finish_reason is not None:
+                    layers.extend(chunk.freevlm["exit_layers"])
+                    tokens += len(chunk.freevlm["exit_layers"])
+        except openai.APIError:
+            errors += 1
+            return
+        ttft.append(first if first is not None else float("nan"))
+        latency.append(time.perf_counter() - t0)
+
+    async def client_loop() -> None:
+        nonlocal next_index
+        while next_index < count and time.perf_counter() < stop_at:
+            i, next_index = next_index, next_index + 1
+            await one(i)
+
+    cpu0 = cpu_seconds(server.process.pid)
+    await asyncio.gather(*[client_loop() for _ in range(concurrency)])
+    wall = time.perf_counter() - start
+    await client.close()
+    return Level(tokens, wall, cpu_seconds(server.process.pid) - cpu0, ttft, latency, errors, layers)
+
+
+def library_level(model, pictures: list, concurrency: int, threshold: float, args, prepare: bool) -> Level:
+    """The same requests straight into a `Scheduler` in this process, `concurrency` always in flight; each one's
+    inputs made from its PNG bytes at submission, as the server makes them (`prepare`), or beforehand, as the
+    library benchmark (bench_serving.py) does."""
+    from freevlm.data.images import decode_image
+    from freevlm.serving import Scheduler
+
+    def make(picture: bytes) -> dict:
+        return model.bundle.inputs([decode_image(picture, "bench")], [CAPTION_PROMPT])
+
+    inputs = pictures if prepare else [make(p) for p in pictures]
+    scheduler = Scheduler(model.ee, max_batch=args.max_batch, max_len=128, max_waiting=args.max_queue)
+    count = min(args.requests, max(16, 4 * concurrency))
+    start, cpu0 = time.perf_counter(), time.process_time()
+    live, done, sent = [], [], 0
+    while sent < count or live:
+        while sent < count and len(live) < concurrency and time.perf_counter() - start < args.seconds:
+            x = make(inputs[sent % len(inputs)]) if prepare else inputs[sent % len(inputs)]
+            options = dict(max_new_tokens=args.max_tokens, threshold=threshold)
+            live.append(scheduler.submit(x["pixel_values"], x["input_ids"], x["attention_mask"], **options))
+            sent += 1
+        if not live:
+            break
+        scheduler.step()
+        done += [h for h in live if h.done]
+        live = [h for h in live if not h.done]
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    results = [h.result() for h in done]
+    ttft = [r.time_to_first_token for r in results]
+    latency = [r.finished - r.submitted for r in results]
+    layers = [layer for r in results for layer in r.exit_layers]
+    return Level(len(layers), wall, cpu, ttft, latency, 0, layers)
+
+
+def show(label: str, level: Level) -> None:
+    mean_layer = statistics.mean(level.exit_layers) if level.exit_layers else float("nan")
+    print(
+        f"  {label:40s} {level.tokens_per_second:7.1f} tok/s {level.tokens_per_cpu_second:7.1f} tok/CPU-s"
+        f"  TTFT p50 {percentile(level.ttft, 0.5):6.3f} p99 {percentile(level.ttft, 0.99):6.3f} s"
+        f"  latency p50 {percentile(level.latency, 0.5):6.3f} p99 {percentile(level.latency, 0.99):6.3f} s"
+        f"  errors {level.errors}  requests {len(level.latency)}  exit layer {mean_layer:5.2f}",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--threshold", type=float, default=0.6, help="the early-exit threshold (and 1.0 beside it)")
+    parser.add_argument("--requests", type=int, default=128, help="per level at most (and at least 4 per client)")
+    parser.add_argument("--seconds", type=float, default=60, help="per level at most")
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--max-queue", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=DemoConfig.max_new_tokens)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_http-"))
+    model_args, name = model_folders(tmp)
+    picture_bytes = images(32)
+    urls = ["data:image/png;base64," + base64.b64encode(b).decode() for b in picture_bytes]
+    print(
+        f"{name}; max batch {args.max_batch}, queue {args.max_queue}, {args.max_tokens} tokens at most, "
+        f"{args.threads} thread(s), levels {args.concurrency}, <= {args.requests} requests / {args.seconds:g} s each"
+    )
+    library = None
+    if 16 in args.concurrency:  # the library's scheduler on the same requests, in this process
+        from freevlm.commands.serve import load_served_model
+
+        folders = dict(zip(["backbone", "exits"], model_args[1:4:2])) if model_args else {}
+        model = load_served_model(
+            argparse.Namespace(**{"backbone": None, "exits": None, **folders}, name=None, device="cpu")
+        )
+        library = (model, picture_bytes)
+    server = Server(model_args, args)
+    results = {}
+    try:
+        for concurrency in args.concurrency:
+            print(f"\n{concurrency} concurrent client(s)")
+            for threshold in (args.threshold, 1.0):
+                level = asyncio.run(http_level(server, urls, concurrency, threshold, args))
+                results[("http", concurrency, threshold)] = level
+                show(f"HTTP, threshold {threshold:g}", level)
+                if concurrency == 16:  # right after, so both see the same machine load
+                    for prepare, label in ((False, "inputs ready"), (True, "inputs made")):
+                        level = library_level(*library, 16, threshold, args, prepare)
+                        results[(label, 16, threshold)] = level
+                        show(f"library, {label}, threshold {threshold:g}", level)
+    finally:
+        server.stop()
+    print("\ngoals")
+    if 16 in args.concurrency:
+        for threshold in (args.threshold, 1.0):
+            http, lib = results[("http", 16, threshold)], results[("inputs ready", 16, threshold)]
+            made = results[("inputs made", 16, threshold)]
+            print(
+                f"  HTTP / library tokens at 16 concurrent, threshold {threshold:g}: "
+                f"{http.tokens_per_cpu_second / lib.tokens_per_cpu_second:.2f}x per CPU second, "
+                f"{http.tokens_per_second / lib.tokens_per_second:.2f}x per wall second (goal >= 0.90); "
+                f"vs the library making each request's inputs as the server does: "
+                f"{http.tokens_per_cpu_second / made.tokens_per_cpu_second:.2f}x per CPU second"
+            )
+            ratios = [percentile(r.ttft, 0.99) / percentile(r.ttft, 0.5) for r in (http, lib)]
+            print(
+                f"  p99 / p50 TTFT at 16 concurrent, threshold {threshold:g}: {ratios[0]:.2f} (goal <= 3; the "
+                f"library's: {ratios[1]:.2f})"
+            )
+        early, full = results[("http", 16, args.threshold)], results[("http", 16, 1.0)]
+        print(
+            f"  early exits / threshold 1.0 over HTTP at 16 concurrent: "
+            f"{early.tokens_per_cpu_second / full.tokens_per_cpu_second:.2f}x tokens per CPU second"
+        )
+    if 64 in args.concurrency:
+        errors = sum(results[("http", 64, t)].errors for t in (args.threshold, 1.0))
+        print(f"  errors at 64 concurrent with a queue of {args.max_queue}: {errors} (goal 0)")
+
+
+if __name__ == "__main__":
+    main()
