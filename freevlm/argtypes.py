@@ -69,6 +69,7 @@ nonnegative_float = number(low=0)
 unit_interval = number(0, 1)  # probabilities, thresholds
 fraction = number(0, 1, high_open=True)  # a share held out: 0 (none) up to, not including, everything
 open_fraction = number(0, 1, low_open=True, high_open=True)
+random_seed = integer(0, 2**64 - 1)  # what torch.manual_seed takes
 
 
 def device(text: str) -> str:
@@ -93,9 +94,17 @@ def device(text: str) -> str:
     return text
 
 
+def input_path(text: str) -> str:
+    """A file or folder the command reads (or, for calibration, writes): any text but an empty one, which would
+    quietly mean the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must be a path, got an empty one")
+    return text
+
+
 def output_dir(text: str) -> str:
     """A folder to write into: may exist (as a folder) or not; an existing file, or a file on the way, is refused."""
-    path = Path(text)
+    path = Path(_nonempty(text))
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is an existing file, not a folder")
     _check_parents(path, text)
@@ -104,10 +113,21 @@ def output_dir(text: str) -> str:
 
 def output_file(text: str) -> str:
     """A file to write: may exist (it is replaced) or not; a folder, or a file on the way, is refused."""
-    path = Path(text)
+    path = Path(_nonempty(text))
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder: give the path of the file to write")
     _check_parents(path, text)
+    return text
+
+
+def _nonempty(text: str) -> str:
+    """`text`, unless it is empty or a path the system cannot resolve (a symlink loop, a name too long)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must be a path, got an empty one")
+    try:
+        Path(text).resolve(strict=False).exists()
+    except (OSError, RuntimeError) as err:  # RuntimeError: resolve()'s symlink loop before Python 3.13
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {getattr(err, 'strerror', None) or err}") from None
     return text
 
 

@@ -27,7 +27,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from .eval.evaluate import EvalResult, evaluate
+from .eval.evaluate import SHARED_TASKS, EvalResult, evaluate, evaluate_many
 from .eval.processes import Processes
 from .methods import get_method, trainable_parameters
 
@@ -281,7 +281,9 @@ def calibrate_exits(
 
     Losses are measured against the full model's outputs: `full_outputs` when given (already decoded, e.g. by an
     earlier call on the same records), otherwise the first run decodes the full model beside the exits.
-    `time_every_run` decodes the full model beside every run, for measured (work and wall-clock) speedups.
+    Captions and VQA decode every threshold together, image and prompt encoded once (`evaluate_many`: each
+    threshold's outputs those of its own run; speed reports count tokens only), unless `time_every_run`, which
+    decodes each threshold alone with the full model beside it, for measured (work and wall-clock) speedups.
     Under `accelerate launch` every process decodes its share of each run; the main process alone computes the
     losses and certifies (the others get None for the `Calibration`)."""
     tolerance = check_unit_interval("tolerance", tolerance)
@@ -311,17 +313,8 @@ def calibrate_exits(
     if full_texts is not None and loss == "metric" and main:
         full_metric = _metric_per_record(task, labels, full_texts, vqa_metric)
     losses: dict[float, list[float]] = {}
-    for t in grid:
-        result = evaluate(
-            task,
-            ee,
-            processor,
-            records,
-            t,
-            method=method,
-            compare_full=time_every_run or full_texts is None,
-            **eval_kwargs,
-        )
+    runs = _runs(task, ee, processor, records, grid, method, full_texts is None, time_every_run, eval_kwargs)
+    for t, result in zip(grid, runs):
         results[t] = result
         texts = [row["prediction"] for row in result.predictions]
         if full_texts is None:  # the first run decoded the full model too
@@ -343,6 +336,21 @@ def calibrate_exits(
         return None, results
     calibration = calibrate_threshold(losses, tolerance, confidence, higher_is_safer=higher_is_safer, fallback=safe)
     return calibration, results
+
+
+def _runs(task, ee, processor, records, grid, method, need_full: bool, time_every_run: bool, eval_kwargs: dict):
+    """Each threshold's `EvalResult`, in `grid` order: decoded all together where they can be (`evaluate_many`),
+    else one by one, each timed against the full model with `time_every_run`; with `need_full` the full model's
+    outputs come with the first."""
+    if task in SHARED_TASKS and not time_every_run:
+        rules = [(t, None) for t in grid]
+        yield from evaluate_many(
+            task, ee, processor, records, rules, method=method, compare_full=need_full, **eval_kwargs
+        )
+        return
+    for i, t in enumerate(grid):
+        full = time_every_run or (need_full and i == 0)
+        yield evaluate(task, ee, processor, records, t, method=method, compare_full=full, **eval_kwargs)
 
 
 # --- exit placement --------------------------------------------------------------------------------------------

@@ -29,10 +29,11 @@ def validate_generate_inputs(
     each prompt row holds (`images_per_row`).
     Errors: pixel_values not a float [batch, channels, height, width] tensor, the wrong number of channels, a
     size the vision encoder cannot take; input_ids not an integer [batch, length] tensor, ids outside the
-    vocabulary; attention_mask without input_ids, or of another shape; a prompt that leaves no room for
-    `max_new_tokens` within the language model's positions; the family's own inputs (`inputs`) as its
-    `check_inputs` says (where `pixel_layout` is the family's own, the pixel checks are its too). Warnings:
-    non-finite pixels, mask rows that attend to nothing, an image size far from the one the encoder was built for.
+    vocabulary; attention_mask without input_ids, of another shape, or right-padded before a decoder-only LM; a
+    prompt that leaves no room for `max_new_tokens` within the language model's positions; the family's own
+    inputs (`inputs`) as its `check_inputs` says (where `pixel_layout` is the family's own, the pixel checks are
+    its too). Warnings: non-finite pixels, mask rows that attend to nothing, an image size far from the one the
+    encoder was built for.
     """
     model, cfg = backbone.model, backbone.config
     images = backbone.pixel_layout in ("images", "tiles")
@@ -46,7 +47,7 @@ def validate_generate_inputs(
     if input_ids is not None:
         _check_ids(backbone, pixel_values, input_ids, images, inputs or {})
         if attention_mask is not None:
-            _check_mask(input_ids, attention_mask)
+            _check_mask(input_ids, attention_mask, decoder_only=not _is_encoder_decoder(cfg))
     backbone.check_inputs(pixel_values, input_ids, attention_mask, inputs or {})
     if not images:
         _check_length(cfg, input_ids.shape[1], max_new_tokens)
@@ -153,7 +154,11 @@ def _check_ids(backbone, pixel_values, input_ids, images: bool = True, inputs: d
         )
 
 
-def _check_mask(input_ids, attention_mask) -> None:
+def _is_encoder_decoder(cfg) -> bool:
+    return bool(getattr(getattr(cfg, "text_config", cfg), "is_encoder_decoder", False))
+
+
+def _check_mask(input_ids, attention_mask, decoder_only: bool) -> None:
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
         shape = (
             tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
@@ -163,6 +168,12 @@ def _check_mask(input_ids, attention_mask) -> None:
         raise ValueError("attention_mask holds NaN or inf: it must be 0 (padding) or 1 (token)")
     if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
         raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+    right = ((attention_mask[:, -1] == 0) & (attention_mask != 0).any(1)).nonzero().flatten().tolist()
+    if decoder_only and right:  # Hugging Face only warns; the answer would follow padding, not the prompt
+        raise ValueError(
+            f"attention_mask rows {right[:8]} are right-padded: a decoder-only language model continues from the "
+            "last position, which would be padding; pad on the left (tokenizer.padding_side = 'left')"
+        )
     empty = (attention_mask == 0).all(1).nonzero().flatten().tolist()
     if empty:
         warnings.warn(
@@ -174,9 +185,16 @@ def _check_mask(input_ids, attention_mask) -> None:
 
 
 def _check_length(cfg, prompt_len: int, max_new_tokens: int) -> None:
-    """Decoder-only LMs have learned positions: prompt + new tokens must fit in them (T5's are relative)."""
+    """Decoder-only LMs have learned positions: prompt + new tokens must fit in them. T5's are relative, but its
+    decoder's K/V slots are allocated for every new token at once: at most its config's `n_positions`."""
     text = cfg.text_config
-    if getattr(text, "is_encoder_decoder", False):
+    if getattr(text, "is_encoder_decoder", False):  # T5: the decoder's slots are allocated up front, n_positions
+        limit = getattr(text, "n_positions", None)  # is the longest sequence its config says it is used with
+        if isinstance(limit, int) and isinstance(max_new_tokens, int) and max_new_tokens > limit:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} exceeds the {limit} positions the language model's config gives "
+                f"(n_positions): max_new_tokens can be at most {limit}"
+            )
         return
     limit = getattr(text, "max_position_embeddings", None)
     if isinstance(limit, int) and isinstance(max_new_tokens, int) and prompt_len + max_new_tokens > limit:

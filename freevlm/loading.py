@@ -120,9 +120,7 @@ class VLMBundle:
 
     def _processed(self, images: list[Image.Image], prompts: list[str]) -> dict[str, torch.Tensor]:
         model_type = self.model.config.model_type
-        if (
-            model_type in EXPANDS_IMAGE_TOKEN
-        ):  # the processor expands each image token (<start_of_image>) a prompt holds
+        if model_type in EXPANDS_IMAGE_TOKEN:  # each image token (<start_of_image>) a prompt holds
             image_token = self.processor.image_token
             prompts = [p if image_token in p else f"{image_token}\n{p}" for p in prompts]
         if model_type in ("gemma3", "idefics3", "smolvlm"):  # their processors take each prompt's images as a list

@@ -23,7 +23,7 @@ from .decoding.search import SEARCH, search_name
 from .decoding.static import EnginePool
 from .errors import MissingFileError
 from .exits import Exit, ExitConfig, ExitLayer, HeadExit, LinearExit
-from .inputs import validate_generate_inputs
+from .inputs import InputWarning, validate_generate_inputs
 
 WEIGHTS_NAME = "exits.safetensors"
 CONFIG_NAME = "exits_config.json"
@@ -60,7 +60,8 @@ class EarlyExitVLM(nn.Module):
     """Exits attached to a BLIP-2. Only the exits are submodules: `.parameters()` are the trainable ones.
 
     The backbone stays the user's object (`self.model`); move it yourself. Exits are created on the backbone's
-    device and dtype.
+    device and dtype, and `generate` brings them back to both if the backbone was cast or moved since
+    (`follow_backbone`).
     """
 
     def __init__(self, model: nn.Module, exit_config: ExitConfig | None = None):
@@ -221,6 +222,8 @@ class EarlyExitVLM(nn.Module):
         inputs = self._model_inputs(config.update(**kwargs))
         config.validate()
         validate_generate_inputs(self.backbone, pixel_values, input_ids, attention_mask, config.max_new_tokens, inputs)
+        self.follow_backbone()
+        warn_if_training(self.model, self.exits)
         if input_ids is None:
             input_ids = self.default_prompt(pixel_values.shape[0], pixel_values.device)
         if isinstance(config.policy, Copies) and (config.mode != "early_exit" or config.num_beams > 1):
@@ -242,6 +245,15 @@ class EarlyExitVLM(nn.Module):
         return search(
             self.backbone, exits, policy, config, pixel_values, input_ids, attention_mask, inputs, self.engines
         )
+
+    def follow_backbone(self) -> None:
+        """Move and cast the exits to the backbone's device and dtype, as modules registered on it would have
+        followed `model.to(...)`: the backbone is the user's object, cast or moved after `from_backbone` as often as
+        not (`model.to(torch.bfloat16)`, `model.cuda()`). `generate` calls it; a trainer that keeps fp32 exits under
+        autocast calls `forward`, which leaves them as they are."""
+        device, dtype = self.backbone.device, self.backbone.dtype
+        if any(p.device != device or p.dtype != dtype for p in self.exits.parameters()):
+            self.exits.to(device=device, dtype=dtype)
 
     def _model_inputs(self, inputs: dict) -> dict:
         """The inputs beyond image and prompt that this family's `generate` takes (None ones dropped, as a
@@ -276,6 +288,25 @@ class EarlyExitVLM(nn.Module):
         if pad is None:
             pad = eos[0] if eos else 0
         return eos, pad
+
+
+def warn_if_training(model: nn.Module, exits: nn.Module) -> None:
+    """An `InputWarning` when the backbone or the exits are in training mode: dropout is then on and the tokens
+    vary from call to call (Hugging Face's `generate` does not switch modes either)."""
+    training = [name for name, module in (("the backbone", model), ("the exits", exits)) if _in_training(module)]
+    if training:
+        warnings.warn(
+            f"generate: {' and '.join(training)} are in training mode, so dropout changes the tokens from call to "
+            "call: call .eval() on the EarlyExitVLM and its backbone model first",
+            InputWarning,
+            stacklevel=4,
+        )
+
+
+def _in_training(module: nn.Module) -> bool:
+    """Whether any module that runs is in training mode (a container's own flag changes nothing: a ModuleDict
+    built around exits in eval mode starts in training mode)."""
+    return any(m.training for m in module.modules() if not isinstance(m, (nn.ModuleDict, nn.ModuleList)))
 
 
 def check_fingerprint(saved: dict, current: dict, path) -> None:

@@ -107,15 +107,18 @@ def test_calibrate_metric_loss_against_the_full_model(checkpoint, tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--tolerance", "0"], "--tolerance must be in (0, 1), got 0"),
-        (["--tolerance", "1.2"], "--tolerance must be in (0, 1), got 1.2"),
-        (["--confidence", "1"], "--confidence must be in (0, 1), got 1"),
-        (["--confidence", "-0.5"], "--confidence must be in (0, 1), got -0.5"),
+        (["--tolerance", "0"], "argument --tolerance: must be a finite number in (0, 1), got '0'"),
+        (["--tolerance", "1.2"], "argument --tolerance: must be a finite number in (0, 1), got '1.2'"),
+        (["--confidence", "1"], "argument --confidence: must be a finite number in (0, 1), got '1'"),
+        (["--confidence", "-0.5"], "argument --confidence: must be a finite number in (0, 1), got '-0.5'"),
+        (["--confidence", "nan"], "argument --confidence: must be a finite number in (0, 1), got 'nan'"),
     ],
 )
 def test_bad_tolerance_or_confidence_fails_before_loading(tmp_path, capsys, extra, message):
     args = _args(tmp_path / "no-such-checkpoint", tmp_path, *extra)
-    assert main(args) == 2
+    with pytest.raises(SystemExit) as exit_:  # refused while parsing, as every number is
+        main(args)
+    assert exit_.value.code == 2
     assert message in capsys.readouterr().err
 
 

@@ -279,3 +279,35 @@ def test_shared_caption_scores_tokenize_once_and_score_as_apart(tmp_path):
         alone = evaluate_captioning(ee, bundle, records, threshold, tokenizer=tokenizer, **options)
         assert together.predictions == alone.predictions
         assert together.quality == alone.quality and together.score == alone.score
+
+
+def test_a_sweep_cut_short_resumes_to_the_same_results(checkpoint, tmp_path, capsys):
+    """Each pass of a sweep keeps its own lines; a sweep whose test pass lost its last lines (and never wrote its
+    results) resumes to what the whole sweep wrote. Other thresholds are refused by name."""
+    questions = gqa(tmp_path, 9)
+    argv = command_args(checkpoint, questions, tmp_path / "out")["sweep"]
+    out = tmp_path / "out" / "sweep"
+    assert main(argv) == 0
+    whole = json.loads((out / "results.json").read_text()), json.loads((out / "predictions.json").read_text())
+    assert sorted(p.name for p in out.glob("*.jsonl")) == [
+        "predictions_best.jsonl",
+        "predictions_dev.jsonl",
+        "predictions_test.jsonl",
+    ]
+    test_lines = (out / "predictions_test.jsonl").read_text().splitlines(keepends=True)
+    (out / "predictions_test.jsonl").write_text("".join(test_lines[:2]) + test_lines[2][:9])  # cut mid-line
+    (out / "predictions_best.jsonl").unlink()
+    (out / "results.json").unlink()
+    assert main([*argv, "--resume"]) == 0
+    resumed = json.loads((out / "results.json").read_text()), json.loads((out / "predictions.json").read_text())
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("speed", "seconds")} for r in rows]  # noqa: E731
+    assert resumed[1] == whole[1]
+    for key in ("dev", "test", "per_layer"):
+        assert strip(resumed[0][key]) == strip(whole[0][key]), key
+    assert resumed[0]["best_threshold"] == whole[0]["best_threshold"]
+    assert len((out / "predictions_test.jsonl").read_text().splitlines()) == len(test_lines)
+
+    other = list(argv)
+    other[other.index("--thresholds") + 1] = "0.013"
+    assert main([*other, "--resume"]) == 2
+    assert "thresholds: [0.014, 0.016, 1.0] in the file, [0.013, 0.016, 1.0] now" in capsys.readouterr().err

@@ -29,6 +29,7 @@ def test_good_inputs_pass_silently(backbone, model):
     check(backbone, pv, ids, mask)
     check(backbone, pv, ids, None)
     check(backbone, pv, None, None)
+    pv, ids, _ = tiny_inputs(model, batch=2)  # unpadded, so that no row keeps an image token after the cut
     check(backbone, pv, ids[:, model.config.num_query_tokens :], None)  # image tokens added by the engine
 
 
@@ -156,3 +157,21 @@ def test_a_thumbnail_far_below_the_processor_size_warns_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_small_images([Image.new("RGB", (200, 180))], Processor())
+
+
+def test_right_padding_before_a_decoder_only_lm_and_partial_image_tokens(backbone, model, family):
+    """Found by tests/test_fuzz_api.py: a right-padded prompt decoded silently after its padding (decoder-only), and
+    a BLIP-2 prompt holding some image tokens but not `num_query_tokens` of them failed deep inside (or, across
+    rows, took misplaced features silently)."""
+    pv, ids, mask = tiny_inputs(model, batch=2)
+    right = mask.clone()
+    right[0, -1] = 0
+    if family == "t5":  # the encoder reads the whole prompt at once: padding on either side is fine
+        check(backbone, pv, ids, right)
+    else:
+        with pytest.raises(ValueError, match=r"attention_mask rows \[0\] are right-padded"):
+            check(backbone, pv, ids, right)
+    partial = ids.clone()
+    partial[1, 0] = 5
+    with pytest.raises(ValueError, match=r"prompt row 1 holds 3 image token\(s\) \(id 98\) in input_ids"):
+        check(backbone, pv, partial, None)

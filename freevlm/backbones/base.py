@@ -431,6 +431,22 @@ class Blip2Backbone(Backbone):
             "lm": [m.language_model],
         }
 
+    def check_inputs(self, pixel_values, input_ids, attention_mask, inputs: dict) -> None:
+        """A prompt that holds image tokens holds `num_query_tokens` of them in every row, as the processor lays
+        them out (none at all: they are put in front); another count would misplace the image's features."""
+        token, per_image = self.config.image_token_index, self.config.num_query_tokens
+        if input_ids is None or token is None:
+            return
+        counts = (input_ids == token).sum(dim=1).tolist()
+        wrong = [b for b, n in enumerate(counts) if n != per_image]
+        if any(counts) and wrong:
+            b = wrong[0]
+            raise ValueError(
+                f"prompt row {b} holds {counts[b]} image token(s) (id {token}) in input_ids but its image gives "
+                f"{per_image} features: build prompts with the model's processor, or leave the image tokens out "
+                "(they are then put in front)"
+            )
+
     def image_features(self, pixel_values: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
         """The projected Q-Former outputs, `[B, num_query_tokens, H]`: what replaces the image tokens."""
         model = self.model

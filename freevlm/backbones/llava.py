@@ -80,9 +80,9 @@ class LlavaBackbone(RotaryDecoder):
         if wrong:
             b = wrong[0]
             raise ValueError(
-                f"prompt row {b} holds {counts[b]} image token(s) (id {cfg.image_token_index}) but its image gives "
-                f"{features.shape[1]} features: build prompts with the model's processor, which expands <image> "
-                f"into {features.shape[1]} tokens"
+                f"prompt row {b} holds {counts[b]} image token(s) (id {cfg.image_token_index}) in input_ids but its "
+                f"image gives {features.shape[1]} features: build prompts with the model's processor, which expands "
+                f"<image> into {features.shape[1]} tokens"
             )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)

@@ -16,6 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..argtypes import number, open_fraction, output_file, positive_int
 from ..calibration import (
     LOSS_DEFINITIONS,
     LOSSES,
@@ -38,14 +39,16 @@ from .evaluate import dataset_arguments, evaluation_options, load_model
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="certify an exit threshold: early-exit risk <= tolerance with a confidence")
     _common(p)
-    p.add_argument("--out", required=True, help="calibration JSON to write")
+    p.add_argument("--out", type=output_file, required=True, help="calibration JSON to write")
     p.set_defaults(func=run_calibrate)
 
     p = sub.add_parser("place-exits", help="choose exit layers among trained ones: most speedup at a certified risk")
     _common(p)
-    p.add_argument("--candidates", type=int, nargs="+", help="trained exit layers to choose from (default: all)")
-    p.add_argument("--budget-exits", type=int, help="at most this many exits")
-    p.add_argument("--budget-parameters", type=int, help="at most this many trainable exit parameters")
+    p.add_argument(
+        "--candidates", type=positive_int, nargs="+", help="trained exit layers to choose from (default: all)"
+    )
+    p.add_argument("--budget-exits", type=positive_int, help="at most this many exits")
+    p.add_argument("--budget-parameters", type=positive_int, help="at most this many trainable exit parameters")
     p.add_argument(
         "--speedup",
         choices=SPEEDUPS,
@@ -53,8 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="what to maximise: ideal (parameters touched, counted by the engine), analytic (the "
         "paper's N / layers per token), wallclock (measured here)",
     )
-    p.add_argument("--max-placements", type=int, default=64, help="refuse budgets that allow more placements")
-    p.add_argument("--out", required=True, help="placement JSON to write")
+    p.add_argument("--max-placements", type=positive_int, default=64, help="refuse budgets that allow more placements")
+    p.add_argument("--out", type=output_file, required=True, help="placement JSON to write")
     p.set_defaults(func=run_place_exits)
 
 
@@ -67,9 +70,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="consistency: output differs from the full model's (no labels needed); metric: clipped "
         "per-record drop of VQA accuracy / CIDEr below the full model's",
     )
-    p.add_argument("--tolerance", type=float, default=0.05, help="the risk (mean loss) to stay under, in (0, 1)")
-    p.add_argument("--confidence", type=float, default=0.95, help="probability the guarantee holds, in (0, 1)")
-    p.add_argument("--thresholds", type=float, nargs="+", help="grid to certify (default: the --method's grid)")
+    p.add_argument(
+        "--tolerance", type=open_fraction, default=0.05, help="the risk (mean loss) to stay under, in (0, 1)"
+    )
+    p.add_argument("--confidence", type=open_fraction, default=0.95, help="probability the guarantee holds, in (0, 1)")
+    p.add_argument("--thresholds", type=number(), nargs="+", help="grid to certify (default: the --method's grid)")
 
 
 def _records(args: argparse.Namespace) -> tuple[DatasetSpec, list]:

@@ -5,13 +5,17 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..argtypes import output_dir, positive_int, random_seed
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on the built-in shapes world, with a report")
     p.add_argument("--quick", action="store_true", help="smaller data and shorter training (about 3 minutes)")
-    p.add_argument("--out", default="report", help="report folder (default: report/)")
+    p.add_argument("--out", type=output_dir, default="report", help="report folder (default: report/)")
     p.add_argument(
-        "--cache", help="where trained backbones and exits are kept (default: $FREEVLM_CACHE or ~/.cache/freevlm/demo)"
+        "--cache",
+        type=output_dir,
+        help="where trained backbones and exits are kept (default: $FREEVLM_CACHE or ~/.cache/freevlm/demo)",
     )
     p.add_argument("--fresh", action="store_true", help="retrain instead of reusing the cache")
     p.add_argument(
@@ -25,10 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="skip DeeBLIP / PABEE-BLIP / LeeBLIP / MuE (--quick always skips them)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=random_seed, default=0)
     p.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         help="PyTorch threads (default: 1 or all cores, whichever runs a training-"
         "sized matmul faster when the demo starts)",
     )

@@ -8,11 +8,12 @@ predictions.jsonl as it goes; `--resume` decodes only the records not there yet 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from dataclasses import replace
 from pathlib import Path
 
-from ..argtypes import device, number, open_fraction, output_dir, positive_int
+from ..argtypes import device, input_path, number, open_fraction, output_dir, positive_int
 from ..data.specs import FORMATS, DatasetSpec, read_dataset
 from ..decoding.config import KV_MODES, DecodeConfig
 from ..errors import UserError
@@ -25,8 +26,8 @@ from ..methods import METHODS, get_method
 
 def dataset_arguments(p: argparse.ArgumentParser) -> None:
     """Backbone, exits, method, dataset and decoding: what every command that runs exits over a dataset takes."""
-    p.add_argument("--backbone", required=True, help="folder of a BLIP-2 saved with save_pretrained")
-    p.add_argument("--exits", help="folder of exits saved by EarlyExitVLM.save_exits (MuE: optional)")
+    p.add_argument("--backbone", type=input_path, required=True, help="folder of a BLIP-2 saved with save_pretrained")
+    p.add_argument("--exits", type=input_path, help="folder of exits saved by EarlyExitVLM.save_exits (MuE: optional)")
     p.add_argument(
         "--method",
         choices=sorted(METHODS),
@@ -44,11 +45,12 @@ def dataset_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", required=True, choices=sorted(FORMATS), help="dataset format")
     p.add_argument(
         "--files",
+        type=input_path,
         required=True,
         nargs="+",
         help="annotation file(s): " + "; ".join(f"{k}: {v[1]}" for k, v in FORMATS.items()),
     )
-    p.add_argument("--images", required=True, help="folder the dataset's image paths are relative to")
+    p.add_argument("--images", type=input_path, required=True, help="folder the dataset's image paths are relative to")
     p.add_argument("--split", help="Karpathy split (train/val/test/restval) or NoCaps domain")
     p.add_argument("--limit", type=positive_int, help="use only the first N records")
     p.add_argument("--prompt", help=f"prompt (captions: {CAPTION_PROMPT!r}; VQA: {VQA_PROMPT!r} with {{question}})")
@@ -69,23 +71,26 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--timing-repeats", type=positive_int, default=1, help="decode each batch N times per mode, keep the fastest"
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"decode only the records not yet in --out's {PREDICTIONS} (sweep: predictions_*.jsonl); refused if "
+        "they were made with other options",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate early exits at one threshold: official metrics + speed vs full model")
     _common(p)
     p.add_argument("--threshold", type=number(), default=DecodeConfig.threshold, help="the --method rule's knob")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help=f"decode only the records not yet in --out's {PREDICTIONS} (refused if it was made with other options)",
-    )
     p.set_defaults(func=run_eval)
 
     p = sub.add_parser("sweep", help="sweep thresholds, choose the best on a dev split, plot quality vs speedup")
     _common(p)
     p.add_argument("--thresholds", type=number(), nargs="+", help="default: the --method's grid")
-    p.add_argument("--dev-files", nargs="+", help="dev annotation file(s) (default: hold out --dev-fraction)")
+    p.add_argument(
+        "--dev-files", type=input_path, nargs="+", help="dev annotation file(s) (default: hold out --dev-fraction)"
+    )
     p.add_argument("--dev-split", help="dev split of the same files (e.g. Karpathy 'val')")
     p.add_argument("--dev-fraction", type=open_fraction, default=0.2, help="in (0, 1)")
     p.add_argument("--no-per-layer", action="store_true", help="skip the per-layer (forced exit) curve")
@@ -218,6 +223,10 @@ def run_sweep(args: argparse.Namespace) -> int:
     spec = _spec(args)
     records = read_dataset(spec)
     dev = read_dataset(_spec(args, args.dev_files, args.dev_split)) if (args.dev_files or args.dev_split) else None
+    dev_set = {"files": args.dev_files, "split": args.dev_split, "fraction": args.dev_fraction}
+    options = run_options(args, spec, thresholds=args.thresholds, dev=dev_set, per_layer=not args.no_per_layer)
+    log = functools.partial(PredictionLog, args.out, options, args.resume)
+    log("predictions_dev")  # a resume with other options fails here, before any weights load
     ee, bundle = load_model(args)
     result = sweep(
         ee,
@@ -230,6 +239,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         per_layer=not args.no_per_layer,
         progress=print if Processes.current().is_main else None,
         method=args.method,
+        log=log,
         **_eval_options(args, spec, bundle),
     )
     if not Processes.current().is_main:

@@ -6,23 +6,29 @@ import argparse
 
 import torch
 
-from ..argtypes import device, integer, positive_int, unit_interval
+from ..argtypes import device, input_path, integer, positive_int, unit_interval
 from ..data.images import load_image
 from ..decoding.config import KV_MODES, MODES, DecodeConfig
 from ..exits import ExitConfig
 from ..model import EarlyExitVLM
+
+# a tiny model is for a look at where tokens leave: bounds that keep it tiny (the LM has 512 positions)
+TINY_MAX_LAYERS, TINY_MAX_NEW_TOKENS = 64, 256
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("caption", help="caption images with early exits")
     p.add_argument(
         "--backbone",
+        type=input_path,
         required=True,
         help="folder of a BLIP-2 (with its tokenizer and image processor), "
         "an InstructBLIP or a LLaVA (with its processor), saved with save_pretrained",
     )
-    p.add_argument("--exits", help="folder of exits saved by EarlyExitVLM.save_exits (default: no exits)")
-    p.add_argument("--image", required=True, nargs="+", help="image file(s)")
+    p.add_argument(
+        "--exits", type=input_path, help="folder of exits saved by EarlyExitVLM.save_exits (default: no exits)"
+    )
+    p.add_argument("--image", type=input_path, required=True, nargs="+", help="image file(s)")
     p.add_argument(
         "--prompt",
         help="text prompt after the image (e.g. 'a photo of'; LLaVA: where <image> stands, or after it); default: the "
@@ -43,8 +49,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("tiny-run", help="early-exit generation on a small random BLIP-2 (no files needed)")
     p.add_argument("--family", choices=("opt", "t5"), default="opt")
-    p.add_argument("--layers", type=integer(low=4), default=12, help="LM layers (>= 4: exits go every 3 layers)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=12)
+    p.add_argument(
+        "--layers", type=integer(low=4, high=TINY_MAX_LAYERS), default=12, help="LM layers (>= 4: exits every 3 layers)"
+    )
+    p.add_argument("--max-new-tokens", type=integer(low=1, high=TINY_MAX_NEW_TOKENS), default=12)
     p.set_defaults(func=tiny_run)
 
 

@@ -10,7 +10,7 @@ import threading
 from functools import partial
 from pathlib import Path
 
-from ..argtypes import device, integer, number, positive_int, unit_interval
+from ..argtypes import device, input_path, integer, number, positive_int, unit_interval
 from ..errors import UserError
 from ..server.config import ServerConfig  # no dependency of the serve extra: `freevlm --help` works without it
 
@@ -19,9 +19,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="an OpenAI-compatible server (chat completions) with early exits")
     p.add_argument(
         "--backbone",
+        type=input_path,
         help="model folder, as for `freevlm caption` (default: the demo's trained model, from the demo cache)",
     )
-    p.add_argument("--exits", help="folder of exits saved by EarlyExitVLM.save_exits (default: none, full model)")
+    p.add_argument(
+        "--exits", type=input_path, help="folder of exits saved by EarlyExitVLM.save_exits (default: none, full model)"
+    )
     p.add_argument("--name", help="the model name clients send (default: the backbone folder's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=integer(0, 65535), default=8000)

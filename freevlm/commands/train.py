@@ -18,6 +18,7 @@ from pathlib import Path
 from ..argtypes import (
     device,
     fraction,
+    input_path,
     nonnegative_float,
     nonnegative_int,
     number,
@@ -26,6 +27,7 @@ from ..argtypes import (
     output_file,
     positive_float,
     positive_int,
+    random_seed,
 )
 from ..errors import UserError
 from ..exits import EXIT_INITS
@@ -55,18 +57,28 @@ def _set_command(p: argparse.ArgumentParser, command: Callable[[argparse.Namespa
 
 def _loop_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--backbone", required=True, help="folder of a BLIP-2 saved with save_pretrained (+ tokenizer, processor)"
+        "--backbone",
+        type=input_path,
+        required=True,
+        help="folder of a BLIP-2 saved with save_pretrained (+ tokenizer, processor)",
     )
     p.add_argument(
-        "--captions", required=True, help="COCO captions JSON (captions_*.json or Karpathy dataset_coco.json)"
+        "--captions",
+        type=input_path,
+        required=True,
+        help="COCO captions JSON (captions_*.json or Karpathy dataset_coco.json)",
     )
     p.add_argument(
-        "--image-root", default=None, help="folder the JSON's image paths are relative to (default: the JSON's folder)"
+        "--image-root",
+        type=input_path,
+        default=None,
+        help="folder the JSON's image paths are relative to (default: the JSON's folder)",
     )
     p.add_argument("--split", default=None, help="Karpathy split to use (train, restval, val, test)")
     p.add_argument("--prompt", default="a photo of", help="prompt before each caption ('' for none)")
     p.add_argument(
         "--dev-captions",
+        type=input_path,
         default=None,
         help="COCO captions JSON for the dev split (default: --dev-fraction of --captions)",
     )
@@ -94,7 +106,7 @@ def _loop_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=nonnegative_int)
     p.add_argument("--schedule", choices=SCHEDULES)
     p.add_argument("--grad-clip", type=nonnegative_float, help="0 to disable")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=random_seed)
     p.add_argument("--precision", choices=PRECISIONS, help="autocast dtype")
     p.add_argument("--cpu", action="store_true", help="train on CPU even if an accelerator is present")
     p.add_argument("--checkpoint-every", type=positive_int)
@@ -147,17 +159,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     _set_command(p, train_baseline_command, BaselineTrainConfig)
 
     p = _parser(sub, "capfilt", "pseudo-captions: sample N captions per image, keep the scorer's top k")
-    p.add_argument("--backbone", required=True, help="folder of the (fine-tuned) BLIP-2")
+    p.add_argument("--backbone", type=input_path, required=True, help="folder of the (fine-tuned) BLIP-2")
     p.add_argument(
-        "--scorer", required=True, help="clip:PATH (CLIPModel folder) or itm:PATH (Blip2ForImageTextRetrieval)"
+        "--scorer",
+        type=input_path,
+        required=True,
+        help="clip:PATH (CLIPModel folder) or itm:PATH (Blip2ForImageTextRetrieval)",
     )
-    p.add_argument("--images", nargs="+", default=None, help="image files")
+    p.add_argument("--images", type=input_path, nargs="+", default=None, help="image files")
     p.add_argument(
         "--captions",
+        type=input_path,
         default=None,
         help="take the images from this COCO captions JSON instead (its captions are ignored)",
     )
-    p.add_argument("--image-root", default=None, help="folder the --captions image paths are relative to")
+    p.add_argument(
+        "--image-root", type=input_path, default=None, help="folder the --captions image paths are relative to"
+    )
     p.add_argument("--output", type=output_file, required=True, help="COCO captions JSON to write")
     p.add_argument("--prompt")
     p.add_argument("--num-samples", type=positive_int)
@@ -166,7 +184,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=positive_float)
     p.add_argument("--max-new-tokens", type=positive_int)
     p.add_argument("--batch-size", type=positive_int)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=random_seed)
     p.add_argument("--device", type=device, default="cpu")
     _set_command(p, capfilt_command, CapFiltConfig)
 

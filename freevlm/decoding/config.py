@@ -63,8 +63,7 @@ class DecodeConfig:
             raise ValueError(f"eos_token_id must be a token id, a list of them, or None, got {self.eos_token_id!r}")
         if self.pad_token_id is not None and not (_is_int(self.pad_token_id) and self.pad_token_id >= 0):
             raise ValueError(f"pad_token_id must be a token id or None, got {self.pad_token_id!r}")
-        if not isinstance(self.length_penalty, (int, float)) or isinstance(self.length_penalty, bool):
-            raise ValueError(f"length_penalty must be a number, got {self.length_penalty!r}")
+        _check_number("length_penalty", self.length_penalty, "that is finite", lambda v: True)  # NaN: beams at random
         _check_choice("early_stopping", self.early_stopping, (True, False, "never"))
         _check_choice("return_engine", self.return_engine, (True, False))
         _check_choice("static", self.static, (True, False, None))

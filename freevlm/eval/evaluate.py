@@ -144,26 +144,44 @@ def generate_texts(
     started = time.perf_counter()
     early_config, full_config = _configs(ee, config or DecodeConfig(), threshold, layer, method, batch_size)
     ids = list(range(len(images))) if ids is None else list(ids)
-    processes = Processes.current()
-    rows: dict[int, dict] = dict(log.done) if log is not None else {}
-    batches = [list(range(s, min(s + batch_size, len(images)))) for s in range(0, len(images), batch_size)]
-    todo = [(b, index) for b, index in enumerate(batches) if not all(i in rows for i in index)]
     meter = SpeedMeter(ee.backbone.num_layers)
+
+    def decode(b: int, index: list[int], first: bool) -> list[dict]:
+        inputs = processor.inputs([load_image(images[i]) for i in index], [prompts[i] for i in index])
+        early = functools.partial(ee.generate, **inputs, config=early_config)
+        full = functools.partial(ee.generate, **inputs, config=full_config) if compare_full else None
+        return _decode_batch(processor, early, full, meter, timing_repeats, warm_up=first, parity=b)
+
+    processes = Processes.current()
+    rows = _deal(decode, len(images), batch_size, processes, ids, log, progress_bar)
+    ordered = [rows[i] for i in range(len(images))]
+    full_texts = [row["full_prediction"] for row in ordered] if compare_full else None
+    exit_layers = [row["exit_layers"] for row in ordered]
+    meter.recount(exit_layers, sum(row.get("full_tokens", 0) for row in ordered))
+    threshold = None if layer is not None else threshold
+    texts = [row["prediction"] for row in ordered]
+    return _Generated(texts, full_texts, exit_layers, meter.report(), threshold, layer, started, processes.is_main)
+
+
+def _deal(decode, total: int, batch_size: int, processes: Processes, ids, log, progress_bar: bool) -> dict[int, dict]:
+    """Every record's row (`decode(b, index, first)`: the rows of batch `b`, records `index`; `first`: this
+    process's first batch), batch b decoded by process b mod N, each round's rows gathered on every process. Records
+    already in `log` are kept and complete batches skipped; new rows are appended to it by the main process, which
+    alone shows the bar."""
+    rows: dict[int, dict] = dict(log.done) if log is not None else {}
+    batches = [list(range(s, min(s + batch_size, total))) for s in range(0, total, batch_size)]
+    todo = [(b, index) for b, index in enumerate(batches) if not all(i in rows for i in index)]
     write = log is not None and processes.is_main
     if write:
         log.open()
-    bar = _progress_bar(len(images), len(rows), processes.is_main and progress_bar)
+    bar = _progress_bar(total, len(rows), processes.is_main and progress_bar)
     try:
         for r in range(processes.rounds(len(todo))):
             mine = processes.mine(todo, r)
             new = []
             if mine is not None:
                 b, index = mine
-                batch = [load_image(images[i]) for i in index]
-                inputs = processor.inputs(batch, [prompts[i] for i in index])
-                early = functools.partial(ee.generate, **inputs, config=early_config)
-                full = functools.partial(ee.generate, **inputs, config=full_config) if compare_full else None
-                new = _decode_batch(processor, early, full, meter, timing_repeats, warm_up=r == 0, parity=b)
+                new = decode(b, index, r == 0)
                 for i, row in zip(index, new):
                     row["index"], row["id"] = i, ids[i]
             new = [row for row in processes.gather(new) if row["index"] not in rows]  # resumed: the missing lines
@@ -175,13 +193,7 @@ def generate_texts(
         bar.close()
         if write:
             log.close()
-    ordered = [rows[i] for i in range(len(images))]
-    full_texts = [row["full_prediction"] for row in ordered] if compare_full else None
-    exit_layers = [row["exit_layers"] for row in ordered]
-    meter.recount(exit_layers, sum(row.get("full_tokens", 0) for row in ordered))
-    threshold = None if layer is not None else threshold
-    texts = [row["prediction"] for row in ordered]
-    return _Generated(texts, full_texts, exit_layers, meter.report(), threshold, layer, started, processes.is_main)
+    return rows
 
 
 def _decode_batch(processor, early, full, meter: SpeedMeter, repeats: int, warm_up: bool, parity: int) -> list[dict]:
@@ -395,20 +407,23 @@ def evaluate_many(
     batch_size: int = 8,
     compare_full: bool = True,
     progress_bar: bool = False,
+    log: PredictionLog | None = None,
     **score,
 ) -> list[EvalResult]:
     """`evaluate` under every exit rule of `rules` ((threshold, None), or (None, layer) for every token out at
     `layer`), decoded together (`generate_many`): each result's outputs are what `evaluate` gives for its rule, its
     speed report counts tokens but has no clock (the rules share one); with `compare_full`, the full model is decoded
-    once per batch for agreement. `score`: the task's scoring keywords (`spice`, `only`, `tokenizer`; `metric`)."""
+    once per batch for agreement; `log`: see `generate_many`. `score`: the task's scoring keywords (`spice`, `only`,
+    `tokenizer`; `metric`)."""
     if task not in SHARED_TASKS:
         raise ValueError(f"evaluate_many runs {sorted(SHARED_TASKS)}, not {task!r} (evaluate each rule apart)")
     if not records:
         raise ValueError("no records to evaluate")
     inputs, scoring, default = SHARED_TASKS[task]
-    images, prompts, _ = inputs(records) if prompt is None else inputs(records, prompt)
+    images, prompts, ids = inputs(records) if prompt is None else inputs(records, prompt)
+    config = config or default
     generated = generate_many(
-        ee, processor, images, prompts, rules, config or default, method, batch_size, compare_full, progress_bar
+        ee, processor, images, prompts, rules, config, method, batch_size, compare_full, progress_bar, ids, log
     )
     if task == "captions" and generated[0].main and all(r.references for r in records):
         texts = [t for r in records for t in r.references] + [t for gen in generated for t in gen.texts]
@@ -437,10 +452,13 @@ def generate_many(
     batch_size: int = 8,
     compare_full: bool = False,
     progress_bar: bool = False,
+    ids: Sequence | None = None,
+    log: PredictionLog | None = None,
 ) -> list[_Generated]:
     """What `generate_texts` gives under each (threshold, layer) of `rules`, with each batch's image and prompt
     encoded once for all of them: the batch is decoded as one copy per rule side by side (`Copies`), each copy
-    exactly as it would be decoded alone. Batches are dealt out across processes as in `generate_texts`."""
+    exactly as it would be decoded alone. Batches are dealt out across processes, and `log` (one line per record,
+    every rule's output) kept and resumed, as in `generate_texts`."""
     if not rules:
         raise ValueError("no exit rules to evaluate")
     started = time.perf_counter()
@@ -449,27 +467,20 @@ def generate_many(
     policies = [_configs(ee, config, t, layer, method, rows_of_copies)[0].policy for t, layer in rules]
     shared = replace(_configs(ee, config, *rules[0], method, rows_of_copies)[0], policy=Copies(policies))
     full_config = _configs(ee, config, *rules[0], method, batch_size)[1]
+
+    def decode(b: int, index: list[int], first: bool) -> list[dict]:
+        inputs = processor.inputs([load_image(images[i]) for i in index], [prompts[i] for i in index])
+        out = ee.generate(**inputs, config=shared)
+        per_rule = [_rows(processor, _copy(out, g, len(index))) for g in range(len(rules))]
+        new = [{"rules": [rule[k] for rule in per_rule]} for k in range(len(index))]
+        if compare_full:
+            for row, full in zip(new, _rows(processor, ee.generate(**inputs, config=full_config))):
+                row["full_prediction"] = full["prediction"]
+        return new
+
     processes = Processes.current()
-    batches = [list(range(s, min(s + batch_size, len(images)))) for s in range(0, len(images), batch_size)]
-    rows: dict[int, dict] = {}
-    bar = _progress_bar(len(images), 0, processes.is_main and progress_bar)
-    for r in range(processes.rounds(len(batches))):
-        index = processes.mine(batches, r)
-        new = []
-        if index is not None:
-            inputs = processor.inputs([load_image(images[i]) for i in index], [prompts[i] for i in index])
-            out = ee.generate(**inputs, config=shared)
-            n = len(index)
-            per_rule = [_rows(processor, _copy(out, g, n)) for g in range(len(rules))]
-            full = _rows(processor, ee.generate(**inputs, config=full_config)) if compare_full else None
-            for k, i in enumerate(index):
-                new.append({"index": i, "rules": [rule[k] for rule in per_rule]})
-                if full is not None:
-                    new[-1]["full_prediction"] = full[k]["prediction"]
-        new = processes.gather(new)
-        rows.update((row["index"], row) for row in new)
-        bar.update(len(new))
-    bar.close()
+    ids = list(range(len(images))) if ids is None else list(ids)
+    rows = _deal(decode, len(images), batch_size, processes, ids, log, progress_bar)
     ordered = [rows[i] for i in range(len(images))]
     full_texts = [row["full_prediction"] for row in ordered] if compare_full else None
     generated = []

@@ -12,8 +12,7 @@ import json
 import os
 from pathlib import Path
 
-PREDICTIONS = "predictions.jsonl"
-OPTIONS = "predictions.options.json"
+PREDICTIONS = "predictions.jsonl"  # `freevlm eval`'s; a sweep keeps one per pass (`name`)
 
 
 class PredictionLog:
@@ -21,9 +20,9 @@ class PredictionLog:
 
     Every process reads (`resume`), only the main one writes (`open`, `append`)."""
 
-    def __init__(self, folder: str | os.PathLike, options: dict, resume: bool = False):
+    def __init__(self, folder: str | os.PathLike, options: dict, resume: bool = False, name: str = "predictions"):
         self.folder = Path(folder)
-        self.path, self.options_path = self.folder / PREDICTIONS, self.folder / OPTIONS
+        self.path, self.options_path = self.folder / f"{name}.jsonl", self.folder / f"{name}.options.json"
         self.options = json.loads(json.dumps(options))  # as the file will hold them (tuples become lists)
         self.done: dict[int, dict] = {}
         self.resumed = resume and self.path.exists()
@@ -34,7 +33,9 @@ class PredictionLog:
 
     def _check_options(self) -> None:
         if not self.options_path.exists():
-            raise ValueError(f"--resume: {self.path} has no {OPTIONS} beside it: cannot tell what made it")
+            raise ValueError(
+                f"--resume: {self.path} has no {self.options_path.name} beside it: cannot tell what made it"
+            )
         before = json.loads(self.options_path.read_text())
         differ = [
             f"{key}: {before.get(key)!r} in the file, {self.options.get(key)!r} now"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +14,7 @@ from ..methods import get_method, trainable_parameters
 from ..model import EarlyExitVLM
 from .evaluate import SHARED_TASKS, EvalResult, evaluate, evaluate_many
 from .plots import plot_per_layer, plot_quality_vs_speedup
+from .predictions import PredictionLog
 from .processes import Processes
 
 
@@ -75,6 +76,7 @@ def sweep(
     per_layer: bool = True,
     progress=None,
     method: str = "free",
+    log: Callable[[str], PredictionLog] | None = None,
     **eval_kwargs,
 ) -> SweepResult:
     """Evaluate every threshold of `method`'s exit rule (default: the method's grid) on dev and test records, and
@@ -87,6 +89,8 @@ def sweep(
     the threshold chosen on dev is evaluated again on test alone, timed against the full model (`compare_full`), so
     its wall-clock speedup is measured as `freevlm eval` measures it. The other test rows and VisDial's dev and
     per-layer runs count layers only; VisDial's test runs are each timed (its option ranking cannot be shared).
+    `log(name)` (captions and VQA): the `PredictionLog` of each pass ("predictions_dev", "predictions_test",
+    "predictions_best"), so a sweep killed part-way resumes where it stopped.
     """
     if dev_records is None:
         dev_records, records = split_dev(records, dev_fraction)
@@ -97,9 +101,11 @@ def sweep(
     forced = ee.exit_layers + [ee.backbone.num_layers] if per_layer else []
     if task in SHARED_TASKS:
         untimed_shared = {k: v for k, v in untimed.items() if k != "timing_repeats"}  # no clock in a shared run
-        dev = evaluate_many(task, ee, processor, dev_records, [(t, None) for t in thresholds], **untimed_shared)
-        rules = [(t, None) for t in thresholds] + [(None, layer) for layer in forced]
-        tested = evaluate_many(task, ee, processor, records, rules, **untimed_shared)
+        passes = {name: log(f"predictions_{name}") if log else None for name in ("dev", "test", "best")}
+        dev_rules = [(t, None) for t in thresholds]
+        dev = evaluate_many(task, ee, processor, dev_records, dev_rules, log=passes["dev"], **untimed_shared)
+        rules = dev_rules + [(None, layer) for layer in forced]
+        tested = evaluate_many(task, ee, processor, records, rules, log=passes["test"], **untimed_shared)
         test, layers = tested[: len(thresholds)], tested[len(thresholds) :]
     else:
         dev = [evaluate(task, ee, processor, dev_records, t, **untimed) for t in thresholds]
@@ -108,7 +114,7 @@ def sweep(
     processes = Processes.current()
     best = processes.broadcast(choose_threshold(dev) if processes.is_main else None)  # the main process scores
     if task in SHARED_TASKS and eval_kwargs.get("compare_full", True):
-        test[thresholds.index(best)] = evaluate(task, ee, processor, records, best, **eval_kwargs)
+        test[thresholds.index(best)] = evaluate(task, ee, processor, records, best, log=passes["best"], **eval_kwargs)
     for d, t in zip(dev, test):
         say(
             f"{method} threshold {t.threshold:g}: dev {d.metric} {d.score}, test {t.score}, "

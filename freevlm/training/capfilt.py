@@ -8,6 +8,7 @@ matching head (`Blip2ForImageTextRetrieval`), both loaded from local folders.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from PIL import Image
 
 from ..data.images import load_image
-from ..errors import MissingFileError
+from ..errors import MissingFileError, UserError
 from ..loading import VLMBundle
 from .data import write_coco_captions
 
@@ -33,8 +34,7 @@ class _LocalScorer:
         from transformers.models.auto.image_processing_auto import AutoImageProcessor  # why: see load_vlm
 
         path = Path(path)
-        if not (path / "config.json").is_file():
-            raise MissingFileError(f"no scorer model at {path}: expected a folder with config.json")
+        check_scorer_folder(path, model_cls)
         self.model = model_cls.from_pretrained(path).to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.image_processor = AutoImageProcessor.from_pretrained(path)
@@ -44,6 +44,27 @@ class _LocalScorer:
         pixel_values = self.image_processor(images=[image], return_tensors="pt")["pixel_values"].to(self.device)
         text = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.device)
         return pixel_values, text
+
+
+def check_scorer_folder(path: Path, model_cls) -> None:
+    """A `UserError` unless `path` holds a model of `model_cls` (by its config.json's `architectures`, or its
+    `model_type` where none is listed): another model's folder would load with its weights missing or mis-sized,
+    and score at random or fail deep inside Hugging Face."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise MissingFileError(f"no scorer model at {path}: expected a folder with config.json")
+    try:
+        config = json.loads(config_file.read_text())
+        architectures, model_type = config.get("architectures") or [], config.get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise UserError(f"{config_file} is not a model config: {err}") from None
+    expected = model_cls.config_class.model_type
+    if (architectures and model_cls.__name__ not in architectures) or model_type != expected:
+        found = ", ".join(architectures) or repr(model_type)
+        raise UserError(
+            f"--scorer: {path} holds a {found} model, not a {model_cls.__name__}: use clip:PATH for a CLIP folder, "
+            "itm:PATH for a Blip2ForImageTextRetrieval one"
+        )
 
 
 class ClipScorer(_LocalScorer):
@@ -94,6 +115,9 @@ def load_scorer(spec: str, device: str = "cpu") -> ImageTextScorer:
     return SCORERS[kind](path, device)
 
 
+MAX_SAMPLES = 1024
+
+
 @dataclass
 class CapFiltConfig:
     """Paper: 10 samples per image, top 2 kept."""
@@ -108,6 +132,10 @@ class CapFiltConfig:
     seed: int = 0
 
     def validate(self) -> None:
+        if not 1 <= self.num_samples <= MAX_SAMPLES:  # an image's samples are one batch of `generate`
+            raise ValueError(
+                f"num_samples must be in 1..{MAX_SAMPLES} (captions sampled per image), got {self.num_samples}"
+            )
         if not 1 <= self.top_k <= self.num_samples:
             raise ValueError(f"top_k must be in 1..num_samples ({self.num_samples}), got {self.top_k}")
         if not 0 < self.top_p <= 1:

@@ -170,9 +170,10 @@ def batch_stream(dataset: Dataset, collate, config: LoopConfig, runtime: Runtime
 
 
 def total_steps(config: LoopConfig, num_records: int, world: int) -> int:
-    if config.max_steps is not None:
-        return config.max_steps
-    return config.epochs * steps_per_epoch(num_records, config.batch_size, world)
+    """`max_steps`, else `epochs` epochs; either way a batch too large for the data is refused here, before the run
+    folder is made (with `max_steps` too)."""
+    per_epoch = steps_per_epoch(num_records, config.batch_size, world)
+    return config.max_steps if config.max_steps is not None else config.epochs * per_epoch
 
 
 def make_scheduler(
