@@ -82,20 +82,17 @@ class TokenChooser:
             "top_k": sample and config.top_k > 0,
             "top_p": sample and config.top_p < 1.0,
         }
-        for name, on in uses.items():
-            for r in rows:
+        top_k = min(config.top_k, self.vocab) if uses["top_k"] else self.vocab
+        for r in rows:
+            for name, on in uses.items():
                 self.uses[name][r] = on
+            self.top_k_host[r], self.generators[r] = top_k, generator
         index = torch.tensor(rows, device=self.device)
         self.sampling[index] = sample
         self.temperature[index] = config.temperature if uses["temperature"] else 1.0
-        top_k = min(config.top_k, self.vocab) if uses["top_k"] else self.vocab
         self.top_k[index] = top_k
-        for r in rows:
-            self.top_k_host[r] = top_k
         self.top_p[index] = config.top_p if uses["top_p"] else 1.0
         self.penalty[index] = config.repetition_penalty
-        for r in rows:
-            self.generators[r] = generator
         if not self.per_row:
             self.shared = config
         if uses["penalty"]:
