@@ -13,7 +13,7 @@ from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.loading import VLMBundle
 from freevlm.server.app import ServedModel, create_app
 from freevlm.server.config import ServerConfig
-from freevlm.tiny import tiny_llava
+from freevlm.tiny import tiny_llava, tiny_model
 
 TEMPLATE = (  # Hugging Face renders templates with trim_blocks: a newline after a tag is dropped, hence "{{ '\n' }}"
     "{% for m in messages %}{{ m['role'] }} :{% for c in m['content'] %} {% if c['type'] == 'image' %}<image>"
@@ -57,3 +57,28 @@ def test_a_chat_template_lays_out_the_conversation(tmp_path):
     assert out["choices"][0]["message"]["content"] == bundle.decode(new[None])[0]
     assert out["freevlm"]["exit_layers"] == expected.exit_layers[0].tolist()
     assert out["usage"]["prompt_tokens"] == inputs["input_ids"].shape[1]
+
+
+def test_a_family_with_its_own_inputs_is_served(tmp_path):
+    """Gemma 3's processor adds `token_type_ids` to the image and prompt: they travel with the request to the
+    scheduler, and the answer equals `generate` on the same inputs."""
+    model = tiny_model("gemma3", seed=3)
+    processor = tiny_processor(model)
+    bundle = VLMBundle(model, processor.tokenizer, processor.image_processor, processor)
+    ee = EarlyExitVLM.from_backbone(model, ExitConfig([1, 2]))
+    image = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(image)
+    content = [
+        {"type": "image_url", "image_url": {"url": data_url(image)}},
+        {"type": "text", "text": "what color is the square"},
+    ]
+    app = create_app(ServedModel(bundle, ee, "gemma3"), ServerConfig(max_batch=2, max_len=128, max_tokens=6))
+    with TestClient(app) as client:
+        body = {"model": "gemma3", "messages": [{"role": "user", "content": content}], "threshold": 0.3}
+        out = client.post("/v1/chat/completions", json=body).json()
+    inputs = bundle.inputs([Image.open(image).convert("RGB")], ["what color is the square"])
+    assert "token_type_ids" in inputs
+    expected = ee.generate(**inputs, max_new_tokens=6, threshold=0.3)
+    new = expected.sequences[0, inputs["input_ids"].shape[1] :]
+    assert out["choices"][0]["message"]["content"] == bundle.decode(new[None])[0]
+    assert out["freevlm"]["exit_layers"] == expected.exit_layers[0].tolist()

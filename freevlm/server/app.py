@@ -114,19 +114,8 @@ class ChatService:
         prompt = layout_prompt(request.messages, self.model.bundle, self.default_prompt)
         data = await image_bytes(url, self.config)
         inputs = await run_in_threadpool(self._inputs, data, prompt)
-        extra = sorted(set(inputs) - {"pixel_values", "input_ids", "attention_mask"})
-        if extra:
-            raise APIError(
-                400,
-                f"the scheduler decodes models whose inputs are one image and a prompt (BLIP-2, LLaVA); this model "
-                f"also needs {extra}",
-                "model",
-                "unsupported_model",
-            )
-        try:
-            handle = self.scheduler.submit(
-                inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], **options
-            )
+        try:  # the family's own inputs (Gemma 3's token types, LLaVA-NeXT's image sizes...) travel with the prompt
+            handle = self.scheduler.submit(**inputs, **options)
         except QueueFull as err:
             raise APIError(
                 429, str(err), None, "queue_full", "rate_limit_error", {"Retry-After": str(self.config.retry_after)}
