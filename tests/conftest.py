@@ -62,3 +62,24 @@ def family(request):
 @pytest.fixture
 def model(family, opt_model, t5_model):
     return opt_model if family == "opt" else t5_model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny BLIP-2 OPT folder (model, tokenizer, image processor) and exits at 1 and 2 saved beside it, as the
+    commands read them. The exits are built on the reloaded backbone: the fingerprint of an in-memory model differs
+    from its reloaded copy (config `dtype` None vs "float32")."""
+    from tiny_processor import tiny_bundle
+
+    from freevlm import EarlyExitVLM, ExitConfig
+    from freevlm.loading import load_vlm
+
+    root = tmp_path_factory.mktemp("ckpt")
+    model = tiny_blip2("opt", seed=2, num_layers=4)
+    bundle = tiny_bundle(model)
+    model.save_pretrained(root / "backbone")
+    bundle.tokenizer.save_pretrained(root / "backbone")
+    bundle.image_processor.save_pretrained(root / "backbone")
+    reloaded = load_vlm(root / "backbone").model
+    EarlyExitVLM(reloaded, ExitConfig([1, 2], init="fresh")).save_exits(root / "exits")
+    return root

@@ -5,26 +5,9 @@ import math
 
 import dataset_files as files
 import pytest
-from tiny_processor import tiny_bundle
 
-from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.calibration import calibrate_exits, consistency_losses, never_exits, per_caption_cider
 from freevlm.cli import main
-from freevlm.loading import load_vlm
-from freevlm.tiny import tiny_blip2
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    model = tiny_blip2("opt", seed=2, num_layers=4)
-    bundle = tiny_bundle(model)
-    model.save_pretrained(root / "backbone")
-    bundle.tokenizer.save_pretrained(root / "backbone")
-    bundle.image_processor.save_pretrained(root / "backbone")
-    reloaded = load_vlm(root / "backbone").model  # exits fingerprinted against the reloaded backbone
-    EarlyExitVLM(reloaded, ExitConfig([1, 2], init="fresh")).save_exits(root / "exits")
-    return root
 
 
 def _args(checkpoint, tmp_path, *extra):

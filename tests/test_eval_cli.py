@@ -4,27 +4,8 @@ import json
 
 import dataset_files as files
 import pytest
-from tiny_processor import tiny_bundle
 
-from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.cli import main
-from freevlm.loading import load_vlm
-from freevlm.tiny import tiny_blip2
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    model = tiny_blip2("opt", seed=2, num_layers=4)
-    bundle = tiny_bundle(model)
-    model.save_pretrained(root / "backbone")
-    bundle.tokenizer.save_pretrained(root / "backbone")
-    bundle.image_processor.save_pretrained(root / "backbone")
-    # exits built on the reloaded backbone: the fingerprint of an in-memory model differs from its reloaded copy
-    # (config `dtype` None vs "float32"), reported to the backbone owner
-    reloaded = load_vlm(root / "backbone").model
-    EarlyExitVLM(reloaded, ExitConfig([1, 2], init="fresh")).save_exits(root / "exits")
-    return root
 
 
 @pytest.mark.slow

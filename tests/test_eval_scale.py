@@ -18,25 +18,11 @@ from tiny_processor import tiny_bundle
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.cli import main
 from freevlm.eval.predictions import PredictionLog
-from freevlm.loading import load_vlm
 from freevlm.tiny import tiny_blip2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 HERE = Path(__file__).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    model = tiny_blip2("opt", seed=2, num_layers=4)
-    bundle = tiny_bundle(model)
-    model.save_pretrained(root / "backbone")
-    bundle.tokenizer.save_pretrained(root / "backbone")
-    bundle.image_processor.save_pretrained(root / "backbone")
-    reloaded = load_vlm(root / "backbone").model
-    EarlyExitVLM(reloaded, ExitConfig([1, 2], init="fresh")).save_exits(root / "exits")
-    return root
 
 
 def gqa(root: Path, n: int) -> Path:
