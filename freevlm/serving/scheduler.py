@@ -131,7 +131,7 @@ class Scheduler:
             "kv": (config.kv == "recompute", "the scheduler keeps caches exact: kv='recompute' only"),
             "policy": (config.policy is None, "the scheduler's rows leave by their threshold: no custom policy"),
             "return_engine": (not config.return_engine, "requests share the scheduler's engine: no return_engine"),
-            "batch_policy": (config.batch_policy == "auto", "the scheduler's rows ride along: batch_policy='auto'"),
+            "batch_policy": (config.batch_policy == "auto", "its exit rule moves the rows: batch_policy='auto'"),
             "static": (config.static is None, "the scheduler keeps its own buffers: static=None"),
         }
         for name, (ok, why) in unsupported.items():
