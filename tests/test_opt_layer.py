@@ -1,5 +1,5 @@
 """The OPT layer call of a decode step (`opt_layer_forward`) is bitwise Hugging Face's layer, and is used only where
-it is (an unmodified layer in eval mode with SDPA and no hooks)."""
+it is (an unmodified layer in eval mode with SDPA and no hooks); `opt_layer_kv` writes bitwise the same K/V."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from transformers import OPTConfig
 from transformers.models.opt.modeling_opt import OPTDecoderLayer
 
 from freevlm.backbones.base import cache_keyword
-from freevlm.backbones.blip2_opt import opt_layer_forward, plain_opt_layer
+from freevlm.backbones.blip2_opt import opt_layer_forward, opt_layer_kv, plain_opt_layer
 from freevlm.cache_utils import StaticKV, StaticView
 
 
@@ -50,6 +50,22 @@ def test_equals_hugging_face_layer_bitwise(pre_norm, bias):
             got = opt_layer_forward(layer, hidden, StaticView(ours, slots, start), mask)
         assert torch.equal(got, expected)
         assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+        start += size
+
+
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_kv_alone_equals_the_layers_bitwise(pre_norm):
+    """An exit layer's prompt slots need only their K/V (`Backbone.fill_kv`): the same bits the whole layer writes."""
+    layer = _layer(pre_norm)
+    whole, alone = StaticKV(2, 24), StaticKV(2, 24)
+    start = 0
+    for size in (9, 1, 4):
+        hidden = torch.randn(2, size, 64)
+        slots, mask = _window(start, size)
+        with torch.no_grad():
+            opt_layer_forward(layer, hidden, StaticView(whole, slots, start), mask)
+            opt_layer_kv(layer, hidden, StaticView(alone, slots, start))
+        assert torch.equal(alone.keys, whole.keys) and torch.equal(alone.values, whole.values)
         start += size
 
 

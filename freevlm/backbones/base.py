@@ -285,6 +285,12 @@ class Backbone:
         """
         raise NotImplementedError
 
+    def fill_kv(self, layer: nn.Module, hidden: torch.Tensor, ctx: Context, cache: KVView, mask: torch.Tensor) -> None:
+        """Write into `cache` only what `run_layer(layer, hidden, ctx, cache, mask, None)` writes there, where no one
+        reads the layer's output (an exit layer's prompt slots: later queries read only their K/V). Here by running
+        the layer; a family that can project just the K/V, bitwise as its layer does, skips attention and MLP."""
+        self.run_layer(layer, hidden, ctx, cache, mask, None)
+
     def features(
         self,
         pixel_values: torch.Tensor,

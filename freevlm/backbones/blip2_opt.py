@@ -59,6 +59,12 @@ class Blip2OPTBackbone(Blip2Backbone):
             return opt_layer_forward(layer, hidden, cache, mask)
         return layer(hidden, attention_mask=mask, **{cache_keyword(type(layer)): cache})
 
+    def fill_kv(self, layer, hidden, ctx, cache, mask):
+        if plain_opt_layer(layer):
+            opt_layer_kv(layer, hidden, cache)
+        else:
+            super().fill_kv(layer, hidden, ctx, cache, mask)
+
     def kv_inputs(self, layer: OPTDecoderLayer) -> KVInput:
         attn, norm = layer.self_attn, layer.self_attn_layer_norm
         if not layer.do_layer_norm_before:  # OPT-350m: the norm comes after attention, K/V read the raw state
@@ -121,6 +127,17 @@ def _plain_modules(layer: nn.Module) -> tuple[nn.Module, ...]:
 def plain_opt_layer(layer: nn.Module) -> bool:
     """Whether `opt_layer_forward(layer, ...)` is exactly `layer(...)` now."""
     return plain_layer(layer, _plain_modules)
+
+
+def opt_layer_kv(layer: OPTDecoderLayer, hidden: torch.Tensor, cache) -> None:
+    """What `opt_layer_forward` writes into `cache`, and nothing else: the same operations up to `cache.update`."""
+    attn, norm1 = layer.self_attn, layer.self_attn_layer_norm
+    batch = hidden.shape[0]
+    if layer.do_layer_norm_before:
+        hidden = F.layer_norm(hidden, norm1.normalized_shape, norm1.weight, norm1.bias, norm1.eps)
+    key = F.linear(hidden, attn.k_proj.weight, attn.k_proj.bias).view(batch, -1, attn.num_heads, attn.head_dim)
+    value = F.linear(hidden, attn.v_proj.weight, attn.v_proj.bias).view(batch, -1, attn.num_heads, attn.head_dim)
+    cache.update(key.transpose(1, 2), value.transpose(1, 2), attn.layer_idx)
 
 
 def opt_layer_forward(layer: OPTDecoderLayer, hidden: torch.Tensor, cache, mask: torch.Tensor | None) -> torch.Tensor:

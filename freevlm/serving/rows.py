@@ -211,7 +211,8 @@ class RowEngine:
     @torch.no_grad()
     def _encode(self, row: int, ctx: Context, x: torch.Tensor, start: int) -> None:
         """Prompt slots `[start, start + q)` of one row through every layer (and every exit layer with a cache, if
-        the row may leave early), in the row's own context."""
+        the row may leave early), in the row's own context. Where no one reads a layer's output (the last layer's,
+        an exit layer's) only its K/V are computed (`Backbone.fill_kv`)."""
         end = start + x.shape[1]
         index = torch.arange(start, end, device=x.device)[None]
         mask = (self._key_slots[None, :] <= index[0, :, None])[None, None]
@@ -219,10 +220,13 @@ class RowEngine:
         for first, last in itertools.pairwise(bounds):
             for depth in range(first, last):
                 view = RowView(self.kv[depth], index, slice(row, row + 1), self.max_len + 1, start)
-                x = self.backbone.run_layer(self.backbone.layers[depth], x, ctx, view, mask, None)
+                if depth == self.num_layers - 1:  # no one reads the last layer's output at a prompt slot
+                    self.backbone.fill_kv(self.backbone.layers[depth], x, ctx, view, mask)
+                else:
+                    x = self.backbone.run_layer(self.backbone.layers[depth], x, ctx, view, mask, None)
             if last in self.exit_kv:
                 view = RowView(self.exit_kv[last], index, slice(row, row + 1), self.max_len + 1, start)
-                self.backbone.run_layer(self.exits[last].layer, x, ctx, view, mask, None)
+                self.backbone.fill_kv(self.exits[last].layer, x, ctx, view, mask)  # no one reads its output
 
     # --- the step -------------------------------------------------------------------------------------------------
     @torch.no_grad()
