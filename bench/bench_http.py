@@ -51,6 +51,7 @@ import torch
 from freevlm.data import shapes
 from freevlm.demo.config import DemoConfig, default_cache
 from freevlm.eval.evaluate import CAPTION_PROMPT
+from freevlm.server.config import ServerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,7 +120,7 @@ class Server:
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
         command = [sys.executable, "-m", "freevlm.cli", "serve", *model_args, "--port", str(self.port)]
         command += ["--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue), "--max-len", "128"]
-        command += ["--max-tokens", str(args.max_tokens)]
+        command += ["--max-tokens", str(args.max_tokens), "--prefill-chunk", str(args.prefill_chunk)]
         self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 300
@@ -202,7 +203,9 @@ def library_level(model, pictures: list, concurrency: int, threshold: float, arg
         return model.bundle.inputs([decode_image(picture, "bench")], [CAPTION_PROMPT])
 
     inputs = pictures if prepare else [make(p) for p in pictures]
-    scheduler = Scheduler(model.ee, max_batch=args.max_batch, max_len=128, max_waiting=args.max_queue)
+    scheduler = Scheduler(
+        model.ee, max_batch=args.max_batch, max_len=128, max_waiting=args.max_queue, prefill_chunk=args.prefill_chunk
+    )
     count = min(args.requests, max(16, 4 * concurrency))
     start, cpu0 = time.perf_counter(), time.process_time()
     live, done, sent = [], [], 0
@@ -259,6 +262,7 @@ def main() -> None:
     parser.add_argument("--max-queue", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=DemoConfig.max_new_tokens)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--prefill-chunk", type=int, default=ServerConfig.prefill_chunk, help="as freevlm serve's")
     parser.add_argument("--repeats", type=int, default=2, help="turns of HTTP and the library each at 16 concurrent")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -267,7 +271,8 @@ def main() -> None:
     picture_bytes = images(32)
     urls = ["data:image/png;base64," + base64.b64encode(b).decode() for b in picture_bytes]
     print(
-        f"{name}; max batch {args.max_batch}, queue {args.max_queue}, {args.max_tokens} tokens at most, "
+        f"{name}; max batch {args.max_batch}, queue {args.max_queue}, prefill chunk {args.prefill_chunk}, "
+        f"{args.max_tokens} tokens at most, "
         f"{args.threads} thread(s), levels {args.concurrency}, <= {args.requests} requests / {args.seconds:g} s each"
     )
     library = None

@@ -199,9 +199,10 @@ class ChatService:
         }
 
     async def stream(self, request: ChatRequest, handle: Handle, prompt_tokens: int) -> AsyncIterator[str]:
-        """Server-sent events: a chunk per wake-up with the tokens that came (their text and exit layers; one token
-        unless the client fell behind), a last chunk with the finish reason and the summary, the usage chunk if
-        asked for, then [DONE]. A failure mid-stream is an error event."""
+        """Server-sent events: the role, then a chunk per wake-up with the tokens that came (their text and exit
+        layers; one token unless the stream fell behind), a last chunk with the finish reason and the summary, the
+        usage chunk if asked for, then [DONE]. A failure mid-stream is an error event. The role goes out with the
+        first tokens and the last chunks together: a write costs more than its bytes."""
         envelope = self._envelope("chat.completion.chunk")
         text, layers, timings = TextStream(self.model.bundle.tokenizer, request.stop), [], [handle.submitted]
         tokens = TokenChunks(envelope)
@@ -210,27 +211,28 @@ class ChatService:
             choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
             return _sse(envelope | {"choices": [choice]} | extra)
 
-        outcome = "cancelled"
+        outcome, tail = "cancelled", []
+        head = chunk({"role": "assistant", "content": ""})  # in the first write, with the first tokens
         try:
-            yield chunk({"role": "assistant", "content": ""})
             async for batch in self.events(handle):
                 taken = len(layers)
                 delta = self._take(batch, text, layers, timings)
-                yield tokens.chunk(delta, batch[: len(layers) - taken])
+                yield head + tokens.chunk(delta, batch[: len(layers) - taken])
+                head = ""
                 if text.stopped:
                     break
             rest = text.finish()
             delta = {"content": rest} if rest else {}
-            yield chunk(delta, self._finish_reason(handle, text), freevlm=self._summary(layers, request))
+            tail = [chunk(delta, self._finish_reason(handle, text), freevlm=self._summary(layers, request))]
             if request.stream_options is not None and request.stream_options.include_usage:
-                yield _sse(envelope | {"choices": [], "usage": self._usage(prompt_tokens, layers)})
+                tail.append(_sse(envelope | {"choices": [], "usage": self._usage(prompt_tokens, layers)}))
             outcome = "success"
         except APIError as err:
             outcome = err.outcome
-            yield _sse(err.body())
+            tail = [_sse(err.body())]
         finally:
             self.metrics.finished(outcome, prompt_tokens, layers, timings)
-        yield "data: [DONE]\n\n"
+        yield "".join([head, *tail, "data: [DONE]\n\n"])  # the end in one write
 
     # --- pieces of a response ---------------------------------------------------------------------------------------
     @staticmethod
@@ -302,7 +304,13 @@ def create_app(model: ServedModel, config: ServerConfig | None = None) -> FastAP
     """The server for one model: its scheduler starts with the app and stops (after running requests) with it."""
     config = config or ServerConfig()
     config.validate()
-    scheduler = Scheduler(model.ee, max_batch=config.max_batch, max_len=config.max_len, max_waiting=config.max_waiting)
+    scheduler = Scheduler(
+        model.ee,
+        max_batch=config.max_batch,
+        max_len=config.max_len,
+        max_waiting=config.max_waiting,
+        prefill_chunk=config.prefill_chunk,
+    )
     metrics = ServerMetrics(scheduler, model.ee.backbone.num_layers)
     service = ChatService(model, config, scheduler, metrics)
 
