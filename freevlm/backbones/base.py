@@ -322,6 +322,20 @@ class Backbone:
         """
         raise NotImplementedError
 
+    def run_layer_at(
+        self,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        ctx: Context,
+        cache: KVView,
+        mask: torch.Tensor,
+        keep: torch.Tensor,
+    ) -> torch.Tensor:
+        """`run_layer(layer, hidden, ctx, cache, mask, None)[keep]`: every query row's K/V written, the output read
+        at rows `keep` only (a decode step's new slots, where caught-up slots need only their K/V: at an exit layer,
+        at the last layer). Here by running the layer; a family that can skip the others' attention and MLP does."""
+        return self.run_layer(layer, hidden, ctx, cache, mask, None)[keep]
+
     def fill_kv(self, layer: nn.Module, hidden: torch.Tensor, ctx: Context, cache: KVView, mask: torch.Tensor) -> None:
         """Write into `cache` only what `run_layer(layer, hidden, ctx, cache, mask, None)` writes there, where no one
         reads the layer's output (an exit layer's prompt slots: later queries read only their K/V). Here by running

@@ -94,6 +94,7 @@ class _Pack:
     slots: torch.Tensor  # [m, 1] its slot
     slot_list: list[int]
     last: list[int]  # per row of the segment, in order: the item of its new slot
+    last_items: torch.Tensor  # [k] the same, on the device
     key_length: int  # key slots the queries read (up to the deepest, rounded up to KEY_BUCKET)
     mask: torch.Tensor  # [m, 1, 1, key_length] slot <= the query's
     ctx: Context
@@ -377,41 +378,52 @@ class RowEngine:
         in_order = rows_of == list(range(len(rows_of)))  # one slot per row, rows 0..k-1: no gather
         ctx = self.backbone.window_context(self.rows_ctx, slots, None if in_order else row_ids)
         selector = slice(0, len(rows_of)) if in_order else row_ids
-        flat_t = torch.tensor(flat, device=device)
-        return _Pack(flat_t, row_ids, rows_of, selector, slots, slots_of, last, key_length, mask, ctx)
+        flat_t, last_items = torch.tensor(flat, device=device), torch.tensor(last, device=device)
+        return _Pack(flat_t, row_ids, rows_of, selector, slots, slots_of, last, last_items, key_length, mask, ctx)
 
     def _layers(self, first: int, last: int, x, pack: _Pack, active) -> tuple[torch.Tensor, torch.Tensor]:
         """LM layers `first..last-1` over the packed slots (every layer of a segment is filled to the same slot):
-        the window with their new states, and those states `[m, 1, H]`."""
+        the window with their new states, and those states `[m, 1, H]`. The last layer's output is read only at
+        the new slots (the final head), so caught-up slots get only their K/V there (`Backbone.run_layer_at`)."""
         n, width, hidden = x.shape
         states = x.reshape(n * width, hidden).index_select(0, pack.flat)[:, None]
+        flat = pack.flat
         for depth in range(first, last):
             view = RowView(self.kv[depth], pack.slots, pack.selector, pack.key_length)
-            states = self.backbone.run_layer(self.backbone.layers[depth], states, pack.ctx, view, pack.mask, None)
+            layer = self.backbone.layers[depth]
+            if depth == self.num_layers - 1 and len(pack.rows) > len(pack.last):
+                states = self.backbone.run_layer_at(layer, states, pack.ctx, view, pack.mask, pack.last_items)
+                flat = pack.flat[pack.last_items]
+            else:
+                states = self.backbone.run_layer(layer, states, pack.ctx, view, pack.mask, None)
             fill = self.fill[depth]
             for r in set(pack.rows):
                 fill[r] = self.position[r] + 1
         self.layer_calls += last - first
         self.slot_layers += len(pack.rows) * (last - first)
-        x = x.reshape(n * width, hidden).index_copy(0, pack.flat, states[:, 0]).view(n, width, hidden)
+        x = x.reshape(n * width, hidden).index_copy(0, flat, states[:, 0]).view(n, width, hidden)
         return x, states
 
     def _exit(self, depth: int, states, pack: _Pack, done: list[bool]) -> tuple[list[bool], torch.Tensor]:
-        """The exit at `depth` for the packed rows: its layer over their slots (filling its own cache), its logits at
-        each row's new slot `[k, V]`, and which rows leave: those that may, whose token is not out yet, and whose
-        max softmax probability reaches their threshold (the one host read per exit)."""
-        exit_module = self.exits[depth]
-        features = states
+        """The exit at `depth` for the packed rows: its layer over their slots (filling its own cache; caught-up
+        slots need only their K/V: `Backbone.run_layer_at`), its logits at each row's new slot `[k, V]`, and which
+        rows leave: those that may, whose token is not out yet, and whose max softmax probability reaches their
+        threshold (the one host read per exit)."""
+        exit_module, last = self.exits[depth], pack.last_items
+        features = states[last, 0]
         if exit_module.needs_cache:
             view = RowView(self.exit_kv[depth], pack.slots, pack.selector, pack.key_length)
-            features = self.backbone.run_layer(exit_module.layer, states, pack.ctx, view, pack.mask, None)
+            if len(pack.rows) > len(pack.last):
+                features = self.backbone.run_layer_at(exit_module.layer, states, pack.ctx, view, pack.mask, last)
+            else:  # one slot per row: `last` is every item, in order
+                features = self.backbone.run_layer(exit_module.layer, states, pack.ctx, view, pack.mask, None)
+            features = features[:, 0]
             fill = self.exit_fill[depth]
             for r in set(pack.rows):
                 fill[r] = self.position[r] + 1
             self.exit_calls += 1
             self.slot_layers += len(pack.rows)
-        last = torch.tensor(pack.last, device=states.device)
-        logits = exit_module.logits(self.backbone, features[last, 0])
+        logits = exit_module.logits(self.backbone, features)
         work = [pack.rows[i] for i in pack.last]
         confident = (max_probability(logits) >= self.threshold[pack.row_ids[last]]).tolist()
         left = [c and self.may_exit[r] and not done[r] for c, r in zip(confident, work)]
