@@ -69,6 +69,21 @@ def test_kv_alone_equals_the_layers_bitwise(pre_norm):
         start += size
 
 
+def test_kept_rows_equal_the_whole_layers():
+    """`keep`: every row's K/V written bitwise, the output of the kept rows only (a decode step's new slots)."""
+    layer = _layer()
+    whole, part = StaticKV(2, 24), StaticKV(2, 24)
+    hidden = torch.randn(2, 9, 64)
+    slots, mask = _window(0, 9)
+    keep = torch.tensor([1])
+    with torch.no_grad():
+        expected = opt_layer_forward(layer, hidden, StaticView(whole, slots, 0), mask)
+        got = opt_layer_forward(layer, hidden, StaticView(part, slots, 0), mask, keep)
+    assert torch.equal(part.keys, whole.keys) and torch.equal(part.values, whole.values)
+    assert got.shape == (1, 9, 64)
+    torch.testing.assert_close(got, expected[keep], rtol=0, atol=1e-6)
+
+
 def test_used_only_where_exact():
     layer = _layer()
     assert plain_opt_layer(layer)

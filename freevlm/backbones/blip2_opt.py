@@ -59,6 +59,11 @@ class Blip2OPTBackbone(Blip2Backbone):
             return opt_layer_forward(layer, hidden, cache, mask)
         return layer(hidden, attention_mask=mask, **{cache_keyword(type(layer)): cache})
 
+    def run_layer_at(self, layer, hidden, ctx, cache, mask, keep):
+        if mask is not None and plain_opt_layer(layer):
+            return opt_layer_forward(layer, hidden, cache, mask, keep)
+        return super().run_layer_at(layer, hidden, ctx, cache, mask, keep)
+
     def fill_kv(self, layer, hidden, ctx, cache, mask):
         if plain_opt_layer(layer):
             opt_layer_kv(layer, hidden, cache)
@@ -140,8 +145,12 @@ def opt_layer_kv(layer: OPTDecoderLayer, hidden: torch.Tensor, cache) -> None:
     cache.update(key.transpose(1, 2), value.transpose(1, 2), attn.layer_idx)
 
 
-def opt_layer_forward(layer: OPTDecoderLayer, hidden: torch.Tensor, cache, mask: torch.Tensor | None) -> torch.Tensor:
-    """`OPTDecoderLayer.forward` (eval mode, SDPA, bool or no mask) as its tensor operations alone."""
+def opt_layer_forward(
+    layer: OPTDecoderLayer, hidden: torch.Tensor, cache, mask: torch.Tensor | None, keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`OPTDecoderLayer.forward` (eval mode, SDPA, bool or no mask) as its tensor operations alone; with `keep`,
+    every row's K/V are written but the rest (query, attention, MLP) runs for rows `keep` only, and so does the
+    output."""
     attn = layer.self_attn
     batch, length, width = hidden.shape
     heads, head_dim = attn.num_heads, attn.head_dim
@@ -149,11 +158,14 @@ def opt_layer_forward(layer: OPTDecoderLayer, hidden: torch.Tensor, cache, mask:
     residual = hidden
     if layer.do_layer_norm_before:
         hidden = F.layer_norm(hidden, norm1.normalized_shape, norm1.weight, norm1.bias, norm1.eps)
-    query = F.linear(hidden, attn.q_proj.weight, attn.q_proj.bias) * attn.scaling
-    query = query.view(batch, -1, heads, head_dim).transpose(1, 2)
     key = F.linear(hidden, attn.k_proj.weight, attn.k_proj.bias).view(batch, -1, heads, head_dim).transpose(1, 2)
     value = F.linear(hidden, attn.v_proj.weight, attn.v_proj.bias).view(batch, -1, heads, head_dim).transpose(1, 2)
     key, value = cache.update(key, value, attn.layer_idx)
+    if keep is not None:
+        hidden, residual, key, value, mask = (t[keep] for t in (hidden, residual, key, value, mask))
+        batch = len(keep)
+    query = F.linear(hidden, attn.q_proj.weight, attn.q_proj.bias) * attn.scaling
+    query = query.view(batch, -1, heads, head_dim).transpose(1, 2)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, scale=1.0, is_causal=False)
     out = out.transpose(1, 2).contiguous().reshape(batch, length, -1).contiguous()
     hidden = residual + F.linear(out, attn.out_proj.weight, attn.out_proj.bias)

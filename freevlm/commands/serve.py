@@ -39,6 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="requests waiting for a row; beyond, 429 with Retry-After",
     )
     p.add_argument(
+        "--prefill-chunk",
+        type=positive_int,
+        default=defaults.prefill_chunk,
+        help="prompt slots (image tokens included) encoded per decode step, at most: more starts a burst of "
+        "requests sooner and holds the running answers up longer",
+    )
+    p.add_argument(
         "--threshold",
         type=unit_interval,
         default=defaults.threshold,
@@ -100,6 +107,7 @@ def serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_len=args.max_len,
         max_waiting=args.max_queue,
+        prefill_chunk=args.prefill_chunk,
         threshold=args.threshold,
         max_tokens=args.max_tokens,
         prompt=args.prompt,

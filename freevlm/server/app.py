@@ -6,15 +6,15 @@
 
 A request is checked (api.py), its image read and its prompt laid out (chat.py), then submitted: the scheduler
 refuses what can never fit (400) and a full queue (429 with Retry-After). Tokens come from the scheduler's thread to
-the event loop through `Handle.watch` (a wake-up per token, never a blocked thread per request). A request that
-times out, a client that disconnects, and a stop string each cancel the handle: its row is free at the next step.
+the event loop through `Handle.watch` and a `Relay` (relay.py: one wake-up of the loop per decode step for all the
+requests, never a blocked thread per request). A request that times out, a client that disconnects, and a stop
+string each cancel the handle: its row is free at the next step.
 `/` is a live page (page.py) that streams answers from this API.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import re
@@ -40,6 +40,7 @@ from .chat import TextStream, decode, image_bytes, layout_prompt, the_image
 from .config import ServerConfig
 from .metrics import ServerMetrics
 from .page import page_routes
+from .relay import Relay
 
 # response ids: unique per run and request, without a system call each (os.urandom is slow on a loaded machine)
 RUN, REQUEST_NUMBERS = secrets.token_hex(6), itertools.count()
@@ -74,6 +75,7 @@ class ChatService:
         self.default_prompt = config.prompt if config.prompt is not None else (model.prompt or "")
         self.default_threshold = config.threshold if model.has_exits else 1.0
         self._inputs_lock = threading.Lock()  # a Hugging Face tokenizer is not safe to call from two threads
+        self._relay: Relay | None = None  # made on the first request, for the loop the app runs on
 
     # --- request -> handle ----------------------------------------------------------------------------------------
     def options(self, request: ChatRequest) -> dict:
@@ -137,24 +139,19 @@ class ChatService:
         """The handle's tokens as they come, a batch per wake-up; the handle is cancelled if the caller stops
         early, the request times out (`APIError` 504) or the client goes (`ClientGone`, checked every second)."""
         loop = asyncio.get_running_loop()
-        wake = asyncio.Event()
-
-        def notify() -> None:  # in the scheduler's thread
-            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
-                loop.call_soon_threadsafe(wake.set)
-
+        if self._relay is None or self._relay.loop is not loop:
+            self._relay = Relay(loop)
         deadline = loop.time() + self.config.request_timeout
-        handle.watch(notify)
+        feed = self._relay.feed(handle, deadline)
         try:
             while True:
-                wake.clear()
+                feed.wake.clear()
                 batch, ended = handle.poll()
                 if batch:
                     yield batch
                 if ended:
                     break
-                remaining = deadline - loop.time()
-                if remaining <= 0:
+                if loop.time() >= deadline:
                     raise APIError(
                         504,
                         f"the request did not finish within the server's {self.config.request_timeout:g} s",
@@ -162,12 +159,13 @@ class ChatService:
                         "timeout",
                         "timeout",
                     )
-                try:
-                    await asyncio.wait_for(wake.wait(), min(remaining, 1.0))
-                except TimeoutError:
+                if feed.ticked:
+                    feed.ticked = False
                     if disconnected is not None and await disconnected():
-                        raise ClientGone() from None
+                        raise ClientGone()
+                await feed.wake.wait()
         finally:
+            feed.close()
             if not handle.done:
                 handle.cancel()
         if handle.finish_reason == "error":
@@ -201,41 +199,40 @@ class ChatService:
         }
 
     async def stream(self, request: ChatRequest, handle: Handle, prompt_tokens: int) -> AsyncIterator[str]:
-        """Server-sent events: a chunk per token (its text and exit layer), a last chunk with the finish reason
-        and the summary, the usage chunk if asked for, then [DONE]. A failure mid-stream is an error event."""
+        """Server-sent events: the role, then a chunk per wake-up with the tokens that came (their text and exit
+        layers; one token unless the stream fell behind), a last chunk with the finish reason and the summary, the
+        usage chunk if asked for, then [DONE]. A failure mid-stream is an error event. The role goes out with the
+        first tokens and the last chunks together: a write costs more than its bytes."""
         envelope = self._envelope("chat.completion.chunk")
         text, layers, timings = TextStream(self.model.bundle.tokenizer, request.stop), [], [handle.submitted]
+        tokens = TokenChunks(envelope)
 
         def chunk(delta: dict, finish: str | None = None, **extra) -> str:
             choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
             return _sse(envelope | {"choices": [choice]} | extra)
 
-        outcome = "cancelled"
+        outcome, tail = "cancelled", []
+        head = chunk({"role": "assistant", "content": ""})  # in the first write, with the first tokens
         try:
-            yield chunk({"role": "assistant", "content": ""})
             async for batch in self.events(handle):
-                chunks = []  # one write for every token that came at once
-                for event in batch:
-                    delta = self._take([event], text, layers, timings)
-                    made = {"tokens": [event.token], "exit_layers": [event.exit_layer]}
-                    chunks.append(chunk({"content": delta}, freevlm=made))
-                    if text.stopped:
-                        break
-                yield "".join(chunks)
+                taken = len(layers)
+                delta = self._take(batch, text, layers, timings)
+                yield head + tokens.chunk(delta, batch[: len(layers) - taken])
+                head = ""
                 if text.stopped:
                     break
             rest = text.finish()
             delta = {"content": rest} if rest else {}
-            yield chunk(delta, self._finish_reason(handle, text), freevlm=self._summary(layers, request))
+            tail = [chunk(delta, self._finish_reason(handle, text), freevlm=self._summary(layers, request))]
             if request.stream_options is not None and request.stream_options.include_usage:
-                yield _sse(envelope | {"choices": [], "usage": self._usage(prompt_tokens, layers)})
+                tail.append(_sse(envelope | {"choices": [], "usage": self._usage(prompt_tokens, layers)}))
             outcome = "success"
         except APIError as err:
             outcome = err.outcome
-            yield _sse(err.body())
+            tail = [_sse(err.body())]
         finally:
             self.metrics.finished(outcome, prompt_tokens, layers, timings)
-        yield "data: [DONE]\n\n"
+        yield "".join([head, *tail, "data: [DONE]\n\n"])  # the end in one write
 
     # --- pieces of a response ---------------------------------------------------------------------------------------
     @staticmethod
@@ -285,11 +282,35 @@ def _sse(data: dict) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
+class TokenChunks:
+    """A stream's token chunks, each the event `_sse(envelope | {"choices": [...], "freevlm": {...}})` gives, from
+    pieces serialised once per stream: a stream sends a chunk per token, and serialising their constant parts each
+    time cost more than the rest of a chunk's way out."""
+
+    def __init__(self, envelope: dict):
+        slot = secrets.token_hex(8)  # stands for the delta, the tokens and the exit layers: found nowhere else
+        choice = {"index": 0, "delta": {"content": slot}, "finish_reason": None, "logprobs": None}
+        event = _sse(envelope | {"choices": [choice], "freevlm": {"tokens": [slot], "exit_layers": [slot]}})
+        self.parts = event.split(f'"{slot}"')
+
+    def chunk(self, delta: str, events: list[TokenEvent]) -> str:
+        tokens = ", ".join(str(event.token) for event in events)
+        layers = ", ".join(str(event.exit_layer) for event in events)
+        start, after_delta, after_tokens, end = self.parts
+        return f"{start}{json.dumps(delta)}{after_delta}{tokens}{after_tokens}{layers}{end}"
+
+
 def create_app(model: ServedModel, config: ServerConfig | None = None) -> FastAPI:
     """The server for one model: its scheduler starts with the app and stops (after running requests) with it."""
     config = config or ServerConfig()
     config.validate()
-    scheduler = Scheduler(model.ee, max_batch=config.max_batch, max_len=config.max_len, max_waiting=config.max_waiting)
+    scheduler = Scheduler(
+        model.ee,
+        max_batch=config.max_batch,
+        max_len=config.max_len,
+        max_waiting=config.max_waiting,
+        prefill_chunk=config.prefill_chunk,
+    )
     metrics = ServerMetrics(scheduler, model.ee.backbone.num_layers)
     service = ChatService(model, config, scheduler, metrics)
 

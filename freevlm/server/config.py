@@ -13,15 +13,19 @@ class ServerConfig:
     """How the server batches, what it accepts, and how long it waits.
 
     `max_batch` rows of `max_len` slots (prompt + answer) decode together; at most `max_waiting` requests wait for a
-    row, and one more is answered 429 with `Retry-After: retry_after`. `threshold` and `max_tokens` apply to a
-    request that gives none. `prompt` is the text used when a request's message has none (None: the model folder's
-    recorded prompt, else ""). A request still unfinished `request_timeout` seconds after it came is cancelled.
+    row, and one more is answered 429 with `Retry-After: retry_after`. Each scheduler iteration encodes at most
+    `prefill_chunk` slots of the joining prompts (image tokens included) before its decode step: more starts a
+    burst of arrivals sooner, and holds the running answers up longer meanwhile. `threshold` and `max_tokens` apply
+    to a request that gives none. `prompt` is the text used when a request's message has none (None: the model
+    folder's recorded prompt, else ""). A request still unfinished `request_timeout` seconds after it came is
+    cancelled.
     On SIGTERM the server takes no new connection and gives running requests `drain_seconds` to finish.
     """
 
     max_batch: int = 8
     max_len: int = 256
     max_waiting: int = 64
+    prefill_chunk: int = 64
     threshold: float = DecodeConfig.threshold
     max_tokens: int = DecodeConfig.max_new_tokens
     prompt: str | None = None
@@ -35,7 +39,15 @@ class ServerConfig:
 
     def validate(self) -> None:
         """A `ValueError` naming the first bad option."""
-        for name in ("max_batch", "max_len", "max_waiting", "max_tokens", "retry_after", "max_image_bytes"):
+        for name in (
+            "max_batch",
+            "max_len",
+            "max_waiting",
+            "prefill_chunk",
+            "max_tokens",
+            "retry_after",
+            "max_image_bytes",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -20,7 +20,8 @@ climbs (`exit_rule`):
   climbs (its deeper K/V filled on the way). A mixed batch then runs as deep as its deepest row at every step.
 - `park` (the default): a row that left is out of the deeper layers' calls (its layers above are caught up with
   its next deep token), and at each exit where some rows left and others climb on, the step stops when the
-  climbing rows would make tokens more slowly per layer call than a new step would (`_climb_on`); their tokens
+  climbing rows would make tokens more slowly per unit of time than a new step would (`_climb_on`, from measured
+  costs of a layer call, of a row in it and of a step: `ROW_COST`, `STEP_COST`); their tokens
   wait at that exit and go on at the next step, joining at that depth, so the layers above run once for the rows
   gathered there. A token waits at most `max_wait` steps.
 
@@ -43,6 +44,11 @@ from ..decoding.policies import max_probability
 
 EXIT_RULES = ("park", "ride_along")
 KEY_BUCKET = 16  # a window reads its rows' key slots up to the deepest one, rounded up to this (few mask shapes)
+# The park rule's costs, in layer calls of one row (measured on the 2-core CPU at the demo's size, OPT 12 x 256,
+# one thread, decode steps under load: a call ~560 us, each more row in it ~44 us, a step's own work (embedding,
+# heads, packing, token choice) ~1 ms). On a GPU rows are nearly free up to ~200 per call: ROW_COST ~0.
+ROW_COST = 0.08
+STEP_COST = 2.0
 
 
 class RowKV:
@@ -94,6 +100,7 @@ class _Pack:
     slots: torch.Tensor  # [m, 1] its slot
     slot_list: list[int]
     last: list[int]  # per row of the segment, in order: the item of its new slot
+    last_items: torch.Tensor  # [k] the same, on the device
     key_length: int  # key slots the queries read (up to the deepest, rounded up to KEY_BUCKET)
     mask: torch.Tensor  # [m, 1, 1, key_length] slot <= the query's
     ctx: Context
@@ -170,28 +177,43 @@ class RowEngine:
         self.may_exit[row] = may_exit
         self.threshold[row] = threshold
 
-    def prefill(self, row: int, budget: int) -> int:
-        """Encode up to `budget` more prompt slots of a joining row (more where the backbone cannot cut the prompt
-        there: `prefill_cut`); returns how many it encoded. Once all but the last are, the row is active: its last
-        prompt slot is its first step."""
-        ctx, embeds, done = self.prompts[row]
-        length = embeds.shape[1]
-        count = min(budget, length - 1 - done)
-        if count > 0:  # a chunk the backbone may cut there (Gemma 3: an image whole)
-            count = min(self.backbone.prefill_cut(ctx, done + count), length - 1) - done
-            self._encode(row, ctx, embeds[:, done : done + count], done)
-        done += count
-        if done < length - 1:
-            self.prompts[row] = (ctx, embeds, done)
-            return count
-        del self.prompts[row]
-        self.first_input[row] = embeds[0, -1]
-        self.position[row] = length - 1
-        for fill in [*self.fill, *self.exit_fill.values()]:
-            fill[row] = length - 1
-        self.waited[row] = 0
-        self.active[row] = True
-        return count
+    def prefill(self, rows: list[int], budget: int) -> int:
+        """Encode up to `budget` more prompt slots of the joining `rows`, the first ones' first (a chunk goes past
+        the budget where the backbone cannot cut the prompt there: `prefill_cut`); returns how many it encoded. The
+        chunks of the rows whose prompts may share a window of rows (`Backbone.prompt_in_rows`) run together, one
+        call per layer; the others in their own context. A row whose prompt is encoded but for its last slot is
+        active: its last prompt slot is its first step."""
+        chunks = {}  # row -> (slot of its chunk's first, slots in it)
+        for row in rows:
+            ctx, embeds, done = self.prompts[row]
+            length = embeds.shape[1]
+            count = min(budget, length - 1 - done)
+            if count > 0:  # a chunk the backbone may cut there (Gemma 3: an image whole)
+                count = min(self.backbone.prefill_cut(ctx, done + count), length - 1) - done
+            if count > 0 or done == length - 1:
+                chunks[row] = (done, max(count, 0))
+                budget -= max(count, 0)
+        encode = [r for r, (_, count) in chunks.items() if count]
+        together = [r for r in encode if self.backbone.prompt_in_rows(self.prompts[r][0])]
+        if together:
+            self._encode(together, [chunks[r] for r in together])
+        for row in encode:
+            if row not in together:
+                self._encode([row], [chunks[row]], own=True)
+        for row, (done, count) in chunks.items():
+            ctx, embeds, _ = self.prompts[row]
+            length = embeds.shape[1]
+            if done + count < length - 1:
+                self.prompts[row] = (ctx, embeds, done + count)
+                continue
+            del self.prompts[row]
+            self.first_input[row] = embeds[0, -1]
+            self.position[row] = length - 1
+            for fill in [*self.fill, *self.exit_fill.values()]:
+                fill[row] = length - 1
+            self.waited[row] = 0
+            self.active[row] = True
+        return sum(count for _, count in chunks.values())
 
     def prompt_left(self, row: int) -> int:
         """Prompt slots a joining row has still to encode."""
@@ -209,24 +231,61 @@ class RowEngine:
         return max((r + 1 for r in range(self.max_rows) if self.active[r]), default=0)
 
     @torch.no_grad()
-    def _encode(self, row: int, ctx: Context, x: torch.Tensor, start: int) -> None:
-        """Prompt slots `[start, start + q)` of one row through every layer (and every exit layer with a cache, if
-        the row may leave early), in the row's own context. Where no one reads a layer's output (the last layer's,
-        an exit layer's) only its K/V are computed (`Backbone.fill_kv`)."""
-        end = start + x.shape[1]
-        index = torch.arange(start, end, device=x.device)[None]
-        mask = (self._key_slots[None, :] <= index[0, :, None])[None, None]
-        bounds = [0, *(i for i in self.exit_kv if self.may_exit[row]), self.num_layers]
-        for first, last in itertools.pairwise(bounds):
-            for depth in range(first, last):
-                view = RowView(self.kv[depth], index, slice(row, row + 1), self.max_len + 1, start)
+    def _encode(self, rows: list[int], chunks: list[tuple[int, int]], own: bool = False) -> None:
+        """Prompt chunks (`(first slot, slots)` of each of `rows`) through every layer, and every exit layer with a
+        cache for the rows that may leave early: one call per layer over a window `[rows, longest chunk]`, each
+        chunk from its row's first column (the columns past its end repeat its last slot, as a query, and write the
+        trash slot). In a window of rows (`window_context`), or, `own`, in the one row's own context. Where no one
+        reads a layer's output (the last layer's, an exit layer's) only its K/V are computed (`Backbone.fill_kv`)."""
+        device, width = self.threshold.device, max(count for _, count in chunks)
+        first = torch.tensor([done for done, _ in chunks], device=device)[:, None]
+        last = torch.tensor([done + count - 1 for done, count in chunks], device=device)[:, None]
+        wanted = first + torch.arange(width, device=device)
+        slots = torch.minimum(wanted, last)  # [k, w] each query's slot
+        index = torch.where(wanted <= last, slots, self.trash)  # where its K/V go
+        x = torch.cat([self._prompt_chunk(r, done, count, width) for r, (done, count) in zip(rows, chunks)])
+        if own:  # the row's own context reads its positions from the cache's start
+            key_length, start = self.max_len + 1, chunks[0][0]
+        else:
+            key_length, start = min(self.max_len, -(-(int(last.max()) + 1) // KEY_BUCKET) * KEY_BUCKET), 0
+        mask = (self._key_slots[None, None, :key_length] <= slots[:, :, None])[:, None]  # [k, 1, w, keys]
+
+        def window(pick: list[int]):
+            """The rows `pick` (places in `rows`) of a window of rows: a `RowView` maker, their context, places."""
+            ids = [rows[i] for i in pick]
+            places = torch.tensor(pick, device=device)
+            if ids == list(range(len(ids))):  # rows 0..k-1 in order: the buffers' rows as a view
+                selector, ctx = slice(0, len(ids)), self.backbone.window_context(self.rows_ctx, slots[places])
+            else:
+                selector = torch.tensor(ids, device=device)
+                ctx = self.backbone.window_context(self.rows_ctx, slots[places], selector)
+            return (lambda kv: RowView(kv, index[places], selector, key_length, start)), ctx, places
+
+        everyone = list(range(len(rows)))
+        if own:
+            row = rows[0]
+            view, ctx = (lambda kv: RowView(kv, index, slice(row, row + 1), key_length, start)), self.prompts[row][0]
+        else:
+            view, ctx, _ = window(everyone)
+        leaving = [i for i, r in enumerate(rows) if self.may_exit[r]]
+        bounds = [0, *(i for i in self.exit_kv if leaving), self.num_layers]
+        for low, high in itertools.pairwise(bounds):
+            for depth in range(low, high):
+                layer = self.backbone.layers[depth]
                 if depth == self.num_layers - 1:  # no one reads the last layer's output at a prompt slot
-                    self.backbone.fill_kv(self.backbone.layers[depth], x, ctx, view, mask)
+                    self.backbone.fill_kv(layer, x, ctx, view(self.kv[depth]), mask)
                 else:
-                    x = self.backbone.run_layer(self.backbone.layers[depth], x, ctx, view, mask, None)
-            if last in self.exit_kv:
-                view = RowView(self.exit_kv[last], index, slice(row, row + 1), self.max_len + 1, start)
-                self.backbone.fill_kv(self.exits[last].layer, x, ctx, view, mask)  # no one reads its output
+                    x = self.backbone.run_layer(layer, x, ctx, view(self.kv[depth]), mask, None)
+            if high in self.exit_kv:  # no one reads an exit layer's output either
+                exit_view, exit_ctx, places = (view, ctx, slice(None)) if leaving == everyone else window(leaving)
+                self.backbone.fill_kv(
+                    self.exits[high].layer, x[places], exit_ctx, exit_view(self.exit_kv[high]), mask[places]
+                )
+
+    def _prompt_chunk(self, row: int, done: int, count: int, width: int) -> torch.Tensor:
+        """`[1, width, H]`: row `row`'s prompt inputs at slots `[done, done + count)`, the last repeated to `width`."""
+        chunk = self.prompts[row][1][:, done : done + count]
+        return torch.cat([chunk, chunk[:, -1:].expand(-1, width - count, -1)], dim=1) if count < width else chunk
 
     # --- the step -------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -325,41 +384,52 @@ class RowEngine:
         in_order = rows_of == list(range(len(rows_of)))  # one slot per row, rows 0..k-1: no gather
         ctx = self.backbone.window_context(self.rows_ctx, slots, None if in_order else row_ids)
         selector = slice(0, len(rows_of)) if in_order else row_ids
-        flat_t = torch.tensor(flat, device=device)
-        return _Pack(flat_t, row_ids, rows_of, selector, slots, slots_of, last, key_length, mask, ctx)
+        flat_t, last_items = torch.tensor(flat, device=device), torch.tensor(last, device=device)
+        return _Pack(flat_t, row_ids, rows_of, selector, slots, slots_of, last, last_items, key_length, mask, ctx)
 
     def _layers(self, first: int, last: int, x, pack: _Pack, active) -> tuple[torch.Tensor, torch.Tensor]:
         """LM layers `first..last-1` over the packed slots (every layer of a segment is filled to the same slot):
-        the window with their new states, and those states `[m, 1, H]`."""
+        the window with their new states, and those states `[m, 1, H]`. The last layer's output is read only at
+        the new slots (the final head), so caught-up slots get only their K/V there (`Backbone.run_layer_at`)."""
         n, width, hidden = x.shape
         states = x.reshape(n * width, hidden).index_select(0, pack.flat)[:, None]
+        flat = pack.flat
         for depth in range(first, last):
             view = RowView(self.kv[depth], pack.slots, pack.selector, pack.key_length)
-            states = self.backbone.run_layer(self.backbone.layers[depth], states, pack.ctx, view, pack.mask, None)
+            layer = self.backbone.layers[depth]
+            if depth == self.num_layers - 1 and len(pack.rows) > len(pack.last):
+                states = self.backbone.run_layer_at(layer, states, pack.ctx, view, pack.mask, pack.last_items)
+                flat = pack.flat[pack.last_items]
+            else:
+                states = self.backbone.run_layer(layer, states, pack.ctx, view, pack.mask, None)
             fill = self.fill[depth]
             for r in set(pack.rows):
                 fill[r] = self.position[r] + 1
         self.layer_calls += last - first
         self.slot_layers += len(pack.rows) * (last - first)
-        x = x.reshape(n * width, hidden).index_copy(0, pack.flat, states[:, 0]).view(n, width, hidden)
+        x = x.reshape(n * width, hidden).index_copy(0, flat, states[:, 0]).view(n, width, hidden)
         return x, states
 
     def _exit(self, depth: int, states, pack: _Pack, done: list[bool]) -> tuple[list[bool], torch.Tensor]:
-        """The exit at `depth` for the packed rows: its layer over their slots (filling its own cache), its logits at
-        each row's new slot `[k, V]`, and which rows leave: those that may, whose token is not out yet, and whose
-        max softmax probability reaches their threshold (the one host read per exit)."""
-        exit_module = self.exits[depth]
-        features = states
+        """The exit at `depth` for the packed rows: its layer over their slots (filling its own cache; caught-up
+        slots need only their K/V: `Backbone.run_layer_at`), its logits at each row's new slot `[k, V]`, and which
+        rows leave: those that may, whose token is not out yet, and whose max softmax probability reaches their
+        threshold (the one host read per exit)."""
+        exit_module, last = self.exits[depth], pack.last_items
+        features = states[last, 0]
         if exit_module.needs_cache:
             view = RowView(self.exit_kv[depth], pack.slots, pack.selector, pack.key_length)
-            features = self.backbone.run_layer(exit_module.layer, states, pack.ctx, view, pack.mask, None)
+            if len(pack.rows) > len(pack.last):
+                features = self.backbone.run_layer_at(exit_module.layer, states, pack.ctx, view, pack.mask, last)
+            else:  # one slot per row: `last` is every item, in order
+                features = self.backbone.run_layer(exit_module.layer, states, pack.ctx, view, pack.mask, None)
+            features = features[:, 0]
             fill = self.exit_fill[depth]
             for r in set(pack.rows):
                 fill[r] = self.position[r] + 1
             self.exit_calls += 1
             self.slot_layers += len(pack.rows)
-        last = torch.tensor(pack.last, device=states.device)
-        logits = exit_module.logits(self.backbone, features[last, 0])
+        logits = exit_module.logits(self.backbone, features)
         work = [pack.rows[i] for i in pack.last]
         confident = (max_probability(logits) >= self.threshold[pack.row_ids[last]]).tolist()
         left = [c and self.may_exit[r] and not done[r] for c, r in zip(confident, work)]
@@ -379,18 +449,21 @@ class RowEngine:
     def _climb_on(self, depth: int, done: list[bool], live: list[int]) -> bool:
         """Whether the step goes on above exit `depth` for the rows whose token is not out yet, or parks them there.
 
-        Going on costs the layer calls above `depth`, and makes one token per climbing row; parking them lets the
-        next step start at once, and its first exit makes tokens for about `first_exit_rate` of the rows that are
-        out now, at the cost of the layers up to it. The step goes on when the climbing rows make tokens at least
-        as fast per layer call, or when a climbing row has waited `max_wait` steps already (a bound on its delay);
-        `exit_rule="ride_along"` always goes on."""
+        Going on costs the layer calls above `depth` (each dearer by `ROW_COST` per climbing row), and makes one
+        token per climbing row; parking them lets the next step start at once, and its first exit makes tokens for
+        about `first_exit_rate` of the rows that are out now, at the cost of the layers up to it (with every row
+        in them) and of a step's own work (`STEP_COST`). The step goes on when the climbing rows make tokens at
+        least as fast for the time, or when a climbing row has waited `max_wait` steps already (a bound on its
+        delay); `exit_rule="ride_along"` always goes on."""
         if self.exit_rule == "ride_along":
             return True
         climbing = [r for r, d in enumerate(done) if not d]
         if max(self.waited[r] for r in climbing) >= self.max_wait:
             return True
         rows_out = sum(1 for r, d in enumerate(done) if d and self.active[r])
-        return len(climbing) * self.calls_to[live[0]] >= self.first_exit_rate * rows_out * self.calls_above[depth]
+        going_on = self.calls_above[depth] * (1 + ROW_COST * len(climbing))
+        next_step = self.calls_to[live[0]] * (1 + ROW_COST * (rows_out + len(climbing))) + STEP_COST
+        return len(climbing) * next_step >= self.first_exit_rate * rows_out * going_on
 
     def _stopped(self, done: list[bool]) -> None:
         """Rows whose token is out take their next slot; the others wait (at the exit where the step stopped, or
