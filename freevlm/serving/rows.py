@@ -20,7 +20,8 @@ climbs (`exit_rule`):
   climbs (its deeper K/V filled on the way). A mixed batch then runs as deep as its deepest row at every step.
 - `park` (the default): a row that left is out of the deeper layers' calls (its layers above are caught up with
   its next deep token), and at each exit where some rows left and others climb on, the step stops when the
-  climbing rows would make tokens more slowly per layer call than a new step would (`_climb_on`); their tokens
+  climbing rows would make tokens more slowly per unit of time than a new step would (`_climb_on`, from measured
+  costs of a layer call, of a row in it and of a step: `ROW_COST`, `STEP_COST`); their tokens
   wait at that exit and go on at the next step, joining at that depth, so the layers above run once for the rows
   gathered there. A token waits at most `max_wait` steps.
 
@@ -43,6 +44,11 @@ from ..decoding.policies import max_probability
 
 EXIT_RULES = ("park", "ride_along")
 KEY_BUCKET = 16  # a window reads its rows' key slots up to the deepest one, rounded up to this (few mask shapes)
+# The park rule's costs, in layer calls of one row (measured on the 2-core CPU at the demo's size, OPT 12 x 256,
+# one thread, decode steps under load: a call ~560 us, each more row in it ~44 us, a step's own work (embedding,
+# heads, packing, token choice) ~1 ms). On a GPU rows are nearly free up to ~200 per call: ROW_COST ~0.
+ROW_COST = 0.08
+STEP_COST = 2.0
 
 
 class RowKV:
@@ -391,18 +397,21 @@ class RowEngine:
     def _climb_on(self, depth: int, done: list[bool], live: list[int]) -> bool:
         """Whether the step goes on above exit `depth` for the rows whose token is not out yet, or parks them there.
 
-        Going on costs the layer calls above `depth`, and makes one token per climbing row; parking them lets the
-        next step start at once, and its first exit makes tokens for about `first_exit_rate` of the rows that are
-        out now, at the cost of the layers up to it. The step goes on when the climbing rows make tokens at least
-        as fast per layer call, or when a climbing row has waited `max_wait` steps already (a bound on its delay);
-        `exit_rule="ride_along"` always goes on."""
+        Going on costs the layer calls above `depth` (each dearer by `ROW_COST` per climbing row), and makes one
+        token per climbing row; parking them lets the next step start at once, and its first exit makes tokens for
+        about `first_exit_rate` of the rows that are out now, at the cost of the layers up to it (with every row
+        in them) and of a step's own work (`STEP_COST`). The step goes on when the climbing rows make tokens at
+        least as fast for the time, or when a climbing row has waited `max_wait` steps already (a bound on its
+        delay); `exit_rule="ride_along"` always goes on."""
         if self.exit_rule == "ride_along":
             return True
         climbing = [r for r, d in enumerate(done) if not d]
         if max(self.waited[r] for r in climbing) >= self.max_wait:
             return True
         rows_out = sum(1 for r, d in enumerate(done) if d and self.active[r])
-        return len(climbing) * self.calls_to[live[0]] >= self.first_exit_rate * rows_out * self.calls_above[depth]
+        going_on = self.calls_above[depth] * (1 + ROW_COST * len(climbing))
+        next_step = self.calls_to[live[0]] * (1 + ROW_COST * (rows_out + len(climbing))) + STEP_COST
+        return len(climbing) * next_step >= self.first_exit_rate * rows_out * going_on
 
     def _stopped(self, done: list[bool]) -> None:
         """Rows whose token is out take their next slot; the others wait (at the exit where the step stopped, or
