@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from cli_args import cli_args
 from PIL import Image
 from tiny_processor import WORDS, tiny_processor
 
@@ -162,35 +163,9 @@ def test_sweep_command_reads_the_folder(folder, tmp_path):
     EarlyExitVLM(load_vlm(folder / "model").model, ExitConfig([1, 2], init="fresh")).save_exits(tmp_path / "exits")
     q, a = files.vqa(tmp_path)
     out = tmp_path / "out"
-    assert (
-        main(
-            [
-                "sweep",
-                "--backbone",
-                str(folder / "model"),
-                "--exits",
-                str(tmp_path / "exits"),
-                "--format",
-                "vqav2",
-                "--files",
-                str(q),
-                str(a),
-                "--images",
-                str(tmp_path / "val2014"),
-                "--dev-files",
-                str(q),
-                str(a),
-                "--thresholds",
-                "0.0",
-                "1.0",
-                "--out",
-                str(out),
-                "--max-new-tokens",
-                "2",
-            ]
-        )
-        == 0
-    )
+    options = dict(format="vqav2", files=[q, a], images=tmp_path / "val2014", dev_files=[q, a], thresholds=[0.0, 1.0])
+    saved = dict(backbone=folder / "model", exits=tmp_path / "exits")
+    assert main(cli_args("sweep", **saved, **options, out=out, max_new_tokens=2)) == 0
     result = json.loads((out / "results.json").read_text())
     assert result["test"][0]["speed"]["exit_histogram"].keys() == {"1"}  # threshold 0: every token at the first exit
 

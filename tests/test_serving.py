@@ -138,6 +138,45 @@ def test_rows_that_stopped_early_catch_up_exactly(ee, mixed, rows):
         assert (handle.result().tokens, handle.result().exit_layers) == (tokens, layers)
 
 
+@pytest.mark.parametrize("cut", [False, True])
+def test_requests_joining_together_decode_as_alone(ee, mixed, cut, monkeypatch):
+    """Six requests arrive at once, four take rows: their images go through the vision model in one call, their
+    prompts through each layer in one window (T5: each row its own encoder states, no decoder prompt to encode), rows
+    that may leave early and rows that may not side by side; `cut`: a budget of 1.5 prompts per iteration, so a
+    window holds one prompt's rest and the next ones' starts. Each request decodes as alone."""
+    rng, requests = random.Random(7), []
+    for i in range(6):
+        pv, ids, _ = tiny_inputs(ee.model, batch=1, prompt_len=rng.randint(1, 6), seed=70 + i)
+        options = dict(max_new_tokens=rng.randint(2, 8), threshold=[1.0, *mixed, 0.0][i % (len(mixed) + 2)])
+        options |= dict(eos_token_id=[], mode="full" if i == 4 else "early_exit")
+        requests.append((pv, ids, options, _alone(ee, pv, ids, **options)))
+    slots = sum(ids.shape[1] for _, ids, *_ in requests) / len(requests)
+    scheduler = Scheduler(ee, max_batch=4, max_len=32, prefill_chunk=int(1.5 * slots) if cut else 256)
+    images, windows = [], []
+    vision = ee.backbone.stage1_parts()["vision"][0]
+    vision.register_forward_pre_hook(
+        lambda m, args, kwargs: images.append(len(args[0] if args else kwargs["pixel_values"])), with_kwargs=True
+    )
+    encode = scheduler.engine._encode
+    monkeypatch.setattr(
+        scheduler.engine, "_encode", lambda rows, chunks, own=False: windows.append(chunks) or encode(rows, chunks, own)
+    )
+    handles = [scheduler.submit(pv, ids, **options) for pv, ids, options, _ in requests]
+    try:
+        scheduler.run_until_idle()
+    finally:
+        vision._forward_pre_hooks.clear()
+    for handle, (*_, (tokens, layers)) in zip(handles, requests):
+        assert (handle.result().tokens, handle.result().exit_layers) == (tokens, layers)
+    assert max(images) > 1, "no images were encoded together"
+    if ee.backbone.family == "t5":
+        assert not windows
+    else:
+        assert max(len(w) for w in windows) > 1, "no prompts were encoded together"
+        if cut:
+            assert any(len({first for first, _ in w}) > 1 for w in windows), "no window mixed prompt offsets"
+
+
 def test_stream_and_background_thread(ee):
     pv, ids, _ = tiny_inputs(ee.model, batch=1, prompt_len=3, seed=3)
     tokens, layers = _alone(ee, pv, ids, max_new_tokens=6, threshold=0.5, eos_token_id=[])
