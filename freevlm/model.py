@@ -17,7 +17,7 @@ from torch import nn
 
 from .backbones import Backbone, Blip2Backbone, load_backbone
 from .decoding.config import DecodeConfig
-from .decoding.generate import GenerateOutput
+from .decoding.generate import Call, GenerateOutput
 from .decoding.policies import ConfidencePolicy, Copies, ExitPolicy
 from .decoding.search import SEARCH, search_name
 from .decoding.static import EnginePool
@@ -240,10 +240,9 @@ class EarlyExitVLM(nn.Module):
         policy.validate(self.exit_layers, self.backbone.num_layers)
         eos, pad = self.special_tokens(config.eos_token_id, config.pad_token_id)
         config = replace(config, eos_token_id=eos, pad_token_id=pad)
-        search = SEARCH[search_name(config)]
-        exits = self.exit_dict()
+        exits, search = self.exit_dict(), SEARCH[search_name(config)]
         return search(
-            self.backbone, exits, policy, config, pixel_values, input_ids, attention_mask, inputs, self.engines
+            Call(self.backbone, exits, policy, config, pixel_values, input_ids, attention_mask, inputs, self.engines)
         )
 
     def follow_backbone(self) -> None:

@@ -3,9 +3,11 @@
 import json
 import math
 import random
+from functools import partial
 
 import pytest
 import torch
+from cli_args import cli_args
 from training_helpers import make_image_processor, make_tokenizer, write_shapes
 from transformers import OPTConfig
 
@@ -416,45 +418,12 @@ def test_sweep_cli_method_mue_and_pabee(tmp_path):
         part.save_pretrained(tmp_path / "backbone")
     EarlyExitVLM(load_vlm(tmp_path / "backbone").model, ExitConfig([1, 2], kind="linear")).save_exits(tmp_path / "ex")
     q, a = files.vqa(tmp_path)
-    common = [
-        "sweep",
-        "--backbone",
-        str(tmp_path / "backbone"),
-        "--format",
-        "vqav2",
-        "--files",
-        str(q),
-        str(a),
-        "--images",
-        str(tmp_path / "val2014"),
-        "--dev-files",
-        str(q),
-        str(a),
-        "--max-new-tokens",
-        "2",
-        "--no-per-layer",
-        "--no-full",
-    ]
-    assert main([*common, "--method", "mue", "--out", str(tmp_path / "mue")]) == 0
+    options = dict(format="vqav2", files=[q, a], images=tmp_path / "val2014", dev_files=[q, a], max_new_tokens=2)
+    sweep = partial(cli_args, "sweep", "--no-per-layer", "--no-full", backbone=tmp_path / "backbone", **options)
+    assert main(sweep(method="mue", out=tmp_path / "mue")) == 0
     mue = json.loads((tmp_path / "mue/results.json").read_text())
     assert mue["method"] == "mue" and [r["threshold"] for r in mue["test"]] == list(get_method("mue").thresholds)
-    assert (
-        main(
-            [
-                *common,
-                "--method",
-                "pabee",
-                "--exits",
-                str(tmp_path / "ex"),
-                "--thresholds",
-                "1",
-                "3",
-                "--out",
-                str(tmp_path / "pabee"),
-            ]
-        )
-        == 0
-    )
+    assert main(sweep(method="pabee", exits=tmp_path / "ex", thresholds=[1, 3], out=tmp_path / "pabee")) == 0
     pabee = json.loads((tmp_path / "pabee/results.json").read_text())
     assert pabee["rule"].startswith("patience") and set(pabee["test"][0]["speed"]["exit_histogram"]) == {"1"}
-    assert main([*common, "--method", "deeblip", "--out", str(tmp_path / "x")]) == 2  # no --exits
+    assert main(sweep(method="deeblip", out=tmp_path / "x")) == 2  # no --exits

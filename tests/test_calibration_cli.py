@@ -5,6 +5,7 @@ import math
 
 import dataset_files as files
 import pytest
+from cli_args import cli_args
 
 from freevlm.calibration import calibrate_exits, consistency_losses, never_exits, per_caption_cider
 from freevlm.cli import main
@@ -12,25 +13,8 @@ from freevlm.cli import main
 
 def _args(checkpoint, tmp_path, *extra):
     q, a = files.vqa(tmp_path)
-    return [
-        "calibrate",
-        "--backbone",
-        str(checkpoint / "backbone"),
-        "--exits",
-        str(checkpoint / "exits"),
-        "--format",
-        "vqav2",
-        "--files",
-        str(q),
-        str(a),
-        "--images",
-        str(tmp_path / "val2014"),
-        "--max-new-tokens",
-        "2",
-        "--out",
-        str(tmp_path / "calib" / "calib.json"),
-        *extra,
-    ]
+    options = dict(format="vqav2", files=[q, a], images=tmp_path / "val2014", max_new_tokens=2)
+    return cli_args("calibrate", *extra, checkpoint=checkpoint, **options, out=tmp_path / "calib" / "calib.json")
 
 
 @pytest.mark.parametrize("tolerance", [0.7, 0.99])  # on this model: threshold 0 refused at 0.7, certified at 0.99
@@ -107,21 +91,9 @@ def test_bad_tolerance_or_confidence_fails_before_loading(tmp_path, capsys, extr
 
 def test_empty_calibration_set_is_an_error(checkpoint, tmp_path, capsys):
     q = files.write_json(tmp_path / "questions.json", {"questions": []})
-    args = [
-        "calibrate",
-        "--backbone",
-        str(checkpoint / "backbone"),
-        "--exits",
-        str(checkpoint / "exits"),
-        "--format",
-        "vqav2",
-        "--files",
-        str(q),
-        "--images",
-        str(tmp_path),
-        "--out",
-        str(tmp_path / "c.json"),
-    ]
+    args = cli_args(
+        "calibrate", checkpoint=checkpoint, format="vqav2", files=q, images=tmp_path, out=tmp_path / "c.json"
+    )
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "questions.json: no records" in err  # the reader refuses it, naming the file
@@ -135,27 +107,8 @@ def test_calibrate_exits_refuses_no_records():
 
 def test_metric_loss_needs_labels(checkpoint, tmp_path, capsys):
     q, _ = files.vqa(tmp_path)
-    args = [
-        "calibrate",
-        "--backbone",
-        str(checkpoint / "backbone"),
-        "--exits",
-        str(checkpoint / "exits"),
-        "--format",
-        "vqav2",
-        "--files",
-        str(q),
-        "--images",
-        str(tmp_path / "val2014"),
-        "--loss",
-        "metric",
-        "--thresholds",
-        "1.0",
-        "--max-new-tokens",
-        "1",
-        "--out",
-        str(tmp_path / "c.json"),
-    ]
+    options = dict(format="vqav2", files=q, images=tmp_path / "val2014", loss="metric", thresholds=1.0)
+    args = cli_args("calibrate", checkpoint=checkpoint, **options, max_new_tokens=1, out=tmp_path / "c.json")
     assert main(args) == 2
     assert "--loss metric needs an answer for every calibration question" in capsys.readouterr().err
 
@@ -178,32 +131,8 @@ def test_per_caption_cider_scores_each_caption_alone():
 def test_calibrate_captions_with_the_cider_drop(checkpoint, tmp_path):
     path = files.karpathy(tmp_path)
     out = tmp_path / "c.json"
-    code = main(
-        [
-            "calibrate",
-            "--backbone",
-            str(checkpoint / "backbone"),
-            "--exits",
-            str(checkpoint / "exits"),
-            "--format",
-            "coco-karpathy",
-            "--files",
-            str(path),
-            "--images",
-            str(tmp_path),
-            "--split",
-            "train",
-            "--loss",
-            "metric",
-            "--thresholds",
-            "0",
-            "1",
-            "--max-new-tokens",
-            "3",
-            "--out",
-            str(out),
-        ]
-    )
+    options = dict(format="coco-karpathy", files=path, images=tmp_path, split="train", loss="metric", thresholds=[0, 1])
+    code = main(cli_args("calibrate", checkpoint=checkpoint, **options, max_new_tokens=3, out=out))
     assert code == 0
     report = json.loads(out.read_text())
     assert report["task"] == "captions" and report["n"] == 2 and "CIDEr" in report["loss_definition"]

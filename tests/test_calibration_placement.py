@@ -6,13 +6,14 @@ import json
 import dataset_files as files
 import pytest
 import torch
+from cli_args import cli_args
 from tiny_processor import tiny_bundle
 
 from freevlm import EarlyExitVLM, ExitConfig
-from freevlm.calibration import candidate_placements, exits_subset
 from freevlm.cli import main
 from freevlm.decoding.policies import FixedSchedulePolicy
 from freevlm.loading import load_vlm
+from freevlm.placement import candidate_placements, exits_subset
 from freevlm.tiny import tiny_blip2, tiny_inputs
 
 
@@ -80,35 +81,9 @@ def _vqa_twice(root):
 def test_place_exits_chooses_the_certified_fastest_placement(identity_top, tmp_path, capsys):
     q, a = _vqa_twice(tmp_path)
     out = tmp_path / "placement.json"
-    code = main(
-        [
-            "place-exits",
-            "--backbone",
-            str(identity_top / "backbone"),
-            "--exits",
-            str(identity_top / "exits"),
-            "--format",
-            "vqav2",
-            "--files",
-            str(q),
-            str(a),
-            "--images",
-            str(tmp_path / "val2014"),
-            "--max-new-tokens",
-            "2",
-            "--thresholds",
-            "0",
-            "1",
-            "--tolerance",
-            "0.5",
-            "--confidence",
-            "0.9",
-            "--budget-exits",
-            "2",
-            "--out",
-            str(out),
-        ]
-    )
+    options = dict(format="vqav2", files=[q, a], images=tmp_path / "val2014", max_new_tokens=2, thresholds=[0, 1])
+    options.update(tolerance=0.5, confidence=0.9, budget_exits=2, out=out)
+    code = main(cli_args("place-exits", checkpoint=identity_top, **options))
     assert code == 0
     report = json.loads(out.read_text())
     assert report["n"] == 6 and report["placements_tested"] == 3 and report["speedup"] == "ideal"
@@ -126,23 +101,7 @@ def test_place_exits_chooses_the_certified_fastest_placement(identity_top, tmp_p
 
 def test_place_exits_needs_a_budget(identity_top, tmp_path, capsys):
     q, a = files.vqa(tmp_path)
-    code = main(
-        [
-            "place-exits",
-            "--backbone",
-            str(identity_top / "backbone"),
-            "--exits",
-            str(identity_top / "exits"),
-            "--format",
-            "vqav2",
-            "--files",
-            str(q),
-            str(a),
-            "--images",
-            str(tmp_path / "val2014"),
-            "--out",
-            str(tmp_path / "p.json"),
-        ]
-    )
+    options = dict(format="vqav2", files=[q, a], images=tmp_path / "val2014", out=tmp_path / "p.json")
+    code = main(cli_args("place-exits", checkpoint=identity_top, **options))
     assert code == 2
     assert "give a budget: --budget-exits N or --budget-parameters P" in capsys.readouterr().err

@@ -4,6 +4,7 @@ import json
 
 import dataset_files as files
 import pytest
+from cli_args import cli_args
 
 from freevlm.cli import main
 
@@ -12,31 +13,8 @@ from freevlm.cli import main
 def test_eval_captions_cli(checkpoint, tmp_path, capsys):
     path = files.karpathy(tmp_path)
     out = tmp_path / "out"
-    code = main(
-        [
-            "eval",
-            "--backbone",
-            str(checkpoint / "backbone"),
-            "--exits",
-            str(checkpoint / "exits"),
-            "--format",
-            "coco-karpathy",
-            "--files",
-            str(path),
-            "--images",
-            str(tmp_path),
-            "--split",
-            "train",
-            "--out",
-            str(out),
-            "--threshold",
-            "0.0",
-            "--max-new-tokens",
-            "4",
-            "--prompt",
-            "a photo of",
-        ]
-    )
+    options = dict(format="coco-karpathy", files=path, images=tmp_path, split="train", out=out, threshold="0.0")
+    code = main(cli_args("eval", checkpoint=checkpoint, **options, max_new_tokens=4, prompt="a photo of"))
     assert code == 0
     result = json.loads((out / "results.json").read_text())
     assert result["task"] == "captions" and result["metric"] == "CIDEr"
@@ -50,32 +28,8 @@ def test_eval_captions_cli(checkpoint, tmp_path, capsys):
 def test_sweep_vqa_cli(checkpoint, tmp_path):
     q, a = files.vqa(tmp_path)
     out = tmp_path / "out"
-    code = main(
-        [
-            "sweep",
-            "--backbone",
-            str(checkpoint / "backbone"),
-            "--exits",
-            str(checkpoint / "exits"),
-            "--format",
-            "vqav2",
-            "--files",
-            str(q),
-            str(a),
-            "--images",
-            str(tmp_path / "val2014"),
-            "--dev-files",
-            str(q),
-            str(a),
-            "--thresholds",
-            "0.5",
-            "1.0",
-            "--out",
-            str(out),
-            "--max-new-tokens",
-            "2",
-        ]
-    )
+    options = dict(format="vqav2", files=[q, a], images=tmp_path / "val2014", dev_files=[q, a], thresholds=[0.5, 1.0])
+    code = main(cli_args("sweep", checkpoint=checkpoint, **options, out=out, max_new_tokens=2))
     assert code == 0
     result = json.loads((out / "results.json").read_text())
     assert [r["threshold"] for r in result["test"]] == [0.5, 1.0]
@@ -86,24 +40,8 @@ def test_sweep_vqa_cli(checkpoint, tmp_path):
 def test_cli_names_a_broken_dataset(checkpoint, tmp_path, capsys):
     q, a = files.vqa(tmp_path)
     (tmp_path / "val2014" / "COCO_val2014_000000000073.jpg").unlink()
-    code = main(
-        [
-            "eval",
-            "--backbone",
-            str(checkpoint / "backbone"),
-            "--exits",
-            str(checkpoint / "exits"),
-            "--format",
-            "vqav2",
-            "--files",
-            str(q),
-            str(a),
-            "--images",
-            str(tmp_path / "val2014"),
-            "--out",
-            str(tmp_path / "out"),
-        ]
-    )
+    options = dict(format="vqav2", files=[q, a], images=tmp_path / "val2014", out=tmp_path / "out")
+    code = main(cli_args("eval", checkpoint=checkpoint, **options))
     assert code == 2
     err = capsys.readouterr().err
     assert "question #2 (id 730)" in err and "COCO_val2014_000000000073.jpg" in err

@@ -13,6 +13,7 @@ from pathlib import Path
 import dataset_files as files
 import pytest
 import torch
+from cli_args import cli_args
 from tiny_processor import tiny_bundle
 
 from freevlm import EarlyExitVLM, ExitConfig
@@ -37,28 +38,9 @@ def gqa(root: Path, n: int) -> Path:
 
 
 def eval_args(checkpoint, questions: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "eval",
-        "--backbone",
-        str(checkpoint / "backbone"),
-        "--exits",
-        str(checkpoint / "exits"),
-        "--format",
-        "gqa",
-        "--files",
-        str(questions),
-        "--images",
-        str(questions.parent / "images"),
-        "--out",
-        str(out),
-        "--threshold",
-        "0.016",  # this tiny model's tokens leave at every depth there
-        "--max-new-tokens",
-        "5",
-        "--batch-size",
-        "2",
-        *extra,
-    ]
+    options = dict(format="gqa", files=questions, images=questions.parent / "images", out=out)
+    # threshold 0.016: this tiny model's tokens leave at every depth there
+    return cli_args("eval", *extra, checkpoint=checkpoint, **options, threshold=0.016, max_new_tokens=5, batch_size=2)
 
 
 def lines(path: Path) -> list[dict]:
@@ -130,40 +112,16 @@ def test_a_line_cut_short_is_dropped_and_cut_off(tmp_path):
 
 
 def command_args(checkpoint, questions: Path, out: Path) -> dict[str, list[str]]:
-    common = [
-        "--backbone",
-        str(checkpoint / "backbone"),
-        "--exits",
-        str(checkpoint / "exits"),
-        "--format",
-        "gqa",
-        "--files",
-        str(questions),
-        "--images",
-        str(questions.parent / "images"),
-        "--max-new-tokens",
-        "4",
-        "--batch-size",
-        "2",
-    ]
-    grid = ["--thresholds", "0.014", "0.016", "1.0"]
+    common = dict(checkpoint=checkpoint, format="gqa", files=questions, images=questions.parent / "images")
+    common.update(max_new_tokens=4, batch_size=2)
+    grid = dict(common, thresholds=[0.014, 0.016, 1.0])
     return {
-        "eval": ["eval", *common, "--threshold", "0.016", "--out", str(out / "eval")],
-        "sweep": ["sweep", *common, *grid, "--dev-fraction", "0.3", "--out", str(out / "sweep")],
-        "calibrate": ["calibrate", *common, *grid, "--tolerance", "0.5", "--out", str(out / "calib.json")],
-        "place-exits": [
-            "place-exits",
-            *common,
-            *grid,
-            "--tolerance",
-            "0.5",
-            "--budget-exits",
-            "1",
-            "--speedup",
-            "analytic",
-            "--out",
-            str(out / "place.json"),
-        ],
+        "eval": cli_args("eval", **common, threshold=0.016, out=out / "eval"),
+        "sweep": cli_args("sweep", **grid, dev_fraction=0.3, out=out / "sweep"),
+        "calibrate": cli_args("calibrate", **grid, tolerance=0.5, out=out / "calib.json"),
+        "place-exits": cli_args(
+            "place-exits", **grid, tolerance=0.5, budget_exits=1, speedup="analytic", out=out / "place.json"
+        ),
     }
 
 

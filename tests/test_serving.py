@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from freevlm import EarlyExitVLM, ExitConfig
+from freevlm.backbones.base import Start
 from freevlm.decoding.config import DecodeConfig
 from freevlm.serving import QueueFull, Scheduler
 from freevlm.tiny import tiny_inputs, tiny_model
@@ -137,6 +138,61 @@ def test_rows_that_stopped_early_catch_up_exactly(ee, mixed, rows):
         assert scheduler.engine.kv_only_slot_layers > 0  # caught-up slots at the last layer: their K/V only
     for handle, (tokens, layers) in zip(handles, expected):
         assert (handle.result().tokens, handle.result().exit_layers) == (tokens, layers)
+
+
+@pytest.mark.parametrize("cut", [False, True])
+def test_requests_joining_together_decode_as_alone(ee, mixed, cut, monkeypatch):
+    """Six requests arrive at once, four take rows: their images go through the vision model in one call, their
+    prompts through each layer in one window (T5: each row its own encoder states, no decoder prompt to encode), rows
+    that may leave early and rows that may not side by side; `cut`: a budget of 1.5 prompts per iteration, so a
+    window holds one prompt's rest and the next ones' starts. Each request decodes as alone."""
+    rng, requests = random.Random(7), []
+    for i in range(6):
+        pv, ids, _ = tiny_inputs(ee.model, batch=1, prompt_len=rng.randint(1, 6), seed=70 + i)
+        options = dict(max_new_tokens=rng.randint(2, 8), threshold=[1.0, *mixed, 0.0][i % (len(mixed) + 2)])
+        options |= dict(eos_token_id=[], mode="full" if i == 4 else "early_exit")
+        requests.append((pv, ids, options, _alone(ee, pv, ids, **options)))
+    slots = sum(ids.shape[1] for _, ids, *_ in requests) / len(requests)
+    scheduler = Scheduler(ee, max_batch=4, max_len=32, prefill_chunk=int(1.5 * slots) if cut else 256)
+    images, windows = [], []
+    vision = ee.backbone.stage1_parts()["vision"][0]
+    vision.register_forward_pre_hook(
+        lambda m, args, kwargs: images.append(len(args[0] if args else kwargs["pixel_values"])), with_kwargs=True
+    )
+    encode = scheduler.engine._encode
+    monkeypatch.setattr(
+        scheduler.engine, "_encode", lambda rows, chunks, own=False: windows.append(chunks) or encode(rows, chunks, own)
+    )
+    handles = [scheduler.submit(pv, ids, **options) for pv, ids, options, _ in requests]
+    try:
+        scheduler.run_until_idle()
+    finally:
+        vision._forward_pre_hooks.clear()
+    for handle, (*_, (tokens, layers)) in zip(handles, requests):
+        assert (handle.result().tokens, handle.result().exit_layers) == (tokens, layers)
+    assert max(images) > 1, "no images were encoded together"
+    if ee.backbone.family == "t5":
+        assert not windows
+    else:
+        assert max(len(w) for w in windows) > 1, "no prompts were encoded together"
+        if cut:
+            assert any(len({first for first, _ in w}) > 1 for w in windows), "no window mixed prompt offsets"
+
+
+def test_start_many_gives_each_request_what_start_gives_it(ee):
+    """Images encoded together, each request's context is the one `start` makes for it alone, bit for bit."""
+    backbone, requests = ee.backbone, []
+    for i, length in enumerate([1, 4, 2]):
+        pv, ids, _ = tiny_inputs(ee.model, batch=1, prompt_len=length, seed=90 + i)
+        requests.append(Start(pv, ids, 3 + i, {}))
+    together = backbone.start_many(requests)
+    for request, ctx in zip(requests, together):
+        alone = backbone.start(request.pixel_values, request.input_ids, None, request.max_new_tokens)
+        assert torch.equal(ctx.prompt_ids, alone.prompt_ids) and torch.equal(ctx.key_mask, alone.key_mask)
+        assert torch.equal(ctx.prompt_embeds, alone.prompt_embeds)
+        for name in ("positions", "encoder_out", "encoder_mask"):
+            if name in alone.extra:
+                assert torch.equal(ctx.extra[name], alone.extra[name]), name
 
 
 def test_stream_and_background_thread(ee):

@@ -38,8 +38,8 @@ def _request(backbone, inputs: dict, b: int) -> dict:
     return request
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_every_request_decodes_as_alone(family):
+def _case(family: str):
+    """A tiny model of `family` with exits, three requests (thresholds 0, 0.3, 1) and what `generate` gives each."""
     window = {"sliding_window": WINDOWS[family]} if family in WINDOWS else {}  # Gemma 3's: 3 in any tiny one
     model = tiny_model(family, seed=5, num_layers=6, **window)
     ee = EarlyExitVLM.from_backbone(model, ExitConfig([1, 3, 4]))
@@ -51,6 +51,12 @@ def test_every_request_decodes_as_alone(family):
     for request, option in zip(requests, options):
         out = ee.generate(**request, **option)
         expected.append((out.sequences[0, request["input_ids"].shape[1] :].tolist(), out.exit_layers[0].tolist()))
+    return ee, requests, options, expected
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_request_decodes_as_alone(family):
+    ee, requests, options, expected = _case(family)
     scheduler = Scheduler(ee, max_batch=2, max_len=40, prefill_chunk=3)  # the third waits for a free row
     handles = [scheduler.submit(**requests[0], **options[0])]
     scheduler.step()
@@ -60,6 +66,25 @@ def test_every_request_decodes_as_alone(family):
         result = handle.result(timeout=0)
         assert (result.tokens, result.exit_layers) == (tokens, layers)
     assert {layer for _, layers in expected for layer in layers} != {6}  # some tokens left early
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen2-vl", "internvl-qwen2", "llava-next-qwen2"])
+def test_requests_joining_together_decode_as_alone(family):
+    """All three join in one iteration: images stacked where the family can (InternVL: LLaVA's image path with
+    several tiles per prompt, one call per request here), prompts in one window where their positions are their slots
+    (Gemma 3's images see themselves both ways, Qwen-VL's positions follow the image grid: each its own context)."""
+    ee, requests, options, expected = _case(family)
+    scheduler = Scheduler(ee, max_batch=3, max_len=40, prefill_chunk=256)
+    windows, encode = [], scheduler.engine._encode
+    scheduler.engine._encode = lambda rows, chunks, own=False: windows.append(len(rows)) or encode(rows, chunks, own)
+    handles = [scheduler.submit(**r, **o) for r, o in zip(requests, options)]
+    scheduler.step()
+    assert scheduler.running == 3
+    scheduler.run_until_idle()
+    for handle, (tokens, layers) in zip(handles, expected):
+        result = handle.result(timeout=0)
+        assert (result.tokens, result.exit_layers) == (tokens, layers)
+    assert max(windows) == (1 if family in ("gemma3", "qwen2-vl") else 3)
 
 
 def test_family_inputs_are_refused_by_name_at_submission():

@@ -18,6 +18,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -133,6 +134,15 @@ class Context:
         return self.key_mask.shape[1]
 
 
+class Start(NamedTuple):
+    """One request for `Backbone.start_many`: what `start` takes for it (one prompt row, no padding)."""
+
+    pixel_values: torch.Tensor
+    input_ids: torch.Tensor
+    max_new_tokens: int
+    inputs: dict  # the family's other model inputs (`input_names`)
+
+
 class Backbone:
     """What the engine, the exits and the trainers use of a frozen model; one subclass per model and LM family.
 
@@ -237,6 +247,26 @@ class Backbone:
         key_mask[:, :prompt_len] = attention_mask.bool()
         return Context(input_ids, embeds, key_mask, {"positions": decoder_positions(key_mask)})
 
+    def start_many(self, requests: list[Start]) -> list[Context]:
+        """The contexts of several requests, each what `start` gives it alone (batch 1): one `start` each here;
+        BLIP-2 and LLaVA encode the images of the requests that can share a call in one (`_start_stacked`)."""
+        return [self.start(r.pixel_values, r.input_ids, None, r.max_new_tokens, **r.inputs) for r in requests]
+
+    def _start_stacked(self, requests: list[Start], encode) -> list[Context]:
+        """`start_many` where `encode(pixel_values)` gives stacked images' features `[images, tokens, H]`, each image's
+        what it gives alone, and `start` takes a request's as `image_features`: the requests with one image of the
+        first one's size and no other inputs share one call, the others start alone."""
+        shape = requests[0].pixel_values.shape
+        shared = [i for i, r in enumerate(requests) if r.pixel_values.shape == shape and shape[0] == 1 and not r.inputs]
+        if len(shared) < 2:
+            return Backbone.start_many(self, requests)
+        features = dict(zip(shared, encode(torch.cat([requests[i].pixel_values for i in shared]))))
+        contexts = []
+        for i, r in enumerate(requests):
+            given = {"image_features": features[i][None]} if i in features else {}
+            contexts.append(self.start(r.pixel_values, r.input_ids, None, r.max_new_tokens, **r.inputs, **given))
+        return contexts
+
     # --- rows at their own slots (continuous batching: freevlm/serving) -------------------------------------------
     def rows_context(self, rows: int, slots: int, prompt_slots: int) -> Context:
         """What a batch of `rows` independent requests keeps per row besides K/V (`slots` per row, prompts of up to
@@ -248,6 +278,13 @@ class Backbone:
 
     def join_row(self, rows_ctx: Context, row: int, ctx: Context) -> None:
         """Row `row` of a `rows_context` takes over the per-row state of request `ctx` (batch 1)."""
+
+    def prompt_in_rows(self, ctx: Context) -> bool:
+        """Whether request `ctx`'s prompt slots may run in a window of rows (`window_context`: several requests'
+        prompts in one layer call) exactly as in its own context: where a slot's position is its slot and the mask
+        causal, as in decoder-only LMs. Gemma 3's images see themselves both ways, Qwen-VL's positions are not
+        slots, T5's prompt is the encoder's: they run in their own."""
+        return not self.encoder_decoder
 
     def prefill_cut(self, ctx: Context, end: int) -> int:
         """Where a chunk of request `ctx`'s prompt, encoded before the rest (continuous batching), may end, at or
@@ -481,11 +518,20 @@ class Blip2Backbone(Backbone):
         ).last_hidden_state
         return model.language_projection(query_output.to(image_embeds.dtype))
 
-    def image_prompt_embeds(self, pixel_values, input_ids, attention_mask, **inputs):
+    def start_many(self, requests: list[Start]) -> list[Context]:
+        """BLIP-2's images of one size go through the vision model and the Q-Former together (InstructBLIP's
+        Q-Former reads each request's instruction: one `start` each)."""
+        if type(self).image_features is not Blip2Backbone.image_features:
+            return super().start_many(requests)
+        return self._start_stacked(requests, self.image_features)
+
+    def image_prompt_embeds(self, pixel_values, input_ids, attention_mask, image_features=None, **inputs):
         """Follows Hugging Face's `Blip2ForConditionalGeneration.generate`: the prompt carries `num_query_tokens`
-        image placeholder tokens that are replaced by image features. A prompt without them gets them prepended."""
+        image placeholder tokens that are replaced by image features (`image_features`, computed here unless given:
+        `start_many`). A prompt without them gets them prepended."""
         cfg = self.config
-        image_features = self.image_features(pixel_values, **inputs)
+        if image_features is None:
+            image_features = self.image_features(pixel_values, **inputs)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         image_token = cfg.image_token_index

@@ -121,6 +121,11 @@ class Gemma3Backbone(ImageGroups, RotaryDecoder):
         ctx.extra["image_slots"] = None
         return ctx
 
+    def prompt_in_rows(self, ctx):
+        """Only a prompt without images: an image's tokens see each other both ways, which a window of rows (always
+        causal) does not let them."""
+        return ctx.extra["image_slots"] is None
+
     def prefill_cut(self, ctx, end):
         """After the image that slot `end - 1` is in, if `end` is in it too: its tokens are encoded together."""
         blocks = ctx.extra["image_blocks"][0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .base import Context, Start
 from .rotary import RotaryDecoder
 
 
@@ -69,12 +70,22 @@ class LlavaBackbone(RotaryDecoder):
         }
 
     # --- the image path and the prompt ------------------------------------------------------------------------
-    def image_prompt_embeds(self, pixel_values, input_ids, attention_mask):
-        """Follows Hugging Face's `LlavaModel.forward`: each row's image tokens take its image's features in order.
-        A row whose image-token count is not the image's feature count is refused (Hugging Face would misplace
-        features across rows or fail)."""
+    def start_many(self, requests: list[Start]) -> list[Context]:
+        """LLaVA's images of one size go through the vision tower and the projector together (the families built
+        on it with their own image path start one request at a time)."""
+        if type(self).image_prompt_embeds is not LlavaBackbone.image_prompt_embeds:
+            return super().start_many(requests)
+        return self._start_stacked(requests, lambda pixels: torch.stack(llava_image_features(self.model, pixels)))
+
+    def image_prompt_embeds(self, pixel_values, input_ids, attention_mask, image_features=None):
+        """Follows Hugging Face's `LlavaModel.forward`: each row's image tokens take its image's features in order
+        (`image_features [B, num_query_tokens, H]`, computed here unless given: `start_many`). A row whose
+        image-token count is not the image's feature count is refused (Hugging Face would misplace features across
+        rows or fail)."""
         cfg = self.config
-        features = torch.stack(llava_image_features(self.model, pixel_values))  # [B, num_query_tokens, H]
+        features = image_features
+        if features is None:
+            features = torch.stack(llava_image_features(self.model, pixel_values))
         counts = (input_ids == cfg.image_token_index).sum(dim=1).tolist()
         wrong = [b for b, n in enumerate(counts) if n != features.shape[1]]
         if wrong:

@@ -211,6 +211,10 @@ class QwenVLBackbone(RotaryDecoder):
         return dense.masked_scatter(is_image.unsqueeze(-1), features)
 
     # --- rows at their own slots (continuous batching) ---------------------------------------------------------------
+    def prompt_in_rows(self, ctx):
+        """No: a prompt's positions follow its images' grids, not its slots (and DeepStack adds to image slots)."""
+        return False
+
     def rows_context(self, rows, slots, prompt_slots):
         """Per row, each position stream's offset from the slot (`rope_deltas`): a window of rows covers the last
         prompt slot and new tokens, whose positions are the last prompt slot's plus their distance from it."""

@@ -11,14 +11,11 @@ reordered after each step; the engine's caches and pending states move with them
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from dataclasses import replace
 
-from ..backbones.base import Backbone
-from .config import DecodeConfig
-from .generate import GenerateOutput, Request
-from .policies import ExitPolicy
-from .static import EnginePool
+import torch
+
+from .generate import Call, GenerateOutput, Request
 
 
 def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -28,27 +25,22 @@ def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(tensor, index, dim=1)
 
 
-def beam_generate(
-    backbone: Backbone,
-    exits: dict[int, nn.Module],
-    policy: ExitPolicy,
-    config: DecodeConfig,
-    pixel_values: torch.Tensor,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    inputs: dict,
-    engines: EnginePool | None = None,
-) -> GenerateOutput:
+def beam_generate(call: Call) -> GenerateOutput:
+    backbone, config, input_ids = call.backbone, call.config, call.input_ids
     k, max_new_tokens, eos_token_id = config.num_beams, config.max_new_tokens, config.eos_token_id
     length_penalty, early_stopping = config.length_penalty, config.early_stopping
     batch = input_ids.shape[0]
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    pixel_values, inputs = backbone.beam_inputs(pixel_values, input_ids, inputs, k)
+    attention_mask = torch.ones_like(input_ids) if call.attention_mask is None else call.attention_mask
+    pixel_values, inputs = backbone.beam_inputs(call.pixel_values, input_ids, call.inputs, k)
     expand = lambda t: t.repeat_interleave(k, dim=0)  # noqa: E731 - as Hugging Face expands inputs per beam
-    req = Request.start(
-        backbone, exits, policy, config, pixel_values, expand(input_ids), expand(attention_mask), inputs, engines
+    call = replace(
+        call,
+        pixel_values=pixel_values,
+        input_ids=expand(input_ids),
+        attention_mask=expand(attention_mask),
+        inputs=inputs,
     )
+    req = Request.start(call)
     ctx, engine, device = req.ctx, req.engine, backbone.device
     prompt_len = ctx.prompt_ids.shape[1]
     keep = max(2, 1 + len(eos_token_id)) * k  # candidates per item, so k unfinished ones always remain

@@ -151,19 +151,15 @@ class Engine(ABC):
         policy: ExitPolicy,
         kv_mode: str,
         ctx: Context,
-        capacity: int,
         batch_policy: str,
-        slots: int,
+        slots: int | None = None,
     ):
-        if kv_mode not in KV_MODES:
-            raise ValueError(f"kv must be one of {KV_MODES}, got {kv_mode!r}")
-        if batch_policy not in BATCH_POLICIES:
-            raise ValueError(f"batch_policy must be one of {BATCH_POLICIES}, got {batch_policy!r}")
+        """`kv_mode` and `batch_policy` as `DecodeConfig` checked them; `slots`: cache size (default the context's)."""
+        slots = slots or ctx.capacity
         self.backbone, self.exits, self.policy, self.kv_mode, self.ctx = backbone, exits, policy, kv_mode, ctx
         self.num_layers = backbone.num_layers
         self.batch_size = ctx.prompt_ids.shape[0]
         self.batch_policy = resolve_batch_policy(batch_policy, self.batch_size)
-        self.capacity = capacity
         self.live = sorted(policy.live_exits(sorted(exits)))
         self.kv = [self.cache_class(self.batch_size, slots) for _ in range(self.num_layers)]
         self.exit_kv = {i: self.cache_class(self.batch_size, slots) for i in self.live if exits[i].needs_cache}

@@ -12,40 +12,30 @@ are computed but neither written to the cache nor used.
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from functools import cached_property
 
-from ..backbones.base import Backbone, Context, causal_padding_mask
+import torch
+
+from ..backbones.base import causal_padding_mask
 from ..cache_utils import KVView, LayerKV
 from .engine import Engine, StepResult
-from .policies import ExitPolicy
 
 
 class GeneralEngine(Engine):
     """Caches and pending states of one batch, a fill level per row; `step` runs new tokens up the stack."""
 
     cache_class = LayerKV
+    _mask_memo: tuple | None = None  # (rows, start, end, mask) of the last window: a step's layers share it
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        exits: dict[int, nn.Module],
-        policy: ExitPolicy,
-        kv_mode: str,
-        ctx: Context,
-        capacity: int,
-        batch_policy: str,
-    ):
-        super().__init__(backbone, exits, policy, kv_mode, ctx, capacity, batch_policy, capacity)
-        self.live_set = set(self.live)
-        self.unpadded = bool(ctx.key_mask.all())
-        self._mask_memo: tuple | None = None
+    @cached_property
+    def unpadded(self) -> bool:
+        return bool(self.ctx.key_mask.all())
 
     # --- helpers ----------------------------------------------------------------------------------------------
     def attention_mask(self, rows: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
         """Bool `[n, 1, q, k]` (None where plain full attention is the same: one new slot, no padding).
 
-        Built once per (rows, window): the layers of a step share it."""
+        Built once per (rows, window)."""
         if end - start == 1 and self.unpadded:
             return None
         memo = self._mask_memo
@@ -111,9 +101,9 @@ class GeneralEngine(Engine):
         for depth in range(self.num_layers):
             fill = [self.kv[depth].filled[b] for b in ids]
             x, lo = self._join_pending(x, rows, fill, prev_fill, lo, end)
-            if depth in self.live_set and not consult:
+            if depth in self.live and not consult:
                 self._skip_exit(depth, x, rows, ids, lo, end, fill)
-            elif depth in self.live_set:
+            elif depth in self.live:
                 leave, leaves, logits = self._exit(depth, x, rows, ids, lo, end, step, emitted)
                 if leave is not None:
                     all_logits = self._emit(all_logits, logits, out_idx[leave], tokens, exit_at, depth)

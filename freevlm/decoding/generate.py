@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -65,6 +65,22 @@ def _sync(device: torch.device) -> None:
 
 
 @dataclass
+class Call:
+    """One `generate` call as a search receives it: the model's parts, its options (EOS a list, pad an int) and its
+    inputs (`inputs`: the model's others, `Backbone.input_names`); `engines`: the model's kept ones, or None."""
+
+    backbone: Backbone
+    exits: dict[int, nn.Module]
+    policy: ExitPolicy
+    config: DecodeConfig
+    pixel_values: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    inputs: dict
+    engines: EnginePool | None = None
+
+
+@dataclass
 class Request:
     """What every search sets up alike: the backbone's context, the engine over it, the EOS ids, and a clock
     that syncs the device before each reading (so the seconds count finished work, not queued kernels)."""
@@ -77,29 +93,19 @@ class Request:
     t_prefill: float | None = None
 
     @classmethod
-    def start(
-        cls,
-        backbone: Backbone,
-        exits: dict[int, nn.Module],
-        policy: ExitPolicy,
-        config: DecodeConfig,
-        pixel_values: torch.Tensor,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        inputs: dict,
-        engines: EnginePool | None,
-        slots: int | None = None,
-    ) -> Request:
-        """Start the clock, encode image and prompt (and the model's other `inputs`, `Backbone.input_names`) with
-        room for `slots` new tokens (default `config.max_new_tokens`), build the engine (`engines`: the model's
-        kept ones, or None)."""
+    def start(cls, call: Call, slots: int | None = None) -> Request:
+        """Start the clock, encode image, prompt and the model's other inputs with room for `slots` new tokens
+        (default `max_new_tokens`), build the engine."""
+        backbone, config = call.backbone, call.config
         _sync(backbone.device)
         t0 = time.perf_counter()
-        ctx = backbone.start(pixel_values, input_ids, attention_mask, slots or config.max_new_tokens, **inputs)
-        if isinstance(policy, Copies):
-            ctx, engine = _copies(backbone, exits, policy, config, ctx, engines)
+        ctx = backbone.start(
+            call.pixel_values, call.input_ids, call.attention_mask, slots or config.max_new_tokens, **call.inputs
+        )
+        if isinstance(call.policy, Copies):
+            ctx, engine = _copies(call, ctx)
         else:
-            engine = build_engine(backbone, exits, policy, config, ctx, engines)
+            engine = build_engine(call, ctx)
         eos = torch.tensor(config.eos_token_id, dtype=torch.long, device=backbone.device)
         return cls(backbone, ctx, engine, eos, t0)
 
@@ -120,18 +126,18 @@ class Request:
         return stats
 
 
-def _copies(backbone, exits, policy: Copies, config, ctx: Context, engines) -> tuple[Context, Engine]:
+def _copies(call: Call, ctx: Context) -> tuple[Context, Engine]:
     """The context and engine of `policy.copies` copies of the batch of `ctx`, whose image and prompt are encoded
     once: the context's rows repeated (before any layer ran, so it holds no per-window memo), and the prompt but its
     last slot run once through every layer and live exit, its caches then copied to every copy's rows."""
     batch = ctx.prompt_ids.shape[0]
-    policy.rows_per_copy = batch
-    index = torch.arange(batch, device=ctx.key_mask.device).repeat(len(policy.policies))
+    call.policy.rows_per_copy = batch
+    index = torch.arange(batch, device=ctx.key_mask.device).repeat(len(call.policy.policies))
     copies = _repeat_rows(ctx, batch, index)
-    engine = build_engine(backbone, exits, policy, config, copies, engines)
+    engine = build_engine(call, copies)
     if engine.live and ctx.prompt_embeds.shape[1] > 1:  # else `prefill` is one pass over the whole prompt
-        prefix = build_engine(backbone, exits, policy, config, ctx)
-        prefix.encode(backbone.embed_prompt(ctx)[:, :-1])
+        prefix = build_engine(replace(call, engines=None), ctx)
+        prefix.encode(call.backbone.embed_prompt(ctx)[:, :-1])
         engine.take_prefix(prefix, index)
     return copies, engine
 
@@ -151,17 +157,11 @@ def _repeat_rows(ctx: Context, batch: int, index: torch.Tensor) -> Context:
     return Context(take(ctx.prompt_ids), take(ctx.prompt_embeds), take(ctx.key_mask), take(ctx.extra))
 
 
-def build_engine(
-    backbone: Backbone,
-    exits: dict[int, nn.Module],
-    policy: ExitPolicy,
-    config: DecodeConfig,
-    ctx: Context,
-    engines: EnginePool | None = None,
-) -> Engine:
-    """The one place an engine is built, its options from `config`: the static engine wherever rows move together
-    (on CUDA, where the adapter allows it, with its segments captured as graphs and kept in `engines`), the general
-    one where rows are compacted (large batches) or speculative rows sit at different slots."""
+def build_engine(call: Call, ctx: Context) -> Engine:
+    """The one place an engine is built: the static engine wherever rows move together (on CUDA, where the adapter
+    allows it, with its segments captured as graphs and kept in `call.engines`), the general one where rows are
+    compacted (large batches) or speculative rows sit at different slots."""
+    backbone, config = call.backbone, call.config
     batch, batch_policy = ctx.prompt_ids.shape[0], config.batch_policy
     speculative = config.mode == "speculative"
     if speculative:  # "auto" is resolved by the engine (which gates riding along), except where rows never ride
@@ -172,26 +172,18 @@ def build_engine(
             f"static=True needs rows that move together: batch_policy={config.batch_policy!r} with "
             f"{batch} rows compacts them (use 'ride_along' or 'slowest')"
         )
+    args = (backbone, call.exits, call.policy, config.kv, ctx, batch_policy)
     if not together or config.static is False:
-        return GeneralEngine(backbone, exits, policy, config.kv, ctx, ctx.capacity, batch_policy)
-    if engines is not None and backbone.device.type == "cuda" and backbone.graph_safe:
-        return engines.get(backbone, exits, policy, config.kv, ctx, batch_policy)
-    return StaticEngine(backbone, exits, policy, config.kv, ctx, ctx.capacity, batch_policy)
+        return GeneralEngine(*args)
+    if call.engines is not None and backbone.device.type == "cuda" and backbone.graph_safe:
+        return call.engines.get(*args)
+    return StaticEngine(*args)
 
 
 @torch.no_grad()
-def greedy_generate(
-    backbone: Backbone,
-    exits: dict[int, nn.Module],
-    policy: ExitPolicy,
-    config: DecodeConfig,
-    pixel_values: torch.Tensor,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    inputs: dict,
-    engines: EnginePool | None = None,
-) -> GenerateOutput:
-    req = Request.start(backbone, exits, policy, config, pixel_values, input_ids, attention_mask, inputs, engines)
+def greedy_generate(call: Call) -> GenerateOutput:
+    req = Request.start(call)
+    backbone, config = call.backbone, call.config
     max_new_tokens, pad_token_id = config.max_new_tokens, config.pad_token_id
     ctx, engine, device = req.ctx, req.engine, backbone.device
     batch, prompt_len = ctx.prompt_ids.shape

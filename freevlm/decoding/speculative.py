@@ -16,32 +16,16 @@ draft rejected). Each engine call takes the rows that sit at the same slot, lowe
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from ..backbones.base import Backbone
-from .config import DecodeConfig
-from .generate import GenerateOutput, Request
-from .policies import ConfidencePolicy
-from .static import EnginePool
+from .generate import Call, GenerateOutput, Request
 
 
 @torch.no_grad()
-def speculative_generate(
-    backbone: Backbone,
-    exits: dict[int, nn.Module],
-    policy: ConfidencePolicy,
-    config: DecodeConfig,
-    pixel_values: torch.Tensor,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    inputs: dict,
-    engines: EnginePool | None = None,
-) -> GenerateOutput:
+def speculative_generate(call: Call) -> GenerateOutput:
+    backbone, config = call.backbone, call.config
     max_new_tokens, max_draft, pad_token_id = config.max_new_tokens, config.max_draft, config.pad_token_id
     width = max_new_tokens + max_draft + 1
-    req = Request.start(
-        backbone, exits, policy, config, pixel_values, input_ids, attention_mask, inputs, engines, slots=width
-    )
+    req = Request.start(call, slots=width)
     ctx, engine, device = req.ctx, req.engine, backbone.device
     batch, prompt_len = ctx.prompt_ids.shape
     num_layers = backbone.num_layers

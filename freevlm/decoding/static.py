@@ -105,14 +105,14 @@ class StaticEngine(Engine):
         policy: ExitPolicy,
         kv_mode: str,
         ctx: Context,
-        capacity: int,
         batch_policy: str,
+        capacity: int | None = None,
         graphs: bool = False,
     ):
         if not rows_move_together(batch_policy, ctx.prompt_ids.shape[0]):
             raise ValueError(f"the static engine needs rows that move together, not batch_policy={batch_policy!r}")
-        slots = capacity + (BUCKETS[-1] if graphs else 0)  # padded windows may run past the last real slot
-        super().__init__(backbone, exits, policy, kv_mode, ctx, capacity, batch_policy, slots)
+        slots = (capacity or ctx.capacity) + (BUCKETS[-1] if graphs else 0)  # padded windows may run past the end
+        super().__init__(backbone, exits, policy, kv_mode, ctx, batch_policy, slots)
         self.key_ok = torch.ones(self.batch_size, slots, dtype=torch.bool, device=ctx.key_mask.device)
         self.runner = SegmentRunner(graphs)
         self._all_rows = torch.arange(self.batch_size, device=ctx.key_mask.device)
@@ -367,7 +367,7 @@ class EnginePool:
         if engine is not None:
             engine.restart(ctx, policy)
             return engine
-        engine = StaticEngine(backbone, exits, policy, kv_mode, ctx, capacity, batch_policy, graphs=True)
+        engine = StaticEngine(backbone, exits, policy, kv_mode, ctx, batch_policy, capacity, graphs=True)
         self.engines[key] = engine
         return engine
 

@@ -178,28 +178,43 @@ class RowEngine:
         self.may_exit[row] = may_exit
         self.threshold[row] = threshold
 
-    def prefill(self, row: int, budget: int) -> int:
-        """Encode up to `budget` more prompt slots of a joining row (more where the backbone cannot cut the prompt
-        there: `prefill_cut`); returns how many it encoded. Once all but the last are, the row is active: its last
-        prompt slot is its first step."""
-        ctx, embeds, done = self.prompts[row]
-        length = embeds.shape[1]
-        count = min(budget, length - 1 - done)
-        if count > 0:  # a chunk the backbone may cut there (Gemma 3: an image whole)
-            count = min(self.backbone.prefill_cut(ctx, done + count), length - 1) - done
-            self._encode(row, ctx, embeds[:, done : done + count], done)
-        done += count
-        if done < length - 1:
-            self.prompts[row] = (ctx, embeds, done)
-            return count
-        del self.prompts[row]
-        self.first_input[row] = embeds[0, -1]
-        self.position[row] = length - 1
-        for fill in [*self.fill, *self.exit_fill.values()]:
-            fill[row] = length - 1
-        self.waited[row] = 0
-        self.active[row] = True
-        return count
+    def prefill(self, rows: list[int], budget: int) -> int:
+        """Encode up to `budget` more prompt slots of the joining `rows`, the first ones' first (a chunk goes past
+        the budget where the backbone cannot cut the prompt there: `prefill_cut`); returns how many it encoded. The
+        chunks of the rows whose prompts may share a window of rows (`Backbone.prompt_in_rows`) run together, one
+        call per layer; the others in their own context. A row whose prompt is encoded but for its last slot is
+        active: its last prompt slot is its first step."""
+        chunks = {}  # row -> (slot of its chunk's first, slots in it)
+        for row in rows:
+            ctx, embeds, done = self.prompts[row]
+            length = embeds.shape[1]
+            count = min(budget, length - 1 - done)
+            if count > 0:  # a chunk the backbone may cut there (Gemma 3: an image whole)
+                count = min(self.backbone.prefill_cut(ctx, done + count), length - 1) - done
+            if count > 0 or done == length - 1:
+                chunks[row] = (done, max(count, 0))
+                budget -= max(count, 0)
+        encode = [r for r, (_, count) in chunks.items() if count]
+        together = [r for r in encode if self.backbone.prompt_in_rows(self.prompts[r][0])]
+        if together:
+            self._encode(together, [chunks[r] for r in together])
+        for row in encode:
+            if row not in together:
+                self._encode([row], [chunks[row]], own=True)
+        for row, (done, count) in chunks.items():
+            ctx, embeds, _ = self.prompts[row]
+            length = embeds.shape[1]
+            if done + count < length - 1:
+                self.prompts[row] = (ctx, embeds, done + count)
+                continue
+            del self.prompts[row]
+            self.first_input[row] = embeds[0, -1]
+            self.position[row] = length - 1
+            for fill in [*self.fill, *self.exit_fill.values()]:
+                fill[row] = length - 1
+            self.waited[row] = 0
+            self.active[row] = True
+        return sum(count for _, count in chunks.values())
 
     def prompt_left(self, row: int) -> int:
         """Prompt slots a joining row has still to encode."""
@@ -217,24 +232,61 @@ class RowEngine:
         return max((r + 1 for r in range(self.max_rows) if self.active[r]), default=0)
 
     @torch.no_grad()
-    def _encode(self, row: int, ctx: Context, x: torch.Tensor, start: int) -> None:
-        """Prompt slots `[start, start + q)` of one row through every layer (and every exit layer with a cache, if
-        the row may leave early), in the row's own context. Where no one reads a layer's output (the last layer's,
-        an exit layer's) only its K/V are computed (`Backbone.fill_kv`)."""
-        end = start + x.shape[1]
-        index = torch.arange(start, end, device=x.device)[None]
-        mask = (self._key_slots[None, :] <= index[0, :, None])[None, None]
-        bounds = [0, *(i for i in self.exit_kv if self.may_exit[row]), self.num_layers]
-        for first, last in itertools.pairwise(bounds):
-            for depth in range(first, last):
-                view = RowView(self.kv[depth], index, slice(row, row + 1), self.max_len + 1, start)
+    def _encode(self, rows: list[int], chunks: list[tuple[int, int]], own: bool = False) -> None:
+        """Prompt chunks (`(first slot, slots)` of each of `rows`) through every layer, and every exit layer with a
+        cache for the rows that may leave early: one call per layer over a window `[rows, longest chunk]`, each
+        chunk from its row's first column (the columns past its end repeat its last slot, as a query, and write the
+        trash slot). In a window of rows (`window_context`), or, `own`, in the one row's own context. Where no one
+        reads a layer's output (the last layer's, an exit layer's) only its K/V are computed (`Backbone.fill_kv`)."""
+        device, width = self.threshold.device, max(count for _, count in chunks)
+        first = torch.tensor([done for done, _ in chunks], device=device)[:, None]
+        last = torch.tensor([done + count - 1 for done, count in chunks], device=device)[:, None]
+        wanted = first + torch.arange(width, device=device)
+        slots = torch.minimum(wanted, last)  # [k, w] each query's slot
+        index = torch.where(wanted <= last, slots, self.trash)  # where its K/V go
+        x = torch.cat([self._prompt_chunk(r, done, count, width) for r, (done, count) in zip(rows, chunks)])
+        if own:  # the row's own context reads its positions from the cache's start
+            key_length, start = self.max_len + 1, chunks[0][0]
+        else:
+            key_length, start = min(self.max_len, -(-(int(last.max()) + 1) // KEY_BUCKET) * KEY_BUCKET), 0
+        mask = (self._key_slots[None, None, :key_length] <= slots[:, :, None])[:, None]  # [k, 1, w, keys]
+
+        def window(pick: list[int]):
+            """The rows `pick` (places in `rows`) of a window of rows: a `RowView` maker, their context, places."""
+            ids = [rows[i] for i in pick]
+            places = torch.tensor(pick, device=device)
+            if ids == list(range(len(ids))):  # rows 0..k-1 in order: the buffers' rows as a view
+                selector, ctx = slice(0, len(ids)), self.backbone.window_context(self.rows_ctx, slots[places])
+            else:
+                selector = torch.tensor(ids, device=device)
+                ctx = self.backbone.window_context(self.rows_ctx, slots[places], selector)
+            return (lambda kv: RowView(kv, index[places], selector, key_length, start)), ctx, places
+
+        everyone = list(range(len(rows)))
+        if own:
+            row = rows[0]
+            view, ctx = (lambda kv: RowView(kv, index, slice(row, row + 1), key_length, start)), self.prompts[row][0]
+        else:
+            view, ctx, _ = window(everyone)
+        leaving = [i for i, r in enumerate(rows) if self.may_exit[r]]
+        bounds = [0, *(i for i in self.exit_kv if leaving), self.num_layers]
+        for low, high in itertools.pairwise(bounds):
+            for depth in range(low, high):
+                layer = self.backbone.layers[depth]
                 if depth == self.num_layers - 1:  # no one reads the last layer's output at a prompt slot
-                    self.backbone.fill_kv(self.backbone.layers[depth], x, ctx, view, mask)
+                    self.backbone.fill_kv(layer, x, ctx, view(self.kv[depth]), mask)
                 else:
-                    x = self.backbone.run_layer(self.backbone.layers[depth], x, ctx, view, mask, None)
-            if last in self.exit_kv:
-                view = RowView(self.exit_kv[last], index, slice(row, row + 1), self.max_len + 1, start)
-                self.backbone.fill_kv(self.exits[last].layer, x, ctx, view, mask)  # no one reads its output
+                    x = self.backbone.run_layer(layer, x, ctx, view(self.kv[depth]), mask, None)
+            if high in self.exit_kv:  # no one reads an exit layer's output either
+                exit_view, exit_ctx, places = (view, ctx, slice(None)) if leaving == everyone else window(leaving)
+                self.backbone.fill_kv(
+                    self.exits[high].layer, x[places], exit_ctx, exit_view(self.exit_kv[high]), mask[places]
+                )
+
+    def _prompt_chunk(self, row: int, done: int, count: int, width: int) -> torch.Tensor:
+        """`[1, width, H]`: row `row`'s prompt inputs at slots `[done, done + count)`, the last repeated to `width`."""
+        chunk = self.prompts[row][1][:, done : done + count]
+        return torch.cat([chunk, chunk[:, -1:].expand(-1, width - count, -1)], dim=1) if count < width else chunk
 
     # --- the step -------------------------------------------------------------------------------------------------
     @torch.no_grad()

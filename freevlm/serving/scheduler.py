@@ -26,6 +26,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from ..backbones.base import Context, Start
 from ..decoding.config import DecodeConfig
 from ..decoding.sampling import TokenChooser, make_generator
 from ..inputs import validate_generate_inputs
@@ -284,43 +285,53 @@ class Scheduler:
         request.handle._finish(reason)
 
     def _admit(self) -> None:
-        """Waiting requests take free rows, their image and prompt encoded by the backbone, as long as this
-        iteration's prefill budget (`prefill_chunk` prompt slots, image tokens included) is not spent by the
-        prompts already joining: a burst of arrivals joins over several iterations instead of freezing the running
-        rows for all of them at once."""
+        """Waiting requests take free rows as long as this iteration's prefill budget (`prefill_chunk` prompt slots,
+        image tokens included) is not spent by the prompts already joining: a burst of arrivals joins over several
+        iterations instead of freezing the running rows for all of them at once. The images and prompts of the
+        requests that join in one iteration are encoded together (`Backbone.start_many`)."""
         taken = {r.row for r in [*self._running.values(), *self._joining]}
         free = [row for row in range(self.max_batch) if row not in taken]
         budget = self.prefill_chunk - sum(self.engine.prompt_left(r.row) for r in self._joining)
-        while free and budget > 0:
-            with self._lock:
-                if not self._waiting:
-                    return
-                request = self._waiting.popleft()
-            try:  # inputs only the family's own checks refuse (Gemma 3's token types) fail this request alone
-                ctx = self.backbone.start(
-                    request.pixel_values, request.input_ids, None, request.config.max_new_tokens, **request.inputs
-                )
+        admitted = []
+        with self._lock:
+            while len(admitted) < len(free) and budget > 0 and self._waiting:
+                admitted.append(self._waiting.popleft())
+                budget -= admitted[-1].slots
+        for request, ctx in zip(admitted, self._start(admitted)):
+            try:  # a row the engine cannot take (T5: an encoder input longer than its rows') fails this request alone
+                if isinstance(ctx, ValueError):
+                    raise ctx
                 may_exit = request.config.mode == "early_exit" and request.config.threshold < 1.0
                 self.engine.join(free[0], ctx, request.config.threshold, may_exit)
             except ValueError as err:
                 request.handle._finish("error", err)
                 continue
-            budget -= request.slots
             request.row = free.pop(0)
             request.prompt_ids = ctx.prompt_ids
             self._joining.append(request)
 
+    def _start(self, requests: list[_Request]) -> list[Context | ValueError]:
+        """Each request's context, their images encoded together where the family can (`Backbone.start_many`); a
+        request only the family's own checks refuse (Gemma 3's token types) gets its error, the others start."""
+        starts = [Start(r.pixel_values, r.input_ids, r.config.max_new_tokens, r.inputs) for r in requests]
+        try:
+            return self.backbone.start_many(starts) if starts else []
+        except ValueError:
+            contexts = []
+            for start in starts:
+                try:
+                    contexts.append(self.backbone.start_many([start])[0])
+                except ValueError as err:
+                    contexts.append(err)
+            return contexts
+
     def _prefill(self) -> None:
-        """Encode joining prompts, at most `prefill_chunk` slots in all per iteration (oldest first)."""
-        budget = self.prefill_chunk
-        for request in list(self._joining):
-            budget -= self.engine.prefill(request.row, budget)
-            if self.engine.active[request.row]:
-                self._joining.remove(request)
-                self._running[request.row] = request
-                self._choose_as(request)
-            if budget <= 0:
-                return
+        """Encode joining prompts, at most `prefill_chunk` slots in all per iteration (oldest first), together."""
+        self.engine.prefill([request.row for request in self._joining], self.prefill_chunk)
+        for request in [r for r in self._joining if self.engine.active[r.row]]:
+            self._joining.remove(request)
+            self._running[request.row] = request
+            self._choose_as(request)
 
     def _choose_as(self, request: _Request) -> None:
         """The row starts decoding: its token choice (and generator) from now on."""

@@ -45,12 +45,23 @@ from transformers import (
 )
 
 LLAVA_TEXT_CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
-TILED_MODELS = (SmolVLMForConditionalGeneration, Idefics3ForConditionalGeneration)
+TILED = {
+    "smolvlm": (SmolVLMConfig, SmolVLMVisionConfig, SmolVLMForConditionalGeneration),
+    "idefics3": (Idefics3Config, Idefics3VisionConfig, Idefics3ForConditionalGeneration),
+}
+TILED_MODELS = tuple(model_class for _, _, model_class in TILED.values())
+QWEN_VL_CLASSES = {
+    "qwen2-vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
+    "qwen2.5-vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
+    "qwen3-vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration),
+}
 
 
-def decoder_sizes(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int) -> dict:
-    """The size and special-token keywords every tiny Llama-like LM shares (Llama, Mistral, Qwen2, Gemma 3, the
-    Qwen-VL line): a 2x MLP, room for 512 positions, BOS 2, EOS 3, pad 1."""
+def decoder_sizes(
+    vocab_size: int = 99, hidden_size: int = 64, num_layers: int = 4, num_heads: int = 4, num_kv_heads: int = 2
+) -> dict:
+    """The LM sizes every builder takes as keywords, as the keywords every tiny Llama-like LM's config shares
+    (Llama, Mistral, Qwen2, Gemma 3, the Qwen-VL line): a 2x MLP, room for 512 positions, BOS 2, EOS 3, pad 1."""
     return dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -65,44 +76,50 @@ def decoder_sizes(vocab_size: int, hidden_size: int, num_layers: int, num_heads:
     )
 
 
-def blip2_config(
-    family: str = "opt",
-    num_layers: int = 4,
-    hidden_size: int = 64,
-    vocab_size: int = 99,
-    num_heads: int = 4,
-    num_query_tokens: int = 4,
-    image_size: int = 32,
-    sliding_window: int | None = None,
-) -> Blip2Config:
-    """A BLIP-2 with a 1-layer ViT and Q-Former and an LM of `family` ("opt", "t5", "llama", "mistral" or "qwen2";
-    `sliding_window` as `llava_config` takes it)."""
-    vision = Blip2VisionConfig(
+def tower(config_class, image_size: int = 16, patch_size: int = 4, layers: int = 1, **extra):
+    """The vision tower config of every tiny model: width 32, a 2x MLP, 2 heads."""
+    return config_class(
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=1,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         image_size=image_size,
-        patch_size=8,
-        initializer_range=0.02,
+        patch_size=patch_size,
+        **extra,
     )
+
+
+def _random(model_class, config, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return model_class(config).eval()
+
+
+def blip2_config(
+    family: str = "opt", num_query_tokens: int = 4, image_size: int = 32, sliding_window: int | None = None, **sizes
+) -> Blip2Config:
+    """A BLIP-2 with a 1-layer ViT and Q-Former and an LM of `family` ("opt", "t5", "llama", "mistral" or "qwen2";
+    `sizes`: `decoder_sizes`' keywords; `sliding_window` as `llava_config` takes it)."""
+    lm = decoder_sizes(**sizes)
+    vocab, hidden, layers, heads = (
+        lm[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+    )
+    vision = tower(Blip2VisionConfig, image_size, 8, initializer_range=0.02)
     qformer = Blip2QFormerConfig(
         hidden_size=32,
         num_hidden_layers=1,
         num_attention_heads=2,
         intermediate_size=64,
         encoder_hidden_size=32,
-        vocab_size=vocab_size,
+        vocab_size=vocab,
     )
-    image_token = vocab_size - 1
     if family == "opt":
         text = OPTConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            ffn_dim=4 * hidden_size,
-            word_embed_proj_dim=hidden_size,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            ffn_dim=4 * hidden,
+            word_embed_proj_dim=hidden,
             max_position_embeddings=512,
             bos_token_id=2,
             eos_token_id=3,
@@ -111,23 +128,22 @@ def blip2_config(
     elif family == "t5":
         # encoder and decoder of equal depth: unequal depths break Hugging Face's own T5 cache
         text = T5Config(
-            vocab_size=vocab_size,
-            d_model=hidden_size,
-            d_kv=hidden_size // num_heads,
-            d_ff=4 * hidden_size,
-            num_layers=num_layers,
-            num_decoder_layers=num_layers,
-            num_heads=num_heads,
+            vocab_size=vocab,
+            d_model=hidden,
+            d_kv=hidden // heads,
+            d_ff=4 * hidden,
+            num_layers=layers,
+            num_decoder_layers=layers,
+            num_heads=heads,
             decoder_start_token_id=0,
             eos_token_id=1,
             pad_token_id=0,
             feed_forward_proj="gated-gelu",
         )
     elif family == "llama":  # InstructBLIP's Vicuna
-        text = LlamaConfig(**decoder_sizes(vocab_size, hidden_size, num_layers, num_heads, num_heads // 2))
+        text = LlamaConfig(**lm)
     elif family in ("mistral", "qwen2"):  # the grouped-query LMs LLaVA's tiny configs have
-        text = llava_config(family, num_layers, hidden_size, vocab_size, num_heads, sliding_window=sliding_window)
-        text = text.text_config
+        text = llava_config(family, sliding_window=sliding_window, **sizes).text_config
     else:
         raise ValueError(f"unknown family {family!r}: 'opt', 't5', 'llama', 'mistral' or 'qwen2'")
     return Blip2Config(
@@ -135,17 +151,16 @@ def blip2_config(
         qformer_config=qformer.to_dict(),
         text_config=text.to_dict(),
         num_query_tokens=num_query_tokens,
-        image_token_index=image_token,
+        image_token_index=vocab - 1,
     )
 
 
 def tiny_blip2(family: str = "opt", seed: int = 0, **config_kwargs) -> Blip2ForConditionalGeneration:
     """A random BLIP-2 in eval mode whose images do change its outputs."""
-    torch.manual_seed(seed)
-    model = Blip2ForConditionalGeneration(blip2_config(family, **config_kwargs))
+    model = _random(Blip2ForConditionalGeneration, blip2_config(family, **config_kwargs), seed)
     with torch.no_grad():
         model.query_tokens.normal_(std=0.02)
-    return model.eval()
+    return model
 
 
 def tiny_instructblip(family: str = "opt", seed: int = 0, **config_kwargs) -> InstructBlipForConditionalGeneration:
@@ -162,11 +177,10 @@ def tiny_instructblip(family: str = "opt", seed: int = 0, **config_kwargs) -> In
         num_query_tokens=blip2.num_query_tokens,
         image_token_index=blip2.image_token_index,
     )
-    torch.manual_seed(seed)
-    model = InstructBlipForConditionalGeneration(config)
+    model = _random(InstructBlipForConditionalGeneration, config, seed)
     with torch.no_grad():
         model.query_tokens.normal_(std=0.02)
-    return model.eval()
+    return model
 
 
 def tiny_instruction(
@@ -185,40 +199,23 @@ def tiny_instruction(
 
 
 def llava_config(
-    family: str = "llama",
-    num_layers: int = 4,
-    hidden_size: int = 64,
-    vocab_size: int = 99,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    image_size: int = 16,
-    sliding_window: int | None = None,
+    family: str = "llama", image_size: int = 16, sliding_window: int | None = None, **sizes
 ) -> LlavaConfig:
-    """A LLaVA with a 2-layer CLIP tower (4 image tokens at the default size) and a grouped-query LM of `family`.
-    `sliding_window` turns on Mistral's window (every layer) or Qwen2's (layers from 1 up)."""
+    """A LLaVA with a 2-layer CLIP tower (4 image tokens at the default size) and a grouped-query LM of `family`
+    (`sizes`: `decoder_sizes`' keywords). `sliding_window` turns on Mistral's window (every layer) or Qwen2's
+    (layers from 1 up)."""
     if family not in LLAVA_TEXT_CONFIGS:
         raise ValueError(f"unknown LLaVA language model {family!r}: one of {sorted(LLAVA_TEXT_CONFIGS)}")
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=8,
-        projection_dim=32,
-    )
     window = {}
     if family == "mistral":
         window = {"sliding_window": sliding_window}
     elif family == "qwen2" and sliding_window is not None:
         window = {"use_sliding_window": True, "sliding_window": sliding_window, "max_window_layers": 1}
-    text = LLAVA_TEXT_CONFIGS[family](
-        **decoder_sizes(vocab_size, hidden_size, num_layers, num_heads, num_kv_heads), **window
-    )
+    text = LLAVA_TEXT_CONFIGS[family](**decoder_sizes(**sizes), **window)
     return LlavaConfig(
-        vision_config=vision.to_dict(),
+        vision_config=tower(CLIPVisionConfig, image_size, 8, layers=2, projection_dim=32).to_dict(),
         text_config=text.to_dict(),
-        image_token_index=vocab_size - 1,
+        image_token_index=text.vocab_size - 1,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
@@ -226,129 +223,83 @@ def llava_config(
 
 def tiny_llava(family: str = "llama", seed: int = 0, **config_kwargs) -> LlavaForConditionalGeneration:
     """A random LLaVA in eval mode."""
-    torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(llava_config(family, **config_kwargs)).eval()
+    return _random(LlavaForConditionalGeneration, llava_config(family, **config_kwargs), seed)
 
 
-def gemma3_config(
-    num_layers: int = 4,
-    hidden_size: int = 64,
-    vocab_size: int = 99,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    image_size: int = 16,
-    sliding_window: int = 3,
-) -> Gemma3Config:
+def gemma3_config(image_size: int = 16, sliding_window: int = 3, **sizes) -> Gemma3Config:
     """A Gemma 3 with a 1-layer SigLIP tower (16 patches pooled into 4 image tokens) and an LM whose layers
     alternate sliding (window 3, shorter than the image) and global, each kind with its own rotary base;
     `query_pre_attn_scalar` is not the head size, as in the real models."""
+    lm = decoder_sizes(**sizes)
     text = Gemma3TextConfig(
-        **decoder_sizes(vocab_size, hidden_size, num_layers, num_heads, num_kv_heads),
-        head_dim=hidden_size // num_heads,
+        **lm,
+        head_dim=lm["hidden_size"] // lm["num_attention_heads"],
         query_pre_attn_scalar=24,
         sliding_window=sliding_window,
-        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)],
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(lm["num_hidden_layers"])],
         rope_parameters={
             "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
             "full_attention": {"rope_type": "default", "rope_theta": 1000.0},
         },
     )
-    vision = SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=image_size // 4,
-    )
+    vocab = lm["vocab_size"]
     return Gemma3Config(
         text_config=text.to_dict(),
-        vision_config=vision.to_dict(),
+        vision_config=tower(SiglipVisionConfig, image_size, image_size // 4).to_dict(),
         mm_tokens_per_image=4,
-        boi_token_index=vocab_size - 3,
-        eoi_token_index=vocab_size - 2,
-        image_token_index=vocab_size - 1,
+        boi_token_index=vocab - 3,
+        eoi_token_index=vocab - 2,
+        image_token_index=vocab - 1,
     )
 
 
 def tiny_gemma3(seed: int = 0, **config_kwargs) -> Gemma3ForConditionalGeneration:
     """A random Gemma 3 in eval mode whose images change its outputs (Hugging Face starts the projection at zero)
     and whose RMSNorms scale by 1 + a drawn weight (Hugging Face starts them at 1 + 0)."""
-    torch.manual_seed(seed)
-    model = Gemma3ForConditionalGeneration(gemma3_config(**config_kwargs))
+    model = _random(Gemma3ForConditionalGeneration, gemma3_config(**config_kwargs), seed)
     with torch.no_grad():
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.05)
         for module in model.model.language_model.modules():
             if type(module).__name__ == "Gemma3RMSNorm":
                 module.weight.normal_(std=0.1)
-    return model.eval()
+    return model
 
 
-def internvl_config(family: str = "qwen2", num_layers: int = 4, hidden_size: int = 64, vocab_size: int = 99):
+def internvl_config(family: str = "qwen2", **sizes) -> InternVLConfig:
     """An InternVL with a 1-layer InternViT (16 patches and CLS; pixel shuffle makes 4 image tokens of the patches)
     and the grouped-query LM `llava_config` gives `family`."""
-    vision = InternVLVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=16,
-        patch_size=4,
-    )
-    text = llava_config(family, num_layers=num_layers, hidden_size=hidden_size, vocab_size=vocab_size).text_config
+    text = llava_config(family, **sizes).text_config
     return InternVLConfig(
-        vision_config=vision.to_dict(),
+        vision_config=tower(InternVLVisionConfig).to_dict(),
         text_config=text.to_dict(),
-        image_token_id=vocab_size - 1,
+        image_token_id=text.vocab_size - 1,
         image_seq_length=4,
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
     )
 
 
-TILED = {"smolvlm": (SmolVLMConfig, SmolVLMVisionConfig), "idefics3": (Idefics3Config, Idefics3VisionConfig)}
-
-
-def tiled_config(family: str = "smolvlm", num_layers: int = 4, hidden_size: int = 64, vocab_size: int = 99, **text):
+def tiled_config(family: str = "smolvlm", **sizes):
     """A SmolVLM or Idefics3 with a 1-layer tower over 16x16 tiles (16 patches, pixel-shuffled into 4 image tokens
     per tile) and the grouped-query Llama `llava_config` gives (SmolLM2 and Llama 3 are Llamas)."""
-    config_class, vision_class = TILED[family]
-    vision = vision_class(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4
-    )
-    text = llava_config("llama", num_layers=num_layers, hidden_size=hidden_size, vocab_size=vocab_size, **text)
+    config_class, vision_class, _ = TILED[family]
+    text = llava_config("llama", **sizes).text_config
     return config_class(
-        vision_config=vision.to_dict(),
-        text_config=text.text_config.to_dict(),
-        image_token_id=vocab_size - 1,
+        vision_config=tower(vision_class).to_dict(),
+        text_config=text.to_dict(),
+        image_token_id=text.vocab_size - 1,
         scale_factor=2,
     )
 
 
-QWEN_VL_CLASSES = {
-    "qwen2-vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
-    "qwen2.5-vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
-    "qwen3-vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration),
-}
-
-
-def qwen_vl_config(
-    family: str = "qwen2-vl",
-    num_layers: int = 4,
-    hidden_size: int = 64,
-    vocab_size: int = 99,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    sliding_window: int | None = None,
-):
+def qwen_vl_config(family: str = "qwen2-vl", sliding_window: int | None = None, **sizes):
     """A Qwen2-VL, Qwen2.5-VL or Qwen3-VL with a 2-block vision tower on 2x2 patches (2 frames each, merged 2x2
     into one image token) and a grouped-query LM whose rotary angles are split three ways (time, height, width:
     `mrope_section`; Qwen3-VL interleaves them). Qwen3-VL's tower feeds both its blocks' features to the LM's first
     two layers (DeepStack). `sliding_window` turns on Qwen2(.5)-VL's window from layer 1 up."""
-    config_class = QWEN_VL_CLASSES[family][0]
-    head_dim = hidden_size // num_heads
     rope = {"rope_type": "default", "rope_theta": 1000.0, "mrope_section": [2, 3, 3]}
-    text = dict(decoder_sizes(vocab_size, hidden_size, num_layers, num_heads, num_kv_heads), rope_parameters=rope)
+    text = dict(decoder_sizes(**sizes), rope_parameters=rope)
+    hidden_size, vocab_size = text["hidden_size"], text["vocab_size"]
     if sliding_window is not None and family != "qwen3-vl":
         text.update(use_sliding_window=True, sliding_window=sliding_window, max_window_layers=1)
     vision = dict(depth=2, num_heads=2, patch_size=2, temporal_patch_size=2, spatial_merge_size=2, in_channels=3)
@@ -360,8 +311,9 @@ def qwen_vl_config(
     else:
         vision.update(hidden_size=32, out_hidden_size=hidden_size, intermediate_size=64)
         vision.update(num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
+        head_dim = hidden_size // text["num_attention_heads"]
         text.update(head_dim=head_dim, rope_parameters={**rope, "mrope_section": [4, 2, 2], "mrope_interleaved": True})
-    return config_class(
+    return QWEN_VL_CLASSES[family][0](
         text_config=text,
         vision_config=vision,
         image_token_id=vocab_size - 1,
@@ -390,11 +342,8 @@ def llava_onevision_config(**config_kwargs) -> LlavaOnevisionConfig:
     `vision_aspect_ratio` "anyres_max_1" (the models' is "anyres_max_9") makes Hugging Face shrink the features of any
     image over one tile's worth, as it does the large images of the real models."""
     llava = llava_config("qwen2", **config_kwargs)
-    vision = SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8
-    )
     return LlavaOnevisionConfig(
-        vision_config=vision.to_dict(),
+        vision_config=tower(SiglipVisionConfig, 16, 8).to_dict(),
         text_config=llava.text_config.to_dict(),
         image_token_index=llava.image_token_index,
         video_token_index=llava.image_token_index - 1,
@@ -406,27 +355,19 @@ def llava_onevision_config(**config_kwargs) -> LlavaOnevisionConfig:
 
 
 def tiny_model(family: str = "opt", seed: int = 0, **config_kwargs) -> nn.Module:
-    """A random model of any supported family (see the module docstring)."""
+    """A random model of any supported family (see the package docstring)."""
     if family in TILED:
-        torch.manual_seed(seed)
-        model_class = SmolVLMForConditionalGeneration if family == "smolvlm" else Idefics3ForConditionalGeneration
-        return model_class(tiled_config(family, **config_kwargs)).eval()
+        return _random(TILED[family][2], tiled_config(family, **config_kwargs), seed)
     if family in QWEN_VL_CLASSES:
-        torch.manual_seed(seed)
-        return QWEN_VL_CLASSES[family][1](qwen_vl_config(family, **config_kwargs)).eval()
+        return _random(QWEN_VL_CLASSES[family][1], qwen_vl_config(family, **config_kwargs), seed)
     if family == "llava-onevision":
-        torch.manual_seed(seed)
-        return LlavaOnevisionForConditionalGeneration(llava_onevision_config(**config_kwargs)).eval()
+        return _random(LlavaOnevisionForConditionalGeneration, llava_onevision_config(**config_kwargs), seed)
     if family.startswith("llava-next-"):
-        torch.manual_seed(seed)
-        return LlavaNextForConditionalGeneration(
-            llava_next_config(family.removeprefix("llava-next-"), **config_kwargs)
-        ).eval()
+        config = llava_next_config(family.removeprefix("llava-next-"), **config_kwargs)
+        return _random(LlavaNextForConditionalGeneration, config, seed)
     if family.startswith("internvl-"):
-        torch.manual_seed(seed)
-        return InternVLForConditionalGeneration(
-            internvl_config(family.removeprefix("internvl-"), **config_kwargs)
-        ).eval()
+        config = internvl_config(family.removeprefix("internvl-"), **config_kwargs)
+        return _random(InternVLForConditionalGeneration, config, seed)
     if family == "gemma3":
         return tiny_gemma3(seed, **config_kwargs)
     if family in LLAVA_TEXT_CONFIGS:
