@@ -1,0 +1,72 @@
+"""Exits against the full model at a fixed number of requests in flight (a closed loop), for the exit rule.
+
+    cd bench && PYTHONPATH=.. python bench_exit_rule.py [--concurrency 1 2 4 10] [--repeats 2] [--thresholds 0.5 0.6]
+
+Poisson arrivals (`bench_serving.py`) mix loads within a run and their short runs are noisy on a shared machine;
+here the scheduler always holds `K` requests (a new one is submitted as one finishes), the same requests for every
+run, and the full model and each threshold take turns, `--repeats` times after a warm-up, so machine drift hits
+them alike. Prints the median tokens per CPU second (image encoder and prompt included) and each threshold's ratio
+to the full model. The model is the demo's when its cache is there (FREEVLM_CACHE), else a random one of its size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from bench_serving import EXITS, demo_model, demo_workload, random_workload
+from common import big_blip2
+
+from freevlm import EarlyExitVLM, ExitConfig
+from freevlm.demo.config import default_cache
+from freevlm.serving import Scheduler
+
+
+def tokens_per_cpu_second(ee, requests, concurrency: int, threshold: float, eos) -> float:
+    scheduler = Scheduler(ee, max_batch=max(concurrency, 1), max_len=128)
+    pending, handles = list(requests), []
+    start = time.process_time()
+    while True:
+        while pending and scheduler.running + scheduler.waiting < concurrency:
+            _, pv, ids, n = pending.pop(0)
+            handles.append(scheduler.submit(pv, ids, max_new_tokens=n, threshold=threshold, eos_token_id=eos))
+        if not scheduler.step() and not pending:
+            break
+    return sum(len(h.result().tokens) for h in handles) / (time.process_time() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 10])
+    parser.add_argument("--thresholds", type=float, nargs="+", help="default: 0.5 0.6 on the demo, 0.1 at random")
+    parser.add_argument("--requests", type=int, default=24)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    demo = demo_model(default_cache())
+    if demo is not None:
+        bundle, ee, name = demo
+        eos, thresholds = None, args.thresholds or [0.5, 0.6]
+        requests = demo_workload(bundle, args.requests, 1.0, 24, seed=7)
+    else:
+        model = big_blip2("opt-demo")
+        ee, name = EarlyExitVLM.from_backbone(model, ExitConfig(EXITS)), f"a random opt-demo (exits {EXITS})"
+        eos, thresholds = [], args.thresholds or [0.1]
+        requests = random_workload(model, args.requests, 1.0, (4, 24), seed=7)
+    print(f"{name}: {args.requests} requests, median of {args.repeats} turns, tokens per CPU second")
+    for concurrency in args.concurrency:
+        runs = {1.0: [], **{t: [] for t in thresholds}}
+        for turn in range(args.repeats + 1):  # the first turn warms up
+            for threshold, speeds in runs.items():
+                speed = tokens_per_cpu_second(ee, requests, concurrency, threshold, eos)
+                if turn:
+                    speeds.append(speed)
+        full = statistics.median(runs[1.0])
+        ratios = "  ".join(f"@{t}: {statistics.median(runs[t]) / full:.2f}x" for t in thresholds)
+        print(f"  {concurrency:2d} in flight: full {full:6.1f}  exits / full {ratios}")
+
+
+if __name__ == "__main__":
+    main()
