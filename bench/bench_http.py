@@ -24,8 +24,9 @@ end-to-end latency p50/p99, errors, mean exit layer; then the goals (HTTP tokens
 the library's; no errors at 64 concurrent with a queue of 64; p99 TTFT at 16 concurrent <= 3x its p50).
 
 Throughput is printed per wall-clock second and per CPU second of the process that decodes (the server's, read
-from /proc; this process's for the library): on a machine shared with other jobs the wall clock of a busy second
-varies several-fold between runs, CPU seconds far less. Both use --threads PyTorch threads (default 1).
+from /proc, with its event loop's share: the main thread's; this process's for the library): on a machine shared
+with other jobs the wall clock of a busy second varies several-fold between runs, CPU seconds far less. Both use
+--threads PyTorch threads (default 1).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class Level:
     latency: list[float]
     errors: int
     exit_layers: list[int]
+    loop_cpu: float | None = None  # of `cpu`, the server's main thread's: its event loop (HTTP levels)
 
     @property
     def tokens_per_second(self) -> float:
@@ -106,9 +108,10 @@ def model_folders(tmp: Path) -> tuple[list[str], str]:
     return args, "a random model of the demo's architecture (no demo cache)"
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU seconds of a process, or of one of its threads, from /proc (Linux)."""
+    stat = Path(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat")
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -185,11 +188,13 @@ async def http_level(server: Server, urls: list[str], concurrency: int, threshol
             i, next_index = next_index, next_index + 1
             await one(i)
 
-    cpu0 = cpu_seconds(server.process.pid)
+    pid = server.process.pid
+    cpu0, loop0 = cpu_seconds(pid), cpu_seconds(pid, pid)  # uvicorn runs the event loop in the main thread
     await asyncio.gather(*[client_loop() for _ in range(concurrency)])
     wall = time.perf_counter() - start
     await client.close()
-    return Level(tokens, wall, cpu_seconds(server.process.pid) - cpu0, ttft, latency, errors, layers)
+    cpu, loop_cpu = cpu_seconds(pid) - cpu0, cpu_seconds(pid, pid) - loop0
+    return Level(tokens, wall, cpu, ttft, latency, errors, layers, loop_cpu)
 
 
 def library_level(model, pictures: list, concurrency: int, threshold: float, args, prepare: bool) -> Level:
@@ -238,6 +243,7 @@ def pooled(levels: list[Level]) -> Level:
         [t for level in levels for t in level.latency],
         sum(level.errors for level in levels),
         [layer for level in levels for layer in level.exit_layers],
+        None if levels[0].loop_cpu is None else sum(level.loop_cpu for level in levels),
     )
 
 
@@ -247,7 +253,8 @@ def show(label: str, level: Level) -> None:
         f"  {label:40s} {level.tokens_per_second:7.1f} tok/s {level.tokens_per_cpu_second:7.1f} tok/CPU-s"
         f"  TTFT p50 {percentile(level.ttft, 0.5):6.3f} p99 {percentile(level.ttft, 0.99):6.3f} s"
         f"  latency p50 {percentile(level.latency, 0.5):6.3f} p99 {percentile(level.latency, 0.99):6.3f} s"
-        f"  errors {level.errors}  requests {len(level.latency)}  exit layer {mean_layer:5.2f}",
+        f"  errors {level.errors}  requests {len(level.latency)}  exit layer {mean_layer:5.2f}"
+        + (f"  event loop {level.loop_cpu / level.cpu:.0%} of the CPU" if level.loop_cpu and level.cpu else ""),
         flush=True,
     )
 

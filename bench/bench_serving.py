@@ -31,8 +31,8 @@ import torch
 from common import big_blip2, inputs
 
 from freevlm import EarlyExitVLM, ExitConfig
-from freevlm.calibration import exits_subset
 from freevlm.demo.config import DemoConfig, default_cache
+from freevlm.placement import exits_subset
 from freevlm.serving import Scheduler
 from freevlm.serving.rows import EXIT_RULES
 

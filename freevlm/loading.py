@@ -7,6 +7,7 @@ to disk, or a backbone the demo trained).
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import warnings
@@ -186,9 +187,9 @@ def warn_small_images(images: list[Image.Image], image_processor) -> None:
 
 def load_vlm(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None) -> VLMBundle:
     """A supported model (its class from config.json's model_type, `MODEL_CLASSES`) from a local folder, with its
-    tokenizer and image processor (BLIP-2), or its processor (`AutoProcessor`: LLaVA, InstructBLIP)."""
+    tokenizer and image processor (BLIP-2, Qwen-VL), or its processor (`load_processor`: the others)."""
     import transformers
-    from transformers import AutoProcessor, AutoTokenizer
+    from transformers import AutoTokenizer
 
     # from its module: transformers 5.17's top-level name is a stub that demands torchvision (which does not work
     # with our torch), though the class itself falls back to the PIL processors
@@ -214,10 +215,68 @@ def load_vlm(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | 
         if config.model_type in TOKENIZER_AND_IMAGE_PROCESSOR:
             tokenizer, image_processor = AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
             return VLMBundle(model, tokenizer, image_processor, prompt=prompt)
-        processor = AutoProcessor.from_pretrained(path)
+        processor = load_processor(path)
         return VLMBundle(model, processor.tokenizer, processor.image_processor, processor, prompt)
+    except ImportError as err:  # SmolVLM's processor needs num2words (the `smolvlm` extra)
+        raise UserError(f"{path}: the {name} processor needs a package that is not installed: {err}") from err
     except (OSError, ValueError, AttributeError) as err:
         raise ValueError(f"{path} has no {name} processor saved beside the model: {_first_line(err)}") from err
+
+
+def load_processor(path: str | os.PathLike):
+    """The processor saved in `path`. One with a video part (LLaVA-OneVision's, SmolVLM's) is built without it
+    (`images_only`): Hugging Face's video processors need torchvision, which does not work with our torch, and
+    freevlm feeds images only."""
+    from transformers import AutoProcessor, ProcessorMixin
+
+    file = Path(path, "processor_config.json")
+    name = json.loads(file.read_text()).get("processor_class") if file.is_file() else None
+    processor_class = _transformers_class(name) if isinstance(name, str) else None
+    if not (isinstance(processor_class, type) and issubclass(processor_class, ProcessorMixin)):
+        return AutoProcessor.from_pretrained(path)
+    if "video_processor" not in processor_class.get_attributes():
+        return processor_class.from_pretrained(path)
+    return images_only(processor_class).from_pretrained(path)
+
+
+def _transformers_class(name: str):
+    import transformers
+
+    try:
+        return getattr(transformers, name, None)
+    except (ImportError, AttributeError):  # a name transformers lists but cannot import here
+        return None
+
+
+def images_only(processor_class: type) -> type:
+    """`processor_class` (a Hugging Face processor with a video part) without its video processor: its own
+    `__init__` and image-token layout, built, loaded and saved from an image processor and a tokenizer alone. The
+    video processor's saved settings are kept and written back by `save_pretrained`, so a folder it saves still
+    loads whole where torchvision works."""
+    position = list(inspect.signature(processor_class.__init__).parameters).index("video_processor") - 1
+
+    class ImagesOnly(processor_class):
+        video_config: dict | None = None
+
+        @classmethod
+        def get_attributes(cls) -> list[str]:  # what `ProcessorMixin` checks, loads and saves
+            return [name for name in super().get_attributes() if name != "video_processor"]
+
+        @classmethod
+        def from_args_and_dict(cls, args, processor_dict: dict, **kwargs):
+            processor_dict = dict(processor_dict)
+            video_config = processor_dict.pop("video_processor", None)
+            processor = super().from_args_and_dict([*args[:position], None, *args[position:]], processor_dict, **kwargs)
+            processor.video_config = video_config
+            return processor
+
+        def to_dict(self) -> dict:
+            saved = super().to_dict()
+            return saved if self.video_config is None else {**saved, "video_processor": self.video_config}
+
+    # saved under the class's own name (`processor_class`), so that Hugging Face loads the folder as it would
+    ImagesOnly.__name__ = ImagesOnly.__qualname__ = processor_class.__name__
+    return ImagesOnly
 
 
 # files `save_pretrained` writes for a tokenizer (a fast tokenizer.json, or a slow one's vocabulary)

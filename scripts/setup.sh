@@ -9,4 +9,4 @@ if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ]; then
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q torch==2.13.0
-.venv/bin/pip install -q -e ".[demo,serve,test]"
+.venv/bin/pip install -q -e ".[demo,serve,smolvlm,test]"

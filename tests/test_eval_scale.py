@@ -1,6 +1,7 @@
 """Evaluation at dataset scale: predictions.jsonl and `--resume` (with a real kill), and `eval`, `sweep`,
 `calibrate`, `place-exits` under `accelerate launch` with 2 CPU processes, identical to one process."""
 
+import contextlib
 import json
 import os
 import signal
@@ -125,10 +126,31 @@ def command_args(checkpoint, questions: Path, out: Path) -> dict[str, list[str]]
     }
 
 
-def free_port() -> int:
+@contextlib.contextmanager
+def held_port():
+    """A port for accelerate's store that no other process can take until the block ends. A port found free, then
+    released and handed over, can be taken before the launched store binds it (by anything that binds or connects
+    meanwhile: the kernel hands released ports out again as the local end of connections), and the launch then fails
+    with EADDRINUSE. Bound with SO_REUSEADDR but not listening, this socket keeps the port out of every other bind
+    and connect while a server (the store, which sets SO_REUSEADDR too) may still bind and listen on it."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield s.getsockname()[1]
+
+
+def test_a_held_port_is_free_to_the_store_and_to_no_one_else():
+    import datetime
+
+    from torch.distributed import TCPStore
+
+    with held_port() as port:
+        with socket.socket() as other, pytest.raises(OSError, match="in use"):
+            other.bind(("127.0.0.1", port))
+        store = TCPStore("127.0.0.1", port, 1, True, timeout=datetime.timedelta(seconds=30))
+        store.set("key", "value")
+        client = TCPStore("127.0.0.1", port, 1, False, timeout=datetime.timedelta(seconds=30))
+        assert client.get("key") == b"value"
 
 
 def comparable(out: Path) -> dict:
@@ -161,10 +183,15 @@ def test_two_processes_give_what_one_gives(checkpoint, tmp_path):
     commands.write_text(json.dumps(list(command_args(checkpoint, questions, two).values())))
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--main_process_port", str(free_port())]  # not 29500: other runs on this host may hold it
-    run = subprocess.run(
-        [*launch, str(HERE / "run_commands.py"), str(commands)], env=ENV, capture_output=True, text=True, timeout=240
-    )
+    with held_port() as port:  # not 29500: other runs on this host may hold it
+        launch += ["--main_process_port", str(port)]
+        run = subprocess.run(
+            [*launch, str(HERE / "run_commands.py"), str(commands)],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
     assert run.returncode == 0, run.stderr[-3000:]
     one, two = comparable(one), comparable(two)
     for command in one:

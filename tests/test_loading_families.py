@@ -1,5 +1,6 @@
-"""`freevlm caption` and `loading.load_vlm` on local folders holding a LLaVA, an InstructBLIP, a Gemma 3, an Idefics3
-or a LLaVA-NeXT with its processor (built offline: tests/tiny_processor.py), and what the loader refuses."""
+"""`freevlm caption` and `loading.load_vlm` on local folders holding a LLaVA, an InstructBLIP, a Gemma 3, an Idefics3,
+a SmolVLM, a LLaVA-NeXT or a LLaVA-OneVision with its processor (built offline: tests/tiny_processor.py; SmolVLM's
+and OneVision's without their video part, which needs torchvision), and what the loader refuses."""
 
 import json
 
@@ -11,6 +12,7 @@ from tiny_processor import WORDS, tiny_processor
 
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.cli import main
+from freevlm.errors import UserError
 from freevlm.loading import check_vlm_folder, load_vlm
 from freevlm.tiny import tiny_inputs, tiny_model
 
@@ -18,15 +20,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "what color is the square"
 
 
-@pytest.fixture(params=["llama", "instructblip-llama", "gemma3", "idefics3", "llava-next-qwen2"])
+@pytest.fixture(
+    params=["llama", "instructblip-llama", "gemma3", "idefics3", "smolvlm", "llava-next-qwen2", "llava-onevision"]
+)
 def folder(request, tmp_path):
     """A model and its processor saved side by side, as a Hugging Face checkpoint ships them."""
     model = tiny_model(request.param, seed=3)
     processor = tiny_processor(model)
-    with torch.no_grad():  # sharper logits, and only ids the tokenizer has words for (so the captions say something)
-        head = model.get_output_embeddings().weight
-        image_token = getattr(model.config, "image_token_index", None) or model.config.image_token_id
-        head.mul_(8)[len(WORDS) + 4 : image_token] = 0  # also Idefics3's tile markers (special tokens)
+    with torch.no_grad():  # sharper logits, and only words (so the captions say something and do not end at once)
+        words = processor.tokenizer.convert_tokens_to_ids(WORDS)
+        head = model.get_output_embeddings().weight.mul_(8)
+        head[[i for i in range(len(head)) if i not in words]] = 0
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
     Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "red.png")
@@ -40,7 +44,7 @@ def test_caption_command_decodes_as_the_model_s_own_generate(folder, capsys):
     image = Image.open(folder / "red.png").convert("RGB")
     model_type = bundle.model.config.model_type
     text = PROMPT if model_type == "instructblip" else f"{bundle.processor.image_token}\n{PROMPT}"
-    nested = model_type in ("gemma3", "idefics3")  # their processors take each prompt's images as a list
+    nested = model_type in ("gemma3", "idefics3", "smolvlm")  # their processors take each prompt's images as a list
     images = [[image]] if nested else [image]
     hf_inputs = bundle.processor(images=images, text=[text], return_tensors="pt")
     ref = bundle.model.generate(**hf_inputs, max_new_tokens=5, do_sample=False, min_new_tokens=5)
@@ -170,11 +174,13 @@ def test_sweep_command_reads_the_folder(folder, tmp_path):
     assert result["test"][0]["speed"]["exit_histogram"].keys() == {"1"}  # threshold 0: every token at the first exit
 
 
-@pytest.mark.parametrize("folder", ["gemma3", "idefics3", "llava-next-qwen2"], indirect=True)
+@pytest.mark.parametrize(
+    "folder", ["gemma3", "idefics3", "smolvlm", "llava-next-qwen2", "llava-onevision"], indirect=True
+)
 def test_eval_and_calibrate_commands_read_the_folder(folder, tmp_path):
-    """The processor's own inputs (Gemma 3's token_type_ids, Idefics3's pixel_attention_mask, LLaVA-NeXT's
-    image_sizes) reach every request of `eval` and `calibrate` (without them Gemma 3's and LLaVA-NeXT's requests
-    are refused)."""
+    """The processor's own inputs (Gemma 3's token_type_ids, Idefics3's and SmolVLM's pixel_attention_mask,
+    LLaVA-NeXT's image_sizes, OneVision's batch_num_images too) reach every request of `eval` and `calibrate`
+    (without them Gemma 3's, LLaVA-NeXT's and OneVision's requests are refused)."""
     import dataset_files as files
 
     EarlyExitVLM(load_vlm(folder / "model").model, ExitConfig([1, 2], init="fresh")).save_exits(tmp_path / "exits")
@@ -193,9 +199,8 @@ def test_eval_and_calibrate_commands_read_the_folder(folder, tmp_path):
 
 
 def test_llava_onevision_bundle_inputs_decode_as_the_model_s_own_generate():
-    """`VLMBundle.inputs` with LLaVA-OneVision's processor (its own code, built without its video part: no folder
-    can be saved and loaded back here) gives `image_sizes` and `batch_num_images` with the prompts; `generate` on
-    them equals the model's own, images of two sizes side by side."""
+    """`VLMBundle.inputs` with LLaVA-OneVision's processor gives `image_sizes` and `batch_num_images` with the
+    prompts; `generate` on them equals the model's own, images of two sizes side by side."""
     from tiny_processor import tiny_onevision_processor
 
     from freevlm.loading import VLMBundle
@@ -211,3 +216,39 @@ def test_llava_onevision_bundle_inputs_decode_as_the_model_s_own_generate():
     ref = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     out = EarlyExitVLM(model, ExitConfig([1])).generate(**inputs, max_new_tokens=5, mode="full")
     assert torch.equal(out.sequences, ref)
+
+
+def test_a_processor_loaded_without_its_video_part_saves_its_video_settings_back(tmp_path):
+    """OneVision's processor loads without its video processor (which needs torchvision), under its own class name,
+    with the settings its `__init__` takes; saved again, the folder keeps the video processor's settings, so it
+    still loads whole where torchvision works."""
+    from freevlm.loading import load_processor
+
+    model = tiny_model("llava-onevision")
+    tiny_processor(model).save_pretrained(tmp_path / "a")
+    file = tmp_path / "a" / "processor_config.json"
+    video = {"video_processor_type": "LlavaOnevisionVideoProcessor", "size": {"height": 16, "width": 16}}
+    file.write_text(json.dumps({**json.loads(file.read_text()), "video_processor": video}))
+    processor = load_processor(tmp_path / "a")
+    assert type(processor).__name__ == "LlavaOnevisionProcessor" and not hasattr(processor, "video_processor")
+    assert (processor.num_image_tokens, processor.vision_aspect_ratio) == (4, model.config.vision_aspect_ratio)
+    processor.save_pretrained(tmp_path / "b")
+    saved = json.loads((tmp_path / "b" / "processor_config.json").read_text())
+    assert saved == json.loads(file.read_text())
+
+
+@pytest.mark.parametrize("folder", ["smolvlm"], indirect=True)
+def test_smolvlm_without_num2words_is_one_line_naming_it(folder, monkeypatch, capsys):
+    """SmolVLM's processor refuses to start without num2words: the command says so in one line."""
+    import transformers.models.smolvlm.processing_smolvlm as smolvlm
+
+    monkeypatch.setattr(smolvlm, "num2words", None)
+    with pytest.raises(
+        UserError, match="SmolVLM processor needs a package that is not installed.*pip install num2words"
+    ):
+        load_vlm(folder / "model")
+    assert (
+        main(["caption", "--backbone", str(folder / "model"), "--image", str(folder / "red.png"), "--mode", "full"])
+        == 2
+    )
+    assert "pip install num2words" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from freevlm import EarlyExitVLM, ExitConfig
+from freevlm.backbones.base import Start
 from freevlm.decoding.config import DecodeConfig
 from freevlm.serving import QueueFull, Scheduler
 from freevlm.tiny import tiny_inputs, tiny_model
@@ -175,6 +176,22 @@ def test_requests_joining_together_decode_as_alone(ee, mixed, cut, monkeypatch):
         assert max(len(w) for w in windows) > 1, "no prompts were encoded together"
         if cut:
             assert any(len({first for first, _ in w}) > 1 for w in windows), "no window mixed prompt offsets"
+
+
+def test_start_many_gives_each_request_what_start_gives_it(ee):
+    """Images encoded together, each request's context is the one `start` makes for it alone, bit for bit."""
+    backbone, requests = ee.backbone, []
+    for i, length in enumerate([1, 4, 2]):
+        pv, ids, _ = tiny_inputs(ee.model, batch=1, prompt_len=length, seed=90 + i)
+        requests.append(Start(pv, ids, 3 + i, {}))
+    together = backbone.start_many(requests)
+    for request, ctx in zip(requests, together):
+        alone = backbone.start(request.pixel_values, request.input_ids, None, request.max_new_tokens)
+        assert torch.equal(ctx.prompt_ids, alone.prompt_ids) and torch.equal(ctx.key_mask, alone.key_mask)
+        assert torch.equal(ctx.prompt_embeds, alone.prompt_embeds)
+        for name in ("positions", "encoder_out", "encoder_mask"):
+            if name in alone.extra:
+                assert torch.equal(ctx.extra[name], alone.extra[name]), name
 
 
 def test_stream_and_background_thread(ee):

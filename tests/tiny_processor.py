@@ -6,7 +6,7 @@ from __future__ import annotations
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import BlipImageProcessorPil, PreTrainedTokenizerFast
 
-from freevlm.loading import VLMBundle
+from freevlm.loading import VLMBundle, images_only
 
 WORDS = [
     "a",
@@ -40,7 +40,7 @@ WORDS = [
 ] + [":", "?", ".", ","]
 
 
-# the special tokens Idefics3's processor writes around tiles (`Idefics3Processor.replace_image_token`)
+# the special tokens Idefics3's and SmolVLM's processors write around tiles (`Idefics3Processor.replace_image_token`)
 IDEFICS3_TOKENS = [
     *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)),
     "<end_of_utterance>",
@@ -55,9 +55,9 @@ def tiny_bundle(model) -> VLMBundle:
 
 
 def tiny_processor(model):
-    """The model's own processor, as a LLaVA, LLaVA-NeXT, Idefics3, InstructBLIP or Gemma 3 checkpoint ships it (for
-    `load_vlm`). SmolVLM's cannot be built here (it needs torchvision and num2words), LLaVA-OneVision's only without
-    its video part (`tiny_onevision_processor`)."""
+    """The model's own processor, as a LLaVA, LLaVA-NeXT, LLaVA-OneVision, SmolVLM, Idefics3, InstructBLIP or Gemma 3
+    checkpoint ships it (for `load_vlm`); OneVision's and SmolVLM's without their video part (`loading.images_only`:
+    it needs torchvision)."""
     from training_helpers import make_qformer_tokenizer
     from transformers import (
         Gemma3Processor,
@@ -65,16 +65,22 @@ def tiny_processor(model):
         InstructBlipProcessor,
         LlavaNextProcessor,
         LlavaProcessor,
+        SmolVLMProcessor,
     )
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
     cfg = model.config
     side = cfg.vision_config.image_size
     if cfg.model_type == "idefics3":  # images up to 2x2 tiles, and the global view
         images = Idefics3ImageProcessorPil(size={"longest_edge": 2 * side}, max_image_size={"longest_edge": side})
         return Idefics3Processor(images, tiny_tokenizer(model), image_seq_len=model.model.image_seq_len)
+    if cfg.model_type == "smolvlm":  # as Idefics3's, with SmolVLM's image processor
+        images = SmolVLMImageProcessorPil(size={"longest_edge": 2 * side}, max_image_size={"longest_edge": side})
+        processor = images_only(SmolVLMProcessor)
+        return processor(images, tiny_tokenizer(model), None, image_seq_len=model.model.image_seq_len)
     if cfg.model_type == "llava_onevision":
         return tiny_onevision_processor(model)
     if cfg.model_type == "llava_next":  # grids of up to 2x2 patches, and the base view
@@ -108,26 +114,25 @@ def tiny_processor(model):
 
 
 def tiny_onevision_processor(model):
-    """`LlavaOnevisionProcessor`'s own code for images (how many tokens each image takes: `vision_aspect_ratio`,
-    rows of several images), built without its video processor, which needs torchvision (its `__init__` asks for
-    one): it lays prompts out but cannot be saved and loaded back."""
+    """`LlavaOnevisionProcessor` (how many tokens each image takes: `vision_aspect_ratio`, rows of several images)
+    without its video processor, which needs torchvision (`loading.images_only`)."""
     from transformers import LlavaOnevisionProcessor
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
         LlavaOnevisionImageProcessorPil,
     )
 
     cfg, side = model.config, model.config.vision_config.image_size
-    processor = LlavaOnevisionProcessor.__new__(LlavaOnevisionProcessor)
-    processor.image_processor = LlavaOnevisionImageProcessorPil(
+    images = LlavaOnevisionImageProcessorPil(
         size={"height": side, "width": side}, image_grid_pinpoints=cfg.image_grid_pinpoints
     )
-    processor.tokenizer, processor.video_processor, processor.chat_template = tiny_tokenizer(model), None, None
-    processor.num_image_tokens = (side // cfg.vision_config.patch_size) ** 2
-    processor.vision_feature_select_strategy = cfg.vision_feature_select_strategy
-    processor.vision_aspect_ratio = cfg.vision_aspect_ratio
-    processor.image_token, processor.video_token = "<image>", "<video>"
-    processor.image_token_id, processor.video_token_id = cfg.image_token_index, cfg.video_token_index
-    return processor
+    return images_only(LlavaOnevisionProcessor)(
+        images,
+        tiny_tokenizer(model),
+        None,
+        num_image_tokens=(side // cfg.vision_config.patch_size) ** 2,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        vision_aspect_ratio=cfg.vision_aspect_ratio,
+    )
 
 
 def tiny_qwen_vl_image_processor():
@@ -163,7 +168,10 @@ def tiny_tokenizer(model) -> PreTrainedTokenizerFast:
             }
         )
         names_of_images = ["<|image_pad|>", "<|vision_start|>", "<|vision_end|>"]
-    elif cfg.model_type == "idefics3":  # the tokens its processor puts around each tile, just below the image token
+    elif cfg.model_type in (
+        "idefics3",
+        "smolvlm",
+    ):  # the tokens its processor puts around each tile, just below the image token
         vocab.update({name: cfg.image_token_id - len(IDEFICS3_TOKENS) + i for i, name in enumerate(IDEFICS3_TOKENS)})
         vocab["<image>"] = cfg.image_token_id
     elif cfg.model_type == "internvl":  # <img> and </img> just below the image token
@@ -171,8 +179,11 @@ def tiny_tokenizer(model) -> PreTrainedTokenizerFast:
         vocab.update({"<img>": image - 2, "</img>": image - 1, "<IMG_CONTEXT>": image})
     else:
         vocab["<image>"] = cfg.image_token_index
+    if cfg.model_type == "llava_onevision":  # its processor counts `<video>` tokens in every prompt
+        vocab["<video>"] = cfg.video_token_index
     if cfg.model_type not in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
-        names_of_images = ["<image>", *(IDEFICS3_TOKENS if cfg.model_type == "idefics3" else ())]
+        names_of_images = ["<image>", *(IDEFICS3_TOKENS if cfg.model_type in ("idefics3", "smolvlm") else ())]
+        names_of_images += ["<video>"] if cfg.model_type == "llava_onevision" else []
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -1,5 +1,5 @@
 """`freevlm calibrate` and `freevlm place-exits`: read a calibration set and a model, run
-`freevlm.calibration.calibrate_exits` / `place_exits` (which run the exits and certify thresholds by
+`freevlm.calibration.calibrate_exits` / `freevlm.placement.place_exits` (which run the exits and certify thresholds by
 Learn-then-Test), write the JSON and say what was found.
 
 Losses are measured against the full model, so the safest threshold (the rule never exits early) has risk 0 and
@@ -17,23 +17,13 @@ import json
 from pathlib import Path
 
 from ..argtypes import number, open_fraction, output_file, positive_int
-from ..calibration import (
-    LOSS_DEFINITIONS,
-    LOSSES,
-    SPEEDUPS,
-    Calibration,
-    calibrate_exits,
-    check_unit_interval,
-    exits_subset,
-    never_exits,
-    place_exits,
-    placement_guarantee,
-)
+from ..calibration import LOSS_DEFINITIONS, LOSSES, Calibration, calibrate_exits, check_unit_interval, never_exits
 from ..data.specs import DatasetSpec, read_dataset
 from ..eval.evaluate import EvalResult
 from ..eval.processes import Processes
 from ..methods import get_method
-from .evaluate import dataset_arguments, evaluation_options, load_model
+from ..placement import SPEEDUPS, exits_subset, place_exits, placement_guarantee
+from .evaluate import dataset_arguments, decoding_options, load_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -105,6 +95,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     ee, bundle = load_model(args)
     main = Processes.current().is_main
     task = spec.task
+    config, prompt = decoding_options(args, spec, bundle)
     calibration, results = calibrate_exits(
         ee,
         bundle,
@@ -112,12 +103,14 @@ def run_calibrate(args: argparse.Namespace) -> int:
         records,
         args.tolerance,
         args.confidence,
-        args.loss,
-        args.thresholds,
-        args.method,
+        loss=args.loss,
+        thresholds=args.thresholds,
+        method=args.method,
         vqa_metric=spec.vqa_metric,
+        config=config,
+        prompt=prompt,
+        batch_size=args.batch_size,
         progress=print if main else None,
-        **evaluation_options(args, spec, bundle),
     )
     if not main:  # the main process certifies and writes (`accelerate launch`)
         return 0
@@ -157,6 +150,7 @@ def run_place_exits(args: argparse.Namespace) -> int:
     main = Processes.current().is_main
     if args.candidates:
         ee = exits_subset(ee, args.candidates)
+    config, prompt = decoding_options(args, spec, bundle)
     best, placements, each = place_exits(
         ee,
         bundle,
@@ -164,16 +158,18 @@ def run_place_exits(args: argparse.Namespace) -> int:
         records,
         args.tolerance,
         args.confidence,
-        args.budget_exits,
-        args.budget_parameters,
-        args.speedup,
-        args.max_placements,
-        progress=print if main else None,
+        budget_exits=args.budget_exits,
+        budget_parameters=args.budget_parameters,
+        speedup=args.speedup,
+        max_placements=args.max_placements,
         loss=args.loss,
         thresholds=args.thresholds,
         method=args.method,
         vqa_metric=spec.vqa_metric,
-        **evaluation_options(args, spec, bundle),
+        config=config,
+        prompt=prompt,
+        batch_size=args.batch_size,
+        progress=print if main else None,
     )
     if not main:
         return 0

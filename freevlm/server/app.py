@@ -19,16 +19,15 @@ import itertools
 import json
 import re
 import secrets
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ..decoding.generate import analytic_speedup
@@ -74,7 +73,9 @@ class ChatService:
         self.num_layers = model.ee.backbone.num_layers
         self.default_prompt = config.prompt if config.prompt is not None else (model.prompt or "")
         self.default_threshold = config.threshold if model.has_exits else 1.0
-        self._inputs_lock = threading.Lock()  # a Hugging Face tokenizer is not safe to call from two threads
+        # images decoded and inputs made off the event loop, one request at a time (a Hugging Face tokenizer is not
+        # safe to call from two threads), while the app runs
+        self.inputs_worker: ThreadPoolExecutor | None = None
         self._relay: Relay | None = None  # made on the first request, for the loop the app runs on
 
     # --- request -> handle ----------------------------------------------------------------------------------------
@@ -115,7 +116,7 @@ class ChatService:
         url = the_image(request.messages)
         prompt = layout_prompt(request.messages, self.model.bundle, self.default_prompt)
         data = await image_bytes(url, self.config)
-        inputs = await run_in_threadpool(self._inputs, data, prompt)
+        inputs = await asyncio.get_running_loop().run_in_executor(self.inputs_worker, self._inputs, data, prompt)
         try:  # the family's own inputs (Gemma 3's token types, LLaVA-NeXT's image sizes...) travel with the prompt
             handle = self.scheduler.submit(**inputs, **options)
         except QueueFull as err:
@@ -128,9 +129,7 @@ class ChatService:
         return handle, int(inputs["attention_mask"].sum())
 
     def _inputs(self, data: bytes, prompt: str) -> dict:
-        image = decode(data)
-        with self._inputs_lock:
-            return self.model.bundle.inputs([image], [prompt])
+        return self.model.bundle.inputs([decode(data)], [prompt])
 
     # --- handle -> tokens -----------------------------------------------------------------------------------------
     async def events(
@@ -317,9 +316,11 @@ def create_app(model: ServedModel, config: ServerConfig | None = None) -> FastAP
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         scheduler.start()
+        service.inputs_worker = ThreadPoolExecutor(1, thread_name_prefix="freevlm-inputs")
         try:
             yield
         finally:
+            service.inputs_worker.shutdown()
             scheduler.stop()
 
     app = FastAPI(title="freevlm", summary="early-exit vision-language model server", lifespan=lifespan)
