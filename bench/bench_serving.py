@@ -31,8 +31,8 @@ import torch
 from common import big_blip2, inputs
 
 from freevlm import EarlyExitVLM, ExitConfig
-from freevlm.calibration import exits_subset
 from freevlm.demo.config import DemoConfig, default_cache
+from freevlm.placement import exits_subset
 from freevlm.serving import Scheduler
 from freevlm.serving.rows import EXIT_RULES
 
@@ -50,6 +50,7 @@ class Run:
     stall: tuple[float, float] | None  # (longest step that encoded a prompt, median step that did not), seconds
     calls_per_step: float | None = None  # layer calls (exit layers included) per decode step
     slot_layers_per_token: float | None = None  # (slot, layer) pairs decode steps ran per token, catch-up included
+    kv_only_per_token: float | None = None  # of those, the pairs that computed only K/V (no output was read)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -131,6 +132,7 @@ def run_continuous(ee, requests, threshold: float, max_batch: int, eos, exit_rul
         stall,
         calls,
         engine.slot_layers / tokens,
+        engine.kv_only_slot_layers / tokens,
     )
 
 
@@ -222,6 +224,7 @@ def main() -> None:
             )
             if run.calls_per_step is not None:
                 stalled += f"  calls/step {run.calls_per_step:4.1f}  slot-layers/token {run.slot_layers_per_token:5.1f}"
+                stalled += f" (K/V only {run.kv_only_per_token:3.1f})"
             print(
                 f"  {label:30s} {run.tokens_per_second:6.1f} tok/s {run.tokens_per_cpu_second:6.1f} tok/CPU-s"
                 f"  rows {run.mean_rows:4.1f}"

@@ -15,21 +15,23 @@ a statement about the mean loss on that distribution, not about any single input
 data shift (another dataset, another prompt, other exits or another backbone).
 
 `calibrate_exits` builds the losses by running exits over a calibration set at each threshold of a grid, against
-the full model; `place_exits` uses it to choose which of a model's trained exits to keep under a budget. Both serve
-`freevlm calibrate` / `freevlm place-exits` and the demo.
+the full model; `placement.place_exits` uses it to choose which of a model's trained exits to keep under a budget.
+Both serve `freevlm calibrate` / `freevlm place-exits` and the demo.
 """
 
 from __future__ import annotations
 
-import copy
-import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
+from .decoding.config import DecodeConfig
 from .eval.evaluate import SHARED_TASKS, EvalResult, evaluate, evaluate_many
+from .eval.generate import BATCH_SIZE
+from .eval.predictions import PredictionLog
 from .eval.processes import Processes
-from .methods import get_method, trainable_parameters
+from .methods import get_method
+from .model import EarlyExitVLM
 
 P_VALUES = ("auto", "binomial", "hoeffding-bentkus")
 
@@ -262,7 +264,7 @@ def _metric_per_record(task: str, labels, texts: list[str], vqa_metric: str) -> 
 
 
 def calibrate_exits(
-    ee,
+    ee: EarlyExitVLM,
     processor,
     task: str,
     records: Sequence,
@@ -272,20 +274,26 @@ def calibrate_exits(
     thresholds: Sequence[float] | None = None,
     method: str = "free",
     vqa_metric: str = "vqa",
-    progress=None,
+    config: DecodeConfig | None = None,
+    prompt: str | None = None,
+    batch_size: int = BATCH_SIZE,
     full_outputs: Sequence[str] | None = None,
     time_every_run: bool = False,
-    **eval_kwargs,
-) -> tuple[Calibration, dict[float, EvalResult]]:
+    progress: Callable[[str], None] | None = None,
+    log: Callable[[str], PredictionLog] | None = None,
+) -> tuple[Calibration | None, dict[float, EvalResult]]:
     """Run `ee` over `records` at each threshold (safest first) and certify thresholds with `calibrate_threshold`.
 
-    Losses are measured against the full model's outputs: `full_outputs` when given (already decoded, e.g. by an
-    earlier call on the same records), otherwise the first run decodes the full model beside the exits.
-    Captions and VQA decode every threshold together, image and prompt encoded once (`evaluate_many`: each
-    threshold's outputs those of its own run; speed reports count tokens only), unless `time_every_run`, which
-    decodes each threshold alone with the full model beside it, for measured (work and wall-clock) speedups.
-    Under `accelerate launch` every process decodes its share of each run; the main process alone computes the
-    losses and certifies (the others get None for the `Calibration`)."""
+    Records are decoded as `evaluate` decodes them: with `config` (None: the task's default), `prompt` (None: the
+    task's) and `batch_size`. Losses are measured against the full model's outputs: `full_outputs` when given
+    (already decoded, e.g. by an earlier call on the same records), otherwise the first run decodes the full model
+    beside the exits. Captions and VQA decode every threshold together, image and prompt encoded once
+    (`evaluate_many`: each threshold's outputs those of its own run; speed reports count tokens only), unless
+    `time_every_run`, which decodes each threshold alone with the full model beside it, for measured (work and
+    wall-clock) speedups. `log(name)`: the `PredictionLog` of each pass ("predictions" when shared, else
+    "predictions_threshold_<t>"), so a run killed part-way resumes where it stopped. Under `accelerate launch`
+    every process decodes its share of each run; the main process alone computes the losses and certifies (the
+    others get None for the `Calibration`)."""
     tolerance = check_unit_interval("tolerance", tolerance)
     confidence = check_unit_interval("confidence", confidence)
     if loss not in LOSSES:
@@ -302,8 +310,11 @@ def calibrate_exits(
         reverse=higher_is_safer,
     )
     say = progress or (lambda msg: None)
+    decoding = dict(config=config, batch_size=batch_size, method=method) | (
+        {"prompt": prompt} if prompt is not None else {}
+    )
     if task == "captions":
-        eval_kwargs.setdefault("only", ["CIDEr"])  # the sweep's score only: METEOR starts a JVM per call
+        decoding["only"] = ["CIDEr"]  # the sweep's score only: METEOR starts a JVM per call
     results: dict[float, EvalResult] = {}
     full_texts = list(full_outputs) if full_outputs is not None else None
     if full_texts is not None and len(full_texts) != len(records):
@@ -313,7 +324,7 @@ def calibrate_exits(
     if full_texts is not None and loss == "metric" and main:
         full_metric = _metric_per_record(task, labels, full_texts, vqa_metric)
     losses: dict[float, list[float]] = {}
-    runs = _runs(task, ee, processor, records, grid, method, full_texts is None, time_every_run, eval_kwargs)
+    runs = _runs(task, ee, processor, records, grid, full_texts is None, time_every_run, decoding, log)
     for t, result in zip(grid, runs):
         results[t] = result
         texts = [row["prediction"] for row in result.predictions]
@@ -338,170 +349,16 @@ def calibrate_exits(
     return calibration, results
 
 
-def _runs(task, ee, processor, records, grid, method, need_full: bool, time_every_run: bool, eval_kwargs: dict):
+def _runs(task, ee, processor, records, grid, need_full: bool, time_every_run: bool, decoding: dict, log):
     """Each threshold's `EvalResult`, in `grid` order: decoded all together where they can be (`evaluate_many`),
     else one by one, each timed against the full model with `time_every_run`; with `need_full` the full model's
     outputs come with the first."""
     if task in SHARED_TASKS and not time_every_run:
         rules = [(t, None) for t in grid]
-        yield from evaluate_many(
-            task, ee, processor, records, rules, method=method, compare_full=need_full, **eval_kwargs
-        )
+        passes = log("predictions") if log else None
+        yield from evaluate_many(task, ee, processor, records, rules, compare_full=need_full, log=passes, **decoding)
         return
     for i, t in enumerate(grid):
         full = time_every_run or (need_full and i == 0)
-        yield evaluate(task, ee, processor, records, t, method=method, compare_full=full, **eval_kwargs)
-
-
-# --- exit placement --------------------------------------------------------------------------------------------
-SPEEDUPS = ("ideal", "analytic", "wallclock")
-
-
-def exits_subset(ee, layers: Sequence[int]):
-    """A view of `ee` with only the exits at `layers`: the trained exit modules are shared, nothing is copied, and
-    the engine runs exactly what an `EarlyExitVLM` built with those exits alone would run."""
-    layers = sorted(int(i) for i in layers)
-    missing = sorted(set(layers) - set(ee.exit_layers))
-    if missing or not layers:
-        raise ValueError(f"no trained exit at layers {missing or layers} (trained exits: {ee.exit_layers})")
-    sub = copy.copy(ee)
-    sub._modules = dict(ee._modules)  # its own module registry, so replacing `exits` leaves `ee` whole
-    sub.exits = type(ee.exits)({str(i): ee.exits[str(i)] for i in layers})
-    sub.exit_config = replace(ee.exit_config, exit_layers=layers)
-    return sub
-
-
-def candidate_placements(
-    parameters: dict[int, int], budget_exits: int | None = None, budget_parameters: int | None = None
-) -> list[tuple[int, ...]]:
-    """Every non-empty set of candidate layers (`parameters`: layer -> trainable parameters of its exit) within
-    the budget: at most `budget_exits` exits and at most `budget_parameters` trainable parameters."""
-    if budget_exits is None and budget_parameters is None:
-        raise ValueError("give a budget: a number of exits or of trainable parameters")
-    if budget_exits is not None and budget_exits < 1:
-        raise ValueError(f"the exit budget must be at least 1, got {budget_exits}")
-    layers = sorted(parameters)
-    most = len(layers) if budget_exits is None else min(budget_exits, len(layers))
-    sets = [
-        c
-        for k in range(1, most + 1)
-        for c in itertools.combinations(layers, k)
-        if budget_parameters is None or sum(parameters[i] for i in c) <= budget_parameters
-    ]
-    if not sets:
-        raise ValueError(
-            f"no exit fits a budget of {budget_parameters:,} trainable parameters "
-            f"(the smallest exit has {min(parameters.values()):,})"
-        )
-    return sets
-
-
-@dataclass
-class Placement:
-    layers: tuple[int, ...]
-    parameters: int  # trainable parameters of these exits
-    calibration: Calibration
-    speedup: float  # at the certified threshold (1.0: nothing certified, the full model runs)
-    speedups: dict[str, float | None]  # every kind of speedup at that threshold
-
-    def as_dict(self) -> dict:
-        c = self.calibration
-        return {
-            "layers": list(self.layers),
-            "trainable_parameters": self.parameters,
-            "threshold": c.threshold,
-            "certified": bool(c.certified),
-            "risk": c.risks.get(c.threshold),
-            "speedup": self.speedup,
-            "speedups": self.speedups,
-        }
-
-
-def _speedups(results: dict[float, EvalResult], threshold: float) -> dict[str, float | None]:
-    if threshold not in results:  # the fallback was not in the grid: it never exits early
-        return {"ideal": 1.0, "analytic": 1.0, "wallclock": None}
-    s = results[threshold].speed
-    return {"ideal": s.ideal_speedup, "analytic": s.analytic_speedup, "wallclock": s.wallclock_speedup}
-
-
-def place_exits(
-    ee,
-    processor,
-    task: str,
-    records: Sequence,
-    tolerance: float,
-    confidence: float,
-    budget_exits: int | None = None,
-    budget_parameters: int | None = None,
-    speedup: str = "ideal",
-    max_placements: int = 64,
-    progress=None,
-    **calibrate_kwargs,
-) -> tuple[Placement, list[Placement], float]:
-    """Choose where exits go: certify a threshold for every placement (set of `ee`'s trained exits) within the
-    budget on `records`, and keep the one with the largest `speedup` at its certified threshold.
-
-    `speedup`: "ideal" (parameters the full model reads over those early exit reads, counted by the engine: exit
-    layers and heads included - the cost of a weight-bound decode step), "analytic" (the paper's N / mean layers per
-    token; blind to the cost of exits a token passes), or "wallclock" (measured here; noisy on a shared machine).
-    Each placement is certified at 1 - (1 - confidence) / m for m placements (Bonferroni), so the chosen placement's
-    threshold keeps the guarantee at `confidence` although it was picked on the same data. Returns (best, all
-    placements, the per-placement confidence).
-    """
-    check_unit_interval("tolerance", tolerance)
-    check_unit_interval("confidence", confidence)
-    if speedup not in SPEEDUPS:
-        raise ValueError(f"unknown speedup {speedup!r}: one of {SPEEDUPS}")
-    parameters = {i: trainable_parameters(m) for i, m in ee.exit_dict().items()}
-    sets = candidate_placements(parameters, budget_exits, budget_parameters)
-    if len(sets) > max_placements:
-        raise ValueError(
-            f"{len(sets)} placements fit the budget, more than max_placements={max_placements}: "
-            "offer fewer candidate layers or a smaller budget"
-        )
-    say = progress or (lambda msg: None)
-    each = 1.0 - (1.0 - confidence) / len(sets)
-    placements, full_outputs = [], calibrate_kwargs.pop("full_outputs", None)
-    for layers in sets:
-        calibration, results = calibrate_exits(
-            exits_subset(ee, layers),
-            processor,
-            task,
-            records,
-            tolerance,
-            each,
-            full_outputs=full_outputs,
-            time_every_run=speedup != "analytic",
-            **calibrate_kwargs,
-        )
-        if full_outputs is None:  # the first placement's first (safest) run decoded the full model: reuse it
-            first = next(iter(results.values()))
-            full_outputs = [row["full_prediction"] for row in first.predictions]
-        if calibration is None:  # not the main process (`accelerate launch`): only the main one certifies
-            continue
-        speeds = _speedups(results, calibration.threshold)
-        value = speeds[speedup] if speeds[speedup] is not None else 1.0
-        placements.append(Placement(layers, sum(parameters[i] for i in layers), calibration, value, speeds))
-        say(
-            f"exits {list(layers)}: threshold {calibration.threshold:g} "
-            f"({'certified' if calibration.certified else 'none certified'}), {speedup} speedup {value:.2f}x"
-        )
-    if not placements:
-        return None, [], each
-    best = max(placements, key=lambda p: (p.speedup, -p.parameters, -len(p.layers)))
-    return best, placements, each
-
-
-def placement_guarantee(best: Placement, confidence: float, m: int) -> str:
-    c = best.calibration
-    if not c.certified:
-        return (
-            f"no placement could be certified at risk <= {c.tolerance:g} with confidence {confidence:g} "
-            f"(each of {m} tested at {c.confidence:.4g}) from {c.n} samples"
-        )
-    return (
-        f"if the {c.n} calibration samples and future inputs are i.i.d. from one distribution, the mean loss of "
-        f"exits {list(best.layers)} at threshold {c.threshold:g} exceeds {c.tolerance:g} with probability at "
-        f"most {1 - confidence:.3g} over the draw of the calibration set (each of the {m} placements tested at "
-        f"{1 - c.confidence:.3g}, Bonferroni)"
-    )
+        passes = log(f"predictions_threshold_{t:g}") if log else None
+        yield evaluate(task, ee, processor, records, t, compare_full=full, log=passes, **decoding)

@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 
 from freevlm.cli import main
-from freevlm.eval import evaluate as evaluation
+from freevlm.eval import generate
 from freevlm.eval.processes import Processes
 
 decoded = []
-decode_batch = evaluation._decode_batch
+decode_batch = generate._decode_batch
 
 
 def counting(processor, early, full, *args, **kwargs):
@@ -20,7 +20,7 @@ def counting(processor, early, full, *args, **kwargs):
     return rows
 
 
-evaluation._decode_batch = counting
+generate._decode_batch = counting
 first = True
 for argv in json.loads(Path(sys.argv[1]).read_text()):
     if main(argv) != 0:

@@ -10,10 +10,10 @@ from cli_args import cli_args
 from tiny_processor import tiny_bundle
 
 from freevlm import EarlyExitVLM, ExitConfig
-from freevlm.calibration import candidate_placements, exits_subset
 from freevlm.cli import main
 from freevlm.decoding.policies import FixedSchedulePolicy
 from freevlm.loading import load_vlm
+from freevlm.placement import candidate_placements, exits_subset
 from freevlm.tiny import tiny_blip2, tiny_inputs
 
 

@@ -458,14 +458,18 @@ def test_client_disconnect_frees_its_row(server, files):
 
 
 def test_full_queue_429_and_timeouts(small_server, files):
-    """One row and one waiting place: of six long requests sent at once, two are taken and four refused at once
-    with 429. The waiting one cannot finish within the 0.8 s timeout: it waits for the row, then needs as long again
-    (LONG tokens take well over 0.4 s: ~2 ms each even on an idle CPU), so it gets 504."""
+    """One row and one waiting place: while a long request holds the row, of five more sent at once one waits and
+    four are refused at once with 429. The waiting one cannot finish within the 0.8 s timeout: it waits for the row,
+    then needs as long again (LONG tokens take well over 0.4 s: ~2 ms each even on an idle CPU), so it gets 504."""
     body = {"model": "tiny", "messages": messages(data_url(files["images"][0]), PROMPTS[0]), "max_tokens": LONG}
 
     async def burst():
         async with httpx.AsyncClient(base_url=small_server.url, timeout=30) as client:
-            return await asyncio.gather(*[client.post("/v1/chat/completions", json=body) for _ in range(6)])
+            first = asyncio.create_task(client.post("/v1/chat/completions", json=body))
+            while (await client.get("/health")).json()["running"] == 0:  # the row is taken: the queue is empty
+                await asyncio.sleep(0.005)
+            rest = await asyncio.gather(*[client.post("/v1/chat/completions", json=body) for _ in range(5)])
+            return [await first, *rest]
 
     responses = asyncio.run(burst())
     statuses = sorted(r.status_code for r in responses)

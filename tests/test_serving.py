@@ -135,6 +135,7 @@ def test_rows_that_stopped_early_catch_up_exactly(ee, mixed, rows):
     layers = expected[0][1]
     if rows == 1 and any(a < b for a, b in itertools.pairwise(layers)):  # a deeper token after a shallower one
         assert scheduler.engine.catchup_slots > 0
+        assert scheduler.engine.kv_only_slot_layers > 0  # caught-up slots at the last layer: their K/V only
     for handle, (tokens, layers) in zip(handles, expected):
         assert (handle.result().tokens, handle.result().exit_layers) == (tokens, layers)
 

@@ -18,6 +18,7 @@ from ..data.specs import FORMATS, DatasetSpec, read_dataset
 from ..decoding.config import KV_MODES, DecodeConfig
 from ..errors import UserError
 from ..eval.evaluate import ANSWER_DECODING, CAPTION_PROMPT, VQA_PROMPT, evaluate
+from ..eval.generate import BATCH_SIZE
 from ..eval.predictions import PREDICTIONS, PredictionLog
 from ..eval.processes import Processes
 from ..eval.sweep import sweep, write_sweep
@@ -59,7 +60,7 @@ def dataset_arguments(p: argparse.ArgumentParser) -> None:
         type=positive_int,
         help=f"default: {DecodeConfig.max_new_tokens} for captions, {ANSWER_DECODING.max_new_tokens} for answers",
     )
-    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE)
     p.add_argument("--kv", choices=KV_MODES, default=DecodeConfig.kv)
     p.add_argument("--device", type=device, default="cpu")
 
@@ -101,20 +102,24 @@ def _spec(args, files=None, split=None) -> DatasetSpec:
     return DatasetSpec(args.format, list(files or args.files), args.images, split or args.split, args.limit)
 
 
-def evaluation_options(args: argparse.Namespace, spec: DatasetSpec, bundle) -> dict:
-    """The decoding and prompt of `dataset_arguments`, as keywords of `freevlm.eval.evaluate.evaluate`: the decode
-    options as one `DecodeConfig` (`--kv`; `--max-new-tokens`, else the task's default); the prompt: `--prompt`,
-    else for captions the one the model folder records (`bundle.prompt`), else the task's default."""
+def decoding_options(args: argparse.Namespace, spec: DatasetSpec, bundle) -> tuple[DecodeConfig, str | None]:
+    """(config, prompt) of `dataset_arguments`: the decode options as one `DecodeConfig` (`--kv`;
+    `--max-new-tokens`, else the task's default); the prompt: `--prompt`, else for captions the one the model folder
+    records (`bundle.prompt`), else None (the task's default)."""
     default = DecodeConfig() if spec.task == "captions" else ANSWER_DECODING
     config = replace(default, kv=args.kv, max_new_tokens=args.max_new_tokens or default.max_new_tokens)
-    options = dict(config=config, batch_size=args.batch_size)
-    if args.prompt is not None:
-        if spec.task == "visdial":
-            raise ValueError("--prompt does not apply to VisDial (the prompt is built from caption and history)")
-        options["prompt"] = args.prompt
-    elif spec.task == "captions" and bundle.prompt is not None:
-        options["prompt"] = bundle.prompt
-    return options
+    if args.prompt is not None and spec.task == "visdial":
+        raise ValueError("--prompt does not apply to VisDial (the prompt is built from caption and history)")
+    if args.prompt is None and spec.task == "captions":
+        return config, bundle.prompt
+    return config, args.prompt
+
+
+def evaluation_options(args: argparse.Namespace, spec: DatasetSpec, bundle) -> dict:
+    """`decoding_options` and `--batch-size`, as keywords of `freevlm.eval.evaluate.evaluate` (no prompt: the
+    task's default)."""
+    config, prompt = decoding_options(args, spec, bundle)
+    return dict(config=config, batch_size=args.batch_size) | ({"prompt": prompt} if prompt is not None else {})
 
 
 def _eval_options(args, spec: DatasetSpec, bundle) -> dict:
@@ -183,7 +188,6 @@ def run_options(args: argparse.Namespace, spec: DatasetSpec, **knobs) -> dict:
         "kv": args.kv,
         "batch_size": args.batch_size,
         "device": args.device,
-        "full_model": not args.no_full,
     }
 
 
@@ -192,7 +196,9 @@ def run_eval(args: argparse.Namespace) -> int:
     spec = _spec(args)
     records = read_dataset(spec)  # a broken dataset fails before any weights load
     out = Path(args.out)
-    log = PredictionLog(out, run_options(args, spec, threshold=args.threshold), resume=args.resume)
+    log = PredictionLog(
+        out, run_options(args, spec, threshold=args.threshold, full_model=not args.no_full), resume=args.resume
+    )
     ee, bundle = load_model(args)
     options = _eval_options(args, spec, bundle)
     result = evaluate(spec.task, ee, bundle, records, args.threshold, method=args.method, log=log, **options)
@@ -224,7 +230,14 @@ def run_sweep(args: argparse.Namespace) -> int:
     records = read_dataset(spec)
     dev = read_dataset(_spec(args, args.dev_files, args.dev_split)) if (args.dev_files or args.dev_split) else None
     dev_set = {"files": args.dev_files, "split": args.dev_split, "fraction": args.dev_fraction}
-    options = run_options(args, spec, thresholds=args.thresholds, dev=dev_set, per_layer=not args.no_per_layer)
+    options = run_options(
+        args,
+        spec,
+        thresholds=args.thresholds,
+        dev=dev_set,
+        per_layer=not args.no_per_layer,
+        full_model=not args.no_full,
+    )
     log = functools.partial(PredictionLog, args.out, options, args.resume)
     log("predictions_dev")  # a resume with other options fails here, before any weights load
     ee, bundle = load_model(args)

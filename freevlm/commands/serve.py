@@ -180,7 +180,7 @@ def load_served_model(args: argparse.Namespace):
     if exits:
         ee = load_exits(bundle.model, exits)
         if layers is not None:
-            from ..calibration import exits_subset
+            from ..placement import exits_subset
 
             ee = exits_subset(ee, layers)
     else:

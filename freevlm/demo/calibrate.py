@@ -7,16 +7,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
-from ..calibration import (
-    LOSS_DEFINITIONS,
-    calibrate_exits,
-    consistency_losses,
-    exits_subset,
-    never_exits,
-    place_exits,
-    placement_guarantee,
-)
+from ..calibration import LOSS_DEFINITIONS, calibrate_exits, consistency_losses, never_exits
+from ..decoding.config import DecodeConfig
 from ..model import EarlyExitVLM
+from ..placement import exits_subset, place_exits, placement_guarantee
 from .evaluate import SplitRuns
 from .runs import Runner
 
@@ -69,7 +63,9 @@ class Placement:
 @dataclass
 class CalibrationSet:
     records: list  # the calibration split, references dropped: the consistency loss reads none
-    decoding: dict  # the full model's captions (`full_outputs`), the demo's batch size and caption length
+    full_outputs: list[str]  # the full model's captions
+    batch_size: int
+    config: DecodeConfig
 
 
 class OnTest:
@@ -96,8 +92,7 @@ def calibration_set(runner: Runner, ee: EarlyExitVLM, records) -> CalibrationSet
     """Without references no run scores CIDEr (two JVM starts per run)."""
     records = [replace(r, references=[]) for r in records]
     full = [p["prediction"] for p in runner.full("calibration", ee, records).predictions]
-    cfg = runner.cfg
-    return CalibrationSet(records, dict(full_outputs=full, batch_size=cfg.eval_batch, config=runner.decoding))
+    return CalibrationSet(records, full, runner.cfg.eval_batch, runner.decoding)
 
 
 def certify(runner: Runner, ee: EarlyExitVLM, calib: CalibrationSet, on_test: OnTest, chosen: float) -> Certified:
@@ -108,7 +103,16 @@ def certify(runner: Runner, ee: EarlyExitVLM, calib: CalibrationSet, on_test: On
     grid = [t for t in cfg.thresholds if t != never]  # the fallback: never exiting early has risk 0
     with runner.progress.ticking(runner.bundle, "calibration FREE", len(grid) * len(calib.records)) as processor:
         calibration, runs = calibrate_exits(
-            ee, processor, "captions", calib.records, cfg.tolerance, cfg.confidence, thresholds=grid, **calib.decoding
+            ee,
+            processor,
+            "captions",
+            calib.records,
+            cfg.tolerance,
+            cfg.confidence,
+            thresholds=grid,
+            config=calib.config,
+            batch_size=calib.batch_size,
+            full_outputs=calib.full_outputs,
         )
     per_threshold = calibration.as_dict()["per_threshold"]
     for row in per_threshold:
@@ -145,10 +149,20 @@ def place(runner: Runner, candidates: EarlyExitVLM, calib: CalibrationSet, on_te
     work."""
     cfg, t0, source = runner.cfg, time.perf_counter(), "free_candidates"
     total = cfg.placements() * len(cfg.placement_thresholds) * len(calib.records)
-    search = dict(budget_exits=cfg.exit_budget, speedup="analytic", thresholds=cfg.placement_thresholds)
     with runner.progress.ticking(runner.bundle, "exit placement", total) as processor:
         best, placements, each = place_exits(
-            candidates, processor, "captions", calib.records, cfg.tolerance, cfg.confidence, **search, **calib.decoding
+            candidates,
+            processor,
+            "captions",
+            calib.records,
+            cfg.tolerance,
+            cfg.confidence,
+            budget_exits=cfg.exit_budget,
+            speedup="analytic",
+            thresholds=cfg.placement_thresholds,
+            config=calib.config,
+            batch_size=calib.batch_size,
+            full_outputs=calib.full_outputs,
         )
     fixed = next((p for p in placements if p.layers == tuple(sorted(cfg.exit_layers))), None)  # None: over budget
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ..calibration import candidate_placements
 from ..data import shapes
+from ..placement import candidate_placements
 
 # Seconds per unit of work on the idle 2-core CPU machine this demo targets, two threads (from `freevlm demo`'s stage
 # timings there, see the README); only for the estimate printed at start, never reported as a result.

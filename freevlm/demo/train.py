@@ -13,10 +13,10 @@ from functools import partial
 from pathlib import Path
 
 from ..backbones import load_backbone, sharing_features
-from ..calibration import exits_subset
 from ..eval.evaluate import CAPTION_PROMPT
 from ..loading import TrainingPrompt, VLMBundle, load_vlm
 from ..model import EarlyExitVLM
+from ..placement import exits_subset
 from ..training.baselines import BaselineTrainConfig, train_baseline
 from ..training.data import CaptionDataset
 from ..training.exits import ExitTrainConfig, train_exits

@@ -14,18 +14,18 @@ class ServerConfig:
 
     `max_batch` rows of `max_len` slots (prompt + answer) decode together; at most `max_waiting` requests wait for a
     row, and one more is answered 429 with `Retry-After: retry_after`. Each scheduler iteration encodes at most
-    `prefill_chunk` slots of the joining prompts (image tokens included) before its decode step: more starts a
-    burst of arrivals sooner, and holds the running answers up longer meanwhile. `threshold` and `max_tokens` apply
-    to a request that gives none. `prompt` is the text used when a request's message has none (None: the model
-    folder's recorded prompt, else ""). A request still unfinished `request_timeout` seconds after it came is
-    cancelled.
-    On SIGTERM the server takes no new connection and gives running requests `drain_seconds` to finish.
+    `prefill_chunk` slots of the joining prompts (image tokens included) before its decode step, their images
+    encoded together: more starts a burst of arrivals sooner (and encodes it in fewer, larger calls), and holds the
+    running answers up longer meanwhile. `threshold` and `max_tokens` apply to a request that gives none. `prompt`
+    is the text used when a request's message has none (None: the model folder's recorded prompt, else ""). A
+    request still unfinished `request_timeout` seconds after it came is cancelled. On SIGTERM the server takes no
+    new connection and gives running requests `drain_seconds` to finish.
     """
 
     max_batch: int = 8
     max_len: int = 256
     max_waiting: int = 64
-    prefill_chunk: int = 64
+    prefill_chunk: int = 512  # the Scheduler's 64 is ~3 demo prompts: a burst of 16 would join over 5 iterations
     threshold: float = DecodeConfig.threshold
     max_tokens: int = DecodeConfig.max_new_tokens
     prompt: str | None = None

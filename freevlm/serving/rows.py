@@ -166,6 +166,7 @@ class RowEngine:
         self.steps = self.layer_calls = self.exit_calls = self.parks = 0
         self.slot_layers = 0  # (slot, layer) pairs run by steps, exit layers included: the work, catch-up and all
         self.catchup_slots = 0  # slot-layers run for tokens that stopped early at an earlier step
+        self.kv_only_slot_layers = 0  # of the slot-layers, those that computed only K/V (`Backbone.run_layer_at`)
 
     # --- rows joining and leaving ---------------------------------------------------------------------------------
     def join(self, row: int, ctx: Context, threshold: float, may_exit: bool) -> None:
@@ -400,6 +401,7 @@ class RowEngine:
             if depth == self.num_layers - 1 and len(pack.rows) > len(pack.last):
                 states = self.backbone.run_layer_at(layer, states, pack.ctx, view, pack.mask, pack.last_items)
                 flat = pack.flat[pack.last_items]
+                self.kv_only_slot_layers += len(pack.rows) - len(pack.last)
             else:
                 states = self.backbone.run_layer(layer, states, pack.ctx, view, pack.mask, None)
             fill = self.fill[depth]
@@ -421,6 +423,7 @@ class RowEngine:
             view = RowView(self.exit_kv[depth], pack.slots, pack.selector, pack.key_length)
             if len(pack.rows) > len(pack.last):
                 features = self.backbone.run_layer_at(exit_module.layer, states, pack.ctx, view, pack.mask, last)
+                self.kv_only_slot_layers += len(pack.rows) - len(pack.last)
             else:  # one slot per row: `last` is every item, in order
                 features = self.backbone.run_layer(exit_module.layer, states, pack.ctx, view, pack.mask, None)
             features = features[:, 0]
