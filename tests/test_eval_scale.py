@@ -59,6 +59,20 @@ def scored(out: Path) -> dict:
     }
 
 
+def kill_once_written(args: list[str], path: Path, count: int = 2) -> None:
+    """Run `freevlm ARGS` as a real process and SIGKILL it once `path` holds `count` lines."""
+    argv = [sys.executable, "-m", "freevlm.cli", *args]
+    proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists() and path.read_text().count("\n") >= count:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+
+
 def test_a_killed_eval_resumes_to_what_an_uninterrupted_run_gives(checkpoint, tmp_path):
     questions = gqa(tmp_path, 20)
     whole = tmp_path / "whole"
@@ -67,16 +81,8 @@ def test_a_killed_eval_resumes_to_what_an_uninterrupted_run_gives(checkpoint, tm
     assert len(expected) == 20 and {row["index"] for row in expected} == set(range(20))
 
     out = tmp_path / "killed"
-    argv = [sys.executable, "-m", "freevlm.cli", *eval_args(checkpoint, questions, out)]
-    proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    path, deadline = out / "predictions.jsonl", time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if path.exists() and path.read_text().count("\n") >= 2:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    path = out / "predictions.jsonl"
+    kill_once_written(eval_args(checkpoint, questions, out), path)
     kept = path.read_text().count("\n")
     assert 2 <= kept < 20 and not (out / "results.json").exists()
 
@@ -293,16 +299,8 @@ def test_a_killed_calibration_resumes_to_what_an_uninterrupted_run_gives(checkpo
     expected = lines(whole / "calib_predictions.jsonl")
     assert len(expected) == 20
 
-    argv = [sys.executable, "-m", "freevlm.cli", *command_args(checkpoint, questions, killed)["calibrate"]]
-    proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    path, deadline = killed / "calib_predictions.jsonl", time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if path.exists() and path.read_text().count("\n") >= 2:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    path = killed / "calib_predictions.jsonl"
+    kill_once_written(command_args(checkpoint, questions, killed)["calibrate"], path)
     kept = lines(path)
     assert 2 <= len(kept) < 20 and not (killed / "calib.json").exists()
 

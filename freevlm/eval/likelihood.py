@@ -44,9 +44,10 @@ def option_log_likelihoods(
     `layer` forces every token's distribution from that exit (or the final layer, `num_layers`), as the
     per-layer curve does; otherwise `method`'s exit rule at `threshold` picks it.
     """
-    return option_log_likelihoods_many(ee, processor, image, prompt, options, [(threshold, layer)], batch_size, method)[
-        0
-    ]
+    (scores,) = option_log_likelihoods_many(
+        ee, processor, image, prompt, options, [(threshold, layer)], batch_size, method
+    )
+    return scores
 
 
 @torch.no_grad()
