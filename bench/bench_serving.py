@@ -2,11 +2,20 @@
 continuous batching with exits under each exit rule, side by side in one run, per arrival rate.
 
     cd bench && PYTHONPATH=.. python bench_serving.py [--rates 4 32] [--requests 24] [--thresholds 0.5 0.6]
+        [--lengths uniform] [--batch-wait 0.5 inf] [--prefill-chunk 64]
 
 The model is the demo's (`freevlm demo`'s trained OPT backbone and its exits, from its cache, FREEVLM_CACHE or
-`freevlm.demo.config.default_cache()`) captioning the demo's test images with its prompt, EOS on: answer lengths
-are the captions'. Without a cache, a random model of its size (the preset) whose exits never leave early at a
-useful threshold, with lengths uniform in [--min-tokens, --max-tokens] and EOS off. Prints output tokens/s, time
+`freevlm.demo.config.default_cache()`) captioning the demo's test images with its prompt, EOS on. With
+`--lengths captions` (the default) every request asks for --max-tokens and its answer ends at EOS: the captions'
+lengths (11-29 tokens, so mostly alike at 24). With `--lengths uniform` each request's `max_new_tokens` is drawn
+uniform in [--min-tokens, --max-tokens] (seeded per rate) and EOS stays on, so an answer is the shorter of the two
+and short and long answers mix, as in real traffic. Without a cache, a random model of its size (the preset) whose
+exits never leave early at a useful threshold, with lengths uniform in [--min-tokens, --max-tokens] and EOS off.
+
+Static batches are what a server without continuous batching does: when the model is free it takes the requests
+that have arrived, up to --max-batch, waiting for more until --max-batch have arrived or the oldest has waited
+--batch-wait seconds, and runs them to the end of their longest answer (full model, the same EOS), the next
+arrivals waiting meanwhile; each row counts only the tokens its request asked for. Prints output tokens/s, time
 to first token and time per output token (p50/p99), the mean rows decoding together and the mean exit layer; the
 baselines do not stream, so their first token counts at the end of their prefill (`DecodeStats.seconds_prefill`),
 which favours them. "prefill stall" is the longest scheduler step that encoded a prompt next to the median step
@@ -45,6 +54,7 @@ class Run:
     tokens_per_cpu_second: float  # this process's CPU seconds while it worked: what the machine's load hides least
     ttft: list[float]
     tpot: list[float]
+    answers: list[int]  # tokens each request got
     mean_exit_layer: float
     mean_rows: float  # requests decoding together, on average over steps (batches)
     stall: tuple[float, float] | None  # (longest step that encoded a prompt, median step that did not), seconds
@@ -70,18 +80,19 @@ def demo_model(cache: Path):
     return None
 
 
-def demo_workload(bundle, count: int, rate: float, max_new_tokens: int, seed: int):
-    """Poisson arrivals of the demo's test images (in order, cycling), each with the demo's caption prompt."""
+def demo_workload(bundle, count: int, rate: float, lengths: tuple[int, int], seed: int):
+    """Poisson arrivals of the demo's test images (in order, cycling), each with the demo's caption prompt, asking
+    for `max_new_tokens` uniform in `lengths` (its own generator: the arrivals do not change with the lengths)."""
     from freevlm.data import shapes
     from freevlm.eval.evaluate import CAPTION_PROMPT
 
-    rng = random.Random(seed)
+    rng, lengths_rng = random.Random(seed), random.Random(seed + 1)
     t, out = 0.0, []
     for i in range(count):
         t += rng.expovariate(rate)
         image = shapes.render(shapes.make_example("test", i % DemoConfig.test_images).scene)
         batch = bundle.inputs([image], [CAPTION_PROMPT])
-        out.append((t, batch["pixel_values"], batch["input_ids"], max_new_tokens))
+        out.append((t, batch["pixel_values"], batch["input_ids"], lengths_rng.randint(*lengths)))
     return out
 
 
@@ -95,8 +106,8 @@ def random_workload(model, count: int, rate: float, lengths: tuple[int, int], se
     return out
 
 
-def run_continuous(ee, requests, threshold: float, max_batch: int, eos, exit_rule: str = EXIT_RULES[0]):
-    scheduler = Scheduler(ee, max_batch=max_batch, max_len=128, exit_rule=exit_rule)
+def run_continuous(ee, requests, threshold: float, max_batch: int, eos, exit_rule: str = EXIT_RULES[0], chunk=64):
+    scheduler = Scheduler(ee, max_batch=max_batch, max_len=128, prefill_chunk=chunk, exit_rule=exit_rule)
     start, handles, pending = time.perf_counter(), [], list(requests)
     prefill_steps, decode_steps, rows, busy = [], [], [], 0.0
     while pending or not scheduler.idle:
@@ -127,6 +138,7 @@ def run_continuous(ee, requests, threshold: float, max_batch: int, eos, exit_rul
         tokens / busy,
         ttft,
         tpot,
+        [len(r.tokens) for r in results],
         statistics.mean(layers),
         statistics.mean(rows),
         stall,
@@ -136,16 +148,17 @@ def run_continuous(ee, requests, threshold: float, max_batch: int, eos, exit_rul
     )
 
 
-def run_generate(ee, requests, batch: int, eos):
-    """Requests in arrival order, `batch` at a time once that many (or all that remain) have arrived; each batch runs
-    to its end (batch 1: one request at a time)."""
+def run_generate(ee, requests, batch: int, eos, wait: float = 0.0):
+    """Static batches: when the model is free, the requests that have arrived, up to `batch`, once `batch` have
+    arrived or the oldest has waited `wait` seconds; each batch runs to its end, later arrivals waiting (batch 1:
+    one request at a time)."""
     start, ttft, tpot, tokens, layers, pending = time.perf_counter(), [], [], 0, [], list(requests)
-    busy, rows = 0.0, []
+    busy, rows, answers = 0.0, [], []
     while pending:
-        group = pending[:batch]
-        wait = group[-1][0] - (time.perf_counter() - start)
-        if wait > 0:
-            time.sleep(wait)
+        go = min(pending[0][0] + wait, pending[min(batch, len(pending)) - 1][0])
+        time.sleep(max(0.0, go - (time.perf_counter() - start)))
+        now = time.perf_counter() - start
+        group = [r for r in pending[:batch] if r[0] <= now]
         pending = pending[len(group) :]
         t0 = time.perf_counter() - start
         n = max(r[3] for r in group)
@@ -162,9 +175,11 @@ def run_generate(ee, requests, batch: int, eos):
             ttft.append(t0 + out.stats.seconds_prefill - arrival)
             tpot.append(out.stats.seconds_decode / max(out.exit_layers.shape[1] - 1, 1))
             tokens += len(made)
+            answers.append(len(made))
             layers += made.tolist()
     wall = time.perf_counter() - start
-    return Run(tokens / wall, tokens / busy, ttft, tpot, statistics.mean(layers), statistics.mean(rows), None)
+    mean_rows = statistics.mean(rows)
+    return Run(tokens / wall, tokens / busy, ttft, tpot, answers, statistics.mean(layers), mean_rows, None)
 
 
 def main() -> None:
@@ -177,8 +192,30 @@ def main() -> None:
     parser.add_argument(
         "--thresholds", type=float, nargs="+", help="exit thresholds (default: 0.5 0.6 on the demo, 0.1 at random)"
     )
-    parser.add_argument("--max-tokens", type=int, default=24, help="the demo's max_new_tokens; random: the longest")
-    parser.add_argument("--min-tokens", type=int, default=4, help="random model: the shortest answer")
+    parser.add_argument(
+        "--lengths",
+        choices=("captions", "uniform"),
+        default="captions",
+        help="the demo's max_new_tokens: --max-tokens for every request (answers end at EOS: the captions' lengths), "
+        "or uniform in [--min-tokens, --max-tokens] per request, seeded by the rate, EOS on (the random model: always "
+        "uniform, EOS off)",
+    )
+    parser.add_argument("--max-tokens", type=int, default=24, help="the longest max_new_tokens")
+    parser.add_argument("--min-tokens", type=int, default=4, help="the shortest max_new_tokens, for uniform lengths")
+    parser.add_argument(
+        "--batch-wait",
+        type=float,
+        nargs="+",
+        default=[0.5, float("inf")],
+        help="static batches: the longest the oldest waiting request waits for --max-batch to arrive, seconds "
+        "(one static run each; inf: always a full batch, the most tokens per CPU second and the longest waits)",
+    )
+    parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=64,
+        help="the scheduler's prompt slots per iteration (`freevlm serve`: 512)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -188,36 +225,47 @@ def main() -> None:
     if demo is not None:
         bundle, ee, name = demo
         eos, thresholds = None, args.thresholds or [0.5, 0.6]  # the demo's chosen threshold and the issue's
+        uniform = args.lengths == "uniform"
+        lengths = (args.min_tokens if uniform else args.max_tokens, args.max_tokens)
+        told = "uniform in [{}, {}]".format(*lengths) if uniform else f"{args.max_tokens}"
+        told = f"max_new_tokens {told} (seed: 10 x rate + 1), EOS on"
 
         def workload(rate):
-            return demo_workload(bundle, args.requests, rate, args.max_tokens, seed=int(rate * 10))
+            return demo_workload(bundle, args.requests, rate, lengths, seed=int(rate * 10))
     else:
         model = big_blip2(args.preset)
         ee = EarlyExitVLM.from_backbone(model, ExitConfig(EXITS))
         eos, thresholds, name = [], args.thresholds or [0.1], f"a random {args.preset} (exits {EXITS})"
+        told = f"answer lengths uniform in [{args.min_tokens}, {args.max_tokens}] (seed: 10 x rate), EOS off"
 
         def workload(rate):
             lengths = (args.min_tokens, args.max_tokens)
             return random_workload(model, args.requests, rate, lengths, seed=int(rate * 10))
 
     print(f"{name}: {args.requests} requests per rate, max batch {args.max_batch}, {torch.get_num_threads()} thread(s)")
+    print(told)
+    chunk = args.prefill_chunk
     for rate in args.rates:
         requests = workload(rate)
-        runs = {
-            "one at a time": lambda r=requests: run_generate(ee, r, 1, eos),
-            f"static batches of {args.max_batch}": lambda r=requests: run_generate(ee, r, args.max_batch, eos),
-            "continuous, full": lambda r=requests: run_continuous(ee, r, 1.0, args.max_batch, eos),
-        }
+        runs = {"one at a time": lambda r=requests: run_generate(ee, r, 1, eos)}
+        for wait in args.batch_wait:
+            label = f"static, wait for {args.max_batch}" if wait == float("inf") else f"static, wait <= {wait:g} s"
+            runs[label] = lambda r=requests, w=wait: run_generate(ee, r, args.max_batch, eos, w)
+        runs["continuous, full"] = lambda r=requests: run_continuous(ee, r, 1.0, args.max_batch, eos, chunk=chunk)
+        statics = [label for label in runs if label.startswith("static")]
         for threshold in thresholds:
             for rule in EXIT_RULES:
                 runs[f"continuous, {rule} @ {threshold}"] = lambda r=requests, t=threshold, rule=rule: run_continuous(
-                    ee, r, t, args.max_batch, eos, rule
+                    ee, r, t, args.max_batch, eos, rule, chunk
                 )
         print(f"\nrate {rate}/s")
         speed = {}
         for label, fn in runs.items():
             run = fn()
             speed[label] = run.tokens_per_cpu_second
+            if label == "one at a time":
+                answers = sorted(run.answers)
+                print(f"  answers: {answers[0]}-{answers[-1]} tokens, median {statistics.median(answers):g}")
             stall = run.stall
             stalled = (
                 "" if stall is None else f"  prefill stall {stall[0] * 1000:5.1f} ms (step {stall[1] * 1000:4.1f})"
@@ -232,13 +280,12 @@ def main() -> None:
                 f"  TPOT p50 {percentile(run.tpot, 0.5) * 1000:6.1f} p99 {percentile(run.tpot, 0.99) * 1000:6.1f} ms"
                 f"  exit layer {run.mean_exit_layer:5.2f}{stalled}"
             )
-        one, static, full = (speed[k] for k in list(speed)[:3])
+        one, full = speed["one at a time"], speed["continuous, full"]
         print("  ratios of tokens per CPU second:")
-        print(
-            f"  continuous full / one at a time {full / one:.2f}x (goal >= 3 at 16 concurrent); "
-            f"/ static {full / static:.2f}x (goal >= 1.3)"
-        )
-        for label in list(speed)[3:]:
+        print(f"  continuous full / one at a time {full / one:.2f}x (goal >= 3 at 16 concurrent)")
+        for label in statics:
+            print(f"  continuous full / {label} {full / speed[label]:.2f}x (goal >= 1.3)")
+        for label in [label for label in speed if label.startswith("continuous, ") and label != "continuous, full"]:
             print(f"  {label} / continuous full {speed[label] / full:.2f}x (goal >= 1.0; >= 1.3 at 1-2 concurrent)")
 
 

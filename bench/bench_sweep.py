@@ -8,7 +8,7 @@ and the ratio to one eval, beside the issue's goal (a 7-threshold sweep <= 3x on
 
 The model is `freevlm demo`'s, cached where the demo left it (FREEVLM_CACHE, default ~/.cache/freevlm):
 
-    OMP_NUM_THREADS=1 FREEVLM_CACHE=/work/demo_ref/cache python bench/bench_sweep.py [--task vqa|captions]
+    OMP_NUM_THREADS=1 FREEVLM_CACHE=/work/demo_ref/cache python bench/bench_sweep.py [--task vqa|captions|visdial]
                       [--records 60] [--repeats 2] [--per-layer] [--unshared]
 """
 
@@ -23,6 +23,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch
 
+from freevlm.data.records import VisDialRecord
 from freevlm.data.shapes import IMAGE_NAME
 from freevlm.data.specs import DatasetSpec, read_dataset
 from freevlm.decoding.config import DecodeConfig
@@ -41,6 +42,13 @@ def demo_model(cache: Path):
 
 
 def demo_records(cache: Path, task: str, n: int) -> list:
+    if task == "visdial":  # the demo has no dialogs: each test question a one-round dialog, every answer an option
+        questions = demo_records(cache, "vqa", n)
+        options = sorted({r.answers[0] for r in questions})
+        return [
+            VisDialRecord(r.image, i, 1, "shapes", [], r.question, options, options.index(r.answers[0]))
+            for i, r in enumerate(questions)
+        ]
     shapes = next(cache.glob("data-*")) / "shapes"
     if task == "captions":
         spec = DatasetSpec("coco", [str(shapes / "captions_test.json")], str(shapes), limit=n)
@@ -64,7 +72,7 @@ def unshared_sweep(ee, bundle, task, records, thresholds, per_layer, **options):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=["vqa", "captions"], default="vqa")
+    p.add_argument("--task", choices=["vqa", "captions", "visdial"], default="vqa")
     p.add_argument("--records", type=int, default=60)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)

@@ -3,16 +3,19 @@
 For each family's tiny random model (fp32): threshold 1.0 and `mode="full"` equal Hugging Face `generate` (batch 1
 and 3 padded), and so does a seeded sample (temperature, top-k, top-p, repetition penalty) after
 `torch.manual_seed`; speculative equals full greedy; beam 3 at threshold 1.0 equals HF beam search; the default engine
-(static, with CUDA graphs on CUDA for OPT) gives the general engine's tokens and exit layers under a random mixed
-schedule, both KV modes. Prints one line per check and a total; exits 1 on any failure.
+(static, with CUDA graphs on CUDA where the adapter is `graph_safe`: OPT and the Llama-like LMs without sliding
+windows) gives the general engine's tokens and exit layers under a random mixed schedule, both KV modes, and on CUDA
+its graphs were captured and kept (no capture error or replay mismatch turned them off). Prints one line per check
+and a total; exits 1 on any failure.
 
-    python bench/check_device.py [--device cuda] [--families opt t5 llama gemma3 internvl-qwen2 ...]
+    python bench/check_device.py [--device cuda] [--families opt t5 llama idefics3 gemma3 internvl-qwen2 ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 import torch
 
@@ -37,7 +40,7 @@ class SeededRandomPolicy(ExitPolicy):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--families", nargs="*", default=["opt", "t5", "llama", "qwen2"])
+    parser.add_argument("--families", nargs="*", default=["opt", "t5", "llama", "qwen2", "idefics3"])
     args = parser.parse_args()
     failures, checks = [], 0
 
@@ -76,20 +79,30 @@ def main() -> int:
                 beam = ee.generate(**inputs, max_new_tokens=8, threshold=1.0, num_beams=3)
                 check("beam 3 at threshold 1.0 equals HF beam", torch.equal(beam.sequences, hf_beam))
             for kv in ("recompute", "propagate"):
-                runs = [
-                    ee.generate(
-                        **inputs,
-                        max_new_tokens=12,
-                        policy=SeededRandomPolicy(batch),
-                        kv=kv,
-                        batch_policy="ride_along",
-                        static=static,
-                        eos_token_id=[],
-                    )
-                    for static in (None, False)
-                ]
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    runs = [
+                        ee.generate(
+                            **inputs,
+                            max_new_tokens=12,
+                            policy=SeededRandomPolicy(batch),
+                            kv=kv,
+                            batch_policy="ride_along",
+                            static=static,
+                            eos_token_id=[],
+                            return_engine=static is None,
+                        )
+                        for static in (None, False)
+                    ]
                 same = [torch.equal(getattr(runs[0], k), getattr(runs[1], k)) for k in ("sequences", "exit_layers")]
                 check(f"batch {batch}: default engine equals general engine, mixed schedule, kv={kv}", all(same))
+                if args.device.startswith("cuda") and ee.backbone.graph_safe:
+                    runner = runs[0].engine.runner
+                    fallback = [str(w.message) for w in caught if "CUDA graph" in str(w.message)]
+                    check(
+                        f"batch {batch}: kv={kv} ran {len(runner.graphs)} captured CUDA graphs {fallback or ''}",
+                        runner.enabled and bool(runner.graphs) and not fallback,
+                    )
     print(f"{checks - len(failures)}/{checks} checks passed")
     return 1 if failures else 0
 

@@ -52,9 +52,7 @@ class LayerCache:
         """Start from another batch's cache: row i holds `other`'s row index[i], as far as that was filled (copies
         of one batch sharing one prompt encoding)."""
         if other.keys is not None:
-            shape = (self.batch_size, other.keys.shape[1], self.slots, other.keys.shape[3])
-            if self.keys is None:
-                self.keys, self.values = other.keys.new_zeros(shape), other.values.new_zeros(shape)
+            self._allocate(other.keys, other.values)
             used = other.keys.shape[2]
             self.keys[:, :, :used].copy_(other.keys.index_select(0, index))  # in place: captured graphs read these
             self.values[:, :, :used].copy_(other.values.index_select(0, index))

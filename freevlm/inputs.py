@@ -39,8 +39,9 @@ def validate_generate_inputs(
     images = backbone.pixel_layout in ("images", "tiles")
     if backbone.pixel_layout == "tiles":  # each row's tiles: checked as images, one row per prompt row
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 5:
-            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
-            raise ValueError(f"pixel_values must be a [batch, tiles, channels, height, width] tensor, got {shape}")
+            raise ValueError(
+                f"pixel_values must be a [batch, tiles, channels, height, width] tensor, got {_shape(pixel_values)}"
+            )
         _check_pixels(model, cfg, pixel_values.flatten(0, 1))
     elif images:
         _check_pixels(model, cfg, pixel_values)
@@ -68,8 +69,7 @@ def validate_generate_inputs(
 
 def _check_pixels(model, cfg, pixel_values) -> None:
     if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
-        shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
-        raise ValueError(f"pixel_values must be a [batch, channels, height, width] tensor, got {shape}")
+        raise ValueError(f"pixel_values must be a [batch, channels, height, width] tensor, got {_shape(pixel_values)}")
     if not pixel_values.is_floating_point():
         raise ValueError(
             f"pixel_values must be floating point (the image processor's output), got {pixel_values.dtype}"
@@ -108,6 +108,11 @@ def _check_pixels(model, cfg, pixel_values) -> None:
         )
 
 
+def _shape(value) -> tuple | str:
+    """A tensor's shape, or what else `value` is, for an error message."""
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
 def _is_vit(model) -> bool:
     from transformers import Blip2VisionModel
 
@@ -129,8 +134,7 @@ def _vocab_size(model, cfg) -> int:
 def _check_ids(backbone, pixel_values, input_ids, images: bool = True, inputs: dict | None = None) -> None:
     model, cfg = backbone.model, backbone.config
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise ValueError(f"input_ids must be a [batch, length] tensor of token ids, got {shape}")
+        raise ValueError(f"input_ids must be a [batch, length] tensor of token ids, got {_shape(input_ids)}")
     if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
         raise ValueError(f"input_ids must hold integer token ids (torch.long), got {input_ids.dtype}")
     images = backbone.images_per_row(input_ids, **(inputs or {})) if images else None
@@ -160,9 +164,7 @@ def _is_encoder_decoder(cfg) -> bool:
 
 def _check_mask(input_ids, attention_mask, decoder_only: bool) -> None:
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-        shape = (
-            tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
-        )
+        shape = _shape(attention_mask)
         raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {shape}")
     if attention_mask.is_floating_point() and not bool(torch.isfinite(attention_mask).all()):
         raise ValueError("attention_mask holds NaN or inf: it must be 0 (padding) or 1 (token)")

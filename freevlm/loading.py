@@ -7,6 +7,7 @@ to disk, or a backbone the demo trained).
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import os
@@ -191,10 +192,6 @@ def load_vlm(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | 
     import transformers
     from transformers import AutoTokenizer
 
-    # from its module: transformers 5.17's top-level name is a stub that demands torchvision (which does not work
-    # with our torch), though the class itself falls back to the PIL processors
-    from transformers.models.auto.image_processing_auto import AutoImageProcessor
-
     path = Path(path)
     config = check_vlm_folder(path)
     name = type(config).__name__.removesuffix("Config")
@@ -213,7 +210,7 @@ def load_vlm(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | 
     prompt = TrainingPrompt.read(path)
     try:
         if config.model_type in TOKENIZER_AND_IMAGE_PROCESSOR:
-            tokenizer, image_processor = AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
+            tokenizer, image_processor = AutoTokenizer.from_pretrained(path), load_image_processor(path)
             return VLMBundle(model, tokenizer, image_processor, prompt=prompt)
         processor = load_processor(path)
         return VLMBundle(model, processor.tokenizer, processor.image_processor, processor, prompt)
@@ -226,17 +223,47 @@ def load_vlm(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | 
 def load_processor(path: str | os.PathLike):
     """The processor saved in `path`. One with a video part (LLaVA-OneVision's, SmolVLM's) is built without it
     (`images_only`): Hugging Face's video processors need torchvision, which does not work with our torch, and
-    freevlm feeds images only."""
-    from transformers import AutoProcessor, ProcessorMixin
+    freevlm feeds images only. Its image processor is `load_image_processor`'s."""
+    from transformers import AutoProcessor, AutoTokenizer, ProcessorMixin
 
     file = Path(path, "processor_config.json")
     name = json.loads(file.read_text()).get("processor_class") if file.is_file() else None
     processor_class = _transformers_class(name) if isinstance(name, str) else None
     if not (isinstance(processor_class, type) and issubclass(processor_class, ProcessorMixin)):
         return AutoProcessor.from_pretrained(path)
-    if "video_processor" not in processor_class.get_attributes():
+    if "video_processor" in processor_class.get_attributes():
+        processor_class = images_only(processor_class)
+    if processor_class.get_attributes() != ["image_processor", "tokenizer"]:  # InstructBLIP's Q-Former tokenizer
         return processor_class.from_pretrained(path)
-    return images_only(processor_class).from_pretrained(path)
+    # `from_pretrained`'s steps, with the image processor loaded as below
+    settings, kwargs = processor_class.get_processor_dict(path)
+    parts = [load_image_processor(path), AutoTokenizer.from_pretrained(path)]
+    return processor_class.from_args_and_dict(parts, settings, **kwargs)
+
+
+def load_image_processor(path: str | os.PathLike):
+    """`AutoImageProcessor`'s for `path`, or, where it finds only a stub asking for torchvision, the PIL class of the
+    type the folder names, from its own module: transformers 5.17 marks Idefics3's and SmolVLM's PIL image processors
+    as needing torchvision, which they do not."""
+    # from its module: transformers 5.17's top-level name is a stub that demands torchvision (which does not work
+    # with our torch), though the class itself falls back to the PIL processors
+    from transformers.image_processing_base import ImageProcessingMixin
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(path)
+    except ValueError as err:
+        if "torchvision" not in str(err):
+            raise
+        model_type = json.loads(Path(path, "config.json").read_text())["model_type"]
+        settings, _ = ImageProcessingMixin.get_image_processor_dict(path)
+        module = model_type_to_module_name(model_type)
+        pil = importlib.import_module(f"transformers.models.{module}.image_processing_pil_{module}")
+        base = settings.get("image_processor_type", "").removesuffix("Fast").removesuffix("Pil")
+        if not hasattr(pil, f"{base}Pil"):
+            raise
+        return getattr(pil, f"{base}Pil").from_pretrained(path)
 
 
 def _transformers_class(name: str):

@@ -9,6 +9,7 @@ import zlib
 
 import pytest
 import torch
+from cli_args import cli_args
 from PIL import Image
 from training_helpers import save_tiny_blip2, write_shapes
 
@@ -35,20 +36,9 @@ def files(tmp_path_factory):
 
 
 def train_argv(files, command="finetune", output=None, *extra):
-    return [
-        command,
-        "--backbone",
-        str(files["backbone"]),
-        "--captions",
-        str(files["captions"]),
-        "--output",
-        str(output or files["root"] / "never"),
-        "--no-progress",
-        "--cpu",
-        "--batch-size",
-        "2",
-        *extra,
-    ]
+    output = output or files["root"] / "never"
+    options = dict(backbone=files["backbone"], captions=files["captions"], output=output)
+    return cli_args(command, *extra, **options, no_progress=True, cpu=True, batch_size=2)
 
 
 EXIT_ARGS = ("--exit-layers", "2", "--disc-hidden", "8")

@@ -5,6 +5,7 @@ more steps than --checkpoint-every, --resume - ends with the model on disk, and 
 import itertools
 
 import pytest
+from cli_args import cli_args
 from training_helpers import save_tiny_blip2, write_shapes
 
 from freevlm.cli import main
@@ -34,26 +35,9 @@ def files(tmp_path_factory):
     }
 
 
-def train(files, command, output, *args):
-    return main(
-        [
-            command,
-            "--backbone",
-            str(files["backbone"]),
-            "--captions",
-            str(files["captions"]),
-            "--output",
-            str(output),
-            "--batch-size",
-            "2",
-            "--max-steps",
-            "2",
-            "--no-progress",
-            "--cpu",
-            *EXTRA[command],
-            *args,
-        ]
-    )
+def train(files, command, output, *args, max_steps=2):
+    options = dict(backbone=files["backbone"], captions=files["captions"], output=output, batch_size=2)
+    return main(cli_args(command, *EXTRA[command], *args, **options, max_steps=max_steps, no_progress=True, cpu=True))
 
 
 def assert_finished(output, command, dev: bool, tensorboard: bool):
@@ -96,29 +80,7 @@ def test_resume_continues_and_leaves_the_model(files, tmp_path, command, capsys)
     assert train(files, command, out, "--no-tensorboard") == 0
     assert train(files, command, out, "--no-tensorboard") == 2  # a new run refuses the folder: nothing replaced
     assert "already holds checkpoints" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                command,
-                "--backbone",
-                str(files["backbone"]),
-                "--captions",
-                str(files["captions"]),
-                "--output",
-                str(out),
-                "--batch-size",
-                "2",
-                "--max-steps",
-                "3",
-                "--no-progress",
-                "--cpu",
-                "--no-tensorboard",
-                "--resume",
-                *EXTRA[command],
-            ]
-        )
-        == 0
-    )
+    assert train(files, command, out, "--no-tensorboard", "--resume", max_steps=3) == 0
     assert (out / "checkpoints" / "latest").read_text() == "step-00000003"
     assert_finished(out, command, dev=True, tensorboard=False)
 

@@ -59,6 +59,20 @@ def scored(out: Path) -> dict:
     }
 
 
+def kill_once_written(args: list[str], path: Path, count: int = 2) -> None:
+    """Run `freevlm ARGS` as a real process and SIGKILL it once `path` holds `count` lines."""
+    argv = [sys.executable, "-m", "freevlm.cli", *args]
+    proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists() and path.read_text().count("\n") >= count:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+
+
 def test_a_killed_eval_resumes_to_what_an_uninterrupted_run_gives(checkpoint, tmp_path):
     questions = gqa(tmp_path, 20)
     whole = tmp_path / "whole"
@@ -67,16 +81,8 @@ def test_a_killed_eval_resumes_to_what_an_uninterrupted_run_gives(checkpoint, tm
     assert len(expected) == 20 and {row["index"] for row in expected} == set(range(20))
 
     out = tmp_path / "killed"
-    argv = [sys.executable, "-m", "freevlm.cli", *eval_args(checkpoint, questions, out)]
-    proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    path, deadline = out / "predictions.jsonl", time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if path.exists() and path.read_text().count("\n") >= 2:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    path = out / "predictions.jsonl"
+    kill_once_written(eval_args(checkpoint, questions, out), path)
     kept = path.read_text().count("\n")
     assert 2 <= kept < 20 and not (out / "results.json").exists()
 
@@ -282,3 +288,82 @@ def test_a_sweep_cut_short_resumes_to_the_same_results(checkpoint, tmp_path, cap
     other[other.index("--thresholds") + 1] = "0.013"
     assert main([*other, "--resume"]) == 2
     assert "thresholds: [0.014, 0.016, 1.0] in the file, [0.013, 0.016, 1.0] now" in capsys.readouterr().err
+
+
+def test_a_killed_calibration_resumes_to_what_an_uninterrupted_run_gives(checkpoint, tmp_path):
+    """A real SIGKILL part-way through `calibrate` (every threshold of the grid decoded together, one line per
+    record); resumed, it decodes only the records not on disk and certifies what the uninterrupted run certifies."""
+    questions = gqa(tmp_path, 20)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert main(command_args(checkpoint, questions, whole)["calibrate"]) == 0
+    expected = lines(whole / "calib_predictions.jsonl")
+    assert len(expected) == 20
+
+    path = killed / "calib_predictions.jsonl"
+    kill_once_written(command_args(checkpoint, questions, killed)["calibrate"], path)
+    kept = lines(path)
+    assert 2 <= len(kept) < 20 and not (killed / "calib.json").exists()
+
+    assert main([*command_args(checkpoint, questions, killed)["calibrate"], "--resume"]) == 0
+    assert lines(path)[: len(kept)] == kept  # what was on disk stayed, nothing before it decoded again
+    assert lines(path) == expected
+    assert json.loads((killed / "calib.json").read_text()) == json.loads((whole / "calib.json").read_text())
+
+
+def test_a_placement_that_failed_resumes_decoding_only_what_it_had_not(checkpoint, tmp_path, monkeypatch):
+    """`place-exits --speedup ideal` times each threshold of each placement apart (a file per run); after a failure
+    injected part-way, the resumed run decodes every other batch once and
+    chooses as an uninterrupted run does (the ideal speedup counts every batch's parameters, a resumed one's too).
+    4 batches of 2 per run, 3 runs per placement (thresholds 1.0, 0.016, 0.014): the failure at the 11th batch leaves
+    the first placement's first two runs whole on disk and half of the third, whose threshold it certifies."""
+    from freevlm.eval import generate
+
+    questions = gqa(tmp_path, 7)
+    whole, failed = tmp_path / "whole", tmp_path / "failed"
+    decode_batch, calls = generate._decode_batch, []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise RuntimeError("injected failure")
+        return decode_batch(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "_decode_batch", counting)
+
+    def argv(out: Path) -> list[str]:
+        args = command_args(checkpoint, questions, out)["place-exits"]
+        args[args.index("--speedup") + 1] = "ideal"
+        return args
+
+    fail_at = 0
+    assert main(argv(whole)) == 0
+    total = len(calls)
+    calls.clear()
+    fail_at = 11
+    with pytest.raises(RuntimeError, match="injected failure"):
+        main(argv(failed))
+    calls.clear()
+    fail_at = 0
+    assert main([*argv(failed), "--resume"]) == 0
+    assert len(calls) == total - 10  # the 10 batches on disk were not decoded again
+
+    def untimed(report: dict) -> dict:
+        for placement in [report["chosen"], *report["alternatives"]]:
+            placement["speedups"].pop("wallclock")
+        return report
+
+    got, want = (json.loads((out / "place.json").read_text()) for out in (failed, whole))
+    assert untimed(got) == untimed(want)
+    assert want["alternatives"][0]["speedups"]["ideal"] is not None
+
+
+def test_a_calibration_resumed_with_other_options_is_refused_naming_them(checkpoint, tmp_path, capsys):
+    questions = gqa(tmp_path, 4)
+    out = tmp_path / "out"
+    assert main(command_args(checkpoint, questions, out)["calibrate"]) == 0
+    argv = [*command_args(checkpoint, questions, out)["calibrate"], "--resume"]
+    argv[argv.index("--thresholds") + 1 : argv.index("--thresholds") + 4] = ["0.5", "1.0"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "thresholds: [0.014, 0.016, 1.0] in the file, [0.5, 1.0] now" in err and "--resume" in err

@@ -178,3 +178,28 @@ def test_a_config_may_not_set_what_evaluation_decides(tiny, tmp_path):
     for config in (DecodeConfig(batch_policy="per_row"), DecodeConfig(threshold=0.5), DecodeConfig(mode="full")):
         with pytest.raises(ValueError, match="evaluation sets (batch_policy|threshold|mode) itself"):
             evaluate_vqa(ee, bundle, vqa_records(tmp_path, 1), config=config, compare_full=False)
+
+
+def test_a_shared_visdial_evaluation_gives_each_rule_what_its_own_eval_gives(tiny, tmp_path):
+    """`evaluate_many` on VisDial: answers decoded as copies of each batch, options scored by one teacher-forced
+    pass per round for every rule; each rule's rankings, metrics and answers are those of its own evaluation."""
+    from freevlm.eval.evaluate import evaluate_many
+
+    ee, bundle = tiny
+    path, dense = files.visdial(tmp_path)
+    records = read_visdial(path, tmp_path / "images", dense=dense)
+    rules = [(0.0, None), (0.5, None), (1.0, None), (None, ee.exit_layers[0])]
+    options = dict(config=DecodeConfig(max_new_tokens=3), batch_size=3, compare_full=False)
+    passes = []
+    hook = ee.register_forward_hook(lambda *args: passes.append(1))
+    try:
+        shared = evaluate_many("visdial", ee, bundle, records, rules, **options)
+    finally:
+        hook.remove()
+    assert len(passes) == len(records)  # one teacher-forced pass per round (4 options: one chunk), not per rule
+    for (threshold, layer), together in zip(rules, shared):
+        alone = evaluate_visdial(ee, bundle, records, threshold, layer, **options)
+        assert together.predictions == alone.predictions, (threshold, layer)
+        assert (together.score, together.quality) == (alone.score, alone.quality)
+        assert together.speed.exit_histogram == alone.speed.exit_histogram
+    assert len({json.dumps(r.quality, sort_keys=True) for r in shared}) > 1  # the rules rank differently

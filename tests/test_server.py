@@ -275,6 +275,8 @@ def test_answers_equal_caption_under_concurrent_clients(server, files, local):
         chunks = [c async for c in await client.chat.completions.create(**options, stream=True)]
         text = "".join(c.choices[0].delta.content or "" for c in chunks)
         layers = [layer for c in chunks[:-1] for layer in (getattr(c, "freevlm", None) or {}).get("exit_layers", [])]
+        made = [c.freevlm["tokens"] for c in chunks[:-1] if getattr(c, "freevlm", None)]
+        assert all(len(tokens) == 1 for tokens in made), made  # a chunk per token, even when several came at once
         assert chunks[-1].choices[0].finish_reason in ("stop", "length")
         assert chunks[-1].freevlm["exit_layers"] == layers
         return text, layers
@@ -497,7 +499,16 @@ def test_full_queue_429_and_timeouts(small_server, files):
     assert '"type": "timeout"' in events[-3] and events[-2] == "data: [DONE]", events[-3:]
 
 
-def test_metrics(server):
+def test_metrics(server, files):
+    """Sends what each counter counts (one answer, one refusal) so it holds alone, not only after the others."""
+    body = {
+        "model": "tiny",
+        "messages": messages(data_url(files["images"][0]), PROMPTS[0]),
+        "max_tokens": 4,
+        "threshold": 0.0,
+    }
+    assert httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).status_code == 200
+    assert httpx.post(f"{server.url}/v1/chat/completions", json={"model": "tiny"}, timeout=60).status_code == 400
     text = httpx.get(f"{server.url}/metrics").text
     for name in (
         'freevlm_requests_total{outcome="success"}',

@@ -68,10 +68,10 @@ def test_a_feed_wakes_at_its_deadline_and_every_tick_without_tokens():
 def test_token_chunks_are_the_events_json_gives(model):
     envelope = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model}
     chunks = TokenChunks(envelope)
-    for delta, events in [(" a red", [TokenEvent(5, 2)]), ('"}\n\\', [TokenEvent(7, 12), TokenEvent(9, 4)]), ("", [])]:
+    for delta, event in [(" a red", TokenEvent(5, 2)), ('"}\n\\', TokenEvent(7, 12)), ("", TokenEvent(0, 4))]:
         choice = {"index": 0, "delta": {"content": delta}, "finish_reason": None, "logprobs": None}
-        made = {"tokens": [e.token for e in events], "exit_layers": [e.exit_layer for e in events]}
+        made = {"tokens": [event.token], "exit_layers": [event.exit_layer]}
         expected = _sse(envelope | {"choices": [choice], "freevlm": made})
-        got = chunks.chunk(delta, events)
+        got = chunks.chunk(delta, event)
         assert got.startswith("data: ") and got.endswith("\n\n")
         assert json.loads(got.removeprefix("data: ")) == json.loads(expected.removeprefix("data: "))

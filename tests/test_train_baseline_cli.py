@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from cli_args import cli_args
 from training_helpers import save_tiny_blip2, write_shapes
 
 from freevlm import EarlyExitVLM
@@ -19,33 +20,9 @@ def files(tmp_path_factory):
 
 
 def _train(files, out, method, *extra):
-    return main(
-        [
-            "train-baseline",
-            "--method",
-            method,
-            "--backbone",
-            str(files["backbone"]),
-            "--captions",
-            str(files["captions"]),
-            "--exit-layers",
-            "1",
-            "2",
-            "--output",
-            str(out),
-            "--batch-size",
-            "4",
-            "--lr",
-            "1e-3",
-            "--checkpoint-every",
-            "2",
-            "--dev-fraction",
-            "0.25",
-            "--no-progress",
-            "--no-tensorboard",
-            *extra,
-        ]
-    )
+    options = dict(method=method, backbone=files["backbone"], captions=files["captions"], exit_layers=[1, 2])
+    options.update(output=out, batch_size=4, lr="1e-3", checkpoint_every=2, dev_fraction=0.25)
+    return main(cli_args("train-baseline", *extra, **options, no_progress=True, no_tensorboard=True))
 
 
 def test_train_baseline_trains_resumes_and_loads(files, tmp_path, capsys):

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from cli_args import cli_args
 from PIL import Image
 from training_helpers import save_tiny_blip2, save_tiny_clip, write_shapes
 
@@ -96,75 +97,23 @@ def test_blip2_itm_scorer(tmp_path):
 
 
 def test_cli_finetune_capfilt_train_exits_and_resume(files, tmp_path, capsys):
-    loop = ["--batch-size", "4", "--no-progress", "--dev-fraction", "0.25", "--lr", "1e-3"]
-    assert (
-        main(
-            [
-                "finetune",
-                "--backbone",
-                str(files["backbone"]),
-                "--captions",
-                str(files["captions"]),
-                "--output",
-                str(tmp_path / "ft"),
-                "--max-steps",
-                "3",
-                *loop,
-            ]
-        )
-        == 0
-    )
+    loop = dict(batch_size=4, no_progress=True, dev_fraction=0.25, lr="1e-3")
+    data = dict(backbone=files["backbone"], captions=files["captions"])
+    assert main(cli_args("finetune", **data, output=tmp_path / "ft", max_steps=3, **loop)) == 0
     tuned = tmp_path / "ft/model"
     assert load_vlm(tuned).prompt == "a photo of"  # finetune's --prompt, recorded for caption, eval and serve
     assert json.loads((tmp_path / "ft/dev_metrics.json").read_text())["loss"] > 0
 
     pseudo = tmp_path / "pseudo.json"
-    assert (
-        main(
-            [
-                "capfilt",
-                "--backbone",
-                str(tuned),
-                "--scorer",
-                f"clip:{files['clip']}",
-                "--captions",
-                str(files["captions"]),
-                "--output",
-                str(pseudo),
-                "--num-samples",
-                "3",
-                "--max-new-tokens",
-                "5",
-            ]
-        )
-        == 0
-    )
+    options = dict(scorer=f"clip:{files['clip']}", captions=files["captions"], output=pseudo, num_samples=3)
+    assert main(cli_args("capfilt", backbone=tuned, **options, max_new_tokens=5)) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"] == 24
 
     run = tmp_path / "exits"
 
     def train_exits(*extra, layers=("1", "2")):
-        return main(
-            [
-                "train-exits",
-                "--backbone",
-                str(tuned),
-                "--captions",
-                str(pseudo),
-                "--anchor",
-                "capfilt",
-                "--exit-layers",
-                *layers,
-                "--disc-hidden",
-                "32",
-                "--checkpoint-every",
-                "2",
-                "--output",
-                str(run),
-                *loop,
-                *extra,
-            ]
-        )
+        options = dict(backbone=tuned, captions=pseudo, anchor="capfilt", exit_layers=layers, disc_hidden=32)
+        return main(cli_args("train-exits", *extra, **options, checkpoint_every=2, output=run, **loop))
 
     assert train_exits("--max-steps", "2") == 0
     assert train_exits("--max-steps", "4", "--resume") == 0
@@ -177,22 +126,7 @@ def test_cli_finetune_capfilt_train_exits_and_resume(files, tmp_path, capsys):
     assert "exits at layers [1, 2], but this run asks for [2, 3]" in capsys.readouterr().err
     empty = tmp_path / "empty.json"
     empty.write_text(json.dumps({"images": [], "annotations": []}))
-    assert (
-        main(
-            [
-                "train-exits",
-                "--backbone",
-                str(tuned),
-                "--captions",
-                str(empty),
-                "--exit-layers",
-                "1",
-                "--output",
-                str(tmp_path / "e"),
-            ]
-        )
-        == 2
-    )
+    assert main(cli_args("train-exits", backbone=tuned, captions=empty, exit_layers=1, output=tmp_path / "e")) == 2
     assert "empty.json is empty" in capsys.readouterr().err
 
 
@@ -201,46 +135,11 @@ def test_two_process_accelerate_run_loads_with_from_pretrained(files, tmp_path):
     """`accelerate launch --cpu --num_processes 2` starts ONE process (accelerate 1.15); on a host without GPUs
     `--multi_gpu` is what gives 2 CPU processes (DistributedType.MULTI_CPU). Our own `--cpu` pins the device."""
     out = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "freevlm.cli",
-        "train-exits",
-        "--backbone",
-        str(files["backbone"]),
-        "--captions",
-        str(files["captions"]),
-        "--exit-layers",
-        "1",
-        "3",
-        "--anchor",
-        "kd",
-        "--batch-size",
-        "4",
-        "--max-steps",
-        "4",
-        "--checkpoint-every",
-        "2",
-        "--lr",
-        "1e-3",
-        "--disc-hidden",
-        "32",
-        "--no-progress",
-        "--cpu",
-        "--output",
-        str(out),
-    ]
+    options = dict(backbone=files["backbone"], captions=files["captions"], exit_layers=[1, 3], anchor="kd")
+    options.update(batch_size=4, max_steps=4, checkpoint_every=2, lr="1e-3", disc_hidden=32, no_progress=True)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd = [*launch, "-m", "freevlm.cli", *cli_args("train-exits", **options, cpu=True, output=out)]
     if torch.cuda.is_available():
         pytest.skip("--multi_gpu would start GPU processes here")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}

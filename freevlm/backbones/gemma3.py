@@ -35,6 +35,7 @@ class Gemma3Backbone(ImageGroups, RotaryDecoder):
     The image path is Hugging Face's (`ImageGroups`: any number of images per prompt row)."""
 
     input_names = ("token_type_ids",)
+    graph_safe = False  # the image overlay (`prompt_mask`) and sliding windows are cut by the window start on the host
 
     def __init__(self, model: nn.Module):
         super().__init__(model, lm=model)  # the whole model owns the head and the generation config

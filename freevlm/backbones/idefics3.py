@@ -53,8 +53,11 @@ class Idefics3Backbone(RotaryDecoder):
         """Each row's image tokens take the features of its real (not all-zero) tiles in order (shapes are checked
         by `check_inputs` and `inputs.py` before a request starts); a row whose image-token count is not its tiles'
         feature count is refused (Hugging Face checks only the batch's total, and would move features across rows)."""
-        output = self.model.model.get_image_features(pixel_values, pixel_attention_mask)
-        features = list(output.pooler_output)
+        features = self.model.model.get_image_features(pixel_values, pixel_attention_mask).pooler_output
+        if isinstance(features, torch.Tensor):  # transformers 5.17: every real tile's features, not split by row
+            real_tiles = pixel_values.flatten(2).ne(0).any(dim=2).sum(dim=1)
+            features = [f.reshape(-1, f.shape[-1]) for f in features.split(real_tiles.tolist())]
+        features = list(features)
         image = self.config.image_token_index
         counts = (input_ids == image).sum(dim=1).tolist()
         wrong = [b for b, (n, f) in enumerate(zip(counts, features, strict=True)) if n != len(f)]

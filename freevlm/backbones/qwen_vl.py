@@ -39,6 +39,7 @@ class QwenVLBackbone(RotaryDecoder):
 
     input_names = ("image_grid_thw", "mm_token_type_ids")
     pixel_layout = "patches"
+    graph_safe = False  # DeepStack's image slots are found from the window start on the host (`run_layer`)
 
     def __init__(self, model: nn.Module):
         super().__init__(model, lm=model)  # the whole model owns the head and the generation config

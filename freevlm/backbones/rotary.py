@@ -66,9 +66,16 @@ class RotaryDecoder(Backbone):
         return self.text.embed_tokens(token_ids)
 
     # --- layers -------------------------------------------------------------------------------------------------
+    @property
+    def graph_safe(self) -> bool:
+        """A static engine's layer call reads its window's positions through the window's slot tensor
+        (`StaticView.slots`), so a CUDA graph captured at one window start replays at any; sliding windows are
+        still cut by the start on the host (`_windowed`)."""
+        return all(sliding_window(layer) is None for layer in self.layers)
+
     def run_layer(self, layer, hidden, ctx, cache: KVView | None, mask, rows):
         start = 0 if cache is None else cache.start
-        rope = self._rotary(ctx, rows, start, hidden, layer)
+        rope = self._rotary(ctx, rows, start, hidden, layer, getattr(cache, "slots", None))
         mask = self.prompt_mask(ctx, mask, rows, start, hidden.shape[1])
         window = sliding_window(layer)
         if window is not None:
@@ -76,18 +83,23 @@ class RotaryDecoder(Backbone):
         return layer(hidden, attention_mask=mask, position_embeddings=rope, **{cache_keyword(type(layer)): cache})
 
     def _rotary(
-        self, ctx: Context, rows, start: int, hidden: torch.Tensor, layer: nn.Module
+        self, ctx: Context, rows, start: int, hidden: torch.Tensor, layer: nn.Module, slots=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of the window's slots for `rows`: the same for every layer call over one window (of one
-        `rotary_kind`), so made once."""
-        key = (rows, start, hidden.shape[1], hidden.dtype)
+        `rotary_kind`), so made once. `slots` (the static engine's window, a device tensor) picks the positions on
+        the device; padded slots past the last position take it (their K/V are never read)."""
+        key = (rows, slots, start, hidden.shape[1], hidden.dtype)
         memos = ctx.extra.setdefault("rotary", {})
         kind = self.rotary_kind(layer)
         memo = memos.get(kind)
-        if memo is not None and memo[0][0] is rows and memo[0][1:] == key[1:]:
+        if memo is not None and memo[0][0] is rows and memo[0][1] is slots and memo[0][2:] == key[2:]:
             return memo[1]
         positions = ctx.extra["positions"] if rows is None else ctx.extra["positions"][rows]
-        rope = self.rotary_embedding(hidden, positions[:, start : start + hidden.shape[1]], layer)
+        if slots is None:
+            positions = positions[:, start : start + hidden.shape[1]]
+        else:
+            positions = positions.index_select(1, slots.clamp(max=positions.shape[1] - 1))
+        rope = self.rotary_embedding(hidden, positions, layer)
         memos[kind] = (key, rope)
         return rope
 

@@ -1,6 +1,7 @@
 """`freevlm calibrate` and `freevlm place-exits`: read a calibration set and a model, run
 `freevlm.calibration.calibrate_exits` / `freevlm.placement.place_exits` (which run the exits and certify thresholds by
-Learn-then-Test), write the JSON and say what was found.
+Learn-then-Test), write the JSON and say what was found. Each run's records go to predictions_*.jsonl files beside
+the JSON as they finish (`prediction_logs`), so `--resume` decodes only what a killed run had not.
 
 Losses are measured against the full model, so the safest threshold (the rule never exits early) has risk 0 and
 the guarantee reads "early exit costs at most `tolerance` of X relative to the full model":
@@ -14,16 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from ..argtypes import number, open_fraction, output_file, positive_int
 from ..calibration import LOSS_DEFINITIONS, LOSSES, Calibration, calibrate_exits, check_unit_interval, never_exits
 from ..data.specs import DatasetSpec, read_dataset
 from ..eval.evaluate import EvalResult
+from ..eval.predictions import PredictionLog
 from ..eval.processes import Processes
 from ..methods import get_method
 from ..placement import SPEEDUPS, exits_subset, place_exits, placement_guarantee
-from .evaluate import dataset_arguments, decoding_options, load_model
+from .evaluate import dataset_arguments, decoding_options, load_model, run_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,6 +68,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--confidence", type=open_fraction, default=0.95, help="probability the guarantee holds, in (0, 1)")
     p.add_argument("--thresholds", type=number(), nargs="+", help="grid to certify (default: the --method's grid)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="decode only the records not yet in the predictions_*.jsonl files beside --out (each run appends its "
+        "records there); refused if they were made with other options",
+    )
 
 
 def _records(args: argparse.Namespace) -> tuple[DatasetSpec, list]:
@@ -76,6 +85,22 @@ def _records(args: argparse.Namespace) -> tuple[DatasetSpec, list]:
     if not records:
         raise ValueError(f"the calibration set is empty: {', '.join(args.files)} has no records")
     return spec, records
+
+
+def prediction_logs(args: argparse.Namespace, spec: DatasetSpec, **knobs) -> Callable[[str], PredictionLog]:
+    """The `PredictionLog` of each pass, beside --out as "<out's stem>_<pass>.jsonl", holding what the records'
+    outputs depend on (`run_options` and `knobs`). With --resume, the logs already there are checked now, before
+    any weights load: other options are refused, naming each difference."""
+    out = Path(args.out)
+    options = run_options(args, spec, **knobs)
+
+    def log(name: str) -> PredictionLog:
+        return PredictionLog(out.parent, options, args.resume, f"{out.stem}_{name}")
+
+    if args.resume:
+        for kept in sorted(out.parent.glob(f"{out.stem}_predictions*.options.json")):
+            log(kept.name.removeprefix(f"{out.stem}_").removesuffix(".options.json"))
+    return log
 
 
 def calibration_report(calibration: Calibration, results: dict[float, EvalResult], **context) -> dict:
@@ -92,6 +117,7 @@ def calibration_report(calibration: Calibration, results: dict[float, EvalResult
 
 def run_calibrate(args: argparse.Namespace) -> int:
     spec, records = _records(args)
+    log = prediction_logs(args, spec, thresholds=args.thresholds)
     ee, bundle = load_model(args)
     main = Processes.current().is_main
     task = spec.task
@@ -111,6 +137,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         prompt=prompt,
         batch_size=args.batch_size,
         progress=print if main else None,
+        log=log,
     )
     if not main:  # the main process certifies and writes (`accelerate launch`)
         return 0
@@ -146,6 +173,8 @@ def run_place_exits(args: argparse.Namespace) -> int:
     if args.budget_exits is None and args.budget_parameters is None:
         raise ValueError("give a budget: --budget-exits N or --budget-parameters P")
     spec, records = _records(args)
+    knobs = dict(budget_exits=args.budget_exits, budget_parameters=args.budget_parameters, speedup=args.speedup)
+    log = prediction_logs(args, spec, thresholds=args.thresholds, candidates=args.candidates, **knobs)
     ee, bundle = load_model(args)
     main = Processes.current().is_main
     if args.candidates:
@@ -170,6 +199,7 @@ def run_place_exits(args: argparse.Namespace) -> int:
         prompt=prompt,
         batch_size=args.batch_size,
         progress=print if main else None,
+        log=log,
     )
     if not main:
         return 0

@@ -188,7 +188,6 @@ def run_options(args: argparse.Namespace, spec: DatasetSpec, **knobs) -> dict:
         "kv": args.kv,
         "batch_size": args.batch_size,
         "device": args.device,
-        "full_model": not args.no_full,
     }
 
 
@@ -197,7 +196,9 @@ def run_eval(args: argparse.Namespace) -> int:
     spec = _spec(args)
     records = read_dataset(spec)  # a broken dataset fails before any weights load
     out = Path(args.out)
-    log = PredictionLog(out, run_options(args, spec, threshold=args.threshold), resume=args.resume)
+    log = PredictionLog(
+        out, run_options(args, spec, threshold=args.threshold, full_model=not args.no_full), resume=args.resume
+    )
     ee, bundle = load_model(args)
     options = _eval_options(args, spec, bundle)
     result = evaluate(spec.task, ee, bundle, records, args.threshold, method=args.method, log=log, **options)
@@ -229,7 +230,14 @@ def run_sweep(args: argparse.Namespace) -> int:
     records = read_dataset(spec)
     dev = read_dataset(_spec(args, args.dev_files, args.dev_split)) if (args.dev_files or args.dev_split) else None
     dev_set = {"files": args.dev_files, "split": args.dev_split, "fraction": args.dev_fraction}
-    options = run_options(args, spec, thresholds=args.thresholds, dev=dev_set, per_layer=not args.no_per_layer)
+    options = run_options(
+        args,
+        spec,
+        thresholds=args.thresholds,
+        dev=dev_set,
+        per_layer=not args.no_per_layer,
+        full_model=not args.no_full,
+    )
     log = functools.partial(PredictionLog, args.out, options, args.resume)
     log("predictions_dev")  # a resume with other options fails here, before any weights load
     ee, bundle = load_model(args)

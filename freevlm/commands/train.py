@@ -296,9 +296,7 @@ def finetune_command(args: argparse.Namespace) -> int:
     config, records = _prepare(args, FinetuneConfig, "finetune")
     bundle = load_vlm(args.backbone)
     train_set, dev_set = _datasets(args, bundle, records)
-    saved = dataclasses.replace(
-        bundle, prompt=args.prompt
-    ).preprocessing  # its folder records the prompt it was trained with
+    saved = dataclasses.replace(bundle, prompt=args.prompt).preprocessing  # the folder records its prompt
     return _run(lambda: finetune(bundle.model, train_set, config, dev_set, save_with=saved))
 
 

@@ -99,16 +99,11 @@ def beam_generate(call: Call) -> GenerateOutput:
         is_finished = _gather(torch.cat([is_finished, just_finished], dim=1), best)
 
         engine.reorder(beam_rows.flatten())
-        improvable = _still_improvable(
-            improvable,
-            running_scores,
-            finished_scores,
-            is_finished,
-            t + 1,
-            max_new_tokens,
-            early_stopping,
-            length_penalty,
-        )
+        # Hugging Face's heuristic: can the best running beam still beat the worst finished hypothesis?
+        best_length = max_new_tokens if early_stopping == "never" and length_penalty > 0.0 else t + 1
+        best_running = running_scores[:, :1] / (best_length**length_penalty)
+        worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], -1.0e9)
+        improvable = improvable & (best_running > worst_finished).any(dim=-1, keepdim=True)
         open_beams = not (bool(is_finished.all()) and early_stopping is True)
         if not (bool(improvable.any()) and open_beams and not bool(hits_stop.all())):
             break
@@ -120,16 +115,3 @@ def beam_generate(call: Call) -> GenerateOutput:
     stats = req.finish(exit_layers)
     sequences = torch.cat([ctx.prompt_ids.view(batch, k, -1)[:, 0], best_seq[:, :length]], dim=1)
     return GenerateOutput(sequences, exit_layers, stats, engine if config.return_engine else None)
-
-
-def _still_improvable(
-    improvable, running_scores, finished_scores, is_finished, generated, max_new_tokens, early_stopping, length_penalty
-) -> torch.Tensor:
-    """Hugging Face's heuristic: can the best running beam still beat the worst finished hypothesis?"""
-    if early_stopping == "never" and length_penalty > 0.0:
-        best_length = max_new_tokens
-    else:
-        best_length = generated
-    best_running = running_scores[:, :1] / (best_length**length_penalty)
-    worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], -1.0e9)
-    return improvable & (best_running > worst_finished).any(dim=-1, keepdim=True)

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..backbones.base import Backbone, Context
 from ..cache_utils import StaticKV, StaticView
-from .engine import Engine, ExitGate, StepResult, WorkCounter, rows_move_together
+from .engine import Engine, ExitGate, StepResult, WorkCounter
 from .policies import ExitPolicy
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -109,8 +109,6 @@ class StaticEngine(Engine):
         capacity: int | None = None,
         graphs: bool = False,
     ):
-        if not rows_move_together(batch_policy, ctx.prompt_ids.shape[0]):
-            raise ValueError(f"the static engine needs rows that move together, not batch_policy={batch_policy!r}")
         slots = (capacity or ctx.capacity) + (BUCKETS[-1] if graphs else 0)  # padded windows may run past the end
         super().__init__(backbone, exits, policy, kv_mode, ctx, batch_policy, slots)
         self.key_ok = torch.ones(self.batch_size, slots, dtype=torch.bool, device=ctx.key_mask.device)

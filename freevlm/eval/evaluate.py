@@ -19,7 +19,7 @@ from ..decoding.config import DecodeConfig
 from ..model import EarlyExitVLM
 from .captions import caption_metrics, tokenize
 from .generate import BATCH_SIZE, Generated, generate_many, generate_texts
-from .likelihood import option_log_likelihoods
+from .likelihood import OPTION_BATCH_SIZE, option_log_likelihoods_many
 from .predictions import PredictionLog
 from .speed import SpeedReport
 from .visdial import visdial_metrics
@@ -180,7 +180,7 @@ def evaluate_visdial(
     records: Sequence[VisDialRecord],
     threshold: float = DecodeConfig.threshold,
     layer: int | None = None,
-    option_batch_size: int = 50,
+    option_batch_size: int = OPTION_BATCH_SIZE,
     config: DecodeConfig | None = None,
     method: str = "free",
     **run,
@@ -188,19 +188,40 @@ def evaluate_visdial(
     """Rank each round's options by early-exit log-likelihood under `method`'s exit rule (MRR, R@k, mean rank,
     NDCG); the speed report comes from generating each round's answer (`config`: default `ANSWER_DECODING`), early
     exit against full; `run`: `generate_texts`' batching and timing."""
-    prompts = [visdial_prompt(r) for r in records]
-    images = [r.image for r in records]
-    ids = [f"{r.image_id}:{r.round}" for r in records]
+    images, prompts, ids = visdial_inputs(records)
     config = config or ANSWER_DECODING
     gen = generate_texts(ee, processor, images, prompts, threshold, layer, config, method, ids=ids, **run)
-    if not gen.main:  # the main process ranks the options and scores
-        return _scored(gen, "visdial", "mrr", None, {}, ids, top_option=[None] * len(records))
-    scores = [
-        option_log_likelihoods(
-            ee, processor, load_image(r.image), prompt, r.options, threshold, layer, option_batch_size, method
+    ranked = option_scores(ee, processor, records, [(threshold, layer)], option_batch_size, method, gen.main)
+    return score_visdial(gen, records, ranked[0])
+
+
+def visdial_inputs(records: Sequence[VisDialRecord]) -> tuple[list, list, list]:
+    """(images, prompts, ids) of VisDial rounds."""
+    ids = [f"{r.image_id}:{r.round}" for r in records]
+    return [r.image for r in records], [visdial_prompt(r) for r in records], ids
+
+
+def option_scores(
+    ee: EarlyExitVLM, processor, records, rules, option_batch_size: int, method: str, main: bool = True
+) -> list[list[list[float]] | None]:
+    """Per rule, each round's option log-likelihoods (`option_log_likelihoods_many`: one teacher-forced pass per
+    round for every rule); None off the main process, which alone ranks and scores."""
+    if not main:
+        return [None] * len(rules)
+    per_round = [
+        option_log_likelihoods_many(
+            ee, processor, load_image(r.image), visdial_prompt(r), r.options, rules, option_batch_size, method
         )
-        for r, prompt in zip(records, prompts)
+        for r in records
     ]
+    return [[scores[g] for scores in per_round] for g in range(len(rules))]
+
+
+def score_visdial(gen: Generated, records: Sequence[VisDialRecord], scores: list[list[float]] | None) -> EvalResult:
+    """`scores`: each round's option log-likelihoods under `gen`'s rule (None off the main process)."""
+    ids = [f"{r.image_id}:{r.round}" for r in records]
+    if scores is None:  # the main process ranks the options and scores
+        return _scored(gen, "visdial", "mrr", None, {}, ids, top_option=[None] * len(records))
     quality = visdial_metrics(scores, [r.gt_index for r in records], [r.relevance for r in records])
     top = [r.options[max(range(len(s)), key=lambda i: s[i])] for r, s in zip(records, scores)]
     return _scored(gen, "visdial", "mrr", quality.get("mrr"), quality, ids, top_option=top)
@@ -211,6 +232,7 @@ EVALUATORS = {"captions": evaluate_captioning, "vqa": evaluate_vqa, "visdial": e
 SHARED_TASKS = {
     "captions": (caption_inputs, score_captions, DecodeConfig()),
     "vqa": (vqa_inputs, score_vqa, ANSWER_DECODING),
+    "visdial": (visdial_inputs, score_visdial, ANSWER_DECODING),
 }
 
 
@@ -243,17 +265,23 @@ def evaluate_many(
     `layer`), decoded together (`generate_many`): each result's outputs are what `evaluate` gives for its rule, its
     speed report counts tokens but has no clock (the rules share one); with `compare_full`, the full model is decoded
     once per batch for agreement; `log`: see `generate_many`. `score`: the task's scoring keywords (`spice`, `only`,
-    `tokenizer`; `metric`)."""
+    `tokenizer`; `metric`; `option_batch_size`: VisDial's options are scored once per round for every rule)."""
     if task not in SHARED_TASKS:
         raise ValueError(f"evaluate_many runs {sorted(SHARED_TASKS)}, not {task!r} (evaluate each rule apart)")
     if not records:
         raise ValueError("no records to evaluate")
+    if task == "visdial" and prompt is not None:
+        raise ValueError("prompt does not apply to VisDial (the prompt is built from caption and history)")
     inputs, scoring, default = SHARED_TASKS[task]
     images, prompts, ids = inputs(records) if prompt is None else inputs(records, prompt)
     config = config or default
     generated = generate_many(
         ee, processor, images, prompts, rules, config, method, batch_size, compare_full, progress_bar, ids, log
     )
+    if task == "visdial":
+        batch = score.pop("option_batch_size", OPTION_BATCH_SIZE)
+        ranked = option_scores(ee, processor, records, rules, batch, method, generated[0].main)
+        return [score_visdial(gen, records, scores, **score) for gen, scores in zip(generated, ranked)]
     if task == "captions" and generated[0].main and all(r.references for r in records):
         texts = [t for r in records for t in r.references] + [t for gen in generated for t in gen.texts]
         score["tokenizer"] = tokenized_once(score.get("tokenizer", tokenize), texts)

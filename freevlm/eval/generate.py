@@ -90,7 +90,8 @@ def generate_texts(
     are deterministic), which steadies ratios on a busy machine.
 
     Under `accelerate launch` the batches are dealt out across the processes (`Processes`) and every process ends
-    with every output; the speed report's clocks are the main process's batches, its token counts every record's.
+    with every output; the speed report's clocks are the main process's batches, its counts of tokens and of
+    parameters touched (the ideal speedup) every record's.
     `log` (a `PredictionLog`, `ids` naming the records in it): each finished record is appended as a line, and
     records already there (a resumed run) are not decoded again; a batch is decoded whole, so its outputs are those
     of an uninterrupted run. `progress_bar`: one bar on the main process, records done across processes and the ETA.
@@ -111,7 +112,9 @@ def generate_texts(
     ordered = [rows[i] for i in range(len(images))]
     full_texts = [row["full_prediction"] for row in ordered] if compare_full else None
     exit_layers = [row["exit_layers"] for row in ordered]
-    meter.recount(exit_layers, sum(row.get("full_tokens", 0) for row in ordered))
+    work = [row["work"] for row in ordered if "work" in row]  # every batch's parameters touched, early and full
+    params = (sum(w[0] for w in work), sum(w[1] for w in work)) if compare_full else (None, None)
+    meter.recount(exit_layers, sum(row.get("full_tokens", 0) for row in ordered), *params)
     threshold = None if layer is not None else threshold
     texts = [row["prediction"] for row in ordered]
     return Generated(texts, full_texts, exit_layers, meter.report(), threshold, layer, started, processes.is_main)
@@ -168,10 +171,12 @@ def _decode_batch(processor, early, full, meter: SpeedMeter, repeats: int, warm_
     out, f_out = fastest(outs), fastest(f_outs)
     meter.add(out, f_out)
     full_rows = _rows(processor, f_out)
-    return [
+    rows = [
         row | {"full_prediction": f["prediction"], "full_tokens": len(f["exit_layers"])}
         for row, f in zip(_rows(processor, out), full_rows)
     ]
+    rows[0]["work"] = [out.stats.work.params_touched, f_out.stats.work.params_touched]  # the batch's, once
+    return rows
 
 
 def _rows(processor, out) -> list[dict]:

@@ -15,6 +15,8 @@ from ..decoding.policies import ExitPolicy
 from ..methods import exit_rule
 from ..model import IGNORE_INDEX, EarlyExitVLM, ExitOutputs
 
+OPTION_BATCH_SIZE = 50  # options per teacher-forced pass (a VisDial round has 100)
+
 
 def _pad(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
@@ -26,7 +28,6 @@ def _pad(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]
     return ids, mask
 
 
-@torch.no_grad()
 def option_log_likelihoods(
     ee: EarlyExitVLM,
     processor,
@@ -35,7 +36,7 @@ def option_log_likelihoods(
     options: list[str],
     threshold: float = DecodeConfig.threshold,
     layer: int | None = None,
-    batch_size: int = 50,
+    batch_size: int = OPTION_BATCH_SIZE,
     method: str = "free",
 ) -> list[float]:
     """Sum of log p(token) over each option's tokens (encoder-decoder LMs: its EOS included), given image and prompt.
@@ -43,13 +44,34 @@ def option_log_likelihoods(
     `layer` forces every token's distribution from that exit (or the final layer, `num_layers`), as the
     per-layer curve does; otherwise `method`'s exit rule at `threshold` picks it.
     """
+    (scores,) = option_log_likelihoods_many(
+        ee, processor, image, prompt, options, [(threshold, layer)], batch_size, method
+    )
+    return scores
+
+
+@torch.no_grad()
+def option_log_likelihoods_many(
+    ee: EarlyExitVLM,
+    processor,
+    image,
+    prompt: str,
+    options: list[str],
+    rules: list[tuple[float | None, int | None]],
+    batch_size: int = OPTION_BATCH_SIZE,
+    method: str = "free",
+) -> list[list[float]]:
+    """`option_log_likelihoods` under each (threshold, layer) of `rules` (a sweep's): the teacher-forced pass does
+    not depend on the rule, so it runs once per chunk of options and each rule only chooses among its outputs."""
     backbone, tok = ee.backbone, processor.tokenizer
-    if layer is not None and layer not in ee.exit_layers and layer != backbone.num_layers:
-        raise ValueError(f"layer {layer} has no exit (exits: {ee.exit_layers}, final: {backbone.num_layers})")
-    policy = exit_rule(method, threshold, layer)
-    policy.validate(ee.exit_layers, backbone.num_layers)
+    policies = []
+    for threshold, layer in rules:
+        if layer is not None and layer not in ee.exit_layers and layer != backbone.num_layers:
+            raise ValueError(f"layer {layer} has no exit (exits: {ee.exit_layers}, final: {backbone.num_layers})")
+        policies.append(exit_rule(method, threshold, layer))
+        policies[-1].validate(ee.exit_layers, backbone.num_layers)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    scores: list[float] = []
+    scores: list[list[float]] = [[] for _ in rules]
     for start in range(0, len(options), batch_size):
         chunk = options[start : start + batch_size]
         inputs = processor.inputs([image] * len(chunk), [prompt] * len(chunk))
@@ -75,9 +97,10 @@ def option_log_likelihoods(
                 batch["token_type_ids"] = torch.cat([inputs["token_type_ids"], torch.zeros_like(ids.to(device))], dim=1)
         batch["targets"] = batch["targets"].to(device)
         out = ee(batch)
-        token_logp = _chosen_log_probs(ee, out, policy).gather(-1, out.targets[:, None]).squeeze(-1)
         rows = (batch["targets"] != IGNORE_INDEX).nonzero()[:, 0]  # the option each text position belongs to
-        scores += torch.zeros(len(chunk), device=device).index_add_(0, rows, token_logp).tolist()
+        for kept, policy in zip(scores, policies):
+            token_logp = _chosen_log_probs(ee, out, policy).gather(-1, out.targets[:, None]).squeeze(-1)
+            kept += torch.zeros(len(chunk), device=device).index_add_(0, rows, token_logp).tolist()
     return scores
 
 

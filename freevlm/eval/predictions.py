@@ -3,7 +3,8 @@ run that dies keeps what it finished and a resumed run decodes only the rest.
 
 Beside it, predictions.options.json holds what the lines depend on (model, exits, method, threshold, dataset,
 decoding, batch size); resuming with anything else is refused, naming each difference, since two runs' outputs would
-be mixed. A line cut short by a kill is dropped (and cut off the file) on resume.
+be mixed. A line cut short by a kill is dropped (and cut off the file) on resume. A timed batch's first line also
+holds the parameters the batch touched (`work`, early exit and full), so a resumed run's ideal speedup counts it.
 """
 
 from __future__ import annotations

@@ -67,11 +67,15 @@ class SpeedMeter:
         self.full_decode_steps += max(f.steps - 1, 0)
         self.full_params += f.work.params_touched
 
-    def recount(self, exit_layers: list[list[int]], full_tokens: int) -> None:
-        """Count tokens over every record (`exit_layers` per record; those other processes decoded or a resumed run
-        had) rather than the batches timed here: the clocks stay this process's."""
+    def recount(
+        self, exit_layers: list[list[int]], full_tokens: int, params: int | None = None, full_params: int | None = None
+    ) -> None:
+        """Count tokens (and, given, parameters touched) over every record (`exit_layers` per record; those other
+        processes decoded or a resumed run had) rather than the batches timed here: the clocks stay this process's."""
         self.exits = [e for row in exit_layers for e in row]
         self.full_tokens = full_tokens
+        if params is not None:
+            self.params, self.full_params = params, full_params
 
     def report(self) -> SpeedReport:
         n = self.num_layers
@@ -84,10 +88,11 @@ class SpeedMeter:
             seconds=dict(self.seconds),
             batches=self.batches,
         )
-        if self.paired and self.batches:
-            report.full_seconds = dict(self.full_seconds)
+        if self.paired and self.full_params:  # counts: every record's after `recount`, a resumed run's included
             report.full_tokens = self.full_tokens
             report.ideal_speedup = _ratio(self.full_params, self.params)
+        if self.paired and self.batches:  # clocks: the batches decoded here
+            report.full_seconds = dict(self.full_seconds)
             report.wallclock_speedup = _ratio(self.full_seconds["total"], self.seconds["total"])
             per_step = _ratio(self.seconds["decode"], self.decode_steps)
             full_per_step = _ratio(self.full_seconds["decode"], self.full_decode_steps)

@@ -84,13 +84,13 @@ def sweep(
 
     Without `dev_records`, a seeded `dev_fraction` of the images in `records` is held out as dev (with all their
     records) and the rest is the test set.
-    Captions and VQA share their work (`evaluate_many`): each split is decoded once for every threshold and forced
-    layer together, image and prompt encoded once per batch, each rule's outputs those of its own `evaluate`; then
-    the threshold chosen on dev is evaluated again on test alone, timed against the full model (`compare_full`), so
-    its wall-clock speedup is measured as `freevlm eval` measures it. The other test rows and VisDial's dev and
-    per-layer runs count layers only; VisDial's test runs are each timed (its option ranking cannot be shared).
-    `log(name)` (captions and VQA): the `PredictionLog` of each pass ("predictions_dev", "predictions_test",
-    "predictions_best"), so a sweep killed part-way resumes where it stopped.
+    Every task shares its work (`evaluate_many`): each split is decoded once for every threshold and forced layer
+    together, image and prompt encoded once per batch (VisDial: each round's options scored by one teacher-forced
+    pass for every rule), each rule's outputs those of its own `evaluate`; then the threshold chosen on dev is
+    evaluated again on test alone, timed against the full model (`compare_full`), so its wall-clock speedup is
+    measured as `freevlm eval` measures it. The other rows count layers only. `log(name)`: the `PredictionLog` of
+    each pass ("predictions_dev", "predictions_test", "predictions_best"), so a sweep killed part-way resumes where
+    it stopped (VisDial's option scores, not logged, are computed again).
     """
     if dev_records is None:
         dev_records, records = split_dev(records, dev_fraction)

@@ -198,10 +198,10 @@ class ChatService:
         }
 
     async def stream(self, request: ChatRequest, handle: Handle, prompt_tokens: int) -> AsyncIterator[str]:
-        """Server-sent events: the role, then a chunk per wake-up with the tokens that came (their text and exit
-        layers; one token unless the stream fell behind), a last chunk with the finish reason and the summary, the
-        usage chunk if asked for, then [DONE]. A failure mid-stream is an error event. The role goes out with the
-        first tokens and the last chunks together: a write costs more than its bytes."""
+        """Server-sent events: the role, then a chunk per token (its text and exit layer), a last chunk with the
+        finish reason and the summary, the usage chunk if asked for, then [DONE]. A failure mid-stream is an error
+        event. What comes at one wake-up goes out in one write (the role with the first tokens, the last chunks
+        together): a write costs more than its bytes."""
         envelope = self._envelope("chat.completion.chunk")
         text, layers, timings = TextStream(self.model.bundle.tokenizer, request.stop), [], [handle.submitted]
         tokens = TokenChunks(envelope)
@@ -214,9 +214,12 @@ class ChatService:
         head = chunk({"role": "assistant", "content": ""})  # in the first write, with the first tokens
         try:
             async for batch in self.events(handle):
-                taken = len(layers)
-                delta = self._take(batch, text, layers, timings)
-                yield head + tokens.chunk(delta, batch[: len(layers) - taken])
+                chunks = [head]  # a chunk per token, each with its text and exit layer; one write for them all
+                for event in batch:
+                    chunks.append(tokens.chunk(self._take([event], text, layers, timings), event))
+                    if text.stopped:
+                        break
+                yield "".join(chunks)
                 head = ""
                 if text.stopped:
                     break
@@ -287,16 +290,14 @@ class TokenChunks:
     time cost more than the rest of a chunk's way out."""
 
     def __init__(self, envelope: dict):
-        slot = secrets.token_hex(8)  # stands for the delta, the tokens and the exit layers: found nowhere else
+        slot = secrets.token_hex(8)  # stands for the delta, the token and its exit layer: found nowhere else
         choice = {"index": 0, "delta": {"content": slot}, "finish_reason": None, "logprobs": None}
         event = _sse(envelope | {"choices": [choice], "freevlm": {"tokens": [slot], "exit_layers": [slot]}})
         self.parts = event.split(f'"{slot}"')
 
-    def chunk(self, delta: str, events: list[TokenEvent]) -> str:
-        tokens = ", ".join(str(event.token) for event in events)
-        layers = ", ".join(str(event.exit_layer) for event in events)
-        start, after_delta, after_tokens, end = self.parts
-        return f"{start}{json.dumps(delta)}{after_delta}{tokens}{after_tokens}{layers}{end}"
+    def chunk(self, delta: str, event: TokenEvent) -> str:
+        start, after_delta, after_token, end = self.parts
+        return f"{start}{json.dumps(delta)}{after_delta}{event.token}{after_token}{event.exit_layer}{end}"
 
 
 def create_app(model: ServedModel, config: ServerConfig | None = None) -> FastAPI:

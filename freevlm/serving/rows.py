@@ -248,7 +248,7 @@ class RowEngine:
         if own:  # the row's own context reads its positions from the cache's start
             key_length, start = self.max_len + 1, chunks[0][0]
         else:
-            key_length, start = min(self.max_len, -(-(int(last.max()) + 1) // KEY_BUCKET) * KEY_BUCKET), 0
+            key_length, start = self._key_length(int(last.max())), 0
         mask = (self._key_slots[None, None, :key_length] <= slots[:, :, None])[:, None]  # [k, 1, w, keys]
 
         def window(pick: list[int]):
@@ -282,6 +282,10 @@ class RowEngine:
                 self.backbone.fill_kv(
                     self.exits[high].layer, x[places], exit_ctx, exit_view(self.exit_kv[high]), mask[places]
                 )
+
+    def _key_length(self, deepest: int) -> int:
+        """Key slots a window reads whose deepest query slot is `deepest`: up to it, rounded up to `KEY_BUCKET`."""
+        return min(self.max_len, -(-(deepest + 1) // KEY_BUCKET) * KEY_BUCKET)
 
     def _prompt_chunk(self, row: int, done: int, count: int, width: int) -> torch.Tensor:
         """`[1, width, H]`: row `row`'s prompt inputs at slots `[done, done + count)`, the last repeated to `width`."""
@@ -380,7 +384,7 @@ class RowEngine:
         device = x.device
         slots = torch.tensor(slots_of, device=device)[:, None]
         row_ids = torch.tensor(rows_of, device=device)
-        key_length = min(self.max_len, -(-(max(slots_of) + 1) // KEY_BUCKET) * KEY_BUCKET)
+        key_length = self._key_length(max(slots_of))
         mask = (self._key_slots[None, :key_length] <= slots)[:, None, None, :]
         in_order = rows_of == list(range(len(rows_of)))  # one slot per row, rows 0..k-1: no gather
         ctx = self.backbone.window_context(self.rows_ctx, slots, None if in_order else row_ids)

@@ -298,9 +298,10 @@ class Scheduler:
                 admitted.append(self._waiting.popleft())
                 budget -= admitted[-1].slots
         for request, ctx in zip(admitted, self._start(admitted)):
+            if isinstance(ctx, ValueError):  # refused by the family's own checks: this request alone fails
+                request.handle._finish("error", ctx)
+                continue
             try:  # a row the engine cannot take (T5: an encoder input longer than its rows') fails this request alone
-                if isinstance(ctx, ValueError):
-                    raise ctx
                 may_exit = request.config.mode == "early_exit" and request.config.threshold < 1.0
                 self.engine.join(free[0], ctx, request.config.threshold, may_exit)
             except ValueError as err:

@@ -58,16 +58,10 @@ class LoopConfig:
             raise ValueError(f"unknown schedule {self.schedule!r}, expected one of {SCHEDULES}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}, expected one of {PRECISIONS}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if self.max_steps is None and self.epochs < 1:
             raise ValueError(f"epochs must be >= 1 (or set max_steps), got {self.epochs}: nothing would be trained")
-        for name in ("log_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
+        for name in ("batch_size", "max_steps", "checkpoint_every", "log_every", "keep_checkpoints"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_every", "num_workers", "max_nonfinite_steps"):
             if getattr(self, name) < 0:

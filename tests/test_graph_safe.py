@@ -1,0 +1,96 @@
+"""What a CUDA graph needs of a `graph_safe` backbone, checked on the CPU (capture itself needs a GPU:
+bench/check_device.py checks it there).
+
+A replayed graph reruns the device work recorded at capture: host values a segment closed over (its window's start)
+stay as they were, and the host cannot read device values inside it. `FrozenReplay` stands in for the graph runner:
+the static engine pads windows to buckets as on CUDA, the first segment function seen for a key runs for every later
+window with that key, and any read of a device value on the host inside it fails. Decoding so must equal the general
+engine under a mixed exit schedule; a layer that reads the window start on the host decodes differently.
+"""
+
+import pytest
+import torch
+from conftest import RandomPolicy
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from freevlm import EarlyExitVLM, ExitConfig
+from freevlm.decoding import static
+from freevlm.tiny import tiny_model, tiny_model_inputs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# ops that make the host wait for the device (a value read back, or an output whose shape depends on values)
+HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_consecutive", "equal"}
+
+
+class NoHostReads(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in HOST_READS:
+            raise AssertionError(f"a captured segment would read a device value on the host ({name})")
+        return func(*args, **(kwargs or {}))
+
+
+class PaddedEager(static.SegmentRunner):
+    """Runs every segment eagerly over the windows a graph would run (padded to buckets)."""
+
+    def __init__(self, enabled: bool):
+        super().__init__(True)
+        self.captured = {}
+
+    def __call__(self, key, fn, *inputs):
+        self.captured.setdefault(key, fn)
+        return fn(*inputs)
+
+
+class FrozenReplay(PaddedEager):
+    """Replays the segment function first seen for a key, with no host reads: what capture leaves of it."""
+
+    def __call__(self, key, fn, *inputs):
+        fn = self.captured.setdefault(key, fn)
+        with NoHostReads():
+            return fn(*inputs)
+
+
+def _static(ee, inputs, runner, monkeypatch, **kw):
+    with monkeypatch.context() as patch:
+        patch.setattr(static, "SegmentRunner", runner)
+        init = static.StaticEngine.__init__
+        patch.setattr(static.StaticEngine, "__init__", lambda self, *a, **k: init(self, *a, **{**k, "graphs": True}))
+        out = ee.generate(**inputs, static=True, return_engine=True, **kw)
+    assert isinstance(out.engine.runner, runner) and out.engine.runner.captured
+    return out
+
+
+@pytest.mark.parametrize("family", ["opt", "llama", "idefics3"])
+@pytest.mark.parametrize(("batch", "kv"), [(1, "recompute"), (3, "propagate"), (3, "recompute")])
+def test_graph_safe_backbones_decode_the_same_replaying_frozen_segments(family, batch, kv, monkeypatch):
+    """Tokens and exit layers equal the general engine's, and every layer's K/V (the exits' too) equal an eager
+    run over the same padded windows."""
+    model = tiny_model(family, seed=0)
+    ee = EarlyExitVLM(model, ExitConfig([1, 2]))
+    assert ee.backbone.graph_safe
+    inputs = tiny_model_inputs(model, batch=batch, pad=batch > 1)
+    kw = dict(max_new_tokens=10, kv=kv, batch_policy="ride_along", eos_token_id=[])
+    general = ee.generate(**inputs, policy=RandomPolicy(0.4, seed=batch), static=False, **kw)
+    eager = _static(ee, inputs, PaddedEager, monkeypatch, policy=RandomPolicy(0.4, seed=batch), **kw)
+    frozen = _static(ee, inputs, FrozenReplay, monkeypatch, policy=RandomPolicy(0.4, seed=batch), **kw)
+    assert len(general.stats.exit_histogram) >= 2  # a mixed schedule: windows start at many slots
+    for out in (eager, frozen):
+        assert torch.equal(out.sequences, general.sequences)
+        assert torch.equal(out.exit_layers, general.exit_layers)
+    pairs = [
+        *zip(eager.engine.kv, frozen.engine.kv),
+        *zip(eager.engine.exit_kv.values(), frozen.engine.exit_kv.values()),
+    ]
+    for a, b in pairs:
+        assert a.fill == b.fill
+        torch.testing.assert_close(a.keys[:, :, : a.fill], b.keys[:, :, : b.fill])
+        torch.testing.assert_close(a.values[:, :, : a.fill], b.values[:, :, : b.fill])
+
+
+@pytest.mark.parametrize(("family", "config"), [("gemma3", {}), ("mistral", {"sliding_window": 4}), ("qwen2-vl", {})])
+def test_backbones_that_cut_windows_on_the_host_are_not_graph_safe(family, config):
+    """Gemma 3's image overlay and sliding windows (Mistral's here) cut the mask by the window start on the host;
+    Qwen-VL finds DeepStack's image slots from it."""
+    assert not EarlyExitVLM(tiny_model(family, **config), ExitConfig([1])).backbone.graph_safe
