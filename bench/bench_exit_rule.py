@@ -49,7 +49,7 @@ def main() -> None:
     if demo is not None:
         bundle, ee, name = demo
         eos, thresholds = None, args.thresholds or [0.5, 0.6]
-        requests = demo_workload(bundle, args.requests, 1.0, 24, seed=7)
+        requests = demo_workload(bundle, args.requests, 1.0, (24, 24), seed=7)
     else:
         model = big_blip2("opt-demo")
         ee, name = EarlyExitVLM.from_backbone(model, ExitConfig(EXITS)), f"a random opt-demo (exits {EXITS})"
