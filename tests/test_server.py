@@ -25,9 +25,7 @@ import openai
 import pytest
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from training_helpers import WORDS, make_image_processor
-from transformers import PreTrainedTokenizerFast
+from training_helpers import full_vocab_tokenizer, make_image_processor
 
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.cli import main
@@ -41,19 +39,6 @@ LONG = 440  # tokens: a request that runs for a while (the tiny OPT has 512 posi
 # prompts whose greedy answers differ on the tiny model; thresholds at which its tokens leave at different exits
 PROMPTS = ["a photo of", "what color is the shape", "the big red circle", "small blue"]
 THRESHOLDS = [0.0, 0.1, 0.3, 1.0]
-
-
-def full_vocab_tokenizer() -> PreTrainedTokenizerFast:
-    """OPT's specials, the shapes words, then a word for every other id the tiny LM can emit (98: image token)."""
-    specials = ["<unk>", "<pad>", "<s>", "</s>"]
-    words = specials + WORDS
-    vocab = {w: i for i, w in enumerate(words + [f"w{i}" for i in range(len(words), 98)])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>", bos_token="<s>"
-    )
 
 
 @pytest.fixture(scope="module")

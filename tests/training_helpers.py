@@ -58,6 +58,19 @@ def make_tokenizer(family: str, image_token_index: int | None = None) -> PreTrai
     return tokenizer
 
 
+def full_vocab_tokenizer() -> PreTrainedTokenizerFast:
+    """OPT's specials, the shapes words, then a word for every other id the tiny LM can emit (98: image token)."""
+    specials = ["<unk>", "<pad>", "<s>", "</s>"]
+    words = specials + WORDS
+    vocab = {w: i for i, w in enumerate(words + [f"w{i}" for i in range(len(words), 98)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>", bos_token="<s>"
+    )
+
+
 def make_qformer_tokenizer() -> PreTrainedTokenizerFast:
     """A BERT-style tokenizer for the tiny Q-Former's vocabulary: [CLS] text [SEP], padding 0 on the right."""
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]

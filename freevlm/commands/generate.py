@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
 from ..argtypes import device, input_path, integer, positive_int, unit_interval
 from ..data.images import load_image
 from ..decoding.config import KV_MODES, MODES, DecodeConfig
+from ..decoding.generate import analytic_speedup
 from ..exits import ExitConfig
 from ..model import EarlyExitVLM
+from ..serving import Scheduler
 
 # a tiny model is for a look at where tokens leave: bounds that keep it tiny (the LM has 512 positions)
 TINY_MAX_LAYERS, TINY_MAX_NEW_TOKENS = 64, 256
@@ -69,25 +72,44 @@ def caption(args: argparse.Namespace) -> int:
     else:
         ee = EarlyExitVLM(bundle.model, ExitConfig([1]))  # a placeholder exit that full mode never runs
     prompt = args.prompt if args.prompt is not None else (bundle.prompt or "")
-    inputs = bundle.inputs(images, [prompt] * len(images))
-    out = ee.generate(
-        **inputs, max_new_tokens=args.max_new_tokens, threshold=args.threshold, mode=args.mode, kv=args.kv
-    )
-    prompt_len = out.sequences.shape[1] - out.exit_layers.shape[1]
-    for path, seq, layers in zip(args.image, out.sequences, out.exit_layers):
-        new = seq[prompt_len:]
-        print(f"{path}: {bundle.decode(new[None])[0]}")
+    config = DecodeConfig(max_new_tokens=args.max_new_tokens, threshold=args.threshold, mode=args.mode, kv=args.kv)
+    start = time.perf_counter()
+    if len(images) > 1 and args.mode in ("full", "early_exit") and args.kv == "recompute":
+        answers = each_alone(ee, [bundle.inputs([image], [prompt]) for image in images], config)
+    else:
+        out = ee.generate(**bundle.inputs(images, [prompt] * len(images)), config=config)
+        new = out.sequences[:, out.sequences.shape[1] - out.exit_layers.shape[1] :]
+        answers = [
+            (seq[layers >= 0].tolist(), layers[layers >= 0].tolist()) for seq, layers in zip(new, out.exit_layers)
+        ]
+    seconds = time.perf_counter() - start
+    for path, (tokens, layers) in zip(args.image, answers):
+        print(f"{path}: {bundle.decode(torch.tensor([tokens]))[0]}")
         if args.trace:
-            for token, layer in zip(new.tolist(), layers.tolist()):
-                if layer >= 0:
-                    print(f"  {bundle.tokenizer.decode([token])!r:>16}  layer {layer}")
-    s = out.stats
+            for token, layer in zip(tokens, layers):
+                print(f"  {bundle.tokenizer.decode([token])!r:>16}  layer {layer}")
+    n, layers = ee.backbone.num_layers, [layer for _, answer in answers for layer in answer]
     print(
-        f"analytic speedup {s.analytic_speedup:.2f}x, "
-        f"{s.mean_layers_per_token:.1f} of {s.num_layers} layers per token, "
-        f"{s.seconds_total:.2f}s"
+        f"analytic speedup {analytic_speedup(layers, n):.2f}x, "
+        f"{sum(layers) / max(len(layers), 1):.1f} of {n} layers per token, {seconds:.2f}s"
     )
     return 0
+
+
+def each_alone(ee: EarlyExitVLM, requests: list[dict], config: DecodeConfig) -> list[tuple[list[int], list[int]]]:
+    """Several prompts as one continuous batch (`freevlm.serving`): each answer and its exit layers are what the
+    prompt gets alone. In one `generate` batch the rows move through the layers together, so a row that could
+    leave rides along with the deepest one (and the gate stops consulting exits that no step leaves at together):
+    two captions that disagree somewhere ran nearly every layer. Returns (tokens, exit layers) per prompt."""
+    extra = getattr(ee.backbone.config, "num_query_tokens", 0) or 0  # image tokens a BLIP-2 prompt may not hold
+    longest = max(r["input_ids"].shape[1] for r in requests) + extra
+    scheduler = Scheduler(
+        ee, max_batch=len(requests), max_len=longest + config.max_new_tokens, max_waiting=len(requests)
+    )
+    handles = [scheduler.submit(**request, config=config) for request in requests]
+    while scheduler.step():
+        pass
+    return [(done.tokens, done.exit_layers) for done in (handle.result() for handle in handles)]
 
 
 def tiny_run(args: argparse.Namespace) -> int:
