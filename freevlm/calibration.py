@@ -263,41 +263,54 @@ def _metric_per_record(task: str, labels, texts: list[str], vqa_metric: str) -> 
     return per_caption_cider(labels, texts)
 
 
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """How thresholds are certified, and how the records are decoded for it: one set for `calibrate_exits` and for
+    `place_exits`, which certifies every placement with it (at its own confidence)."""
+
+    tolerance: float  # the risk a certified threshold stays below
+    confidence: float  # with this probability
+    loss: str = "consistency"  # see LOSSES
+    thresholds: Sequence[float] | None = None  # None: the method's grid
+    method: str = "free"
+    vqa_metric: str = "vqa"
+    config: DecodeConfig | None = None  # None: the task's default (as `evaluate`)
+    prompt: str | None = None  # None: the task's
+    batch_size: int = BATCH_SIZE
+
+    def __post_init__(self) -> None:
+        check_unit_interval("tolerance", self.tolerance)
+        check_unit_interval("confidence", self.confidence)
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}: one of {LOSSES}")
+
+
 def calibrate_exits(
     ee: EarlyExitVLM,
     processor,
     task: str,
     records: Sequence,
-    tolerance: float,
-    confidence: float,
-    loss: str = "consistency",
-    thresholds: Sequence[float] | None = None,
-    method: str = "free",
-    vqa_metric: str = "vqa",
-    config: DecodeConfig | None = None,
-    prompt: str | None = None,
-    batch_size: int = BATCH_SIZE,
+    options: CalibrationOptions,
     full_outputs: Sequence[str] | None = None,
     time_every_run: bool = False,
     progress: Callable[[str], None] | None = None,
     log: Callable[[str], PredictionLog] | None = None,
 ) -> tuple[Calibration | None, dict[float, EvalResult]]:
-    """Run `ee` over `records` at each threshold (safest first) and certify thresholds with `calibrate_threshold`.
+    """Run `ee` over `records` at each threshold of `options` (safest first) and certify thresholds with
+    `calibrate_threshold`.
 
-    Records are decoded as `evaluate` decodes them: with `config` (None: the task's default), `prompt` (None: the
-    task's) and `batch_size`. Losses are measured against the full model's outputs: `full_outputs` when given
-    (already decoded, e.g. by an earlier call on the same records), otherwise the first run decodes the full model
-    beside the exits. Captions and VQA decode every threshold together, image and prompt encoded once
-    (`evaluate_many`: each threshold's outputs those of its own run; speed reports count tokens only), unless
-    `time_every_run`, which decodes each threshold alone with the full model beside it, for measured (work and
-    wall-clock) speedups. `log(name)`: the `PredictionLog` of each pass ("predictions" when shared, else
-    "predictions_threshold_<t>"), so a run killed part-way resumes where it stopped. Under `accelerate launch`
-    every process decodes its share of each run; the main process alone computes the losses and certifies (the
-    others get None for the `Calibration`)."""
-    tolerance = check_unit_interval("tolerance", tolerance)
-    confidence = check_unit_interval("confidence", confidence)
-    if loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r}: one of {LOSSES}")
+    Records are decoded as `evaluate` decodes them, with the options' `config`, `prompt` and `batch_size`. Losses
+    are measured against the full model's outputs: `full_outputs` when given (already decoded, e.g. by an earlier
+    call on the same records), otherwise the first run decodes the full model beside the exits. Captions and VQA
+    decode every threshold together, image and prompt encoded once (`evaluate_many`: each threshold's outputs those
+    of its own run; speed reports count tokens only), unless `time_every_run`, which decodes each threshold alone
+    with the full model beside it, for measured (work and wall-clock) speedups. `log(name)`: the `PredictionLog`
+    of each pass ("predictions" when shared, else "predictions_threshold_<t>"), so a run killed part-way resumes
+    where it stopped. Under `accelerate launch` every process decodes its share of each run; the main process alone
+    computes the losses and certifies (the others get None for the `Calibration`)."""
+    if not isinstance(options, CalibrationOptions):
+        raise TypeError(f"options must be a CalibrationOptions, got {type(options).__name__}")
+    loss, method, vqa_metric = options.loss, options.method, options.vqa_metric
     if not records:
         raise ValueError("the calibration set is empty: no records to run the exits on")
     labels = None
@@ -306,12 +319,12 @@ def calibrate_exits(
         labels = [r.answers for r in records] if task == "vqa" else _tokenized([r.references for r in records])
     safe, higher_is_safer = never_exits(method)
     grid = sorted(
-        {float(t) for t in (get_method(method).thresholds if thresholds is None else thresholds)},
+        {float(t) for t in (get_method(method).thresholds if options.thresholds is None else options.thresholds)},
         reverse=higher_is_safer,
     )
     say = progress or (lambda msg: None)
-    decoding = dict(config=config, batch_size=batch_size, method=method) | (
-        {"prompt": prompt} if prompt is not None else {}
+    decoding = dict(config=options.config, batch_size=options.batch_size, method=method) | (
+        {"prompt": options.prompt} if options.prompt is not None else {}
     )
     if task == "captions":
         decoding["only"] = ["CIDEr"]  # the sweep's score only: METEOR starts a JVM per call
@@ -345,7 +358,9 @@ def calibrate_exits(
         )
     if not main:
         return None, results
-    calibration = calibrate_threshold(losses, tolerance, confidence, higher_is_safer=higher_is_safer, fallback=safe)
+    calibration = calibrate_threshold(
+        losses, options.tolerance, options.confidence, higher_is_safer=higher_is_safer, fallback=safe
+    )
     return calibration, results
 
 

@@ -10,10 +10,8 @@ import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from .calibration import Calibration, calibrate_exits, check_unit_interval
-from .decoding.config import DecodeConfig
+from .calibration import Calibration, CalibrationOptions, calibrate_exits
 from .eval.evaluate import EvalResult
-from .eval.generate import BATCH_SIZE
 from .eval.predictions import PredictionLog
 from .methods import trainable_parameters
 from .model import EarlyExitVLM
@@ -93,19 +91,11 @@ def place_exits(
     processor,
     task: str,
     records: Sequence,
-    tolerance: float,
-    confidence: float,
+    options: CalibrationOptions,
     budget_exits: int | None = None,
     budget_parameters: int | None = None,
     speedup: str = "ideal",
     max_placements: int = 64,
-    loss: str = "consistency",
-    thresholds: Sequence[float] | None = None,
-    method: str = "free",
-    vqa_metric: str = "vqa",
-    config: DecodeConfig | None = None,
-    prompt: str | None = None,
-    batch_size: int = BATCH_SIZE,
     full_outputs: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
     log: Callable[[str], PredictionLog] | None = None,
@@ -117,12 +107,11 @@ def place_exits(
     layers and heads included - the cost of a weight-bound decode step), "analytic" (the paper's N / mean layers per
     token; blind to the cost of exits a token passes), or "wallclock" (measured here; noisy on a shared machine).
     Each placement is certified at 1 - (1 - confidence) / m for m placements (Bonferroni), so the chosen placement's
-    threshold keeps the guarantee at `confidence` although it was picked on the same data. `loss` to `log`: as
-    `calibrate_exits` takes them, for every placement (`log` names each placement's passes "<name>_exits_<layers>").
+    threshold keeps the guarantee at the options' `confidence` although it was picked on the same data. `options`,
+    `full_outputs`, `progress` and `log`: as `calibrate_exits` takes them, for every placement (`log` names each
+    placement's passes "<name>_exits_<layers>").
     Returns (best, all placements, the per-placement confidence); best is None off the main process.
     """
-    check_unit_interval("tolerance", tolerance)
-    check_unit_interval("confidence", confidence)
     if speedup not in SPEEDUPS:
         raise ValueError(f"unknown speedup {speedup!r}: one of {SPEEDUPS}")
     parameters = {i: trainable_parameters(m) for i, m in ee.exit_dict().items()}
@@ -133,9 +122,7 @@ def place_exits(
             "offer fewer candidate layers or a smaller budget"
         )
     say = progress or (lambda msg: None)
-    each = 1.0 - (1.0 - confidence) / len(sets)
-    calibrating = dict(loss=loss, thresholds=thresholds, method=method, vqa_metric=vqa_metric)
-    calibrating |= dict(config=config, prompt=prompt, batch_size=batch_size)
+    each = 1.0 - (1.0 - options.confidence) / len(sets)
     placements = []
     for layers in sets:
         calibration, results = calibrate_exits(
@@ -143,9 +130,7 @@ def place_exits(
             processor,
             task,
             records,
-            tolerance,
-            each,
-            **calibrating,
+            replace(options, confidence=each),
             full_outputs=full_outputs,
             time_every_run=speedup != "analytic",
             log=_placement_log(log, layers),

@@ -7,7 +7,7 @@ import dataset_files as files
 import pytest
 from cli_args import cli_args
 
-from freevlm.calibration import calibrate_exits, consistency_losses, never_exits, per_caption_cider
+from freevlm.calibration import CalibrationOptions, calibrate_exits, consistency_losses, never_exits, per_caption_cider
 from freevlm.cli import main
 
 
@@ -102,7 +102,20 @@ def test_empty_calibration_set_is_an_error(checkpoint, tmp_path, capsys):
 
 def test_calibrate_exits_refuses_no_records():
     with pytest.raises(ValueError, match="the calibration set is empty"):
-        calibrate_exits(None, None, "vqa", [], tolerance=0.1, confidence=0.9)
+        calibrate_exits(None, None, "vqa", [], CalibrationOptions(tolerance=0.1, confidence=0.9))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(tolerance=1.5, confidence=0.9), "tolerance"),
+        (dict(tolerance=0.1, confidence=-0.1), "confidence"),
+        (dict(tolerance=0.1, confidence=0.9, loss="bleu"), "unknown loss 'bleu'"),
+    ],
+)
+def test_calibration_options_are_checked_when_made(options, message):
+    with pytest.raises(ValueError, match=message):
+        CalibrationOptions(**options)
 
 
 def test_metric_loss_needs_labels(checkpoint, tmp_path, capsys):

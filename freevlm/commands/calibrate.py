@@ -19,7 +19,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..argtypes import number, open_fraction, output_file, positive_int
-from ..calibration import LOSS_DEFINITIONS, LOSSES, Calibration, calibrate_exits, check_unit_interval, never_exits
+from ..calibration import (
+    LOSS_DEFINITIONS,
+    LOSSES,
+    Calibration,
+    CalibrationOptions,
+    calibrate_exits,
+    check_unit_interval,
+    never_exits,
+)
 from ..data.specs import DatasetSpec, read_dataset
 from ..eval.evaluate import EvalResult
 from ..eval.predictions import PredictionLog
@@ -103,6 +111,22 @@ def prediction_logs(args: argparse.Namespace, spec: DatasetSpec, **knobs) -> Cal
     return log
 
 
+def calibration_options(args: argparse.Namespace, spec: DatasetSpec, bundle) -> CalibrationOptions:
+    """The command line's `CalibrationOptions` (decode options as `eval` reads them)."""
+    config, prompt = decoding_options(args, spec, bundle)
+    return CalibrationOptions(
+        args.tolerance,
+        args.confidence,
+        loss=args.loss,
+        thresholds=args.thresholds,
+        method=args.method,
+        vqa_metric=spec.vqa_metric,
+        config=config,
+        prompt=prompt,
+        batch_size=args.batch_size,
+    )
+
+
 def calibration_report(calibration: Calibration, results: dict[float, EvalResult], **context) -> dict:
     """The JSON `freevlm calibrate` writes: the certification, each threshold's speed, and what was run."""
     out = dict(context) | calibration.as_dict()
@@ -121,23 +145,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     ee, bundle = load_model(args)
     main = Processes.current().is_main
     task = spec.task
-    config, prompt = decoding_options(args, spec, bundle)
     calibration, results = calibrate_exits(
-        ee,
-        bundle,
-        task,
-        records,
-        args.tolerance,
-        args.confidence,
-        loss=args.loss,
-        thresholds=args.thresholds,
-        method=args.method,
-        vqa_metric=spec.vqa_metric,
-        config=config,
-        prompt=prompt,
-        batch_size=args.batch_size,
-        progress=print if main else None,
-        log=log,
+        ee, bundle, task, records, calibration_options(args, spec, bundle), progress=print if main else None, log=log
     )
     if not main:  # the main process certifies and writes (`accelerate launch`)
         return 0
@@ -179,27 +188,16 @@ def run_place_exits(args: argparse.Namespace) -> int:
     main = Processes.current().is_main
     if args.candidates:
         ee = exits_subset(ee, args.candidates)
-    config, prompt = decoding_options(args, spec, bundle)
     best, placements, each = place_exits(
         ee,
         bundle,
         spec.task,
         records,
-        args.tolerance,
-        args.confidence,
-        budget_exits=args.budget_exits,
-        budget_parameters=args.budget_parameters,
-        speedup=args.speedup,
+        calibration_options(args, spec, bundle),
         max_placements=args.max_placements,
-        loss=args.loss,
-        thresholds=args.thresholds,
-        method=args.method,
-        vqa_metric=spec.vqa_metric,
-        config=config,
-        prompt=prompt,
-        batch_size=args.batch_size,
         progress=print if main else None,
         log=log,
+        **knobs,
     )
     if not main:
         return 0

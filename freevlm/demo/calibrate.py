@@ -7,10 +7,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
-from ..calibration import LOSS_DEFINITIONS, calibrate_exits, consistency_losses, never_exits
+from ..calibration import LOSS_DEFINITIONS, CalibrationOptions, calibrate_exits, consistency_losses, never_exits
 from ..decoding.config import DecodeConfig
 from ..model import EarlyExitVLM
 from ..placement import exits_subset, place_exits, placement_guarantee
+from .config import DemoConfig
 from .evaluate import SplitRuns
 from .runs import Runner
 
@@ -67,6 +68,12 @@ class CalibrationSet:
     batch_size: int
     config: DecodeConfig
 
+    def options(self, cfg: DemoConfig, thresholds: list[float]) -> CalibrationOptions:
+        """The demo's certification (consistency loss, FREE's rule) at `thresholds`, decoding as the demo does."""
+        return CalibrationOptions(
+            cfg.tolerance, cfg.confidence, thresholds=thresholds, config=self.config, batch_size=self.batch_size
+        )
+
 
 class OnTest:
     """Consistency risk (captions that differ from the full model's), CIDEr and analytic speedup of a set of exits
@@ -107,11 +114,7 @@ def certify(runner: Runner, ee: EarlyExitVLM, calib: CalibrationSet, on_test: On
             processor,
             "captions",
             calib.records,
-            cfg.tolerance,
-            cfg.confidence,
-            thresholds=grid,
-            config=calib.config,
-            batch_size=calib.batch_size,
+            calib.options(cfg, grid),
             full_outputs=calib.full_outputs,
         )
     per_threshold = calibration.as_dict()["per_threshold"]
@@ -155,13 +158,9 @@ def place(runner: Runner, candidates: EarlyExitVLM, calib: CalibrationSet, on_te
             processor,
             "captions",
             calib.records,
-            cfg.tolerance,
-            cfg.confidence,
+            calib.options(cfg, cfg.placement_thresholds),
             budget_exits=cfg.exit_budget,
             speedup="analytic",
-            thresholds=cfg.placement_thresholds,
-            config=calib.config,
-            batch_size=calib.batch_size,
             full_outputs=calib.full_outputs,
         )
     fixed = next((p for p in placements if p.layers == tuple(sorted(cfg.exit_layers))), None)  # None: over budget
