@@ -142,12 +142,13 @@ def vizwiz(root: Path) -> Path:
     return write_json(root / "val.json", data)
 
 
-def visdial(root: Path, split: str = "val2018") -> tuple[Path, Path]:
-    """Two dialogs of 3 rounds, 4 options per round (the real files have 10 rounds and 100 options)."""
+def visdial(root: Path, split: str = "val2018", dialogs: int = 2) -> tuple[Path, Path]:
+    """`dialogs` dialogs of 3 rounds, 4 options per round (the real files have 10 rounds and 100 options)."""
     questions = ["what color is it", "is it big", "how many", "any people"]
     answers = ["red", "no", "one", "yes", "blue", "two"]
-    dialogs = []
-    for d, image_id in enumerate((185565, 284024)):
+    image_ids = [185565, 284024, *range(300000, 300000 + dialogs - 2)][:dialogs]
+    written = []
+    for d, image_id in enumerate(image_ids):
         write_image(root / "images" / f"VisualDialog_{split}_{image_id:012d}.jpg")
         rounds = []
         for r in range(3):
@@ -156,10 +157,10 @@ def visdial(root: Path, split: str = "val2018") -> tuple[Path, Path]:
             rounds.append(
                 {"question": (r + d) % len(questions), "answer": options[gt], "answer_options": options, "gt_index": gt}
             )
-        dialogs.append({"image_id": image_id, "caption": f"a square {d}", "dialog": rounds})
+        written.append({"image_id": image_id, "caption": f"a square {d}", "dialog": rounds})
     path = write_json(
         root / f"visdial_1.0_{split[:-4]}.json",
-        {"version": "1.0", "split": split, "data": {"questions": questions, "answers": answers, "dialogs": dialogs}},
+        {"version": "1.0", "split": split, "data": {"questions": questions, "answers": answers, "dialogs": written}},
     )
     dense = write_json(root / "dense.json", [{"image_id": 185565, "round_id": 2, "gt_relevance": [0.0, 1.0, 0.5, 0.0]}])
     return path, dense

@@ -91,6 +91,51 @@ def test_a_killed_eval_resumes_to_what_an_uninterrupted_run_gives(checkpoint, tm
     assert scored(out) == scored(whole)
 
 
+def visdial_args(checkpoint, root: Path, out: Path, command: str = "eval") -> list[str]:
+    """`freevlm eval` (or `sweep`, on a grid) over 5 dialogs of 3 rounds (15 records), dense relevance for one."""
+    dialogs, dense = files.visdial(root, dialogs=5)
+    options = dict(checkpoint=checkpoint, format="visdial", files=[dialogs, dense], images=root / "images", out=out)
+    options.update(max_new_tokens=3, batch_size=2)
+    if command == "sweep":
+        return cli_args("sweep", **options, thresholds=[0.014, 0.016, 1.0], dev_fraction=0.4)
+    return cli_args("eval", **options, threshold=0.016)
+
+
+@pytest.mark.parametrize("command", ["eval", "sweep"])
+def test_a_killed_visdial_run_resumes_without_scoring_its_options_again(checkpoint, tmp_path, monkeypatch, command):
+    """Each round's option log-likelihoods are kept in its line: after a real SIGKILL, the resumed run scores the
+    options of only the rounds not on disk and ranks every round as the uninterrupted run does."""
+    from freevlm.eval import evaluate
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert main(visdial_args(checkpoint, tmp_path, whole, command)) == 0
+    name = "predictions.jsonl" if command == "eval" else "predictions_test.jsonl"
+    expected = lines(whole / name)
+    assert all(len(row.get("scores") or row["rules"][0]["scores"]) == 4 for row in expected)  # 4 options a round
+
+    path = killed / name
+    kill_once_written(visdial_args(checkpoint, tmp_path, killed, command), path)
+    kept = len(lines(path))
+    assert 2 <= kept < len(expected) and not (killed / "results.json").exists()
+
+    scored_rounds, score = [], evaluate.option_log_likelihoods_many
+    monkeypatch.setattr(
+        evaluate, "option_log_likelihoods_many", lambda *a, **k: scored_rounds.append(a[3]) or score(*a, **k)
+    )
+    assert main([*visdial_args(checkpoint, tmp_path, killed, command), "--resume"]) == 0
+    assert lines(path) == expected
+    if command == "eval":
+        assert len(scored_rounds) == len(expected) - (kept - kept % 2)  # whole batches of 2 on disk are not scored
+        assert scored(killed) == scored(whole)
+    else:  # the dev pass was whole on disk; the test pass resumed; the chosen threshold is timed alone, afresh
+        resumed, uninterrupted = (json.loads((out / "results.json").read_text()) for out in (killed, whole))
+        untimed = lambda rows: [(r["threshold"], r["layer"], r["score"], r["quality"]) for r in rows]  # noqa: E731
+        for key in ("dev", "test", "per_layer"):
+            assert untimed(resumed[key]) == untimed(uninterrupted[key]), key
+        assert resumed["best_threshold"] == uninterrupted["best_threshold"]
+        assert len(scored_rounds) == len(expected) - (kept - kept % 2) + len(expected)
+
+
 def test_resume_with_other_options_is_refused_naming_the_difference(checkpoint, tmp_path, capsys):
     questions = gqa(tmp_path, 4)
     out = tmp_path / "out"
@@ -164,6 +209,8 @@ def comparable(out: Path) -> dict:
     sweep = json.loads((out / "sweep" / "results.json").read_text())
     calib = json.loads((out / "calib.json").read_text())
     place = json.loads((out / "place.json").read_text())
+    visdial = out / "visdial"
+    visdial_sweep = json.loads((visdial / "sweep" / "results.json").read_text())
     return {
         "eval": (lines(out / "eval" / "predictions.jsonl"), scored(out / "eval")),
         "sweep": (
@@ -174,36 +221,54 @@ def comparable(out: Path) -> dict:
         ),
         "calibrate": (calib["threshold"], calib["certified"], calib["per_threshold"]),
         "place-exits": (place["chosen"], sorted(json.dumps(a) for a in place["alternatives"])),
+        "visdial eval": (lines(visdial / "eval" / "predictions.jsonl"), scored(visdial / "eval")),
+        "visdial sweep": (
+            visdial_sweep["best_threshold"],
+            [
+                (r["threshold"], r["layer"], r["quality"])
+                for key in ("dev", "test", "per_layer")
+                for r in visdial_sweep[key]
+            ],
+            lines(visdial / "sweep" / "predictions_test.jsonl"),
+        ),
     }
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="--multi_gpu would start GPU processes here")
 def test_two_processes_give_what_one_gives(checkpoint, tmp_path):
     """One `accelerate launch --multi_gpu --num_processes 2` (CPU processes on a host without GPUs) runs the four
-    commands in a row; each process decodes only its share of the batches."""
+    commands in a row, then VisDial's `eval` and `sweep`; each process decodes only its share of the batches, and
+    scores only its share of the VisDial rounds' options."""
     questions = gqa(tmp_path, 7)  # 4 batches of 2: process 0 gets 2 and process 1 gets 2 (the last one short)
     one, two = tmp_path / "one", tmp_path / "two"
-    for argv in command_args(checkpoint, questions, one).values():
+
+    def commands(out: Path) -> list[list[str]]:
+        visdial = [visdial_args(checkpoint, tmp_path, out / "visdial" / c, c) for c in ("eval", "sweep")]
+        return [*command_args(checkpoint, questions, out).values(), *visdial]
+
+    for argv in commands(one):
         assert main(argv) == 0
-    commands = tmp_path / "commands.json"
-    commands.write_text(json.dumps(list(command_args(checkpoint, questions, two).values())))
+    argv_file = tmp_path / "commands.json"
+    argv_file.write_text(json.dumps(commands(two)))
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     with held_port() as port:  # not 29500: other runs on this host may hold it
         launch += ["--main_process_port", str(port)]
         run = subprocess.run(
-            [*launch, str(HERE / "run_commands.py"), str(commands)],
+            [*launch, str(HERE / "run_commands.py"), str(argv_file)],
             env=ENV,
             capture_output=True,
             text=True,
-            timeout=240,
+            timeout=300,
         )
     assert run.returncode == 0, run.stderr[-3000:]
     one, two = comparable(one), comparable(two)
     for command in one:
         assert two[command] == one[command], command
-    decoded = json.loads(run.stdout.strip().splitlines()[-1])  # records each process decoded in `eval`
-    assert decoded == {"0": 4, "1": 3}
+    counts = json.loads(run.stdout.strip().splitlines()[-1])  # per command, what each process did
+    assert {rank: c["decoded"] for rank, c in counts[0].items()} == {"0": 4, "1": 3}  # `eval`'s records
+    # VisDial `eval`: 15 rounds in 8 batches of 2, each process's 4 batches decoded and their rounds' options scored
+    assert counts[4] == {"0": {"decoded": 8, "scored": 8}, "1": {"decoded": 7, "scored": 7}}
 
 
 @pytest.mark.parametrize("kv", ["recompute", "propagate"])

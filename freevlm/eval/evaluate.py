@@ -189,10 +189,12 @@ def evaluate_visdial(
     NDCG); the speed report comes from generating each round's answer (`config`: default `ANSWER_DECODING`), early
     exit against full; `run`: `generate_texts`' batching and timing."""
     images, prompts, ids = visdial_inputs(records)
+    scorer = option_scorer(ee, processor, records, [(threshold, layer)], option_batch_size, method)
     config = config or ANSWER_DECODING
-    gen = generate_texts(ee, processor, images, prompts, threshold, layer, config, method, ids=ids, **run)
-    ranked = option_scores(ee, processor, records, [(threshold, layer)], option_batch_size, method, gen.main)
-    return score_visdial(gen, records, ranked[0])
+    gen = generate_texts(
+        ee, processor, images, prompts, threshold, layer, config, method, ids=ids, score_record=scorer, **run
+    )
+    return score_visdial(gen, records)
 
 
 def visdial_inputs(records: Sequence[VisDialRecord]) -> tuple[list, list, list]:
@@ -201,27 +203,25 @@ def visdial_inputs(records: Sequence[VisDialRecord]) -> tuple[list, list, list]:
     return [r.image for r in records], [visdial_prompt(r) for r in records], ids
 
 
-def option_scores(
-    ee: EarlyExitVLM, processor, records, rules, option_batch_size: int, method: str, main: bool = True
-) -> list[list[list[float]] | None]:
-    """Per rule, each round's option log-likelihoods (`option_log_likelihoods_many`: one teacher-forced pass per
-    round for every rule); None off the main process, which alone ranks and scores."""
-    if not main:
-        return [None] * len(rules)
-    per_round = [
-        option_log_likelihoods_many(
-            ee, processor, load_image(r.image), visdial_prompt(r), r.options, rules, option_batch_size, method
-        )
-        for r in records
-    ]
-    return [[scores[g] for scores in per_round] for g in range(len(rules))]
+def option_scorer(ee: EarlyExitVLM, processor, records, rules, option_batch_size: int, method: str):
+    """`i -> per rule, round i's option log-likelihoods` (`option_log_likelihoods_many`: one teacher-forced pass per
+    round for every rule), for `generate_texts`' `score_record`: each round is scored with its batch, by the process
+    that decodes it, and its scores kept in its line of predictions.jsonl."""
+
+    def score(i: int) -> list[list[float]]:
+        r = records[i]
+        image, prompt = load_image(r.image), visdial_prompt(r)
+        return option_log_likelihoods_many(ee, processor, image, prompt, r.options, rules, option_batch_size, method)
+
+    return score
 
 
-def score_visdial(gen: Generated, records: Sequence[VisDialRecord], scores: list[list[float]] | None) -> EvalResult:
-    """`scores`: each round's option log-likelihoods under `gen`'s rule (None off the main process)."""
+def score_visdial(gen: Generated, records: Sequence[VisDialRecord]) -> EvalResult:
+    """Rank each round's options by `gen.scores` (its option log-likelihoods under `gen`'s rule)."""
     ids = [f"{r.image_id}:{r.round}" for r in records]
-    if scores is None:  # the main process ranks the options and scores
+    if not gen.main:  # the main process ranks the options and scores
         return _scored(gen, "visdial", "mrr", None, {}, ids, top_option=[None] * len(records))
+    scores = gen.scores
     quality = visdial_metrics(scores, [r.gt_index for r in records], [r.relevance for r in records])
     top = [r.options[max(range(len(s)), key=lambda i: s[i])] for r, s in zip(records, scores)]
     return _scored(gen, "visdial", "mrr", quality.get("mrr"), quality, ids, top_option=top)
@@ -275,13 +275,13 @@ def evaluate_many(
     inputs, scoring, default = SHARED_TASKS[task]
     images, prompts, ids = inputs(records) if prompt is None else inputs(records, prompt)
     config = config or default
-    generated = generate_many(
-        ee, processor, images, prompts, rules, config, method, batch_size, compare_full, progress_bar, ids, log
-    )
+    scorer = None
     if task == "visdial":
-        batch = score.pop("option_batch_size", OPTION_BATCH_SIZE)
-        ranked = option_scores(ee, processor, records, rules, batch, method, generated[0].main)
-        return [score_visdial(gen, records, scores, **score) for gen, scores in zip(generated, ranked)]
+        option_batch_size = score.pop("option_batch_size", OPTION_BATCH_SIZE)
+        scorer = option_scorer(ee, processor, records, rules, option_batch_size, method)
+    generated = generate_many(
+        ee, processor, images, prompts, rules, config, method, batch_size, compare_full, progress_bar, ids, log, scorer
+    )
     if task == "captions" and generated[0].main and all(r.references for r in records):
         texts = [t for r in records for t in r.references] + [t for gen in generated for t in gen.texts]
         score["tokenizer"] = tokenized_once(score.get("tokenizer", tokenize), texts)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -38,6 +38,7 @@ class Generated:
     layer: int | None
     started: float  # time.perf_counter() when evaluation began
     main: bool = True  # the main process (the only one that scores)
+    scores: list | None = None  # per record, what `score_record` gave under this rule (None without it)
 
 
 # what evaluation decides itself: the exit rule (`method` at `threshold`, or `layer`) and how rows share a batch
@@ -80,6 +81,7 @@ def generate_texts(
     ids: Sequence | None = None,
     log: PredictionLog | None = None,
     progress_bar: bool = False,
+    score_record: Callable[[int], list] | None = None,
 ) -> Generated:
     """Early-exit answers for every (image, prompt), decoded with `config` (default: `DecodeConfig()`) under
     `method`'s exit rule at `threshold` (or every token out at `layer`); with `compare_full`, the full model on the
@@ -95,6 +97,8 @@ def generate_texts(
     `log` (a `PredictionLog`, `ids` naming the records in it): each finished record is appended as a line, and
     records already there (a resumed run) are not decoded again; a batch is decoded whole, so its outputs are those
     of an uninterrupted run. `progress_bar`: one bar on the main process, records done across processes and the ETA.
+    `score_record(i)`: record i's scores under each rule (here one; VisDial: its options' log-likelihoods), computed
+    with its batch by the process that decodes it and kept in its line, so a resumed run does not compute them again.
     """
     started = time.perf_counter()
     early_config, full_config = _configs(ee, config or DecodeConfig(), threshold, layer, method, batch_size)
@@ -105,7 +109,11 @@ def generate_texts(
         inputs = processor.inputs([load_image(images[i]) for i in index], [prompts[i] for i in index])
         early = functools.partial(ee.generate, **inputs, config=early_config)
         full = functools.partial(ee.generate, **inputs, config=full_config) if compare_full else None
-        return _decode_batch(processor, early, full, meter, timing_repeats, warm_up=first, parity=b)
+        rows = _decode_batch(processor, early, full, meter, timing_repeats, warm_up=first, parity=b)
+        if score_record is not None:
+            for i, row in zip(index, rows):
+                (row["scores"],) = score_record(i)
+        return rows
 
     processes = Processes.current()
     rows = _deal(decode, len(images), batch_size, processes, ids, log, progress_bar)
@@ -117,7 +125,9 @@ def generate_texts(
     meter.recount(exit_layers, sum(row.get("full_tokens", 0) for row in ordered), *params)
     threshold = None if layer is not None else threshold
     texts = [row["prediction"] for row in ordered]
-    return Generated(texts, full_texts, exit_layers, meter.report(), threshold, layer, started, processes.is_main)
+    scores = [row["scores"] for row in ordered] if score_record is not None else None
+    report = meter.report()
+    return Generated(texts, full_texts, exit_layers, report, threshold, layer, started, processes.is_main, scores)
 
 
 def _deal(decode, total: int, batch_size: int, processes: Processes, ids, log, progress_bar: bool) -> dict[int, dict]:
@@ -210,11 +220,12 @@ def generate_many(
     progress_bar: bool = False,
     ids: Sequence | None = None,
     log: PredictionLog | None = None,
+    score_record: Callable[[int], list] | None = None,
 ) -> list[Generated]:
     """What `generate_texts` gives under each (threshold, layer) of `rules`, with each batch's image and prompt
     encoded once for all of them: the batch is decoded as one copy per rule side by side (`Copies`), each copy
     exactly as it would be decoded alone. Batches are dealt out across processes, and `log` (one line per record,
-    every rule's output) kept and resumed, as in `generate_texts`."""
+    every rule's output) kept and resumed, and `score_record` (one score per rule) kept, as in `generate_texts`."""
     if not rules:
         raise ValueError("no exit rules to evaluate")
     started = time.perf_counter()
@@ -232,6 +243,10 @@ def generate_many(
         if compare_full:
             for row, full in zip(new, _rows(processor, ee.generate(**inputs, config=full_config))):
                 row["full_prediction"] = full["prediction"]
+        if score_record is not None:
+            for i, row in zip(index, new):
+                for rule, scores in zip(row["rules"], score_record(i), strict=True):
+                    rule["scores"] = scores
         return new
 
     processes = Processes.current()
@@ -243,11 +258,14 @@ def generate_many(
     for g, (threshold, layer) in enumerate(rules):
         texts = [row["rules"][g]["prediction"] for row in ordered]
         exit_layers = [row["rules"][g]["exit_layers"] for row in ordered]
+        scores = [row["rules"][g]["scores"] for row in ordered] if score_record is not None else None
         meter = SpeedMeter(ee.backbone.num_layers)  # no batch timed: tokens only
         meter.recount(exit_layers, 0)
         threshold = None if layer is not None else threshold
-        gen = Generated(texts, full_texts, exit_layers, meter.report(), threshold, layer, started, processes.is_main)
-        generated.append(gen)
+        report = meter.report()
+        generated.append(
+            Generated(texts, full_texts, exit_layers, report, threshold, layer, started, processes.is_main, scores)
+        )
     return generated
 
 

@@ -90,7 +90,7 @@ def sweep(
     evaluated again on test alone, timed against the full model (`compare_full`), so its wall-clock speedup is
     measured as `freevlm eval` measures it. The other rows count layers only. `log(name)`: the `PredictionLog` of
     each pass ("predictions_dev", "predictions_test", "predictions_best"), so a sweep killed part-way resumes where
-    it stopped (VisDial's option scores, not logged, are computed again).
+    it stopped (VisDial's option scores are in the lines too).
     """
     if dev_records is None:
         dev_records, records = split_dev(records, dev_fraction)
