@@ -1,5 +1,7 @@
 """Beam search, speculative mode and batch policies on the early-exit engine."""
 
+import itertools
+
 import pytest
 import torch
 from conftest import TokenHashPolicy
@@ -122,6 +124,29 @@ def test_beam_search_without_exits_equals_hugging_face(family, num_beams, length
     ref = model.generate(pixel_values=pv, input_ids=ids, attention_mask=mask, do_sample=False, **kwargs)
     ours = ee.generate(pv, ids, mask, threshold=1.0, **kwargs)
     assert torch.equal(ours.sequences, ref)
+
+
+def test_beam_search_follows_each_early_stopping_setting_as_hugging_face():
+    """A batch where False, True and "never" give three different answers (OPT seed 9 with EOS 60: found by a
+    search), so each setting must be followed as Hugging Face follows it, not taken for another."""
+    model = tiny_blip2("opt", seed=9)
+    ee = EarlyExitVLM.from_backbone(model, ExitConfig([1, 2]))
+    pv, ids, mask = tiny_inputs(model, batch=3, seed=9, pad=True)
+    kwargs = dict(max_new_tokens=12, num_beams=3, length_penalty=1.5, eos_token_id=60)
+    answers = []
+    for early_stopping in (False, True, "never"):
+        ref = model.generate(
+            pixel_values=pv,
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            early_stopping=early_stopping,
+            **kwargs,
+        )
+        ours = ee.generate(pv, ids, mask, threshold=1.0, early_stopping=early_stopping, **kwargs)
+        assert torch.equal(ours.sequences, ref), early_stopping
+        answers.append(ref)
+    assert all(a.shape != b.shape or not torch.equal(a, b) for a, b in itertools.combinations(answers, 2))
 
 
 def test_beam_search_with_exits_reports_per_token_layers(family):

@@ -25,8 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--backbone",
         type=input_path,
         required=True,
-        help="folder of a BLIP-2 (with its tokenizer and image processor), "
-        "an InstructBLIP or a LLaVA (with its processor), saved with save_pretrained",
+        help="folder of a model of a supported family (the README's table) saved with save_pretrained, with its "
+        "processor (a BLIP-2: or its tokenizer and image processor)",
     )
     p.add_argument(
         "--exits", type=input_path, help="folder of exits saved by EarlyExitVLM.save_exits (default: no exits)"

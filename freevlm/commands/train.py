@@ -60,7 +60,7 @@ def _loop_args(p: argparse.ArgumentParser) -> None:
         "--backbone",
         type=input_path,
         required=True,
-        help="folder of a BLIP-2 saved with save_pretrained (+ tokenizer, processor)",
+        help="model folder, as for `freevlm caption`",
     )
     p.add_argument(
         "--captions",

@@ -135,6 +135,18 @@ class WorkCounter:
     params_touched: int = 0
 
 
+@dataclass(frozen=True)
+class EngineSetup:
+    """What an engine is built from besides its batch's context: the one parameter list of every engine and of
+    the pool that keeps static ones (`kv_mode` and `batch_policy` as `DecodeConfig` checked them)."""
+
+    backbone: Backbone
+    exits: dict[int, nn.Module]
+    policy: ExitPolicy
+    kv_mode: str
+    batch_policy: str
+
+
 class Engine(ABC):
     """Caches and pending states of one batch; `step` runs new tokens up the stack.
 
@@ -144,19 +156,11 @@ class Engine(ABC):
 
     cache_class: type[LayerCache]
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        exits: dict[int, nn.Module],
-        policy: ExitPolicy,
-        kv_mode: str,
-        ctx: Context,
-        batch_policy: str,
-        slots: int | None = None,
-    ):
-        """`kv_mode` and `batch_policy` as `DecodeConfig` checked them; `slots`: cache size (default the context's)."""
+    def __init__(self, setup: EngineSetup, ctx: Context, slots: int | None = None):
+        """`slots`: cache size (default the context's)."""
         slots = slots or ctx.capacity
-        self.backbone, self.exits, self.policy, self.kv_mode, self.ctx = backbone, exits, policy, kv_mode, ctx
+        backbone, exits, policy, batch_policy = setup.backbone, setup.exits, setup.policy, setup.batch_policy
+        self.backbone, self.exits, self.policy, self.kv_mode, self.ctx = backbone, exits, policy, setup.kv_mode, ctx
         self.num_layers = backbone.num_layers
         self.batch_size = ctx.prompt_ids.shape[0]
         self.batch_policy = resolve_batch_policy(batch_policy, self.batch_size)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..backbones.base import Backbone, Context
 from .config import DecodeConfig
-from .engine import Engine, WorkCounter, resolve_batch_policy, rows_move_together
+from .engine import Engine, EngineSetup, WorkCounter, resolve_batch_policy, rows_move_together
 from .general import GeneralEngine
 from .policies import Copies, ExitPolicy
 from .sampling import TokenChooser, make_generator
@@ -172,12 +172,12 @@ def build_engine(call: Call, ctx: Context) -> Engine:
             f"static=True needs rows that move together: batch_policy={config.batch_policy!r} with "
             f"{batch} rows compacts them (use 'ride_along' or 'slowest')"
         )
-    args = (backbone, call.exits, call.policy, config.kv, ctx, batch_policy)
+    setup = EngineSetup(backbone, call.exits, call.policy, config.kv, batch_policy)
     if not together or config.static is False:
-        return GeneralEngine(*args)
+        return GeneralEngine(setup, ctx)
     if call.engines is not None and backbone.device.type == "cuda" and backbone.graph_safe:
-        return call.engines.get(*args)
-    return StaticEngine(*args)
+        return call.engines.get(setup, ctx)
+    return StaticEngine(setup, ctx)
 
 
 @torch.no_grad()

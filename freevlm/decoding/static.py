@@ -23,11 +23,10 @@ import itertools
 import warnings
 
 import torch
-from torch import nn
 
-from ..backbones.base import Backbone, Context
+from ..backbones.base import Context
 from ..cache_utils import StaticKV, StaticView
-from .engine import Engine, ExitGate, StepResult, WorkCounter
+from .engine import Engine, EngineSetup, ExitGate, StepResult, WorkCounter
 from .policies import ExitPolicy
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -98,23 +97,13 @@ class StaticEngine(Engine):
 
     cache_class = StaticKV
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        exits: dict[int, nn.Module],
-        policy: ExitPolicy,
-        kv_mode: str,
-        ctx: Context,
-        batch_policy: str,
-        capacity: int | None = None,
-        graphs: bool = False,
-    ):
+    def __init__(self, setup: EngineSetup, ctx: Context, capacity: int | None = None, graphs: bool = False):
         slots = (capacity or ctx.capacity) + (BUCKETS[-1] if graphs else 0)  # padded windows may run past the end
-        super().__init__(backbone, exits, policy, kv_mode, ctx, batch_policy, slots)
+        super().__init__(setup, ctx, slots)
         self.key_ok = torch.ones(self.batch_size, slots, dtype=torch.bool, device=ctx.key_mask.device)
         self.runner = SegmentRunner(graphs)
         self._all_rows = torch.arange(self.batch_size, device=ctx.key_mask.device)
-        self.restart(ctx, policy)
+        self.restart(ctx, setup.policy)
 
     def restart(self, ctx: Context, policy: ExitPolicy) -> None:
         """A new request on the same buffers (and the same captured graphs): nothing is filled yet."""
@@ -339,33 +328,25 @@ class EnginePool:
     def __init__(self):
         self.engines: dict[tuple, StaticEngine] = {}
 
-    def get(
-        self,
-        backbone: Backbone,
-        exits: dict[int, nn.Module],
-        policy: ExitPolicy,
-        kv_mode: str,
-        ctx: Context,
-        batch_policy: str,
-    ) -> StaticEngine:
+    def get(self, setup: EngineSetup, ctx: Context) -> StaticEngine:
         """An engine with CUDA graphs for this request: a kept one restarted, or a new one (then kept)."""
         capacity = -(-ctx.capacity // 64) * 64
-        live = tuple(sorted(policy.live_exits(sorted(exits))))
+        live = tuple(sorted(setup.policy.live_exits(sorted(setup.exits))))
         key = (
             ctx.prompt_ids.shape[0],
             capacity,
             live,
-            tuple(id(exits[i]) for i in live),
-            kv_mode,
-            batch_policy,
-            backbone.dtype,
-            str(backbone.device),
+            tuple(id(setup.exits[i]) for i in live),
+            setup.kv_mode,
+            setup.batch_policy,
+            setup.backbone.dtype,
+            str(setup.backbone.device),
         )
         engine = self.engines.get(key)
         if engine is not None:
-            engine.restart(ctx, policy)
+            engine.restart(ctx, setup.policy)
             return engine
-        engine = StaticEngine(backbone, exits, policy, kv_mode, ctx, batch_policy, capacity, graphs=True)
+        engine = StaticEngine(setup, ctx, capacity, graphs=True)
         self.engines[key] = engine
         return engine
 
