@@ -7,12 +7,13 @@ from freevlm.eval.visdial import ndcg, ranks_of, visdial_metrics
 
 def test_ranks_and_sparse_metrics():
     assert ranks_of([0.1, 0.9, 0.5, 0.5]) == [4, 1, 2, 3]  # ties: lower index first
-    scores = [[0.1, 0.9, 0.5], [3.0, 2.0, 1.0], [0.0, 1.0, 2.0]]
-    m = visdial_metrics(scores, [1, 2, 0])  # ranks of the answers: 1, 3, 3
-    assert m["mrr"] == pytest.approx((1 + 1 / 3 + 1 / 3) / 3)
-    assert m["r@1"] == pytest.approx(1 / 3) and m["r@5"] == 1.0 and m["r@10"] == 1.0
-    assert m["mean_rank"] == pytest.approx(7 / 3)
-    assert m["ndcg"] is None and m["rounds"] == 3
+    descending = [float(12 - i) for i in range(12)]  # option i ranks i + 1
+    scores = [[0.1, 0.9, 0.5], [3.0, 2.0, 1.0], [0.0, 1.0, 2.0], descending, descending]
+    m = visdial_metrics(scores, [1, 2, 0, 6, 10])  # ranks of the answers: 1, 3, 3, 7, 11
+    assert m["mrr"] == pytest.approx((1 + 1 / 3 + 1 / 3 + 1 / 7 + 1 / 11) / 5)
+    assert (m["r@1"], m["r@5"], m["r@10"]) == pytest.approx((1 / 5, 3 / 5, 4 / 5))
+    assert m["mean_rank"] == pytest.approx(25 / 5)
+    assert m["ndcg"] is None and m["rounds"] == 5
 
 
 def test_ndcg_by_hand():
