@@ -307,7 +307,8 @@ def calibrate_exits(
     with the full model beside it, for measured (work and wall-clock) speedups. `log(name)`: the `PredictionLog`
     of each pass ("predictions" when shared, else "predictions_threshold_<t>"), so a run killed part-way resumes
     where it stopped. Under `accelerate launch` every process decodes its share of each run; the main process alone
-    computes the losses and certifies (the others get None for the `Calibration`)."""
+    computes the losses and certifies (the others get None for the `Calibration`). `progress`: given (the command's
+    main process), each threshold's risk is said and each pass shows a progress bar (records done, ETA)."""
     if not isinstance(options, CalibrationOptions):
         raise TypeError(f"options must be a CalibrationOptions, got {type(options).__name__}")
     loss, method, vqa_metric = options.loss, options.method, options.vqa_metric
@@ -323,7 +324,8 @@ def calibrate_exits(
         reverse=higher_is_safer,
     )
     say = progress or (lambda msg: None)
-    decoding = dict(config=options.config, batch_size=options.batch_size, method=method) | (
+    bar = progress is not None
+    decoding = dict(config=options.config, batch_size=options.batch_size, method=method, progress_bar=bar) | (
         {"prompt": options.prompt} if options.prompt is not None else {}
     )
     if task == "captions":

@@ -133,6 +133,7 @@ def place_exits(
             replace(options, confidence=each),
             full_outputs=full_outputs,
             time_every_run=speedup != "analytic",
+            progress=progress,
             log=_placement_log(log, layers),
         )
         if full_outputs is None:  # the first placement's first (safest) run decoded the full model: reuse it

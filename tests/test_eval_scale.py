@@ -4,6 +4,7 @@
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -234,11 +235,22 @@ def comparable(out: Path) -> dict:
     }
 
 
+def progress_bars(err: str) -> list[str]:
+    """The last state of each progress bar in `err` ("7/7"), each checked to show the ETA once under way."""
+    states = [s for line in err.splitlines() for s in line.split("\r") if s.startswith("records:")]
+    for state in states:
+        if not re.search(r"\| 0/\d+ ", state):
+            assert re.search(r"\| \d+/\d+ \[\d\d:\d\d<\d\d:\d\d", state), state  # [elapsed<remaining
+    starts = [i for i, state in enumerate(states) if re.search(r"\| 0/\d+ ", state)]
+    return [re.search(r"\d+/\d+", states[end - 1]).group() for end in [*starts[1:], len(states)]]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="--multi_gpu would start GPU processes here")
-def test_two_processes_give_what_one_gives(checkpoint, tmp_path):
+def test_two_processes_give_what_one_gives(checkpoint, tmp_path, capsys):
     """One `accelerate launch --multi_gpu --num_processes 2` (CPU processes on a host without GPUs) runs the four
     commands in a row, then VisDial's `eval` and `sweep`; each process decodes only its share of the batches, and
-    scores only its share of the VisDial rounds' options."""
+    scores only its share of the VisDial rounds' options. The main process alone shows the progress bars: one per
+    pass over the records, as one process shows, counting every process's records, with the ETA."""
     questions = gqa(tmp_path, 7)  # 4 batches of 2: process 0 gets 2 and process 1 gets 2 (the last one short)
     one, two = tmp_path / "one", tmp_path / "two"
 
@@ -248,6 +260,8 @@ def test_two_processes_give_what_one_gives(checkpoint, tmp_path):
 
     for argv in commands(one):
         assert main(argv) == 0
+    bars = progress_bars(capsys.readouterr().err)
+    assert len(bars) == 11  # eval, sweep (dev, test, the chosen threshold), calibrate, 2 placements, VisDial's 4
     argv_file = tmp_path / "commands.json"
     argv_file.write_text(json.dumps(commands(two)))
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
@@ -265,6 +279,7 @@ def test_two_processes_give_what_one_gives(checkpoint, tmp_path):
     one, two = comparable(one), comparable(two)
     for command in one:
         assert two[command] == one[command], command
+    assert progress_bars(run.stderr) == bars
     counts = json.loads(run.stdout.strip().splitlines()[-1])  # per command, what each process did
     assert {rank: c["decoded"] for rank, c in counts[0].items()} == {"0": 4, "1": 3}  # `eval`'s records
     # VisDial `eval`: 15 rounds in 8 batches of 2, each process's 4 batches decoded and their rounds' options scored
