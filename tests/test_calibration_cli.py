@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import dataset_files as files
 import pytest
@@ -9,6 +10,7 @@ from cli_args import cli_args
 
 from freevlm.calibration import CalibrationOptions, calibrate_exits, consistency_losses, never_exits, per_caption_cider
 from freevlm.cli import main
+from freevlm.eval.vqa import vqa_accuracy
 
 
 def _args(checkpoint, tmp_path, *extra):
@@ -63,12 +65,36 @@ def test_calibrate_certifies_nothing_when_the_safest_threshold_fails(checkpoint,
 
 
 def test_calibrate_metric_loss_against_the_full_model(checkpoint, tmp_path):
-    code = main(_args(checkpoint, tmp_path, "--loss", "metric", "--thresholds", "0.0", "1.0", "--tolerance", "0.5"))
-    assert code == 0
+    """The metric loss is the drop of a question's VQA accuracy below the full model's, clipped at 0: answers are
+    rewritten around the outputs of `freevlm eval` at threshold 0 (2 humans give the full model's answer, 1 the early
+    exit's), so the drop (0.3 where they differ), 1 - accuracy and the consistency loss all differ."""
+    evaluated = tmp_path / "eval"
+    argv = _args(checkpoint, tmp_path, "--threshold", "0.0")
+    argv[0], argv[argv.index("--out") + 1] = "eval", str(evaluated)
+    assert main(argv) == 0
+    said = {
+        p["id"]: (p["prediction"], p["full_prediction"])
+        for p in json.loads((evaluated / "predictions.json").read_text())
+    }
+    calibrate = _args(checkpoint, tmp_path, "--loss", "metric", "--thresholds", "0.0", "1.0", "--tolerance", "0.5")
+    annotations = Path(calibrate[calibrate.index("--files") + 2])  # written again by `_args`: rewritten after it
+    data = json.loads(annotations.read_text())
+    drops, others = [], []  # the metric loss by hand; the consistency loss and 1 - accuracy, which it is not
+    for ann in data["annotations"]:
+        early, full = said[ann["question_id"]]
+        humans = ([full, full] + ([early] if early != full else []) + ["zebra"] * 10)[:10]
+        ann["answers"] = [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1} for k, a in enumerate(humans)]
+        drops.append(max(0.0, vqa_accuracy(full, humans) - vqa_accuracy(early, humans)))
+        others.append((float(early != full), 1 - vqa_accuracy(early, humans)))
+    annotations.write_text(json.dumps(data))
+    assert sum(drops) > 0 and all(drops != list(loss) for loss in zip(*others))
+
+    assert main(calibrate) == 0
     report = json.loads((tmp_path / "calib" / "calib.json").read_text())
     assert report["loss"] == "metric" and "VQA accuracy" in report["loss_definition"]
-    top = report["per_threshold"][0]
+    top, low = report["per_threshold"]
     assert top["threshold"] == 1.0 and top["empirical_risk"] == 0.0  # the full model loses nothing to itself
+    assert low["threshold"] == 0.0 and low["empirical_risk"] == pytest.approx(sum(drops) / 3)
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -137,15 +138,32 @@ def test_a_killed_visdial_run_resumes_without_scoring_its_options_again(checkpoi
         assert len(scored_rounds) == len(expected) - (kept - kept % 2) + len(expected)
 
 
-def test_resume_with_other_options_is_refused_naming_the_difference(checkpoint, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "option, value, named",
+    [
+        ("--threshold", "0.5", "threshold: 0.016 in the file, 0.5 now"),
+        ("--exits", "other_exits", "exits: '{checkpoint}/exits' in the file, '{tmp}/other_exits' now"),
+        ("--backbone", "other_backbone", "backbone: '{checkpoint}/backbone' in the file, '{tmp}/other_backbone' now"),
+        ("--limit", "3", "'limit': None}} in the file, {{"),
+        ("--kv", "propagate", "kv: 'recompute' in the file, 'propagate' now"),
+    ],
+)
+def test_resume_with_other_options_is_refused_naming_the_difference(checkpoint, tmp_path, capsys, option, value, named):
+    """Model, exits, threshold, dataset and decoding: each a difference named (folders compared by their path)."""
     questions = gqa(tmp_path, 4)
     out = tmp_path / "out"
     assert main(eval_args(checkpoint, questions, out, "--no-full")) == 0
     argv = eval_args(checkpoint, questions, out, "--no-full", "--resume")
-    argv[argv.index("--threshold") + 1] = "0.5"
+    if option.endswith(("exits", "backbone")):
+        shutil.copytree(checkpoint / option[2:], tmp_path / value)
+        value = str(tmp_path / value)
+    argv = [*argv, option, value] if option not in argv else argv
+    argv[argv.index(option) + 1] = value
+    capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "threshold: 0.016 in the file, 0.5 now" in err and "--resume" in err
+    assert named.format(checkpoint=checkpoint.resolve(), tmp=tmp_path.resolve()) in err and "--resume" in err
+    assert err.count(" in the file, ") == 1  # that difference alone
 
 
 def test_a_line_cut_short_is_dropped_and_cut_off(tmp_path):
