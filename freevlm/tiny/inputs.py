@@ -12,6 +12,7 @@ from transformers import (
     LlavaOnevisionForConditionalGeneration,
 )
 
+from ..inputs import pad_rows
 from .models import QWEN_VL_CLASSES, TILED_MODELS
 
 # images of the tiny Qwen-VLs: (t, h, w) patch grids, 2x2 patches merged into one image token (6, 4 and 2 tokens)
@@ -76,9 +77,7 @@ def tiled_inputs(model: nn.Module, batch: int = 1, prompt_len: int = 3, seed: in
     ]
     if pad:
         rows = [row[: len(row) - min(b, prompt_len - 1)] for b, row in enumerate(rows)]  # shorter text
-    width = max(len(row) for row in rows)
-    input_ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows])
-    attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    input_ids, attention_mask = pad_rows(rows, pad_id, "left")
     return {
         "pixel_values": pixel_values,
         "input_ids": input_ids,
@@ -103,10 +102,7 @@ def qwen_vl_inputs(model: nn.Module, batch: int = 1, prompt_len: int = 3, seed: 
         text = torch.randint(4, cfg.text_config.vocab_size - 4, (prompt_len,), generator=gen).tolist()
         image = [cfg.image_token_id] * (t * h * w // vision.spatial_merge_size**2)
         rows.append([cfg.vision_start_token_id, *image, cfg.vision_end_token_id, *text])
-    width = max(len(r) for r in rows)
-    pad_id = cfg.text_config.pad_token_id
-    input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
-    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    input_ids, attention_mask = pad_rows(rows, cfg.text_config.pad_token_id, "left")
     return {
         "pixel_values": pixel_values,
         "input_ids": input_ids,
@@ -136,11 +132,11 @@ def llava_next_inputs(model: nn.Module, batch: int = 1, prompt_len: int = 3, see
         count = sum(len(f) for f in features) if isinstance(features, (list, tuple)) else len(features)
         text = torch.randint(4, cfg.text_config.vocab_size - 1, (prompt_len,), generator=gen).tolist()
         rows.append([cfg.image_token_index] * count + text)
-    width, pad_id = max(len(r) for r in rows), cfg.text_config.pad_token_id
+    input_ids, attention_mask = pad_rows(rows, cfg.text_config.pad_token_id, "left")
     return {
         "pixel_values": pixel_values,
-        "input_ids": torch.tensor([[pad_id] * (width - len(r)) + r for r in rows]),
-        "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
         "image_sizes": sizes,
     }
 
