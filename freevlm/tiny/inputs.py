@@ -44,15 +44,10 @@ def tiny_inputs(model: nn.Module, batch: int = 1, prompt_len: int = 3, seed: int
     vocab = cfg.text_config.vocab_size
     text = torch.randint(4, vocab - 1, (batch, prompt_len), generator=gen)
     image_token = getattr(cfg, "image_token_index", None) or cfg.image_token_id  # InternVL: image_token_id
-    image = torch.full((batch, image_tokens(model, pixel_values)), image_token)
-    mask = torch.ones(batch, image.shape[1] + prompt_len, dtype=torch.long)
-    input_ids = torch.cat([image, text], dim=1)
-    if pad and batch > 1:
-        pad_id = cfg.text_config.pad_token_id
-        for b in range(1, batch):
-            n_pad = min(b, prompt_len - 1)
-            input_ids[b] = torch.cat([torch.full((n_pad,), pad_id), input_ids[b, : input_ids.shape[1] - n_pad]])
-            mask[b, :n_pad] = 0
+    rows = [[image_token] * image_tokens(model, pixel_values) + row for row in text.tolist()]
+    if pad:  # row b loses its last b tokens (at most prompt_len - 1): shorter text
+        rows = [row[: len(row) - min(b, prompt_len - 1)] for b, row in enumerate(rows)]
+    input_ids, mask = pad_rows(rows, cfg.text_config.pad_token_id, "left")
     return pixel_values, input_ids, mask
 
 
