@@ -24,7 +24,9 @@ that did not.
 Throughput is printed twice: tokens per wall-clock second (arrival gaps included: at a low rate it is the arrival
 rate) and tokens per CPU second this process spent working, which the ratios use: on a machine shared with other
 jobs the wall clock of a busy second varies several-fold between runs, its CPU seconds far less (run with
---threads 1, the default, so a CPU second is a second of work).
+--threads 1, the default, so a CPU second is a second of work). On a GPU (`--device cuda --dtype bfloat16`: the
+random model at --preset's size, as `bench/run_gpu.sh` runs it) the CPU waits on the device, so a second of work
+is the wall clock inside the steps (each ends on the host, reading its tokens) and the generate calls.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ EXITS = list(DemoConfig.exit_layers)
 @dataclass
 class Run:
     tokens_per_second: float  # wall clock, arrival gaps included
-    tokens_per_cpu_second: float  # this process's CPU seconds while it worked: what the machine's load hides least
+    tokens_per_busy_second: float  # per second of work (CPU seconds, or wall seconds in steps on a GPU): no idle gaps
     ttft: list[float]
     tpot: list[float]
     answers: list[int]  # tokens each request got
@@ -106,7 +108,16 @@ def random_workload(model, count: int, rate: float, lengths: tuple[int, int], se
     return out
 
 
-def run_continuous(ee, requests, threshold: float, max_batch: int, eos, exit_rule: str = EXIT_RULES[0], chunk=64):
+def run_continuous(
+    ee,
+    requests,
+    threshold: float,
+    max_batch: int,
+    eos,
+    exit_rule: str = EXIT_RULES[0],
+    chunk=64,
+    clock=time.process_time,
+):
     scheduler = Scheduler(ee, max_batch=max_batch, max_len=128, prefill_chunk=chunk, exit_rule=exit_rule)
     start, handles, pending = time.perf_counter(), [], list(requests)
     prefill_steps, decode_steps, rows, busy = [], [], [], 0.0
@@ -118,9 +129,9 @@ def run_continuous(ee, requests, threshold: float, max_batch: int, eos, exit_rul
             handle.submitted = start + arrival
             handles.append(handle)
         prefilling = bool(scheduler._waiting or scheduler._joining)
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0 = time.perf_counter(), clock()
         live = scheduler.step()
-        busy += time.process_time() - c0
+        busy += clock() - c0
         (prefill_steps if prefilling else decode_steps).append(time.perf_counter() - t0)
         rows.append(len(scheduler._running))
         if not live and pending:
@@ -148,7 +159,7 @@ def run_continuous(ee, requests, threshold: float, max_batch: int, eos, exit_rul
     )
 
 
-def run_generate(ee, requests, batch: int, eos, wait: float = 0.0):
+def run_generate(ee, requests, batch: int, eos, wait: float = 0.0, clock=time.process_time):
     """Static batches: when the model is free, the requests that have arrived, up to `batch`, once `batch` have
     arrived or the oldest has waited `wait` seconds; each batch runs to its end, later arrivals waiting (batch 1:
     one request at a time)."""
@@ -166,9 +177,12 @@ def run_generate(ee, requests, batch: int, eos, wait: float = 0.0):
         width = max(r[2].shape[1] for r in group)
         ids = torch.stack([torch.cat([r[2][0].new_full((width - r[2].shape[1],), 1), r[2][0]]) for r in group])
         mask = torch.stack([torch.arange(width) >= width - r[2].shape[1] for r in group]).long()
-        c0 = time.process_time()
-        out = ee.generate(pv, ids, mask, max_new_tokens=n, threshold=1.0, eos_token_id=eos)
-        busy += time.process_time() - c0
+        device = ee.backbone.device
+        c0 = clock()
+        out = ee.generate(
+            pv.to(device), ids.to(device), mask.to(device), max_new_tokens=n, threshold=1.0, eos_token_id=eos
+        )
+        busy += clock() - c0
         rows.append(len(group))
         for (arrival, _, _, want), row in zip(group, out.exit_layers):
             made = row[:want][row[:want] >= 0]  # a static batch runs to its longest answer: only the asked count
@@ -217,9 +231,14 @@ def main() -> None:
         help="the scheduler's prompt slots per iteration (`freevlm serve`: 512)",
     )
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cuda: the random model only, ratios of wall-clock work")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    demo = None if args.model == "random" else demo_model(default_cache())
+    on_gpu = args.device.startswith("cuda")
+    clock = time.perf_counter if on_gpu else time.process_time  # the steps end on the host: wall clock is work there
+    per_work = "tok/busy-s" if on_gpu else "tok/CPU-s"
+    demo = None if args.model == "random" or on_gpu else demo_model(default_cache())
     if demo is None and args.model == "demo":
         raise SystemExit(f"no demo model in {default_cache()}: run `freevlm demo` or set FREEVLM_CACHE")
     if demo is not None:
@@ -233,7 +252,7 @@ def main() -> None:
         def workload(rate):
             return demo_workload(bundle, args.requests, rate, lengths, seed=int(rate * 10))
     else:
-        model = big_blip2(args.preset)
+        model = big_blip2(args.preset, getattr(torch, args.dtype), args.device)
         ee = EarlyExitVLM.from_backbone(model, ExitConfig(EXITS))
         eos, thresholds, name = [], args.thresholds or [0.1], f"a random {args.preset} (exits {EXITS})"
         told = f"answer lengths uniform in [{args.min_tokens}, {args.max_tokens}] (seed: 10 x rate), EOS off"
@@ -247,22 +266,24 @@ def main() -> None:
     chunk = args.prefill_chunk
     for rate in args.rates:
         requests = workload(rate)
-        runs = {"one at a time": lambda r=requests: run_generate(ee, r, 1, eos)}
+        runs = {"one at a time": lambda r=requests: run_generate(ee, r, 1, eos, clock=clock)}
         for wait in args.batch_wait:
             label = f"static, wait for {args.max_batch}" if wait == float("inf") else f"static, wait <= {wait:g} s"
-            runs[label] = lambda r=requests, w=wait: run_generate(ee, r, args.max_batch, eos, w)
-        runs["continuous, full"] = lambda r=requests: run_continuous(ee, r, 1.0, args.max_batch, eos, chunk=chunk)
+            runs[label] = lambda r=requests, w=wait: run_generate(ee, r, args.max_batch, eos, w, clock)
+        runs["continuous, full"] = lambda r=requests: run_continuous(
+            ee, r, 1.0, args.max_batch, eos, chunk=chunk, clock=clock
+        )
         statics = [label for label in runs if label.startswith("static")]
         for threshold in thresholds:
             for rule in EXIT_RULES:
                 runs[f"continuous, {rule} @ {threshold}"] = lambda r=requests, t=threshold, rule=rule: run_continuous(
-                    ee, r, t, args.max_batch, eos, rule, chunk
+                    ee, r, t, args.max_batch, eos, rule, chunk, clock
                 )
         print(f"\nrate {rate}/s")
         speed = {}
         for label, fn in runs.items():
             run = fn()
-            speed[label] = run.tokens_per_cpu_second
+            speed[label] = run.tokens_per_busy_second
             if label == "one at a time":
                 answers = sorted(run.answers)
                 print(f"  answers: {answers[0]}-{answers[-1]} tokens, median {statistics.median(answers):g}")
@@ -274,14 +295,14 @@ def main() -> None:
                 stalled += f"  calls/step {run.calls_per_step:4.1f}  slot-layers/token {run.slot_layers_per_token:5.1f}"
                 stalled += f" (K/V only {run.kv_only_per_token:3.1f})"
             print(
-                f"  {label:30s} {run.tokens_per_second:6.1f} tok/s {run.tokens_per_cpu_second:6.1f} tok/CPU-s"
+                f"  {label:30s} {run.tokens_per_second:6.1f} tok/s {run.tokens_per_busy_second:6.1f} {per_work}"
                 f"  rows {run.mean_rows:4.1f}"
                 f"  TTFT p50 {percentile(run.ttft, 0.5):6.3f} p99 {percentile(run.ttft, 0.99):6.3f} s"
                 f"  TPOT p50 {percentile(run.tpot, 0.5) * 1000:6.1f} p99 {percentile(run.tpot, 0.99) * 1000:6.1f} ms"
                 f"  exit layer {run.mean_exit_layer:5.2f}{stalled}"
             )
         one, full = speed["one at a time"], speed["continuous, full"]
-        print("  ratios of tokens per CPU second:")
+        print(f"  ratios of {per_work}:")
         print(f"  continuous full / one at a time {full / one:.2f}x (goal >= 3 at 16 concurrent)")
         for label in statics:
             print(f"  continuous full / {label} {full / speed[label]:.2f}x (goal >= 1.3)")

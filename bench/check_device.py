@@ -5,8 +5,10 @@ and 3 padded), and so does a seeded sample (temperature, top-k, top-p, repetitio
 `torch.manual_seed`; speculative equals full greedy; beam 3 at threshold 1.0 equals HF beam search; the default engine
 (static, with CUDA graphs on CUDA where the adapter is `graph_safe`: OPT and the Llama-like LMs without sliding
 windows) gives the general engine's tokens and exit layers under a random mixed schedule, both KV modes, and on CUDA
-its graphs were captured and kept (no capture error or replay mismatch turned them off). Prints one line per check
-and a total; exits 1 on any failure.
+its graphs were captured and kept (no capture error or replay mismatch turned them off); and through the
+continuous-batching scheduler, requests arriving at random steps with random prompt lengths, thresholds (exits
+taken or not) and lengths each get the tokens and exit layers `generate` gives them alone at batch 1. Prints one
+line per check and a total; exits 1 on any failure.
 
     python bench/check_device.py [--device cuda] [--families opt t5 llama idefics3 gemma3 internvl-qwen2 ...]
 """
@@ -14,6 +16,7 @@ and a total; exits 1 on any failure.
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import warnings
 
@@ -21,6 +24,7 @@ import torch
 
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.decoding.policies import ExitPolicy
+from freevlm.serving import Scheduler
 from freevlm.tiny import tiny_model, tiny_model_inputs
 
 
@@ -35,6 +39,38 @@ class SeededRandomPolicy(ExitPolicy):
 
     def decide(self, layer, logits, step, rows, hidden=None):
         return (torch.rand(len(rows), generator=self.gen) < 0.5).to(rows.device)
+
+
+def scheduler_mismatches(ee: EarlyExitVLM, device: str, seed: int, count: int = 6) -> tuple[list[int], int]:
+    """Requests arriving at random steps (3 rows for `count` requests, so some wait and join a running batch), each
+    with a random prompt length, threshold and length, through the scheduler: which of them did not get what
+    `generate` gives them alone, and how many of their tokens left early (0: the check would see no exit)."""
+    rng = random.Random(seed)
+    requests = []
+    for i in range(count):
+        inputs = tiny_model_inputs(ee.model, batch=1, prompt_len=rng.randint(1, 6), seed=seed * 100 + i)
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        options = dict(max_new_tokens=rng.randint(1, 10), threshold=rng.choice([0.0, 0.0, 1.0, 0.1]), eos_token_id=[])
+        out = ee.generate(**inputs, **options)
+        layers = out.exit_layers[0].tolist()
+        tokens = out.sequences[0, out.sequences.shape[1] - len(layers) :].tolist()
+        requests.append((rng.randint(0, 6), inputs, options, tokens, layers))
+    scheduler = Scheduler(ee, max_batch=3, max_len=64, prefill_chunk=8)
+    handles, step = {}, 0
+    while step < 200 and (len(handles) < count or not scheduler.idle):
+        for i, (arrival, inputs, options, *_) in enumerate(requests):
+            if arrival == step:
+                handles[i] = scheduler.submit(**inputs, **options)
+        scheduler.step()
+        step += 1
+    wrong = [
+        i
+        for i, (*_, tokens, layers) in enumerate(requests)
+        if i not in handles
+        or (handles[i].result(timeout=0).tokens, handles[i].result(timeout=0).exit_layers) != (tokens, layers)
+    ]
+    early = sum(layer < ee.backbone.num_layers for *_, layers in requests for layer in layers)
+    return wrong, early
 
 
 def main() -> int:
@@ -103,6 +139,12 @@ def main() -> int:
                         f"batch {batch}: kv={kv} ran {len(runner.graphs)} captured CUDA graphs {fallback or ''}",
                         runner.enabled and bool(runner.graphs) and not fallback,
                     )
+        for seed in (1, 2):
+            wrong, early = scheduler_mismatches(ee, args.device, seed)
+            check(
+                f"scheduler (seed {seed}): every request as alone, {early} tokens left early {wrong or ''}",
+                not wrong and early > 0,
+            )
     print(f"{checks - len(failures)}/{checks} checks passed")
     return 1 if failures else 0
 

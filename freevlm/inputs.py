@@ -1,5 +1,6 @@
 """Checks on what `EarlyExitVLM.generate` is given, before any layer runs: a `ValueError` naming the argument
-instead of a raw torch error from deep inside, and one warning for what is legal but suspicious.
+instead of a raw torch error from deep inside, and one warning for what is legal but suspicious. And `pad_rows`,
+which makes token rows of different lengths into `input_ids` and `attention_mask`.
 
     validate_generate_inputs(ee.backbone, pixel_values, input_ids, attention_mask, max_new_tokens, model_inputs)
 """
@@ -9,10 +10,18 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 
 class InputWarning(UserWarning):
     """Inputs that run but probably do not mean what the caller wanted (NaN pixels, rows with no tokens...)."""
+
+
+def pad_rows(rows: list[list[int]], value: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as one `[rows, longest]` tensor padded with `value` on `side`, and its 0/1 attention mask."""
+    ids = pad_sequence([torch.tensor(r, dtype=torch.long) for r in rows], True, value, side)
+    mask = pad_sequence([torch.ones(len(r), dtype=torch.long) for r in rows], True, 0, side)
+    return ids, mask
 
 
 def validate_generate_inputs(

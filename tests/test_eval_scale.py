@@ -319,7 +319,7 @@ def test_a_shared_evaluation_gives_each_rule_what_its_own_eval_gives(tmp_path, k
     rules = [(0.012, None), (0.014, None), (0.016, None), (1.0, None), (None, 1), (None, 4)]
     options = dict(config=DecodeConfig(max_new_tokens=5, kv=kv), batch_size=3, prompt="q: {question} a:")
     shared = evaluate_many("vqa", ee, bundle, records, rules, compare_full=False, **options)
-    for (threshold, layer), together in zip(rules, shared):
+    for (threshold, layer), together in zip(rules, shared, strict=True):
         alone = evaluate_vqa(ee, bundle, records, threshold, layer, compare_full=False, **options)
         assert together.predictions == alone.predictions, (threshold, layer)
         assert (together.score, together.quality) == (alone.score, alone.quality)
@@ -350,7 +350,7 @@ def test_shared_caption_scores_tokenize_once_and_score_as_apart(tmp_path):
     options = dict(config=DecodeConfig(max_new_tokens=5), batch_size=2, only=["CIDEr"], compare_full=False)
     shared = evaluate_many("captions", ee, bundle, records, rules, tokenizer=tokenizer, **options)
     assert len(calls) == 1  # every rule's references and captions in one call
-    for (threshold, _), together in zip(rules, shared):
+    for (threshold, _), together in zip(rules, shared, strict=True):
         alone = evaluate_captioning(ee, bundle, records, threshold, tokenizer=tokenizer, **options)
         assert together.predictions == alone.predictions
         assert together.quality == alone.quality and together.score == alone.score

@@ -198,7 +198,7 @@ def test_a_shared_visdial_evaluation_gives_each_rule_what_its_own_eval_gives(tin
     finally:
         hook.remove()
     assert len(passes) == len(records)  # one teacher-forced pass per round (4 options: one chunk), not per rule
-    for (threshold, layer), together in zip(rules, shared):
+    for (threshold, layer), together in zip(rules, shared, strict=True):
         alone = evaluate_visdial(ee, bundle, records, threshold, layer, **options)
         assert together.predictions == alone.predictions, (threshold, layer)
         assert (together.score, together.quality) == (alone.score, alone.quality)

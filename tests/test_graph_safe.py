@@ -80,8 +80,8 @@ def test_graph_safe_backbones_decode_the_same_replaying_frozen_segments(family, 
         assert torch.equal(out.sequences, general.sequences)
         assert torch.equal(out.exit_layers, general.exit_layers)
     pairs = [
-        *zip(eager.engine.kv, frozen.engine.kv),
-        *zip(eager.engine.exit_kv.values(), frozen.engine.exit_kv.values()),
+        *zip(eager.engine.kv, frozen.engine.kv, strict=True),
+        *zip(eager.engine.exit_kv.values(), frozen.engine.exit_kv.values(), strict=True),
     ]
     for a, b in pairs:
         assert a.fill == b.fill

@@ -7,11 +7,12 @@ shape, 13 answers) is an outside check with the same readers and metrics. The pa
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from .vqa import write_vqa
 
 SPLITS = ("train", "dev", "test")
 DEV_FROM_IMAGE = 3600  # train images with id >= this form "dev"
@@ -67,38 +68,24 @@ def write_split(root: str | os.PathLike, split: str, limit: int | None = None) -
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     items = load_split(split, limit)
-    questions = [{"image_id": q.image_id, "question": q.question, "question_id": q.question_id} for q in items]
-    annotations = [
+    rows = [
         {
             "question_id": q.question_id,
             "image_id": q.image_id,
+            "question": q.question,
             "question_type": _question_type(q.question),
             "answer_type": "yes/no" if q.answer in ("yes", "no") else "other",
-            "multiple_choice_answer": q.answer,
-            "answers": [{"answer": q.answer, "answer_confidence": "yes", "answer_id": j + 1} for j in range(10)],
+            "answer": q.answer,
         }
         for q in items
     ]
-    info = {"description": f"easy-VQA (python package easy-vqa), split {split}"}
     files = EasyVQAFiles(
         root / f"easyvqa_questions_{split}.json",
         root / f"easyvqa_annotations_{split}.json",
         items[0].image.parent if items else Path(),
     )
-    files.questions.write_text(
-        json.dumps(
-            {
-                "info": info,
-                "task_type": "Open-Ended",
-                "data_type": "easy-vqa",
-                "data_subtype": split,
-                "questions": questions,
-            }
-        )
-    )
-    files.annotations.write_text(
-        json.dumps({"info": info, "data_type": "easy-vqa", "data_subtype": split, "annotations": annotations})
-    )
+    info = {"description": f"easy-VQA (python package easy-vqa), split {split}"}
+    write_vqa(files.questions, files.annotations, info, "easy-vqa", split, rows)
     return files
 
 

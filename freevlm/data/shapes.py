@@ -20,6 +20,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from .vqa import write_vqa
+
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLOURS = {
     "red": (220, 40, 40),
@@ -357,7 +359,7 @@ def write_split(root: str | os.PathLike, split: str, n: int, seed: int = 0, imag
     """
     root = Path(root)
     (root / split).mkdir(parents=True, exist_ok=True)
-    images, caps, qs, anns = [], [], [], []
+    images, caps, rows = [], [], []
     for example in generate_split(split, n, seed, image_size):
         name = IMAGE_NAME.format(subtype=split, image_id=example.image_id)
         render(example.scene).save(root / name)
@@ -366,37 +368,20 @@ def write_split(root: str | os.PathLike, split: str, n: int, seed: int = 0, imag
             caps.append({"id": len(caps) + 1, "image_id": example.image_id, "caption": caption})
         for k, qa in enumerate(example.questions):
             qid = example.image_id * 10 + k
-            qs.append({"image_id": example.image_id, "question": qa.question, "question_id": qid})
-            anns.append(
-                {
-                    "question_id": qid,
-                    "image_id": example.image_id,
-                    "question_type": qa.question_type,
-                    "answer_type": qa.answer_type,
-                    "multiple_choice_answer": qa.answer,
-                    "answers": [
-                        {"answer": qa.answer, "answer_confidence": "yes", "answer_id": j + 1} for j in range(10)
-                    ],
-                }
+            rows.append(
+                dict(
+                    question_id=qid,
+                    image_id=example.image_id,
+                    question=qa.question,
+                    question_type=qa.question_type,
+                    answer_type=qa.answer_type,
+                    answer=qa.answer,
+                )
             )
     info = {"description": f"freevlm shapes world, split {split}, seed {seed}", "version": "1.0"}
     files = ShapesSplitFiles(
         root, root / f"captions_{split}.json", root / f"questions_{split}.json", root / f"annotations_{split}.json"
     )
     files.captions.write_text(json.dumps({"info": info, "licenses": [], "images": images, "annotations": caps}))
-    files.questions.write_text(
-        json.dumps(
-            {
-                "info": info,
-                "task_type": "Open-Ended",
-                "data_type": "shapes",
-                "data_subtype": split,
-                "license": {},
-                "questions": qs,
-            }
-        )
-    )
-    files.annotations.write_text(
-        json.dumps({"info": info, "data_type": "shapes", "data_subtype": split, "license": {}, "annotations": anns})
-    )
+    write_vqa(files.questions, files.annotations, info, "shapes", split, rows)
     return files

@@ -7,12 +7,35 @@ Images are the COCO files `COCO_<data_subtype>_<12-digit id>.jpg`.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from .records import DatasetError, VQARecord, image_path, nonempty, read_json, require, require_list
 
 COCO_IMAGE_NAME = "COCO_{subtype}_{image_id:012d}.jpg"
+
+
+def write_vqa(questions: Path, annotations: Path, info: dict, data_type: str, split: str, rows: list[dict]) -> None:
+    """Write generated questions in the VQA format `read_vqa` reads, each answer as ten annotators all giving it.
+
+    `rows`: one dict a question, with `question_id`, `image_id`, `question`, `question_type`, `answer_type`, `answer`.
+    """
+    head = {"info": info, "data_type": data_type, "data_subtype": split, "license": {}}
+    qs = [{"image_id": r["image_id"], "question": r["question"], "question_id": r["question_id"]} for r in rows]
+    anns = [
+        {
+            "question_id": r["question_id"],
+            "image_id": r["image_id"],
+            "question_type": r["question_type"],
+            "answer_type": r["answer_type"],
+            "multiple_choice_answer": r["answer"],
+            "answers": [{"answer": r["answer"], "answer_confidence": "yes", "answer_id": j + 1} for j in range(10)],
+        }
+        for r in rows
+    ]
+    questions.write_text(json.dumps({**head, "task_type": "Open-Ended", "questions": qs}))
+    annotations.write_text(json.dumps({**head, "annotations": anns}))
 
 
 def read_vqa(

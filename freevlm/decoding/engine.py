@@ -293,7 +293,7 @@ class Engine(ABC):
             self.exit_inputs[depth] = x.new_zeros(self.batch_size, self.kv[0].slots, x.shape[-1])
         return self.exit_inputs[depth]
 
-    def _propagate(self, x, depth: int, rows: torch.Tensor | None, ids: list[int], lo: int, end: int) -> None:
+    def _propagate(self, x, depth: int, rows: torch.Tensor | None, ids: list[int], lo: int) -> None:
         """Tokens of `rows` left at `depth`: fill the K/V of every deeper layer and exit layer from their state now
         (propagate mode; every cache is full below `lo`, so the new slots are the whole window)."""
         caches = [*self.kv[depth:], *(kv for i, kv in self.exit_kv.items() if i > depth)]

@@ -102,7 +102,7 @@ class GeneralEngine(Engine):
             fill = [self.kv[depth].filled[b] for b in ids]
             x, lo = self._join_pending(x, rows, fill, prev_fill, lo, end)
             if depth in self.live and not consult:
-                self._skip_exit(depth, x, rows, ids, lo, end, fill)
+                self._skip_exit(depth, x, rows, lo, end, fill)
             elif depth in self.live:
                 leave, leaves, logits = self._exit(depth, x, rows, ids, lo, end, step, emitted)
                 if leave is not None:
@@ -176,7 +176,7 @@ class GeneralEngine(Engine):
         logits = self._exit_logits(depth, y[leave, -1]) if logits is None else logits[leave]
         return leave, leaves, logits
 
-    def _skip_exit(self, depth, x, rows, ids, lo, end, fill) -> None:
+    def _skip_exit(self, depth, x, rows, lo, end, fill) -> None:
         """The gate is closed: keep the exit layer's inputs for the slots its cache will need when it reopens."""
         if not self.exits[depth].needs_cache:
             return
@@ -204,5 +204,5 @@ class GeneralEngine(Engine):
     def _park(self, x, rows, ids, depth, lo, end):
         """Tokens of rows that left at `depth`: keep their state (recompute) or fill deeper K/V now (propagate)."""
         if self.kv_mode == "propagate":
-            return self._propagate(x, depth, self._rows_arg(rows), ids, lo, end)
+            return self._propagate(x, depth, self._rows_arg(rows), ids, lo)
         self._keep(self._new_pending(x), x, rows, lo, end, [self.kv[depth].filled[b] for b in ids])

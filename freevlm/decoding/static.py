@@ -315,7 +315,7 @@ class StaticEngine(Engine):
     def _park(self, x: torch.Tensor, depth: int, lo: int, end: int) -> None:
         """Every row left at `depth`: keep the window's states (recompute) or fill the deeper K/V now (propagate)."""
         if self.kv_mode == "propagate":
-            return self._propagate(x, depth, None, list(range(self.batch_size)), lo, end)
+            return self._propagate(x, depth, None, list(range(self.batch_size)), lo)
         self._new_pending(x)[:, lo:end] = x
 
 

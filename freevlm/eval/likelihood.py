@@ -12,20 +12,11 @@ import torch
 
 from ..decoding.config import DecodeConfig
 from ..decoding.policies import ExitPolicy
+from ..inputs import pad_rows
 from ..methods import exit_rule
 from ..model import IGNORE_INDEX, EarlyExitVLM, ExitOutputs
 
 OPTION_BATCH_SIZE = 50  # options per teacher-forced pass (a VisDial round has 100)
-
-
-def _pad(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), value, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
 
 
 def option_log_likelihoods(
@@ -79,14 +70,18 @@ def option_log_likelihoods_many(
         if backbone.encoder_decoder:  # the option is the decoder's sequence, its EOS included
             targets = [tok(o, add_special_tokens=True)["input_ids"] for o in chunk]
             start_id = backbone.lm.config.decoder_start_token_id
-            decoder_in, _ = _pad([[start_id] + t[:-1] for t in targets], pad_id)
-            batch = {**inputs, "decoder_input_ids": decoder_in.to(device), "targets": _pad(targets, IGNORE_INDEX)[0]}
+            decoder_in, _ = pad_rows([[start_id] + t[:-1] for t in targets], pad_id)
+            batch = {
+                **inputs,
+                "decoder_input_ids": decoder_in.to(device),
+                "targets": pad_rows(targets, IGNORE_INDEX)[0],
+            }
         else:  # the option follows the prompt in the one sequence
             targets = [tok(" " + o, add_special_tokens=False)["input_ids"] for o in chunk]
-            ids, tmask = _pad(targets, pad_id)
+            ids, tmask = pad_rows(targets, pad_id)
             first = inputs["input_ids"].shape[1] - 1  # position p predicts token p + 1
             labels = torch.full((len(chunk), first + 1 + ids.shape[1]), IGNORE_INDEX, dtype=torch.long)
-            labels[:, first : first + ids.shape[1]] = _pad(targets, IGNORE_INDEX)[0]
+            labels[:, first : first + ids.shape[1]] = pad_rows(targets, IGNORE_INDEX)[0]
             batch = {
                 **inputs,  # with what the image path reads beyond image and prompt (InstructBLIP's instruction)
                 "targets": labels,

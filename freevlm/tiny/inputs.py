@@ -12,6 +12,7 @@ from transformers import (
     LlavaOnevisionForConditionalGeneration,
 )
 
+from ..inputs import pad_rows
 from .models import QWEN_VL_CLASSES, TILED_MODELS
 
 # images of the tiny Qwen-VLs: (t, h, w) patch grids, 2x2 patches merged into one image token (6, 4 and 2 tokens)
@@ -43,15 +44,10 @@ def tiny_inputs(model: nn.Module, batch: int = 1, prompt_len: int = 3, seed: int
     vocab = cfg.text_config.vocab_size
     text = torch.randint(4, vocab - 1, (batch, prompt_len), generator=gen)
     image_token = getattr(cfg, "image_token_index", None) or cfg.image_token_id  # InternVL: image_token_id
-    image = torch.full((batch, image_tokens(model, pixel_values)), image_token)
-    mask = torch.ones(batch, image.shape[1] + prompt_len, dtype=torch.long)
-    input_ids = torch.cat([image, text], dim=1)
-    if pad and batch > 1:
-        pad_id = cfg.text_config.pad_token_id
-        for b in range(1, batch):
-            n_pad = min(b, prompt_len - 1)
-            input_ids[b] = torch.cat([torch.full((n_pad,), pad_id), input_ids[b, : input_ids.shape[1] - n_pad]])
-            mask[b, :n_pad] = 0
+    rows = [[image_token] * image_tokens(model, pixel_values) + row for row in text.tolist()]
+    if pad:  # row b loses its last b tokens (at most prompt_len - 1): shorter text
+        rows = [row[: len(row) - min(b, prompt_len - 1)] for b, row in enumerate(rows)]
+    input_ids, mask = pad_rows(rows, cfg.text_config.pad_token_id, "left")
     return pixel_values, input_ids, mask
 
 
@@ -76,9 +72,7 @@ def tiled_inputs(model: nn.Module, batch: int = 1, prompt_len: int = 3, seed: in
     ]
     if pad:
         rows = [row[: len(row) - min(b, prompt_len - 1)] for b, row in enumerate(rows)]  # shorter text
-    width = max(len(row) for row in rows)
-    input_ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows])
-    attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    input_ids, attention_mask = pad_rows(rows, pad_id, "left")
     return {
         "pixel_values": pixel_values,
         "input_ids": input_ids,
@@ -103,10 +97,7 @@ def qwen_vl_inputs(model: nn.Module, batch: int = 1, prompt_len: int = 3, seed: 
         text = torch.randint(4, cfg.text_config.vocab_size - 4, (prompt_len,), generator=gen).tolist()
         image = [cfg.image_token_id] * (t * h * w // vision.spatial_merge_size**2)
         rows.append([cfg.vision_start_token_id, *image, cfg.vision_end_token_id, *text])
-    width = max(len(r) for r in rows)
-    pad_id = cfg.text_config.pad_token_id
-    input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
-    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    input_ids, attention_mask = pad_rows(rows, cfg.text_config.pad_token_id, "left")
     return {
         "pixel_values": pixel_values,
         "input_ids": input_ids,
@@ -136,11 +127,11 @@ def llava_next_inputs(model: nn.Module, batch: int = 1, prompt_len: int = 3, see
         count = sum(len(f) for f in features) if isinstance(features, (list, tuple)) else len(features)
         text = torch.randint(4, cfg.text_config.vocab_size - 1, (prompt_len,), generator=gen).tolist()
         rows.append([cfg.image_token_index] * count + text)
-    width, pad_id = max(len(r) for r in rows), cfg.text_config.pad_token_id
+    input_ids, attention_mask = pad_rows(rows, cfg.text_config.pad_token_id, "left")
     return {
         "pixel_values": pixel_values,
-        "input_ids": torch.tensor([[pad_id] * (width - len(r)) + r for r in rows]),
-        "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
         "image_sizes": sizes,
     }
 

@@ -35,10 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
 from ..data.coco import read_captions
 from ..data.images import ImageError, load_image
+from ..inputs import pad_rows
 from ..model import IGNORE_INDEX
 
 
@@ -288,7 +290,7 @@ class CaptionCollator:
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         batch = self._layout(items)
         if "qformer_ids" in items[0]:
-            ids, mask = self._pad([it["qformer_ids"] for it in items], self.qformer_pad_token_id)
+            ids, mask = pad_rows([it["qformer_ids"] for it in items], self.qformer_pad_token_id)
             batch.update(qformer_input_ids=ids, qformer_attention_mask=mask)
         return batch
 
@@ -307,15 +309,15 @@ class CaptionCollator:
 
     def _layout(self, items: list[dict]) -> dict[str, torch.Tensor]:
         images = [it["pixel_values"] for it in items]
-        if self.laid_out:  # each image's tiles or patches, padded with all-zero ones to the batch's most
-            pixel_values = self._pad_tiles(images)
+        if self.laid_out:  # each image's tiles or patches, then all-zero ones (as the processors pad) to the most
+            pixel_values = pad_sequence(images, batch_first=True)
             prompts = [it["prompt_ids"] for it in items]
         else:
             pixel_values = torch.cat(images) if self.patch_merge else torch.stack(images)
             prompts = [self._with_image(it["prompt_ids"], self._image_tokens(it)) for it in items]
         if self.decoder_only:
             seqs = [prompt + it["target_ids"] for prompt, it in zip(prompts, items)]
-            input_ids, attention_mask = self._pad(seqs, self.pad_token_id)
+            input_ids, attention_mask = pad_rows(seqs, self.pad_token_id)
             targets = torch.full_like(input_ids, IGNORE_INDEX)
             for b, (prompt, it) in enumerate(zip(prompts, items)):
                 start = len(prompt) - 1  # the last prompt position predicts the first target
@@ -334,15 +336,17 @@ class CaptionCollator:
                     image_grid_thw=torch.stack([it["image_grid_thw"] for it in items]), mm_token_type_ids=image
                 )
             if "pixel_attention_mask" in items[0]:
-                batch["pixel_attention_mask"] = self._pad_tiles([it["pixel_attention_mask"] for it in items])
+                batch["pixel_attention_mask"] = pad_sequence(
+                    [it["pixel_attention_mask"] for it in items], batch_first=True
+                )
             if "image_sizes" in items[0]:
                 batch["image_sizes"] = torch.stack([it["image_sizes"] for it in items])
             return batch
-        input_ids, attention_mask = self._pad(prompts, self.pad_token_id)
-        decoder_input_ids, _ = self._pad(
+        input_ids, attention_mask = pad_rows(prompts, self.pad_token_id)
+        decoder_input_ids, _ = pad_rows(
             [[self.decoder_start_token_id] + it["target_ids"][:-1] for it in items], self.pad_token_id
         )
-        targets, _ = self._pad([it["target_ids"] for it in items], IGNORE_INDEX)
+        targets, _ = pad_rows([it["target_ids"] for it in items], IGNORE_INDEX)
         return {
             "pixel_values": pixel_values,
             "input_ids": input_ids,
@@ -350,20 +354,3 @@ class CaptionCollator:
             "decoder_input_ids": decoder_input_ids,
             "targets": targets,
         }
-
-    @staticmethod
-    def _pad_tiles(tiles: list[torch.Tensor]) -> torch.Tensor:
-        """`[tiles, ...]` per image to `[images, most tiles, ...]`, zeros after each image's own (what the
-        processors pad with, and what the models' image paths drop)."""
-        most = max(len(t) for t in tiles)
-        return torch.stack([torch.cat([t, t.new_zeros(most - len(t), *t.shape[1:])]) for t in tiles])
-
-    @staticmethod
-    def _pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), value, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for b, s in enumerate(seqs):
-            ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[b, : len(s)] = 1
-        return ids, mask
