@@ -138,6 +138,20 @@ def test_a_killed_visdial_run_resumes_without_scoring_its_options_again(checkpoi
         assert len(scored_rounds) == len(expected) - (kept - kept % 2) + len(expected)
 
 
+def test_a_visdial_file_without_option_scores_is_refused_on_resume(checkpoint, tmp_path, capsys):
+    """A VisDial predictions.jsonl written before its lines carried the option scores (its options file does not
+    say they are there) is refused by name, not met with a KeyError deep in the ranking."""
+    out = tmp_path / "old"
+    assert main(visdial_args(checkpoint, tmp_path, out)) == 0
+    options_file = out / "predictions.options.json"
+    options = json.loads(options_file.read_text())
+    del options["option_scores"]
+    options_file.write_text(json.dumps(options))
+    capsys.readouterr()
+    assert main([*visdial_args(checkpoint, tmp_path, out), "--resume"]) == 2
+    assert "option_scores: None in the file, 'in each line' now" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "option, value, named",
     [

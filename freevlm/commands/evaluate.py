@@ -188,6 +188,8 @@ def run_options(args: argparse.Namespace, spec: DatasetSpec, **knobs) -> dict:
         "kv": args.kv,
         "batch_size": args.batch_size,
         "device": args.device,
+        # VisDial lines carry each round's option scores: a file from before they did cannot be resumed
+        **({"option_scores": "in each line"} if spec.format == "visdial" else {}),
     }
 
 

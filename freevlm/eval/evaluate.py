@@ -187,7 +187,8 @@ def evaluate_visdial(
 ) -> EvalResult:
     """Rank each round's options by early-exit log-likelihood under `method`'s exit rule (MRR, R@k, mean rank,
     NDCG); the speed report comes from generating each round's answer (`config`: default `ANSWER_DECODING`), early
-    exit against full; `run`: `generate_texts`' batching and timing."""
+    exit against full; `run`: `generate_texts`' batching, timing and `log` (each round's option scores are kept in
+    its line, with its answer)."""
     images, prompts, ids = visdial_inputs(records)
     scorer = option_scorer(ee, processor, records, [(threshold, layer)], option_batch_size, method)
     config = config or ANSWER_DECODING

@@ -29,11 +29,14 @@ class ImageTextScorer(Protocol):
 
 
 class _LocalScorer:
-    def __init__(self, model_cls, path: str | os.PathLike, device: str):
+    model_class: str  # the transformers class of the folder's model
+
+    def __init__(self, path: str | os.PathLike, device: str = "cpu"):
+        import transformers
         from transformers import AutoTokenizer
         from transformers.models.auto.image_processing_auto import AutoImageProcessor  # why: see load_vlm
 
-        path = Path(path)
+        path, model_cls = Path(path), getattr(transformers, self.model_class)
         check_scorer_folder(path, model_cls)
         self.model = model_cls.from_pretrained(path).to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -70,10 +73,7 @@ def check_scorer_folder(path: Path, model_cls) -> None:
 class ClipScorer(_LocalScorer):
     """Cosine similarity of CLIP image and text embeddings."""
 
-    def __init__(self, path: str | os.PathLike, device: str = "cpu"):
-        from transformers import CLIPModel
-
-        super().__init__(CLIPModel, path, device)
+    model_class = "CLIPModel"
 
     @torch.no_grad()
     def score(self, image: Image.Image, texts: list[str]) -> torch.Tensor:
@@ -87,10 +87,7 @@ class ClipScorer(_LocalScorer):
 class Blip2ItmScorer(_LocalScorer):
     """Probability of "match" from BLIP-2's image-text matching head (Q-Former)."""
 
-    def __init__(self, path: str | os.PathLike, device: str = "cpu"):
-        from transformers import Blip2ForImageTextRetrieval
-
-        super().__init__(Blip2ForImageTextRetrieval, path, device)
+    model_class = "Blip2ForImageTextRetrieval"
 
     @torch.no_grad()
     def score(self, image: Image.Image, texts: list[str]) -> torch.Tensor:
