@@ -41,12 +41,13 @@ MODEL_CLASSES = {
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
 }
-# loaded as tokenizer + image processor: their processors need torchvision for their video part, which does not work
-# with our torch, so the prompt layout their processor gives is laid out here (`VLMBundle._qwen_vl_inputs`)
-TOKENIZER_AND_IMAGE_PROCESSOR = ("blip-2", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# loaded as tokenizer + image processor, its prompt laid out by `VLMBundle._blip2_inputs` (the demo's BLIP-2 ships no
+# processor)
+TOKENIZER_AND_IMAGE_PROCESSOR = ("blip-2",)
+QWEN_VL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 # their processors expand an image token a prompt holds (one is put in front of a prompt without)
-EXPANDS_IMAGE_TOKEN = ("llava", "gemma3", "llava_next", "llava_onevision", "idefics3", "smolvlm")
+EXPANDS_IMAGE_TOKEN = ("llava", "gemma3", "llava_next", "llava_onevision", "idefics3", "smolvlm", *QWEN_VL)
 
 
 @dataclass
@@ -70,18 +71,14 @@ class VLMBundle:
 
     def inputs(self, images: list[Image.Image], prompts: list[str]) -> dict[str, torch.Tensor]:
         """Pixel values and left-padded prompt ids, image tokens where the model's processor puts them (in front
-        for BLIP-2; where `<image>` stands for LLaVA, in front of a prompt without one), and InstructBLIP's
-        `qformer_input_ids` / `qformer_attention_mask`: `ee.generate(**inputs)` takes them all."""
+        for BLIP-2; where `<image>` stands for LLaVA, in front of a prompt without one), and what else the processor
+        gives (InstructBLIP's `qformer_input_ids`, Qwen-VL's `image_grid_thw`, ...): `ee.generate(**inputs)` takes them
+        all."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         warn_small_images(images, self.image_processor)
         self.tokenizer.padding_side = "left"
-        if self.processor is not None:
-            inputs = self._processed(images, prompts)
-        elif self.model.config.model_type in TOKENIZER_AND_IMAGE_PROCESSOR[1:]:
-            inputs = self._qwen_vl_inputs(images, prompts)
-        else:
-            inputs = self._blip2_inputs(images, prompts)
+        inputs = self._blip2_inputs(images, prompts) if self.processor is None else self._processed(images, prompts)
         device, dtype = self.model.device, next(self.model.parameters()).dtype
         return {k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in inputs.items()}
 
@@ -97,34 +94,11 @@ class VLMBundle:
             mask = torch.cat([torch.ones_like(image), mask], dim=1)
         return {"pixel_values": pixel_values, "input_ids": ids, "attention_mask": mask}
 
-    def _qwen_vl_inputs(self, images: list[Image.Image], prompts: list[str]) -> dict[str, torch.Tensor]:
-        """As Qwen-VL's processor lays them out: each image's patches and grid (`image_grid_thw`) from the image
-        processor, a prompt's `<|image_pad|>` (put in front, between `<|vision_start|>` and `<|vision_end|>`, where a
-        prompt has none) repeated once per image token of its image, `mm_token_type_ids` 1 at those."""
-        cfg = self.model.config
-        out = self.image_processor(images=images, return_tensors="pt")
-        pad, start, end = self.tokenizer.convert_ids_to_tokens(
-            [cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id]
-        )
-        merge = self.image_processor.merge_size
-        texts = []
-        for prompt, grid in zip(prompts, out["image_grid_thw"]):
-            prompt = prompt if pad in prompt else f"{start}{pad}{end}\n{prompt}"
-            texts.append(prompt.replace(pad, pad * (int(grid.prod()) // merge**2), 1))
-        text = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=True)
-        return {
-            "pixel_values": out["pixel_values"],
-            "input_ids": text["input_ids"],
-            "attention_mask": text["attention_mask"],
-            "image_grid_thw": out["image_grid_thw"],
-            "mm_token_type_ids": (text["input_ids"] == cfg.image_token_id).long(),
-        }
-
     def _processed(self, images: list[Image.Image], prompts: list[str]) -> dict[str, torch.Tensor]:
         model_type = self.model.config.model_type
-        if model_type in EXPANDS_IMAGE_TOKEN:  # each image token (<start_of_image>) a prompt holds
+        if model_type in EXPANDS_IMAGE_TOKEN:  # each image token (<start_of_image>, <|image_pad|>) a prompt holds
             image_token = self.processor.image_token
-            prompts = [p if image_token in p else f"{image_token}\n{p}" for p in prompts]
+            prompts = [p if image_token in p else f"{self._image_slot()}\n{p}" for p in prompts]
         if model_type in ("gemma3", "idefics3", "smolvlm"):  # their processors take each prompt's images as a list
             images = [[image] for image in images]
         out = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
@@ -138,8 +112,19 @@ class VLMBundle:
             "pixel_attention_mask",  # SmolVLM / Idefics3: each tile's real pixels
             "image_sizes",  # LLaVA-NeXT / OneVision
             "batch_num_images",  # LLaVA-OneVision
+            "image_grid_thw",  # Qwen-VL: each image's patch grid
+            "mm_token_type_ids",  # Qwen-VL: 1 at image tokens
         )
         return {k: out[k] for k in keys if k in out}
+
+    def _image_slot(self) -> str:
+        """What a prompt without an image gets in front: the processor's image token, which it expands; Qwen-VL's
+        between `<|vision_start|>` and `<|vision_end|>`, which its chat template (not its processor) writes."""
+        cfg = self.model.config
+        if cfg.model_type not in QWEN_VL:
+            return self.processor.image_token
+        start, end = self.tokenizer.convert_ids_to_tokens([cfg.vision_start_token_id, cfg.vision_end_token_id])
+        return f"{start}{self.processor.image_token}{end}"
 
     def decode(self, token_ids: torch.Tensor) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
@@ -188,7 +173,7 @@ def warn_small_images(images: list[Image.Image], image_processor) -> None:
 
 def load_vlm(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None) -> VLMBundle:
     """A supported model (its class from config.json's model_type, `MODEL_CLASSES`) from a local folder, with its
-    tokenizer and image processor (BLIP-2, Qwen-VL), or its processor (`load_processor`: the others)."""
+    tokenizer and image processor (BLIP-2), or its processor (`load_processor`: the others)."""
     import transformers
     from transformers import AutoTokenizer
 
@@ -221,13 +206,18 @@ def load_vlm(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | 
 
 
 def load_processor(path: str | os.PathLike):
-    """The processor saved in `path`. One with a video part (LLaVA-OneVision's, SmolVLM's) is built without it
-    (`images_only`): Hugging Face's video processors need torchvision, which does not work with our torch, and
-    freevlm feeds images only. Its image processor is `load_image_processor`'s."""
+    """The processor saved in `path` (the class its processor_config.json names, else its model type's: a folder
+    holding only a tokenizer and an image processor, as Qwen-VL checkpoints ship). One with a video part
+    (LLaVA-OneVision's, SmolVLM's, Qwen-VL's) is built without it (`images_only`): Hugging Face's video processors
+    need torchvision, which does not work with our torch, and freevlm feeds images only. Its image processor is
+    `load_image_processor`'s."""
     from transformers import AutoProcessor, AutoTokenizer, ProcessorMixin
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
-    file = Path(path, "processor_config.json")
+    file, config = Path(path, "processor_config.json"), Path(path, "config.json")
     name = json.loads(file.read_text()).get("processor_class") if file.is_file() else None
+    if name is None and config.is_file():
+        name = PROCESSOR_MAPPING_NAMES.get(json.loads(config.read_text()).get("model_type"))
     processor_class = _transformers_class(name) if isinstance(name, str) else None
     if not (isinstance(processor_class, type) and issubclass(processor_class, ProcessorMixin)):
         return AutoProcessor.from_pretrained(path)

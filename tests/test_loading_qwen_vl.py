@@ -1,14 +1,14 @@
 """`freevlm caption`, `finetune`, `train-exits`, `eval`, `sweep` and `calibrate` on a local folder holding a Qwen-VL
-with its tokenizer and image processor (built offline: tests/tiny_processor.py). Its processor is not built here (its
-video part needs torchvision), so `VLMBundle` lays prompts out as the processor does; these tests hold that layout to
-the model's own `generate` and to training's."""
+with its processor (built offline: tests/tiny_processor.py), loaded without its video part (`loading.images_only`: it
+needs torchvision). These tests hold the bundle's inputs to the processor's own output, and to the model's own
+`generate` and training's layout."""
 
 import json
 
 import pytest
 import torch
 from PIL import Image
-from tiny_processor import tiny_qwen_vl_image_processor, tiny_tokenizer
+from tiny_processor import tiny_qwen_vl_processor
 
 from freevlm import EarlyExitVLM
 from freevlm.cli import main
@@ -22,15 +22,44 @@ PROMPT = "what color is the square"
 @pytest.fixture(params=["qwen2-vl", "qwen3-vl"])
 def folder(request, tmp_path):
     model = tiny_model(request.param, seed=3)
-    tokenizer = tiny_tokenizer(model)
+    processor = tiny_qwen_vl_processor(model)
     with torch.no_grad():  # sharper logits, and only ids the tokenizer has words for (so the captions say something)
-        model.get_output_embeddings().weight.mul_(8)[len(tokenizer) - 4 :] = 0
+        model.get_output_embeddings().weight.mul_(8)[len(processor.tokenizer) - 4 :] = 0
     model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    tiny_qwen_vl_image_processor().save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
     Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "red.png")
     Image.new("RGB", (60, 36), (30, 30, 200)).save(tmp_path / "blue.png")
     return tmp_path
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
+@pytest.mark.parametrize("saved", ["processor", "tokenizer and image processor"])
+def test_bundle_inputs_are_the_processor_s_own(tmp_path, family, saved):
+    """`VLMBundle.inputs` on images of two sizes equals the model's processor called on the prompts as Qwen-VL
+    writes an image (`<|vision_start|><|image_pad|><|vision_end|>`), left-padded: from a folder with the processor
+    saved, and from one with only its tokenizer and image processor (as Qwen-VL checkpoints ship)."""
+    model = tiny_model(family)
+    processor = tiny_qwen_vl_processor(model)
+    model.save_pretrained(tmp_path)
+    parts = (processor,) if saved == "processor" else (processor.tokenizer, processor.image_processor)
+    for part in parts:
+        part.save_pretrained(tmp_path)
+    assert (tmp_path / "processor_config.json").is_file() == (saved == "processor")
+    bundle = load_vlm(tmp_path)
+    assert type(bundle.processor).__name__ == type(processor).__name__
+    images = [Image.new("RGB", (40, 40), (200, 30, 30)), Image.new("RGB", (60, 36), (30, 30, 200))]
+    inputs = bundle.inputs(images, [PROMPT, f"is it red <|vision_start|><|image_pad|><|vision_end|> {PROMPT}"])
+    processor.tokenizer.padding_side = "left"
+    texts = [
+        f"<|vision_start|><|image_pad|><|vision_end|>\n{PROMPT}",
+        f"is it red <|vision_start|><|image_pad|><|vision_end|> {PROMPT}",
+    ]
+    ref = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+    assert inputs.keys() == set(keys)
+    for key in keys:
+        assert torch.equal(inputs[key], ref[key]), key
+    assert inputs["attention_mask"][0, 0] == 0 and len(set(inputs["image_grid_thw"].prod(-1).tolist())) == 2
 
 
 def test_caption_command_decodes_as_the_model_s_own_generate(folder, capsys):

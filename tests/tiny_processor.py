@@ -145,6 +145,15 @@ def tiny_qwen_vl_image_processor():
     )
 
 
+def tiny_qwen_vl_processor(model):
+    """The model's own processor (`Qwen2VLProcessor`, `Qwen2_5_VLProcessor` or `Qwen3VLProcessor`) with
+    `tiny_qwen_vl_image_processor`, without its video part (`loading.images_only`: it needs torchvision)."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor
+
+    classes = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor, "qwen3_vl": Qwen3VLProcessor}
+    return images_only(classes[model.config.model_type])(tiny_qwen_vl_image_processor(), tiny_tokenizer(model), None)
+
+
 def tiny_tokenizer(model) -> PreTrainedTokenizerFast:
     """Words of the shapes world; `<image>` at the model's image token id (Gemma 3, InternVL: their image tokens and
     the ones around an image, named as their tokenizers name them)."""
@@ -165,9 +174,10 @@ def tiny_tokenizer(model) -> PreTrainedTokenizerFast:
                 "<|image_pad|>": cfg.image_token_id,
                 "<|vision_start|>": cfg.vision_start_token_id,
                 "<|vision_end|>": cfg.vision_end_token_id,
+                "<|video_pad|>": cfg.video_token_id,  # its processor counts video tokens in every prompt
             }
         )
-        names_of_images = ["<|image_pad|>", "<|vision_start|>", "<|vision_end|>"]
+        names_of_images = ["<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>"]
     elif cfg.model_type in (
         "idefics3",
         "smolvlm",
