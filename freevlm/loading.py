@@ -1,5 +1,5 @@
-"""Loading a supported model (BLIP-2, InstructBLIP, LLaVA, LLaVA-NeXT / OneVision, SmolVLM / Idefics3, Gemma 3,
-Qwen-VL) and its processor from a local folder, and turning images + prompts into model inputs.
+"""Loading a supported model (BLIP-2, InstructBLIP, LLaVA, InternVL, LLaVA-NeXT / OneVision, SmolVLM / Idefics3,
+Gemma 3, Qwen-VL) and its processor from a local folder, and turning images + prompts into model inputs.
 
 Nothing here downloads: paths are local folders written by `save_pretrained` (a Hugging Face checkpoint copied
 to disk, or a backbone the demo trained).
@@ -32,6 +32,7 @@ MODEL_CLASSES = {
     "blip-2": "Blip2ForConditionalGeneration",
     "instructblip": "InstructBlipForConditionalGeneration",
     "llava": "LlavaForConditionalGeneration",
+    "internvl": "InternVLForConditionalGeneration",
     "gemma3": "Gemma3ForConditionalGeneration",
     "llava_next": "LlavaNextForConditionalGeneration",
     "llava_onevision": "LlavaOnevisionForConditionalGeneration",
@@ -47,7 +48,7 @@ TOKENIZER_AND_IMAGE_PROCESSOR = ("blip-2",)
 QWEN_VL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 # their processors expand an image token a prompt holds (one is put in front of a prompt without)
-EXPANDS_IMAGE_TOKEN = ("llava", "gemma3", "llava_next", "llava_onevision", "idefics3", "smolvlm", *QWEN_VL)
+EXPANDS_IMAGE_TOKEN = ("llava", "internvl", "gemma3", "llava_next", "llava_onevision", "idefics3", "smolvlm", *QWEN_VL)
 
 
 @dataclass
@@ -208,9 +209,9 @@ def load_vlm(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | 
 def load_processor(path: str | os.PathLike):
     """The processor saved in `path` (the class its processor_config.json names, else its model type's: a folder
     holding only a tokenizer and an image processor, as Qwen-VL checkpoints ship). One with a video part
-    (LLaVA-OneVision's, SmolVLM's, Qwen-VL's) is built without it (`images_only`): Hugging Face's video processors
-    need torchvision, which does not work with our torch, and freevlm feeds images only. Its image processor is
-    `load_image_processor`'s."""
+    (LLaVA-OneVision's, SmolVLM's, InternVL's, Qwen-VL's) is built without it (`images_only`): Hugging Face's video
+    processors need torchvision, which does not work with our torch, and freevlm feeds images only. Its image
+    processor is `load_image_processor`'s."""
     from transformers import AutoProcessor, AutoTokenizer, ProcessorMixin
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 

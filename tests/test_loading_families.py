@@ -1,6 +1,7 @@
 """`freevlm caption` and `loading.load_vlm` on local folders holding a LLaVA, an InstructBLIP, a Gemma 3, an Idefics3,
-a SmolVLM, a LLaVA-NeXT or a LLaVA-OneVision with its processor (built offline: tests/tiny_processor.py; SmolVLM's
-and OneVision's without their video part, which needs torchvision), and what the loader refuses."""
+a SmolVLM, a LLaVA-NeXT, a LLaVA-OneVision or an InternVL with its processor (built offline: tests/tiny_processor.py;
+SmolVLM's, OneVision's and InternVL's without their video part, which needs torchvision), and what the loader
+refuses."""
 
 import json
 
@@ -21,7 +22,16 @@ PROMPT = "what color is the square"
 
 
 @pytest.fixture(
-    params=["llama", "instructblip-llama", "gemma3", "idefics3", "smolvlm", "llava-next-qwen2", "llava-onevision"]
+    params=[
+        "llama",
+        "instructblip-llama",
+        "gemma3",
+        "idefics3",
+        "smolvlm",
+        "llava-next-qwen2",
+        "llava-onevision",
+        "internvl-qwen2",
+    ]
 )
 def folder(request, tmp_path):
     """A model and its processor saved side by side, as a Hugging Face checkpoint ships them."""
@@ -175,7 +185,7 @@ def test_sweep_command_reads_the_folder(folder, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "folder", ["gemma3", "idefics3", "smolvlm", "llava-next-qwen2", "llava-onevision"], indirect=True
+    "folder", ["gemma3", "idefics3", "smolvlm", "llava-next-qwen2", "llava-onevision", "internvl-qwen2"], indirect=True
 )
 def test_eval_and_calibrate_commands_read_the_folder(folder, tmp_path):
     """The processor's own inputs (Gemma 3's token_type_ids, Idefics3's and SmolVLM's pixel_attention_mask,
@@ -216,6 +226,45 @@ def test_llava_onevision_bundle_inputs_decode_as_the_model_s_own_generate():
     ref = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     out = EarlyExitVLM(model, ExitConfig([1])).generate(**inputs, max_new_tokens=5, mode="full")
     assert torch.equal(out.sequences, ref)
+
+
+def test_internvl_folder_with_images_in_several_tiles_decodes_as_the_model_s_own_generate(tmp_path, capsys):
+    """InternVL's processor cuts each image into tiles (dynamic tiling: 2 tiles and a thumbnail for a 2:1 image, 4
+    and a thumbnail for a square one): from the saved folder, `caption`, and `generate` at mode full and at threshold
+    1.0, give exactly Hugging Face's greedy `generate` on the processor's own output for both images in one
+    left-padded batch (whose output each tile changes)."""
+    model = tiny_model("internvl-qwen2", seed=3)
+    processor = tiny_processor(model)
+    with torch.no_grad():  # sharper logits, and only words (so the captions say something)
+        words = processor.tokenizer.convert_tokens_to_ids(WORDS)
+        head = model.get_output_embeddings().weight.mul_(8)
+        head[[i for i in range(len(head)) if i not in words]] = 0
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    files = [tmp_path / "wide.png", tmp_path / "square.png"]
+    Image.new("RGB", (64, 32), (200, 30, 30)).save(files[0])
+    Image.new("RGB", (40, 40), (30, 30, 200)).save(files[1])
+    images = [Image.open(f).convert("RGB") for f in files]
+    processor.tokenizer.padding_side = "left"
+    hf_inputs = processor(images=images, text=[f"<IMG_CONTEXT>\n{PROMPT}"] * 2, return_tensors="pt", padding=True)
+    tokens = (hf_inputs["input_ids"] == model.config.image_token_id).sum(dim=1)
+    assert hf_inputs["pixel_values"].shape[0] == 8 and tokens.tolist() == [3 * 4, 5 * 4]  # image_seq_length 4
+    ref = model.generate(**hf_inputs, max_new_tokens=5, do_sample=False, min_new_tokens=5)
+    bundle = load_vlm(tmp_path / "model")
+    inputs = bundle.inputs(images, [PROMPT, PROMPT])
+    assert inputs.keys() == hf_inputs.keys() and all(torch.equal(inputs[k], hf_inputs[k]) for k in inputs)
+    ee = EarlyExitVLM(bundle.model, ExitConfig([1, 2]))
+    assert torch.equal(ee.generate(**inputs, max_new_tokens=5, mode="full").sequences, ref)
+    assert torch.equal(ee.generate(**inputs, max_new_tokens=5, threshold=1.0).sequences, ref)
+    expected = bundle.decode(ref[:, hf_inputs["input_ids"].shape[1] :])
+    command = ["caption", "--backbone", str(tmp_path / "model"), "--prompt", PROMPT, "--mode", "full"]
+    assert main([*command, "--image", *map(str, files), "--max-new-tokens", "5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == [f"{f}: {e}" for f, e in zip(files, expected)]
+    changed = hf_inputs["pixel_values"].clone()
+    changed[1] = 0  # the wide image's second tile
+    logits = [model(**dict(hf_inputs, pixel_values=p)).logits[0, -1] for p in (hf_inputs["pixel_values"], changed)]
+    assert not torch.allclose(*logits, atol=1e-4)  # every tile reaches the output
 
 
 def test_a_processor_loaded_without_its_video_part_saves_its_video_settings_back(tmp_path):

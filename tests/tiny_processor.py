@@ -55,19 +55,21 @@ def tiny_bundle(model) -> VLMBundle:
 
 
 def tiny_processor(model):
-    """The model's own processor, as a LLaVA, LLaVA-NeXT, LLaVA-OneVision, SmolVLM, Idefics3, InstructBLIP or Gemma 3
-    checkpoint ships it (for `load_vlm`); OneVision's and SmolVLM's without their video part (`loading.images_only`:
-    it needs torchvision)."""
+    """The model's own processor, as a LLaVA, InternVL, LLaVA-NeXT, LLaVA-OneVision, SmolVLM, Idefics3, InstructBLIP or
+    Gemma 3 checkpoint ships it (for `load_vlm`); InternVL's, OneVision's and SmolVLM's without their video part
+    (`loading.images_only`: it needs torchvision)."""
     from training_helpers import make_qformer_tokenizer
     from transformers import (
         Gemma3Processor,
         Idefics3Processor,
         InstructBlipProcessor,
+        InternVLProcessor,
         LlavaNextProcessor,
         LlavaProcessor,
         SmolVLMProcessor,
     )
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
     from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
@@ -83,6 +85,13 @@ def tiny_processor(model):
         return processor(images, tiny_tokenizer(model), None, image_seq_len=model.model.image_seq_len)
     if cfg.model_type == "llava_onevision":
         return tiny_onevision_processor(model)
+    if cfg.model_type == "internvl":  # an image cut into up to 4 tiles, with a thumbnail when it is cut
+        images = GotOcr2ImageProcessorPil(
+            size={"height": side[0], "width": side[1]}, crop_to_patches=True, max_patches=4
+        )
+        return images_only(InternVLProcessor)(
+            images, tiny_tokenizer(model), None, image_seq_length=cfg.image_seq_length
+        )
     if cfg.model_type == "llava_next":  # grids of up to 2x2 patches, and the base view
         images = LlavaNextImageProcessorPil(
             size={"shortest_edge": side},
@@ -164,7 +173,9 @@ def tiny_tokenizer(model) -> PreTrainedTokenizerFast:
     size = cfg.text_config.vocab_size
     assert len(vocab) < size - 1
     gemma = dict(boi_token="<start_of_image>", eoi_token="<end_of_image>", image_token="<image_soft_token>")
-    internvl = dict(start_image_token="<img>", end_image_token="</img>", context_image_token="<IMG_CONTEXT>")
+    internvl = dict(
+        start_image_token="<img>", end_image_token="</img>", context_image_token="<IMG_CONTEXT>", video_token="<video>"
+    )
     if cfg.model_type == "gemma3":
         ids = dict(boi_token=cfg.boi_token_index, eoi_token=cfg.eoi_token_index, image_token=cfg.image_token_index)
         vocab.update({gemma[name]: ids[name] for name in gemma})
@@ -184,9 +195,9 @@ def tiny_tokenizer(model) -> PreTrainedTokenizerFast:
     ):  # the tokens its processor puts around each tile, just below the image token
         vocab.update({name: cfg.image_token_id - len(IDEFICS3_TOKENS) + i for i, name in enumerate(IDEFICS3_TOKENS)})
         vocab["<image>"] = cfg.image_token_id
-    elif cfg.model_type == "internvl":  # <img> and </img> just below the image token
+    elif cfg.model_type == "internvl":  # <img> and </img> just below the image token, <video> (its processor's) below
         image = cfg.image_token_id
-        vocab.update({"<img>": image - 2, "</img>": image - 1, "<IMG_CONTEXT>": image})
+        vocab.update({"<video>": image - 3, "<img>": image - 2, "</img>": image - 1, "<IMG_CONTEXT>": image})
     else:
         vocab["<image>"] = cfg.image_token_index
     if cfg.model_type == "llava_onevision":  # its processor counts `<video>` tokens in every prompt

@@ -8,15 +8,17 @@ The collate produces the exact layout the backbone adapters expect (`Backbone.fe
   is `<image>\n` + prompt, its one image token expanded in place (BOS first), as LLaVA's processor and
   `loading.VLMBundle.inputs` lay it out; Gemma 3's is `<start_of_image>\n` + prompt, that token replaced by its
   processor's image sequence (<start_of_image>, the image tokens, <end_of_image>, within blank lines), and the batch
-  carries `token_type_ids` (1 at image tokens) as that processor gives them; InternVL's is `<IMG_CONTEXT>\n` + prompt,
-  the image between `<img>` and `</img>` (`image_placeholder`); Qwen-VL's is `<|image_pad|>\n` + prompt, the image
-  between `<|vision_start|>` and `<|vision_end|>`, that token expanded to the image's own token count (its patch grid
-  over the 2x2 merge, images at any size), and the batch carries the patches of all images (`pixel_values`, one row
-  per patch), `image_grid_thw` and `mm_token_type_ids` (1 at image tokens) as its processor gives them; SmolVLM /
+  carries `token_type_ids` (1 at image tokens) as that processor gives them; Qwen-VL's is `<|image_pad|>\n` +
+  prompt, the image between `<|vision_start|>` and `<|vision_end|>`, that token expanded to the image's own token
+  count (its patch grid over the 2x2 merge, images at any size), and the batch carries the patches of all images
+  (`pixel_values`, one row per patch), `image_grid_thw` and `mm_token_type_ids` (1 at image tokens) as its processor
+  gives them; SmolVLM /
   Idefics3's and LLaVA-NeXT / OneVision's are `<image>\n` + prompt laid out by the model's processor itself, image by
   image (`PROCESSOR_LAYOUT_TYPES`: tiles with the tokens around them, a count that depends on the image's size), the
   batch carrying each image's tiles padded with zero tiles to the batch's most and `pixel_attention_mask` or
-  `image_sizes` as that processor gives them;
+  `image_sizes` as that processor gives them; InternVL's is `<IMG_CONTEXT>\n` + prompt laid out by its processor
+  too (each tile's tokens between `<img>` and `</img>`), all rows' tiles one after another in `pixel_values`
+  (`TILES_AS_IMAGES`: a row reads as many as its image tokens stand for);
 - encoder-decoder (T5): `input_ids` = image tokens + prompt (with EOS); `decoder_input_ids` = start + target
   shifted right.
 
@@ -103,7 +105,8 @@ def model_max_length(text_config) -> int | None:
 QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # images as patches of any grid (`image_grid_thw`)
 # families whose processor lays out each image's tokens itself (tiles and the tokens around them, a count that depends
 # on the image's size): training prompts come from it, image by image, and its per-image inputs travel with the batch
-PROCESSOR_LAYOUT_TYPES = ("idefics3", "smolvlm", "llava_next", "llava_onevision")
+PROCESSOR_LAYOUT_TYPES = ("idefics3", "smolvlm", "llava_next", "llava_onevision", "internvl")
+TILES_AS_IMAGES = ("internvl",)  # each tile a `pixel_values` row of its own, however many a row's image has
 PROCESSOR_IMAGE_INPUTS = ("pixel_attention_mask", "image_sizes")  # each image's, beside its pixel_values
 
 
@@ -114,9 +117,8 @@ def is_instructblip(model_config) -> bool:
 def image_placeholder(tokenizer, model_config) -> tuple[str | None, str | None]:
     """The text a prompt's image stands at, and what the model's processor replaces it with, holding the image token
     once (the collator expands that to the image's tokens): LLaVA's `<image>` stays itself; Gemma 3's
-    `<start_of_image>` becomes its image sequence (as `Gemma3Processor.full_image_sequence`); InternVL's
-    `<IMG_CONTEXT>` is wrapped in `<img>`...`</img>` (as `InternVLProcessor.replace_image_token`). (None, None) for
-    BLIP-2 and InstructBLIP, whose image tokens go in front."""
+    `<start_of_image>` becomes its image sequence (as `Gemma3Processor.full_image_sequence`); the processor lays out
+    `PROCESSOR_LAYOUT_TYPES`' itself. (None, None) for BLIP-2 and InstructBLIP, whose image tokens go in front."""
     model_type = getattr(model_config, "model_type", None)
     if model_type in QWEN_VL_TYPES:
         start, end = tokenizer.convert_ids_to_tokens(
@@ -126,7 +128,7 @@ def image_placeholder(tokenizer, model_config) -> tuple[str | None, str | None]:
         if None in (start, end, text):
             raise ValueError(f"the tokenizer lacks the image tokens of {model_type}: use its processor's tokenizer")
         return text, f"{start}{text}{end}"
-    if model_type not in ("llava", "gemma3", "internvl", *PROCESSOR_LAYOUT_TYPES):
+    if model_type not in ("llava", "gemma3", *PROCESSOR_LAYOUT_TYPES):
         return None, None
     index = model_config.boi_token_index if model_type == "gemma3" else model_config.image_token_index
     text = tokenizer.convert_ids_to_tokens(index)
@@ -135,13 +137,6 @@ def image_placeholder(tokenizer, model_config) -> tuple[str | None, str | None]:
     if model_type == "gemma3":
         image, end = tokenizer.convert_ids_to_tokens([model_config.image_token_index, model_config.eoi_token_index])
         return text, f"\n\n{text}{image}{end}\n\n"
-    if model_type == "internvl":
-        start, end = (getattr(tokenizer, name, None) for name in ("start_image_token", "end_image_token"))
-        if start is None or end is None:
-            raise ValueError(
-                "the tokenizer names no start_image_token / end_image_token: use the InternVL processor's tokenizer"
-            )
-        return text, f"{start}{text}{end}"
     return text, text
 
 
@@ -150,8 +145,8 @@ class CaptionDataset(Dataset):
 
     `image_processor` is a Hugging Face image processor (or any callable with the same signature) that turns PIL
     images into `pixel_values`. An InstructBLIP needs `qformer_tokenizer` too (its processor's), for the prompt the
-    Q-Former reads; SmolVLM / Idefics3 and LLaVA-NeXT / OneVision their `processor`, which lays out each image's
-    tokens (`PROCESSOR_LAYOUT_TYPES`).
+    Q-Former reads; SmolVLM / Idefics3, LLaVA-NeXT / OneVision and InternVL their `processor`, which lays out each
+    image's tokens (`PROCESSOR_LAYOUT_TYPES`).
     """
 
     def __init__(
@@ -180,6 +175,7 @@ class CaptionDataset(Dataset):
                 "(the model's own, as load_vlm gives it)"
             )
         self.nested_images = model_type in ("idefics3", "smolvlm")  # their processors take each prompt's images
+        self.tiles_as_images = model_type in TILES_AS_IMAGES
         self.qformer_ids = None
         if qformer_tokenizer is not None:  # with its special tokens, as the processor gives them
             self.qformer_ids = [qformer_tokenizer(r.prompt)["input_ids"] for r in records]
@@ -242,6 +238,8 @@ class CaptionDataset(Dataset):
             processed = self.processor(images=images, text=[self.prompts[index]], return_tensors="pt")
             item["prompt_ids"] = processed["input_ids"][0].tolist()
             item.update({k: processed[k][0] for k in ("pixel_values", *PROCESSOR_IMAGE_INPUTS) if k in processed})
+            if self.tiles_as_images:  # InternVL: [tiles, C, H, W], one image's tiles
+                item["pixel_values"] = processed["pixel_values"]
             return item
         processed = self.image_processor(images=[image], return_tensors="pt")
         if "image_grid_thw" in processed:  # Qwen-VL: the image's patches and their grid
@@ -266,6 +264,7 @@ class CaptionCollator:
     token_types: bool = False  # Gemma 3: the batch carries token_type_ids (1 at image tokens)
     patch_merge: int = 0  # Qwen-VL: image tokens per image are its grid's patches over patch_merge**2
     laid_out: bool = False  # SmolVLM, LLaVA-NeXT...: prompts hold the image's tokens already (the processor's)
+    tiles_as_images: bool = False  # InternVL: all rows' tiles one after another, none padded
 
     @classmethod
     def for_model(cls, model_config) -> CaptionCollator:
@@ -285,6 +284,7 @@ class CaptionCollator:
             if getattr(model_config, "model_type", None) in QWEN_VL_TYPES
             else 0,
             laid_out=getattr(model_config, "model_type", None) in PROCESSOR_LAYOUT_TYPES,
+            tiles_as_images=getattr(model_config, "model_type", None) in TILES_AS_IMAGES,
         )
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
@@ -310,7 +310,7 @@ class CaptionCollator:
     def _layout(self, items: list[dict]) -> dict[str, torch.Tensor]:
         images = [it["pixel_values"] for it in items]
         if self.laid_out:  # each image's tiles or patches, then all-zero ones (as the processors pad) to the most
-            pixel_values = pad_sequence(images, batch_first=True)
+            pixel_values = torch.cat(images) if self.tiles_as_images else pad_sequence(images, batch_first=True)
             prompts = [it["prompt_ids"] for it in items]
         else:
             pixel_values = torch.cat(images) if self.patch_merge else torch.stack(images)
