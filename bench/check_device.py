@@ -7,7 +7,8 @@ and 3 padded), and so does a seeded sample (temperature, top-k, top-p, repetitio
 windows) gives the general engine's tokens and exit layers under a random mixed schedule, both KV modes, and on CUDA
 its graphs were captured and kept (no capture error or replay mismatch turned them off); and through the
 continuous-batching scheduler, requests arriving at random steps with random prompt lengths, thresholds (exits
-taken or not) and lengths each get the tokens and exit layers `generate` gives them alone at batch 1. Prints one
+taken or not) and lengths, some with stop sequences, some cancelled mid-answer, some with two images (Gemma 3,
+InternVL), each get the tokens, exit layers and finish reason `generate` gives them alone at batch 1. Prints one
 line per check and a total; exits 1 on any failure.
 
     python bench/check_device.py [--device cuda] [--families opt t5 llama idefics3 gemma3 internvl-qwen2 ...]
@@ -23,6 +24,7 @@ import warnings
 import torch
 
 from freevlm import EarlyExitVLM, ExitConfig
+from freevlm.backbones.llava import ImageGroups
 from freevlm.decoding.policies import ExitPolicy
 from freevlm.serving import Scheduler
 from freevlm.tiny import tiny_model, tiny_model_inputs
@@ -41,42 +43,84 @@ class SeededRandomPolicy(ExitPolicy):
         return (torch.rand(len(rows), generator=self.gen) < 0.5).to(rows.device)
 
 
-def scheduler_mismatches(ee: EarlyExitVLM, device: str, seed: int, count: int = 6) -> tuple[list[int], int]:
+def several_images(ee: EarlyExitVLM, prompt_len: int, seed: int) -> dict | None:
+    """One prompt holding two images (two blocks of image tokens, text between and after), for the families whose
+    prompts take any number (Gemma 3, InternVL: `ImageGroups`); None for the others."""
+    if not isinstance(ee.backbone, ImageGroups):
+        return None
+    one = tiny_model_inputs(ee.model, batch=1, prompt_len=prompt_len, seed=seed)
+    image, per = ee.backbone.config.image_token_index, ee.backbone.config.num_query_tokens
+    text = one["input_ids"][0][one["input_ids"][0] != image].tolist()
+    ids = torch.tensor([[image] * per + text[:1] + [image] * per + text[1:]])
+    pixels = torch.randn(2, *one["pixel_values"].shape[1:], generator=torch.Generator().manual_seed(seed))
+    inputs = {"pixel_values": pixels, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if "token_type_ids" in one:
+        inputs["token_type_ids"] = (ids == image).long()
+    assert ee.backbone.images_per_row(ids) == [2]
+    return inputs
+
+
+def scheduler_mismatches(ee: EarlyExitVLM, device: str, seed: int, count: int = 8) -> tuple[list[str], int]:
     """Requests arriving at random steps (3 rows for `count` requests, so some wait and join a running batch), each
-    with a random prompt length, threshold and length, through the scheduler: which of them did not get what
-    `generate` gives them alone, and how many of their tokens left early (0: the check would see no exit)."""
+    with a random prompt length, threshold and length, through the scheduler, in turn: plain; with a stop sequence
+    (two tokens of its answer: it must end where they first appear, finish reason "stop"); cancelled mid-answer (it
+    must end with the tokens it had, "cancelled", its row freed); with two images where the family takes several
+    (else plain). Returns which of them did not get what `generate` gives them alone (tokens, exit layers, finish
+    reason), and how many of their tokens left early (0: the check would see no exit)."""
     rng = random.Random(seed)
+    kinds = ["plain", "stop", "cancel", "images"]
     requests = []
     for i in range(count):
-        inputs = tiny_model_inputs(ee.model, batch=1, prompt_len=rng.randint(1, 6), seed=seed * 100 + i)
+        kind, prompt_len = kinds[i % len(kinds)], rng.randint(1, 6)
+        inputs = several_images(ee, max(prompt_len, 2), seed * 100 + i) if kind == "images" else None
+        if inputs is None:
+            kind = "plain" if kind == "images" else kind
+            inputs = tiny_model_inputs(ee.model, batch=1, prompt_len=prompt_len, seed=seed * 100 + i)
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-        options = dict(max_new_tokens=rng.randint(1, 10), threshold=rng.choice([0.0, 0.0, 1.0, 0.1]), eos_token_id=[])
+        shortest = 1 if kind in ("plain", "images") else 4  # room for a stop or a cancel before the end
+        options = dict(
+            max_new_tokens=rng.randint(shortest, 10), threshold=rng.choice([0.0, 0.0, 1.0, 0.1]), eos_token_id=[]
+        )
         out = ee.generate(**inputs, **options)
         layers = out.exit_layers[0].tolist()
         tokens = out.sequences[0, out.sequences.shape[1] - len(layers) :].tolist()
-        requests.append((rng.randint(0, 6), inputs, options, tokens, layers))
+        stop, cancel_at, reason = None, None, "length"
+        if kind == "stop":
+            at = rng.randrange(1, len(tokens) - 1)
+            stop = [tokens[at - 1 : at + 1]]
+            end = next(j + 2 for j in range(len(tokens) - 1) if tokens[j : j + 2] == stop[0])
+            tokens, layers, reason = tokens[:end], layers[:end], "stop"
+        elif kind == "cancel":
+            cancel_at = rng.randint(1, len(tokens) - 1)  # tokens made when it is cancelled
+            tokens, layers, reason = tokens[:cancel_at], layers[:cancel_at], "cancelled"
+        expected = (tokens, layers, reason)
+        requests.append((rng.randint(0, 6), kind, inputs, options, stop, cancel_at, expected))
     scheduler = Scheduler(ee, max_batch=3, max_len=64, prefill_chunk=8)
     handles, step = {}, 0
     while step < 200 and (len(handles) < count or not scheduler.idle):
-        for i, (arrival, inputs, options, *_) in enumerate(requests):
+        for i, (arrival, _, inputs, options, stop, *_) in enumerate(requests):
             if arrival == step:
-                handles[i] = scheduler.submit(**inputs, **options)
+                handles[i] = scheduler.submit(**inputs, **options, stop=stop)
         scheduler.step()
         step += 1
-    wrong = [
-        i
-        for i, (*_, tokens, layers) in enumerate(requests)
-        if i not in handles
-        or (handles[i].result(timeout=0).tokens, handles[i].result(timeout=0).exit_layers) != (tokens, layers)
-    ]
-    early = sum(layer < ee.backbone.num_layers for *_, layers in requests for layer in layers)
+        for i, (*_, cancel_at, _) in enumerate(requests):
+            if cancel_at is not None and i in handles and len(handles[i].tokens) >= cancel_at:
+                handles[i].cancel()
+    wrong = []
+    for i, (_, kind, *_, expected) in enumerate(requests):
+        result = handles[i].result(timeout=0) if i in handles and handles[i].done else None
+        if result is None or (result.tokens, result.exit_layers, result.finish_reason) != expected:
+            wrong.append(f"{i} ({kind})")
+    early = sum(layer < ee.backbone.num_layers for *_, (_, layers, _) in requests for layer in layers)
     return wrong, early
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--families", nargs="*", default=["opt", "t5", "llama", "qwen2", "idefics3"])
+    parser.add_argument(
+        "--families", nargs="*", default=["opt", "t5", "llama", "qwen2", "idefics3", "gemma3", "internvl-qwen2"]
+    )
     args = parser.parse_args()
     failures, checks = [], 0
 
@@ -139,10 +183,11 @@ def main() -> int:
                         f"batch {batch}: kv={kv} ran {len(runner.graphs)} captured CUDA graphs {fallback or ''}",
                         runner.enabled and bool(runner.graphs) and not fallback,
                     )
+        kinds = "stop sequences, cancellations" + (", two images" if isinstance(ee.backbone, ImageGroups) else "")
         for seed in (1, 2):
             wrong, early = scheduler_mismatches(ee, args.device, seed)
             check(
-                f"scheduler (seed {seed}): every request as alone, {early} tokens left early {wrong or ''}",
+                f"scheduler (seed {seed}): every request as alone ({kinds}), {early} tokens left early {wrong or ''}",
                 not wrong and early > 0,
             )
     print(f"{checks - len(failures)}/{checks} checks passed")

@@ -1,6 +1,7 @@
 """bench/check_device.py, the correctness part of the device run (`bench/run_gpu.sh`), runs on the CPU as it will on
-a GPU, and its scheduler check sees a wrong exit: a session lent a GPU must not spend its minutes on a broken
-script, nor read a pass that could not fail."""
+a GPU, and its scheduler check sees a wrong exit, an ignored stop sequence or cancellation and a request's images
+read out of order: a session lent a GPU must not spend its minutes on a broken script, nor read a pass that could
+not fail."""
 
 import importlib.util
 import os
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from freevlm import EarlyExitVLM, ExitConfig
-from freevlm.serving import Scheduler
+from freevlm.serving import Handle, Scheduler, scheduler
 from freevlm.tiny import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,3 +45,30 @@ def test_the_scheduler_check_sees_requests_that_leave_otherwise(monkeypatch):
     )
     wrong, _ = check_device.scheduler_mismatches(ee, "cpu", seed=1)
     assert wrong, "a scheduler whose rows never leave early passed the check"
+
+
+@pytest.mark.parametrize("kind", ["cancel", "stop"])
+def test_the_scheduler_check_sees_a_cancellation_or_stop_sequence_ignored(monkeypatch, kind):
+    check_device = load_check_device()
+    ee = EarlyExitVLM.from_backbone(tiny_model("opt", seed=0), ExitConfig([1, 2]))
+    if kind == "cancel":
+        monkeypatch.setattr(Handle, "cancel", lambda self: None)
+    else:
+        monkeypatch.setattr(scheduler, "_check_stop", lambda stop: ())
+    wrong, _ = check_device.scheduler_mismatches(ee, "cpu", seed=1)
+    assert wrong and all(w.endswith(f"({kind})") for w in wrong), wrong
+
+
+def test_the_scheduler_check_sees_a_requests_images_out_of_order(monkeypatch):
+    """Gemma 3's requests with two images: the scheduler given them swapped answers otherwise (one image: the same).
+    (The tiny InternVL's answers hardly depend on its images: swapped, 2 in 10 change.)"""
+    check_device = load_check_device()
+    ee = EarlyExitVLM.from_backbone(tiny_model("gemma3", seed=0), ExitConfig([1, 2]))
+    wrong, _ = check_device.scheduler_mismatches(ee, "cpu", seed=1)
+    assert not wrong
+    submit = Scheduler.submit
+    monkeypatch.setattr(
+        Scheduler, "submit", lambda self, pixel_values, *a, **o: submit(self, pixel_values.flip(0), *a, **o)
+    )
+    wrong, _ = check_device.scheduler_mismatches(ee, "cpu", seed=1)
+    assert wrong and all(w.endswith("(images)") for w in wrong), wrong
