@@ -11,10 +11,10 @@ from cli_args import cli_args
 from PIL import Image
 from training_helpers import save_tiny_blip2, save_tiny_clip, write_shapes
 
-from freevlm import EarlyExitVLM
+from freevlm import EarlyExitVLM, training
 from freevlm.cli import main
 from freevlm.loading import load_vlm
-from freevlm.training import load_coco_captions
+from freevlm.training import caption_loss_and_accuracy, load_coco_captions
 from freevlm.training.capfilt import CapFiltConfig, capfilt, load_scorer, rank_captions, sample_captions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -96,13 +96,20 @@ def test_blip2_itm_scorer(tmp_path):
         torch.testing.assert_close(scorer.score(image, [text]), score[None], rtol=1e-4, atol=1e-5)
 
 
-def test_cli_finetune_capfilt_train_exits_and_resume(files, tmp_path, capsys):
+def test_cli_finetune_capfilt_train_exits_and_resume(files, tmp_path, capsys, monkeypatch):
     loop = dict(batch_size=4, no_progress=True, dev_fraction=0.25, lr="1e-3")
     data = dict(backbone=files["backbone"], captions=files["captions"])
+    held_out, finetune = [], training.finetune
+    monkeypatch.setattr(training, "finetune", lambda *a, **kw: held_out.append(a[3]) or finetune(*a, **kw))
     assert main(cli_args("finetune", **data, output=tmp_path / "ft", max_steps=3, **loop)) == 0
     tuned = tmp_path / "ft/model"
     assert load_vlm(tuned).prompt == "a photo of"  # finetune's --prompt, recorded for caption, eval and serve
-    assert json.loads((tmp_path / "ft/dev_metrics.json").read_text())["loss"] > 0
+    # the dev loss written is the saved model's on the held-out images, and lower than the untrained backbone's
+    dev_loss = json.loads((tmp_path / "ft/dev_metrics.json").read_text())["loss"]
+    tuned_loss, untrained_loss = (
+        caption_loss_and_accuracy(load_vlm(folder).model, held_out[0])["loss"] for folder in (tuned, files["backbone"])
+    )
+    assert dev_loss == pytest.approx(tuned_loss, rel=1e-5) and tuned_loss < untrained_loss, (dev_loss, untrained_loss)
 
     pseudo = tmp_path / "pseudo.json"
     options = dict(scorer=f"clip:{files['clip']}", captions=files["captions"], output=pseudo, num_samples=3)
