@@ -115,6 +115,19 @@ def test_full_and_threshold_one_equal_hf_generate(new_family, batch, pad):
     assert (never.exit_layers[never.exit_layers >= 0] == 4).all()
 
 
+@pytest.mark.parametrize("family", ["opt", "t5", *FAMILIES, "idefics3"])
+def test_a_row_that_ends_first_is_padded_as_hugging_face_pads(family):
+    """Row 0's second token made its EOS: it ends there while the other rows go on, and both generates pad it with
+    the same id (a model whose pad id lies outside its vocabulary fails here: Hugging Face embeds the padding at
+    its next step, as the tiny Idefics3's default 128002 did on transformers 5.17)."""
+    case = Case(family, seed=2, batch=3, pad=True)
+    eos = int(case.hf_generate(max_new_tokens=MAX_NEW)[0, -MAX_NEW + 1])
+    ref = case.hf_generate(max_new_tokens=MAX_NEW, eos_token_id=eos)
+    assert torch.equal(case.generate(max_new_tokens=MAX_NEW, mode="full", eos_token_id=eos).sequences, ref)
+    row = ref[0, -MAX_NEW:].tolist()
+    assert eos in row and row.index(eos) < len(row) - 1, row  # row 0 ended before the others: it was padded
+
+
 def test_beam_search_without_exits_equals_hugging_face(new_family):
     case = Case(new_family, seed=2, batch=2, pad=True)
     kwargs = dict(max_new_tokens=8, num_beams=3, length_penalty=0.6)

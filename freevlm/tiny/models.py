@@ -281,7 +281,8 @@ def internvl_config(family: str = "qwen2", **sizes) -> InternVLConfig:
 
 def tiled_config(family: str = "smolvlm", **sizes):
     """A SmolVLM or Idefics3 with a 1-layer tower over 16x16 tiles (16 patches, pixel-shuffled into 4 image tokens
-    per tile) and the grouped-query Llama `llava_config` gives (SmolLM2 and Llama 3 are Llamas)."""
+    per tile) and the grouped-query Llama `llava_config` gives (SmolLM2 and Llama 3 are Llamas). Its own pad id is
+    the LM's: transformers 5.17's generate pads finished rows with the default (128002), outside a tiny vocabulary."""
     config_class, vision_class, _ = TILED[family]
     text = llava_config("llama", **sizes).text_config
     return config_class(
@@ -289,6 +290,7 @@ def tiled_config(family: str = "smolvlm", **sizes):
         text_config=text.to_dict(),
         image_token_id=text.vocab_size - 1,
         scale_factor=2,
+        pad_token_id=text.pad_token_id,
     )
 
 
