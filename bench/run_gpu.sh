@@ -11,11 +11,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 exec > >(tee "${OUT:-/tmp}/gpu_run.log") 2>&1
 python=${PYTHON:-python3}  # the device's python3 is the one that holds PyTorch
 if [[ ${1:-} == --smoke ]]; then
-    device=cpu dtype=float32 opt=tiny t5=tiny-t5 big=tiny reps=1 batch_reps=1 short="--tokens 4"
+    device=cpu dtype=float32 opt=tiny t5=tiny-t5 big=tiny reps=1 short="--tokens 4"
     serve=opt-demo  # the smallest with the demo's exit layers
     batches="2 4" crossover="2 4" requests=4 tokens=4
 else
-    device=cuda dtype=bfloat16 opt=opt-2.7b t5=flant5-xl big=opt-6.7b reps=5 batch_reps=3 short="" serve=opt-2.7b
+    device=cuda dtype=bfloat16 opt=opt-2.7b t5=flant5-xl big=opt-6.7b reps=3 short="" serve=opt-2.7b
     batches="8 32" crossover="8 64 256" requests=32 tokens=32
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 fi
@@ -23,15 +23,16 @@ on="--device $device --dtype $dtype"
 $python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 failed=0
 run() { echo; echo "### $*"; timeout "$1" "${@:2}" || { echo "### exit $? (timeout or failure)"; failed=$((failed + 1)); }; }
-# limits sum to 450 s, so that a rerun fits a 15-minute lease with two machine starts: check_device takes ~15 s on
-# our CPU (its scheduler checks included); OPT-2.7B's engine run gets the most because Hugging Face's static-cache
+# limits sum to 450 s, so that a rerun fits a 15-minute lease with two machine starts (no part has been timed on a
+# GPU yet; 3 repeats each, the benchmarks print the fastest, where 5 had 580 s): check_device takes ~15 s on our CPU (its
+# scheduler checks included); OPT-2.7B's engine run gets the most because Hugging Face's static-cache
 # generate compiles itself on its first call; the crossover is where per-row compaction starts to pay
 # (COMPACT_FROM_ROWS); then serving at OPT-2.7B's size: one at a time, static batches and continuous batching
 # (issue 28's table, wall clock in steps)
 run 50 $python bench/check_device.py --device $device
 run 160 $python bench/bench_engine.py $on --preset $opt --batch-sizes $batches --repeats $reps $short
 run 65 $python bench/bench_engine.py $on --preset $t5 --repeats $reps $short
-run 40 $python bench/bench_batch.py $on --preset $opt --repeats $batch_reps $short --crossover $crossover
+run 40 $python bench/bench_batch.py $on --preset $opt --repeats $reps $short --crossover $crossover
 run 40 $python bench/bench_engine.py $on --preset $big --batch-sizes ${batches%% *} --repeats $reps $short
 run 95 $python bench/bench_serving.py $on --model random --preset $serve --rates 16 --requests $requests \
     --max-tokens $tokens --thresholds 0.1 --batch-wait 0.5 --prefill-chunk 512

@@ -1,7 +1,8 @@
 """`bash bench/run_gpu.sh --smoke` runs every part of the device run on the CPU at tiny sizes, in a Python that sees
 only what the GPU machine has (torch, transformers, safetensors, numpy, Pillow and what they need; not accelerate,
 scipy nor the serving libraries): a session lent a GPU must not spend its minutes on a script that breaks on an
-argument, an import or its output path."""
+argument, an import or its output path. The device has transformers 5.17: with it first on PYTHONPATH (e.g.
+`pip install --no-deps --target DIR transformers==5.17.0 huggingface_hub==1.33.0`) this runs against it."""
 
 import importlib.util
 import os
