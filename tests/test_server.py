@@ -485,30 +485,49 @@ def test_full_queue_429_and_timeouts(small_server, files):
 
 
 def test_metrics(server, files):
-    """Sends what each counter counts (one answer, one refusal) so it holds alone, not only after the others."""
+    """Each counter moves by exactly what one answer and one refusal give it (the module's server has answered
+    others before: the test reads every metric before and after)."""
     body = {
         "model": "tiny",
         "messages": messages(data_url(files["images"][0]), PROMPTS[0]),
         "max_tokens": 4,
         "threshold": 0.0,
     }
-    assert httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).status_code == 200
-    assert httpx.post(f"{server.url}/v1/chat/completions", json={"model": "tiny"}, timeout=60).status_code == 400
-    text = httpx.get(f"{server.url}/metrics").text
-    for name in (
+    server.wait_idle()
+    names = (
         'freevlm_requests_total{outcome="success"}',
         'freevlm_requests_total{outcome="invalid"}',
         "freevlm_prompt_tokens_total",
         "freevlm_completion_tokens_total",
         'freevlm_exit_layer_bucket{le="1.0"}',
+        "freevlm_exit_layer_count",
         "freevlm_layers_per_token_count",
-        "freevlm_requests_running",
-        "freevlm_requests_waiting",
         "freevlm_time_to_first_token_seconds_count",
         "freevlm_time_per_output_token_seconds_count",
-    ):
-        assert server.metric(name) > 0 or name.startswith("freevlm_requests_"), name
+    )
+    before = {name: server.metric(name) for name in names}  # 0 where none was counted yet
+    answer = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    assert answer.status_code == 200
+    assert httpx.post(f"{server.url}/v1/chat/completions", json={"model": "tiny"}, timeout=60).status_code == 400
+    server.wait_idle()
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in (*names, "freevlm_requests_running", "freevlm_requests_waiting"):
         assert re.search(rf"^{re.escape(name)} ", text, re.M), name
+    usage, layers = answer.json()["usage"], answer.json()["freevlm"]["exit_layers"]
+    assert usage["completion_tokens"] == len(layers) > 1
+    expected = {
+        'freevlm_requests_total{outcome="success"}': 1,
+        'freevlm_requests_total{outcome="invalid"}': 1,
+        "freevlm_prompt_tokens_total": usage["prompt_tokens"],
+        "freevlm_completion_tokens_total": usage["completion_tokens"],
+        'freevlm_exit_layer_bucket{le="1.0"}': sum(layer <= 1 for layer in layers),
+        "freevlm_exit_layer_count": len(layers),
+        "freevlm_layers_per_token_count": 1,
+        "freevlm_time_to_first_token_seconds_count": 1,
+        "freevlm_time_per_output_token_seconds_count": 1,
+    }
+    assert {name: server.metric(name) - before[name] for name in names} == expected
+    assert server.metric("freevlm_requests_running") == server.metric("freevlm_requests_waiting") == 0
 
 
 def test_sigterm_drains_running_requests_then_exits_0(server, files):
