@@ -8,6 +8,7 @@ own `forward`, which DDP's hooks do not follow.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import math
@@ -84,6 +85,8 @@ class Runtime:
         from accelerate import Accelerator
 
         self.accelerator = Accelerator(cpu=cpu)
+        if self.accelerator.num_processes > 1:  # before the interpreter tears down (see eval/processes.py)
+            atexit.register(self.accelerator.state.destroy_process_group)
         self.device = self.accelerator.device
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
