@@ -9,54 +9,10 @@ from tiny_processor import tiny_qwen_vl_processor
 from training_helpers import assert_kd_training_lowers_held_out_kl, write_shapes
 
 from freevlm import EarlyExitVLM, ExitConfig
-from freevlm.model import IGNORE_INDEX
 from freevlm.tiny import tiny_model
-from freevlm.training import CaptionCollator, CaptionDataset, Record, load_coco_captions, split_records
+from freevlm.training import CaptionCollator, CaptionDataset, load_coco_captions, split_records
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
-
-
-@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
-def test_training_inputs_are_the_processor_s_own_on_prompt_and_target(tmp_path, family):
-    """Two images of different sizes in one batch, one prompt without its image (it goes in front, as `caption`
-    puts it) and one holding it mid-prompt: each row is what the processor gives for prompt + target, then EOS
-    (input_ids, mm_token_type_ids, the rows' patches one after another, their grids), right-padded; the targets are
-    the target's tokens and EOS, each at the position before it, and IGNORE_INDEX at every image, prompt and padding
-    position, so the loss reads the target tokens only."""
-    model = tiny_model(family)
-    processor = tiny_qwen_vl_processor(model)
-    Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "red.png")
-    Image.new("RGB", (60, 36), (30, 30, 200)).save(tmp_path / "blue.png")
-    records = [
-        Record(str(tmp_path / "red.png"), "what color is the square", "red"),
-        Record(str(tmp_path / "blue.png"), f"is it {IMAGE} big", "no it is a small blue circle"),
-    ]
-    texts = [f"{IMAGE}\nwhat color is the square", f"is it {IMAGE} big"]
-    layout = EarlyExitVLM(model).backbone.config
-    data = CaptionDataset(records, processor.tokenizer, processor.image_processor, layout, processor=processor)
-    batch = CaptionCollator.for_model(layout)([data[0], data[1]])
-    eos = processor.tokenizer.eos_token_id
-    pixels, grids = [], []
-    for b, (r, text) in enumerate(zip(records, texts)):
-        image = [Image.open(r.image).convert("RGB")]
-        whole = processor(images=image, text=[f"{text} {r.target}"], return_tensors="pt")
-        prompt = processor(images=image, text=[text], return_tensors="pt")["input_ids"][0].tolist()
-        ids = whole["input_ids"][0].tolist() + [eos]
-        n, start = len(ids), len(prompt)
-        assert ids[:start] == prompt and batch["input_ids"][b, :n].tolist() == ids
-        assert batch["attention_mask"][b].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
-        assert batch["mm_token_type_ids"][b, : n - 1].tolist() == whole["mm_token_type_ids"][0].tolist()
-        assert not batch["mm_token_type_ids"][b, n - 1 :].any()
-        targets = [IGNORE_INDEX] * batch["input_ids"].shape[1]
-        targets[start - 1 : n - 1] = ids[start:]
-        assert batch["targets"][b].tolist() == targets
-        pixels.append(whole["pixel_values"])
-        grids.append(whole["image_grid_thw"])
-    assert torch.equal(batch["pixel_values"], torch.cat(pixels)) and torch.equal(
-        batch["image_grid_thw"], torch.cat(grids)
-    )
-    assert grids[0].prod() != grids[1].prod()  # two image sizes: two image-token counts
 
 
 @pytest.mark.parametrize("family", ["qwen2-vl", "qwen3-vl"])

@@ -6,17 +6,17 @@ The collate produces the exact layout the backbone adapters expect (`Backbone.fe
 
 - decoder-only (OPT): `input_ids` = image tokens + prompt (with BOS) + target + EOS, right-padded; LLaVA's prompt
   is `<image>\n` + prompt, its one image token expanded in place (BOS first), as LLaVA's processor and
-  `loading.VLMBundle.inputs` lay it out; Gemma 3's is `<start_of_image>\n` + prompt, that token replaced by its
-  processor's image sequence (<start_of_image>, the image tokens, <end_of_image>, within blank lines), and the batch
-  carries `token_type_ids` (1 at image tokens) as that processor gives them; the others' (`PROCESSOR_LAYOUT_TYPES`)
-  are laid out by the model's processor itself, image by image, from the prompt `caption` gives it
-  (`loading.prompt_with_image`: `<image>\n` + prompt, Qwen-VL's image between `<|vision_start|>` and
-  `<|vision_end|>`): SmolVLM / Idefics3's and LLaVA-NeXT / OneVision's tiles with the tokens around them, a count
-  that depends on the image's size, the batch carrying each image's tiles padded with zero tiles to the batch's most
-  and `pixel_attention_mask` or `image_sizes` as that processor gives them; InternVL's tiles (each one's tokens
-  between `<img>` and `</img>`) and Qwen-VL's patches (`<|image_pad|>` expanded to its patch grid over the 2x2
-  merge, with `image_grid_thw` and `mm_token_type_ids`) all rows' one after another in `pixel_values`
-  (`CONCATENATED_PIXELS`: a row reads as many as its image tokens stand for);
+  `loading.VLMBundle.inputs` lay it out; the others' (`PROCESSOR_LAYOUT_TYPES`) are laid out by the model's
+  processor itself, image by image, from the prompt `caption` gives it (`loading.prompt_with_image`: `<image>\n` +
+  prompt, Gemma 3's `<start_of_image>`, Qwen-VL's image between `<|vision_start|>` and `<|vision_end|>`), with the
+  per-token inputs it gives (Gemma 3's `token_type_ids`, Qwen-VL's `mm_token_type_ids`: 1 at image tokens, 0 at the
+  target's): SmolVLM / Idefics3's and LLaVA-NeXT / OneVision's tiles with the tokens around them, a count that
+  depends on the image's size, the batch carrying each image's tiles padded with zero tiles to the batch's most and
+  `pixel_attention_mask` or `image_sizes` as that processor gives them; Gemma 3's image sequence (its image tokens
+  between `<start_of_image>` and `<end_of_image>`), InternVL's tiles (each one's tokens between `<img>` and
+  `</img>`) and Qwen-VL's patches (`<|image_pad|>` expanded to its patch grid over the 2x2 merge, with
+  `image_grid_thw`) all rows' one after another in `pixel_values` (`CONCATENATED_PIXELS`: a row reads as many as its
+  image tokens stand for);
 - encoder-decoder (T5): `input_ids` = image tokens + prompt (with EOS); `decoder_input_ids` = start + target
   shifted right.
 
@@ -104,34 +104,31 @@ def model_max_length(text_config) -> int | None:
 # families whose processor lays out each image's tokens itself (tiles and the tokens around them, patches: a count
 # that depends on the image's size): training prompts come from it, image by image, and its per-image inputs travel
 # with the batch
-PROCESSOR_LAYOUT_TYPES = ("idefics3", "smolvlm", "llava_next", "llava_onevision", "internvl", *QWEN_VL)
-# each tile (InternVL) or patch (Qwen-VL) a `pixel_values` row of its own, all rows' one after another
-CONCATENATED_PIXELS = ("internvl", *QWEN_VL)
+PROCESSOR_LAYOUT_TYPES = ("gemma3", "idefics3", "smolvlm", "llava_next", "llava_onevision", "internvl", *QWEN_VL)
+NESTED_IMAGES = ("gemma3", "idefics3", "smolvlm")  # their processors take each prompt's images as a list
+# each image (Gemma 3), tile (InternVL) or patch (Qwen-VL) a `pixel_values` row of its own, all rows' one after another
+CONCATENATED_PIXELS = ("gemma3", "internvl", *QWEN_VL)
 PROCESSOR_IMAGE_INPUTS = ("pixel_attention_mask", "image_sizes", "image_grid_thw")  # each image's, beside its pixels
-PROCESSOR_TOKEN_INPUTS = ("mm_token_type_ids",)  # one per prompt token (Qwen-VL: 1 at image tokens); target's are 0
+PROCESSOR_TOKEN_INPUTS = ("token_type_ids", "mm_token_type_ids")  # one per prompt token (1 at image tokens)
 
 
 def is_instructblip(model_config) -> bool:
     return getattr(model_config, "model_type", None) == "instructblip"
 
 
-def image_placeholder(tokenizer, model_config) -> tuple[str | None, str | None]:
-    """The text a prompt's image stands at, and what the model's processor replaces it with, holding the image token
-    once (the collator expands that to the image's tokens): LLaVA's `<image>` stays itself; Gemma 3's
-    `<start_of_image>` becomes its image sequence (as `Gemma3Processor.full_image_sequence`). (None, None) for
+def image_token(tokenizer, model_config) -> str | None:
+    """LLaVA's image token as a prompt holds it (`<image>`: the collator expands it to the image's tokens); None for
     BLIP-2 and InstructBLIP, whose image tokens go in front, and `PROCESSOR_LAYOUT_TYPES`, whose processor lays them
     out."""
-    model_type = getattr(model_config, "model_type", None)
-    if model_type not in ("llava", "gemma3"):
-        return None, None
-    index = model_config.boi_token_index if model_type == "gemma3" else model_config.image_token_index
-    text = tokenizer.convert_ids_to_tokens(index)
+    if getattr(model_config, "model_type", None) != "llava":
+        return None
+    text = tokenizer.convert_ids_to_tokens(model_config.image_token_index)
     if text is None:
-        raise ValueError(f"the tokenizer has no image token (id {index}): use the {model_type} processor's tokenizer")
-    if model_type == "gemma3":
-        image, end = tokenizer.convert_ids_to_tokens([model_config.image_token_index, model_config.eoi_token_index])
-        return text, f"\n\n{text}{image}{end}\n\n"
-    return text, text
+        raise ValueError(
+            f"the tokenizer has no image token (id {model_config.image_token_index}): use the llava processor's "
+            "tokenizer"
+        )
+    return text
 
 
 class CaptionDataset(Dataset):
@@ -168,7 +165,7 @@ class CaptionDataset(Dataset):
                 f"{model_type}'s processor lays out each image's tokens (tiles, patches: as many as its size "
                 "gives): pass processor (the model's own, as load_vlm gives it)"
             )
-        self.nested_images = model_type in ("idefics3", "smolvlm")  # their processors take each prompt's images
+        self.nested_images = model_type in NESTED_IMAGES
         self.concatenated = model_type in CONCATENATED_PIXELS
         self.qformer_ids = None
         if qformer_tokenizer is not None:  # with its special tokens, as the processor gives them
@@ -176,8 +173,7 @@ class CaptionDataset(Dataset):
         text_cfg = model_config.text_config
         self.decoder_only = not getattr(text_cfg, "is_encoder_decoder", False)
         self.num_query_tokens = model_config.num_query_tokens
-        # the placeholder text a prompt's image stands at, and what the model's processor puts in its place
-        self.image_text, self.image_sequence = image_placeholder(tokenizer, model_config)
+        self.image_text = image_token(tokenizer, model_config)  # where the collator expands LLaVA's image
         self.records = records
         self.image_processor = image_processor
         eos = tokenizer.eos_token_id
@@ -214,11 +210,9 @@ class CaptionDataset(Dataset):
         """The prompt with its image where the model's processor wants it (the processor's own image token)."""
         if self.processor is not None:
             return prompt_with_image(self.processor, model_config, prompt)
-        if self.image_text is None:
+        if self.image_text is None or self.image_text in prompt:
             return prompt
-        if self.image_text not in prompt:
-            prompt = f"{self.image_text}\n{prompt}"
-        return prompt.replace(self.image_text, self.image_sequence)
+        return f"{self.image_text}\n{prompt}"
 
     def _tokenize(self, tokenizer, prompt: str, target: str) -> tuple[list[int], list[int]]:
         prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
@@ -261,7 +255,6 @@ class CaptionCollator:
     decoder_only: bool
     decoder_start_token_id: int = 0
     qformer_pad_token_id: int = 0
-    token_types: bool = False  # Gemma 3: the batch carries token_type_ids (1 at image tokens)
     laid_out: bool = False  # SmolVLM, LLaVA-NeXT...: prompts hold the image's tokens already (the processor's)
     concatenated: bool = False  # InternVL's tiles, Qwen-VL's patches: all rows' one after another, none padded
 
@@ -278,7 +271,6 @@ class CaptionCollator:
             pad_token_id=pad,
             decoder_only=not getattr(text, "is_encoder_decoder", False),
             decoder_start_token_id=start if start is not None else pad,
-            token_types=getattr(model_config, "model_type", None) == "gemma3",
             laid_out=getattr(model_config, "model_type", None) in PROCESSOR_LAYOUT_TYPES,
             concatenated=getattr(model_config, "model_type", None) in CONCATENATED_PIXELS,
         )
@@ -319,8 +311,6 @@ class CaptionCollator:
                 "attention_mask": attention_mask,
                 "targets": targets,
             }
-            if self.token_types:
-                batch["token_type_ids"] = ((input_ids == self.image_token_index) & attention_mask.bool()).long()
             for key in (k for k in PROCESSOR_TOKEN_INPUTS if k in items[0]):  # the prompt's; 0 at the target's
                 batch[key] = torch.zeros_like(input_ids)
                 for b, it in enumerate(items):
