@@ -20,6 +20,7 @@ FAMILIES = {
     "qwen2.5-vl": (QWEN_IMAGE, "mm_token_type_ids", "image_grid_thw"),
     "qwen3-vl": (QWEN_IMAGE, "mm_token_type_ids", "image_grid_thw"),
     "gemma3": ("<start_of_image>", "token_type_ids", None),
+    "llama": ("<image>", None, None),  # LLaVA
     "internvl-qwen2": ("<IMG_CONTEXT>", None, None),
 }
 
@@ -69,4 +70,4 @@ def test_training_inputs_are_the_processor_s_own_on_prompt_and_target(tmp_path, 
     if image_key:
         assert torch.equal(batch[image_key], torch.cat(per_image))
     counts = (batch["input_ids"] == layout.image_token_index).sum(dim=1).tolist()
-    assert counts[0] > 0 and (counts[0] != counts[1]) == (family != "gemma3")  # Gemma 3's: a fixed count
+    assert counts[0] > 0 and (counts[0] != counts[1]) == (family not in ("gemma3", "llama"))  # theirs: fixed

@@ -1,8 +1,10 @@
-"""Training a tiny LLaVA: stage 1 (its projector) and stage 2 (FREE exits), the BLIP-2 recipes unchanged."""
+"""Training a tiny LLaVA: stage 1 (its projector) and stage 2 (FREE exits), the BLIP-2 recipes unchanged, prompts
+laid out by its `LlavaProcessor`."""
 
 import pytest
 import torch
 from training_helpers import assert_kd_training_lowers_held_out_kl, make_image_processor, make_tokenizer, write_shapes
+from transformers import LlavaProcessor
 
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.tiny import tiny_llava
@@ -18,6 +20,18 @@ from freevlm.training import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def dataset(records, layout) -> CaptionDataset:
+    """Records laid out by a LLaVA processor over the training helpers' tokenizer (the shapes' words) and images."""
+    processor = LlavaProcessor(
+        make_image_processor(layout.vision_config.image_size),
+        make_tokenizer("opt", layout.image_token_index),
+        patch_size=layout.vision_config.patch_size,
+        vision_feature_select_strategy=layout.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+    )
+    return CaptionDataset(records, processor.tokenizer, processor.image_processor, layout, processor=processor)
+
+
 def test_kd_exit_training_lowers_heldout_kl_on_llava(tmp_path):
     """GAN + KD from fresh exits on a Llama LLaVA (its final norm sharpened, so the final layer has a distribution
     worth matching): held-out KL(exit || final) falls, the backbone is untouched, and the exits decode."""
@@ -27,10 +41,9 @@ def test_kd_exit_training_lowers_heldout_kl_on_llava(tmp_path):
     with torch.no_grad():
         model.model.language_model.norm.weight.mul_(6)
     layout = EarlyExitVLM(model, ExitConfig([1])).backbone.config  # BLIP-2's prompt-layout names on LLaVA's config
-    tok, proc = make_tokenizer("opt", layout.image_token_index), make_image_processor(16)
-    train_set, dev_set = (CaptionDataset(r, tok, proc, layout) for r in (train, dev))
+    train_set, dev_set = dataset(train, layout), dataset(dev, layout)
     ee = assert_kd_training_lowers_held_out_kl(model, train_set, dev_set, tmp_path / "kd")
-    pixel_values = torch.stack([train_set[0]["pixel_values"]])
+    pixel_values = train_set[0]["pixel_values"]
     image = torch.full((1, layout.num_query_tokens), layout.image_token_index)
     out = ee.generate(pixel_values, torch.cat([torch.tensor([[2]]), image], dim=1), max_new_tokens=5, threshold=0.0)
     assert (out.exit_layers[out.exit_layers >= 0] == 1).all()
@@ -44,7 +57,7 @@ def test_stage1_trains_the_projector_alone_and_lowers_loss(tmp_path):
     with torch.no_grad():  # a random LM's logits are too flat for any soft prompt to make them peaked
         model.lm_head.weight.mul_(20)
     layout = EarlyExitVLM(model).backbone.config
-    data = CaptionDataset(records, make_tokenizer("opt", layout.image_token_index), make_image_processor(16), layout)
+    data = dataset(records, layout)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     start = caption_loss_and_accuracy(model, data)
     config = FinetuneConfig(

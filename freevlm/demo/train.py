@@ -122,7 +122,15 @@ def _train_backbone(cfg: DemoConfig, world: World, progress: Progress, folder: P
     bundle = build_backbone(cfg.family, seed=cfg.seed, num_layers=cfg.num_layers)
     records = world.backbone_records(cfg.vqa_per_image)
     layout = load_backbone(bundle.model).config  # BLIP-2's prompt-layout names, LLaVA's too
-    data = CaptionDataset(records, bundle.tokenizer, bundle.image_processor, layout, source="shapes + easy-VQA records")
+    processor = bundle.processor  # LLaVA's lays out its prompts
+    data = CaptionDataset(
+        records,
+        bundle.tokenizer,
+        bundle.image_processor,
+        layout,
+        source="shapes + easy-VQA records",
+        processor=processor,
+    )
     run_dir = folder.with_name(folder.name + "-run")
     shutil.rmtree(run_dir, ignore_errors=True)
     every_part = dict(train_vision=True, train_qformer=True, train_projection=True, train_lm=True)
@@ -137,7 +145,14 @@ def _train_backbone(cfg: DemoConfig, world: World, progress: Progress, folder: P
     seconds = time.perf_counter() - t0
     bundle.model.eval().requires_grad_(False)
     save_backbone(replace(bundle, prompt=CAPTION_PROMPT), folder)  # the prompt its captions were trained after
-    dev = CaptionDataset(world.caption_records("dev"), bundle.tokenizer, bundle.image_processor, layout, source="dev")
+    dev = CaptionDataset(
+        world.caption_records("dev"),
+        bundle.tokenizer,
+        bundle.image_processor,
+        layout,
+        source="dev",
+        processor=processor,
+    )
     held_out = caption_loss_and_accuracy(bundle.model, dev, cfg.eval_batch)
     info = {
         "train_steps": cfg.backbone_steps,
@@ -158,7 +173,12 @@ def train_all_exits(
     `methods`, the baselines. The runs see the same batches of the frozen backbone: one backbone pass per batch."""
     layout = load_backbone(bundle.model).config
     data = CaptionDataset(
-        world.caption_records(), bundle.tokenizer, bundle.image_processor, layout, source="shapes captions"
+        world.caption_records(),
+        bundle.tokenizer,
+        bundle.image_processor,
+        layout,
+        source="shapes captions",
+        processor=bundle.processor,  # LLaVA's lays out its prompts
     )
     common = dict(seed=cfg.seed, progress=cfg.progress, tensorboard=False, exit_layers=tuple(cfg.exit_layers))
     runs = {}  # name: (trainer, its config, the recipe to report, extra cache-key fields)

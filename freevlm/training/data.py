@@ -4,17 +4,16 @@ out prompts and targets.
 Training data is a list of plain `Record`s (image path, prompt, target text) so any reader can feed the trainers.
 The collate produces the exact layout the backbone adapters expect (`Backbone.features`):
 
-- decoder-only (OPT): `input_ids` = image tokens + prompt (with BOS) + target + EOS, right-padded; LLaVA's prompt
-  is `<image>\n` + prompt, its one image token expanded in place (BOS first), as LLaVA's processor and
-  `loading.VLMBundle.inputs` lay it out; the others' (`PROCESSOR_LAYOUT_TYPES`) are laid out by the model's
-  processor itself, image by image, from the prompt `caption` gives it (`loading.prompt_with_image`: `<image>\n` +
-  prompt, Gemma 3's `<start_of_image>`, Qwen-VL's image between `<|vision_start|>` and `<|vision_end|>`), with the
-  per-token inputs it gives (Gemma 3's `token_type_ids`, Qwen-VL's `mm_token_type_ids`: 1 at image tokens, 0 at the
-  target's): SmolVLM / Idefics3's and LLaVA-NeXT / OneVision's tiles with the tokens around them, a count that
-  depends on the image's size, the batch carrying each image's tiles padded with zero tiles to the batch's most and
-  `pixel_attention_mask` or `image_sizes` as that processor gives them; Gemma 3's image sequence (its image tokens
-  between `<start_of_image>` and `<end_of_image>`), InternVL's tiles (each one's tokens between `<img>` and
-  `</img>`) and Qwen-VL's patches (`<|image_pad|>` expanded to its patch grid over the 2x2 merge, with
+- decoder-only (OPT): `input_ids` = image tokens + prompt (with BOS) + target + EOS, right-padded. BLIP-2's and
+  InstructBLIP's `num_query_tokens` image tokens go first, as `loading.VLMBundle.inputs` and `InstructBlipProcessor`
+  put them; the other families' prompts (`PROCESSOR_LAYOUT_TYPES`) are laid out by the model's processor itself,
+  image by image, from the prompt `caption` gives it (`loading.prompt_with_image`: `<image>\n` + prompt, Gemma 3's
+  `<start_of_image>`, Qwen-VL's image between `<|vision_start|>` and `<|vision_end|>`), with the per-token inputs it
+  gives (Gemma 3's `token_type_ids`, Qwen-VL's `mm_token_type_ids`: 1 at image tokens, 0 at the target's).
+  SmolVLM / Idefics3's and LLaVA-NeXT / OneVision's tiles, with the tokens around them and a count that depends on
+  the image's size, travel padded with zero tiles to the batch's most, with `pixel_attention_mask` or `image_sizes`
+  as that processor gives them; LLaVA's and Gemma 3's images, InternVL's tiles (each one's tokens between `<img>`
+  and `</img>`) and Qwen-VL's patches (`<|image_pad|>` expanded to its patch grid over the 2x2 merge, with
   `image_grid_thw`) all rows' one after another in `pixel_values` (`CONCATENATED_PIXELS`: a row reads as many as its
   image tokens stand for);
 - encoder-decoder (T5): `input_ids` = image tokens + prompt (with EOS); `decoder_input_ids` = start + target
@@ -101,34 +100,20 @@ def model_max_length(text_config) -> int | None:
     return None
 
 
-# families whose processor lays out each image's tokens itself (tiles and the tokens around them, patches: a count
-# that depends on the image's size): training prompts come from it, image by image, and its per-image inputs travel
-# with the batch
-PROCESSOR_LAYOUT_TYPES = ("gemma3", "idefics3", "smolvlm", "llava_next", "llava_onevision", "internvl", *QWEN_VL)
+# families whose processor lays out each image's tokens (a count that may depend on the image's size): training
+# prompts come from it, image by image, and its per-image inputs travel with the batch
+PROCESSOR_LAYOUT_TYPES = ("llava", "gemma3", "idefics3", "smolvlm", "llava_next", "llava_onevision", "internvl")
+PROCESSOR_LAYOUT_TYPES += QWEN_VL
 NESTED_IMAGES = ("gemma3", "idefics3", "smolvlm")  # their processors take each prompt's images as a list
-# each image (Gemma 3), tile (InternVL) or patch (Qwen-VL) a `pixel_values` row of its own, all rows' one after another
-CONCATENATED_PIXELS = ("gemma3", "internvl", *QWEN_VL)
+# each image (LLaVA, Gemma 3), tile (InternVL) or patch (Qwen-VL) a `pixel_values` row of its own, all rows' one after
+# another
+CONCATENATED_PIXELS = ("llava", "gemma3", "internvl", *QWEN_VL)
 PROCESSOR_IMAGE_INPUTS = ("pixel_attention_mask", "image_sizes", "image_grid_thw")  # each image's, beside its pixels
 PROCESSOR_TOKEN_INPUTS = ("token_type_ids", "mm_token_type_ids")  # one per prompt token (1 at image tokens)
 
 
 def is_instructblip(model_config) -> bool:
     return getattr(model_config, "model_type", None) == "instructblip"
-
-
-def image_token(tokenizer, model_config) -> str | None:
-    """LLaVA's image token as a prompt holds it (`<image>`: the collator expands it to the image's tokens); None for
-    BLIP-2 and InstructBLIP, whose image tokens go in front, and `PROCESSOR_LAYOUT_TYPES`, whose processor lays them
-    out."""
-    if getattr(model_config, "model_type", None) != "llava":
-        return None
-    text = tokenizer.convert_ids_to_tokens(model_config.image_token_index)
-    if text is None:
-        raise ValueError(
-            f"the tokenizer has no image token (id {model_config.image_token_index}): use the llava processor's "
-            "tokenizer"
-        )
-    return text
 
 
 class CaptionDataset(Dataset):
@@ -162,8 +147,8 @@ class CaptionDataset(Dataset):
         self.processor = processor if model_type in PROCESSOR_LAYOUT_TYPES else None
         if model_type in PROCESSOR_LAYOUT_TYPES and processor is None:
             raise ValueError(
-                f"{model_type}'s processor lays out each image's tokens (tiles, patches: as many as its size "
-                "gives): pass processor (the model's own, as load_vlm gives it)"
+                f"{model_type}'s processor lays out each image's tokens: pass processor (the model's own, as load_vlm "
+                "gives it)"
             )
         self.nested_images = model_type in NESTED_IMAGES
         self.concatenated = model_type in CONCATENATED_PIXELS
@@ -173,7 +158,6 @@ class CaptionDataset(Dataset):
         text_cfg = model_config.text_config
         self.decoder_only = not getattr(text_cfg, "is_encoder_decoder", False)
         self.num_query_tokens = model_config.num_query_tokens
-        self.image_text = image_token(tokenizer, model_config)  # where the collator expands LLaVA's image
         self.records = records
         self.image_processor = image_processor
         eos = tokenizer.eos_token_id
@@ -185,7 +169,7 @@ class CaptionDataset(Dataset):
         self.prompt_ids: list[list[int]] = []
         self.target_ids: list[list[int]] = []
         for r in records:
-            prompt = self._with_image(r.prompt, model_config)
+            prompt = r.prompt if self.processor is None else prompt_with_image(self.processor, model_config, r.prompt)
             prompt_ids, target_ids = self._tokenize(tokenizer, prompt, r.target)
             target_ids = target_ids + ([eos] if eos is not None else [])
             if max_target_tokens is not None and len(target_ids) > max_target_tokens:
@@ -193,9 +177,8 @@ class CaptionDataset(Dataset):
                     f"{source}: target of {r.image} has {len(target_ids)} tokens, more than max_target_tokens="
                     f"{max_target_tokens}: {r.target[:60]!r}"
                 )
-            image_tokens = (
-                self.num_query_tokens or 0
-            )  # tiles' and patches' depend on the image: its processor's size bounds them
+            # per image where fixed; tiles' and patches' depend on the image (its processor's size bounds them)
+            image_tokens = self.num_query_tokens or 0
             used = image_tokens + len(prompt_ids) + len(target_ids) if self.decoder_only else len(target_ids)
             if limit is not None and used > limit:
                 raise ValueError(
@@ -205,14 +188,6 @@ class CaptionDataset(Dataset):
             self.prompts.append(prompt)
             self.prompt_ids.append(prompt_ids)
             self.target_ids.append(target_ids)
-
-    def _with_image(self, prompt: str, model_config) -> str:
-        """The prompt with its image where the model's processor wants it (the processor's own image token)."""
-        if self.processor is not None:
-            return prompt_with_image(self.processor, model_config, prompt)
-        if self.image_text is None or self.image_text in prompt:
-            return prompt
-        return f"{self.image_text}\n{prompt}"
 
     def _tokenize(self, tokenizer, prompt: str, target: str) -> tuple[list[int], list[int]]:
         prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
@@ -236,7 +211,7 @@ class CaptionDataset(Dataset):
             item.update(
                 {k: processed[k][0] for k in (*PROCESSOR_IMAGE_INPUTS, *PROCESSOR_TOKEN_INPUTS) if k in processed}
             )
-            # the image's pixel rows: InternVL's tiles, Qwen-VL's patches; the others' first image
+            # the image's pixel rows (`CONCATENATED_PIXELS`), else its pixels or tiles as one batch row
             item["pixel_values"] = processed["pixel_values"] if self.concatenated else processed["pixel_values"][0]
             return item
         item["pixel_values"] = self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
@@ -282,14 +257,6 @@ class CaptionCollator:
             batch.update(qformer_input_ids=ids, qformer_attention_mask=mask)
         return batch
 
-    def _with_image(self, prompt_ids: list[int]) -> list[int]:
-        """The LM prompt: a prompt's image token expanded in place (LLaVA), else the image tokens first (BLIP-2)."""
-        image = [self.image_token_index] * self.num_query_tokens
-        if self.image_token_index in prompt_ids:
-            at = prompt_ids.index(self.image_token_index)
-            return prompt_ids[:at] + image + prompt_ids[at + 1 :]
-        return image + prompt_ids
-
     def _layout(self, items: list[dict]) -> dict[str, torch.Tensor]:
         images = [it["pixel_values"] for it in items]
         if self.laid_out:  # each image's tiles or patches, then all-zero ones (as the processors pad) to the most
@@ -297,7 +264,8 @@ class CaptionCollator:
             prompts = [it["prompt_ids"] for it in items]
         else:
             pixel_values = torch.stack(images)
-            prompts = [self._with_image(it["prompt_ids"]) for it in items]
+            image = [self.image_token_index] * self.num_query_tokens  # BLIP-2's, InstructBLIP's: first
+            prompts = [image + it["prompt_ids"] for it in items]
         if self.decoder_only:
             seqs = [prompt + it["target_ids"] for prompt, it in zip(prompts, items)]
             input_ids, attention_mask = pad_rows(seqs, self.pad_token_id)
