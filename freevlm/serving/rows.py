@@ -34,7 +34,7 @@ calls, catch-up slots riding in them), and the layers of an answer's last shallo
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -64,25 +64,43 @@ class RowView:
     """What a Hugging Face attention module sees as its cache for one call: writes each query row's K/V at its own
     slots (`index [n, w]`, the trash slot where nothing may land) and returns the first `key_length` slots of each
     query row's buffer row: `rows` a slice (a view of the buffers) or a tensor of row ids, one per query row (packed
-    slots of one row repeat it; a gathered copy)."""
+    slots of one row repeat it; a gathered copy). The views of one window share `memo`, where the write positions
+    are computed once for all its layers."""
 
-    def __init__(self, kv: RowKV, index: torch.Tensor, rows: slice | torch.Tensor, key_length: int, start: int = 0):
+    def __init__(
+        self,
+        kv: RowKV,
+        index: torch.Tensor,
+        rows: slice | torch.Tensor,
+        key_length: int,
+        start: int = 0,
+        memo: dict | None = None,
+    ):
         self.kv, self.index, self.rows, self.start, self.key_length = kv, index, rows, start, key_length
+        self.memo = {} if memo is None else memo
+
+    def _where(self, heads: int) -> torch.Tensor:
+        """Where each (query row, head, column) lands in a buffer viewed `[rows * heads * slots, head_dim]`: one
+        `index_copy_` writes a window's K/V (a scatter along the slots costs 3-4x more at 16 rows)."""
+        if heads not in self.memo:
+            rows, device = self.rows, self.index.device
+            if isinstance(rows, slice):
+                rows = torch.arange(rows.start, rows.stop, device=device)
+            head = torch.arange(heads, device=device)
+            where = (rows[:, None, None] * heads + head[None, :, None]) * (self.kv.slots + 1) + self.index[:, None]
+            self.memo[heads] = where.flatten()
+        return self.memo[heads]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         kv, seen = self.kv, slice(0, self.key_length)
         if kv.keys is None:  # allocated once, at the first write (heads and head size come from the layer)
             shape = (kv.rows, key_states.shape[1], kv.slots + 1, key_states.shape[3])
             kv.keys, kv.values = key_states.new_zeros(shape), value_states.new_zeros(shape)
+        where, width = self._where(key_states.shape[1]), key_states.shape[3]
+        kv.keys.view(-1, width).index_copy_(0, where, key_states.reshape(-1, width))
+        kv.values.view(-1, width).index_copy_(0, where, value_states.reshape(-1, width))
         if isinstance(self.rows, slice):
-            keys, values = kv.keys[self.rows], kv.values[self.rows]
-            index = self.index[:, None, :, None].expand(-1, key_states.shape[1], -1, key_states.shape[3])
-            keys.scatter_(2, index, key_states)
-            values.scatter_(2, index, value_states)
-            return keys[:, :, seen], values[:, :, seen]
-        at = (self.rows[:, None], slice(None), self.index)
-        kv.keys[at] = key_states.transpose(1, 2)
-        kv.values[at] = value_states.transpose(1, 2)
+            return kv.keys[self.rows, :, seen], kv.values[self.rows, :, seen]
         return kv.keys[:, :, seen].index_select(0, self.rows), kv.values[:, :, seen].index_select(0, self.rows)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -104,6 +122,7 @@ class _Pack:
     key_length: int  # key slots the queries read (up to the deepest, rounded up to KEY_BUCKET)
     mask: torch.Tensor  # [m, 1, 1, key_length] slot <= the query's
     ctx: Context
+    memo: dict = field(default_factory=dict)  # its `RowView`s' write positions, shared by its layers
 
 
 @dataclass
@@ -260,12 +279,17 @@ class RowEngine:
             else:
                 selector = torch.tensor(ids, device=device)
                 ctx = self.backbone.window_context(self.rows_ctx, slots[places], selector)
-            return (lambda kv: RowView(kv, index[places], selector, key_length, start)), ctx, places
+            picked, memo = index[places], {}
+            return (lambda kv: RowView(kv, picked, selector, key_length, start, memo)), ctx, places
 
         everyone = list(range(len(rows)))
         if own:
             row = rows[0]
-            view, ctx = (lambda kv: RowView(kv, index, slice(row, row + 1), key_length, start)), self.prompts[row][0]
+            memo, ctx = {}, self.prompts[row][0]
+
+            def view(kv: RowKV) -> RowView:
+                return RowView(kv, index, slice(row, row + 1), key_length, start, memo)
+
         else:
             view, ctx, _ = window(everyone)
         leaving = [i for i, r in enumerate(rows) if self.may_exit[r]]
@@ -400,7 +424,7 @@ class RowEngine:
         states = x.reshape(n * width, hidden).index_select(0, pack.flat)[:, None]
         flat = pack.flat
         for depth in range(first, last):
-            view = RowView(self.kv[depth], pack.slots, pack.selector, pack.key_length)
+            view = RowView(self.kv[depth], pack.slots, pack.selector, pack.key_length, memo=pack.memo)
             layer = self.backbone.layers[depth]
             if depth == self.num_layers - 1 and len(pack.rows) > len(pack.last):
                 states = self.backbone.run_layer_at(layer, states, pack.ctx, view, pack.mask, pack.last_items)
@@ -424,7 +448,7 @@ class RowEngine:
         exit_module, last = self.exits[depth], pack.last_items
         features = states[last, 0]
         if exit_module.needs_cache:
-            view = RowView(self.exit_kv[depth], pack.slots, pack.selector, pack.key_length)
+            view = RowView(self.exit_kv[depth], pack.slots, pack.selector, pack.key_length, memo=pack.memo)
             if len(pack.rows) > len(pack.last):
                 features = self.backbone.run_layer_at(exit_module.layer, states, pack.ctx, view, pack.mask, last)
                 self.kv_only_slot_layers += len(pack.rows) - len(pack.last)
