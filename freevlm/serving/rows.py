@@ -137,9 +137,10 @@ class StepOutput:
 class RowEngine:
     """K/V, pending states and per-row fill levels of a batch of independent rows (see the module docstring).
 
-    A request joins with `join` (its image and prompt encoded by the backbone, batch 1), its prompt but the last
-    slot is encoded in chunks by `prefill` (so a long prompt never freezes the other rows for long), and its last
-    prompt slot is its first `step`. `leave` frees the row at once: the next request overwrites it.
+    A request joins with `join` (its image and prompt encoded by the backbone, batch 1), its prompt is encoded in
+    chunks by `prefill` (so a long prompt never freezes the other rows for long): all of it where its first token
+    cannot leave early (that token comes from `prefill`), else all but the last slot, its first `step`. `leave`
+    frees the row at once: the next request overwrites it.
     """
 
     def __init__(
@@ -197,48 +198,60 @@ class RowEngine:
         self.may_exit[row] = may_exit
         self.threshold[row] = threshold
 
-    def prefill(self, rows: list[int], budget: int) -> int:
+    def prefill(self, rows: list[int], budget: int) -> dict[int, torch.Tensor]:
         """Encode up to `budget` more prompt slots of the joining `rows`, the first ones' first (a chunk goes past
-        the budget where the backbone cannot cut the prompt there: `prefill_cut`); returns how many it encoded. The
-        chunks of the rows whose prompts may share a window of rows (`Backbone.prompt_in_rows`) run together, one
-        call per layer; the others in their own context. A row whose prompt is encoded but for its last slot is
-        active: its last prompt slot is its first step."""
+        the budget where the backbone cannot cut the prompt there: `prefill_cut`). The chunks of the rows whose
+        prompts may share a window of rows (`Backbone.prompt_in_rows`) run together, one call per layer; the others
+        in their own context. A row whose prompt is encoded up to its end (`_prompt_end`) is active: a row that may
+        leave early has its last prompt slot as its first step; one that may not got its first token's logits here,
+        returned `{row: [V]}` (its next step reads the token chosen from them)."""
         chunks = {}  # row -> (slot of its chunk's first, slots in it)
         for row in rows:
-            ctx, embeds, done = self.prompts[row]
-            length = embeds.shape[1]
-            count = min(budget, length - 1 - done)
+            ctx, _, done = self.prompts[row]
+            end = self._prompt_end(row)
+            count = min(budget, end - done)
             if count > 0:  # a chunk the backbone may cut there (Gemma 3: an image whole)
-                count = min(self.backbone.prefill_cut(ctx, done + count), length - 1) - done
-            if count > 0 or done == length - 1:
+                count = min(self.backbone.prefill_cut(ctx, done + count), end) - done
+            if count > 0 or done == end:
                 chunks[row] = (done, max(count, 0))
                 budget -= max(count, 0)
         encode = [r for r, (_, count) in chunks.items() if count]
         together = [r for r in encode if self.backbone.prompt_in_rows(self.prompts[r][0])]
-        if together:
-            self._encode(together, [chunks[r] for r in together])
+        first = self._encode(together, [chunks[r] for r in together]) if together else {}
         for row in encode:
             if row not in together:
                 self._encode([row], [chunks[row]], own=True)
         for row, (done, count) in chunks.items():
             ctx, embeds, _ = self.prompts[row]
-            length = embeds.shape[1]
-            if done + count < length - 1:
+            end = self._prompt_end(row)
+            if done + count < end:
                 self.prompts[row] = (ctx, embeds, done + count)
                 continue
             del self.prompts[row]
-            self.first_input[row] = embeds[0, -1]
-            self.position[row] = length - 1
+            if row not in first:
+                self.first_input[row] = embeds[0, -1]
+            self.position[row] = end
             for fill in [*self.fill, *self.exit_fill.values()]:
-                fill[row] = length - 1
+                fill[row] = end
             self.waited[row] = 0
             self.active[row] = True
-        return sum(count for _, count in chunks.values())
+        return first
+
+    def _prompt_end(self, row: int) -> int:
+        """The prompt slots `prefill` encodes for a joining row: all of them where its first token cannot leave
+        early and its prompt runs in a window of rows (`generate` takes that token from the last layer of its one
+        pass over the prompt; a step of its own for the last slot would cost every layer call again), else all but
+        the last (its first step)."""
+        whole = not self.may_exit[row] and self.backbone.prompt_in_rows(self.prompts[row][0])
+        return self._length(row) - (0 if whole else 1)
+
+    def _length(self, row: int) -> int:
+        """A joining row's prompt slots."""
+        return self.prompts[row][1].shape[1]
 
     def prompt_left(self, row: int) -> int:
         """Prompt slots a joining row has still to encode."""
-        _, embeds, done = self.prompts[row]
-        return embeds.shape[1] - 1 - done
+        return self._prompt_end(row) - self.prompts[row][2]
 
     def leave(self, row: int) -> None:
         self.active[row] = False
@@ -251,12 +264,14 @@ class RowEngine:
         return max((r + 1 for r in range(self.max_rows) if self.active[r]), default=0)
 
     @torch.no_grad()
-    def _encode(self, rows: list[int], chunks: list[tuple[int, int]], own: bool = False) -> None:
+    def _encode(self, rows: list[int], chunks: list[tuple[int, int]], own: bool = False) -> dict[int, torch.Tensor]:
         """Prompt chunks (`(first slot, slots)` of each of `rows`) through every layer, and every exit layer with a
         cache for the rows that may leave early: one call per layer over a window `[rows, longest chunk]`, each
         chunk from its row's first column (the columns past its end repeat its last slot, as a query, and write the
         trash slot). In a window of rows (`window_context`), or, `own`, in the one row's own context. Where no one
-        reads a layer's output (the last layer's, an exit layer's) only its K/V are computed (`Backbone.fill_kv`)."""
+        reads a layer's output (an exit layer's, the last layer's but at the last slot of a whole prompt: see
+        `_prompt_end`) only its K/V are computed (`Backbone.fill_kv`). Returns the first token's logits `[V]` of the
+        rows whose whole prompt ends in this window."""
         device, width = self.threshold.device, max(count for _, count in chunks)
         first = torch.tensor([done for done, _ in chunks], device=device)[:, None]
         last = torch.tensor([done + count - 1 for done, count in chunks], device=device)[:, None]
@@ -293,19 +308,28 @@ class RowEngine:
         else:
             view, ctx, _ = window(everyone)
         leaving = [i for i, r in enumerate(rows) if self.may_exit[r]]
+        ending = [i for i, (r, (done, count)) in enumerate(zip(rows, chunks)) if done + count == self._length(r)]
         bounds = [0, *(i for i in self.exit_kv if leaving), self.num_layers]
+        first_logits = {}
         for low, high in itertools.pairwise(bounds):
             for depth in range(low, high):
                 layer = self.backbone.layers[depth]
-                if depth == self.num_layers - 1:  # no one reads the last layer's output at a prompt slot
-                    self.backbone.fill_kv(layer, x, ctx, view(self.kv[depth]), mask)
-                else:
+                if depth < self.num_layers - 1:
                     x = self.backbone.run_layer(layer, x, ctx, view(self.kv[depth]), mask, None)
+                elif ending:  # the first token of the rows whose whole prompt ends here: the last layer's output there
+                    keep = torch.tensor(ending, device=device)
+                    out = self.backbone.run_layer_at(layer, x, ctx, view(self.kv[depth]), mask, keep)
+                    at = torch.tensor([chunks[i][1] - 1 for i in ending], device=device)
+                    logits = self.backbone.head(out[torch.arange(len(ending), device=device), at])
+                    first_logits = {rows[i]: logits[j] for j, i in enumerate(ending)}
+                else:  # no one reads the last layer's output at a prompt slot
+                    self.backbone.fill_kv(layer, x, ctx, view(self.kv[depth]), mask)
             if high in self.exit_kv:  # no one reads an exit layer's output either
                 exit_view, exit_ctx, places = (view, ctx, slice(None)) if leaving == everyone else window(leaving)
                 self.backbone.fill_kv(
                     self.exits[high].layer, x[places], exit_ctx, exit_view(self.exit_kv[high]), mask[places]
                 )
+        return first_logits
 
     def _key_length(self, deepest: int) -> int:
         """Key slots a window reads whose deepest query slot is `deepest`: up to it, rounded up to `KEY_BUCKET`."""

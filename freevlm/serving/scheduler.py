@@ -335,12 +335,16 @@ class Scheduler:
             return contexts
 
     def _prefill(self) -> None:
-        """Encode joining prompts, at most `_budget()` slots in all per iteration (oldest first), together."""
-        self.engine.prefill([request.row for request in self._joining], self._budget())
+        """Encode joining prompts, at most `_budget()` slots in all per iteration (oldest first), together; a row
+        whose prompt gave its first token's logits (one that cannot leave early) gets that token now."""
+        first = self.engine.prefill([request.row for request in self._joining], self._budget())
         for request in [r for r in self._joining if self.engine.active[r.row]]:
             self._joining.remove(request)
             self._running[request.row] = request
             self._choose_as(request)
+        if first:
+            made = list(first)
+            self._emit(made, torch.stack([first[row] for row in made]), [self.backbone.num_layers] * len(made))
 
     def _choose_as(self, request: _Request) -> None:
         """The row starts decoding: its token choice (and generator) from now on."""
@@ -351,18 +355,22 @@ class Scheduler:
     def _decode(self) -> None:
         out = self.engine.step(self._last)
         made = [row for row, done in enumerate(out.out) if done]  # a parked token is not out: nothing drawn for it
+        self._emit(made, out.logits[made], [out.exit_at[row] for row in made])
+
+    def _emit(self, made: list[int], logits: torch.Tensor, exit_at: list[int]) -> None:
+        """Rows `made` choose their token from `logits [k, V]` (greedy argmax, unless a row samples); each running
+        one sends it to its handle with the layer it left at (`exit_at`), and leaves if its request is done."""
         rows = self._rows[made]
-        tokens = self.chooser.choose(out.logits[rows], rows, made)  # greedy argmax, unless a row samples
+        tokens = self.chooser.choose(logits, rows, made)
         self.chooser.observe(rows, tokens)
         self._last[rows] = tokens
         now = time.perf_counter()
-        host = dict(zip(made, tokens.tolist()))
-        for row, request in list(self._running.items()):
-            if row not in host:  # parked: its token goes on at a later step
+        for row, token, layer in zip(made, tokens.tolist(), exit_at):
+            request = self._running.get(row)
+            if request is None:  # a row without a request (below the highest one in use): garbage
                 continue
-            token, handle = host[row], request.handle
-            handle._emit(token, out.exit_at[row], now)
-            reason = _finished(handle.tokens, request)
+            request.handle._emit(token, layer, now)
+            reason = _finished(request.handle.tokens, request)
             if reason is not None:
                 self._release(request, reason)
 
