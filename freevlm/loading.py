@@ -98,8 +98,7 @@ class VLMBundle:
     def _processed(self, images: list[Image.Image], prompts: list[str]) -> dict[str, torch.Tensor]:
         model_type = self.model.config.model_type
         if model_type in EXPANDS_IMAGE_TOKEN:  # each image token (<start_of_image>, <|image_pad|>) a prompt holds
-            image_token = self.processor.image_token
-            prompts = [p if image_token in p else f"{self._image_slot()}\n{p}" for p in prompts]
+            prompts = [prompt_with_image(self.processor, self.model.config, p) for p in prompts]
         if model_type in ("gemma3", "idefics3", "smolvlm"):  # their processors take each prompt's images as a list
             images = [[image] for image in images]
         out = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
@@ -118,17 +117,28 @@ class VLMBundle:
         )
         return {k: out[k] for k in keys if k in out}
 
-    def _image_slot(self) -> str:
-        """What a prompt without an image gets in front: the processor's image token, which it expands; Qwen-VL's
-        between `<|vision_start|>` and `<|vision_end|>`, which its chat template (not its processor) writes."""
-        cfg = self.model.config
-        if cfg.model_type not in QWEN_VL:
-            return self.processor.image_token
-        start, end = self.tokenizer.convert_ids_to_tokens([cfg.vision_start_token_id, cfg.vision_end_token_id])
-        return f"{start}{self.processor.image_token}{end}"
-
     def decode(self, token_ids: torch.Tensor) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
+
+
+def prompt_with_image(processor, model_config, prompt: str) -> str:
+    """`prompt` as the processor of an `EXPANDS_IMAGE_TOKEN` model takes it: as given where it holds the processor's
+    image token (which the processor expands), else with that token in front on a line of its own; Qwen-VL's between
+    `<|vision_start|>` and `<|vision_end|>`, which its chat template (not its processor) writes. Captioning and
+    training both lay prompts out with it, so a model trains on the prompts it captions with."""
+    token = processor.image_token
+    if token in prompt:
+        return prompt
+    if model_config.model_type in QWEN_VL:
+        ids = [model_config.vision_start_token_id, model_config.vision_end_token_id]
+        start, end = processor.tokenizer.convert_ids_to_tokens(ids)
+        if start is None or end is None:
+            raise ValueError(
+                f"the tokenizer has no token for ids {ids} (<|vision_start|>, <|vision_end|>): use the "
+                f"{model_config.model_type} processor's tokenizer"
+            )
+        token = f"{start}{token}{end}"
+    return f"{token}\n{prompt}"
 
 
 @dataclass(frozen=True)

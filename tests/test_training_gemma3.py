@@ -1,5 +1,5 @@
-"""Training exits on a tiny Gemma 3: the batches carry token_type_ids (its image tokens see each other both ways in
-training as in decoding), and the recipe is LLaVA's unchanged."""
+"""Training exits on a tiny Gemma 3: prompts laid out by its processor, the batches carrying its token_type_ids (its
+image tokens see each other both ways in training as in decoding), and the recipe is LLaVA's unchanged."""
 
 import pytest
 import torch
@@ -24,7 +24,8 @@ def test_kd_exit_training_lowers_heldout_kl_on_gemma3(tmp_path):
     processor = tiny_processor(model)
     layout = EarlyExitVLM(model, ExitConfig([1])).backbone.config
     train_set, dev_set = (
-        CaptionDataset(r, processor.tokenizer, processor.image_processor, layout) for r in (train, dev)
+        CaptionDataset(r, processor.tokenizer, processor.image_processor, layout, processor=processor)
+        for r in (train, dev)
     )
     batch = CaptionCollator.for_model(layout)([train_set[0], train_set[1]])
     assert torch.equal(batch["token_type_ids"].bool(), batch["input_ids"] == layout.image_token_index)

@@ -1,11 +1,11 @@
-"""Training exits on tiny Qwen-VLs: batches carry every image's patches with its grid (`image_grid_thw`: images of
-different sizes in one batch, so different image-token counts) and `mm_token_type_ids`, laid out as the processor
-lays them out; the recipe is LLaVA's unchanged."""
+"""Training exits on tiny Qwen-VLs: prompts laid out by the model's own processor, batches carrying every image's
+patches with its grid (`image_grid_thw`: images of different sizes in one batch, so different image-token counts) and
+`mm_token_type_ids` as that processor gives them; the recipe is LLaVA's unchanged."""
 
 import pytest
 import torch
 from PIL import Image
-from tiny_processor import tiny_qwen_vl_image_processor, tiny_tokenizer
+from tiny_processor import tiny_qwen_vl_processor
 from training_helpers import assert_kd_training_lowers_held_out_kl, write_shapes
 
 from freevlm import EarlyExitVLM, ExitConfig
@@ -27,8 +27,11 @@ def test_kd_exit_training_lowers_heldout_kl_on_qwen_vl(tmp_path, family):
     with torch.no_grad():
         model.model.language_model.norm.weight.mul_(6)
     layout = EarlyExitVLM(model, ExitConfig([1])).backbone.config
-    tokenizer = tiny_tokenizer(model)
-    train_set, dev_set = (CaptionDataset(r, tokenizer, tiny_qwen_vl_image_processor(), layout) for r in (train, dev))
+    processor = tiny_qwen_vl_processor(model)
+    train_set, dev_set = (
+        CaptionDataset(r, processor.tokenizer, processor.image_processor, layout, processor=processor)
+        for r in (train, dev)
+    )
     batch = CaptionCollator.for_model(layout)([train_set[i] for i in range(4)])
     image = batch["input_ids"] == layout.image_token_index
     grid = batch["image_grid_thw"]
@@ -51,3 +54,12 @@ def test_kd_exit_training_lowers_heldout_kl_on_qwen_vl(tmp_path, family):
         threshold=0.0,
     )
     assert (out.exit_layers[out.exit_layers >= 0] == 1).all()
+
+
+def test_qwen_vl_without_its_processor_is_refused(tmp_path):
+    records = load_coco_captions(write_shapes(tmp_path / "data", 2))
+    model = tiny_model("qwen2.5-vl")
+    processor = tiny_qwen_vl_processor(model)
+    layout = EarlyExitVLM(model).backbone.config
+    with pytest.raises(ValueError, match="qwen2_5_vl's processor lays out each image's tokens.*pass processor"):
+        CaptionDataset(records, processor.tokenizer, processor.image_processor, layout)

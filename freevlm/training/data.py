@@ -6,19 +6,17 @@ The collate produces the exact layout the backbone adapters expect (`Backbone.fe
 
 - decoder-only (OPT): `input_ids` = image tokens + prompt (with BOS) + target + EOS, right-padded; LLaVA's prompt
   is `<image>\n` + prompt, its one image token expanded in place (BOS first), as LLaVA's processor and
-  `loading.VLMBundle.inputs` lay it out; Gemma 3's is `<start_of_image>\n` + prompt, that token replaced by its
-  processor's image sequence (<start_of_image>, the image tokens, <end_of_image>, within blank lines), and the batch
-  carries `token_type_ids` (1 at image tokens) as that processor gives them; Qwen-VL's is `<|image_pad|>\n` +
-  prompt, the image between `<|vision_start|>` and `<|vision_end|>`, that token expanded to the image's own token
-  count (its patch grid over the 2x2 merge, images at any size), and the batch carries the patches of all images
-  (`pixel_values`, one row per patch), `image_grid_thw` and `mm_token_type_ids` (1 at image tokens) as its processor
-  gives them; SmolVLM /
-  Idefics3's and LLaVA-NeXT / OneVision's are `<image>\n` + prompt laid out by the model's processor itself, image by
-  image (`PROCESSOR_LAYOUT_TYPES`: tiles with the tokens around them, a count that depends on the image's size), the
-  batch carrying each image's tiles padded with zero tiles to the batch's most and `pixel_attention_mask` or
-  `image_sizes` as that processor gives them; InternVL's is `<IMG_CONTEXT>\n` + prompt laid out by its processor
-  too (each tile's tokens between `<img>` and `</img>`), all rows' tiles one after another in `pixel_values`
-  (`TILES_AS_IMAGES`: a row reads as many as its image tokens stand for);
+  `loading.VLMBundle.inputs` lay it out; the others' (`PROCESSOR_LAYOUT_TYPES`) are laid out by the model's
+  processor itself, image by image, from the prompt `caption` gives it (`loading.prompt_with_image`: `<image>\n` +
+  prompt, Gemma 3's `<start_of_image>`, Qwen-VL's image between `<|vision_start|>` and `<|vision_end|>`), with the
+  per-token inputs it gives (Gemma 3's `token_type_ids`, Qwen-VL's `mm_token_type_ids`: 1 at image tokens, 0 at the
+  target's): SmolVLM / Idefics3's and LLaVA-NeXT / OneVision's tiles with the tokens around them, a count that
+  depends on the image's size, the batch carrying each image's tiles padded with zero tiles to the batch's most and
+  `pixel_attention_mask` or `image_sizes` as that processor gives them; Gemma 3's image sequence (its image tokens
+  between `<start_of_image>` and `<end_of_image>`), InternVL's tiles (each one's tokens between `<img>` and
+  `</img>`) and Qwen-VL's patches (`<|image_pad|>` expanded to its patch grid over the 2x2 merge, with
+  `image_grid_thw`) all rows' one after another in `pixel_values` (`CONCATENATED_PIXELS`: a row reads as many as its
+  image tokens stand for);
 - encoder-decoder (T5): `input_ids` = image tokens + prompt (with EOS); `decoder_input_ids` = start + target
   shifted right.
 
@@ -43,6 +41,7 @@ from torch.utils.data import Dataset
 from ..data.coco import read_captions
 from ..data.images import ImageError, load_image
 from ..inputs import pad_rows
+from ..loading import QWEN_VL, prompt_with_image
 from ..model import IGNORE_INDEX
 
 
@@ -102,42 +101,34 @@ def model_max_length(text_config) -> int | None:
     return None
 
 
-QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # images as patches of any grid (`image_grid_thw`)
-# families whose processor lays out each image's tokens itself (tiles and the tokens around them, a count that depends
-# on the image's size): training prompts come from it, image by image, and its per-image inputs travel with the batch
-PROCESSOR_LAYOUT_TYPES = ("idefics3", "smolvlm", "llava_next", "llava_onevision", "internvl")
-TILES_AS_IMAGES = ("internvl",)  # each tile a `pixel_values` row of its own, however many a row's image has
-PROCESSOR_IMAGE_INPUTS = ("pixel_attention_mask", "image_sizes")  # each image's, beside its pixel_values
+# families whose processor lays out each image's tokens itself (tiles and the tokens around them, patches: a count
+# that depends on the image's size): training prompts come from it, image by image, and its per-image inputs travel
+# with the batch
+PROCESSOR_LAYOUT_TYPES = ("gemma3", "idefics3", "smolvlm", "llava_next", "llava_onevision", "internvl", *QWEN_VL)
+NESTED_IMAGES = ("gemma3", "idefics3", "smolvlm")  # their processors take each prompt's images as a list
+# each image (Gemma 3), tile (InternVL) or patch (Qwen-VL) a `pixel_values` row of its own, all rows' one after another
+CONCATENATED_PIXELS = ("gemma3", "internvl", *QWEN_VL)
+PROCESSOR_IMAGE_INPUTS = ("pixel_attention_mask", "image_sizes", "image_grid_thw")  # each image's, beside its pixels
+PROCESSOR_TOKEN_INPUTS = ("token_type_ids", "mm_token_type_ids")  # one per prompt token (1 at image tokens)
 
 
 def is_instructblip(model_config) -> bool:
     return getattr(model_config, "model_type", None) == "instructblip"
 
 
-def image_placeholder(tokenizer, model_config) -> tuple[str | None, str | None]:
-    """The text a prompt's image stands at, and what the model's processor replaces it with, holding the image token
-    once (the collator expands that to the image's tokens): LLaVA's `<image>` stays itself; Gemma 3's
-    `<start_of_image>` becomes its image sequence (as `Gemma3Processor.full_image_sequence`); the processor lays out
-    `PROCESSOR_LAYOUT_TYPES`' itself. (None, None) for BLIP-2 and InstructBLIP, whose image tokens go in front."""
-    model_type = getattr(model_config, "model_type", None)
-    if model_type in QWEN_VL_TYPES:
-        start, end = tokenizer.convert_ids_to_tokens(
-            [model_config.vision_start_token_id, model_config.vision_end_token_id]
-        )
-        text = tokenizer.convert_ids_to_tokens(model_config.image_token_id)
-        if None in (start, end, text):
-            raise ValueError(f"the tokenizer lacks the image tokens of {model_type}: use its processor's tokenizer")
-        return text, f"{start}{text}{end}"
-    if model_type not in ("llava", "gemma3", *PROCESSOR_LAYOUT_TYPES):
-        return None, None
-    index = model_config.boi_token_index if model_type == "gemma3" else model_config.image_token_index
-    text = tokenizer.convert_ids_to_tokens(index)
+def image_token(tokenizer, model_config) -> str | None:
+    """LLaVA's image token as a prompt holds it (`<image>`: the collator expands it to the image's tokens); None for
+    BLIP-2 and InstructBLIP, whose image tokens go in front, and `PROCESSOR_LAYOUT_TYPES`, whose processor lays them
+    out."""
+    if getattr(model_config, "model_type", None) != "llava":
+        return None
+    text = tokenizer.convert_ids_to_tokens(model_config.image_token_index)
     if text is None:
-        raise ValueError(f"the tokenizer has no image token (id {index}): use the {model_type} processor's tokenizer")
-    if model_type == "gemma3":
-        image, end = tokenizer.convert_ids_to_tokens([model_config.image_token_index, model_config.eoi_token_index])
-        return text, f"\n\n{text}{image}{end}\n\n"
-    return text, text
+        raise ValueError(
+            f"the tokenizer has no image token (id {model_config.image_token_index}): use the llava processor's "
+            "tokenizer"
+        )
+    return text
 
 
 class CaptionDataset(Dataset):
@@ -171,19 +162,18 @@ class CaptionDataset(Dataset):
         self.processor = processor if model_type in PROCESSOR_LAYOUT_TYPES else None
         if model_type in PROCESSOR_LAYOUT_TYPES and processor is None:
             raise ValueError(
-                f"{model_type}'s processor lays out each image's tokens (tiles, image sizes): pass processor "
-                "(the model's own, as load_vlm gives it)"
+                f"{model_type}'s processor lays out each image's tokens (tiles, patches: as many as its size "
+                "gives): pass processor (the model's own, as load_vlm gives it)"
             )
-        self.nested_images = model_type in ("idefics3", "smolvlm")  # their processors take each prompt's images
-        self.tiles_as_images = model_type in TILES_AS_IMAGES
+        self.nested_images = model_type in NESTED_IMAGES
+        self.concatenated = model_type in CONCATENATED_PIXELS
         self.qformer_ids = None
         if qformer_tokenizer is not None:  # with its special tokens, as the processor gives them
             self.qformer_ids = [qformer_tokenizer(r.prompt)["input_ids"] for r in records]
         text_cfg = model_config.text_config
         self.decoder_only = not getattr(text_cfg, "is_encoder_decoder", False)
         self.num_query_tokens = model_config.num_query_tokens
-        # the placeholder text a prompt's image stands at, and what the model's processor puts in its place
-        self.image_text, self.image_sequence = image_placeholder(tokenizer, model_config)
+        self.image_text = image_token(tokenizer, model_config)  # where the collator expands LLaVA's image
         self.records = records
         self.image_processor = image_processor
         eos = tokenizer.eos_token_id
@@ -195,14 +185,17 @@ class CaptionDataset(Dataset):
         self.prompt_ids: list[list[int]] = []
         self.target_ids: list[list[int]] = []
         for r in records:
-            prompt, prompt_ids, target_ids = self._tokenize(tokenizer, r)
+            prompt = self._with_image(r.prompt, model_config)
+            prompt_ids, target_ids = self._tokenize(tokenizer, prompt, r.target)
             target_ids = target_ids + ([eos] if eos is not None else [])
             if max_target_tokens is not None and len(target_ids) > max_target_tokens:
                 raise ValueError(
                     f"{source}: target of {r.image} has {len(target_ids)} tokens, more than max_target_tokens="
                     f"{max_target_tokens}: {r.target[:60]!r}"
                 )
-            image_tokens = self.num_query_tokens or 0  # Qwen-VL's depend on the image: the processor's size bounds them
+            image_tokens = (
+                self.num_query_tokens or 0
+            )  # tiles' and patches' depend on the image: its processor's size bounds them
             used = image_tokens + len(prompt_ids) + len(target_ids) if self.decoder_only else len(target_ids)
             if limit is not None and used > limit:
                 raise ValueError(
@@ -213,18 +206,21 @@ class CaptionDataset(Dataset):
             self.prompt_ids.append(prompt_ids)
             self.target_ids.append(target_ids)
 
-    def _tokenize(self, tokenizer, r: Record) -> tuple[str, list[int], list[int]]:
-        prompt = r.prompt
-        if self.image_text is not None and self.image_text not in prompt:
-            prompt = f"{self.image_text}\n{prompt}"
-        if self.image_sequence != self.image_text:
-            prompt = prompt.replace(self.image_text, self.image_sequence)
+    def _with_image(self, prompt: str, model_config) -> str:
+        """The prompt with its image where the model's processor wants it (the processor's own image token)."""
+        if self.processor is not None:
+            return prompt_with_image(self.processor, model_config, prompt)
+        if self.image_text is None or self.image_text in prompt:
+            return prompt
+        return f"{self.image_text}\n{prompt}"
+
+    def _tokenize(self, tokenizer, prompt: str, target: str) -> tuple[list[int], list[int]]:
         prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
         if self.decoder_only:  # tokenize prompt and target together so BPE sees the boundary as at inference
-            joined = tokenizer(f"{prompt} {r.target}" if prompt else r.target, add_special_tokens=True)["input_ids"]
+            joined = tokenizer(f"{prompt} {target}" if prompt else target, add_special_tokens=True)["input_ids"]
             if joined[: len(prompt_ids)] == prompt_ids:
-                return prompt, prompt_ids, joined[len(prompt_ids) :]
-        return prompt, prompt_ids, tokenizer(r.target, add_special_tokens=False)["input_ids"]
+                return prompt_ids, joined[len(prompt_ids) :]
+        return prompt_ids, tokenizer(target, add_special_tokens=False)["input_ids"]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -237,15 +233,13 @@ class CaptionDataset(Dataset):
             images = [[image]] if self.nested_images else [image]
             processed = self.processor(images=images, text=[self.prompts[index]], return_tensors="pt")
             item["prompt_ids"] = processed["input_ids"][0].tolist()
-            item.update({k: processed[k][0] for k in ("pixel_values", *PROCESSOR_IMAGE_INPUTS) if k in processed})
-            if self.tiles_as_images:  # InternVL: [tiles, C, H, W], one image's tiles
-                item["pixel_values"] = processed["pixel_values"]
+            item.update(
+                {k: processed[k][0] for k in (*PROCESSOR_IMAGE_INPUTS, *PROCESSOR_TOKEN_INPUTS) if k in processed}
+            )
+            # the image's pixel rows: InternVL's tiles, Qwen-VL's patches; the others' first image
+            item["pixel_values"] = processed["pixel_values"] if self.concatenated else processed["pixel_values"][0]
             return item
-        processed = self.image_processor(images=[image], return_tensors="pt")
-        if "image_grid_thw" in processed:  # Qwen-VL: the image's patches and their grid
-            item.update(pixel_values=processed["pixel_values"], image_grid_thw=processed["image_grid_thw"][0])
-        else:
-            item["pixel_values"] = processed["pixel_values"][0]
+        item["pixel_values"] = self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
         if self.qformer_ids is not None:
             item["qformer_ids"] = self.qformer_ids[index]
         return item
@@ -261,10 +255,8 @@ class CaptionCollator:
     decoder_only: bool
     decoder_start_token_id: int = 0
     qformer_pad_token_id: int = 0
-    token_types: bool = False  # Gemma 3: the batch carries token_type_ids (1 at image tokens)
-    patch_merge: int = 0  # Qwen-VL: image tokens per image are its grid's patches over patch_merge**2
     laid_out: bool = False  # SmolVLM, LLaVA-NeXT...: prompts hold the image's tokens already (the processor's)
-    tiles_as_images: bool = False  # InternVL: all rows' tiles one after another, none padded
+    concatenated: bool = False  # InternVL's tiles, Qwen-VL's patches: all rows' one after another, none padded
 
     @classmethod
     def for_model(cls, model_config) -> CaptionCollator:
@@ -279,12 +271,8 @@ class CaptionCollator:
             pad_token_id=pad,
             decoder_only=not getattr(text, "is_encoder_decoder", False),
             decoder_start_token_id=start if start is not None else pad,
-            token_types=getattr(model_config, "model_type", None) == "gemma3",
-            patch_merge=model_config.vision_config.spatial_merge_size
-            if getattr(model_config, "model_type", None) in QWEN_VL_TYPES
-            else 0,
             laid_out=getattr(model_config, "model_type", None) in PROCESSOR_LAYOUT_TYPES,
-            tiles_as_images=getattr(model_config, "model_type", None) in TILES_AS_IMAGES,
+            concatenated=getattr(model_config, "model_type", None) in CONCATENATED_PIXELS,
         )
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
@@ -294,14 +282,9 @@ class CaptionCollator:
             batch.update(qformer_input_ids=ids, qformer_attention_mask=mask)
         return batch
 
-    def _image_tokens(self, item: dict) -> int:
-        if self.patch_merge:
-            return int(item["image_grid_thw"].prod()) // self.patch_merge**2
-        return self.num_query_tokens
-
-    def _with_image(self, prompt_ids: list[int], count: int) -> list[int]:
+    def _with_image(self, prompt_ids: list[int]) -> list[int]:
         """The LM prompt: a prompt's image token expanded in place (LLaVA), else the image tokens first (BLIP-2)."""
-        image = [self.image_token_index] * count
+        image = [self.image_token_index] * self.num_query_tokens
         if self.image_token_index in prompt_ids:
             at = prompt_ids.index(self.image_token_index)
             return prompt_ids[:at] + image + prompt_ids[at + 1 :]
@@ -310,11 +293,11 @@ class CaptionCollator:
     def _layout(self, items: list[dict]) -> dict[str, torch.Tensor]:
         images = [it["pixel_values"] for it in items]
         if self.laid_out:  # each image's tiles or patches, then all-zero ones (as the processors pad) to the most
-            pixel_values = torch.cat(images) if self.tiles_as_images else pad_sequence(images, batch_first=True)
+            pixel_values = torch.cat(images) if self.concatenated else pad_sequence(images, batch_first=True)
             prompts = [it["prompt_ids"] for it in items]
         else:
-            pixel_values = torch.cat(images) if self.patch_merge else torch.stack(images)
-            prompts = [self._with_image(it["prompt_ids"], self._image_tokens(it)) for it in items]
+            pixel_values = torch.stack(images)
+            prompts = [self._with_image(it["prompt_ids"]) for it in items]
         if self.decoder_only:
             seqs = [prompt + it["target_ids"] for prompt, it in zip(prompts, items)]
             input_ids, attention_mask = pad_rows(seqs, self.pad_token_id)
@@ -328,19 +311,16 @@ class CaptionCollator:
                 "attention_mask": attention_mask,
                 "targets": targets,
             }
-            image = ((input_ids == self.image_token_index) & attention_mask.bool()).long()
-            if self.token_types:
-                batch["token_type_ids"] = image
-            if self.patch_merge:
-                batch.update(
-                    image_grid_thw=torch.stack([it["image_grid_thw"] for it in items]), mm_token_type_ids=image
-                )
+            for key in (k for k in PROCESSOR_TOKEN_INPUTS if k in items[0]):  # the prompt's; 0 at the target's
+                batch[key] = torch.zeros_like(input_ids)
+                for b, it in enumerate(items):
+                    batch[key][b, : len(it[key])] = it[key]
             if "pixel_attention_mask" in items[0]:
                 batch["pixel_attention_mask"] = pad_sequence(
                     [it["pixel_attention_mask"] for it in items], batch_first=True
                 )
-            if "image_sizes" in items[0]:
-                batch["image_sizes"] = torch.stack([it["image_sizes"] for it in items])
+            for key in (k for k in ("image_sizes", "image_grid_thw") if k in items[0]):
+                batch[key] = torch.stack([it[key] for it in items])
             return batch
         input_ids, attention_mask = pad_rows(prompts, self.pad_token_id)
         decoder_input_ids, _ = pad_rows(
