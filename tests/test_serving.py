@@ -144,8 +144,9 @@ def test_rows_that_stopped_early_catch_up_exactly(ee, mixed, rows):
 def test_requests_joining_together_decode_as_alone(ee, mixed, cut, monkeypatch):
     """Six requests arrive at once, four take rows: their images go through the vision model in one call, their
     prompts through each layer in one window (T5: each row its own encoder states, no decoder prompt to encode), rows
-    that may leave early and rows that may not side by side; `cut`: a budget of 1.5 prompts per iteration, so a
-    window holds one prompt's rest and the next ones' starts. Each request decodes as alone."""
+    that may leave early and rows that may not side by side; `cut`: the first arrives alone and decodes when the
+    others come, and the budget of 1.5 prompts per iteration (which binds only while a row decodes) makes a window
+    hold one prompt's rest and the next ones' starts. Each request decodes as alone."""
     rng, requests = random.Random(7), []
     for i in range(6):
         pv, ids, _ = tiny_inputs(ee.model, batch=1, prompt_len=rng.randint(1, 6), seed=70 + i)
@@ -163,7 +164,11 @@ def test_requests_joining_together_decode_as_alone(ee, mixed, cut, monkeypatch):
     monkeypatch.setattr(
         scheduler.engine, "_encode", lambda rows, chunks, own=False: windows.append(chunks) or encode(rows, chunks, own)
     )
-    handles = [scheduler.submit(pv, ids, **options) for pv, ids, options, _ in requests]
+    handles = []
+    for pv, ids, options, _ in requests:
+        handles.append(scheduler.submit(pv, ids, **options))
+        if cut and len(handles) == 1:
+            scheduler.step()
     try:
         scheduler.run_until_idle()
     finally:
@@ -177,6 +182,29 @@ def test_requests_joining_together_decode_as_alone(ee, mixed, cut, monkeypatch):
         assert max(len(w) for w in windows) > 1, "no prompts were encoded together"
         if cut:
             assert any(len({first for first, _ in w}) > 1 for w in windows), "no window mixed prompt offsets"
+
+
+def test_prefill_budget_binds_only_while_rows_decode(ee, mixed):
+    """A burst into an idle scheduler joins whole in one iteration, whatever `prefill_chunk` (no row decodes, so
+    nobody waits on the prompts); a request arriving while rows decode gets only the budget (its prompt is longer).
+    Each decodes as alone."""
+    if ee.backbone.family == "t5":
+        pytest.skip("T5's prompt is its encoder's, encoded at admission: no decoder prompt to budget")
+    scheduler = Scheduler(ee, max_batch=4, max_len=32, prefill_chunk=2)
+    requests, handles = [], []
+    for i in range(4):
+        pv, ids, _ = tiny_inputs(ee.model, batch=1, prompt_len=3 + i, seed=110 + i)
+        options = dict(max_new_tokens=6, threshold=mixed[i % len(mixed)], eos_token_id=[])
+        requests.append(_alone(ee, pv, ids, **options))
+        if i == 3:
+            scheduler.step()
+            assert scheduler.engine.active[:3] == [True] * 3, "the burst did not join in one iteration"
+        handles.append(scheduler.submit(pv, ids, **options))
+    scheduler.step()
+    assert not scheduler.engine.active[3], "the budget did not bind while rows decode"
+    scheduler.run_until_idle()
+    for handle, (tokens, layers) in zip(handles, requests):
+        assert (handle.result().tokens, handle.result().exit_layers) == (tokens, layers)
 
 
 def test_start_many_gives_each_request_what_start_gives_it(ee):

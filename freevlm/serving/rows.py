@@ -34,7 +34,7 @@ calls, catch-up slots riding in them), and the layers of an answer's last shallo
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -64,25 +64,43 @@ class RowView:
     """What a Hugging Face attention module sees as its cache for one call: writes each query row's K/V at its own
     slots (`index [n, w]`, the trash slot where nothing may land) and returns the first `key_length` slots of each
     query row's buffer row: `rows` a slice (a view of the buffers) or a tensor of row ids, one per query row (packed
-    slots of one row repeat it; a gathered copy)."""
+    slots of one row repeat it; a gathered copy). The views of one window share `memo`, where the write positions
+    are computed once for all its layers."""
 
-    def __init__(self, kv: RowKV, index: torch.Tensor, rows: slice | torch.Tensor, key_length: int, start: int = 0):
+    def __init__(
+        self,
+        kv: RowKV,
+        index: torch.Tensor,
+        rows: slice | torch.Tensor,
+        key_length: int,
+        start: int = 0,
+        memo: dict | None = None,
+    ):
         self.kv, self.index, self.rows, self.start, self.key_length = kv, index, rows, start, key_length
+        self.memo = {} if memo is None else memo
+
+    def _where(self, heads: int) -> torch.Tensor:
+        """Where each (query row, head, column) lands in a buffer viewed `[rows * heads * slots, head_dim]`: one
+        `index_copy_` writes a window's K/V (a scatter along the slots costs 3-4x more at 16 rows)."""
+        if heads not in self.memo:
+            rows, device = self.rows, self.index.device
+            if isinstance(rows, slice):
+                rows = torch.arange(rows.start, rows.stop, device=device)
+            head = torch.arange(heads, device=device)
+            where = (rows[:, None, None] * heads + head[None, :, None]) * (self.kv.slots + 1) + self.index[:, None]
+            self.memo[heads] = where.flatten()
+        return self.memo[heads]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         kv, seen = self.kv, slice(0, self.key_length)
         if kv.keys is None:  # allocated once, at the first write (heads and head size come from the layer)
             shape = (kv.rows, key_states.shape[1], kv.slots + 1, key_states.shape[3])
             kv.keys, kv.values = key_states.new_zeros(shape), value_states.new_zeros(shape)
+        where, width = self._where(key_states.shape[1]), key_states.shape[3]
+        kv.keys.view(-1, width).index_copy_(0, where, key_states.reshape(-1, width))
+        kv.values.view(-1, width).index_copy_(0, where, value_states.reshape(-1, width))
         if isinstance(self.rows, slice):
-            keys, values = kv.keys[self.rows], kv.values[self.rows]
-            index = self.index[:, None, :, None].expand(-1, key_states.shape[1], -1, key_states.shape[3])
-            keys.scatter_(2, index, key_states)
-            values.scatter_(2, index, value_states)
-            return keys[:, :, seen], values[:, :, seen]
-        at = (self.rows[:, None], slice(None), self.index)
-        kv.keys[at] = key_states.transpose(1, 2)
-        kv.values[at] = value_states.transpose(1, 2)
+            return kv.keys[self.rows, :, seen], kv.values[self.rows, :, seen]
         return kv.keys[:, :, seen].index_select(0, self.rows), kv.values[:, :, seen].index_select(0, self.rows)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -104,6 +122,7 @@ class _Pack:
     key_length: int  # key slots the queries read (up to the deepest, rounded up to KEY_BUCKET)
     mask: torch.Tensor  # [m, 1, 1, key_length] slot <= the query's
     ctx: Context
+    memo: dict = field(default_factory=dict)  # its `RowView`s' write positions, shared by its layers
 
 
 @dataclass
@@ -118,9 +137,10 @@ class StepOutput:
 class RowEngine:
     """K/V, pending states and per-row fill levels of a batch of independent rows (see the module docstring).
 
-    A request joins with `join` (its image and prompt encoded by the backbone, batch 1), its prompt but the last
-    slot is encoded in chunks by `prefill` (so a long prompt never freezes the other rows for long), and its last
-    prompt slot is its first `step`. `leave` frees the row at once: the next request overwrites it.
+    A request joins with `join` (its image and prompt encoded by the backbone, batch 1), its prompt is encoded in
+    chunks by `prefill` (so a long prompt never freezes the other rows for long): all of it where its first token
+    cannot leave early (that token comes from `prefill`), else all but the last slot, its first `step`. `leave`
+    frees the row at once: the next request overwrites it.
     """
 
     def __init__(
@@ -178,48 +198,60 @@ class RowEngine:
         self.may_exit[row] = may_exit
         self.threshold[row] = threshold
 
-    def prefill(self, rows: list[int], budget: int) -> int:
+    def prefill(self, rows: list[int], budget: int) -> dict[int, torch.Tensor]:
         """Encode up to `budget` more prompt slots of the joining `rows`, the first ones' first (a chunk goes past
-        the budget where the backbone cannot cut the prompt there: `prefill_cut`); returns how many it encoded. The
-        chunks of the rows whose prompts may share a window of rows (`Backbone.prompt_in_rows`) run together, one
-        call per layer; the others in their own context. A row whose prompt is encoded but for its last slot is
-        active: its last prompt slot is its first step."""
+        the budget where the backbone cannot cut the prompt there: `prefill_cut`). The chunks of the rows whose
+        prompts may share a window of rows (`Backbone.prompt_in_rows`) run together, one call per layer; the others
+        in their own context. A row whose prompt is encoded up to its end (`_prompt_end`) is active: a row that may
+        leave early has its last prompt slot as its first step; one that may not got its first token's logits here,
+        returned `{row: [V]}` (its next step reads the token chosen from them)."""
         chunks = {}  # row -> (slot of its chunk's first, slots in it)
         for row in rows:
-            ctx, embeds, done = self.prompts[row]
-            length = embeds.shape[1]
-            count = min(budget, length - 1 - done)
+            ctx, _, done = self.prompts[row]
+            end = self._prompt_end(row)
+            count = min(budget, end - done)
             if count > 0:  # a chunk the backbone may cut there (Gemma 3: an image whole)
-                count = min(self.backbone.prefill_cut(ctx, done + count), length - 1) - done
-            if count > 0 or done == length - 1:
+                count = min(self.backbone.prefill_cut(ctx, done + count), end) - done
+            if count > 0 or done == end:
                 chunks[row] = (done, max(count, 0))
                 budget -= max(count, 0)
         encode = [r for r, (_, count) in chunks.items() if count]
         together = [r for r in encode if self.backbone.prompt_in_rows(self.prompts[r][0])]
-        if together:
-            self._encode(together, [chunks[r] for r in together])
+        first = self._encode(together, [chunks[r] for r in together]) if together else {}
         for row in encode:
             if row not in together:
                 self._encode([row], [chunks[row]], own=True)
         for row, (done, count) in chunks.items():
             ctx, embeds, _ = self.prompts[row]
-            length = embeds.shape[1]
-            if done + count < length - 1:
+            end = self._prompt_end(row)
+            if done + count < end:
                 self.prompts[row] = (ctx, embeds, done + count)
                 continue
             del self.prompts[row]
-            self.first_input[row] = embeds[0, -1]
-            self.position[row] = length - 1
+            if row not in first:
+                self.first_input[row] = embeds[0, -1]
+            self.position[row] = end
             for fill in [*self.fill, *self.exit_fill.values()]:
-                fill[row] = length - 1
+                fill[row] = end
             self.waited[row] = 0
             self.active[row] = True
-        return sum(count for _, count in chunks.values())
+        return first
+
+    def _prompt_end(self, row: int) -> int:
+        """The prompt slots `prefill` encodes for a joining row: all of them where its first token cannot leave
+        early and its prompt runs in a window of rows (`generate` takes that token from the last layer of its one
+        pass over the prompt; a step of its own for the last slot would cost every layer call again), else all but
+        the last (its first step)."""
+        whole = not self.may_exit[row] and self.backbone.prompt_in_rows(self.prompts[row][0])
+        return self._length(row) - (0 if whole else 1)
+
+    def _length(self, row: int) -> int:
+        """A joining row's prompt slots."""
+        return self.prompts[row][1].shape[1]
 
     def prompt_left(self, row: int) -> int:
         """Prompt slots a joining row has still to encode."""
-        _, embeds, done = self.prompts[row]
-        return embeds.shape[1] - 1 - done
+        return self._prompt_end(row) - self.prompts[row][2]
 
     def leave(self, row: int) -> None:
         self.active[row] = False
@@ -232,12 +264,14 @@ class RowEngine:
         return max((r + 1 for r in range(self.max_rows) if self.active[r]), default=0)
 
     @torch.no_grad()
-    def _encode(self, rows: list[int], chunks: list[tuple[int, int]], own: bool = False) -> None:
+    def _encode(self, rows: list[int], chunks: list[tuple[int, int]], own: bool = False) -> dict[int, torch.Tensor]:
         """Prompt chunks (`(first slot, slots)` of each of `rows`) through every layer, and every exit layer with a
         cache for the rows that may leave early: one call per layer over a window `[rows, longest chunk]`, each
         chunk from its row's first column (the columns past its end repeat its last slot, as a query, and write the
         trash slot). In a window of rows (`window_context`), or, `own`, in the one row's own context. Where no one
-        reads a layer's output (the last layer's, an exit layer's) only its K/V are computed (`Backbone.fill_kv`)."""
+        reads a layer's output (an exit layer's, the last layer's but at the last slot of a whole prompt: see
+        `_prompt_end`) only its K/V are computed (`Backbone.fill_kv`). Returns the first token's logits `[V]` of the
+        rows whose whole prompt ends in this window."""
         device, width = self.threshold.device, max(count for _, count in chunks)
         first = torch.tensor([done for done, _ in chunks], device=device)[:, None]
         last = torch.tensor([done + count - 1 for done, count in chunks], device=device)[:, None]
@@ -260,28 +294,42 @@ class RowEngine:
             else:
                 selector = torch.tensor(ids, device=device)
                 ctx = self.backbone.window_context(self.rows_ctx, slots[places], selector)
-            return (lambda kv: RowView(kv, index[places], selector, key_length, start)), ctx, places
+            picked, memo = index[places], {}
+            return (lambda kv: RowView(kv, picked, selector, key_length, start, memo)), ctx, places
 
         everyone = list(range(len(rows)))
         if own:
             row = rows[0]
-            view, ctx = (lambda kv: RowView(kv, index, slice(row, row + 1), key_length, start)), self.prompts[row][0]
+            memo, ctx = {}, self.prompts[row][0]
+
+            def view(kv: RowKV) -> RowView:
+                return RowView(kv, index, slice(row, row + 1), key_length, start, memo)
+
         else:
             view, ctx, _ = window(everyone)
         leaving = [i for i, r in enumerate(rows) if self.may_exit[r]]
+        ending = [i for i, (r, (done, count)) in enumerate(zip(rows, chunks)) if done + count == self._length(r)]
         bounds = [0, *(i for i in self.exit_kv if leaving), self.num_layers]
+        first_logits = {}
         for low, high in itertools.pairwise(bounds):
             for depth in range(low, high):
                 layer = self.backbone.layers[depth]
-                if depth == self.num_layers - 1:  # no one reads the last layer's output at a prompt slot
-                    self.backbone.fill_kv(layer, x, ctx, view(self.kv[depth]), mask)
-                else:
+                if depth < self.num_layers - 1:
                     x = self.backbone.run_layer(layer, x, ctx, view(self.kv[depth]), mask, None)
+                elif ending:  # the first token of the rows whose whole prompt ends here: the last layer's output there
+                    keep = torch.tensor(ending, device=device)
+                    out = self.backbone.run_layer_at(layer, x, ctx, view(self.kv[depth]), mask, keep)
+                    at = torch.tensor([chunks[i][1] - 1 for i in ending], device=device)
+                    logits = self.backbone.head(out[torch.arange(len(ending), device=device), at])
+                    first_logits = {rows[i]: logits[j] for j, i in enumerate(ending)}
+                else:  # no one reads the last layer's output at a prompt slot
+                    self.backbone.fill_kv(layer, x, ctx, view(self.kv[depth]), mask)
             if high in self.exit_kv:  # no one reads an exit layer's output either
                 exit_view, exit_ctx, places = (view, ctx, slice(None)) if leaving == everyone else window(leaving)
                 self.backbone.fill_kv(
                     self.exits[high].layer, x[places], exit_ctx, exit_view(self.exit_kv[high]), mask[places]
                 )
+        return first_logits
 
     def _key_length(self, deepest: int) -> int:
         """Key slots a window reads whose deepest query slot is `deepest`: up to it, rounded up to `KEY_BUCKET`."""
@@ -400,7 +448,7 @@ class RowEngine:
         states = x.reshape(n * width, hidden).index_select(0, pack.flat)[:, None]
         flat = pack.flat
         for depth in range(first, last):
-            view = RowView(self.kv[depth], pack.slots, pack.selector, pack.key_length)
+            view = RowView(self.kv[depth], pack.slots, pack.selector, pack.key_length, memo=pack.memo)
             layer = self.backbone.layers[depth]
             if depth == self.num_layers - 1 and len(pack.rows) > len(pack.last):
                 states = self.backbone.run_layer_at(layer, states, pack.ctx, view, pack.mask, pack.last_items)
@@ -424,7 +472,7 @@ class RowEngine:
         exit_module, last = self.exits[depth], pack.last_items
         features = states[last, 0]
         if exit_module.needs_cache:
-            view = RowView(self.exit_kv[depth], pack.slots, pack.selector, pack.key_length)
+            view = RowView(self.exit_kv[depth], pack.slots, pack.selector, pack.key_length, memo=pack.memo)
             if len(pack.rows) > len(pack.last):
                 features = self.backbone.run_layer_at(exit_module.layer, states, pack.ctx, view, pack.mask, last)
                 self.kv_only_slot_layers += len(pack.rows) - len(pack.last)

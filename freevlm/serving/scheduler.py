@@ -8,9 +8,10 @@
 
 One iteration (`step`): rows whose request finished or was cancelled leave (their row is free at once); waiting
 requests take free rows (image and prompt encoded by the backbone, then the prompt's slots in chunks of at most
-`prefill_chunk` per iteration, so a long prompt stalls the running rows by a bounded amount); then one decode step
-runs every active row's next token (`RowEngine.step`) and each row's token goes to its handle, chosen as its request
-asks (greedy, or sampled with its own temperature, top-k, top-p, penalty and a generator of its own: `TokenChooser`).
+`prefill_chunk` per iteration, so a long prompt stalls the running rows by a bounded amount; with no row decoding,
+all at once); then one decode step runs every active row's next token (`RowEngine.step`) and each row's token goes
+to its handle, chosen as its request asks (greedy, or sampled with its own temperature, top-k, top-p, penalty and a
+generator of its own: `TokenChooser`).
 
 Capacity is fixed at construction: `max_batch` rows of `max_len` slots (prompt + new tokens), a waiting queue of
 `max_waiting`. A request that can never fit is refused at `submit` (ValueError naming the option); one that cannot
@@ -20,6 +21,7 @@ fit yet waits; a full queue refuses with `QueueFull`.
 from __future__ import annotations
 
 import collections
+import sys
 import threading
 import time
 from dataclasses import dataclass, fields, replace
@@ -284,14 +286,20 @@ class Scheduler:
             self._joining.remove(request)
         request.handle._finish(reason)
 
+    def _budget(self) -> int:
+        """Prompt slots (image tokens included) this iteration may encode: `prefill_chunk` while some row decodes,
+        the bound on its stall; with none decoding nobody waits on the prompts, so all of them (a burst into an idle
+        scheduler joins in one window per layer, as a static batch would, not over several iterations)."""
+        return self.prefill_chunk if self._running else sys.maxsize
+
     def _admit(self) -> None:
-        """Waiting requests take free rows as long as this iteration's prefill budget (`prefill_chunk` prompt slots,
-        image tokens included) is not spent by the prompts already joining: a burst of arrivals joins over several
-        iterations instead of freezing the running rows for all of them at once. The images and prompts of the
-        requests that join in one iteration are encoded together (`Backbone.start_many`)."""
+        """Waiting requests take free rows as long as this iteration's prefill budget (`_budget`) is not spent by
+        the prompts already joining: a burst of arrivals joins over several iterations instead of freezing the
+        running rows for all of them at once. The images and prompts of the requests that join in one iteration
+        are encoded together (`Backbone.start_many`)."""
         taken = {r.row for r in [*self._running.values(), *self._joining]}
         free = [row for row in range(self.max_batch) if row not in taken]
-        budget = self.prefill_chunk - sum(self.engine.prompt_left(r.row) for r in self._joining)
+        budget = self._budget() - sum(self.engine.prompt_left(r.row) for r in self._joining)
         admitted = []
         with self._lock:
             while len(admitted) < len(free) and budget > 0 and self._waiting:
@@ -327,12 +335,16 @@ class Scheduler:
             return contexts
 
     def _prefill(self) -> None:
-        """Encode joining prompts, at most `prefill_chunk` slots in all per iteration (oldest first), together."""
-        self.engine.prefill([request.row for request in self._joining], self.prefill_chunk)
+        """Encode joining prompts, at most `_budget()` slots in all per iteration (oldest first), together; a row
+        whose prompt gave its first token's logits (one that cannot leave early) gets that token now."""
+        first = self.engine.prefill([request.row for request in self._joining], self._budget())
         for request in [r for r in self._joining if self.engine.active[r.row]]:
             self._joining.remove(request)
             self._running[request.row] = request
             self._choose_as(request)
+        if first:
+            made = list(first)
+            self._emit(made, torch.stack([first[row] for row in made]), [self.backbone.num_layers] * len(made))
 
     def _choose_as(self, request: _Request) -> None:
         """The row starts decoding: its token choice (and generator) from now on."""
@@ -343,18 +355,22 @@ class Scheduler:
     def _decode(self) -> None:
         out = self.engine.step(self._last)
         made = [row for row, done in enumerate(out.out) if done]  # a parked token is not out: nothing drawn for it
+        self._emit(made, out.logits[made], [out.exit_at[row] for row in made])
+
+    def _emit(self, made: list[int], logits: torch.Tensor, exit_at: list[int]) -> None:
+        """Rows `made` choose their token from `logits [k, V]` (greedy argmax, unless a row samples); each running
+        one sends it to its handle with the layer it left at (`exit_at`), and leaves if its request is done."""
         rows = self._rows[made]
-        tokens = self.chooser.choose(out.logits[rows], rows, made)  # greedy argmax, unless a row samples
+        tokens = self.chooser.choose(logits, rows, made)
         self.chooser.observe(rows, tokens)
         self._last[rows] = tokens
         now = time.perf_counter()
-        host = dict(zip(made, tokens.tolist()))
-        for row, request in list(self._running.items()):
-            if row not in host:  # parked: its token goes on at a later step
+        for row, token, layer in zip(made, tokens.tolist(), exit_at):
+            request = self._running.get(row)
+            if request is None:  # a row without a request (below the highest one in use): garbage
                 continue
-            token, handle = host[row], request.handle
-            handle._emit(token, out.exit_at[row], now)
-            reason = _finished(handle.tokens, request)
+            request.handle._emit(token, layer, now)
+            reason = _finished(request.handle.tokens, request)
             if reason is not None:
                 self._release(request, reason)
 
