@@ -30,7 +30,9 @@ TTFT at 16 concurrent <= 3x its p50).
 Throughput is printed per wall-clock second and per CPU second of the process that decodes (the server's, read
 from /proc, with its event loop's share: the main thread's; this process's for the library): on a machine shared
 with other jobs the wall clock of a busy second varies several-fold between runs, CPU seconds far less. Both use
---threads PyTorch threads (default 1).
+--threads PyTorch threads (default 1). The server's CPU is split by thread, so that a gap can be placed: the event
+loop (HTTP, JSON, streaming), the scheduler's thread (its busiest other thread: decoding, as the library's loop
+does in this process's main thread) and the rest (the worker that makes inputs, which the library does too).
 """
 
 from __future__ import annotations
@@ -71,7 +73,13 @@ class Level:
     errors: int
     exit_layers: list[int]
     loop_cpu: float | None = None  # of `cpu`, the server's main thread's: its event loop (HTTP levels)
+    decode_cpu: float | None = None  # of `cpu`, the server's busiest other thread's: the scheduler's (HTTP levels)
     burst_ttft: list[float] = field(default_factory=list)  # the warm-up requests' (the first burst), not in `ttft`
+
+    @property
+    def decode_tokens_per_cpu_second(self) -> float:
+        """Tokens per CPU second of the server's scheduler thread alone (HTTP levels)."""
+        return self.tokens / self.decode_cpu if self.decode_cpu else float("nan")
 
     @property
     def tokens_per_second(self) -> float:
@@ -111,6 +119,11 @@ def model_folders(tmp: Path) -> tuple[list[str], str]:
     EarlyExitVLM(bundle.model, ExitConfig(list(DemoConfig.exit_layers))).save_exits(tmp / "exits")
     args = ["--backbone", str(tmp / "backbone"), "--exits", str(tmp / "exits"), "--name", "freevlm-demo"]
     return args, "a random model of the demo's architecture (no demo cache)"
+
+
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds of each of a process's threads, by thread id."""
+    return {int(task.name): cpu_seconds(pid, int(task.name)) for task in Path(f"/proc/{pid}/task").iterdir()}
 
 
 def cpu_seconds(pid: int, thread: int | None = None) -> float:
@@ -199,12 +212,15 @@ async def http_level(server: Server, urls: list[str], concurrency: int, threshol
             await one(i)
 
     pid = server.process.pid
-    cpu0, loop0 = cpu_seconds(pid), cpu_seconds(pid, pid)  # uvicorn runs the event loop in the main thread
+    cpu0, threads0 = cpu_seconds(pid), thread_cpu_seconds(pid)  # uvicorn runs the event loop in the main thread
     await asyncio.gather(*[client_loop(k) for k in range(concurrency)])
     wall = time.perf_counter() - start
     await client.close()
-    cpu, loop_cpu = cpu_seconds(pid) - cpu0, cpu_seconds(pid, pid) - loop0
-    return Level(tokens, wall, cpu, ttft, latency, errors, layers, loop_cpu, burst_ttft)
+    cpu, threads = cpu_seconds(pid) - cpu0, thread_cpu_seconds(pid)
+    spent = {thread: seconds - threads0.get(thread, 0.0) for thread, seconds in threads.items()}
+    loop_cpu = spent.pop(pid)
+    decode_cpu = max(spent.values(), default=None)  # the scheduler's thread decodes: by far the busiest
+    return Level(tokens, wall, cpu, ttft, latency, errors, layers, loop_cpu, decode_cpu, burst_ttft)
 
 
 def library_level(model, pictures: list, concurrency: int, threshold: float, args, prepare: bool) -> Level:
@@ -242,7 +258,7 @@ def library_level(model, pictures: list, concurrency: int, threshold: float, arg
     latency = [r.finished - r.submitted for r in results[warmup:]]
     layers = [layer for r in results for layer in r.exit_layers]
     burst = [r.time_to_first_token for r in results[:warmup]]
-    return Level(len(layers), wall, cpu, ttft, latency, 0, layers, None, burst)
+    return Level(len(layers), wall, cpu, ttft, latency, 0, layers, None, None, burst)
 
 
 def pooled(levels: list[Level]) -> Level:
@@ -256,6 +272,7 @@ def pooled(levels: list[Level]) -> Level:
         sum(level.errors for level in levels),
         [layer for level in levels for layer in level.exit_layers],
         None if levels[0].loop_cpu is None else sum(level.loop_cpu for level in levels),
+        None if levels[0].decode_cpu is None else sum(level.decode_cpu for level in levels),
         [t for level in levels for t in level.burst_ttft],
     )
 
@@ -269,6 +286,12 @@ def show(label: str, level: Level) -> None:
         f"  latency p50 {percentile(level.latency, 0.5):6.3f} p99 {percentile(level.latency, 0.99):6.3f} s"
         f"  errors {level.errors}  requests {len(level.latency)}  exit layer {mean_layer:5.2f}"
         + (f"  event loop {level.loop_cpu / level.cpu:.0%} of the CPU" if level.loop_cpu and level.cpu else "")
+        + (
+            f", scheduler's thread {level.decode_cpu / level.cpu:.0%}"
+            f" ({level.decode_tokens_per_cpu_second:.1f} tok/CPU-s)"
+            if level.decode_cpu and level.cpu
+            else ""
+        )
         + f"\n  {'':40s} with the {len(level.burst_ttft)} warm-up requests: TTFT p50 {percentile(everyone, 0.5):6.3f}"
         f" p99 {percentile(everyone, 0.99):6.3f} s (theirs: max {max(level.burst_ttft, default=float('nan')):6.3f} s)",
         flush=True,
@@ -353,6 +376,11 @@ def main() -> None:
                 f"{http.tokens_per_cpu_second / same.tokens_per_cpu_second:.2f}x like for like (goal >= 0.90), "
                 f"{http.tokens_per_cpu_second / ready.tokens_per_cpu_second:.2f}x against inputs ready; per wall "
                 f"second {http.tokens_per_second / same.tokens_per_second:.2f}x like for like"
+            )
+            print(
+                f"  the server's scheduler thread alone / library, inputs ready, tokens per CPU second, threshold "
+                f"{threshold:g}: {http.decode_tokens_per_cpu_second / ready.tokens_per_cpu_second:.2f}x (what is "
+                f"left of the gap is the event loop's and the inputs worker's CPU)"
             )
             ratios = [percentile(r.ttft, 0.99) / percentile(r.ttft, 0.5) for r in (http, same)]
             everyone = [r.burst_ttft + r.ttft for r in (http, same)]

@@ -13,6 +13,7 @@ import binascii
 
 import httpx
 from PIL import Image
+from transformers import PreTrainedTokenizerBase
 
 from ..data.images import ImageError, decode_image
 from .api import APIError, ImagePart, Message
@@ -132,6 +133,7 @@ class TextStream:
 
     def __init__(self, tokenizer, stop: list[str]):
         self.tokenizer, self.stop = tokenizer, stop
+        self._decode = _list_decoder(tokenizer)
         self.tokens: list[int] = []
         self.sent = ""
         self.stopped = False
@@ -139,13 +141,13 @@ class TextStream:
 
     @property
     def text(self) -> str:
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True).strip()
+        text = self._decode(self.tokens, skip_special_tokens=True).strip()
         cuts = [text.find(s) for s in self.stop if s in text]
         return text[: min(cuts)] if cuts else text
 
     def add(self, token: int) -> str:
         self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True).lstrip()
+        text = self._decode(self.tokens, skip_special_tokens=True).lstrip()
         cuts = [text.find(s) for s in self.stop if s in text]
         if cuts:
             self.stopped = True
@@ -161,3 +163,13 @@ class TextStream:
             return ""
         delta, self.sent = ready[len(self.sent) :], ready
         return delta
+
+
+def _list_decoder(tokenizer):
+    """`tokenizer.decode` for a list of ints. A stream decodes its whole answer at every token, and `decode` first
+    checks every id of the list in Python (`to_py_obj`) before calling `_decode`, which cost more than decoding
+    itself: where a tokenizer keeps the base class's `decode` (which is then `to_py_obj` and `_decode`, the same for
+    a list of ints), `_decode` is called straight; a tokenizer with a `decode` of its own keeps it."""
+    if type(tokenizer).decode is PreTrainedTokenizerBase.decode and hasattr(tokenizer, "_decode"):
+        return tokenizer._decode
+    return tokenizer.decode
