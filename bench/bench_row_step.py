@@ -2,14 +2,13 @@
 
     cd bench && FREEVLM_CACHE=<the demo's cache> PYTHONPATH=.. python bench_row_step.py [--rows 1 16] [--tokens 40]
 
-`rows` requests (the demo's first test images with its caption prompt, EOS off, `--tokens` new tokens each, the
-full model) are decoded two ways: as one `EarlyExitVLM.generate` batch (the static engine, rows moving together)
-and as requests submitted at once to a `Scheduler` with `--rows` rows, driven to the end. Both must give the same
-tokens. Prints CPU milliseconds per token (one torch thread) of the whole run (images, prompts, decode) and of
-decode alone (the static engine's: a run of `--tokens` minus a run of one token; the scheduler's: its iterations
-after every row is decoding), the median of `--repeats` turns that alternate the two after a warm-up, and their
-ratios (static / scheduler: 1.0 means the scheduler is as cheap). The model is the demo's when its cache is there,
-else a random one of its size.
+`rows` requests (the demo's first test images with its caption prompt, EOS off, `--tokens` new tokens each, the full
+model) are decoded two ways: as one `EarlyExitVLM.generate` batch (the static engine, rows moving together) and as
+requests submitted at once to a `Scheduler` with `--rows` rows, driven to the end. Both must give the same tokens.
+Prints CPU milliseconds per token (one torch thread) of the whole run (images, prompts, decode) and of decode alone
+(for both alike: a run of `--tokens` minus a run of one token), the median of `--repeats` turns that alternate the
+two after a warm-up, and their ratios (static / scheduler: 1.0 means the scheduler is as cheap). The model is the
+demo's when its cache is there, else a random one of its size.
 """
 
 from __future__ import annotations
@@ -27,41 +26,25 @@ from freevlm.demo.config import default_cache
 from freevlm.serving import Scheduler
 
 
-def static_run(ee, requests, tokens: int) -> tuple[list[list[int]], float, float]:
-    """Tokens per row, CPU seconds of the whole batch and of its decode steps (a one-token run subtracted)."""
+def static_run(ee, requests, tokens: int) -> tuple[list[list[int]], float]:
+    """Tokens per row and CPU seconds of one `generate` batch of `tokens` new tokens."""
     pv = torch.cat([r[1] for r in requests])
     ids = torch.cat([r[2] for r in requests])
-    options = dict(threshold=1.0, mode="full", eos_token_id=[])
     start = time.process_time()
-    ee.generate(pv, ids, max_new_tokens=1, **options)
-    one = time.process_time() - start
-    start = time.process_time()
-    out = ee.generate(pv, ids, max_new_tokens=tokens, **options)
-    whole = time.process_time() - start
-    return out.sequences[:, -tokens:].tolist(), whole, whole - one
+    out = ee.generate(pv, ids, max_new_tokens=tokens, threshold=1.0, mode="full", eos_token_id=[])
+    return out.sequences[:, -tokens:].tolist(), time.process_time() - start
 
 
-def scheduler_run(ee, requests, tokens: int) -> tuple[list[list[int]], float, float, int]:
-    """Tokens per request, CPU seconds of the whole run and of the iterations after every row decodes, and the
-    tokens those iterations made."""
-    rows = len(requests)
-    scheduler = Scheduler(ee, max_batch=rows, max_len=requests[0][2].shape[1] + 64 + tokens)
+def scheduler_run(ee, requests, tokens: int) -> tuple[list[list[int]], float]:
+    """Tokens per request and CPU seconds of the requests submitted at once and stepped to the end."""
+    scheduler = Scheduler(ee, max_batch=len(requests), max_len=requests[0][2].shape[1] + 64 + tokens)
     start = time.process_time()
     handles = [
         scheduler.submit(pv, ids, max_new_tokens=tokens, threshold=1.0, mode="full", eos_token_id=[])
         for _, pv, ids, _ in requests
     ]
-    decode, before, live = 0.0, None, True
-    while live:
-        decoding = len(scheduler._running) == rows
-        if decoding and before is None:
-            before = sum(len(h.tokens) for h in handles)
-        begin = time.process_time()
-        live = scheduler.step()
-        if decoding:
-            decode += time.process_time() - begin
-    whole = time.process_time() - start
-    return [h.result().tokens for h in handles], whole, decode, rows * tokens - before
+    scheduler.run_until_idle()
+    return [h.result().tokens for h in handles], time.process_time() - start
 
 
 def main() -> None:
@@ -84,19 +67,18 @@ def main() -> None:
     print("CPU ms per token (whole run: images, prompts, decode | decode alone); static / scheduler")
     for rows in args.rows:
         requests = workload[:rows]
-        static, scheduler = [], []  # (whole, decode) CPU seconds per token, per turn
+        costs = {"static": [], "scheduler": []}  # per turn: (whole, decode) CPU seconds per token
         for turn in range(args.repeats + 1):  # the first turn warms up
-            made, whole, decode = static_run(ee, requests, args.tokens)
-            got, s_whole, s_decode, s_tokens = scheduler_run(ee, requests, args.tokens)
-            if got != made:
-                raise SystemExit(f"the scheduler's tokens differ from the static engine's at {rows} rows")
-            if turn:
-                total = rows * args.tokens
-                static.append((whole / total, decode / (total - rows)))  # its decode: every token but the first
-                scheduler.append((s_whole / total, s_decode / s_tokens))
-        (a, b), (c, d) = (
-            [statistics.median(t[i] for t in runs) * 1000 for i in (0, 1)] for runs in (static, scheduler)
-        )
+            for label, run in (("static", static_run), ("scheduler", scheduler_run)):
+                _, one = run(ee, requests, 1)
+                made, whole = run(ee, requests, args.tokens)
+                if label == "static":
+                    expected = made
+                elif made != expected:
+                    raise SystemExit(f"the scheduler's tokens differ from the static engine's at {rows} rows")
+                if turn:  # decode: every token but the first (a one-token run subtracted), alike for both
+                    costs[label].append((whole / (rows * args.tokens), (whole - one) / (rows * (args.tokens - 1))))
+        (a, b), (c, d) = ([statistics.median(t[i] for t in runs) * 1000 for i in (0, 1)] for runs in costs.values())
         print(
             f"  {rows:2d} rows: static {a:5.2f} | {b:5.2f}  scheduler {c:5.2f} | {d:5.2f}"
             f"  static / scheduler: whole {a / c:.2f}x, decode {b / d:.2f}x"

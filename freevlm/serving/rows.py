@@ -402,7 +402,7 @@ class RowEngine:
                 self._stopped(done)
                 return StepOutput(logits, exit_at, done)
         top = [r for r in rows if not done[r]]
-        final = backbone.head(x[top, -1])
+        final = backbone.head(x[:, -1] if len(top) == n else x[top, -1])
         logits = self._merge(logits, final, top, [True] * len(top), n)
         done = [True] * n
         self._stopped(done)
@@ -445,8 +445,9 @@ class RowEngine:
         the window with their new states, and those states `[m, 1, H]`. The last layer's output is read only at
         the new slots (the final head), so caught-up slots get only their K/V there (`Backbone.run_layer_at`)."""
         n, width, hidden = x.shape
-        states = x.reshape(n * width, hidden).index_select(0, pack.flat)[:, None]
-        flat = pack.flat
+        plain = width == 1 and len(pack.rows) == n and isinstance(pack.selector, slice)  # each row's new slot
+        states = x if plain else x.reshape(n * width, hidden).index_select(0, pack.flat)[:, None]
+        flat, touched = pack.flat, set(pack.rows)
         for depth in range(first, last):
             view = RowView(self.kv[depth], pack.slots, pack.selector, pack.key_length, memo=pack.memo)
             layer = self.backbone.layers[depth]
@@ -457,10 +458,12 @@ class RowEngine:
             else:
                 states = self.backbone.run_layer(layer, states, pack.ctx, view, pack.mask, None)
             fill = self.fill[depth]
-            for r in set(pack.rows):
+            for r in touched:
                 fill[r] = self.position[r] + 1
         self.layer_calls += last - first
         self.slot_layers += len(pack.rows) * (last - first)
+        if plain:  # the window is the packed slots
+            return states, states
         x = x.reshape(n * width, hidden).index_copy(0, flat, states[:, 0]).view(n, width, hidden)
         return x, states
 
@@ -494,6 +497,8 @@ class RowEngine:
     def _merge(logits, new: torch.Tensor, work: list[int], take: list[bool], n: int) -> torch.Tensor:
         """`logits [n, V]` with the rows of `work` whose `take` is set replaced by their row of `new` `[k, V]`."""
         picked = [i for i, t in enumerate(take) if t]
+        if logits is None and len(picked) == n and work == list(range(n)):  # every row's, in order
+            return new
         if logits is None:
             logits = new.new_zeros(n, new.shape[-1])
         if picked:
