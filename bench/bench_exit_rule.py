@@ -16,11 +16,8 @@ import statistics
 import time
 
 import torch
-from bench_serving import EXITS, demo_model, demo_workload, random_workload
-from common import big_blip2
+from bench_serving import model_and_requests
 
-from freevlm import EarlyExitVLM, ExitConfig
-from freevlm.demo.config import default_cache
 from freevlm.serving import Scheduler
 
 
@@ -45,16 +42,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    demo = demo_model(default_cache())
-    if demo is not None:
-        bundle, ee, name = demo
-        eos, thresholds = None, args.thresholds or [0.5, 0.6]
-        requests = demo_workload(bundle, args.requests, 1.0, (24, 24), seed=7)
-    else:
-        model = big_blip2("opt-demo")
-        ee, name = EarlyExitVLM.from_backbone(model, ExitConfig(EXITS)), f"a random opt-demo (exits {EXITS})"
-        eos, thresholds = [], args.thresholds or [0.1]
-        requests = random_workload(model, args.requests, 1.0, (4, 24), seed=7)
+    ee, name, requests, demo = model_and_requests(args.requests, (24, 24), seed=7, random_lengths=(4, 24))
+    eos, thresholds = (None, args.thresholds or [0.5, 0.6]) if demo else ([], args.thresholds or [0.1])
     print(f"{name}: {args.requests} requests, median of {args.repeats} turns, tokens per CPU second")
     for concurrency in args.concurrency:
         runs = {1.0: [], **{t: [] for t in thresholds}}

@@ -18,11 +18,8 @@ import statistics
 import time
 
 import torch
-from bench_serving import EXITS, demo_model, demo_workload, random_workload
-from common import big_blip2
+from bench_serving import model_and_requests
 
-from freevlm import EarlyExitVLM, ExitConfig
-from freevlm.demo.config import default_cache
 from freevlm.serving import Scheduler
 
 
@@ -54,15 +51,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    demo = demo_model(default_cache())
-    if demo is not None:
-        bundle, ee, name = demo
-        workload = demo_workload(bundle, max(args.rows), 1.0, (args.tokens, args.tokens), seed=0)
-    else:
-        model = big_blip2("opt-demo")
-        ee, name = EarlyExitVLM.from_backbone(model, ExitConfig(EXITS)), "a random opt-demo"
-        workload = random_workload(model, max(args.rows), 1.0, (args.tokens, args.tokens), seed=0)
-        workload = [(t, pv, ids[:, :8], n) for t, pv, ids, n in workload]  # one prompt length: no padding
+    ee, name, workload, demo = model_and_requests(max(args.rows), (args.tokens, args.tokens), seed=0)
+    if not demo:  # one prompt length, no padding: each cut to the shortest (the image tokens come first)
+        shortest = min(ids.shape[1] for _, _, ids, _ in workload)
+        workload = [(t, pv, ids[:, :shortest], n) for t, pv, ids, n in workload]
     print(f"{name}: {args.tokens} new tokens per request, full model, EOS off, 1 thread, median of {args.repeats}")
     print("CPU ms per token (whole run: images, prompts, decode | decode alone); static / scheduler")
     for rows in args.rows:

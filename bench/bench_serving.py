@@ -86,7 +86,7 @@ def demo_workload(bundle, count: int, rate: float, lengths: tuple[int, int], see
     """Poisson arrivals of the demo's test images (in order, cycling), each with the demo's caption prompt, asking
     for `max_new_tokens` uniform in `lengths` (its own generator: the arrivals do not change with the lengths)."""
     from freevlm.data import shapes
-    from freevlm.eval.evaluate import CAPTION_PROMPT
+    from freevlm.loading import CAPTION_PROMPT
 
     rng, lengths_rng = random.Random(seed), random.Random(seed + 1)
     t, out = 0.0, []
@@ -106,6 +106,20 @@ def random_workload(model, count: int, rate: float, lengths: tuple[int, int], se
         pv, ids, _ = inputs(model, batch=1, prompt_len=rng.randint(4, 12), seed=seed * 1000 + i)
         out.append((t, pv, ids, rng.randint(*lengths)))
     return out
+
+
+def model_and_requests(count: int, lengths: tuple[int, int], seed: int, random_lengths=None) -> tuple:
+    """(ee, name, requests, demo): the demo's trained model and `count` requests of its test images
+    (`demo_workload`) when its cache is there (`demo` True), else a random opt-demo with random prompts
+    (`random_workload`, answer lengths `random_lengths`, default `lengths`); requests arrive at rate 1."""
+    demo = demo_model(default_cache())
+    if demo is not None:
+        bundle, ee, name = demo
+        return ee, name, demo_workload(bundle, count, 1.0, lengths, seed), True
+    model = big_blip2("opt-demo")
+    ee = EarlyExitVLM.from_backbone(model, ExitConfig(EXITS))
+    requests = random_workload(model, count, 1.0, random_lengths or lengths, seed)
+    return ee, f"a random opt-demo (exits {EXITS})", requests, False
 
 
 def run_continuous(

@@ -27,6 +27,8 @@ from .inputs import InputWarning
 BACKBONE_MARKER = "freevlm_backbone.json"
 # beside config.json, in a folder freevlm trained (`finetune`, the demo): the prompt it was trained with
 PROMPT_FILE = "freevlm_prompt.json"
+# the prompt captions are trained and evaluated after, unless one is given (BLIP-2's)
+CAPTION_PROMPT = "a photo of"
 # config.json's model_type -> the model class loaded for it; other models are refused before any weights load
 MODEL_CLASSES = {
     "blip-2": "Blip2ForConditionalGeneration",

@@ -1,8 +1,11 @@
 """`ServerConfig` and `freevlm serve`'s options: a bad value is refused naming the option, before a model loads."""
 
+import argparse
+
 import pytest
 
 from freevlm.cli import main
+from freevlm.commands import serve
 from freevlm.server.config import ServerConfig
 
 
@@ -26,3 +29,26 @@ def test_the_command_refuses_a_bad_prefill_chunk(capsys):
     with pytest.raises(SystemExit) as exit:
         main(["serve", "--prefill-chunk", "0"])
     assert exit.value.code == 2 and "--prefill-chunk" in capsys.readouterr().err
+
+
+def test_every_flag_sets_its_field():
+    """Each flag lands in its own `ServerConfig` field (a flag read into another field, or dropped, fails here)."""
+    parser = argparse.ArgumentParser()
+    serve.register(parser.add_subparsers())
+    assert serve.server_config(parser.parse_args(["serve"])) == ServerConfig()
+    given = {  # flag: (field, value), every value other than the default
+        "--max-batch": ("max_batch", 3),
+        "--max-len": ("max_len", 200),
+        "--max-queue": ("max_waiting", 5),
+        "--prefill-chunk": ("prefill_chunk", 7),
+        "--threshold": ("threshold", 0.25),
+        "--max-tokens": ("max_tokens", 11),
+        "--prompt": ("prompt", "a drawing of"),
+        "--request-timeout": ("request_timeout", 9.5),
+        "--drain-seconds": ("drain_seconds", 4.5),
+        "--max-image-bytes": ("max_image_bytes", 1000),
+    }
+    argv = ["serve", "--no-image-urls"] + [word for flag, (_, value) in given.items() for word in (flag, str(value))]
+    config = serve.server_config(parser.parse_args(argv))
+    expected = ServerConfig(**dict(given.values()), image_urls=False)
+    assert config == expected

@@ -14,6 +14,27 @@ from ..argtypes import device, input_path, integer, number, positive_int, unit_i
 from ..errors import UserError
 from ..server.config import ServerConfig  # no dependency of the serve extra: `freevlm --help` works without it
 
+POSITIVE = number(0, low_open=True)
+# the `ServerConfig` fields the command line sets: (flag, field, argument type, help); each defaults to the field's
+SERVER_OPTIONS = (
+    ("--max-batch", "max_batch", positive_int, "rows decoded together"),
+    ("--max-len", "max_len", positive_int, "slots per row: prompt + answer"),
+    ("--max-queue", "max_waiting", positive_int, "requests waiting for a row; beyond, 429 with Retry-After"),
+    (
+        "--prefill-chunk",
+        "prefill_chunk",
+        positive_int,
+        "prompt slots (image tokens included) encoded per decode step, at most: more starts a burst of requests "
+        "sooner and holds the running answers up longer",
+    ),
+    ("--threshold", "threshold", unit_interval, "confidence to leave at an exit when a request gives none"),
+    ("--max-tokens", "max_tokens", positive_int, "answer length when a request gives none"),
+    ("--prompt", "prompt", str, "text after the image when a request has none (default: the folder's recorded prompt)"),
+    ("--request-timeout", "request_timeout", POSITIVE, "seconds before an unfinished request is cancelled"),
+    ("--drain-seconds", "drain_seconds", POSITIVE, "on SIGTERM, how long running requests may take to finish"),
+    ("--max-image-bytes", "max_image_bytes", positive_int, "largest image an http(s) URL may send"),
+)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="an OpenAI-compatible server (chat completions) with early exits")
@@ -30,55 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=integer(0, 65535), default=8000)
     p.add_argument("--device", type=device, default="cpu")
     defaults = ServerConfig()
-    p.add_argument("--max-batch", type=positive_int, default=defaults.max_batch, help="rows decoded together")
-    p.add_argument("--max-len", type=positive_int, default=defaults.max_len, help="slots per row: prompt + answer")
-    p.add_argument(
-        "--max-queue",
-        type=positive_int,
-        default=defaults.max_waiting,
-        help="requests waiting for a row; beyond, 429 with Retry-After",
-    )
-    p.add_argument(
-        "--prefill-chunk",
-        type=positive_int,
-        default=defaults.prefill_chunk,
-        help="prompt slots (image tokens included) encoded per decode step, at most: more starts a burst of "
-        "requests sooner and holds the running answers up longer",
-    )
-    p.add_argument(
-        "--threshold",
-        type=unit_interval,
-        default=defaults.threshold,
-        help="confidence to leave at an exit when a request gives none",
-    )
-    p.add_argument(
-        "--max-tokens",
-        type=positive_int,
-        default=defaults.max_tokens,
-        help="answer length when a request gives none",
-    )
-    p.add_argument(
-        "--prompt", help="text after the image when a request has none (default: the folder's recorded prompt)"
-    )
-    p.add_argument(
-        "--request-timeout",
-        type=number(0, low_open=True),
-        default=defaults.request_timeout,
-        help="seconds before an unfinished request is cancelled",
-    )
-    p.add_argument(
-        "--drain-seconds",
-        type=number(0, low_open=True),
-        default=defaults.drain_seconds,
-        help="on SIGTERM, how long running requests may take to finish",
-    )
+    for flag, field, kind, text in SERVER_OPTIONS:
+        p.add_argument(flag, dest=field, type=kind, default=getattr(defaults, field), help=text)
     p.add_argument("--no-image-urls", action="store_true", help="refuse http(s) image URLs (data: URLs only)")
-    p.add_argument(
-        "--max-image-bytes",
-        type=positive_int,
-        default=defaults.max_image_bytes,
-        help="largest image an http(s) URL may send",
-    )
     p.add_argument(
         "--replicas",
         type=positive_int,
@@ -87,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--replica-cpus",
-        type=number(0, low_open=True),
+        type=POSITIVE,
         help="with --replicas: CPUs Ray gives each replica, which set its torch threads (default: 1)",
     )
     p.set_defaults(func=serve)
@@ -103,20 +78,7 @@ def serve(args: argparse.Namespace) -> int:
             f"freevlm serve needs the serve extra ({err.name} is missing): pip install 'freevlm[serve]'"
         ) from err
 
-    config = ServerConfig(
-        max_batch=args.max_batch,
-        max_len=args.max_len,
-        max_waiting=args.max_queue,
-        prefill_chunk=args.prefill_chunk,
-        threshold=args.threshold,
-        max_tokens=args.max_tokens,
-        prompt=args.prompt,
-        request_timeout=args.request_timeout,
-        drain_seconds=args.drain_seconds,
-        image_urls=not args.no_image_urls,
-        max_image_bytes=args.max_image_bytes,
-    )
-    config.validate()
+    config = server_config(args)
     if args.replica_cpus and not args.replicas:
         raise UserError("--replica-cpus applies to --replicas N (Ray Serve): give both, or neither")
     if args.replicas:
@@ -133,6 +95,14 @@ def serve(args: argparse.Namespace) -> int:
     print(f"serving {model.name} on http://{args.host}:{args.port} (OpenAI API at /v1)", flush=True)
     server.run()
     return 0
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    """The `ServerConfig` the command line gives (`SERVER_OPTIONS`, `--no-image-urls`), validated."""
+    options = {field: getattr(args, field) for _, field, _, _ in SERVER_OPTIONS}
+    config = ServerConfig(**options, image_urls=not args.no_image_urls)
+    config.validate()
+    return config
 
 
 def serve_replicas(args: argparse.Namespace, config: ServerConfig) -> int:
@@ -195,7 +165,7 @@ def demo_model() -> tuple[Path, Path, tuple[int, ...], str]:
     recipe's, else `--quick`'s (the prompt: for a cache from before its folder recorded it)."""
     from ..demo.config import DemoConfig, default_cache
     from ..demo.train import trained_model
-    from ..eval.evaluate import CAPTION_PROMPT
+    from ..loading import CAPTION_PROMPT
 
     for cfg in (DemoConfig(), DemoConfig.quick_config()):
         found = trained_model(cfg)

@@ -31,6 +31,7 @@ from ..argtypes import (
 )
 from ..errors import UserError
 from ..exits import EXIT_INITS
+from ..loading import CAPTION_PROMPT
 from ..training.baselines import BASELINES, Baseline, BaselineTrainConfig
 from ..training.capfilt import CapFiltConfig
 from ..training.common import PRECISIONS, SCHEDULES
@@ -75,7 +76,7 @@ def _loop_args(p: argparse.ArgumentParser) -> None:
         help="folder the JSON's image paths are relative to (default: the JSON's folder)",
     )
     p.add_argument("--split", default=None, help="Karpathy split to use (train, restval, val, test)")
-    p.add_argument("--prompt", default="a photo of", help="prompt before each caption ('' for none)")
+    p.add_argument("--prompt", default=CAPTION_PROMPT, help="prompt before each caption ('' for none)")
     p.add_argument(
         "--dev-captions",
         type=input_path,

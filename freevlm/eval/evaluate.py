@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from ..data.images import load_image
 from ..data.records import CaptionRecord, VisDialRecord, VQARecord
 from ..decoding.config import DecodeConfig
+from ..loading import CAPTION_PROMPT
 from ..model import EarlyExitVLM
 from .captions import caption_metrics, tokenize
 from .generate import BATCH_SIZE, Generated, generate_many, generate_texts
@@ -25,7 +26,6 @@ from .speed import SpeedReport
 from .visdial import visdial_metrics
 from .vqa import vqa_scores
 
-CAPTION_PROMPT = "a photo of"
 VQA_PROMPT = "Question: {question} Short answer:"
 ANSWER_DECODING = DecodeConfig(max_new_tokens=10)  # VQA and VisDial answers are a few words
 

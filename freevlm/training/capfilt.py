@@ -19,7 +19,7 @@ from PIL import Image
 
 from ..data.images import load_image
 from ..errors import MissingFileError, UserError
-from ..loading import VLMBundle
+from ..loading import CAPTION_PROMPT, VLMBundle
 from .data import write_coco_captions
 
 
@@ -119,7 +119,7 @@ MAX_SAMPLES = 1024
 class CapFiltConfig:
     """Paper: 10 samples per image, top 2 kept."""
 
-    prompt: str = "a photo of"
+    prompt: str = CAPTION_PROMPT
     num_samples: int = 10
     top_k: int = 2
     top_p: float = 0.9

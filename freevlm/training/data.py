@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 from ..data.coco import read_captions
 from ..data.images import ImageError, load_image
 from ..inputs import pad_rows
-from ..loading import QWEN_VL, prompt_with_image
+from ..loading import CAPTION_PROMPT, QWEN_VL, prompt_with_image
 from ..model import IGNORE_INDEX
 
 
@@ -57,7 +57,7 @@ class Record:
 def load_coco_captions(
     path: str | os.PathLike,
     image_root: str | os.PathLike | None = None,
-    prompt: str = "a photo of",
+    prompt: str = CAPTION_PROMPT,
     split: str | None = None,
 ) -> list[Record]:
     """One record per caption of a COCO captions file, official or Karpathy (`split`: its `train` includes
