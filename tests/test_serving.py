@@ -3,6 +3,7 @@ tokens and exit layers, whatever else runs and whenever it arrived; handles stre
 
 import itertools
 import random
+import threading
 
 import pytest
 import torch
@@ -235,6 +236,23 @@ def test_stream_and_background_thread(ee):
         scheduler.stop()
     assert [e.token for e in events] == tokens and [e.exit_layer for e in events] == layers
     assert handle.result().finish_reason == "length"
+
+
+def test_background_thread_runs_at_the_callers_torch_threads(ee, monkeypatch):
+    """A new thread's MKL/OpenMP start at every core whatever the starting thread set (`torch.get_num_threads()`
+    there still reports the caller's value), so the loop must set the count itself."""
+    calls, set_threads = [], torch.set_num_threads
+    monkeypatch.setattr(
+        torch, "set_num_threads", lambda n: (calls.append((threading.current_thread().name, n)), set_threads(n))
+    )
+    pv, ids, _ = tiny_inputs(ee.model, batch=1, prompt_len=3, seed=3)
+    scheduler = Scheduler(ee, max_batch=2, max_len=32)
+    scheduler.start()
+    try:
+        list(scheduler.submit(pv, ids, max_new_tokens=2, eos_token_id=[]))
+    finally:
+        scheduler.stop()
+    assert calls == [("freevlm-scheduler", torch.get_num_threads())]
 
 
 def test_options_refused_at_submission(ee):

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -319,7 +320,12 @@ def create_app(model: ServedModel, config: ServerConfig | None = None) -> FastAP
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         scheduler.start()
-        service.inputs_worker = ThreadPoolExecutor(1, thread_name_prefix="freevlm-inputs")
+        service.inputs_worker = ThreadPoolExecutor(  # at the torch threads this one has, as the scheduler's thread
+            1,
+            thread_name_prefix="freevlm-inputs",
+            initializer=torch.set_num_threads,
+            initargs=(torch.get_num_threads(),),
+        )
         try:
             yield
         finally:
