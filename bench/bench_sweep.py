@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -26,9 +27,9 @@ import torch
 from freevlm.data.records import VisDialRecord
 from freevlm.data.shapes import IMAGE_NAME
 from freevlm.data.specs import DatasetSpec, read_dataset
-from freevlm.decoding.config import DecodeConfig
-from freevlm.eval.evaluate import ANSWER_DECODING, evaluate
-from freevlm.eval.sweep import choose_threshold, split_dev, sweep
+from freevlm.eval.evaluate import evaluate
+from freevlm.eval.options import EvalOptions
+from freevlm.eval.sweep import DEV_FRACTION, choose_threshold, split_dev, sweep
 from freevlm.loading import load_exits, load_vlm
 
 THRESHOLDS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # 7: the paper's grid and one lower
@@ -58,15 +59,15 @@ def demo_records(cache: Path, task: str, n: int) -> list:
     return read_dataset(spec)
 
 
-def unshared_sweep(ee, bundle, task, records, thresholds, per_layer, **options):
+def unshared_sweep(ee, bundle, task, records, thresholds, per_layer, options: EvalOptions):
     """The sweep as it ran before it shared its work: each threshold's own dev and test evals."""
-    dev_records, test_records = split_dev(records, 0.2)
-    untimed = dict(options, compare_full=False)
-    dev = [evaluate(task, ee, bundle, dev_records, t, **untimed) for t in thresholds]
+    dev_records, test_records = split_dev(records, DEV_FRACTION)
+    untimed = replace(options, compare_full=False)
+    dev = [evaluate(task, ee, bundle, dev_records, t, options=untimed) for t in thresholds]
     for t in thresholds:
-        evaluate(task, ee, bundle, test_records, t, **options)
+        evaluate(task, ee, bundle, test_records, t, options=options)
     for layer in (ee.exit_layers + [ee.backbone.num_layers]) if per_layer else []:
-        evaluate(task, ee, bundle, test_records, layer=layer, **untimed)
+        evaluate(task, ee, bundle, test_records, layer=layer, options=untimed)
     return choose_threshold(dev)
 
 
@@ -83,19 +84,17 @@ def main() -> None:
     cache = Path(os.environ.get("FREEVLM_CACHE", Path.home() / ".cache" / "freevlm"))
     ee, bundle = demo_model(cache)
     records = demo_records(cache, args.task, args.records)
-    config = DecodeConfig() if args.task == "captions" else ANSWER_DECODING
-    options = dict(config=config, batch_size=args.batch_size)
-    if args.task == "captions":
-        options["only"] = ["CIDEr"]  # METEOR and SPICE start a JVM: scoring, not decoding
+    only = ["CIDEr"] if args.task == "captions" else None  # METEOR and SPICE start a JVM: scoring, not decoding
+    options = EvalOptions(batch_size=args.batch_size, only=only)  # each task's default decoding
     runs = {
-        "eval (1 threshold, vs full)": lambda: evaluate(args.task, ee, bundle, records, 0.8, **options),
+        "eval (1 threshold, vs full)": lambda: evaluate(args.task, ee, bundle, records, options=options),
         f"shared sweep ({len(THRESHOLDS)} thresholds)": lambda: sweep(
-            ee, bundle, args.task, records, thresholds=THRESHOLDS, per_layer=args.per_layer, **options
+            ee, bundle, args.task, records, thresholds=THRESHOLDS, per_layer=args.per_layer, options=options
         ),
     }
     if args.unshared:
         runs["unshared sweep (before)"] = lambda: unshared_sweep(
-            ee, bundle, args.task, records, THRESHOLDS, args.per_layer, **options
+            ee, bundle, args.task, records, THRESHOLDS, args.per_layer, options
         )
     seconds = {name: [] for name in runs}
     for run in runs.values():  # warm-up

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .decoding.config import DecodeConfig
-from .eval.evaluate import SHARED_TASKS, EvalResult, evaluate, evaluate_many
-from .eval.generate import BATCH_SIZE
+from .eval.evaluate import EvalResult, evaluate, evaluate_many
+from .eval.options import BATCH_SIZE, EvalOptions
 from .eval.predictions import PredictionLog
 from .eval.processes import Processes
 from .methods import get_method
@@ -325,11 +325,14 @@ def calibrate_exits(
     )
     say = progress or (lambda msg: None)
     bar = progress is not None
-    decoding = dict(config=options.config, batch_size=options.batch_size, method=method, progress_bar=bar) | (
-        {"prompt": options.prompt} if options.prompt is not None else {}
+    decoding = EvalOptions(
+        config=options.config,
+        method=method,
+        prompt=options.prompt,
+        batch_size=options.batch_size,
+        progress_bar=bar,
+        only=["CIDEr"] if task == "captions" else None,  # the sweep's score only: METEOR starts a JVM per call
     )
-    if task == "captions":
-        decoding["only"] = ["CIDEr"]  # the sweep's score only: METEOR starts a JVM per call
     results: dict[float, EvalResult] = {}
     full_texts = list(full_outputs) if full_outputs is not None else None
     if full_texts is not None and len(full_texts) != len(records):
@@ -366,16 +369,15 @@ def calibrate_exits(
     return calibration, results
 
 
-def _runs(task, ee, processor, records, grid, need_full: bool, time_every_run: bool, decoding: dict, log):
-    """Each threshold's `EvalResult`, in `grid` order: decoded all together where they can be (`evaluate_many`),
-    else one by one, each timed against the full model with `time_every_run`; with `need_full` the full model's
-    outputs come with the first."""
-    if task in SHARED_TASKS and not time_every_run:
+def _runs(task, ee, processor, records, grid, need_full: bool, time_every_run: bool, decoding: EvalOptions, log):
+    """Each threshold's `EvalResult`, in `grid` order: decoded all together (`evaluate_many`), unless
+    `time_every_run`, which decodes them one by one, each timed against the full model; with `need_full` the full
+    model's outputs come with the first."""
+    if not time_every_run:
         rules = [(t, None) for t in grid]
         passes = log("predictions") if log else None
-        yield from evaluate_many(task, ee, processor, records, rules, compare_full=need_full, log=passes, **decoding)
+        yield from evaluate_many(task, ee, processor, records, rules, replace(decoding, compare_full=need_full), passes)
         return
-    for i, t in enumerate(grid):
-        full = time_every_run or (need_full and i == 0)
+    for t in grid:
         passes = log(f"predictions_threshold_{t:g}") if log else None
-        yield evaluate(task, ee, processor, records, t, compare_full=full, log=passes, **decoding)
+        yield evaluate(task, ee, processor, records, t, options=decoding, log=passes)

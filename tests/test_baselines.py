@@ -361,6 +361,7 @@ def test_each_method_sweeps_the_same_split_with_its_own_rule(tmp_path):
 
     from freevlm.decoding.config import DecodeConfig
     from freevlm.eval.evaluate import evaluate_vqa
+    from freevlm.eval.options import EvalOptions
     from freevlm.eval.sweep import method_parameters, split_dev, sweep
 
     model = tiny_blip2("opt", seed=1, num_layers=6)
@@ -382,10 +383,9 @@ def test_each_method_sweeps_the_same_split_with_its_own_rule(tmp_path):
             dev,
             thresholds[name],
             per_layer=False,
-            method=name,
-            prompt="question : {question} answer :",
-            config=DecodeConfig(max_new_tokens=2),
-            batch_size=4,
+            options=EvalOptions(
+                DecodeConfig(max_new_tokens=2), method=name, prompt="question : {question} answer :", batch_size=4
+            ),
         )
         for name, ee in runs.items()
     }

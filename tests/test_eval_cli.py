@@ -1,12 +1,18 @@
 """`freevlm eval` and `freevlm sweep` on a tiny BLIP-2 saved to disk, with fixture datasets in public formats."""
 
+import argparse
 import json
+from types import SimpleNamespace
 
 import dataset_files as files
 import pytest
 from cli_args import cli_args
 
 from freevlm.cli import main
+from freevlm.commands import evaluate as command
+from freevlm.data.specs import DatasetSpec
+from freevlm.decoding.config import DecodeConfig
+from freevlm.eval.options import EvalOptions
 
 
 @pytest.mark.slow
@@ -45,3 +51,21 @@ def test_cli_names_a_broken_dataset(checkpoint, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "question #2 (id 730)" in err and "COCO_val2014_000000000073.jpg" in err
+
+
+def test_each_flag_reaches_its_evaluation_option(tmp_path):
+    """`eval`'s decode and run flags each land in their own `EvalOptions` field (the dataset's VQA metric too)."""
+    parser = argparse.ArgumentParser()
+    command.register(parser.add_subparsers())
+    q, _ = files.vqa(tmp_path)
+    required = ["--backbone", str(tmp_path), "--format", "gqa", "--files", str(q), "--images", str(tmp_path)]
+    args = parser.parse_args(["eval", *required, "--out", str(tmp_path / "out")])
+    gqa, recorded = DatasetSpec("gqa", [str(q)], str(tmp_path)), SimpleNamespace(prompt="a photo of")
+    default = EvalOptions(DecodeConfig(max_new_tokens=10), progress_bar=True, metric="exact")  # answers: 10 tokens
+    assert command.evaluation_options(args, gqa, recorded) == default
+    given = ["--method", "pabee", "--max-new-tokens", "3", "--kv", "propagate", "--batch-size", "5", "--no-full"]
+    given += ["--timing-repeats", "4", "--prompt", "q: {question}"]
+    args = parser.parse_args(["eval", *required, "--out", str(tmp_path / "out"), *given])
+    config = DecodeConfig(max_new_tokens=3, kv="propagate")
+    expected = EvalOptions(config, "pabee", "q: {question}", 5, False, 4, progress_bar=True, metric="exact")
+    assert command.evaluation_options(args, gqa, recorded) == expected

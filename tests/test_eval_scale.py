@@ -323,6 +323,7 @@ def test_a_shared_evaluation_gives_each_rule_what_its_own_eval_gives(tmp_path, k
     from freevlm.data.records import VQARecord
     from freevlm.decoding.config import DecodeConfig
     from freevlm.eval.evaluate import evaluate_many, evaluate_vqa
+    from freevlm.eval.options import EvalOptions
 
     model = tiny_blip2("opt", seed=2, num_layers=4)
     ee, bundle = EarlyExitVLM(model, ExitConfig([1, 2], init="fresh")), tiny_bundle(model)
@@ -332,7 +333,7 @@ def test_a_shared_evaluation_gives_each_rule_what_its_own_eval_gives(tmp_path, k
     ]
     rules = [(0.012, None), (0.014, None), (0.016, None), (1.0, None), (None, 1), (None, 4)]
     options = dict(config=DecodeConfig(max_new_tokens=5, kv=kv), batch_size=3, prompt="q: {question} a:")
-    shared = evaluate_many("vqa", ee, bundle, records, rules, compare_full=False, **options)
+    shared = evaluate_many("vqa", ee, bundle, records, rules, EvalOptions(compare_full=False, **options))
     for (threshold, layer), together in zip(rules, shared, strict=True):
         alone = evaluate_vqa(ee, bundle, records, threshold, layer, compare_full=False, **options)
         assert together.predictions == alone.predictions, (threshold, layer)
@@ -347,6 +348,7 @@ def test_shared_caption_scores_tokenize_once_and_score_as_apart(tmp_path):
     from freevlm.data.records import CaptionRecord
     from freevlm.decoding.config import DecodeConfig
     from freevlm.eval.evaluate import evaluate_captioning, evaluate_many
+    from freevlm.eval.options import EvalOptions
 
     calls = []
 
@@ -362,7 +364,7 @@ def test_shared_caption_scores_tokenize_once_and_score_as_apart(tmp_path):
     ]
     rules = [(0.012, None), (0.016, None), (1.0, None)]
     options = dict(config=DecodeConfig(max_new_tokens=5), batch_size=2, only=["CIDEr"], compare_full=False)
-    shared = evaluate_many("captions", ee, bundle, records, rules, tokenizer=tokenizer, **options)
+    shared = evaluate_many("captions", ee, bundle, records, rules, EvalOptions(tokenizer=tokenizer, **options))
     assert len(calls) == 1  # every rule's references and captions in one call
     for (threshold, _), together in zip(rules, shared, strict=True):
         alone = evaluate_captioning(ee, bundle, records, threshold, tokenizer=tokenizer, **options)

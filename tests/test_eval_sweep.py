@@ -15,8 +15,9 @@ from freevlm.data.records import VQARecord
 from freevlm.data.visdial import read_visdial
 from freevlm.data.vqa import read_vqa
 from freevlm.decoding.config import DecodeConfig
-from freevlm.eval.evaluate import evaluate_visdial, evaluate_vqa, visdial_prompt
+from freevlm.eval.evaluate import evaluate, evaluate_visdial, evaluate_vqa, visdial_prompt
 from freevlm.eval.likelihood import option_log_likelihoods
+from freevlm.eval.options import EvalOptions
 from freevlm.eval.sweep import sweep, write_sweep
 from freevlm.eval.visdial import ndcg
 from freevlm.methods import get_method
@@ -77,10 +78,8 @@ def test_sweep_writes_json_and_plots(tiny, tmp_path):
         "vqa",
         records,
         thresholds=(0.0, 0.05, 1.0),
-        prompt="question : {question} answer :",
-        config=DecodeConfig(max_new_tokens=3),
-        batch_size=4,
         progress=lines.append,
+        options=EvalOptions(DecodeConfig(max_new_tokens=3), prompt="question : {question} answer :", batch_size=4),
     )
     assert len(result.dev) == len(result.test) == 3
     assert [r.layer for r in result.per_layer] == [2, 4, 6]
@@ -174,6 +173,31 @@ def test_vqa_reader_to_evaluation(tiny, tmp_path):
     assert result.score == pytest.approx(0.6) and result.quality["accuracy"] == pytest.approx(0.6)
 
 
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        (dict(batch_size=0), "batch_size must be a positive integer, got 0"),
+        (dict(timing_repeats=1.5), "timing_repeats must be a positive integer, got 1.5"),
+        (dict(option_batch_size=True), "option_batch_size must be a positive integer, got True"),
+        (dict(method="nope"), "unknown method 'nope'"),
+    ],
+)
+def test_bad_evaluation_options_are_refused_by_name(options, words):
+    with pytest.raises(ValueError, match=words):
+        EvalOptions(**options)
+
+
+def test_evaluation_takes_its_options_as_one_object(tiny, tmp_path):
+    ee, bundle = tiny
+    records = vqa_records(tmp_path, 1)
+    with pytest.raises(TypeError, match="options must be an EvalOptions, got dict"):
+        evaluate("vqa", ee, bundle, records, options={"batch_size": 2})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'batch'"):
+        evaluate_vqa(ee, bundle, records, batch=2)  # the shorthand's keywords are EvalOptions' fields
+    with pytest.raises(ValueError, match="unknown task 'caption'"):
+        evaluate("caption", ee, bundle, records)
+
+
 def test_a_config_may_not_set_what_evaluation_decides(tiny, tmp_path):
     ee, bundle = tiny
     for config in (DecodeConfig(batch_policy="per_row"), DecodeConfig(threshold=0.5), DecodeConfig(mode="full")):
@@ -194,7 +218,7 @@ def test_a_shared_visdial_evaluation_gives_each_rule_what_its_own_eval_gives(tin
     passes = []
     hook = ee.register_forward_hook(lambda *args: passes.append(1))
     try:
-        shared = evaluate_many("visdial", ee, bundle, records, rules, **options)
+        shared = evaluate_many("visdial", ee, bundle, records, rules, EvalOptions(**options))
     finally:
         hook.remove()
     assert len(passes) == len(records)  # one teacher-forced pass per round (4 options: one chunk), not per rule

@@ -8,7 +8,7 @@ from PIL import Image
 from training_helpers import save_tiny_blip2
 
 from freevlm.cli import main
-from freevlm.commands.evaluate import evaluation_options
+from freevlm.commands.evaluate import decoding_options
 from freevlm.data.specs import DatasetSpec
 from freevlm.loading import PROMPT_FILE, TrainingPrompt, load_vlm
 
@@ -52,8 +52,8 @@ def test_eval_takes_the_recorded_prompt_for_captions_only():
     args = argparse.Namespace(kv="recompute", max_new_tokens=None, batch_size=4, prompt=None)
     recorded, unrecorded = argparse.Namespace(prompt="a photo of"), argparse.Namespace(prompt=None)
     captions, vqa = DatasetSpec("coco", ["x.json"], "images"), DatasetSpec("vqav2", ["q.json", "a.json"], "images")
-    assert evaluation_options(args, captions, recorded)["prompt"] == "a photo of"
-    assert "prompt" not in evaluation_options(args, captions, unrecorded)  # the task's default
-    assert "prompt" not in evaluation_options(args, vqa, recorded)  # a captioning prompt is no VQA prompt
+    assert decoding_options(args, captions, recorded)[1] == "a photo of"
+    assert decoding_options(args, captions, unrecorded)[1] is None  # the task's default
+    assert decoding_options(args, vqa, recorded)[1] is None  # a captioning prompt is no VQA prompt
     args.prompt = "an image of"
-    assert evaluation_options(args, captions, recorded)["prompt"] == "an image of"
+    assert decoding_options(args, captions, recorded)[1] == "an image of"

@@ -17,11 +17,12 @@ from ..argtypes import device, input_path, number, open_fraction, output_dir, po
 from ..data.specs import FORMATS, DatasetSpec, read_dataset
 from ..decoding.config import KV_MODES, DecodeConfig
 from ..errors import UserError
-from ..eval.evaluate import ANSWER_DECODING, CAPTION_PROMPT, VQA_PROMPT, evaluate
-from ..eval.generate import BATCH_SIZE
+from ..eval.evaluate import ANSWER_DECODING, VQA_PROMPT, evaluate
+from ..eval.options import BATCH_SIZE, EvalOptions
 from ..eval.predictions import PREDICTIONS, PredictionLog
 from ..eval.processes import Processes
-from ..eval.sweep import sweep, write_sweep
+from ..eval.sweep import DEV_FRACTION, sweep, write_sweep
+from ..loading import CAPTION_PROMPT
 from ..methods import METHODS, get_method
 
 
@@ -93,7 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--dev-files", type=input_path, nargs="+", help="dev annotation file(s) (default: hold out --dev-fraction)"
     )
     p.add_argument("--dev-split", help="dev split of the same files (e.g. Karpathy 'val')")
-    p.add_argument("--dev-fraction", type=open_fraction, default=0.2, help="in (0, 1)")
+    p.add_argument("--dev-fraction", type=open_fraction, default=DEV_FRACTION, help="in (0, 1)")
     p.add_argument("--no-per-layer", action="store_true", help="skip the per-layer (forced exit) curve")
     p.set_defaults(func=run_sweep)
 
@@ -115,21 +116,20 @@ def decoding_options(args: argparse.Namespace, spec: DatasetSpec, bundle) -> tup
     return config, args.prompt
 
 
-def evaluation_options(args: argparse.Namespace, spec: DatasetSpec, bundle) -> dict:
-    """`decoding_options` and `--batch-size`, as keywords of `freevlm.eval.evaluate.evaluate` (no prompt: the
-    task's default)."""
+def evaluation_options(args: argparse.Namespace, spec: DatasetSpec, bundle) -> EvalOptions:
+    """The `EvalOptions` of `eval` and `sweep`: `decoding_options`, `--method`, `--batch-size`, `--no-full`,
+    `--timing-repeats`, the dataset's VQA metric, and a progress bar."""
     config, prompt = decoding_options(args, spec, bundle)
-    return dict(config=config, batch_size=args.batch_size) | ({"prompt": prompt} if prompt is not None else {})
-
-
-def _eval_options(args, spec: DatasetSpec, bundle) -> dict:
-    options = evaluation_options(args, spec, bundle) | dict(
-        compare_full=not args.no_full, timing_repeats=args.timing_repeats
+    return EvalOptions(
+        config=config,
+        method=args.method,
+        prompt=prompt,
+        batch_size=args.batch_size,
+        compare_full=not args.no_full,
+        timing_repeats=args.timing_repeats,
+        progress_bar=True,
+        metric=spec.vqa_metric,
     )
-    options["progress_bar"] = True
-    if spec.task == "vqa":
-        options["metric"] = spec.vqa_metric
-    return options
 
 
 def _check_before_loading(args, thresholds) -> None:
@@ -202,8 +202,8 @@ def run_eval(args: argparse.Namespace) -> int:
         out, run_options(args, spec, threshold=args.threshold, full_model=not args.no_full), resume=args.resume
     )
     ee, bundle = load_model(args)
-    options = _eval_options(args, spec, bundle)
-    result = evaluate(spec.task, ee, bundle, records, args.threshold, method=args.method, log=log, **options)
+    options = evaluation_options(args, spec, bundle)
+    result = evaluate(spec.task, ee, bundle, records, args.threshold, options=options, log=log)
     if not Processes.current().is_main:
         return 0
     out.mkdir(parents=True, exist_ok=True)
@@ -253,9 +253,8 @@ def run_sweep(args: argparse.Namespace) -> int:
         args.dev_fraction,
         per_layer=not args.no_per_layer,
         progress=print if Processes.current().is_main else None,
-        method=args.method,
         log=log,
-        **_eval_options(args, spec, bundle),
+        options=evaluation_options(args, spec, bundle),
     )
     if not Processes.current().is_main:
         return 0

@@ -2,16 +2,16 @@
 
 Works on any `EarlyExitVLM` plus a processor - an object with `inputs(images, prompts) -> model inputs`,
 `decode(token_ids) -> texts` and (for VisDial) a Hugging Face `tokenizer`; `loading.VLMBundle` is one, and the
-demo passes its own in-memory one. `threshold` is the knob of `method`'s exit rule (FREE: the confidence policy;
+demo passes its own in-memory one. `threshold` is the knob of the method's exit rule (FREE: the confidence policy;
 see `freevlm.methods`); `layer` instead forces every token out at that exit (or the final layer), for the
-per-layer ("mid-crisis") curve.
+per-layer ("mid-crisis") curve. Everything else about a run is one `EvalOptions`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 from ..data.images import load_image
 from ..data.records import CaptionRecord, VisDialRecord, VQARecord
@@ -19,8 +19,9 @@ from ..decoding.config import DecodeConfig
 from ..loading import CAPTION_PROMPT
 from ..model import EarlyExitVLM
 from .captions import caption_metrics, tokenize
-from .generate import BATCH_SIZE, Generated, generate_many, generate_texts
-from .likelihood import OPTION_BATCH_SIZE, option_log_likelihoods_many
+from .generate import Generated, generate_many, generate_texts
+from .likelihood import option_log_likelihoods_many
+from .options import EvalOptions
 from .predictions import PredictionLog
 from .speed import SpeedReport
 from .visdial import visdial_metrics
@@ -66,25 +67,6 @@ def _scored(gen: Generated, task: str, metric: str, score: float | None, quality
     return EvalResult(task, gen.threshold, gen.layer, metric, score, quality, gen.speed, agreement, rows, seconds)
 
 
-def evaluate_captioning(
-    ee: EarlyExitVLM,
-    processor,
-    records: Sequence[CaptionRecord],
-    threshold: float = DecodeConfig.threshold,
-    layer: int | None = None,
-    prompt: str = CAPTION_PROMPT,
-    spice: bool | None = None,
-    only: Sequence[str] | None = None,
-    tokenizer=tokenize,
-    **run,
-) -> EvalResult:
-    """COCO metrics of the captions (per NoCaps domain too, when records carry one); `tokenizer`: see
-    `caption_metrics`; `run`: `generate_texts`' `config`, `method`, batching and timing."""
-    images, prompts, ids = caption_inputs(records, prompt)
-    gen = generate_texts(ee, processor, images, prompts, threshold, layer, ids=ids, **run)
-    return score_captions(gen, records, spice, only, tokenizer)
-
-
 def caption_inputs(records: Sequence[CaptionRecord], prompt: str = CAPTION_PROMPT) -> tuple[list, list, list]:
     """(images, prompts, ids) of caption records."""
     return [r.image for r in records], [prompt] * len(records), [r.image_id for r in records]
@@ -116,24 +98,6 @@ def score_captions(
     elif any(r.references for r in records):
         raise ValueError("some caption records have references and some do not: score a labelled split")
     return _scored(gen, "captions", "CIDEr", score, quality, ids)
-
-
-def evaluate_vqa(
-    ee: EarlyExitVLM,
-    processor,
-    records: Sequence[VQARecord],
-    threshold: float = DecodeConfig.threshold,
-    layer: int | None = None,
-    prompt: str = VQA_PROMPT,
-    metric: str = "vqa",
-    config: DecodeConfig | None = None,
-    **run,
-) -> EvalResult:
-    """VQA accuracy (official; `metric="exact"` for GQA), overall and per answer/question type; `config` defaults
-    to `ANSWER_DECODING`, `run`: `generate_texts`' `method`, batching and timing."""
-    images, prompts, ids = vqa_inputs(records, prompt)
-    gen = generate_texts(ee, processor, images, prompts, threshold, layer, config or ANSWER_DECODING, ids=ids, **run)
-    return score_vqa(gen, records, metric)
 
 
 def vqa_inputs(records: Sequence[VQARecord], prompt: str = VQA_PROMPT) -> tuple[list, list, list]:
@@ -174,30 +138,6 @@ def visdial_prompt(record: VisDialRecord) -> str:
     return f"{record.caption}. {turns} Question: {record.question}? Answer:".replace("  ", " ")
 
 
-def evaluate_visdial(
-    ee: EarlyExitVLM,
-    processor,
-    records: Sequence[VisDialRecord],
-    threshold: float = DecodeConfig.threshold,
-    layer: int | None = None,
-    option_batch_size: int = OPTION_BATCH_SIZE,
-    config: DecodeConfig | None = None,
-    method: str = "free",
-    **run,
-) -> EvalResult:
-    """Rank each round's options by early-exit log-likelihood under `method`'s exit rule (MRR, R@k, mean rank,
-    NDCG); the speed report comes from generating each round's answer (`config`: default `ANSWER_DECODING`), early
-    exit against full; `run`: `generate_texts`' batching, timing and `log` (each round's option scores are kept in
-    its line, with its answer)."""
-    images, prompts, ids = visdial_inputs(records)
-    scorer = option_scorer(ee, processor, records, [(threshold, layer)], option_batch_size, method)
-    config = config or ANSWER_DECODING
-    gen = generate_texts(
-        ee, processor, images, prompts, threshold, layer, config, method, ids=ids, score_record=scorer, **run
-    )
-    return score_visdial(gen, records)
-
-
 def visdial_inputs(records: Sequence[VisDialRecord]) -> tuple[list, list, list]:
     """(images, prompts, ids) of VisDial rounds."""
     ids = [f"{r.image_id}:{r.round}" for r in records]
@@ -228,23 +168,78 @@ def score_visdial(gen: Generated, records: Sequence[VisDialRecord]) -> EvalResul
     return _scored(gen, "visdial", "mrr", quality.get("mrr"), quality, ids, top_option=top)
 
 
-EVALUATORS = {"captions": evaluate_captioning, "vqa": evaluate_vqa, "visdial": evaluate_visdial}
-# what a shared evaluation (`evaluate_many`) needs of a task: its inputs, its scoring and its default decoding
-SHARED_TASKS = {
+# what an evaluation needs of a task: its inputs, its scoring and its default decoding
+TASKS = {
     "captions": (caption_inputs, score_captions, DecodeConfig()),
     "vqa": (vqa_inputs, score_vqa, ANSWER_DECODING),
     "visdial": (visdial_inputs, score_visdial, ANSWER_DECODING),
 }
 
 
-def evaluate(
-    task: str, ee: EarlyExitVLM, processor, records: Sequence, threshold: float = DecodeConfig.threshold, **kwargs
-) -> EvalResult:
-    if task not in EVALUATORS:
-        raise ValueError(f"unknown task {task!r}: one of {sorted(EVALUATORS)}")
+def _resolved(task: str, options: EvalOptions | None) -> tuple[EvalOptions, Callable]:
+    """(`options` with the task's default decoding where they give none, the task's scoring)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: one of {sorted(TASKS)}")
+    if options is not None and not isinstance(options, EvalOptions):
+        raise TypeError(f"options must be an EvalOptions, got {type(options).__name__}")
+    options = options or EvalOptions()
+    _, scoring, default = TASKS[task]
+    return replace(options, config=options.config or default), scoring
+
+
+def _prepared(task: str, ee: EarlyExitVLM, processor, records: Sequence, rules, options: EvalOptions) -> tuple:
+    """(images, prompts, ids, VisDial's option scorer or None) of `records` under `options`, after the checks."""
     if not records:
         raise ValueError("no records to evaluate")
-    return EVALUATORS[task](ee, processor, records, threshold, **kwargs)
+    if task == "visdial" and options.prompt is not None:
+        raise ValueError("prompt does not apply to VisDial (the prompt is built from caption and history)")
+    inputs = TASKS[task][0]
+    images, prompts, ids = inputs(records) if options.prompt is None else inputs(records, options.prompt)
+    scorer = None
+    if task == "visdial":
+        scorer = option_scorer(ee, processor, records, rules, options.option_batch_size, options.method)
+    return images, prompts, ids, scorer
+
+
+def evaluate(
+    task: str,
+    ee: EarlyExitVLM,
+    processor,
+    records: Sequence,
+    threshold: float = DecodeConfig.threshold,
+    layer: int | None = None,
+    options: EvalOptions | None = None,
+    log: PredictionLog | None = None,
+) -> EvalResult:
+    """`records` of `task` ("captions": COCO metrics, per NoCaps domain too when records carry one; "vqa": VQA
+    accuracy, overall and per answer and question type; "visdial": each round's options ranked by early-exit
+    log-likelihood, MRR, R@k, mean rank, NDCG) decoded under the exit rule at `threshold` (or `layer`), with a speed
+    report; `log`: see `generate_texts` (VisDial's option scores are kept in each round's line)."""
+    options, scoring = _resolved(task, options)
+    images, prompts, ids, scorer = _prepared(task, ee, processor, records, [(threshold, layer)], options)
+    gen = generate_texts(ee, processor, images, prompts, threshold, layer, options, ids, log, scorer)
+    return scoring(gen, records, **options.scoring(task))
+
+
+def task_evaluator(task: str) -> Callable[..., EvalResult]:
+    """`evaluate` of `task` with its options as keywords (`EvalOptions`' fields): the demo's and the tests'
+    shorthand, e.g. `evaluate_vqa(ee, processor, records, 0.6, config=config, compare_full=False)`."""
+
+    def run(
+        ee: EarlyExitVLM,
+        processor,
+        records: Sequence,
+        threshold: float = DecodeConfig.threshold,
+        layer: int | None = None,
+        log: PredictionLog | None = None,
+        **options,
+    ) -> EvalResult:
+        return evaluate(task, ee, processor, records, threshold, layer, EvalOptions(**options), log)
+
+    return run
+
+
+evaluate_captioning, evaluate_vqa, evaluate_visdial = (task_evaluator(task) for task in TASKS)
 
 
 def evaluate_many(
@@ -253,39 +248,21 @@ def evaluate_many(
     processor,
     records: Sequence,
     rules: Sequence[tuple[float | None, int | None]],
-    prompt: str | None = None,
-    config: DecodeConfig | None = None,
-    method: str = "free",
-    batch_size: int = BATCH_SIZE,
-    compare_full: bool = True,
-    progress_bar: bool = False,
+    options: EvalOptions | None = None,
     log: PredictionLog | None = None,
-    **score,
 ) -> list[EvalResult]:
     """`evaluate` under every exit rule of `rules` ((threshold, None), or (None, layer) for every token out at
     `layer`), decoded together (`generate_many`): each result's outputs are what `evaluate` gives for its rule, its
-    speed report counts tokens but has no clock (the rules share one); with `compare_full`, the full model is decoded
-    once per batch for agreement; `log`: see `generate_many`. `score`: the task's scoring keywords (`spice`, `only`,
-    `tokenizer`; `metric`; `option_batch_size`: VisDial's options are scored once per round for every rule)."""
-    if task not in SHARED_TASKS:
-        raise ValueError(f"evaluate_many runs {sorted(SHARED_TASKS)}, not {task!r} (evaluate each rule apart)")
-    if not records:
-        raise ValueError("no records to evaluate")
-    if task == "visdial" and prompt is not None:
-        raise ValueError("prompt does not apply to VisDial (the prompt is built from caption and history)")
-    inputs, scoring, default = SHARED_TASKS[task]
-    images, prompts, ids = inputs(records) if prompt is None else inputs(records, prompt)
-    config = config or default
-    scorer = None
-    if task == "visdial":
-        option_batch_size = score.pop("option_batch_size", OPTION_BATCH_SIZE)
-        scorer = option_scorer(ee, processor, records, rules, option_batch_size, method)
-    generated = generate_many(
-        ee, processor, images, prompts, rules, config, method, batch_size, compare_full, progress_bar, ids, log, scorer
-    )
+    speed report counts tokens but has no clock (the rules share one; `options.timing_repeats` does not apply);
+    with `compare_full`, the full model is decoded once per batch for agreement; `log`: see `generate_many`.
+    VisDial's options are scored once per round for every rule, captions tokenized once for every rule."""
+    options, scoring = _resolved(task, options)
+    images, prompts, ids, scorer = _prepared(task, ee, processor, records, rules, options)
+    generated = generate_many(ee, processor, images, prompts, rules, options, ids, log, scorer)
+    score = options.scoring(task)
     if task == "captions" and generated[0].main and all(r.references for r in records):
         texts = [t for r in records for t in r.references] + [t for gen in generated for t in gen.texts]
-        score["tokenizer"] = tokenized_once(score.get("tokenizer", tokenize), texts)
+        score["tokenizer"] = tokenized_once(options.tokenizer, texts)
     return [scoring(gen, records, **score) for gen in generated]
 
 

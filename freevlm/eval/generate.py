@@ -19,11 +19,10 @@ from ..decoding.engine import resolve_batch_policy
 from ..decoding.policies import Copies
 from ..methods import exit_rule, get_method
 from ..model import EarlyExitVLM
+from .options import EvalOptions
 from .predictions import PredictionLog
 from .processes import Processes
 from .speed import SpeedMeter, SpeedReport
-
-BATCH_SIZE = 8  # records per batch, unless the caller says
 
 
 @dataclass
@@ -73,35 +72,33 @@ def generate_texts(
     prompts: Sequence[str],
     threshold: float = DecodeConfig.threshold,
     layer: int | None = None,
-    config: DecodeConfig | None = None,
-    method: str = "free",
-    batch_size: int = BATCH_SIZE,
-    compare_full: bool = True,
-    timing_repeats: int = 1,
+    options: EvalOptions | None = None,
     ids: Sequence | None = None,
     log: PredictionLog | None = None,
-    progress_bar: bool = False,
     score_record: Callable[[int], list] | None = None,
 ) -> Generated:
-    """Early-exit answers for every (image, prompt), decoded with `config` (default: `DecodeConfig()`) under
-    `method`'s exit rule at `threshold` (or every token out at `layer`); with `compare_full`, the full model on the
-    same batches in alternating order, for wall-clock ratios measured in this run (one untimed warm-up of each mode
-    first).
+    """Early-exit answers for every (image, prompt), decoded with `options.config` (default: `DecodeConfig()`)
+    under `options.method`'s exit rule at `threshold` (or every token out at `layer`), `options.batch_size` records
+    a batch; with `options.compare_full`, the full model on the same batches in alternating order, for wall-clock
+    ratios measured in this run (one untimed warm-up of each mode first).
 
-    `timing_repeats` > 1 decodes each batch that many times per mode and keeps the fastest run of each (outputs
-    are deterministic), which steadies ratios on a busy machine.
+    `options.timing_repeats` > 1 decodes each batch that many times per mode and keeps the fastest run of each
+    (outputs are deterministic), which steadies ratios on a busy machine.
 
     Under `accelerate launch` the batches are dealt out across the processes (`Processes`) and every process ends
     with every output; the speed report's clocks are the main process's batches, its counts of tokens and of
     parameters touched (the ideal speedup) every record's.
     `log` (a `PredictionLog`, `ids` naming the records in it): each finished record is appended as a line, and
     records already there (a resumed run) are not decoded again; a batch is decoded whole, so its outputs are those
-    of an uninterrupted run. `progress_bar`: one bar on the main process, records done across processes and the ETA.
+    of an uninterrupted run. `options.progress_bar`: one bar on the main process, records done across processes and
+    the ETA.
     `score_record(i)`: record i's scores under each rule (here one; VisDial: its options' log-likelihoods), computed
     with its batch by the process that decodes it and kept in its line, so a resumed run does not compute them again.
     """
     started = time.perf_counter()
-    early_config, full_config = _configs(ee, config or DecodeConfig(), threshold, layer, method, batch_size)
+    options = options or EvalOptions()
+    config, compare_full = options.config or DecodeConfig(), options.compare_full
+    early_config, full_config = _configs(ee, config, threshold, layer, options.method, options.batch_size)
     ids = list(range(len(images))) if ids is None else list(ids)
     meter = SpeedMeter(ee.backbone.num_layers)
 
@@ -109,14 +106,14 @@ def generate_texts(
         inputs = processor.inputs([load_image(images[i]) for i in index], [prompts[i] for i in index])
         early = functools.partial(ee.generate, **inputs, config=early_config)
         full = functools.partial(ee.generate, **inputs, config=full_config) if compare_full else None
-        rows = _decode_batch(processor, early, full, meter, timing_repeats, warm_up=first, parity=b)
+        rows = _decode_batch(processor, early, full, meter, options.timing_repeats, warm_up=first, parity=b)
         if score_record is not None:
             for i, row in zip(index, rows):
                 (row["scores"],) = score_record(i)
         return rows
 
     processes = Processes.current()
-    rows = _deal(decode, len(images), batch_size, processes, ids, log, progress_bar)
+    rows = _deal(decode, len(images), options.batch_size, processes, ids, log, options.progress_bar)
     ordered = [rows[i] for i in range(len(images))]
     full_texts = [row["full_prediction"] for row in ordered] if compare_full else None
     exit_layers = [row["exit_layers"] for row in ordered]
@@ -213,11 +210,7 @@ def generate_many(
     images: Sequence[Path],
     prompts: Sequence[str],
     rules: Sequence[tuple[float | None, int | None]],
-    config: DecodeConfig | None = None,
-    method: str = "free",
-    batch_size: int = BATCH_SIZE,
-    compare_full: bool = False,
-    progress_bar: bool = False,
+    options: EvalOptions | None = None,
     ids: Sequence | None = None,
     log: PredictionLog | None = None,
     score_record: Callable[[int], list] | None = None,
@@ -225,11 +218,14 @@ def generate_many(
     """What `generate_texts` gives under each (threshold, layer) of `rules`, with each batch's image and prompt
     encoded once for all of them: the batch is decoded as one copy per rule side by side (`Copies`), each copy
     exactly as it would be decoded alone. Batches are dealt out across processes, and `log` (one line per record,
-    every rule's output) kept and resumed, and `score_record` (one score per rule) kept, as in `generate_texts`."""
+    every rule's output) kept and resumed, and `score_record` (one score per rule) kept, as in `generate_texts`;
+    no clock (`options.timing_repeats` does not apply)."""
     if not rules:
         raise ValueError("no exit rules to evaluate")
     started = time.perf_counter()
-    config = config or DecodeConfig()
+    options = options or EvalOptions()
+    config, method, batch_size = options.config or DecodeConfig(), options.method, options.batch_size
+    compare_full = options.compare_full
     rows_of_copies = batch_size * len(rules)
     policies = [_configs(ee, config, t, layer, method, rows_of_copies)[0].policy for t, layer in rules]
     shared = replace(_configs(ee, config, *rules[0], method, rows_of_copies)[0], policy=Copies(policies))
@@ -251,7 +247,7 @@ def generate_many(
 
     processes = Processes.current()
     ids = list(range(len(images))) if ids is None else list(ids)
-    rows = _deal(decode, len(images), batch_size, processes, ids, log, progress_bar)
+    rows = _deal(decode, len(images), options.batch_size, processes, ids, log, options.progress_bar)
     ordered = [rows[i] for i in range(len(images))]
     full_texts = [row["full_prediction"] for row in ordered] if compare_full else None
     generated = []

@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..data.records import split_records
 from ..methods import get_method, trainable_parameters
 from ..model import EarlyExitVLM
-from .evaluate import SHARED_TASKS, EvalResult, evaluate, evaluate_many
+from .evaluate import EvalResult, evaluate, evaluate_many
+from .options import EvalOptions
 from .plots import plot_per_layer, plot_quality_vs_speedup
 from .predictions import PredictionLog
 from .processes import Processes
@@ -49,6 +50,9 @@ class SweepResult:
         }
 
 
+DEV_FRACTION = 0.2  # of the images, held out to choose the threshold on when no dev split is given (paper: 0.2)
+
+
 def split_dev(records: Sequence, fraction: float) -> tuple[list, list]:
     """(dev, test): a seeded `fraction` of the images held out, with their records, for choosing the threshold."""
     test, dev = split_records(records, fraction)
@@ -72,49 +76,43 @@ def sweep(
     records: Sequence,
     dev_records: Sequence | None = None,
     thresholds: Sequence[float] | None = None,
-    dev_fraction: float = 0.2,
+    dev_fraction: float = DEV_FRACTION,
     per_layer: bool = True,
-    progress=None,
-    method: str = "free",
+    progress: Callable[[str], None] | None = None,
     log: Callable[[str], PredictionLog] | None = None,
-    **eval_kwargs,
+    options: EvalOptions | None = None,
 ) -> SweepResult:
-    """Evaluate every threshold of `method`'s exit rule (default: the method's grid) on dev and test records, and
-    (with `per_layer`) every exit forced in turn.
+    """Evaluate every threshold of `options.method`'s exit rule (default: the method's grid) on dev and test
+    records, and (with `per_layer`) every exit forced in turn.
 
     Without `dev_records`, a seeded `dev_fraction` of the images in `records` is held out as dev (with all their
     records) and the rest is the test set.
-    Every task shares its work (`evaluate_many`): each split is decoded once for every threshold and forced layer
-    together, image and prompt encoded once per batch (VisDial: each round's options scored by one teacher-forced
-    pass for every rule), each rule's outputs those of its own `evaluate`; then the threshold chosen on dev is
-    evaluated again on test alone, timed against the full model (`compare_full`), so its wall-clock speedup is
-    measured as `freevlm eval` measures it. The other rows count layers only. `log(name)`: the `PredictionLog` of
-    each pass ("predictions_dev", "predictions_test", "predictions_best"), so a sweep killed part-way resumes where
-    it stopped (VisDial's option scores are in the lines too).
+    Each split is decoded once for every threshold and forced layer together (`evaluate_many`), image and prompt
+    encoded once per batch (VisDial: each round's options scored by one teacher-forced pass for every rule), each
+    rule's outputs those of its own `evaluate`; then, with `options.compare_full`, the threshold chosen on dev is
+    evaluated again on test alone, timed against the full model, so its wall-clock speedup is measured as
+    `freevlm eval` measures it. The other rows count layers only. `log(name)`: the `PredictionLog` of each pass
+    ("predictions_dev", "predictions_test", "predictions_best"), so a sweep killed part-way resumes where it
+    stopped (VisDial's option scores are in the lines too).
     """
+    options = options or EvalOptions()
     if dev_records is None:
         dev_records, records = split_dev(records, dev_fraction)
     say = progress or (lambda msg: None)
+    method = options.method
     thresholds = list(get_method(method).thresholds if thresholds is None else thresholds)
-    eval_kwargs["method"] = method
-    untimed = dict(eval_kwargs, compare_full=False)
+    untimed = replace(options, compare_full=False)
     forced = ee.exit_layers + [ee.backbone.num_layers] if per_layer else []
-    if task in SHARED_TASKS:
-        untimed_shared = {k: v for k, v in untimed.items() if k != "timing_repeats"}  # no clock in a shared run
-        passes = {name: log(f"predictions_{name}") if log else None for name in ("dev", "test", "best")}
-        dev_rules = [(t, None) for t in thresholds]
-        dev = evaluate_many(task, ee, processor, dev_records, dev_rules, log=passes["dev"], **untimed_shared)
-        rules = dev_rules + [(None, layer) for layer in forced]
-        tested = evaluate_many(task, ee, processor, records, rules, log=passes["test"], **untimed_shared)
-        test, layers = tested[: len(thresholds)], tested[len(thresholds) :]
-    else:
-        dev = [evaluate(task, ee, processor, dev_records, t, **untimed) for t in thresholds]
-        test = [evaluate(task, ee, processor, records, t, **eval_kwargs) for t in thresholds]
-        layers = [evaluate(task, ee, processor, records, layer=layer, **untimed) for layer in forced]
+    passes = {name: log(f"predictions_{name}") if log else None for name in ("dev", "test", "best")}
+    dev_rules = [(t, None) for t in thresholds]
+    dev = evaluate_many(task, ee, processor, dev_records, dev_rules, untimed, passes["dev"])
+    rules = dev_rules + [(None, layer) for layer in forced]
+    tested = evaluate_many(task, ee, processor, records, rules, untimed, passes["test"])
+    test, layers = tested[: len(thresholds)], tested[len(thresholds) :]
     processes = Processes.current()
     best = processes.broadcast(choose_threshold(dev) if processes.is_main else None)  # the main process scores
-    if task in SHARED_TASKS and eval_kwargs.get("compare_full", True):
-        test[thresholds.index(best)] = evaluate(task, ee, processor, records, best, log=passes["best"], **eval_kwargs)
+    if options.compare_full:
+        test[thresholds.index(best)] = evaluate(task, ee, processor, records, best, options=options, log=passes["best"])
     for d, t in zip(dev, test):
         say(
             f"{method} threshold {t.threshold:g}: dev {d.metric} {d.score}, test {t.score}, "
