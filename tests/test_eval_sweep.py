@@ -107,6 +107,17 @@ def test_sweep_writes_json_and_plots(tiny, tmp_path):
     assert len(lines) == 6
 
 
+def test_a_sweep_without_the_full_model_times_nothing(tiny, tmp_path):
+    """`compare_full=False` (`freevlm sweep --no-full`): the chosen threshold is not decoded again beside the full
+    model, so no row has a wall-clock speedup or the full model's outputs."""
+    ee, bundle = tiny
+    options = EvalOptions(DecodeConfig(max_new_tokens=2), batch_size=4, compare_full=False)
+    result = sweep(ee, bundle, "vqa", vqa_records(tmp_path, 5), thresholds=(0.0, 1.0), per_layer=False, options=options)
+    assert [r.threshold for r in result.test] == [0.0, 1.0] and len(result.test[0].predictions) == 4
+    assert all(r.speed.wallclock_speedup is None and r.agreement_with_full is None for r in result.test)
+    assert not any("full_prediction" in p for r in result.test for p in r.predictions)
+
+
 def direct_ranking(ee, bundle, records, threshold, method="free"):
     """Each round's best option, the rank of its right answer and the option scores, from option log-likelihoods
     computed here."""

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from ..data.images import load_image
+from ..decoding.config import DecodeConfig
 from ..errors import MissingFileError, UserError
 from ..loading import CAPTION_PROMPT, VLMBundle
 from .data import write_coco_captions
@@ -124,7 +125,7 @@ class CapFiltConfig:
     top_k: int = 2
     top_p: float = 0.9
     temperature: float = 1.0
-    max_new_tokens: int = 30
+    max_new_tokens: int = DecodeConfig.max_new_tokens
     batch_size: int = 8  # images per generate call
     seed: int = 0
 
