@@ -148,15 +148,7 @@ def test_training_prompts_are_laid_out_as_the_processor_lays_them_out(folder):
     bundle = load_vlm(folder / "model")
     records = load_coco_captions(write_shapes(folder / "data", 2), prompt=PROMPT)
     layout = EarlyExitVLM(bundle.model).backbone.config
-    qformer_tokenizer = getattr(bundle.processor, "qformer_tokenizer", None)
-    data = CaptionDataset(
-        records,
-        bundle.tokenizer,
-        bundle.image_processor,
-        layout,
-        qformer_tokenizer=qformer_tokenizer,
-        processor=bundle.processor,
-    )
+    data = CaptionDataset(records, bundle.tokenizer, bundle.image_processor, layout, processor=bundle.processor)
     batch = CaptionCollator.for_model(layout)([data[0]])
     inputs = bundle.inputs([Image.open(records[0].image).convert("RGB")], [PROMPT])
     prompt_len = inputs["input_ids"].shape[1]

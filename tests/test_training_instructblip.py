@@ -3,14 +3,8 @@ it, and FREE exit training (the BLIP-2 recipe, unchanged) lowers held-out KL."""
 
 import pytest
 import torch
-from training_helpers import (
-    assert_kd_training_lowers_held_out_kl,
-    make_image_processor,
-    make_qformer_tokenizer,
-    make_tokenizer,
-    write_shapes,
-)
-from transformers import InstructBlipProcessor
+from tiny_processor import tiny_processor
+from training_helpers import assert_kd_training_lowers_held_out_kl, write_shapes
 
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.data.images import load_image
@@ -30,18 +24,11 @@ def test_collate_gives_the_qformer_the_prompt_as_the_processor_does(tmp_path):
     records = load_coco_captions(write_shapes(tmp_path / "data", 4), prompt="what shape is it")
     records[1] = Record(records[1].image, "a photo of", records[1].target)  # rows of unequal length
     model = tiny_instructblip("opt")
-    with pytest.raises(ValueError, match="qformer_tokenizer"):
-        CaptionDataset(records, make_tokenizer("opt"), make_image_processor(), model.config)
-    data = CaptionDataset(
-        records, make_tokenizer("opt"), make_image_processor(), model.config, qformer_tokenizer=make_qformer_tokenizer()
-    )
+    processor = tiny_processor(model)
+    with pytest.raises(ValueError, match="instructblip's processor .*pass processor"):
+        CaptionDataset(records, processor.tokenizer, processor.image_processor, model.config)
+    data = CaptionDataset(records, processor.tokenizer, processor.image_processor, model.config, processor=processor)
     batch = CaptionCollator.for_model(model.config)([data[0], data[1]])
-    processor = InstructBlipProcessor(
-        make_image_processor(),
-        make_tokenizer("opt"),
-        make_qformer_tokenizer(),
-        num_query_tokens=model.config.num_query_tokens,
-    )
     expected = processor(
         images=[load_image(r.image) for r in records[:2]],
         text=[r.prompt for r in records[:2]],
@@ -61,8 +48,9 @@ def test_kd_exit_training_lowers_heldout_kl_on_instructblip(tmp_path):
     ee = EarlyExitVLM(model, ExitConfig([1]))
     with torch.no_grad():  # a sharper final layer: a distribution worth matching
         ee.backbone.text.norm.weight.mul_(6)
-    tok, proc, qtok = make_tokenizer("opt"), make_image_processor(), make_qformer_tokenizer()
-    train_set, dev_set = (CaptionDataset(r, tok, proc, model.config, qformer_tokenizer=qtok) for r in (train, dev))
+    processor = tiny_processor(model)
+    tok, images = processor.tokenizer, processor.image_processor
+    train_set, dev_set = (CaptionDataset(r, tok, images, model.config, processor=processor) for r in (train, dev))
     ee = assert_kd_training_lowers_held_out_kl(model, train_set, dev_set, tmp_path / "kd")
     item = train_set[0]
     image = torch.full((1, model.config.num_query_tokens), model.config.image_token_index)

@@ -230,7 +230,6 @@ def _datasets(args: argparse.Namespace, bundle, records):
     from ..training import CaptionDataset
 
     config = load_backbone(bundle.model).config  # BLIP-2's prompt-layout names, LLaVA's too
-    qformer_tokenizer = getattr(bundle.processor, "qformer_tokenizer", None)  # InstructBLIP's
 
     def dataset(recs, source):
         return CaptionDataset(
@@ -240,8 +239,7 @@ def _datasets(args: argparse.Namespace, bundle, records):
             config,
             args.max_target_tokens,
             source=source,
-            qformer_tokenizer=qformer_tokenizer,
-            processor=bundle.processor,  # SmolVLM's, LLaVA-NeXT's...: it lays out each image's tokens
+            processor=bundle.processor,  # all but BLIP-2's: it lays out each image's tokens
         )
 
     train, dev = records

@@ -4,10 +4,11 @@ out prompts and targets.
 Training data is a list of plain `Record`s (image path, prompt, target text) so any reader can feed the trainers.
 The collate produces the exact layout the backbone adapters expect (`Backbone.features`):
 
-- decoder-only (OPT): `input_ids` = image tokens + prompt (with BOS) + target + EOS, right-padded. BLIP-2's and
-  InstructBLIP's `num_query_tokens` image tokens go first, as `loading.VLMBundle.inputs` and `InstructBlipProcessor`
-  put them; the other families' prompts (`PROCESSOR_LAYOUT_TYPES`) are laid out by the model's processor itself,
-  image by image, from the prompt `caption` gives it (`loading.prompt_with_image`: `<image>\n` + prompt, Gemma 3's
+- decoder-only (OPT): `input_ids` = image tokens + prompt (with BOS) + target + EOS, right-padded. BLIP-2's
+  `num_query_tokens` image tokens go first, as `loading.VLMBundle.inputs` puts them (the demo's BLIP-2 folders ship
+  no processor); the other families' prompts (`PROCESSOR_LAYOUT_TYPES`) are laid out by the model's processor
+  itself, image by image, from the prompt `caption` gives it (InstructBLIP's: its query tokens first, the prompt as
+  the Q-Former's instruction) (`loading.prompt_with_image`: `<image>\n` + prompt, Gemma 3's
   `<start_of_image>`, Qwen-VL's image between `<|vision_start|>` and `<|vision_end|>`), with the per-token inputs it
   gives (Gemma 3's `token_type_ids`, Qwen-VL's `mm_token_type_ids`: 1 at image tokens, 0 at the target's).
   SmolVLM / Idefics3's and LLaVA-NeXT / OneVision's tiles, with the tokens around them and a count that depends on
@@ -22,8 +23,8 @@ The collate produces the exact layout the backbone adapters expect (`Backbone.fe
 and `targets`, aligned with the positions of the sequence the LM layers run over: `targets[b, t]` is the token
 that position t must predict, or `IGNORE_INDEX`. Only positions that predict a target token (or its EOS) count;
 image query tokens, the prompt and padding never do. InstructBLIP's Q-Former also reads the prompt, as its
-instruction (`qformer_input_ids`, right-padded, in the Q-Former's vocabulary), as `InstructBlipProcessor` and
-LAVIS give it.
+instruction (`qformer_input_ids`, right-padded, in the Q-Former's vocabulary), as `InstructBlipProcessor` gives it
+for the prompt alone (as LAVIS does).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from torch.utils.data import Dataset
 from ..data.coco import read_captions
 from ..data.images import ImageError, load_image
 from ..inputs import pad_rows
-from ..loading import CAPTION_PROMPT, QWEN_VL, prompt_with_image
+from ..loading import CAPTION_PROMPT, EXPANDS_IMAGE_TOKEN, QWEN_VL, prompt_with_image
 from ..model import IGNORE_INDEX
 
 
@@ -100,10 +101,10 @@ def model_max_length(text_config) -> int | None:
     return None
 
 
-# families whose processor lays out each image's tokens (a count that may depend on the image's size): training
-# prompts come from it, image by image, and its per-image inputs travel with the batch
-PROCESSOR_LAYOUT_TYPES = ("llava", "gemma3", "idefics3", "smolvlm", "llava_next", "llava_onevision", "internvl")
-PROCESSOR_LAYOUT_TYPES += QWEN_VL
+# families whose processor lays out each image's tokens (a count that may depend on the image's size; InstructBLIP's
+# query tokens and the Q-Former's instruction): training prompts come from it, image by image, and its per-image
+# inputs travel with the batch
+PROCESSOR_LAYOUT_TYPES = (*EXPANDS_IMAGE_TOKEN, "instructblip")
 NESTED_IMAGES = ("gemma3", "idefics3", "smolvlm")  # their processors take each prompt's images as a list
 # each image (LLaVA, Gemma 3), tile (InternVL) or patch (Qwen-VL) a `pixel_values` row of its own, all rows' one after
 # another
@@ -112,17 +113,12 @@ PROCESSOR_IMAGE_INPUTS = ("pixel_attention_mask", "image_sizes", "image_grid_thw
 PROCESSOR_TOKEN_INPUTS = ("token_type_ids", "mm_token_type_ids")  # one per prompt token (1 at image tokens)
 
 
-def is_instructblip(model_config) -> bool:
-    return getattr(model_config, "model_type", None) == "instructblip"
-
-
 class CaptionDataset(Dataset):
     """Records tokenized up front (so length problems surface before training); images decoded on access.
 
     `image_processor` is a Hugging Face image processor (or any callable with the same signature) that turns PIL
-    images into `pixel_values`. An InstructBLIP needs `qformer_tokenizer` too (its processor's), for the prompt the
-    Q-Former reads; SmolVLM / Idefics3, LLaVA-NeXT / OneVision and InternVL their `processor`, which lays out each
-    image's tokens (`PROCESSOR_LAYOUT_TYPES`).
+    images into `pixel_values`. The families but BLIP-2 need their `processor` (`PROCESSOR_LAYOUT_TYPES`), which
+    lays out each image's tokens (InstructBLIP's: and the prompt the Q-Former reads).
     """
 
     def __init__(
@@ -133,16 +129,10 @@ class CaptionDataset(Dataset):
         model_config,
         max_target_tokens: int | None = None,
         source: str = "dataset",
-        qformer_tokenizer=None,
         processor=None,
     ):
         if not records:
             raise ValueError(f"{source} is empty: no (image, text) records to train on")
-        if is_instructblip(model_config) and qformer_tokenizer is None:
-            raise ValueError(
-                "InstructBLIP's Q-Former reads the prompt as its instruction: pass qformer_tokenizer "
-                "(InstructBlipProcessor's qformer_tokenizer)"
-            )
         model_type = getattr(model_config, "model_type", None)
         self.processor = processor if model_type in PROCESSOR_LAYOUT_TYPES else None
         if model_type in PROCESSOR_LAYOUT_TYPES and processor is None:
@@ -152,9 +142,6 @@ class CaptionDataset(Dataset):
             )
         self.nested_images = model_type in NESTED_IMAGES
         self.concatenated = model_type in CONCATENATED_PIXELS
-        self.qformer_ids = None
-        if qformer_tokenizer is not None:  # with its special tokens, as the processor gives them
-            self.qformer_ids = [qformer_tokenizer(r.prompt)["input_ids"] for r in records]
         text_cfg = model_config.text_config
         self.decoder_only = not getattr(text_cfg, "is_encoder_decoder", False)
         self.num_query_tokens = model_config.num_query_tokens
@@ -169,7 +156,8 @@ class CaptionDataset(Dataset):
         self.prompt_ids: list[list[int]] = []
         self.target_ids: list[list[int]] = []
         for r in records:
-            prompt = r.prompt if self.processor is None else prompt_with_image(self.processor, model_config, r.prompt)
+            expands = model_type in EXPANDS_IMAGE_TOKEN
+            prompt = prompt_with_image(self.processor, model_config, r.prompt) if expands else r.prompt
             prompt_ids, target_ids = self._tokenize(tokenizer, prompt, r.target)
             target_ids = target_ids + ([eos] if eos is not None else [])
             if max_target_tokens is not None and len(target_ids) > max_target_tokens:
@@ -208,6 +196,8 @@ class CaptionDataset(Dataset):
             images = [[image]] if self.nested_images else [image]
             processed = self.processor(images=images, text=[self.prompts[index]], return_tensors="pt")
             item["prompt_ids"] = processed["input_ids"][0].tolist()
+            if "qformer_input_ids" in processed:  # InstructBLIP's: the prompt, as the Q-Former's instruction
+                item["qformer_ids"] = processed["qformer_input_ids"][0].tolist()
             item.update(
                 {k: processed[k][0] for k in (*PROCESSOR_IMAGE_INPUTS, *PROCESSOR_TOKEN_INPUTS) if k in processed}
             )
@@ -215,8 +205,6 @@ class CaptionDataset(Dataset):
             item["pixel_values"] = processed["pixel_values"] if self.concatenated else processed["pixel_values"][0]
             return item
         item["pixel_values"] = self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
-        if self.qformer_ids is not None:
-            item["qformer_ids"] = self.qformer_ids[index]
         return item
 
 
@@ -230,7 +218,7 @@ class CaptionCollator:
     decoder_only: bool
     decoder_start_token_id: int = 0
     qformer_pad_token_id: int = 0
-    laid_out: bool = False  # SmolVLM, LLaVA-NeXT...: prompts hold the image's tokens already (the processor's)
+    laid_out: bool = False  # all but BLIP-2: prompts hold the image's tokens already (the processor's)
     concatenated: bool = False  # InternVL's tiles, Qwen-VL's patches: all rows' one after another, none padded
 
     @classmethod
@@ -259,12 +247,12 @@ class CaptionCollator:
 
     def _layout(self, items: list[dict]) -> dict[str, torch.Tensor]:
         images = [it["pixel_values"] for it in items]
-        if self.laid_out:  # each image's tiles or patches, then all-zero ones (as the processors pad) to the most
+        if self.laid_out:  # each image (its tiles, patches), then all-zero ones (as the processors pad) to the most
             pixel_values = torch.cat(images) if self.concatenated else pad_sequence(images, batch_first=True)
             prompts = [it["prompt_ids"] for it in items]
         else:
             pixel_values = torch.stack(images)
-            image = [self.image_token_index] * self.num_query_tokens  # BLIP-2's, InstructBLIP's: first
+            image = [self.image_token_index] * self.num_query_tokens  # BLIP-2's: first
             prompts = [image + it["prompt_ids"] for it in items]
         if self.decoder_only:
             seqs = [prompt + it["target_ids"] for prompt, it in zip(prompts, items)]
