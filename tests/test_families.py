@@ -128,6 +128,21 @@ def test_a_row_that_ends_first_is_padded_as_hugging_face_pads(family):
     assert eos in row and row.index(eos) < len(row) - 1, row  # row 0 ended before the others: it was padded
 
 
+@pytest.mark.parametrize("family", ["opt", "t5", *FAMILIES, "idefics3"])
+def test_stage1_parts_name_every_parameter(family):
+    """`finetune`'s part flags reach the whole model: the adapter's vision, projection and LM parts hold every
+    parameter, and the LM part none of the image path's (tied embeddings may stand twice within it)."""
+    model = tiny_model(family)
+    parts = load_backbone(model).stage1_parts()
+    named = {
+        name: {id(p) for m in modules for p in ([m] if isinstance(m, torch.nn.Parameter) else m.parameters())}
+        for name, modules in parts.items()
+    }
+    assert set(named) - {"qformer"} == {"vision", "projection", "lm"}  # BLIP-2s: and their Q-Former
+    assert set().union(*named.values()) == {id(p) for p in model.parameters()}
+    assert not named["lm"] & (named["vision"] | named["projection"])
+
+
 def test_beam_search_without_exits_equals_hugging_face(new_family):
     case = Case(new_family, seed=2, batch=2, pad=True)
     kwargs = dict(max_new_tokens=8, num_beams=3, length_penalty=0.6)

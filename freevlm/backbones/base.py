@@ -91,6 +91,36 @@ def decoder_positions(key_mask: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(counts, dim=1) * counts - 1
 
 
+def prompt_key_mask(attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Which slots hold a real key, `[B, prompt + max_new_tokens]`: the prompt's (its attention mask), then every
+    new token's."""
+    batch, prompt_len = attention_mask.shape
+    key_mask = torch.ones(batch, prompt_len + max_new_tokens, dtype=torch.bool, device=attention_mask.device)
+    key_mask[:, :prompt_len] = attention_mask.bool()
+    return key_mask
+
+
+def check_token_types(
+    key: str, types: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token: int
+) -> None:
+    """A processor's per-token types (`key`: Gemma 3's `token_type_ids`, Qwen-VL's `mm_token_type_ids`) must have
+    the prompt's shape, mark no video token (2) and be 1 exactly at its real image tokens: a `ValueError` naming
+    `key` otherwise (the model reads its image blocks or positions from them, not from the tokens)."""
+    if not isinstance(types, torch.Tensor) or types.shape != input_ids.shape:
+        shape = tuple(types.shape) if isinstance(types, torch.Tensor) else type(types).__name__
+        raise ValueError(f"{key} must have the shape of input_ids {tuple(input_ids.shape)}, got {shape}")
+    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    if bool(((types == 2) & real).any()):
+        raise ValueError(f"{key} mark video tokens (2): freevlm runs vision-language models on images")
+    wrong = ((types == 1) != (input_ids == image_token)) & real
+    if bool(wrong.any()):
+        b, slot = wrong.nonzero()[0].tolist()
+        raise ValueError(
+            f"{key} disagree with input_ids at row {b}, slot {slot} (type {int(types[b, slot])}, token "
+            f"{int(input_ids[b, slot])}; image token id {image_token}): pass the processor's {key} with its input_ids"
+        )
+
+
 # frozen Hugging Face model -> {digest of a batch's inputs: Backbone.features of that batch}, only inside
 # `sharing_features(model)`: the block owns its entry
 _SHARED_FEATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -242,9 +272,7 @@ class Backbone:
         As here for decoder-only LMs (the prompt starts the decoder's own sequence; positions count real tokens);
         encoder-decoder families override it."""
         input_ids, embeds, attention_mask = self.image_prompt_embeds(pixel_values, input_ids, attention_mask, **inputs)
-        batch, prompt_len = input_ids.shape
-        key_mask = torch.ones(batch, prompt_len + max_new_tokens, dtype=torch.bool, device=embeds.device)
-        key_mask[:, :prompt_len] = attention_mask.bool()
+        key_mask = prompt_key_mask(attention_mask.to(embeds.device), max_new_tokens)
         return Context(input_ids, embeds, key_mask, {"positions": decoder_positions(key_mask)})
 
     def start_many(self, requests: list[Start]) -> list[Context]:

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
 
-from .base import Context, decoder_positions
-from .llava import ImageGroups, LlavaLayout
+from .base import Context, check_token_types
+from .llava import ImageGroups, LlavaBackbone, LlavaLayout
 from .rotary import RotaryDecoder
 
 
@@ -46,13 +46,7 @@ class Gemma3Backbone(ImageGroups, RotaryDecoder):
             )
         self.config = LlavaLayout(model.config, model.config.mm_tokens_per_image)
 
-    def stage1_parts(self) -> dict[str, list[nn.Module]]:
-        m = self.model
-        return {
-            "vision": [m.model.vision_tower],
-            "projection": [m.model.multi_modal_projector],
-            "lm": [m.model.language_model, m.lm_head],
-        }
+    stage1_parts = LlavaBackbone.stage1_parts  # LLaVA's parts, as named: the tower, the projector, the LM
 
     def new_layer(self) -> nn.Module:
         """A global-attention layer where the model has one: an exit sees the whole prompt, as the final layer."""
@@ -73,41 +67,23 @@ class Gemma3Backbone(ImageGroups, RotaryDecoder):
         """As for every decoder-only LM, plus each slot's image block (`image_blocks`: the image's index in its
         row, -1 for text, padding and new tokens) and the slots any row holds an image token at (`image_slots`)."""
         self._check_token_types(input_ids, attention_mask, token_type_ids)
-        input_ids, embeds, attention_mask = self.image_prompt_embeds(pixel_values, input_ids, attention_mask)
-        batch, prompt_len = input_ids.shape
-        key_mask = torch.ones(batch, prompt_len + max_new_tokens, dtype=torch.bool, device=embeds.device)
-        key_mask[:, :prompt_len] = attention_mask.bool()
-        blocks = get_block_sequence_ids_for_mask(token_type_ids.to(embeds.device))
+        ctx = super().start(pixel_values, input_ids, attention_mask, max_new_tokens)
+        blocks = get_block_sequence_ids_for_mask(token_type_ids.to(ctx.key_mask.device))
         blocks = F.pad(blocks, (0, max_new_tokens), value=-1)
         slots = (blocks >= 0).any(dim=0).nonzero().flatten().tolist()
-        extra = {
-            "positions": decoder_positions(key_mask),
-            "image_blocks": blocks,
-            "image_slots": (slots[0], slots[-1] + 1) if slots else None,
-        }
-        return Context(input_ids, embeds, key_mask, extra)
+        ctx.extra.update(image_blocks=blocks, image_slots=(slots[0], slots[-1] + 1) if slots else None)
+        return ctx
 
     def _check_token_types(self, input_ids, attention_mask, token_type_ids) -> None:
-        """The processor's `token_type_ids`: present, of the prompt's shape, 1 exactly at real image tokens; and no
-        prompt that ends inside an image (its tokens would not all see each other before the first new token)."""
+        """The processor's `token_type_ids`: present and right (`check_token_types`); and no prompt that ends inside
+        an image (its tokens would not all see each other before the first new token)."""
         image = self.config.image_token_index
         if token_type_ids is None:
             raise ValueError(
                 "Gemma 3 needs token_type_ids (1 at image tokens, from its processor): its image tokens attend to "
                 "each other both ways, which Hugging Face's generate reads from them"
             )
-        if not isinstance(token_type_ids, torch.Tensor) or token_type_ids.shape != input_ids.shape:
-            shape = tuple(token_type_ids.shape) if isinstance(token_type_ids, torch.Tensor) else type(token_type_ids)
-            raise ValueError(f"token_type_ids must have the shape of input_ids {tuple(input_ids.shape)}, got {shape}")
-        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        wrong = ((token_type_ids == 1) != (input_ids == image)) & real
-        if bool(wrong.any()):
-            b, slot = wrong.nonzero()[0].tolist()
-            raise ValueError(
-                f"token_type_ids disagree with input_ids at row {b}, slot {slot} (type {int(token_type_ids[b, slot])}, "
-                f"token {int(input_ids[b, slot])}; image token id {image}): pass the processor's token_type_ids "
-                "with its input_ids"
-            )
+        check_token_types("token_type_ids", token_type_ids, input_ids, attention_mask, image)
         ends = (input_ids[:, -1] == image).nonzero().flatten().tolist()
         if ends:
             raise ValueError(

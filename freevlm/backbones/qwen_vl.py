@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Context
+from .base import Context, check_token_types, prompt_key_mask
 from .llava import LlavaLayout
 from .rotary import RotaryDecoder
 
@@ -115,21 +115,7 @@ class QwenVLBackbone(RotaryDecoder):
                 f"{self.name} needs mm_token_type_ids (1 at image tokens, from its processor): its rotary positions "
                 "are computed from them (get_rope_index)"
             )
-        if not isinstance(types, torch.Tensor) or types.shape != input_ids.shape:
-            shape = tuple(types.shape) if isinstance(types, torch.Tensor) else type(types).__name__
-            raise ValueError(
-                f"mm_token_type_ids must have the shape of input_ids {tuple(input_ids.shape)}, got {shape}"
-            )
-        if bool(((types == 2) & real).any()):
-            raise ValueError(f"mm_token_type_ids mark video tokens (2): freevlm runs {self.name} on images")
-        wrong = ((types == 1) != image) & real
-        if bool(wrong.any()):
-            b, slot = wrong.nonzero()[0].tolist()
-            raise ValueError(
-                f"mm_token_type_ids disagree with input_ids at row {b}, slot {slot} (type {int(types[b, slot])}, "
-                f"token {int(input_ids[b, slot])}; image token id {self.config.image_token_index}): pass the "
-                "processor's mm_token_type_ids with its input_ids"
-            )
+        check_token_types("mm_token_type_ids", types, input_ids, attention_mask, self.config.image_token_index)
 
     def images_per_row(
         self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None, **inputs
@@ -188,9 +174,7 @@ class QwenVLBackbone(RotaryDecoder):
         is_image = input_ids == self.config.image_token_index
         features = torch.cat(output.pooler_output).to(embeds.device, embeds.dtype)
         embeds = embeds.masked_scatter(is_image.unsqueeze(-1), features)
-        batch, prompt_len = input_ids.shape
-        key_mask = torch.ones(batch, prompt_len + max_new_tokens, dtype=torch.bool, device=embeds.device)
-        key_mask[:, :prompt_len] = attention_mask.bool()
+        key_mask = prompt_key_mask(attention_mask.to(embeds.device), max_new_tokens)
         prompt, _ = model.get_rope_index(
             input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask
         )  # [3, B, L0]
