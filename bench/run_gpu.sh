@@ -24,7 +24,7 @@ $python -c "import torch, transformers; print('torch', torch.__version__, 'trans
 failed=0
 run() { echo; echo "### $*"; timeout "$1" "${@:2}" || { echo "### exit $? (timeout or failure)"; failed=$((failed + 1)); }; }
 # limits sum to 450 s, so that a rerun fits a 15-minute lease with two machine starts (no part has been timed on a
-# GPU yet; 3 repeats each, the benchmarks print the fastest, where 5 had 580 s): check_device takes ~15 s on our CPU (its
+# GPU yet; 3 repeats each, the benchmarks print the fastest, where 5 had 580 s): check_device takes ~17-21 s on our CPU (its
 # scheduler checks included); OPT-2.7B's engine run gets the most because Hugging Face's static-cache
 # generate compiles itself on its first call; the crossover is where per-row compaction starts to pay
 # (COMPACT_FROM_ROWS); then serving at OPT-2.7B's size: one at a time, static batches and continuous batching

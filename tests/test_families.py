@@ -18,7 +18,7 @@ from freevlm.backbones.base import causal_padding_mask
 from freevlm.cache_utils import KVView, LayerKV
 from freevlm.decoding.policies import FixedSchedulePolicy
 from freevlm.decoding.static import StaticEngine
-from freevlm.tiny import llava_config, tiny_instruction, tiny_model, tiny_model_inputs
+from freevlm.tiny import llava_config, tiny_model, tiny_model_inputs
 
 FAMILIES = [
     "llama",
@@ -72,8 +72,7 @@ class Case:
         self.inputs = tuple(self.hf_inputs[k] for k in ("pixel_values", "input_ids", "attention_mask"))
         self.instruction = None
         if family.startswith("instructblip"):
-            self.instruction = tiny_instruction(self.model, batch, seed=seed, pad=pad)
-            self.hf_inputs.update(qformer_input_ids=self.instruction[0], qformer_attention_mask=self.instruction[1])
+            self.instruction = (self.hf_inputs["qformer_input_ids"], self.hf_inputs["qformer_attention_mask"])
         self.model_inputs = {k: v for k, v in self.hf_inputs.items() if k in self.ee.backbone.input_names}
 
     def generate(self, **kwargs):

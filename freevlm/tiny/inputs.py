@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from transformers import (
     Gemma3ForConditionalGeneration,
+    InstructBlipForConditionalGeneration,
     InternVLForConditionalGeneration,
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
@@ -13,7 +14,7 @@ from transformers import (
 )
 
 from ..inputs import pad_rows
-from .models import QWEN_VL_CLASSES, TILED_MODELS
+from .models import QWEN_VL_CLASSES, TILED_MODELS, tiny_instruction
 
 # images of the tiny Qwen-VLs: (t, h, w) patch grids, 2x2 patches merged into one image token (6, 4 and 2 tokens)
 QWEN_VL_GRIDS = ((1, 4, 6), (1, 4, 4), (1, 2, 4))
@@ -138,8 +139,8 @@ def llava_next_inputs(model: nn.Module, batch: int = 1, prompt_len: int = 3, see
 
 def tiny_model_inputs(model: nn.Module, batch: int = 1, prompt_len: int = 3, seed: int = 0, pad: bool = False) -> dict:
     """`tiny_inputs` as the model's processor gives them: a dict of every input its `generate` reads (Gemma 3's
-    `token_type_ids`: 1 at image tokens; Qwen-VL's patches and grids: `qwen_vl_inputs`; SmolVLM's tiles and
-    `pixel_attention_mask`: `tiled_inputs`)."""
+    `token_type_ids`: 1 at image tokens; InstructBLIP's Q-Former instruction: `tiny_instruction`; Qwen-VL's patches
+    and grids: `qwen_vl_inputs`; SmolVLM's tiles and `pixel_attention_mask`: `tiled_inputs`)."""
     if isinstance(model, (LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration)):
         return llava_next_inputs(model, batch, prompt_len, seed, pad)
     if isinstance(model, TILED_MODELS):
@@ -150,4 +151,8 @@ def tiny_model_inputs(model: nn.Module, batch: int = 1, prompt_len: int = 3, see
     inputs = {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask}
     if isinstance(model, Gemma3ForConditionalGeneration):
         inputs["token_type_ids"] = (input_ids == model.config.image_token_index).long()
+    if isinstance(model, InstructBlipForConditionalGeneration):
+        inputs["qformer_input_ids"], inputs["qformer_attention_mask"] = tiny_instruction(
+            model, batch, seed=seed, pad=pad
+        )
     return inputs
