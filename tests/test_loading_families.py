@@ -102,8 +102,8 @@ def test_unsupported_and_incomplete_folders_are_named(folder):
 
 
 def test_train_commands_read_the_folder(folder, tmp_path):
-    """`finetune` then `train-exits` on the folder: the datasets get the prompt layout (LLaVA) and the Q-Former's
-    tokenizer (InstructBLIP) from the loaded processor, and the fine-tuned folder loads back with its processor."""
+    """`finetune` then `train-exits` on the folder: the datasets get the prompt layout (InstructBLIP's: and the
+    Q-Former's instruction) from the loaded processor, and the fine-tuned folder loads back with its processor."""
     from training_helpers import write_shapes
 
     captions = write_shapes(tmp_path / "data", 8)
@@ -177,12 +177,14 @@ def test_sweep_command_reads_the_folder(folder, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "folder", ["gemma3", "idefics3", "smolvlm", "llava-next-qwen2", "llava-onevision", "internvl-qwen2"], indirect=True
+    "folder",
+    ["instructblip-llama", "gemma3", "idefics3", "smolvlm", "llava-next-qwen2", "llava-onevision", "internvl-qwen2"],
+    indirect=True,
 )
 def test_eval_and_calibrate_commands_read_the_folder(folder, tmp_path):
-    """The processor's own inputs (Gemma 3's token_type_ids, Idefics3's and SmolVLM's pixel_attention_mask,
-    LLaVA-NeXT's image_sizes, OneVision's batch_num_images too) reach every request of `eval` and `calibrate`
-    (without them Gemma 3's, LLaVA-NeXT's and OneVision's requests are refused)."""
+    """The processor's own inputs (InstructBLIP's instruction, Gemma 3's token_type_ids, Idefics3's and SmolVLM's
+    pixel_attention_mask, LLaVA-NeXT's image_sizes, OneVision's batch_num_images too) reach every request of `eval`
+    and `calibrate` (without them InstructBLIP's, Gemma 3's, LLaVA-NeXT's and OneVision's requests are refused)."""
     import dataset_files as files
 
     EarlyExitVLM(load_vlm(folder / "model").model, ExitConfig([1, 2], init="fresh")).save_exits(tmp_path / "exits")
