@@ -62,7 +62,7 @@ def _static(ee, inputs, runner, monkeypatch, **kw):
     return out
 
 
-@pytest.mark.parametrize("family", ["opt", "llama", "idefics3"])
+@pytest.mark.parametrize("family", ["opt", "llama", "idefics3", "qwen2-vl", "qwen2.5-vl"])
 @pytest.mark.parametrize(("batch", "kv"), [(1, "recompute"), (3, "propagate"), (3, "recompute")])
 def test_graph_safe_backbones_decode_the_same_replaying_frozen_segments(family, batch, kv, monkeypatch):
     """Tokens and exit layers equal the general engine's, and every layer's K/V (the exits' too) equal an eager
@@ -89,8 +89,11 @@ def test_graph_safe_backbones_decode_the_same_replaying_frozen_segments(family, 
         torch.testing.assert_close(a.values[:, :, : a.fill], b.values[:, :, : b.fill])
 
 
-@pytest.mark.parametrize(("family", "config"), [("gemma3", {}), ("mistral", {"sliding_window": 4}), ("qwen2-vl", {})])
+@pytest.mark.parametrize(
+    ("family", "config"),
+    [("gemma3", {}), ("mistral", {"sliding_window": 4}), ("qwen2-vl", {"sliding_window": 3}), ("qwen3-vl", {})],
+)
 def test_backbones_that_cut_windows_on_the_host_are_not_graph_safe(family, config):
-    """Gemma 3's image overlay and sliding windows (Mistral's here) cut the mask by the window start on the host;
-    Qwen-VL finds DeepStack's image slots from it."""
+    """Gemma 3's image overlay and sliding windows (Mistral's, Qwen2-VL's windowed layers here) cut the mask by the
+    window start on the host; Qwen3-VL finds DeepStack's image slots from it."""
     assert not EarlyExitVLM(tiny_model(family, **config), ExitConfig([1])).backbone.graph_safe

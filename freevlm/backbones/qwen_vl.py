@@ -39,7 +39,6 @@ class QwenVLBackbone(RotaryDecoder):
 
     input_names = ("image_grid_thw", "mm_token_type_ids")
     pixel_layout = "patches"
-    graph_safe = False  # DeepStack's image slots are found from the window start on the host (`run_layer`)
 
     def __init__(self, model: nn.Module):
         super().__init__(model, lm=model)  # the whole model owns the head and the generation config
@@ -49,6 +48,12 @@ class QwenVLBackbone(RotaryDecoder):
         # Qwen3-VL: LM layer i gets the i-th DeepStack feature set added at image slots
         levels = len(getattr(self.vision, "deepstack_visual_indexes", None) or ())
         self.deepstack = {layer: i for i, layer in enumerate(self.layers[:levels])}
+
+    @property
+    def graph_safe(self) -> bool:
+        """As the other rotary LMs (positions through the window's slot tensor), but for Qwen3-VL: DeepStack's image
+        slots are found from the window start on the host (`run_layer`)."""
+        return not self.deepstack and super().graph_safe
 
     def stage1_parts(self) -> dict[str, list[nn.Module]]:
         """The tower, its patch mergers (what maps its features into the LM: the projection; Qwen3-VL's DeepStack
