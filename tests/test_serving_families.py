@@ -19,6 +19,8 @@ FAMILIES = [
     "llava-next-qwen2",
     "llava-onevision",
     "qwen2-vl",
+    "qwen2.5-vl",
+    "instructblip-llama",
     "qwen3-vl",
 ]
 
