@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "what color is the square"
 
 
-@pytest.fixture(params=["qwen2-vl", "qwen3-vl"])
+@pytest.fixture(params=["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
 def folder(request, tmp_path):
     model = tiny_model(request.param, seed=3)
     processor = tiny_qwen_vl_processor(model)

@@ -15,7 +15,7 @@ from freevlm.training import CaptionCollator, CaptionDataset, load_coco_captions
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("family", ["qwen2-vl", "qwen3-vl"])
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
 def test_kd_exit_training_lowers_heldout_kl_on_qwen_vl(tmp_path, family):
     """GAN + KD from fresh exits, the final norm sharpened: held-out KL(exit || final) falls, the backbone is
     untouched, and the trained exits decode a prompt laid out as in training."""

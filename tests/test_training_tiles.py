@@ -15,7 +15,7 @@ from freevlm.training import CaptionCollator, CaptionDataset, load_coco_captions
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("family", ["idefics3", "llava-next-qwen2", "llava-onevision"])
+@pytest.mark.parametrize("family", ["idefics3", "smolvlm", "llava-next-qwen2", "llava-onevision"])
 def test_kd_exit_training_lowers_heldout_kl_on_tiled_families(family, tmp_path):
     """Every other image is half as wide (fewer tiles or another grid, so fewer image tokens): a batch's prompts and
     pixel inputs are each image's as the processor gives them alone; GAN + KD from fresh exits lowers held-out
