@@ -155,8 +155,8 @@ class CaptionDataset(Dataset):
         self.prompts: list[str] = []  # as given to the tokenizer, the image at its placeholder
         self.prompt_ids: list[list[int]] = []
         self.target_ids: list[list[int]] = []
+        expands = model_type in EXPANDS_IMAGE_TOKEN  # the prompt names where the image goes (not InstructBLIP's)
         for r in records:
-            expands = model_type in EXPANDS_IMAGE_TOKEN
             prompt = prompt_with_image(self.processor, model_config, r.prompt) if expands else r.prompt
             prompt_ids, target_ids = self._tokenize(tokenizer, prompt, r.target)
             target_ids = target_ids + ([eos] if eos is not None else [])
