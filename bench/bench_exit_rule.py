@@ -1,10 +1,11 @@
 """Exits against the full model at a fixed number of requests in flight (a closed loop), for the exit rule.
 
     cd bench && PYTHONPATH=.. python bench_exit_rule.py [--concurrency 1 2 4 10] [--repeats 2] [--thresholds 0.5 0.6]
+        [--kv recompute propagate]
 
 Poisson arrivals (`bench_serving.py`) mix loads within a run and their short runs are noisy on a shared machine;
 here the scheduler always holds `K` requests (a new one is submitted as one finishes), the same requests for every
-run, and the full model and each threshold take turns, `--repeats` times after a warm-up, so machine drift hits
+run, and the full model and each threshold (at each `--kv` mode) take turns, `--repeats` times after a warm-up, so machine drift hits
 them alike. Prints the median tokens per CPU second (image encoder and prompt included) and each threshold's ratio
 to the full model. The model is the demo's when its cache is there (FREEVLM_CACHE), else a random one of its size.
 """
@@ -21,14 +22,14 @@ from bench_serving import model_and_requests
 from freevlm.serving import Scheduler
 
 
-def tokens_per_cpu_second(ee, requests, concurrency: int, threshold: float, eos) -> float:
+def tokens_per_cpu_second(ee, requests, concurrency: int, threshold: float, eos, kv: str = "recompute") -> float:
     scheduler = Scheduler(ee, max_batch=max(concurrency, 1), max_len=128)
     pending, handles = list(requests), []
     start = time.process_time()
     while True:
         while pending and scheduler.running + scheduler.waiting < concurrency:
             _, pv, ids, n = pending.pop(0)
-            handles.append(scheduler.submit(pv, ids, max_new_tokens=n, threshold=threshold, eos_token_id=eos))
+            handles.append(scheduler.submit(pv, ids, max_new_tokens=n, threshold=threshold, eos_token_id=eos, kv=kv))
         if not scheduler.step() and not pending:
             break
     return sum(len(h.result().tokens) for h in handles) / (time.process_time() - start)
@@ -40,20 +41,24 @@ def main() -> None:
     parser.add_argument("--thresholds", type=float, nargs="+", help="default: 0.5 0.6 on the demo, 0.1 at random")
     parser.add_argument("--requests", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--kv", nargs="+", choices=("recompute", "propagate"), default=["recompute"])
     args = parser.parse_args()
     torch.set_num_threads(1)
     ee, name, requests, demo = model_and_requests(args.requests, (24, 24), seed=7, random_lengths=(4, 24))
     eos, thresholds = (None, args.thresholds or [0.5, 0.6]) if demo else ([], args.thresholds or [0.1])
     print(f"{name}: {args.requests} requests, median of {args.repeats} turns, tokens per CPU second")
     for concurrency in args.concurrency:
-        runs = {1.0: [], **{t: [] for t in thresholds}}
+        runs = {(1.0, "recompute"): [], **{(t, kv): [] for t in thresholds for kv in args.kv}}
         for turn in range(args.repeats + 1):  # the first turn warms up
-            for threshold, speeds in runs.items():
-                speed = tokens_per_cpu_second(ee, requests, concurrency, threshold, eos)
+            for (threshold, kv), speeds in runs.items():
+                speed = tokens_per_cpu_second(ee, requests, concurrency, threshold, eos, kv)
                 if turn:
                     speeds.append(speed)
-        full = statistics.median(runs[1.0])
-        ratios = "  ".join(f"@{t}: {statistics.median(runs[t]) / full:.2f}x" for t in thresholds)
+        full = statistics.median(runs[1.0, "recompute"])
+        ratios = "  ".join(
+            f"@{t}{'' if kv == 'recompute' else ' ' + kv}: {statistics.median(runs[t, kv]) / full:.2f}x"
+            for t, kv in list(runs)[1:]
+        )
         print(f"  {concurrency:2d} in flight: full {full:6.1f}  exits / full {ratios}")
 
 

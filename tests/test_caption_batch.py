@@ -55,10 +55,11 @@ def caption(files, capsys, images) -> tuple[list[str], str]:
     return ["\n".join(p) for p in per_image], summary
 
 
-def test_each_alone_gives_what_generate_gives_each_prompt_alone(files):
+@pytest.mark.parametrize("kv", ["recompute", "propagate"])
+def test_each_alone_gives_what_generate_gives_each_prompt_alone(files, kv):
     bundle = load_vlm(files["backbone"])
     ee = load_exits(bundle.model, files["exits"])
-    config = DecodeConfig(threshold=THRESHOLD, max_new_tokens=MAX_TOKENS)
+    config = DecodeConfig(threshold=THRESHOLD, max_new_tokens=MAX_TOKENS, kv=kv)
     images = [Image.open(path).convert("RGB") for path in files["images"]]
     requests = [bundle.inputs([image], [""]) for image in images]
     alone = []

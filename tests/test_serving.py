@@ -50,7 +50,7 @@ def _alone(ee, pv, ids, **options):
 def _scenario(ee, mixed, seed: int, count: int = 7):
     """Requests with random arrival steps, prompts, thresholds, lengths, EOS, stop sequences and cancellations,
     each with what it must get (from `generate` alone)."""
-    rng = random.Random(seed)
+    rng, kv_rng = random.Random(seed), random.Random(-seed)  # kv drawn apart: the other draws stay as they were
     requests = []
     for i in range(count):
         pv, ids, _ = tiny_inputs(ee.model, batch=1, prompt_len=rng.randint(1, 6), seed=seed * 100 + i)
@@ -58,6 +58,7 @@ def _scenario(ee, mixed, seed: int, count: int = 7):
             max_new_tokens=rng.randint(1, 10),
             threshold=rng.choice([0.0, 1.0, *[rng.choice(mixed) for _ in range(4)]]),
             mode=rng.choice(["early_exit"] * 4 + ["full"]),
+            kv=kv_rng.choice(["recompute", "propagate"]),
             eos_token_id=[],
         )
         tokens, layers = _alone(ee, pv, ids, **options)
@@ -115,6 +116,36 @@ def test_every_request_decodes_as_alone(ee, mixed, seed, exit_rule, monkeypatch)
     assert exits_taken, "no request left early: the test would not see a wrong exit rule"
     if exit_rule != "ride_along":
         assert scheduler.engine.parks > 0, "no step parked a token: the test would not see a wrong resumption"
+
+
+# Prompts (seed) and thresholds at which kv="propagate" gives other tokens or exit layers than "recompute" alone
+# (found by a sweep, as MIXED): a scheduler that ignored kv, or filled the deeper K/V otherwise, fails on them.
+PROPAGATE_DIFFERS = {"opt": [(40, 0.1), (43, 0.2), (46, 0.15)], "llama": [(40, 0.05), (42, 0.1), (46, 0.05)]}
+
+
+@pytest.mark.parametrize("exit_rule", ["park", "ride_along"])
+def test_rows_at_kv_propagate_decode_as_alone(ee, mixed, exit_rule):
+    """Rows at kv="propagate" beside rows at "recompute": each gets what `generate` gives it alone with its kv."""
+    family = ee.backbone.family if ee.backbone.family != "llava" else "llama"
+    if family not in PROPAGATE_DIFFERS:
+        pytest.skip("T5's tokens all leave at one layer per threshold here: propagate changes nothing to see")
+    scheduler = Scheduler(ee, max_batch=3, max_len=40, exit_rule=exit_rule)
+    cases = [(seed, threshold, "propagate") for seed, threshold in PROPAGATE_DIFFERS[family]]
+    cases += [(50, mixed[0], "recompute"), (51, mixed[-1], "recompute")]
+    expected, handles, differs = [], [], 0
+    for seed, threshold, kv in cases:
+        pv, ids, _ = tiny_inputs(ee.model, batch=1, prompt_len=3, seed=seed)
+        options = dict(max_new_tokens=16, threshold=threshold, eos_token_id=[], kv=kv)
+        expected.append(_alone(ee, pv, ids, **options))
+        differs += kv == "propagate" and expected[-1] != _alone(ee, pv, ids, **{**options, "kv": "recompute"})
+        handles.append(scheduler.submit(pv, ids, **options))
+        scheduler.step()
+    scheduler.run_until_idle()
+    assert differs == len(PROPAGATE_DIFFERS[family]), "propagate gives what recompute gives: the test would not see"
+    for handle, (tokens, layers) in zip(handles, expected):
+        result = handle.result(timeout=0)
+        assert (result.tokens, result.exit_layers) == (tokens, layers)
+    assert scheduler.engine.projected_slot_layers > 0
 
 
 @pytest.mark.parametrize("rows", [1, 3])
@@ -262,7 +293,7 @@ def test_options_refused_at_submission(ee):
         "threshold": dict(threshold=1.5),
         "max_new_tokens": dict(max_new_tokens=0),
         "mode": dict(mode="speculative"),
-        "kv": dict(kv="propagate"),
+        "kv": dict(kv="exact"),
         "num_beams": dict(num_beams=2),
         "unknown option": dict(temprature=0.5),
     }

@@ -74,7 +74,7 @@ def caption(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else (bundle.prompt or "")
     config = DecodeConfig(max_new_tokens=args.max_new_tokens, threshold=args.threshold, mode=args.mode, kv=args.kv)
     start = time.perf_counter()
-    if len(images) > 1 and args.mode in ("full", "early_exit") and args.kv == "recompute":
+    if len(images) > 1 and args.mode in ("full", "early_exit"):
         answers = each_alone(ee, [bundle.inputs([image], [prompt]) for image in images], config)
     else:
         out = ee.generate(**bundle.inputs(images, [prompt] * len(images)), config=config)

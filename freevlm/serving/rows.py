@@ -13,8 +13,9 @@ Every row reads every live exit it reaches and leaves at the first one its own t
 alone; what the step did not run for a token (layers above where it stopped) is caught up exactly at the next step
 that goes deeper, as in the engines of `freevlm.decoding` (`kv="recompute"`): the states that stopped are kept
 (`pending`) and join the window at the depth where they stopped. A gate that stops consulting exits would change
-rows' exit layers, so there is none. What the exit rule decides is only which rows a layer runs and how far a step
-climbs (`exit_rule`):
+rows' exit layers, so there is none. A row at `kv="propagate"` has a leaving token's deeper K/V projected from its
+state at the exit instead (`_propagate`), so nothing of it waits to be caught up. What the exit rule decides is
+only which rows a layer runs and how far a step climbs (`exit_rule`):
 
 - `ride_along`: a step climbs until every row's token is out; a row that left rides along while a deeper row
   climbs (its deeper K/V filled on the way). A mixed batch then runs as deep as its deepest row at every step.
@@ -91,14 +92,19 @@ class RowView:
             self.memo[heads] = where.flatten()
         return self.memo[heads]
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        kv, seen = self.kv, slice(0, self.key_length)
+    def write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """K/V `[query rows, heads, w, head_dim]` at each query row's slots."""
+        kv = self.kv
         if kv.keys is None:  # allocated once, at the first write (heads and head size come from the layer)
             shape = (kv.rows, key_states.shape[1], kv.slots + 1, key_states.shape[3])
             kv.keys, kv.values = key_states.new_zeros(shape), value_states.new_zeros(shape)
         where, width = self._where(key_states.shape[1]), key_states.shape[3]
         kv.keys.view(-1, width).index_copy_(0, where, key_states.reshape(-1, width))
         kv.values.view(-1, width).index_copy_(0, where, value_states.reshape(-1, width))
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.write(key_states, value_states)
+        kv, seen = self.kv, slice(0, self.key_length)
         if isinstance(self.rows, slice):
             return kv.keys[self.rows, :, seen], kv.values[self.rows, :, seen]
         return kv.keys[:, :, seen].index_select(0, self.rows), kv.values[:, :, seen].index_select(0, self.rows)
@@ -174,6 +180,7 @@ class RowEngine:
         self.exit_fill = {i: [0] * max_rows for i in self.exit_kv}
         self.active = [False] * max_rows  # takes part in steps
         self.may_exit = [False] * max_rows
+        self.propagate = [False] * max_rows  # kv="propagate": a token that leaves fills the deeper K/V at once
         self.threshold = torch.ones(max_rows, device=device)
         self.first_input: dict[int, torch.Tensor] = {}  # row -> [H] its last prompt slot's input, for its first step
         self.prompts: dict[int, tuple[Context, torch.Tensor, int]] = {}  # row -> (ctx, prompt embeds, slots encoded)
@@ -187,15 +194,18 @@ class RowEngine:
         self.slot_layers = 0  # (slot, layer) pairs run by steps, exit layers included: the work, catch-up and all
         self.catchup_slots = 0  # slot-layers run for tokens that stopped early at an earlier step
         self.kv_only_slot_layers = 0  # of the slot-layers, those that computed only K/V (`Backbone.run_layer_at`)
+        self.projected_slot_layers = 0  # (slot, layer) K/V projected from an exit's state (kv="propagate")
 
     # --- rows joining and leaving ---------------------------------------------------------------------------------
-    def join(self, row: int, ctx: Context, threshold: float, may_exit: bool) -> None:
-        """Row `row` takes request `ctx` (batch 1, no padding); its prompt is encoded by `prefill`."""
+    def join(self, row: int, ctx: Context, threshold: float, may_exit: bool, kv: str = "recompute") -> None:
+        """Row `row` takes request `ctx` (batch 1, no padding); its prompt is encoded by `prefill`. `kv` as in
+        `DecodeConfig`: "propagate" fills a leaving token's deeper K/V from its state at the exit (`_propagate`)."""
         if self.active[row] or row in self.prompts:
             raise ValueError(f"row {row} is taken")
         self.backbone.join_row(self.rows_ctx, row, ctx)
         self.prompts[row] = (ctx, self.backbone.embed_prompt(ctx), 0)
         self.may_exit[row] = may_exit
+        self.propagate[row] = kv == "propagate"
         self.threshold[row] = threshold
 
     def prefill(self, rows: list[int], budget: int) -> dict[int, torch.Tensor]:
@@ -390,15 +400,18 @@ class RowEngine:
                 if left[i]:
                     done[r], exit_at[r] = True, last
             logits = self._merge(logits, exit_logits, work, left, n)
+            projected = {r for i, r in enumerate(work) if left[i] and self.propagate[r]}
+            if projected:
+                self._propagate(last, states, pack, projected)
             if self.exit_rule == "park" and any(left):  # a token out now keeps its state here for later steps
-                self._park(states, pack, {r for i, r in enumerate(work) if left[i]})
+                self._park(states, pack, {r for i, r in enumerate(work) if left[i]} - projected)
             if last == live[0] and fresh:
                 share = sum(1 for r in fresh if done[r]) / len(fresh)
                 self.first_exit_rate += 0.2 * (share - self.first_exit_rate)
             if all(done) or not self._climb_on(last, done, live):
                 climbing = {r for r in rows if not done[r]}
                 self.parks += bool(climbing)
-                self._park(states, pack, climbing if self.exit_rule == "park" else set(work))
+                self._park(states, pack, climbing if self.exit_rule == "park" else set(work) - projected)
                 self._stopped(done)
                 return StepOutput(logits, exit_at, done)
         top = [r for r in rows if not done[r]]
@@ -411,10 +424,15 @@ class RowEngine:
     def _work(self, first: int, done: list[bool], active: list[bool], position: list[int]) -> list[int]:
         """The rows a segment from layer `first` runs: those with slots to fill there (a token parked deeper has
         none below where it waits). Riding along, rows that left go on with the others; parking, they are out of
-        the deeper layers' batch, their skipped layers caught up when a later token of theirs goes deeper."""
+        the deeper layers' batch, their skipped layers caught up when a later token of theirs goes deeper. A row at
+        kv="propagate" never rides along: its deeper K/V are the projections of its state at the exit."""
         fill = self.fill[first]
         ride = self.exit_rule == "ride_along"
-        return [r for r, a in enumerate(active) if a and (ride or not done[r]) and position[r] + 1 > fill[r]]
+        return [
+            r
+            for r, a in enumerate(active)
+            if a and ((ride and not self.propagate[r]) or not done[r]) and position[r] + 1 > fill[r]
+        ]
 
     def _pack(self, x: torch.Tensor, first: int, work: list[int], position: list[int]) -> _Pack:
         """The slots the rows in `work` fill in this segment (from the segment's fill level to the row's new slot),
@@ -547,6 +565,32 @@ class RowEngine:
         joins = (slots >= lo) & (slots < hi)
         kept = self.pending[: len(rows)].gather(1, slots.clamp(min=0)[..., None].expand(-1, -1, x.shape[-1]))
         return torch.where(joins[..., None], kept, x)
+
+    def _propagate(self, depth: int, states: torch.Tensor, pack: _Pack, rows: set[int]) -> None:
+        """Tokens of `rows` (kv="propagate") left at exit `depth`: every deeper layer's and exit layer's K/V at their
+        slot are projected from their state there, as `generate` does (`Backbone.kv_projections`: one stacked
+        matmul where the family allows), so nothing of theirs is pending. A row at propagate has one slot in a
+        pack (nothing of it is ever caught up)."""
+        items = [i for i in pack.last if pack.rows[i] in rows]
+        ids = [pack.rows[i] for i in items]
+        device = states.device
+        row_ids, slots = torch.tensor(ids, device=device), pack.slots[items]
+        hidden = states[items]
+        ctx = self.backbone.window_context(self.rows_ctx, slots, row_ids)
+        caches = list(self.kv[depth:])
+        out = self.backbone.kv_projections(list(self.backbone.layers), depth, hidden, ctx, None, 0)
+        deeper = [i for i in self.exit_kv if i > depth]
+        if deeper:
+            exit_layers = [self.exits[i].layer for i in self.exit_kv]
+            caches += [self.exit_kv[i] for i in deeper]
+            out += self.backbone.kv_projections(exit_layers, len(exit_layers) - len(deeper), hidden, ctx, None, 0)
+        memo: dict = {}
+        for cache, (keys, values) in zip(caches, out):
+            RowView(cache, slots, row_ids, 0, memo=memo).write(keys, values)
+        for fill in [*self.fill[depth:], *(self.exit_fill[i] for i in deeper)]:
+            for r in ids:
+                fill[r] = self.position[r] + 1
+        self.projected_slot_layers += len(ids) * len(caches)
 
     def _park(self, states: torch.Tensor, pack: _Pack, keep: set[int]) -> None:
         """Keep the packed states of the rows in `keep` (at the depth the step reached) for the layers above; a

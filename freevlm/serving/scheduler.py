@@ -131,7 +131,6 @@ class Scheduler:
         unsupported = {
             "num_beams": (config.num_beams == 1, "the scheduler decodes one hypothesis per request (num_beams=1)"),
             "mode": (config.mode in ("full", "early_exit"), "the scheduler runs mode 'full' or 'early_exit'"),
-            "kv": (config.kv == "recompute", "the scheduler keeps caches exact: kv='recompute' only"),
             "policy": (config.policy is None, "the scheduler's rows leave by their threshold: no custom policy"),
             "return_engine": (not config.return_engine, "requests share the scheduler's engine: no return_engine"),
             "batch_policy": (config.batch_policy == "auto", "its exit rule moves the rows: batch_policy='auto'"),
@@ -315,7 +314,7 @@ class Scheduler:
                 continue
             try:  # a row the engine cannot take (T5: an encoder input longer than its rows') fails this request alone
                 may_exit = request.config.mode == "early_exit" and request.config.threshold < 1.0
-                self.engine.join(free[0], ctx, request.config.threshold, may_exit)
+                self.engine.join(free[0], ctx, request.config.threshold, may_exit, request.config.kv)
             except ValueError as err:
                 request.handle._finish("error", err)
                 continue
