@@ -5,9 +5,10 @@
 
 Poisson arrivals (`bench_serving.py`) mix loads within a run and their short runs are noisy on a shared machine;
 here the scheduler always holds `K` requests (a new one is submitted as one finishes), the same requests for every
-run, and the full model and each threshold (at each `--kv` mode) take turns, `--repeats` times after a warm-up, so machine drift hits
-them alike. Prints the median tokens per CPU second (image encoder and prompt included) and each threshold's ratio
-to the full model. The model is the demo's when its cache is there (FREEVLM_CACHE), else a random one of its size.
+run, and the full model and each threshold (at each `--kv` mode) take turns, `--repeats` times after a warm-up, so
+machine drift hits them alike. Prints the median tokens per CPU second (image encoder and prompt included) and
+each threshold's ratio to the full model. The model is the demo's when its cache is there (FREEVLM_CACHE), else a
+random one of its size; `--exits` picks which of its trained exits are consulted.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import statistics
 import time
 
 import torch
-from bench_serving import model_and_requests
+from bench_serving import EXITS, model_and_requests
 
 from freevlm.serving import Scheduler
 
@@ -42,9 +43,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--kv", nargs="+", choices=("recompute", "propagate"), default=["recompute"])
+    parser.add_argument("--exits", type=int, nargs="+", default=EXITS, help="the exits consulted (trained ones)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    ee, name, requests, demo = model_and_requests(args.requests, (24, 24), seed=7, random_lengths=(4, 24))
+    ee, name, requests, demo = model_and_requests(args.requests, (24, 24), 7, (4, 24), args.exits)
     eos, thresholds = (None, args.thresholds or [0.5, 0.6]) if demo else ([], args.thresholds or [0.1])
     print(f"{name}: {args.requests} requests, median of {args.repeats} turns, tokens per CPU second")
     for concurrency in args.concurrency:

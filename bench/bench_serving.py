@@ -70,15 +70,16 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
-def demo_model(cache: Path):
-    """The demo's trained backbone and its FREE exits at the demo's layers, or None when the cache has none."""
+def demo_model(cache: Path, exits_at: list[int] = EXITS):
+    """The demo's trained backbone and its FREE exits at `exits_at` (default: the demo's layers), or None when the
+    cache has none."""
     from freevlm.loading import load_exits, load_vlm
 
     for exits in sorted(cache.glob("backbone-opt-*-exits-free_candidates-*/exits")):
         backbone = Path(str(exits.parent).split("-exits-")[0])
         bundle = load_vlm(backbone)
-        ee = exits_subset(load_exits(bundle.model, exits), EXITS)
-        return bundle, ee, f"the demo's trained model ({backbone.name}, exits {EXITS})"
+        ee = exits_subset(load_exits(bundle.model, exits), exits_at)
+        return bundle, ee, f"the demo's trained model ({backbone.name}, exits {exits_at})"
     return None
 
 
@@ -108,18 +109,20 @@ def random_workload(model, count: int, rate: float, lengths: tuple[int, int], se
     return out
 
 
-def model_and_requests(count: int, lengths: tuple[int, int], seed: int, random_lengths=None) -> tuple:
+def model_and_requests(
+    count: int, lengths: tuple[int, int], seed: int, random_lengths=None, exits_at: list[int] = EXITS
+) -> tuple:
     """(ee, name, requests, demo): the demo's trained model and `count` requests of its test images
     (`demo_workload`) when its cache is there (`demo` True), else a random opt-demo with random prompts
     (`random_workload`, answer lengths `random_lengths`, default `lengths`); requests arrive at rate 1."""
-    demo = demo_model(default_cache())
+    demo = demo_model(default_cache(), exits_at)
     if demo is not None:
         bundle, ee, name = demo
         return ee, name, demo_workload(bundle, count, 1.0, lengths, seed), True
     model = big_blip2("opt-demo")
-    ee = EarlyExitVLM.from_backbone(model, ExitConfig(EXITS))
+    ee = EarlyExitVLM.from_backbone(model, ExitConfig(exits_at))
     requests = random_workload(model, count, 1.0, random_lengths or lengths, seed)
-    return ee, f"a random opt-demo (exits {EXITS})", requests, False
+    return ee, f"a random opt-demo (exits {exits_at})", requests, False
 
 
 def run_continuous(

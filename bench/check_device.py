@@ -9,8 +9,8 @@ under a random mixed schedule, both KV modes, and on CUDA its graphs were captur
 replay mismatch turned them off); and through the continuous-batching scheduler, requests arriving at random steps
 with random prompt lengths, thresholds (exits taken or not) and lengths, some with stop sequences, some cancelled
 mid-answer, some with two images (Gemma 3, InternVL), each get the tokens, exit layers and finish reason `generate`
-gives them alone at batch 1. Prints one line per check and a total; exits 1 on any failure. The default families
-take ~17-21 s on our CPU.
+gives them alone at batch 1, and on CUDA the scheduler's graphs (per layers and row bucket) were captured and kept.
+Prints one line per check and a total; exits 1 on any failure. The default families take ~17-21 s on our CPU.
 
     python bench/check_device.py [--device cuda] [--families opt t5 llama idefics3 gemma3 internvl-qwen2 ...]
 """
@@ -61,13 +61,14 @@ def several_images(ee: EarlyExitVLM, prompt_len: int, seed: int) -> dict | None:
     return inputs
 
 
-def scheduler_mismatches(ee: EarlyExitVLM, device: str, seed: int, count: int = 8) -> tuple[list[str], int]:
+def scheduler_mismatches(ee: EarlyExitVLM, device: str, seed: int, count: int = 8) -> tuple[list[str], int, object]:
     """Requests arriving at random steps (3 rows for `count` requests, so some wait and join a running batch), each
     with a random prompt length, threshold and length, through the scheduler, in turn: plain; with a stop sequence
     (two tokens of its answer: it must end where they first appear, finish reason "stop"); cancelled mid-answer (it
     must end with the tokens it had, "cancelled", its row freed); with two images where the family takes several
     (else plain). Returns which of them did not get what `generate` gives them alone (tokens, exit layers, finish
-    reason), and how many of their tokens left early (0: the check would see no exit)."""
+    reason), how many of their tokens left early (0: the check would see no exit), and the scheduler's segment
+    runner (its CUDA graphs, where the backbone is `graph_safe`)."""
     rng = random.Random(seed)
     kinds = ["plain", "stop", "cancel", "images"]
     requests = []
@@ -113,7 +114,7 @@ def scheduler_mismatches(ee: EarlyExitVLM, device: str, seed: int, count: int = 
         if result is None or (result.tokens, result.exit_layers, result.finish_reason) != expected:
             wrong.append(f"{i} ({kind})")
     early = sum(layer < ee.backbone.num_layers for *_, (_, layers, _) in requests for layer in layers)
-    return wrong, early
+    return wrong, early, scheduler.engine.runner
 
 
 def main() -> int:
@@ -191,11 +192,19 @@ def main() -> int:
                     )
         kinds = "stop sequences, cancellations" + (", two images" if isinstance(ee.backbone, ImageGroups) else "")
         for seed in (1, 2):
-            wrong, early = scheduler_mismatches(ee, args.device, seed)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                wrong, early, runner = scheduler_mismatches(ee, args.device, seed)
             check(
                 f"scheduler (seed {seed}): every request as alone ({kinds}), {early} tokens left early {wrong or ''}",
                 not wrong and early > 0,
             )
+            if args.device.startswith("cuda") and ee.backbone.graph_safe:
+                fallback = [str(w.message) for w in caught if "CUDA graph" in str(w.message)]
+                check(
+                    f"scheduler (seed {seed}): ran {len(runner.graphs)} captured CUDA graphs {fallback or ''}",
+                    runner.enabled and bool(runner.graphs) and not fallback,
+                )
     print(f"{checks - len(failures)}/{checks} checks passed")
     return 1 if failures else 0
 

@@ -37,13 +37,13 @@ def test_check_device_passes_on_the_cpu():
 def test_the_scheduler_check_sees_requests_that_leave_otherwise(monkeypatch):
     check_device = load_check_device()
     ee = EarlyExitVLM.from_backbone(tiny_model("opt", seed=0), ExitConfig([1, 2]))
-    wrong, early = check_device.scheduler_mismatches(ee, "cpu", seed=1)
+    wrong, early, _ = check_device.scheduler_mismatches(ee, "cpu", seed=1)
     assert not wrong and early > 0
     submit = Scheduler.submit
     monkeypatch.setattr(
         Scheduler, "submit", lambda self, *args, **options: submit(self, *args, **options | {"threshold": 1.0})
     )
-    wrong, _ = check_device.scheduler_mismatches(ee, "cpu", seed=1)
+    wrong, *_ = check_device.scheduler_mismatches(ee, "cpu", seed=1)
     assert wrong, "a scheduler whose rows never leave early passed the check"
 
 
@@ -55,7 +55,7 @@ def test_the_scheduler_check_sees_a_cancellation_or_stop_sequence_ignored(monkey
         monkeypatch.setattr(Handle, "cancel", lambda self: None)
     else:
         monkeypatch.setattr(scheduler, "_check_stop", lambda stop: ())
-    wrong, _ = check_device.scheduler_mismatches(ee, "cpu", seed=1)
+    wrong, *_ = check_device.scheduler_mismatches(ee, "cpu", seed=1)
     assert wrong and all(w.endswith(f"({kind})") for w in wrong), wrong
 
 
@@ -64,11 +64,11 @@ def test_the_scheduler_check_sees_a_requests_images_out_of_order(monkeypatch):
     (The tiny InternVL's answers hardly depend on its images: swapped, 2 in 10 change.)"""
     check_device = load_check_device()
     ee = EarlyExitVLM.from_backbone(tiny_model("gemma3", seed=0), ExitConfig([1, 2]))
-    wrong, _ = check_device.scheduler_mismatches(ee, "cpu", seed=1)
+    wrong, *_ = check_device.scheduler_mismatches(ee, "cpu", seed=1)
     assert not wrong
     submit = Scheduler.submit
     monkeypatch.setattr(
         Scheduler, "submit", lambda self, pixel_values, *a, **o: submit(self, pixel_values.flip(0), *a, **o)
     )
-    wrong, _ = check_device.scheduler_mismatches(ee, "cpu", seed=1)
+    wrong, *_ = check_device.scheduler_mismatches(ee, "cpu", seed=1)
     assert wrong and all(w.endswith("(images)") for w in wrong), wrong

@@ -15,7 +15,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.decoding import static
-from freevlm.tiny import tiny_model, tiny_model_inputs
+from freevlm.serving import Scheduler
+from freevlm.tiny import tiny_inputs, tiny_model, tiny_model_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -97,3 +98,49 @@ def test_backbones_that_cut_windows_on_the_host_are_not_graph_safe(family, confi
     """Gemma 3's image overlay and sliding windows (Mistral's, Qwen2-VL's windowed layers here) cut the mask by the
     window start on the host; Qwen3-VL finds DeepStack's image slots from it."""
     assert not EarlyExitVLM(tiny_model(family, **config), ExitConfig([1])).backbone.graph_safe
+
+
+def _schedule(ee, thresholds: list[float], frozen: bool) -> tuple[Scheduler, list]:
+    scheduler = Scheduler(ee, max_batch=5, max_len=40, prefill_chunk=3)  # prompts join over several steps
+    if frozen:
+        scheduler.engine.runner = FrozenReplay(True)
+    handles = []
+    for i, threshold in enumerate(thresholds):
+        pv, ids, _ = tiny_inputs(ee.model, batch=1, prompt_len=2 + i, seed=60 + i)
+        options = dict(max_new_tokens=6 + 3 * i, threshold=threshold, eos_token_id=[])
+        handles.append((scheduler.submit(pv, ids, **options), pv, ids, options))
+        scheduler.step()
+        scheduler.step()
+    scheduler.run_until_idle()
+    return scheduler, handles
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_scheduler_replaying_frozen_plain_segments_decodes_as_alone(family):
+    """The continuous batcher's plain segments (every row's new slot) through `FrozenReplay`, one function per
+    (layers, row bucket) whatever the rows' slots: each request still gets what `generate` gives it alone, with rows
+    joining (their prompts over several steps, in rows a padded bucket covers), leaving early and finishing at
+    different steps, so the buckets and the rows' slots change under it; and every K/V buffer ends as eagerly (a
+    padded row writes nowhere a query reads)."""
+    model = tiny_model(family, seed=5, num_layers=6)
+    ee = EarlyExitVLM.from_backbone(model, ExitConfig([1, 3]))
+    with torch.no_grad():  # sharper logits: confident exits
+        ee.backbone.final_norm_modules()[0].mul_(6)
+    thresholds = {"opt": [1.0, 0.1, 0.15, 0.2, 1.0], "llama": [1.0, 0.05, 0.1, 0.05, 1.0]}[family]
+    frozen, handles = _schedule(ee, thresholds, frozen=True)
+    eager, _ = _schedule(ee, thresholds, frozen=False)
+    for handle, pv, ids, options in handles:
+        out = ee.generate(pv, ids, **options)
+        layers = out.exit_layers[0].tolist()
+        assert (handle.result().tokens, handle.result().exit_layers) == (
+            out.sequences[0, -len(layers) :].tolist(),
+            layers,
+        )
+    assert any(layer < 6 for h, *_ in handles for layer in h.result().exit_layers), "no early exit: segments alike"
+    assert len({key[2] for key in frozen.engine.runner.captured}) >= 3, "too few row buckets to see"
+    slots = slice(0, frozen.max_len)  # the trash slot past them is never read
+    for a, b in zip(
+        [*frozen.engine.kv, *frozen.engine.exit_kv.values()], [*eager.engine.kv, *eager.engine.exit_kv.values()]
+    ):
+        torch.testing.assert_close(a.keys[:, :, slots], b.keys[:, :, slots])
+        torch.testing.assert_close(a.values[:, :, slots], b.values[:, :, slots])

@@ -42,6 +42,7 @@ from torch import nn
 
 from ..backbones.base import Backbone, Context
 from ..decoding.policies import max_probability
+from ..decoding.static import SegmentRunner
 
 EXIT_RULES = ("park", "ride_along")
 KEY_BUCKET = 16  # a window reads its rows' key slots up to the deepest one, rounded up to this (few mask shapes)
@@ -158,6 +159,7 @@ class RowEngine:
         max_prompt: int,
         exit_rule: str = EXIT_RULES[0],
         max_wait: int = 4,
+        graphs: bool = False,
     ):
         if exit_rule not in EXIT_RULES:
             raise ValueError(f"exit_rule must be one of {EXIT_RULES}, got {exit_rule!r}")
@@ -190,6 +192,7 @@ class RowEngine:
         self.calls_to = {i: i + sum(1 for j in layered if j <= i) for i in exits}
         self.calls_above = {i: self.num_layers - i + sum(1 for j in layered if j > i) for i in exits}
         self.first_exit_rate = 0.5  # running share of new tokens that leave at the first exit
+        self.runner = SegmentRunner(graphs)  # CUDA graphs of plain segments, per (layers, row bucket): `_plain`
         self.steps = self.layer_calls = self.exit_calls = self.parks = 0
         self.slot_layers = 0  # (slot, layer) pairs run by steps, exit layers included: the work, catch-up and all
         self.catchup_slots = 0  # slot-layers run for tokens that stopped early at an earlier step
@@ -461,20 +464,25 @@ class RowEngine:
     def _layers(self, first: int, last: int, x, pack: _Pack, active) -> tuple[torch.Tensor, torch.Tensor]:
         """LM layers `first..last-1` over the packed slots (every layer of a segment is filled to the same slot):
         the window with their new states, and those states `[m, 1, H]`. The last layer's output is read only at
-        the new slots (the final head), so caught-up slots get only their K/V there (`Backbone.run_layer_at`)."""
+        the new slots (the final head), so caught-up slots get only their K/V there (`Backbone.run_layer_at`).
+        Every row's new slot and nothing else (a plain segment) replays a CUDA graph where graphs are on."""
         n, width, hidden = x.shape
         plain = width == 1 and len(pack.rows) == n and isinstance(pack.selector, slice)  # each row's new slot
         states = x if plain else x.reshape(n * width, hidden).index_select(0, pack.flat)[:, None]
         flat, touched = pack.flat, set(pack.rows)
+        if plain and self.runner.enabled:
+            states = self._plain(first, last, states, pack.slots)
+        else:
+            for depth in range(first, last):
+                view = RowView(self.kv[depth], pack.slots, pack.selector, pack.key_length, memo=pack.memo)
+                layer = self.backbone.layers[depth]
+                if depth == self.num_layers - 1 and len(pack.rows) > len(pack.last):
+                    states = self.backbone.run_layer_at(layer, states, pack.ctx, view, pack.mask, pack.last_items)
+                    flat = pack.flat[pack.last_items]
+                    self.kv_only_slot_layers += len(pack.rows) - len(pack.last)
+                else:
+                    states = self.backbone.run_layer(layer, states, pack.ctx, view, pack.mask, None)
         for depth in range(first, last):
-            view = RowView(self.kv[depth], pack.slots, pack.selector, pack.key_length, memo=pack.memo)
-            layer = self.backbone.layers[depth]
-            if depth == self.num_layers - 1 and len(pack.rows) > len(pack.last):
-                states = self.backbone.run_layer_at(layer, states, pack.ctx, view, pack.mask, pack.last_items)
-                flat = pack.flat[pack.last_items]
-                self.kv_only_slot_layers += len(pack.rows) - len(pack.last)
-            else:
-                states = self.backbone.run_layer(layer, states, pack.ctx, view, pack.mask, None)
             fill = self.fill[depth]
             for r in touched:
                 fill[r] = self.position[r] + 1
@@ -484,6 +492,34 @@ class RowEngine:
             return states, states
         x = x.reshape(n * width, hidden).index_copy(0, flat, states[:, 0]).view(n, width, hidden)
         return x, states
+
+    def _plain(self, first: int, last: int, states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Layers `first..last-1` over every row's new slot (`states [n, 1, H]` at `slots [n, 1]`) as one captured
+        CUDA graph per (layers, row bucket): rows padded up to a power of two (at most `max_rows`) whose K/V go to
+        the trash slot, every key slot read under the mask, so the shapes are the bucket's whatever the rows' slots
+        and the depths their earlier tokens left at. What the graph closes over is fixed; the rest is its inputs."""
+        n = states.shape[0]
+        bucket = min(1 << (n - 1).bit_length(), self.max_rows)
+        pad = bucket - n
+        x = torch.cat([states, states.new_zeros(pad, *states.shape[1:])]) if pad else states
+        at = torch.cat([slots, slots.new_zeros(pad, 1)]) if pad else slots  # padded rows: positions 0
+        index = torch.cat([slots, slots.new_full((pad, 1), self.trash)]) if pad else slots
+        (out,) = self.runner((first, last, bucket), self._segment(first, last, bucket), x, at, index)
+        return out[:n].clone()  # the graph's output buffer is overwritten at its next replay
+
+    def _segment(self, first: int, last: int, rows: int):
+        """The function `_plain` captures: layers `first..last-1` over rows `[0, rows)` of the buffers."""
+
+        def run(x: torch.Tensor, slots: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor]:
+            ctx = self.backbone.window_context(self.rows_ctx, slots)
+            mask = (self._key_slots[None, : self.max_len] <= slots)[:, None, None, :]
+            memo: dict = {}
+            for depth in range(first, last):
+                view = RowView(self.kv[depth], index, slice(0, rows), self.max_len, memo=memo)
+                x = self.backbone.run_layer(self.backbone.layers[depth], x, ctx, view, mask, None)
+            return (x,)
+
+        return run
 
     def _exit(self, depth: int, states, pack: _Pack, done: list[bool]) -> tuple[list[bool], torch.Tensor]:
         """The exit at `depth` for the packed rows: its layer over their slots (filling its own cache; caught-up

@@ -79,7 +79,10 @@ class Scheduler:
             prefill_chunk,
         )
         self.max_prompt = max_len if max_prompt is None else max_prompt
-        self.engine = RowEngine(self.backbone, model.exit_dict(), max_batch, max_len, self.max_prompt, exit_rule)
+        graphs = self.backbone.device.type == "cuda" and self.backbone.graph_safe
+        self.engine = RowEngine(
+            self.backbone, model.exit_dict(), max_batch, max_len, self.max_prompt, exit_rule, graphs=graphs
+        )
         vocab, device = self.backbone.lm_head.weight.shape[0], self.backbone.device
         self.chooser = TokenChooser(max_batch, vocab, device, per_row_generators=True)  # a generator per request
         self._waiting: collections.deque[_Request] = collections.deque()
