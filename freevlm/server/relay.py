@@ -6,8 +6,12 @@ watcher here only marks its request ready; the first mark since the loop last lo
 `call_soon_threadsafe`, which wakes every request marked by then. So a step of 16 rows costs the scheduler's thread
 one cross-thread call and the loop one callback, where a call per token cost 16 of each.
 
+Two ways to wake the loop less still: a feed that only needs the whole answer (`every_token=False`) is marked at its
+handle's end alone, and a reader may `hold` its feed for a while after taking its tokens, so that the tokens made
+meanwhile come at one wake-up (one timer for all the held feeds; a handle's end is never held).
+
     relay = Relay(asyncio.get_running_loop())
-    feed = relay.feed(handle)
+    feed = relay.feed(handle, deadline)
     while ...: await feed.wake.wait(); feed.wake.clear(); handle.poll()   # what ChatService.events does
 """
 
@@ -25,16 +29,22 @@ class Feed:
     seconds and at `deadline` (`loop.time()`), so that the reader can check its client and its deadline with one
     timer per request, not one per token."""
 
-    def __init__(self, relay: Relay, deadline: float, tick: float):
+    def __init__(self, relay: Relay, handle: Handle, deadline: float, tick: float):
         self.wake = asyncio.Event()
-        self.deadline = deadline
+        self.handle, self.deadline = handle, deadline
         self.ticked = False  # set by the tick, for the reader to clear
+        self.held_until = 0.0  # `loop.time()` before which news waits, unless it is the handle's end (`hold`)
+        self.held = False  # waiting in the relay's held feeds
         self._relay, self._tick = relay, tick
         self._timer: asyncio.TimerHandle | None = None
 
-    def start(self, handle: Handle) -> None:
+    def start(self, every_token: bool) -> None:
         self._arm()
-        handle.watch(self._mark)
+        self.handle.watch(self._mark if every_token else self._mark_at_end)
+
+    def hold(self, seconds: float) -> None:
+        """Wake for tokens no sooner than `seconds` from now (the handle's end, a tick and the deadline still wake)."""
+        self.held_until = self._relay.loop.time() + seconds
 
     def close(self) -> None:
         if self._timer is not None:
@@ -42,6 +52,10 @@ class Feed:
 
     def _mark(self) -> None:  # in the scheduler's thread
         self._relay.mark(self)
+
+    def _mark_at_end(self) -> None:  # in the scheduler's thread
+        if self.handle.done:
+            self._relay.mark(self)
 
     def _on_tick(self) -> None:
         self.ticked = True
@@ -61,12 +75,14 @@ class Relay:
         self.loop = loop
         self._ready: list[Feed] = []
         self._lock = threading.Lock()
+        self._held: list[Feed] = []  # marked while held: woken together by `_timer`
+        self._timer: asyncio.TimerHandle | None = None
 
-    def feed(self, handle: Handle, deadline: float, tick: float = 1.0) -> Feed:
-        """A feed for `handle`, woken on its news, every `tick` seconds and at `deadline` (`loop.time()`);
-        `close()` it when done."""
-        feed = Feed(self, deadline, tick)
-        feed.start(handle)
+    def feed(self, handle: Handle, deadline: float, tick: float = 1.0, every_token: bool = True) -> Feed:
+        """A feed for `handle`, woken on its news (each token, or only its end: `every_token=False`), every `tick`
+        seconds and at `deadline` (`loop.time()`); `close()` it when done."""
+        feed = Feed(self, handle, deadline, tick)
+        feed.start(every_token)
         return feed
 
     def mark(self, feed: Feed) -> None:
@@ -81,5 +97,24 @@ class Relay:
     def _wake(self) -> None:
         with self._lock:
             ready, self._ready = self._ready, []
-        for feed in ready:
-            feed.wake.set()
+        self._release(ready)
+
+    def _release(self, feeds: list[Feed]) -> None:
+        """Wake `feeds`, but for those held: they wait for the timer of the earliest hold to end."""
+        now = self.loop.time()
+        for feed in feeds:
+            if feed.held_until <= now or feed.handle.done:
+                feed.wake.set()
+            elif not feed.held:
+                feed.held = True
+                self._held.append(feed)
+                if self._timer is None or feed.held_until < self._timer.when():
+                    if self._timer is not None:
+                        self._timer.cancel()
+                    self._timer = self.loop.call_at(feed.held_until, self._on_timer)
+
+    def _on_timer(self) -> None:
+        held, self._held, self._timer = self._held, [], None
+        for feed in held:
+            feed.held = False
+        self._release(held)
