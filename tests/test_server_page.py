@@ -27,11 +27,10 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the test extra's p
 
 @pytest.fixture(scope="module")
 def url(files):  # noqa: F811
-    """The server, in a thread of this process: uvicorn on loopback over the tiny model; a stream's first token
-    comes alone, the others several to a chunk (`stream_interval`), and the page shows each by its layer."""
+    """The server, in a thread of this process: uvicorn on loopback over the tiny model."""
     bundle = load_vlm(files["backbone"])
     served = ServedModel(bundle, load_exits(bundle.model, files["exits"]), "tiny")
-    app = create_app(served, ServerConfig(max_tokens=MAX_TOKENS, stream_interval=0.05))
+    app = create_app(served, ServerConfig(max_tokens=MAX_TOKENS))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -83,36 +83,6 @@ def test_a_feed_for_the_whole_answer_wakes_at_its_end_only():
     asyncio.run(run())
 
 
-def test_a_held_feed_takes_the_tokens_made_meanwhile_at_one_wake_up_and_its_end_at_once():
-    async def run():
-        loop = asyncio.get_running_loop()
-        relay = Relay(loop)
-        handle = Handle(1)
-        feed = relay.feed(handle, deadline=loop.time() + 60, tick=10)
-        await asyncio.sleep(0)
-        feed.wake.clear()
-        feed.hold(0.2)
-        start = loop.time()
-        for i in range(3):  # three steps' tokens while held: no wake-up until the hold ends
-            await loop.run_in_executor(None, handle._emit, 10 + i, 2, 0.0)
-            await asyncio.sleep(0.01)
-            assert not feed.wake.is_set()
-        await asyncio.wait_for(feed.wake.wait(), 5)
-        assert loop.time() - start >= 0.2 - 1e-3
-        assert handle.poll() == ([TokenEvent(10 + i, 2) for i in range(3)], False)
-        feed.wake.clear()
-        feed.hold(60)
-        await loop.run_in_executor(None, handle._emit, 13, 2, 0.0)
-        await asyncio.sleep(0.01)
-        assert not feed.wake.is_set()
-        await loop.run_in_executor(None, handle._finish, "eos")  # the end is never held
-        await asyncio.wait_for(feed.wake.wait(), 1)
-        assert handle.poll() == ([TokenEvent(13, 2)], True)
-        feed.close()
-
-    asyncio.run(run())
-
-
 @pytest.mark.parametrize("model", ["freevlm-demo", '"?"', '100% "quoted" {x}', "?"])
 def test_token_chunks_are_the_events_json_gives(model):
     """A chunk of one token or of several: the text joined, each token's id, exit layer and text in order."""

@@ -33,12 +33,6 @@ SERVER_OPTIONS = (
     ("--request-timeout", "request_timeout", POSITIVE, "seconds before an unfinished request is cancelled"),
     ("--drain-seconds", "drain_seconds", POSITIVE, "on SIGTERM, how long running requests may take to finish"),
     ("--max-image-bytes", "max_image_bytes", positive_int, "largest image an http(s) URL may send"),
-    (
-        "--stream-interval",
-        "stream_interval",
-        number(0),
-        "seconds a stream's tokens wait after its last chunk to go out together in one chunk (0: each at once)",
-    ),
 )
 
 

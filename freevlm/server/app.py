@@ -49,6 +49,7 @@ RUN, REQUEST_NUMBERS = secrets.token_hex(6), itertools.count()
 SLOT = secrets.token_hex(8)
 # how the scheduler's reasons read in OpenAI's finish_reason
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
+DONE = "data: [DONE]\n\n"  # a stream's last event
 # DecodeConfig names in the scheduler's messages -> the request's names
 PARAMS = {"max_new_tokens": "max_tokens", **{name: name for name in ("threshold", "mode", "kv", "top_p", "seed")}}
 
@@ -141,12 +142,10 @@ class ChatService:
         handle: Handle,
         disconnected: Callable[[], Awaitable[bool]] | None = None,
         every_token: bool = True,
-        hold: float = 0.0,
     ) -> AsyncIterator[list[TokenEvent]]:
-        """The handle's tokens as they come, a batch per wake-up (woken for each token, or `every_token=False`
-        only at the end; after a batch, tokens wait `hold` seconds to come together); the handle is cancelled if
-        the caller stops early, the request times out (`APIError` 504) or the client goes (`ClientGone`, checked
-        every second)."""
+        """The handle's tokens as they come, a batch per wake-up (woken for each token, or with `every_token=False`
+        at its end only); the handle is cancelled if the caller stops early, the request times out (`APIError` 504)
+        or the client goes (`ClientGone`, checked every second)."""
         loop = asyncio.get_running_loop()
         if self._relay is None or self._relay.loop is not loop:
             self._relay = Relay(loop)
@@ -158,8 +157,6 @@ class ChatService:
                 batch, ended = handle.poll()
                 if batch:
                     yield batch
-                    if hold:
-                        feed.hold(hold)
                 if ended:
                     break
                 if loop.time() >= deadline:
@@ -212,11 +209,11 @@ class ChatService:
         }
 
     async def stream(self, request: ChatRequest, handle: Handle, prompt_tokens: int) -> AsyncIterator[str]:
-        """Server-sent events: the role, then a chunk per wake-up with the tokens that came (their text joined,
-        each one's id and exit layer; tokens made within `stream_interval` of the last chunk wait to come
-        together), a last chunk with the finish reason and the summary, the usage chunk if asked for, then [DONE].
-        A failure mid-stream is an error event. What comes at one wake-up goes out in one write (the role with the
-        first tokens, the last chunks together): a write costs more than its bytes."""
+        """Server-sent events: the role, then a chunk per wake-up with the tokens that came (one, unless the loop
+        fell behind the scheduler: their text joined, see `TokenChunks`), a last chunk with the finish reason and
+        the summary, the usage chunk if asked for, then [DONE]. A failure mid-stream is an error event. What comes
+        at one wake-up goes out in one write (the role with the first tokens, the last chunks together, with the
+        end of the body: `EventStream`): a write costs more than its bytes."""
         envelope = self._envelope("chat.completion.chunk")
         text, layers = TextStream(self.model.bundle.tokenizer, request.stop), []
         tokens = TokenChunks(envelope)
@@ -228,7 +225,7 @@ class ChatService:
         outcome, tail = "cancelled", []
         head = chunk({"role": "assistant", "content": ""})  # in the first write, with the first tokens
         try:
-            async for batch in self.events(handle, hold=self.config.stream_interval):
+            async for batch in self.events(handle):
                 deltas = self._take(batch, text, layers)
                 yield head + tokens.chunk(deltas, batch[: len(deltas)])
                 head = ""
@@ -245,7 +242,7 @@ class ChatService:
             tail = [_sse(err.body())]
         finally:
             self.metrics.finished(outcome, prompt_tokens, layers, self._timings(handle, layers))
-        yield "".join([head, *tail, "data: [DONE]\n\n"])  # the end in one write
+        yield "".join([head, *tail, DONE])  # the end in one write
 
     # --- pieces of a response ---------------------------------------------------------------------------------------
     @staticmethod
@@ -326,6 +323,21 @@ class TokenChunks:
         return f"{start}{content}{after_delta}{tokens}{after_tokens}{layers}{before_texts}{texts}{end}"
 
 
+class EventStream(StreamingResponse):
+    """A stream of server-sent events whose last event (it ends with `data: [DONE]`) goes out with the end of the
+    body in one write, not two: a write to the socket costs more than its bytes."""
+
+    async def stream_response(self, send: Callable[[dict], Awaitable[None]]) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        ended = False
+        async for chunk in self.body_iterator:
+            if not ended:
+                ended = chunk.endswith(DONE)
+                await send({"type": "http.response.body", "body": chunk.encode(), "more_body": not ended})
+        if not ended:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
 def create_app(model: ServedModel, config: ServerConfig | None = None) -> FastAPI:
     """The server for one model: its scheduler starts with the app and stops (after running requests) with it."""
     config = config or ServerConfig()
@@ -396,7 +408,7 @@ def create_app(model: ServedModel, config: ServerConfig | None = None) -> FastAP
             except ClientGone:
                 return Response(status_code=499)
         handle, prompt_tokens = await service.submit(request)
-        return StreamingResponse(service.stream(request, handle, prompt_tokens), media_type="text/event-stream")
+        return EventStream(service.stream(request, handle, prompt_tokens), media_type="text/event-stream")
 
     @app.get("/v1/models")
     async def models() -> dict:

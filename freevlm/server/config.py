@@ -19,10 +19,7 @@ class ServerConfig:
     running answers up longer meanwhile. `threshold` and `max_tokens` apply to a request that gives none. `prompt`
     is the text used when a request's message has none (None: the model folder's recorded prompt, else ""). A
     request still unfinished `request_timeout` seconds after it came is cancelled. On SIGTERM the server takes no
-    new connection and gives running requests `drain_seconds` to finish. A stream's tokens made within
-    `stream_interval` seconds of its last chunk wait to go out together in one chunk (0: each as soon as the event
-    loop sees it; its first token and its end never wait): fewer, larger chunks cost the server and its clients less
-    per token.
+    new connection and gives running requests `drain_seconds` to finish.
     """
 
     max_batch: int = 8
@@ -35,7 +32,6 @@ class ServerConfig:
     request_timeout: float = 120.0
     retry_after: int = 1
     drain_seconds: float = 30.0
-    stream_interval: float = 0.0
     # http(s) image URLs: fetched with this timeout and size cap, or refused when `image_urls` is False
     image_urls: bool = True
     image_url_timeout: float = 10.0
@@ -59,9 +55,6 @@ class ServerConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-        value = self.stream_interval
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"stream_interval must be a number of seconds >= 0, got {value!r}")
         if not isinstance(self.threshold, (int, float)) or not 0 <= self.threshold <= 1:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold!r}")
         if self.max_tokens >= self.max_len:

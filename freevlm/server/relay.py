@@ -6,9 +6,8 @@ watcher here only marks its request ready; the first mark since the loop last lo
 `call_soon_threadsafe`, which wakes every request marked by then. So a step of 16 rows costs the scheduler's thread
 one cross-thread call and the loop one callback, where a call per token cost 16 of each.
 
-Two ways to wake the loop less still: a feed that only needs the whole answer (`every_token=False`) is marked at its
-handle's end alone, and a reader may `hold` its feed for a while after taking its tokens, so that the tokens made
-meanwhile come at one wake-up (one timer for all the held feeds; a handle's end is never held).
+A feed that only needs the whole answer (`every_token=False`: a plain, non-streamed request) is marked at its
+handle's end alone: its tokens cost the loop nothing on their way.
 
     relay = Relay(asyncio.get_running_loop())
     feed = relay.feed(handle, deadline)
@@ -33,18 +32,12 @@ class Feed:
         self.wake = asyncio.Event()
         self.handle, self.deadline = handle, deadline
         self.ticked = False  # set by the tick, for the reader to clear
-        self.held_until = 0.0  # `loop.time()` before which news waits, unless it is the handle's end (`hold`)
-        self.held = False  # waiting in the relay's held feeds
         self._relay, self._tick = relay, tick
         self._timer: asyncio.TimerHandle | None = None
 
     def start(self, every_token: bool) -> None:
         self._arm()
         self.handle.watch(self._mark if every_token else self._mark_at_end)
-
-    def hold(self, seconds: float) -> None:
-        """Wake for tokens no sooner than `seconds` from now (the handle's end, a tick and the deadline still wake)."""
-        self.held_until = self._relay.loop.time() + seconds
 
     def close(self) -> None:
         if self._timer is not None:
@@ -75,8 +68,6 @@ class Relay:
         self.loop = loop
         self._ready: list[Feed] = []
         self._lock = threading.Lock()
-        self._held: list[Feed] = []  # marked while held: woken together by `_timer`
-        self._timer: asyncio.TimerHandle | None = None
 
     def feed(self, handle: Handle, deadline: float, tick: float = 1.0, every_token: bool = True) -> Feed:
         """A feed for `handle`, woken on its news (each token, or only its end: `every_token=False`), every `tick`
@@ -97,24 +88,5 @@ class Relay:
     def _wake(self) -> None:
         with self._lock:
             ready, self._ready = self._ready, []
-        self._release(ready)
-
-    def _release(self, feeds: list[Feed]) -> None:
-        """Wake `feeds`, but for those held: they wait for the timer of the earliest hold to end."""
-        now = self.loop.time()
-        for feed in feeds:
-            if feed.held_until <= now or feed.handle.done:
-                feed.wake.set()
-            elif not feed.held:
-                feed.held = True
-                self._held.append(feed)
-                if self._timer is None or feed.held_until < self._timer.when():
-                    if self._timer is not None:
-                        self._timer.cancel()
-                    self._timer = self.loop.call_at(feed.held_until, self._on_timer)
-
-    def _on_timer(self) -> None:
-        held, self._held, self._timer = self._held, [], None
-        for feed in held:
-            feed.held = False
-        self._release(held)
+        for feed in ready:
+            feed.wake.set()
