@@ -7,7 +7,8 @@ this process, so the HTTP layer's cost is a ratio measured in one run.
 What each side of the comparison at 16 concurrent does for a request:
 - HTTP (the server process): read the request (HTTP, JSON, pydantic), base64-decode its PNG, decode the image and
   make the model's inputs (processor, tokenizer), submit them to the `Scheduler`, decode with the others, and send
-  a server-sent event per token (the text delta and exit layer, as JSON) and the summary at the end;
+  a server-sent event per token (the text delta and exit layer, as JSON) and the summary at the end (`--plain`:
+  the whole answer at once, the event loop woken at its end only);
 - library, like for like (this process): decode the same PNG bytes and make the inputs with the same processor
   and prompt, submit them to a `Scheduler` with the same options, and step it;
 - library, inputs ready (as bench_serving.py does): the same with every request's inputs made before the clock.
@@ -173,7 +174,7 @@ async def http_level(server: Server, urls: list[str], concurrency: int, threshol
         t0 = time.perf_counter()
         first = None
         try:
-            stream = await client.chat.completions.create(
+            answer = await client.chat.completions.create(
                 model=server.model,
                 messages=[
                     {
@@ -185,16 +186,20 @@ async def http_level(server: Server, urls: list[str], concurrency: int, threshol
                     }
                 ],
                 max_tokens=args.max_tokens,
-                stream=True,
+                stream=not args.plain,
                 extra_body={"threshold": threshold},
             )
-            async for chunk in stream:
-                made = (getattr(chunk, "freevlm", None) or {}).get("tokens")
-                if made and first is None:
-                    first = time.perf_counter() - t0
-                if chunk.choices and chunk.choices[0].finish_reason is not None:
-                    layers.extend(chunk.freevlm["exit_layers"])
-                    tokens += len(chunk.freevlm["exit_layers"])
+            if args.plain:  # no first token to time: the whole answer at once
+                layers.extend(answer.freevlm["exit_layers"])
+                tokens += len(answer.freevlm["exit_layers"])
+            else:
+                async for chunk in answer:
+                    made = (getattr(chunk, "freevlm", None) or {}).get("tokens")
+                    if made and first is None:
+                        first = time.perf_counter() - t0
+                    if chunk.choices and chunk.choices[0].finish_reason is not None:
+                        layers.extend(chunk.freevlm["exit_layers"])
+                        tokens += len(chunk.freevlm["exit_layers"])
         except openai.APIError:
             errors += 1
             return
@@ -333,6 +338,9 @@ def main() -> None:
         "--ramp-up-s", type=float, default=0.0, help="HTTP clients start one by one over this many seconds"
     )
     parser.add_argument("--repeats", type=int, default=2, help="turns of HTTP and the library each at 16 concurrent")
+    parser.add_argument(
+        "--plain", action="store_true", help="HTTP clients ask for plain answers, not streams (no TTFT over HTTP)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench_http-"))

@@ -2,7 +2,6 @@
 without a model: handles are fed by hand from a thread, as the scheduler feeds them."""
 
 import asyncio
-import json
 import threading
 
 import pytest
@@ -64,14 +63,42 @@ def test_a_feed_wakes_at_its_deadline_and_every_tick_without_tokens():
     asyncio.run(run())
 
 
+def test_a_feed_for_the_whole_answer_wakes_at_its_end_only():
+    async def run():
+        loop = asyncio.get_running_loop()
+        relay = Relay(loop)
+        handle = Handle(1)
+        feed = relay.feed(handle, deadline=loop.time() + 60, every_token=False)
+        await asyncio.sleep(0)
+        assert not feed.wake.is_set()  # watching calls the watcher once: nothing has come yet
+        for i in range(3):
+            await loop.run_in_executor(None, handle._emit, 10 + i, 2, 0.0)
+            await asyncio.sleep(0)
+            assert not feed.wake.is_set()
+        await loop.run_in_executor(None, handle._finish, "eos")
+        await asyncio.wait_for(feed.wake.wait(), 5)
+        assert handle.poll() == ([TokenEvent(10 + i, 2) for i in range(3)], True)
+        feed.close()
+
+    asyncio.run(run())
+
+
 @pytest.mark.parametrize("model", ["freevlm-demo", '"?"', '100% "quoted" {x}', "?"])
 def test_token_chunks_are_the_events_json_gives(model):
+    """A chunk of one token or of several: the text joined, each token's id, exit layer and text in order."""
     envelope = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model}
     chunks = TokenChunks(envelope)
-    for delta, event in [(" a red", TokenEvent(5, 2)), ('"}\n\\', TokenEvent(7, 12)), ("", TokenEvent(0, 4))]:
-        choice = {"index": 0, "delta": {"content": delta}, "finish_reason": None, "logprobs": None}
-        made = {"tokens": [event.token], "exit_layers": [event.exit_layer]}
+    cases = [
+        ([" a red"], [TokenEvent(5, 2)]),
+        (['"}\n\\'], [TokenEvent(7, 12)]),
+        ([""], [TokenEvent(0, 4)]),
+        ([" a", ' "red"', "", " circle"], [TokenEvent(5, 2), TokenEvent(9, 12), TokenEvent(0, 4), TokenEvent(3, 1)]),
+    ]
+    for deltas, events in cases:
+        choice = {"index": 0, "delta": {"content": "".join(deltas)}, "finish_reason": None, "logprobs": None}
+        made = {"tokens": [e.token for e in events], "exit_layers": [e.exit_layer for e in events]}
+        made |= {"texts": deltas} if len(events) > 1 else {}
         expected = _sse(envelope | {"choices": [choice], "freevlm": made})
-        got = chunks.chunk(delta, event)
+        got = chunks.chunk(deltas, events)
         assert got.startswith("data: ") and got.endswith("\n\n")
-        assert json.loads(got.removeprefix("data: ")) == json.loads(expected.removeprefix("data: "))
+        assert got == expected  # byte for byte: what json.dumps would send

@@ -49,6 +49,7 @@ RUN, REQUEST_NUMBERS = secrets.token_hex(6), itertools.count()
 SLOT = secrets.token_hex(8)
 # how the scheduler's reasons read in OpenAI's finish_reason
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
+DONE = "data: [DONE]\n\n"  # a stream's last event
 # DecodeConfig names in the scheduler's messages -> the request's names
 PARAMS = {"max_new_tokens": "max_tokens", **{name: name for name in ("threshold", "mode", "kv", "top_p", "seed")}}
 
@@ -137,15 +138,19 @@ class ChatService:
 
     # --- handle -> tokens -----------------------------------------------------------------------------------------
     async def events(
-        self, handle: Handle, disconnected: Callable[[], Awaitable[bool]] | None = None
+        self,
+        handle: Handle,
+        disconnected: Callable[[], Awaitable[bool]] | None = None,
+        every_token: bool = True,
     ) -> AsyncIterator[list[TokenEvent]]:
-        """The handle's tokens as they come, a batch per wake-up; the handle is cancelled if the caller stops
-        early, the request times out (`APIError` 504) or the client goes (`ClientGone`, checked every second)."""
+        """The handle's tokens as they come, a batch per wake-up (woken for each token, or with `every_token=False`
+        at its end only); the handle is cancelled if the caller stops early, the request times out (`APIError` 504)
+        or the client goes (`ClientGone`, checked every second)."""
         loop = asyncio.get_running_loop()
         if self._relay is None or self._relay.loop is not loop:
             self._relay = Relay(loop)
         deadline = loop.time() + self.config.request_timeout
-        feed = self._relay.feed(handle, deadline)
+        feed = self._relay.feed(handle, deadline, every_token=every_token)
         try:
             while True:
                 feed.wake.clear()
@@ -179,12 +184,14 @@ class ChatService:
 
     # --- the two kinds of answer ------------------------------------------------------------------------------------
     async def complete(self, request: ChatRequest, raw: Request) -> dict:
+        """A plain answer: the loop is woken at its end only, or for each token where a stop string may end it
+        early (so that its row is freed at once)."""
         handle, prompt_tokens = await self.submit(request)
-        text, layers, timings = TextStream(self.model.bundle.tokenizer, request.stop), [], [handle.submitted]
+        text, layers = TextStream(self.model.bundle.tokenizer, request.stop), []
         outcome = "cancelled"
         try:
-            async for batch in self.events(handle, raw.is_disconnected):
-                self._take(batch, text, layers, timings)
+            async for batch in self.events(handle, raw.is_disconnected, every_token=bool(request.stop)):
+                self._take(batch, text, layers)
                 if text.stopped:
                     break
             outcome = "success"
@@ -192,7 +199,7 @@ class ChatService:
             outcome = err.outcome
             raise
         finally:
-            self.metrics.finished(outcome, prompt_tokens, layers, timings)
+            self.metrics.finished(outcome, prompt_tokens, layers, self._timings(handle, layers))
         message = {"role": "assistant", "content": text.text}
         choice = {"index": 0, "message": message, "finish_reason": self._finish_reason(handle, text), "logprobs": None}
         return self._envelope("chat.completion") | {
@@ -202,12 +209,13 @@ class ChatService:
         }
 
     async def stream(self, request: ChatRequest, handle: Handle, prompt_tokens: int) -> AsyncIterator[str]:
-        """Server-sent events: the role, then a chunk per token (its text and exit layer), a last chunk with the
-        finish reason and the summary, the usage chunk if asked for, then [DONE]. A failure mid-stream is an error
-        event. What comes at one wake-up goes out in one write (the role with the first tokens, the last chunks
-        together): a write costs more than its bytes."""
+        """Server-sent events: the role, then a chunk per wake-up with the tokens that came (one, unless the loop
+        fell behind the scheduler: their text joined, see `TokenChunks`), a last chunk with the finish reason and
+        the summary, the usage chunk if asked for, then [DONE]. A failure mid-stream is an error event. What comes
+        at one wake-up goes out in one write (the role with the first tokens, the last chunks together, with the
+        end of the body: `EventStream`): a write costs more than its bytes."""
         envelope = self._envelope("chat.completion.chunk")
-        text, layers, timings = TextStream(self.model.bundle.tokenizer, request.stop), [], [handle.submitted]
+        text, layers = TextStream(self.model.bundle.tokenizer, request.stop), []
         tokens = TokenChunks(envelope)
 
         def chunk(delta: dict, finish: str | None = None, **extra) -> str:
@@ -218,12 +226,8 @@ class ChatService:
         head = chunk({"role": "assistant", "content": ""})  # in the first write, with the first tokens
         try:
             async for batch in self.events(handle):
-                chunks = [head]  # a chunk per token, each with its text and exit layer; one write for them all
-                for event in batch:
-                    chunks.append(tokens.chunk(self._take([event], text, layers, timings), event))
-                    if text.stopped:
-                        break
-                yield "".join(chunks)
+                deltas = self._take(batch, text, layers)
+                yield head + tokens.chunk(deltas, batch[: len(deltas)])
                 head = ""
                 if text.stopped:
                     break
@@ -237,21 +241,25 @@ class ChatService:
             outcome = err.outcome
             tail = [_sse(err.body())]
         finally:
-            self.metrics.finished(outcome, prompt_tokens, layers, timings)
-        yield "".join([head, *tail, "data: [DONE]\n\n"])  # the end in one write
+            self.metrics.finished(outcome, prompt_tokens, layers, self._timings(handle, layers))
+        yield "".join([head, *tail, DONE])  # the end in one write
 
     # --- pieces of a response ---------------------------------------------------------------------------------------
     @staticmethod
-    def _take(batch: list[TokenEvent], text: TextStream, layers: list[int], timings: list[float]) -> str:
-        """Add tokens to the answer (up to a stop string); returns the text they made final."""
-        delta = ""
+    def _take(batch: list[TokenEvent], text: TextStream, layers: list[int]) -> list[str]:
+        """Add tokens to the answer (up to a stop string); returns the text each one taken made final."""
+        deltas = []
         for event in batch:
             if text.stopped:
                 break
-            delta += text.add(event.token)
+            deltas.append(text.add(event.token))
             layers.append(event.exit_layer)
-            timings.append(time.perf_counter())
-        return delta
+        return deltas
+
+    @staticmethod
+    def _timings(handle: Handle, layers: list[int]) -> list[float]:
+        """For the metrics: when the request came, and when each token of its answer was made."""
+        return [handle.submitted, *handle.timings[: len(layers)]]
 
     @staticmethod
     def _finish_reason(handle: Handle, text: TextStream) -> str:
@@ -290,17 +298,44 @@ def _sse(data: dict) -> str:
 
 class TokenChunks:
     """A stream's token chunks, each the event `_sse(envelope | {"choices": [...], "freevlm": {...}})` gives, from
-    pieces serialised once per stream: a stream sends a chunk per token, and serialising their constant parts each
-    time cost more than the rest of a chunk's way out."""
+    pieces serialised once per stream: a stream sends a chunk per wake-up, and serialising their constant parts each
+    time cost more than the rest of a chunk's way out.
+
+    A chunk's `delta.content` is its tokens' text; `freevlm` lists each token's id (`tokens`) and exit layer
+    (`exit_layers`), in order, and, where it holds several, each one's own text (`texts`, joined: the content), so
+    that a client can still show each token by its layer."""
 
     def __init__(self, envelope: dict):
         choice = {"index": 0, "delta": {"content": SLOT}, "finish_reason": None, "logprobs": None}
-        event = _sse(envelope | {"choices": [choice], "freevlm": {"tokens": [SLOT], "exit_layers": [SLOT]}})
-        self.parts = event.split(f'"{SLOT}"')
+        made = {"tokens": [SLOT], "exit_layers": [SLOT], "texts": [SLOT]}
+        self.parts = _sse(envelope | {"choices": [choice], "freevlm": made}).split(f'"{SLOT}"')
 
-    def chunk(self, delta: str, event: TokenEvent) -> str:
-        start, after_delta, after_token, end = self.parts
-        return f"{start}{json.dumps(delta)}{after_delta}{event.token}{after_token}{event.exit_layer}{end}"
+    def chunk(self, deltas: list[str], events: list[TokenEvent]) -> str:
+        """The chunk of `events`' tokens, `deltas` the text each one made final."""
+        start, after_delta, after_tokens, before_texts, end = self.parts
+        if len(events) == 1:  # no `texts`: `end` closes the exit layers' list as it closes the texts'
+            event = events[0]
+            return f"{start}{json.dumps(deltas[0])}{after_delta}{event.token}{after_tokens}{event.exit_layer}{end}"
+        tokens = ", ".join(str(event.token) for event in events)
+        layers = ", ".join(str(event.exit_layer) for event in events)
+        texts = ", ".join(json.dumps(delta) for delta in deltas)
+        content = json.dumps("".join(deltas))
+        return f"{start}{content}{after_delta}{tokens}{after_tokens}{layers}{before_texts}{texts}{end}"
+
+
+class EventStream(StreamingResponse):
+    """A stream of server-sent events whose last event (it ends with `data: [DONE]`) goes out with the end of the
+    body in one write, not two: a write to the socket costs more than its bytes."""
+
+    async def stream_response(self, send: Callable[[dict], Awaitable[None]]) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        ended = False
+        async for chunk in self.body_iterator:
+            if not ended:
+                ended = chunk.endswith(DONE)
+                await send({"type": "http.response.body", "body": chunk.encode(), "more_body": not ended})
+        if not ended:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def create_app(model: ServedModel, config: ServerConfig | None = None) -> FastAPI:
@@ -373,7 +408,7 @@ def create_app(model: ServedModel, config: ServerConfig | None = None) -> FastAP
             except ClientGone:
                 return Response(status_code=499)
         handle, prompt_tokens = await service.submit(request)
-        return StreamingResponse(service.stream(request, handle, prompt_tokens), media_type="text/event-stream")
+        return EventStream(service.stream(request, handle, prompt_tokens), media_type="text/event-stream")
 
     @app.get("/v1/models")
     async def models() -> dict:

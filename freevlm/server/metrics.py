@@ -55,7 +55,7 @@ class ServerMetrics:
 
     def finished(self, outcome: str, prompt_tokens: int, exit_layers: list[int], timings: list[float]) -> None:
         """Count one request that reached the scheduler: its outcome, the exit layers of the tokens it was answered
-        and when each reached the server (`timings[0]`: submission, `time.perf_counter`)."""
+        and when each was made (`timings[0]`: submission, `time.perf_counter`)."""
         self.requests.labels(outcome).inc()
         self.prompt_tokens.inc(prompt_tokens)
         self.completion_tokens.inc(len(exit_layers))

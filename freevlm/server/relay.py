@@ -6,8 +6,11 @@ watcher here only marks its request ready; the first mark since the loop last lo
 `call_soon_threadsafe`, which wakes every request marked by then. So a step of 16 rows costs the scheduler's thread
 one cross-thread call and the loop one callback, where a call per token cost 16 of each.
 
+A feed that only needs the whole answer (`every_token=False`: a plain, non-streamed request) is marked at its
+handle's end alone: its tokens cost the loop nothing on their way.
+
     relay = Relay(asyncio.get_running_loop())
-    feed = relay.feed(handle)
+    feed = relay.feed(handle, deadline)
     while ...: await feed.wake.wait(); feed.wake.clear(); handle.poll()   # what ChatService.events does
 """
 
@@ -25,16 +28,16 @@ class Feed:
     seconds and at `deadline` (`loop.time()`), so that the reader can check its client and its deadline with one
     timer per request, not one per token."""
 
-    def __init__(self, relay: Relay, deadline: float, tick: float):
+    def __init__(self, relay: Relay, handle: Handle, deadline: float, tick: float):
         self.wake = asyncio.Event()
-        self.deadline = deadline
+        self.handle, self.deadline = handle, deadline
         self.ticked = False  # set by the tick, for the reader to clear
         self._relay, self._tick = relay, tick
         self._timer: asyncio.TimerHandle | None = None
 
-    def start(self, handle: Handle) -> None:
+    def start(self, every_token: bool) -> None:
         self._arm()
-        handle.watch(self._mark)
+        self.handle.watch(self._mark if every_token else self._mark_at_end)
 
     def close(self) -> None:
         if self._timer is not None:
@@ -42,6 +45,10 @@ class Feed:
 
     def _mark(self) -> None:  # in the scheduler's thread
         self._relay.mark(self)
+
+    def _mark_at_end(self) -> None:  # in the scheduler's thread
+        if self.handle.done:
+            self._relay.mark(self)
 
     def _on_tick(self) -> None:
         self.ticked = True
@@ -62,11 +69,11 @@ class Relay:
         self._ready: list[Feed] = []
         self._lock = threading.Lock()
 
-    def feed(self, handle: Handle, deadline: float, tick: float = 1.0) -> Feed:
-        """A feed for `handle`, woken on its news, every `tick` seconds and at `deadline` (`loop.time()`);
-        `close()` it when done."""
-        feed = Feed(self, deadline, tick)
-        feed.start(handle)
+    def feed(self, handle: Handle, deadline: float, tick: float = 1.0, every_token: bool = True) -> Feed:
+        """A feed for `handle`, woken on its news (each token, or only its end: `every_token=False`), every `tick`
+        seconds and at `deadline` (`loop.time()`); `close()` it when done."""
+        feed = Feed(self, handle, deadline, tick)
+        feed.start(every_token)
         return feed
 
     def mark(self, feed: Feed) -> None:

@@ -52,9 +52,9 @@ class Handle:
         self.request_id = request_id
         self.tokens: list[int] = []
         self.exit_layers: list[int] = []
+        self.timings: list[float] = []  # when each token was out (`time.perf_counter`)
         self.finish_reason: str | None = None
         self.submitted = time.perf_counter()
-        self._timings: list[float] = []
         self._events: queue.SimpleQueue[TokenEvent | None] = queue.SimpleQueue()
         self._done = threading.Event()
         self._cancel = threading.Event()
@@ -106,7 +106,7 @@ class Handle:
             raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
         if self._error is not None:
             raise self._error
-        first = self._timings[0] if self._timings else None
+        first = self.timings[0] if self.timings else None
         return Completion(
             list(self.tokens),
             list(self.exit_layers),
@@ -114,14 +114,14 @@ class Handle:
             self.submitted,
             first,
             self._finished,
-            list(self._timings),
+            list(self.timings),
         )
 
     # --- the scheduler's side ---------------------------------------------------------------------------------------
     def _emit(self, token: int, exit_layer: int, now: float) -> None:
         self.tokens.append(token)
         self.exit_layers.append(exit_layer)
-        self._timings.append(now)
+        self.timings.append(now)
         self._events.put(TokenEvent(token, exit_layer))
         self._notify()
 
