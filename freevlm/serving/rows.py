@@ -9,6 +9,14 @@ the call is every row's new slot and nothing else (the full model, every plain s
 the buffers; otherwise they are gathered. Each buffer has one extra slot, the *trash slot*, where prompt writes
 that must not land go; no query ever sees it.
 
+Ragged calls (`ragged=True`, where the backbone has them: `Backbone.ragged_layers`, OPT): while rows decode, the
+prompt chunks `prefill` would encode in a window of their own (those of rows that cannot leave early) ride in the
+next step's layer calls instead: per layer one call whose per-slot operations (norms, linears, MLP) run once over
+the step's packed slots and the chunks' slots, and whose attention runs per group over views of each row's buffer
+(`RaggedView`: the rows with one slot as one batch, each other row alone), so no K/V row is gathered per slot. A
+joining prompt then costs no layer calls of its own; a step with chunks riding climbs to the top (they need every
+layer), rows that left riding along.
+
 Every row reads every live exit it reaches and leaves at the first one its own threshold accepts, exactly as
 alone; what the step did not run for a token (layers above where it stopped) is caught up exactly at the next step
 that goes deeper, as in the engines of `freevlm.decoding` (`kv="recompute"`): the states that stopped are kept
