@@ -54,7 +54,9 @@ class _Request:
 
 
 class Scheduler:
-    """Runs decode steps over every live request of one `EarlyExitVLM` (see the module docstring)."""
+    """Runs decode steps over every live request of one `EarlyExitVLM` (see the module docstring). `ragged`: where
+    the backbone has ragged layer calls (OPT), prompts joining while rows decode ride in the decode steps' layer
+    calls (`RowEngine`); False: each iteration's chunks in a window of their own, as for the other families."""
 
     def __init__(
         self,
@@ -374,7 +376,7 @@ class Scheduler:
         out = self.engine.step(self._last)
         made = [row for row, done in enumerate(out.out) if done]  # a parked token is not out: nothing drawn for it
         self._emit(made, out.logits[made], [out.exit_at[row] for row in made])
-        self._joined(out.first)  # after: a joining row below the highest running one got a garbage token above
+        self._joined(out.first)  # after `_emit`: a joining row below the highest running one got a garbage token
 
     def _emit(self, made: list[int], logits: torch.Tensor, exit_at: list[int]) -> None:
         """Rows `made` choose their token from `logits [k, V]` (greedy argmax, unless a row samples); each running
