@@ -1,14 +1,16 @@
 """Exits against the full model at a fixed number of requests in flight (a closed loop), for the exit rule.
 
     cd bench && PYTHONPATH=.. python bench_exit_rule.py [--concurrency 1 2 4 10] [--repeats 2] [--thresholds 0.5 0.6]
-        [--kv recompute propagate]
+        [--kv recompute propagate] [--old-calls]
 
 Poisson arrivals (`bench_serving.py`) mix loads within a run and their short runs are noisy on a shared machine;
 here the scheduler always holds `K` requests (a new one is submitted as one finishes), the same requests for every
 run, and the full model and each threshold (at each `--kv` mode) take turns, `--repeats` times after a warm-up, so
 machine drift hits them alike. Prints the median tokens per CPU second (image encoder and prompt included) and
 each threshold's ratio to the full model. The model is the demo's when its cache is there (FREEVLM_CACHE), else a
-random one of its size; `--exits` picks which of its trained exits are consulted.
+random one of its size; `--exits` picks which of its trained exits are consulted. `--old-calls` adds the full model
+without ragged layer calls (`Scheduler(ragged=False)`: each iteration's joining prompts in a window of their own) to
+the turns, and prints the ragged full model's ratio to it.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from bench_serving import EXITS, model_and_requests
 from freevlm.serving import Scheduler
 
 
-def tokens_per_cpu_second(ee, requests, concurrency: int, threshold: float, eos, kv: str = "recompute") -> float:
-    scheduler = Scheduler(ee, max_batch=max(concurrency, 1), max_len=128)
+def tokens_per_cpu_second(
+    ee, requests, concurrency: int, threshold: float, eos, kv: str = "recompute", ragged: bool = True
+) -> float:
+    scheduler = Scheduler(ee, max_batch=max(concurrency, 1), max_len=128, ragged=ragged)
     pending, handles = list(requests), []
     start = time.process_time()
     while True:
@@ -44,6 +48,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--kv", nargs="+", choices=("recompute", "propagate"), default=["recompute"])
     parser.add_argument("--exits", type=int, nargs="+", default=EXITS, help="the exits consulted (trained ones)")
+    parser.add_argument("--old-calls", action="store_true", help="the full model without ragged calls too")
     args = parser.parse_args()
     torch.set_num_threads(1)
     ee, name, requests, demo = model_and_requests(args.requests, (24, 24), 7, (4, 24), args.exits)
@@ -51,17 +56,27 @@ def main() -> None:
     print(f"{name}: {args.requests} requests, median of {args.repeats} turns, tokens per CPU second")
     for concurrency in args.concurrency:
         runs = {(1.0, "recompute"): [], **{(t, kv): [] for t in thresholds for kv in args.kv}}
+        if args.old_calls:
+            runs[1.0, "old calls"] = []
         for turn in range(args.repeats + 1):  # the first turn warms up
             for (threshold, kv), speeds in runs.items():
-                speed = tokens_per_cpu_second(ee, requests, concurrency, threshold, eos, kv)
+                old = kv == "old calls"
+                speed = tokens_per_cpu_second(
+                    ee, requests, concurrency, threshold, eos, "recompute" if old else kv, ragged=not old
+                )
                 if turn:
                     speeds.append(speed)
         full = statistics.median(runs[1.0, "recompute"])
         ratios = "  ".join(
             f"@{t}{'' if kv == 'recompute' else ' ' + kv}: {statistics.median(runs[t, kv]) / full:.2f}x"
             for t, kv in list(runs)[1:]
+            if kv != "old calls"
         )
         print(f"  {concurrency:2d} in flight: full {full:6.1f}  exits / full {ratios}")
+        if args.old_calls:
+            old = runs[1.0, "old calls"]
+            turns = ", ".join(f"{a / b:.2f}x" for a, b in zip(runs[1.0, "recompute"], old))
+            print(f"      full / full with old calls {full / statistics.median(old):.2f}x (per turn: {turns})")
 
 
 if __name__ == "__main__":

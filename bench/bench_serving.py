@@ -2,7 +2,7 @@
 continuous batching with exits under each exit rule, side by side in one run, per arrival rate.
 
     cd bench && PYTHONPATH=.. python bench_serving.py [--rates 4 32] [--requests 24] [--thresholds 0.5 0.6]
-        [--lengths uniform] [--batch-wait 0.5 inf] [--prefill-chunk 64]
+        [--lengths uniform] [--batch-wait 0.5 inf] [--prefill-chunk 64] [--ragged both] [--turns 2]
 
 The model is the demo's (`freevlm demo`'s trained OPT backbone and its exits, from its cache, FREEVLM_CACHE or
 `freevlm.demo.config.default_cache()`) captioning the demo's test images with its prompt, EOS on. With
@@ -19,7 +19,10 @@ arrivals waiting meanwhile; each row counts only the tokens its request asked fo
 to first token and time per output token (p50/p99), the mean rows decoding together and the mean exit layer; the
 baselines do not stream, so their first token counts at the end of their prefill (`DecodeStats.seconds_prefill`),
 which favours them. "prefill stall" is the longest scheduler step that encoded a prompt next to the median step
-that did not.
+that did not. `--ragged both` runs each continuous configuration twice, with ragged layer calls (a joining
+prompt's chunk rides in the decode step's calls: `RowEngine(ragged=True)`, the default) and without ("old calls":
+each iteration's chunks in a window of their own, 12 calls more); `--turns` repeats every run, in the same order,
+so configurations alternate in one process and the ratios are printed per turn.
 
 Throughput is printed twice: tokens per wall-clock second (arrival gaps included: at a low rate it is the arrival
 rate) and tokens per CPU second this process spent working, which the ratios use: on a machine shared with other
@@ -134,8 +137,9 @@ def run_continuous(
     exit_rule: str = EXIT_RULES[0],
     chunk=64,
     clock=time.process_time,
+    ragged: bool = True,
 ):
-    scheduler = Scheduler(ee, max_batch=max_batch, max_len=128, prefill_chunk=chunk, exit_rule=exit_rule)
+    scheduler = Scheduler(ee, max_batch=max_batch, max_len=128, prefill_chunk=chunk, exit_rule=exit_rule, ragged=ragged)
     start, handles, pending = time.perf_counter(), [], list(requests)
     prefill_steps, decode_steps, rows, busy = [], [], [], 0.0
     while pending or not scheduler.idle:
@@ -247,6 +251,13 @@ def main() -> None:
         default=64,
         help="the scheduler's prompt slots per iteration (`freevlm serve`: 512)",
     )
+    parser.add_argument(
+        "--ragged",
+        choices=("on", "off", "both"),
+        default="on",
+        help="continuous batching with ragged layer calls (prompt chunks ride in decode steps), without, or both",
+    )
+    parser.add_argument("--turns", type=int, default=1, help="runs of every configuration, taking turns")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cuda: the random model only, ratios of wall-clock work")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
@@ -281,50 +292,68 @@ def main() -> None:
     print(f"{name}: {args.requests} requests per rate, max batch {args.max_batch}, {torch.get_num_threads()} thread(s)")
     print(told)
     chunk = args.prefill_chunk
+    variants = {"on": [True], "off": [False], "both": [True, False]}[args.ragged]
     for rate in args.rates:
         requests = workload(rate)
         runs = {"one at a time": lambda r=requests: run_generate(ee, r, 1, eos, clock=clock)}
         for wait in args.batch_wait:
             label = f"static, wait for {args.max_batch}" if wait == float("inf") else f"static, wait <= {wait:g} s"
             runs[label] = lambda r=requests, w=wait: run_generate(ee, r, args.max_batch, eos, w, clock)
-        runs["continuous, full"] = lambda r=requests: run_continuous(
-            ee, r, 1.0, args.max_batch, eos, chunk=chunk, clock=clock
-        )
         statics = [label for label in runs if label.startswith("static")]
-        for threshold in thresholds:
-            for rule in EXIT_RULES:
-                runs[f"continuous, {rule} @ {threshold}"] = lambda r=requests, t=threshold, rule=rule: run_continuous(
-                    ee, r, t, args.max_batch, eos, rule, chunk, clock
-                )
+        fulls = {}  # label of a continuous run with exits -> the full model's label of the same variant
+        for ragged in variants:
+            old = "" if ragged else ", old calls"
+            full = f"continuous, full{old}"
+            fulls[full] = full
+            runs[full] = lambda r=requests, g=ragged: run_continuous(
+                ee, r, 1.0, args.max_batch, eos, chunk=chunk, clock=clock, ragged=g
+            )
+            for threshold in thresholds:
+                for rule in EXIT_RULES:
+                    label = f"continuous, {rule} @ {threshold}{old}"
+                    fulls[label] = full
+                    runs[label] = lambda r=requests, t=threshold, rule=rule, g=ragged: run_continuous(
+                        ee, r, t, args.max_batch, eos, rule, chunk, clock, g
+                    )
         print(f"\nrate {rate}/s")
-        speed = {}
-        for label, fn in runs.items():
-            run = fn()
-            speed[label] = run.tokens_per_busy_second
-            if label == "one at a time":
-                answers = sorted(run.answers)
-                print(f"  answers: {answers[0]}-{answers[-1]} tokens, median {statistics.median(answers):g}")
-            stall = run.stall
-            stalled = (
-                "" if stall is None else f"  prefill stall {stall[0] * 1000:5.1f} ms (step {stall[1] * 1000:4.1f})"
-            )
-            if run.calls_per_step is not None:
-                stalled += f"  calls/step {run.calls_per_step:4.1f}  slot-layers/token {run.slot_layers_per_token:5.1f}"
-                stalled += f" (K/V only {run.kv_only_per_token:3.1f})"
-            print(
-                f"  {label:30s} {run.tokens_per_second:6.1f} tok/s {run.tokens_per_busy_second:6.1f} {per_work}"
-                f"  rows {run.mean_rows:4.1f}"
-                f"  TTFT p50 {percentile(run.ttft, 0.5):6.3f} p99 {percentile(run.ttft, 0.99):6.3f} s"
-                f"  TPOT p50 {percentile(run.tpot, 0.5) * 1000:6.1f} p99 {percentile(run.tpot, 0.99) * 1000:6.1f} ms"
-                f"  exit layer {run.mean_exit_layer:5.2f}{stalled}"
-            )
-        one, full = speed["one at a time"], speed["continuous, full"]
-        print(f"  ratios of {per_work}:")
-        print(f"  continuous full / one at a time {full / one:.2f}x (goal >= 3 at 16 concurrent)")
-        for label in statics:
-            print(f"  continuous full / {label} {full / speed[label]:.2f}x (goal >= 1.3)")
-        for label in [label for label in speed if label.startswith("continuous, ") and label != "continuous, full"]:
-            print(f"  {label} / continuous full {speed[label] / full:.2f}x (goal >= 1.0; >= 1.3 at 1-2 concurrent)")
+        for turn in range(args.turns):
+            if args.turns > 1:
+                print(f" turn {turn + 1}")
+            speed = {}
+            for label, fn in runs.items():
+                run = fn()
+                speed[label] = run.tokens_per_busy_second
+                if label == "one at a time" and turn == 0:
+                    answers = sorted(run.answers)
+                    print(f"  answers: {answers[0]}-{answers[-1]} tokens, median {statistics.median(answers):g}")
+                stall = run.stall
+                stalled = (
+                    "" if stall is None else f"  prefill stall {stall[0] * 1000:5.1f} ms (step {stall[1] * 1000:4.1f})"
+                )
+                if run.calls_per_step is not None:
+                    stalled += f"  calls/step {run.calls_per_step:4.1f}"
+                    stalled += f"  slot-layers/token {run.slot_layers_per_token:5.1f}"
+                    stalled += f" (K/V only {run.kv_only_per_token:3.1f})"
+                print(
+                    f"  {label:36s} {run.tokens_per_second:6.1f} tok/s {run.tokens_per_busy_second:6.1f} {per_work}"
+                    f"  rows {run.mean_rows:4.1f}"
+                    f"  TTFT p50 {percentile(run.ttft, 0.5):6.3f} p99 {percentile(run.ttft, 0.99):6.3f} s"
+                    f"  TPOT p50 {percentile(run.tpot, 0.5) * 1000:6.1f}"
+                    f" p99 {percentile(run.tpot, 0.99) * 1000:6.1f} ms  exit layer {run.mean_exit_layer:5.2f}{stalled}"
+                )
+            one = speed["one at a time"]
+            print(f"  ratios of {per_work}:")
+            for label, full in fulls.items():
+                if label == full:
+                    print(f"  {full} / one at a time {speed[full] / one:.2f}x (goal >= 3 at 16 concurrent)")
+                    for static in statics:
+                        print(f"  {full} / {static} {speed[full] / speed[static]:.2f}x (goal >= 1.3)")
+                else:
+                    ratio = speed[label] / speed[full]
+                    print(f"  {label} / {full} {ratio:.2f}x (goal >= 1.0; >= 1.3 at 1-2 concurrent)")
+            if len(variants) == 2:
+                ratio = speed["continuous, full"] / speed["continuous, full, old calls"]
+                print(f"  continuous, full / continuous, full, old calls {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -79,13 +79,17 @@ def _scenario(ee, mixed, seed: int, count: int = 7):
 
 
 @pytest.mark.parametrize(
-    "seed, exit_rule", [(8, "park"), (9, "park"), (1, "ride_along"), (4, "coin")]
-)  # 8, 9: park in each family
-def test_every_request_decodes_as_alone(ee, mixed, seed, exit_rule, monkeypatch):
+    "seed, exit_rule, ragged",
+    [(8, "park", False), (9, "park", False), (19, "park", True), (20, "park", True), (1, "ride_along", True)]
+    + [(4, "coin", True)],
+)  # 8, 9 park in each family without ragged calls; 19, 20 with them (OPT's)
+def test_every_request_decodes_as_alone(ee, mixed, seed, exit_rule, ragged, monkeypatch):
     """`coin`: the park rule's decision at each exit is a coin toss (still at most `max_wait` steps of waiting), so
-    tokens park and resume at every depth: exactness must not depend on what the rule decides."""
+    tokens park and resume at every depth: exactness must not depend on what the rule decides. `ragged`: where the
+    family has ragged layer calls (OPT), prompts joining while rows decode ride in the steps' calls."""
     requests = _scenario(ee, mixed, seed)
-    scheduler = Scheduler(ee, max_batch=3, max_len=32, prefill_chunk=5, exit_rule=exit_rule.replace("coin", "park"))
+    rule = exit_rule.replace("coin", "park")
+    scheduler = Scheduler(ee, max_batch=3, max_len=32, prefill_chunk=5, exit_rule=rule, ragged=ragged)
     if exit_rule == "coin":
         engine, rng = scheduler.engine, random.Random(seed)
 
@@ -192,10 +196,11 @@ def test_requests_joining_together_decode_as_alone(ee, mixed, cut, monkeypatch):
     vision.register_forward_pre_hook(
         lambda m, args, kwargs: images.append(len(args[0] if args else kwargs["pixel_values"])), with_kwargs=True
     )
-    encode = scheduler.engine._encode
+    encode, riding = scheduler.engine._encode, scheduler.engine._riding
     monkeypatch.setattr(
         scheduler.engine, "_encode", lambda rows, chunks, own=False: windows.append(chunks) or encode(rows, chunks, own)
-    )
+    )  # and where prompts ride in a step's calls (OPT, while a row decodes), the chunks that ride together
+    monkeypatch.setattr(scheduler.engine, "_riding", lambda rows, spans: windows.append(spans) or riding(rows, spans))
     handles = []
     for pv, ids, options, _ in requests:
         handles.append(scheduler.submit(pv, ids, **options))
@@ -214,6 +219,35 @@ def test_requests_joining_together_decode_as_alone(ee, mixed, cut, monkeypatch):
         assert max(len(w) for w in windows) > 1, "no prompts were encoded together"
         if cut:
             assert any(len({first for first, _ in w}) > 1 for w in windows), "no window mixed prompt offsets"
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_prompts_joining_while_rows_decode_decode_as_alone(ee, mixed, ragged):
+    """Requests arrive one every other step while others decode: a budget of 3 slots per iteration splits each
+    prompt over steps, rows that may leave early (tokens parked at exits meanwhile) beside rows that may not (their
+    first token from their prompt's last slot). With ragged calls (OPT) the chunks ride in the decode steps' layer
+    calls, each over its own row's K/V; each request decodes as alone."""
+    if ragged and ee.backbone.family != "opt":
+        pytest.skip("ragged layer calls: OPT's")
+    rng, requests = random.Random(20), []  # 20: tokens park in each family, with ragged calls too
+    for i in range(8):
+        pv, ids, _ = tiny_inputs(ee.model, batch=1, prompt_len=rng.randint(2, 8), seed=130 + i)
+        options = dict(max_new_tokens=rng.randint(3, 10), threshold=rng.choice([1.0, *mixed]), eos_token_id=[])
+        options["mode"] = "full" if i % 3 == 1 else "early_exit"
+        requests.append((pv, ids, options, _alone(ee, pv, ids, **options)))
+    scheduler = Scheduler(ee, max_batch=4, max_len=40, prefill_chunk=3, ragged=ragged)
+    handles = []
+    for step in range(200):
+        if step % 2 == 0 and step // 2 < len(requests):
+            pv, ids, options, _ = requests[step // 2]
+            handles.append(scheduler.submit(pv, ids, **options))
+        if not scheduler.step() and len(handles) == len(requests):
+            break
+    for handle, (*_, (tokens, layers)) in zip(handles, requests):
+        assert (handle.result(timeout=0).tokens, handle.result(timeout=0).exit_layers) == (tokens, layers)
+    assert scheduler.engine.parks > 0, "no token parked while prompts joined"
+    if ragged:
+        assert scheduler.engine.riding_slots > 0, "no prompt rode in a decode step"
 
 
 def test_prefill_budget_binds_only_while_rows_decode(ee, mixed):

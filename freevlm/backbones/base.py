@@ -364,6 +364,20 @@ class Backbone:
         at the last layer). Here by running the layer; a family that can skip the others' attention and MLP does."""
         return self.run_layer(layer, hidden, ctx, cache, mask, None)[keep]
 
+    def ragged_layers(self) -> bool:
+        """Whether `run_layer_ragged` runs every LM layer now, exactly as `run_layer` would (continuous batching then
+        packs a decode step's slots and joining prompts' chunks into one call per layer); here never."""
+        return False
+
+    def run_layer_ragged(
+        self, layer: nn.Module, hidden: torch.Tensor, ctx: Context, cache, keep: torch.Tensor | None
+    ) -> torch.Tensor:
+        """One LM layer over the packed query slots of several rows, `hidden [m, H]`, each at its own (row, slot):
+        every per-slot operation (norms, linears, MLP) once over all `m`, `cache.write(keys, values)` with
+        `[m, heads, head_dim]`, attention by `cache.attend(queries, scale)` (per group of slots, over views of their
+        rows' buffers: `serving.rows.RaggedView`). With `keep`, the output `[len(keep), H]` only at those slots."""
+        raise NotImplementedError
+
     def fill_kv(self, layer: nn.Module, hidden: torch.Tensor, ctx: Context, cache: KVView, mask: torch.Tensor) -> None:
         """Write into `cache` only what `run_layer(layer, hidden, ctx, cache, mask, None)` writes there, where no one
         reads the layer's output (an exit layer's prompt slots: later queries read only their K/V). Here by running

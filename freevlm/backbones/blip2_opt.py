@@ -64,6 +64,12 @@ class Blip2OPTBackbone(Blip2Backbone):
             return opt_layer_forward(layer, hidden, cache, mask, keep)
         return super().run_layer_at(layer, hidden, ctx, cache, mask, keep)
 
+    def ragged_layers(self) -> bool:
+        return all(plain_opt_layer(layer) for layer in self.layers)
+
+    def run_layer_ragged(self, layer, hidden, ctx, cache, keep):
+        return opt_layer_ragged(layer, hidden, cache, keep)
+
     def fill_kv(self, layer, hidden, ctx, cache, mask):
         if plain_opt_layer(layer):
             opt_layer_kv(layer, hidden, cache)
@@ -152,9 +158,9 @@ def opt_layer_forward(
     every row's K/V are written but the rest (query, attention, MLP) runs for rows `keep` only, and so does the
     output."""
     attn = layer.self_attn
-    batch, length, width = hidden.shape
+    batch, length, _ = hidden.shape
     heads, head_dim = attn.num_heads, attn.head_dim
-    norm1, norm2 = layer.self_attn_layer_norm, layer.final_layer_norm
+    norm1 = layer.self_attn_layer_norm
     residual = hidden
     if layer.do_layer_norm_before:
         hidden = F.layer_norm(hidden, norm1.normalized_shape, norm1.weight, norm1.bias, norm1.eps)
@@ -168,6 +174,34 @@ def opt_layer_forward(
     query = query.view(batch, -1, heads, head_dim).transpose(1, 2)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, scale=1.0, is_causal=False)
     out = out.transpose(1, 2).contiguous().reshape(batch, length, -1).contiguous()
+    return _opt_after_attention(layer, out, residual)
+
+
+def opt_layer_ragged(
+    layer: OPTDecoderLayer, hidden: torch.Tensor, cache, keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`opt_layer_forward` over packed slots of several rows, `hidden [m, H]` (`Backbone.run_layer_ragged`): the
+    same operations, but attention is the cache's, per group of slots over its rows' buffers."""
+    attn = layer.self_attn
+    slots, heads, head_dim = hidden.shape[0], attn.num_heads, attn.head_dim
+    norm1 = layer.self_attn_layer_norm
+    residual = hidden
+    if layer.do_layer_norm_before:
+        hidden = F.layer_norm(hidden, norm1.normalized_shape, norm1.weight, norm1.bias, norm1.eps)
+    key = F.linear(hidden, attn.k_proj.weight, attn.k_proj.bias).view(slots, heads, head_dim)
+    value = F.linear(hidden, attn.v_proj.weight, attn.v_proj.bias).view(slots, heads, head_dim)
+    cache.write(key, value)
+    query = F.linear(hidden, attn.q_proj.weight, attn.q_proj.bias) * attn.scaling
+    out = cache.attend(query.view(slots, heads, head_dim), 1.0).reshape(slots, -1)
+    if keep is not None:
+        out, residual = out[keep], residual[keep]
+    return _opt_after_attention(layer, out, residual)
+
+
+def _opt_after_attention(layer: OPTDecoderLayer, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """The rest of an OPT layer from its attention's output (heads joined): output projection, MLP, norms."""
+    attn, norm1, norm2 = layer.self_attn, layer.self_attn_layer_norm, layer.final_layer_norm
+    width = residual.shape[-1]
     hidden = residual + F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
     if not layer.do_layer_norm_before:
         hidden = F.layer_norm(hidden, norm1.normalized_shape, norm1.weight, norm1.bias, norm1.eps)

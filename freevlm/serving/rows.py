@@ -9,6 +9,14 @@ the call is every row's new slot and nothing else (the full model, every plain s
 the buffers; otherwise they are gathered. Each buffer has one extra slot, the *trash slot*, where prompt writes
 that must not land go; no query ever sees it.
 
+Ragged calls (`ragged=True`, where the backbone has them: `Backbone.ragged_layers`, OPT): while rows decode, the
+prompt chunks `prefill` would encode in a window of their own (those of rows that cannot leave early) ride in the
+next step's layer calls instead: per layer one call whose per-slot operations (norms, linears, MLP) run once over
+the step's packed slots and the chunks' slots, and whose attention runs per group over views of each row's buffer
+(`RaggedView`: the rows with one slot as one batch, each other row alone), so no K/V row is gathered per slot. A
+joining prompt then costs no layer calls of its own; a step with chunks riding climbs to the top (they need every
+layer), rows that left riding along.
+
 Every row reads every live exit it reaches and leaves at the first one its own threshold accepts, exactly as
 alone; what the step did not run for a token (layers above where it stopped) is caught up exactly at the next step
 that goes deeper, as in the engines of `freevlm.decoding` (`kv="recompute"`): the states that stopped are kept
@@ -35,9 +43,10 @@ calls, catch-up slots riding in them), and the layers of an answer's last shallo
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.base import Backbone, Context
@@ -115,6 +124,74 @@ class RowView:
 
 
 @dataclass
+class _Group:
+    """Packed query slots that attend together (`RaggedView.attend`): `items` of the pack, `queries` consecutive ones
+    per row of `rows` (a slice of the buffers: a view; or row ids: one copy per row, never per slot)."""
+
+    items: slice
+    rows: slice | torch.Tensor
+    queries: int
+    key_length: int
+    mask: torch.Tensor  # [rows, 1, queries, key_length] key slot <= the query's
+
+
+@dataclass
+class _Plan:
+    """A ragged layer call's packed slots: each one's row and slot, and the groups they attend in."""
+
+    row_ids: torch.Tensor  # [m]
+    slots: torch.Tensor  # [m, 1]
+    groups: list[_Group]
+    ctx: Context
+    memo: dict = field(default_factory=dict)  # write positions, shared by the plan's layers
+
+
+class RaggedView:
+    """One layer's cache in a ragged call (`Backbone.run_layer_ragged`): K/V of every packed slot written at its
+    (row, slot) in one `index_copy_`, attention per group over views of its rows' buffers, so packing slots of many
+    rows into one call gathers no K/V per slot."""
+
+    def __init__(self, kv: RowKV, plan: _Plan):
+        self.kv, self.plan = kv, plan
+
+    def write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """K/V `[m, heads, head_dim]` of the packed slots."""
+        plan = self.plan
+        RowView(self.kv, plan.slots, plan.row_ids, 0, memo=plan.memo).write(keys[:, :, None], values[:, :, None])
+
+    def attend(self, queries: torch.Tensor, scale: float) -> torch.Tensor:
+        """Scaled dot-product attention of the packed queries `[m, heads, head_dim]`, each over its row's key slots
+        up to its own: one call per group (rows with one query as one batch `[k, heads, 1, keys]`, a row with
+        several as `[1, heads, q, keys]`)."""
+        heads, head_dim = queries.shape[1:]
+        out = []
+        for group in self.plan.groups:
+            query = queries[group.items].view(-1, group.queries, heads, head_dim).transpose(1, 2)
+            seen = slice(0, group.key_length)
+            if isinstance(group.rows, slice):
+                keys, values = self.kv.keys[group.rows, :, seen], self.kv.values[group.rows, :, seen]
+            else:
+                keys = self.kv.keys[:, :, seen].index_select(0, group.rows)
+                values = self.kv.values[:, :, seen].index_select(0, group.rows)
+            attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=group.mask, scale=scale)
+            out.append(attended.transpose(1, 2).reshape(-1, heads, head_dim))
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+
+@dataclass
+class _Riding:
+    """Joining prompts' chunks that ride in a step's layer calls (`RowEngine(ragged=True)`), packed row after row."""
+
+    rows: list[int]
+    spans: list[tuple[int, int]]  # per row: (first slot, slots)
+    states: torch.Tensor  # [m, H] at `depth`
+    plan: _Plan
+    ending: list[int]  # the last item of each row whose whole prompt ends here: its first token's logits
+    depth: int = 0
+    first: dict = field(default_factory=dict)  # row -> [V]
+
+
+@dataclass
 class _Pack:
     """The slots a segment of a step fills, one query row each (see `RowEngine._pack`)."""
 
@@ -129,6 +206,7 @@ class _Pack:
     key_length: int  # key slots the queries read (up to the deepest, rounded up to KEY_BUCKET)
     mask: torch.Tensor  # [m, 1, 1, key_length] slot <= the query's
     ctx: Context
+    groups: list[_Group]  # for a ragged call (`RaggedView`); rows with one slot come first
     memo: dict = field(default_factory=dict)  # its `RowView`s' write positions, shared by its layers
 
 
@@ -139,6 +217,7 @@ class StepOutput:
     logits: torch.Tensor  # [n, V] logits of the layer each row left at
     exit_at: list[int]  # that layer (num_layers = final)
     out: list[bool]  # whether each row's token is out (a parked row's is not: it goes on at a later step)
+    first: dict[int, torch.Tensor] = field(default_factory=dict)  # joining rows' first token's logits (`prefill`)
 
 
 class RowEngine:
@@ -160,6 +239,7 @@ class RowEngine:
         exit_rule: str = EXIT_RULES[0],
         max_wait: int = 4,
         graphs: bool = False,
+        ragged: bool = True,
     ):
         if exit_rule not in EXIT_RULES:
             raise ValueError(f"exit_rule must be one of {EXIT_RULES}, got {exit_rule!r}")
@@ -167,6 +247,8 @@ class RowEngine:
             raise ValueError(f"max_wait must be a non-negative integer, got {max_wait!r}")
         self.backbone, self.exits = backbone, exits
         self.exit_rule, self.max_wait = exit_rule, max_wait
+        self.ragged = ragged  # prompts ride in steps where the backbone can (`Backbone.ragged_layers`): `prefill`
+        self.riding: _Riding | None = None  # joining prompts' chunks staged by `prefill` for the next step
         self.num_layers = backbone.num_layers
         self.max_rows, self.max_len, self.max_prompt = max_rows, max_len, max_prompt
         self.trash = max_len
@@ -198,6 +280,7 @@ class RowEngine:
         self.catchup_slots = 0  # slot-layers run for tokens that stopped early at an earlier step
         self.kv_only_slot_layers = 0  # of the slot-layers, those that computed only K/V (`Backbone.run_layer_at`)
         self.projected_slot_layers = 0  # (slot, layer) K/V projected from an exit's state (kv="propagate")
+        self.riding_slots = 0  # joining prompts' slots that rode in steps' layer calls (`prefill`, ragged)
 
     # --- rows joining and leaving ---------------------------------------------------------------------------------
     def join(self, row: int, ctx: Context, threshold: float, may_exit: bool, kv: str = "recompute") -> None:
@@ -230,10 +313,21 @@ class RowEngine:
                 budget -= max(count, 0)
         encode = [r for r, (_, count) in chunks.items() if count]
         together = [r for r in encode if self.backbone.prompt_in_rows(self.prompts[r][0])]
+        riding = [r for r in together if not self.may_exit[r]]  # see `_riding`
+        if riding and self.ragged and any(self.active) and self.backbone.ragged_layers():
+            self.riding = self._riding(riding, [chunks.pop(r) for r in riding])
+            self.riding_slots += len(self.riding.states)
+            together = [r for r in together if r in chunks]
         first = self._encode(together, [chunks[r] for r in together]) if together else {}
         for row in encode:
-            if row not in together:
+            if row in chunks and row not in together:
                 self._encode([row], [chunks[row]], own=True)
+        self._advance(chunks, first)
+        return first
+
+    def _advance(self, chunks: dict[int, tuple[int, int]], first: dict[int, torch.Tensor]) -> None:
+        """Joining rows whose chunks (`{row: (first slot, slots)}`) were encoded move on; a row whose prompt is
+        encoded up to its end is active (its first step reads its last prompt slot unless `first` has its logits)."""
         for row, (done, count) in chunks.items():
             ctx, embeds, _ = self.prompts[row]
             end = self._prompt_end(row)
@@ -248,7 +342,22 @@ class RowEngine:
                 fill[row] = end
             self.waited[row] = 0
             self.active[row] = True
-        return first
+
+    def _riding(self, rows: list[int], spans: list[tuple[int, int]]) -> _Riding:
+        """The chunks (`(first slot, slots)` of each of `rows`) of joining prompts, to ride in the next step's layer
+        calls, each row's slots as one attention group over its own buffer row. Only rows that cannot leave early
+        ride: one that may takes its last prompt slot as its first step, which riding would put an iteration later,
+        and its prompt needs the exit layers' K/V too (measured under park: no gain, later first tokens)."""
+        device = self.threshold.device
+        states = torch.cat([self.prompts[r][1][0, done : done + count] for r, (done, count) in zip(rows, spans)])
+        row_ids = torch.tensor([r for r, (_, count) in zip(rows, spans) for _ in range(count)], device=device)
+        slots = torch.tensor([s for done, count in spans for s in range(done, done + count)], device=device)[:, None]
+        lasts = [done + count - 1 for done, count in spans]
+        groups = self._groups(rows, lasts, [count for _, count in spans], 0)
+        plan = _Plan(row_ids, slots, groups, self.backbone.window_context(self.rows_ctx, slots, row_ids))
+        ends = itertools.accumulate(count for _, count in spans)
+        ending = [end - 1 for r, (done, count), end in zip(rows, spans, ends) if done + count == self._length(r)]
+        return _Riding(rows, spans, states, plan, ending)
 
     def _prompt_end(self, row: int) -> int:
         """The prompt slots `prefill` encodes for a joining row: all of them where its first token cannot leave
@@ -358,7 +467,19 @@ class RowEngine:
     def step(self, tokens: torch.Tensor) -> StepOutput:
         """Every active row's token up the stack: a new one (`tokens [n]`: the last one it produced; ignored for a
         row at its first step, which reads its last prompt slot), or the one it parked at an earlier step, which
-        joins at the exit where it stopped. Rows `[0, n)` with n = `rows_in_use`."""
+        joins at the exit where it stopped. Rows `[0, n)` with n = `rows_in_use`. The chunks `prefill` staged ride
+        in its layer calls (the layers above where it stopped run for them alone); the rows they bring to their
+        prompt's end are active after it, their first token's logits (where `prefill` would give them) in `first`."""
+        riding, self.riding = self.riding, None
+        out = self._step(tokens, riding)
+        if riding is not None:
+            if riding.depth < self.num_layers:
+                self._ragged(riding.depth, self.num_layers, None, None, riding)
+            self._advance(dict(zip(riding.rows, riding.spans)), riding.first)
+            out.first = riding.first
+        return out
+
+    def _step(self, tokens: torch.Tensor, riding: _Riding | None) -> StepOutput:
         n, backbone, device = self.rows_in_use, self.backbone, self.threshold.device
         rows = range(n)
         active = self.active[:n]
@@ -369,6 +490,10 @@ class RowEngine:
         bounds = sorted({0, *live, *joins, self.num_layers})
         before = {b: self.fill[b][:n] for b in bounds[:-1]}  # fill levels at the start of the step, per segment
         fresh = [r for r in rows if active[r] and self.fill[0][r] <= position[r]]  # a new token (not parked)
+        # chunks riding go through every layer anyway: the step climbs to the top, rows that left riding along. Its
+        # calls are ragged only then: for a step alone they measured ~2% slower under park (catch-up groups)
+        ragged = riding is not None
+        ride = self.exit_rule == "ride_along" or ragged
         self.steps += 1
 
         x = backbone.embed(backbone.window_context(self.rows_ctx, pos[:, None]), tokens[:n, None], None, 0)
@@ -380,7 +505,7 @@ class RowEngine:
         logits = None
         width, below = 1, 0
         for first, last in itertools.pairwise(bounds):
-            work = self._work(first, done, active, position)
+            work = self._work(first, done, active, position, ride)
             need = max((position[r] + 1 - self.fill[first][r] for r in work), default=1)
             if need > width:  # pending slots join: the window grows to the left
                 x = torch.cat([x.new_zeros(n, need - width, x.shape[-1]), x], dim=1)
@@ -390,10 +515,13 @@ class RowEngine:
                 x = self._join_pending(x, slots, before[first], before[below], rows, active)
             below = first
             if not work:
+                if riding is not None:
+                    self._ragged(first, last, None, None, riding)
                 continue
-            pack = self._pack(x, first, work, position)
+            pack = self._pack(x, first, work, position, ragged)
+            work = [pack.rows[i] for i in pack.last]  # the pack's order
             self.catchup_slots += (len(pack.flat) - len(work)) * (last - first)
-            x, states = self._layers(first, last, x, pack, active)
+            x, states = self._layers(first, last, x, pack, ragged, riding)
             if last == self.num_layers:
                 break
             if last not in live:
@@ -406,12 +534,12 @@ class RowEngine:
             projected = {r for i, r in enumerate(work) if left[i] and self.propagate[r]}
             if projected:
                 self._propagate(last, states, pack, projected)
-            if self.exit_rule == "park" and any(left):  # a token out now keeps its state here for later steps
+            if not ride and any(left):  # a token out now keeps its state here for later steps
                 self._park(states, pack, {r for i, r in enumerate(work) if left[i]} - projected)
             if last == live[0] and fresh:
                 share = sum(1 for r in fresh if done[r]) / len(fresh)
                 self.first_exit_rate += 0.2 * (share - self.first_exit_rate)
-            if all(done) or not self._climb_on(last, done, live):
+            if riding is None and (all(done) or not self._climb_on(last, done, live)):
                 climbing = {r for r in rows if not done[r]}
                 self.parks += bool(climbing)
                 self._park(states, pack, climbing if self.exit_rule == "park" else set(work) - projected)
@@ -424,27 +552,29 @@ class RowEngine:
         self._stopped(done)
         return StepOutput(logits, exit_at, done)
 
-    def _work(self, first: int, done: list[bool], active: list[bool], position: list[int]) -> list[int]:
+    def _work(self, first: int, done: list[bool], active: list[bool], position: list[int], ride: bool) -> list[int]:
         """The rows a segment from layer `first` runs: those with slots to fill there (a token parked deeper has
-        none below where it waits). Riding along, rows that left go on with the others; parking, they are out of
-        the deeper layers' batch, their skipped layers caught up when a later token of theirs goes deeper. A row at
-        kv="propagate" never rides along: its deeper K/V are the projections of its state at the exit."""
+        none below where it waits). Riding along (`ride`), rows that left go on with the others; parking, they are
+        out of the deeper layers' batch, their skipped layers caught up when a later token of theirs goes deeper. A
+        row at kv="propagate" never rides along: its deeper K/V are the projections of its state at the exit."""
         fill = self.fill[first]
-        ride = self.exit_rule == "ride_along"
         return [
             r
             for r, a in enumerate(active)
             if a and ((ride and not self.propagate[r]) or not done[r]) and position[r] + 1 > fill[r]
         ]
 
-    def _pack(self, x: torch.Tensor, first: int, work: list[int], position: list[int]) -> _Pack:
+    def _pack(self, x: torch.Tensor, first: int, work: list[int], position: list[int], ragged: bool) -> _Pack:
         """The slots the rows in `work` fill in this segment (from the segment's fill level to the row's new slot),
-        each its own query row: no row pads its window to another's width."""
+        each its own query row: no row pads its window to another's width. Rows with one slot come first (one
+        attention batch in a ragged call: `_groups`)."""
         width = x.shape[1]
         fill = self.fill[first]
+        counts = {r: position[r] + 1 - fill[r] for r in work}
+        work = sorted(work, key=lambda r: counts[r] > 1)
         flat, rows_of, slots_of, last = [], [], [], []
         for r in work:
-            count = position[r] + 1 - fill[r]
+            count = counts[r]
             start = r * width + width - count
             flat.extend(range(start, start + count))
             rows_of.extend([r] * count)
@@ -459,18 +589,49 @@ class RowEngine:
         ctx = self.backbone.window_context(self.rows_ctx, slots, None if in_order else row_ids)
         selector = slice(0, len(rows_of)) if in_order else row_ids
         flat_t, last_items = torch.tensor(flat, device=device), torch.tensor(last, device=device)
-        return _Pack(flat_t, row_ids, rows_of, selector, slots, slots_of, last, last_items, key_length, mask, ctx)
+        singles = sum(1 for r in work if counts[r] == 1)
+        lasts = [position[r] for r in work]
+        groups = self._groups(work, lasts, [counts[r] for r in work], singles) if ragged else []
+        return _Pack(
+            flat_t, row_ids, rows_of, selector, slots, slots_of, last, last_items, key_length, mask, ctx, groups
+        )
 
-    def _layers(self, first: int, last: int, x, pack: _Pack, active) -> tuple[torch.Tensor, torch.Tensor]:
+    def _groups(self, rows: list[int], lasts: list[int], counts: list[int], batched: int) -> list[_Group]:
+        """Attention groups over slots packed row after row (`counts[i]` slots of `rows[i]`, its last at slot
+        `lasts[i]`): the first `batched` rows, one slot each, as one batch; each other row alone over its own
+        buffer row."""
+        device, groups = self.threshold.device, []
+        if batched:
+            ids = rows[:batched]
+            slots = torch.tensor(lasts[:batched], device=device)[:, None]
+            key_length = self._key_length(max(lasts[:batched]))
+            mask = (self._key_slots[None, :key_length] <= slots)[:, None, None]
+            contiguous = ids == list(range(ids[0], ids[0] + batched))
+            selector = slice(ids[0], ids[0] + batched) if contiguous else torch.tensor(ids, device=device)
+            groups.append(_Group(slice(0, batched), selector, 1, key_length, mask))
+        start = batched
+        for row, last, count in zip(rows[batched:], lasts[batched:], counts[batched:]):
+            key_length = self._key_length(last)
+            slots = torch.arange(last + 1 - count, last + 1, device=device)[:, None]
+            mask = (self._key_slots[None, :key_length] <= slots)[None, None]
+            groups.append(_Group(slice(start, start + count), slice(row, row + 1), count, key_length, mask))
+            start += count
+        return groups
+
+    def _layers(
+        self, first: int, last: int, x, pack: _Pack, ragged: bool, riding: _Riding | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """LM layers `first..last-1` over the packed slots (every layer of a segment is filled to the same slot):
         the window with their new states, and those states `[m, 1, H]`. The last layer's output is read only at
         the new slots (the final head), so caught-up slots get only their K/V there (`Backbone.run_layer_at`).
-        Every row's new slot and nothing else (a plain segment) replays a CUDA graph where graphs are on."""
+        Every row's new slot and nothing else (a plain segment) replays a CUDA graph where graphs are on. `ragged`:
+        in ragged calls (`_ragged`), with the chunks riding."""
         n, width, hidden = x.shape
         plain = width == 1 and len(pack.rows) == n and isinstance(pack.selector, slice)  # each row's new slot
         states = x if plain else x.reshape(n * width, hidden).index_select(0, pack.flat)[:, None]
-        flat, touched = pack.flat, set(pack.rows)
-        if plain and self.runner.enabled:
+        if ragged:
+            states = self._ragged(first, last, states[:, 0], pack, riding)[:, None]
+        elif plain and self.runner.enabled:
             states = self._plain(first, last, states, pack.slots)
         else:
             for depth in range(first, last):
@@ -478,14 +639,15 @@ class RowEngine:
                 layer = self.backbone.layers[depth]
                 if depth == self.num_layers - 1 and len(pack.rows) > len(pack.last):
                     states = self.backbone.run_layer_at(layer, states, pack.ctx, view, pack.mask, pack.last_items)
-                    flat = pack.flat[pack.last_items]
-                    self.kv_only_slot_layers += len(pack.rows) - len(pack.last)
                 else:
                     states = self.backbone.run_layer(layer, states, pack.ctx, view, pack.mask, None)
-        for depth in range(first, last):
-            fill = self.fill[depth]
+        flat = pack.flat[pack.last_items] if last == self.num_layers else pack.flat  # the slots whose states came out
+        touched = set(pack.rows)
+        for fill in self.fill[first:last]:
             for r in touched:
                 fill[r] = self.position[r] + 1
+        if last == self.num_layers:
+            self.kv_only_slot_layers += len(pack.rows) - len(pack.last)
         self.layer_calls += last - first
         self.slot_layers += len(pack.rows) * (last - first)
         if plain:  # the window is the packed slots
@@ -520,6 +682,53 @@ class RowEngine:
             return (x,)
 
         return run
+
+    def _ragged(
+        self, first: int, last: int, states: torch.Tensor | None, pack: _Pack | None, riding: _Riding | None
+    ) -> torch.Tensor | None:
+        """LM layers `first..last-1` as ragged calls (`Backbone.run_layer_ragged`) over a segment's packed slots
+        (`states [m, H]`; none: the riding chunks alone) and the riding chunks': one call per layer, the linears
+        once over all of them, attention per group (`RaggedView`). Their states come out `[m, H]`; at the top only
+        at each row's new slot (`pack.last`), and the chunks' at the last slot of each prompt that ends there give
+        its first token's logits (`riding.first`)."""
+        m = 0 if pack is None else len(pack.rows)
+        if riding is None:
+            plan = _Plan(pack.row_ids, pack.slots, pack.groups, pack.ctx, pack.memo)
+        else:
+            plan = riding.plan if pack is None else self._plan(pack, riding)
+            states = riding.states if pack is None else torch.cat([states, riding.states])
+        top = last == self.num_layers
+        keep = None
+        if top and (riding is not None or len(pack.rows) > len(pack.last)):
+            ending = [] if riding is None else [m + i for i in riding.ending]
+            items = [*([] if pack is None else pack.last), *ending]
+            keep = torch.tensor(items, dtype=torch.long, device=states.device)
+        for depth in range(first, last):
+            view = RaggedView(self.kv[depth], plan)
+            at = keep if depth == self.num_layers - 1 else None
+            states = self.backbone.run_layer_ragged(self.backbone.layers[depth], states, plan.ctx, view, at)
+        if riding is None:
+            return states
+        riding.depth = last
+        if not top:
+            riding.states, states = states[m:], states[:m]
+        else:
+            kept = 0 if pack is None else len(pack.last)
+            if riding.ending:
+                logits = self.backbone.head(states[kept:])
+                ends = [r for r, (done, count) in zip(riding.rows, riding.spans) if done + count == self._length(r)]
+                riding.first = dict(zip(ends, logits))
+            states = states[:kept]
+        return None if pack is None else states
+
+    def _plan(self, pack: _Pack, riding: _Riding) -> _Plan:
+        """One ragged call's slots: a segment's packed slots, then the riding chunks'."""
+        m = len(pack.rows)
+        row_ids = torch.cat([pack.row_ids, riding.plan.row_ids])
+        slots = torch.cat([pack.slots, riding.plan.slots])
+        shifted = [replace(g, items=slice(g.items.start + m, g.items.stop + m)) for g in riding.plan.groups]
+        ctx = self.backbone.window_context(self.rows_ctx, slots, row_ids)
+        return _Plan(row_ids, slots, pack.groups + shifted, ctx)
 
     def _exit(self, depth: int, states, pack: _Pack, done: list[bool]) -> tuple[list[bool], torch.Tensor]:
         """The exit at `depth` for the packed rows: its layer over their slots (filling its own cache; caught-up

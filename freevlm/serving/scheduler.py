@@ -54,7 +54,9 @@ class _Request:
 
 
 class Scheduler:
-    """Runs decode steps over every live request of one `EarlyExitVLM` (see the module docstring)."""
+    """Runs decode steps over every live request of one `EarlyExitVLM` (see the module docstring). `ragged`: where
+    the backbone has ragged layer calls (OPT), prompts joining while rows decode ride in the decode steps' layer
+    calls (`RowEngine`); False: each iteration's chunks in a window of their own, as for the other families."""
 
     def __init__(
         self,
@@ -65,6 +67,7 @@ class Scheduler:
         max_waiting: int = 64,
         prefill_chunk: int = 64,
         exit_rule: str = EXIT_RULES[0],
+        ragged: bool = True,
     ):
         for name, value in (("max_batch", max_batch), ("max_len", max_len), ("max_waiting", max_waiting)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -81,7 +84,14 @@ class Scheduler:
         self.max_prompt = max_len if max_prompt is None else max_prompt
         graphs = self.backbone.device.type == "cuda" and self.backbone.graph_safe
         self.engine = RowEngine(
-            self.backbone, model.exit_dict(), max_batch, max_len, self.max_prompt, exit_rule, graphs=graphs
+            self.backbone,
+            model.exit_dict(),
+            max_batch,
+            max_len,
+            self.max_prompt,
+            exit_rule,
+            graphs=graphs,
+            ragged=ragged,
         )
         vocab, device = self.backbone.lm_head.weight.shape[0], self.backbone.device
         self.chooser = TokenChooser(max_batch, vocab, device, per_row_generators=True)  # a generator per request
@@ -343,7 +353,11 @@ class Scheduler:
     def _prefill(self) -> None:
         """Encode joining prompts, at most `_budget()` slots in all per iteration (oldest first), together; a row
         whose prompt gave its first token's logits (one that cannot leave early) gets that token now."""
-        first = self.engine.prefill([request.row for request in self._joining], self._budget())
+        self._joined(self.engine.prefill([request.row for request in self._joining], self._budget()))
+
+    def _joined(self, first: dict[int, torch.Tensor]) -> None:
+        """Joining rows the engine made active start decoding; those with their first token's logits in `first`
+        (from `prefill`, or from a step their prompt's chunk rode in) get that token now."""
         for request in [r for r in self._joining if self.engine.active[r.row]]:
             self._joining.remove(request)
             self._running[request.row] = request
@@ -362,6 +376,7 @@ class Scheduler:
         out = self.engine.step(self._last)
         made = [row for row, done in enumerate(out.out) if done]  # a parked token is not out: nothing drawn for it
         self._emit(made, out.logits[made], [out.exit_at[row] for row in made])
+        self._joined(out.first)  # after `_emit`: a joining row below the highest running one got a garbage token
 
     def _emit(self, made: list[int], logits: torch.Tensor, exit_at: list[int]) -> None:
         """Rows `made` choose their token from `logits [k, V]` (greedy argmax, unless a row samples); each running
