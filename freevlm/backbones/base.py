@@ -454,6 +454,25 @@ class Backbone:
             return [self.kv_projection(layer, hidden, ctx, rows, start) for layer in layers[first:]]
         return stack.project(hidden, first)
 
+    def propagated_kv(
+        self,
+        depth: int,
+        exit_layers: dict[int, nn.Module],
+        hidden: torch.Tensor,
+        ctx: Context,
+        rows: torch.Tensor | None,
+        start: int,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """What kv="propagate" fills when tokens leave at exit `depth`, all projected from their state `hidden`
+        there: the K/V of every LM layer from `depth` up, then of every exit layer deeper than `depth`
+        (`exit_layers`: the exits with caches, depth -> layer, in depth order), in that order."""
+        out = self.kv_projections(list(self.layers), depth, hidden, ctx, rows, start)
+        layers = list(exit_layers.values())
+        deeper = sum(1 for i in exit_layers if i > depth)
+        if deeper:
+            out += self.kv_projections(layers, len(layers) - deeper, hidden, ctx, rows, start)
+        return out
+
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """The frozen final norm (and anything between it and the head)."""
         raise NotImplementedError

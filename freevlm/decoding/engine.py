@@ -297,11 +297,8 @@ class Engine(ABC):
         """Tokens of `rows` left at `depth`: fill the K/V of every deeper layer and exit layer from their state now
         (propagate mode; every cache is full below `lo`, so the new slots are the whole window)."""
         caches = [*self.kv[depth:], *(kv for i, kv in self.exit_kv.items() if i > depth)]
-        out = self.backbone.kv_projections(list(self.backbone.layers), depth, x, self.ctx, rows, lo)
-        deeper = [i for i in self.exit_kv if i > depth]
-        if deeper:
-            exit_layers = [self.exits[i].layer for i in self.exit_kv]
-            out += self.backbone.kv_projections(exit_layers, len(exit_layers) - len(deeper), x, self.ctx, rows, lo)
+        exit_layers = {i: self.exits[i].layer for i in self.exit_kv}
+        out = self.backbone.propagated_kv(depth, exit_layers, x, self.ctx, rows, lo)
         for cache, (keys, values) in zip(caches, out):
             cache.store(rows, ids, lo, keys, values)
         self.work.kv_projections += len(caches)

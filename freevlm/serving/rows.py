@@ -813,7 +813,7 @@ class RowEngine:
 
     def _propagate(self, depth: int, states: torch.Tensor, pack: _Pack, rows: set[int]) -> None:
         """Tokens of `rows` (kv="propagate") left at exit `depth`: every deeper layer's and exit layer's K/V at their
-        slot are projected from their state there, as `generate` does (`Backbone.kv_projections`: one stacked
+        slot are projected from their state there, as `generate` does (`Backbone.propagated_kv`: one stacked
         matmul where the family allows), so nothing of theirs is pending. A row at propagate has one slot in a
         pack (nothing of it is ever caught up)."""
         items = [i for i in pack.last if pack.rows[i] in rows]
@@ -822,13 +822,10 @@ class RowEngine:
         row_ids, slots = torch.tensor(ids, device=device), pack.slots[items]
         hidden = states[items]
         ctx = self.backbone.window_context(self.rows_ctx, slots, row_ids)
-        caches = list(self.kv[depth:])
-        out = self.backbone.kv_projections(list(self.backbone.layers), depth, hidden, ctx, None, 0)
         deeper = [i for i in self.exit_kv if i > depth]
-        if deeper:
-            exit_layers = [self.exits[i].layer for i in self.exit_kv]
-            caches += [self.exit_kv[i] for i in deeper]
-            out += self.backbone.kv_projections(exit_layers, len(exit_layers) - len(deeper), hidden, ctx, None, 0)
+        caches = [*self.kv[depth:], *(self.exit_kv[i] for i in deeper)]
+        exit_layers = {i: self.exits[i].layer for i in self.exit_kv}
+        out = self.backbone.propagated_kv(depth, exit_layers, hidden, ctx, None, 0)
         memo: dict = {}
         for cache, (keys, values) in zip(caches, out):
             RowView(cache, slots, row_ids, 0, memo=memo).write(keys, values)
