@@ -11,12 +11,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from .calibration import Calibration, CalibrationOptions, calibrate_exits
+from .decoding.generate import calls_speedup
 from .eval.evaluate import EvalResult
 from .eval.predictions import PredictionLog
 from .methods import trainable_parameters
 from .model import EarlyExitVLM
 
-SPEEDUPS = ("ideal", "analytic", "wallclock")
+SPEEDUPS = ("ideal", "analytic", "calls", "wallclock")
 
 
 def exits_subset(ee, layers: Sequence[int]):
@@ -79,11 +80,13 @@ class Placement:
         }
 
 
-def _speedups(results: dict[float, EvalResult], threshold: float) -> dict[str, float | None]:
+def _speedups(results: dict[float, EvalResult], threshold: float, layers: Sequence[int]) -> dict[str, float | None]:
     if threshold not in results:  # the fallback was not in the grid: it never exits early
-        return {"ideal": 1.0, "analytic": 1.0, "wallclock": None}
+        return {"ideal": 1.0, "analytic": 1.0, "calls": 1.0, "wallclock": None}
     s = results[threshold].speed
-    return {"ideal": s.ideal_speedup, "analytic": s.analytic_speedup, "wallclock": s.wallclock_speedup}
+    tokens = [layer for layer, count in s.exit_histogram.items() for _ in range(count)]
+    calls = calls_speedup(tokens, s.num_layers, list(layers))
+    return {"ideal": s.ideal_speedup, "analytic": s.analytic_speedup, "calls": calls, "wallclock": s.wallclock_speedup}
 
 
 def place_exits(
@@ -104,8 +107,10 @@ def place_exits(
     budget on `records`, and keep the one with the largest `speedup` at its certified threshold.
 
     `speedup`: "ideal" (parameters the full model reads over those early exit reads, counted by the engine: exit
-    layers and heads included - the cost of a weight-bound decode step), "analytic" (the paper's N / mean layers per
-    token; blind to the cost of exits a token passes), or "wallclock" (measured here; noisy on a shared machine).
+    layers and heads included - the cost of a weight-bound decode step; batched runs count rows riding along),
+    "analytic" (the paper's N / mean layers per token; blind to the cost of exits a token passes), "calls" (N / LM
+    layers plus exit layers consulted per token: the weight-bound cost from each token's exit alone, so batched runs
+    give it too) or "wallclock" (measured here; noisy on a shared machine).
     Each placement is certified at 1 - (1 - confidence) / m for m placements (Bonferroni), so the chosen placement's
     threshold keeps the guarantee at the options' `confidence` although it was picked on the same data. `options`,
     `full_outputs`, `progress` and `log`: as `calibrate_exits` takes them, for every placement (`log` names each
@@ -132,7 +137,7 @@ def place_exits(
             records,
             replace(options, confidence=each),
             full_outputs=full_outputs,
-            time_every_run=speedup != "analytic",
+            time_every_run=speedup in ("ideal", "wallclock"),
             progress=progress,
             log=_placement_log(log, layers),
         )
@@ -141,7 +146,7 @@ def place_exits(
             full_outputs = [row["full_prediction"] for row in first.predictions]
         if calibration is None:  # not the main process (`accelerate launch`): only the main one certifies
             continue
-        speeds = _speedups(results, calibration.threshold)
+        speeds = _speedups(results, calibration.threshold, layers)
         value = speeds[speedup] if speeds[speedup] is not None else 1.0
         placements.append(Placement(layers, sum(parameters[i] for i in layers), calibration, value, speeds))
         say(

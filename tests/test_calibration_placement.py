@@ -11,6 +11,7 @@ from tiny_processor import tiny_bundle
 
 from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.cli import main
+from freevlm.decoding.generate import analytic_speedup, calls_speedup
 from freevlm.decoding.policies import FixedSchedulePolicy
 from freevlm.loading import load_vlm
 from freevlm.placement import candidate_placements, exits_subset
@@ -33,6 +34,17 @@ def test_exits_subset_runs_like_exits_built_alone():
     assert torch.equal(got.sequences, want.sequences) and torch.equal(got.exit_layers, want.exit_layers)
     with pytest.raises(ValueError, match=r"no trained exit at layers \[5\] \(trained exits: \[1, 2, 3\]\)"):
         exits_subset(every, [2, 5])
+
+
+def test_calls_speedup_counts_every_exit_a_token_consulted():
+    """One token out at exit 1, two through every layer, of 12: the paper's speedup counts the exit left at only;
+    `calls` counts each exit passed on the way as a layer, so exits 3 and 6, which let no token out, cost calls."""
+    tokens = [1, 12, 12]
+    assert analytic_speedup(tokens, 12) == pytest.approx(36 / (2 + 12 + 12))
+    assert calls_speedup(tokens, 12, [1]) == pytest.approx(36 / (2 + 13 + 13))
+    assert calls_speedup(tokens, 12, [1, 3, 6]) == pytest.approx(36 / (2 + 15 + 15))
+    assert calls_speedup([3, 12], 12, [1, 3]) == pytest.approx(24 / (5 + 14))  # out at 3: passed exit 1, left at 3
+    assert calls_speedup([], 12, [1]) == 1.0
 
 
 def test_candidate_placements_respect_the_budget():
@@ -95,6 +107,9 @@ def test_place_exits_chooses_the_certified_fastest_placement(identity_top, tmp_p
     by_layers = {tuple(p["layers"]): p for p in report["alternatives"]}
     assert set(by_layers) == {(2,), (3,), (2, 3)}
     assert by_layers[(3,)]["speedups"]["analytic"] == pytest.approx(1.0)  # exit 3 saves no layer
+    # counting the exits consulted: (2, 3) lets every token out at 2 too, so it costs what [2] costs; [3] loses
+    assert by_layers[(2, 3)]["speedups"]["calls"] == chosen["speedups"]["calls"] == pytest.approx(4 / 3)
+    assert by_layers[(3,)]["speedups"]["calls"] == pytest.approx(1.0)
     assert all(p["speedup"] <= chosen["speedup"] for p in report["alternatives"])
     assert "chosen exits: [2] at threshold 0" in capsys.readouterr().out
 

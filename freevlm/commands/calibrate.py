@@ -55,7 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=SPEEDUPS,
         default="ideal",
         help="what to maximise: ideal (parameters touched, counted by the engine), analytic (the "
-        "paper's N / layers per token), wallclock (measured here)",
+        "paper's N / layers per token), calls (N / LM and exit layers run per token: every exit a token consulted "
+        "costs a layer), wallclock (measured here)",
     )
     p.add_argument("--max-placements", type=positive_int, default=64, help="refuse budgets that allow more placements")
     p.add_argument("--out", type=output_file, required=True, help="placement JSON to write")

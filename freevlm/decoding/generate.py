@@ -246,6 +246,17 @@ def analytic_speedup(exit_layers: list[int], num_layers: int) -> float:
     return num_layers * len(used) / sum(used)
 
 
+def calls_speedup(exit_layers: list[int], num_layers: int, exits: list[int]) -> float:
+    """Layer calls per token with every exit a token consulted counted: N over the LM layers it ran plus each of
+    `exits` it passed or left at (FREE's exits are layers). It is what decode costs where a call costs its weights
+    (batch 1; a small model on a CPU), so an exit that lets few tokens out costs more than it saves, which the
+    paper's speedup does not see; it reads only each token's exit layer, so batched runs can report it."""
+    if not exit_layers:
+        return 1.0
+    used = [min(e, num_layers) + sum(1 for x in exits if x <= e and x < num_layers) for e in exit_layers]
+    return num_layers * len(used) / sum(used)
+
+
 def summarize(backbone: Backbone, engine: Engine, exit_layers: torch.Tensor) -> DecodeStats:
     n, steps = backbone.num_layers, engine.work.steps
     real = [int(e) for e in exit_layers.flatten().tolist() if e >= 0]

@@ -148,8 +148,9 @@ def certify(runner: Runner, ee: EarlyExitVLM, calib: CalibrationSet, on_test: On
 def place(runner: Runner, candidates: EarlyExitVLM, calib: CalibrationSet, on_test: OnTest) -> Placement:
     """Exits chosen by measurement (`place_exits`): every set of at most `exit_budget` of the `candidates` exits
     (FREE's recipe, `free_candidates`), certified on the calibration split; the fastest certified one against the
-    fixed `exit_layers`, both then checked on test. Speedup is analytic: batched runs cannot count one request's
-    work."""
+    fixed `exit_layers`, both then checked on test. Speedup is "calls" (LM and exit layers per token, from each
+    token's exit layer): batched runs cannot count one request's work, and the paper's analytic speedup counts an
+    exit a token passes as free, so it would keep exits that cost more calls than they save."""
     cfg, t0, source = runner.cfg, time.perf_counter(), "free_candidates"
     total = cfg.placements() * len(cfg.placement_thresholds) * len(calib.records)
     with runner.progress.ticking(runner.bundle, "exit placement", total) as processor:
@@ -160,7 +161,7 @@ def place(runner: Runner, candidates: EarlyExitVLM, calib: CalibrationSet, on_te
             calib.records,
             calib.options(cfg, cfg.placement_thresholds),
             budget_exits=cfg.exit_budget,
-            speedup="analytic",
+            speedup="calls",
             full_outputs=calib.full_outputs,
         )
     fixed = next((p for p in placements if p.layers == tuple(sorted(cfg.exit_layers))), None)  # None: over budget
@@ -172,7 +173,7 @@ def place(runner: Runner, candidates: EarlyExitVLM, calib: CalibrationSet, on_te
         exits_from=source,
         candidates=cfg.candidates(),
         budget_exits=cfg.exit_budget,
-        speedup="analytic",
+        speedup="calls",
         thresholds=list(cfg.placement_thresholds),
         n=best.calibration.n,
         tolerance=cfg.tolerance,

@@ -12,6 +12,10 @@ from typing import Any
 
 CAPTION_METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE", "exact_match")
 SPLIT_NAMES = {"test": "test", "ood": "OOD"}
+SPEEDUP_MEANING = {  # the placement's speedup kinds (`freevlm.placement.SPEEDUPS`) a report may name
+    "analytic": "N / mean layers per token, an exit counting as one layer",
+    "calls": "N / LM layers plus exit layers consulted per token: each exit a token passed or left at is a layer",
+}
 OOD_NOTE = (
     "OOD: the out-of-distribution split, colour-shape combinations never seen in training (like NoCaps' out-domain)."
 )
@@ -269,8 +273,8 @@ def _placement_table(p: dict) -> Table:
         f"From {source}. {p['placements_tested']} sets of at most {p['budget_exits']} exits, each certified on the "
         f"calibration split ({p['n']} images, thresholds {', '.join(map(fmt_threshold, p['thresholds']))}) at "
         f"confidence {p['confidence_per_placement']:.4g} (Bonferroni): {p['guarantee']}.",
-        f"Speedup: {p['speedup']} (N / mean layers per token, an exit counting as one layer) at each set's certified "
-        "threshold; the runs are batched, where one request's work cannot be counted.",
+        f"Speedup: {p['speedup']} ({SPEEDUP_MEANING.get(p['speedup'], '')}) at each set's certified threshold; the "
+        "runs are batched, where one request's work cannot be counted.",
         f"Added time: {fmt_seconds(p['seconds'])}.",
     ]
     headers = ["exits", "trainable parameters", "certified threshold", "calibration risk", "speedup"]
