@@ -7,9 +7,10 @@ import math
 import pytest
 
 from freevlm.cli import main
+from freevlm.commands import serve
 from freevlm.demo.config import DemoConfig
 from freevlm.demo.tables import fmt, fmt_speedup, fmt_threshold
-from freevlm.demo.train import trained_model
+from freevlm.demo.train import placed_layers, trained_model
 from freevlm.eval.evaluate import CAPTION_PROMPT
 from freevlm.loading import TrainingPrompt
 
@@ -42,7 +43,7 @@ def times_aside(results: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_quick_demo_writes_a_consistent_report(tmp_path):
+def test_quick_demo_writes_a_consistent_report(tmp_path, monkeypatch):
     out, cache = tmp_path / "report", tmp_path / "cache"
     assert main(["demo", "--quick", "--out", str(out), "--cache", str(cache)]) == 0
     for name in ("report.md", "results.json", "index.html", "quality_vs_speedup.png", "per_layer.png"):
@@ -76,6 +77,10 @@ def test_quick_demo_writes_a_consistent_report(tmp_path):
     # what `freevlm serve` finds in the cache, with the prompt its captions were trained after
     backbone, exits = trained_model(DemoConfig.quick_config(cache=str(cache)))
     assert TrainingPrompt.read(backbone) == CAPTION_PROMPT and (exits / "exits_config.json").is_file()
+    # and the exits it serves: those the placement chose (recorded in the cache), not the fixed ones
+    assert placed_layers(exits) == tuple(placement["chosen"]["layers"])
+    monkeypatch.setenv("FREEVLM_CACHE", str(cache))
+    assert serve.demo_model()[2] == tuple(placement["chosen"]["layers"])
     # a second run reuses the trained backbone and exits, and measures the same
     assert main(["demo", "--quick", "--out", str(out), "--cache", str(cache)]) == 0
     again = json.loads((out / "results.json").read_text())

@@ -161,16 +161,18 @@ def load_served_model(args: argparse.Namespace):
 
 
 def demo_model() -> tuple[Path, Path, tuple[int, ...], str]:
-    """(backbone, exits, FREE's exit layers, the prompt it was trained after) of the demo's trained model: the full
-    recipe's, else `--quick`'s (the prompt: for a cache from before its folder recorded it)."""
+    """(backbone, exits, exit layers, the prompt it was trained after) of the demo's trained model: the full
+    recipe's, else `--quick`'s (the prompt: for a cache from before its folder recorded it). The exit layers are
+    those its placement chose (by layer calls, exits consulted counted), else FREE's fixed ones."""
     from ..demo.config import DemoConfig, default_cache
-    from ..demo.train import trained_model
+    from ..demo.train import placed_layers, trained_model
     from ..loading import CAPTION_PROMPT
 
     for cfg in (DemoConfig(), DemoConfig.quick_config()):
         found = trained_model(cfg)
         if found is not None:
-            return (*found, tuple(cfg.exit_layers), CAPTION_PROMPT)
+            layers = placed_layers(found[1]) or tuple(cfg.exit_layers)
+            return (*found, layers, CAPTION_PROMPT)
     raise UserError(
         f"no trained demo model in {default_cache()} ($FREEVLM_CACHE): run `freevlm demo --quick` (a few minutes) "
         "or `freevlm demo` to make one, or give --backbone (and --exits)"

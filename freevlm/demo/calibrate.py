@@ -14,6 +14,7 @@ from ..placement import exits_subset, place_exits, placement_guarantee
 from .config import DemoConfig
 from .evaluate import SplitRuns
 from .runs import Runner
+from .train import save_placement
 
 CONSISTENCY_WHY = (
     "Chosen over the per-caption CIDEr drop because it needs no labels, its 0/1 losses get the "
@@ -186,6 +187,7 @@ def place(runner: Runner, candidates: EarlyExitVLM, calib: CalibrationSet, on_te
         alternatives=sorted((p.as_dict() for p in placements), key=lambda d: -d["speedup"]),
         seconds=time.perf_counter() - t0,
     )
+    save_placement(cfg, best.layers, best.calibration.threshold, best.calibration.certified)
     line = (
         f"placement: chosen exits {list(best.layers)} at threshold {best.calibration.threshold:g} "
         f"({best.speedup:.2f}x), {len(placements)} placements in {out.seconds:.0f}s"

@@ -77,6 +77,25 @@ def exits_folder(cfg: DemoConfig, backbone: str | Path, name: str, key_fields: t
     return Path(f"{backbone}-exits-{name}-{cfg.recipe_key(*EXIT_FIELDS, *key_fields)}")
 
 
+PLACEMENT_FILE = "placement.json"  # beside FREE's candidate exits: the layers the demo's placement chose
+
+
+def save_placement(cfg: DemoConfig, layers: tuple[int, ...], threshold: float, certified: bool) -> None:
+    """Record the placement's choice beside the exits it chose among, so `freevlm serve` and the benchmarks consult
+    those exits; written to a temp file and renamed, so a crash never leaves half a record."""
+    folder = exits_folder(cfg, backbone_folder(cfg), "free_candidates", ("candidate_layers",))
+    record = {"layers": list(layers), "threshold": threshold, "certified": bool(certified)}
+    tmp = folder / f".{PLACEMENT_FILE}.tmp"
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(folder / PLACEMENT_FILE)
+
+
+def placed_layers(exits: Path) -> tuple[int, ...] | None:
+    """The layers the demo's placement chose among the exits in `exits` (`trained_model`'s), if it recorded any."""
+    record = Path(exits).parent / PLACEMENT_FILE
+    return tuple(json.loads(record.read_text())["layers"]) if record.is_file() else None
+
+
 def trained_model(cfg: DemoConfig) -> tuple[Path, Path] | None:
     """The folders of the demo's trained backbone and of FREE's exits (the run at every candidate layer; FREE's
     own are those at `cfg.exit_layers`) in `cfg.cache`, or None if that recipe was not trained there."""
