@@ -80,9 +80,9 @@ def _scenario(ee, mixed, seed: int, count: int = 7):
 
 @pytest.mark.parametrize(
     "seed, exit_rule, ragged",
-    [(8, "park", False), (9, "park", False), (19, "park", True), (20, "park", True), (1, "ride_along", True)]
+    [(8, "park", False), (35, "park", False), (19, "park", True), (20, "park", True), (1, "ride_along", True)]
     + [(4, "coin", True)],
-)  # 8, 9 park in each family without ragged calls; 19, 20 with them (OPT's)
+)  # 8, 35 park in each family without ragged calls; 19, 20 with them (OPT's)
 def test_every_request_decodes_as_alone(ee, mixed, seed, exit_rule, ragged, monkeypatch):
     """`coin`: the park rule's decision at each exit is a coin toss (still at most `max_wait` steps of waiting), so
     tokens park and resume at every depth: exactness must not depend on what the rule decides. `ragged`: where the
@@ -229,7 +229,7 @@ def test_prompts_joining_while_rows_decode_decode_as_alone(ee, mixed, ragged):
     calls, each over its own row's K/V; each request decodes as alone."""
     if ragged and ee.backbone.family != "opt":
         pytest.skip("ragged layer calls: OPT's")
-    rng, requests = random.Random(20), []  # 20: tokens park in each family, with ragged calls too
+    rng, requests = random.Random(49), []  # 49: tokens park in each family, with ragged calls too
     for i in range(8):
         pv, ids, _ = tiny_inputs(ee.model, batch=1, prompt_len=rng.randint(2, 8), seed=130 + i)
         options = dict(max_new_tokens=rng.randint(3, 10), threshold=rng.choice([1.0, *mixed]), eos_token_id=[])

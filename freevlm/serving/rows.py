@@ -188,7 +188,7 @@ class _Riding:
     plan: _Plan
     ending: list[int]  # the last item of each row whose whole prompt ends here: its first token's logits
     depth: int = 0
-    first: dict = field(default_factory=dict)  # row -> [V]
+    first: dict = field(default_factory=dict)  # row -> (logits [V], the final layer)
 
 
 @dataclass
@@ -217,7 +217,7 @@ class StepOutput:
     logits: torch.Tensor  # [n, V] logits of the layer each row left at
     exit_at: list[int]  # that layer (num_layers = final)
     out: list[bool]  # whether each row's token is out (a parked row's is not: it goes on at a later step)
-    first: dict[int, torch.Tensor] = field(default_factory=dict)  # joining rows' first token's logits (`prefill`)
+    first: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)  # joining rows' first tokens (`prefill`)
 
 
 class RowEngine:
@@ -294,13 +294,14 @@ class RowEngine:
         self.propagate[row] = kv == "propagate"
         self.threshold[row] = threshold
 
-    def prefill(self, rows: list[int], budget: int) -> dict[int, torch.Tensor]:
+    def prefill(self, rows: list[int], budget: int) -> dict[int, tuple[torch.Tensor, int]]:
         """Encode up to `budget` more prompt slots of the joining `rows`, the first ones' first (a chunk goes past
         the budget where the backbone cannot cut the prompt there: `prefill_cut`). The chunks of the rows whose
         prompts may share a window of rows (`Backbone.prompt_in_rows`) run together, one call per layer; the others
-        in their own context. A row whose prompt is encoded up to its end (`_prompt_end`) is active: a row that may
-        leave early has its last prompt slot as its first step; one that may not got its first token's logits here,
-        returned `{row: [V]}` (its next step reads the token chosen from them)."""
+        in their own context. A row whose prompt is encoded up to its end (`_prompt_end`) is active: one whose whole
+        prompt was encoded got its first token's logits here and the layer it left at, returned `{row: ([V],
+        layer)}` (its next step reads the token chosen from them); another has its last prompt slot as its first
+        step."""
         chunks = {}  # row -> (slot of its chunk's first, slots in it)
         for row in rows:
             ctx, _, done = self.prompts[row]
@@ -325,7 +326,7 @@ class RowEngine:
         self._advance(chunks, first)
         return first
 
-    def _advance(self, chunks: dict[int, tuple[int, int]], first: dict[int, torch.Tensor]) -> None:
+    def _advance(self, chunks: dict[int, tuple[int, int]], first: dict) -> None:
         """Joining rows whose chunks (`{row: (first slot, slots)}`) were encoded move on; a row whose prompt is
         encoded up to its end is active (its first step reads its last prompt slot unless `first` has its logits)."""
         for row, (done, count) in chunks.items():
@@ -360,11 +361,12 @@ class RowEngine:
         return _Riding(rows, spans, states, plan, ending)
 
     def _prompt_end(self, row: int) -> int:
-        """The prompt slots `prefill` encodes for a joining row: all of them where its first token cannot leave
-        early and its prompt runs in a window of rows (`generate` takes that token from the last layer of its one
-        pass over the prompt; a step of its own for the last slot would cost every layer call again), else all but
-        the last (its first step)."""
-        whole = not self.may_exit[row] and self.backbone.prompt_in_rows(self.prompts[row][0])
+        """The prompt slots `prefill` encodes for a joining row: all of them where its prompt runs in a window of
+        rows, its first token then chosen there (the last layer's, or an exit's on the way up: `_exit_in_window`; a
+        step of its own for the last slot would cost its layer calls again), else all but the last (its first step).
+        Not at kv="propagate" where the token may leave: its deeper K/V at that slot must be the projections."""
+        early = self.may_exit[row] and self.propagate[row]
+        whole = not early and self.backbone.prompt_in_rows(self.prompts[row][0])
         return self._length(row) - (0 if whole else 1)
 
     def _length(self, row: int) -> int:
@@ -386,14 +388,15 @@ class RowEngine:
         return max((r + 1 for r in range(self.max_rows) if self.active[r]), default=0)
 
     @torch.no_grad()
-    def _encode(self, rows: list[int], chunks: list[tuple[int, int]], own: bool = False) -> dict[int, torch.Tensor]:
+    def _encode(self, rows: list[int], chunks: list[tuple[int, int]], own: bool = False) -> dict:
         """Prompt chunks (`(first slot, slots)` of each of `rows`) through every layer, and every exit layer with a
         cache for the rows that may leave early: one call per layer over a window `[rows, longest chunk]`, each
         chunk from its row's first column (the columns past its end repeat its last slot, as a query, and write the
         trash slot). In a window of rows (`window_context`), or, `own`, in the one row's own context. Where no one
         reads a layer's output (an exit layer's, the last layer's but at the last slot of a whole prompt: see
-        `_prompt_end`) only its K/V are computed (`Backbone.fill_kv`). Returns the first token's logits `[V]` of the
-        rows whose whole prompt ends in this window."""
+        `_prompt_end`) only its K/V are computed (`Backbone.fill_kv`). Returns `{row: (logits [V], layer)}`: the first
+        token of each row whose whole prompt ends in this window, from the first exit whose threshold it reaches at
+        the last slot where the row may leave early (`_exit_in_window`), else from the last layer."""
         device, width = self.threshold.device, max(count for _, count in chunks)
         first = torch.tensor([done for done, _ in chunks], device=device)[:, None]
         last = torch.tensor([done + count - 1 for done, count in chunks], device=device)[:, None]
@@ -431,27 +434,57 @@ class RowEngine:
             view, ctx, _ = window(everyone)
         leaving = [i for i, r in enumerate(rows) if self.may_exit[r]]
         ending = [i for i, (r, (done, count)) in enumerate(zip(rows, chunks)) if done + count == self._length(r)]
-        bounds = [0, *(i for i in self.exit_kv if leaving), self.num_layers]
-        first_logits = {}
-        for low, high in itertools.pairwise(bounds):
+        deciding = [i for i in ending if self.may_exit[rows[i]]]  # their first token may leave on the way up
+        at = {i: chunks[i][1] - 1 for i in ending}  # the column of its last slot
+        exits = {*(i for i in self.exit_kv if leaving), *(self.exits if deciding else ())}
+        chosen = {}  # place in `rows` -> (logits [V], the layer its first token left at)
+        for low, high in itertools.pairwise([0, *sorted(exits), self.num_layers]):
             for depth in range(low, high):
                 layer = self.backbone.layers[depth]
                 if depth < self.num_layers - 1:
                     x = self.backbone.run_layer(layer, x, ctx, view(self.kv[depth]), mask, None)
-                elif ending:  # the first token of the rows whose whole prompt ends here: the last layer's output there
-                    keep = torch.tensor(ending, device=device)
+                    continue
+                final = [i for i in ending if i not in chosen]
+                if final:  # the first token of the rows whose whole prompt ends here: the last layer's output there
+                    keep = torch.tensor(final, device=device)
                     out = self.backbone.run_layer_at(layer, x, ctx, view(self.kv[depth]), mask, keep)
-                    at = torch.tensor([chunks[i][1] - 1 for i in ending], device=device)
-                    logits = self.backbone.head(out[torch.arange(len(ending), device=device), at])
-                    first_logits = {rows[i]: logits[j] for j, i in enumerate(ending)}
+                    logits = self.backbone.head(out[torch.arange(len(final), device=device), self._at(at, final)])
+                    chosen |= {i: (logits[j], self.num_layers) for j, i in enumerate(final)}
                 else:  # no one reads the last layer's output at a prompt slot
                     self.backbone.fill_kv(layer, x, ctx, view(self.kv[depth]), mask)
-            if high in self.exit_kv:  # no one reads an exit layer's output either
-                exit_view, exit_ctx, places = (view, ctx, slice(None)) if leaving == everyone else window(leaving)
-                self.backbone.fill_kv(
-                    self.exits[high].layer, x[places], exit_ctx, exit_view(self.exit_kv[high]), mask[places]
+            if high < self.num_layers:
+                chosen |= self._exit_in_window(
+                    high, x, mask, rows, leaving, [i for i in deciding if i not in chosen], at, window, view, ctx
                 )
-        return first_logits
+        return {rows[i]: token for i, token in chosen.items()}
+
+    def _exit_in_window(self, depth, x, mask, rows, leaving, deciding, at, window, view, ctx) -> dict:
+        """The exit at `depth` in a prompt window: its layer's K/V for the rows that may leave (no one reads its
+        output at a prompt slot), and for `deciding` (places whose whole prompt ends here, their first token not
+        out yet) its logits at their last slot, as their first `step` would take them there; returns
+        `{place: (logits, depth)}` for those whose threshold it reaches."""
+        exit_module, device = self.exits[depth], x.device
+        features = x[deciding, self._at(at, deciding)] if deciding else None
+        if depth in self.exit_kv:
+            everyone = list(range(len(rows)))
+            exit_view, exit_ctx, places = (view, ctx, slice(None)) if leaving == everyone else window(leaving)
+            args = (exit_module.layer, x[places], exit_ctx, exit_view(self.exit_kv[depth]), mask[places])
+            if deciding:
+                keep = torch.tensor([leaving.index(i) for i in deciding], device=device)
+                out = self.backbone.run_layer_at(*args, keep)
+                features = out[torch.arange(len(deciding), device=device), self._at(at, deciding)]
+            else:
+                self.backbone.fill_kv(*args)
+        if not deciding:
+            return {}
+        logits = exit_module.logits(self.backbone, features)
+        ids = torch.tensor([rows[i] for i in deciding], device=device)
+        confident = (max_probability(logits) >= self.threshold[ids]).tolist()
+        return {i: (logits[j], depth) for j, i in enumerate(deciding) if confident[j]}
+
+    def _at(self, at: dict[int, int], places: list[int]) -> torch.Tensor:
+        """The column of each place's last slot in a prompt window."""
+        return torch.tensor([at[i] for i in places], device=self.threshold.device)
 
     def _key_length(self, deepest: int) -> int:
         """Key slots a window reads whose deepest query slot is `deepest`: up to it, rounded up to `KEY_BUCKET`."""
@@ -717,7 +750,7 @@ class RowEngine:
             if riding.ending:
                 logits = self.backbone.head(states[kept:])
                 ends = [r for r, (done, count) in zip(riding.rows, riding.spans) if done + count == self._length(r)]
-                riding.first = dict(zip(ends, logits))
+                riding.first = {row: (row_logits, self.num_layers) for row, row_logits in zip(ends, logits)}
             states = states[:kept]
         return None if pack is None else states
 

@@ -355,7 +355,7 @@ class Scheduler:
         whose prompt gave its first token's logits (one that cannot leave early) gets that token now."""
         self._joined(self.engine.prefill([request.row for request in self._joining], self._budget()))
 
-    def _joined(self, first: dict[int, torch.Tensor]) -> None:
+    def _joined(self, first: dict[int, tuple[torch.Tensor, int]]) -> None:
         """Joining rows the engine made active start decoding; those with their first token's logits in `first`
         (from `prefill`, or from a step their prompt's chunk rode in) get that token now."""
         for request in [r for r in self._joining if self.engine.active[r.row]]:
@@ -364,7 +364,7 @@ class Scheduler:
             self._choose_as(request)
         if first:
             made = list(first)
-            self._emit(made, torch.stack([first[row] for row in made]), [self.backbone.num_layers] * len(made))
+            self._emit(made, torch.stack([first[row][0] for row in made]), [first[row][1] for row in made])
 
     def _choose_as(self, request: _Request) -> None:
         """The row starts decoding: its token choice (and generator) from now on."""
