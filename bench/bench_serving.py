@@ -1,8 +1,10 @@
-"""Serving under Poisson arrivals: one request at a time, static batches, continuous batching (full model) and
-continuous batching with exits under each exit rule, side by side in one run, per arrival rate.
+"""Serving under Poisson arrivals, and in closed loops at a fixed number of concurrent requests: one request at a
+time, static batches, continuous batching (full model) and continuous batching with exits under each exit rule,
+side by side in one run, per arrival rate and per concurrency.
 
-    cd bench && PYTHONPATH=.. python bench_serving.py [--rates 4 32] [--requests 24] [--thresholds 0.5 0.6]
-        [--lengths uniform] [--batch-wait 0.5 inf] [--prefill-chunk 64] [--ragged both] [--turns 2]
+    cd bench && PYTHONPATH=.. python bench_serving.py [--rates 4 32] [--concurrency 16 4 1] [--requests 24]
+        [--thresholds 0.5 0.6] [--lengths uniform] [--batch-wait 0.5 inf] [--prefill-chunk 64] [--ragged both]
+        [--turns 2]
 
 The model is the demo's (`freevlm demo`'s trained OPT backbone and its exits, from its cache, FREEVLM_CACHE or
 `freevlm.demo.config.default_cache()`) captioning the demo's test images with its prompt, EOS on. With
@@ -24,10 +26,20 @@ prompt's chunk rides in the decode step's calls: `RowEngine(ragged=True)`, the d
 each iteration's chunks in a window of their own, 12 calls more); `--turns` repeats every run, in the same order,
 so configurations alternate in one process and the ratios are printed per turn.
 
+A Poisson run below saturation measures how efficiently the server keeps up (continuous batching decodes only the
+rows that have arrived, a static batcher waits to gather more), not throughput at a given concurrency; for that,
+`--concurrency K` runs closed loops (instead of the default rates, or as well with --rates): K clients, each
+submitting its next request as soon as its last is answered, over rate 1's requests (arrival times unused). Static
+batches: the clients whose batch ended resubmit at its end, and the batcher takes up to --max-batch waiting
+requests; since every client then waits, nothing more can come and the batch goes at once whatever --batch-wait is
+(one "static" run). One at a time is concurrency 1 whatever K. Static batches print their rows and, in brackets,
+the rows whose request still wants tokens (live), averaged over decode steps.
+
 Throughput is printed twice: tokens per wall-clock second (arrival gaps included: at a low rate it is the arrival
-rate) and tokens per CPU second this process spent working, which the ratios use: on a machine shared with other
-jobs the wall clock of a busy second varies several-fold between runs, its CPU seconds far less (run with
---threads 1, the default, so a CPU second is a second of work). On a GPU (`--device cuda --dtype bfloat16`: the
+rate; in a closed loop, which never idles, the work rate too, so its ratios print both) and tokens per CPU second
+this process spent working, which the ratios use: on a machine shared with other jobs the wall clock of a busy
+second varies several-fold between runs, its CPU seconds far less (run with --threads 1, the default, so a CPU
+second is a second of work). On a GPU (`--device cuda --dtype bfloat16`: the
 random model at --preset's size, as `bench/run_gpu.sh` runs it) the CPU waits on the device, so a second of work
 is the wall clock inside the steps (each ends on the host, reading its tokens) and the generate calls.
 """
