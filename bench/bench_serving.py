@@ -21,10 +21,11 @@ arrivals waiting meanwhile; each row counts only the tokens its request asked fo
 to first token and time per output token (p50/p99), the mean rows decoding together and the mean exit layer; the
 baselines do not stream, so their first token counts at the end of their prefill (`DecodeStats.seconds_prefill`),
 which favours them. "prefill stall" is the longest scheduler step that encoded a prompt next to the median step
-that did not. `--ragged both` runs each continuous configuration twice, with ragged layer calls (a joining
-prompt's chunk rides in the decode step's calls: `RowEngine(ragged=True)`, the default) and without ("old calls":
-each iteration's chunks in a window of their own, 12 calls more); `--turns` repeats every run, in the same order,
-so configurations alternate in one process and the ratios are printed per turn.
+that did not; "steps (joins in ...)" counts the scheduler's steps, those with a request waiting or joining, and
+their share of its work. `--ragged both` runs each continuous configuration twice, with ragged layer calls (a
+joining prompt's chunk rides in the decode step's calls: `RowEngine(ragged=True)`, the default) and without ("old
+calls": each iteration's chunks in a window of their own, 12 calls more); `--turns` repeats every run, in the same
+order, so configurations alternate in one process and the ratios are printed per turn.
 
 A Poisson run below saturation measures how efficiently the server keeps up (continuous batching decodes only the
 rows that have arrived, a static batcher waits to gather more), not throughput at a given concurrency; for that,
@@ -79,6 +80,9 @@ class Run:
     slot_layers_per_token: float | None = None  # (slot, layer) pairs decode steps ran per token, catch-up included
     kv_only_per_token: float | None = None  # of those, the pairs that computed only K/V (no output was read)
     live_rows: float | None = None  # static batches: rows whose request still wants tokens, on average over steps
+    joins: tuple[int, int, float] | None = (
+        None  # continuous: (steps, steps with a request joining, their share of work)
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -158,7 +162,7 @@ def run_continuous(
     clients, each submitting its next request (in order) as soon as its previous one is answered."""
     scheduler = Scheduler(ee, max_batch=max_batch, max_len=128, prefill_chunk=chunk, exit_rule=exit_rule, ragged=ragged)
     start, handles, pending = time.perf_counter(), [], list(requests)
-    prefill_steps, decode_steps, rows, busy = [], [], [], 0.0
+    prefill_steps, decode_steps, rows, busy, joining = [], [], [], 0.0, 0.0
 
     def due(arrival: float) -> bool:
         if concurrency is None:
@@ -175,7 +179,9 @@ def run_continuous(
         prefilling = bool(scheduler._waiting or scheduler._joining)
         t0, c0 = time.perf_counter(), clock()
         live = scheduler.step()
-        busy += clock() - c0
+        work = clock() - c0
+        busy += work
+        joining += work if prefilling else 0.0
         (prefill_steps if prefilling else decode_steps).append(time.perf_counter() - t0)
         rows.append(len(scheduler._running))
         if not live and pending and concurrency is None:
@@ -200,6 +206,7 @@ def run_continuous(
         calls,
         engine.slot_layers / tokens,
         engine.kv_only_slot_layers / tokens,
+        joins=(len(rows), len(prefill_steps), joining / busy),
     )
 
 
@@ -414,6 +421,8 @@ def print_run(label: str, run: Run, per_work: str) -> None:
         stalled += f"  calls/step {run.calls_per_step:4.1f}"
         stalled += f"  slot-layers/token {run.slot_layers_per_token:5.1f}"
         stalled += f" (K/V only {run.kv_only_per_token:3.1f})"
+        steps, joined, share = run.joins
+        stalled += f"  steps {steps} (joins in {joined}: {share:.0%} of the work)"
     print(
         f"  {label:36s} {run.tokens_per_second:6.1f} tok/s {run.tokens_per_busy_second:6.1f} {per_work}"
         f"  rows {run.mean_rows:4.1f}{'' if run.live_rows is None else f' (live {run.live_rows:4.1f})'}"
