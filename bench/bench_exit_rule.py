@@ -17,27 +17,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
-from bench_serving import EXITS, model_and_requests
-
-from freevlm.serving import Scheduler
-
-
-def tokens_per_cpu_second(
-    ee, requests, concurrency: int, threshold: float, eos, kv: str = "recompute", ragged: bool = True
-) -> float:
-    scheduler = Scheduler(ee, max_batch=max(concurrency, 1), max_len=128, ragged=ragged)
-    pending, handles = list(requests), []
-    start = time.process_time()
-    while True:
-        while pending and scheduler.running + scheduler.waiting < concurrency:
-            _, pv, ids, n = pending.pop(0)
-            handles.append(scheduler.submit(pv, ids, max_new_tokens=n, threshold=threshold, eos_token_id=eos, kv=kv))
-        if not scheduler.step() and not pending:
-            break
-    return sum(len(h.result().tokens) for h in handles) / (time.process_time() - start)
+from bench_serving import EXITS, model_and_requests, run_continuous
 
 
 def main() -> None:
@@ -61,9 +43,11 @@ def main() -> None:
         for turn in range(args.repeats + 1):  # the first turn warms up
             for (threshold, kv), speeds in runs.items():
                 old = kv == "old calls"
-                speed = tokens_per_cpu_second(
-                    ee, requests, concurrency, threshold, eos, "recompute" if old else kv, ragged=not old
+                kv_mode = "recompute" if old else kv
+                run = run_continuous(
+                    ee, requests, threshold, concurrency, eos, ragged=not old, concurrency=concurrency, kv=kv_mode
                 )
+                speed = run.tokens_per_busy_second
                 if turn:
                     speeds.append(speed)
         full = statistics.median(runs[1.0, "recompute"])

@@ -1,8 +1,10 @@
-"""Serving under Poisson arrivals: one request at a time, static batches, continuous batching (full model) and
-continuous batching with exits under each exit rule, side by side in one run, per arrival rate.
+"""Serving under Poisson arrivals, and in closed loops at a fixed number of concurrent requests: one request at a
+time, static batches, continuous batching (full model) and continuous batching with exits under each exit rule,
+side by side in one run, per arrival rate and per concurrency.
 
-    cd bench && PYTHONPATH=.. python bench_serving.py [--rates 4 32] [--requests 24] [--thresholds 0.5 0.6]
-        [--lengths uniform] [--batch-wait 0.5 inf] [--prefill-chunk 64] [--ragged both] [--turns 2]
+    cd bench && PYTHONPATH=.. python bench_serving.py [--rates 4 32] [--concurrency 16 4 1] [--requests 24]
+        [--thresholds 0.5 0.6] [--lengths uniform] [--batch-wait 0.5 inf] [--prefill-chunk 64] [--ragged both]
+        [--turns 2]
 
 The model is the demo's (`freevlm demo`'s trained OPT backbone and its exits, from its cache, FREEVLM_CACHE or
 `freevlm.demo.config.default_cache()`) captioning the demo's test images with its prompt, EOS on. With
@@ -19,15 +21,26 @@ arrivals waiting meanwhile; each row counts only the tokens its request asked fo
 to first token and time per output token (p50/p99), the mean rows decoding together and the mean exit layer; the
 baselines do not stream, so their first token counts at the end of their prefill (`DecodeStats.seconds_prefill`),
 which favours them. "prefill stall" is the longest scheduler step that encoded a prompt next to the median step
-that did not. `--ragged both` runs each continuous configuration twice, with ragged layer calls (a joining
-prompt's chunk rides in the decode step's calls: `RowEngine(ragged=True)`, the default) and without ("old calls":
-each iteration's chunks in a window of their own, 12 calls more); `--turns` repeats every run, in the same order,
-so configurations alternate in one process and the ratios are printed per turn.
+that did not; "steps (joins in ...)" counts the scheduler's steps, those with a request waiting or joining, and
+their share of its work. `--ragged both` runs each continuous configuration twice, with ragged layer calls (a
+joining prompt's chunk rides in the decode step's calls: `RowEngine(ragged=True)`, the default) and without ("old
+calls": each iteration's chunks in a window of their own, 12 calls more); `--turns` repeats every run, in the same
+order, so configurations alternate in one process and the ratios are printed per turn.
+
+A Poisson run below saturation measures how efficiently the server keeps up (continuous batching decodes only the
+rows that have arrived, a static batcher waits to gather more), not throughput at a given concurrency; for that,
+`--concurrency K` runs closed loops (instead of the default rates, or as well with --rates): K clients, each
+submitting its next request as soon as its last is answered, over rate 1's requests (arrival times unused). Static
+batches: the clients whose batch ended resubmit at its end, and the batcher takes up to --max-batch waiting
+requests; since every client then waits, nothing more can come and the batch goes at once whatever --batch-wait is
+(one "static" run). One at a time is concurrency 1 whatever K. Static batches print their rows and, in brackets,
+the rows whose request still wants tokens (live), averaged over decode steps.
 
 Throughput is printed twice: tokens per wall-clock second (arrival gaps included: at a low rate it is the arrival
-rate) and tokens per CPU second this process spent working, which the ratios use: on a machine shared with other
-jobs the wall clock of a busy second varies several-fold between runs, its CPU seconds far less (run with
---threads 1, the default, so a CPU second is a second of work). On a GPU (`--device cuda --dtype bfloat16`: the
+rate; in a closed loop, which never idles, the work rate too, so its ratios print both) and tokens per CPU second
+this process spent working, which the ratios use: on a machine shared with other jobs the wall clock of a busy
+second varies several-fold between runs, its CPU seconds far less (run with --threads 1, the default, so a CPU
+second is a second of work). On a GPU (`--device cuda --dtype bfloat16`: the
 random model at --preset's size, as `bench/run_gpu.sh` runs it) the CPU waits on the device, so a second of work
 is the wall clock inside the steps (each ends on the host, reading its tokens) and the generate calls.
 """
@@ -66,6 +79,10 @@ class Run:
     calls_per_step: float | None = None  # layer calls (exit layers included) per decode step
     slot_layers_per_token: float | None = None  # (slot, layer) pairs decode steps ran per token, catch-up included
     kv_only_per_token: float | None = None  # of those, the pairs that computed only K/V (no output was read)
+    live_rows: float | None = None  # static batches: rows whose request still wants tokens, on average over steps
+    joins: tuple[int, int, float] | None = (
+        None  # continuous: (steps, steps with a request joining, their share of work)
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -138,24 +155,36 @@ def run_continuous(
     chunk=64,
     clock=time.process_time,
     ragged: bool = True,
+    concurrency: int | None = None,
+    kv: str = "recompute",
 ):
+    """A Scheduler over `requests`, each submitted at its arrival time, or (`concurrency`) a closed loop: that many
+    clients, each submitting its next request (in order) as soon as its previous one is answered."""
     scheduler = Scheduler(ee, max_batch=max_batch, max_len=128, prefill_chunk=chunk, exit_rule=exit_rule, ragged=ragged)
     start, handles, pending = time.perf_counter(), [], list(requests)
-    prefill_steps, decode_steps, rows, busy = [], [], [], 0.0
+    prefill_steps, decode_steps, rows, busy, joining = [], [], [], 0.0, 0.0
+
+    def due(arrival: float) -> bool:
+        if concurrency is None:
+            return arrival <= time.perf_counter() - start
+        return scheduler.running + scheduler.waiting < concurrency
+
     while pending or not scheduler.idle:
-        now = time.perf_counter() - start
-        while pending and pending[0][0] <= now:
+        while pending and due(pending[0][0]):
             arrival, pv, ids, n = pending.pop(0)
-            handle = scheduler.submit(pv, ids, max_new_tokens=n, threshold=threshold, eos_token_id=eos)
-            handle.submitted = start + arrival
+            handle = scheduler.submit(pv, ids, max_new_tokens=n, threshold=threshold, eos_token_id=eos, kv=kv)
+            if concurrency is None:
+                handle.submitted = start + arrival
             handles.append(handle)
         prefilling = bool(scheduler._waiting or scheduler._joining)
         t0, c0 = time.perf_counter(), clock()
         live = scheduler.step()
-        busy += clock() - c0
+        work = clock() - c0
+        busy += work
+        joining += work if prefilling else 0.0
         (prefill_steps if prefilling else decode_steps).append(time.perf_counter() - t0)
         rows.append(len(scheduler._running))
-        if not live and pending:
+        if not live and pending and concurrency is None:
             time.sleep(max(0.0, pending[0][0] - (time.perf_counter() - start)))
     results = [h.result() for h in handles]
     ttft = [r.time_to_first_token for r in results]
@@ -177,15 +206,21 @@ def run_continuous(
         calls,
         engine.slot_layers / tokens,
         engine.kv_only_slot_layers / tokens,
+        joins=(len(rows), len(prefill_steps), joining / busy),
     )
 
 
-def run_generate(ee, requests, batch: int, eos, wait: float = 0.0, clock=time.process_time):
+def run_generate(ee, requests, batch: int, eos, wait: float = 0.0, clock=time.process_time, clients=None):
     """Static batches: when the model is free, the requests that have arrived, up to `batch`, once `batch` have
-    arrived or the oldest has waited `wait` seconds; each batch runs to its end, later arrivals waiting (batch 1:
-    one request at a time)."""
-    start, ttft, tpot, tokens, layers, pending = time.perf_counter(), [], [], 0, [], list(requests)
-    busy, rows, answers = 0.0, [], []
+    arrived or the oldest has waited `wait` seconds (or all that are still to come have: at a run's end); each batch
+    runs to its end, later arrivals waiting (batch 1: one request at a time). `clients`: a closed loop instead of the
+    arrival times: that many clients, the first requests at 0 s, each submitting its next request at the end of the
+    batch that answered its last; then every client waits whenever the model is free, so a batch goes at once."""
+    start, ttft, tpot, tokens, layers = time.perf_counter(), [], [], 0, []
+    pending, later = (list(requests), []) if clients is None else ([], list(requests))
+    pending += [(0.0, *r[1:]) for r in later[:clients]]
+    later = later[len(pending) :]
+    busy, rows, answers, live = 0.0, [], [], []
     while pending:
         go = min(pending[0][0] + wait, pending[min(batch, len(pending)) - 1][0])
         time.sleep(max(0.0, go - (time.perf_counter() - start)))
@@ -205,23 +240,38 @@ def run_generate(ee, requests, batch: int, eos, wait: float = 0.0, clock=time.pr
         )
         busy += clock() - c0
         rows.append(len(group))
+        made_per_row = []
         for (arrival, _, _, want), row in zip(group, out.exit_layers):
             made = row[:want][row[:want] >= 0]  # a static batch runs to its longest answer: only the asked count
             ttft.append(t0 + out.stats.seconds_prefill - arrival)
             tpot.append(out.stats.seconds_decode / max(out.exit_layers.shape[1] - 1, 1))
             tokens += len(made)
             answers.append(len(made))
+            made_per_row.append(len(made))
             layers += made.tolist()
+        live += [sum(made > step for made in made_per_row) for step in range(out.exit_layers.shape[1])]
+        end = time.perf_counter() - start
+        pending += [(end, *r[1:]) for r in later[: len(group)]]  # the clients of the closed loop, answered
+        later = later[len(group) :]
     wall = time.perf_counter() - start
     mean_rows = statistics.mean(rows)
-    return Run(tokens / wall, tokens / busy, ttft, tpot, answers, statistics.mean(layers), mean_rows, None)
+    mean_layer, mean_live = statistics.mean(layers), statistics.mean(live)
+    return Run(tokens / wall, tokens / busy, ttft, tpot, answers, mean_layer, mean_rows, None, live_rows=mean_live)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("auto", "demo", "random"), default="auto")
     parser.add_argument("--preset", default="opt-demo", help="the random model's size")
-    parser.add_argument("--rates", type=float, nargs="+", default=[2.0, 16.0], help="arrivals per second")
+    parser.add_argument(
+        "--rates", type=float, nargs="+", help="arrivals per second (default: 2 16, none with --concurrency)"
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        help="closed loops: that many clients, each submitting its next request when its last is answered",
+    )
     parser.add_argument("--requests", type=int, default=24)
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument(
@@ -289,71 +339,97 @@ def main() -> None:
             lengths = (args.min_tokens, args.max_tokens)
             return random_workload(model, args.requests, rate, lengths, seed=int(rate * 10))
 
-    print(f"{name}: {args.requests} requests per rate, max batch {args.max_batch}, {torch.get_num_threads()} thread(s)")
+    print(f"{name}: {args.requests} requests per load, max batch {args.max_batch}, {torch.get_num_threads()} thread(s)")
     print(told)
     chunk = args.prefill_chunk
     variants = {"on": [True], "off": [False], "both": [True, False]}[args.ragged]
-    for rate in args.rates:
+
+    def continuous_runs(requests, concurrency=None) -> tuple[dict, dict]:
+        """(runs, fulls): the continuous configurations, and each one's full model of the same variant."""
+        runs, fulls = {}, {}
+        for ragged in variants:
+            old = "" if ragged else ", old calls"
+            for threshold in [1.0, *thresholds]:
+                for rule in EXIT_RULES if threshold < 1.0 else EXIT_RULES[:1]:
+                    label = f"continuous, {rule} @ {threshold}{old}" if threshold < 1.0 else f"continuous, full{old}"
+                    fulls[label] = f"continuous, full{old}"
+                    runs[label] = lambda r=requests, t=threshold, rule=rule, g=ragged: run_continuous(
+                        ee, r, t, args.max_batch, eos, rule, chunk, clock, g, concurrency
+                    )
+        return runs, fulls
+
+    rates = args.rates if args.rates is not None else [] if args.concurrency else [2.0, 16.0]
+    for rate in rates:
         requests = workload(rate)
         runs = {"one at a time": lambda r=requests: run_generate(ee, r, 1, eos, clock=clock)}
         for wait in args.batch_wait:
             label = f"static, wait for {args.max_batch}" if wait == float("inf") else f"static, wait <= {wait:g} s"
             runs[label] = lambda r=requests, w=wait: run_generate(ee, r, args.max_batch, eos, w, clock)
-        statics = [label for label in runs if label.startswith("static")]
-        fulls = {}  # label of a continuous run with exits -> the full model's label of the same variant
-        for ragged in variants:
-            old = "" if ragged else ", old calls"
-            full = f"continuous, full{old}"
-            fulls[full] = full
-            runs[full] = lambda r=requests, g=ragged: run_continuous(
-                ee, r, 1.0, args.max_batch, eos, chunk=chunk, clock=clock, ragged=g
-            )
-            for threshold in thresholds:
-                for rule in EXIT_RULES:
-                    label = f"continuous, {rule} @ {threshold}{old}"
-                    fulls[label] = full
-                    runs[label] = lambda r=requests, t=threshold, rule=rule, g=ragged: run_continuous(
-                        ee, r, t, args.max_batch, eos, rule, chunk, clock, g
-                    )
+        continuous, fulls = continuous_runs(requests)
         print(f"\nrate {rate}/s")
-        for turn in range(args.turns):
-            if args.turns > 1:
-                print(f" turn {turn + 1}")
-            speed = {}
-            for label, fn in runs.items():
-                run = fn()
-                speed[label] = run.tokens_per_busy_second
-                if label == "one at a time" and turn == 0:
-                    answers = sorted(run.answers)
-                    print(f"  answers: {answers[0]}-{answers[-1]} tokens, median {statistics.median(answers):g}")
-                stall = run.stall
-                stalled = (
-                    "" if stall is None else f"  prefill stall {stall[0] * 1000:5.1f} ms (step {stall[1] * 1000:4.1f})"
-                )
-                if run.calls_per_step is not None:
-                    stalled += f"  calls/step {run.calls_per_step:4.1f}"
-                    stalled += f"  slot-layers/token {run.slot_layers_per_token:5.1f}"
-                    stalled += f" (K/V only {run.kv_only_per_token:3.1f})"
-                print(
-                    f"  {label:36s} {run.tokens_per_second:6.1f} tok/s {run.tokens_per_busy_second:6.1f} {per_work}"
-                    f"  rows {run.mean_rows:4.1f}"
-                    f"  TTFT p50 {percentile(run.ttft, 0.5):6.3f} p99 {percentile(run.ttft, 0.99):6.3f} s"
-                    f"  TPOT p50 {percentile(run.tpot, 0.5) * 1000:6.1f}"
-                    f" p99 {percentile(run.tpot, 0.99) * 1000:6.1f} ms  exit layer {run.mean_exit_layer:5.2f}{stalled}"
-                )
-            one = speed["one at a time"]
-            print(f"  ratios of {per_work}:")
-            for label, full in fulls.items():
-                if label == full:
-                    print(f"  {full} / one at a time {speed[full] / one:.2f}x (goal >= 3 at 16 concurrent)")
-                    for static in statics:
-                        print(f"  {full} / {static} {speed[full] / speed[static]:.2f}x (goal >= 1.3)")
-                else:
-                    ratio = speed[label] / speed[full]
-                    print(f"  {label} / {full} {ratio:.2f}x (goal >= 1.0; >= 1.3 at 1-2 concurrent)")
-            if len(variants) == 2:
-                ratio = speed["continuous, full"] / speed["continuous, full, old calls"]
-                print(f"  continuous, full / continuous, full, old calls {ratio:.2f}x")
+        take_turns({**runs, **continuous}, fulls, args.turns, per_work)
+    requests = workload(1.0)  # the closed loops': rate 1's requests, their arrival times unused
+    for concurrency in args.concurrency or []:
+        runs = {
+            "one at a time": lambda: run_generate(ee, requests, 1, eos, clock=clock, clients=1),
+            "static": lambda k=concurrency: run_generate(ee, requests, args.max_batch, eos, clock=clock, clients=k),
+        }
+        continuous, fulls = continuous_runs(requests, concurrency)
+        print(f"\nclosed loop, {concurrency} concurrent requests (one at a time: 1)")
+        take_turns({**runs, **continuous}, fulls, args.turns, per_work, closed=True)
+
+
+def take_turns(runs: dict, fulls: dict, turns: int, per_work: str, closed: bool = False) -> None:
+    """Runs every configuration `turns` times in turn (so machine drift hits them alike) and prints each run and the
+    ratios of each turn; `closed`: ratios of tokens per wall-clock second too (a closed loop never idles)."""
+    statics = [label for label in runs if label.startswith("static")]
+    for turn in range(turns):
+        if turns > 1:
+            print(f" turn {turn + 1}")
+        done = {}
+        for label, fn in runs.items():
+            done[label] = run = fn()
+            if label == "one at a time" and turn == 0:
+                answers = sorted(run.answers)
+                print(f"  answers: {answers[0]}-{answers[-1]} tokens, median {statistics.median(answers):g}")
+            print_run(label, run, per_work)
+        print(f"  ratios of {per_work}:")
+        for label, full in fulls.items():
+            if label == full:
+                one = ratio(done[full], done["one at a time"], closed)
+                print(f"  {full} / one at a time {one} (goal >= 3 at 16 concurrent)")
+                for static in statics:
+                    print(f"  {full} / {static} {ratio(done[full], done[static], closed)} (goal >= 1.3)")
+            else:
+                to_full = ratio(done[label], done[full], closed)
+                print(f"  {label} / {full} {to_full} (goal >= 1.0; >= 1.3 at 1-2 concurrent)")
+        if "continuous, full, old calls" in done:
+            old = ratio(done["continuous, full"], done["continuous, full, old calls"], closed)
+            print(f"  continuous, full / continuous, full, old calls {old}")
+
+
+def ratio(a: Run, b: Run, wall: bool) -> str:
+    """a's tokens per second of work over b's, and (`wall`) per wall-clock second."""
+    of_wall = f" ({a.tokens_per_second / b.tokens_per_second:.2f}x of tok/s)" if wall else ""
+    return f"{a.tokens_per_busy_second / b.tokens_per_busy_second:.2f}x{of_wall}"
+
+
+def print_run(label: str, run: Run, per_work: str) -> None:
+    stall = run.stall
+    stalled = "" if stall is None else f"  prefill stall {stall[0] * 1000:5.1f} ms (step {stall[1] * 1000:4.1f})"
+    if run.calls_per_step is not None:
+        stalled += f"  calls/step {run.calls_per_step:4.1f}"
+        stalled += f"  slot-layers/token {run.slot_layers_per_token:5.1f}"
+        stalled += f" (K/V only {run.kv_only_per_token:3.1f})"
+        steps, joined, share = run.joins
+        stalled += f"  steps {steps} (joins in {joined}: {share:.0%} of the work)"
+    print(
+        f"  {label:36s} {run.tokens_per_second:6.1f} tok/s {run.tokens_per_busy_second:6.1f} {per_work}"
+        f"  rows {run.mean_rows:4.1f}{'' if run.live_rows is None else f' (live {run.live_rows:4.1f})'}"
+        f"  TTFT p50 {percentile(run.ttft, 0.5):6.3f} p99 {percentile(run.ttft, 0.99):6.3f} s"
+        f"  TPOT p50 {percentile(run.tpot, 0.5) * 1000:6.1f}"
+        f" p99 {percentile(run.tpot, 0.99) * 1000:6.1f} ms  exit layer {run.mean_exit_layer:5.2f}{stalled}"
+    )
 
 
 if __name__ == "__main__":
