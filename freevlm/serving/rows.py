@@ -224,9 +224,9 @@ class RowEngine:
     """K/V, pending states and per-row fill levels of a batch of independent rows (see the module docstring).
 
     A request joins with `join` (its image and prompt encoded by the backbone, batch 1), its prompt is encoded in
-    chunks by `prefill` (so a long prompt never freezes the other rows for long): all of it where its first token
-    cannot leave early (that token comes from `prefill`), else all but the last slot, its first `step`. `leave`
-    frees the row at once: the next request overwrites it.
+    chunks by `prefill` (so a long prompt never freezes the other rows for long): all of it where it runs in a window
+    of rows (its first token then comes from `prefill`, from the first exit that lets it out or the last layer),
+    else all but the last slot, its first `step`. `leave` frees the row at once: the next request overwrites it.
     """
 
     def __init__(
@@ -347,8 +347,8 @@ class RowEngine:
     def _riding(self, rows: list[int], spans: list[tuple[int, int]]) -> _Riding:
         """The chunks (`(first slot, slots)` of each of `rows`) of joining prompts, to ride in the next step's layer
         calls, each row's slots as one attention group over its own buffer row. Only rows that cannot leave early
-        ride: one that may takes its last prompt slot as its first step, which riding would put an iteration later,
-        and its prompt needs the exit layers' K/V too (measured under park: no gain, later first tokens)."""
+        ride: one that may needs its prompt's exit-layer K/V and its first token's exits consulted at its last slot,
+        which would hold every row's step at each exit (measured under park: no gain, later first tokens)."""
         device = self.threshold.device
         states = torch.cat([self.prompts[r][1][0, done : done + count] for r, (done, count) in zip(rows, spans)])
         row_ids = torch.tensor([r for r, (_, count) in zip(rows, spans) for _ in range(count)], device=device)

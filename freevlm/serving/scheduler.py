@@ -352,7 +352,7 @@ class Scheduler:
 
     def _prefill(self) -> None:
         """Encode joining prompts, at most `_budget()` slots in all per iteration (oldest first), together; a row
-        whose prompt gave its first token's logits (one that cannot leave early) gets that token now."""
+        whose prompt gave its first token's logits (its whole prompt encoded in a window) gets that token now."""
         self._joined(self.engine.prefill([request.row for request in self._joining], self._budget()))
 
     def _joined(self, first: dict[int, tuple[torch.Tensor, int]]) -> None:
