@@ -7,7 +7,8 @@ side by side in one run, per arrival rate and per concurrency.
         [--turns 2]
 
 The model is the demo's (`freevlm demo`'s trained OPT backbone and its exits, from its cache, FREEVLM_CACHE or
-`freevlm.demo.config.default_cache()`) captioning the demo's test images with its prompt, EOS on. With
+`freevlm.demo.config.default_cache()`; `--exits`, default those `freevlm serve` consults: the demo's placement's,
+else its fixed 1, 3, 6) captioning the demo's test images with its prompt, EOS on. With
 `--lengths captions` (the default) every request asks for --max-tokens and its answer ends at EOS: the captions'
 lengths (11-29 tokens, so mostly alike at 24). With `--lengths uniform` each request's `max_new_tokens` is drawn
 uniform in [--min-tokens, --max-tokens] (seeded per rate) and EOS stays on, so an answer is the shorter of the two
@@ -90,13 +91,16 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
-def demo_model(cache: Path, exits_at: list[int] = EXITS):
-    """The demo's trained backbone and its FREE exits at `exits_at` (default: the demo's layers), or None when the
-    cache has none."""
+def demo_model(cache: Path, exits_at: list[int] | None = None):
+    """The demo's trained backbone and its FREE exits at `exits_at` (default: those `freevlm serve` consults, the
+    ones the demo's placement chose where it recorded them, else FREE's fixed layers), or None when the cache has
+    none."""
+    from freevlm.demo.train import placed_layers
     from freevlm.loading import load_exits, load_vlm
 
     for exits in sorted(cache.glob("backbone-opt-*-exits-free_candidates-*/exits")):
         backbone = Path(str(exits.parent).split("-exits-")[0])
+        exits_at = exits_at or list(placed_layers(exits) or EXITS)
         bundle = load_vlm(backbone)
         ee = exits_subset(load_exits(bundle.model, exits), exits_at)
         return bundle, ee, f"the demo's trained model ({backbone.name}, exits {exits_at})"
@@ -130,7 +134,7 @@ def random_workload(model, count: int, rate: float, lengths: tuple[int, int], se
 
 
 def model_and_requests(
-    count: int, lengths: tuple[int, int], seed: int, random_lengths=None, exits_at: list[int] = EXITS
+    count: int, lengths: tuple[int, int], seed: int, random_lengths=None, exits_at: list[int] | None = None
 ) -> tuple:
     """(ee, name, requests, demo): the demo's trained model and `count` requests of its test images
     (`demo_workload`) when its cache is there (`demo` True), else a random opt-demo with random prompts
@@ -139,7 +143,7 @@ def model_and_requests(
     if demo is not None:
         bundle, ee, name = demo
         return ee, name, demo_workload(bundle, count, 1.0, lengths, seed), True
-    model = big_blip2("opt-demo")
+    model, exits_at = big_blip2("opt-demo"), exits_at or EXITS
     ee = EarlyExitVLM.from_backbone(model, ExitConfig(exits_at))
     requests = random_workload(model, count, 1.0, random_lengths or lengths, seed)
     return ee, f"a random opt-demo (exits {exits_at})", requests, False
@@ -262,6 +266,12 @@ def run_generate(ee, requests, batch: int, eos, wait: float = 0.0, clock=time.pr
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("auto", "demo", "random"), default="auto")
+    parser.add_argument(
+        "--exits",
+        type=int,
+        nargs="+",
+        help="the demo's trained exits consulted (default: those its placement chose, else its fixed ones)",
+    )
     parser.add_argument("--preset", default="opt-demo", help="the random model's size")
     parser.add_argument(
         "--rates", type=float, nargs="+", help="arrivals per second (default: 2 16, none with --concurrency)"
@@ -316,7 +326,7 @@ def main() -> None:
     on_gpu = args.device.startswith("cuda")
     clock = time.perf_counter if on_gpu else time.process_time  # the steps end on the host: wall clock is work there
     per_work = "tok/busy-s" if on_gpu else "tok/CPU-s"
-    demo = None if args.model == "random" or on_gpu else demo_model(default_cache())
+    demo = None if args.model == "random" or on_gpu else demo_model(default_cache(), args.exits)
     if demo is None and args.model == "demo":
         raise SystemExit(f"no demo model in {default_cache()}: run `freevlm demo` or set FREEVLM_CACHE")
     if demo is not None:
