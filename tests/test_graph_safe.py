@@ -101,7 +101,8 @@ def test_backbones_that_cut_windows_on_the_host_are_not_graph_safe(family, confi
 
 
 def _schedule(ee, thresholds: list[float], frozen: bool) -> tuple[Scheduler, list]:
-    scheduler = Scheduler(ee, max_batch=5, max_len=40, prefill_chunk=3)  # prompts join over several steps
+    # prompts join over several steps, in windows of their own: steps their chunks rode in would run eagerly
+    scheduler = Scheduler(ee, max_batch=5, max_len=40, prefill_chunk=3, ragged=False)
     if frozen:
         scheduler.engine.runner = FrozenReplay(True)
     handles = []

@@ -187,6 +187,7 @@ class _Riding:
     states: torch.Tensor  # [m, H] at `depth`
     plan: _Plan
     ending: list[int]  # the last item of each row whose whole prompt ends here: its first token's logits
+    ends: list[int]  # those rows, in the same order
     depth: int = 0
     first: dict = field(default_factory=dict)  # row -> (logits [V], the final layer)
 
@@ -314,7 +315,7 @@ class RowEngine:
                 budget -= max(count, 0)
         encode = [r for r, (_, count) in chunks.items() if count]
         together = [r for r in encode if self.backbone.prompt_in_rows(self.prompts[r][0])]
-        riding = [r for r in together if not self.may_exit[r]]  # see `_riding`
+        riding = [r for r in together if self._prompt_end(r) == self._length(r)]  # see `_riding`
         if riding and self.ragged and any(self.active) and self.backbone.ragged_layers():
             self.riding = self._riding(riding, [chunks.pop(r) for r in riding])
             self.riding_slots += len(self.riding.states)
@@ -346,9 +347,9 @@ class RowEngine:
 
     def _riding(self, rows: list[int], spans: list[tuple[int, int]]) -> _Riding:
         """The chunks (`(first slot, slots)` of each of `rows`) of joining prompts, to ride in the next step's layer
-        calls, each row's slots as one attention group over its own buffer row. Only rows that cannot leave early
-        ride: one that may needs its prompt's exit-layer K/V and its first token's exits consulted at its last slot,
-        which would hold every row's step at each exit (measured under park: no gain, later first tokens)."""
+        calls, each row's slots as one attention group over its own buffer row. Rows whose whole prompt is encoded
+        (`_prompt_end`) ride; for one that may leave early the step also fills its exit layers' K/V and consults the
+        exits at its prompt's last slot (`_riding_exit`)."""
         device = self.threshold.device
         states = torch.cat([self.prompts[r][1][0, done : done + count] for r, (done, count) in zip(rows, spans)])
         row_ids = torch.tensor([r for r, (_, count) in zip(rows, spans) for _ in range(count)], device=device)
@@ -358,7 +359,8 @@ class RowEngine:
         plan = _Plan(row_ids, slots, groups, self.backbone.window_context(self.rows_ctx, slots, row_ids))
         ends = itertools.accumulate(count for _, count in spans)
         ending = [end - 1 for r, (done, count), end in zip(rows, spans, ends) if done + count == self._length(r)]
-        return _Riding(rows, spans, states, plan, ending)
+        ended = [r for r, (done, count) in zip(rows, spans) if done + count == self._length(r)]
+        return _Riding(rows, spans, states, plan, ending, ended)
 
     def _prompt_end(self, row: int) -> int:
         """The prompt slots `prefill` encodes for a joining row: all of them where its prompt runs in a window of
@@ -520,7 +522,8 @@ class RowEngine:
         pos = torch.tensor(position, device=device)
         live = [i for i in sorted(self.exits) if any(self.may_exit[r] for r in rows if active[r])]
         joins = [i for i in self.exits if any(self.fill[i][r] != self.fill[i - 1][r] for r in rows if active[r])]
-        bounds = sorted({0, *live, *joins, self.num_layers})
+        riding_exits = list(self.exits) if riding is not None and any(self.may_exit[r] for r in riding.rows) else []
+        bounds = sorted({0, *live, *joins, *riding_exits, self.num_layers})
         before = {b: self.fill[b][:n] for b in bounds[:-1]}  # fill levels at the start of the step, per segment
         fresh = [r for r in rows if active[r] and self.fill[0][r] <= position[r]]  # a new token (not parked)
         # chunks riding go through every layer anyway: the step climbs to the top, rows that left riding along. Its
@@ -550,11 +553,15 @@ class RowEngine:
             if not work:
                 if riding is not None:
                     self._ragged(first, last, None, None, riding)
+                    if last in riding_exits:
+                        self._riding_exit(last, riding)
                 continue
             pack = self._pack(x, first, work, position, ragged)
             work = [pack.rows[i] for i in pack.last]  # the pack's order
             self.catchup_slots += (len(pack.flat) - len(work)) * (last - first)
             x, states = self._layers(first, last, x, pack, ragged, riding)
+            if last in riding_exits:
+                self._riding_exit(last, riding)
             if last == self.num_layers:
                 break
             if last not in live:
@@ -749,10 +756,33 @@ class RowEngine:
             kept = 0 if pack is None else len(pack.last)
             if riding.ending:
                 logits = self.backbone.head(states[kept:])
-                ends = [r for r, (done, count) in zip(riding.rows, riding.spans) if done + count == self._length(r)]
-                riding.first = {row: (row_logits, self.num_layers) for row, row_logits in zip(ends, logits)}
+                final = {row: (row_logits, self.num_layers) for row, row_logits in zip(riding.ends, logits)}
+                riding.first = final | riding.first  # a first token out at an exit (`_riding_exit`) stays
             states = states[:kept]
         return None if pack is None else states
+
+    def _riding_exit(self, depth: int, riding: _Riding) -> None:
+        """The exit at `depth` for the riding chunks, where a riding row may leave early: its layer's K/V at their
+        slots (a ragged call; no one reads its output at a prompt slot), and at the last slot of a prompt that ends
+        here whose first token is not out yet its logits: that token leaves here if its row's threshold accepts
+        (`riding.first`), as in a window (`_exit_in_window`)."""
+        exit_module, device = self.exits[depth], riding.states.device
+        deciding = [
+            (item, row)
+            for item, row in zip(riding.ending, riding.ends)
+            if self.may_exit[row] and row not in riding.first
+        ]
+        keep = torch.tensor([item for item, _ in deciding], dtype=torch.long, device=device)
+        features = riding.states[keep]
+        if exit_module.needs_cache:
+            view = RaggedView(self.exit_kv[depth], riding.plan)
+            features = self.backbone.run_layer_ragged(exit_module.layer, riding.states, riding.plan.ctx, view, keep)
+        if not deciding:
+            return
+        logits = exit_module.logits(self.backbone, features)
+        ids = torch.tensor([row for _, row in deciding], device=device)
+        confident = (max_probability(logits) >= self.threshold[ids]).tolist()
+        riding.first |= {row: (logits[j], depth) for j, (_, row) in enumerate(deciding) if confident[j]}
 
     def _plan(self, pack: _Pack, riding: _Riding) -> _Plan:
         """One ragged call's slots: a segment's packed slots, then the riding chunks'."""
