@@ -10,12 +10,13 @@ the buffers; otherwise they are gathered. Each buffer has one extra slot, the *t
 that must not land go; no query ever sees it.
 
 Ragged calls (`ragged=True`, where the backbone has them: `Backbone.ragged_layers`, OPT): while rows decode, the
-prompt chunks `prefill` would encode in a window of their own (those of rows that cannot leave early) ride in the
-next step's layer calls instead: per layer one call whose per-slot operations (norms, linears, MLP) run once over
+prompt chunks `prefill` would encode in a window of their own (those of rows whose whole prompt it encodes) ride in
+the next step's layer calls instead: per layer one call whose per-slot operations (norms, linears, MLP) run once over
 the step's packed slots and the chunks' slots, and whose attention runs per group over views of each row's buffer
 (`RaggedView`: the rows with one slot as one batch, each other row alone), so no K/V row is gathered per slot. A
 joining prompt then costs no layer calls of its own; a step with chunks riding climbs to the top (they need every
-layer), rows that left riding along.
+layer), rows that left riding along, and where a riding row may leave early the step runs each exit layer over the
+chunks too (`_riding_exit`: their K/V, and its first token's exit at its prompt's last slot).
 
 Every row reads every live exit it reaches and leaves at the first one its own threshold accepts, exactly as
 alone; what the step did not run for a token (layers above where it stopped) is caught up exactly at the next step
