@@ -160,7 +160,7 @@ def load_served_model(args: argparse.Namespace):
     from ..exits import ExitConfig
     from ..loading import check_vlm_folder, load_exits, load_vlm
     from ..model import EarlyExitVLM
-    from ..server.app import ServedModel
+    from ..server.served import ServedModel
 
     backbone, exits, layers, prompt = (args.backbone, args.exits, None, None) if args.backbone else demo_model()
     check_vlm_folder(backbone)

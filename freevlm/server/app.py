@@ -26,7 +26,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
 
 import torch
 from fastapi import FastAPI, Request
@@ -35,8 +34,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..decoding.generate import analytic_speedup
-from ..loading import VLMBundle
-from ..model import EarlyExitVLM
 from ..serving import Handle, QueueFull, Scheduler, TokenEvent
 from .api import APIError, ChatRequest, validation_error
 from .chat import TextStream, decode, image_bytes, layout_prompt, the_image
@@ -45,6 +42,7 @@ from .metrics import ServerMetrics
 from .page import page_routes
 from .relay import Relay
 from .remote import SchedulerProcess
+from .served import ServedModel
 
 # response ids: unique per run and request, without a system call each (os.urandom took ~0.4 ms on a loaded machine)
 RUN, REQUEST_NUMBERS = secrets.token_hex(6), itertools.count()
@@ -56,44 +54,6 @@ FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 DONE = "data: [DONE]\n\n"  # a stream's last event
 # DecodeConfig names in the scheduler's messages -> the request's names
 PARAMS = {"max_new_tokens": "max_tokens", **{name: name for name in ("threshold", "mode", "kv", "top_p", "seed")}}
-
-
-@dataclass
-class ServedModel:
-    """What one server serves: the model, its processor and exits, the name clients ask for, and the prompt its
-    folder records (None: none recorded). Without exits (`has_exits` False) every token runs the whole stack.
-    `ee` is None in the app process of a `SchedulerProcess` (`without_weights`): `num_layers` and `exit_layers`
-    still describe it."""
-
-    bundle: VLMBundle
-    ee: EarlyExitVLM | None
-    name: str
-    prompt: str | None = None
-    has_exits: bool = True
-    num_layers: int = 0  # from `ee`
-    exit_layers: tuple[int, ...] = ()  # from `ee`
-
-    def __post_init__(self):
-        if self.ee is not None:
-            self.num_layers, self.exit_layers = self.ee.backbone.num_layers, tuple(self.ee.exit_layers)
-
-    def without_weights(self) -> ServedModel:
-        """What an app needs to read requests and write answers (processor, tokenizer, the model's config), for the
-        process that does not decode: it holds the model's weights once, in the scheduler's process."""
-        return replace(self, bundle=replace(self.bundle, model=Weightless(self.bundle.model.config)), ee=None)
-
-
-class Weightless:
-    """A model's config without its weights, as `VLMBundle.inputs` reads a model: inputs made on the CPU in
-    float32, which the scheduler's `submit` moves to the model's device and dtype."""
-
-    device = torch.device("cpu")
-
-    def __init__(self, config):
-        self.config = config
-
-    def parameters(self):
-        yield torch.empty(0)
 
 
 class ClientGone(Exception):

@@ -25,16 +25,13 @@ import queue
 import signal
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..serving import Handle, QueueFull, Scheduler
 from .config import ServerConfig
-
-if TYPE_CHECKING:
-    from .app import ServedModel
+from .served import ServedModel
 
 STOP = ("stop",)
 
