@@ -5,10 +5,12 @@ this process, so the HTTP layer's cost is a ratio measured in one run.
     cd bench && PYTHONPATH=.. python bench_http.py [--concurrency 1 4 16 64] [--threshold 0.6] [--seconds 60]
 
 What each side of the comparison at 16 concurrent does for a request:
-- HTTP (the server process): read the request (HTTP, JSON, pydantic), base64-decode its PNG, decode the image and
-  make the model's inputs (processor, tokenizer), submit them to the `Scheduler`, decode with the others, and send
-  a server-sent event per token (the text delta and exit layer, as JSON) and the summary at the end (`--plain`:
-  the whole answer at once, the event loop woken at its end only);
+- HTTP (the server's processes): read the request (HTTP, JSON, pydantic), base64-decode its PNG, decode the image
+  and make the model's inputs (processor, tokenizer), send them to the scheduler's process, which submits them to
+  its `Scheduler` and decodes them with the others, and send a server-sent event per token (the text delta and exit
+  layer, as JSON) and the summary at the end (`--plain`: the whole answer at once, the event loop woken at its end
+  only); `--compare-thread` adds a second server that decodes in a thread of its one process (`freevlm serve
+  --scheduler-thread`), taking turns with the first and the library;
 - library, like for like (this process): decode the same PNG bytes and make the inputs with the same processor
   and prompt, submit them to a `Scheduler` with the same options, and step it;
 - library, inputs ready (as bench_serving.py does): the same with every request's inputs made before the clock.
@@ -28,12 +30,15 @@ output tokens/s, time to first token and end-to-end latency p50/p99, errors, mea
 (HTTP tokens/s at 16 concurrent within 10% of the library's; no errors at 64 concurrent with a queue of 64; p99
 TTFT at 16 concurrent <= 3x its p50).
 
-Throughput is printed per wall-clock second and per CPU second of the process that decodes (the server's, read
-from /proc, with its event loop's share: the main thread's; this process's for the library): on a machine shared
-with other jobs the wall clock of a busy second varies several-fold between runs, CPU seconds far less. Both use
---threads PyTorch threads (default 1). The server's CPU is split by thread, so that a gap can be placed: the event
-loop (HTTP, JSON, streaming), the scheduler's thread (its busiest other thread: decoding, as the library's loop
-does in this process's main thread) and the rest (the worker that makes inputs, which the library does too).
+Throughput is printed per wall-clock second (what users see: the goal's tokens/s) and per CPU second of the
+processes that serve (the server's two, its scheduler's included, read from /proc, with its event loop's share: the
+main thread's; this process's for the library): on a machine shared with other jobs the wall clock of a busy second
+varies several-fold between runs, CPU seconds far less; and a server whose scheduler has a process of its own is
+faster in wall-clock time only while a second core is free for its HTTP work (the benchmark's clients take CPU too).
+Both use --threads PyTorch threads (default 1). The server's CPU is split by thread, so that a gap can be placed: the
+event loop (HTTP, JSON, streaming), the scheduler's thread (the busiest other one: decoding, as the library's loop
+does in this process's main thread) and the rest (the worker that makes inputs, which the library does too, and the
+threads that talk to the scheduler's process).
 """
 
 from __future__ import annotations
