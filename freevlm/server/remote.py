@@ -66,7 +66,7 @@ class SchedulerProcess:
         self._process.start()
         child.close()
         try:
-            kind, value = _loads(self._conn.recv_bytes())
+            kind, value = pickle.loads(self._conn.recv_bytes())
         except EOFError:
             self._process.join()
             raise RuntimeError(
@@ -123,12 +123,12 @@ class SchedulerProcess:
     async def submit(self, **request) -> RemoteHandle:
         """As `Scheduler.submit` with keywords (its `QueueFull` and `ValueError` too), checked and queued in the
         child; a `RuntimeError` if the child has ended."""
-        if self._ended:
-            raise RuntimeError("the scheduler's process has ended")
         loop = asyncio.get_running_loop()
         handle = RemoteHandle(next(self._ids), self)
         verdict = loop.create_future()
-        with self._lock:
+        with self._lock:  # the reader settles every pending verdict when the child ends: none is left waiting
+            if self._ended:
+                raise RuntimeError("the scheduler's process has ended")
             self._pending[handle.request_id] = (loop, verdict, handle)
         request = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in request.items()}
         self._send(("submit", handle.request_id, request))
@@ -152,16 +152,16 @@ class SchedulerProcess:
     def _read(self) -> None:
         try:
             while True:
-                kind, *rest = _loads(self._conn.recv_bytes())
+                kind, *rest = pickle.loads(self._conn.recv_bytes())
                 if kind == "verdict":
                     self._verdict(*rest)
                 else:
                     self._update(*rest)
         except (EOFError, OSError):
             pass
-        self._ended = True
         gone = RuntimeError("the scheduler's process has ended")
         with self._lock:
+            self._ended = True
             pending, self._pending = self._pending, {}
         for loop, verdict, _ in pending.values():
             _settle(loop, verdict, gone)
@@ -178,7 +178,8 @@ class SchedulerProcess:
         _settle(loop, verdict, error)
 
     def _update(self, updates: list[tuple], running: int, waiting: int) -> None:
-        """A step's news: each request's new tokens and its end."""
+        """A step's news: each request's new tokens and its end. Their times are the child's `time.perf_counter`,
+        the system's monotonic clock, which this process reads alike (`Handle.submitted`)."""
         for request_id, events, end in updates:
             handle = self._handles[request_id]
             for token, layer, when in events:
@@ -198,10 +199,6 @@ def _settle(loop: asyncio.AbstractEventLoop, future: asyncio.Future, error: Base
 
     with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
         loop.call_soon_threadsafe(settle)
-
-
-def _loads(data: bytes) -> tuple:
-    return pickle.loads(data)
 
 
 def _portable(error: BaseException | None) -> BaseException | None:
@@ -246,7 +243,7 @@ def _step_loop(conn, scheduler: Scheduler) -> None:
     reported = (0, 0)
     while True:
         while conn.poll(None if scheduler.idle else 0):  # idle: wait for a request
-            kind, *rest = _loads(conn.recv_bytes())
+            kind, *rest = pickle.loads(conn.recv_bytes())
             if kind == "stop":
                 return
             if kind == "cancel":
