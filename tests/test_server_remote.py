@@ -7,11 +7,14 @@ import argparse
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from functools import partial
+from pathlib import Path
 
 import pytest
-from test_server import PROMPTS, files  # noqa: F401
+from test_server import PROMPTS, ROOT, files  # noqa: F401
 
 from freevlm.commands.serve import load_served_model
 from freevlm.data.images import load_image
@@ -120,3 +123,22 @@ def test_a_dead_child_ends_its_requests_with_an_error(files):  # noqa: F811
         asyncio.run(run())
     finally:
         scheduler.stop()
+
+
+def test_an_app_that_exits_without_stopping_it_ends_the_child(files):  # noqa: F811
+    """The child ignores SIGTERM (the app drains first, then stops it): a process that exits without `stop` (uvicorn
+    never ran its lifespan) must still end it, not wait for it forever at exit."""
+    args = dict(backbone=str(files["backbone"]), exits=str(files["exits"]), name="tiny", device="cpu")
+    code = (
+        "import argparse, functools\n"
+        "from freevlm.commands.serve import load_served_model\n"
+        "from freevlm.server.config import ServerConfig\n"
+        "from freevlm.server.remote import SchedulerProcess\n"
+        f"load = functools.partial(load_served_model, argparse.Namespace(**{args!r}))\n"
+        "scheduler = SchedulerProcess(load, ServerConfig())  # held until the end, as by an app\n"
+        "print(scheduler.pid, flush=True)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert not Path(f"/proc/{int(run.stdout.split()[-1])}").exists()

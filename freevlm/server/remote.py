@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import itertools
 import multiprocessing
+import multiprocessing.util
 import pickle
 import queue
 import signal
@@ -65,6 +66,9 @@ class SchedulerProcess:
         )
         self._process.start()
         child.close()
+        # an app that exits without `stop` (uvicorn never started it, an error) closes the pipe, which ends the child
+        # (it ignores SIGTERM): before multiprocessing's exit handler waits for it
+        multiprocessing.util.Finalize(self, self._conn.close, exitpriority=0)
         try:
             kind, value = pickle.loads(self._conn.recv_bytes())
         except EOFError:
