@@ -106,7 +106,8 @@ class SchedulerProcess:
         if self._threads:
             self._send(STOP)
         else:
-            self._conn.send_bytes(pickle.dumps(STOP))
+            with contextlib.suppress(OSError):  # the child has gone already
+                self._conn.send_bytes(pickle.dumps(STOP))
         self._process.join(30)
         if self._process.is_alive():
             self._process.kill()
