@@ -5,10 +5,12 @@ this process, so the HTTP layer's cost is a ratio measured in one run.
     cd bench && PYTHONPATH=.. python bench_http.py [--concurrency 1 4 16 64] [--threshold 0.6] [--seconds 60]
 
 What each side of the comparison at 16 concurrent does for a request:
-- HTTP (the server process): read the request (HTTP, JSON, pydantic), base64-decode its PNG, decode the image and
-  make the model's inputs (processor, tokenizer), submit them to the `Scheduler`, decode with the others, and send
-  a server-sent event per token (the text delta and exit layer, as JSON) and the summary at the end (`--plain`:
-  the whole answer at once, the event loop woken at its end only);
+- HTTP (the server's processes): read the request (HTTP, JSON, pydantic), base64-decode its PNG, decode the image
+  and make the model's inputs (processor, tokenizer), send them to the scheduler's process, which submits them to
+  its `Scheduler` and decodes them with the others, and send a server-sent event per token (the text delta and exit
+  layer, as JSON) and the summary at the end (`--plain`: the whole answer at once, the event loop woken at its end
+  only); `--compare-thread` adds a second server that decodes in a thread of its one process (`freevlm serve
+  --scheduler-thread`), taking turns with the first and the library;
 - library, like for like (this process): decode the same PNG bytes and make the inputs with the same processor
   and prompt, submit them to a `Scheduler` with the same options, and step it;
 - library, inputs ready (as bench_serving.py does): the same with every request's inputs made before the clock.
@@ -28,12 +30,15 @@ output tokens/s, time to first token and end-to-end latency p50/p99, errors, mea
 (HTTP tokens/s at 16 concurrent within 10% of the library's; no errors at 64 concurrent with a queue of 64; p99
 TTFT at 16 concurrent <= 3x its p50).
 
-Throughput is printed per wall-clock second and per CPU second of the process that decodes (the server's, read
-from /proc, with its event loop's share: the main thread's; this process's for the library): on a machine shared
-with other jobs the wall clock of a busy second varies several-fold between runs, CPU seconds far less. Both use
---threads PyTorch threads (default 1). The server's CPU is split by thread, so that a gap can be placed: the event
-loop (HTTP, JSON, streaming), the scheduler's thread (its busiest other thread: decoding, as the library's loop
-does in this process's main thread) and the rest (the worker that makes inputs, which the library does too).
+Throughput is printed per wall-clock second (what users see: the goal's tokens/s) and per CPU second of the
+processes that serve (the server's two, its scheduler's included, read from /proc, with its event loop's share: the
+main thread's; this process's for the library): on a machine shared with other jobs the wall clock of a busy second
+varies several-fold between runs, CPU seconds far less; and a server whose scheduler has a process of its own is
+faster in wall-clock time only while a second core is free for its HTTP work (the benchmark's clients take CPU too).
+Both use --threads PyTorch threads (default 1). The server's CPU is split by thread, so that a gap can be placed: the
+event loop (HTTP, JSON, streaming), the scheduler's thread (the busiest other one: decoding, as the library's loop
+does in this process's main thread) and the rest (the worker that makes inputs, which the library does too, and the
+threads that talk to the scheduler's process).
 """
 
 from __future__ import annotations
@@ -122,9 +127,26 @@ def model_folders(tmp: Path) -> tuple[list[str], str]:
     return args, "a random model of the demo's architecture (no demo cache)"
 
 
+def process_tree(pid: int) -> list[int]:
+    """A process and its descendants (the server's: its scheduler's process, multiprocessing's resource tracker)."""
+    children = [
+        int(child) for task in Path(f"/proc/{pid}/task").iterdir() for child in (task / "children").read_text().split()
+    ]
+    return [pid, *(p for child in children for p in process_tree(child))]
+
+
 def thread_cpu_seconds(pid: int) -> dict[int, float]:
-    """CPU seconds of each of a process's threads, by thread id."""
-    return {int(task.name): cpu_seconds(pid, int(task.name)) for task in Path(f"/proc/{pid}/task").iterdir()}
+    """CPU seconds of each thread of a process and its descendants, by thread id."""
+    return {
+        int(task.name): cpu_seconds(process, int(task.name))
+        for process in process_tree(pid)
+        for task in Path(f"/proc/{process}/task").iterdir()
+    }
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and its descendants (the threads that ended too)."""
+    return sum(cpu_seconds(process) for process in process_tree(pid))
 
 
 def cpu_seconds(pid: int, thread: int | None = None) -> float:
@@ -135,14 +157,14 @@ def cpu_seconds(pid: int, thread: int | None = None) -> float:
 
 
 class Server:
-    def __init__(self, model_args: list[str], args: argparse.Namespace):
+    def __init__(self, model_args: list[str], args: argparse.Namespace, *options: str):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
         command = [sys.executable, "-m", "freevlm.cli", "serve", *model_args, "--port", str(self.port)]
         command += ["--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue), "--max-len", "128"]
-        command += ["--max-tokens", str(args.max_tokens), "--prefill-chunk", str(args.prefill_chunk)]
+        command += ["--max-tokens", str(args.max_tokens), "--prefill-chunk", str(args.prefill_chunk), *options]
         self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 300
@@ -217,11 +239,11 @@ async def http_level(server: Server, urls: list[str], concurrency: int, threshol
             await one(i)
 
     pid = server.process.pid
-    cpu0, threads0 = cpu_seconds(pid), thread_cpu_seconds(pid)  # uvicorn runs the event loop in the main thread
+    cpu0, threads0 = tree_cpu_seconds(pid), thread_cpu_seconds(pid)  # uvicorn's event loop: the main thread
     await asyncio.gather(*[client_loop(k) for k in range(concurrency)])
     wall = time.perf_counter() - start
     await client.close()
-    cpu, threads = cpu_seconds(pid) - cpu0, thread_cpu_seconds(pid)
+    cpu, threads = tree_cpu_seconds(pid) - cpu0, thread_cpu_seconds(pid)
     spent = {thread: seconds - threads0.get(thread, 0.0) for thread, seconds in threads.items()}
     loop_cpu = spent.pop(pid)
     decode_cpu = max(spent.values(), default=None)  # the scheduler's thread decodes: by far the busiest
@@ -339,6 +361,12 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=2, help="turns of HTTP and the library each at 16 concurrent")
     parser.add_argument(
+        "--compare-thread",
+        action="store_true",
+        help="at 16 concurrent, a second server decoding in a thread of its process (--scheduler-thread) takes turns "
+        "with the first (its scheduler in a process of its own) and the library",
+    )
+    parser.add_argument(
         "--plain", action="store_true", help="HTTP clients ask for plain answers, not streams (no TTFT over HTTP)"
     )
     args = parser.parse_args()
@@ -364,6 +392,9 @@ def main() -> None:
         )
         library = (model, picture_bytes)
     server = Server(model_args, args)
+    threaded = (
+        Server(model_args, args, "--scheduler-thread") if args.compare_thread and 16 in args.concurrency else None
+    )
     results = {}
     try:
         for concurrency in args.concurrency:
@@ -374,10 +405,15 @@ def main() -> None:
                     results[("http", concurrency, threshold)] = level
                     show(f"HTTP, threshold {threshold:g}", level)
                     continue
-                turns = {"http": [], "like for like": []}
-                for _ in range(args.repeats):  # taking turns, so that both sides see the same machine load
+                turns = {"http": [], "like for like": []} | ({"http, scheduler thread": []} if threaded else {})
+                for _ in range(args.repeats):  # taking turns, so that all sides see the same machine load
                     turns["http"].append(asyncio.run(http_level(server, urls, 16, threshold, args)))
                     show(f"HTTP, threshold {threshold:g}", turns["http"][-1])
+                    if threaded:
+                        turns["http, scheduler thread"].append(
+                            asyncio.run(http_level(threaded, urls, 16, threshold, args))
+                        )
+                        show(f"HTTP, scheduler thread, threshold {threshold:g}", turns["http, scheduler thread"][-1])
                     turns["like for like"].append(library_level(*library, 16, threshold, args, prepare=True))
                     show(f"library, like for like, threshold {threshold:g}", turns["like for like"][-1])
                 turns["inputs ready"] = [library_level(*library, 16, threshold, args, prepare=False)]
@@ -390,6 +426,8 @@ def main() -> None:
                         show(f"{side}, all turns, threshold {threshold:g}", results[(side, 16, threshold)])
     finally:
         server.stop()
+        if threaded:
+            threaded.stop()
     print("\ngoals")
     if 16 in args.concurrency:
         for threshold in (args.threshold, 1.0):
@@ -397,15 +435,23 @@ def main() -> None:
                 results[(side, 16, threshold)] for side in ("http", "like for like", "inputs ready", "in a thread")
             )
             print(
-                f"  HTTP / library tokens per CPU second at 16 concurrent, threshold {threshold:g}: "
-                f"{http.tokens_per_cpu_second / same.tokens_per_cpu_second:.2f}x like for like (goal >= 0.90), "
-                f"{http.tokens_per_cpu_second / ready.tokens_per_cpu_second:.2f}x against inputs ready; per wall "
-                f"second {http.tokens_per_second / same.tokens_per_second:.2f}x like for like"
+                f"  HTTP / library tokens per wall-clock second at 16 concurrent, threshold {threshold:g}: "
+                f"{http.tokens_per_second / same.tokens_per_second:.2f}x like for like (goal >= 0.90), "
+                f"{http.tokens_per_second / ready.tokens_per_second:.2f}x against inputs ready; per CPU second "
+                f"(the server's processes together): {http.tokens_per_cpu_second / same.tokens_per_cpu_second:.2f}x "
+                f"like for like, {http.tokens_per_cpu_second / ready.tokens_per_cpu_second:.2f}x against inputs ready"
             )
+            if threaded:
+                one = results[("http, scheduler thread", 16, threshold)]
+                print(
+                    f"  the server with its scheduler in a thread (--scheduler-thread) / library like for like, "
+                    f"threshold {threshold:g}: {one.tokens_per_second / same.tokens_per_second:.2f}x tokens per "
+                    f"wall-clock second, {one.tokens_per_cpu_second / same.tokens_per_cpu_second:.2f}x per CPU second"
+                )
             print(
-                f"  the server's scheduler thread alone / library, inputs ready, tokens per CPU second, threshold "
-                f"{threshold:g}: {http.decode_tokens_per_cpu_second / ready.tokens_per_cpu_second:.2f}x; the library "
-                f"stepping in a thread of its own / in this one: "
+                f"  the server's scheduler (its busiest thread) alone / library, inputs ready, tokens per CPU second, "
+                f"threshold {threshold:g}: {http.decode_tokens_per_cpu_second / ready.tokens_per_cpu_second:.2f}x; "
+                f"the library stepping in a thread of its own / in this one: "
                 f"{thread.tokens_per_cpu_second / ready.tokens_per_cpu_second:.2f}x"
             )
             ratios = [percentile(r.ttft, 0.99) / percentile(r.ttft, 0.5) for r in (http, same)]

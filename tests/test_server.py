@@ -129,7 +129,8 @@ class Server:
 @pytest.fixture(scope="module")
 def servers(files):
     """Both servers, started side by side: four rows with room for LONG tokens; and one row, one waiting request,
-    a 0.8 s timeout, no image URLs (for 429, timeouts and refusals)."""
+    a 0.8 s timeout, no image URLs (for 429, timeouts and refusals), decoding in a thread of its process (the first
+    decodes in a process of its own, as `freevlm serve` does by default)."""
     started = [
         Server(files, "--max-batch", "4", "--max-len", "480", "--max-tokens", str(MAX_TOKENS)),
         Server(
@@ -143,6 +144,7 @@ def servers(files):
             "--request-timeout",
             "0.8",
             "--no-image-urls",
+            "--scheduler-thread",
         ),
     ]
     try:
@@ -430,6 +432,30 @@ def test_image_urls_fetched_on_loopback_or_refused(server, small_server, files, 
         httpd.shutdown()
 
 
+def scheduler_processes(server: Server) -> list[int]:
+    """The server's child processes that multiprocessing spawned (its scheduler's; not the resource tracker)."""
+    pid = server.process.pid
+    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    return [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_each_server_decodes_where_it_was_told(server, small_server, files):
+    """By default the scheduler's process decodes (the CPU of a long answer is spent there, not in the server's
+    process); with --scheduler-thread there is no such process."""
+    body = {"model": "tiny", "messages": messages(data_url(files["images"][0]), PROMPTS[0]), "max_tokens": LONG}
+    [child] = scheduler_processes(server)
+    before = cpu_seconds(child), cpu_seconds(server.process.pid)
+    answer = httpx.post(f"{server.url}/v1/chat/completions", json=body | {"threshold": 1.0}, timeout=60).json()
+    child_cpu, app_cpu = cpu_seconds(child) - before[0], cpu_seconds(server.process.pid) - before[1]
+    assert len(answer["freevlm"]["exit_layers"]) > 100 and child_cpu > 2 * app_cpu, (child_cpu, app_cpu)
+    assert scheduler_processes(small_server) == []
+
+
 def test_client_disconnect_frees_its_row(server, files):
     cancelled = server.metric('freevlm_requests_total{outcome="cancelled"}')
     body = {"model": "tiny", "messages": messages(data_url(files["images"][0]), PROMPTS[0]), "max_tokens": LONG}
@@ -532,6 +558,7 @@ def test_metrics(server, files):
 
 def test_sigterm_drains_running_requests_then_exits_0(server, files):
     """Last in the module: it stops the module's server."""
+    [scheduler] = scheduler_processes(server)
     body = {"model": "tiny", "messages": messages(data_url(files["images"][0]), PROMPTS[0]), "max_tokens": LONG}
     with (
         httpx.Client(base_url=server.url, timeout=30) as client,
@@ -545,5 +572,6 @@ def test_sigterm_drains_running_requests_then_exits_0(server, files):
     final = json.loads(rest[-2].removeprefix("data: "))
     assert final["choices"][0]["finish_reason"] in ("stop", "length") and len(final["freevlm"]["exit_layers"]) > 1
     assert server.process.wait(30) == 0
+    assert not Path(f"/proc/{scheduler}").exists()  # the scheduler's process ended with the server
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.url}/health")

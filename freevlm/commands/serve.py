@@ -55,6 +55,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument(flag, dest=field, type=kind, default=getattr(defaults, field), help=text)
     p.add_argument("--no-image-urls", action="store_true", help="refuse http(s) image URLs (data: URLs only)")
     p.add_argument(
+        "--scheduler-thread",
+        action="store_true",
+        help="decode in a thread of the server's process, not in a process of its own beside it (which runs the "
+        "HTTP work on another core): one process, a little less CPU per token where no second core is free (each "
+        "replica of --replicas decodes in a thread)",
+    )
+    p.add_argument(
         "--replicas",
         type=positive_int,
         help="run N copies of the server on Ray Serve behind one address, each loading the model and batching on "
@@ -73,6 +80,7 @@ def serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from ..server.app import create_app
+        from ..server.remote import SchedulerProcess
     except ImportError as err:
         raise UserError(
             f"freevlm serve needs the serve extra ({err.name} is missing): pip install 'freevlm[serve]'"
@@ -83,8 +91,19 @@ def serve(args: argparse.Namespace) -> int:
         raise UserError("--replica-cpus applies to --replicas N (Ray Serve): give both, or neither")
     if args.replicas:
         return serve_replicas(args, config)
-    model = load_served_model(args)
-    app = create_app(model, config)
+    if args.scheduler_thread:
+        model = load_served_model(args)
+        app = create_app(model, config)
+    else:  # the model loads and decodes in a process of its own, beside the event loop's (server/remote.py)
+        from ..loading import check_vlm_folder
+
+        if args.backbone:  # a missing model fails here, not in the scheduler's process
+            check_vlm_folder(args.backbone)
+        else:
+            demo_model()
+        scheduler = SchedulerProcess(partial(load_served_model, args), config)
+        model = scheduler.model
+        app = create_app(model, config, scheduler)
     server = uvicorn.Server(
         uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=config.drain_seconds)
     )
@@ -141,7 +160,7 @@ def load_served_model(args: argparse.Namespace):
     from ..exits import ExitConfig
     from ..loading import check_vlm_folder, load_exits, load_vlm
     from ..model import EarlyExitVLM
-    from ..server.app import ServedModel
+    from ..server.served import ServedModel
 
     backbone, exits, layers, prompt = (args.backbone, args.exits, None, None) if args.backbone else demo_model()
     check_vlm_folder(backbone)

@@ -1,8 +1,11 @@
 """The FastAPI app of `freevlm serve`: OpenAI's `POST /v1/chat/completions` (plain and server-sent events),
-`GET /v1/models`, `GET /health` and `GET /metrics`, over one `Scheduler` running in a background thread.
+`GET /v1/models`, `GET /health` and `GET /metrics`, over one `Scheduler` running in a background thread, or in a
+process of its own (`SchedulerProcess`, remote.py: what `freevlm serve` runs).
 
     app = create_app(ServedModel(bundle, ee, "my-model"), ServerConfig(max_batch=8))
     uvicorn.run(app)          # or wrap it: any ASGI server, a Ray Serve deployment
+    scheduler = SchedulerProcess(load, config)      # or: the model loaded and decoding in a child process
+    app = create_app(scheduler.model, config, scheduler)
 
 A request is checked (api.py), its image read and its prompt laid out (chat.py), then submitted: the scheduler
 refuses what can never fit (400) and a full queue (429 with Retry-After). Tokens come from the scheduler's thread to
@@ -23,7 +26,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 import torch
 from fastapi import FastAPI, Request
@@ -32,8 +34,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..decoding.generate import analytic_speedup
-from ..loading import VLMBundle
-from ..model import EarlyExitVLM
 from ..serving import Handle, QueueFull, Scheduler, TokenEvent
 from .api import APIError, ChatRequest, validation_error
 from .chat import TextStream, decode, image_bytes, layout_prompt, the_image
@@ -41,6 +41,8 @@ from .config import ServerConfig
 from .metrics import ServerMetrics
 from .page import page_routes
 from .relay import Relay
+from .remote import SchedulerProcess
+from .served import ServedModel
 
 # response ids: unique per run and request, without a system call each (os.urandom took ~0.4 ms on a loaded machine)
 RUN, REQUEST_NUMBERS = secrets.token_hex(6), itertools.count()
@@ -54,18 +56,6 @@ DONE = "data: [DONE]\n\n"  # a stream's last event
 PARAMS = {"max_new_tokens": "max_tokens", **{name: name for name in ("threshold", "mode", "kv", "top_p", "seed")}}
 
 
-@dataclass
-class ServedModel:
-    """What one server serves: the model, its processor and exits, the name clients ask for, and the prompt its
-    folder records (None: none recorded). Without exits (`has_exits` False) every token runs the whole stack."""
-
-    bundle: VLMBundle
-    ee: EarlyExitVLM
-    name: str
-    prompt: str | None = None
-    has_exits: bool = True
-
-
 class ClientGone(Exception):
     """The client disconnected before its answer was complete."""
 
@@ -73,9 +63,15 @@ class ClientGone(Exception):
 class ChatService:
     """One chat completion from request to response, over the shared scheduler."""
 
-    def __init__(self, model: ServedModel, config: ServerConfig, scheduler: Scheduler, metrics: ServerMetrics):
+    def __init__(
+        self,
+        model: ServedModel,
+        config: ServerConfig,
+        scheduler: Scheduler | SchedulerProcess,
+        metrics: ServerMetrics,
+    ):
         self.model, self.config, self.scheduler, self.metrics = model, config, scheduler, metrics
-        self.num_layers = model.ee.backbone.num_layers
+        self.num_layers = model.num_layers
         self.default_prompt = config.prompt if config.prompt is not None else (model.prompt or "")
         self.default_threshold = config.threshold if model.has_exits else 1.0
         # images decoded and inputs made off the event loop, one request at a time (a Hugging Face tokenizer is not
@@ -123,7 +119,10 @@ class ChatService:
         data = await image_bytes(url, self.config)
         inputs = await asyncio.get_running_loop().run_in_executor(self.inputs_worker, self._inputs, data, prompt)
         try:  # the family's own inputs (Gemma 3's token types, LLaVA-NeXT's image sizes...) travel with the prompt
-            handle = self.scheduler.submit(**inputs, **options)
+            if isinstance(self.scheduler, SchedulerProcess):
+                handle = await self.scheduler.submit(**inputs, **options)
+            else:
+                handle = self.scheduler.submit(**inputs, **options)
         except QueueFull as err:
             raise APIError(
                 429, str(err), None, "queue_full", "rate_limit_error", {"Retry-After": str(self.config.retry_after)}
@@ -338,18 +337,22 @@ class EventStream(StreamingResponse):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-def create_app(model: ServedModel, config: ServerConfig | None = None) -> FastAPI:
-    """The server for one model: its scheduler starts with the app and stops (after running requests) with it."""
+def create_app(
+    model: ServedModel, config: ServerConfig | None = None, scheduler: SchedulerProcess | None = None
+) -> FastAPI:
+    """The server for one model: its scheduler (a `Scheduler` in a thread, or the `SchedulerProcess` given, which
+    loaded `model`) starts with the app and stops (after running requests) with it."""
     config = config or ServerConfig()
     config.validate()
-    scheduler = Scheduler(
-        model.ee,
-        max_batch=config.max_batch,
-        max_len=config.max_len,
-        max_waiting=config.max_waiting,
-        prefill_chunk=config.prefill_chunk,
-    )
-    metrics = ServerMetrics(scheduler, model.ee.backbone.num_layers)
+    if scheduler is None:
+        scheduler = Scheduler(
+            model.ee,
+            max_batch=config.max_batch,
+            max_len=config.max_len,
+            max_waiting=config.max_waiting,
+            prefill_chunk=config.prefill_chunk,
+        )
+    metrics = ServerMetrics(scheduler, model.num_layers)
     service = ChatService(model, config, scheduler, metrics)
 
     @asynccontextmanager
@@ -373,7 +376,7 @@ def create_app(model: ServedModel, config: ServerConfig | None = None) -> FastAP
         page_routes(
             model.name,
             service.num_layers,
-            model.ee.exit_layers if model.has_exits else [],
+            list(model.exit_layers) if model.has_exits else [],
             threshold=service.default_threshold,
             max_tokens=config.max_tokens,
             prompt=service.default_prompt,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ..serving import Scheduler
+from .remote import SchedulerProcess
 
 # seconds: a token takes milliseconds on a small model, a first token up to seconds behind a queue
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -14,7 +15,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 class ServerMetrics:
     """Requests by outcome, tokens in and out, where tokens left the stack, and the scheduler's load."""
 
-    def __init__(self, scheduler: Scheduler, num_layers: int):
+    def __init__(self, scheduler: Scheduler | SchedulerProcess, num_layers: int):
         self.registry = registry = CollectorRegistry()
         self.requests = Counter(
             "freevlm_requests", "Chat completion requests by outcome", ["outcome"], registry=registry
