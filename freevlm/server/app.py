@@ -345,13 +345,7 @@ def create_app(
     config = config or ServerConfig()
     config.validate()
     if scheduler is None:
-        scheduler = Scheduler(
-            model.ee,
-            max_batch=config.max_batch,
-            max_len=config.max_len,
-            max_waiting=config.max_waiting,
-            prefill_chunk=config.prefill_chunk,
-        )
+        scheduler = config.scheduler(model.ee)
     metrics = ServerMetrics(scheduler, model.num_layers)
     service = ChatService(model, config, scheduler, metrics)
 

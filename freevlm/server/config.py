@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from ..decoding.config import DecodeConfig
+from ..serving import Scheduler
 
 
 @dataclass
@@ -36,6 +37,16 @@ class ServerConfig:
     image_urls: bool = True
     image_url_timeout: float = 10.0
     max_image_bytes: int = 20 * 2**20
+
+    def scheduler(self, ee) -> Scheduler:
+        """The continuous batcher these settings describe, over `ee` (in the app's thread or a process of its own)."""
+        return Scheduler(
+            ee,
+            max_batch=self.max_batch,
+            max_len=self.max_len,
+            max_waiting=self.max_waiting,
+            prefill_chunk=self.prefill_chunk,
+        )
 
     def validate(self) -> None:
         """A `ValueError` naming the first bad option."""

@@ -226,13 +226,7 @@ def run_scheduler(conn, load: Callable[[], ServedModel], config: ServerConfig, t
     torch.set_num_threads(threads)
     try:
         model = load()
-        scheduler = Scheduler(
-            model.ee,
-            max_batch=config.max_batch,
-            max_len=config.max_len,
-            max_waiting=config.max_waiting,
-            prefill_chunk=config.prefill_chunk,
-        )
+        scheduler = config.scheduler(model.ee)
     except BaseException as err:
         conn.send_bytes(pickle.dumps(("failed", _portable(err))))
         return
