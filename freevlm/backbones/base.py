@@ -194,6 +194,11 @@ class Backbone:
     # images; "patches": the family's own layout (Qwen-VL's flattened patches), checked by `check_inputs`
     pixel_layout: str = "images"
 
+    @property
+    def replays_graphs(self) -> bool:
+        """Whether the engines capture and replay CUDA graphs here: on CUDA, where a layer call is `graph_safe`."""
+        return self.device.type == "cuda" and self.graph_safe
+
     def __init__(self, model: nn.Module, lm: nn.Module | None = None):
         self.model = model
         self.lm = model.language_model if lm is None else lm

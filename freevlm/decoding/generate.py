@@ -175,7 +175,7 @@ def build_engine(call: Call, ctx: Context) -> Engine:
     setup = EngineSetup(backbone, call.exits, call.policy, config.kv, batch_policy)
     if not together or config.static is False:
         return GeneralEngine(setup, ctx)
-    if call.engines is not None and backbone.device.type == "cuda" and backbone.graph_safe:
+    if call.engines is not None and backbone.replays_graphs:
         return call.engines.get(setup, ctx)
     return StaticEngine(setup, ctx)
 

@@ -411,7 +411,7 @@ class RowEngine:
             key_length, start = self.max_len + 1, chunks[0][0]
         else:
             key_length, start = self._key_length(int(last.max())), 0
-        mask = (self._key_slots[None, None, :key_length] <= slots[:, :, None])[:, None]  # [k, 1, w, keys]
+        mask = self._causal(slots, key_length)[:, None]  # [k, 1, w, keys]
 
         def window(pick: list[int]):
             """The rows `pick` (places in `rows`) of a window of rows: a `RowView` maker, their context, places."""
@@ -488,6 +488,10 @@ class RowEngine:
     def _at(self, at: dict[int, int], places: list[int]) -> torch.Tensor:
         """The column of each place's last slot in a prompt window."""
         return torch.tensor([at[i] for i in places], device=self.threshold.device)
+
+    def _causal(self, slots: torch.Tensor, key_length: int) -> torch.Tensor:
+        """The bool mask `[..., q, key_length]` of queries at `slots [..., q]`: a key slot is seen up to the query's."""
+        return self._key_slots[:key_length] <= slots[..., None]
 
     def _key_length(self, deepest: int) -> int:
         """Key slots a window reads whose deepest query slot is `deepest`: up to it, rounded up to `KEY_BUCKET`."""
@@ -625,7 +629,7 @@ class RowEngine:
         slots = torch.tensor(slots_of, device=device)[:, None]
         row_ids = torch.tensor(rows_of, device=device)
         key_length = self._key_length(max(slots_of))
-        mask = (self._key_slots[None, :key_length] <= slots)[:, None, None, :]
+        mask = self._causal(slots, key_length)[:, None]
         in_order = rows_of == list(range(len(rows_of)))  # one slot per row, rows 0..k-1: no gather
         ctx = self.backbone.window_context(self.rows_ctx, slots, None if in_order else row_ids)
         selector = slice(0, len(rows_of)) if in_order else row_ids
@@ -646,15 +650,15 @@ class RowEngine:
             ids = rows[:batched]
             slots = torch.tensor(lasts[:batched], device=device)[:, None]
             key_length = self._key_length(max(lasts[:batched]))
-            mask = (self._key_slots[None, :key_length] <= slots)[:, None, None]
+            mask = self._causal(slots, key_length)[:, None]
             contiguous = ids == list(range(ids[0], ids[0] + batched))
             selector = slice(ids[0], ids[0] + batched) if contiguous else torch.tensor(ids, device=device)
             groups.append(_Group(slice(0, batched), selector, 1, key_length, mask))
         start = batched
         for row, last, count in zip(rows[batched:], lasts[batched:], counts[batched:]):
             key_length = self._key_length(last)
-            slots = torch.arange(last + 1 - count, last + 1, device=device)[:, None]
-            mask = (self._key_slots[None, :key_length] <= slots)[None, None]
+            slots = torch.arange(last + 1 - count, last + 1, device=device)
+            mask = self._causal(slots, key_length)[None, None]
             groups.append(_Group(slice(start, start + count), slice(row, row + 1), count, key_length, mask))
             start += count
         return groups
@@ -715,7 +719,7 @@ class RowEngine:
 
         def run(x: torch.Tensor, slots: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor]:
             ctx = self.backbone.window_context(self.rows_ctx, slots)
-            mask = (self._key_slots[None, : self.max_len] <= slots)[:, None, None, :]
+            mask = self._causal(slots, self.max_len)[:, None]
             memo: dict = {}
             for depth in range(first, last):
                 view = RowView(self.kv[depth], index, slice(0, rows), self.max_len, memo=memo)

@@ -82,7 +82,6 @@ class Scheduler:
             prefill_chunk,
         )
         self.max_prompt = max_len if max_prompt is None else max_prompt
-        graphs = self.backbone.device.type == "cuda" and self.backbone.graph_safe
         self.engine = RowEngine(
             self.backbone,
             model.exit_dict(),
@@ -90,7 +89,7 @@ class Scheduler:
             max_len,
             self.max_prompt,
             exit_rule,
-            graphs=graphs,
+            graphs=self.backbone.replays_graphs,
             ragged=ragged,
         )
         vocab, device = self.backbone.lm_head.weight.shape[0], self.backbone.device
