@@ -359,9 +359,8 @@ class RowEngine:
         groups = self._groups(rows, lasts, [count for _, count in spans], 0)
         plan = _Plan(row_ids, slots, groups, self.backbone.window_context(self.rows_ctx, slots, row_ids))
         ends = itertools.accumulate(count for _, count in spans)
-        ending = [end - 1 for r, (done, count), end in zip(rows, spans, ends) if done + count == self._length(r)]
-        ended = [r for r, (done, count) in zip(rows, spans) if done + count == self._length(r)]
-        return _Riding(rows, spans, states, plan, ending, ended)
+        ended = [(end - 1, r) for r, (done, count), end in zip(rows, spans, ends) if done + count == self._length(r)]
+        return _Riding(rows, spans, states, plan, [item for item, _ in ended], [r for _, r in ended])
 
     def _prompt_end(self, row: int) -> int:
         """The prompt slots `prefill` encodes for a joining row: all of them where its prompt runs in a window of
@@ -466,24 +465,34 @@ class RowEngine:
         output at a prompt slot), and for `deciding` (places whose whole prompt ends here, their first token not
         out yet) its logits at their last slot, as their first `step` would take them there; returns
         `{place: (logits, depth)}` for those whose threshold it reaches."""
-        exit_module, device = self.exits[depth], x.device
-        features = x[deciding, self._at(at, deciding)] if deciding else None
+        device = x.device
         if depth in self.exit_kv:
             everyone = list(range(len(rows)))
             exit_view, exit_ctx, places = (view, ctx, slice(None)) if leaving == everyone else window(leaving)
-            args = (exit_module.layer, x[places], exit_ctx, exit_view(self.exit_kv[depth]), mask[places])
-            if deciding:
-                keep = torch.tensor([leaving.index(i) for i in deciding], device=device)
-                out = self.backbone.run_layer_at(*args, keep)
-                features = out[torch.arange(len(deciding), device=device), self._at(at, deciding)]
-            else:
+            args = (self.exits[depth].layer, x[places], exit_ctx, exit_view(self.exit_kv[depth]), mask[places])
+            if not deciding:
                 self.backbone.fill_kv(*args)
-        if not deciding:
+                return {}
+            keep = torch.tensor([leaving.index(i) for i in deciding], device=device)
+            out = self.backbone.run_layer_at(*args, keep)
+            features = out[torch.arange(len(deciding), device=device), self._at(at, deciding)]
+        elif deciding:
+            features = x[deciding, self._at(at, deciding)]
+        else:
             return {}
-        logits = exit_module.logits(self.backbone, features)
-        ids = torch.tensor([rows[i] for i in deciding], device=device)
-        confident = (max_probability(logits) >= self.threshold[ids]).tolist()
-        return {i: (logits[j], depth) for j, i in enumerate(deciding) if confident[j]}
+        out = self._first_tokens_out(depth, features, [rows[i] for i in deciding])
+        return {deciding[j]: token for j, token in out.items()}
+
+    def _first_tokens_out(self, depth: int, features: torch.Tensor, rows: list[int]) -> dict:
+        """Of the first tokens of `rows` at the exit at `depth` (`features [k, H]`: the exit layer's output at each
+        one's prompt's last slot), those its row's threshold accepts: `{place in rows: (logits [V], depth)}`."""
+        logits = self.exits[depth].logits(self.backbone, features)
+        confident = self._confident(logits, torch.tensor(rows, device=features.device))
+        return {j: (logits[j], depth) for j, out in enumerate(confident) if out}
+
+    def _confident(self, logits: torch.Tensor, row_ids: torch.Tensor) -> list[bool]:
+        """Whether each token's max softmax probability reaches its row's threshold (the one host read per exit)."""
+        return (max_probability(logits) >= self.threshold[row_ids]).tolist()
 
     def _at(self, at: dict[int, int], places: list[int]) -> torch.Tensor:
         """The column of each place's last slot in a prompt window."""
@@ -771,23 +780,21 @@ class RowEngine:
         slots (a ragged call; no one reads its output at a prompt slot), and at the last slot of a prompt that ends
         here whose first token is not out yet its logits: that token leaves here if its row's threshold accepts
         (`riding.first`), as in a window (`_exit_in_window`)."""
-        exit_module, device = self.exits[depth], riding.states.device
         deciding = [
             (item, row)
             for item, row in zip(riding.ending, riding.ends)
             if self.may_exit[row] and row not in riding.first
         ]
-        keep = torch.tensor([item for item, _ in deciding], dtype=torch.long, device=device)
-        features = riding.states[keep]
-        if exit_module.needs_cache:
+        keep = torch.tensor([item for item, _ in deciding], dtype=torch.long, device=riding.states.device)
+        if depth in self.exit_kv:
             view = RaggedView(self.exit_kv[depth], riding.plan)
-            features = self.backbone.run_layer_ragged(exit_module.layer, riding.states, riding.plan.ctx, view, keep)
-        if not deciding:
-            return
-        logits = exit_module.logits(self.backbone, features)
-        ids = torch.tensor([row for _, row in deciding], device=device)
-        confident = (max_probability(logits) >= self.threshold[ids]).tolist()
-        riding.first |= {row: (logits[j], depth) for j, (_, row) in enumerate(deciding) if confident[j]}
+            layer = self.exits[depth].layer
+            features = self.backbone.run_layer_ragged(layer, riding.states, riding.plan.ctx, view, keep)
+        else:
+            features = riding.states[keep]
+        if deciding:
+            out = self._first_tokens_out(depth, features, [row for _, row in deciding])
+            riding.first |= {deciding[j][1]: token for j, token in out.items()}
 
     def _plan(self, pack: _Pack, riding: _Riding) -> _Plan:
         """One ragged call's slots: a segment's packed slots, then the riding chunks'."""
@@ -820,7 +827,7 @@ class RowEngine:
             self.slot_layers += len(pack.rows)
         logits = exit_module.logits(self.backbone, features)
         work = [pack.rows[i] for i in pack.last]
-        confident = (max_probability(logits) >= self.threshold[pack.row_ids[last]]).tolist()
+        confident = self._confident(logits, pack.row_ids[last])
         left = [c and self.may_exit[r] and not done[r] for c, r in zip(confident, work)]
         return left, logits
 
