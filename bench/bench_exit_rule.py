@@ -19,7 +19,7 @@ import argparse
 import statistics
 
 import torch
-from bench_serving import model_and_requests, run_continuous
+from bench_serving import add_exits_argument, model_and_requests, run_continuous
 
 
 def main() -> None:
@@ -29,12 +29,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--kv", nargs="+", choices=("recompute", "propagate"), default=["recompute"])
-    parser.add_argument(
-        "--exits",
-        type=int,
-        nargs="+",
-        help="the trained exits consulted (default: those the demo's placement chose, else its fixed ones)",
-    )
+    add_exits_argument(parser)
     parser.add_argument("--old-calls", action="store_true", help="the full model without ragged calls too")
     args = parser.parse_args()
     torch.set_num_threads(1)

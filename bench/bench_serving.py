@@ -81,14 +81,22 @@ class Run:
     slot_layers_per_token: float | None = None  # (slot, layer) pairs decode steps ran per token, catch-up included
     kv_only_per_token: float | None = None  # of those, the pairs that computed only K/V (no output was read)
     live_rows: float | None = None  # static batches: rows whose request still wants tokens, on average over steps
-    joins: tuple[int, int, float] | None = (
-        None  # continuous: (steps, steps with a request joining, their share of work)
-    )
+    joins: tuple[int, int, float] | None = None  # continuous: (steps, steps with a join, their share of work)
 
 
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def add_exits_argument(parser: argparse.ArgumentParser) -> None:
+    """`--exits`: which of the demo's trained exits are consulted (`demo_model`'s `exits_at`)."""
+    parser.add_argument(
+        "--exits",
+        type=int,
+        nargs="+",
+        help="the demo's trained exits consulted (default: those its placement chose, else its fixed ones)",
+    )
 
 
 def demo_model(cache: Path, exits_at: list[int] | None = None):
@@ -266,12 +274,7 @@ def run_generate(ee, requests, batch: int, eos, wait: float = 0.0, clock=time.pr
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("auto", "demo", "random"), default="auto")
-    parser.add_argument(
-        "--exits",
-        type=int,
-        nargs="+",
-        help="the demo's trained exits consulted (default: those its placement chose, else its fixed ones)",
-    )
+    add_exits_argument(parser)
     parser.add_argument("--preset", default="opt-demo", help="the random model's size")
     parser.add_argument(
         "--rates", type=float, nargs="+", help="arrivals per second (default: 2 16, none with --concurrency)"
