@@ -78,12 +78,14 @@ def test_the_app_side_holds_no_weights(remote):
 
 def test_refusals_cancels_and_counts(remote, files):  # noqa: F811
     """A request that can never fit: the scheduler's ValueError. With the one row taken and the one waiting place
-    filled, a third: QueueFull. Cancelling frees the row and the place (the child's counts come back to 0)."""
+    filled (the second is sent once the first holds the row, or both would wait), a third: QueueFull. Cancelling
+    frees the row and the place (the child's counts come back to 0)."""
 
     async def run():
         with pytest.raises(ValueError, match="max_new_tokens"):
             await remote.submit(**request(remote.model, files["images"][0], "a", max_new_tokens=10_000))
         first = await remote.submit(**request(remote.model, files["images"][0], "a", max_new_tokens=LONG))
+        assert await counts(remote, (1, 0))  # the first holds the row before the second takes the waiting place
         second = await remote.submit(**request(remote.model, files["images"][1], "b", max_new_tokens=LONG))
         with pytest.raises(QueueFull):
             await remote.submit(**request(remote.model, files["images"][2], "c"))
