@@ -12,6 +12,7 @@ from freevlm import EarlyExitVLM, ExitConfig
 from freevlm.backbones.base import Start
 from freevlm.decoding.config import DecodeConfig
 from freevlm.serving import QueueFull, Scheduler
+from freevlm.serving import rows as rows_module
 from freevlm.tiny import tiny_inputs, tiny_model
 
 FAMILIES = ["opt", "t5", "llama"]
@@ -78,26 +79,9 @@ def _scenario(ee, mixed, seed: int, count: int = 7):
     return requests
 
 
-@pytest.mark.parametrize(
-    "seed, exit_rule, ragged",
-    [(8, "park", False), (35, "park", False), (19, "park", True), (35, "park", True), (1, "ride_along", True)]
-    + [(4, "coin", True)],
-)  # 8, 35 park in each family without ragged calls; 19, 35 with them (OPT's)
-def test_every_request_decodes_as_alone(ee, mixed, seed, exit_rule, ragged, monkeypatch):
-    """`coin`: the park rule's decision at each exit is a coin toss (still at most `max_wait` steps of waiting), so
-    tokens park and resume at every depth: exactness must not depend on what the rule decides. `ragged`: where the
-    family has ragged layer calls (OPT), prompts joining while rows decode ride in the steps' calls."""
-    requests = _scenario(ee, mixed, seed)
-    rule = exit_rule.replace("coin", "park")
-    scheduler = Scheduler(ee, max_batch=3, max_len=32, prefill_chunk=5, exit_rule=rule, ragged=ragged)
-    if exit_rule == "coin":
-        engine, rng = scheduler.engine, random.Random(seed)
-
-        def coin(depth, done, live):
-            waited = max(engine.waited[r] for r, out in enumerate(done) if not out)
-            return waited >= 2 or rng.random() < 0.3
-
-        monkeypatch.setattr(engine, "_climb_on", coin)
+def _run_scenario(scheduler: Scheduler, requests: list) -> None:
+    """Submit each request of `_scenario` at its arrival step (cancelling it where it says), step until all are
+    done, and check each got what it gets alone (a cancelled one: a prefix of it)."""
     handles, step = {}, 0
     while step < 200 and (len(handles) < len(requests) or not scheduler.idle):
         for i, (arrival, pv, ids, options, stop, cancel_after, *_) in enumerate(requests):
@@ -116,10 +100,60 @@ def test_every_request_decodes_as_alone(ee, mixed, seed, exit_rule, ragged, monk
             tokens, layers = tokens[:n], layers[:n]
         assert result.tokens == tokens, i
         assert result.exit_layers == layers, i
+
+
+@pytest.mark.parametrize(
+    "seed, exit_rule, ragged",
+    [(8, "park", False), (35, "park", False), (19, "park", True), (35, "park", True), (1, "ride_along", True)]
+    + [(4, "coin", True)],
+)  # 8, 35 park in each family without ragged calls; 19, 35 with them (OPT's)
+def test_every_request_decodes_as_alone(ee, mixed, seed, exit_rule, ragged, monkeypatch):
+    """`coin`: the park rule's decision at each exit is a coin toss (still at most `max_wait` steps of waiting), so
+    tokens park and resume at every depth: exactness must not depend on what the rule decides. `ragged`: where the
+    family has ragged layer calls (OPT), prompts joining while rows decode ride in the steps' calls."""
+    requests = _scenario(ee, mixed, seed)
+    rule = exit_rule.replace("coin", "park")
+    scheduler = Scheduler(ee, max_batch=3, max_len=32, prefill_chunk=5, exit_rule=rule, ragged=ragged)
+    if exit_rule == "coin":
+        engine, rng = scheduler.engine, random.Random(seed)
+
+        def coin(depth, done, live, joining=(0, 0)):
+            waited = max((engine.waited[r] for r, out in enumerate(done) if not out), default=0)
+            return waited >= 2 or rng.random() < 0.3
+
+        monkeypatch.setattr(engine, "_climb_on", coin)
+    _run_scenario(scheduler, requests)
     exits_taken = {layer for r in requests for layer in r[-1]} - {ee.backbone.num_layers}
     assert exits_taken, "no request left early: the test would not see a wrong exit rule"
     if exit_rule != "ride_along":
         assert scheduler.engine.parks > 0, "no step parked a token: the test would not see a wrong resumption"
+
+
+@pytest.mark.parametrize("seed, backlog", [(98, None), (175, None), (175, 0)])  # 175: at exits 1 and 3
+def test_prompts_that_stop_at_an_exit_decode_as_alone(ee, mixed, seed, backlog, monkeypatch):
+    """With ragged calls (OPT), a step that ends at an exit (every token out, or parked) with joining prompts'
+    chunks riding in it leaves them there too, as parked tokens (`RowEngine._park_riding`): a row whose first token
+    left at or below that exit, and a row whose first token waits at its prompt's last slot. Their layers above are
+    caught up later; in ragged calls where a row has more than `RAGGED_BACKLOG` slots to catch up (at 0: every
+    step that catches up)."""
+    if not ee.backbone.ragged_layers():
+        pytest.skip("ragged layer calls: OPT's")
+    if backlog is not None:
+        monkeypatch.setattr(rows_module, "RAGGED_BACKLOG", backlog)
+    scheduler = Scheduler(ee, max_batch=3, max_len=32, prefill_chunk=5, ragged=True)
+    engine, parked = scheduler.engine, []
+    park_riding = engine._park_riding
+
+    def recorded(riding):
+        waiting = sum(1 for row in riding.rows if row not in riding.first)
+        parked.append((riding.depth, len(riding.rows) - waiting, waiting))
+        park_riding(riding)
+
+    monkeypatch.setattr(engine, "_park_riding", recorded)
+    _run_scenario(scheduler, _scenario(ee, mixed, seed))
+    assert any(out for _, out, _ in parked), "no prompt stopped at an exit with its first token out"
+    assert any(waiting for *_, waiting in parked), "no prompt stopped at an exit with its first token waiting"
+    assert engine.parked_prompts == sum(out + waiting for _, out, waiting in parked)
 
 
 # Prompts (seed) and thresholds at which kv="propagate" gives other tokens or exit layers than "recompute" alone

@@ -14,9 +14,11 @@ prompt chunks `prefill` would encode in a window of their own (those of rows who
 the next step's layer calls instead: per layer one call whose per-slot operations (norms, linears, MLP) run once over
 the step's packed slots and the chunks' slots, and whose attention runs per group over views of each row's buffer
 (`RaggedView`: the rows with one slot as one batch, each other row alone), so no K/V row is gathered per slot. A
-joining prompt then costs no layer calls of its own; a step with chunks riding climbs to the top (they need every
-layer), rows that left riding along, and where a riding row may leave early the step runs each exit layer over the
-chunks too (`_riding_exit`: their K/V, and its first token's exit at its prompt's last slot).
+joining prompt then costs no layer calls of its own. Where a riding row may leave early the step runs each exit
+layer over the chunks too (`_riding_exit`: their K/V, and its first token's exit at its prompt's last slot). A step
+that ends at an exit (below) leaves the chunks there with the tokens, as parked tokens (`_park_riding`), where each
+ends its prompt; otherwise the chunks climb to the top. A step whose rows catch up more than `RAGGED_BACKLOG`
+slots (a parked prompt) runs ragged calls too: its catch-up groups gather no K/V per slot.
 
 Every row reads every live exit it reaches and leaves at the first one its own threshold accepts, exactly as
 alone; what the step did not run for a token (layers above where it stopped) is caught up exactly at the next step
@@ -61,6 +63,7 @@ KEY_BUCKET = 16  # a window reads its rows' key slots up to the deepest one, rou
 # heads, packing, token choice) ~1 ms). On a GPU rows are nearly free up to ~200 per call: ROW_COST ~0.
 ROW_COST = 0.08
 STEP_COST = 2.0
+RAGGED_BACKLOG = 8  # a step whose rows catch up more slots than this (a parked prompt) runs ragged calls
 
 
 class RowKV:
@@ -260,10 +263,10 @@ class RowEngine:
         self.pending = torch.zeros(max_rows, max_len + 1, backbone.hidden_size, dtype=backbone.dtype, device=device)
         self.rows_ctx = backbone.rows_context(max_rows, max_len + 1, max_prompt)
         self._key_slots = torch.arange(max_len + 1, device=device)
-        # per row, on the host: the slot of its next new token, how far each layer / exit layer is filled
+        # per row, on the host: the slot of its next new token, how far each layer is filled (the cache of an exit
+        # layer at depth d is filled as far as layer d - 1: it runs over the slots that layer outputs)
         self.position = [0] * max_rows
         self.fill = [[0] * max_rows for _ in range(self.num_layers)]
-        self.exit_fill = {i: [0] * max_rows for i in self.exit_kv}
         self.active = [False] * max_rows  # takes part in steps
         self.may_exit = [False] * max_rows
         self.propagate = [False] * max_rows  # kv="propagate": a token that leaves fills the deeper K/V at once
@@ -283,6 +286,7 @@ class RowEngine:
         self.kv_only_slot_layers = 0  # of the slot-layers, those that computed only K/V (`Backbone.run_layer_at`)
         self.projected_slot_layers = 0  # (slot, layer) K/V projected from an exit's state (kv="propagate")
         self.riding_slots = 0  # joining prompts' slots that rode in steps' layer calls (`prefill`, ragged)
+        self.parked_prompts = 0  # of those prompts, the ones whose chunk stopped at an exit with the step
 
     # --- rows joining and leaving ---------------------------------------------------------------------------------
     def join(self, row: int, ctx: Context, threshold: float, may_exit: bool, kv: str = "recompute") -> None:
@@ -341,7 +345,7 @@ class RowEngine:
             if row not in first:
                 self.first_input[row] = embeds[0, -1]
             self.position[row] = end
-            for fill in [*self.fill, *self.exit_fill.values()]:
+            for fill in self.fill:
                 fill[row] = end
             self.waited[row] = 0
             self.active[row] = True
@@ -522,9 +526,10 @@ class RowEngine:
         riding, self.riding = self.riding, None
         out = self._step(tokens, riding)
         if riding is not None:
-            if riding.depth < self.num_layers:
-                self._ragged(riding.depth, self.num_layers, None, None, riding)
-            self._advance(dict(zip(riding.rows, riding.spans)), riding.first)
+            if riding.depth < self.num_layers:  # the step ended at an exit (`_stops`): the chunks wait there too
+                self._park_riding(riding)
+            else:
+                self._advance(dict(zip(riding.rows, riding.spans)), riding.first)
             out.first = riding.first
         return out
 
@@ -540,10 +545,11 @@ class RowEngine:
         bounds = sorted({0, *live, *joins, *riding_exits, self.num_layers})
         before = {b: self.fill[b][:n] for b in bounds[:-1]}  # fill levels at the start of the step, per segment
         fresh = [r for r in rows if active[r] and self.fill[0][r] <= position[r]]  # a new token (not parked)
-        # chunks riding go through every layer anyway: the step climbs to the top, rows that left riding along. Its
-        # calls are ragged only then: for a step alone they measured ~2% slower under park (catch-up groups)
-        ragged = riding is not None
-        ride = self.exit_rule == "ride_along" or ragged
+        # calls are ragged with chunks riding, or with a prompt to catch up (a chunk that stopped at an exit); for a
+        # few catch-up slots per row they measured ~2% slower under park
+        backlog = max((position[r] + 1 - self.fill[-1][r] for r in rows if active[r]), default=0)
+        ragged = riding is not None or (backlog > RAGGED_BACKLOG and self.ragged and backbone.ragged_layers())
+        ride = self.exit_rule == "ride_along"
         self.steps += 1
 
         x = backbone.embed(backbone.window_context(self.rows_ctx, pos[:, None]), tokens[:n, None], None, 0)
@@ -593,9 +599,10 @@ class RowEngine:
             if last == live[0] and fresh:
                 share = sum(1 for r in fresh if done[r]) / len(fresh)
                 self.first_exit_rate += 0.2 * (share - self.first_exit_rate)
-            if riding is None and (all(done) or not self._climb_on(last, done, live)):
+            if self._stops(last, done, live, riding):
                 climbing = {r for r in rows if not done[r]}
                 self.parks += bool(climbing)
+                self.parked_prompts += 0 if riding is None else len(riding.rows)
                 self._park(states, pack, climbing if self.exit_rule == "park" else set(work) - projected)
                 self._stopped(done)
                 return StepOutput(logits, exit_at, done)
@@ -820,9 +827,6 @@ class RowEngine:
             else:  # one slot per row: `last` is every item, in order
                 features = self.backbone.run_layer(exit_module.layer, states, pack.ctx, view, pack.mask, None)
             features = features[:, 0]
-            fill = self.exit_fill[depth]
-            for r in set(pack.rows):
-                fill[r] = self.position[r] + 1
             self.exit_calls += 1
             self.slot_layers += len(pack.rows)
         logits = exit_module.logits(self.backbone, features)
@@ -844,8 +848,22 @@ class RowEngine:
             logits = logits.index_copy(0, index, new[picked])
         return logits
 
-    def _climb_on(self, depth: int, done: list[bool], live: list[int]) -> bool:
+    def _stops(self, depth: int, done: list[bool], live: list[int], riding: _Riding | None) -> bool:
+        """Whether the step ends at exit `depth`: every token is out, or the park rule parks those that are not
+        (`_climb_on`). Riding chunks stop there with the tokens (`_park_riding`) where each ends its prompt (a chunk
+        that does not is read at every layer by its prompt's next one) and the rule is `park`; a riding row's first
+        token not out yet counts as a climbing row's."""
+        if riding is not None and (self.exit_rule != "park" or len(riding.ends) < len(riding.rows)):
+            return False
+        waiting = 0 if riding is None else sum(1 for r in riding.ends if r not in riding.first)
+        if all(done) and not waiting:
+            return True
+        joining = (0, 0) if riding is None else (len(riding.ends) - waiting, waiting)
+        return not self._climb_on(depth, done, live, joining)
+
+    def _climb_on(self, depth: int, done: list[bool], live: list[int], joining: tuple[int, int] = (0, 0)) -> bool:
         """Whether the step goes on above exit `depth` for the rows whose token is not out yet, or parks them there.
+        `joining`: riding rows whose first token is out, and those whose first token is not (counted as the others).
 
         Going on costs the layer calls above `depth` (each dearer by `ROW_COST` per climbing row), and makes one
         token per climbing row; parking them lets the next step start at once, and its first exit makes tokens for
@@ -855,13 +873,32 @@ class RowEngine:
         delay); `exit_rule="ride_along"` always goes on."""
         if self.exit_rule == "ride_along":
             return True
-        climbing = [r for r, d in enumerate(done) if not d]
-        if max(self.waited[r] for r in climbing) >= self.max_wait:
+        waiting = [r for r, d in enumerate(done) if not d]
+        if max((self.waited[r] for r in waiting), default=0) >= self.max_wait:
             return True
-        rows_out = sum(1 for r, d in enumerate(done) if d and self.active[r])
-        going_on = self.calls_above[depth] * (1 + ROW_COST * len(climbing))
-        next_step = self.calls_to[live[0]] * (1 + ROW_COST * (rows_out + len(climbing))) + STEP_COST
-        return len(climbing) * next_step >= self.first_exit_rate * rows_out * going_on
+        climbing = len(waiting) + joining[1]
+        rows_out = sum(1 for r, d in enumerate(done) if d and self.active[r]) + joining[0]
+        going_on = self.calls_above[depth] * (1 + ROW_COST * climbing)
+        next_step = self.calls_to[live[0]] * (1 + ROW_COST * (rows_out + climbing)) + STEP_COST
+        return climbing * next_step >= self.first_exit_rate * rows_out * going_on
+
+    def _park_riding(self, riding: _Riding) -> None:
+        """The step ended at exit `riding.depth` with chunks riding, each the end of its prompt (`_stops`): their rows
+        are active, the chunks' states kept there as a parked token's are (the layers and exit layers above are
+        caught up when a later token of the row goes deeper), and a row whose first token is not out yet waits at
+        its prompt's last slot as a parked token does."""
+        depth, spans = riding.depth, dict(zip(riding.rows, riding.spans))
+        self._advance(spans, riding.first)
+        where = [r * (self.max_len + 1) + s for r, (done, count) in spans.items() for s in range(done, done + count)]
+        pending = self.pending.view(-1, self.pending.shape[-1])
+        pending.index_copy_(0, torch.tensor(where, device=pending.device), riding.states)
+        for r, (done, _) in spans.items():
+            for fill in self.fill[depth:]:
+                fill[r] = done
+            if r not in riding.first:
+                self.position[r] -= 1
+                self.first_input.pop(r)
+                self.waited[r] = 1
 
     def _stopped(self, done: list[bool]) -> None:
         """Rows whose token is out take their next slot; the others wait (at the exit where the step stopped, or
@@ -904,7 +941,7 @@ class RowEngine:
         memo: dict = {}
         for cache, (keys, values) in zip(caches, out):
             RowView(cache, slots, row_ids, 0, memo=memo).write(keys, values)
-        for fill in [*self.fill[depth:], *(self.exit_fill[i] for i in deeper)]:
+        for fill in self.fill[depth:]:
             for r in ids:
                 fill[r] = self.position[r] + 1
         self.projected_slot_layers += len(ids) * len(caches)
