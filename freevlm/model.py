@@ -23,6 +23,7 @@ from .decoding.search import SEARCH, search_name
 from .decoding.static import EnginePool
 from .errors import MissingFileError
 from .exits import Exit, ExitConfig, ExitLayer, HeadExit, LinearExit
+from .files import atomic_path, write_text_atomic
 from .inputs import InputWarning, validate_generate_inputs
 
 WEIGHTS_NAME = "exits.safetensors"
@@ -140,17 +141,14 @@ class EarlyExitVLM(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in self.exits.state_dict().items()}
-        tmp = path / (WEIGHTS_NAME + ".tmp")
-        save_file(state, str(tmp))
-        os.replace(tmp, path / WEIGHTS_NAME)
+        with atomic_path(path / WEIGHTS_NAME) as tmp:
+            save_file(state, str(tmp))
         meta = {
             "exit_config": self.exit_config.to_dict(),
             "backbone": self.backbone.fingerprint(),
             "weights_digest": exits_weights_digest(state),
         }
-        tmp = path / (CONFIG_NAME + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, path / CONFIG_NAME)
+        write_text_atomic(path / CONFIG_NAME, json.dumps(meta, indent=2))
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | os.PathLike) -> EarlyExitVLM:

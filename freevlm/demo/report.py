@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..colours import FINAL_COLOUR, layer_colours
 from ..eval.plots import plot_per_layer, plot_quality_vs_speedup
 from ..eval.sweep import markdown_table
+from ..files import write_text_atomic
 from .tables import (
     SPLIT_NAMES,
     exit_layers,
@@ -39,24 +38,12 @@ def write_report(results: dict, out_dir: Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "report.md", "html": out_dir / "index.html"}
-    _write_atomic(paths["json"], json.dumps(results, indent=2) + "\n")
+    write_text_atomic(paths["json"], json.dumps(results, indent=2) + "\n")
     plots = {name: out_dir / file for name, file in PLOTS.items() if _plot(name, results, out_dir / file)}
     captions = {name.replace("_", " "): path.name for name, path in plots.items()}
-    _write_atomic(paths["markdown"], markdown_report(results, captions))
-    _write_atomic(paths["html"], html_report(results, captions))
+    write_text_atomic(paths["markdown"], markdown_report(results, captions))
+    write_text_atomic(paths["html"], html_report(results, captions))
     return paths | plots
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """A reader (or a crash) never sees half a file: write a temp file beside it, then rename over."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def markdown_report(results: dict, plots: dict[str, str]) -> str:

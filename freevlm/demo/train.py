@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..backbones import load_backbone, sharing_features
 from ..eval.evaluate import CAPTION_PROMPT
+from ..files import write_text_atomic
 from ..loading import TrainingPrompt, VLMBundle, load_vlm
 from ..model import EarlyExitVLM
 from ..placement import exits_subset
@@ -82,12 +83,10 @@ PLACEMENT_FILE = "placement.json"  # beside FREE's candidate exits: the layers t
 
 def save_placement(cfg: DemoConfig, layers: tuple[int, ...], threshold: float, certified: bool) -> None:
     """Record the placement's choice beside the exits it chose among, so `freevlm serve` and the benchmarks consult
-    those exits; written to a temp file and renamed, so a crash never leaves half a record."""
+    those exits; written atomically, so a crash never leaves half a record."""
     folder = exits_folder(cfg, backbone_folder(cfg), "free_candidates", ("candidate_layers",))
     record = {"layers": list(layers), "threshold": threshold, "certified": bool(certified)}
-    tmp = folder / f".{PLACEMENT_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(folder / PLACEMENT_FILE)
+    write_text_atomic(folder / PLACEMENT_FILE, json.dumps(record, indent=1))
 
 
 def placed_layers(exits: Path) -> tuple[int, ...] | None:

@@ -40,6 +40,7 @@ from torch.utils.data import Dataset
 
 from ..data.coco import read_captions
 from ..data.images import ImageError, load_image
+from ..files import write_text_atomic
 from ..inputs import pad_rows
 from ..loading import CAPTION_PROMPT, EXPANDS_IMAGE_TOKEN, QWEN_VL, prompt_with_image
 from ..model import IGNORE_INDEX
@@ -87,9 +88,7 @@ def write_coco_captions(path: str | os.PathLike, entries: list[dict]) -> None:
             ann["score"] = float(entry["score"])
         annotations.append(ann)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"images": images, "annotations": annotations}, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps({"images": images, "annotations": annotations}, indent=1))
 
 
 def model_max_length(text_config) -> int | None:
