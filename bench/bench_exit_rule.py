@@ -1,16 +1,18 @@
 """Exits against the full model at a fixed number of requests in flight (a closed loop), for the exit rule.
 
     cd bench && PYTHONPATH=.. python bench_exit_rule.py [--concurrency 1 2 4 10] [--repeats 2] [--thresholds 0.5 0.6]
-        [--kv recompute propagate] [--old-calls]
+        [--kv recompute propagate] [--old-calls] [--lengths uniform]
 
 Poisson arrivals (`bench_serving.py`) mix loads within a run and their short runs are noisy on a shared machine;
 here the scheduler always holds `K` requests (a new one is submitted as one finishes), the same requests for every
 run, and the full model and each threshold (at each `--kv` mode) take turns, `--repeats` times after a warm-up, so
 machine drift hits them alike. Prints the median tokens per CPU second (image encoder and prompt included) and
 each threshold's ratio to the full model. The model is the demo's when its cache is there (FREEVLM_CACHE), else a
-random one of its size; `--exits` picks which of its trained exits are consulted. `--old-calls` adds the full model
-without ragged layer calls (`Scheduler(ragged=False)`: each iteration's joining prompts in a window of their own) to
-the turns, and prints the ragged full model's ratio to it.
+random one of its size; `--exits` picks which of its trained exits are consulted. Each request asks for 24 tokens
+(the demo's answers end at EOS: the captions' lengths), or with `--lengths uniform` for 4-24 (short and long answers
+mixed, as `bench_serving.py --lengths uniform`; always so on the random model, EOS off). `--old-calls` adds the full
+model without ragged layer calls (`Scheduler(ragged=False)`: each iteration's joining prompts in a window of their
+own) to the turns, and prints the ragged full model's ratio to it.
 """
 
 from __future__ import annotations
@@ -31,11 +33,14 @@ def main() -> None:
     parser.add_argument("--kv", nargs="+", choices=("recompute", "propagate"), default=["recompute"])
     add_exits_argument(parser)
     parser.add_argument("--old-calls", action="store_true", help="the full model without ragged calls too")
+    parser.add_argument("--lengths", choices=("captions", "uniform"), default="captions")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    ee, name, requests, demo = model_and_requests(args.requests, (24, 24), 7, (4, 24), args.exits)
+    lengths = (24, 24) if args.lengths == "captions" else (4, 24)
+    ee, name, requests, demo = model_and_requests(args.requests, lengths, 7, (4, 24), args.exits)
     eos, thresholds = (None, args.thresholds or [0.5, 0.6]) if demo else ([], args.thresholds or [0.1])
-    print(f"{name}: {args.requests} requests, median of {args.repeats} turns, tokens per CPU second")
+    asked = "24 tokens asked" if lengths == (24, 24) else "4-24 tokens asked"
+    print(f"{name}: {args.requests} requests ({asked}), median of {args.repeats} turns, tokens per CPU second")
     for concurrency in args.concurrency:
         runs = {(1.0, "recompute"): [], **{(t, kv): [] for t in thresholds for kv in args.kv}}
         if args.old_calls:
