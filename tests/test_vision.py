@@ -3,9 +3,17 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from freevlm.vision.efficientnet import IMAGENET_MEAN, IMAGENET_STD, EfficientNetVisionEncoder, efficientnet_lite0
+from freevlm.vision.efficientnet import (
+    COLOUR_BLOCKS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EfficientNetVisionEncoder,
+    SameConv2d,
+    efficientnet_lite0,
+)
 
 CAT_CLASSES = set(range(281, 286))  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
 
@@ -104,3 +112,45 @@ def test_cached_frozen_features_equal_computed_ones():
     again = encoder.frozen_features(pixels[[2, 0]])  # served from the cache, in the asked order
     assert torch.allclose(first, plain, atol=1e-6) and torch.allclose(again, plain[[2, 0]], atol=1e-6)
     assert len(encoder._feature_cache) == 3
+
+
+def _unfolded_frozen(encoder: EfficientNetVisionEncoder, pixels: torch.Tensor) -> torch.Tensor:
+    """The frozen map from the registered modules, BatchNorms run as such (the encoder's fast path folds them)."""
+    x = pixels.to(encoder.projection.weight.dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        early = encoder.blocks[:COLOUR_BLOCKS](encoder.stem(x))
+        deep = encoder.blocks[COLOUR_BLOCKS:](early)
+    return torch.cat([deep, F.adaptive_avg_pool2d(early, deep.shape[-2:])], dim=1)
+
+
+@pytest.mark.parametrize("batch, size", [(1, 128), (3, 128), (1, 100), (3, 100)])
+def test_folded_batchnorms_compute_what_the_unfolded_layers_do(encoder, batch, size):
+    pixels = torch.randn(batch, 3, size, size)
+    torch.testing.assert_close(encoder.frozen_features(pixels), _unfolded_frozen(encoder, pixels), rtol=1e-4, atol=1e-4)
+
+
+def test_folded_layers_follow_loaded_and_converted_weights(encoder):
+    """The folded copies are built from the weights at first use: loading (through a parent, as the demo's loader
+    does) or `.to(dtype)` must rebuild them, and they stay out of the state dict."""
+    pixels = torch.randn(2, 3, 64, 64)
+    fresh = EfficientNetVisionEncoder(hidden_size=48, pretrained=False)
+    keys = fresh.state_dict().keys()
+    fresh.frozen_features(pixels)  # folds the random weights
+    assert fresh.state_dict().keys() == keys
+    parent = torch.nn.Sequential(fresh)
+    parent.load_state_dict({f"0.{key}": value for key, value in encoder.state_dict().items()})
+    full = encoder.frozen_features(pixels)
+    torch.testing.assert_close(fresh.frozen_features(pixels), full, rtol=1e-4, atol=1e-4)
+    parent.to(torch.bfloat16)
+    half = fresh.frozen_features(pixels)  # a float32 fold left over would not even run on bfloat16 pixels
+    assert half.dtype == torch.bfloat16
+    assert (half.float() - full).norm() / full.norm() < 0.1  # bfloat16 rounding: 0.03 measured (random weights: 1.0)
+
+
+@pytest.mark.parametrize("stride, size, pads", [(1, 8, (2, 2)), (2, 8, (1, 2)), (2, 9, (2, 2))])
+def test_same_padding_is_tensorflows(stride, size, pads):
+    """TensorFlow's SAME: the extra pixel of an odd total goes bottom/right (asymmetric at stride 2, even size)."""
+    conv = SameConv2d(4, 4, 5, stride, groups=4, bias=False)
+    x = torch.randn(1, 4, size, size)
+    expected = F.conv2d(F.pad(x, pads * 2), conv.weight, stride=stride, groups=4)
+    torch.testing.assert_close(conv(x), expected)
