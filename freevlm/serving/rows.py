@@ -751,7 +751,7 @@ class RowEngine:
         (`states [m, H]`; none: the riding chunks alone) and the riding chunks': one call per layer, the linears
         once over all of them, attention per group (`RaggedView`). Their states come out `[m, H]`; at the top only
         at each row's new slot (`pack.last`), and the chunks' at the last slot of each prompt that ends there give
-        its first token's logits (`riding.first`)."""
+        its first token's logits (`riding.first`), unless that token left at an exit on the way."""
         m = 0 if pack is None else len(pack.rows)
         if riding is None:
             plan = _Plan(pack.row_ids, pack.slots, pack.groups, pack.ctx, pack.memo)
@@ -759,10 +759,11 @@ class RowEngine:
             plan = riding.plan if pack is None else self._plan(pack, riding)
             states = riding.states if pack is None else torch.cat([states, riding.states])
         top = last == self.num_layers
+        # at the top, the first tokens of the prompts that end here and did not leave at an exit (`_riding_exit`)
+        final = [] if riding is None else [(i, r) for i, r in zip(riding.ending, riding.ends) if r not in riding.first]
         keep = None
         if top and (riding is not None or len(pack.rows) > len(pack.last)):
-            ending = [] if riding is None else [m + i for i in riding.ending]
-            items = [*([] if pack is None else pack.last), *ending]
+            items = [*([] if pack is None else pack.last), *(m + i for i, _ in final)]
             keep = torch.tensor(items, dtype=torch.long, device=states.device)
         for depth in range(first, last):
             view = RaggedView(self.kv[depth], plan)
@@ -775,10 +776,9 @@ class RowEngine:
             riding.states, states = states[m:], states[:m]
         else:
             kept = 0 if pack is None else len(pack.last)
-            if riding.ending:
+            if final:
                 logits = self.backbone.head(states[kept:])
-                final = {row: (row_logits, self.num_layers) for row, row_logits in zip(riding.ends, logits)}
-                riding.first = final | riding.first  # a first token out at an exit (`_riding_exit`) stays
+                riding.first |= {row: (row_logits, self.num_layers) for (_, row), row_logits in zip(final, logits)}
             states = states[:kept]
         return None if pack is None else states
 
