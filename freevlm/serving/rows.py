@@ -889,9 +889,9 @@ class RowEngine:
         its prompt's last slot as a parked token does."""
         depth, spans = riding.depth, dict(zip(riding.rows, riding.spans))
         self._advance(spans, riding.first)
-        where = [r * (self.max_len + 1) + s for r, (done, count) in spans.items() for s in range(done, done + count)]
-        pending = self.pending.view(-1, self.pending.shape[-1])
-        pending.index_copy_(0, torch.tensor(where, device=pending.device), riding.states)
+        rows = [r for r, (_, count) in spans.items() for _ in range(count)]
+        slots = [s for done, count in spans.values() for s in range(done, done + count)]
+        self._keep_pending(rows, slots, riding.states)
         for r, (done, _) in spans.items():
             for fill in self.fill[depth:]:
                 fill[r] = done
@@ -950,8 +950,10 @@ class RowEngine:
         """Keep the packed states of the rows in `keep` (at the depth the step reached) for the layers above; a
         slot that waits from an earlier step is not in the pack and keeps the state it has."""
         items = [i for i, r in enumerate(pack.rows) if r in keep]
-        if not items:
-            return
-        where = torch.tensor([pack.rows[i] * (self.max_len + 1) + pack.slot_list[i] for i in items])
-        pending = self.pending.view(-1, self.pending.shape[-1])
-        pending.index_copy_(0, where.to(states.device), states[items, 0])
+        if items:
+            self._keep_pending([pack.rows[i] for i in items], [pack.slot_list[i] for i in items], states[items, 0])
+
+    def _keep_pending(self, rows: list[int], slots: list[int], states: torch.Tensor) -> None:
+        """`states [k, H]` kept in `pending` at each one's (row, slot), for the layers above where they stopped."""
+        where = torch.tensor([r * (self.max_len + 1) + s for r, s in zip(rows, slots)], device=states.device)
+        self.pending.view(-1, self.pending.shape[-1]).index_copy_(0, where, states)
