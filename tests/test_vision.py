@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from freevlm.vision.efficientnet import (
-    COLOUR_BLOCKS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     EfficientNetVisionEncoder,
@@ -114,19 +113,12 @@ def test_cached_frozen_features_equal_computed_ones():
     assert len(encoder._feature_cache) == 3
 
 
-def _unfolded_frozen(encoder: EfficientNetVisionEncoder, pixels: torch.Tensor) -> torch.Tensor:
-    """The frozen map from the registered modules, BatchNorms run as such (the encoder's fast path folds them)."""
-    x = pixels.to(encoder.projection.weight.dtype).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        early = encoder.blocks[:COLOUR_BLOCKS](encoder.stem(x))
-        deep = encoder.blocks[COLOUR_BLOCKS:](early)
-    return torch.cat([deep, F.adaptive_avg_pool2d(early, deep.shape[-2:])], dim=1)
-
-
 @pytest.mark.parametrize("batch, size", [(1, 128), (3, 128), (1, 100), (3, 100)])
 def test_folded_batchnorms_compute_what_the_unfolded_layers_do(encoder, batch, size):
     pixels = torch.randn(batch, 3, size, size)
-    torch.testing.assert_close(encoder.frozen_features(pixels), _unfolded_frozen(encoder, pixels), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # the registered modules, BatchNorms run as such (the fast path folds them)
+        unfolded = encoder._frozen(pixels, folded=False)
+    torch.testing.assert_close(encoder.frozen_features(pixels), unfolded, rtol=1e-4, atol=1e-4)
 
 
 def test_folded_layers_follow_loaded_and_converted_weights(encoder):

@@ -162,7 +162,7 @@ class EfficientNetVisionEncoder(nn.Module):
         self.colour_projection = nn.Linear(COLOUR_CHANNELS, hidden_size)
         self.colour_layernorm = nn.LayerNorm(hidden_size)
         self._feature_cache: dict[bytes, torch.Tensor] | None = None
-        self._folded: tuple[nn.Module, nn.Module] | None = None  # see `_folded_layers`
+        self._folded: tuple[nn.Module, ...] | None = None  # see `_layers`
         self.register_load_state_dict_post_hook(EfficientNetVisionEncoder._drop_folded)
         self.train(False)
 
@@ -191,13 +191,16 @@ class EfficientNetVisionEncoder(nn.Module):
                 cache[keys[i]] = fmap.contiguous()
         return torch.stack([cache[key] for key in keys])
 
-    def _folded_layers(self) -> tuple[nn.Module, nn.Module]:
-        """`stem` + blocks 0-2 and blocks 3-10 with their BatchNorms folded into the convs (`fold_batchnorms`): the
-        BatchNorm passes were ~1/6 of the frozen pass on a CPU. Built from the current weights at first use and kept
-        out of the state dict (whose keys stay the package's); dropped when the weights are loaded or converted."""
+    def _layers(self, folded: bool = True) -> tuple[nn.Module, ...]:
+        """The frozen layers up to the colour map (`stem`, blocks 0-2) and after it (blocks 3-10), with their
+        BatchNorms folded into the convs (`fold_batchnorms`: the BatchNorm passes were ~1/6 of the frozen pass on a
+        CPU), or (`folded=False`) as loaded. The folded copies are built from the current weights at first use and
+        kept out of the state dict (whose keys stay the package's); dropped when the weights are loaded or converted."""
+        layers = (nn.Sequential(self.stem, self.blocks[:COLOUR_BLOCKS]), self.blocks[COLOUR_BLOCKS:])
+        if not folded:
+            return layers
         if self._folded is None:
-            stem, blocks = fold_batchnorms(self.stem), fold_batchnorms(self.blocks)
-            self._folded = (nn.Sequential(stem, blocks[:COLOUR_BLOCKS]), blocks[COLOUR_BLOCKS:])
+            self._folded = tuple(fold_batchnorms(module) for module in layers)
         return self._folded
 
     def _drop_folded(self, *_) -> None:  # also the `load_state_dict` post-hook: (module, incompatible keys)
@@ -207,8 +210,8 @@ class EfficientNetVisionEncoder(nn.Module):
         self._drop_folded()  # `.to(...)`, `.half()`, `.cuda()`, ... convert the weights here, a parent's too
         return super()._apply(fn, recurse)
 
-    def _frozen(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        early_layers, deep_layers = self._folded_layers()
+    def _frozen(self, pixel_values: torch.Tensor, folded: bool = True) -> torch.Tensor:
+        early_layers, deep_layers = self._layers(folded)
         x = pixel_values.to(self.projection.weight.dtype).contiguous(memory_format=torch.channels_last)
         early = early_layers(x)
         deep = deep_layers(early)
