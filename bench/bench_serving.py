@@ -75,7 +75,7 @@ class Run:
     tpot: list[float]
     answers: list[int]  # tokens each request got
     mean_exit_layer: float
-    mean_rows: float  # requests decoding together, on average over steps (batches)
+    mean_rows: float  # requests decoding together, on average over decode steps (batches)
     stall: tuple[float, float] | None  # (longest step that encoded a prompt, median step that did not), seconds
     calls_per_step: float | None = None  # layer calls (exit layers included) per decode step
     slot_layers_per_token: float | None = None  # (slot, layer) pairs decode steps ran per token, catch-up included
@@ -174,7 +174,7 @@ def run_continuous(
     clients, each submitting its next request (in order) as soon as its previous one is answered."""
     scheduler = Scheduler(ee, max_batch=max_batch, max_len=128, prefill_chunk=chunk, exit_rule=exit_rule, ragged=ragged)
     start, handles, pending = time.perf_counter(), [], list(requests)
-    prefill_steps, decode_steps, rows, busy, joining = [], [], [], 0.0, 0.0
+    prefill_steps, decode_steps, steps, busy, joining = [], [], 0, 0.0, 0.0
 
     def due(arrival: float) -> bool:
         if concurrency is None:
@@ -195,7 +195,7 @@ def run_continuous(
         busy += work
         joining += work if prefilling else 0.0
         (prefill_steps if prefilling else decode_steps).append(time.perf_counter() - t0)
-        rows.append(len(scheduler._running))
+        steps += 1
         if not live and pending and concurrency is None:
             time.sleep(max(0.0, pending[0][0] - (time.perf_counter() - start)))
     results = [h.result() for h in handles]
@@ -213,12 +213,12 @@ def run_continuous(
         tpot,
         [len(r.tokens) for r in results],
         statistics.mean(layers),
-        statistics.mean(rows),
+        engine.row_steps / engine.steps,  # a step's rows, those that finished in it included
         stall,
         calls,
         engine.slot_layers / tokens,
         engine.kv_only_slot_layers / tokens,
-        joins=(len(rows), len(prefill_steps), joining / busy),
+        joins=(steps, len(prefill_steps), joining / busy),
     )
 
 

@@ -284,6 +284,28 @@ def test_prompts_joining_while_rows_decode_decode_as_alone(ee, mixed, ragged):
         assert scheduler.engine.riding_slots > 0, "no prompt rode in a decode step"
 
 
+@pytest.mark.parametrize("ragged", [False, True])
+def test_row_steps_count_the_rows_each_step_made_a_token_for(ee, ragged):
+    """`RowEngine.row_steps` (the benchmarks' rows decoding together): with the full model every token but a
+    prompt's first comes from one row of one step, and a first token counts where its prompt rode in a step (ragged
+    calls) but not where it was encoded in a window of its own (a burst into an idle scheduler). T5's decoder has
+    no prompt: its first tokens come from steps."""
+    scheduler = Scheduler(ee, max_batch=4, max_len=32, ragged=ragged)
+    handles = []
+    for i in range(4):
+        if i == 3:
+            scheduler.step()
+            scheduler.step()
+        pv, ids, _ = tiny_inputs(ee.model, batch=1, prompt_len=3 + i, seed=120 + i)
+        handles.append(scheduler.submit(pv, ids, max_new_tokens=3 + 2 * i, mode="full", eos_token_id=[]))
+    scheduler.run_until_idle()
+    tokens = sum(len(h.result().tokens) for h in handles)
+    rode = scheduler.engine.riding_slots > 0  # the last request's prompt rode in a decode step
+    assert rode == (ragged and ee.backbone.ragged_layers())
+    windowed = 0 if ee.backbone.family == "t5" else 4 - rode
+    assert scheduler.engine.row_steps == tokens - windowed
+
+
 def test_prefill_budget_binds_only_while_rows_decode(ee, mixed):
     """A burst into an idle scheduler joins whole in one iteration, whatever `prefill_chunk` (no row decodes, so
     nobody waits on the prompts); a request arriving while rows decode gets only the budget (its prompt is longer).

@@ -281,6 +281,7 @@ class RowEngine:
         self.first_exit_rate = 0.5  # running share of new tokens that leave at the first exit
         self.runner = SegmentRunner(graphs)  # CUDA graphs of plain segments, per (layers, row bucket): `_plain`
         self.steps = self.layer_calls = self.exit_calls = self.parks = 0
+        self.row_steps = 0  # rows each step made a token for (or parked it), first tokens of riding prompts included
         self.slot_layers = 0  # (slot, layer) pairs run by steps, exit layers included: the work, catch-up and all
         self.catchup_slots = 0  # slot-layers run for tokens that stopped early at an earlier step
         self.kv_only_slot_layers = 0  # of the slot-layers, those that computed only K/V (`Backbone.run_layer_at`)
@@ -551,6 +552,7 @@ class RowEngine:
         ragged = riding is not None or (backlog > RAGGED_BACKLOG and self.ragged and backbone.ragged_layers())
         ride = self.exit_rule == "ride_along"
         self.steps += 1
+        self.row_steps += sum(active) + (0 if riding is None else len(riding.ends))
 
         x = backbone.embed(backbone.window_context(self.rows_ctx, pos[:, None]), tokens[:n, None], None, 0)
         for r, value in self.first_input.items():
