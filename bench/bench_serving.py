@@ -21,12 +21,15 @@ that have arrived, up to --max-batch, waiting for more until --max-batch have ar
 arrivals waiting meanwhile; each row counts only the tokens its request asked for. Prints output tokens/s, time
 to first token and time per output token (p50/p99), the mean rows decoding together and the mean exit layer; the
 baselines do not stream, so their first token counts at the end of their prefill (`DecodeStats.seconds_prefill`),
-which favours them. "prefill stall" is the longest scheduler step that encoded a prompt next to the median step
-that did not; "steps (joins in ...)" counts the scheduler's steps, those with a request waiting or joining, and
-their share of its work. `--ragged both` runs each continuous configuration twice, with ragged layer calls (a
-joining prompt's chunk rides in the decode step's calls: `RowEngine(ragged=True)`, the default) and without ("old
-calls": each iteration's chunks in a window of their own, 12 calls more); `--turns` repeats every run, in the same
-order, so configurations alternate in one process and the ratios are printed per turn.
+which favours them. "prefill stall" is the longest scheduler step that encoded a prompt next to the median step that
+did not; "steps (joins in ...)" counts the scheduler's steps, those with a request waiting or joining, and their
+share of its work; "calls/step" the layer and exit calls per decode step and "slot-layers/token" the (slot, layer)
+pairs they ran per output token, prompt slots riding in them included (those of prompts encoded in windows of their
+own are not: a burst into an idle scheduler, or `--ragged` off). `--ragged both` runs each continuous configuration
+twice, with ragged layer calls (a joining prompt's chunk rides in the decode step's calls: `RowEngine(ragged=True)`,
+the default) and without ("old calls": each iteration's chunks in a window of their own, 12 calls more); `--turns`
+repeats every run, in the same order, so configurations alternate in one process and the ratios are printed per
+turn.
 
 A Poisson run below saturation measures how efficiently the server keeps up (continuous batching decodes only the
 rows that have arrived, a static batcher waits to gather more), not throughput at a given concurrency; for that,
@@ -78,7 +81,7 @@ class Run:
     mean_rows: float  # requests decoding together, on average over decode steps (batches)
     stall: tuple[float, float] | None  # (longest step that encoded a prompt, median step that did not), seconds
     calls_per_step: float | None = None  # layer calls (exit layers included) per decode step
-    slot_layers_per_token: float | None = None  # (slot, layer) pairs decode steps ran per token, catch-up included
+    slot_layers_per_token: float | None = None  # (slot, layer) pairs steps ran per token: catch-up, riding prompts
     kv_only_per_token: float | None = None  # of those, the pairs that computed only K/V (no output was read)
     live_rows: float | None = None  # static batches: rows whose request still wants tokens, on average over steps
     joins: tuple[int, int, float] | None = None  # continuous: (steps, steps with a join, their share of work)

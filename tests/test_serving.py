@@ -285,11 +285,12 @@ def test_prompts_joining_while_rows_decode_decode_as_alone(ee, mixed, ragged):
 
 
 @pytest.mark.parametrize("ragged", [False, True])
-def test_row_steps_count_the_rows_each_step_made_a_token_for(ee, ragged):
-    """`RowEngine.row_steps` (the benchmarks' rows decoding together): with the full model every token but a
-    prompt's first comes from one row of one step, and a first token counts where its prompt rode in a step (ragged
-    calls) but not where it was encoded in a window of its own (a burst into an idle scheduler). T5's decoder has
-    no prompt: its first tokens come from steps."""
+def test_step_counters_count_the_rows_and_slots_each_step_ran(ee, ragged):
+    """What the benchmarks read from `RowEngine`: `row_steps` (rows decoding together), `layer_calls` and
+    `slot_layers` (calls per step, slot-layers per token). With the full model every token but a prompt's first comes
+    from one row of one step, and a first token counts where its prompt rode in a step (ragged calls, its slots
+    counted too) but not where it was encoded in a window of its own (a burst into an idle scheduler). T5's decoder
+    has no prompt: its first tokens come from steps."""
     scheduler = Scheduler(ee, max_batch=4, max_len=32, ragged=ragged)
     handles = []
     for i in range(4):
@@ -302,8 +303,12 @@ def test_row_steps_count_the_rows_each_step_made_a_token_for(ee, ragged):
     tokens = sum(len(h.result().tokens) for h in handles)
     rode = scheduler.engine.riding_slots > 0  # the last request's prompt rode in a decode step
     assert rode == (ragged and ee.backbone.ragged_layers())
+    engine, layers = scheduler.engine, ee.backbone.num_layers
     windowed = 0 if ee.backbone.family == "t5" else 4 - rode
-    assert scheduler.engine.row_steps == tokens - windowed
+    assert engine.row_steps == tokens - windowed
+    # every step ran every layer once, over its rows' new slots and the riding prompt's (its first token's row)
+    assert engine.layer_calls == layers * engine.steps
+    assert engine.slot_layers == layers * (engine.row_steps - rode + engine.riding_slots)
 
 
 def test_prefill_budget_binds_only_while_rows_decode(ee, mixed):

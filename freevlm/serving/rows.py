@@ -773,6 +773,10 @@ class RowEngine:
             states = self.backbone.run_layer_ragged(self.backbone.layers[depth], states, plan.ctx, view, at)
         if riding is None:
             return states
+        self.slot_layers += len(riding.states) * (last - first)  # the riding slots (`_layers` counts the segment's)
+        if top:
+            self.kv_only_slot_layers += len(riding.states) - len(final)
+        self.layer_calls += last - first if pack is None else 0  # with a segment, `_layers` counts its calls
         riding.depth = last
         if not top:
             riding.states, states = states[m:], states[:m]
@@ -799,6 +803,8 @@ class RowEngine:
             view = RaggedView(self.exit_kv[depth], riding.plan)
             layer = self.exits[depth].layer
             features = self.backbone.run_layer_ragged(layer, riding.states, riding.plan.ctx, view, keep)
+            self.exit_calls += 1
+            self.slot_layers += len(riding.states)
         else:
             features = riding.states[keep]
         if deciding:
