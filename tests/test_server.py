@@ -510,9 +510,12 @@ def test_full_queue_429_and_timeouts(small_server, files):
     assert '"type": "timeout"' in events[-3] and events[-2] == "data: [DONE]", events[-3:]
 
 
-def test_metrics(server, files):
-    """Each counter moves by exactly what one answer and one refusal give it (the module's server has answered
-    others before: the test reads every metric before and after)."""
+@pytest.mark.parametrize("which", [0, 1], ids=["scheduler-process", "scheduler-thread"])
+def test_metrics(servers, which, files):
+    """Each counter moves by exactly what one answer and one refusal give it (the module's servers have answered
+    others before: the test reads every metric before and after), whether the scheduler decodes in a process of
+    its own (its counts relayed) or in a thread of the server's."""
+    server = servers[which]
     body = {
         "model": "tiny",
         "messages": messages(data_url(files["images"][0]), PROMPTS[0]),
@@ -532,6 +535,8 @@ def test_metrics(server, files):
         "freevlm_time_per_output_token_seconds_count",
     )
     before = {name: server.metric(name) for name in names}  # 0 where none was counted yet
+    work_names = ("decode_steps", "decode_rows", "layer_calls", "slot_layers")
+    before_work = {f"freevlm_{name}_total": server.metric(f"freevlm_{name}_total") for name in work_names}
     answer = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
     assert answer.status_code == 200
     assert httpx.post(f"{server.url}/v1/chat/completions", json={"model": "tiny"}, timeout=60).status_code == 400
@@ -554,6 +559,18 @@ def test_metrics(server, files):
     }
     assert {name: server.metric(name) - before[name] for name in names} == expected
     assert server.metric("freevlm_requests_running") == server.metric("freevlm_requests_waiting") == 0
+    # the decode steps' work: one row, a step for each token after the first (its prompt's window gave that one);
+    # at threshold 0 every token leaves at the first exit, so a step runs the layers below it and its exit layer
+    exit_at = layers[0]
+    assert set(layers) == {exit_at}
+    steps = len(layers) - 1
+    work = {name: server.metric(name) - before_work[name] for name in before_work}
+    assert work == {
+        "freevlm_decode_steps_total": steps,
+        "freevlm_decode_rows_total": steps,
+        "freevlm_layer_calls_total": steps * (exit_at + 1),
+        "freevlm_slot_layers_total": steps * (exit_at + 1),
+    }
 
 
 def test_sigterm_drains_running_requests_then_exits_0(server, files):

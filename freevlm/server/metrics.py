@@ -4,12 +4,23 @@ make, never share or clash)."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from ..serving import Scheduler
 from .remote import SchedulerProcess
 
 # seconds: a token takes milliseconds on a small model, a first token up to seconds behind a queue
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# the decode steps' work (`Scheduler.work`): metric name and help, per key
+WORK = {
+    "steps": ("freevlm_decode_steps", "Decode steps the scheduler ran"),
+    "rows": ("freevlm_decode_rows", "Rows each decode step made a token for, summed (per step: the batch)"),
+    "calls": ("freevlm_layer_calls", "LM and exit layer calls of the decode steps (per step: the depth they ran)"),
+    "slot_layers": (
+        "freevlm_slot_layers",
+        "(slot, layer) pairs the decode steps ran, catch-up and riding prompts included (per output token: the work)",
+    ),
+}
 
 
 class ServerMetrics:
@@ -53,6 +64,7 @@ class ServerMetrics:
         running.set_function(lambda: scheduler.running)
         waiting = Gauge("freevlm_requests_waiting", "Requests waiting for a row", registry=registry)
         waiting.set_function(lambda: scheduler.waiting)
+        registry.register(_Work(scheduler))
 
     def finished(self, outcome: str, prompt_tokens: int, exit_layers: list[int], timings: list[float]) -> None:
         """Count one request that reached the scheduler: its outcome, the exit layers of the tokens it was answered
@@ -71,3 +83,17 @@ class ServerMetrics:
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Work:
+    """The decode steps' work as counters, read from the scheduler at each scrape: with the exits' histogram they
+    show whether tokens that leave early also save layer calls under the load of the moment (parked tokens are
+    caught up later; a climbing row takes the batch up with it)."""
+
+    def __init__(self, scheduler: Scheduler | SchedulerProcess):
+        self.scheduler = scheduler
+
+    def collect(self):
+        work = self.scheduler.work
+        for key, (name, text) in WORK.items():
+            yield CounterMetricFamily(name, text, value=work[key])

@@ -52,8 +52,8 @@ class RemoteHandle(Handle):
 
 class SchedulerProcess:
     """A `Scheduler` in a child process, with the face `ChatService` uses (see the module docstring): `submit` (a
-    coroutine here), `running`, `waiting`, `alive`, `start`, `stop`. Construction loads the model in the child and
-    waits for it; `model` is then the served model without its weights."""
+    coroutine here), `running`, `waiting`, `work`, `alive`, `start`, `stop`. Construction loads the model in the
+    child and waits for it; `model` is then the served model without its weights."""
 
     def __init__(self, load: Callable[[], ServedModel], config: ServerConfig):
         context = multiprocessing.get_context("spawn")
@@ -81,6 +81,7 @@ class SchedulerProcess:
             raise value
         self.model: ServedModel = value
         self.running = self.waiting = 0  # as the child last reported
+        self.work = dict.fromkeys(("steps", "rows", "calls", "slot_layers"), 0)  # `Scheduler.work`, likewise
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future, RemoteHandle]] = {}
         self._handles: dict[int, RemoteHandle] = {}
@@ -182,9 +183,10 @@ class SchedulerProcess:
             self._handles[request_id] = handle
         _settle(loop, verdict, error)
 
-    def _update(self, updates: list[tuple], running: int, waiting: int) -> None:
-        """A step's news: each request's new tokens and its end. Their times are the child's `time.perf_counter`,
-        the system's monotonic clock, which this process reads alike (`Handle.submitted`)."""
+    def _update(self, updates: list[tuple], running: int, waiting: int, work: dict[str, int]) -> None:
+        """A step's news: each request's new tokens and its end, and the steps' work so far. The tokens' times are
+        the child's `time.perf_counter`, the system's monotonic clock, which this process reads alike
+        (`Handle.submitted`)."""
         for request_id, events, end in updates:
             handle = self._handles[request_id]
             for token, layer, when in events:
@@ -192,7 +194,7 @@ class SchedulerProcess:
             if end is not None:
                 del self._handles[request_id]
                 handle._finish(*end)
-        self.running, self.waiting = running, waiting
+        self.running, self.waiting, self.work = running, waiting, work
 
 
 def _settle(loop: asyncio.AbstractEventLoop, future: asyncio.Future, error: BaseException | None) -> None:
@@ -262,7 +264,7 @@ def _step_loop(conn, scheduler: Scheduler) -> None:
             scheduler.step()
         except BaseException as err:  # a failed step fails every request in it, as `Scheduler.start`'s loop does
             failed = [(request_id, [], ("error", _portable(err))) for request_id in live]
-            conn.send_bytes(pickle.dumps(("update", failed, 0, 0)))
+            conn.send_bytes(pickle.dumps(("update", failed, 0, 0, scheduler.work)))
             raise
         updates = []
         for request_id, entry in list(live.items()):
@@ -280,4 +282,5 @@ def _step_loop(conn, scheduler: Scheduler) -> None:
         counts = (scheduler.running, scheduler.waiting)
         if updates or counts != reported:
             reported = counts
-            conn.send_bytes(pickle.dumps(("update", updates, *counts), protocol=pickle.HIGHEST_PROTOCOL))
+            message = ("update", updates, *counts, scheduler.work)
+            conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))

@@ -265,6 +265,16 @@ class Scheduler:
         return len(self._waiting)
 
     @property
+    def work(self) -> dict[str, int]:
+        """What the decode steps have run so far (`RowEngine`'s counters): `steps`; `rows`, the rows each step made
+        a token for, summed; `calls`, layer calls with the exits'; `slot_layers`, the (slot, layer) pairs they ran.
+        Their ratios are the batch (rows per step), calls per step and slot-layers per output token: whether the
+        exits skip layers under this load."""
+        engine = self.engine
+        calls = engine.layer_calls + engine.exit_calls
+        return {"steps": engine.steps, "rows": engine.row_steps, "calls": calls, "slot_layers": engine.slot_layers}
+
+    @property
     def alive(self) -> bool:
         """Whether the background loop runs (False before `start`, after `stop`, or after a failed step)."""
         return self._thread is not None and self._thread.is_alive()
