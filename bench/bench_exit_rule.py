@@ -3,16 +3,17 @@
     cd bench && PYTHONPATH=.. python bench_exit_rule.py [--concurrency 1 2 4 10] [--repeats 2] [--thresholds 0.5 0.6]
         [--kv recompute propagate] [--old-calls] [--lengths uniform]
 
-Poisson arrivals (`bench_serving.py`) mix loads within a run and their short runs are noisy on a shared machine;
-here the scheduler always holds `K` requests (a new one is submitted as one finishes), the same requests for every
-run, and the full model and each threshold (at each `--kv` mode) take turns, `--repeats` times after a warm-up, so
-machine drift hits them alike. Prints the median tokens per CPU second (image encoder and prompt included) and
-each threshold's ratio to the full model. The model is the demo's when its cache is there (FREEVLM_CACHE), else a
-random one of its size; `--exits` picks which of its trained exits are consulted. Each request asks for 24 tokens
-(the demo's answers end at EOS: the captions' lengths), or with `--lengths uniform` for 4-24 (short and long answers
-mixed, as `bench_serving.py --lengths uniform`; always so on the random model, EOS off). `--old-calls` adds the full
-model without ragged layer calls (`Scheduler(ragged=False)`: each iteration's joining prompts in a window of their
-own) to the turns, and prints the ragged full model's ratio to it.
+Poisson arrivals (`bench_serving.py`) mix loads within a run and their short runs are noisy on a shared machine; here
+the scheduler always holds `K` requests (a new one is submitted as one finishes), the same requests for every run, and
+the full model and each threshold (at each `--kv` mode) take turns, `--repeats` times after a warm-up, so machine drift
+hits them alike. Prints the median tokens per CPU second (image encoder and prompt included) and each threshold's ratio
+to the full model, with the mean layer its tokens left at (how far exits can pay at several rows in flight depends on
+how often the first one is sure: docs/DESIGN.md, "The ceiling with exact caches"). The model is the demo's when its
+cache is there (FREEVLM_CACHE), else a random one of its size; `--exits` picks which of its trained exits are consulted.
+Each request asks for 24 tokens (the demo's answers end at EOS: the captions' lengths), or with `--lengths uniform` for
+4-24 (short and long answers mixed, as `bench_serving.py --lengths uniform`; always so on the random model, EOS off).
+`--old-calls` adds the full model without ragged layer calls (`Scheduler(ragged=False)`: each iteration's joining
+prompts in a window of their own) to the turns, and prints the ragged full model's ratio to it.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def main() -> None:
     print(f"{name}: {args.requests} requests ({asked}), median of {args.repeats} turns, tokens per CPU second")
     for concurrency in args.concurrency:
         runs = {(1.0, "recompute"): [], **{(t, kv): [] for t in thresholds for kv in args.kv}}
+        depth = {}  # mean exit layer per run (the same tokens every turn)
         if args.old_calls:
             runs[1.0, "old calls"] = []
         for turn in range(args.repeats + 1):  # the first turn warms up
@@ -52,12 +54,13 @@ def main() -> None:
                 run = run_continuous(
                     ee, requests, threshold, concurrency, eos, ragged=not old, concurrency=concurrency, kv=kv_mode
                 )
-                speed = run.tokens_per_busy_second
+                depth[threshold, kv] = run.mean_exit_layer
                 if turn:
-                    speeds.append(speed)
+                    speeds.append(run.tokens_per_busy_second)
         full = statistics.median(runs[1.0, "recompute"])
         ratios = "  ".join(
             f"@{t}{'' if kv == 'recompute' else ' ' + kv}: {statistics.median(runs[t, kv]) / full:.2f}x"
+            f" (mean exit layer {depth[t, kv]:.2f})"
             for t, kv in list(runs)[1:]
             if kv != "old calls"
         )
