@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..serving import Handle, QueueFull, Scheduler
+from ..serving.scheduler import WORK
 from .config import ServerConfig
 from .served import ServedModel
 
@@ -81,7 +82,7 @@ class SchedulerProcess:
             raise value
         self.model: ServedModel = value
         self.running = self.waiting = 0  # as the child last reported
-        self.work = dict.fromkeys(("steps", "rows", "calls", "slot_layers"), 0)  # `Scheduler.work`, likewise
+        self.work = dict.fromkeys(WORK, 0)  # `Scheduler.work`, likewise
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future, RemoteHandle]] = {}
         self._handles: dict[int, RemoteHandle] = {}

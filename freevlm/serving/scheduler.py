@@ -53,6 +53,9 @@ class _Request:
     prompt_ids: torch.Tensor | None = None  # [1, L0] the decoder's prompt (what the repetition penalty counts)
 
 
+WORK = ("steps", "rows", "calls", "slot_layers")  # the keys of `Scheduler.work`, in its order
+
+
 class Scheduler:
     """Runs decode steps over every live request of one `EarlyExitVLM` (see the module docstring). `ragged`: where
     the backbone has ragged layer calls (OPT), prompts joining while rows decode ride in the decode steps' layer
@@ -272,7 +275,7 @@ class Scheduler:
         exits skip layers under this load."""
         engine = self.engine
         calls = engine.layer_calls + engine.exit_calls
-        return {"steps": engine.steps, "rows": engine.row_steps, "calls": calls, "slot_layers": engine.slot_layers}
+        return dict(zip(WORK, (engine.steps, engine.row_steps, calls, engine.slot_layers), strict=True))
 
     @property
     def alive(self) -> bool:
