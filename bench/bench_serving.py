@@ -28,8 +28,8 @@ pairs they ran per output token, prompt slots riding in them included (those of 
 own are not: a burst into an idle scheduler, or `--ragged` off). `--ragged both` runs each continuous configuration
 twice, with ragged layer calls (a joining prompt's chunk rides in the decode step's calls: `RowEngine(ragged=True)`,
 the default) and without ("old calls": each iteration's chunks in a window of their own, 12 calls more); `--turns`
-repeats every run, in the same order, so configurations alternate in one process and the ratios are printed per
-turn.
+repeats every run, in the same order, so configurations alternate in one process; the ratios are printed per
+turn, then their medians over the turns (what to quote: one turn's ratio moves by 10-20% on a shared machine).
 
 A Poisson run below saturation measures how efficiently the server keeps up (continuous batching decodes only the
 rows that have arrived, a static batcher waits to gather more), not throughput at a given concurrency; for that,
@@ -397,8 +397,20 @@ def main() -> None:
 
 def take_turns(runs: dict, fulls: dict, turns: int, per_work: str, closed: bool = False) -> None:
     """Runs every configuration `turns` times in turn (so machine drift hits them alike) and prints each run and the
-    ratios of each turn; `closed`: ratios of tokens per wall-clock second too (a closed loop never idles)."""
+    ratios of each turn, then (several turns) each ratio's median over the turns (a neighbour's burst on a shared
+    machine lands in one configuration's run); `closed`: ratios of tokens per
+    wall-clock second too (a closed loop never idles)."""
     statics = [label for label in runs if label.startswith("static")]
+    pairs = []  # (a, b, goal): the ratios printed, a's tokens per second of work over b's
+    for label, full in fulls.items():
+        if label == full:
+            pairs.append((full, "one at a time", "goal >= 3 at 16 concurrent"))
+            pairs += [(full, static, "goal >= 1.3") for static in statics]
+        else:
+            pairs.append((label, full, "goal >= 1.0; >= 1.3 at 1-2 concurrent"))
+    if "continuous, full, old calls" in runs:
+        pairs.append(("continuous, full", "continuous, full, old calls", None))
+    ratios: dict[tuple, list[tuple[float, float]]] = {pair: [] for pair in pairs}
     for turn in range(turns):
         if turns > 1:
             print(f" turn {turn + 1}")
@@ -410,24 +422,25 @@ def take_turns(runs: dict, fulls: dict, turns: int, per_work: str, closed: bool 
                 print(f"  answers: {answers[0]}-{answers[-1]} tokens, median {statistics.median(answers):g}")
             print_run(label, run, per_work)
         print(f"  ratios of {per_work}:")
-        for label, full in fulls.items():
-            if label == full:
-                one = ratio(done[full], done["one at a time"], closed)
-                print(f"  {full} / one at a time {one} (goal >= 3 at 16 concurrent)")
-                for static in statics:
-                    print(f"  {full} / {static} {ratio(done[full], done[static], closed)} (goal >= 1.3)")
-            else:
-                to_full = ratio(done[label], done[full], closed)
-                print(f"  {label} / {full} {to_full} (goal >= 1.0; >= 1.3 at 1-2 concurrent)")
-        if "continuous, full, old calls" in done:
-            old = ratio(done["continuous, full"], done["continuous, full, old calls"], closed)
-            print(f"  continuous, full / continuous, full, old calls {old}")
+        for pair in pairs:
+            a, b = done[pair[0]], done[pair[1]]
+            ratios[pair].append(
+                (a.tokens_per_busy_second / b.tokens_per_busy_second, a.tokens_per_second / b.tokens_per_second)
+            )
+            print_ratio(pair, [ratios[pair][-1]], closed)
+    if turns > 1:
+        print(f" medians over {turns} turns (ratios of {per_work}):")
+        for pair in pairs:
+            print_ratio(pair, ratios[pair], closed)
 
 
-def ratio(a: Run, b: Run, wall: bool) -> str:
-    """a's tokens per second of work over b's, and (`wall`) per wall-clock second."""
-    of_wall = f" ({a.tokens_per_second / b.tokens_per_second:.2f}x of tok/s)" if wall else ""
-    return f"{a.tokens_per_busy_second / b.tokens_per_busy_second:.2f}x{of_wall}"
+def print_ratio(pair: tuple, values: list[tuple[float, float]], wall: bool) -> None:
+    """`a / b` of `pair` (a, b, goal): the median of `values` (per work, per wall-clock second), and `wall`: the
+    median of the latter too."""
+    a, b, goal = pair
+    of_wall = f" ({statistics.median(v[1] for v in values):.2f}x of tok/s)" if wall else ""
+    told = f" ({goal})" if goal else ""
+    print(f"  {a} / {b} {statistics.median(v[0] for v in values):.2f}x{of_wall}{told}")
 
 
 def print_run(label: str, run: Run, per_work: str) -> None:
