@@ -106,12 +106,13 @@ def demo_model(cache: Path, exits_at: list[int] | None = None):
     """The demo's trained backbone and its FREE exits at `exits_at` (default: those `freevlm serve` consults, the
     ones the demo's placement chose where it recorded them, else FREE's fixed layers), or None when the cache has
     none."""
-    from freevlm.demo.train import placed_layers
+    from freevlm.demo.train import read_placement
     from freevlm.loading import load_exits, load_vlm
 
     for exits in sorted(cache.glob("backbone-opt-*-exits-free_candidates-*/exits")):
         backbone = Path(str(exits.parent).split("-exits-")[0])
-        exits_at = exits_at or list(placed_layers(exits) or EXITS)
+        placement = read_placement(exits)
+        exits_at = exits_at or list(EXITS if placement is None else placement.layers)
         bundle = load_vlm(backbone)
         ee = exits_subset(load_exits(bundle.model, exits), exits_at)
         return bundle, ee, f"the demo's trained model ({backbone.name}, exits {exits_at})"

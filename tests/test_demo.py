@@ -10,7 +10,7 @@ from freevlm.cli import main
 from freevlm.commands import serve
 from freevlm.demo.config import DemoConfig
 from freevlm.demo.tables import fmt, fmt_speedup, fmt_threshold
-from freevlm.demo.train import placed_layers, trained_model
+from freevlm.demo.train import PlacementRecord, read_placement, trained_model
 from freevlm.eval.evaluate import CAPTION_PROMPT
 from freevlm.loading import TrainingPrompt
 
@@ -77,10 +77,14 @@ def test_quick_demo_writes_a_consistent_report(tmp_path, monkeypatch):
     # what `freevlm serve` finds in the cache, with the prompt its captions were trained after
     backbone, exits = trained_model(DemoConfig.quick_config(cache=str(cache)))
     assert TrainingPrompt.read(backbone) == CAPTION_PROMPT and (exits / "exits_config.json").is_file()
-    # and the exits it serves: those the placement chose (recorded in the cache), not the fixed ones
-    assert placed_layers(exits) == tuple(placement["chosen"]["layers"])
+    # and the exits it serves: those the placement chose (recorded in the cache), not the fixed ones, at the
+    # threshold it certified for them
+    chosen = placement["chosen"]
+    assert read_placement(exits) == PlacementRecord(tuple(chosen["layers"]), chosen["threshold"], chosen["certified"])
     monkeypatch.setenv("FREEVLM_CACHE", str(cache))
-    assert serve.demo_model()[2] == tuple(placement["chosen"]["layers"])
+    served = serve.demo_model()
+    assert served.layers == tuple(chosen["layers"])
+    assert served.threshold == (chosen["threshold"] if chosen["certified"] else None)
     # a second run reuses the trained backbone and exits, and measures the same
     assert main(["demo", "--quick", "--out", str(out), "--cache", str(cache)]) == 0
     again = json.loads((out / "results.json").read_text())

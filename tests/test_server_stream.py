@@ -112,6 +112,25 @@ def test_plain_and_streamed_answers_equal_generate(served):
         assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == cut
 
 
+def test_a_request_without_a_threshold_runs_at_the_one_certified_for_the_model(served):
+    """The threshold recorded with the model (`ServedModel.threshold`: the one the demo's placement certified) is
+    what a request that gives none runs at, unless the server was started with one; the answer is `generate`'s at
+    that threshold. 0.1 leaves at several exits here, where the library's 0.8 and 1.0 do not: the check can fail."""
+    bundle, ee, image, answer = served
+    body = {key: value for key, value in request(image).items() if key != "threshold"}
+    config = ServerConfig(max_batch=2, max_len=128, max_tokens=MAX_TOKENS)
+
+    def exit_layers(client, **options) -> list[int]:
+        return client.post("/v1/chat/completions", json=body | options).json()["freevlm"]["exit_layers"]
+
+    with TestClient(create_app(ServedModel(bundle, ee, "tiny", threshold=0.1), config)) as client:
+        assert exit_layers(client) == answer[2]
+        assert exit_layers(client, threshold=0.8) != answer[2]
+    config = ServerConfig(max_batch=2, max_len=128, max_tokens=MAX_TOKENS, threshold=1.0)
+    with TestClient(create_app(ServedModel(bundle, ee, "tiny", threshold=0.1), config)) as client:
+        assert set(exit_layers(client)) == {ee.backbone.num_layers}
+
+
 def test_tokens_that_came_at_one_wake_up_go_in_one_chunk(served):
     """The scheduler's side played by hand: 5 tokens are out before the stream first looks, the rest one by one."""
     bundle, ee, image, answer = served

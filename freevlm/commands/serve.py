@@ -9,6 +9,7 @@ import signal
 import threading
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 from ..argtypes import device, input_path, integer, number, positive_int, unit_interval
 from ..errors import UserError
@@ -27,7 +28,13 @@ SERVER_OPTIONS = (
         "prompt slots (image tokens included) encoded per decode step, at most: more starts a burst of requests "
         "sooner and holds the running answers up longer",
     ),
-    ("--threshold", "threshold", unit_interval, "confidence to leave at an exit when a request gives none"),
+    (
+        "--threshold",
+        "threshold",
+        unit_interval,
+        "confidence to leave at an exit when a request gives none (default: the threshold certified for the model's "
+        "exits where it records one, as the demo's model does; else 0.8)",
+    ),
     ("--max-tokens", "max_tokens", positive_int, "answer length when a request gives none"),
     ("--prompt", "prompt", str, "text after the image when a request has none (default: the folder's recorded prompt)"),
     ("--request-timeout", "request_timeout", POSITIVE, "seconds before an unfinished request is cancelled"),
@@ -111,7 +118,9 @@ def serve(args: argparse.Namespace) -> int:
     # that second delivery a no-op, so a drained server exits 0
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
+    threshold, source = config.default_threshold(model)
     print(f"serving {model.name} on http://{args.host}:{args.port} (OpenAI API at /v1)", flush=True)
+    print(f"threshold {threshold:g} where a request gives none ({source})", flush=True)
     server.run()
     return 0
 
@@ -162,36 +171,50 @@ def load_served_model(args: argparse.Namespace):
     from ..model import EarlyExitVLM
     from ..server.served import ServedModel
 
-    backbone, exits, layers, prompt = (args.backbone, args.exits, None, None) if args.backbone else demo_model()
+    demo = None if args.backbone else demo_model()
+    backbone, exits = (args.backbone, args.exits) if demo is None else (demo.backbone, demo.exits)
     check_vlm_folder(backbone)
     logging.getLogger("freevlm").info("loading %s", backbone)
     bundle = load_vlm(backbone, device=args.device)
     if exits:
         ee = load_exits(bundle.model, exits)
-        if layers is not None:
+        if demo is not None:
             from ..placement import exits_subset
 
-            ee = exits_subset(ee, layers)
+            ee = exits_subset(ee, demo.layers)
     else:
         ee = EarlyExitVLM(bundle.model, ExitConfig([1]))  # a placeholder exit that full mode never runs
     name = args.name or (Path(backbone).resolve().name if args.backbone else "freevlm-demo")
-    prompt = bundle.prompt if bundle.prompt is not None else prompt
-    return ServedModel(bundle, ee, name, prompt, has_exits=bool(exits))
+    prompt = bundle.prompt if bundle.prompt is not None or demo is None else demo.prompt
+    threshold = None if demo is None else demo.threshold
+    return ServedModel(bundle, ee, name, prompt, has_exits=bool(exits), threshold=threshold)
 
 
-def demo_model() -> tuple[Path, Path, tuple[int, ...], str]:
-    """(backbone, exits, exit layers, the prompt it was trained after) of the demo's trained model: the full
-    recipe's, else `--quick`'s (the prompt: for a cache from before its folder recorded it). The exit layers are
-    those its placement chose (by layer calls, exits consulted counted), else FREE's fixed ones."""
+class DemoModel(NamedTuple):
+    """The demo's trained model, as `freevlm serve` finds it in the demo cache."""
+
+    backbone: Path
+    exits: Path
+    layers: tuple[int, ...]  # the exits consulted: those its placement chose, else FREE's fixed ones
+    prompt: str  # the prompt its captions were trained after (for a cache from before its folder recorded it)
+    threshold: float | None  # the threshold its placement certified for those exits (None: none certified)
+
+
+def demo_model() -> DemoModel:
+    """The demo's trained model: the full recipe's, else `--quick`'s. Its exits are those its placement chose (by
+    layer calls, exits consulted counted) at the threshold it certified for them, else FREE's fixed ones."""
     from ..demo.config import DemoConfig, default_cache
-    from ..demo.train import placed_layers, trained_model
+    from ..demo.train import read_placement, trained_model
     from ..loading import CAPTION_PROMPT
 
     for cfg in (DemoConfig(), DemoConfig.quick_config()):
         found = trained_model(cfg)
         if found is not None:
-            layers = placed_layers(found[1]) or tuple(cfg.exit_layers)
-            return (*found, layers, CAPTION_PROMPT)
+            placement = read_placement(found[1])
+            if placement is None:
+                return DemoModel(*found, tuple(cfg.exit_layers), CAPTION_PROMPT, None)
+            threshold = placement.threshold if placement.certified else None
+            return DemoModel(*found, placement.layers, CAPTION_PROMPT, threshold)
     raise UserError(
         f"no trained demo model in {default_cache()} ($FREEVLM_CACHE): run `freevlm demo --quick` (a few minutes) "
         "or `freevlm demo` to make one, or give --backbone (and --exits)"

@@ -89,10 +89,23 @@ def save_placement(cfg: DemoConfig, layers: tuple[int, ...], threshold: float, c
     write_text_atomic(folder / PLACEMENT_FILE, json.dumps(record, indent=1))
 
 
-def placed_layers(exits: Path) -> tuple[int, ...] | None:
-    """The layers the demo's placement chose among the exits in `exits` (`trained_model`'s), if it recorded any."""
+@dataclass(frozen=True)
+class PlacementRecord:
+    """The demo placement's choice (`save_placement`): the exit `layers` consulted, and the threshold Learn-then-Test
+    certified for them (`certified`; else the never-exit fallback)."""
+
+    layers: tuple[int, ...]
+    threshold: float
+    certified: bool
+
+
+def read_placement(exits: Path) -> PlacementRecord | None:
+    """The placement recorded beside the exits in `exits` (`trained_model`'s), if the demo recorded one."""
     record = Path(exits).parent / PLACEMENT_FILE
-    return tuple(json.loads(record.read_text())["layers"]) if record.is_file() else None
+    if not record.is_file():
+        return None
+    fields = json.loads(record.read_text())
+    return PlacementRecord(tuple(fields["layers"]), float(fields["threshold"]), bool(fields["certified"]))
 
 
 def trained_model(cfg: DemoConfig) -> tuple[Path, Path] | None:

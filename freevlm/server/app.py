@@ -73,7 +73,7 @@ class ChatService:
         self.model, self.config, self.scheduler, self.metrics = model, config, scheduler, metrics
         self.num_layers = model.num_layers
         self.default_prompt = config.prompt if config.prompt is not None else (model.prompt or "")
-        self.default_threshold = config.threshold if model.has_exits else 1.0
+        self.default_threshold = config.default_threshold(model)[0]
         # images decoded and inputs made off the event loop, one request at a time (a Hugging Face tokenizer is not
         # safe to call from two threads), while the app runs
         self.inputs_worker: ThreadPoolExecutor | None = None

@@ -17,7 +17,8 @@ class ServerConfig:
     row, and one more is answered 429 with `Retry-After: retry_after`. Each scheduler iteration encodes at most
     `prefill_chunk` slots of the joining prompts (image tokens included) before its decode step, their images
     encoded together: more starts a burst of arrivals sooner (and encodes it in fewer, larger calls), and holds the
-    running answers up longer meanwhile. `threshold` and `max_tokens` apply to a request that gives none. `prompt`
+    running answers up longer meanwhile. `threshold` and `max_tokens` apply to a request that gives none (`threshold`
+    None: the one certified for the model's exits where it records one, else `DecodeConfig`'s). `prompt`
     is the text used when a request's message has none (None: the model folder's recorded prompt, else ""). A
     request still unfinished `request_timeout` seconds after it came is cancelled. On SIGTERM the server takes no
     new connection and gives running requests `drain_seconds` to finish.
@@ -27,7 +28,7 @@ class ServerConfig:
     max_len: int = 256
     max_waiting: int = 64
     prefill_chunk: int = 512  # the Scheduler's 64 is ~3 demo prompts: a burst of 16 would join over 5 iterations
-    threshold: float = DecodeConfig.threshold
+    threshold: float | None = None
     max_tokens: int = DecodeConfig.max_new_tokens
     prompt: str | None = None
     request_timeout: float = 120.0
@@ -48,6 +49,21 @@ class ServerConfig:
             prefill_chunk=self.prefill_chunk,
         )
 
+    def default_threshold(self, model) -> tuple[float, str]:
+        """The threshold of a request to `model` (a `ServedModel`) that gives none, and where it comes from: 1.0
+        without exits, else `threshold`, else the one certified for the model's exits (`ServedModel.threshold`),
+        else `DecodeConfig`'s."""
+        if not model.has_exits:
+            return 1.0, "no exits: every token runs the whole model"
+        if self.threshold is not None:
+            return self.threshold, "--threshold"
+        if model.threshold is not None:
+            return (
+                model.threshold,
+                f"certified (Learn-then-Test) for exits {list(model.exit_layers)}, recorded with the model",
+            )
+        return DecodeConfig.threshold, "the library's default; no certified threshold is recorded with the model"
+
     def validate(self) -> None:
         """A `ValueError` naming the first bad option."""
         for name in (
@@ -66,7 +82,9 @@ class ServerConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-        if not isinstance(self.threshold, (int, float)) or not 0 <= self.threshold <= 1:
+        if self.threshold is not None and (
+            not isinstance(self.threshold, (int, float)) or not 0 <= self.threshold <= 1
+        ):
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold!r}")
         if self.max_tokens >= self.max_len:
             raise ValueError(f"max_tokens={self.max_tokens} leaves no room for a prompt in max_len={self.max_len}")

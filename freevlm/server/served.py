@@ -12,8 +12,9 @@ from ..model import EarlyExitVLM
 
 @dataclass
 class ServedModel:
-    """What one server serves: the model, its processor and exits, the name clients ask for, and the prompt its
-    folder records (None: none recorded). Without exits (`has_exits` False) every token runs the whole stack.
+    """What one server serves: the model, its processor and exits, the name clients ask for, the prompt its
+    folder records (None: none recorded) and the threshold certified for its exits (None: none recorded; the demo's
+    placement records one). Without exits (`has_exits` False) every token runs the whole stack.
     `ee` is None in the app process of a `SchedulerProcess` (`without_weights`): `num_layers` and `exit_layers`
     still describe it."""
 
@@ -22,6 +23,7 @@ class ServedModel:
     name: str
     prompt: str | None = None
     has_exits: bool = True
+    threshold: float | None = None
     num_layers: int = 0  # from `ee`
     exit_layers: tuple[int, ...] = ()  # from `ee`
 
