@@ -32,6 +32,7 @@ from ..data.specs import DatasetSpec, read_dataset
 from ..eval.evaluate import EvalResult
 from ..eval.predictions import PredictionLog
 from ..eval.processes import Processes
+from ..files import write_text_atomic
 from ..methods import get_method
 from ..placement import SPEEDUPS, exits_subset, place_exits, placement_guarantee
 from .evaluate import dataset_arguments, decoding_options, load_model, run_options
@@ -165,7 +166,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    write_text_atomic(out, json.dumps(report, indent=2))
     if calibration.certified:
         risk = calibration.risks[calibration.threshold]
         print(
@@ -223,7 +224,7 @@ def run_place_exits(args: argparse.Namespace) -> int:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    write_text_atomic(out, json.dumps(report, indent=2))
     if best.calibration.certified and best.calibration.threshold != never_exits(args.method)[0]:
         print(
             f"chosen exits: {list(best.layers)} at threshold {best.calibration.threshold:g}, {args.speedup} "

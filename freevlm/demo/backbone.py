@@ -34,6 +34,7 @@ from transformers import (
 )
 
 from ..data import easyvqa, shapes
+from ..files import write_text_atomic
 from ..loading import BACKBONE_MARKER, VLMBundle
 from ..vision.efficientnet import IMAGENET_MEAN, IMAGENET_STD, EfficientNetVisionEncoder
 
@@ -224,5 +225,5 @@ def save_backbone(bundle: VLMBundle, path: str | os.PathLike) -> Path:
     for obj in bundle.preprocessing:
         obj.save_pretrained(path)
     marker = {"vision_model": vision_encoder(bundle.model).name, "family": bundle.model.config.text_config.model_type}
-    (path / BACKBONE_MARKER).write_text(json.dumps(marker, indent=2))
+    write_text_atomic(path / BACKBONE_MARKER, json.dumps(marker, indent=2))
     return path

@@ -192,7 +192,7 @@ def _train_backbone(cfg: DemoConfig, world: World, progress: Progress, folder: P
         "final_loss": held_out["loss"],
         "dev_token_accuracy": held_out["token_acc"],
     }
-    (folder / "freevlm_demo_training.json").write_text(json.dumps(info))
+    write_text_atomic(folder / "freevlm_demo_training.json", json.dumps(info))
     shutil.rmtree(run_dir, ignore_errors=True)
     return folder / "freevlm_demo_training.json"
 

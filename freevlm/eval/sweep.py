@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..data.records import split_records
+from ..files import write_text_atomic
 from ..methods import get_method, trainable_parameters
 from ..model import EarlyExitVLM
 from .evaluate import EvalResult, evaluate, evaluate_many
@@ -128,10 +129,10 @@ def write_sweep(result: SweepResult, out_dir: str | os.PathLike) -> dict[str, Pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"results": out / "results.json"}
-    paths["results"].write_text(json.dumps(result.as_dict(), indent=2))
+    write_text_atomic(paths["results"], json.dumps(result.as_dict(), indent=2))
     preds = {f"{r.threshold:g}": r.predictions for r in result.test}
     paths["predictions"] = out / "predictions.json"
-    paths["predictions"].write_text(json.dumps(preds, indent=1))
+    write_text_atomic(paths["predictions"], json.dumps(preds, indent=1))
     scored = [r for r in result.test if r.score is not None]
     if scored:
         points = [

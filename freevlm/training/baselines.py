@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from ..exits import ExitConfig
+from ..files import write_text_atomic
 from ..methods import trainable_parameters
 from ..model import EarlyExitVLM, ExitOutputs
 from .common import LoopConfig, Runtime, autocast, batch_stream, make_scheduler
@@ -198,7 +199,7 @@ class Baseline(ExitObjective):
             }
             if self.leeblip:
                 info["kd_weights"] = {k: float(v.detach()) for k, v in self.weights.weights().items()}
-            (out_dir / "method.json").write_text(json.dumps(info, indent=2))
+            write_text_atomic(out_dir / "method.json", json.dumps(info, indent=2))
         return super().finish(out_dir)
 
     def _update_weights(self, meta_batch: dict, kd_grads: tuple[torch.Tensor, ...], lr: float) -> None:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..files import write_text_atomic
 from ..model import CheckpointMismatchError, EarlyExitVLM, ExitOutputs, check_fingerprint
 from .checkpoint import resume_or_start, save_checkpoint
 from .common import DivergenceGuard, LoopConfig, Progress, Runtime, batch_stream, logger, total_steps
@@ -161,7 +162,7 @@ def train(make: Callable[[Runtime], Objective], config: LoopConfig, dev_set: Dat
             metrics = objective.evaluate(dev_set)
             progress.scalars({f"dev/{k}": v for k, v in metrics.items()}, step)
             if runtime.is_main and step == total:
-                (out_dir / "dev_metrics.json").write_text(json.dumps(metrics, indent=2))
+                write_text_atomic(out_dir / "dev_metrics.json", json.dumps(metrics, indent=2))
         if step % config.checkpoint_every == 0 or step == total:
             state = {
                 "step": step,
