@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..argtypes import device, input_path, integer, number, positive_int, unit_interval
+from ..decoding.config import DecodeConfig
 from ..errors import UserError
 from ..server.config import ServerConfig  # no dependency of the serve extra: `freevlm --help` works without it
 
@@ -33,7 +34,7 @@ SERVER_OPTIONS = (
         "threshold",
         unit_interval,
         "confidence to leave at an exit when a request gives none (default: the threshold certified for the model's "
-        "exits where it records one, as the demo's model does; else 0.8)",
+        f"exits where it records one, as the demo's model does; else {DecodeConfig.threshold:g})",
     ),
     ("--max-tokens", "max_tokens", positive_int, "answer length when a request gives none"),
     ("--prompt", "prompt", str, "text after the image when a request has none (default: the folder's recorded prompt)"),
