@@ -6,7 +6,9 @@ import pytest
 
 from freevlm.cli import main
 from freevlm.commands import serve
+from freevlm.decoding.config import DecodeConfig
 from freevlm.server.config import ServerConfig
+from freevlm.server.served import ServedModel
 
 
 @pytest.mark.parametrize(
@@ -52,3 +54,16 @@ def test_every_flag_sets_its_field():
     config = serve.server_config(parser.parse_args(argv))
     expected = ServerConfig(**dict(given.values()), image_urls=False)
     assert config == expected
+
+
+def test_the_default_threshold_and_where_it_comes_from():
+    """`--threshold`, else the one certified for the model's exits, else the library's; 1.0 without exits."""
+
+    def served(threshold: float | None, has_exits: bool = True) -> ServedModel:
+        return ServedModel(None, None, "m", has_exits=has_exits, exit_layers=(1,), threshold=threshold)
+
+    threshold, source = ServerConfig().default_threshold(served(0.7))
+    assert threshold == 0.7 and source == "certified (Learn-then-Test) for exits [1], recorded with the model"
+    assert ServerConfig(threshold=0.4).default_threshold(served(0.7))[0] == 0.4
+    assert ServerConfig().default_threshold(served(None))[0] == DecodeConfig.threshold
+    assert ServerConfig(threshold=0.4).default_threshold(served(0.7, has_exits=False))[0] == 1.0
