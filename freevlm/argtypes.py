@@ -72,6 +72,20 @@ open_fraction = number(0, 1, low_open=True, high_open=True)
 random_seed = integer(0, 2**64 - 1)  # what torch.manual_seed takes
 
 
+def threshold_or_report(text: str) -> float | Path:
+    """A threshold in [0, 1], or a `freevlm calibrate` report (a JSON file) whose certified threshold to use
+    (`freevlm.calibration.reported_threshold` reads it once the model's folders are known)."""
+    try:
+        float(text)
+    except ValueError:
+        if Path(text).is_file():
+            return Path(text)
+        raise argparse.ArgumentTypeError(
+            f"must be a number in [0, 1] or a `freevlm calibrate` report (a JSON file), got {text!r}"
+        ) from None
+    return unit_interval(text)
+
+
 def device(text: str) -> str:
     """A torch device this machine has: cpu, cuda, cuda:N, mps."""
     import torch

@@ -21,9 +21,12 @@ Both serve `freevlm calibrate` / `freevlm place-exits` and the demo.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from .decoding.config import DecodeConfig
 from .eval.evaluate import EvalResult, evaluate, evaluate_many
@@ -381,3 +384,33 @@ def _runs(task, ee, processor, records, grid, need_full: bool, time_every_run: b
     for t in grid:
         passes = log(f"predictions_threshold_{t:g}") if log else None
         yield evaluate(task, ee, processor, records, t, options=decoding, log=passes)
+
+
+def reported_threshold(
+    report: str | os.PathLike, backbone: str | os.PathLike, exits: str | os.PathLike | None
+) -> float:
+    """The threshold a `freevlm calibrate` report (`--out`) certified for `backbone`'s `exits` (its fallback, which
+    never exits early, where it certified none). A `ValueError` names the problem where the report is not one, or
+    certified other folders: its guarantee holds for the model it ran, not for another."""
+    try:
+        fields = json.loads(Path(report).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{report} is not a `freevlm calibrate` report (a JSON file): {err}") from None
+    if isinstance(fields, dict) and "chosen" in fields:
+        raise ValueError(
+            f"{report} is a `freevlm place-exits` report: its threshold is certified for the exits it chose, not for "
+            "a folder of exits; give `freevlm calibrate`'s report for the exits you run"
+        )
+    if not isinstance(fields, dict) or not {"threshold", "certified", "backbone", "exits"} <= fields.keys():
+        raise ValueError(
+            f"{report} does not say which backbone and exits it certified (a report from before freevlm recorded "
+            "them, or not `freevlm calibrate`'s): run `freevlm calibrate` again, or give the threshold as a number"
+        )
+    for name, given in (("backbone", backbone), ("exits", exits)):
+        certified = fields[name]
+        if (None if given is None else str(Path(given).resolve())) != certified:
+            raise ValueError(
+                f"{report} certified its threshold for {name} {certified}, not for {given or 'none'}: its guarantee "
+                "is for the model it ran; calibrate this one, or give the threshold as a number"
+            )
+    return float(fields["threshold"])

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from pathlib import Path
 
 import dataset_files as files
@@ -10,6 +11,7 @@ from cli_args import cli_args
 
 from freevlm.calibration import CalibrationOptions, calibrate_exits, consistency_losses, never_exits, per_caption_cider
 from freevlm.cli import main
+from freevlm.errors import UserError
 from freevlm.eval.vqa import vqa_accuracy
 
 
@@ -183,3 +185,57 @@ def test_each_method_is_tested_from_its_never_exit_end():
     assert never_exits("free") == (1.0, True)  # max probability >= 1.0 never leaves early
     assert never_exits("deeblip_entropy") == (0.0, False)  # entropy < 0 never holds: lower is safer
     assert never_exits("pabee") == (1000.0, True)
+
+
+def test_caption_and_serve_take_the_threshold_a_report_certified(checkpoint, tmp_path, capsys):
+    """`--threshold calib.json`: the threshold `calibrate` certified for these folders (0.0 at tolerance 0.99, where
+    every token leaves at the first exit; at 1.0 none does, so the check can fail); a report for other exits, one
+    that does not say which it certified, or a place-exits report is refused, naming why."""
+    import argparse
+    import shutil
+
+    from freevlm.commands import serve
+
+    argv = _args(checkpoint, tmp_path, "--thresholds", "0.0", "1.0", "--tolerance", "0.99", "--confidence", "0.9")
+    assert main(argv) == 0
+    report = tmp_path / "calib" / "calib.json"
+    assert json.loads(report.read_text())["threshold"] == 0.0
+    image = next((tmp_path / "val2014").iterdir())
+    capsys.readouterr()
+
+    def caption(threshold, exits=checkpoint / "exits") -> tuple[int, list[str]]:
+        argv = cli_args("caption", "--trace", checkpoint=checkpoint, exits=exits, image=image, threshold=threshold)
+        argv += ["--max-new-tokens", "4"]
+        code = main(argv)
+        captured = capsys.readouterr()
+        lines = [re.sub(r", [\d.]+s$", "", line) for line in captured.out.splitlines()]  # the time taken aside
+        return code, lines if code == 0 else [captured.err]
+
+    code, lines = caption(report)
+    assert code == 0 and lines[0] == f"threshold 0, certified by {report}"
+    assert lines[1:] == caption(0.0)[1] != caption(1.0)[1]
+
+    other = tmp_path / "other_exits"
+    shutil.copytree(checkpoint / "exits", other)
+    code, (err,) = caption(report, exits=other)
+    assert code == 2 and f"certified its threshold for exits {(checkpoint / 'exits').resolve()}, not for" in err
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"threshold": 0.5, "certified": [1.0, 0.5]}))
+    assert "does not say which backbone and exits it certified" in caption(old)[1][0]
+    placed = tmp_path / "placed.json"
+    placed.write_text(json.dumps({"chosen": {"layers": [1], "threshold": 0.5}}))
+    assert "is a `freevlm place-exits` report" in caption(placed)[1][0]
+    placed.write_text("[0.5]")
+    assert "does not say which backbone and exits it certified" in caption(placed)[1][0]
+    placed.write_text("0.5 or so")
+    assert "is not a `freevlm calibrate` report (a JSON file)" in caption(placed)[1][0]
+    with pytest.raises(SystemExit):
+        caption(tmp_path / "missing.json")
+    assert "must be a number in [0, 1] or a `freevlm calibrate` report" in capsys.readouterr().err
+
+    parser = argparse.ArgumentParser()
+    serve.register(parser.add_subparsers())
+    served = cli_args("serve", checkpoint=checkpoint, threshold=report)
+    assert serve.server_config(parser.parse_args(served)).threshold == 0.0
+    with pytest.raises(UserError, match="needs the --backbone and --exits it certified"):
+        serve.server_config(parser.parse_args(["serve", "--threshold", str(report)]))

@@ -155,6 +155,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     report = calibration_report(
         calibration,
         results,
+        backbone=str(Path(args.backbone).resolve()),
+        exits=None if args.exits is None else str(Path(args.exits).resolve()),
         method=args.method,
         rule=get_method(args.method).rule,
         task=task,
@@ -204,6 +206,8 @@ def run_place_exits(args: argparse.Namespace) -> int:
     if not main:
         return 0
     report = {
+        "backbone": str(Path(args.backbone).resolve()),
+        "exits": None if args.exits is None else str(Path(args.exits).resolve()),
         "method": args.method,
         "task": spec.task,
         "format": args.format,

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
-from ..argtypes import device, input_path, integer, positive_int, unit_interval
+from ..argtypes import device, input_path, integer, positive_int, threshold_or_report
 from ..data.images import load_image
 from ..decoding.config import KV_MODES, MODES, DecodeConfig
 from ..decoding.generate import analytic_speedup
@@ -39,9 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--threshold",
-        type=unit_interval,
+        type=threshold_or_report,
         default=DecodeConfig.threshold,
-        help="confidence needed to leave at an exit, in [0, 1]",
+        help="confidence needed to leave at an exit, in [0, 1], or a `freevlm calibrate --out` report for these "
+        "--backbone and --exits: the threshold it certified",
     )
     p.add_argument("--mode", choices=MODES, default=DecodeConfig.mode)
     p.add_argument("--kv", choices=KV_MODES, default=DecodeConfig.kv)
@@ -64,6 +66,11 @@ def caption(args: argparse.Namespace) -> int:
 
     images = [load_image(path) for path in args.image]  # fail on a bad image before loading any weights
     check_vlm_folder(args.backbone)
+    if isinstance(args.threshold, Path):
+        from ..calibration import reported_threshold
+
+        report, args.threshold = args.threshold, reported_threshold(args.threshold, args.backbone, args.exits)
+        print(f"threshold {args.threshold:g}, certified by {report}")
     if not args.exits and args.mode == "early_exit" and args.threshold < 1.0:
         raise ValueError("--exits is required for early exits (or use --mode full)")
     bundle = load_vlm(args.backbone, device=args.device)

@@ -11,7 +11,7 @@ from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
-from ..argtypes import device, input_path, integer, number, positive_int, unit_interval
+from ..argtypes import device, input_path, integer, number, positive_int, threshold_or_report
 from ..decoding.config import DecodeConfig
 from ..errors import UserError
 from ..server.config import ServerConfig  # no dependency of the serve extra: `freevlm --help` works without it
@@ -32,9 +32,10 @@ SERVER_OPTIONS = (
     (
         "--threshold",
         "threshold",
-        unit_interval,
-        "confidence to leave at an exit when a request gives none (default: the threshold certified for the model's "
-        f"exits where it records one, as the demo's model does; else {DecodeConfig.threshold:g})",
+        threshold_or_report,
+        "confidence to leave at an exit when a request gives none, or a `freevlm calibrate --out` report for these "
+        "--backbone and --exits: the threshold it certified (default: the threshold certified for the model's exits "
+        f"where it records one, as the demo's model does; else {DecodeConfig.threshold:g})",
     ),
     ("--max-tokens", "max_tokens", positive_int, "answer length when a request gives none"),
     ("--prompt", "prompt", str, "text after the image when a request has none (default: the folder's recorded prompt)"),
@@ -129,6 +130,12 @@ def serve(args: argparse.Namespace) -> int:
 def server_config(args: argparse.Namespace) -> ServerConfig:
     """The `ServerConfig` the command line gives (`SERVER_OPTIONS`, `--no-image-urls`), validated."""
     options = {field: getattr(args, field) for _, field, _, _ in SERVER_OPTIONS}
+    if isinstance(args.threshold, Path):  # a calibrate report: the threshold it certified for these folders
+        from ..calibration import reported_threshold
+
+        if not args.backbone:
+            raise UserError("--threshold with a calibrate report needs the --backbone and --exits it certified")
+        options["threshold"] = reported_threshold(args.threshold, args.backbone, args.exits)
     config = ServerConfig(**options, image_urls=not args.no_image_urls)
     config.validate()
     return config
