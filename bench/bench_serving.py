@@ -399,8 +399,8 @@ def main() -> None:
 def take_turns(runs: dict, fulls: dict, turns: int, per_work: str, closed: bool = False) -> None:
     """Runs every configuration `turns` times in turn (so machine drift hits them alike) and prints each run and the
     ratios of each turn, then (several turns) each ratio's median over the turns (a neighbour's burst on a shared
-    machine lands in one configuration's run); `closed`: ratios of tokens per
-    wall-clock second too (a closed loop never idles)."""
+    machine lands in one configuration's run); `closed`: ratios of tokens per wall-clock second too (a closed loop
+    never idles)."""
     statics = [label for label in runs if label.startswith("static")]
     pairs = []  # (a, b, goal): the ratios printed, a's tokens per second of work over b's
     for label, full in fulls.items():

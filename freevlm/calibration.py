@@ -386,6 +386,14 @@ def _runs(task, ee, processor, records, grid, need_full: bool, time_every_run: b
         yield evaluate(task, ee, processor, records, t, options=decoding, log=passes)
 
 
+def certified_model(backbone: str | os.PathLike, exits: str | os.PathLike | None) -> dict[str, str | None]:
+    """The folders a calibration ran, as its report records them (`reported_threshold` compares them so)."""
+    return {
+        name: None if path is None else str(Path(path).resolve())
+        for name, path in (("backbone", backbone), ("exits", exits))
+    }
+
+
 def reported_threshold(
     report: str | os.PathLike, backbone: str | os.PathLike, exits: str | os.PathLike | None
 ) -> float:
@@ -406,11 +414,10 @@ def reported_threshold(
             f"{report} does not say which backbone and exits it certified (a report from before freevlm recorded "
             "them, or not `freevlm calibrate`'s): run `freevlm calibrate` again, or give the threshold as a number"
         )
-    for name, given in (("backbone", backbone), ("exits", exits)):
-        certified = fields[name]
-        if (None if given is None else str(Path(given).resolve())) != certified:
+    for name, path in certified_model(backbone, exits).items():
+        if path != fields[name]:
             raise ValueError(
-                f"{report} certified its threshold for {name} {certified}, not for {given or 'none'}: its guarantee "
-                "is for the model it ran; calibrate this one, or give the threshold as a number"
+                f"{report} certified its threshold for {name} {fields[name]}, not for {path or 'none'}: its "
+                "guarantee is for the model it ran; calibrate this one, or give the threshold as a number"
             )
     return float(fields["threshold"])

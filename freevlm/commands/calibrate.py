@@ -25,6 +25,7 @@ from ..calibration import (
     Calibration,
     CalibrationOptions,
     calibrate_exits,
+    certified_model,
     check_unit_interval,
     never_exits,
 )
@@ -155,8 +156,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     report = calibration_report(
         calibration,
         results,
-        backbone=str(Path(args.backbone).resolve()),
-        exits=None if args.exits is None else str(Path(args.exits).resolve()),
+        **certified_model(args.backbone, args.exits),
         method=args.method,
         rule=get_method(args.method).rule,
         task=task,
@@ -206,8 +206,7 @@ def run_place_exits(args: argparse.Namespace) -> int:
     if not main:
         return 0
     report = {
-        "backbone": str(Path(args.backbone).resolve()),
-        "exits": None if args.exits is None else str(Path(args.exits).resolve()),
+        **certified_model(args.backbone, args.exits),
         "method": args.method,
         "task": spec.task,
         "format": args.format,
