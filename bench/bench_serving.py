@@ -23,13 +23,16 @@ to first token and time per output token (p50/p99), the mean rows decoding toget
 baselines do not stream, so their first token counts at the end of their prefill (`DecodeStats.seconds_prefill`),
 which favours them. "prefill stall" is the longest scheduler step that encoded a prompt next to the median step that
 did not; "steps (joins in ...)" counts the scheduler's steps, those with a request waiting or joining, and their
-share of its work; "calls/step" the layer and exit calls per decode step and "slot-layers/token" the (slot, layer)
-pairs they ran per output token, prompt slots riding in them included (those of prompts encoded in windows of their
-own are not: a burst into an idle scheduler, or `--ragged` off). `--ragged both` runs each continuous configuration
-twice, with ragged layer calls (a joining prompt's chunk rides in the decode step's calls: `RowEngine(ragged=True)`,
-the default) and without ("old calls": each iteration's chunks in a window of their own, 12 calls more); `--turns`
-repeats every run, in the same order, so configurations alternate in one process; the ratios are printed per
-turn, then their medians over the turns (what to quote: one turn's ratio moves by 10-20% on a shared machine).
+share of its work; "calls/step" the layer and exit calls per decode step; "slot-layers/token" the (slot, layer)
+pairs run per output token, all of them: every prompt slot, in a step or a window of its own, every decode row (a
+static batch's finished rows too) and catch-up slot, exit layers included. Their ratio, static over continuous full,
+is what continuous batching would gain if every slot-layer cost the same: it saves decode rows, not prompts, so
+where prompts cost as much as answers it is bounded well below the ratio of live rows. `--ragged both` runs each
+continuous configuration twice, with ragged layer calls (a joining prompt's chunk rides in the decode step's calls:
+`RowEngine(ragged=True)`, the default) and without ("old calls": each iteration's chunks in a window of their own,
+12 calls more); `--turns` repeats every run, in the same order, so configurations alternate in one process; the
+ratios are printed per turn, then their medians over the turns (what to quote: one turn's ratio moves by 10-20% on a
+shared machine).
 
 A Poisson run below saturation measures how efficiently the server keeps up (continuous batching decodes only the
 rows that have arrived, a static batcher waits to gather more), not throughput at a given concurrency; for that,
@@ -81,7 +84,7 @@ class Run:
     mean_rows: float  # requests decoding together, on average over decode steps (batches)
     stall: tuple[float, float] | None  # (longest step that encoded a prompt, median step that did not), seconds
     calls_per_step: float | None = None  # layer calls (exit layers included) per decode step
-    slot_layers_per_token: float | None = None  # (slot, layer) pairs steps ran per token: catch-up, riding prompts
+    slot_layers_per_token: float | None = None  # (slot, layer) pairs run per token: all the arithmetic
     kv_only_per_token: float | None = None  # of those, the pairs that computed only K/V (no output was read)
     live_rows: float | None = None  # static batches: rows whose request still wants tokens, on average over steps
     joins: tuple[int, int, float] | None = None  # continuous: (steps, steps with a join, their share of work)
@@ -220,7 +223,7 @@ def run_continuous(
         engine.row_steps / engine.steps,  # a step's rows, those that finished in it included
         stall,
         calls,
-        engine.slot_layers / tokens,
+        (engine.slot_layers + engine.window_slot_layers) / tokens,
         engine.kv_only_slot_layers / tokens,
         joins=(steps, len(prefill_steps), joining / busy),
     )
@@ -236,7 +239,7 @@ def run_generate(ee, requests, batch: int, eos, wait: float = 0.0, clock=time.pr
     pending, later = (list(requests), []) if clients is None else ([], list(requests))
     pending += [(0.0, *r[1:]) for r in later[:clients]]
     later = later[len(pending) :]
-    busy, rows, answers, live = 0.0, [], [], []
+    busy, rows, answers, live, slot_layers = 0.0, [], [], [], 0
     while pending:
         go = min(pending[0][0] + wait, pending[min(batch, len(pending)) - 1][0])
         time.sleep(max(0.0, go - (time.perf_counter() - start)))
@@ -256,6 +259,9 @@ def run_generate(ee, requests, batch: int, eos, wait: float = 0.0, clock=time.pr
         )
         busy += clock() - c0
         rows.append(len(group))
+        # every row's prompt (its ids: these BLIP-2 prompts hold their image tokens) and a slot per later step, through
+        # every layer (threshold 1.0: no exit runs), finished rows too
+        slot_layers += len(group) * (width + out.stats.steps - 1) * ee.backbone.num_layers
         made_per_row = []
         for (arrival, _, _, want), row in zip(group, out.exit_layers):
             made = row[:want][row[:want] >= 0]  # a static batch runs to its longest answer: only the asked count
@@ -272,7 +278,18 @@ def run_generate(ee, requests, batch: int, eos, wait: float = 0.0, clock=time.pr
     wall = time.perf_counter() - start
     mean_rows = statistics.mean(rows)
     mean_layer, mean_live = statistics.mean(layers), statistics.mean(live)
-    return Run(tokens / wall, tokens / busy, ttft, tpot, answers, mean_layer, mean_rows, None, live_rows=mean_live)
+    return Run(
+        tokens / wall,
+        tokens / busy,
+        ttft,
+        tpot,
+        answers,
+        mean_layer,
+        mean_rows,
+        None,
+        slot_layers_per_token=slot_layers / tokens,
+        live_rows=mean_live,
+    )
 
 
 def main() -> None:
@@ -429,6 +446,9 @@ def take_turns(runs: dict, fulls: dict, turns: int, per_work: str, closed: bool 
                 (a.tokens_per_busy_second / b.tokens_per_busy_second, a.tokens_per_second / b.tokens_per_second)
             )
             print_ratio(pair, [ratios[pair][-1]], closed)
+        for static in statics:
+            work = done[static].slot_layers_per_token / done["continuous, full"].slot_layers_per_token
+            print(f"  slot-layers per token, {static} / continuous, full {work:.2f}x (if every one cost the same)")
     if turns > 1:
         print(f" medians over {turns} turns (ratios of {per_work}):")
         for pair in pairs:
@@ -447,10 +467,10 @@ def print_ratio(pair: tuple, values: list[tuple[float, float]], wall: bool) -> N
 def print_run(label: str, run: Run, per_work: str) -> None:
     stall = run.stall
     stalled = "" if stall is None else f"  prefill stall {stall[0] * 1000:5.1f} ms (step {stall[1] * 1000:4.1f})"
-    if run.calls_per_step is not None:
-        stalled += f"  calls/step {run.calls_per_step:4.1f}"
+    if run.slot_layers_per_token is not None:
         stalled += f"  slot-layers/token {run.slot_layers_per_token:5.1f}"
-        stalled += f" (K/V only {run.kv_only_per_token:3.1f})"
+    if run.calls_per_step is not None:
+        stalled += f" (K/V only {run.kv_only_per_token:3.1f})  calls/step {run.calls_per_step:4.1f}"
         steps, joined, share = run.joins
         stalled += f"  steps {steps} (joins in {joined}: {share:.0%} of the work)"
     print(

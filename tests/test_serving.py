@@ -289,15 +289,18 @@ def test_step_counters_count_the_rows_and_slots_each_step_ran(ee, ragged):
     """What the benchmarks read from `RowEngine`: `row_steps` (rows decoding together), `layer_calls` and
     `slot_layers` (calls per step, slot-layers per token). With the full model every token but a prompt's first comes
     from one row of one step, and a first token counts where its prompt rode in a step (ragged calls, its slots
-    counted too) but not where it was encoded in a window of its own (a burst into an idle scheduler). T5's decoder
-    has no prompt: its first tokens come from steps."""
+    counted too) but not where it was encoded in a window of its own (a burst into an idle scheduler): those windows
+    count apart (`window_slot_layers`), their padded columns included. T5's decoder has no prompt: its first tokens
+    come from steps."""
     scheduler = Scheduler(ee, max_batch=4, max_len=32, ragged=ragged)
-    handles = []
+    handles, lengths = [], []
     for i in range(4):
         if i == 3:
             scheduler.step()
             scheduler.step()
         pv, ids, _ = tiny_inputs(ee.model, batch=1, prompt_len=3 + i, seed=120 + i)
+        ctx = ee.backbone.start(pv, ids, torch.ones_like(ids), 8)
+        lengths.append(ee.backbone.embed_prompt(ctx).shape[1])  # the prompt's slots
         handles.append(scheduler.submit(pv, ids, max_new_tokens=3 + 2 * i, mode="full", eos_token_id=[]))
     scheduler.run_until_idle()
     tokens = sum(len(h.result().tokens) for h in handles)
@@ -309,6 +312,9 @@ def test_step_counters_count_the_rows_and_slots_each_step_ran(ee, ragged):
     # every step ran every layer once, over its rows' new slots and the riding prompt's (its first token's row)
     assert engine.layer_calls == layers * engine.steps
     assert engine.slot_layers == layers * (engine.row_steps - rode + engine.riding_slots)
+    # the burst of three in one window as wide as its longest prompt, the last one alone unless it rode
+    windows = 0 if ee.backbone.family == "t5" else 3 * max(lengths[:3]) + (0 if rode else lengths[3])
+    assert engine.window_slot_layers == layers * windows
 
 
 def test_prefill_budget_binds_only_while_rows_decode(ee, mixed):

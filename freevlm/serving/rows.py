@@ -283,6 +283,7 @@ class RowEngine:
         self.steps = self.layer_calls = self.exit_calls = self.parks = 0
         self.row_steps = 0  # rows each step made a token for (or parked it), first tokens of riding prompts included
         self.slot_layers = 0  # (slot, layer) pairs run by steps, exit layers included: the work, catch-up and all
+        self.window_slot_layers = 0  # (slot, layer) pairs run in prompt windows of their own (`_encode`), padding too
         self.catchup_slots = 0  # slot-layers run for tokens that stopped early at an earlier step
         self.kv_only_slot_layers = 0  # of the slot-layers, those that computed only K/V (`Backbone.run_layer_at`)
         self.projected_slot_layers = 0  # (slot, layer) K/V projected from an exit's state (kv="propagate")
@@ -448,6 +449,7 @@ class RowEngine:
         for low, high in itertools.pairwise([0, *sorted(exits), self.num_layers]):
             for depth in range(low, high):
                 layer = self.backbone.layers[depth]
+                self.window_slot_layers += x.shape[0] * x.shape[1]
                 if depth < self.num_layers - 1:
                     x = self.backbone.run_layer(layer, x, ctx, view(self.kv[depth]), mask, None)
                     continue
@@ -475,6 +477,7 @@ class RowEngine:
             everyone = list(range(len(rows)))
             exit_view, exit_ctx, places = (view, ctx, slice(None)) if leaving == everyone else window(leaving)
             args = (self.exits[depth].layer, x[places], exit_ctx, exit_view(self.exit_kv[depth]), mask[places])
+            self.window_slot_layers += len(leaving) * x.shape[1]
             if not deciding:
                 self.backbone.fill_kv(*args)
                 return {}
