@@ -23,16 +23,17 @@ to first token and time per output token (p50/p99), the mean rows decoding toget
 baselines do not stream, so their first token counts at the end of their prefill (`DecodeStats.seconds_prefill`),
 which favours them. "prefill stall" is the longest scheduler step that encoded a prompt next to the median step that
 did not; "steps (joins in ...)" counts the scheduler's steps, those with a request waiting or joining, and their
-share of its work; "calls/step" the layer and exit calls per decode step; "slot-layers/token" the (slot, layer)
-pairs run per output token, all of them: every prompt slot, in a step or a window of its own, every decode row (a
-static batch's finished rows too) and catch-up slot, exit layers included. Their ratio, static over continuous full,
-is what continuous batching would gain if every slot-layer cost the same: it saves decode rows, not prompts, so
-where prompts cost as much as answers it is bounded well below the ratio of live rows. `--ragged both` runs each
-continuous configuration twice, with ragged layer calls (a joining prompt's chunk rides in the decode step's calls:
-`RowEngine(ragged=True)`, the default) and without ("old calls": each iteration's chunks in a window of their own,
-12 calls more); `--turns` repeats every run, in the same order, so configurations alternate in one process; the
-ratios are printed per turn, then their medians over the turns (what to quote: one turn's ratio moves by 10-20% on a
-shared machine).
+share of its work; "images" the share of the work encoding images (`Backbone.image_features`: the vision encoder and
+the Q-Former); "calls/step" the layer and exit calls per decode step; "slot-layers/token" the (slot, layer) pairs
+run per output token, all of them: every prompt slot, in a step or a window of its own, every decode row (a static
+batch's finished rows too) and catch-up slot, exit layers included. Their ratio, static over continuous full, is
+printed, and from it what continuous batching would gain at the static batches' cost per slot-layer and per image:
+it saves decode rows, not prompts or images, so where prompts cost as much as answers it gains well below the ratio
+of live rows. `--ragged both` runs each continuous configuration twice, with ragged layer calls (a joining prompt's
+chunk rides in the decode step's calls: `RowEngine(ragged=True)`, the default) and without ("old calls": each
+iteration's chunks in a window of their own, 12 calls more); `--turns` repeats every run, in the same order, so
+configurations alternate in one process; the ratios are printed per turn, then their medians over the turns (what to
+quote: one turn's ratio moves by 10-20% on a shared machine).
 
 A Poisson run below saturation measures how efficiently the server keeps up (continuous batching decodes only the
 rows that have arrived, a static batcher waits to gather more), not throughput at a given concurrency; for that,
@@ -58,6 +59,7 @@ import argparse
 import random
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +90,27 @@ class Run:
     kv_only_per_token: float | None = None  # of those, the pairs that computed only K/V (no output was read)
     live_rows: float | None = None  # static batches: rows whose request still wants tokens, on average over steps
     joins: tuple[int, int, float] | None = None  # continuous: (steps, steps with a join, their share of work)
+    image_share: float | None = None  # of the work, the share encoding images (`Backbone.image_features`)
+
+
+@contextmanager
+def timing_images(ee, clock):
+    """Seconds of `clock` spent in the backbone's `image_features` (images and Q-Former, or projector) while in the
+    block, in a one-item list (on a GPU, host time: the encoder's launches)."""
+    backbone, spent = ee.backbone, [0.0]
+    encode = backbone.image_features
+
+    def timed(*args, **kwargs):
+        start = clock()
+        out = encode(*args, **kwargs)
+        spent[0] += clock() - start
+        return out
+
+    backbone.image_features = timed
+    try:
+        yield spent
+    finally:
+        del backbone.image_features  # the class's method again
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -188,23 +211,24 @@ def run_continuous(
             return arrival <= time.perf_counter() - start
         return scheduler.running + scheduler.waiting < concurrency
 
-    while pending or not scheduler.idle:
-        while pending and due(pending[0][0]):
-            arrival, pv, ids, n = pending.pop(0)
-            handle = scheduler.submit(pv, ids, max_new_tokens=n, threshold=threshold, eos_token_id=eos, kv=kv)
-            if concurrency is None:
-                handle.submitted = start + arrival
-            handles.append(handle)
-        prefilling = bool(scheduler._waiting or scheduler._joining)
-        t0, c0 = time.perf_counter(), clock()
-        live = scheduler.step()
-        work = clock() - c0
-        busy += work
-        joining += work if prefilling else 0.0
-        (prefill_steps if prefilling else decode_steps).append(time.perf_counter() - t0)
-        steps += 1
-        if not live and pending and concurrency is None:
-            time.sleep(max(0.0, pending[0][0] - (time.perf_counter() - start)))
+    with timing_images(ee, clock) as images:
+        while pending or not scheduler.idle:
+            while pending and due(pending[0][0]):
+                arrival, pv, ids, n = pending.pop(0)
+                handle = scheduler.submit(pv, ids, max_new_tokens=n, threshold=threshold, eos_token_id=eos, kv=kv)
+                if concurrency is None:
+                    handle.submitted = start + arrival
+                handles.append(handle)
+            prefilling = bool(scheduler._waiting or scheduler._joining)
+            t0, c0 = time.perf_counter(), clock()
+            live = scheduler.step()
+            work = clock() - c0
+            busy += work
+            joining += work if prefilling else 0.0
+            (prefill_steps if prefilling else decode_steps).append(time.perf_counter() - t0)
+            steps += 1
+            if not live and pending and concurrency is None:
+                time.sleep(max(0.0, pending[0][0] - (time.perf_counter() - start)))
     results = [h.result() for h in handles]
     ttft = [r.time_to_first_token for r in results]
     tpot = [r.time_per_output_token for r in results if r.time_per_output_token is not None]
@@ -226,6 +250,7 @@ def run_continuous(
         (engine.slot_layers + engine.window_slot_layers) / tokens,
         engine.kv_only_slot_layers / tokens,
         joins=(steps, len(prefill_steps), joining / busy),
+        image_share=images[0] / busy,
     )
 
 
@@ -239,7 +264,7 @@ def run_generate(ee, requests, batch: int, eos, wait: float = 0.0, clock=time.pr
     pending, later = (list(requests), []) if clients is None else ([], list(requests))
     pending += [(0.0, *r[1:]) for r in later[:clients]]
     later = later[len(pending) :]
-    busy, rows, answers, live, slot_layers = 0.0, [], [], [], 0
+    busy, rows, answers, live, slot_layers, image_seconds = 0.0, [], [], [], 0, 0.0
     while pending:
         go = min(pending[0][0] + wait, pending[min(batch, len(pending)) - 1][0])
         time.sleep(max(0.0, go - (time.perf_counter() - start)))
@@ -254,10 +279,12 @@ def run_generate(ee, requests, batch: int, eos, wait: float = 0.0, clock=time.pr
         mask = torch.stack([torch.arange(width) >= width - r[2].shape[1] for r in group]).long()
         device = ee.backbone.device
         c0 = clock()
-        out = ee.generate(
-            pv.to(device), ids.to(device), mask.to(device), max_new_tokens=n, threshold=1.0, eos_token_id=eos
-        )
+        with timing_images(ee, clock) as images:
+            out = ee.generate(
+                pv.to(device), ids.to(device), mask.to(device), max_new_tokens=n, threshold=1.0, eos_token_id=eos
+            )
         busy += clock() - c0
+        image_seconds += images[0]
         rows.append(len(group))
         # every row's prompt (its ids: these BLIP-2 prompts hold their image tokens) and a slot per later step, through
         # every layer (threshold 1.0: no exit runs), finished rows too
@@ -289,6 +316,7 @@ def run_generate(ee, requests, batch: int, eos, wait: float = 0.0, clock=time.pr
         None,
         slot_layers_per_token=slot_layers / tokens,
         live_rows=mean_live,
+        image_share=image_seconds / busy,
     )
 
 
@@ -446,9 +474,14 @@ def take_turns(runs: dict, fulls: dict, turns: int, per_work: str, closed: bool 
                 (a.tokens_per_busy_second / b.tokens_per_busy_second, a.tokens_per_second / b.tokens_per_second)
             )
             print_ratio(pair, [ratios[pair][-1]], closed)
-        for static in statics:
+        for static in statics:  # what continuous batching saves in arithmetic, and so could gain
             work = done[static].slot_layers_per_token / done["continuous, full"].slot_layers_per_token
-            print(f"  slot-layers per token, {static} / continuous, full {work:.2f}x (if every one cost the same)")
+            images = done[static].image_share
+            priced = 1 / (images + (1 - images) / work)  # its images cost as much as static's, its slots fewer
+            print(
+                f"  slot-layers per token, {static} / continuous, full {work:.2f}x; continuous, full / {static} at"
+                f" {static}'s cost per slot-layer and image: {priced:.2f}x"
+            )
     if turns > 1:
         print(f" medians over {turns} turns (ratios of {per_work}):")
         for pair in pairs:
@@ -467,6 +500,8 @@ def print_ratio(pair: tuple, values: list[tuple[float, float]], wall: bool) -> N
 def print_run(label: str, run: Run, per_work: str) -> None:
     stall = run.stall
     stalled = "" if stall is None else f"  prefill stall {stall[0] * 1000:5.1f} ms (step {stall[1] * 1000:4.1f})"
+    if run.image_share is not None:
+        stalled += f"  images {run.image_share:4.0%}"
     if run.slot_layers_per_token is not None:
         stalled += f"  slot-layers/token {run.slot_layers_per_token:5.1f}"
     if run.calls_per_step is not None:
