@@ -380,7 +380,7 @@ class Backbone:
         """One LM layer over the packed query slots of several rows, `hidden [m, H]`, each at its own (row, slot):
         every per-slot operation (norms, linears, MLP) once over all `m`, `cache.write(keys, values)` with
         `[m, heads, head_dim]`, attention by `cache.attend(queries, scale)` (per group of slots, over views of their
-        rows' buffers: `serving.rows.RaggedView`). With `keep`, the output `[len(keep), H]` only at those slots."""
+        rows' buffers: `serving.row_kv.RaggedView`). With `keep`, the output `[len(keep), H]` only at those slots."""
         raise NotImplementedError
 
     def fill_kv(self, layer: nn.Module, hidden: torch.Tensor, ctx: Context, cache: KVView, mask: torch.Tensor) -> None:

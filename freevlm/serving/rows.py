@@ -1,5 +1,5 @@
-"""Rows at their own positions: the K/V of up to `max_rows` independent requests in buffers allocated once, and
-one decode step that takes every row's next token up the stack together.
+"""Rows at their own positions: the K/V of up to `max_rows` independent requests in buffers allocated once
+(`row_kv`), and one decode step that takes every row's next token up the stack together.
 
 Each row is one request: its sequence starts at slot 0 of its own row of every buffer (no padding), its new token
 sits at its own slot. A step's layer call runs the slots its rows fill there, packed one query row each (a row's
@@ -49,12 +49,12 @@ import itertools
 from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.base import Backbone, Context
 from ..decoding.policies import max_probability
 from ..decoding.static import SegmentRunner
+from .row_kv import AttendGroup, RaggedPlan, RaggedView, RowKV, RowView
 
 EXIT_RULES = ("park", "ride_along")
 KEY_BUCKET = 16  # a window reads its rows' key slots up to the deepest one, rounded up to this (few mask shapes)
@@ -66,122 +66,6 @@ STEP_COST = 2.0
 RAGGED_BACKLOG = 8  # a step whose rows catch up more slots than this (a parked prompt) runs ragged calls
 
 
-class RowKV:
-    """One attention layer's K/V for every row, `[rows, heads, slots + 1, head_dim]` (the last slot: trash)."""
-
-    def __init__(self, rows: int, slots: int):
-        self.rows, self.slots = rows, slots
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
-
-
-class RowView:
-    """What a Hugging Face attention module sees as its cache for one call: writes each query row's K/V at its own
-    slots (`index [n, w]`, the trash slot where nothing may land) and returns the first `key_length` slots of each
-    query row's buffer row: `rows` a slice (a view of the buffers) or a tensor of row ids, one per query row (packed
-    slots of one row repeat it; a gathered copy). The views of one window share `memo`, where the write positions
-    are computed once for all its layers."""
-
-    def __init__(
-        self,
-        kv: RowKV,
-        index: torch.Tensor,
-        rows: slice | torch.Tensor,
-        key_length: int,
-        start: int = 0,
-        memo: dict | None = None,
-    ):
-        self.kv, self.index, self.rows, self.start, self.key_length = kv, index, rows, start, key_length
-        self.memo = {} if memo is None else memo
-
-    def _where(self, heads: int) -> torch.Tensor:
-        """Where each (query row, head, column) lands in a buffer viewed `[rows * heads * slots, head_dim]`: one
-        `index_copy_` writes a window's K/V (a scatter along the slots costs 3-4x more at 16 rows)."""
-        if heads not in self.memo:
-            rows, device = self.rows, self.index.device
-            if isinstance(rows, slice):
-                rows = torch.arange(rows.start, rows.stop, device=device)
-            head = torch.arange(heads, device=device)
-            where = (rows[:, None, None] * heads + head[None, :, None]) * (self.kv.slots + 1) + self.index[:, None]
-            self.memo[heads] = where.flatten()
-        return self.memo[heads]
-
-    def write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """K/V `[query rows, heads, w, head_dim]` at each query row's slots."""
-        kv = self.kv
-        if kv.keys is None:  # allocated once, at the first write (heads and head size come from the layer)
-            shape = (kv.rows, key_states.shape[1], kv.slots + 1, key_states.shape[3])
-            kv.keys, kv.values = key_states.new_zeros(shape), value_states.new_zeros(shape)
-        where, width = self._where(key_states.shape[1]), key_states.shape[3]
-        kv.keys.view(-1, width).index_copy_(0, where, key_states.reshape(-1, width))
-        kv.values.view(-1, width).index_copy_(0, where, value_states.reshape(-1, width))
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        self.write(key_states, value_states)
-        kv, seen = self.kv, slice(0, self.key_length)
-        if isinstance(self.rows, slice):
-            return kv.keys[self.rows, :, seen], kv.values[self.rows, :, seen]
-        return kv.keys[:, :, seen].index_select(0, self.rows), kv.values[:, :, seen].index_select(0, self.rows)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.start
-
-
-@dataclass
-class _Group:
-    """Packed query slots that attend together (`RaggedView.attend`): `items` of the pack, `queries` consecutive ones
-    per row of `rows` (a slice of the buffers: a view; or row ids: one copy per row, never per slot)."""
-
-    items: slice
-    rows: slice | torch.Tensor
-    queries: int
-    key_length: int
-    mask: torch.Tensor  # [rows, 1, queries, key_length] key slot <= the query's
-
-
-@dataclass
-class _Plan:
-    """A ragged layer call's packed slots: each one's row and slot, and the groups they attend in."""
-
-    row_ids: torch.Tensor  # [m]
-    slots: torch.Tensor  # [m, 1]
-    groups: list[_Group]
-    ctx: Context
-    memo: dict = field(default_factory=dict)  # write positions, shared by the plan's layers
-
-
-class RaggedView:
-    """One layer's cache in a ragged call (`Backbone.run_layer_ragged`): K/V of every packed slot written at its
-    (row, slot) in one `index_copy_`, attention per group over views of its rows' buffers, so packing slots of many
-    rows into one call gathers no K/V per slot."""
-
-    def __init__(self, kv: RowKV, plan: _Plan):
-        self.kv, self.plan = kv, plan
-
-    def write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """K/V `[m, heads, head_dim]` of the packed slots."""
-        plan = self.plan
-        RowView(self.kv, plan.slots, plan.row_ids, 0, memo=plan.memo).write(keys[:, :, None], values[:, :, None])
-
-    def attend(self, queries: torch.Tensor, scale: float) -> torch.Tensor:
-        """Scaled dot-product attention of the packed queries `[m, heads, head_dim]`, each over its row's key slots
-        up to its own: one call per group (rows with one query as one batch `[k, heads, 1, keys]`, a row with
-        several as `[1, heads, q, keys]`)."""
-        heads, head_dim = queries.shape[1:]
-        out = []
-        for group in self.plan.groups:
-            query = queries[group.items].view(-1, group.queries, heads, head_dim).transpose(1, 2)
-            seen = slice(0, group.key_length)
-            if isinstance(group.rows, slice):
-                keys, values = self.kv.keys[group.rows, :, seen], self.kv.values[group.rows, :, seen]
-            else:
-                keys = self.kv.keys[:, :, seen].index_select(0, group.rows)
-                values = self.kv.values[:, :, seen].index_select(0, group.rows)
-            attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=group.mask, scale=scale)
-            out.append(attended.transpose(1, 2).reshape(-1, heads, head_dim))
-        return out[0] if len(out) == 1 else torch.cat(out)
-
-
 @dataclass
 class _Riding:
     """Joining prompts' chunks that ride in a step's layer calls (`RowEngine(ragged=True)`), packed row after row."""
@@ -189,7 +73,7 @@ class _Riding:
     rows: list[int]
     spans: list[tuple[int, int]]  # per row: (first slot, slots)
     states: torch.Tensor  # [m, H] at `depth`
-    plan: _Plan
+    plan: RaggedPlan
     ending: list[int]  # the last item of each row whose whole prompt ends here: its first token's logits
     ends: list[int]  # those rows, in the same order
     depth: int = 0
@@ -211,7 +95,7 @@ class _Pack:
     key_length: int  # key slots the queries read (up to the deepest, rounded up to KEY_BUCKET)
     mask: torch.Tensor  # [m, 1, 1, key_length] slot <= the query's
     ctx: Context
-    groups: list[_Group]  # for a ragged call (`RaggedView`); rows with one slot come first
+    groups: list[AttendGroup]  # for a ragged call (`RaggedView`); rows with one slot come first
     memo: dict = field(default_factory=dict)  # its `RowView`s' write positions, shared by its layers
 
 
@@ -363,7 +247,7 @@ class RowEngine:
         slots = torch.tensor([s for done, count in spans for s in range(done, done + count)], device=device)[:, None]
         lasts = [done + count - 1 for done, count in spans]
         groups = self._groups(rows, lasts, [count for _, count in spans], 0)
-        plan = _Plan(row_ids, slots, groups, self.backbone.window_context(self.rows_ctx, slots, row_ids))
+        plan = RaggedPlan(row_ids, slots, groups, self.backbone.window_context(self.rows_ctx, slots, row_ids))
         ends = itertools.accumulate(count for _, count in spans)
         ended = [(end - 1, r) for r, (done, count), end in zip(rows, spans, ends) if done + count == self._length(r)]
         return _Riding(rows, spans, states, plan, [item for item, _ in ended], [r for _, r in ended])
@@ -662,7 +546,7 @@ class RowEngine:
             flat_t, row_ids, rows_of, selector, slots, slots_of, last, last_items, key_length, mask, ctx, groups
         )
 
-    def _groups(self, rows: list[int], lasts: list[int], counts: list[int], batched: int) -> list[_Group]:
+    def _groups(self, rows: list[int], lasts: list[int], counts: list[int], batched: int) -> list[AttendGroup]:
         """Attention groups over slots packed row after row (`counts[i]` slots of `rows[i]`, its last at slot
         `lasts[i]`): the first `batched` rows, one slot each, as one batch; each other row alone over its own
         buffer row."""
@@ -674,13 +558,13 @@ class RowEngine:
             mask = self._causal(slots, key_length)[:, None]
             contiguous = ids == list(range(ids[0], ids[0] + batched))
             selector = slice(ids[0], ids[0] + batched) if contiguous else torch.tensor(ids, device=device)
-            groups.append(_Group(slice(0, batched), selector, 1, key_length, mask))
+            groups.append(AttendGroup(slice(0, batched), selector, 1, key_length, mask))
         start = batched
         for row, last, count in zip(rows[batched:], lasts[batched:], counts[batched:]):
             key_length = self._key_length(last)
             slots = torch.arange(last + 1 - count, last + 1, device=device)
             mask = self._causal(slots, key_length)[None, None]
-            groups.append(_Group(slice(start, start + count), slice(row, row + 1), count, key_length, mask))
+            groups.append(AttendGroup(slice(start, start + count), slice(row, row + 1), count, key_length, mask))
             start += count
         return groups
 
@@ -759,7 +643,7 @@ class RowEngine:
         its first token's logits (`riding.first`), unless that token left at an exit on the way."""
         m = 0 if pack is None else len(pack.rows)
         if riding is None:
-            plan = _Plan(pack.row_ids, pack.slots, pack.groups, pack.ctx, pack.memo)
+            plan = RaggedPlan(pack.row_ids, pack.slots, pack.groups, pack.ctx, pack.memo)
         else:
             plan = riding.plan if pack is None else self._plan(pack, riding)
             states = riding.states if pack is None else torch.cat([states, riding.states])
@@ -814,14 +698,14 @@ class RowEngine:
             out = self._first_tokens_out(depth, features, [row for _, row in deciding])
             riding.first |= {deciding[j][1]: token for j, token in out.items()}
 
-    def _plan(self, pack: _Pack, riding: _Riding) -> _Plan:
+    def _plan(self, pack: _Pack, riding: _Riding) -> RaggedPlan:
         """One ragged call's slots: a segment's packed slots, then the riding chunks'."""
         m = len(pack.rows)
         row_ids = torch.cat([pack.row_ids, riding.plan.row_ids])
         slots = torch.cat([pack.slots, riding.plan.slots])
         shifted = [replace(g, items=slice(g.items.start + m, g.items.stop + m)) for g in riding.plan.groups]
         ctx = self.backbone.window_context(self.rows_ctx, slots, row_ids)
-        return _Plan(row_ids, slots, pack.groups + shifted, ctx)
+        return RaggedPlan(row_ids, slots, pack.groups + shifted, ctx)
 
     def _exit(self, depth: int, states, pack: _Pack, done: list[bool]) -> tuple[list[bool], torch.Tensor]:
         """The exit at `depth` for the packed rows: its layer over their slots (filling its own cache; caught-up
