@@ -56,6 +56,7 @@ is the wall clock inside the steps (each ends on the host, reading its tokens) a
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import statistics
 import time
@@ -454,7 +455,7 @@ def take_turns(runs: dict, fulls: dict, turns: int, per_work: str, closed: bool 
             pairs += [(full, static, "goal >= 1.3") for static in statics]
         else:
             pairs.append((label, full, "goal >= 1.0; >= 1.3 at 1-2 concurrent"))
-    if "continuous, full, old calls" in runs:
+    if {"continuous, full", "continuous, full, old calls"} <= runs.keys():  # `--ragged both`
         pairs.append(("continuous, full", "continuous, full, old calls", None))
     ratios: dict[tuple, list[tuple[float, float]]] = {pair: [] for pair in pairs}
     for turn in range(turns):
@@ -474,12 +475,13 @@ def take_turns(runs: dict, fulls: dict, turns: int, per_work: str, closed: bool 
                 (a.tokens_per_busy_second / b.tokens_per_busy_second, a.tokens_per_second / b.tokens_per_second)
             )
             print_ratio(pair, [ratios[pair][-1]], closed)
-        for static in statics:  # what continuous batching saves in arithmetic, and so could gain
-            work = done[static].slot_layers_per_token / done["continuous, full"].slot_layers_per_token
+        for full, static in itertools.product(dict.fromkeys(fulls.values()), statics):
+            # what continuous batching saves in arithmetic, and so could gain
+            work = done[static].slot_layers_per_token / done[full].slot_layers_per_token
             images = done[static].image_share
             priced = 1 / (images + (1 - images) / work)  # its images cost as much as static's, its slots fewer
             print(
-                f"  slot-layers per token, {static} / continuous, full {work:.2f}x; continuous, full / {static} at"
+                f"  slot-layers per token, {static} / {full} {work:.2f}x; {full} / {static} at"
                 f" {static}'s cost per slot-layer and image: {priced:.2f}x"
             )
     if turns > 1:
