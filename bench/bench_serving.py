@@ -96,10 +96,13 @@ class Run:
 
 @contextmanager
 def timing_images(ee, clock):
-    """Seconds of `clock` spent in the backbone's `image_features` (images and Q-Former, or projector) while in the
-    block, in a one-item list (on a GPU, host time: the encoder's launches)."""
-    backbone, spent = ee.backbone, [0.0]
-    encode = backbone.image_features
+    """Seconds of `clock` spent in the backbone's `image_features` (BLIP-2's images and Q-Former; LLaVA's are its
+    model's `get_image_features`: tower and projector) while in the block, in a one-item list (on a GPU, host time:
+    the encoder's launches)."""
+    owner, name, spent = ee.backbone, "image_features", [0.0]
+    if not hasattr(owner, name):
+        owner, name = owner.model.model, "get_image_features"
+    encode = getattr(owner, name)
 
     def timed(*args, **kwargs):
         start = clock()
@@ -107,11 +110,11 @@ def timing_images(ee, clock):
         spent[0] += clock() - start
         return out
 
-    backbone.image_features = timed
+    setattr(owner, name, timed)
     try:
         yield spent
     finally:
-        del backbone.image_features  # the class's method again
+        delattr(owner, name)  # the class's method again
 
 
 def percentile(values: list[float], q: float) -> float:

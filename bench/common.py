@@ -10,7 +10,7 @@ import time
 import torch
 
 from freevlm.decoding.policies import ExitPolicy
-from freevlm.tiny import tiny_blip2, tiny_inputs
+from freevlm.tiny import tiny_blip2, tiny_inputs, tiny_llava
 
 # LM sizes: (family, layers, hidden, heads, vocabulary). OPT-2.7B and FlanT5-XL are the LMs of BLIP-2's smaller
 # checkpoints; "tiny" checks a benchmark end to end in seconds.
@@ -19,6 +19,7 @@ PRESETS = {
     "tiny-t5": ("t5", 4, 64, 4, 1000),
     "opt-demo": ("opt", 12, 256, 4, 100),  # the size of `freevlm demo`'s LM (its vocabulary is ~90 words)
     "t5-demo": ("t5", 12, 256, 4, 100),
+    "llama-demo": ("llama", 12, 256, 4, 100),  # the demo's size with a Llama LM (grouped-query attention, rotary)
     "opt-350m": ("opt", 24, 1024, 16, 50272),
     "opt-1.3b": ("opt", 24, 2048, 32, 50272),
     "opt-2.7b": ("opt", 32, 2560, 32, 50272),
@@ -29,25 +30,23 @@ PRESETS = {
 
 
 def big_blip2(preset: str = "opt-350m", dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """A random LM of a real size with its real vocabulary, behind a tiny vision path; EOS disabled so every run
-    generates the same number of tokens."""
+    """A random LM of a real size with its real vocabulary, behind a tiny vision path (a BLIP-2's; a LLaVA's for
+    the Llama preset); EOS disabled so every run generates the same number of tokens."""
     family, num_layers, hidden_size, num_heads, vocab_size = PRESETS[preset]
+    sizes = dict(num_layers=num_layers, hidden_size=hidden_size, vocab_size=vocab_size, num_heads=num_heads)
     with torch.device(device):  # built and initialised where it runs: billions of random weights in seconds on a GPU
-        model = tiny_blip2(
-            family,
-            num_layers=num_layers,
-            hidden_size=hidden_size,
-            vocab_size=vocab_size,
-            num_heads=num_heads,
-            num_query_tokens=32,
-        )
-    for cfg in (model.generation_config, model.language_model.generation_config):
+        if family == "llama":  # a LLaVA: 16 image tokens (32 px, patches of 8), K/V heads half the query heads
+            model = tiny_llava("llama", image_size=32, num_kv_heads=max(1, num_heads // 2), **sizes)
+        else:
+            model = tiny_blip2(family, num_query_tokens=32, **sizes)
+    lm = getattr(model, "language_model", model)  # BLIP-2's LM has a generation config of its own
+    for cfg in (model.generation_config, lm.generation_config):
         cfg.eos_token_id = None
     return model.to(device=device, dtype=dtype)
 
 
 def inputs(model, batch: int = 1, prompt_len: int = 8, seed: int = 0):
-    device, dtype = model.language_model.device, model.language_model.dtype
+    device, dtype = model.device, model.dtype
     pv, ids, mask = tiny_inputs(model, batch=batch, prompt_len=prompt_len, seed=seed)
     return pv.to(device, dtype), ids.to(device), mask.to(device)
 

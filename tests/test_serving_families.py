@@ -23,6 +23,9 @@ FAMILIES = [
     "instructblip-llama",
     "qwen3-vl",
 ]
+# Those whose joining prompts ride in the decode steps' layer calls (`RotaryDecoder.ragged_layers`: Hugging Face's
+# Llama and Qwen2 layers with full attention); the others' have sliding windows, their own layer classes or positions
+RAGGED = {"internvl-qwen2", "smolvlm", "llava-next-qwen2", "instructblip-llama"}
 
 
 def _request(backbone, inputs: dict, b: int) -> dict:
@@ -68,6 +71,7 @@ def test_every_request_decodes_as_alone(family):
         result = handle.result(timeout=0)
         assert (result.tokens, result.exit_layers) == (tokens, layers)
     assert {layer for _, layers in expected for layer in layers} != {6}  # some tokens left early
+    assert (scheduler.engine.riding_slots > 0) == (family in RAGGED)
 
 
 @pytest.mark.parametrize("family", ["gemma3", "qwen2-vl", "internvl-qwen2", "llava-next-qwen2"])

@@ -11,14 +11,22 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import rotate_half
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, rotate_half
+from transformers.models.mistral.modeling_mistral import MistralAttention, MistralDecoderLayer
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2DecoderLayer
 
 from ..cache_utils import KVView
-from .base import Backbone, Context, cache_keyword
+from .base import Backbone, Context, cache_keyword, plain_layer
 
 LANGUAGE_MODELS = ("llama", "mistral", "qwen2")
 # rotary variants whose frequencies depend on the length seen so far: a window's cos/sin would differ from a full pass
 LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+# Hugging Face's layers (and their attention) whose forward `run_layer_ragged` repeats with the layer's own submodules
+PLAIN_LAYERS = {
+    LlamaDecoderLayer: LlamaAttention,
+    MistralDecoderLayer: MistralAttention,
+    Qwen2DecoderLayer: Qwen2Attention,
+}
 
 
 def sliding_window(layer: nn.Module) -> int | None:
@@ -28,6 +36,21 @@ def sliding_window(layer: nn.Module) -> int | None:
     if hasattr(attn, "sliding_window"):
         return attn.sliding_window
     return getattr(attn.config, "sliding_window", None)
+
+
+def _plain_modules(layer: nn.Module) -> tuple[nn.Module, ...]:
+    """The attention module, then the layer, if it is one of `PLAIN_LAYERS` with its own attention class as built and
+    full attention (no sliding window), else (). Its norms, projections and MLP are called as modules, so any may be
+    swapped (a LoRA linear, a quantised one)."""
+    attn = getattr(layer, "self_attn", None)
+    if PLAIN_LAYERS.get(type(layer)) is not type(attn) or sliding_window(layer) is not None:
+        return ()
+    return (attn, layer)
+
+
+def plain_rotary_layer(layer: nn.Module) -> bool:
+    """Whether `RotaryDecoder.run_layer_ragged(layer, ...)` is exactly `layer(...)` now."""
+    return plain_layer(layer, _plain_modules)
 
 
 class RotaryDecoder(Backbone):
@@ -102,6 +125,28 @@ class RotaryDecoder(Backbone):
         rope = self.rotary_embedding(hidden, positions, layer)
         memos[kind] = (key, rope)
         return rope
+
+    def ragged_layers(self) -> bool:
+        """Hugging Face's Llama, Mistral and Qwen2 layers with full attention (`plain_rotary_layer`); not Gemma 3's
+        or Qwen-VL's, whose layers (norms per head, multimodal rotary) are their own classes."""
+        return all(plain_rotary_layer(layer) for layer in self.layers)
+
+    def run_layer_ragged(self, layer, hidden, ctx, cache, keep):
+        """The layer's forward (Hugging Face's, step by step) over packed slots `[m, H]`, each rotated by its own
+        position (`window_context`'s, one per slot), attention the cache's (`RaggedView`)."""
+        attn, slots = layer.self_attn, hidden.shape[0]
+        residual = hidden
+        hidden = layer.input_layernorm(hidden)
+        shape = (slots, -1, attn.head_dim)
+        query, key, value = (proj(hidden).view(shape) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        cos, sin = self._rotary(ctx, None, 0, hidden[:, None], layer)  # [m, 1, head_dim]: over every head
+        query, key = query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
+        cache.write(key, value)
+        out = cache.attend(query, attn.scaling).reshape(slots, -1)
+        if keep is not None:
+            out, residual = out[keep], residual[keep]
+        hidden = residual + attn.o_proj(out)
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
     def rotary_kind(self, layer: nn.Module) -> str | None:
         """Which rotary table `layer` reads: one for all layers here; Gemma 3 has one per layer type."""

@@ -129,6 +129,9 @@ class RaggedView:
             else:
                 keys = self.kv.keys[:, :, seen].index_select(0, group.rows)
                 values = self.kv.values[:, :, seen].index_select(0, group.rows)
+            if keys.shape[1] != heads:  # grouped-query attention: each K/V head serves consecutive query heads
+                keys = keys.repeat_interleave(heads // keys.shape[1], dim=1)  # (Hugging Face's `repeat_kv`)
+                values = values.repeat_interleave(heads // values.shape[1], dim=1)
             attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=group.mask, scale=scale)
             out.append(attended.transpose(1, 2).reshape(-1, heads, head_dim))
         return out[0] if len(out) == 1 else torch.cat(out)

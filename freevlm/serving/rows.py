@@ -9,16 +9,16 @@ the call is every row's new slot and nothing else (the full model, every plain s
 the buffers; otherwise they are gathered. Each buffer has one extra slot, the *trash slot*, where prompt writes
 that must not land go; no query ever sees it.
 
-Ragged calls (`ragged=True`, where the backbone has them: `Backbone.ragged_layers`, OPT): while rows decode, the
-prompt chunks `prefill` would encode in a window of their own (those of rows whose whole prompt it encodes) ride in
-the next step's layer calls instead: per layer one call whose per-slot operations (norms, linears, MLP) run once over
-the step's packed slots and the chunks' slots, and whose attention runs per group over views of each row's buffer
-(`RaggedView`: the rows with one slot as one batch, each other row alone), so no K/V row is gathered per slot. A
-joining prompt then costs no layer calls of its own. Where a riding row may leave early the step runs each exit
-layer over the chunks too (`_riding_exit`: their K/V, and its first token's exit at its prompt's last slot). A step
-that ends at an exit (below) leaves the chunks there with the tokens, as parked tokens (`_park_riding`), where each
-ends its prompt; otherwise the chunks climb to the top. A step whose rows catch up more than `RAGGED_BACKLOG`
-slots (a parked prompt) runs ragged calls too: its catch-up groups gather no K/V per slot.
+Ragged calls (`ragged=True`, where the backbone has them: `Backbone.ragged_layers`, OPT, Llama-like LMs): while rows
+decode, the prompt chunks `prefill` would encode in a window of their own (those of rows whose whole prompt it encodes)
+ride in the next step's layer calls instead: per layer one call whose per-slot operations (norms, linears, MLP) run once
+over the step's packed slots and the chunks' slots, and whose attention runs per group over views of each row's buffer
+(`RaggedView`: the rows with one slot as one batch, each other row alone), so no K/V row is gathered per slot. A joining
+prompt then costs no layer calls of its own. Where a riding row may leave early the step runs each exit layer over the
+chunks too (`_riding_exit`: their K/V, and its first token's exit at its prompt's last slot). A step that ends at an
+exit (below) leaves the chunks there with the tokens, as parked tokens (`_park_riding`), where each ends its prompt;
+otherwise the chunks climb to the top. A step whose rows catch up more than `RAGGED_BACKLOG` slots (a parked prompt)
+runs ragged calls too: its catch-up groups gather no K/V per slot.
 
 Every row reads every live exit it reaches and leaves at the first one its own threshold accepts, exactly as
 alone; what the step did not run for a token (layers above where it stopped) is caught up exactly at the next step

@@ -57,9 +57,9 @@ WORK = ("steps", "rows", "calls", "slot_layers")  # the keys of `Scheduler.work`
 
 
 class Scheduler:
-    """Runs decode steps over every live request of one `EarlyExitVLM` (see the module docstring). `ragged`: where
-    the backbone has ragged layer calls (OPT), prompts joining while rows decode ride in the decode steps' layer
-    calls (`RowEngine`); False: each iteration's chunks in a window of their own, as for the other families."""
+    """Runs decode steps over every live request of one `EarlyExitVLM` (see the module docstring). `ragged`: where the
+    backbone has ragged layer calls (OPT, Llama-like LMs), prompts joining while rows decode ride in the decode steps'
+    layer calls (`RowEngine`); False: each iteration's chunks in a window of their own, as for the other families."""
 
     def __init__(
         self,
