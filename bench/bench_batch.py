@@ -56,7 +56,7 @@ def main() -> None:
     pv, ids, mask = inputs(model, batch=args.batch)
     layer_params = sum(p.numel() for p in ee.backbone.layers[0].parameters())
     print(
-        f"BLIP-2 with {args.preset} ({n} layers; vocabulary head = "
+        f"{type(model).__name__} with {args.preset} ({n} layers; vocabulary head = "
         f"{ee.backbone.head_parameters() / layer_params:.2f} layers), exit at {mid}, batch {args.batch}, "
         f"{args.tokens} new tokens, {torch.get_num_threads()} threads"
     )

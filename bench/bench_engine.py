@@ -64,8 +64,8 @@ def main() -> None:
     tokens = args.tokens
     layer_params = sum(p.numel() for p in ee.backbone.layers[0].parameters())
     print(
-        f"BLIP-2 with {args.preset} ({family} {n} layers), exits at {exits}, {args.device} {args.dtype}, "
-        f"{tokens} new tokens, {torch.get_num_threads()} threads; one vocabulary head = "
+        f"{type(model).__name__} with {args.preset} ({family} {n} layers), exits at {exits}, "
+        f"{args.device} {args.dtype}, {tokens} new tokens, {torch.get_num_threads()} threads; one vocabulary head = "
         f"{ee.backbone.head_parameters() / layer_params:.2f} LM layers of parameters\n"
     )
 

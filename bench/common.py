@@ -105,11 +105,10 @@ def bandwidth_floor_seconds(model, device: str) -> tuple[float, float]:
     """(seconds to read the LM's weights once, measured bytes/s): the floor of a weight-bound decode step.
 
     The bandwidth is measured here, by copying a buffer of the weights' size on the device."""
-    lm = model.language_model
-    weight_bytes = sum(
-        p.numel() * p.element_size() for p in lm.parameters() if p is not lm.get_input_embeddings().weight
-    )
-    weight_bytes += lm.get_output_embeddings().weight.numel() * lm.get_output_embeddings().weight.element_size()
+    lm = getattr(model, "language_model", None) or model.model.language_model  # BLIP-2's LM; LLaVA's decoder
+    embeddings, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    weight_bytes = sum(p.numel() * p.element_size() for p in lm.parameters() if p is not embeddings and p is not head)
+    weight_bytes += head.numel() * head.element_size()
     size = min(max(weight_bytes, 2**28), 2**30) // 4  # large enough to measure bandwidth, not call overhead
     src = torch.empty(size, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
