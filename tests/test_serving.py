@@ -36,9 +36,14 @@ def ee(request):
 MIXED = {"opt": [0.1, 0.15, 0.2], "t5": [0.3, 0.5], "llama": [0.05, 0.1]}
 
 
+def _family(ee) -> str:
+    """The key of the per-family tables here (`MIXED`, ...): "llama" for the Llama LM, whatever its model calls itself."""
+    return "llama" if ee.backbone.family == "llava" else ee.backbone.family
+
+
 @pytest.fixture(scope="module")
 def mixed(ee):
-    return MIXED[ee.backbone.family if ee.backbone.family != "llava" else "llama"]
+    return MIXED[_family(ee)]
 
 
 def _alone(ee, pv, ids, **options):
@@ -145,7 +150,7 @@ def test_prompts_that_stop_at_an_exit_decode_as_alone(ee, mixed, seed, backlog, 
         pytest.skip("ragged layer calls: OPT's and Llama-like decoders'")
     if backlog is not None:
         monkeypatch.setattr(rows_module, "RAGGED_BACKLOG", backlog)
-    seed = seed or STOP_AT_EXIT[ee.backbone.family if ee.backbone.family != "llava" else "llama"]
+    seed = seed or STOP_AT_EXIT[_family(ee)]
     scheduler = Scheduler(ee, max_batch=3, max_len=32, prefill_chunk=5, ragged=True)
     engine, parked = scheduler.engine, []
     park_riding = engine._park_riding
@@ -170,7 +175,7 @@ PROPAGATE_DIFFERS = {"opt": [(40, 0.1), (43, 0.2), (46, 0.15)], "llama": [(40, 0
 @pytest.mark.parametrize("exit_rule", ["park", "ride_along"])
 def test_rows_at_kv_propagate_decode_as_alone(ee, mixed, exit_rule):
     """Rows at kv="propagate" beside rows at "recompute": each gets what `generate` gives it alone with its kv."""
-    family = ee.backbone.family if ee.backbone.family != "llava" else "llama"
+    family = _family(ee)
     if family not in PROPAGATE_DIFFERS:
         pytest.skip("T5's tokens all leave at one layer per threshold here: propagate changes nothing to see")
     scheduler = Scheduler(ee, max_batch=3, max_len=40, exit_rule=exit_rule)
@@ -269,8 +274,7 @@ def test_prompts_joining_while_rows_decode_decode_as_alone(ee, mixed, ragged):
     each over its own row's K/V; each request decodes as alone."""
     if ragged and not ee.backbone.ragged_layers():
         pytest.skip("ragged layer calls: OPT's and Llama-like decoders'")
-    family = ee.backbone.family if ee.backbone.family != "llava" else "llama"
-    rng, requests = random.Random(161 if family == "llama" else 49), []  # tokens park, with ragged calls too
+    rng, requests = random.Random(161 if _family(ee) == "llama" else 49), []  # tokens park, with ragged calls too
     for i in range(8):
         pv, ids, _ = tiny_inputs(ee.model, batch=1, prompt_len=rng.randint(2, 8), seed=130 + i)
         options = dict(max_new_tokens=rng.randint(3, 10), threshold=rng.choice([1.0, *mixed]), eos_token_id=[])
