@@ -37,7 +37,7 @@ MIXED = {"opt": [0.1, 0.15, 0.2], "t5": [0.3, 0.5], "llama": [0.05, 0.1]}
 
 
 def _family(ee) -> str:
-    """The key of the per-family tables here (`MIXED`, ...): "llama" for the Llama LM, whatever its model calls itself."""
+    """The key of the per-family tables here (`MIXED`, ...): "llama" for the Llama LM, whatever its model calls it."""
     return "llama" if ee.backbone.family == "llava" else ee.backbone.family
 
 
