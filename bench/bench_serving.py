@@ -15,25 +15,25 @@ uniform in [--min-tokens, --max-tokens] (seeded per rate) and EOS stays on, so a
 and short and long answers mix, as in real traffic. Without a cache, a random model of its size (the preset) whose
 exits never leave early at a useful threshold, with lengths uniform in [--min-tokens, --max-tokens] and EOS off.
 
-Static batches are what a server without continuous batching does: when the model is free it takes the requests
-that have arrived, up to --max-batch, waiting for more until --max-batch have arrived or the oldest has waited
---batch-wait seconds, and runs them to the end of their longest answer (full model, the same EOS), the next
-arrivals waiting meanwhile; each row counts only the tokens its request asked for. Prints output tokens/s, time
-to first token and time per output token (p50/p99), the mean rows decoding together and the mean exit layer; the
-baselines do not stream, so their first token counts at the end of their prefill (`DecodeStats.seconds_prefill`),
-which favours them. "prefill stall" is the longest scheduler step that encoded a prompt next to the median step that
-did not; "steps (joins in ...)" counts the scheduler's steps, those with a request waiting or joining, and their
-share of its work; "images" the share of the work encoding images (`Backbone.image_features`: the vision encoder and
-the Q-Former); "calls/step" the layer and exit calls per decode step; "slot-layers/token" the (slot, layer) pairs
-run per output token, all of them: every prompt slot, in a step or a window of its own, every decode row (a static
-batch's finished rows too) and catch-up slot, exit layers included. Their ratio, static over continuous full, is
-printed, and from it what continuous batching would gain at the static batches' cost per slot-layer and per image:
-it saves decode rows, not prompts or images, so where prompts cost as much as answers it gains well below the ratio
-of live rows. `--ragged both` runs each continuous configuration twice, with ragged layer calls (a joining prompt's
-chunk rides in the decode step's calls: `RowEngine(ragged=True)`, the default) and without ("old calls": each
-iteration's chunks in a window of their own, 12 calls more); `--turns` repeats every run, in the same order, so
-configurations alternate in one process; the ratios are printed per turn, then their medians over the turns (what to
-quote: one turn's ratio moves by 10-20% on a shared machine).
+Static batches are what a server without continuous batching does: when the model is free it takes the requests that
+have arrived, up to --max-batch, waiting for more until --max-batch have arrived or the oldest has waited --batch-wait
+seconds, and runs them to the end of their longest answer (full model, the same EOS), the next arrivals waiting
+meanwhile; each row counts only the tokens its request asked for. Prints output tokens/s, time to first token and time
+per output token (p50/p99), the mean rows decoding together and the mean exit layer; the baselines do not stream, so
+their first token counts at the end of their prefill (`DecodeStats.seconds_prefill`), which favours them. "prefill
+stall" is the longest scheduler step that encoded a prompt next to the median step that did not; "steps (joins in ...)"
+counts the scheduler's steps, those with a request waiting or joining, and their share of its work; "images" the share
+of the work encoding images (BLIP-2's vision encoder and Q-Former, LLaVA's tower and projector: `timing_images`);
+"calls/step" the layer and exit calls per decode step; "slot-layers/token" the (slot, layer) pairs run per output token,
+all of them: every prompt slot, in a step or a window of its own, every decode row (a static batch's finished rows too)
+and catch-up slot, exit layers included. Their ratio, static over continuous full, is printed, and from it what
+continuous batching would gain at the static batches' cost per slot-layer and per image: it saves decode rows, not
+prompts or images, so where prompts cost as much as answers it gains well below the ratio of live rows. `--ragged both`
+runs each continuous configuration twice, with ragged layer calls (a joining prompt's chunk rides in the decode step's
+calls: `RowEngine(ragged=True)`, the default) and without ("old calls": each iteration's chunks in a window of their
+own, 12 calls more); `--turns` repeats every run, in the same order, so configurations alternate in one process; the
+ratios are printed per turn, then their medians over the turns (what to quote: one turn's ratio moves by 10-20% on a
+shared machine).
 
 A Poisson run below saturation measures how efficiently the server keeps up (continuous batching decodes only the
 rows that have arrived, a static batcher waits to gather more), not throughput at a given concurrency; for that,
@@ -290,7 +290,7 @@ def run_generate(ee, requests, batch: int, eos, wait: float = 0.0, clock=time.pr
         busy += clock() - c0
         image_seconds += images[0]
         rows.append(len(group))
-        # every row's prompt (its ids: these BLIP-2 prompts hold their image tokens) and a slot per later step, through
+        # every row's prompt (its ids: these prompts hold their image tokens) and a slot per later step, through
         # every layer (threshold 1.0: no exit runs), finished rows too
         slot_layers += len(group) * (width + out.stats.steps - 1) * ee.backbone.num_layers
         made_per_row = []

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, rotate_half
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    apply_rotary_pos_emb,
+    rotate_half,
+)
 from transformers.models.mistral.modeling_mistral import MistralAttention, MistralDecoderLayer
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2DecoderLayer
 
@@ -139,8 +144,8 @@ class RotaryDecoder(Backbone):
         hidden = layer.input_layernorm(hidden)
         shape = (slots, -1, attn.head_dim)
         query, key, value = (proj(hidden).view(shape) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-        cos, sin = self._rotary(ctx, None, 0, hidden[:, None], layer)  # [m, 1, head_dim]: over every head
-        query, key = query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
+        cos, sin = self._rotary(ctx, None, 0, hidden[:, None], layer)  # [m, 1, head_dim]: one position per slot
+        query, key = apply_rotary_pos_emb(query, key, cos[:, 0], sin[:, 0])  # as the layer's attention rotates
         cache.write(key, value)
         out = cache.attend(query, attn.scaling).reshape(slots, -1)
         if keep is not None:
